@@ -1,0 +1,22 @@
+"""~125M-parameter Llama-style model (GPT-3 Small shape, GQA). Variants: `:bf16`."""
+
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.model.vocab_size = 32_000
+  c.model.num_layers = 12
+  c.model.embed_dim = 768
+  c.model.num_heads = 12
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.mlp_dim = 2048
+  c.train.global_batch_size = 256
+  c.train.seq_len = 2048
+  c.optimizer.learning_rate = 6e-4
+  c.optimizer.warmup_steps = 1000
+  c.train.steps = 50_000
+  if arg == 'bf16':
+    c.model.compute_dtype = 'bfloat16'
+  return c

@@ -1,0 +1,3 @@
+"""euro_lm: open JAX pretraining for European language models."""
+
+__version__ = '0.1.0'

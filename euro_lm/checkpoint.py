@@ -1,0 +1,53 @@
+"""Orbax checkpoints of the train state, the data iterator and the resolved config.
+
+Each step's checkpoint is a directory `<workdir>/checkpoints/<step>/` with items `state`
+(params, optimizer state, step; sharded arrays), `data` (each process's Grain iterator
+position) and `config` (JSON, human-readable). Orbax writes into a temporary directory
+and renames it when complete, so an interrupted save is never taken for a checkpoint.
+"""
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Asynchronous saves every `save_every` steps, keeping the newest `keep`."""
+
+  def __init__(self, directory, *, save_every, keep):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
+    self._save_every = save_every
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def should_save(self, step):
+    return bool(self._save_every) and step % self._save_every == 0
+
+  def save(self, step, state, data_iterator, config):
+    """Starts an asynchronous save; returns once device arrays are copied to the host."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config.to_dict())), force=True)
+
+  def restore(self, step, state_like, data_iterator):
+    """Restores onto the shardings of `state_like` (arrays or ShapeDtypeStructs), and
+    moves `data_iterator` to the saved position."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored['state']
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,120 @@
+"""The one table of European languages euro_lm knows, and alias folding.
+
+Tags are ISO 639-3 language + ISO 15924 script (`ces_Latn`, `ell_Grek`), the
+form FLORES/NLLB use. Every other module asks this table; none keeps a list.
+
+Each language has exactly one tag. Serbian is `srp_Cyrl` (its official script
+and Django's `sr` catalog); a code that names a different script, such as the
+locale `sr_Latn`, is rejected rather than folded into the wrong script.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Language:
+  """A language: canonical tag, English name, ISO 639-1 code, EU status."""
+
+  tag: str
+  name: str
+  iso639_1: str
+  eu_official: bool
+  # ISO 639-2/B code where it differs from the 639-3 code (`ger` for `deu`).
+  iso639_2b: str = ''
+
+  @property
+  def iso639_3(self) -> str:
+    return self.tag.split('_')[0]
+
+  @property
+  def script(self) -> str:
+    return self.tag.split('_')[1]
+
+
+LANGUAGES: tuple[Language, ...] = (
+    # The 24 official languages of the European Union.
+    Language('bul_Cyrl', 'Bulgarian', 'bg', True),
+    Language('ces_Latn', 'Czech', 'cs', True, 'cze'),
+    Language('dan_Latn', 'Danish', 'da', True),
+    Language('deu_Latn', 'German', 'de', True, 'ger'),
+    Language('ell_Grek', 'Greek', 'el', True, 'gre'),
+    Language('eng_Latn', 'English', 'en', True),
+    Language('est_Latn', 'Estonian', 'et', True),
+    Language('fin_Latn', 'Finnish', 'fi', True),
+    Language('fra_Latn', 'French', 'fr', True, 'fre'),
+    Language('gle_Latn', 'Irish', 'ga', True),
+    Language('hrv_Latn', 'Croatian', 'hr', True),
+    Language('hun_Latn', 'Hungarian', 'hu', True),
+    Language('ita_Latn', 'Italian', 'it', True),
+    Language('lav_Latn', 'Latvian', 'lv', True),
+    Language('lit_Latn', 'Lithuanian', 'lt', True),
+    Language('mlt_Latn', 'Maltese', 'mt', True),
+    Language('nld_Latn', 'Dutch', 'nl', True, 'dut'),
+    Language('pol_Latn', 'Polish', 'pl', True),
+    Language('por_Latn', 'Portuguese', 'pt', True),
+    Language('ron_Latn', 'Romanian', 'ro', True, 'rum'),
+    Language('slk_Latn', 'Slovak', 'sk', True, 'slo'),
+    Language('slv_Latn', 'Slovenian', 'sl', True),
+    Language('spa_Latn', 'Spanish', 'es', True),
+    Language('swe_Latn', 'Swedish', 'sv', True),
+    # Other European languages.
+    Language('nob_Latn', 'Norwegian Bokmål', 'nb', False),
+    Language('nno_Latn', 'Norwegian Nynorsk', 'nn', False),
+    Language('isl_Latn', 'Icelandic', 'is', False, 'ice'),
+    Language('eus_Latn', 'Basque', 'eu', False, 'baq'),
+    Language('cat_Latn', 'Catalan', 'ca', False),
+    Language('glg_Latn', 'Galician', 'gl', False),
+    Language('ukr_Cyrl', 'Ukrainian', 'uk', False),
+    Language('srp_Cyrl', 'Serbian', 'sr', False),
+    Language('bos_Latn', 'Bosnian', 'bs', False),
+    Language('mkd_Cyrl', 'Macedonian', 'mk', False, 'mac'),
+    Language('sqi_Latn', 'Albanian', 'sq', False, 'alb'),
+    Language('kat_Geor', 'Georgian', 'ka', False, 'geo'),
+    Language('tur_Latn', 'Turkish', 'tr', False),
+)
+
+EU_OFFICIAL: tuple[str, ...] = tuple(
+    lang.tag for lang in LANGUAGES if lang.eu_official
+)
+
+_BY_CODE = {
+    code: lang
+    for lang in LANGUAGES
+    for code in (lang.iso639_1, lang.iso639_3, lang.iso639_2b)
+    if code
+}
+
+
+def canonical_language(code: str) -> str:
+  """Folds a language code to its canonical tag.
+
+  Accepts ISO 639-1 (`cs`), 639-2/B (`cze`), 639-3 (`ces`), the tag itself
+  (`ces_Latn`) and locale forms (`pt_BR`, `pt-BR`, `sr-Cyrl-RS`), in any case.
+  A region is ignored; a script must match the table's.
+
+  Raises:
+    ValueError: the code names no language in the table, or the wrong script.
+  """
+  parts = code.strip().replace('-', '_').split('_')
+  language_entry = _BY_CODE.get(parts[0].lower())
+  if language_entry is None:
+    raise ValueError(
+        f'Unknown language code {code!r}. Known languages are the tags (or'
+        ' their ISO 639 codes) in euro_lm.data.languages.LANGUAGES; list them'
+        ' with `python -c "from euro_lm.data import languages;'
+        ' print(languages.known_tags())"`.'
+    )
+  # Subtags after the language: a 4-letter script, or a region (ignored).
+  scripts = [p for p in parts[1:] if len(p) == 4 and p.isalpha()]
+  for script in scripts:
+    if script.lower() != language_entry.script.lower():
+      raise ValueError(
+          f'Language code {code!r} names script {script!r}, but euro_lm has'
+          f' {language_entry.name} only as {language_entry.tag!r}.'
+      )
+  return language_entry.tag
+
+
+def known_tags() -> str:
+  """The known tags as one comma-separated line, for messages."""
+  return ', '.join(lang.tag for lang in LANGUAGES)

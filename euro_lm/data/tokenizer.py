@@ -1,0 +1,174 @@
+"""A thin SentencePiece wrapper, and training a tokenizer from documents."""
+
+from collections.abc import Iterable, Sequence
+import io
+import os
+import tempfile
+
+import numpy as np
+import sentencepiece as spm
+
+from euro_lm.errors import ConfigError, DataError
+
+_SPACE_PIECE = '\u2581'  # SentencePiece's '▁', which decodes to a space.
+
+
+class Tokenizer:
+  """A SentencePiece model with bos and eos pieces."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+    self._processor = processor
+    self._path = path
+    self._token_bytes = None
+
+  @classmethod
+  def from_file(cls, path: str) -> 'Tokenizer':
+    """Loads a SentencePiece `.model` file.
+
+    Raises:
+      DataError: no file at `path`, not a SentencePiece model, or no bos/eos.
+    """
+    if not os.path.isfile(path):
+      raise DataError(f'No SentencePiece tokenizer model at {path}.')
+    processor = spm.SentencePieceProcessor()
+    try:
+      processor.Load(model_file=path)
+    except (OSError, RuntimeError) as e:
+      raise DataError(f'{path} is not a valid SentencePiece model: {e}') from e
+    if processor.bos_id() < 0 or processor.eos_id() < 0:
+      raise DataError(
+          f'The tokenizer {path} has no bos or eos piece; euro_lm marks'
+          ' document boundaries with both.'
+      )
+    return cls(processor, path)
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.vocab_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self._processor.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._processor.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    """The pad id, or -1 if the model has none (a loaded foreign model)."""
+    return self._processor.pad_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.EncodeAsIds(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._processor.EncodeAsIds(list(texts))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._processor.DecodeIds([int(i) for i in ids])
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each token adds to decoded text, int32 [vocab_size].
+
+    Byte-fallback pieces `<0xNN>` count 1, control and unknown pieces 0, and
+    '▁' one byte (the space it decodes to). So for a model without a dummy
+    prefix, such as `train_sentencepiece` makes, the sum over `ids` is
+    exactly the UTF-8 length of `decode(ids)` (which is `text` for
+    `ids = encode(text)` unless `text` holds a literal '▁'). A model with a
+    dummy prefix counts one more byte per encoded text: the leading '▁' that
+    decoding drops.
+    The array is computed once and read-only.
+    """
+    if self._token_bytes is None:
+      self._token_bytes = self._count_token_bytes()
+      self._token_bytes.flags.writeable = False
+    return self._token_bytes
+
+  def _count_token_bytes(self) -> np.ndarray:
+    counts = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if self._processor.IsByte(i):
+        counts[i] = 1
+      elif not (self._processor.IsControl(i) or self._processor.IsUnknown(i)):
+        piece = self._processor.IdToPiece(i)
+        counts[i] = len(piece.replace(_SPACE_PIECE, ' ').encode('utf-8'))
+    return counts
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_path: str,
+    *,
+    vocab_size: int,
+    model_type: str = 'bpe',
+    byte_fallback: bool = True,
+    user_defined_symbols: Sequence[str] = (),
+    character_coverage: float = 0.9995,
+    seed_sentencepiece_size: int = 1_000_000,
+    num_threads: int = 2,
+) -> Tokenizer:
+  """Trains a SentencePiece model on `texts` and writes it to `model_path`.
+
+  Ids: pad 0, unk 1, bos 2, eos 3. Text is not normalized and gets no dummy
+  prefix, so with byte fallback `decode(encode(x)) == x` for any string
+  without '▁' (U+2581), which SentencePiece reads as a space.
+  The model is written atomically: a crash never leaves a partial file.
+
+  Raises:
+    ValueError: `vocab_size` is too large for the texts, or too small for
+      their characters.
+  """
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        user_defined_symbols=list(user_defined_symbols),
+        character_coverage=character_coverage,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=num_threads,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        split_digits=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        # Documents are whole texts of a few thousand characters, not lines.
+        max_sentence_length=1 << 20,
+        train_extremely_large_corpus=False,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    if 'Vocabulary size' in str(e):
+      raise ConfigError(
+          f'model.vocab_size={vocab_size} does not fit the tokenizer training'
+          f' text: {e}'
+      ) from e
+    raise
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  # Write next to the target, then rename: readers see no model or a whole one.
+  fd, temp_path = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(model.getvalue())
+      f.flush()
+      os.fsync(f.fileno())
+    # mkstemp makes the file private; make it readable like other outputs.
+    os.chmod(temp_path, 0o644)
+    os.replace(temp_path, model_path)
+  except BaseException:
+    os.remove(temp_path)
+    raise
+  return Tokenizer.from_file(model_path)

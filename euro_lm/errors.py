@@ -1,0 +1,13 @@
+"""Errors that are the user's to fix: entry points print their message, not a traceback."""
+
+
+class UserError(Exception):
+  """Bad input (a config field, a file, a missing package); the message says what to fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """An impossible setting; the message names the field and its value."""
+
+
+class DataError(UserError, ValueError):
+  """An unreadable corpus, catalog or tokenizer file; the message names the file."""

@@ -1,0 +1,64 @@
+"""Attention: one function, several backends.
+
+`impl='xla'` is the reference (plain einsums, any platform); `impl='cudnn'` calls
+`jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs). Both take q
+`[B, L, H, D]` and k, v `[B, L, K, D]` with K dividing H (grouped-query attention: K/V
+are never repeated in memory) and optional packed-document `segment_ids` `[B, L]`:
+a token attends only to earlier tokens of its own segment.
+"""
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ('xla', 'cudnn')
+
+
+def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
+              scale=None, impl='xla'):
+  """Returns the attention output `[B, L, H, D]` in q's dtype."""
+  num_heads, num_kv_heads = q_BLHD.shape[2], k_BLKD.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
+  scale = q_BLHD.shape[-1] ** -0.5 if scale is None else scale
+  if impl == 'xla':
+    return _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
+  if impl == 'cudnn':
+    return _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
+  raise ValueError(f'unknown attention impl {impl!r}; expected one of {IMPLS}')
+
+
+def attention_mask(segment_ids_BL, length, causal):
+  """Boolean `[B or 1, L, L]` mask: True where query i may attend to key j."""
+  mask_1LL = jnp.ones((1, length, length), bool)
+  if causal:
+    mask_1LL = jnp.tril(mask_1LL)
+  if segment_ids_BL is None:
+    return mask_1LL
+  same_segment_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return mask_1LL & same_segment_BLL
+
+
+def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
+  batch, length, num_heads, head_dim = q_BLHD.shape
+  num_kv_heads = k_BLKD.shape[2]
+  # Group query heads by their kv head instead of repeating K/V.
+  q_BLKGD = q_BLHD.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  logits_BKGLL = jnp.einsum('blkgd,bmkd->bkglm', q_BLKGD, k_BLKD,
+                            preferred_element_type=jnp.float32) * scale
+  mask_BLL = attention_mask(segment_ids_BL, length, causal)
+  logits_BKGLL = jnp.where(mask_BLL[:, None, None], logits_BKGLL, jnp.finfo(jnp.float32).min)
+  probs_BKGLL = jax.nn.softmax(logits_BKGLL, axis=-1)
+  # A row that sees no key at all (impossible with causal self-attention) gives zeros.
+  probs_BKGLL = jnp.where(mask_BLL[:, None, None], probs_BKGLL, 0.0)
+  out_BLKGD = jnp.einsum('bkglm,bmkd->blkgd', probs_BKGLL.astype(v_BLKD.dtype), v_BLKD,
+                         preferred_element_type=jnp.float32)
+  return out_BLKGD.reshape(batch, length, num_heads, head_dim).astype(q_BLHD.dtype)
+
+
+def _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
+  mask = None
+  if segment_ids_BL is not None:
+    # cuDNN takes a dense mask; the Pallas kernel (kernels issue) skips masked blocks instead.
+    mask = attention_mask(segment_ids_BL, q_BLHD.shape[1], causal=False)[:, None]
+  return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask, scale=scale,
+                                      is_causal=causal, implementation='cudnn')

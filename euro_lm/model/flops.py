@@ -1,0 +1,35 @@
+"""Analytic FLOP and parameter counts for MFU (model FLOPs: remat recompute not counted)."""
+
+from euro_lm.model.layers import head_dim
+
+
+def param_count(model_config):
+  """Number of parameters, embeddings included."""
+  c = model_config
+  hd = head_dim(c)
+  attention = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.embed_dim * c.mlp_dim
+  norms = 2 * c.embed_dim + (2 * hd if c.qk_norm else 0)
+  embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
+  return c.num_layers * (attention + mlp + norms) + embeddings + c.embed_dim
+
+
+def forward_flops_per_token(model_config, seq_len):
+  """Forward matmul + attention FLOPs per token (2 per multiply-add).
+
+  Counts every projection (q, k, v, o, gate, up, down, output logits) and the two
+  attention matmuls (QK^T and PV) with causal masking halving them. Embedding lookups,
+  norms, RoPE and softmax are not matmuls and are left out, as in PaLM's MFU.
+  """
+  c = model_config
+  hd = head_dim(c)
+  projections = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.embed_dim * c.mlp_dim
+  attention = 2 * c.num_heads * hd * seq_len  # 4*H*hd*L, halved by the causal mask
+  per_layer = 2 * (projections + mlp) + attention
+  return c.num_layers * per_layer + 2 * c.embed_dim * c.vocab_size
+
+
+def train_flops_per_token(model_config, seq_len):
+  """Forward plus backward (twice the forward)."""
+  return 3 * forward_flops_per_token(model_config, seq_len)

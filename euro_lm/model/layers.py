@@ -1,0 +1,118 @@
+"""Llama-family decoder layers (Flax linen), with logical axis names on every weight.
+
+Weights are laid out like Hugging Face's Llama up to a reshape and transpose: q/k/v are
+`[embed, heads, head_dim]`, the output projection `[heads, head_dim, embed]`, and RoPE
+uses the rotate-half form, so export never permutes.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from euro_lm.model.attention import attention
+
+
+def _param(module, name, shape, logical_axes, init):
+  return module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, jnp.float32)
+
+
+def _constrain(x, logical_axes):
+  return nn.with_logical_constraint(x, logical_axes)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in float32, over the last axis."""
+  eps: float
+  logical_axis: str = 'embed'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, 'scale', (x.shape[-1],), (self.logical_axis,), nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(x.dtype)
+
+
+def rope(x_BLHD, positions_BL, theta):
+  """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32."""
+  head_dim = x_BLHD.shape[-1]
+  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  angles_BL1D = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)[:, :, None, :]
+  x32 = x_BLHD.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x32 * jnp.cos(angles_BL1D) + rotated * jnp.sin(angles_BL1D)
+  return out.astype(x_BLHD.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE and optional QK-norm."""
+  config: 'ml_collections.ConfigDict'  # the `model` section
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.compute_dtype)
+    d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+    init = nn.initializers.normal(cfg.init_std)
+    wq_DHd = _param(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'), init)
+    wk_DKd = _param(self, 'wk', (d, k, hd), ('embed', 'kv_heads', 'head_dim'), init)
+    wv_DKd = _param(self, 'wv', (d, k, hd), ('embed', 'kv_heads', 'head_dim'), init)
+    wo_HdD = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), init)
+
+    q_BLHd = jnp.einsum('bld,dhk->blhk', x_BLD, wq_DHd.astype(dtype))
+    k_BLKd = jnp.einsum('bld,dhk->blhk', x_BLD, wk_DKd.astype(dtype))
+    v_BLKd = jnp.einsum('bld,dhk->blhk', x_BLD, wv_DKd.astype(dtype))
+    if cfg.qk_norm:
+      q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
+      k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
+    q_BLHd = _constrain(rope(q_BLHd, positions_BL, cfg.rope_theta),
+                        ('batch', 'length', 'heads', 'head_dim'))
+    k_BLKd = _constrain(rope(k_BLKd, positions_BL, cfg.rope_theta),
+                        ('batch', 'length', 'kv_heads', 'head_dim'))
+    v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
+
+    out_BLHd = attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=segment_ids_BL,
+                         causal=True, impl=cfg.attention_impl)
+    out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
+    return jnp.einsum('blhk,hkd->bld', out_BLHd, wo_HdD.astype(dtype))
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  config: 'ml_collections.ConfigDict'
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.compute_dtype)
+    d, f = x_BLD.shape[-1], cfg.mlp_dim
+    init = nn.initializers.normal(cfg.init_std)
+    w_gate_DF = _param(self, 'w_gate', (d, f), ('embed', 'mlp'), init)
+    w_up_DF = _param(self, 'w_up', (d, f), ('embed', 'mlp'), init)
+    w_down_FD = _param(self, 'w_down', (f, d), ('mlp', 'embed'), init)
+    gate_BLF = jnp.einsum('bld,df->blf', x_BLD, w_gate_DF.astype(dtype))
+    up_BLF = jnp.einsum('bld,df->blf', x_BLD, w_up_DF.astype(dtype))
+    hidden_BLF = _constrain(nn.silu(gate_BLF) * up_BLF, ('batch', 'length', 'mlp'))
+    return jnp.einsum('blf,fd->bld', hidden_BLF, w_down_FD.astype(dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+  config: 'ml_collections.ConfigDict'
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    cfg = self.config
+    x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
+    h_BLD = RMSNorm(cfg.norm_eps, name='attention_norm')(x_BLD)
+    x_BLD = x_BLD + Attention(cfg, name='attention')(h_BLD, segment_ids_BL, positions_BL)
+    h_BLD = RMSNorm(cfg.norm_eps, name='mlp_norm')(x_BLD)
+    x_BLD = x_BLD + Mlp(cfg, name='mlp')(h_BLD)
+    return _constrain(x_BLD, ('batch', 'length', 'embed')), None
+
+
+def head_dim(model_config):
+  return model_config.head_dim or model_config.embed_dim // model_config.num_heads

@@ -1,0 +1,103 @@
+"""Device mesh from the config and logical-axis sharding helpers.
+
+The mesh always has the axes ('data', 'fsdp', 'tensor'). Within a slice/node (ICI) their
+sizes are `mesh.data/fsdp/tensor`; across slices/nodes (DCN) they are multiplied by
+`mesh.dcn_*`. A (1, 1, 1) mesh is the single-device case, not a special branch.
+"""
+
+import math
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class MeshError(ValueError):
+  """A mesh that cannot be built from the devices present."""
+
+
+def mesh_shape(mesh_config, num_devices, num_slices=1):
+  """Returns `(ici_shape, dcn_shape)`, filling a single -1 in the ICI degrees."""
+  dcn = tuple(mesh_config[f'dcn_{axis}'] for axis in MESH_AXES)
+  ici = [mesh_config[axis] for axis in MESH_AXES]
+  for axis, size in zip(MESH_AXES, dcn):
+    if size < 1:
+      raise MeshError(f'mesh.dcn_{axis}={size}: DCN degrees must be >= 1')
+  for axis, size in zip(MESH_AXES, ici):
+    if size == 0 or size < -1:
+      raise MeshError(f'mesh.{axis}={size}: use a positive degree or -1 to fill')
+  if ici.count(-1) > 1:
+    raise MeshError(f'mesh: only one of data/fsdp/tensor may be -1, got {tuple(ici)}')
+  dcn_size = math.prod(dcn)
+  if dcn_size != num_slices and num_slices > 1:
+    raise MeshError(f'mesh.dcn_* multiply to {dcn_size} but there are {num_slices} slices')
+  if num_devices % dcn_size:
+    raise MeshError(f'mesh.dcn_* multiply to {dcn_size}, which does not divide the '
+                    f'{num_devices} devices present')
+  per_slice = num_devices // dcn_size
+  fixed = math.prod(s for s in ici if s != -1)
+  if -1 in ici:
+    if per_slice % fixed:
+      raise MeshError(f'mesh: fixed degrees {tuple(ici)} (product {fixed}) do not divide '
+                      f'the {per_slice} devices per slice')
+    ici[ici.index(-1)] = per_slice // fixed
+  if math.prod(ici) != per_slice:
+    raise MeshError(
+        f'mesh: data*fsdp*tensor = {"*".join(map(str, ici))} = {math.prod(ici)} but '
+        f'{per_slice} devices are present per slice ({num_devices} devices, DCN {dcn})')
+  return tuple(ici), dcn
+
+
+def make_mesh(mesh_config, devices=None):
+  """Builds the ('data', 'fsdp', 'tensor') mesh, hybrid across slices when DCN > 1."""
+  devices = jax.devices() if devices is None else devices
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  ici, dcn = mesh_shape(mesh_config, len(devices), num_slices)
+  if math.prod(dcn) > 1:
+    if num_slices > 1:
+      device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:  # GPU clusters: one process per node stands in for a slice
+      device_array = mesh_utils.create_hybrid_device_mesh(
+          ici, dcn, devices, process_is_granule=True)
+  else:
+    device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_rules(mesh_config):
+  """The config's logical-axis rules as the tuple of pairs Flax expects."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in mesh_config.logical_rules)
+
+
+def logical_sharding(logical_axes, mesh, rules):
+  """NamedSharding for one array with the given logical axis names."""
+  return nn.logical_to_mesh_sharding(PartitionSpec(*logical_axes), mesh, rules)
+
+
+def batch_sharding(mesh, rules):
+  """Sharding of a `[batch, length]` token array."""
+  return logical_sharding(('batch', 'length'), mesh, rules)
+
+
+def data_parallel_size(mesh, rules):
+  """How many ways the batch dimension is split."""
+  spec = batch_sharding(mesh, rules).spec[0]
+  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch, mesh, rules):
+  """Assembles each process's part of the batch into global arrays sharded over the batch
+  axes. Every process must pass arrays of the same per-process shape."""
+  sharding = batch_sharding(mesh, rules)
+  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for name, value in local_batch.items()}

@@ -1,0 +1,1 @@
+"""Optimizer, train state, pure train/eval steps and the training loop."""

@@ -1,0 +1,43 @@
+"""Train state, created directly sharded: eval_shape -> logical specs -> jit(init)."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array     # int32 scalar: optimizer steps taken
+  params: Any         # float32 parameter pytree
+  opt_state: Any      # optax state, sharded like the params
+
+
+def _init_boxed(model, tx, seq_len, rng):
+  """Params and optimizer state still wrapped in their logical-axis metadata."""
+  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
+  params = model.init(rng, tokens_BL)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_logical_specs(model, tx, seq_len):
+  """PartitionSpecs of logical axis names for every leaf of the train state."""
+  abstract = jax.eval_shape(lambda r: _init_boxed(model, tx, seq_len, r), jax.random.key(0))
+  return nn.get_partition_spec(abstract)
+
+
+def state_shardings(model, tx, seq_len, mesh, rules):
+  return nn.logical_to_mesh_sharding(state_logical_specs(model, tx, seq_len), mesh, rules)
+
+
+def create_train_state(model, tx, seq_len, rng, mesh, rules):
+  """Initialises the state with every array born on its shards (never whole on a host).
+
+  Returns `(state, shardings)`.
+  """
+  shardings = state_shardings(model, tx, seq_len, mesh, rules)
+  init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return init(rng), shardings

@@ -1,0 +1,85 @@
+"""Pure train and eval steps. `make_train_step` returns a jitted, state-donating step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from euro_lm.sharding import replicated
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
+
+
+def token_losses(model, params, batch):
+  """Per-token float32 negative log-likelihood, log-partition and loss weights."""
+  logits_BLV = model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
+                           batch['positions'])
+  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
+  weights_BL = (batch['segment_ids'] != 0).astype(jnp.float32)  # segment 0 is padding
+  return logz_BL - target_logit_BL, logz_BL, weights_BL
+
+
+def _loss_sums(params, batch, model, z_loss):
+  nll_BL, logz_BL, weights_BL = token_losses(model, params, batch)
+  loss_sum = jnp.sum(nll_BL * weights_BL)
+  objective = loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)
+  return objective, (loss_sum, jnp.sum(weights_BL))
+
+
+def _micro_batches(batch, num_micro):
+  """[B, L] -> [A, B/A, L] taking every A-th row, so each device keeps its own rows."""
+  def split(x_BL):
+    x = x_BL.reshape(x_BL.shape[0] // num_micro, num_micro, *x_BL.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch', 'length'))
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss):
+  """One optimizer step on a global batch; the loss is the token-weighted mean."""
+  grad_fn = jax.grad(_loss_sums, has_aux=True)
+  batch = {k: batch[k] for k in BATCH_KEYS}
+  if grad_accum_steps == 1:
+    grads, (loss_sum, weight_sum) = grad_fn(state.params, batch, model, z_loss)
+  else:
+    def accumulate(carry, micro):
+      grads, (loss_sum, weight_sum) = grad_fn(state.params, micro, model, z_loss)
+      return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0)
+    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+        accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+  weight_sum = jnp.maximum(weight_sum, 1.0)
+  grads = jax.tree.map(lambda g: g / weight_sum, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss_sum / weight_sum,
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': schedule(state.step),
+      'tokens': weight_sum,
+  }
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model):
+  """Sums for validation: loss (nats), target tokens and, if given, target UTF-8 bytes."""
+  nll_BL, _, weights_BL = token_losses(model, params, batch)
+  sums = {'loss_sum': jnp.sum(nll_BL * weights_BL), 'tokens': jnp.sum(weights_BL)}
+  if 'target_bytes' in batch:
+    sums['bytes'] = jnp.sum(batch['target_bytes'] * weights_BL)
+  return sums
+
+
+def make_train_step(model, tx, schedule, train_config, z_loss, mesh, shardings):
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           grad_accum_steps=train_config.grad_accum_steps, z_loss=z_loss)
+  return jax.jit(step, in_shardings=(shardings, None),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model, mesh, param_shardings):
+  return jax.jit(functools.partial(eval_step, model=model),
+                 in_shardings=(param_shardings, None), out_shardings=replicated(mesh))

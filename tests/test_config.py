@@ -1,0 +1,97 @@
+"""Config validation and the command line's error messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, llama_125m, llama_1b, llama_7b, tiny
+from euro_lm.config import validate
+from euro_lm.errors import ConfigError
+from euro_lm.model import param_count
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_presets_override_but_never_add_fields():
+  def fields(c, prefix=''):
+    out = set()
+    for k, v in c.items():
+      out |= fields(v, f'{prefix}{k}.') if hasattr(v, 'items') else {prefix + k}
+    return out
+  reference = fields(base.get_config())
+  for preset in (tiny.get_config(), llama_125m.get_config(), llama_1b.get_config('gpu'),
+                 llama_7b.get_config('gpu')):
+    assert fields(preset) == reference
+
+
+@pytest.mark.parametrize('module,low,high', [(llama_125m, 100e6, 150e6), (llama_1b, 1.0e9, 1.5e9),
+                                             (llama_7b, 6.0e9, 7.5e9)])
+def test_presets_have_their_advertised_size(module, low, high):
+  assert low < param_count(module.get_config().model) < high
+
+
+def test_a_valid_config_resolves_the_mesh():
+  c = tiny.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 2
+  assert validate(c, num_devices=8) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  c.mesh.data, c.mesh.dcn_data = -1, 2
+  assert validate(c, num_devices=16) == {'data': 4, 'fsdp': 2, 'tensor': 2}
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
+    ({'model.compute_dtype': 'fp8'}, "model.compute_dtype='fp8'"),
+    ({'model.remat_policy': 'some'}, "model.remat_policy='some'"),
+    ({'optimizer.schedule': 'linear'}, "optimizer.schedule='linear'"),
+    ({'model.num_kv_heads': 3}, 'model.num_heads=4 is not divisible by model.num_kv_heads=3'),
+    ({'mesh.tensor': 8, 'mesh.data': 1}, 'model.num_heads=4 is not divisible by the '
+                                         'tensor-parallel degree 8'),
+    ({'mesh.data': 8, 'train.global_batch_size': 12},
+     'train.global_batch_size=12 .* is not divisible by the data-parallel size 8'),
+    ({'train.grad_accum_steps': 3}, 'train.global_batch_size=16 is not divisible by '
+                                    'train.grad_accum_steps=3'),
+    ({'mesh.data': 16}, r'data\*fsdp\*tensor = 16\*1\*1 = 16 but 8 devices are present'),
+    ({'mesh.dcn_data': 3}, r'mesh.dcn_\* multiply to 3, which does not divide the 8 devices'),
+    ({'mesh.data': -1, 'mesh.fsdp': -1}, 'only one of data/fsdp/tensor may be -1'),
+    ({'train.steps': 0}, 'train.steps=0 must be positive'),
+    ({'optimizer.warmup_steps': 10_000}, 'optimizer.warmup_steps=10000 must be between'),
+])
+def test_impossible_settings_name_the_field(overrides, message):
+  c = tiny.get_config()
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    c[section][field] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(c, num_devices=8)
+
+
+def run_cli(*args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'euro_lm.train', *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.stepz=5', 'stepz'),
+    ('--config.train.steps=many', 'many'),
+    ('--config.model.attention_impl=flash', "model.attention_impl='flash' is not one of"),
+])
+def test_bad_overrides_get_one_clear_error(tmp_path, override, message):
+  workdir = tmp_path / 'run'
+  result = run_cli('--config=configs/tiny.py', f'--workdir={workdir}', override)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_unusable_workdir_is_reported_and_nothing_is_lost(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('precious')
+  result = run_cli('--config=configs/tiny.py', f'--workdir={blocker}/run')
+  assert result.returncode != 0
+  assert f'workdir {blocker}/run is not usable' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert blocker.read_text() == 'precious'

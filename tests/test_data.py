@@ -1,0 +1,643 @@
+"""Tests for euro_lm.data: languages, corpus, tokenizer, packing, make_data."""
+
+import gettext
+import glob
+import importlib.util
+import json
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from euro_lm import data
+from euro_lm.errors import DataError
+from euro_lm.data import corpus
+from euro_lm.data import languages
+from euro_lm.data import pipeline
+from euro_lm.data import tokenizer as tokenizer_lib
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# No '▁' (U+2581) in these: SentencePiece reads a literal one as a space.
+MULTILINGUAL = (
+    'Hello, world!',
+    'Καλημέρα κόσμε',
+    'Добрый день, мир',
+    'Příliš žluťoučký kůň úpěl ďábelské ódy',
+    'ქართული ენა',
+    'Emoji 😀🇪🇺 and CJK 你好，世界 and 한국어',
+    'tabs\tand  runs   of    spaces\n\n\nand newlines\r\n',
+    '  leading and trailing  ',
+    '',
+    'Digits 1234567890 and 3.14159',
+)
+
+
+def _django_dir():
+  import django  # pylint: disable=g-import-not-at-top
+
+  return os.path.dirname(django.__file__)
+
+
+@pytest.fixture(scope='module')
+def docs_by_lang():
+  return corpus.load_embedded_corpus()
+
+
+@pytest.fixture(scope='module')
+def tokenizer(docs_by_lang, tmp_path_factory):
+  sample = [doc for docs in docs_by_lang.values() for doc in docs[:2]]
+  path = tmp_path_factory.mktemp('tokenizer') / 'tok.model'
+  return tokenizer_lib.train_sentencepiece(sample, str(path), vocab_size=1024)
+
+
+# --- languages ---------------------------------------------------------------
+
+
+def test_language_table():
+  tags = [lang.tag for lang in languages.LANGUAGES]
+  assert len(tags) == len(set(tags)) == 37
+  assert all(re.fullmatch(r'[a-z]{3}_[A-Z][a-z]{3}', t) for t in tags)
+  assert len(languages.EU_OFFICIAL) == 24
+  assert {t.split('_')[0] for t in languages.EU_OFFICIAL} == set(
+      'bul ces dan deu ell eng est fin fra gle hrv hun ita lav lit mlt nld pol'
+      ' por ron slk slv spa swe'.split()
+  )
+  codes = [lang.iso639_1 for lang in languages.LANGUAGES]
+  assert len(codes) == len(set(codes))
+
+
+@pytest.mark.parametrize(
+    'code, tag',
+    [
+        ('cs', 'ces_Latn'),
+        ('CES', 'ces_Latn'),
+        ('cze', 'ces_Latn'),
+        ('ces_Latn', 'ces_Latn'),
+        ('CES_LATN', 'ces_Latn'),
+        ('ger', 'deu_Latn'),
+        ('gre', 'ell_Grek'),
+        ('fre', 'fra_Latn'),
+        ('dut', 'nld_Latn'),
+        ('rum', 'ron_Latn'),
+        ('slo', 'slk_Latn'),
+        ('alb', 'sqi_Latn'),
+        ('sqi', 'sqi_Latn'),
+        ('baq', 'eus_Latn'),
+        ('geo', 'kat_Geor'),
+        ('ice', 'isl_Latn'),
+        ('mac', 'mkd_Cyrl'),
+        ('pt_BR', 'por_Latn'),
+        ('pt-BR', 'por_Latn'),
+        ('de_CH', 'deu_Latn'),
+        ('sr', 'srp_Cyrl'),
+        ('sr-Cyrl-RS', 'srp_Cyrl'),
+        ('nb', 'nob_Latn'),
+        (' el ', 'ell_Grek'),
+    ],
+)
+def test_canonical_language_folds_aliases(code, tag):
+  assert languages.canonical_language(code) == tag
+
+
+def test_canonical_language_rejects_unknown_code():
+  with pytest.raises(ValueError, match=r"'xx'.*LANGUAGES"):
+    languages.canonical_language('xx')
+
+
+def test_canonical_language_rejects_other_script():
+  with pytest.raises(ValueError, match=r"sr_Latn.*'Latn'.*srp_Cyrl"):
+    languages.canonical_language('sr_Latn')
+
+
+# --- .mo reader and corpus ---------------------------------------------------
+
+
+def _as_gettext_catalog(messages):
+  """read_mo's dict in the shape of GNUTranslations' catalog."""
+  catalog = {}
+  for msgid, forms in messages.items():
+    if '\x00' in msgid:
+      singular = msgid.split('\x00')[0]
+      catalog.update({(singular, i): form for i, form in enumerate(forms)})
+    else:
+      (catalog[msgid],) = forms
+  return catalog
+
+
+def _gettext_catalog(path):
+  with open(path, 'rb') as f:
+    # The full catalog is only reachable through this private attribute.
+    catalog = dict(gettext.GNUTranslations(f)._catalog)  # pylint: disable=protected-access
+  del catalog['']  # The header, which read_mo leaves out.
+  return catalog
+
+
+@pytest.mark.parametrize('locale', ['pl', 'el', 'ga'])
+def test_read_mo_matches_gettext(locale):
+  paths = glob.glob(
+      os.path.join(
+          _django_dir(), '**', 'locale', locale, 'LC_MESSAGES', '*.mo'
+      ),
+      recursive=True,
+  )
+  assert len(paths) >= 10
+  for path in paths:
+    assert _as_gettext_catalog(corpus.read_mo(path)) == _gettext_catalog(path)
+
+
+def _write_mo(path, messages, byte_order):
+  """Writes a minimal .mo file (no hash table) in the given byte order."""
+  header_entry = {'': 'Content-Type: text/plain; charset=UTF-8\n'}
+  entries = sorted({**header_entry, **messages}.items())
+  count = len(entries)
+  originals_at = 28  # After the 7-word header.
+  translations_at = originals_at + 8 * count
+  strings_at = translations_at + 8 * count
+  tables, blob = b'', b''
+  for column in (0, 1):  # msgids, then translations
+    for entry in entries:
+      string = entry[column].encode()
+      tables += struct.pack(
+          byte_order + '2I', len(string), strings_at + len(blob)
+      )
+      blob += string + b'\x00'
+  # magic, revision, count, table offsets, then an empty hash table.
+  fields = (0x950412DE, 0, count, originals_at, translations_at, 0, 0)
+  header = struct.pack(byte_order + '7I', *fields)
+  with open(path, 'wb') as f:
+    f.write(header + tables + blob)
+
+
+@pytest.mark.parametrize('byte_order', ['<', '>'])
+def test_read_mo_both_byte_orders(tmp_path, byte_order):
+  messages = {
+      'Hello': 'Γειά σου',
+      'menu\x04Open': 'Άνοιγμα',
+      'one file\x00%d files': 'ένα αρχείο\x00%d αρχεία',
+  }
+  path = tmp_path / 'x.mo'
+  _write_mo(path, messages, byte_order)
+  messages_read = corpus.read_mo(str(path))
+  assert messages_read == {
+      'Hello': ('Γειά σου',),
+      'menu\x04Open': ('Άνοιγμα',),
+      'one file\x00%d files': ('ένα αρχείο', '%d αρχεία'),
+  }
+  assert _as_gettext_catalog(messages_read) == _gettext_catalog(path)
+
+
+def test_read_mo_names_a_bad_file(tmp_path):
+  path = tmp_path / 'bad.mo'
+  path.write_bytes(b'not a catalog at all')
+  with pytest.raises(ValueError, match=re.escape(str(path))):
+    corpus.read_mo(str(path))
+
+
+_SCRIPT_RANGES = {
+    'Latn': ('A', 'ɏ'),
+    'Grek': ('Ͱ', 'Ͽ'),
+    'Cyrl': ('Ѐ', 'ӿ'),
+    'Geor': ('Ⴀ', 'ჿ'),
+}
+
+
+def _share_in_script(text, script):
+  low, high = _SCRIPT_RANGES[script]
+  letters = [c for c in text if c.isalpha()]
+  return sum(low <= c <= high for c in letters) / len(letters)
+
+
+def test_embedded_corpus_covers_european_languages(docs_by_lang):
+  assert list(docs_by_lang) == sorted(docs_by_lang)
+  assert set(docs_by_lang) <= {lang.tag for lang in languages.LANGUAGES}
+  assert len(set(docs_by_lang) & set(languages.EU_OFFICIAL)) >= 20
+  for tag, docs in docs_by_lang.items():
+    text = '\n'.join(docs)
+    assert len(docs) >= 4 and len(text) >= 8000, tag
+    # Mostly written in the tag's script (the rest: placeholders, names).
+    assert _share_in_script(text, tag.split('_')[1]) > 0.6, tag
+
+
+def test_embedded_corpus_text_comes_from_the_catalogs(docs_by_lang):
+  django_dir = _django_dir()
+  required = 'This field is required.'
+  english_lines = '\n'.join(docs_by_lang['eng_Latn']).split('\n')
+  assert english_lines.count(required) == 1  # Source strings appear once.
+  for locale, tag in [
+      ('de', 'deu_Latn'),
+      ('el', 'ell_Grek'),
+      ('sr', 'srp_Cyrl'),
+  ]:
+    path = os.path.join(
+        django_dir, 'conf', 'locale', locale, 'LC_MESSAGES', 'django.mo'
+    )
+    (translation,) = corpus.read_mo(path)[required]
+    assert translation in '\n'.join(docs_by_lang[tag])
+
+
+def test_embedded_corpus_is_deterministic_and_sized(docs_by_lang):
+  assert corpus.load_embedded_corpus() == docs_by_lang
+  small = corpus.load_embedded_corpus(doc_chars=500)
+  for tag, docs in small.items():
+    # Same text, cut differently: all but the last reach doc_chars.
+    assert '\n'.join(docs) == '\n'.join(docs_by_lang[tag])
+    assert all(len(doc) >= 499 for doc in docs[:-1]), tag
+
+
+def test_missing_django_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'django', None)
+  with pytest.raises(
+      corpus.CorpusNotInstalledError, match='pip install django'
+  ):
+    corpus.load_embedded_corpus()
+  assert issubclass(corpus.CorpusNotInstalledError, RuntimeError)
+
+
+def test_split_train_valid_holds_out_every_kth():
+  docs = {
+      'deu_Latn': [f'de{i}' for i in range(10)],
+      'fra_Latn': ['fr0', 'fr1', 'fr2'],
+  }
+  train, valid = corpus.split_train_valid(docs, 0.25)
+  assert valid == {'deu_Latn': ['de3', 'de7'], 'fra_Latn': ['fr2']}
+  assert train == {
+      'deu_Latn': ['de0', 'de1', 'de2', 'de4', 'de5', 'de6', 'de8', 'de9'],
+      'fra_Latn': ['fr0', 'fr1'],
+  }
+  assert corpus.split_train_valid(docs, 0.25) == (train, valid)
+
+
+def test_split_train_valid_on_corpus(docs_by_lang):
+  train, valid = corpus.split_train_valid(docs_by_lang, 0.1)
+  for tag, docs in docs_by_lang.items():
+    assert train[tag] and valid[tag]
+    assert sorted(train[tag] + valid[tag]) == sorted(docs)
+    assert not set(train[tag]) & set(valid[tag])
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.6, -0.1])
+def test_split_train_valid_rejects_fraction(fraction):
+  with pytest.raises(ValueError, match='data.valid_fraction'):
+    corpus.split_train_valid({'deu_Latn': ['a', 'b']}, fraction)
+
+
+def test_select_languages(docs_by_lang):
+  assert corpus.select_languages(docs_by_lang, '') == docs_by_lang
+  selected = corpus.select_languages(docs_by_lang, 'el, cze,deu_Latn')
+  assert list(selected) == ['ces_Latn', 'deu_Latn', 'ell_Grek']
+  assert selected['ell_Grek'] is docs_by_lang['ell_Grek']
+  # Maltese is in the table but has no Django catalogs.
+  with pytest.raises(
+      ValueError, match=r'data.languages.*mlt_Latn.*Available: bos_Latn'
+  ):
+    corpus.select_languages(docs_by_lang, 'de,mt')
+  with pytest.raises(ValueError, match=r"data.languages.*'xx'"):
+    corpus.select_languages(docs_by_lang, 'xx')
+
+
+# --- tokenizer ---------------------------------------------------------------
+
+
+def test_tokenizer_special_ids(tokenizer):
+  assert tokenizer.vocab_size == 1024
+  assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 2, 3)
+
+
+@pytest.mark.parametrize('text', MULTILINGUAL)
+def test_tokenizer_round_trips(tokenizer, text):
+  ids = tokenizer.encode(text)
+  assert tokenizer.decode(ids) == text
+  # The exact bits-per-byte rule: no dummy prefix, so bytes add up exactly.
+  assert tokenizer.token_bytes()[ids].sum() == len(text.encode('utf-8'))
+
+
+def test_tokenizer_literal_space_piece(tokenizer):
+  # SentencePiece cannot tell a literal '▁' from a space; token_bytes follows
+  # the decoded text.
+  ids = tokenizer.encode('a\u2581b')
+  assert tokenizer.decode(ids) == 'a b'
+  assert tokenizer.token_bytes()[ids].sum() == 3
+
+
+def test_token_bytes_with_a_dummy_prefix_model(docs_by_lang, tmp_path):
+  # A model trained elsewhere with SentencePiece's defaults (dummy prefix).
+  model_path = tmp_path / 'prefix.model'
+  with open(model_path, 'wb') as f:
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(docs_by_lang['deu_Latn']),
+        model_writer=f,
+        vocab_size=600,
+        byte_fallback=True,
+        minloglevel=2,
+    )
+  tokenizer = tokenizer_lib.Tokenizer.from_file(str(model_path))
+  for text in ('Guten Tag', 'Καλημέρα κόσμε'):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.token_bytes()[ids].sum() == len(text.encode()) + 1
+
+
+def test_tokenizer_batch_digits_and_fallback(tokenizer):
+  assert tokenizer.encode_batch(list(MULTILINGUAL)) == [
+      tokenizer.encode(t) for t in MULTILINGUAL
+  ]
+  assert len(tokenizer.encode('1234567890')) == 10  # split_digits
+  # Characters outside the training text become their UTF-8 bytes.
+  assert len(tokenizer.encode('😀')) == 4
+  token_bytes = tokenizer.token_bytes()
+  assert token_bytes.dtype == np.int32 and token_bytes.shape == (1024,)
+  assert token_bytes[[0, 1, 2, 3]].tolist() == [0, 0, 0, 0]
+
+
+def test_train_sentencepiece_is_deterministic_and_atomic(
+    docs_by_lang, tokenizer, tmp_path
+):
+  sample = [doc for docs in docs_by_lang.values() for doc in docs[:2]]
+  path = tmp_path / 'again.model'
+  tokenizer_lib.train_sentencepiece(sample, str(path), vocab_size=1024)
+  with open(tokenizer.path, 'rb') as f:
+    assert path.read_bytes() == f.read()
+  # A failed training leaves the existing model untouched and no temp files.
+  before = path.read_bytes()
+  with pytest.raises(ValueError, match='model.vocab_size=100000'):
+    tokenizer_lib.train_sentencepiece(sample[:2], str(path), vocab_size=100_000)
+  assert path.read_bytes() == before
+  assert os.listdir(tmp_path) == ['again.model']
+
+
+def test_tokenizer_from_file_errors(tmp_path):
+  missing = tmp_path / 'missing.model'
+  with pytest.raises(DataError, match=re.escape(str(missing))):
+    tokenizer_lib.Tokenizer.from_file(str(missing))
+  garbage = tmp_path / 'garbage.model'
+  garbage.write_bytes(b'\x00garbage')
+  with pytest.raises(ValueError, match=re.escape(str(garbage))):
+    tokenizer_lib.Tokenizer.from_file(str(garbage))
+
+
+# --- packing -----------------------------------------------------------------
+
+
+def _segments(segment_ids):
+  """(start, end) of each nonzero run of equal ids in a row."""
+  bounds = np.flatnonzero(np.diff(segment_ids)) + 1
+  starts = np.concatenate([[0], bounds])
+  ends = np.concatenate([bounds, [len(segment_ids)]])
+  return [(s, e) for s, e in zip(starts, ends) if segment_ids[s] != 0]
+
+
+def _check_rows(inputs, targets, segment_ids, positions):
+  for row in range(inputs.shape[0]):
+    for start, end in _segments(segment_ids[row]):
+      np.testing.assert_array_equal(
+          positions[row, start:end], np.arange(end - start)
+      )
+      np.testing.assert_array_equal(
+          targets[row, start : end - 1], inputs[row, start + 1 : end]
+      )
+
+
+def _streams(tokenizer, docs):
+  tokens = [
+      [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id] for d in docs
+  ]
+  inputs = np.concatenate([t[:-1] for t in tokens])
+  targets = np.concatenate([t[1:] for t in tokens])
+  return inputs, targets
+
+
+def test_eval_batches_pack_documents_exactly(docs_by_lang, tokenizer):
+  docs = docs_by_lang['ell_Grek'][:3] + docs_by_lang['bul_Cyrl'][:2]
+  batches = pipeline.make_eval_batches(
+      docs, tokenizer, seq_len=64, batch_size=3, max_batches=0
+  )
+  stacked = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  for batch in batches:
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        k: ((3, 64), np.int32) for k in pipeline.FEATURES + ('target_bytes',)
+    }
+  _check_rows(*(stacked[k] for k in pipeline.FEATURES))
+  real = stacked['segment_ids'] != 0
+  inputs_stream, targets_stream = _streams(tokenizer, docs)
+  np.testing.assert_array_equal(stacked['inputs'][real], inputs_stream)
+  np.testing.assert_array_equal(stacked['targets'][real], targets_stream)
+  # Padding: only at the end, with pad ids and no bytes.
+  assert real.sum() == len(inputs_stream) > real.size - 3 * 64
+  assert not real.reshape(-1)[len(inputs_stream) :].any()
+  assert (stacked['inputs'][~real] == tokenizer.pad_id).all()
+  assert (stacked['targets'][~real] == tokenizer.pad_id).all()
+  np.testing.assert_array_equal(
+      stacked['target_bytes'],
+      np.where(real, tokenizer.token_bytes()[stacked['targets']], 0),
+  )
+  # Bytes of all targets = the documents' UTF-8 bytes (bos/eos add none).
+  doc_bytes = sum(len(d.encode('utf-8')) for d in docs)
+  assert stacked['target_bytes'].sum() == doc_bytes
+
+
+def test_eval_batches_limit_and_process_split(docs_by_lang, tokenizer):
+  docs = docs_by_lang['deu_Latn'][:4]
+  whole = pipeline.make_eval_batches(
+      docs, tokenizer, seq_len=32, batch_size=4, max_batches=0
+  )
+  assert len(whole) > 3
+  limited = pipeline.make_eval_batches(
+      docs, tokenizer, seq_len=32, batch_size=4, max_batches=2
+  )
+  assert len(limited) == 2
+  for a, b in zip(limited, whole):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  # Two processes: equal counts, and interleaved rows are the one-process rows.
+  rows = np.concatenate([b['inputs'] for b in whole])
+  per_process = [
+      pipeline.make_eval_batches(
+          docs,
+          tokenizer,
+          seq_len=32,
+          batch_size=2,
+          max_batches=0,
+          process_index=p,
+          process_count=2,
+      )
+      for p in range(2)
+  ]
+  assert len(per_process[0]) == len(per_process[1]) == len(whole)
+  interleaved = np.stack(
+      [
+          np.concatenate([b['inputs'] for b in batches])
+          for batches in per_process
+      ],
+      axis=1,
+  ).reshape(-1, 32)
+  np.testing.assert_array_equal(interleaved, rows)
+
+
+def test_train_documents_shards_cover_the_stream():
+  docs = [f'doc {i}' for i in range(10)]
+  stream = pipeline.train_documents(docs, seed=3)
+  first, second = list(stream[:10]), list(stream[10:20])
+  assert sorted(first) == sorted(second) == sorted(docs)
+  assert first != second  # Each epoch is shuffled anew.
+  assert list(pipeline.train_documents(docs, seed=3)[:20]) == first + second
+  assert list(pipeline.train_documents(docs, seed=4)[:10]) != first
+  shards = [
+      pipeline.train_documents(docs, seed=3, process_index=p, process_count=3)
+      for p in range(3)
+  ]
+  global_stream = list(stream[:30])
+  for p, shard in enumerate(shards):
+    assert list(shard[:10]) == global_stream[p::3]
+  # Over the first epoch, shards are disjoint and together every document.
+  epoch = [
+      list(shard[: len(range(p, 10, 3))]) for p, shard in enumerate(shards)
+  ]
+  assert sorted(sum(epoch, [])) == sorted(docs)
+
+
+def test_train_dataset_rows_and_sharding(tokenizer):
+  docs = [f'Document {i}: ' + 'Καλημέρα. ' * (i % 7) for i in range(20)]
+  dataset = pipeline.make_train_dataset(
+      docs, tokenizer, seq_len=48, batch_size=4, seed=0
+  )
+  batch = next(iter(dataset))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: ((4, 48), np.int32) for k in pipeline.FEATURES
+  }
+  assert (batch['segment_ids'] > 0).all()  # An endless stream never pads.
+  _check_rows(*(batch[k] for k in pipeline.FEATURES))
+  # The first row is the start of the stream's first documents.
+  stream = list(pipeline.train_documents(docs, seed=0)[:20])
+  inputs_stream, _ = _streams(tokenizer, stream)
+  np.testing.assert_array_equal(
+      batch['inputs'].reshape(-1), inputs_stream[: 4 * 48]
+  )
+  for p in range(2):
+    shard = pipeline.make_train_dataset(
+        docs,
+        tokenizer,
+        seq_len=48,
+        batch_size=2,
+        seed=0,
+        process_index=p,
+        process_count=2,
+    )
+    first_doc = [tokenizer.bos_id, *tokenizer.encode(stream[p])][:48]
+    np.testing.assert_array_equal(
+        next(iter(shard))['inputs'][0, : len(first_doc)], first_doc
+    )
+
+
+def _assert_batches_equal(got, want):
+  for k in pipeline.FEATURES:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def _json_round_trip(state):
+  # grain's checkpoint handlers store iterator state as JSON.
+  return json.loads(json.dumps(state))
+
+
+def test_train_iterator_state_restores_exact_batches(docs_by_lang, tokenizer):
+  docs = [doc for docs in docs_by_lang.values() for doc in docs[:2]]
+  dataset = pipeline.make_train_dataset(
+      docs, tokenizer, seq_len=128, batch_size=3, seed=1
+  )
+  iterator = iter(dataset)
+  for _ in range(3):
+    next(iterator)
+  state = _json_round_trip(iterator.get_state())
+  expected = [next(iterator) for _ in range(2)]
+  restored = iter(dataset)
+  restored.set_state(state)
+  for want in expected:
+    _assert_batches_equal(next(restored), want)
+
+
+def test_train_iterator_state_at_document_boundaries(tokenizer):
+  # Tiny documents and rows, so many states fall between documents. Each
+  # restore restarts grain's prefetch threads (~0.3 s), so few steps.
+  docs = ['', 'a', 'ab', 'abc', 'b', '']
+  dataset = pipeline.make_train_dataset(
+      docs, tokenizer, seq_len=4, batch_size=1, seed=0
+  )
+  iterator = iter(dataset)
+  boundary_states = 0
+  for _ in range(12):
+    state = _json_round_trip(iterator.get_state())
+    boundary_states += all(
+        s == [-1, -1] for s in state['remainder_slices'].values()
+    )
+    restored = iter(dataset)
+    restored.set_state(state)
+    _assert_batches_equal(next(restored), next(iterator))
+  assert 3 <= boundary_states < 12
+
+
+# --- make_data ---------------------------------------------------------------
+
+
+def _base_config():
+  spec = importlib.util.spec_from_file_location(
+      'base_config', os.path.join(_REPO, 'configs', 'base.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.vocab_size = 1024
+  config.data.languages = 'de,el,bg,en'
+  config.train.seq_len = 64
+  config.train.global_batch_size = 4
+  config.train.eval_batches = 2
+  return config
+
+
+def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
+  config = _base_config()
+  result = data.make_data(
+      config, str(tmp_path), process_index=1, process_count=2
+  )
+  assert 'tokenizer' in capsys.readouterr().out
+  model_path = tmp_path / 'tokenizer.model'
+  assert result.tokenizer.path == str(model_path)
+  assert result.tokenizer.vocab_size == 1024
+  assert result.languages == ['bul_Cyrl', 'deu_Latn', 'ell_Grek', 'eng_Latn']
+  assert list(result.valid) == result.languages
+  for batches in result.valid.values():
+    assert 1 <= len(batches) <= 2
+    assert all(b['inputs'].shape == (2, 64) for b in batches)
+  batch = next(iter(result.train))
+  assert all(batch[k].shape == (2, 64) for k in pipeline.FEATURES)
+
+  model_bytes = model_path.read_bytes()
+  again = data.make_data(config, str(tmp_path))
+  assert capsys.readouterr().out == ''
+  assert model_path.read_bytes() == model_bytes
+  assert again.tokenizer.encode('Καλημέρα') == result.tokenizer.encode(
+      'Καλημέρα'
+  )
+
+  config.model.vocab_size = 2048
+  with pytest.raises(
+      ValueError, match=rf'{re.escape(str(model_path))}.*1024.*2048'
+  ):
+    data.make_data(config, str(tmp_path))
+
+
+def test_make_data_rejects_unknown_corpus(tmp_path):
+  config = _base_config()
+  config.data.corpus = 'web'
+  with pytest.raises(ValueError, match='data.corpus'):
+    data.make_data(config, str(tmp_path))
+
+
+def test_balanced_texts_caps_each_language():
+  texts = data.balanced_texts(
+      {'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6
+  )
+  assert texts == ['123456', 'xxxx', 'yy', 'z']

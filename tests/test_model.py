@@ -1,0 +1,129 @@
+"""Decoder behaviour: causality, packed documents, RoPE, parameter and FLOP counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from euro_lm.model import Decoder, forward_flops_per_token, param_count, train_flops_per_token
+from euro_lm.model.layers import rope
+
+
+def small_model_config(**overrides):
+  m = tiny.get_config().model
+  m.vocab_size, m.num_layers, m.embed_dim, m.mlp_dim = 97, 2, 32, 48
+  m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 8
+  m.update(overrides)
+  return m
+
+
+class Jitted:
+  """A model whose `apply` is jitted: eager op-by-op execution is slow on a CPU."""
+
+  def __init__(self, model):
+    self.apply = jax.jit(model.apply)
+
+
+def init(model_config, length=16, seed=0):
+  model = Decoder(model_config)
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))['params']
+  return Jitted(model), params
+
+
+def test_changing_a_token_never_changes_earlier_logits():
+  model, params = init(small_model_config())
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+  logits = model.apply({'params': params}, tokens)
+  for t in (0, 7, 15):
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 97)
+    new_logits = model.apply({'params': params}, changed)
+    np.testing.assert_array_equal(new_logits[:, :t], logits[:, :t])
+    assert not np.allclose(new_logits[:, t:], logits[:, t:])
+
+
+@pytest.mark.parametrize('qk_norm,tie', [(False, True), (True, False)])
+def test_packed_documents_equal_separate_runs(qk_norm, tie):
+  """Packing with segment ids and per-document positions = running each document alone."""
+  model, params = init(small_model_config(qk_norm=qk_norm, tie_embeddings=tie))
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 97, n) for n in (5, 7, 4)]
+  tokens = np.concatenate(docs)[None]
+  segment_ids = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
+  positions = np.concatenate([np.arange(len(d)) for d in docs])[None]
+  packed = model.apply({'params': params}, tokens, segment_ids, positions)
+  start = 0
+  for doc in docs:
+    alone = model.apply({'params': params}, doc[None])
+    np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=2e-5)
+    start += len(doc)
+
+
+def test_rope_depends_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+
+  def score(m, n):
+    return float(jnp.sum(rope(q, jnp.array([[m]]), 10_000.0) * rope(k, jnp.array([[n]]), 10_000.0)))
+
+  assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-5)
+  assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+  # Rotations preserve norms.
+  np.testing.assert_allclose(jnp.linalg.norm(rope(q, jnp.array([[7]]), 10_000.0)),
+                             jnp.linalg.norm(q), rtol=1e-6)
+
+
+def test_rope_rotate_half_form():
+  """Hugging Face's Llama pairs dimension i with i + D/2 (not adjacent pairs)."""
+  head_dim, theta, pos = 8, 10_000.0, 5
+  x = np.arange(1, head_dim + 1, dtype=np.float64)
+  inv_freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)
+  angle = np.concatenate([pos * inv_freq, pos * inv_freq])
+  rotated = np.concatenate([-x[head_dim // 2:], x[:head_dim // 2]])
+  expected = x * np.cos(angle) + rotated * np.sin(angle)
+  got = rope(jnp.asarray(x, jnp.float32)[None, None, None], jnp.array([[pos]]), theta)
+  np.testing.assert_allclose(got[0, 0, 0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('tie,qk_norm', [(True, False), (False, True)])
+def test_param_count_matches_initialised_model(tie, qk_norm):
+  config = small_model_config(tie_embeddings=tie, qk_norm=qk_norm)
+  _, params = init(config)
+  assert sum(x.size for x in jax.tree.leaves(params)) == param_count(config)
+
+
+def test_flop_count_matches_hand_count():
+  # tiny: V=4096, layers=4, D=256, H=4, K=2, hd=64, F=704, L=128.
+  config = tiny.get_config().model
+  q_k_v_o = 256 * 64 * 4 + 2 * 256 * 64 * 2 + 64 * 4 * 256   # 65536 + 65536 + 65536
+  mlp = 3 * 256 * 704                                       # 540672
+  attention = 2 * (2 * 4 * 64 * 128) // 2                    # QK^T and PV, causal half
+  per_layer = 2 * q_k_v_o + 2 * mlp + attention              # 393216 + 1081344 + 65536
+  logits = 2 * 256 * 4096
+  assert forward_flops_per_token(config, 128) == 4 * per_layer + logits == 8_257_536
+  assert train_flops_per_token(config, 128) == 3 * 8_257_536
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_attention_out'])
+def test_remat_policies_give_the_same_gradients(policy):
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+
+  def grads(config):
+    model = Decoder(config)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
+    return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2)))(params)
+
+  reference = grads(small_model_config())
+  rematerialised = grads(small_model_config(remat_policy=policy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               reference, rematerialised)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model, params = init(small_model_config(compute_dtype='bfloat16'))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits = model.apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
+  assert logits.dtype == jnp.float32
+  reference = init(small_model_config())[0].apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
+  np.testing.assert_allclose(logits, reference, atol=0.05)
