@@ -53,8 +53,7 @@ def validate(config, num_devices, process_count=1):
   _check(m.head_dim or m.embed_dim % m.num_heads == 0,
          f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '
          '(set model.head_dim explicitly)')
-  _check(0 <= o.warmup_steps <= t.steps,
-         f'optimizer.warmup_steps={o.warmup_steps} must be between 0 and train.steps={t.steps}')
+  _check(o.warmup_steps >= 0, f'optimizer.warmup_steps={o.warmup_steps} must be >= 0')
   _check(0 < o.decay_fraction <= 1, f'optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]')
 
   try:

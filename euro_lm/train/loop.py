@@ -133,8 +133,18 @@ def train(config, workdir):
     bar.set_postfix_str(format_scalars(metrics, ('loss', 'grad_norm', 'tokens_per_second')))
     last_metrics = metrics
 
+  def run_eval(step, state):
+    results = evaluate(eval_step, state.params, data.valid, mesh, rules)
+    writer.write(step, results)
+    bar.write(f'step {step} validation loss: ' + ' '.join(
+        f'{k.split("/")[1]}={v:.3f}' for k, v in results.items()
+        if k.endswith('/loss') and k != 'valid/loss') + f' | mean={results["valid/loss"]:.3f}')
+    return results
+
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      if t.eval_every and start_step == 0:
+        run_eval(0, state)  # the untrained baseline: about log(vocab_size) per language
       batch = global_batch(next(train_iterator), mesh, rules)
       compile_start = time.perf_counter()
       train_step = train_step.lower(state, batch).compile()
@@ -155,11 +165,7 @@ def train(config, workdir):
           report(*pending)
           pending = None
         if do_eval:
-          last_eval = evaluate(eval_step, state.params, data.valid, mesh, rules)
-          writer.write(step, last_eval)
-          bar.write(f'step {step} validation loss: ' + ' '.join(
-              f'{k.split("/")[1]}={v:.3f}' for k, v in last_eval.items()
-              if k.endswith('/loss') and k != 'valid/loss') + f' | mean={last_eval["valid/loss"]:.3f}')
+          last_eval = run_eval(step, state)
         if do_save:
           checkpointer.save(step, state, train_iterator, config)
   finally:

@@ -5,11 +5,16 @@ import optax
 
 
 def learning_rate_schedule(optimizer_config, total_steps):
-  """Linear warmup, then cosine decay, warmup-stable-decay (WSD), or constant."""
+  """Linear warmup, then cosine decay, warmup-stable-decay (WSD), or constant.
+
+  A warmup longer than the run is cut to the run (short debugging runs keep the preset's
+  warmup_steps).
+  """
   o = optimizer_config
   peak, floor = o.learning_rate, o.learning_rate * o.min_lr_ratio
-  warmup = optax.linear_schedule(0.0, peak, max(o.warmup_steps, 1))
-  after = total_steps - o.warmup_steps
+  warmup_steps = min(o.warmup_steps, total_steps)
+  warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+  after = total_steps - warmup_steps
   if o.schedule == 'cosine':
     main = optax.cosine_decay_schedule(peak, max(after, 1), alpha=o.min_lr_ratio)
   elif o.schedule == 'wsd':
@@ -21,7 +26,7 @@ def learning_rate_schedule(optimizer_config, total_steps):
     main = optax.constant_schedule(peak)
   else:
     raise ValueError(f'optimizer.schedule={o.schedule!r} is unknown')
-  return optax.join_schedules([warmup, main], [o.warmup_steps])
+  return optax.join_schedules([warmup, main], [warmup_steps])
 
 
 def decay_mask(params, decay_embeddings):

@@ -1,0 +1,146 @@
+"""`python -m euro_lm.bench --config=configs/llama_125m.py [--config.a.b=v ...]`
+
+Times the real sharded train step on synthetic tokens (no data pipeline in the way) and
+prints one table: compile time, step time, tokens/s, model TFLOP/s per device, MFU and
+the compiled step's peak memory. On a CPU, MFU is against the measured rate of a large
+float32 XLA matmul on the same machine; on GPUs/TPUs against the 16-bit datasheet peak
+(`hardware.peak_flops_per_device` overrides). `--compile_layers=4,32` adds a compile-time
+sweep over depth (scan over layers keeps it flat).
+"""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import linen as nn
+from ml_collections import config_flags
+
+from euro_lm.config import validate
+from euro_lm.metrics import peak_flops_per_device
+from euro_lm.model import Decoder, param_count, train_flops_per_token
+from euro_lm.sharding import global_batch, logical_rules, make_mesh
+from euro_lm.train.optimizer import make_optimizer
+from euro_lm.train.state import create_train_state
+from euro_lm.train.step import make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
+_COMPILE_LAYERS = flags.DEFINE_list('compile_layers', [], 'Also time compilation at these depths.')
+
+
+def measured_matmul_flops(n=2048, repeats=10):
+  """FLOP/s of an n x n float32 matmul through XLA on the default device (best of N)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def synthetic_batch(config, seed=0):
+  t, vocab = config.train, config.model.vocab_size
+  rng = np.random.default_rng(seed)
+  local = t.global_batch_size // jax.process_count()
+  tokens = rng.integers(0, vocab, (local, t.seq_len + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((local, t.seq_len), np.int32),
+          'positions': np.broadcast_to(np.arange(t.seq_len, dtype=np.int32),
+                                       (local, t.seq_len)).copy()}
+
+
+def compile_train_step(config):
+  """Returns (compiled step, state, batch, mesh, rules, compile seconds)."""
+  validate(config, jax.device_count(), jax.process_count())
+  mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
+  model = Decoder(config.model)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+  state, shardings = create_train_state(model, tx, config.train.seq_len, jax.random.key(0),
+                                        mesh, rules)
+  step = make_train_step(model, tx, schedule, config.train, config.optimizer.z_loss, mesh,
+                         shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch = global_batch(synthetic_batch(config), mesh, rules)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+  return compiled, state, batch, mesh, rules, seconds
+
+
+def peak_memory_bytes(compiled):
+  """Peak device memory of the compiled step: arguments + outputs + temporaries - aliased."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+def benchmark(config, steps):
+  compiled, state, batch, mesh, rules, compile_seconds = compile_train_step(config)
+  times = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for i in range(steps + 2):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      if i >= 2:
+        times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  tokens_per_second = config.train.global_batch_size * config.train.seq_len / step_time
+  flops_per_second = train_flops_per_token(config.model, config.train.seq_len) * tokens_per_second
+  device = jax.devices()[0]
+  if device.platform == 'cpu' and not config.hardware.peak_flops_per_device:
+    peak, peak_source = measured_matmul_flops() / jax.device_count(), 'measured f32 matmul'
+  else:
+    peak, peak_source = peak_flops_per_device(config, device), 'datasheet'
+  per_device = flops_per_second / jax.device_count()
+  return {
+      'device': f'{jax.device_count()}x {device.device_kind}',
+      'params': param_count(config.model),
+      'tokens_per_step': config.train.global_batch_size * config.train.seq_len,
+      'compile_s': compile_seconds,
+      'step_s': step_time,
+      'tokens_per_s': tokens_per_second,
+      'tflops_per_device': per_device / 1e12,
+      'mfu': per_device / peak if peak else None,
+      'peak': f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown',
+      'peak_memory_gib': (peak_memory_bytes(compiled) or 0) / 2 ** 30,
+      'loss': float(metrics['loss']),
+  }
+
+
+def format_row(r):
+  mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+  return (f'| {r["device"]} | {r["params"] / 1e6:.0f}M | {r["tokens_per_step"]} | '
+          f'{r["compile_s"]:.1f} | {1e3 * r["step_s"]:.1f} | {r["tokens_per_s"]:,.0f} | '
+          f'{r["tflops_per_device"]:.3g} | {mfu} | {r["peak"]} | {r["peak_memory_gib"]:.2f} |')
+
+
+HEADER = ('| device | params | tokens/step | compile s | step ms | tokens/s | TFLOP/s/device '
+          '| MFU | peak | peak mem GiB |\n|---|---|---|---|---|---|---|---|---|---|')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  result = benchmark(config, _STEPS.value)
+  print(HEADER)
+  print(format_row(result))
+  if _COMPILE_LAYERS.value:
+    print('\n| layers | compile s |\n|---|---|')
+    for layers in map(int, _COMPILE_LAYERS.value):
+      swept = config.copy_and_resolve_references()
+      swept.model.num_layers = layers
+      print(f'| {layers} | {compile_train_step(swept)[-1]:.2f} |')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train-step benchmarks on one GPU: the 1B preset at 4k context in a few variants, plus
+# 125M. Usage: bash launch/bench_gpu.sh [OUTDIR]   (prints markdown tables; ~5 min on H100)
+set -uo pipefail
+out=${1:-bench_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+run() {  # name, then bench arguments
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout 240 python3 -m euro_lm.bench "$@" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$name.txt" | tail -4
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+# Correctness first: cuDNN attention (packed segments, GQA) against the XLA reference.
+python3 - <<'PY'
+import jax, jax.numpy as jnp, numpy as np
+from euro_lm.model.attention import attention
+ks = jax.random.split(jax.random.key(0), 4)
+q = jax.random.normal(ks[0], (2, 1024, 16, 128), jnp.bfloat16)
+k, v = (jax.random.normal(x, (2, 1024, 4, 128), jnp.bfloat16) for x in ks[1:3])
+seg = jnp.concatenate([jnp.ones((2, 300), jnp.int32), jnp.full((2, 724), 2, jnp.int32)], 1)
+def f(impl):
+  fn = lambda q, k, v: (attention(q, k, v, segment_ids_BL=seg, impl=impl).astype(jnp.float32) * v.mean()).sum()
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
+(lx, gx), (lc, gc) = f('xla'), f('cudnn')
+rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+print('cudnn vs xla: loss rel err', abs(float(lc - lx)) / abs(float(lx)), 'grad rel err', [round(rel(a, b), 5) for a, b in zip(gc, gx)])
+PY
+b=--config.train.global_batch_size
+run 1b_cudnn_noremat --config=configs/llama_1b.py:gpu --config.model.remat_policy=none $b=4 --steps=8
+run 1b_cudnn_dots --config=configs/llama_1b.py:gpu $b=8 --steps=8
+run 1b_xla_noremat --config=configs/llama_1b.py:gpu --config.model.attention_impl=xla --config.model.remat_policy=none $b=4 --steps=8
+run 125m_cudnn --config=configs/llama_125m.py:bf16 --config.model.attention_impl=cudnn $b=16 --steps=10 --compile_layers=4,32

@@ -1,0 +1,113 @@
+"""The training loop end to end on the embedded corpus: outputs, falling loss, resume."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from euro_lm.train.loop import TrainingError, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fast_tiny(**train_overrides):
+  c = tiny.get_config()
+  c.model.num_layers = 2
+  c.train.update(steps=40, log_every=10, eval_every=20, eval_batches=1, checkpoint_every=20)
+  c.train.update(train_overrides)
+  c.optimizer.warmup_steps = 5
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  config = fast_tiny()
+  train(config, workdir)
+  return config, workdir
+
+
+def test_run_writes_metrics_checkpoints_tensorboard_and_config(tiny_run):
+  config, workdir = tiny_run
+  records = read_metrics(workdir)
+  train_records = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train_records] == [10, 20, 30, 40]
+  for record in train_records:
+    assert {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_second'} <= record.keys()
+    assert record['tokens_per_second'] > 0
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+  assert glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+  assert os.path.exists(os.path.join(workdir, 'tokenizer.model'))
+
+
+def test_loss_falls_on_the_embedded_corpus(tiny_run):
+  config, workdir = tiny_run
+  records = read_metrics(workdir)
+  uniform = math.log(config.model.vocab_size)  # loss of a model that knows nothing
+  train_losses = [r['loss'] for r in records if 'loss' in r]
+  evals = [r for r in records if 'valid/loss' in r]
+  assert [r['step'] for r in evals] == [0, 20, 40]
+  assert train_losses[0] < uniform + 0.5 and train_losses[-1] < uniform - 0.5
+  assert abs(evals[0]['valid/loss'] - uniform) < 0.1  # untrained: about uniform
+  assert evals[2]['valid/loss'] < evals[1]['valid/loss'] < uniform - 0.5
+  languages = {k.split('/')[1] for k in evals[2] if k.count('/') == 2}
+  assert {'deu_Latn', 'fra_Latn', 'pol_Latn', 'ell_Grek', 'bul_Cyrl', 'gle_Latn'} <= languages
+  for language in languages:
+    assert evals[2][f'valid/{language}/loss'] < evals[0][f'valid/{language}/loss'] - 0.5
+    assert 0 < evals[2][f'valid/{language}/bpb'] < 10
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path):
+  """10 steps, then the same command extended to 20 == 20 steps straight, bit for bit."""
+  tokenizer = os.path.join(tiny_run[1], 'tokenizer.model')
+
+  def config(steps):
+    c = fast_tiny(steps=steps, log_every=1, eval_every=0, checkpoint_every=10)
+    c.data.tokenizer_path = tokenizer
+    c.optimizer.schedule = 'constant'  # so the learning rate does not depend on train.steps
+    return c
+
+  train(config(20), str(tmp_path / 'straight'))
+  train(config(10), str(tmp_path / 'resumed'))
+  train(config(20), str(tmp_path / 'resumed'))
+  straight = {r['step']: r['loss'] for r in read_metrics(tmp_path / 'straight') if 'loss' in r}
+  resumed = {r['step']: r['loss'] for r in read_metrics(tmp_path / 'resumed') if 'loss' in r}
+  assert sorted(resumed) == list(range(1, 21))
+  assert resumed == straight
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):
+  c = fast_tiny(steps=5, eval_every=0, checkpoint_every=0)
+  c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
+  c.optimizer.learning_rate = float('nan')  # step 1's update makes every parameter NaN
+  c.optimizer.warmup_steps = 0
+  with pytest.raises(TrainingError, match=r'loss is nan at step 2; stopping'):
+    train(c, str(tmp_path))
+  assert not os.listdir(tmp_path / 'checkpoints')
+
+
+def test_readme_command_line(tiny_run, tmp_path):
+  """The command-line contract: --config, --workdir and --config.a.b=v overrides."""
+  tokenizer = os.path.join(tiny_run[1], 'tokenizer.model')
+  result = subprocess.run(
+      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.train.steps=4', '--config.train.log_every=2',
+       '--config.model.num_layers=1', '--config.train.eval_every=0',
+       f'--config.data.tokenizer_path={tokenizer}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [r['step'] for r in read_metrics(tmp_path) if 'loss' in r] == [2, 4]
+  assert 'done: step 4' in result.stdout
