@@ -1,4 +1,4 @@
-"""~125M-parameter Llama-style model (GPT-3 Small shape, GQA). Variants: `:bf16`."""
+"""~124M-parameter Llama-style model (GPT-3 Small shape: 12 x 768, 12 heads). Variants: `:bf16`."""
 
 from configs import base
 
@@ -9,9 +9,9 @@ def get_config(arg=None):
   c.model.num_layers = 12
   c.model.embed_dim = 768
   c.model.num_heads = 12
-  c.model.num_kv_heads = 4
+  c.model.num_kv_heads = 12
   c.model.head_dim = 64
-  c.model.mlp_dim = 2048
+  c.model.mlp_dim = 2560
   c.train.global_batch_size = 256
   c.train.seq_len = 2048
   c.optimizer.learning_rate = 6e-4
