@@ -26,7 +26,6 @@ def get_config(arg=None):
   m.compute_dtype = 'float32'      # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'         # xla (reference) | cudnn (jax.nn.dot_product_attention)
   m.remat_policy = 'none'          # none | full | dots | dots_no_batch | save_attention_out
-  m.scan_layers = True             # nn.scan over layers: compile time independent of depth
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000                   # optimizer steps

@@ -57,7 +57,7 @@ def synthetic_batch(config, seed=0):
 
 def compile_train_step(config):
   """Returns (compiled step, state, batch, mesh, rules, compile seconds)."""
-  validate(config, jax.device_count(), jax.process_count())
+  validate(config, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
   mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)

@@ -9,7 +9,6 @@ and renames it when complete, so an interrupted save is never taken for a checkp
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -36,12 +35,12 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config.to_dict())), force=True)
 
-  def restore(self, step, state_like, data_iterator):
-    """Restores onto the shardings of `state_like` (arrays or ShapeDtypeStructs), and
-    moves `data_iterator` to the saved position."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+  def restore(self, step, abstract_state, data_iterator):
+    """Restores the state onto the shapes and shardings of `abstract_state` (a pytree of
+    ShapeDtypeStructs, so the mesh may differ from the saving run's) and moves
+    `data_iterator` to the saved position."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
+        state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored['state']
 

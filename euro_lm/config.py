@@ -2,13 +2,11 @@
 
 import math
 
-import jax.numpy as jnp
-
 from euro_lm.errors import ConfigError
 from euro_lm.model.attention import IMPLS
 from euro_lm.model.decoder import REMAT_POLICIES
 from euro_lm.model.layers import head_dim
-from euro_lm.sharding import MESH_AXES, MeshError, mesh_shape
+from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rules, mesh_shape
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd', 'constant')
@@ -26,8 +24,10 @@ def _one_of(config, path, allowed):
   _check(value in allowed, f'{path}={value!r} is not one of {", ".join(map(repr, allowed))}')
 
 
-def validate(config, num_devices, process_count=1):
-  """Raises ConfigError for a config that cannot run on `num_devices` devices.
+def validate(config, num_devices, process_count=1, platform=None):
+  """Raises ConfigError for a config that cannot run on `num_devices` devices of
+  `platform` ('cpu', 'gpu', 'tpu'; None skips the platform checks) in `process_count`
+  processes.
 
   Returns the resolved mesh degrees `{'data': .., 'fsdp': .., 'tensor': ..}` (ICI times
   DCN), so callers see what -1 became.
@@ -53,7 +53,18 @@ def validate(config, num_devices, process_count=1):
   _check(m.head_dim or m.embed_dim % m.num_heads == 0,
          f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '
          '(set model.head_dim explicitly)')
-  _check(o.warmup_steps >= 0, f'optimizer.warmup_steps={o.warmup_steps} must be >= 0')
+  for path in ('optimizer.warmup_steps', 'train.eval_every', 'train.eval_batches',
+               'train.checkpoint_every'):
+    section, field = path.split('.')
+    _check(config[section][field] >= 0, f'{path}={config[section][field]} must be >= 0')
+  _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
+  if m.attention_impl == 'cudnn':
+    _check(m.compute_dtype in ('bfloat16', 'float16'),
+           f"model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
+           f'not {m.compute_dtype!r}')
+    _check(platform in (None, 'gpu', 'cuda'),
+           f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run "
+           "(use 'xla')")
   _check(0 < o.decay_fraction <= 1, f'optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]')
 
   try:
@@ -70,24 +81,23 @@ def validate(config, num_devices, process_count=1):
            f'(mesh.tensor={config.mesh.tensor} x mesh.dcn_tensor={config.mesh.dcn_tensor})')
   _check(m.embed_dim % degrees['fsdp'] == 0,
          f'model.embed_dim={m.embed_dim} is not divisible by the fsdp degree {degrees["fsdp"]}')
-  batch_ways = degrees['data'] * degrees['fsdp']
+  batch_axes = batch_mesh_axes(logical_rules(config.mesh))
+  batch_ways = math.prod(degrees[a] for a in batch_axes)
+  describe_batch_ways = ' x '.join(f'{a}={degrees[a]}' for a in batch_axes) or 'unsplit'
   micro_batch, remainder = divmod(t.global_batch_size, t.grad_accum_steps)
   _check(remainder == 0, f'train.global_batch_size={t.global_batch_size} is not divisible by '
                          f'train.grad_accum_steps={t.grad_accum_steps}')
   _check(micro_batch % batch_ways == 0,
          f'train.global_batch_size={t.global_batch_size} / train.grad_accum_steps='
          f'{t.grad_accum_steps} = {micro_batch} is not divisible by the data-parallel size '
-         f'{batch_ways} (data={degrees["data"]} x fsdp={degrees["fsdp"]})')
-  _check(t.global_batch_size % process_count == 0,
-         f'train.global_batch_size={t.global_batch_size} is not divisible by the '
-         f'{process_count} processes')
+         f'{batch_ways} ({describe_batch_ways})')
+  # Each process loads its own rows, so processes must not share a batch shard.
+  _check(batch_ways % process_count == 0,
+         f'the batch is split {batch_ways} ways ({describe_batch_ways}), which does not give '
+         f'each of the {process_count} processes its own rows; raise mesh.data/mesh.fsdp '
+         '(or their dcn_ degrees) instead of tensor parallelism across processes')
+  dcn_size = math.prod(dcn)
+  _check(platform in (None, 'tpu') or dcn_size in (1, process_count),
+         f'mesh.dcn_* multiply to {dcn_size} but there are {process_count} processes; on GPUs '
+         'each process (node) is one DCN granule')
   return degrees
-
-
-def compute_dtype(config):
-  return jnp.dtype(config.model.compute_dtype)
-
-
-def describe_mesh(degrees):
-  return ' x '.join(f'{axis}={size}' for axis, size in degrees.items()) + \
-      f' ({math.prod(degrees.values())} devices)'

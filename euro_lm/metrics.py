@@ -10,6 +10,7 @@ import tqdm
 # Matched in order against `jax.Device.device_kind`; more specific names first.
 PEAK_FLOPS_16BIT = (
     ('H100 PCIe', 756e12),
+    ('H100 NVL', 835e12),
     ('H100', 989e12),
     ('H200', 989e12),
     ('GH200', 989e12),
@@ -17,8 +18,8 @@ PEAK_FLOPS_16BIT = (
     ('MI300X', 1307e12),
     ('MI250X', 191.5e12),  # per GCD (LUMI-G exposes each GCD as one device)
     ('TPU v6', 918e12),
-    ('TPU v5p', 459e12),
-    ('TPU v5', 197e12),   # v5e reports 'TPU v5 lite'
+    ('TPU v5 lite', 197e12),  # v5e
+    ('TPU v5', 459e12),       # v5p reports plain 'TPU v5'
     ('TPU v4', 275e12),
 )
 

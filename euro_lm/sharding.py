@@ -84,11 +84,12 @@ def batch_sharding(mesh, rules):
   return logical_sharding(('batch', 'length'), mesh, rules)
 
 
-def data_parallel_size(mesh, rules):
-  """How many ways the batch dimension is split."""
-  spec = batch_sharding(mesh, rules).spec[0]
-  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-  return math.prod(mesh.shape[a] for a in axes)
+def batch_mesh_axes(rules):
+  """The mesh axes the 'batch' logical axis is split over."""
+  for name, axes in rules:
+    if name == 'batch':
+      return axes if isinstance(axes, tuple) else (axes,) if axes else ()
+  return ()
 
 
 def replicated(mesh):
@@ -99,5 +100,8 @@ def global_batch(local_batch, mesh, rules):
   """Assembles each process's part of the batch into global arrays sharded over the batch
   axes. Every process must pass arrays of the same per-process shape."""
   sharding = batch_sharding(mesh, rules)
-  return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for name, value in local_batch.items()}
+  def assemble(local):
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+  return {name: assemble(value) for name, value in local_batch.items()}

@@ -57,6 +57,8 @@ def test_a_valid_config_resolves_the_mesh():
     ({'mesh.data': -1, 'mesh.fsdp': -1}, 'only one of data/fsdp/tensor may be -1'),
     ({'train.steps': 0}, 'train.steps=0 must be positive'),
     ({'optimizer.warmup_steps': -1}, 'optimizer.warmup_steps=-1 must be >= 0'),
+    ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
+    ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.compute_dtype"),
 ])
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()
@@ -65,6 +67,21 @@ def test_impossible_settings_name_the_field(overrides, message):
     c[section][field] = value
   with pytest.raises(ConfigError, match=message):
     validate(c, num_devices=8)
+
+
+def test_platform_and_process_checks():
+  c = tiny.get_config()
+  c.model.attention_impl, c.model.compute_dtype = 'cudnn', 'bfloat16'
+  validate(c, num_devices=8, platform='gpu')
+  with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU; this is a cpu run"):
+    validate(c, num_devices=8, platform='cpu')
+  c = tiny.get_config()
+  c.mesh.data, c.mesh.tensor = 4, 2  # 4 batch shards cannot feed 8 processes
+  with pytest.raises(ConfigError, match='split 4 ways .* each of the 8 processes its own rows'):
+    validate(c, num_devices=8, process_count=8)
+  c.mesh.data, c.mesh.tensor, c.mesh.dcn_data = 4, 1, 2  # 2 nodes x 4 GPUs, 8 processes
+  with pytest.raises(ConfigError, match='mesh.dcn_\\* multiply to 2 but there are 8 processes'):
+    validate(c, num_devices=8, process_count=8, platform='gpu')
 
 
 def run_cli(*args, cwd=REPO):

@@ -116,6 +116,10 @@ def test_remat_policies_give_the_same_gradients(policy):
 
   reference = grads(small_model_config())
   rematerialised = grads(small_model_config(remat_policy=policy))
+  model = Decoder(small_model_config(remat_policy=policy))
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply({'params': p}, tokens).sum()))(params))
+  assert 'remat' in jaxpr or 'checkpoint' in jaxpr  # the policy is really applied
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                reference, rematerialised)
 
@@ -123,6 +127,9 @@ def test_remat_policies_give_the_same_gradients(policy):
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model, params = init(small_model_config(compute_dtype='bfloat16'))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  jaxpr = str(jax.make_jaxpr(Decoder(small_model_config(compute_dtype='bfloat16')).apply)(
+      {'params': params}, jnp.zeros((1, 16), jnp.int32)))
+  assert 'bf16[1,16,4,8]' in jaxpr  # queries are computed in bfloat16
   logits = model.apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
   assert logits.dtype == jnp.float32
   reference = init(small_model_config())[0].apply({'params': params}, jnp.zeros((1, 16), jnp.int32))

@@ -18,8 +18,10 @@ def forward_flops_per_token(model_config, seq_len):
   """Forward matmul + attention FLOPs per token (2 per multiply-add).
 
   Counts every projection (q, k, v, o, gate, up, down, output logits) and the two
-  attention matmuls (QK^T and PV) with causal masking halving them. Embedding lookups,
-  norms, RoPE and softmax are not matmuls and are left out, as in PaLM's MFU.
+  attention matmuls (QK^T and PV), halved for the causal mask (the FlashAttention and
+  MaxText convention; PaLM and TorchTitan count attention in full, which gives a higher
+  MFU for the same run). Embedding lookups, norms, RoPE and softmax are not matmuls and
+  are left out.
   """
   c = model_config
   hd = head_dim(c)

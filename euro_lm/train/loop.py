@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+import tqdm
 from flax import linen as nn
 
 from euro_lm import data as data_lib
@@ -17,7 +18,7 @@ from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device,
 from euro_lm.model import Decoder, train_flops_per_token
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
-from euro_lm.train.state import create_train_state
+from euro_lm.train.state import abstract_train_state, create_train_state
 from euro_lm.train.step import make_eval_step, make_train_step
 
 
@@ -30,7 +31,7 @@ def prepare_workdir(workdir):
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}_{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
@@ -75,9 +76,9 @@ def train(config, workdir):
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  degrees = validate(config, jax.device_count(), process_count)
+  degrees = validate(config, jax.device_count(), process_count, jax.devices()[0].platform)
   workdir = prepare_workdir(workdir)
-  log = print if is_chief else (lambda *a, **k: None)
+  log = tqdm.tqdm.write if is_chief else (lambda *a, **k: None)  # prints around the bar
 
   mesh = make_mesh(config.mesh)
   rules = logical_rules(config.mesh)
@@ -87,16 +88,18 @@ def train(config, workdir):
                             process_count=process_count)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, t.steps)
-  state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh, rules)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               save_every=t.checkpoint_every, keep=t.keep_checkpoints)
   train_iterator = iter(data.train)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state = checkpointer.restore(start_step, state, train_iterator)
+    abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
+    state = checkpointer.restore(start_step, abstract_state, train_iterator)
     log(f'resumed from step {start_step} in {checkpointer.directory}')
+  else:
+    state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh,
+                                          rules)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
   if is_chief:
     _write_config(workdir, config)
   log(f'model: {num_params / 1e6:.1f}M parameters; {len(data.languages)} languages; '
@@ -114,10 +117,13 @@ def train(config, workdir):
     """Reads a finished step's metrics (the next step is already dispatched)."""
     nonlocal last_metrics, window_start, window_step
     metrics = {k: float(v) for k, v in jax.device_get(metrics_future).items()}
-    if not math.isfinite(metrics['loss']):
+    # A finite loss, gradient norm and learning rate mean the step's update is finite too,
+    # so the state that is saved next is never poisoned.
+    bad = [f'{k} is {v}' for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
       saved = checkpointer.latest_step()
       raise TrainingError(
-          f'loss is {metrics["loss"]} at step {step}; stopping. The newest checkpoint is '
+          f'{", ".join(bad)} at step {step}; stopping. The newest checkpoint is '
           + (f'step {saved} in {checkpointer.directory}' if saved else 'none (no checkpoint yet)'))
     bar.update(1)
     if step % t.log_every and step != t.steps:
@@ -136,7 +142,7 @@ def train(config, workdir):
   def run_eval(step, state):
     results = evaluate(eval_step, state.params, data.valid, mesh, rules)
     writer.write(step, results)
-    bar.write(f'step {step} validation loss: ' + ' '.join(
+    log(f'step {step} validation loss: ' + ' '.join(
         f'{k.split("/")[1]}={v:.3f}' for k, v in results.items()
         if k.endswith('/loss') and k != 'valid/loss') + f' | mean={results["valid/loss"]:.3f}')
     return results
@@ -168,6 +174,8 @@ def train(config, workdir):
           last_eval = run_eval(step, state)
         if do_save:
           checkpointer.save(step, state, train_iterator, config)
+        if do_eval or do_save:  # keep evaluation and saving out of the throughput window
+          window_start, window_step = time.perf_counter(), step
   finally:
     bar.close()
     checkpointer.close()

@@ -18,7 +18,7 @@ def learning_rate_schedule(optimizer_config, total_steps):
   if o.schedule == 'cosine':
     main = optax.cosine_decay_schedule(peak, max(after, 1), alpha=o.min_lr_ratio)
   elif o.schedule == 'wsd':
-    decay_steps = max(int(round(total_steps * o.decay_fraction)), 1)
+    decay_steps = min(max(int(round(total_steps * o.decay_fraction)), 1), max(after, 1))
     main = optax.join_schedules(
         [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay_steps)],
         [max(after - decay_steps, 0)])
@@ -43,9 +43,15 @@ def decay_mask(params, decay_embeddings):
 
 
 def make_optimizer(optimizer_config, total_steps):
-  """Returns `(optax transformation, schedule)`."""
+  """Returns `(optax transformation, schedule)`.
+
+  The schedule is indexed by optimizer updates done so far; the k-th update (1-based)
+  uses `learning_rate_schedule(k)`, so the first update is not wasted at lr 0 and the last
+  one lands on the final learning rate.
+  """
   o = optimizer_config
-  schedule = learning_rate_schedule(o, total_steps)
+  full = learning_rate_schedule(o, total_steps)
+  schedule = lambda count: full(count + 1)
   parts = []
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))

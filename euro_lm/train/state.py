@@ -32,6 +32,19 @@ def state_shardings(model, tx, seq_len, mesh, rules):
   return nn.logical_to_mesh_sharding(state_logical_specs(model, tx, seq_len), mesh, rules)
 
 
+def abstract_train_state(model, tx, seq_len, mesh, rules):
+  """ShapeDtypeStructs with shardings: what a checkpoint restores onto, with no memory used.
+
+  Returns `(abstract_state, shardings)`.
+  """
+  shardings = state_shardings(model, tx, seq_len, mesh, rules)
+  shapes = jax.eval_shape(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)),
+                          jax.random.key(0))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
 def create_train_state(model, tx, seq_len, rng, mesh, rules):
   """Initialises the state with every array born on its shards (never whole on a host).
 
