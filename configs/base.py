@@ -75,12 +75,17 @@ def get_config(arg=None):
   )
 
   c.data = d = ml_collections.ConfigDict()
-  d.corpus = 'embedded'            # embedded: Django's translation catalogs (~23 EU languages)
+  d.corpus = 'embedded'            # embedded (Django's catalogs, 36 languages) | prepared
+  d.prepared_dir = ''              # prepared: the output directory of euro_lm.prepare_data
   d.languages = ''                 # comma-separated language tags to use; '' means all available
   d.tokenizer_path = ''            # existing SentencePiece .model; '' trains one into the workdir
   d.tokenizer_type = 'bpe'         # bpe | unigram, when training a tokenizer
   d.valid_fraction = 0.1           # share of each language's documents held out for validation
-  d.seed = 0                       # shuffling seed
+  d.seed = 0                       # shuffling and mixture-sampling seed
+  d.mixture = 'natural'            # natural | temperature | unimax | explicit
+  d.mixture_weights = ''           # explicit: 'deu_Latn=2,fra_Latn=1' or staged '0:...;90000:...'
+  d.mixture_temperature = 3.0      # temperature: p ~ tokens^(1/T)
+  d.unimax_max_epochs = 4.0        # unimax: most passes over any language in train.steps
 
   c.distributed = x = ml_collections.ConfigDict()
   x.initialize = 'auto'            # auto (if a cluster env is detected) | always | never

@@ -10,7 +10,7 @@ from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rule
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd', 'constant')
-CORPORA = ('embedded',)
+CORPORA = ('embedded', 'prepared')
 
 
 def _check(ok, message):
@@ -38,6 +38,7 @@ def validate(config, num_devices, process_count=1, platform=None):
   _one_of(config, 'model.remat_policy', tuple(REMAT_POLICIES))
   _one_of(config, 'optimizer.schedule', SCHEDULES)
   _one_of(config, 'data.corpus', CORPORA)
+  _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit'))
   _one_of(config, 'distributed.initialize', ('auto', 'always', 'never'))
   _one_of(config, 'train.nonfinite_policy', ('stop',))
   for path in ('model.vocab_size', 'model.num_layers', 'model.embed_dim', 'model.num_heads',

@@ -478,110 +478,6 @@ def test_eval_batches_limit_and_process_split(docs_by_lang, tokenizer):
   np.testing.assert_array_equal(interleaved, rows)
 
 
-def test_train_documents_shards_cover_the_stream():
-  docs = [f'doc {i}' for i in range(10)]
-  stream = pipeline.train_documents(docs, seed=3)
-  first, second = list(stream[:10]), list(stream[10:20])
-  assert sorted(first) == sorted(second) == sorted(docs)
-  assert first != second  # Each epoch is shuffled anew.
-  assert list(pipeline.train_documents(docs, seed=3)[:20]) == first + second
-  assert list(pipeline.train_documents(docs, seed=4)[:10]) != first
-  shards = [
-      pipeline.train_documents(docs, seed=3, process_index=p, process_count=3)
-      for p in range(3)
-  ]
-  global_stream = list(stream[:30])
-  for p, shard in enumerate(shards):
-    assert list(shard[:10]) == global_stream[p::3]
-  # Over the first epoch, shards are disjoint and together every document.
-  epoch = [
-      list(shard[: len(range(p, 10, 3))]) for p, shard in enumerate(shards)
-  ]
-  assert sorted(sum(epoch, [])) == sorted(docs)
-
-
-def test_train_dataset_rows_and_sharding(tokenizer):
-  docs = [f'Document {i}: ' + 'Καλημέρα. ' * (i % 7) for i in range(20)]
-  dataset = pipeline.make_train_dataset(
-      docs, tokenizer, seq_len=48, batch_size=4, seed=0
-  )
-  batch = next(iter(dataset))
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      k: ((4, 48), np.int32) for k in pipeline.FEATURES
-  }
-  assert (batch['segment_ids'] > 0).all()  # An endless stream never pads.
-  _check_rows(*(batch[k] for k in pipeline.FEATURES))
-  # The first row is the start of the stream's first documents.
-  stream = list(pipeline.train_documents(docs, seed=0)[:20])
-  inputs_stream, _ = _streams(tokenizer, stream)
-  np.testing.assert_array_equal(
-      batch['inputs'].reshape(-1), inputs_stream[: 4 * 48]
-  )
-  for p in range(2):
-    shard = pipeline.make_train_dataset(
-        docs,
-        tokenizer,
-        seq_len=48,
-        batch_size=2,
-        seed=0,
-        process_index=p,
-        process_count=2,
-    )
-    first_doc = [tokenizer.bos_id, *tokenizer.encode(stream[p])][:48]
-    np.testing.assert_array_equal(
-        next(iter(shard))['inputs'][0, : len(first_doc)], first_doc
-    )
-
-
-def _assert_batches_equal(got, want):
-  for k in pipeline.FEATURES:
-    np.testing.assert_array_equal(got[k], want[k])
-
-
-def _json_round_trip(state):
-  # grain's checkpoint handlers store iterator state as JSON.
-  return json.loads(json.dumps(state))
-
-
-def test_train_iterator_state_restores_exact_batches(docs_by_lang, tokenizer):
-  docs = [doc for docs in docs_by_lang.values() for doc in docs[:2]]
-  dataset = pipeline.make_train_dataset(
-      docs, tokenizer, seq_len=128, batch_size=3, seed=1
-  )
-  iterator = iter(dataset)
-  for _ in range(3):
-    next(iterator)
-  state = _json_round_trip(iterator.get_state())
-  expected = [next(iterator) for _ in range(2)]
-  restored = iter(dataset)
-  restored.set_state(state)
-  for want in expected:
-    _assert_batches_equal(next(restored), want)
-
-
-def test_train_iterator_state_at_document_boundaries(tokenizer):
-  # Tiny documents and rows, so many states fall between documents. Each
-  # restore restarts grain's prefetch threads (~0.3 s), so few steps.
-  docs = ['', 'a', 'ab', 'abc', 'b', '']
-  dataset = pipeline.make_train_dataset(
-      docs, tokenizer, seq_len=4, batch_size=1, seed=0
-  )
-  iterator = iter(dataset)
-  boundary_states = 0
-  for _ in range(12):
-    state = _json_round_trip(iterator.get_state())
-    boundary_states += all(
-        s == [-1, -1] for s in state['remainder_slices'].values()
-    )
-    restored = iter(dataset)
-    restored.set_state(state)
-    _assert_batches_equal(next(restored), next(iterator))
-  assert 3 <= boundary_states < 12
-
-
-# --- make_data ---------------------------------------------------------------
-
-
 def _base_config():
   spec = importlib.util.spec_from_file_location(
       'base_config', os.path.join(_REPO, 'configs', 'base.py')
@@ -641,3 +537,30 @@ def test_balanced_texts_caps_each_language():
       {'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6
   )
   assert texts == ['123456', 'xxxx', 'yy', 'z']
+
+
+@pytest.mark.parametrize('mixture_name,check', [
+    ('natural', lambda w, n: w == pytest.approx({k: v / sum(n.values()) for k, v in n.items()})),
+    ('temperature', lambda w, n: w['deu_Latn'] / w['eng_Latn'] == pytest.approx(
+        (n['deu_Latn'] / n['eng_Latn']) ** (1 / 3))),
+    ('unimax', lambda w, n: w == pytest.approx({k: 0.25 for k in n})),  # budget fits: uniform
+])
+def test_mixture_from_config(mixture_name, check):
+  config = _base_config()
+  config.data.mixture = mixture_name
+  counts = {'bul_Cyrl': 900, 'deu_Latn': 1000, 'ell_Grek': 1100, 'eng_Latn': 4000}
+  config.train.steps, config.train.global_batch_size, config.train.seq_len = 10, 4, 20
+  schedule = data.mixture_schedule(config, counts)
+  assert check(schedule.weights_at(0), counts)
+
+
+def test_staged_explicit_mixture_from_config():
+  config = _base_config()
+  config.data.mixture = 'explicit'
+  config.data.mixture_weights = '0:de=3,en=1;100:de=0,en=1'
+  schedule = data.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
+  assert schedule.weights_at(99) == {'deu_Latn': 0.75, 'eng_Latn': 0.25}
+  assert schedule.weights_at(100) == {'deu_Latn': 0.0, 'eng_Latn': 1.0}
+  config.data.mixture_weights = 'deu_Latn=1,gle_Latn=1'
+  with pytest.raises(ValueError, match='data.mixture_weights.*gle_Latn'):
+    data.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})

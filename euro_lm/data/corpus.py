@@ -74,7 +74,7 @@ def _parse_mo(data: bytes) -> dict[str, tuple[str, ...]]:
   return messages
 
 
-def _django_catalogs() -> dict[str, list[str]]:
+def django_catalogs() -> dict[str, list[str]]:
   """Language tag -> Django's .mo catalogs for it, in sorted path order."""
   try:
     import django  # pylint: disable=g-import-not-at-top
@@ -142,7 +142,7 @@ def load_embedded_corpus(doc_chars: int = 2000) -> dict[str, list[str]]:
   Raises:
     CorpusNotInstalledError: Django is not importable.
   """
-  paths_by_tag = _django_catalogs()
+  paths_by_tag = django_catalogs()
   catalogs = {
       path: read_mo(path) for paths in paths_by_tag.values() for path in paths
   }
@@ -163,6 +163,15 @@ def load_embedded_corpus(doc_chars: int = 2000) -> dict[str, list[str]]:
   }
 
 
+def holdout_every(valid_fraction: float) -> int:
+  """k such that every k-th document is held out for validation."""
+  if not 0 < valid_fraction <= 0.5:
+    raise ConfigError(
+        f'data.valid_fraction must be in (0, 0.5], got {valid_fraction}.'
+    )
+  return round(1 / valid_fraction)
+
+
 def split_train_valid(
     docs_by_lang: dict[str, list[str]], valid_fraction: float
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -175,11 +184,7 @@ def split_train_valid(
     ValueError: valid_fraction outside (0, 0.5], or a language with fewer
       than two documents.
   """
-  if not 0 < valid_fraction <= 0.5:
-    raise ConfigError(
-        f'data.valid_fraction must be in (0, 0.5], got {valid_fraction}.'
-    )
-  every = round(1 / valid_fraction)
+  every = holdout_every(valid_fraction)
   train, valid = {}, {}
   for tag, docs in docs_by_lang.items():
     if len(docs) < 2:

@@ -1,4 +1,7 @@
-"""Grain pipelines: documents -> tokens -> packed rows -> per-process batches.
+"""Validation batches: documents -> tokens -> packed rows -> per-process batches.
+
+Training rows come from euro_lm.data.streams; this module packs held-out text the same
+way, in one deterministic pass.
 
 Every batch is a dict of int32 arrays of shape [batch, seq_len]:
   inputs       token ids fed to the model;
@@ -33,36 +36,12 @@ def _check_process(process_index: int, process_count: int):
 def _tokenize_fn(tokenizer: Tokenizer):
   bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
-  def tokenize(doc: str) -> dict[str, np.ndarray]:
-    tokens = np.asarray([bos, *tokenizer.encode(doc), eos], np.int32)
+  def tokenize(doc) -> dict[str, np.ndarray]:
+    ids = tokenizer.encode(doc) if isinstance(doc, str) else doc  # text or token ids
+    tokens = np.asarray([bos, *ids, eos], np.int32)
     return {'inputs': tokens[:-1], 'targets': tokens[1:]}
 
   return tokenize
-
-
-class _JsonStateIterator(grain.DatasetIterator):
-  """Restores ConcatThenSplit state that went through JSON.
-
-  grain 0.2.18 tells "no remainder" by comparing the state's slices with the
-  tuple (-1, -1). JSON, which grain's checkpoint handlers write, turns them
-  into lists, and a state saved at a document boundary then restores wrong.
-  """
-
-  def __next__(self):
-    return next(self._parent)
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    slices = {k: tuple(v) for k, v in state['remainder_slices'].items()}
-    self._parent.set_state({**state, 'remainder_slices': slices})
-
-
-class _JsonState(grain.IterDataset):
-
-  def __iter__(self):
-    return _JsonStateIterator(self._parent.__iter__())
 
 
 def _pack(
@@ -71,10 +50,8 @@ def _pack(
   """Concatenates examples and splits them into rows of `seq_len` tokens."""
   # inputs and targets of an example have equal lengths, so both features
   # split at the same points and share segment ids and positions.
-  packed = _JsonState(
-      grain.experimental.ConcatThenSplitIterDataset(
-          examples, length_struct={'inputs': seq_len, 'targets': seq_len}
-      )
+  packed = grain.experimental.ConcatThenSplitIterDataset(
+      examples, length_struct={'inputs': seq_len, 'targets': seq_len}
   )
 
   def to_row(packed_row):
@@ -93,57 +70,6 @@ def _padding_id(tokenizer: Tokenizer) -> int:
   # Padding is masked by segment id 0, so any valid id works when a loaded
   # model has no pad piece.
   return max(tokenizer.pad_id, 0)
-
-
-def train_documents(
-    docs: Sequence[str],
-    *,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:
-  """This process's endless stream of training documents.
-
-  The global stream is the documents shuffled by `seed`, reshuffled every
-  epoch; process p takes its elements p, p + process_count, ... So shards are
-  disjoint, together cover every document, and the global order does not
-  depend on the number of processes.
-  """
-  _check_process(process_index, process_count)
-  if not docs:
-    raise ValueError('No training documents.')
-  # shuffle before repeat: grain reseeds the shuffle for each epoch.
-  stream = grain.MapDataset.source(docs).shuffle(seed=seed).repeat()
-  return stream[process_index::process_count]
-
-
-def make_train_dataset(
-    docs: Sequence[str],
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.IterDataset:
-  """Endless packed training batches of [batch_size, seq_len] for this process.
-
-  `batch_size` is per process. The iterator's `get_state()` / `set_state()`
-  restore the exact position in the stream.
-  """
-  examples = (
-      train_documents(
-          docs,
-          seed=seed,
-          process_index=process_index,
-          process_count=process_count,
-      )
-      .map(_tokenize_fn(tokenizer))
-      .to_iter_dataset()
-  )
-  rows = _pack(examples, seq_len, _padding_id(tokenizer))
-  return rows.batch(batch_size, drop_remainder=True)
 
 
 def make_eval_batches(

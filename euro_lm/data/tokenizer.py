@@ -1,32 +1,64 @@
 """A thin SentencePiece wrapper, and training a tokenizer from documents."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 import io
+import math
 import os
 import tempfile
 
 import numpy as np
 import sentencepiece as spm
 
-from euro_lm.errors import ConfigError, DataError
+from euro_lm.errors import ConfigError, DataError, UserError
 
 _SPACE_PIECE = '\u2581'  # SentencePiece's '▁', which decodes to a space.
 
+BACKENDS = ('sentencepiece', 'tf_text')
+SAMPLING = ('uniform', 'natural', 'temperature')
+
+
+class BackendNotInstalledError(UserError, RuntimeError):
+  """The package an encoding backend needs is not installed."""
+
 
 class Tokenizer:
-  """A SentencePiece model with bos and eos pieces."""
+  """A SentencePiece model with bos and eos pieces.
 
-  def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+  `backend` picks what encodes: 'sentencepiece' (the default) or 'tf_text'
+  (tensorflow-text's SentencepieceTokenizer on the same serialized model, for
+  input pipelines built on tf.data). Both give the same ids; decoding and the
+  piece tables always use SentencePiece.
+  """
+
+  def __init__(
+      self,
+      processor: spm.SentencePieceProcessor,
+      path: str,
+      backend: str = 'sentencepiece',
+  ):
+    if backend not in BACKENDS:
+      raise ConfigError(
+          f'Unknown tokenizer backend {backend!r}; use one of {BACKENDS}.'
+      )
     self._processor = processor
     self._path = path
+    self._backend = backend
     self._token_bytes = None
+    # None selects the SentencePiece path, which then costs one `is` check.
+    self._tf_tokenizer = (
+        _tf_text_tokenizer(processor.serialized_model_proto())
+        if backend == 'tf_text'
+        else None
+    )
 
   @classmethod
-  def from_file(cls, path: str) -> 'Tokenizer':
-    """Loads a SentencePiece `.model` file.
+  def from_file(cls, path: str, backend: str = 'sentencepiece') -> 'Tokenizer':
+    """Loads a SentencePiece `.model` file to encode with `backend`.
 
     Raises:
       DataError: no file at `path`, not a SentencePiece model, or no bos/eos.
+      ConfigError: an unknown backend.
+      BackendNotInstalledError: the backend's package is not installed.
     """
     if not os.path.isfile(path):
       raise DataError(f'No SentencePiece tokenizer model at {path}.')
@@ -40,7 +72,11 @@ class Tokenizer:
           f'The tokenizer {path} has no bos or eos piece; euro_lm marks'
           ' document boundaries with both.'
       )
-    return cls(processor, path)
+    return cls(processor, path, backend)
+
+  @property
+  def backend(self) -> str:
+    return self._backend
 
   @property
   def path(self) -> str:
@@ -64,10 +100,16 @@ class Tokenizer:
     return self._processor.pad_id()
 
   def encode(self, text: str) -> list[int]:
-    return self._processor.EncodeAsIds(text)
+    if self._tf_tokenizer is None:
+      return self._processor.EncodeAsIds(text)
+    return self._tf_tokenizer.tokenize(text).numpy().tolist()
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._processor.EncodeAsIds(list(texts))
+    if self._tf_tokenizer is None:
+      return self._processor.EncodeAsIds(list(texts))
+    if not texts:
+      return []  # TensorFlow reads an empty list as a float tensor.
+    return self._tf_tokenizer.tokenize(list(texts)).to_list()
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._processor.DecodeIds([int(i) for i in ids])
@@ -100,6 +142,69 @@ class Tokenizer:
     return counts
 
 
+def _tf_text_tokenizer(model: bytes):
+  """tensorflow-text's SentencepieceTokenizer for a serialized model."""
+  try:
+    # Imported only here: TensorFlow is a 2 GB extra that takes seconds to load.
+    import tensorflow_text  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise BackendNotInstalledError(
+        "The 'tf_text' tokenizer backend needs tensorflow-text, which is not"
+        f" installed ({e}): pip install 'euro_lm[tf]'"
+    ) from e
+  # Its defaults (no bos/eos, no sampling, int32 ids) match EncodeAsIds.
+  return tensorflow_text.SentencepieceTokenizer(model=model)
+
+
+def sampling_budgets(
+    chars_by_language: Mapping[str, int],
+    chars_per_language: int,
+    sampling: str = 'uniform',
+    temperature: float = 1.0,
+) -> dict[str, int]:
+  """Characters to sample from each language to train a tokenizer on.
+
+  The languages share `chars_per_language * len(chars_by_language)`
+  characters: 'uniform' gives each `chars_per_language`; 'natural' splits the
+  total in proportion to each language's size n; 'temperature' in proportion
+  to n ** (1 / temperature), which flattens the mix as temperature grows.
+  Shares round down, and a language never gives more than it has: what it
+  lacks is not handed to the others, so small languages are not drowned out.
+
+  Args:
+    chars_by_language: language -> characters available.
+    chars_per_language: the average budget per language.
+    sampling: one of SAMPLING.
+    temperature: used by 'temperature' only.
+
+  Returns:
+    language -> characters to sample, in the order of `chars_by_language`.
+
+  Raises:
+    ConfigError: a non-positive budget or temperature, an unknown sampling,
+      or no text at all.
+  """
+  if chars_per_language <= 0:
+    raise ConfigError(
+        f'chars_per_language must be positive, got {chars_per_language}.'
+    )
+  if sampling not in SAMPLING:
+    raise ConfigError(f'sampling={sampling!r} is not one of {SAMPLING}.')
+  if sampling == 'temperature' and not temperature > 0:
+    raise ConfigError(f'temperature must be positive, got {temperature}.')
+  if not any(chars_by_language.values()):
+    raise ConfigError('There is no text to sample a tokenizer corpus from.')
+  if sampling == 'uniform':
+    shares = {tag: chars_per_language for tag in chars_by_language}
+  else:
+    exponent = 1.0 if sampling == 'natural' else 1.0 / temperature
+    weights = {tag: n**exponent for tag, n in chars_by_language.items()}
+    total = chars_per_language * len(chars_by_language)
+    norm = sum(weights.values())
+    shares = {tag: math.floor(total * w / norm) for tag, w in weights.items()}
+  return {tag: min(shares[tag], n) for tag, n in chars_by_language.items()}
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     model_path: str,
@@ -111,6 +216,7 @@ def train_sentencepiece(
     character_coverage: float = 0.9995,
     seed_sentencepiece_size: int = 1_000_000,
     num_threads: int = 2,
+    vocab_size_name: str = 'model.vocab_size',
 ) -> Tokenizer:
   """Trains a SentencePiece model on `texts` and writes it to `model_path`.
 
@@ -120,8 +226,8 @@ def train_sentencepiece(
   The model is written atomically: a crash never leaves a partial file.
 
   Raises:
-    ValueError: `vocab_size` is too large for the texts, or too small for
-      their characters.
+    ConfigError: `vocab_size` is too large for the texts, or too small for
+      their characters; the message names it as `vocab_size_name`.
   """
   model = io.BytesIO()
   try:
@@ -150,10 +256,14 @@ def train_sentencepiece(
         minloglevel=2,
     )
   except RuntimeError as e:
-    if 'Vocabulary size' in str(e):
+    message = str(e)
+    if 'Vocabulary size' in message:
+      # Keep SentencePiece's advice ("set it to a value <= N"), not its
+      # source location.
+      advice = message[message.index('Vocabulary size') :]
       raise ConfigError(
-          f'model.vocab_size={vocab_size} does not fit the tokenizer training'
-          f' text: {e}'
+          f'{vocab_size_name}={vocab_size} does not fit the tokenizer training'
+          f' text: {advice}'
       ) from e
     raise
   directory = os.path.dirname(os.path.abspath(model_path))

@@ -135,6 +135,9 @@ def train(config, workdir):
     if peak:
       metrics['mfu'] = flops_per_token * metrics['tokens_per_second'] / (peak * jax.device_count())
     window_start, window_step = now, step
+    # The realised mixture: tokens per language in this process's rows so far.
+    metrics.update({f'tokens/{language}': n
+                    for language, n in sorted(train_iterator.tokens_by_language().items())})
     writer.write(step, metrics)
     bar.set_postfix_str(format_scalars(metrics, ('loss', 'grad_norm', 'tokens_per_second')))
     last_metrics = metrics

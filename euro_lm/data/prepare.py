@@ -1,0 +1,501 @@
+"""Raw text files -> tokenized ArrayRecord shards per language, and a manifest.
+
+An output directory holds:
+
+  <tag>/shard-<unit>-<NNNNN>.array_record  one record per document: its token
+      ids as little-endian int32 bytes, without bos/eos (the packer adds them)
+  receipts/<unit>.json  one per finished input file
+  manifest.json  per language: documents, tokens, UTF-8 bytes, characters and
+      shards; the tokenizer's fingerprint; each input's bad records
+
+A unit is one input file and the shards made from it; `<unit>` is a hash of
+the file's absolute path. A unit is finished once its receipt exists. Shards
+are written as `*.tmp` and renamed when complete, then the receipt is written
+(temp file + rename), so a crash leaves nothing that looks finished, and a
+re-run redoes only the units without a receipt. The manifest is written
+last, and removed while units are redone: where it exists, it is complete.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+import functools
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import tempfile
+
+from array_record.python import array_record_module
+import grain
+import numpy as np
+import tqdm
+
+from euro_lm.data import sources
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.errors import ConfigError, DataError
+
+MANIFEST = 'manifest.json'
+VERSION = 1
+# One record per chunk, so that Grain's random access decompresses only the
+# document it reads.
+WRITER_OPTIONS = 'group_size:1'
+_RECEIPTS = 'receipts'
+_COUNTS = ('documents', 'tokens', 'bytes', 'characters')
+# Documents between progress reports from a worker.
+_PROGRESS_EVERY = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+  """One input file to turn into shards: all a worker process needs."""
+
+  input_path: str
+  unit_id: str
+  output_dir: str
+  source: sources.TextSource
+  tokenizer_path: str
+  docs_per_shard: int
+  settings: dict
+
+  @property
+  def receipt_path(self) -> str:
+    return os.path.join(self.output_dir, _RECEIPTS, f'{self.unit_id}.json')
+
+  def shard_name(self, language: str, index: int) -> str:
+    return f'{language}/shard-{self.unit_id}-{index:05d}.array_record'
+
+
+def default_workers() -> int:
+  """The CPUs this process may use (a SLURM job's share, not the node's)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def prepare(
+    input_globs: Sequence[str],
+    output_dir: str,
+    tokenizer_path: str,
+    source: sources.TextSource,
+    *,
+    docs_per_shard: int = 50_000,
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict:
+  """Tokenizes the files the globs match into `output_dir`.
+
+  Returns the manifest, which is also written to `output_dir/manifest.json`.
+  Input files are prepared in parallel by `workers` processes (default: the
+  CPUs this process may use). Files finished by an earlier run into the same
+  directory are skipped. The manifest lists this run's input files only, in
+  sorted order, so it does not depend on which worker did what.
+
+  Raises:
+    DataError: a glob matches nothing, the tokenizer or an input is
+      unreadable, or (with `source.strict`) an input holds a bad record.
+    ConfigError: `docs_per_shard` or `workers` < 1, or `output_dir` holds
+      units prepared with other settings (tokenizer, fields or shard size).
+  """
+  if docs_per_shard < 1:
+    raise ConfigError(f'docs_per_shard={docs_per_shard} must be at least 1.')
+  workers = default_workers() if workers is None else workers
+  if workers < 1:
+    raise ConfigError(f'workers={workers} must be at least 1.')
+  inputs = sources.expand_globs(input_globs)
+  sha256 = file_sha256(tokenizer_path)
+  tokenizer = _load_tokenizer(tokenizer_path, sha256)
+  tokenizer_info = {
+      'path': os.path.abspath(tokenizer_path),
+      'sha256': sha256,
+      'vocab_size': tokenizer.vocab_size,
+      'bos_id': tokenizer.bos_id,
+      'eos_id': tokenizer.eos_id,
+  }
+  settings = {
+      'version': VERSION,
+      'tokenizer_sha256': tokenizer_info['sha256'],
+      'format': source.format,
+      'text_field': source.text_field,
+      'language_field': source.language_field,
+      'language': source.language,
+      'docs_per_shard': docs_per_shard,
+  }
+  units = [
+      _Unit(path, _unit_id(path), output_dir, source, tokenizer_path,
+            docs_per_shard, settings)
+      for path in inputs
+  ]
+  os.makedirs(os.path.join(output_dir, _RECEIPTS), exist_ok=True)
+  pending = [unit for unit in units if _finished_receipt(unit) is None]
+  manifest_path = os.path.join(output_dir, MANIFEST)
+  # A manifest stands for a complete directory: none while units are redone.
+  if pending and os.path.exists(manifest_path):
+    os.remove(manifest_path)
+  _run_units(pending, len(units), workers, progress)
+  receipts = [_finished_receipt(unit) for unit in units]
+  for unit, receipt in zip(units, receipts):
+    if receipt is None:
+      raise DataError(
+          f'{unit.input_path} changed while it was prepared; run again.')
+  manifest = _build_manifest(receipts, tokenizer_info, settings)
+  _write_json_atomically(manifest_path, manifest)
+  return manifest
+
+
+def _unit_id(input_path: str) -> str:
+  return hashlib.sha256(os.path.abspath(input_path).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file (the tokenizer fingerprint)."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+@functools.cache
+def _load_tokenizer(path: str, sha256: str) -> Tokenizer:
+  """One tokenizer per process, shared by the units it prepares.
+
+  Keyed by content too: a tokenizer retrained to the same path is reloaded.
+  """
+  del sha256  # Only part of the cache key.
+  return Tokenizer.from_file(path)
+
+
+def _finished_receipt(unit: _Unit) -> dict | None:
+  """The unit's receipt if it is finished and current, else None.
+
+  Raises:
+    ConfigError: the receipt was made with other settings.
+  """
+  try:
+    with open(unit.receipt_path) as f:
+      receipt = json.load(f)
+  except FileNotFoundError:
+    return None
+  except json.JSONDecodeError:
+    return None  # Written atomically, so only a hand-edited one is invalid.
+  if receipt['settings'] != unit.settings:
+    changed = sorted(k for k in unit.settings
+                     if receipt['settings'].get(k) != unit.settings[k])
+    raise ConfigError(
+        f'{unit.output_dir} holds {unit.input_path} prepared with other'
+        f' settings (changed: {", ".join(changed)}; see {unit.receipt_path}).'
+        ' Prepare into a new output directory, or delete this one.'
+    )
+  stat = os.stat(unit.input_path)
+  if receipt['input']['size'] != stat.st_size or (
+      receipt['input']['mtime_ns'] != stat.st_mtime_ns):
+    return None  # The input changed since.
+  for shards in receipt['languages'].values():
+    for shard in shards:
+      if not os.path.isfile(os.path.join(unit.output_dir, shard['path'])):
+        return None
+  return receipt
+
+
+def _run_units(
+    pending: list[_Unit], total_units: int, workers: int, progress: bool
+):
+  """Prepares the pending units, in this process or a pool of `workers`."""
+  with tqdm.tqdm(
+      total=total_units, initial=total_units - len(pending), unit='file',
+      desc='files', disable=not progress,
+  ) as files_bar, tqdm.tqdm(
+      unit='tok', unit_scale=True, desc='tokens', disable=not progress,
+  ) as tokens_bar:
+    if min(workers, len(pending)) <= 1:
+      for unit in pending:
+        _prepare_unit(unit, tokens_bar.update)
+        files_bar.update()
+      return
+    # spawn, not fork: the caller may run threads (JAX, Grain) that fork breaks.
+    context = multiprocessing.get_context('spawn')
+    token_counts = context.Queue()
+    with context.Pool(
+        min(workers, len(pending)), _init_worker, (token_counts,)
+    ) as pool:
+      results = [pool.apply_async(_prepare_unit_in_worker, (unit,))
+                 for unit in pending]
+      while results:
+        _drain(token_counts, tokens_bar.update, timeout=0.1)
+        for result in [r for r in results if r.ready()]:
+          results.remove(result)
+          result.get()  # Re-raises a worker's error.
+          files_bar.update()
+      _drain(token_counts, tokens_bar.update, timeout=0)
+
+
+def _drain(counts: multiprocessing.Queue, update: Callable[[int], object],
+           timeout: float):
+  try:
+    update(counts.get(timeout=timeout) if timeout else counts.get_nowait())
+    while True:
+      update(counts.get_nowait())
+  except queue.Empty:
+    pass
+
+
+_worker_token_counts = None
+
+
+def _init_worker(token_counts: multiprocessing.Queue):
+  global _worker_token_counts
+  _worker_token_counts = token_counts
+
+
+def _prepare_unit_in_worker(unit: _Unit) -> None:
+  _prepare_unit(unit, _worker_token_counts.put)
+
+
+def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
+  """Tokenizes one input file into its shards, then writes its receipt."""
+  tokenizer = _load_tokenizer(unit.tokenizer_path,
+                              unit.settings['tokenizer_sha256'])
+  # Whatever an interrupted run left of this unit is replaced, not trusted.
+  _remove_unit_files(unit)
+  stat = os.stat(unit.input_path)
+  documents, bad_records = unit.source.read(unit.input_path)
+  writers = {}
+  try:
+    unreported_tokens = 0
+    for count, document in enumerate(documents, 1):
+      tokens = tokenizer.encode(document.text)
+      if document.language not in writers:
+        writers[document.language] = _ShardWriter(unit, document.language)
+      writers[document.language].write(tokens, document.text)
+      unreported_tokens += len(tokens)
+      if count % _PROGRESS_EVERY == 0:
+        report_tokens(unreported_tokens)
+        unreported_tokens = 0
+    report_tokens(unreported_tokens)
+    shards = {tag: writers[tag].finish() for tag in sorted(writers)}
+  except BaseException:
+    for writer in writers.values():
+      writer.close()
+    _remove_unit_files(unit)
+    raise
+  receipt = {
+      'input': {'path': unit.input_path, 'size': stat.st_size,
+                'mtime_ns': stat.st_mtime_ns},
+      'unit': unit.unit_id,
+      'settings': unit.settings,
+      'languages': shards,
+      'bad_records': bad_records.to_json(),
+  }
+  _write_json_atomically(unit.receipt_path, receipt)
+
+
+def _remove_unit_files(unit: _Unit):
+  for path in [unit.receipt_path, *glob.glob(
+      os.path.join(glob.escape(unit.output_dir), '*',
+                   f'shard-{unit.unit_id}-*'))]:
+    if os.path.exists(path):
+      os.remove(path)
+
+
+class _ShardWriter:
+  """One unit's shards of one language, each complete before it is renamed."""
+
+  def __init__(self, unit: _Unit, language: str):
+    self._unit = unit
+    self._language = language
+    self._shards = []
+    self._writer = None
+    self._temp_path = ''
+    os.makedirs(os.path.join(unit.output_dir, language), exist_ok=True)
+
+  def write(self, tokens: list[int], text: str):
+    if self._writer is None:
+      name = self._unit.shard_name(self._language, len(self._shards))
+      self._shards.append(
+          {'path': name, **{count: 0 for count in _COUNTS}})
+      self._temp_path = os.path.join(self._unit.output_dir, name) + '.tmp'
+      self._writer = array_record_module.ArrayRecordWriter(
+          self._temp_path, WRITER_OPTIONS)
+    self._writer.write(np.asarray(tokens, '<i4').tobytes())
+    shard = self._shards[-1]
+    shard['documents'] += 1
+    shard['tokens'] += len(tokens)
+    shard['bytes'] += len(text.encode('utf-8'))
+    shard['characters'] += len(text)
+    if shard['documents'] == self._unit.docs_per_shard:
+      self._close_shard()
+
+  def finish(self) -> list[dict]:
+    """Completes the last shard; returns the shards' names and counts."""
+    if self._writer is not None:
+      self._close_shard()
+    return self._shards
+
+  def close(self):
+    """Closes an unfinished shard, leaving it under its temporary name."""
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def _close_shard(self):
+    self._writer.close()
+    self._writer = None
+    _sync(self._temp_path)
+    os.replace(self._temp_path, self._temp_path.removesuffix('.tmp'))
+
+
+def _sync(path: str):
+  """Flushes a closed file to disk, so a rename never publishes lost data."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_json_atomically(path: str, value: dict):
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, temp_path = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False)
+      f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(temp_path, 0o644)  # mkstemp's files are private.
+    os.replace(temp_path, path)
+  except BaseException:
+    os.remove(temp_path)
+    raise
+
+
+def _build_manifest(
+    receipts: list[dict], tokenizer_info: dict, settings: dict
+) -> dict:
+  """The manifest of the receipts, which come in sorted input order."""
+  languages = {}
+  for receipt in receipts:
+    for tag, shards in receipt['languages'].items():
+      entry = languages.setdefault(
+          tag, {**{count: 0 for count in _COUNTS}, 'shards': []})
+      for shard in shards:
+        for count in _COUNTS:
+          entry[count] += shard[count]
+        entry['shards'].append(shard)
+  return {
+      'version': VERSION,
+      'record': 'token ids as little-endian int32, one document per record,'
+                ' no bos/eos',
+      'writer_options': WRITER_OPTIONS,
+      'tokenizer': tokenizer_info,
+      'settings': settings,
+      'languages': {tag: languages[tag] for tag in sorted(languages)},
+      'inputs': {
+          receipt['input']['path']: {
+              'size': receipt['input']['size'],
+              'unit': receipt['unit'],
+              'documents': sum(shard['documents']
+                               for shards in receipt['languages'].values()
+                               for shard in shards),
+              'bad_records': receipt['bad_records'],
+          }
+          for receipt in receipts
+      },
+  }
+
+
+def read_manifest(directory: str) -> dict:
+  """The manifest of a prepared directory.
+
+  Raises:
+    DataError: no manifest, an unreadable one, or one of another version.
+  """
+  path = os.path.join(directory, MANIFEST)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise DataError(
+        f'No {MANIFEST} in {directory}: prepare it with'
+        ' `python -m euro_lm.prepare_data`.'
+    ) from None
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path} is not valid JSON: {e}') from e
+  if manifest.get('version') != VERSION:
+    raise DataError(
+        f'{path} has version {manifest.get("version")!r}; this euro_lm reads'
+        f' version {VERSION}. Prepare the data again.'
+    )
+  return manifest
+
+
+def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
+  """The documents of one language as int32 token ids, in manifest order.
+
+  Raises:
+    DataError: the language is not in the manifest, or a shard is missing,
+      corrupt or holds other than the manifest's record count.
+  """
+  manifest = read_manifest(directory)
+  try:
+    tag = sources.resolve_language(language)
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  if tag not in manifest['languages']:
+    raise DataError(
+        f'{directory} holds no {tag} documents; it holds'
+        f' {", ".join(manifest["languages"]) or "none"}.'
+    )
+  for shard in manifest['languages'][tag]['shards']:
+    for document in sources.read_array_record(
+        os.path.join(directory, shard['path']), tag,
+        expected_records=shard['documents']):
+      yield document.tokens
+
+
+def document_source(directory: str, language: str) -> grain.MapDataset:
+  """Random access to one language's documents (int32 token ids), for training.
+
+  Raises:
+    DataError: the language is not in the manifest, or its shards hold other
+      than the manifest's record counts.
+  """
+  manifest = read_manifest(directory)
+  entry = manifest['languages'].get(language)
+  if entry is None:
+    raise DataError(
+        f'{directory} holds no {language} documents; it holds'
+        f' {", ".join(manifest["languages"]) or "none"}.'
+    )
+  paths = [os.path.join(directory, shard['path']) for shard in entry['shards']]
+  try:
+    records = grain.sources.ArrayRecordDataSource(paths)
+  except Exception as e:  # array_record raises several types for bad files
+    raise DataError(f'cannot open the {language} shards of {directory}: {e}') from e
+  if len(records) != entry['documents']:
+    raise DataError(
+        f'the {language} shards of {directory} hold {len(records)} documents'
+        f' but {MANIFEST} lists {entry["documents"]}: prepare the data again.'
+    )
+  return grain.MapDataset.source(records).map(
+      lambda record: np.frombuffer(record, '<i4'))
+
+
+def format_summary(manifest: dict) -> str:
+  """A table of the manifest's languages, and its inputs' bad records."""
+  lines = [f'{"language":<10} {"documents":>12} {"tokens":>15} {"bytes":>15}'
+           f' {"bytes/token":>11}']
+  for tag, entry in manifest['languages'].items():
+    lines.append(
+        f'{tag:<10} {entry["documents"]:>12,} {entry["tokens"]:>15,}'
+        f' {entry["bytes"]:>15,} {entry["bytes"] / entry["tokens"]:>11.2f}'
+    )
+  bad = [sources.BadRecords.from_json(path, entry['bad_records'])
+         for path, entry in manifest['inputs'].items()]
+  bad = [report for report in bad if report.total]
+  if bad:
+    lines.append(f'Bad records (not prepared) in {len(bad)} files:')
+    lines.extend(f'  {report}' for report in bad)
+  return '\n'.join(lines)

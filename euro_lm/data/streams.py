@@ -1,0 +1,194 @@
+"""Packed training rows whose global order depends on (seed, step) alone.
+
+The global batch has `num_streams` rows (one per sequence of the global batch). Row b of
+every step comes from stream b, an independent packer with its own document sequence:
+
+- the language of stream b's k-th document is drawn from the mixture weights of the step
+  being filled, with a counter-based hash of (seed, b, k), so stages switch exactly at
+  their step;
+- stream b takes that language's documents at positions b, b + S, b + 2S, ... of the
+  language's endless shuffled order (S = num_streams), so streams never share a document
+  and together walk each language's epochs in order;
+- documents are `[bos] + tokens + [eos]`, concatenated and split into `seq_len` rows with
+  segment ids (1, 2, ... per piece; 0 is padding) and positions restarting per piece.
+
+A process owns a contiguous block of streams and reads only their documents. The state is
+a few integers per stream, so a checkpoint taken with P processes restores with any P'
+that divides the number of streams: each process picks its streams out of the merged
+states of all processes.
+"""
+
+import bisect
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+def _uniform(seed, stream, index):
+  """A float in [0, 1) from (seed, stream, index): splitmix64 over the packed key."""
+  z = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+       + 0x2545F4914F6CDD1D) & _MASK64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+  z ^= z >> 31
+  return (z >> 11) / float(1 << 53)
+
+
+def process_streams(num_streams, process_index, process_count):
+  """The contiguous block of stream ids that `process_index` owns."""
+  if num_streams % process_count:
+    raise ValueError(f'{num_streams} streams cannot be split over {process_count} processes')
+  per_process = num_streams // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class PackedStreams:
+  """Iterator over this process's rows of each global batch.
+
+  Args:
+    sources: language tag -> random-access documents (a `grain.MapDataset` or sequence)
+      of int32 token ids without BOS/EOS.
+    weights_at: step -> {language tag: weight}; languages missing or at 0 are not drawn.
+    seq_len: tokens per row.
+    num_streams: rows in the global batch.
+    streams: the stream ids this process produces (see `process_streams`).
+    seed: the data seed.
+    bos_id, eos_id: added around every document (None leaves that end bare).
+
+  Rows are always full (sources repeat endlessly), so training rows hold no padding.
+  """
+
+  def __init__(self, sources: Mapping[str, Sequence], weights_at: Callable[[int], dict], *,
+               seq_len: int, num_streams: int, streams: Sequence[int], seed: int,
+               bos_id: int | None, eos_id: int | None):
+    self._languages = sorted(sources)
+    self._orders = {}
+    for i, language in enumerate(self._languages):
+      if not len(sources[language]):
+        raise ValueError(f'language {language} has no documents')
+      # shuffle before repeat: every epoch gets its own permutation.
+      self._orders[language] = grain.MapDataset.source(sources[language]).shuffle(
+          seed=seed * 1_000_003 + i).repeat()
+    self._weights_at = weights_at
+    self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
+    self._streams = list(streams)
+    self._bos, self._eos = bos_id, eos_id
+    self._step = 0
+    self._state = {b: self._fresh_stream() for b in self._streams}
+    self._cumulative_for = (None, None, None)
+
+  def _fresh_stream(self):
+    return {'documents': 0, 'taken': {}, 'carry': None, 'tokens': {}}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    rows = [self._fill_row(b) for b in self._streams]
+    self._step += 1
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+  # --- state -----------------------------------------------------------------------
+
+  def get_state(self) -> bytes:
+    return json.dumps({'step': self._step, 'streams': {str(b): self._state[b]
+                                                       for b in self._streams}}).encode()
+
+  def set_state(self, state: bytes | Sequence[bytes]):
+    """Restores from one state or from the states of all processes of a saving run."""
+    states = [state] if isinstance(state, (bytes, str)) else list(state)
+    merged, steps = {}, set()
+    for s in states:
+      s = json.loads(s)
+      steps.add(s['step'])
+      merged.update({int(b): v for b, v in s['streams'].items()})
+    if len(steps) != 1:
+      raise ValueError(f'data states from different steps: {sorted(steps)}')
+    missing = [b for b in self._streams if b not in merged]
+    if missing:
+      raise ValueError(f'the saved data state has no stream {missing[0]}: was it saved with '
+                       'a different global batch size?')
+    self._step = steps.pop()
+    self._state = {b: merged[b] for b in self._streams}
+
+  @property
+  def step(self):
+    return self._step
+
+  def tokens_by_language(self):
+    """Tokens this process has put in rows so far, per language."""
+    totals = {}
+    for stream in self._state.values():
+      for language, n in stream['tokens'].items():
+        totals[language] = totals.get(language, 0) + n
+    return totals
+
+  # --- packing ---------------------------------------------------------------------
+
+  def _cumulative_weights(self):
+    """(languages, cumulative probabilities) for the current step, cached per step."""
+    step, languages, cumulative = self._cumulative_for
+    if step == self._step:
+      return languages, cumulative
+    weights = self._weights_at(self._step)
+    languages = [l for l in self._languages if weights.get(l, 0) > 0]
+    unknown = sorted(set(l for l, w in weights.items() if w > 0) - set(self._languages))
+    if unknown:
+      raise ValueError(f'mixture weights at step {self._step} name languages without data: '
+                       f'{", ".join(unknown)}')
+    if not languages:
+      raise ValueError(f'mixture weights at step {self._step} give no language a positive '
+                       'weight')
+    cumulative = np.cumsum([weights[l] for l in languages]) / sum(weights[l] for l in languages)
+    self._cumulative_for = (self._step, languages, list(cumulative))
+    return languages, self._cumulative_for[2]
+
+  def _document(self, language, index):
+    tokens = np.asarray(self._orders[language][index], np.int32)
+    parts = ([[self._bos]] if self._bos is not None else []) + [tokens] + (
+        [[self._eos]] if self._eos is not None else [])
+    return np.concatenate(parts).astype(np.int32)
+
+  def _next_document(self, b, stream):
+    languages, cumulative = self._cumulative_weights()
+    u = _uniform(self._seed, b, stream['documents'])
+    language = languages[min(bisect.bisect_right(cumulative, u), len(languages) - 1)]
+    taken = stream['taken'].get(language, 0)
+    stream['taken'][language] = taken + 1
+    stream['documents'] += 1
+    return [language, taken * self._num_streams + b, 0]
+
+  def _fill_row(self, b):
+    stream = self._state[b]
+    length = self._seq_len
+    inputs = np.zeros(length, np.int32)
+    targets = np.zeros(length, np.int32)
+    segment_ids = np.zeros(length, np.int32)
+    positions = np.zeros(length, np.int32)
+    filled, segment = 0, 0
+    while filled < length:
+      if stream['carry'] is None:
+        stream['carry'] = self._next_document(b, stream)
+      language, index, offset = stream['carry']
+      document = self._document(language, index)
+      usable = len(document) - 1  # inputs are document[:-1], targets document[1:]
+      take = min(usable - offset, length - filled)
+      if take <= 0:  # a document too short to have a target (no BOS/EOS, <2 tokens)
+        stream['carry'] = None
+        continue
+      segment += 1
+      end = filled + take
+      inputs[filled:end] = document[offset:offset + take]
+      targets[filled:end] = document[offset + 1:offset + take + 1]
+      segment_ids[filled:end] = segment
+      positions[filled:end] = np.arange(take)
+      stream['tokens'][language] = stream['tokens'].get(language, 0) + take
+      filled = end
+      offset += take
+      stream['carry'] = None if offset == usable else [language, index, offset]
+    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
+            'positions': positions}

@@ -1,0 +1,173 @@
+"""Packed streams: global batches depend on (seed, step) alone, for any process count."""
+
+import json
+
+import numpy as np
+import pytest
+
+from euro_lm.data.streams import PackedStreams, process_streams
+
+BOS, EOS = 1, 2
+LANGUAGES = ('aaa_Latn', 'bbb_Latn', 'ccc_Latn')
+
+
+def make_sources(seed=0):
+  """Documents whose tokens name them: language l, document d -> 1000*(l+1) + 10*d + i%10."""
+  rng = np.random.default_rng(seed)
+  sources = {}
+  for l, language in enumerate(LANGUAGES):
+    sizes = rng.integers(1, 40, size=(20, 35, 50)[l])
+    sources[language] = [np.array([1000 * (l + 1) + 10 * d + i % 10 for i in range(n)], np.int32)
+                         for d, n in enumerate(sizes)]
+  return sources
+
+
+def uniform_weights(step):
+  del step
+  return {language: 1.0 for language in LANGUAGES}
+
+
+def make(process_index=0, process_count=1, num_streams=8, seq_len=32, weights=uniform_weights,
+         seed=3, sources=None):
+  return PackedStreams(sources or make_sources(), weights, seq_len=seq_len,
+                       num_streams=num_streams,
+                       streams=process_streams(num_streams, process_index, process_count),
+                       seed=seed, bos_id=BOS, eos_id=EOS)
+
+
+def global_batches(iterators, steps):
+  """Concatenates the processes' rows of each step, in process order."""
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in iterators]
+    out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+  return out
+
+
+def assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(process_count):
+  reference = global_batches([make()], 6)
+  sharded = global_batches([make(p, process_count) for p in range(process_count)], 6)
+  assert_same(reference, sharded)
+
+
+def test_rows_are_packed_documents():
+  batch = global_batches([make()], 4)
+  for step in batch:
+    assert step['inputs'].shape == (8, 32)
+    assert (step['segment_ids'] > 0).all()  # rows are always full
+    for row in range(8):
+      seg, inputs, targets, pos = (step[k][row] for k in ('segment_ids', 'inputs', 'targets',
+                                                          'positions'))
+      for s in np.unique(seg):
+        piece = seg == s
+        np.testing.assert_array_equal(pos[piece], np.arange(piece.sum()))
+        # Within a piece, each target is the next input.
+        np.testing.assert_array_equal(targets[piece][:-1], inputs[piece][1:])
+
+
+def test_stream_reproduces_whole_documents_in_order():
+  """Joining a stream's pieces gives [bos] doc [eos] [bos] doc [eos] ... exactly."""
+  sources = make_sources()
+  it = make(num_streams=2, sources=sources)
+  rows = [next(it) for _ in range(30)]
+  stream0 = np.concatenate([np.append(r['inputs'][0], -1) for r in rows])
+  # Reassemble the token stream from inputs plus the last target of each piece.
+  tokens = []
+  for r in rows:
+    seg, inputs, targets = r['segment_ids'][0], r['inputs'][0], r['targets'][0]
+    for s in np.unique(seg):
+      piece = seg == s
+      tokens.append((inputs[piece], targets[piece][-1]))
+  documents, current = [], []
+  for inputs, last in tokens:
+    current.extend(inputs.tolist())
+    if last == EOS:
+      current.append(EOS)
+      documents.append(current)
+      current = []
+  assert len(documents) > 10 and stream0.size
+  used = {}
+  for doc in documents:
+    assert doc[0] == BOS and doc[-1] == EOS
+    body = np.array(doc[1:-1])
+    language, index = divmod(int(body[0]) // 10, 100)
+    expected = sources[LANGUAGES[language - 1]][index]
+    np.testing.assert_array_equal(body, expected)
+    used.setdefault(language, []).append(index)
+  for language, indices in used.items():
+    # Stream 0 of 2 owns half of each language per epoch: no repeats within it.
+    first_epoch = indices[:len(sources[LANGUAGES[language - 1]]) // 2]
+    assert len(set(first_epoch)) == len(first_epoch)
+
+
+def test_streams_never_share_documents():
+  """Within an epoch, no document appears in two streams."""
+  rng = np.random.default_rng(1)
+  sources = {language: [np.full(rng.integers(5, 30), 1000 * (l + 1) + d, np.int32)
+                        for d in range(300)] for l, language in enumerate(LANGUAGES)}
+  it = make(num_streams=4, sources=sources)
+  owner = {}
+  for _ in range(10):
+    batch = next(it)
+    for b in range(4):
+      inputs, positions = batch['inputs'][b], batch['positions'][b]
+      starts = np.flatnonzero((positions == 0) & (inputs == BOS))
+      for start in starts[starts + 1 < len(inputs)]:
+        document = int(inputs[start + 1])
+        assert owner.setdefault(document, b) == b, f'document {document} in two streams'
+  assert len(owner) > 50
+
+
+def test_state_restores_exactly_and_onto_another_process_count():
+  reference = global_batches([make()], 8)
+  saving = [make(p, 2) for p in range(2)]
+  global_batches(saving, 3)
+  states = [it.get_state() for it in saving]
+  assert all(len(s) < 2000 for s in states)  # a few integers per stream
+  for process_count in (1, 2, 4):
+    resumed = [make(p, process_count) for p in range(process_count)]
+    for it in resumed:
+      it.set_state(states)
+      assert it.step == 3
+    assert_same(global_batches(resumed, 5), reference[3:])
+
+
+def test_state_from_another_batch_size_is_refused():
+  state = make(num_streams=4).get_state()
+  with pytest.raises(ValueError, match='no stream 4: was it saved with a different global batch'):
+    make(num_streams=8).set_state(state)
+
+
+def test_mixture_weights_and_stages():
+  def staged(step):
+    return {'aaa_Latn': 3.0, 'bbb_Latn': 1.0} if step < 20 else {'ccc_Latn': 1.0}
+
+  it = make(weights=staged, num_streams=16, seq_len=64)
+  for _ in range(20):
+    next(it)
+  tokens = it.tokens_by_language()
+  share_a = tokens['aaa_Latn'] / sum(tokens.values())
+  assert 'ccc_Latn' not in tokens
+  assert 0.65 < share_a < 0.85  # 3:1 mixture, about 0.75 of the documents
+  before = json.loads(it.get_state())
+  for _ in range(5):
+    next(it)
+  after = json.loads(it.get_state())
+  for b, stream in after['streams'].items():
+    new_docs = {l: n - before['streams'][b]['taken'].get(l, 0) for l, n in stream['taken'].items()}
+    assert new_docs.get('aaa_Latn', 0) == new_docs.get('bbb_Latn', 0) == 0
+    assert new_docs['ccc_Latn'] > 0
+
+
+def test_weights_naming_a_language_without_data_are_refused():
+  it = make(weights=lambda step: {'aaa_Latn': 1.0, 'zzz_Latn': 1.0})
+  with pytest.raises(ValueError, match='name languages without data: zzz_Latn'):
+    next(it)
