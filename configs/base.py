@@ -82,6 +82,8 @@ def get_config(arg=None):
   d.tokenizer_type = 'bpe'         # bpe | unigram, when training a tokenizer
   d.valid_fraction = 0.1           # share of each language's documents held out for validation
   d.seed = 0                       # shuffling and mixture-sampling seed
+  d.add_bos = True                 # start every training document with the tokenizer's BOS
+  d.add_eos = True                 # end every training document with the tokenizer's EOS
   d.mixture = 'natural'            # natural | temperature | unimax | explicit
   d.mixture_weights = ''           # explicit: 'deu_Latn=2,fra_Latn=1' or staged '0:...;90000:...'
   d.mixture_temperature = 3.0      # temperature: p ~ tokens^(1/T)

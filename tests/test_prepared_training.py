@@ -48,7 +48,7 @@ def test_split_holds_out_every_kth_document_of_the_shards(prepared_dir):
     on_disk = [tuple(t) for t in prepare.iter_tokens(prepared_dir, tag)]
     # The first epoch of the training order is a permutation of the documents
     # not held out (every 10th, from the first).
-    epoch = result.train._orders[tag][:len(on_disk) - len(on_disk[::10])]  # pylint: disable=protected-access
+    epoch = [result.train.document_at(tag, i) for i in range(len(on_disk) - len(on_disk[::10]))]
     assert sorted(tuple(t) for t in epoch) == sorted(t for i, t in enumerate(on_disk) if i % 10)
   batch = next(result.train)
   assert batch['inputs'].shape == (16, 128) and (batch['segment_ids'] > 0).all()

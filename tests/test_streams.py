@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from euro_lm.data.streams import PackedStreams, process_streams
+from euro_lm.data.streams import PackedStreams, process_streams, shuffled_index
 
 BOS, EOS = 1, 2
 LANGUAGES = ('aaa_Latn', 'bbb_Latn', 'ccc_Latn')
@@ -171,3 +171,23 @@ def test_weights_naming_a_language_without_data_are_refused():
   it = make(weights=lambda step: {'aaa_Latn': 1.0, 'zzz_Latn': 1.0})
   with pytest.raises(ValueError, match='name languages without data: zzz_Latn'):
     next(it)
+
+
+def test_bos_and_eos_are_optional():
+  sources = make_sources()
+  it = PackedStreams(sources, uniform_weights, seq_len=32, num_streams=2, streams=[0, 1],
+                     seed=0, bos_id=None, eos_id=None)
+  for _ in range(5):
+    batch = next(it)
+    assert (batch['inputs'] >= 1000).all() and (batch['targets'] >= 1000).all()
+    assert (batch['segment_ids'] > 0).all()
+
+
+@pytest.mark.parametrize('size', [1, 2, 3, 10, 257, 1000])
+def test_shuffled_index_is_a_permutation(size):
+  for key in (0, 7):
+    order = [shuffled_index(key, size, i) for i in range(size)]
+    assert sorted(order) == list(range(size))
+  if size >= 10:  # different keys give different orders
+    assert [shuffled_index(0, size, i) for i in range(size)] != \
+        [shuffled_index(7, size, i) for i in range(size)]

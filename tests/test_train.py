@@ -66,6 +66,8 @@ def test_loss_falls_on_the_embedded_corpus(tiny_run):
   languages = {k.split('/')[1] for k in evals[2] if k.count('/') == 2}
   assert {'deu_Latn', 'fra_Latn', 'pol_Latn', 'ell_Grek', 'bul_Cyrl', 'gle_Latn'} <= languages
   for language in languages:
+    assert evals[2][f'valid/{language}/perplexity'] == pytest.approx(
+        math.exp(evals[2][f'valid/{language}/loss']))
     assert evals[2][f'valid/{language}/loss'] < evals[0][f'valid/{language}/loss'] - 0.5
     assert 0 < evals[2][f'valid/{language}/bpb'] < 10
 

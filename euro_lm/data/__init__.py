@@ -72,8 +72,8 @@ def make_data(
       num_streams=global_batch_size,
       streams=process_streams(global_batch_size, process_index, process_count),
       seed=config.data.seed,
-      bos_id=tokenizer.bos_id,
-      eos_id=tokenizer.eos_id,
+      bos_id=tokenizer.bos_id if config.data.add_bos else None,
+      eos_id=tokenizer.eos_id if config.data.add_eos else None,
   )
   valid_batches = {
       tag: pipeline.make_eval_batches(

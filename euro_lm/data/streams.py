@@ -22,20 +22,42 @@ import bisect
 import json
 from collections.abc import Callable, Mapping, Sequence
 
-import grain
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
 
 
-def _uniform(seed, stream, index):
-  """A float in [0, 1) from (seed, stream, index): splitmix64 over the packed key."""
-  z = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+def _hash(a, b, c):
+  """64 well-mixed bits from three integers (splitmix64 over the packed key)."""
+  z = (a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + c * 0x94D049BB133111EB
        + 0x2545F4914F6CDD1D) & _MASK64
   z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
   z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-  z ^= z >> 31
-  return (z >> 11) / float(1 << 53)
+  return z ^ (z >> 31)
+
+
+def _uniform(seed, stream, index):
+  """A float in [0, 1) from (seed, stream, index)."""
+  return (_hash(seed, stream, index) >> 11) / float(1 << 53)
+
+
+def shuffled_index(key, size, index):
+  """Position `index` of a pseudo-random permutation of range(size) chosen by `key`.
+
+  A 4-round Feistel network over the smallest even-bit domain >= size, walking cycles
+  until the result falls inside range(size): O(1) time and memory per lookup, so a
+  language's order costs nothing to hold however many documents it has.
+  """
+  half_bits = max(1, ((size - 1).bit_length() + 1) // 2)
+  mask = (1 << half_bits) - 1
+  x = index
+  while True:
+    left, right = x >> half_bits, x & mask
+    for round_ in range(4):
+      left, right = right, left ^ (_hash(key, round_, right) & mask)
+    x = (left << half_bits) | right
+    if x < size:
+      return x
 
 
 def process_streams(num_streams, process_index, process_count):
@@ -66,13 +88,10 @@ class PackedStreams:
                seq_len: int, num_streams: int, streams: Sequence[int], seed: int,
                bos_id: int | None, eos_id: int | None):
     self._languages = sorted(sources)
-    self._orders = {}
-    for i, language in enumerate(self._languages):
+    for language in self._languages:
       if not len(sources[language]):
         raise ValueError(f'language {language} has no documents')
-      # shuffle before repeat: every epoch gets its own permutation.
-      self._orders[language] = grain.MapDataset.source(sources[language]).shuffle(
-          seed=seed * 1_000_003 + i).repeat()
+    self._sources = dict(sources)
     self._weights_at = weights_at
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
@@ -147,8 +166,16 @@ class PackedStreams:
     self._cumulative_for = (self._step, languages, list(cumulative))
     return languages, self._cumulative_for[2]
 
+  def document_at(self, language, index):
+    """Document `index` of the language's endless order: epoch e = index // n is the
+    e-th pseudo-random permutation of its n documents."""
+    source = self._sources[language]
+    epoch, position = divmod(index, len(source))
+    key = _hash(self._seed, self._languages.index(language), epoch)
+    return source[shuffled_index(key, len(source), position)]
+
   def _document(self, language, index):
-    tokens = np.asarray(self._orders[language][index], np.int32)
+    tokens = np.asarray(self.document_at(language, index), np.int32)
     parts = ([[self._bos]] if self._bos is not None else []) + [tokens] + (
         [[self._eos]] if self._eos is not None else [])
     return np.concatenate(parts).astype(np.int32)

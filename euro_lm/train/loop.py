@@ -49,7 +49,8 @@ def _write_config(workdir, config):
 
 
 def evaluate(eval_step, params, valid, mesh, rules):
-  """Per-language validation loss (nats/token) and bits per byte, plus their means."""
+  """Per-language validation loss (nats/token), perplexity and bits per byte, plus the
+  means of loss and bits per byte over languages."""
   results = {}
   for language, batches in valid.items():
     totals = {}
@@ -59,6 +60,7 @@ def evaluate(eval_step, params, valid, mesh, rules):
         totals[k] = totals.get(k, 0.0) + float(v)
     loss = totals['loss_sum'] / max(totals['tokens'], 1.0)
     results[f'valid/{language}/loss'] = loss
+    results[f'valid/{language}/perplexity'] = math.exp(min(loss, 700.0))  # no float overflow
     if totals.get('bytes'):
       results[f'valid/{language}/bpb'] = totals['loss_sum'] / math.log(2) / totals['bytes']
   for metric in ('loss', 'bpb'):
