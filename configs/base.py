@@ -84,10 +84,12 @@ def get_config(arg=None):
   d.seed = 0                       # shuffling and mixture-sampling seed
   d.add_bos = True                 # start every training document with the tokenizer's BOS
   d.add_eos = True                 # end every training document with the tokenizer's EOS
-  d.mixture = 'natural'            # natural | temperature | unimax | explicit
+  d.mixture = 'natural'            # natural | temperature | unimax | explicit | groups
   d.mixture_weights = ''           # explicit: 'deu_Latn=2,fra_Latn=1' or staged '0:...;90000:...'
   d.mixture_temperature = 3.0      # temperature: p ~ tokens^(1/T)
   d.unimax_max_epochs = 4.0        # unimax: most passes over any language in train.steps
+  d.mixture_groups = ''            # groups: 'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5' (natural within)
+  d.mixture_min_share = 0.0        # groups: floor for every language's share
 
   c.distributed = x = ml_collections.ConfigDict()
   x.initialize = 'auto'            # auto (if a cluster env is detected) | always | never

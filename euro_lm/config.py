@@ -38,7 +38,7 @@ def validate(config, num_devices, process_count=1, platform=None):
   _one_of(config, 'model.remat_policy', tuple(REMAT_POLICIES))
   _one_of(config, 'optimizer.schedule', SCHEDULES)
   _one_of(config, 'data.corpus', CORPORA)
-  _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit'))
+  _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit', 'groups'))
   _one_of(config, 'distributed.initialize', ('auto', 'always', 'never'))
   _one_of(config, 'train.nonfinite_policy', ('stop',))
   for path in ('model.vocab_size', 'model.num_layers', 'model.embed_dim', 'model.num_heads',

@@ -564,3 +564,20 @@ def test_staged_explicit_mixture_from_config():
   config.data.mixture_weights = 'deu_Latn=1,gle_Latn=1'
   with pytest.raises(ValueError, match='data.mixture_weights.*gle_Latn'):
     data.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
+
+
+def test_group_mixture_from_config():
+  config = _base_config()
+  config.data.mixture = 'groups'
+  config.data.mixture_groups = 'eng_Latn=0.5;*=0.5'
+  config.data.mixture_min_share = 0.1
+  counts = {'bul_Cyrl': 100, 'deu_Latn': 800, 'eng_Latn': 4000}
+  weights = data.mixture_schedule(config, counts).weights_at(0)
+  # eng 0.5; rest 0.5 split 1:8 -> bul 0.0556 is floored to 0.1, paid by the others
+  # in proportion: deu 0.4444 * 0.9/0.9444, eng 0.5 * 0.9/0.9444.
+  assert weights['bul_Cyrl'] == pytest.approx(0.1)
+  assert weights['eng_Latn'] == pytest.approx(0.5 * 0.9 / (0.5 + 4 / 9))
+  assert weights['deu_Latn'] == pytest.approx(4 / 9 * 0.9 / (0.5 + 4 / 9))
+  config.data.mixture_groups = 'eng_Latn:0.5'
+  with pytest.raises(ValueError, match="data.mixture_groups: 'eng_Latn:0.5' is not"):
+    data.mixture_schedule(config, counts)

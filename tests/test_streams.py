@@ -191,3 +191,20 @@ def test_shuffled_index_is_a_permutation(size):
   if size >= 10:  # different keys give different orders
     assert [shuffled_index(0, size, i) for i in range(size)] != \
         [shuffled_index(7, size, i) for i in range(size)]
+
+
+def test_packing_stats_count_continued_pieces():
+  it = make(num_streams=2)
+  continued = pieces = 0
+  for _ in range(10):
+    batch = next(it)
+    for row in range(2):
+      seg, inputs, pos = batch['segment_ids'][row], batch['inputs'][row], batch['positions'][row]
+      starts = np.flatnonzero(pos == 0)
+      pieces += len(starts)
+      continued += int(np.sum(inputs[starts] != BOS))  # a piece not starting with BOS
+      assert len(starts) == seg.max()
+  stats = it.packing_stats()
+  assert stats['padding_fraction'] == 0.0
+  assert stats['continued_fraction'] == pytest.approx(continued / pieces)
+  assert 0 < continued < pieces

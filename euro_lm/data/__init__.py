@@ -199,12 +199,40 @@ def mixture_schedule(
     if unimax.warning:
       print(f'UniMax: {unimax.warning}')
     weights = unimax.weights
+  elif d.mixture == 'groups':
+    groups, shares = _parse_groups(d.mixture_groups)
+    weights = mixture.group_share_weights(
+        token_counts, groups, shares, d.mixture_min_share,
+        field='data.mixture_groups',
+    )
   else:
     raise ConfigError(
         f'data.mixture={d.mixture!r} is not one of natural, temperature,'
-        ' unimax, explicit'
+        ' unimax, explicit, groups'
     )
   return mixture.MixtureSchedule([(0, weights)], field='data.mixture')
+
+
+def _parse_groups(text: str):
+  """'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5' -> (groups, shares), a group
+  named by its member list."""
+  groups, shares = {}, {}
+  for part in filter(None, (p.strip() for p in text.split(';'))):
+    members, equals, share = part.rpartition('=')
+    try:
+      value = float(share)
+    except ValueError:
+      value = None
+    if not equals or not members.strip() or value is None:
+      raise ConfigError(
+          f'data.mixture_groups: {part!r} is not <languages>=<share>, e.g.'
+          " 'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5'"
+      )
+    groups[members.strip()] = members.strip()
+    shares[members.strip()] = value
+  if not groups:
+    raise ConfigError("data.mixture='groups' needs data.mixture_groups")
+  return groups, shares
 
 
 def _load_or_train_tokenizer(

@@ -101,7 +101,8 @@ class PackedStreams:
     self._cumulative_for = (None, None, None)
 
   def _fresh_stream(self):
-    return {'documents': 0, 'taken': {}, 'carry': None, 'tokens': {}}
+    return {'documents': 0, 'taken': {}, 'carry': None, 'tokens': {}, 'pieces': 0,
+            'continued': 0}
 
   def __iter__(self):
     return self
@@ -145,6 +146,14 @@ class PackedStreams:
       for language, n in stream['tokens'].items():
         totals[language] = totals.get(language, 0) + n
     return totals
+
+  def packing_stats(self):
+    """Rows hold no padding (concatenate-then-split), so the cost of packing is documents
+    cut at row ends: `continued_fraction` is the share of row pieces that continue a
+    document begun in the previous row."""
+    pieces = sum(s['pieces'] for s in self._state.values())
+    continued = sum(s['continued'] for s in self._state.values())
+    return {'padding_fraction': 0.0, 'continued_fraction': continued / max(pieces, 1)}
 
   # --- packing ---------------------------------------------------------------------
 
@@ -208,6 +217,8 @@ class PackedStreams:
         stream['carry'] = None
         continue
       segment += 1
+      stream['pieces'] += 1
+      stream['continued'] += offset > 0
       end = filled + take
       inputs[filled:end] = document[offset:offset + take]
       targets[filled:end] = document[offset + 1:offset + take + 1]

@@ -140,6 +140,7 @@ def train(config, workdir):
     # The realised mixture: tokens per language in this process's rows so far.
     metrics.update({f'tokens/{language}': n
                     for language, n in sorted(train_iterator.tokens_by_language().items())})
+    metrics.update({f'packing/{k}': v for k, v in train_iterator.packing_stats().items()})
     writer.write(step, metrics)
     bar.set_postfix_str(format_scalars(metrics, ('loss', 'grad_norm', 'tokens_per_second')))
     last_metrics = metrics
