@@ -9,7 +9,7 @@ from configs import tiny
 from euro_lm import data
 from euro_lm.data import corpus, prepare, sources
 from euro_lm.data.tokenizer import train_sentencepiece
-from euro_lm.errors import ConfigError
+from euro_lm.errors import ConfigError, DataError
 from euro_lm.train.loop import train
 
 LANGUAGES = ('deu_Latn', 'ell_Grek', 'pol_Latn')
@@ -73,3 +73,13 @@ def test_a_different_tokenizer_is_refused(prepared_dir, tmp_path):
   c.data.tokenizer_path = other
   with pytest.raises(ConfigError, match='not the one .* was prepared with'):
     data.make_data(c, str(tmp_path))
+
+
+def test_a_corrupt_shard_is_reported_by_name(prepared_dir, tmp_path):
+  import shutil
+  copy = tmp_path / 'copy'
+  shutil.copytree(prepared_dir, copy)
+  shard = copy / prepare.read_manifest(str(copy))['languages']['ell_Grek']['shards'][0]['path']
+  shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-file
+  with pytest.raises(DataError, match='ell_Grek'):
+    prepare.document_source(str(copy), 'ell_Grek')
