@@ -56,7 +56,9 @@ def time_streams(prepared_dir, seq_len, batch, batches):
   manifest = prepare.read_manifest(prepared_dir)
   sources = {tag: prepare.document_source(prepared_dir, tag) for tag in manifest['languages']}
   counts = {tag: entry['tokens'] for tag, entry in manifest['languages'].items()}
-  streams = PackedStreams(sources, lambda step: counts, seq_len=seq_len, num_streams=batch,
+  mean = {tag: e['tokens'] / e['documents'] for tag, e in manifest['languages'].items()}
+  streams = PackedStreams(sources, lambda step: counts, mean_document_tokens=mean,
+                          seq_len=seq_len, num_streams=batch,
                           streams=process_streams(batch, 0, 1), seed=0,
                           bos_id=manifest['tokenizer']['bos_id'],
                           eos_id=manifest['tokenizer']['eos_id'])

@@ -83,3 +83,32 @@ def test_a_corrupt_shard_is_reported_by_name(prepared_dir, tmp_path):
   shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-file
   with pytest.raises(DataError, match='ell_Grek'):
     prepare.document_source(str(copy), 'ell_Grek')
+
+
+def test_code_is_a_data_tag_with_its_own_mixture_share(tmp_path):
+  """Non-language data (here 'code') is prepared and weighted like a language."""
+  raw = tmp_path / 'mixed.jsonl'
+  docs = corpus.load_embedded_corpus()['deu_Latn']
+  code = [f'def f{i}(x):\n    return x * {i}\n' * 20 for i in range(30)]
+  with open(raw, 'w') as f:
+    for doc in docs:
+      f.write(json.dumps({'text': doc, 'lang': 'de'}) + '\n')
+    for doc in code:
+      f.write(json.dumps({'text': doc, 'lang': 'Code'}) + '\n')
+  model = str(tmp_path / 'tok.model')
+  train_sentencepiece(docs + code, model, vocab_size=600)
+  out = str(tmp_path / 'out')
+  manifest = prepare.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
+                             workers=1)
+  assert sorted(manifest['languages']) == ['code', 'deu_Latn']
+  assert manifest['languages']['code']['documents'] == 30
+  c = config_for(out)
+  c.model.vocab_size = 600
+  c.data.mixture, c.data.mixture_groups = 'groups', 'code=0.25;*=0.75'
+  result = data.make_data(c, str(tmp_path))
+  assert data.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
+      pytest.approx({'code': 0.25, 'deu_Latn': 0.75})
+  for _ in range(20):
+    next(result.train)
+  tokens = result.train.tokens_by_language()
+  assert 0.15 < tokens['code'] / sum(tokens.values()) < 0.35

@@ -68,6 +68,10 @@ def make_data(
   train_streams = PackedStreams(
       train_tokens,
       schedule.weights_at,
+      mean_document_tokens={
+          tag: token_counts[tag] / max(len(docs), 1)
+          for tag, docs in train_tokens.items()
+      },
       seq_len=seq_len,
       num_streams=global_batch_size,
       streams=process_streams(global_batch_size, process_index, process_count),

@@ -6,6 +6,10 @@ form FLORES/NLLB use. Every other module asks this table; none keeps a list.
 Each language has exactly one tag. Serbian is `srp_Cyrl` (its official script
 and Django's `sr` catalog); a code that names a different script, such as the
 locale `sr_Latn`, is rejected rather than folded into the wrong script.
+
+Besides languages, data can be tagged with a domain that is not a natural
+language (`DOMAINS`: source code, mathematics), so mixtures can give it a share
+of its own ('code=0.1;*=0.9').
 """
 
 import dataclasses
@@ -85,8 +89,12 @@ _BY_CODE = {
 }
 
 
+# Non-language data tags; they fold only to themselves (any case).
+DOMAINS = ('code', 'math')
+
+
 def canonical_language(code: str) -> str:
-  """Folds a language code to its canonical tag.
+  """Folds a language code (or a domain in DOMAINS) to its canonical tag.
 
   Accepts ISO 639-1 (`cs`), 639-2/B (`cze`), 639-3 (`ces`), the tag itself
   (`ces_Latn`) and locale forms (`pt_BR`, `pt-BR`, `sr-Cyrl-RS`), in any case.
@@ -95,6 +103,8 @@ def canonical_language(code: str) -> str:
   Raises:
     ValueError: the code names no language in the table, or the wrong script.
   """
+  if code.strip().lower() in DOMAINS:
+    return code.strip().lower()
   parts = code.strip().replace('-', '_').split('_')
   language_entry = _BY_CODE.get(parts[0].lower())
   if language_entry is None:
@@ -117,4 +127,4 @@ def canonical_language(code: str) -> str:
 
 def known_tags() -> str:
   """The known tags as one comma-separated line, for messages."""
-  return ', '.join(lang.tag for lang in LANGUAGES)
+  return ', '.join([lang.tag for lang in LANGUAGES] + list(DOMAINS))

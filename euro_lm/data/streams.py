@@ -5,7 +5,8 @@ every step comes from stream b, an independent packer with its own document sequ
 
 - the language of stream b's k-th document is drawn from the mixture weights of the step
   being filled, with a counter-based hash of (seed, b, k), so stages switch exactly at
-  their step;
+  their step. Weights are shares of tokens: a language is drawn with probability
+  proportional to its weight divided by its mean document length;
 - stream b takes that language's documents at positions b, b + S, b + 2S, ... of the
   language's endless shuffled order (S = num_streams), so streams never share a document
   and together walk each language's epochs in order;
@@ -74,7 +75,9 @@ class PackedStreams:
   Args:
     sources: language tag -> random-access documents (a `grain.MapDataset` or sequence)
       of int32 token ids without BOS/EOS.
-    weights_at: step -> {language tag: weight}; languages missing or at 0 are not drawn.
+    weights_at: step -> {language tag: weight}, the share of tokens each language should
+      get; languages missing or at 0 are not drawn.
+    mean_document_tokens: language tag -> mean tokens per document (without BOS/EOS).
     seq_len: tokens per row.
     num_streams: rows in the global batch.
     streams: the stream ids this process produces (see `process_streams`).
@@ -85,13 +88,17 @@ class PackedStreams:
   """
 
   def __init__(self, sources: Mapping[str, Sequence], weights_at: Callable[[int], dict], *,
-               seq_len: int, num_streams: int, streams: Sequence[int], seed: int,
+               mean_document_tokens: Mapping[str, float], seq_len: int, num_streams: int, streams: Sequence[int], seed: int,
                bos_id: int | None, eos_id: int | None):
     self._languages = sorted(sources)
     for language in self._languages:
       if not len(sources[language]):
         raise ValueError(f'language {language} has no documents')
     self._sources = dict(sources)
+    extra = (bos_id is not None) + (eos_id is not None)
+    # Tokens a drawn document adds to rows, on average (its inputs: length + extra - 1).
+    self._document_cost = {l: max(mean_document_tokens[l] + extra - 1, 1.0)
+                           for l in self._languages}
     self._weights_at = weights_at
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
@@ -171,7 +178,8 @@ class PackedStreams:
     if not languages:
       raise ValueError(f'mixture weights at step {self._step} give no language a positive '
                        'weight')
-    cumulative = np.cumsum([weights[l] for l in languages]) / sum(weights[l] for l in languages)
+    draws = [weights[l] / self._document_cost[l] for l in languages]
+    cumulative = np.cumsum(draws) / sum(draws)
     self._cumulative_for = (self._step, languages, list(cumulative))
     return languages, self._cumulative_for[2]
 
