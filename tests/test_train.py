@@ -87,6 +87,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path):
   for original, again in zip(first[10:], replayed):
     for key in ('loss', 'grad_norm', 'learning_rate'):
       assert again[key] == original[key], (again['step'], key)
+  # A finished run started again does nothing: no step and no record is added.
+  records = len(read_metrics(tmp_path))
+  assert train(config, str(tmp_path)) == ({}, {})
+  assert len(read_metrics(tmp_path)) == records
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):

@@ -106,6 +106,11 @@ def train(config, workdir):
     _write_config(workdir, config)
   log(f'model: {num_params / 1e6:.1f}M parameters; {len(data.languages)} languages; '
       f'{t.global_batch_size} x {t.seq_len} tokens per step')
+  if start_step >= t.steps:
+    log(f'nothing to do: the newest checkpoint is step {start_step} and train.steps={t.steps} '
+        '(raise --config.train.steps to train further)')
+    checkpointer.close()
+    return {}, {}
 
   train_step = make_train_step(model, tx, schedule, t, config.optimizer.z_loss, mesh, shardings)
   eval_step = make_eval_step(model, mesh, shardings.params)
