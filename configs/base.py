@@ -24,7 +24,7 @@ def get_config(arg=None):
   m.qk_norm = False                # RMSNorm on queries and keys per head
   m.init_std = 0.02                # normal init std for weights
   m.compute_dtype = 'float32'      # activations/matmuls: float32 | bfloat16 | float16
-  m.attention_impl = 'xla'         # xla (reference) | cudnn (jax.nn.dot_product_attention)
+  m.attention_impl = 'xla'         # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
   m.remat_policy = 'none'          # none | full | dots | dots_no_batch | save_attention_out
 
   c.train = t = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@
 import math
 
 from euro_lm.errors import ConfigError
+from euro_lm.kernels.flash_attention import GPU_BLOCK_SIZES, BlockSizes
 from euro_lm.model.attention import IMPLS
 from euro_lm.model.decoder import REMAT_POLICIES
 from euro_lm.model.layers import head_dim
@@ -66,6 +67,12 @@ def validate(config, num_devices, process_count=1, platform=None):
     _check(platform in (None, 'gpu', 'cuda'),
            f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run "
            "(use 'xla')")
+  if m.attention_impl == 'pallas':
+    blocks = GPU_BLOCK_SIZES.get(head_dim(m), BlockSizes())
+    block = math.lcm(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
+    _check(t.seq_len % block == 0,
+           f"train.seq_len={t.seq_len} must be a multiple of {block} for model.attention_impl="
+           "'pallas' (its block size at this head_dim)")
   _check(0 < o.decay_fraction <= 1, f'optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]')
 
   try:

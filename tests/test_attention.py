@@ -21,11 +21,14 @@ def reference_attention(q, k, v, segment_ids, causal):
         visible &= np.tri(length, dtype=bool)
       if segment_ids is not None:
         seg = np.asarray(segment_ids[b])
-        visible &= seg[:, None] == seg[None, :]
+        visible &= (seg[:, None] == seg[None, :]) & (seg[:, None] != 0)
       logits = np.where(visible, logits, -np.inf)
-      probs = np.exp(logits - logits.max(-1, keepdims=True))
-      probs /= probs.sum(-1, keepdims=True)
-      out[b, :, h] = probs @ v[b, :, h // group]
+      top = logits.max(-1, keepdims=True)
+      probs = np.where(visible, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0.0)
+      total = probs.sum(-1, keepdims=True)
+      # Padding (segment 0) sees no key and outputs zeros.
+      out[b, :, h] = np.where(total > 0, probs / np.where(total > 0, total, 1), 0) @ \
+          v[b, :, h // group]
   return out
 
 

@@ -1,16 +1,18 @@
 """Attention: one function, several backends.
 
 `impl='xla'` is the reference (plain einsums, any platform); `impl='cudnn'` calls
-`jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs). Both take q
-`[B, L, H, D]` and k, v `[B, L, K, D]` with K dividing H (grouped-query attention: K/V
-are never repeated in memory) and optional packed-document `segment_ids` `[B, L]`:
-a token attends only to earlier tokens of its own segment.
+`jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs); `impl='pallas'` is
+euro_lm's flash attention kernel (euro_lm.kernels; interpreted on CPU); `impl='auto'` is
+pallas on GPUs and xla elsewhere. All take q `[B, L, H, D]` and k, v `[B, L, K, D]` with K
+dividing H (grouped-query attention: K/V are never repeated in memory) and optional
+packed-document `segment_ids` `[B, L]`: a token attends only to earlier tokens of its own
+segment, and segment 0 is padding that attends nowhere (its output is zero).
 """
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('xla', 'cudnn')
+IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 
 
 def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
@@ -20,6 +22,12 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   scale = q_BLHD.shape[-1] ** -0.5 if scale is None else scale
+  if impl == 'auto':
+    impl = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  if impl == 'pallas':
+    from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
+    return flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL, causal=causal,
+                           scale=scale)
   if impl == 'xla':
     return _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
   if impl == 'cudnn':
@@ -35,7 +43,8 @@ def attention_mask(segment_ids_BL, length, causal):
   if segment_ids_BL is None:
     return mask_1LL
   same_segment_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return mask_1LL & same_segment_BLL
+  not_padding_BL1 = (segment_ids_BL != 0)[:, :, None]
+  return mask_1LL & same_segment_BLL & not_padding_BL1
 
 
 def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
@@ -48,7 +57,7 @@ def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
   mask_BLL = attention_mask(segment_ids_BL, length, causal)
   logits_BKGLL = jnp.where(mask_BLL[:, None, None], logits_BKGLL, jnp.finfo(jnp.float32).min)
   probs_BKGLL = jax.nn.softmax(logits_BKGLL, axis=-1)
-  # A row that sees no key at all (impossible with causal self-attention) gives zeros.
+  # A row that sees no key at all (padding) gives zeros.
   probs_BKGLL = jnp.where(mask_BLL[:, None, None], probs_BKGLL, 0.0)
   out_BLKGD = jnp.einsum('bkglm,bmkd->blkgd', probs_BKGLL.astype(v_BLKD.dtype), v_BLKD,
                          preferred_element_type=jnp.float32)
@@ -58,7 +67,7 @@ def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
 def _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
   mask = None
   if segment_ids_BL is not None:
-    # cuDNN takes a dense mask; the Pallas kernel (kernels issue) skips masked blocks instead.
+    # cuDNN takes a dense mask; the Pallas kernel skips masked blocks instead.
     mask = attention_mask(segment_ids_BL, q_BLHD.shape[1], causal=False)[:, None]
   return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask, scale=scale,
                                       is_causal=causal, implementation='cudnn')
