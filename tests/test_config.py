@@ -59,7 +59,7 @@ def test_a_valid_config_resolves_the_mesh():
     ({'optimizer.warmup_steps': -1}, 'optimizer.warmup_steps=-1 must be >= 0'),
     ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
     ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.compute_dtype"),
-    ({'model.attention_impl': 'pallas', 'train.seq_len': 96}, 'train.seq_len=96 must be a multiple of 128'),
+    ({'model.attention_impl': 'pallas', 'train.seq_len': 96}, 'train.seq_len=96 must be a multiple of 64'),
 ])
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()

@@ -20,6 +20,12 @@ _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 16, 'Key/value heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = tokens / L).')
+_SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over SWEEP block sizes instead.')
+
+# Candidates for --sweep: (block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages).
+SWEEP = [(128, 64, 64, 64, 8, 2), (128, 128, 64, 64, 8, 2), (128, 64, 64, 64, 4, 3),
+         (128, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2),
+         (128, 64, 128, 128, 8, 2), (128, 128, 64, 64, 8, 3)]
 
 
 def implementations():
@@ -45,8 +51,35 @@ def timed(fn, *args, repeats=10):
   return float(np.median(times))
 
 
+def sweep(length):
+  """Forward and forward+backward times of our kernel for each SWEEP block size."""
+  from euro_lm.kernels import BlockSizes
+  batch = max(_TOKENS.value // length, 1)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (batch, length, _HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
+  k, v = (jax.random.normal(x, (batch, length, _KV_HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
+          for x in keys[1:3])
+  d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
+  print('| blocks (q, k, q_bwd, k_bwd, warps, stages) | fwd TFLOP/s | fwd+bwd TFLOP/s |\n|---|---|---|')
+  for candidate in SWEEP:
+    blocks = BlockSizes(*candidate)
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
+    try:
+      t_fwd = timed(jax.jit(fn), q, k, v)
+      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
+      print(f'| {candidate} | {flops / t_fwd / 1e12:.0f} | {3.5 * flops / t_all / 1e12:.0f} |',
+            flush=True)
+    except Exception as e:  # a tile that does not fit in shared memory
+      print(f'| {candidate} | failed: {type(e).__name__}: {str(e)[:60]} | |', flush=True)
+
+
 def main(argv):
   del argv
+  if _SWEEP.value:
+    for length in map(int, _LENGTHS.value):
+      sweep(length)
+    return
   print(f'device: {jax.devices()[0].device_kind}; H={_HEADS.value} K={_KV_HEADS.value} '
         f'D={_HEAD_DIM.value}, bf16, causal')
   print('| L | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out | '

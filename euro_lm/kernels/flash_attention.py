@@ -37,11 +37,12 @@ class BlockSizes:
   num_stages: int = 2
 
 
-# Tuned on one H100 per head_dim (see BENCHMARKS.md); other sizes use the default.
+# Per head_dim, from `python -m euro_lm.kernels.bench --sweep` on an H200 (BENCHMARKS.md):
+# the best forward+backward of the candidates at L = 4096. head_dim 64 is not swept yet.
 GPU_BLOCK_SIZES = {
-    64: BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
-                   num_stages=3),
-    128: BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8,
+    64: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
+                   num_stages=2),
+    128: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
                     num_stages=2),
 }
 
