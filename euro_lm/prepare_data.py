@@ -12,42 +12,27 @@ import sys
 
 from absl import app, flags
 
+from euro_lm.data import source_flags
+
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None,
                                  'SentencePiece .model file.')
-_FORMAT = flags.DEFINE_enum('format', 'auto', ['auto', 'jsonl', 'parquet'],
-                            'Input format; auto: from each file name.')
-_TEXT_FIELD = flags.DEFINE_string('text_field', 'text',
-                                  'JSON field or Parquet column of the text.')
-_LANGUAGE_FIELD = flags.DEFINE_string(
-    'language_field', '', "Field or column of each record's language code.")
-_LANGUAGE = flags.DEFINE_string(
-    'language', '', 'Language of every record (e.g. deu_Latn), if no field.')
 _DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000,
                                        'Documents per shard.')
 _WORKERS = flags.DEFINE_integer(
     'workers', None, 'Processes; default: the CPUs this process may use.')
-_STRICT = flags.DEFINE_bool('strict', False,
-                            'Stop at the first bad record instead of counting.')
 flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from euro_lm.data import prepare, sources
+  from euro_lm.data import prepare
   from euro_lm.errors import UserError
   try:
-    source = sources.TextSource(
-        format=_FORMAT.value,
-        text_field=_TEXT_FIELD.value,
-        language_field=_LANGUAGE_FIELD.value,
-        language=_LANGUAGE.value,
-        strict=_STRICT.value,
-    )
     manifest = prepare.prepare(
-        _INPUT.value, _OUTPUT.value, _TOKENIZER.value, source,
+        _INPUT.value, _OUTPUT.value, _TOKENIZER.value, source_flags.text_source(),
         docs_per_shard=_DOCS_PER_SHARD.value, workers=_WORKERS.value,
         progress=True,
     )

@@ -24,6 +24,7 @@ import numpy as np
 from euro_lm import data
 from euro_lm.data import corpus
 from euro_lm.data import fertility
+from euro_lm.data import source_flags
 from euro_lm.data import sources
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.errors import ConfigError, DataError, UserError
@@ -41,23 +42,6 @@ _CORPUS = flags.DEFINE_string(
 _INPUT = flags.DEFINE_list(
     'input', [], 'Your own text instead: input file globs, comma-separated.'
 )
-_FORMAT = flags.DEFINE_enum(
-    'format', 'auto', sources.FORMATS, 'Input format; auto: from each name.'
-)
-_TEXT_FIELD = flags.DEFINE_string(
-    'text_field', 'text', 'JSON field or Parquet column of the text.'
-)
-_LANGUAGE_FIELD = flags.DEFINE_string(
-    'language_field', '', "Field or column of each record's language code."
-)
-_LANGUAGE = flags.DEFINE_string(
-    'language', '', 'Language of every record (e.g. deu_Latn), if no field.'
-)
-_STRICT = flags.DEFINE_bool(
-    'strict', False, 'Stop at the first bad record instead of counting.'
-)
-# The flags that only mean something with --input.
-_SOURCE_FLAGS = (_FORMAT, _TEXT_FIELD, _LANGUAGE_FIELD, _LANGUAGE, _STRICT)
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 8192, 'Pieces in the model.')
 _MODEL_TYPE = flags.DEFINE_enum(
     'model_type', 'bpe', _MODEL_TYPES, 'SentencePiece algorithm.'
@@ -418,14 +402,8 @@ def main(argv):
   try:
     source = None
     if _INPUT.value:
-      source = sources.TextSource(
-          format=_FORMAT.value,
-          text_field=_TEXT_FIELD.value,
-          language_field=_LANGUAGE_FIELD.value,
-          language=_LANGUAGE.value,
-          strict=_STRICT.value,
-      )
-    elif given := [f'--{f.name}' for f in _SOURCE_FLAGS if f.present]:
+      source = source_flags.text_source()
+    elif given := [f'--{f.name}' for f in source_flags.ALL if f.present]:  # only for --input
       raise ConfigError(
           f'{", ".join(given)}: set for --input files, but --input is not'
           ' given.'

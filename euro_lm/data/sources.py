@@ -189,6 +189,18 @@ def file_format(path: str) -> str:
   )
 
 
+def _is_string(value, field: str, bad_records: 'BadRecords', position: int) -> bool:
+  """Whether a record's field holds a string; reports it as bad otherwise."""
+  if value is None:
+    bad_records.add(MISSING_FIELD, position, f'no {field!r} (missing or null)')
+    return False
+  if not isinstance(value, str):
+    bad_records.add(NOT_A_STRING, position,
+                    f'{field!r} is a {type(value).__name__}, not a string')
+    return False
+  return True
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSource:
   """How to read documents from raw files.
@@ -327,15 +339,7 @@ class TextSource:
       position: int,
   ) -> Document | None:
     """The record as a document, or None after reporting why it is bad."""
-    if text is None:
-      bad_records.add(MISSING_FIELD, position,
-                      f'no {self.text_field!r} (missing or null)')
-      return None
-    if not isinstance(text, str):
-      bad_records.add(
-          NOT_A_STRING, position,
-          f'{self.text_field!r} is a {type(text).__name__}, not a string',
-      )
+    if not _is_string(text, self.text_field, bad_records, position):
       return None
     if not text.strip():
       bad_records.add(EMPTY_TEXT, position,
@@ -347,17 +351,9 @@ class TextSource:
     except UnicodeEncodeError as e:
       bad_records.add(INVALID_UTF8, position, f'text is not valid Unicode: {e}')
       return None
-    if self.language_field:
-      if code is None:
-        bad_records.add(MISSING_FIELD, position,
-                        f'no {self.language_field!r} (missing or null)')
-        return None
-      if not isinstance(code, str):
-        bad_records.add(
-            NOT_A_STRING, position,
-            f'{self.language_field!r} is a {type(code).__name__}, not a string',
-        )
-        return None
+    if self.language_field and not _is_string(code, self.language_field,
+                                              bad_records, position):
+      return None
     try:
       language = language_of(code)
     except ValueError as e:

@@ -104,42 +104,42 @@ def _document_edges(segment_ids):
   return first, last
 
 
-def _key_ranges(static, segment_ids, block_q, block_k):
-  """For each query block: [lo, hi) of key blocks it can see. Int32 `[B, L / block_q]`."""
+def _block_ranges(segment_ids, block, other_block, back, ahead):
+  """For each block of `block` tokens: [lo, hi) of the `other_block` blocks it meets.
+
+  A token meets tokens of its own document, at most `back` positions before it and
+  `ahead` after it (None: no limit). Int32 `[B, L / block]` each.
+  """
   length = segment_ids.shape[1]
   first, last = _document_edges(segment_ids)
-  q_start = jnp.arange(0, length, block_q)
-  q_end = q_start + block_q - 1
-  lo_token = first[:, q_start]
-  hi_token = last[:, q_end]
-  if static.causal:
-    hi_token = jnp.minimum(hi_token, q_end)
-  if static.window:
-    lo_token = jnp.maximum(lo_token, q_start - static.window + 1)
-    if not static.causal:
-      hi_token = jnp.minimum(hi_token, q_end + static.window - 1)
-  lo = lo_token // block_k
-  hi = jnp.maximum(hi_token // block_k + 1, lo)
+  start = jnp.arange(0, length, block)
+  end = start + block - 1
+  lo_token, hi_token = first[:, start], last[:, end]
+  if back is not None:
+    lo_token = jnp.maximum(lo_token, start - back)
+  if ahead is not None:
+    hi_token = jnp.minimum(hi_token, end + ahead)
+  lo = lo_token // other_block
+  hi = jnp.maximum(hi_token // other_block + 1, lo)
   return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _reach(static):
+  """(before, after): how far back and ahead a query sees keys (None: no limit)."""
+  reach = static.window - 1 if static.window else None
+  return reach, 0 if static.causal else reach
+
+
+def _key_ranges(static, segment_ids, block_q, block_k):
+  """For each query block: [lo, hi) of key blocks it can see."""
+  before, after = _reach(static)
+  return _block_ranges(segment_ids, block_q, block_k, back=before, ahead=after)
 
 
 def _query_ranges(static, segment_ids, block_q, block_k):
   """For each key block: [lo, hi) of query blocks that can see it."""
-  length = segment_ids.shape[1]
-  first, last = _document_edges(segment_ids)
-  k_start = jnp.arange(0, length, block_k)
-  k_end = k_start + block_k - 1
-  lo_token = first[:, k_start]
-  hi_token = last[:, k_end]
-  if static.causal:
-    lo_token = jnp.maximum(lo_token, k_start)
-  if static.window:
-    hi_token = jnp.minimum(hi_token, k_end + static.window - 1)
-    if not static.causal:
-      lo_token = jnp.maximum(lo_token, k_start - static.window + 1)
-  lo = lo_token // block_q
-  hi = jnp.maximum(hi_token // block_q + 1, lo)
-  return lo.astype(jnp.int32), hi.astype(jnp.int32)
+  before, after = _reach(static)
+  return _block_ranges(segment_ids, block_k, block_q, back=after, ahead=before)
 
 
 def _dot(a, b, trans_a=False, trans_b=False):

@@ -1,0 +1,23 @@
+"""Command-line flags that describe raw text files, shared by the data command lines."""
+
+from absl import flags
+
+from euro_lm.data import sources
+
+FORMAT = flags.DEFINE_enum('format', 'auto', sources.FORMATS,
+                           'Input format; auto: from each file name.')
+TEXT_FIELD = flags.DEFINE_string('text_field', 'text',
+                                 'JSON field or Parquet column of the text.')
+LANGUAGE_FIELD = flags.DEFINE_string('language_field', '',
+                                     "Field or column of each record's language code.")
+LANGUAGE = flags.DEFINE_string('language', '',
+                               'Language of every record (e.g. deu_Latn), if no field.')
+STRICT = flags.DEFINE_bool('strict', False, 'Stop at the first bad record instead of counting.')
+ALL = (FORMAT, TEXT_FIELD, LANGUAGE_FIELD, LANGUAGE, STRICT)
+
+
+def text_source() -> sources.TextSource:
+  """The TextSource the flags describe."""
+  return sources.TextSource(format=FORMAT.value, text_field=TEXT_FIELD.value,
+                            language_field=LANGUAGE_FIELD.value, language=LANGUAGE.value,
+                            strict=STRICT.value)
