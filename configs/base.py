@@ -37,8 +37,13 @@ def get_config(arg=None):
   t.eval_every = 200               # steps between validation passes; 0 disables
   t.eval_batches = 4               # batches per language per validation pass
   t.checkpoint_every = 500         # steps between checkpoints; 0 disables (final always saved)
+  t.checkpoint_every_minutes = 0.0  # also save once this many minutes passed since the last; 0 off
   t.keep_checkpoints = 3           # newest checkpoints kept on disk
-  t.nonfinite_policy = 'stop'      # what a non-finite loss does: stop
+  t.keep_checkpoints_every = 0     # also keep every step that is a multiple of this; 0 off
+  t.init_from = ''                 # new run: parameters from this checkpoint (workdir or step dir)
+  t.nonfinite_policy = 'stop'      # non-finite loss/gradient: stop | skip (the update)
+  t.max_skipped_in_a_row = 10      # skip: stop after more consecutive skipped updates than this
+  t.skip_grad_norm_above = 0.0     # skip: also skip updates whose gradient norm exceeds this; 0 off
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4           # peak learning rate

@@ -1,17 +1,44 @@
-"""Orbax checkpoints of the train state, the data iterator and the resolved config.
+"""Orbax checkpoints of the train state, the data position, the config and the tokenizer.
 
-Each step's checkpoint is a directory `<workdir>/checkpoints/<step>/` with items `state`
-(params, optimizer state, step; sharded arrays), `data` (each process's data iterator
-position, restorable onto another process count) and `config` (JSON, human-readable). Orbax writes into a temporary directory
-and renames it when complete, so an interrupted save is never taken for a checkpoint.
+A step's checkpoint is `<workdir>/checkpoints/<step>/` with items
+  state      params, optimizer state, step and skip counters (sharded arrays, OCDBT)
+  data       each process's data iterator position (restorable onto another process count)
+  config     the resolved config (JSON, human-readable)
+  tokenizer  the SentencePiece model the run trains with (the checkpoint stands alone)
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it only when every item
+of every process is written, so a save cut short (SIGKILL, a node failure, a full disk)
+leaves no step directory; it is ignored, and deleted when the next run opens the directory.
 """
 
 import dataclasses
+import hashlib
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from euro_lm.errors import UserError
+from euro_lm.finite import leaf_name, nonfinite_leaves
+
+# Model fields that fix parameter shapes: a checkpoint resumes only under the same values.
+SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
+                'head_dim', 'mlp_dim', 'tie_embeddings', 'qk_norm')
+TOKENIZER_FILE = 'tokenizer.model'
+# With several processes a time-based save needs one agreed decision; asking every step
+# would stall the host on the device each step, so they agree every this many steps.
+_AGREE_EVERY_STEPS = 10
+
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint that cannot be written or read; the message says which and why."""
 
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
@@ -43,41 +70,237 @@ class DataRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-class Checkpointer:
-  """Asynchronous saves every `save_every` steps, keeping the newest `keep`."""
+class FileHandler(ocp.CheckpointHandler):
+  """One file copied into the checkpoint (by process 0); restore returns its bytes."""
 
-  def __init__(self, directory, *, save_every, keep):
+  def save(self, directory, args):
+    if jax.process_index() == 0:
+      shutil.copyfile(args.path, epath.Path(directory) / TOKENIZER_FILE)
+
+  def restore(self, directory, args=None):
+    return (epath.Path(directory) / TOKENIZER_FILE).read_bytes()
+
+
+@ocp.args.register_with_handler(FileHandler, for_save=True)
+@dataclasses.dataclass
+class FileSave(ocp.args.CheckpointArgs):
+  path: str
+
+
+@ocp.args.register_with_handler(FileHandler, for_restore=True)
+@dataclasses.dataclass
+class FileRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _sha256(data):
+  return hashlib.sha256(data).hexdigest()
+
+
+def _shapes(tree):
+  """{leaf name: (shape, dtype)} of arrays, ShapeDtypeStructs or Orbax array metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {leaf_name(path): (tuple(x.shape), np.dtype(x.dtype).name) for path, x in leaves}
+
+
+def shape_differences(saved, expected):
+  """Lines naming leaves missing on either side or with other shapes/dtypes."""
+  saved, expected = _shapes(saved), _shapes(expected)
+  lines = [f'{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, '
+           f'{expected[name][0]} {expected[name][1]} in this run'
+           for name in sorted(saved.keys() & expected.keys()) if saved[name] != expected[name]]
+  lines += [f'{name}: only in the checkpoint' for name in sorted(saved.keys() - expected.keys())]
+  lines += [f'{name}: missing from the checkpoint'
+            for name in sorted(expected.keys() - saved.keys())]
+  return lines
+
+
+def config_differences(saved_config, config):
+  """'model.x: a in the checkpoint, b in this run' for each shape-fixing model field."""
+  saved_model = saved_config.get('model', {})
+  return [f'model.{name}: {saved_model.get(name)!r} in the checkpoint, '
+          f'{config.model[name]!r} in this run'
+          for name in SHAPE_FIELDS if saved_model.get(name) != config.model[name]]
+
+
+def _state_metadata(step_dir):
+  """The saved state's tree of array metadata (shapes and dtypes), read without the arrays."""
+  return ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
+
+
+def _free_space(path):
+  try:
+    return f'; {shutil.disk_usage(path).free / 2**30:.1f} GiB free there'
+  except OSError:
+    return ''
+
+
+class Checkpointer:
+  """Asynchronous saves every `save_every` steps and/or `save_every_minutes`; keeps the
+  newest `keep` checkpoints plus every `keep_every`-th step."""
+
+  def __init__(self, directory, *, save_every=0, save_every_minutes=0.0, keep=3,
+               keep_every=0):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
+    policies = [preservation.LatestN(n=keep)]
+    if keep_every:
+      policies.append(preservation.EveryNSteps(interval_steps=keep_every))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+        preservation_policy=preservation.AnyPreservationPolicy(policies))
     self._save_every = save_every
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._save_seconds = save_every_minutes * 60
+    self._last_save_time = time.monotonic()
+    self._saving_step = None  # the step of the save that may still be in flight
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise CheckpointError(f'cannot open the checkpoint directory {self.directory}: {e}') from e
 
   def latest_step(self):
     return self._manager.latest_step()
 
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def step_directory(self, step):
+    return os.path.join(self.directory, str(step))
+
   def should_save(self, step):
-    return bool(self._save_every) and step % self._save_every == 0
+    """Every `save_every` steps, or once `save_every_minutes` passed since the last save
+    (process 0's clock decides for all processes)."""
+    if self._save_every and step % self._save_every == 0:
+      return True
+    if not self._save_seconds:
+      return False
+    if jax.process_count() == 1:
+      return time.monotonic() - self._last_save_time >= self._save_seconds
+    if step % _AGREE_EVERY_STEPS:
+      return False
+    due = time.monotonic() - self._last_save_time >= self._save_seconds
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
 
-  def save(self, step, state, data_iterator, config):
-    """Starts an asynchronous save; returns once device arrays are copied to the host."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=DataSave(data_iterator),
-        config=ocp.args.JsonSave(config.to_dict())), force=True)
+  def save(self, step, state, data_iterator, config, tokenizer_path):
+    """Starts an asynchronous save; returns once device arrays are copied to the host.
 
-  def restore(self, step, abstract_state, data_iterator):
+    Refuses (CheckpointError) to write parameters that hold NaN or infinity.
+    """
+    bad = nonfinite_leaves(state.params)
+    if bad:
+      raise CheckpointError(f'not saving step {step}: non-finite parameters in '
+                            f'{", ".join(bad)}')
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=DataSave(data_iterator),
+          config=ocp.args.JsonSave(config.to_dict()),
+          tokenizer=FileSave(tokenizer_path)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._saving_step = step
+    self._last_save_time = time.monotonic()
+
+  def _save_error(self, step, error):
+    """The error of a failed save: a previous async save's if one was in flight."""
+    failed = self._saving_step if self._saving_step not in (None, step) else step
+    self._saving_step = None
+    complete = [s for s in self._manager.all_steps() if s != failed]
+    newest = (f'step {max(complete)} in {self.directory} is the newest complete checkpoint '
+              'and is intact' if complete else 'there is no complete checkpoint yet')
+    return CheckpointError(
+        f'saving checkpoint step {failed} to {self.directory} failed: {error}'
+        f'{_free_space(self.directory)}. {newest}.')
+
+  def _read_error(self, step, error):
+    older = [s for s in self._manager.all_steps() if s < step]
+    hint = (f'; if it is damaged, move it away to resume from step {max(older)}' if older
+            else '')
+    return CheckpointError(f'checkpoint step {step} in {self.step_directory(step)} cannot be '
+                           f'read ({type(error).__name__}: {error}){hint}')
+
+  def restore(self, step, abstract_state, data_iterator, config, tokenizer_path):
     """Restores the state onto the shapes and shardings of `abstract_state` (a pytree of
     ShapeDtypeStructs, so the mesh may differ from the saving run's) and moves
-    `data_iterator` to the saved position."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=DataRestore(data_iterator)))
+    `data_iterator` to the saved position.
+
+    First checks that the checkpoint fits this run: the same shape-fixing model fields,
+    the same parameter and optimizer-state shapes, the same tokenizer.
+    """
+    try:
+      saved = self._manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(), tokenizer=FileRestore()))
+      metadata = _state_metadata(epath.Path(self.step_directory(step)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._read_error(step, e) from e
+    where = f'checkpoint step {step} in {self.step_directory(step)}'
+    differences = config_differences(saved['config'], config)
+    differences += shape_differences(metadata, abstract_state)
+    if differences:
+      raise CheckpointError(f'{where} does not fit this run\'s config:\n  '
+                            + '\n  '.join(differences[:20]))
+    with open(tokenizer_path, 'rb') as f:
+      if _sha256(f.read()) != _sha256(saved['tokenizer']):
+        raise CheckpointError(
+            f'the tokenizer {tokenizer_path} is not the one {where} was trained with; set '
+            f'data.tokenizer_path={os.path.join(self.step_directory(step), "tokenizer", TOKENIZER_FILE)}')
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._read_error(step, e) from e
     return restored['state']
 
   def wait(self):
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is on disk; raises CheckpointError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving_step, e) from e
+    self._saving_step = None
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+def resolve_checkpoint(path):
+  """A step directory from a workdir, its `checkpoints/` directory or a step directory
+  (the newest complete step of the first two)."""
+  root = epath.Path(path)
+  if (root / 'state').is_dir():
+    return root
+  if (root / 'checkpoints').is_dir():
+    root = root / 'checkpoints'
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit())
+                 if root.is_dir() else [])
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {path} (expected a workdir, its checkpoints/ '
+                          'directory or a step directory)')
+  return root / str(steps[-1])
+
+
+def load_params(path, abstract_params):
+  """The parameters alone from checkpoint `path` (see resolve_checkpoint), placed with the
+  shardings of `abstract_params`: the start of continued pretraining or annealing."""
+  step_dir = resolve_checkpoint(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = _state_metadata(step_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: '
+                          f'{e})') from e
+  differences = shape_differences(metadata.get('params', {}), abstract_params)
+  if differences:
+    raise CheckpointError(f'the parameters in {step_dir} do not fit this run\'s model:\n  '
+                          + '\n  '.join(differences[:20]))
+  item = {'params': abstract_params}
+  try:
+    restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: '
+                          f'{e})') from e
+  return restored['params'], step_dir

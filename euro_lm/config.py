@@ -3,7 +3,7 @@
 import math
 
 from euro_lm.errors import ConfigError
-from euro_lm.kernels.flash_attention import GPU_BLOCK_SIZES, BlockSizes
+from euro_lm.kernels.flash_attention import length_multiple
 from euro_lm.model.attention import IMPLS
 from euro_lm.model.decoder import REMAT_POLICIES
 from euro_lm.model.layers import head_dim
@@ -41,7 +41,7 @@ def validate(config, num_devices, process_count=1, platform=None):
   _one_of(config, 'data.corpus', CORPORA)
   _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit', 'groups'))
   _one_of(config, 'distributed.initialize', ('auto', 'always', 'never'))
-  _one_of(config, 'train.nonfinite_policy', ('stop',))
+  _one_of(config, 'train.nonfinite_policy', ('stop', 'skip'))
   for path in ('model.vocab_size', 'model.num_layers', 'model.embed_dim', 'model.num_heads',
                'model.num_kv_heads', 'model.mlp_dim', 'train.steps',
                'train.global_batch_size', 'train.seq_len', 'train.grad_accum_steps',
@@ -56,10 +56,16 @@ def validate(config, num_devices, process_count=1, platform=None):
          f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '
          '(set model.head_dim explicitly)')
   for path in ('optimizer.warmup_steps', 'train.eval_every', 'train.eval_batches',
-               'train.checkpoint_every'):
+               'train.checkpoint_every', 'train.checkpoint_every_minutes',
+               'train.keep_checkpoints_every', 'train.skip_grad_norm_above'):
     section, field = path.split('.')
     _check(config[section][field] >= 0, f'{path}={config[section][field]} must be >= 0')
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
+  _check(t.max_skipped_in_a_row >= 1,
+         f'train.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 1')
+  _check(not t.skip_grad_norm_above or t.nonfinite_policy == 'skip',
+         f'train.skip_grad_norm_above={t.skip_grad_norm_above} needs '
+         "train.nonfinite_policy='skip'")
   if m.attention_impl == 'cudnn':
     _check(m.compute_dtype in ('bfloat16', 'float16'),
            f"model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
@@ -68,8 +74,7 @@ def validate(config, num_devices, process_count=1, platform=None):
            f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run "
            "(use 'xla')")
   if m.attention_impl == 'pallas':
-    blocks = GPU_BLOCK_SIZES.get(head_dim(m), BlockSizes())
-    block = math.lcm(blocks.block_q, blocks.block_k, blocks.block_q_bwd, blocks.block_k_bwd)
+    block = length_multiple(head_dim(m), 'tpu' if platform == 'tpu' else 'gpu')
     _check(t.seq_len % block == 0,
            f"train.seq_len={t.seq_len} must be a multiple of {block} for model.attention_impl="
            "'pallas' (its block size at this head_dim)")

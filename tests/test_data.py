@@ -3,7 +3,6 @@
 import gettext
 import glob
 import importlib.util
-import json
 import os
 import re
 import struct

@@ -6,47 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_reference import inputs, jnp_reference, reference
 from euro_lm.kernels import BlockSizes, flash_attention
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
-
-
-def reference(q, k, v, segment_ids, causal, window):
-  """float64 numpy attention; query head h reads kv head h // (H // K); segment 0 sees
-  nothing and outputs zeros."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  batch, length, heads, dim = q.shape
-  group = heads // k.shape[2]
-  index = np.arange(length)
-  out = np.zeros_like(q)
-  for b in range(batch):
-    seg = segment_ids[b]
-    visible = (seg[:, None] == seg[None, :]) & (seg[:, None] != 0)
-    if causal:
-      visible &= index[:, None] >= index[None, :]
-    if window:
-      visible &= index[:, None] - index[None, :] < window
-      if not causal:
-        visible &= index[None, :] - index[:, None] < window
-    for h in range(heads):
-      logits = np.where(visible, q[b, :, h] @ k[b, :, h // group].T / np.sqrt(dim), -np.inf)
-      top = logits.max(-1, keepdims=True)
-      p = np.where(visible, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0)
-      total = p.sum(-1, keepdims=True)
-      out[b, :, h] = np.where(total > 0, p / np.where(total > 0, total, 1), 0) @ v[b, :, h // group]
-  return out
-
-
-def inputs(heads, kv_heads, dim, dtype, length=64, seed=0):
-  rng = np.random.default_rng(seed)
-  make = lambda n: rng.standard_normal((2, length, n, dim)).astype(np.float32)
-  q, k, v = make(heads), make(kv_heads), make(kv_heads)
-  # Row 0: two documents then padding; row 1: fully padded.
-  first, second = length * 5 // 16, length * 8 // 16
-  segment_ids = np.array([[1] * first + [2] * second + [0] * (length - first - second),
-                          [0] * length], np.int32)
-  cast = lambda x: jnp.asarray(x, dtype)
-  return cast(q), cast(k), cast(v), segment_ids
 
 
 @pytest.mark.parametrize('causal,window', [(True, None), (False, None), (True, 8), (False, 8)])
@@ -65,26 +28,10 @@ def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads):
                                                      block_sizes=SMALL_BLOCKS) * w),
                   argnums=(0, 1, 2))(q, k, v)
   with jax.enable_x64(True):
-    theirs = jax.grad(lambda *a: jnp.sum(_jnp_reference(*a, seg, causal, window) * w),
+    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
                       argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=5e-5)
-
-
-def _jnp_reference(q, k, v, seg, causal, window):
-  heads, kv_heads = q.shape[2], k.shape[2]
-  k, v = jnp.repeat(k, heads // kv_heads, 2), jnp.repeat(v, heads // kv_heads, 2)
-  index = jnp.arange(q.shape[1])
-  visible = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, :, None] != 0)
-  if causal:
-    visible &= index[:, None] >= index[None, :]
-  if window:
-    visible &= index[:, None] - index[None, :] < window
-    if not causal:
-      visible &= index[None, :] - index[:, None] < window
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  p = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -1e30), -1), 0)
-  return jnp.einsum('bhqk,bkhd->bqhd', p, v)
 
 
 @pytest.mark.parametrize('dim', [64, 128])
@@ -141,3 +88,46 @@ def test_forward_and_backward_lower_for_nvidia_gpus(dim):
   text = lowered.as_text()
   for kernel in ('euro_lm_flash_forward', 'euro_lm_flash_dkv', 'euro_lm_flash_dq'):
     assert kernel in text
+
+
+@pytest.mark.parametrize('bwd', [(None, None), (2, 1)])
+def test_backward_kernels_take_their_own_warps_and_stages(bwd):
+  blocks = BlockSizes(num_warps=8, num_stages=3, num_warps_bwd=bwd[0], num_stages_bwd=bwd[1])
+  q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+  def loss(q, k, v):
+    return flash_attention(q, k, v, block_sizes=blocks, interpret=False).astype(
+        jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
+      lowering_platforms=('cuda',)).as_text()
+  expected = {'forward': (8, 3), 'dkv': bwd if bwd[0] else (8, 3),
+              'dq': bwd if bwd[0] else (8, 3)}
+  calls = [line for line in text.splitlines() if 'xla.gpu.triton' in line]
+  assert len(calls) == 3
+  for kernel, (warps, stages) in expected.items():
+    (line,) = [c for c in calls if f'name = "euro_lm_flash_{kernel}"' in c]
+    assert f'num_warps = {warps} : i32' in line and f'num_stages = {stages} : i32' in line
+
+
+def test_packed_benchmark_counts_the_blocks_documents_skip():
+  from euro_lm.kernels import bench
+  # n equal documents of m blocks: causal visits N(N+1)/2 block pairs (N = n m), documents
+  # n m(m+1)/2, a fraction (m + 1) / (n m + 1).
+  eight_docs = np.repeat(np.arange(1, 9), 128)[None]
+  assert bench.visited_fraction(eight_docs, 64, 64) == 3 / 17
+  assert bench.visited_fraction(np.repeat(np.arange(1, 9), 1024)[None], 64, 64) == 17 / 129
+  assert bench.visited_fraction(np.ones((1, 1024), np.int32), 64, 64) == 1
+  segment_ids = bench.packed_segment_ids(2, 8192, 1024)
+  assert segment_ids.shape == (2, 8192) and segment_ids.min() == 1
+  sizes = np.unique(segment_ids[0], return_counts=True)[1]
+  assert np.all(sizes[:-1] >= 512) and np.all(sizes <= 1536) and sizes.sum() == 8192
+  assert 0.1 < bench.visited_fraction(segment_ids, 64, 64) < 0.2  # ~(m + 1) / (n m + 1)
+
+  # The packed case's kernels still lower for the GPU from this host.
+  q = jax.ShapeDtypeStruct((2, 8192, 1, 64), jnp.bfloat16)
+  fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=jnp.asarray(segment_ids),
+                                       interpret=False).astype(jnp.float32).sum()
+  text = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).trace(q, q, q).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert text.count('xla.gpu.triton') == 3

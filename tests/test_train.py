@@ -4,7 +4,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -72,33 +71,15 @@ def test_loss_falls_on_the_embedded_corpus(tiny_run):
     assert 0 < evals[2][f'valid/{language}/bpb'] < 10
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tiny_run, tmp_path):
-  """Losing the last checkpoint and resuming from the mid-run one replays steps 11-20
-  bit for bit, so the checkpoint holds the exact state and data position."""
-  config = fast_tiny(steps=20, log_every=1, eval_every=0, checkpoint_every=10)
-  config.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
-  train(config, str(tmp_path))
-  first = [r for r in read_metrics(tmp_path) if 'loss' in r]
-  shutil.rmtree(tmp_path / 'checkpoints' / '20')
-  train(config, str(tmp_path))
-  replayed = [r for r in read_metrics(tmp_path) if 'loss' in r][len(first):]
-  assert [r['step'] for r in first] == list(range(1, 21))
-  assert [r['step'] for r in replayed] == list(range(11, 21))
-  for original, again in zip(first[10:], replayed):
-    for key in ('loss', 'grad_norm', 'learning_rate'):
-      assert again[key] == original[key], (again['step'], key)
-  # A finished run started again does nothing: no step and no record is added.
-  records = len(read_metrics(tmp_path))
-  assert train(config, str(tmp_path)) == ({}, {})
-  assert len(read_metrics(tmp_path)) == records
-
-
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):
   c = fast_tiny(steps=5, eval_every=0, checkpoint_every=0)
   c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
   c.optimizer.learning_rate = float('nan')  # step 1's update would make every parameter NaN
   c.optimizer.warmup_steps = 0
-  with pytest.raises(TrainingError, match=r'learning_rate is nan at step 1; stopping'):
+  with pytest.raises(TrainingError, match=r'step 1: learning_rate is nan; non-finite '
+                     r'parameters after the update: embedding, final_norm/scale, '
+                     r'layers/attention/wk \(layers 0, 1\), .*; stopping. There is no '
+                     r'checkpoint yet'):
     train(c, str(tmp_path))
   assert not os.listdir(tmp_path / 'checkpoints')
 

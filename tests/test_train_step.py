@@ -1,5 +1,7 @@
 """The sharded train step: mesh independence, gradient accumulation, the optimizer."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,34 @@ def test_z_loss_adds_the_squared_log_partition():
   np.testing.assert_allclose(objective, (nll * weights).sum() + 1e-2 * (logz ** 2 * weights).sum(),
                              rtol=1e-5)
   assert weight_sum == weights.sum()
+
+
+@pytest.mark.parametrize('cause', ['gradients', 'update'])
+def test_skip_policy_keeps_the_state_when_a_step_is_not_finite(cause):
+  """An infinite z-loss weight makes the gradients non-finite; an infinite learning rate
+  makes the updated params non-finite. With nonfinite_policy='skip' neither step changes
+  the params or the optimizer state, and both are counted."""
+  config = small_config()
+  config.train.nonfinite_policy = 'skip'
+  z_loss = math.inf if cause == 'gradients' else 0.0
+  if cause == 'update':
+    config.optimizer.learning_rate, config.optimizer.schedule = math.inf, 'constant'
+  model = Decoder(config.model)
+  tx, schedule = make_optimizer(config.optimizer, total_steps=10)
+  mesh = make_mesh(config.mesh, jax.devices()[:1])
+  rules = logical_rules(config.mesh)
+  state, shardings = create_train_state(model, tx, config.train.seq_len, jax.random.key(0),
+                                        mesh, rules)
+  initial = jax.device_get((state.params, state.opt_state))
+  step = make_train_step(model, tx, schedule, config.train, z_loss, mesh, shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    history = []
+    for i in range(2):
+      state, metrics = step(state, global_batch(random_batch(config, i), mesh, rules))
+      history.append(jax.device_get(metrics))
+  assert [int(m['skipped_in_a_row']) for m in history] == [1, 2]
+  assert int(history[-1]['skipped_total']) == 2 and int(state.step) == 2
+  assert np.isfinite(history[0]['loss'])
+  assert np.isfinite(history[0]['grad_norm']) == (cause == 'update')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)),
+               initial)

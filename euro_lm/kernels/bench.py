@@ -4,8 +4,16 @@ For L in {2k, 4k, 8k}, D = 128, bf16, causal, ~16k tokens per batch: checks each
 implementation against XLA first (relative error of output and gradients), then times
 forward and forward+backward (median of timed runs after warm-up). Causal FLOPs are halved:
 forward 2 * 2 * B * H * L^2 * D / 2, backward 2.5x the forward (as FlashAttention counts).
+
+Then the packed-documents case: rows of `--packed_length` tokens packed with documents of
+about `--doc_length` tokens, our kernel timed with and without the segment ids, next to the
+fraction of (query block, key block) pairs the segment ids leave to visit. Block skipping
+works if the time ratio follows that fraction.
+
+`--sweep` times our kernel over SWEEP_FORWARD and SWEEP_BACKWARD instead.
 """
 
+import dataclasses
 import time
 
 import jax
@@ -13,19 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from euro_lm.kernels import flash_attention
+from euro_lm.kernels import GPU_BLOCK_SIZES, TPU_BLOCK_SIZES, BlockSizes, flash_attention
+from euro_lm.kernels.flash_attention import _fit_tpu_blocks, _key_ranges, _Static
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 16, 'Key/value heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = tokens / L).')
-_SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over SWEEP block sizes instead.')
+_SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over the SWEEP_* block sizes instead.')
+_PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192, 'Row length of the packed case.')
+_DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
 
-# Candidates for --sweep: (block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages).
-SWEEP = [(128, 64, 64, 64, 8, 2), (128, 128, 64, 64, 8, 2), (128, 64, 64, 64, 4, 3),
-         (128, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2),
-         (128, 64, 128, 128, 8, 2), (128, 128, 64, 64, 8, 3)]
+# --sweep candidates. The forward and backward kernels have their own settings, so each is
+# swept alone: forward (block_q, block_k, num_warps, num_stages), timed forward only; backward
+# (block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd), timed forward+backward with the
+# default forward. 14 compiles per length, against 16 when the two were swept together.
+SWEEP_FORWARD = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                 (128, 128, 8, 3), (128, 128, 4, 3)]
+SWEEP_BACKWARD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 2, 2),
+                  (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
 
 
 def implementations():
@@ -51,27 +66,99 @@ def timed(fn, *args, repeats=10):
   return float(np.median(times))
 
 
-def sweep(length):
-  """Forward and forward+backward times of our kernel for each SWEEP block size."""
-  from euro_lm.kernels import BlockSizes
-  batch = max(_TOKENS.value // length, 1)
-  keys = jax.random.split(jax.random.key(0), 4)
+def random_inputs(batch, length, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (batch, length, _HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
   k, v = (jax.random.normal(x, (batch, length, _KV_HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
           for x in keys[1:3])
   d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  return q, k, v, d_out
+
+
+def _time_ours(q, k, v, d_out, **kwargs):
+  """(forward, forward+backward) seconds of our kernel."""
+  fn = lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs)
+  return (timed(jax.jit(fn), q, k, v),
+          timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v))
+
+
+def sweep(length):
+  """Forward times over SWEEP_FORWARD, forward+backward times over SWEEP_BACKWARD."""
+  batch = max(_TOKENS.value // length, 1)
+  q, k, v, d_out = random_inputs(batch, length)
   flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
-  print('| blocks (q, k, q_bwd, k_bwd, warps, stages) | fwd TFLOP/s | fwd+bwd TFLOP/s |\n|---|---|---|')
-  for candidate in SWEEP:
-    blocks = BlockSizes(*candidate)
-    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
+  default = GPU_BLOCK_SIZES.get(_HEAD_DIM.value, BlockSizes())
+  print(f'L = {length}\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
+  for q_block, k_block, warps, stages in SWEEP_FORWARD:
+    blocks = dataclasses.replace(default, block_q=q_block, block_k=k_block, num_warps=warps,
+                                 num_stages=stages)
+    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks))
     try:
-      t_fwd = timed(jax.jit(fn), q, k, v)
-      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
-      print(f'| {candidate} | {flops / t_fwd / 1e12:.0f} | {3.5 * flops / t_all / 1e12:.0f} |',
+      print(f'| {(q_block, k_block, warps, stages)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |',
             flush=True)
     except Exception as e:  # a tile that does not fit in shared memory
-      print(f'| {candidate} | failed: {type(e).__name__}: {str(e)[:60]} | |', flush=True)
+      print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
+            f'{str(e)[:60]} |', flush=True)
+  t_fwd = _time_ours(q, k, v, d_out, block_sizes=default)[0]
+  print('\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
+        '\n|---|---|---|')
+  for q_block, k_block, warps, stages in SWEEP_BACKWARD:
+    blocks = dataclasses.replace(default, block_q_bwd=q_block, block_k_bwd=k_block,
+                                 num_warps_bwd=warps, num_stages_bwd=stages)
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
+    try:
+      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
+      print(f'| {(q_block, k_block, warps, stages)} | {3.5 * flops / t_all / 1e12:.0f} | '
+            f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
+    except Exception as e:  # a tile that does not fit in shared memory
+      print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
+            f'{str(e)[:60]} | |', flush=True)
+
+
+def packed_segment_ids(batch, length, doc_length, seed=0):
+  """int32 `[batch, length]`: each row packed with documents of doc_length / 2 to
+  3 * doc_length / 2 tokens (the last one cut at the row's end), ids counting from 1."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(batch):
+    sizes = []
+    while sum(sizes) < length:
+      sizes.append(int(rng.integers(doc_length // 2, doc_length * 3 // 2 + 1)))
+    sizes[-1] -= sum(sizes) - length
+    rows.append(np.repeat(np.arange(1, len(sizes) + 1), sizes))
+  return np.stack(rows).astype(np.int32)
+
+
+def visited_fraction(segment_ids, block_q, block_k):
+  """Of the (query block, key block) pairs a causal kernel visits, the fraction it still
+  visits when it also skips across documents: the time ratio that skipping can reach."""
+  def pairs(ids):
+    static = _Static(causal=True, scale=1.0, window=None, blocks=BlockSizes(), interpret=True)
+    lo, hi = _key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
+    return int(jnp.sum(hi - lo))
+  return pairs(segment_ids) / pairs(np.ones_like(segment_ids))
+
+
+def packed(length, doc_length):
+  """Our kernel on packed rows, with and without their segment ids."""
+  batch = max(_TOKENS.value // length, 1)
+  q, k, v, d_out = random_inputs(batch, length, seed=1)
+  segment_ids = packed_segment_ids(batch, length, doc_length)
+  if jax.default_backend() == 'tpu':
+    blocks = _fit_tpu_blocks(TPU_BLOCK_SIZES.get(_HEAD_DIM.value, TPU_BLOCK_SIZES[128]), length)
+  else:
+    blocks = GPU_BLOCK_SIZES.get(_HEAD_DIM.value, BlockSizes())
+  # The forward's blocks; the backward's are the same size on GPUs and 2x smaller on TPUs.
+  fraction = visited_fraction(segment_ids, blocks.block_q, blocks.block_k)
+  causal = _time_ours(q, k, v, d_out)
+  docs = _time_ours(q, k, v, d_out, segment_ids=jnp.asarray(segment_ids))
+  print(f'\nPacked rows: B={batch} L={length}, documents of ~{doc_length} tokens '
+        f'({len(np.unique(segment_ids[0]))} in row 0), causal, our kernel')
+  print('| mask | fwd ms | fwd+bwd ms | blocks visited |\n|---|---|---|---|')
+  print(f'| causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
+  print(f'| causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | {fraction:.3f} |')
+  print(f'| ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | {fraction:.3f} |',
+        flush=True)
 
 
 def main(argv):
@@ -86,11 +173,7 @@ def main(argv):
         'rel err grads |\n|---|---|---|---|---|---|---|---|')
   for length in map(int, _LENGTHS.value):
     batch = max(_TOKENS.value // length, 1)
-    keys = jax.random.split(jax.random.key(length), 4)
-    q = jax.random.normal(keys[0], (batch, length, _HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
-    k, v = (jax.random.normal(x, (batch, length, _KV_HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
-            for x in keys[1:3])
-    d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+    q, k, v, d_out = random_inputs(batch, length, seed=length)
     flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
     reference = None
     for name, fn in reversed(list(implementations().items())):  # xla first: the reference
@@ -115,6 +198,7 @@ def main(argv):
       print(f'| {length} | {name} | {1e3 * t_fwd:.2f} | {flops / t_fwd / 1e12:.0f} | '
             f'{1e3 * t_all:.2f} | {3.5 * flops / t_all / 1e12:.0f} | {errors[0]} | {errors[1]} |',
             flush=True)
+  packed(_PACKED_LENGTH.value, _DOC_LENGTH.value)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,10 @@ blocks that the causal diagonal, the window and the query block's documents can 
 The forward saves a float32 logsumexp; the backward recomputes probabilities blockwise in
 two deterministic kernels (dK/dV per key block, summing its query heads; dQ per query
 block), with float32 accumulation and no atomics.
+
+Two kernel sets share this contract: the Triton-style kernels here (NVIDIA/AMD GPUs, and the
+Pallas interpreter on CPU) and the Mosaic kernels in `flash_attention_tpu` (TPUs), picked by
+`flash_attention(..., backend=...)`.
 """
 
 import dataclasses
@@ -28,13 +32,20 @@ _MASKED = -1e30  # finite: exp(_MASKED - m) underflows to 0 without inf - inf = 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes: queries and keys per block, forward and backward."""
+  """Tile sizes: queries and keys per block, forward and backward.
+
+  `num_warps`/`num_stages` (Triton only) apply to the forward kernel, and to the backward
+  kernels unless `num_warps_bwd`/`num_stages_bwd` are given. The TPU kernels read only the
+  block sizes, which there must be multiples of 128.
+  """
   block_q: int = 64
   block_k: int = 64
   block_q_bwd: int = 64
   block_k_bwd: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  num_warps_bwd: int | None = None
+  num_stages_bwd: int | None = None
 
 
 # Per head_dim, from `python -m euro_lm.kernels.bench --sweep` on an H200 (BENCHMARKS.md):
@@ -46,9 +57,23 @@ GPU_BLOCK_SIZES = {
                     num_stages=2),
 }
 
+TPU_BLOCK_MULTIPLE = 128  # Mosaic tiles: sequence blocks lie along the 128 vector lanes
+
+# Untuned first guesses (no TPU has run these kernels yet): large forward tiles as splash
+# attention uses, smaller backward tiles since those kernels hold more [bk, bq] temporaries.
+# Unless block_sizes is given, each is lowered to the largest multiple of 128 dividing the
+# sequence length, so any multiple of 128 runs.
+TPU_BLOCK_SIZES = {
+    64: BlockSizes(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256),
+    128: BlockSizes(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256),
+}
+_TPU_DEFAULT = TPU_BLOCK_SIZES[128]
+_BLOCK_FIELDS = ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd')
+BACKENDS = ('gpu', 'tpu')
+
 
 def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, window=None,
-                    block_sizes=None, interpret=None):
+                    block_sizes=None, interpret=None, backend=None):
   """Attention output `[B, L, H, D]` in q's dtype; differentiable (custom VJP).
 
   Args:
@@ -58,16 +83,34 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     scale: logit scale; default 1/sqrt(D).
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
-    block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` by head dim.
+    block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
+      dim (the TPU defaults shrunk to fit the length).
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
+    backend: 'gpu' (Triton kernels) or 'tpu' (Mosaic kernels); None takes 'tpu' when
+      `jax.default_backend()` is TPU and 'gpu' otherwise, so a CPU runs the GPU kernels in
+      the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
+      that would trace both kernel sets, and both would have to accept the shapes (TPU tiles
+      are multiples of 128). Lowering on one machine for another (e.g.
+      `.lower(lowering_platforms=('tpu',))` on a CPU host) therefore names the backend,
+      with `interpret=False`.
   """
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
-  blocks = block_sizes or GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
-  for name in ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd'):
+  if backend is None:
+    backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+  if backend not in BACKENDS:
+    raise ValueError(f'unknown flash attention backend {backend!r}; expected one of {BACKENDS}')
+  if backend == 'tpu':
+    blocks = block_sizes or _fit_tpu_blocks(TPU_BLOCK_SIZES.get(head_dim, _TPU_DEFAULT), length)
+  else:
+    blocks = block_sizes or GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
+  for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
+    if backend == 'tpu' and size % TPU_BLOCK_MULTIPLE:
+      raise ValueError(f'TPU flash attention needs {name} to be a multiple of '
+                       f'{TPU_BLOCK_MULTIPLE}, not {size} (sequence length {length})')
     if length % size:
       raise ValueError(f'sequence length {length} is not a multiple of {name}={size}; pad '
                        'the sequence (with segment id 0) or pass smaller block_sizes')
@@ -77,7 +120,30 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     interpret = jax.default_backend() == 'cpu'
   static = _Static(causal=causal, scale=head_dim ** -0.5 if scale is None else float(scale),
                    window=window, blocks=blocks, interpret=interpret)
+  if backend == 'tpu':
+    from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
+    return flash_attention_tpu.attention(static, q, k, v, segment_ids.astype(jnp.int32))
   return _attention(static, q, k, v, segment_ids.astype(jnp.int32))
+
+
+def _fit_tpu_blocks(blocks, length):
+  """`blocks` with each size lowered to the largest multiple of 128 that divides `length`
+  (unchanged when `length` is no multiple of 128: the caller's check then names it)."""
+  def fit(size):
+    for candidate in range(size - size % TPU_BLOCK_MULTIPLE, 0, -TPU_BLOCK_MULTIPLE):
+      if length % candidate == 0:
+        return candidate
+    return size
+  return dataclasses.replace(blocks, **{name: fit(getattr(blocks, name))
+                                        for name in _BLOCK_FIELDS})
+
+
+def length_multiple(head_dim, backend='gpu'):
+  """The sequence lengths the default block sizes take are the multiples of this."""
+  if backend == 'tpu':
+    return TPU_BLOCK_MULTIPLE
+  blocks = GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
+  return math.lcm(*(getattr(blocks, name) for name in _BLOCK_FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,16 +214,23 @@ def _dot(a, b, trans_a=False, trans_b=False):
   return lax.dot_general(a, b, contract, preferred_element_type=jnp.float32)
 
 
+def _visible(static, q_index, k_index, q_segments, k_segments):
+  """Which (query, key) pairs attend, elementwise over broadcastable operands: [bq, 1] and
+  [1, bk] here, full tiles in either orientation in the TPU kernels."""
+  visible = (q_segments == k_segments) & (q_segments != 0)
+  if static.causal:
+    visible &= q_index >= k_index
+  if static.window:
+    visible &= q_index - k_index < static.window
+    if not static.causal:
+      visible &= k_index - q_index < static.window
+  return visible
+
+
 def _mask(static, q_index, k_index, q_segments, k_segments):
   """[bq, bk] visibility inside a block pair."""
-  visible = (q_segments[:, None] == k_segments[None, :]) & (q_segments[:, None] != 0)
-  if static.causal:
-    visible &= q_index[:, None] >= k_index[None, :]
-  if static.window:
-    visible &= q_index[:, None] - k_index[None, :] < static.window
-    if not static.causal:
-      visible &= k_index[None, :] - q_index[:, None] < static.window
-  return visible
+  return _visible(static, q_index[:, None], k_index[None, :], q_segments[:, None],
+                  k_segments[None, :])
 
 
 # --- forward -----------------------------------------------------------------------------
@@ -196,9 +269,13 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _compiler_params(static):
-  return pltriton.CompilerParams(num_warps=static.blocks.num_warps,
-                                 num_stages=static.blocks.num_stages)
+def _compiler_params(static, backward=False):
+  blocks = static.blocks
+  if backward:
+    return pltriton.CompilerParams(
+        num_warps=blocks.num_warps if blocks.num_warps_bwd is None else blocks.num_warps_bwd,
+        num_stages=blocks.num_stages if blocks.num_stages_bwd is None else blocks.num_stages_bwd)
+  return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def _forward(static, q, k, v, segment_ids):
@@ -304,7 +381,8 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
   # delta_i = sum_d dO_id * O_id: the softmax-gradient correction, [B, H, L].
   delta = jnp.einsum('blhd,blhd->bhl', d_out.astype(jnp.float32), out.astype(jnp.float32))
   lse = jnp.where(jnp.isinf(lse), 0.0, lse)  # padding rows: p is masked to 0 anyway
-  params = dict(compiler_params=_compiler_params(static), interpret=static.interpret)
+  params = dict(compiler_params=_compiler_params(static, backward=True),
+                interpret=static.interpret)
 
   q_lo, q_hi = _query_ranges(static, segment_ids, block_q, block_k)
   full_q = lambda b, h, j: (b, 0, h, 0)

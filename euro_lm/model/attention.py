@@ -2,11 +2,13 @@
 
 `impl='xla'` is the reference (plain einsums, any platform); `impl='cudnn'` calls
 `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs); `impl='pallas'` is
-euro_lm's flash attention kernel (euro_lm.kernels; interpreted on CPU); `impl='auto'` is
-pallas on GPUs and xla elsewhere. All take q `[B, L, H, D]` and k, v `[B, L, K, D]` with K
-dividing H (grouped-query attention: K/V are never repeated in memory) and optional
-packed-document `segment_ids` `[B, L]`: a token attends only to earlier tokens of its own
-segment, and segment 0 is padding that attends nowhere (its output is zero).
+euro_lm's flash attention kernels (euro_lm.kernels: Triton on GPUs, Mosaic on TPUs,
+interpreted on CPU); `impl='auto'` is pallas on GPUs and TPUs when the sequence length fits
+the kernels' default blocks, and xla otherwise. All take q `[B, L, H, D]` and k, v
+`[B, L, K, D]` with K dividing H (grouped-query attention: K/V are never repeated in
+memory) and optional packed-document `segment_ids` `[B, L]`: a token attends only to
+earlier tokens of its own segment, and segment 0 is padding that attends nowhere (its
+output is zero).
 """
 
 import jax
@@ -23,7 +25,7 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   scale = q_BLHD.shape[-1] ** -0.5 if scale is None else scale
   if impl == 'auto':
-    impl = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+    impl = _auto_impl(q_BLHD.shape[1], q_BLHD.shape[-1])
   if impl == 'pallas':
     from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
     return flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL, causal=causal,
@@ -33,6 +35,15 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
   if impl == 'cudnn':
     return _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
   raise ValueError(f'unknown attention impl {impl!r}; expected one of {IMPLS}')
+
+
+def _auto_impl(length, head_dim):
+  platform = jax.default_backend()  # 'gpu' for CUDA and ROCm
+  if platform in ('gpu', 'tpu'):
+    from euro_lm.kernels import length_multiple  # pylint: disable=g-import-not-at-top
+    if length % length_multiple(head_dim, platform) == 0:
+      return 'pallas'
+  return 'xla'
 
 
 def attention_mask(segment_ids_BL, length, causal):

@@ -11,14 +11,16 @@ import tqdm
 from flax import linen as nn
 
 from euro_lm import data as data_lib
-from euro_lm.checkpoint import Checkpointer
+from euro_lm.checkpoint import CheckpointError, Checkpointer, load_params
 from euro_lm.config import validate
 from euro_lm.errors import UserError
+from euro_lm.finite import describe_nonfinite
 from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device, progress_bar
 from euro_lm.model import Decoder, train_flops_per_token
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
-from euro_lm.train.state import abstract_train_state, create_train_state
+from euro_lm.train.preemption import PreemptionWatch
+from euro_lm.train.state import abstract_train_state, create_train_state, train_state_from_params
 from euro_lm.train.step import make_eval_step, make_train_step
 
 
@@ -70,11 +72,59 @@ def evaluate(eval_step, params, valid, mesh, rules):
   return results
 
 
+def _nonfinite_report(step, metrics, flags):
+  """'step 3: loss is nan; non-finite gradients: ...', or '' if the step was finite."""
+  parts = [f'{k} is {metrics[k]}' for k in ('loss', 'grad_norm', 'learning_rate')
+           if not math.isfinite(metrics[k])]
+  for what, key in (('gradients', 'grads_finite'), ('parameters after the update',
+                                                     'params_finite')):
+    names = describe_nonfinite(flags[key])
+    if names:
+      more = f' and {len(names) - 8} more' if len(names) > 8 else ''
+      parts.append(f'non-finite {what}: {", ".join(names[:8])}{more}')
+  return f'step {step}: ' + '; '.join(parts) if parts else ''
+
+
+def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokenizer_path, log):
+  """(state, shardings, start step): resumed from the workdir's newest checkpoint, else
+  fresh, with the parameters of `train.init_from` if set."""
+  t = config.train
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    started = time.perf_counter()
+    abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
+    state = checkpointer.restore(start_step, abstract_state, train_iterator, config,
+                                 tokenizer_path)
+    log(f'resumed from step {start_step} in {checkpointer.directory} '
+        f'({time.perf_counter() - started:.1f}s)')
+    return state, shardings, start_step
+  if t.init_from:
+    abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
+    params, source = load_params(t.init_from, abstract_state.params)
+    log(f'parameters from {source}; the optimizer state, step and data start fresh')
+    return train_state_from_params(params, tx, shardings), shardings, 0
+  state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh,
+                                        rules)
+  return state, shardings, 0
+
+
+def _close(checkpointer, failing):
+  """Waits for the save in flight; while another error propagates, does not mask it."""
+  try:
+    checkpointer.close()
+  except CheckpointError as e:
+    if not failing:
+      raise
+    tqdm.tqdm.write(f'also: {e}')
+
+
 def train(config, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
-  Returns the last logged training metrics and the last validation results.
+  SIGTERM or SIGINT ends the run after the current step with a checkpoint. Returns the
+  last logged training metrics and the last validation results.
   """
+  started = time.perf_counter()
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
@@ -90,17 +140,17 @@ def train(config, workdir):
                             process_count=process_count)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, t.steps)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              save_every=t.checkpoint_every, keep=t.keep_checkpoints)
+  checkpointer = Checkpointer(
+      os.path.join(workdir, 'checkpoints'), save_every=t.checkpoint_every,
+      save_every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
+      keep_every=t.keep_checkpoints_every)
   train_iterator = iter(data.train)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
-    state = checkpointer.restore(start_step, abstract_state, train_iterator)
-    log(f'resumed from step {start_step} in {checkpointer.directory}')
-  else:
-    state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh,
-                                          rules)
+  try:
+    state, shardings, start_step = _start(config, model, tx, mesh, rules, checkpointer,
+                                          train_iterator, data.tokenizer.path, log)
+  except BaseException:
+    _close(checkpointer, failing=True)
+    raise
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   if is_chief:
     _write_config(workdir, config)
@@ -119,22 +169,36 @@ def train(config, workdir):
   writer = MetricWriter(workdir, enabled=is_chief)
   bar = progress_bar(t.steps, start_step, enabled=is_chief)
   last_metrics, last_eval = {}, {}
+  pending_timings = {}  # written with the next logged metrics
 
   def report(step, metrics_future):
     """Reads a finished step's metrics (the next step is already dispatched)."""
     nonlocal last_metrics, window_start, window_step
-    metrics = {k: float(v) for k, v in jax.device_get(metrics_future).items()}
-    # A finite loss, gradient norm and learning rate mean the step's update is finite too,
-    # so the state that is saved next is never poisoned.
-    bad = [f'{k} is {v}' for k, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-      saved = checkpointer.latest_step()
-      raise TrainingError(
-          f'{", ".join(bad)} at step {step}; stopping. The newest checkpoint is '
-          + (f'step {saved} in {checkpointer.directory}' if saved else 'none (no checkpoint yet)'))
+    host = jax.device_get(metrics_future)
+    flags = {k: host.pop(k) for k in ('grads_finite', 'params_finite')}
+    metrics = {k: float(v) for k, v in host.items()}
+    # The step flags which weights' gradients and new values are not finite, so a bad step
+    # is named precisely; it stops the run (or is skipped) before any save.
+    problem = _nonfinite_report(step, metrics, flags)
+    if t.nonfinite_policy == 'skip' and math.isfinite(metrics['learning_rate']):
+      in_a_row = int(metrics['skipped_in_a_row'])
+      if in_a_row:
+        reason = problem or (f'step {step}: grad_norm {metrics["grad_norm"]:.4g} > '
+                            f'train.skip_grad_norm_above={t.skip_grad_norm_above}')
+        log(f'skipped the update of {reason} ({in_a_row} in a row)')
+      if in_a_row > t.max_skipped_in_a_row:
+        raise TrainingError(f'{in_a_row} updates in a row skipped, more than '
+                            f'train.max_skipped_in_a_row={t.max_skipped_in_a_row}; stopping. '
+                            + _newest(checkpointer))
+    elif problem:
+      raise TrainingError(f'{problem}; stopping. {_newest(checkpointer)}')
     bar.update(1)
+    if step == start_step + 1:  # start-up cost: data, restore, compile and one step
+      pending_timings['time/to_first_step'] = time.perf_counter() - started
     if step % t.log_every and step != t.steps:
       return
+    metrics.update(pending_timings)
+    pending_timings.clear()
     now = time.perf_counter()
     seconds = (now - window_start) / (step - window_step)
     metrics['step_time'] = seconds
@@ -158,8 +222,9 @@ def train(config, workdir):
         if k.endswith('/loss') and k != 'valid/loss') + f' | mean={results["valid/loss"]:.3f}')
     return results
 
+  failing = True
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatch() as preemption:
       if t.eval_every and start_step == 0:
         run_eval(0, state)  # the untrained baseline: about log(vocab_size) per language
       batch = global_batch(next(train_iterator), mesh, rules)
@@ -176,22 +241,38 @@ def train(config, workdir):
           report(*pending)
         pending = (step, metrics_future)
         is_last = step == t.steps
+        preempted = preemption.requested(step)
         do_eval = is_last or (t.eval_every and step % t.eval_every == 0)
-        do_save = is_last or checkpointer.should_save(step)
+        do_save = is_last or preempted or checkpointer.should_save(step)
         if do_eval or do_save:  # never evaluate or save a step whose loss is unchecked
           report(*pending)
           pending = None
         if do_eval:
           last_eval = run_eval(step, state)
         if do_save:
-          checkpointer.save(step, state, train_iterator, config)
+          save_start = time.perf_counter()
+          checkpointer.save(step, state, train_iterator, config, data.tokenizer.path)
+          pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
+        if preempted:
+          checkpointer.wait()
+          log(f'stopped by {preemption.signal_name} after step {step}: saved '
+              f'{checkpointer.step_directory(step)}. Run the same command to resume.')
+          break
         if do_eval or do_save:  # keep evaluation and saving out of the throughput window
           window_start, window_step = time.perf_counter(), step
+      else:
+        log(f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
+            f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
+            f'{os.path.join(workdir, "tensorboard")}')
+    failing = False
   finally:
     bar.close()
-    checkpointer.close()
+    _close(checkpointer, failing)
     writer.close()
-  log(f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
-      f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
-      f'{os.path.join(workdir, "tensorboard")}')
   return last_metrics, last_eval
+
+
+def _newest(checkpointer):
+  saved = checkpointer.latest_step()
+  return (f'The newest checkpoint is step {saved} in {checkpointer.directory}' if saved
+          else 'There is no checkpoint yet')

@@ -13,13 +13,18 @@ class TrainState:
   step: jax.Array     # int32 scalar: optimizer steps taken
   params: Any         # float32 parameter pytree
   opt_state: Any      # optax state, sharded like the params
+  # nonfinite_policy='skip': updates skipped since the last applied one, and in all.
+  skipped_in_a_row: jax.Array
+  skipped_total: jax.Array
 
 
 def _init_boxed(model, tx, seq_len, rng):
   """Params and optimizer state still wrapped in their logical-axis metadata."""
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, tokens_BL)['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero,
+                    skipped_total=zero)
 
 
 def state_logical_specs(model, tx, seq_len):
@@ -54,3 +59,12 @@ def create_train_state(model, tx, seq_len, rng, mesh, rules):
   init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return init(rng), shardings
+
+
+def train_state_from_params(params, tx, shardings):
+  """A fresh state (step 0, new optimizer state) around existing sharded `params`."""
+  def build(params):
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero,
+                      skipped_total=zero)
+  return jax.jit(build, out_shardings=shardings)(params)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from euro_lm.finite import finite_flags
 from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
@@ -38,8 +39,16 @@ def _micro_batches(batch, num_micro):
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss):
-  """One optimizer step on a global batch; the loss is the token-weighted mean."""
+def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss,
+               nonfinite_policy='stop', skip_grad_norm_above=0.0):
+  """One optimizer step on a global batch; the loss is the token-weighted mean.
+
+  `nonfinite_policy='skip'` keeps the params and optimizer state unchanged when the loss,
+  the gradient norm or the updated params are not finite (or the norm exceeds
+  `skip_grad_norm_above`, if set) and counts the skip in the state; the step counter
+  advances either way. Metrics carry
+  per-weight finiteness flags of the gradients and of the new params for error reports.
+  """
   grad_fn = jax.grad(_loss_sums, has_aux=True)
   batch = {k: batch[k] for k in BATCH_KEYS}
   if grad_accum_steps == 1:
@@ -53,15 +62,33 @@ def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss):
         accumulate, zeros, _micro_batches(batch, grad_accum_steps))
   weight_sum = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / weight_sum, grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params_finite = finite_flags(params)
+  skipped_in_a_row, skipped_total = state.skipped_in_a_row, state.skipped_total
+  if nonfinite_policy == 'skip':
+    apply = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    apply &= jnp.all(jnp.stack([jnp.all(f) for f in jax.tree.leaves(params_finite)]))
+    if skip_grad_norm_above:
+      apply &= grad_norm <= skip_grad_norm_above
+    keep_old = lambda new, old: jnp.where(apply, new, old)
+    params = jax.tree.map(keep_old, params, state.params)
+    opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    skipped_in_a_row = jnp.where(apply, 0, skipped_in_a_row + 1)
+    skipped_total += jnp.where(apply, 0, 1)
   metrics = {
       'loss': loss_sum / weight_sum,
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': grad_norm,
       'learning_rate': schedule(state.step),
       'tokens': weight_sum,
+      'skipped_in_a_row': skipped_in_a_row,
+      'skipped_total': skipped_total,
+      'grads_finite': finite_flags(grads),
+      'params_finite': params_finite,
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       skipped_in_a_row=skipped_in_a_row, skipped_total=skipped_total), metrics
 
 
 def eval_step(params, batch, *, model):
@@ -75,7 +102,9 @@ def eval_step(params, batch, *, model):
 
 def make_train_step(model, tx, schedule, train_config, z_loss, mesh, shardings):
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           grad_accum_steps=train_config.grad_accum_steps, z_loss=z_loss)
+                           grad_accum_steps=train_config.grad_accum_steps, z_loss=z_loss,
+                           nonfinite_policy=train_config.nonfinite_policy,
+                           skip_grad_norm_above=train_config.skip_grad_norm_above)
   return jax.jit(step, in_shardings=(shardings, None),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
