@@ -180,8 +180,9 @@ class Checkpointer:
     due = time.monotonic() - self._last_save_time >= self._save_seconds
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
 
-  def save(self, step, state, data_iterator, config, tokenizer_path):
+  def save(self, step, state, data_iterator, config, tokenizer_path=None):
     """Starts an asynchronous save; returns once device arrays are copied to the host.
+    `tokenizer_path`, if given, is copied into the checkpoint.
 
     Refuses (CheckpointError) to write parameters that hold NaN or infinity.
     """
@@ -189,12 +190,12 @@ class Checkpointer:
     if bad:
       raise CheckpointError(f'not saving step {step}: non-finite parameters in '
                             f'{", ".join(bad)}')
+    items = dict(state=ocp.args.StandardSave(state), data=DataSave(data_iterator),
+                 config=ocp.args.JsonSave(config.to_dict()))
+    if tokenizer_path:
+      items['tokenizer'] = FileSave(tokenizer_path)
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=DataSave(data_iterator),
-          config=ocp.args.JsonSave(config.to_dict()),
-          tokenizer=FileSave(tokenizer_path)), force=True)
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
     self._saving_step = step
@@ -226,9 +227,12 @@ class Checkpointer:
     First checks that the checkpoint fits this run: the same shape-fixing model fields,
     the same parameter and optimizer-state shapes, the same tokenizer.
     """
+    has_tokenizer = os.path.isdir(os.path.join(self.step_directory(step), 'tokenizer'))
+    items = dict(config=ocp.args.JsonRestore())
+    if has_tokenizer:
+      items['tokenizer'] = FileRestore()
     try:
-      saved = self._manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore(), tokenizer=FileRestore()))
+      saved = self._manager.restore(step, args=ocp.args.Composite(**items))
       metadata = _state_metadata(epath.Path(self.step_directory(step)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
@@ -239,16 +243,19 @@ class Checkpointer:
       raise CheckpointError(f'{where} does not fit this run\'s config:\n  '
                             + '\n  '.join(differences[:20]))
     with open(tokenizer_path, 'rb') as f:
-      if _sha256(f.read()) != _sha256(saved['tokenizer']):
-        raise CheckpointError(
-            f'the tokenizer {tokenizer_path} is not the one {where} was trained with; set '
-            f'data.tokenizer_path={os.path.join(self.step_directory(step), "tokenizer", TOKENIZER_FILE)}')
+      if has_tokenizer and _sha256(f.read()) != _sha256(saved['tokenizer']):
+        saved_tokenizer = os.path.join(self.step_directory(step), 'tokenizer', TOKENIZER_FILE)
+        raise CheckpointError(f'the tokenizer {tokenizer_path} is not the one {where} was '
+                              f'trained with; set data.tokenizer_path={saved_tokenizer}')
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
     return restored['state']
+
+  def is_saving(self):
+    return self._manager.is_saving_in_progress()
 
   def wait(self):
     """Blocks until the save in flight is on disk; raises CheckpointError if it failed."""

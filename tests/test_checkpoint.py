@@ -22,6 +22,7 @@ import pytest
 from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
+from run_records import step_dirs, step_records
 from euro_lm import data as data_lib
 from euro_lm.checkpoint import CheckpointError, Checkpointer
 from euro_lm.train.loop import TrainingError, train
@@ -38,21 +39,6 @@ def config_with(overrides):
   config = tiny.get_config()
   config.update_from_flattened_dict(overrides)
   return config
-
-
-def step_records(workdir):
-  """{step: (loss, grad_norm, learning_rate)}, the last record of each step."""
-  records = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      r = json.loads(line)
-      if 'loss' in r:
-        records[r['step']] = (r['loss'], r['grad_norm'], r['learning_rate'])
-  return records
-
-
-def step_dirs(workdir):
-  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
 def env(devices=8):

@@ -63,7 +63,10 @@ def test_trains_from_prepared_shards(prepared_dir, tmp_path):
   losses = [r['loss'] for r in records if 'loss' in r]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert {f'tokens/{tag}' for tag in LANGUAGES} <= set(records[0])
-  assert {f'valid/{tag}/bpb' for tag in LANGUAGES} <= set(records[-1])
+  evals = [r for r in records if 'valid/loss' in r]
+  assert [r['step'] for r in evals] == [6]  # eval_every=0: only the final evaluation
+  assert {f'valid/{tag}/bpb' for tag in LANGUAGES} <= set(evals[0])
+  assert 'checkpoint/blocking_seconds' in records[-1]  # the final save, logged last
 
 
 def test_a_different_tokenizer_is_refused(prepared_dir, tmp_path):

@@ -264,6 +264,8 @@ def train(config, workdir):
         log(f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
             f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
             f'{os.path.join(workdir, "tensorboard")}')
+      if pending_timings:  # the last save's blocking time
+        writer.write(step, pending_timings)
     failing = False
   finally:
     bar.close()

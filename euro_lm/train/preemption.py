@@ -5,12 +5,18 @@ With one process a signal handler sets a flag that the loop reads after each ste
 several processes every one must save at the same step, or the collectives of the save
 hang: JAX's preemption sync point (set up by `jax.distributed.initialize`, which catches
 SIGTERM itself) gives all of them the same answer for each step, so the handler here turns
-SIGINT into SIGTERM for it. A second SIGINT interrupts at once, as usual.
+SIGINT into SIGTERM for it. A second SIGINT interrupts at once, as usual. The sync point
+needs only the coordination service, so it works on CPU too: one process's SIGTERM stops
+all of them after the same step (tests/test_multiprocess.py).
+
+Only process 0 prints the run's messages, so with several processes each one also logs (a
+warning, on stderr) the step it stops after: every task's own log shows that it stopped.
 """
 
 import signal
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 
 
@@ -46,6 +52,10 @@ class PreemptionWatch:
     return self._signal.name if self._signal else 'SIGTERM'
 
   def requested(self, step):
-    if self._synced:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signal is not None
+    if not self._synced:
+      return self._signal is not None
+    agreed = multihost_utils.reached_preemption_sync_point(step)
+    if agreed:
+      logging.warning('process %d of %d: all processes stop after step %d (%s)',
+                      jax.process_index(), jax.process_count(), step, self.signal_name)
+    return agreed
