@@ -1,10 +1,15 @@
-"""The decoder: embedding, a scanned stack of blocks, final norm, output projection."""
+"""The decoder: embedding, a scanned stack of blocks, final norm, output projection.
+
+Decoding with a KV cache uses the same params: `apply(params, tokens_BT, segment_ids_BT,
+positions_BT, cache=cache)` (cache from `init_cache`) returns `(logits_BTV, cache)` with
+the T new tokens' K/V written at slots `cache['index'] ...` and the index advanced by T.
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from euro_lm.model.layers import Block, RMSNorm
+from euro_lm.model.layers import Block, RMSNorm, head_dim
 
 # Named rematerialisation policies (`model.remat_policy`): what the backward pass keeps.
 REMAT_POLICIES = {
@@ -22,7 +27,7 @@ class Decoder(nn.Module):
   config: 'ml_collections.ConfigDict'  # the `model` section
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, cache=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BL is None:
@@ -35,13 +40,16 @@ class Decoder(nn.Module):
     x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
 
-    block = Block
-    if cfg.remat_policy != 'none':
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                    metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BLD, _ = stack(cfg, name='layers')(x_BLD, segment_ids_BL, positions_BL)
+    if cache is None:
+      block = Block
+      if cfg.remat_policy != 'none':
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BLD, _ = stack(cfg, name='layers')(x_BLD, segment_ids_BL, positions_BL)
+    else:
+      x_BLD, cache = self._decode_layers(x_BLD, segment_ids_BL, positions_BL, cache)
     x_BLD = RMSNorm(cfg.norm_eps, name='final_norm')(x_BLD)
 
     if cfg.tie_embeddings:
@@ -54,4 +62,34 @@ class Decoder(nn.Module):
           (cfg.embed_dim, cfg.vocab_size), jnp.float32)
       logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, output_DV.astype(dtype),
                               preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BLV, ('batch', 'length', 'vocab'))
+    logits_BLV = nn.with_logical_constraint(logits_BLV, ('batch', 'length', 'vocab'))
+    return logits_BLV if cache is None else (logits_BLV, cache)
+
+  def _decode_layers(self, x_BTD, segment_ids_BT, positions_BT, cache):
+    """The block stack over T new tokens with the KV cache; same param names as training.
+
+    Each row holds one document: `segment_ids_BT` only marks padding (0), never packing.
+    """
+    cfg = self.config
+    index = cache['index']
+    new_valid_BT = (jnp.ones(x_BTD.shape[:2], bool) if segment_ids_BT is None
+                    else segment_ids_BT != 0)
+    kv_valid_BS = jax.lax.dynamic_update_slice(cache['valid'], new_valid_BT, (0, index))
+    # No remat: nothing is differentiated here. The per-layer cache is scanned over.
+    stack = nn.scan(Block, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BTD, (k_NBSKd, v_NBSKd) = stack(cfg, name='layers')(
+        x_BTD, segment_ids_BT, positions_BT, (cache['k'], cache['v']), (index, kv_valid_BS))
+    return x_BTD, {'k': k_NBSKd, 'v': v_NBSKd, 'valid': kv_valid_BS,
+                   'index': index + x_BTD.shape[1]}
+
+
+def init_cache(model_config, batch_size, max_len):
+  """An empty KV cache for `Decoder(model_config)`: K and V `[layers, B, max_len, K, head_dim]`
+  in the compute dtype, no valid slot, write index 0."""
+  shape = (model_config.num_layers, batch_size, max_len, model_config.num_kv_heads,
+           head_dim(model_config))
+  dtype = jnp.dtype(model_config.compute_dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'valid': jnp.zeros((batch_size, max_len), bool), 'index': jnp.zeros((), jnp.int32)}

@@ -3,6 +3,12 @@
 Weights are laid out like Hugging Face's Llama up to a reshape and transpose: q/k/v are
 `[embed, heads, head_dim]`, the output projection `[heads, head_dim, embed]`, and RoPE
 uses the rotate-half form, so export never permutes.
+
+Decoding: Attention and Block also take a per-layer KV cache (`layer_cache`, K and V of
+`[B, S, K, head_dim]` over S cache slots) and the shared `decode` context
+`(index, kv_valid_BS)`: the new tokens go to slots `index, index + 1, ...`, and a query at
+slot i sees the slots j <= i that `kv_valid_BS` marks as holding a real token. Training
+never passes them and is unchanged.
 """
 
 import jax
@@ -52,7 +58,8 @@ class Attention(nn.Module):
   config: 'ml_collections.ConfigDict'  # the `model` section
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
+    """Returns the output `[B, L, D]`, and with a `layer_cache` also the updated cache."""
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
@@ -73,6 +80,14 @@ class Attention(nn.Module):
     k_BLKd = _constrain(rope(k_BLKd, positions_BL, cfg.rope_theta),
                         ('batch', 'length', 'kv_heads', 'head_dim'))
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
+
+    if layer_cache is not None:
+      index, kv_valid_BS = decode
+      k_BSKd, v_BSKd = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+                        for c, new in zip(layer_cache, (k_BLKd, v_BLKd)))
+      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS)
+      out_BLD = jnp.einsum('blhk,hkd->bld', out_BLHd, wo_HdD.astype(dtype))
+      return out_BLD, (k_BSKd, v_BSKd)
 
     out_BLHd = attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=segment_ids_BL,
                          causal=True, impl=cfg.attention_impl)
@@ -104,14 +119,41 @@ class Block(nn.Module):
   config: 'ml_collections.ConfigDict'
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
+    """The scan carry `x` and, when decoding, this layer's updated KV cache."""
     cfg = self.config
     x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
     h_BLD = RMSNorm(cfg.norm_eps, name='attention_norm')(x_BLD)
-    x_BLD = x_BLD + Attention(cfg, name='attention')(h_BLD, segment_ids_BL, positions_BL)
+    attention_out = Attention(cfg, name='attention')(h_BLD, segment_ids_BL, positions_BL,
+                                                     layer_cache, decode)
+    if layer_cache is not None:
+      attention_out, layer_cache = attention_out
+    x_BLD = x_BLD + attention_out
     h_BLD = RMSNorm(cfg.norm_eps, name='mlp_norm')(x_BLD)
     x_BLD = x_BLD + Mlp(cfg, name='mlp')(h_BLD)
-    return _constrain(x_BLD, ('batch', 'length', 'embed')), None
+    return _constrain(x_BLD, ('batch', 'length', 'embed')), layer_cache
+
+
+def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS):
+  """Attention of L new queries, at cache slots `index ...`, over all S cache slots.
+
+  A query at slot i sees slot j if j <= i and `kv_valid_BS[:, j]`. Plain einsums: at
+  decode time L is 1 (or the prompt, once), so a flash kernel would gain little here.
+  """
+  batch, length, num_heads, hd = q_BLHd.shape
+  num_slots, num_kv_heads = k_BSKd.shape[1], k_BSKd.shape[2]
+  q_BLKGd = q_BLHd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, hd)
+  logits_BKGLS = jnp.einsum('blkgd,bskd->bkgls', q_BLKGd, k_BSKd,
+                            preferred_element_type=jnp.float32) * hd ** -0.5
+  query_slot_L1 = (index + jnp.arange(length))[:, None]
+  mask_BLS = (jnp.arange(num_slots)[None, :] <= query_slot_L1) & kv_valid_BS[:, None, :]
+  mask_B11LS = mask_BLS[:, None, None]
+  logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+  # A padding query sees nothing: zero output, as in the training attention.
+  probs_BKGLS = jnp.where(mask_B11LS, jax.nn.softmax(logits_BKGLS, axis=-1), 0.0)
+  out_BLKGd = jnp.einsum('bkgls,bskd->blkgd', probs_BKGLS.astype(v_BSKd.dtype), v_BSKd,
+                         preferred_element_type=jnp.float32)
+  return out_BLKGd.reshape(batch, length, num_heads, hd).astype(q_BLHd.dtype)
 
 
 def head_dim(model_config):

@@ -1,0 +1,91 @@
+"""A training run's checkpoint, loaded for generation: `load_run(workdir)` then
+`complete(run, prompts, ...)` (what `python -m euro_lm.generate` calls; usable from
+notebooks).
+
+The config is the run's `<workdir>/config.json`; the tokenizer the checkpoint's own copy,
+else `<workdir>/tokenizer.model`, else the config's `data.tokenizer_path`.
+"""
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from euro_lm.checkpoint import TOKENIZER_FILE, CheckpointError, load_params, resolve_checkpoint
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.errors import UserError
+from euro_lm.model.decoder import Decoder
+from euro_lm.sampling import generate, left_pad
+
+
+class Run(NamedTuple):
+  config: ml_collections.ConfigDict
+  model: Decoder
+  params: Any
+  tokenizer: Tokenizer
+  step_dir: str
+
+
+def load_config(workdir):
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'no config.json in {workdir}: is it a euro_lm training workdir?')
+  with open(path, encoding='utf-8') as f:
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path} is not valid JSON: {e}') from e
+
+
+def _tokenizer_path(workdir, step_dir, config):
+  candidates = [os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
+                os.path.join(workdir, TOKENIZER_FILE), config.data.tokenizer_path]
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return path
+  raise UserError(f'no tokenizer for {workdir}: looked at {", ".join(p for p in candidates if p)}')
+
+
+def load_run(workdir, step=None):
+  """The config, model, params (on the first device), tokenizer and step directory of a
+  run's newest checkpoint, or of `step`."""
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  checkpoint = os.path.join(workdir, 'checkpoints', str(step)) if step is not None else workdir
+  if step is not None and not os.path.isdir(checkpoint):
+    raise CheckpointError(f'no checkpoint for step {step} in {workdir}/checkpoints')
+  step_dir = resolve_checkpoint(checkpoint)
+  model = Decoder(config.model)
+  shapes = jax.eval_shape(
+      lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))['params']),
+      jax.random.key(0))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes)
+  params, step_dir = load_params(step_dir, abstract)
+  tokenizer = Tokenizer.from_file(_tokenizer_path(workdir, step_dir, config))
+  return Run(config, model, params, tokenizer, str(step_dir))
+
+
+def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95,
+             seed=0):
+  """The completion text of each prompt (without the prompt and the EOS)."""
+  tok = run.tokenizer
+  bos = [tok.bos_id] if run.config.data.add_bos else []
+  ids = [bos + tok.encode(p) for p in prompts]
+  pad_id = max(tok.pad_id, 0)
+  tokens_BP, lengths_B = left_pad(ids, pad_id)
+  out = generate(run.model, run.params, tokens_BP, lengths_B, jax.random.key(seed),
+                 max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=pad_id,
+                 temperature=temperature, top_k=top_k, top_p=top_p)
+  tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+  texts = []
+  for row, length in zip(tokens_BN, lengths_B):
+    row = [int(t) for t in row[:length] if t != tok.eos_id]
+    texts.append(tok.decode(row))
+  return texts

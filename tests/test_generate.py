@@ -1,0 +1,216 @@
+"""KV-cache decoding and sampling against independent references: per-row full-prefix
+`model.apply` on the unpadded sequence, hand-made distributions, and the CLI end to end."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs import tiny
+from euro_lm import sampling
+from euro_lm.checkpoint import CheckpointError
+from euro_lm.model.decoder import Decoder, init_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[2, 5, 6], [2, 7, 8, 9, 10, 11], [2]]  # different lengths, left-padded
+EOS = 3
+
+
+def small_config(**overrides):
+  m = tiny.get_config().model
+  m.vocab_size, m.num_layers, m.embed_dim, m.mlp_dim = 97, 2, 32, 48
+  m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 8  # GQA: 2 query heads per kv head
+  m.init_std = 0.2  # large enough that a wrong position or mask moves the logits a lot
+  m.qk_norm, m.tie_embeddings = True, False  # the paths that add params to the cached one
+  m.update(overrides)
+  return m
+
+
+@functools.lru_cache(maxsize=None)
+def _model_and_apply(overrides):
+  model = Decoder(small_config(**dict(overrides)))
+  init = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))['params']))
+  return model, init(jax.random.key(0)), jax.jit(model.apply)
+
+
+def make_model(**overrides):
+  """(model, params, jitted model.apply), built once per settings."""
+  return _model_and_apply(tuple(sorted(overrides.items())))
+
+
+def full_logits(apply, params, row, length=16):
+  """Reference: the whole unpadded sequence at once, positions 0.., no cache. Filler after
+  the row (one compiled shape) cannot change its logits: attention is causal."""
+  tokens_1L = np.full((1, length), 1, np.int32)
+  tokens_1L[0, :len(row)] = row
+  return np.asarray(apply({'params': params}, tokens_1L)[0, :len(row)])
+
+
+def test_cached_decode_logits_equal_full_recompute():
+  model, params, apply = make_model()
+  continuation_BT = np.asarray(jax.random.randint(jax.random.key(1), (3, 5), 0, 97))
+  tokens_BP, lengths_B = sampling.left_pad(PROMPTS, pad_id=0)
+  batch, prompt_len = tokens_BP.shape
+  padding_B1 = (prompt_len - lengths_B)[:, None]
+  slots_1P = np.arange(prompt_len)[None]
+  cache = init_cache(model.config, batch, prompt_len + continuation_BT.shape[1])
+  logits_BPV, cache = apply(
+      {'params': params}, tokens_BP, (slots_1P >= padding_B1).astype(np.int32),
+      np.maximum(slots_1P - padding_B1, 0), cache=cache)
+  steps = [np.asarray(logits_BPV[:, -1])]
+  for t in range(continuation_BT.shape[1] - 1):
+    logits_B1V, cache = apply({'params': params}, continuation_BT[:, t:t + 1], None,
+                                    lengths_B[:, None] + t, cache=cache)
+    steps.append(np.asarray(logits_B1V[:, 0]))
+  assert int(cache['index']) == prompt_len + continuation_BT.shape[1] - 1
+  for b, prompt in enumerate(PROMPTS):
+    reference_LV = full_logits(apply, params, prompt + list(continuation_BT[b]))
+    # The prompt itself (prefill), then one new token per step.
+    np.testing.assert_allclose(np.asarray(logits_BPV[b, prompt_len - len(prompt):]),
+                               reference_LV[:len(prompt)], rtol=1e-5, atol=1e-5)
+    for t, logits_BV in enumerate(steps):
+      np.testing.assert_allclose(logits_BV[b], reference_LV[len(prompt) - 1 + t],
+                                 rtol=1e-5, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_fn(model_id, **settings):
+  return sampling.make_generate(_MODELS[model_id], **settings)
+
+
+_MODELS = {}
+
+
+def run_generate(model, params, key, prompts=PROMPTS, **settings):
+  """sampling.generate, compiled once per (model, settings) across tests."""
+  _MODELS[id(model)] = model
+  tokens_BP, lengths_B = sampling.left_pad(prompts, pad_id=0)
+  return _generate_fn(id(model), **settings)(params, tokens_BP, lengths_B, key)
+
+
+def greedy_reference(apply, params, prompt, steps):
+  """Greedy decoding by recomputing the unpadded prefix every step, in plain Python."""
+  row = list(prompt)
+  for _ in range(steps):
+    row.append(int(np.argmax(full_logits(apply, params, row)[-1])))
+  return row[len(prompt):]
+
+
+def test_greedy_with_cache_equals_recompute():
+  model, params, apply = make_model()
+  kwargs = dict(max_new_tokens=6, eos_id=-1, temperature=0.0)
+  cached = run_generate(model, params, jax.random.key(0), **kwargs)
+  recomputed = run_generate(model, params, jax.random.key(0), use_cache=False, **kwargs)
+  expected = [greedy_reference(apply, params, p, 6) for p in PROMPTS]
+  np.testing.assert_array_equal(cached.tokens_BN, expected)
+  np.testing.assert_array_equal(recomputed.tokens_BN, expected)
+  np.testing.assert_array_equal(cached.lengths_B, [6, 6, 6])
+
+
+def test_top_k_1_is_greedy():
+  model, params, _ = make_model()
+  greedy = run_generate(model, params, jax.random.key(0), max_new_tokens=6, eos_id=-1,
+                        temperature=0.0)
+  top_1 = run_generate(model, params, jax.random.key(1), max_new_tokens=6, eos_id=-1,
+                       temperature=3.0, top_k=1)
+  np.testing.assert_array_equal(top_1.tokens_BN, greedy.tokens_BN)
+
+
+@pytest.mark.parametrize('top_p,kept', [(0.45, [0.5]), (0.65, [0.5, 0.2]),
+                                        (0.75, [0.5, 0.2, 0.15]), (0.9, [0.5, 0.2, 0.15, 0.1]),
+                                        (0.99, [0.5, 0.2, 0.15, 0.1, 0.05]), (1.0, None)])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+  probs_V = np.array([0.1, 0.5, 0.05, 0.2, 0.15])
+  logits_BV = np.log(np.stack([probs_V, probs_V[::-1]]))  # two rows, different orders
+  filtered_BV = np.asarray(sampling.filter_logits(jnp.asarray(logits_BV), top_p=top_p))
+  for row_logits, row_filtered in zip(logits_BV, filtered_BV):
+    row_probs = np.exp(row_logits)
+    expected = np.isin(np.round(row_probs, 6), kept) if kept else np.ones(5, bool)
+    np.testing.assert_array_equal(np.isfinite(row_filtered), expected)
+    np.testing.assert_allclose(row_filtered[expected], row_logits[expected], rtol=1e-6)
+
+
+def test_top_k_keeps_the_k_largest():
+  logits_BV = jnp.asarray([[0.0, 3.0, 1.0, 2.0, -1.0]])
+  filtered_BV = np.asarray(sampling.filter_logits(logits_BV, top_k=2))
+  np.testing.assert_array_equal(np.isfinite(filtered_BV), [[False, True, False, True, False]])
+
+
+@pytest.mark.parametrize('temperature', [0.5, 2.0])
+def test_sampling_frequencies_follow_the_tempered_softmax(temperature):
+  logits_V = np.array([1.0, 0.0, -0.5, 2.0])
+  draws = 20_000
+  samples_B = sampling.sample_logits(jnp.tile(jnp.asarray(logits_V), (draws, 1)),
+                                     jax.random.key(42), temperature=temperature)
+  frequencies_V = np.bincount(np.asarray(samples_B), minlength=4) / draws
+  expected_V = np.exp(logits_V / temperature) / np.exp(logits_V / temperature).sum()
+  # 4 standard deviations of a frequency over 20k draws is at most 0.015.
+  np.testing.assert_allclose(frequencies_V, expected_V, atol=0.015)
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+  model, params, _ = make_model()
+  free = np.asarray(run_generate(model, params, jax.random.key(0), max_new_tokens=6,
+                                 eos_id=-1, temperature=0.0).tokens_BN)
+  eos = int(free[0, 2])  # row 0 emits it at step 3 at the latest
+  out = run_generate(model, params, jax.random.key(0), max_new_tokens=6, eos_id=eos,
+                     temperature=0.0)
+  for b in range(len(PROMPTS)):
+    hits = np.flatnonzero(free[b] == eos)
+    length = hits[0] + 1 if hits.size else 6
+    assert int(out.lengths_B[b]) == length
+    np.testing.assert_array_equal(out.tokens_BN[b, :length], free[b, :length])
+    np.testing.assert_array_equal(out.tokens_BN[b, length:], 0)
+  assert int(out.lengths_B[0]) <= 3
+
+
+def test_bad_sampling_settings_are_rejected():
+  model = make_model()[0]
+  with pytest.raises(ValueError, match='top_p'):
+    sampling.make_generate(model, max_new_tokens=2, eos_id=3, temperature=1.0, top_p=1.5)
+  with pytest.raises(ValueError, match='max_new_tokens'):
+    sampling.make_generate(model, max_new_tokens=0, eos_id=3)
+  with pytest.raises(ValueError, match='at least one token'):
+    sampling.left_pad([[2], []], 0)
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny.get_config()
+  config.update_from_flattened_dict({
+      'model.num_layers': 1, 'model.vocab_size': 1024,
+      'model.embed_dim': 64, 'model.mlp_dim': 128, 'data.languages': 'en,fr,de', 'train.steps': 2,
+      'train.global_batch_size': 8, 'train.seq_len': 32, 'train.log_every': 1,
+      'train.eval_every': 0, 'train.checkpoint_every': 2, 'optimizer.warmup_steps': 1})
+  train(config, workdir)
+  return workdir
+
+
+def test_cli_prints_completions(trained_workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(
+      [sys.executable, '-m', 'euro_lm.generate', f'--workdir={trained_workdir}',
+       '--prompt=Hello', '--prompt=Bonjour le monde', '--max_new_tokens=6', '--seed=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr
+  assert "--- 'Hello'\nHello" in result.stdout
+  assert "--- 'Bonjour le monde'\nBonjour le monde" in result.stdout
+  assert 'checkpoints/2' in result.stdout
+
+
+def test_workdir_without_checkpoints_is_a_clear_error(trained_workdir, tmp_path):
+  from euro_lm.inference import load_run  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(trained_workdir, 'config.json'), encoding='utf-8') as f:
+    (tmp_path / 'config.json').write_text(f.read())
+  with pytest.raises(CheckpointError, match='no checkpoint in'):
+    load_run(str(tmp_path))
+  with pytest.raises(CheckpointError, match='no checkpoint for step 7'):
+    load_run(trained_workdir, step=7)

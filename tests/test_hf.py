@@ -1,0 +1,336 @@
+"""Hugging Face export and import, proven against transformers' own LlamaForCausalLM.
+
+Random HF models (no download) are imported and must give transformers' logits; euro_lm
+checkpoints from real tiny training runs are exported, loaded with AutoModelForCausalLM and
+AutoTokenizer, and must give euro_lm's logits and token ids.
+"""
+
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+import transformers
+from flax import linen as nn
+
+from configs import tiny
+from euro_lm import data as data_lib
+from euro_lm import hf
+from euro_lm.checkpoint import load_params
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.model import Decoder
+from euro_lm.train.loop import train
+
+TOLERANCE = 1e-4
+TEXTS = [
+    'Grüße aus München! Die Straße ist schön, aber Ärger gibt es überall.',
+    'Καλημέρα κόσμε· η ελληνική γλώσσα έχει τόνους: ά, έ, ή, ί, ό, ύ, ώ.',
+    'Здравейте! Българският език използва кирилица — ъ, ю, я, щ.',
+    'Dia duit, a chairde! Conas atá sibh? Tá fáilte romhaibh go léir.',
+    'Café, naïve, façade, señor, São Paulo, Łódź, 2024: 12345 €.',
+]
+# (LlamaConfig overrides): GQA untied, MHA tied, odd dims (hidden 48, 3 heads of 16,
+# intermediate 100) with multi-query attention and a non-default theta and eps.
+HF_SHAPES = {
+    'gqa_untied': dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False),
+    'mha_tied': dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                     intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=True),
+    'odd_dims': dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                     intermediate_size=100, num_hidden_layers=2, tie_word_embeddings=False,
+                     rope_theta=5000.0, rms_norm_eps=1e-5),
+}
+
+
+def random_hf_model(overrides, seed=0):
+  """A float32 LlamaForCausalLM with every weight (norms included) random."""
+  config = transformers.LlamaConfig(vocab_size=101, max_position_embeddings=64,
+                                    attn_implementation='eager', **overrides)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+def hf_logits(model, tokens_BL):
+  with torch.no_grad():
+    return model(torch.tensor(tokens_BL)).logits.float().numpy()
+
+
+def euro_logits(model_config, params, tokens_BL):
+  tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
+  segment_ids_BL = jnp.ones_like(tokens_BL)
+  positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+  return np.asarray(Decoder(model_config).apply({'params': params}, tokens_BL, segment_ids_BL,
+                                                positions_BL))
+
+
+def abstract_params(model_config):
+  """What `--config.train.init_from` restores onto: the model's parameter shapes."""
+  shapes = jax.eval_shape(lambda: Decoder(model_config).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      nn.unbox(shapes))
+
+
+def random_tokens(vocab_size, seed=0, shape=(2, 17)):
+  return np.random.default_rng(seed).integers(0, vocab_size, shape)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+@pytest.mark.parametrize('shape', sorted(HF_SHAPES))
+def test_import_matches_transformers(tmp_path, shape):
+  model = random_hf_model(HF_SHAPES[shape])
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+
+  expected = HF_SHAPES[shape]
+  m = config.model
+  assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim, m.num_layers,
+          m.tie_embeddings) == (expected['hidden_size'], expected['num_attention_heads'],
+                                expected['num_key_value_heads'], expected['intermediate_size'],
+                                expected['num_hidden_layers'], expected['tie_word_embeddings'])
+  assert m.head_dim == expected.get('head_dim', 16)
+  assert m.rope_theta == expected.get('rope_theta', 10_000.0)
+  with open(tmp_path / 'run' / 'config.json') as f:
+    assert json.load(f)['model'] == m.to_dict()
+  assert config.train.init_from == str(tmp_path / 'run')
+  assert 'c.model.mlp_dim = %d' % expected['intermediate_size'] in (
+      tmp_path / 'run' / 'hf_config.py').read_text()
+
+  # Read back exactly as a run with --config.train.init_from=<workdir> does.
+  params, step_dir = load_params(str(tmp_path / 'run'), abstract_params(m))
+  assert str(step_dir) == str(tmp_path / 'run' / 'checkpoints' / '0')
+  tokens_BL = random_tokens(101)
+  want = hf_logits(model, tokens_BL)
+  got = euro_logits(m, params, tokens_BL)
+  assert got.shape == want.shape == (2, 17, 101)
+  assert np.abs(got - want).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims'])
+def test_import_then_export_gives_the_same_model(tmp_path, shape):
+  model = random_hf_model(HF_SHAPES[shape], seed=3)
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  hf.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32',
+               log=lambda *a: None)
+  original, exported = hf.SafetensorsFolder(tmp_path / 'hf'), hf.SafetensorsFolder(
+      tmp_path / 'out')
+  assert exported.names() == original.names()
+  for name in original.names():
+    np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager',
+      local_files_only=True).eval()
+  tokens_BL = random_tokens(101, seed=2)
+  np.testing.assert_array_equal(hf_logits(reloaded, tokens_BL), hf_logits(model, tokens_BL))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+# Five languages keep tokenizer training and the final validation pass short.
+RUN = {'model.num_layers': 2, 'train.steps': 3, 'train.global_batch_size': 8,
+       'train.seq_len': 32, 'train.log_every': 1, 'train.eval_every': 0,
+       'train.checkpoint_every': 3,
+       'data.languages': 'deu_Latn,ell_Grek,bul_Cyrl,gle_Latn,fra_Latn'}
+
+
+@pytest.fixture(scope='module')
+def tokenizer_path(tmp_path_factory):
+  """One SentencePiece model, trained once, for both training runs."""
+  workdir = tmp_path_factory.mktemp('tokenizer')
+  config = tiny.get_config()
+  config.update_from_flattened_dict(RUN)
+  data_lib.make_data(config, str(workdir))
+  return str(workdir / 'tokenizer.model')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tokenizer_path):
+  """A real tiny training run (3 steps; GQA, untied, head_dim 48 != embed_dim / heads), and
+  its export (float32, tiny shards). Tied exports are covered by the round trip above."""
+  root = tmp_path_factory.mktemp('trained')
+  config = tiny.get_config()
+  config.update_from_flattened_dict({**RUN, 'model.tie_embeddings': False,
+                                     'model.head_dim': 48, 'data.tokenizer_path': tokenizer_path})
+  workdir = str(root / 'run')
+  train(config, workdir)
+  output = str(root / 'hf')
+  hf.export_hf(workdir, output, dtype='float32', shard_bytes=3 * 2**20, log=lambda *a: None)
+  return config, workdir, output
+
+
+def test_export_loads_in_transformers_with_the_same_logits(trained):
+  config, workdir, output = trained
+  files = sorted(os.listdir(output))
+  shards = [f for f in files if f.endswith('.safetensors')]
+  assert len(shards) > 1 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
+  for name in ('config.json', 'generation_config.json', 'model.safetensors.index.json',
+               'tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+               'special_tokens_map.json'):
+    assert name in files
+  with open(os.path.join(output, 'model.safetensors.index.json')) as f:
+    index = json.load(f)
+  assert set(index['weight_map'].values()) == set(shards)
+  with open(os.path.join(output, 'config.json')) as f:
+    assert json.load(f)['architectures'] == ['LlamaForCausalLM']
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      output, dtype=torch.float32, attn_implementation='eager', local_files_only=True).eval()
+  assert type(model).__name__ == 'LlamaForCausalLM'
+  assert ('lm_head.weight' in index['weight_map']) == (not config.model.tie_embeddings)
+  params, _ = load_params(workdir, abstract_params(config.model))
+  tokens_BL = random_tokens(config.model.vocab_size, seed=1, shape=(2, 32))
+  want = euro_logits(config.model, params, tokens_BL)
+  got = hf_logits(model, tokens_BL)
+  assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_export_bfloat16_rounds_the_float32_weights(trained, tmp_path):
+  _, workdir, output = trained
+  hf.export_hf(workdir, str(tmp_path), step=3, dtype='bfloat16', log=lambda *a: None)
+  full, half = hf.SafetensorsFolder(output), hf.SafetensorsFolder(str(tmp_path))
+  assert half.names() == full.names()
+  assert len([f for f in os.listdir(tmp_path) if f.endswith('.safetensors')]) == 1
+  for name in full.names():
+    assert half.get(name).dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(half.get(name), full.get(name).astype(ml_dtypes.bfloat16))
+
+
+def test_exported_tokenizer_gives_euro_lm_ids(trained, tokenizer_path):
+  _, _, output = trained
+  ours = Tokenizer.from_file(tokenizer_path)
+  theirs = transformers.AutoTokenizer.from_pretrained(output, local_files_only=True)
+  assert theirs.is_fast
+  for text in TEXTS:
+    ids = ours.encode(text)
+    assert len(ids) > 5
+    assert theirs(text, add_special_tokens=False).input_ids == ids, text
+    assert theirs(text).input_ids == [ours.bos_id] + ids, text
+    assert theirs.decode(ids) == ours.decode(ids)
+  assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
+      ours.bos_id, ours.eos_id, ours.pad_id)
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def test_pickled_weights_are_refused(tmp_path):
+  random_hf_model(HF_SHAPES['gqa_untied']).config.save_pretrained(tmp_path)
+  with open(tmp_path / 'pytorch_model.bin', 'wb') as f:
+    pickle.dump({'not': 'loaded'}, f)
+  with pytest.raises(hf.HFError, match=r'no \*\.safetensors weights in .*pytorch_model\.bin: '
+                     r'pickled PyTorch weights'):
+    hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('rope_scaling', {'rope_type': 'linear', 'factor': 2.0}, r'rope_scaling=.*must be null'),
+    ('rope_parameters', {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0},
+     r"rope_parameters\.rope_type='yarn' is not supported"),
+    ('attention_bias', True, r'attention_bias=true is not supported'),
+    ('mlp_bias', True, r'mlp_bias=true is not supported'),
+    ('model_type', 'gpt2', r"model_type='gpt2' is not supported"),
+    ('architectures', ['LlamaForSequenceClassification'], r'architectures=.* not supported'),
+    ('hidden_act', 'gelu', r"hidden_act='gelu' is not supported"),
+])
+def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  with open(tmp_path / 'config.json') as f:
+    config = json.load(f)
+  config[field] = value
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(config, f)
+  with pytest.raises(hf.HFError, match=r'config\.json: ' + message):
+    hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
+
+
+def test_mistral_sliding_window_is_refused_and_full_attention_mistral_accepted():
+  base = {'model_type': 'mistral', 'hidden_size': 32, 'num_attention_heads': 2,
+          'num_hidden_layers': 1, 'intermediate_size': 40, 'vocab_size': 10}
+  with pytest.raises(hf.HFError, match=r'sliding_window=4096 is not supported'):
+    hf.model_config_from_hf({**base, 'sliding_window': 4096})
+  model = hf.model_config_from_hf({**base, 'sliding_window': None})
+  assert (model['head_dim'], model['num_kv_heads']) == (16, 2)
+
+
+def test_bias_tensors_are_refused(tmp_path):
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  save_file({'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
+            str(tmp_path / 'extra.safetensors'))
+  with pytest.raises(hf.HFError, match=r'bias tensors \(model\.layers\.0\.self_attn\.q_proj'):
+    hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
+
+
+def test_qk_norm_export_is_refused():
+  model = tiny.get_config().model.to_dict()
+  model['qk_norm'] = True
+  with pytest.raises(hf.HFError, match=r'model\.qk_norm=True has no LlamaForCausalLM'):
+    hf.hf_config(model, bos_token_id=2, eos_token_id=3)
+
+
+def test_command_lines(tmp_path):
+  """The entry points: import a random HF model, export it again, and refuse bad input
+  with one 'error:' line rather than a traceback."""
+  import subprocess
+  import sys
+  random_hf_model(HF_SHAPES['odd_dims']).save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,  # noqa
+                                     text=True, env=env, timeout=300)
+  done = run('euro_lm.import_hf', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}')
+  assert done.returncode == 0, done.stderr
+  assert f'--config.train.init_from={tmp_path / "run"}' in done.stdout
+  assert '--config.model.head_dim=16' in done.stdout
+  done = run('euro_lm.export_hf', f'--workdir={tmp_path / "run"}', f'--output={tmp_path / "out"}',
+             '--dtype=float32')
+  assert done.returncode == 0, done.stderr
+  assert sorted(hf.SafetensorsFolder(tmp_path / 'out').names()) == sorted(
+      hf.SafetensorsFolder(tmp_path / 'hf').names())
+  again = run('euro_lm.export_hf', f'--workdir={tmp_path / "run"}',
+              f'--output={tmp_path / "out"}')
+  assert again.returncode == 1
+  assert again.stderr.strip() == (f'error: --output={tmp_path / "out"} already holds '
+                                  'model-00001-of-00001.safetensors; export into a new directory')
+
+
+def test_greedy_generation_equals_transformers_generate(tmp_path):
+  """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
+  the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both
+  produce every requested token."""
+  from euro_lm.sampling import generate
+  model = random_hf_model(HF_SHAPES['gqa_untied'], seed=3)
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 61]]
+  new_tokens = 12
+  expected = []
+  for prompt in prompts:  # one at a time: no padding conventions to match
+    with torch.no_grad():
+      out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    expected.append(out[0, len(prompt):].tolist())
+  tokens_BP = np.zeros((2, 6), np.int32)
+  for row, prompt in enumerate(prompts):  # left padding, as euro_lm.sampling expects
+    tokens_BP[row, 6 - len(prompt):] = prompt
+  got = generate(Decoder(config.model), params, tokens_BP, np.array([6, 3], np.int32),
+                 jax.random.key(0), max_new_tokens=new_tokens, eos_id=-1)
+  assert np.asarray(got.tokens_BN).tolist() == expected
