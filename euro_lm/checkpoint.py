@@ -272,20 +272,32 @@ class Checkpointer:
       self._manager.close()
 
 
-def resolve_checkpoint(path):
-  """A step directory from a workdir, its `checkpoints/` directory or a step directory
-  (the newest complete step of the first two)."""
+def resolve_checkpoint(path, step=None):
+  """A step directory from a workdir, its `checkpoints/` directory or a step directory:
+  the given `step` of the first two, else their newest complete step."""
   root = epath.Path(path)
-  if (root / 'state').is_dir():
+  if step is None and (root / 'state').is_dir():
     return root
   if (root / 'checkpoints').is_dir():
     root = root / 'checkpoints'
+  if step is not None:
+    if not (root / str(step) / 'state').is_dir():
+      raise CheckpointError(f'no checkpoint for step {step} in {root}')
+    return root / str(step)
   steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit())
                  if root.is_dir() else [])
   if not steps:
     raise CheckpointError(f'no checkpoint in {path} (expected a workdir, its checkpoints/ '
                           'directory or a step directory)')
   return root / str(steps[-1])
+
+
+def find_tokenizer(step_dir, workdir, configured=''):
+  """The SentencePiece model of a run: the checkpoint's own copy, else the workdir's, else
+  `configured` (the config's data.tokenizer_path); None if there is none."""
+  candidates = (os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
+                os.path.join(str(workdir), TOKENIZER_FILE), configured)
+  return next((p for p in candidates if p and os.path.isfile(p)), None)
 
 
 def load_params(path, abstract_params):

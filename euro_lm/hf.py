@@ -5,9 +5,9 @@ permutation): RoPE is rotate-half in both. Layer weights are stacked `[num_layer
 `nn.scan` here and split into `model.layers.{i}.*` there. torch Linear weights are
 `[out, in]`; ours are `[in, ...]` einsum params, hence the transposes.
 
-Export streams: each tensor is read from the Orbax checkpoint alone (one layer slice of a
-stacked leaf, through TensorStore), converted, and appended to the current safetensors
-shard, so host memory stays near one shard. It needs neither torch nor transformers
+Export streams: each leaf is read from the Orbax checkpoint alone (through TensorStore),
+split into its layers, converted, and appended to the current safetensors shard, so host
+memory stays near one leaf plus one shard. It needs neither torch nor transformers
 (transformers, if importable, adds the fast tokenizer's tokenizer.json).
 
 Import accepts local safetensors folders of model_type llama, mistral (no sliding window)
@@ -308,8 +308,8 @@ class ShardWriter:
 
 
 class CheckpointLeaves:
-  """Reads single leaves (or one layer of a stacked leaf) of an Orbax `state` item through
-  TensorStore, so no more than one leaf's chunks are in memory."""
+  """Reads single leaves of an Orbax `state` item through TensorStore, so no more than one
+  leaf is in memory."""
 
   def __init__(self, state_dir):
     self.state_dir = os.path.abspath(str(state_dir))
@@ -327,11 +327,8 @@ class CheckpointLeaves:
           errors.append(f'{driver}/{kvstore["driver"]}: {e}')
     raise HFError(f'cannot read {name} from checkpoint {self.state_dir}: {errors[0]}')
 
-  def read(self, path, layer=None):
-    array = self._open('.'.join(('params',) + tuple(path)))
-    if layer is not None:
-      array = array[layer]
-    return np.asarray(array.read().result())
+  def read(self, path):
+    return np.asarray(self._open('.'.join(('params',) + tuple(path))).read().result())
 
 
 # ----------------------------------------------------------------------------- export
@@ -350,16 +347,6 @@ def _load_run_config(step_dir, workdir):
   raise HFError(f'no euro_lm config for {step_dir}: looked for {" and ".join(candidates)}')
 
 
-def _step_dir(workdir, step):
-  from euro_lm.checkpoint import resolve_checkpoint  # pylint: disable=import-outside-toplevel
-  if step is None:
-    return resolve_checkpoint(workdir)
-  path = os.path.join(workdir, 'checkpoints', str(step))
-  if not os.path.isdir(os.path.join(path, 'state')):
-    raise HFError(f'no checkpoint for --step={step}: {path}/state does not exist')
-  return path
-
-
 def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2**30,
               max_position_embeddings=None, log=print):
   """Writes the checkpoint of `workdir` (newest, or `step`) as an HF Llama folder.
@@ -368,12 +355,11 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   """
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
-  step_dir = _step_dir(workdir, step)
+  from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+  step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
   model = config['model']
-  tokenizer_path = next((p for p in (os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
-                                     os.path.join(workdir, TOKENIZER_FILE)) if os.path.isfile(p)),
-                        None)
+  tokenizer_path = find_tokenizer(step_dir, workdir)
   bos, eos, pad = 2, 3, 0  # euro_lm.data.tokenizer.train_sentencepiece's ids
   if tokenizer_path:
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel
@@ -391,9 +377,10 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   writer = ShardWriter(output, shard_bytes)
   shapes = expected_hf_shapes(model)
   for path, template, per_layer in param_table(model):
+    leaf = leaves.read(path)  # once: a stacked leaf is one chunk, so slicing would reread it
     for i in (range(model['num_layers']) if per_layer else [None]):
       name = template.format(i=i)
-      x = to_hf(path, leaves.read(path, i), model)
+      x = to_hf(path, leaf if i is None else leaf[i], model)
       if x.shape != shapes[name]:
         raise HFError(f'{step_dir}: params.{".".join(path)} gives {name} of shape {x.shape}, '
                       f'but {config_path} implies {shapes[name]}')

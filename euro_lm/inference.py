@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from euro_lm.checkpoint import TOKENIZER_FILE, CheckpointError, load_params, resolve_checkpoint
+from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.errors import UserError
 from euro_lm.model.decoder import Decoder
@@ -42,24 +42,12 @@ def load_config(workdir):
       raise UserError(f'{path} is not valid JSON: {e}') from e
 
 
-def _tokenizer_path(workdir, step_dir, config):
-  candidates = [os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
-                os.path.join(workdir, TOKENIZER_FILE), config.data.tokenizer_path]
-  for path in candidates:
-    if path and os.path.isfile(path):
-      return path
-  raise UserError(f'no tokenizer for {workdir}: looked at {", ".join(p for p in candidates if p)}')
-
-
 def load_run(workdir, step=None):
   """The config, model, params (on the first device), tokenizer and step directory of a
   run's newest checkpoint, or of `step`."""
   workdir = os.path.abspath(workdir)
   config = load_config(workdir)
-  checkpoint = os.path.join(workdir, 'checkpoints', str(step)) if step is not None else workdir
-  if step is not None and not os.path.isdir(checkpoint):
-    raise CheckpointError(f'no checkpoint for step {step} in {workdir}/checkpoints')
-  step_dir = resolve_checkpoint(checkpoint)
+  step_dir = resolve_checkpoint(workdir, step)
   model = Decoder(config.model)
   shapes = jax.eval_shape(
       lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))['params']),
@@ -68,7 +56,11 @@ def load_run(workdir, step=None):
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           shapes)
   params, step_dir = load_params(step_dir, abstract)
-  tokenizer = Tokenizer.from_file(_tokenizer_path(workdir, step_dir, config))
+  tokenizer_path = find_tokenizer(step_dir, workdir, config.data.tokenizer_path)
+  if not tokenizer_path:
+    raise UserError(f'no tokenizer for {workdir}: not in {step_dir}, the workdir or '
+                    'data.tokenizer_path')
+  tokenizer = Tokenizer.from_file(tokenizer_path)
   return Run(config, model, params, tokenizer, str(step_dir))
 
 
