@@ -101,6 +101,7 @@ def get_config(arg=None):
   x.coordinator_address = ''       # host:port of process 0; '' lets JAX detect it
   x.num_processes = 0              # 0 lets JAX detect it
   x.process_id = -1                # -1 lets JAX detect it
+  x.initialization_timeout = 300   # seconds for every process to join; then a clear error
 
   c.hardware = w = ml_collections.ConfigDict()
   w.peak_flops_per_device = 0.0    # for MFU; 0 looks the device up (known GPUs/TPUs), else omitted

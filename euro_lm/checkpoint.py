@@ -123,6 +123,13 @@ def config_differences(saved_config, config):
           for name in SHAPE_FIELDS if saved_model.get(name) != config.model[name]]
 
 
+def layer_chunk_axes(keypath, value):
+  """`(0,)` for a leaf stacked over layers (under a 'layers' key), whose storage chunks are
+  then one layer each, so one layer reads alone (export, inspection); `()` otherwise."""
+  stacked = any(getattr(k, 'key', getattr(k, 'name', None)) == 'layers' for k in keypath)
+  return (0,) if stacked and getattr(value, 'ndim', 0) >= 1 else ()
+
+
 def _state_metadata(step_dir):
   """The saved state's tree of array metadata (shapes and dtypes), read without the arrays."""
   return ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
@@ -190,7 +197,10 @@ class Checkpointer:
     if bad:
       raise CheckpointError(f'not saving step {step}: non-finite parameters in '
                             f'{", ".join(bad)}')
-    items = dict(state=ocp.args.StandardSave(state), data=DataSave(data_iterator),
+    save_args = jax.tree.map_with_path(
+        lambda key, value: ocp.SaveArgs(shard_axes=layer_chunk_axes(key, value)), state)
+    items = dict(state=ocp.args.StandardSave(state, save_args=save_args),
+                 data=DataSave(data_iterator),
                  config=ocp.args.JsonSave(config.to_dict()))
     if tokenizer_path:
       items['tokenizer'] = FileSave(tokenizer_path)

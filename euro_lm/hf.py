@@ -5,9 +5,10 @@ permutation): RoPE is rotate-half in both. Layer weights are stacked `[num_layer
 `nn.scan` here and split into `model.layers.{i}.*` there. torch Linear weights are
 `[out, in]`; ours are `[in, ...]` einsum params, hence the transposes.
 
-Export streams: each leaf is read from the Orbax checkpoint alone (through TensorStore),
-split into its layers, converted, and appended to the current safetensors shard, so host
-memory stays near one leaf plus one shard. It needs neither torch nor transformers
+Export streams: each tensor is read from the Orbax checkpoint alone (through TensorStore;
+one layer at a time, as euro_lm stores stacked leaves in per-layer chunks), converted, and
+written straight into its planned place in a safetensors shard, so host memory stays near
+one tensor. It needs neither torch nor transformers
 (transformers, if importable, adds the fast tokenizer's tokenizer.json).
 
 Import accepts local safetensors folders of model_type llama, mistral (no sliding window)
@@ -15,6 +16,7 @@ and qwen2 (only without biases, which real Qwen2 checkpoints have: they are refu
 """
 
 import json
+import math
 import os
 import shutil
 
@@ -29,6 +31,7 @@ INDEX_FILE = 'model.safetensors.index.json'
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 SAFETENSORS_DTYPES = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16,
                       'F64': np.float64}
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                  'qwen2': 'Qwen2ForCausalLM'}
 
@@ -264,44 +267,84 @@ class SafetensorsFolder:
 
 
 class ShardWriter:
-  """Appends tensors to `model-XXXXX-of-YYYYY.safetensors` shards of at most ~`max_bytes`
-  (a larger single tensor gets a shard of its own) and writes the index at the end."""
+  """Writes `model-XXXXX-of-YYYYY.safetensors` shards one tensor at a time.
 
-  def __init__(self, directory, max_bytes):
-    self.directory, self.max_bytes = directory, max_bytes
-    self._pending, self._pending_bytes, self._shards, self._total = {}, 0, [], 0
+  Every tensor's name, shape and dtype is known before any is computed (`layout`, in
+  writing order), so each shard's header is written first and a tensor goes to disk as
+  soon as it is made: memory holds one tensor, not one shard. A shard holds at most about
+  `max_bytes` (a larger tensor gets one of its own). Shards are written under temporary
+  names and renamed by close(), so a failed export leaves no loadable half-model.
+  """
+
+  def __init__(self, directory, layout, max_bytes):
+    self.directory = directory
+    self._shards, size = [], 0  # [[(name, shape, dtype)]]
+    for name, shape, dtype in layout:
+      nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+      if not self._shards or (size and size + nbytes > max_bytes):
+        self._shards.append([])
+        size = 0
+      self._shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+      size += nbytes
+    self._pending = [(k, entry) for k, shard in enumerate(self._shards) for entry in shard]
+    self._next, self._file, self._total = 0, None, 0
+
+  def _part(self, k):
+    return os.path.join(self.directory, f'.part-{k:05d}.safetensors')
+
+  def _open(self, k):
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, shape, dtype in self._shards[k]:
+      nbytes = math.prod(shape) * dtype.itemsize
+      header[name] = {'dtype': _SAFETENSORS_NAMES[dtype], 'shape': list(shape),
+                      'data_offsets': [offset, offset + nbytes]}
+      offset += nbytes
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    self._file = open(self._part(k), 'wb')  # pylint: disable=consider-using-with
+    self._file.write(len(text).to_bytes(8, 'little') + text)
 
   def add(self, name, array):
-    if self._pending and self._pending_bytes + array.nbytes > self.max_bytes:
-      self._flush()
-    self._pending[name] = np.ascontiguousarray(array)
-    self._pending_bytes += array.nbytes
+    if self._next == len(self._pending):
+      raise ValueError(f'ShardWriter: {name} is not in the planned layout')
+    k, (expected, shape, dtype) = self._pending[self._next]
+    if (name, tuple(array.shape), array.dtype) != (expected, shape, dtype):
+      raise ValueError(f'ShardWriter: got {name} {array.shape} {array.dtype}, expected '
+                       f'{expected} {shape} {dtype}')
+    if self._file is None:
+      self._open(k)
+    self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     self._total += array.nbytes
-
-  def _flush(self):
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    # The final count is known only at the end: write numbered parts, rename in close().
-    path = os.path.join(self.directory, f'.part-{len(self._shards):05d}.safetensors')
-    save_file(self._pending, path, metadata={'format': 'pt'})
-    self._shards.append((path, list(self._pending)))
-    self._pending, self._pending_bytes = {}, 0
+    self._next += 1
+    if self._next == len(self._pending) or self._pending[self._next][0] != k:
+      self._file.close()
+      self._file = None
 
   def close(self):
-    if self._pending:
-      self._flush()
+    """Renames the finished shards and writes the index; returns the number of shards."""
+    if self._next != len(self._pending):
+      raise ValueError(f'ShardWriter: {self._pending[self._next][1][0]} was never written')
     n, weight_map = len(self._shards), {}
     umask = os.umask(0)
     os.umask(umask)
-    for k, (path, names) in enumerate(self._shards):
+    for k, shard in enumerate(self._shards):
       name = f'model-{k + 1:05d}-of-{n:05d}.safetensors'
-      os.replace(path, os.path.join(self.directory, name))
+      os.replace(self._part(k), os.path.join(self.directory, name))
       os.chmod(os.path.join(self.directory, name), 0o666 & ~umask)  # not 0600 like a tmp file
-      weight_map.update({t: name for t in names})
+      weight_map.update({entry[0]: name for entry in shard})
     index = {'metadata': {'total_size': self._total}, 'weight_map': dict(sorted(
         weight_map.items()))}
     with open(os.path.join(self.directory, INDEX_FILE), 'w', encoding='utf-8') as f:
       json.dump(index, f, indent=2)
     return n
+
+  def abort(self):
+    """Removes the temporary shards of an export that failed."""
+    if self._file is not None:
+      self._file.close()
+    for k in range(len(self._shards)):
+      if os.path.exists(self._part(k)):
+        os.remove(self._part(k))
 
 
 # ------------------------------------------------------------------- orbax leaf reader
@@ -329,6 +372,19 @@ class CheckpointLeaves:
 
   def read(self, path):
     return np.asarray(self._open('.'.join(('params',) + tuple(path))).read().result())
+
+  def read_layers(self, path):
+    """Yields `(i, leaf[i])` for a leaf stacked over layers, decompressing one stored chunk
+    of layers at a time: a single layer from checkpoints written with per-layer chunks
+    (euro_lm's own), the whole leaf from others."""
+    store = self._open('.'.join(('params',) + tuple(path)))
+    num_layers = store.shape[0]
+    chunk = store.chunk_layout.read_chunk.shape
+    step = chunk[0] if chunk and chunk[0] else num_layers
+    for start in range(0, num_layers, step):
+      block = np.asarray(store[start:start + step].read().result())
+      for i, layer in enumerate(block):
+        yield start + i, layer
 
 
 # ----------------------------------------------------------------------------- export
@@ -373,19 +429,25 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   stale = sorted(f for f in os.listdir(output) if f.endswith('.safetensors'))
   if stale:  # transformers would load old shards beside the new index
     raise HFError(f'--output={output} already holds {stale[0]}; export into a new directory')
-  leaves = CheckpointLeaves(os.path.join(str(step_dir), 'state'))
-  writer = ShardWriter(output, shard_bytes)
   shapes = expected_hf_shapes(model)
-  for path, template, per_layer in param_table(model):
-    leaf = leaves.read(path)  # once: a stacked leaf is one chunk, so slicing would reread it
-    for i in (range(model['num_layers']) if per_layer else [None]):
-      name = template.format(i=i)
-      x = to_hf(path, leaf if i is None else leaf[i], model)
-      if x.shape != shapes[name]:
-        raise HFError(f'{step_dir}: params.{".".join(path)} gives {name} of shape {x.shape}, '
-                      f'but {config_path} implies {shapes[name]}')
-      writer.add(name, x.astype(DTYPES[dtype]))
-  num_shards = writer.close()
+  table = param_table(model)
+  names = [template.format(i=i) for _, template, per_layer in table
+           for i in (range(model['num_layers']) if per_layer else [None])]
+  writer = ShardWriter(output, [(n, shapes[n], DTYPES[dtype]) for n in names], shard_bytes)
+  leaves = CheckpointLeaves(os.path.join(str(step_dir), 'state'))
+  try:
+    for path, template, per_layer in table:
+      for i, x in leaves.read_layers(path) if per_layer else [(None, leaves.read(path))]:
+        name = template.format(i=i)
+        x = to_hf(path, x, model)
+        if x.shape != shapes[name]:
+          raise HFError(f'{step_dir}: params.{".".join(path)} gives {name} of shape '
+                        f'{x.shape}, but {config_path} implies {shapes[name]}')
+        writer.add(name, x.astype(DTYPES[dtype]))
+    num_shards = writer.close()
+  except BaseException:
+    writer.abort()
+    raise
 
   _write_json(os.path.join(output, CONFIG_FILE), hf)
   _write_json(os.path.join(output, 'generation_config.json'),
@@ -443,8 +505,8 @@ def write_tokenizer(model_path, output, log=print):
 
 
 def params_from_hf(folder, model):
-  """euro_lm params (nested dict of float32 numpy, layers stacked) from a
-  SafetensorsFolder, checking every name and shape against `model`."""
+  """Yields `(euro_lm path, float32 numpy leaf)` one leaf at a time (layers stacked) from a
+  SafetensorsFolder, after checking every name, and each shape against `model`."""
   shapes = expected_hf_shapes(model)
   names = set(folder.names())
   biases = sorted(n for n in names if n.endswith('.bias'))
@@ -457,21 +519,31 @@ def params_from_hf(folder, model):
   if unknown:
     raise HFError(f'{folder.directory}: tensors euro_lm has no place for: '
                   f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
-  params = {}
+
+  def read(name, path):
+    x = folder.get(name)
+    if tuple(x.shape) != shapes[name]:
+      raise HFError(f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
+                    f'{CONFIG_FILE} implies {shapes[name]}')
+    return from_hf(path, np.asarray(x, np.float32), model)
+
   for path, template, per_layer in param_table(model):
-    slices = []
-    for i in (range(model['num_layers']) if per_layer else [None]):
-      name = template.format(i=i)
-      x = folder.get(name)
-      if tuple(x.shape) != shapes[name]:
-        raise HFError(f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
-                      f'{CONFIG_FILE} implies {shapes[name]}')
-      slices.append(from_hf(path, np.asarray(x, np.float32), model))
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.stack(slices) if per_layer else slices[0]
-  return params
+    if not per_layer:
+      yield path, read(template.format(i=None), path)
+      continue
+    first = read(template.format(i=0), path)
+    leaf = np.empty((model['num_layers'],) + first.shape, np.float32)  # filled, not stacked:
+    leaf[0] = first                                                    # one copy in memory
+    for i in range(1, model['num_layers']):
+      leaf[i] = read(template.format(i=i), path)
+    yield path, leaf
+    del leaf, first  # before the next leaf is allocated
+
+
+def _nested(path, value):
+  for key in reversed(path):
+    value = {key: value}
+  return value
 
 
 def import_hf(hf_dir, workdir, log=print):
@@ -479,11 +551,12 @@ def import_hf(hf_dir, workdir, log=print):
   `--config.train.init_from=workdir` reads), `workdir/config.json`,
   `workdir/hf_config.py` and, if present, `workdir/tokenizer.model`.
 
-  Returns the euro_lm config (a ConfigDict).
+  The checkpoint is written one leaf at a time (Orbax partial saves, committed at the end),
+  so host memory holds one leaf, not the model. Returns the euro_lm config (a ConfigDict).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
   from configs import base  # pylint: disable=import-outside-toplevel
+  from euro_lm.checkpoint import layer_chunk_axes  # pylint: disable=import-outside-toplevel
 
   config_path = os.path.join(hf_dir, CONFIG_FILE)
   if not os.path.isfile(config_path):
@@ -492,15 +565,25 @@ def import_hf(hf_dir, workdir, log=print):
     hf = json.load(f)
   model = model_config_from_hf(hf, config_path)
   folder = SafetensorsFolder(hf_dir)
-  params = params_from_hf(folder, model)
 
   workdir = os.path.abspath(workdir)
-  state_dir = os.path.join(workdir, 'checkpoints', '0', 'state')
-  if os.path.exists(state_dir):
-    raise HFError(f'{state_dir} already exists; import into an empty workdir')
-  os.makedirs(os.path.dirname(state_dir), exist_ok=True)
-  params = jax.tree.map(jax.numpy.asarray, params)
-  ocp.PyTreeCheckpointer().save(state_dir, {'params': params})
+  step_dir = os.path.join(workdir, 'checkpoints', '0')
+  if os.path.exists(step_dir):
+    raise HFError(f'{step_dir} already exists; import into an empty workdir')
+  os.makedirs(os.path.dirname(step_dir), exist_ok=True)
+  saving = ocp.options.ArrayOptions.Saving
+  context = ocp.Context(
+      array_options=ocp.options.ArrayOptions(saving=saving(
+          scoped_storage_options_creator=lambda key, value: saving.StorageOptions(
+              shard_axes=layer_chunk_axes(key, value)))),
+      # Each save below finishes before its leaf is dropped: no need for Orbax's copy.
+      memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
+  with context:
+    for path, leaf in params_from_hf(folder, model):
+      ocp.partial.save(step_dir, {'params': _nested(path, leaf)})
+      del leaf
+    ocp.partial.finalize(step_dir)
+  state_dir = os.path.join(step_dir, 'state')
 
   config = base.get_config()
   config.model.update(model)

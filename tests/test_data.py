@@ -580,3 +580,16 @@ def test_group_mixture_from_config():
   config.data.mixture_groups = 'eng_Latn:0.5'
   with pytest.raises(ValueError, match="data.mixture_groups: 'eng_Latn:0.5' is not"):
     data.mixture_schedule(config, counts)
+
+
+def test_process_shards_are_disjoint_and_make_up_the_global_batch(tmp_path):
+  config = _base_config()  # global batch of 4 rows
+  whole = iter(data.make_data(config, str(tmp_path)).train)
+  halves = [iter(data.make_data(config, str(tmp_path), process_index=p, process_count=2).train)
+            for p in range(2)]
+  for _ in range(3):
+    batch, first, second = next(whole), next(halves[0]), next(halves[1])
+    assert first['inputs'].shape == second['inputs'].shape == (2, 64)
+    for k in pipeline.FEATURES:  # process 0 holds the first rows of the global batch
+      np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), batch[k])
+    assert not {r.tobytes() for r in first['inputs']} & {r.tobytes() for r in second['inputs']}

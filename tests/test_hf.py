@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 import transformers
 from flax import linen as nn
@@ -22,7 +23,7 @@ from flax import linen as nn
 from configs import tiny
 from euro_lm import data as data_lib
 from euro_lm import hf
-from euro_lm.checkpoint import load_params
+from euro_lm.checkpoint import load_params, resolve_checkpoint
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.model import Decoder
 from euro_lm.train.loop import train
@@ -141,7 +142,72 @@ def test_import_then_export_gives_the_same_model(tmp_path, shape):
   np.testing.assert_array_equal(hf_logits(reloaded, tokens_BL), hf_logits(model, tokens_BL))
 
 
+def stored_layer_chunks(workdir, leaf='layers.mlp.w_up'):
+  """Layers per stored chunk of a stacked leaf, and the number of layers."""
+  store = hf.CheckpointLeaves(resolve_checkpoint(workdir) / 'state')._open('params.' + leaf)
+  return store.chunk_layout.read_chunk.shape[0], store.shape[0]
+
+
+def test_import_stores_one_layer_per_chunk(tmp_path):
+  hf_model = random_hf_model(HF_SHAPES['mha_tied'])
+  hf_model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  assert stored_layer_chunks(tmp_path / 'run') == (1, 3)
+
+
 # ----------------------------------------------------------------------------- export
+
+
+def test_layers_of_a_checkpoint_stored_in_one_chunk_are_read_too(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  w = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+  ocp.PyTreeCheckpointer().save(tmp_path / 'state', {'params': {'layers': {'w': w}}})
+  leaves = hf.CheckpointLeaves(tmp_path / 'state')
+  assert leaves._open('params.layers.w').chunk_layout.read_chunk.shape[0] == 3
+  got = list(leaves.read_layers(('layers', 'w')))
+  assert [i for i, _ in got] == [0, 1, 2]
+  np.testing.assert_array_equal(np.stack([x for _, x in got]), w)
+
+
+def test_shard_writer_streams_safetensors_that_the_library_reads(tmp_path):
+  rng = np.random.default_rng(0)
+  tensors = {'a.weight': rng.normal(size=(3, 5)).astype(np.float32),
+             'b.weight': rng.normal(size=(64,)).astype(ml_dtypes.bfloat16),
+             'c.weight': rng.normal(size=(4, 4, 2)).astype(np.float32),
+             'big': rng.normal(size=(40,)).astype(np.float32)}
+  layout = [(name, x.shape, x.dtype) for name, x in tensors.items()]
+  writer = hf.ShardWriter(str(tmp_path), layout, max_bytes=200)
+  for name, x in tensors.items():
+    assert not any(f.startswith('model-') for f in os.listdir(tmp_path))
+    writer.add(name, x)
+  assert writer.close() == 3  # a+b (188 bytes), c (128; +160 would pass 200), big (160)
+  with open(tmp_path / hf.INDEX_FILE) as f:
+    index = json.load(f)
+  assert index['weight_map'] == {'a.weight': 'model-00001-of-00003.safetensors',
+                                 'b.weight': 'model-00001-of-00003.safetensors',
+                                 'big': 'model-00003-of-00003.safetensors',
+                                 'c.weight': 'model-00002-of-00003.safetensors'}
+  assert index['metadata']['total_size'] == sum(x.nbytes for x in tensors.values())
+  for name, shard in index['weight_map'].items():
+    with safe_open(tmp_path / shard, framework='pt') as f:  # the reference reader
+      got = f.get_tensor(name)
+    want = tensors[name]
+    np.testing.assert_array_equal(got.float().numpy(), want.astype(np.float32), err_msg=name)
+    assert str(got.dtype) == {'float32': 'torch.float32', 'bfloat16': 'torch.bfloat16'}[
+        str(want.dtype)]
+
+
+def test_shard_writer_refuses_a_tensor_out_of_plan_and_aborts_cleanly(tmp_path):
+  writer = hf.ShardWriter(str(tmp_path), [('a', (2,), np.float32), ('b', (2,), np.float32)],
+                          max_bytes=4)
+  writer.add('a', np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match=r'got b \(3,\) float32, expected b \(2,\) float32'):
+    writer.add('b', np.zeros(3, np.float32))
+  with pytest.raises(ValueError, match='b was never written'):
+    writer.close()
+  writer.abort()
+  assert os.listdir(tmp_path) == []
+
 
 
 # Five languages keep tokenizer training and the final validation pass short.
@@ -200,6 +266,12 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
   want = euro_logits(config.model, params, tokens_BL)
   got = hf_logits(model, tokens_BL)
   assert np.abs(got - want).max() <= TOLERANCE
+
+
+def test_training_checkpoints_store_one_layer_per_chunk(trained):
+  _, workdir, _ = trained
+  assert stored_layer_chunks(workdir) == (1, 2)
+  assert stored_layer_chunks(workdir, 'layers.attention_norm.scale') == (1, 2)
 
 
 def test_export_bfloat16_rounds_the_float32_weights(trained, tmp_path):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import portpicker
 import pytest
 
@@ -185,3 +186,69 @@ def test_sigint_to_one_process_stops_all_at_one_step(overrides, env, tmp_path):
   workdir = str(tmp_path / 'run')
   assert_stopped_together(workdir, preempt(workdir, overrides, env, signal.SIGINT),
                           signal.SIGINT)
+
+
+# ------------------------------------------------- launch/local.sh and start-up errors
+
+LOCAL_STEPS = 6
+
+
+def local_run(workdir, overrides, env, processes, cpu_devices, extra=()):
+  flags = {**overrides, 'train.steps': LOCAL_STEPS, **dict(extra)}
+  argv = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes', str(processes),
+          '--cpu-devices', str(cpu_devices), '--', '--config=configs/tiny.py',
+          f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in flags.items()]]
+  result = subprocess.run(argv, cwd=REPO, env=dict(env, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_local_sh_two_processes_of_4_devices_log_the_losses_of_one_process_of_8(
+    overrides, env, tmp_path):
+  one = {k: v for k, v in overrides.items() if k != 'mesh.dcn_data'}
+  single = local_run(str(tmp_path / 'one'), one, env, processes=1, cpu_devices=8)
+  double = local_run(str(tmp_path / 'two'), overrides, env, processes=2, cpu_devices=4)
+  assert '8 cpu device(s), mesh data=8 x fsdp=1 x tensor=1' in single.stdout
+  assert '8 cpu device(s), mesh data=8 x fsdp=1 x tensor=1' in double.stdout
+  assert os.path.exists(tmp_path / 'two' / 'logs' / 'process_1.log')
+  want, got = step_records(str(tmp_path / 'one')), step_records(str(tmp_path / 'two'))
+  assert sorted(want) == sorted(got) == list(range(1, LOCAL_STEPS + 1))
+  for step in want:  # the same global batch and mesh; only the collectives' order differs
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-6, err_msg=f'step {step}')
+
+
+def test_an_unreachable_coordinator_is_named_with_the_rank(env, tmp_path):
+  port = portpicker.pick_unused_port()  # nobody listens there
+  result = subprocess.run(
+      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.distributed.initialize=always',
+       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
+       '--config.distributed.initialization_timeout=2'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert (f'error: process 1 of 2 could not reach the coordinator 127.0.0.1:{port} within '
+          '2 s (distributed.initialization_timeout)') in result.stderr
+
+
+def test_processes_with_different_device_counts_are_refused(overrides, env, tmp_path):
+  port = portpicker.pick_unused_port()
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.distributed.initialize=always',
+       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}'))
+      for i, n in enumerate((4, 2))]
+  try:
+    results = [p.communicate(timeout=120) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (_, stderr) in zip(processes, results):
+    assert p.returncode == 1, stderr[-2000:]
+    assert ('error: the processes see different numbers of devices (process 0: 4, '
+            'process 1: 2)') in stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')

@@ -19,8 +19,8 @@ def main(argv):
   from euro_lm import distributed
   from euro_lm.errors import UserError
   from euro_lm.train.loop import train
-  distributed.initialize(_CONFIG.value.distributed, os.environ)
   try:
+    distributed.initialize(_CONFIG.value.distributed, os.environ)
     train(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     sys.exit(f'error: {e}')

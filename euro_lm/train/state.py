@@ -18,7 +18,7 @@ class TrainState:
   skipped_total: jax.Array
 
 
-def _init_boxed(model, tx, seq_len, rng):
+def init_boxed(model, tx, seq_len, rng):
   """Params and optimizer state still wrapped in their logical-axis metadata."""
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, tokens_BL)['params']
@@ -29,7 +29,7 @@ def _init_boxed(model, tx, seq_len, rng):
 
 def state_logical_specs(model, tx, seq_len):
   """PartitionSpecs of logical axis names for every leaf of the train state."""
-  abstract = jax.eval_shape(lambda r: _init_boxed(model, tx, seq_len, r), jax.random.key(0))
+  abstract = jax.eval_shape(lambda r: init_boxed(model, tx, seq_len, r), jax.random.key(0))
   return nn.get_partition_spec(abstract)
 
 
@@ -43,7 +43,7 @@ def abstract_train_state(model, tx, seq_len, mesh, rules):
   Returns `(abstract_state, shardings)`.
   """
   shardings = state_shardings(model, tx, seq_len, mesh, rules)
-  shapes = jax.eval_shape(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)),
+  shapes = jax.eval_shape(lambda r: nn.unbox(init_boxed(model, tx, seq_len, r)),
                           jax.random.key(0))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
@@ -56,7 +56,7 @@ def create_train_state(model, tx, seq_len, rng, mesh, rules):
   Returns `(state, shardings)`.
   """
   shardings = state_shardings(model, tx, seq_len, mesh, rules)
-  init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
+  init = jax.jit(lambda r: nn.unbox(init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return init(rng), shardings
 
