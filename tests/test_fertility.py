@@ -280,3 +280,101 @@ def test_cli_vocab_too_large_is_one_error_line(tmp_path):
   assert result.stderr.startswith('error: --vocab_size=50000'), result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
   assert not os.path.exists(tmp_path / 'tokenizer.model')
+
+
+# --- comparing tokenizers: the table and the chart of the notebook ----------
+
+
+@pytest.fixture(scope='module')
+def two_reports(char_tokenizer):
+  """Two reports of different numbers: parallel parity and per-byte parity."""
+  return {
+      266: fertility.fertility_report(
+          char_tokenizer, HAND_TEXTS, parallel=True
+      ),
+      'per byte': fertility.fertility_report(char_tokenizer, HAND_TEXTS),
+  }
+
+
+def test_comparison_languages_orders(two_reports):
+  # First report: parity 6/7, 1, 9/7, 9/7; tokens per word 2, 7/3, 3, 9/4.
+  assert fertility.comparison_languages(two_reports) == [
+      'ukr_Cyrl', 'eng_Latn', 'ell_Grek', 'fra_Latn'
+  ]
+  assert fertility.comparison_languages(two_reports, 'tokens_per_word') == [
+      'ukr_Cyrl', 'fra_Latn', 'eng_Latn', 'ell_Grek'
+  ]
+  assert fertility.comparison_languages(two_reports, 'language') == sorted(
+      HAND_TEXTS
+  )
+  # Only languages every report measured.
+  partial = dict(two_reports)
+  partial['per byte'] = json.loads(json.dumps(partial['per byte']))
+  del partial['per byte']['languages']['ell_Grek']
+  assert 'ell_Grek' not in fertility.comparison_languages(partial)
+  with pytest.raises(ConfigError, match='order'):
+    fertility.comparison_languages(two_reports, 'bytes')
+  with pytest.raises(ConfigError, match='No fertility report'):
+    fertility.comparison_languages({})
+
+
+def test_format_comparison(two_reports):
+  lines = fertility.format_comparison(two_reports).splitlines()
+  assert 'parallel text' in lines[0]
+  assert lines[2].split() == [
+      'language', '266', 'pieces', 'per', 'byte', '266', 'pieces', 'per',
+      'byte',
+  ]
+  rows = {line.split()[0]: line.split()[1:] for line in lines[4:]}
+  assert list(rows) == ['ukr_Cyrl', 'eng_Latn', 'ell_Grek', 'fra_Latn']
+  # tokens/word (the same tokenizer in both), then parity 6/7 and 6/9.
+  assert rows['ukr_Cyrl'] == ['2.00', '2.00', '0.857', '0.667']
+  assert rows['fra_Latn'] == ['2.25', '2.25', '1.286', '1.000']
+
+
+def test_plot_fertility_bars_are_the_reports_numbers(two_reports):
+  matplotlib = pytest.importorskip('matplotlib')
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  axes = fertility.plot_fertility(two_reports)
+  try:
+    tags = fertility.comparison_languages(two_reports)
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == tags
+    for ax, metric in zip(axes, ('tokens_per_word', 'parity')):
+      assert len(ax.containers) == 2
+      for bars, report in zip(ax.containers, two_reports.values()):
+        assert [b.get_height() for b in bars] == [
+            report['languages'][t][metric] for t in tags
+        ]
+      # Grouped: report i's bar sits right of report i-1's, same language.
+      lefts = [[b.get_x() for b in bars] for bars in ax.containers]
+      assert all(a < b for a, b in zip(*lefts))
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == [
+        '266 pieces', 'per byte'
+    ]
+  finally:
+    plt.close('all')
+
+
+def test_plot_fertility_undefined_ratio_is_nan_on_given_axes(char_tokenizer):
+  matplotlib = pytest.importorskip('matplotlib')
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  report = fertility.fertility_report(
+      char_tokenizer, {'deu_Latn': ['  '], 'eng_Latn': ['ab']}
+  )
+  fig, given = plt.subplots(2, 1)
+  try:
+    axes = fertility.plot_fertility({'only': report}, axes=given)
+    assert list(axes) == list(given)
+    heights = {
+        t.get_text(): b.get_height()
+        for t, b in zip(axes[1].get_xticklabels(), axes[0].containers[0])
+    }
+    assert heights['eng_Latn'] == 2.0 and heights['deu_Latn'] != heights[
+        'deu_Latn'
+    ]  # NaN: no words.
+  finally:
+    plt.close(fig)

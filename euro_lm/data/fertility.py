@@ -11,6 +11,9 @@ the same content in every language. The embedded corpus is parallel (Django's
 catalogs translate the same messages), and `embedded_parallel_heldout` aligns
 it by message. For other text the report falls back to tokens per byte
 relative to English, and says which of the two it is.
+
+`format_comparison` and `plot_fertility` (matplotlib, imported lazily) put several
+reports side by side, e.g. one per vocabulary size (notebooks/tokenizer.ipynb).
 """
 
 from collections.abc import Mapping, Sequence
@@ -250,3 +253,142 @@ def _aligned_messages(tags: Sequence[str]) -> dict[str, dict[str, tuple]]:
       entry[ENGLISH] = tuple(msgid.split('\x00'))  # Singular and plural.
     aligned[msgid] = entry
   return aligned
+
+
+# --- comparing tokenizers (notebooks/tokenizer.ipynb) -----------------------
+
+
+def _label(key) -> str:
+  """A legend label: an int key is a vocabulary size."""
+  return f'{key:,} pieces' if isinstance(key, int) else str(key)
+
+
+def comparison_languages(
+    reports: Mapping[object, dict], order: str = 'parity'
+) -> list[str]:
+  """The languages all `reports` measured, in the order a comparison shows.
+
+  Args:
+    reports: label (e.g. the vocabulary size) -> a `fertility_report`.
+    order: 'parity' or 'tokens_per_word' (ascending, in the first report;
+      None last, ties by tag) or 'language' (by tag).
+
+  Raises:
+    ConfigError: no report, or an unknown `order`.
+  """
+  if not reports:
+    raise ConfigError('No fertility report to compare.')
+  if order not in ('parity', 'tokens_per_word', 'language'):
+    raise ConfigError(
+        f"order={order!r}: use 'parity', 'tokens_per_word' or 'language'."
+    )
+  first = next(iter(reports.values()))['languages']
+  tags = [
+      tag
+      for tag in first
+      if all(tag in r['languages'] for r in reports.values())
+  ]
+  if order == 'language':
+    return sorted(tags)
+
+  def key(tag):
+    value = first[tag][order]
+    return (value is None, value or 0.0, tag)
+
+  return sorted(tags, key=key)
+
+
+def format_comparison(
+    reports: Mapping[object, dict], order: str = 'parity'
+) -> str:
+  """Tokens per word and parity of each language under each report, as text.
+
+  One row per language (see `comparison_languages` for the order), one
+  tokens/word and one parity column per report, headed by its label.
+  """
+  tags = comparison_languages(reports, order)
+  labels = [_label(k) for k in reports]
+  width = max(11, *(len(label) for label in labels))
+
+  def number(x, digits):
+    return '-' if x is None else f'{x:.{digits}f}'
+
+  first = next(iter(reports.values()))
+  lines = [
+      f'Tokens per word and parity ({first["parity_meaning"]}).',
+      f'{"":<10} '
+      + ' '.join(f'{"tokens/word":>{width}}' for _ in labels)
+      + ' '
+      + ' '.join(f'{"parity":>{width}}' for _ in labels),
+      f'{"language":<10} '
+      + ' '.join(f'{label:>{width}}' for label in labels * 2),
+  ]
+  lines.append('-' * len(lines[-1]))
+  for tag in tags:
+    stats = [r['languages'][tag] for r in reports.values()]
+    lines.append(
+        f'{tag:<10} '
+        + ' '.join(
+            f'{number(s["tokens_per_word"], 2):>{width}}' for s in stats
+        )
+        + ' '
+        + ' '.join(f'{number(s["parity"], 3):>{width}}' for s in stats)
+    )
+  return '\n'.join(lines)
+
+
+def plot_fertility(
+    reports: Mapping[object, dict], axes=None, order: str = 'parity'
+):
+  """Grouped bar charts of tokens per word and parity, one bar per report.
+
+  Needs matplotlib (the `notebooks` extra), imported only here.
+
+  Args:
+    reports: label (e.g. the vocabulary size) -> a `fertility_report`; each
+      gets one bar (one colour) per language in both panels.
+    axes: two matplotlib Axes (tokens per word, parity); None makes a figure.
+    order: the languages' order on the x axis (see `comparison_languages`).
+
+  Returns:
+    The two Axes. Bars are added report by report, language by language, so
+    `axes[0].containers[i]` holds report i's bars in `comparison_languages`
+    order; an undefined ratio (None) is a bar of height NaN (not drawn).
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  tags = comparison_languages(reports, order)
+  if axes is None:
+    _, axes = plt.subplots(
+        2, 1, figsize=(min(16.0, max(8.0, 2 + 0.35 * len(tags))), 7),
+        sharex=True, constrained_layout=True,
+    )
+  first = next(iter(reports.values()))
+  width = 0.8 / len(reports)
+  panels = (
+      ('tokens_per_word', 'tokens per word (fertility)'),
+      ('parity', f'parity vs {first["reference"]}'),
+  )
+  for ax, (metric, ylabel) in zip(axes, panels):
+    for i, (key, report) in enumerate(reports.items()):
+      heights = [report['languages'][t][metric] for t in tags]
+      ax.bar(
+          [x + (i - (len(reports) - 1) / 2) * width for x in range(len(tags))],
+          [float('nan') if h is None else h for h in heights],
+          width=width,
+          label=_label(key),
+      )
+    ax.set_ylabel(ylabel)
+    ax.grid(axis='y', alpha=0.3)
+  axes[1].axhline(1.0, color='black', linewidth=0.8, linestyle='--')
+  for ax in axes:
+    ax.set_xticks(range(len(tags)))
+    ax.set_xlim(-0.6, len(tags) - 0.4)
+  axes[1].set_xticklabels(tags, rotation=90)
+  axes[0].legend()
+  axes[0].set_title(
+      'Tokenizer fertility per language'
+      + (' (parallel held-out text)' if first['parity_kind'] == PARALLEL
+         else ' (parity per byte: text not parallel)')
+  )
+  return axes
