@@ -1,0 +1,136 @@
+"""`python -m euro_lm.bench_torch --config=configs/llama_125m.py [--config.train.seq_len=512]
+[--steps=3] [--torch_compile]`
+
+euro_lm's train step against PyTorch on the same model shape, in float32 on this machine's
+CPU: transformers' `LlamaForCausalLM` (the reference Llama; SDPA attention) with the same
+weights (exported through euro_lm.hf's mapping), the same batch, cross-entropy over every
+token, global-norm clipping and `torch.optim.AdamW(foreach=True)`. The losses of the first
+step must agree before anything is timed. Prints one table: median step time and tokens/s
+after warm-up steps, and the ratio to euro_lm. `--torch_compile` adds a `torch.compile`d
+PyTorch row (its compile time shown apart).
+"""
+
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import linen as nn
+from ml_collections import config_flags
+
+from euro_lm import hf
+from euro_lm.model import param_count
+from euro_lm.train.synthetic import compile_train_step
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after 2 warm-up).')
+_TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile(model).')
+_WARMUP = 2
+
+
+def time_steps(run_step, steps):
+  """(first step's loss, median seconds of `steps` steps after the warm-up)."""
+  times, first_loss = [], None
+  for i in range(steps + _WARMUP):
+    start = time.perf_counter()
+    loss = run_step()
+    if first_loss is None:
+      first_loss = loss
+    if i >= _WARMUP:
+      times.append(time.perf_counter() - start)
+  return first_loss, statistics.median(times)
+
+
+def euro_lm_step(config):
+  compiled, state, batch, mesh, rules, _ = compile_train_step(config)
+  params = jax.tree.map(np.asarray, state.params)  # before the donating step consumes it
+  holder = {'state': state}
+
+  def run():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      holder['state'], metrics = compiled(holder['state'], batch)
+      return float(metrics['loss'])  # waits for the step
+  return params, jax.tree.map(np.asarray, batch), run
+
+
+def torch_step(config, params, batch, compile_model):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  m, o = config.model.to_dict(), config.optimizer
+  torch.manual_seed(0)
+  model_config = transformers.LlamaConfig(**hf.hf_config(m, bos_token_id=1, eos_token_id=2,
+                                                         dtype='float32'))
+  model = transformers.LlamaForCausalLM(model_config).float().train()
+  state_dict = {}
+  for path, template, per_layer in hf.param_table(m):
+    leaf = params
+    for key in path:
+      leaf = leaf[key]
+    for i in range(m['num_layers']) if per_layer else [None]:
+      state_dict[template.format(i=i)] = torch.from_numpy(np.array(
+          hf.to_hf(path, leaf if i is None else leaf[i], m)))  # a writable copy
+  missing, unexpected = model.load_state_dict(state_dict, strict=False)
+  missing = [k for k in missing if not (m['tie_embeddings'] and k == 'lm_head.weight')]
+  if missing or unexpected:
+    raise RuntimeError(f'weights do not map: missing {missing}, unexpected {unexpected}')
+  optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
+                                eps=o.eps, weight_decay=o.weight_decay, foreach=True)
+  inputs = torch.from_numpy(batch['inputs']).long()
+  targets = torch.from_numpy(batch['targets']).long().reshape(-1)
+  forward = torch.compile(model) if compile_model else model
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    logits = forward(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
+    loss.backward()
+    if o.grad_clip_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
+    optimizer.step()
+    return loss.item()
+  return run
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count())
+  config = _CONFIG.value
+  config.model.compute_dtype = 'float32'
+  t = config.train
+  tokens = t.global_batch_size * t.seq_len
+
+  params, batch, run_ours = euro_lm_step(config)
+  rows = [('euro_lm (JAX, XLA:CPU)', *time_steps(run_ours, _STEPS.value), None)]
+  variants = [('PyTorch eager (transformers Llama, SDPA)', False)]
+  if _TORCH_COMPILE.value:
+    variants.append(('PyTorch torch.compile (inductor)', True))
+  for name, compile_model in variants:
+    run = torch_step(config, params, batch, compile_model)
+    start = time.perf_counter()
+    first_loss = run()  # for torch.compile: the compile; counted apart
+    first_call = time.perf_counter() - start
+    rows.append((name, first_loss, time_steps(run, _STEPS.value)[1], first_call))
+
+  ours_loss = rows[0][1]
+  for name, loss, _, _ in rows[1:]:
+    if not np.isclose(loss, ours_loss, rtol=1e-4):
+      raise SystemExit(f'{name}: first loss {loss:.6f} differs from euro_lm {ours_loss:.6f}')
+  print(f'\n{param_count(config.model) / 1e6:.1f}M parameters, batch {t.global_batch_size} x '
+        f'{t.seq_len}, float32, {os.cpu_count()} CPU threads; first-step losses agree '
+        f'({ours_loss:.6f})\n')
+  print('| implementation | step s | tokens/s | euro_lm speed-up | first call s |')
+  print('|---|---|---|---|---|')
+  base = rows[0][2]
+  for name, _, seconds, first_call in rows:
+    first = '' if first_call is None else f'{first_call:.1f}'
+    print(f'| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {seconds / base:.2f}× | '
+          f'{first} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
