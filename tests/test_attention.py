@@ -50,6 +50,21 @@ def test_xla_attention_matches_reference(num_heads, num_kv_heads, causal, packed
                              atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize('causal', [True, False])
+def test_long_xla_attention_matches_reference(causal):
+  """At 256 tokens causal attention runs in query chunks (documents crossing chunk edges)."""
+  rng = np.random.default_rng(2)
+  batch, length, num_heads, num_kv_heads, head_dim = 2, 256, 4, 2, 8
+  q = rng.standard_normal((batch, length, num_heads, head_dim)).astype(np.float32)
+  k = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
+  v = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
+  segment_ids = np.array([[1] * 50 + [2] * 100 + [3] * 90 + [0] * 16, [1] * length])
+  out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                  segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl='xla')
+  np.testing.assert_allclose(out, reference_attention(q, k, v, segment_ids, causal),
+                             atol=2e-5, rtol=2e-5)
+
+
 def test_gqa_equals_mha_with_repeated_kv():
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.standard_normal((2, 10, 8, 16)), jnp.float32)

@@ -58,21 +58,53 @@ def attention_mask(segment_ids_BL, length, causal):
   return mask_1LL & same_segment_BLL & not_padding_BL1
 
 
+# Causal xla attention splits the queries into this many chunks, each against only the keys
+# up to its last query: 62.5% of the score matrix for 4 chunks, and about 2x faster
+# forward+backward on CPU at L = 512. Below _MIN_CHUNKED_LENGTH one chunk is faster.
+_QUERY_CHUNKS = 4
+_MIN_CHUNKED_LENGTH = 256
+
+
 def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
-  batch, length, num_heads, head_dim = q_BLHD.shape
-  num_kv_heads = k_BLKD.shape[2]
+  length = q_BLHD.shape[1]
+  chunks = (_QUERY_CHUNKS if causal and length >= _MIN_CHUNKED_LENGTH
+            and length % _QUERY_CHUNKS == 0 else 1)
+  size = length // chunks
+  outs = []
+  for c in range(chunks):
+    start, end = c * size, (c + 1) * size
+    keys = end if causal else length  # keys after a chunk's last query are all masked
+    outs.append(_xla_attention_rows(
+        q_BLHD[:, start:end], k_BLKD[:, :keys], v_BLKD[:, :keys],
+        None if segment_ids_BL is None else segment_ids_BL[:, start:end],
+        None if segment_ids_BL is None else segment_ids_BL[:, :keys], start, causal, scale))
+  return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _xla_attention_rows(q_BQHD, k_BMKD, v_BMKD, q_segments_BQ, k_segments_BM, first_query,
+                        causal, scale):
+  """Queries first_query .. first_query + Q against keys 0 .. M."""
+  batch, num_queries, num_heads, head_dim = q_BQHD.shape
+  num_keys, num_kv_heads = k_BMKD.shape[1], k_BMKD.shape[2]
   # Group query heads by their kv head instead of repeating K/V.
-  q_BLKGD = q_BLHD.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  logits_BKGLL = jnp.einsum('blkgd,bmkd->bkglm', q_BLKGD, k_BLKD,
+  q_BQKGD = q_BQHD.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads,
+                           head_dim)
+  logits_BKGQM = jnp.einsum('bqkgd,bmkd->bkgqm', q_BQKGD, k_BMKD,
                             preferred_element_type=jnp.float32) * scale
-  mask_BLL = attention_mask(segment_ids_BL, length, causal)
-  logits_BKGLL = jnp.where(mask_BLL[:, None, None], logits_BKGLL, jnp.finfo(jnp.float32).min)
-  probs_BKGLL = jax.nn.softmax(logits_BKGLL, axis=-1)
+  mask_BQM = jnp.ones((1, num_queries, num_keys), bool)
+  if causal:
+    positions_Q = first_query + jnp.arange(num_queries)
+    mask_BQM = (positions_Q[:, None] >= jnp.arange(num_keys)[None, :])[None]
+  if q_segments_BQ is not None:
+    mask_BQM = (mask_BQM & (q_segments_BQ[:, :, None] == k_segments_BM[:, None, :])
+                & (q_segments_BQ != 0)[:, :, None])
+  logits_BKGQM = jnp.where(mask_BQM[:, None, None], logits_BKGQM, jnp.finfo(jnp.float32).min)
+  probs_BKGQM = jax.nn.softmax(logits_BKGQM, axis=-1)
   # A row that sees no key at all (padding) gives zeros.
-  probs_BKGLL = jnp.where(mask_BLL[:, None, None], probs_BKGLL, 0.0)
-  out_BLKGD = jnp.einsum('bkglm,bmkd->blkgd', probs_BKGLL.astype(v_BLKD.dtype), v_BLKD,
+  probs_BKGQM = jnp.where(mask_BQM[:, None, None], probs_BKGQM, 0.0)
+  out_BQKGD = jnp.einsum('bkgqm,bmkd->bqkgd', probs_BKGQM.astype(v_BMKD.dtype), v_BMKD,
                          preferred_element_type=jnp.float32)
-  return out_BLKGD.reshape(batch, length, num_heads, head_dim).astype(q_BLHD.dtype)
+  return out_BQKGD.reshape(batch, num_queries, num_heads, head_dim).astype(q_BQHD.dtype)
 
 
 def _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
