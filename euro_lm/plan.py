@@ -28,7 +28,8 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   (data x fsdp, ICI and DCN). Per layer, what is kept depends on `model.remat_policy`:
   `none` keeps every residual (the residual stream, the norms' float32 intermediates, q/k/v,
   the attention output, the MLP's gate/up/hidden; with `attention_impl='xla'` also the
-  float32 L x L attention probabilities per head, which cudnn/pallas never materialise:
+  float32 attention probabilities per head (L x L, or 5/8 of it where the xla attention
+  runs causal queries in 4 chunks), which cudnn/pallas never materialise:
   they keep a per-head log-sum-exp instead); `full` keeps only each layer's input; `dots`
   the matmul outputs (the xla attention's L x L scores included); `dots_no_batch` the
   weight-matmul outputs; `save_attention_out` the layer input and the attention output.
@@ -61,6 +62,7 @@ from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.metrics import PEAK_FLOPS_16BIT
 from euro_lm.model import Decoder, param_count, train_flops_per_token
+from euro_lm.model.attention import xla_query_chunks
 from euro_lm.model.layers import head_dim
 from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rules, mesh_shape
 from euro_lm.train.optimizer import make_optimizer
@@ -208,7 +210,9 @@ def _layer_terms(m, b, seq_len, policy, cs):
   BLHd = (('batch', 'length', 'heads', 'head_dim'), (b, L, H, hd))
   BLKd = (('batch', 'length', 'kv_heads', 'head_dim'), (b, L, K, hd))
   BLF = (('batch', 'length', 'mlp'), (b, L, F))
-  BHLL = (('batch', 'heads', 'length', None), (b, H, L, L))
+  # The xla attention's scores: in query chunks, each against the keys up to its end.
+  chunks = xla_query_chunks(L, causal=True)
+  BHLL = (('batch', 'heads', 'length', None), (b, H, L, L * (chunks + 1) // (2 * chunks)))
   BHL = (('batch', 'heads', 'length'), (b, H, L))
   xla = m.attention_impl in ('xla', 'auto')  # auto falls back to xla off GPUs/TPUs
   f32_copy = cs != 4  # a float32 upcast that is a separate buffer only in 16-bit compute

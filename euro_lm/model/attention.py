@@ -65,10 +65,16 @@ _QUERY_CHUNKS = 4
 _MIN_CHUNKED_LENGTH = 256
 
 
+def xla_query_chunks(length, causal):
+  """How many query chunks the `xla` attention splits `length` queries into."""
+  if causal and length >= _MIN_CHUNKED_LENGTH and length % _QUERY_CHUNKS == 0:
+    return _QUERY_CHUNKS
+  return 1
+
+
 def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
   length = q_BLHD.shape[1]
-  chunks = (_QUERY_CHUNKS if causal and length >= _MIN_CHUNKED_LENGTH
-            and length % _QUERY_CHUNKS == 0 else 1)
+  chunks = xla_query_chunks(length, causal)
   size = length // chunks
   outs = []
   for c in range(chunks):
