@@ -37,12 +37,18 @@ def wants_distributed(distributed_config, environ):
   return any(int(environ.get(name, '1') or 1) > 1 for name in _CLUSTER_SIZE_VARIABLES)
 
 
+def _configured(c):
+  """(coordinator address, number of processes, process id) from the config; None where
+  it leaves them to JAX's detection."""
+  return (c.coordinator_address or None, c.num_processes or None,
+          c.process_id if c.process_id >= 0 else None)
+
+
 def _resolve(c, environ):
   """(coordinator address, number of processes, process id) as jax.distributed will use
   them: the config's, else the cluster environment's (None where unknown)."""
-  address = c.coordinator_address or environ.get('JAX_COORDINATOR_ADDRESS') or None
-  count = c.num_processes or None
-  rank = c.process_id if c.process_id >= 0 else None
+  address, count, rank = _configured(c)
+  address = address or environ.get('JAX_COORDINATOR_ADDRESS') or None
   if None in (address, count, rank):
     try:  # the detection jax.distributed.initialize runs itself (SLURM, Open MPI, TPU)
       from jax._src import clusters  # pylint: disable=import-outside-toplevel
@@ -104,9 +110,8 @@ def initialize(distributed_config, environ, log=None):
       f', waiting up to {c.initialization_timeout} s for all processes')
   if address and rank:  # process 0 starts the coordinator itself
     wait_for_coordinator(address, c.initialization_timeout, who)
+  configured_address, configured_count, configured_rank = _configured(c)
   jax.distributed.initialize(
-      coordinator_address=c.coordinator_address or None,
-      num_processes=c.num_processes or None,
-      process_id=c.process_id if c.process_id >= 0 else None,
-      initialization_timeout=c.initialization_timeout)
+      coordinator_address=configured_address, num_processes=configured_count,
+      process_id=configured_rank, initialization_timeout=c.initialization_timeout)
   check_device_counts(jax.devices())

@@ -92,7 +92,8 @@ def from_hf(path, x, model):
 
 
 def expected_hf_shapes(model):
-  """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict)."""
+  """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict), in
+  `param_table` order, layer by layer."""
   d, f, v = model['embed_dim'], model['mlp_dim'], model['vocab_size']
   h, k, hd = model['num_heads'], model['num_kv_heads'], _head_dim(model)
   shapes = {'embedding': (v, d), 'wq': (h * hd, d), 'wk': (k * hd, d), 'wv': (k * hd, d),
@@ -429,14 +430,11 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   stale = sorted(f for f in os.listdir(output) if f.endswith('.safetensors'))
   if stale:  # transformers would load old shards beside the new index
     raise HFError(f'--output={output} already holds {stale[0]}; export into a new directory')
-  shapes = expected_hf_shapes(model)
-  table = param_table(model)
-  names = [template.format(i=i) for _, template, per_layer in table
-           for i in (range(model['num_layers']) if per_layer else [None])]
-  writer = ShardWriter(output, [(n, shapes[n], DTYPES[dtype]) for n in names], shard_bytes)
+  shapes = expected_hf_shapes(model)  # in writing order
+  writer = ShardWriter(output, [(n, s, DTYPES[dtype]) for n, s in shapes.items()], shard_bytes)
   leaves = CheckpointLeaves(os.path.join(str(step_dir), 'state'))
   try:
-    for path, template, per_layer in table:
+    for path, template, per_layer in param_table(model):
       for i, x in leaves.read_layers(path) if per_layer else [(None, leaves.read(path))]:
         name = template.format(i=i)
         x = to_hf(path, x, model)

@@ -120,6 +120,12 @@ def training_seconds(model_config, seq_len, tokens, num_devices, peak_flops_per_
   return flops / (num_devices * peak_flops_per_device * mfu)
 
 
+def run_tokens(config, tokens=None):
+  """`tokens`, or else the config's own run: train.steps x global batch x seq_len."""
+  t = config.train
+  return tokens or t.steps * t.global_batch_size * t.seq_len
+
+
 # --------------------------------------------------------------------------- sharding
 
 
@@ -418,7 +424,7 @@ def summary(config, num_devices, num_nodes=1, accelerator_name='h100', mfu=0.4, 
   name, peak, memory_gib = accelerator(accelerator_name)
   m, t = config.model, config.train
   est = estimate_memory(config, num_devices, num_nodes)
-  tokens = tokens or t.steps * t.global_batch_size * t.seq_len
+  tokens = run_tokens(config, tokens)
   return {
       'params': param_count(m),
       'train_flops_per_token': train_flops_per_token(m, t.seq_len),
@@ -507,7 +513,7 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
     lines.append('device memory: unknown (give --accelerator or --device_memory_gb to check '
                  'the fit)')
   if peak:
-    tokens = tokens or t.steps * t.global_batch_size * t.seq_len
+    tokens = run_tokens(config, tokens)
     seconds = training_seconds(m, t.seq_len, tokens, num_devices, peak, mfu)
     lines.append(f'time: {_count(tokens)} tokens x {_count(train_flops_per_token(m, t.seq_len))} '
                  f'FLOPs/token on {num_devices}x {accelerator_name} '
@@ -553,15 +559,15 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
   for preset, config in configs.items():
     config = _with(config, **(overrides or {}))
     m, t = config.model, config.train
-    run_tokens = tokens or t.steps * t.global_batch_size * t.seq_len
+    config_tokens = run_tokens(config, tokens)
     row = {
         'preset': preset,
         'params': param_count(m),
         'train_flops_per_token': train_flops_per_token(m, t.seq_len),
         'accelerator': f'{num_devices}x {name}',
         'usable_gib': budget / GIB,
-        'tokens': run_tokens,
-        'days': training_seconds(m, t.seq_len, run_tokens, num_devices, peak, mfu) / 86400,
+        'tokens': config_tokens,
+        'days': training_seconds(m, t.seq_len, config_tokens, num_devices, peak, mfu) / 86400,
         'error': None,
     }
     leaves = state_leaves(config)
@@ -632,7 +638,7 @@ def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name=
     config = _with(config, **(overrides or {}))
     leaves = state_leaves(config)
     m, t = config.model, config.train
-    run_tokens = tokens or t.steps * t.global_batch_size * t.seq_len
+    config_tokens = run_tokens(config, tokens)
     for devices in device_counts:
       nodes = -(-devices // devices_per_node)
       fsdp = _with(config, **{'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1,
@@ -647,7 +653,7 @@ def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name=
           'total_gib': None if total is None else total / GIB,
           'fits': None if total is None else total <= budget,
           'usable_gib': budget / GIB, 'accelerator': name,
-          'days': training_seconds(m, t.seq_len, run_tokens, devices, peak, mfu) / 86400,
+          'days': training_seconds(m, t.seq_len, config_tokens, devices, peak, mfu) / 86400,
       })
   return points
 
