@@ -8,10 +8,19 @@ token, global-norm clipping and `torch.optim.AdamW(foreach=True)`. The losses of
 step must agree before anything is timed. Prints one table: median step time and tokens/s
 after warm-up steps, and the ratio to euro_lm. `--torch_compile` adds a `torch.compile`d
 PyTorch row (its compile time shown apart).
+
+PyTorch runs in a child process with the C library's default malloc settings, as a user
+would run it; euro_lm's process keeps freed memory (euro_lm.host_memory) as its training
+does on CPUs.
 """
 
+import json
 import os
+import pickle
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -27,6 +36,8 @@ from euro_lm.train.synthetic import compile_train_step
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after 2 warm-up).')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile(model).')
+_TORCH_CHILD = flags.DEFINE_string('torch_child', None, 'Internal: run the PyTorch rows on '
+                                   'the params and batch pickled in this file.')
 _WARMUP = 2
 
 
@@ -94,27 +105,52 @@ def torch_step(config, params, batch, compile_model):
   return run
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def torch_rows(config, params, batch):
+  """[(name, first loss, median step s, first call s)] of the PyTorch variants."""
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
-  config = _CONFIG.value
-  config.model.compute_dtype = 'float32'
-  t = config.train
-  tokens = t.global_batch_size * t.seq_len
-
-  params, batch, run_ours = euro_lm_step(config)
-  rows = [('euro_lm (JAX, XLA:CPU)', *time_steps(run_ours, _STEPS.value), None)]
   variants = [('PyTorch eager (transformers Llama, SDPA)', False)]
   if _TORCH_COMPILE.value:
     variants.append(('PyTorch torch.compile (inductor)', True))
+  rows = []
   for name, compile_model in variants:
     run = torch_step(config, params, batch, compile_model)
     start = time.perf_counter()
     first_loss = run()  # for torch.compile: the compile; counted apart
     first_call = time.perf_counter() - start
     rows.append((name, first_loss, time_steps(run, _STEPS.value)[1], first_call))
+  return rows
+
+
+def torch_rows_in_child(params, batch):
+  """`torch_rows` in a fresh interpreter (same flags), fed through a pickle file."""
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs = os.path.join(tmp, 'inputs.pkl')
+    with open(inputs, 'wb') as f:
+      pickle.dump((params, batch), f)
+    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_child')]
+    out = subprocess.run([sys.executable, '-m', 'euro_lm.bench_torch', *argv,
+                          f'--torch_child={inputs}'], check=True, stdout=subprocess.PIPE,
+                         text=True)
+  return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  config.model.compute_dtype = 'float32'
+  if _TORCH_CHILD.value:
+    with open(_TORCH_CHILD.value, 'rb') as f:
+      params, batch = pickle.load(f)
+    print(json.dumps(torch_rows(config, params, batch)))
+    return
+  t = config.train
+  tokens = t.global_batch_size * t.seq_len
+
+  params, batch, run_ours = euro_lm_step(config)
+  rows = [('euro_lm (JAX, XLA:CPU)', *time_steps(run_ours, _STEPS.value), None)]
+  rows += torch_rows_in_child(params, batch)
 
   ours_loss = rows[0][1]
   for name, loss, _, _ in rows[1:]:

@@ -27,19 +27,17 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   `global_batch_size / grad_accum_steps` sequences split over the batch mesh axes
   (data x fsdp, ICI and DCN). Per layer, what is kept depends on `model.remat_policy`:
   `none` keeps every residual (the residual stream, the norms' float32 intermediates, q/k/v,
-  the attention output, the MLP's gate/up/hidden; with `attention_impl='xla'` also the
-  float32 attention probabilities per head (L x L, or 5/8 of it where the xla attention
-  runs causal queries in 4 chunks), which cudnn/pallas never materialise:
-  they keep a per-head log-sum-exp instead); `full` keeps only each layer's input; `dots`
-  the matmul outputs (the xla attention's L x L scores included); `dots_no_batch` the
-  weight-matmul outputs; `save_attention_out` the layer input and the attention output.
+  the attention output and its per-head float32 log-sum-exp (no attention impl keeps the
+  L x L probabilities), the MLP's gate/up/hidden); `full` keeps only each layer's input;
+  `dots` the matmul outputs; `dots_no_batch` the weight-matmul outputs; `save_attention_out` the layer input and the attention output.
   Activations are in `model.compute_dtype`, norms and softmax in float32. Each activation
   is divided by the mesh axes of its logical axes (batch, heads, mlp, vocab), like the
   params.
 - **Logits and loss**: `[B, L, V]` float32 logits and their float32 gradient (plus a
   compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
 - **Working set**: transients not in the above: with any remat policy the recomputed
-  residuals of the one layer being differentiated; one layer's weights gathered over fsdp
+  residuals of the one layer being differentiated; with the xla attention, the float32
+  scores of its largest query chunk, recomputed in the backward; one layer's weights gathered over fsdp
   in the compute dtype and their float32 gradients before the reduce-scatter; the backward
   residual stream. Runtime and framework reserves (CUDA context, NCCL buffers, XLA's
   fragmentation) are not modelled: hence `usable_fraction` (default 0.9) of the device
@@ -216,11 +214,7 @@ def _layer_terms(m, b, seq_len, policy, cs):
   BLHd = (('batch', 'length', 'heads', 'head_dim'), (b, L, H, hd))
   BLKd = (('batch', 'length', 'kv_heads', 'head_dim'), (b, L, K, hd))
   BLF = (('batch', 'length', 'mlp'), (b, L, F))
-  # The xla attention's scores: in query chunks, each against the keys up to its end.
-  chunks = xla_query_chunks(L, causal=True)
-  BHLL = (('batch', 'heads', 'length', None), (b, H, L, L * (chunks + 1) // (2 * chunks)))
   BHL = (('batch', 'heads', 'length'), (b, H, L))
-  xla = m.attention_impl in ('xla', 'auto')  # auto falls back to xla off GPUs/TPUs
   f32_copy = cs != 4  # a float32 upcast that is a separate buffer only in 16-bit compute
 
   def norm(axes_shape, width=1):
@@ -234,11 +228,10 @@ def _layer_terms(m, b, seq_len, policy, cs):
       layer_input + norm(BLD) + [(*BLD, cs)]                      # attention norm -> h
       + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]                   # q, k, v (after RoPE)
       + (norm(BLHd) + norm(BLKd) if m.qk_norm else [])
-      + ([(*BHLL, 4)] + ([(*BHLL, cs)] if f32_copy else []) if xla  # softmax probabilities
-         else [(*BHL, 4)])                                        # flash: log-sum-exp
+      + [(*BHL, 4)]                                               # log-sum-exp
       + [(*BLHd, cs), (*BLD, cs)]                                 # attention out, residual
       + norm(BLD) + [(*BLD, cs)]                                  # mlp norm -> h
-      + [(*BLF, cs)] * 4)                                         # gate, up, silu, hidden
+      + [(*BLF, cs)] * 3)                                         # gate, up, hidden
   if policy == 'none':
     return everything, []
   if policy == 'full':
@@ -248,11 +241,19 @@ def _layer_terms(m, b, seq_len, policy, cs):
   elif policy in ('dots', 'dots_no_batch'):
     saved = (layer_input + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
              + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)])    # o, gate, up, down
-    if policy == 'dots' and xla:  # the attention einsums are dots too (float32 outputs)
-      saved += [(*BHLL, 4), (*BLHd, 4)]
   else:
     raise ConfigError(f'model.remat_policy={policy!r} is unknown')
   return saved, everything
+
+
+def _attention_transient(m, b, seq_len, cs):
+  """The xla attention's largest query chunk, in its backward: float32 scores, probabilities
+  and their gradient (and a compute-dtype copy in 16 bits). cudnn/pallas work in blocks."""
+  if m.attention_impl not in ('xla', 'auto'):  # auto falls back to xla off GPUs/TPUs
+    return []
+  chunks = xla_query_chunks(seq_len, causal=True)
+  BHQL = (('batch', 'heads', 'length', None), (b, m.num_heads, seq_len // chunks, seq_len))
+  return [(*BHQL, 4)] * 3 + ([(*BHQL, cs)] if cs != 4 else [])
 
 
 def _bytes(terms, rules, degrees):
@@ -334,7 +335,7 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None):
   per_layer_elements = sum(per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered)
                            for leaf in layer_params) / max(m.num_layers, 1)
   working = int(per_layer_elements * (cs + 4))
-  working += _bytes(recompute, rules, degrees)
+  working += _bytes(recompute + _attention_transient(m, micro, t.seq_len, cs), rules, degrees)
   working += _bytes([(*BLD, 4), (*BLD, cs)], rules, degrees)  # backward residual stream
   return MemoryEstimate(
       degrees=degrees, num_devices=num_devices, num_nodes=num_nodes,

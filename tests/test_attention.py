@@ -1,10 +1,12 @@
 """Attention against an independent float64 numpy reference."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from euro_lm.model.attention import attention
+from attention_reference import jnp_reference
+from euro_lm.model.attention import attention, xla_query_chunks
 
 
 def reference_attention(q, k, v, segment_ids, causal):
@@ -59,10 +61,52 @@ def test_long_xla_attention_matches_reference(causal):
   k = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
   v = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
   segment_ids = np.array([[1] * 50 + [2] * 100 + [3] * 90 + [0] * 16, [1] * length])
-  out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                  segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl='xla')
+  run = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids_BL=s, causal=causal,
+                                             impl='xla'))
+  out = run(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(segment_ids))
   np.testing.assert_allclose(out, reference_attention(q, k, v, segment_ids, causal),
                              atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('length,causal', [(12, True), (12, False), (256, True), (256, False)])
+@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (8, 1)])
+def test_xla_attention_gradients_match_float64(length, causal, num_heads, num_kv_heads):
+  """The xla attention's own backward (recomputed per query chunk) against autodiff of a
+  dense float64 reference, with documents crossing the chunk edges and a padded row."""
+  rng = np.random.default_rng(3)
+  make = lambda n: jnp.asarray(rng.standard_normal((2, length, n, 8)), jnp.float32)
+  q, k, v = make(num_heads), make(num_kv_heads), make(num_kv_heads)
+  first, second = length * 5 // 16, length * 8 // 16
+  segment_ids = np.array([[1] * first + [2] * second + [0] * (length - first - second),
+                          [0] * length], np.int32)
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  loss = lambda *a: jnp.sum(attention(*a, segment_ids_BL=jnp.asarray(segment_ids),
+                                      causal=causal, impl='xla') * w)
+  ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  with jax.enable_x64(True):
+    theirs = jax.jit(jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, segment_ids, causal, None) * w),
+        argnums=(0, 1, 2)))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+  assert all(np.all(np.asarray(g)[1] == 0) for g in ours)  # the padded row: no gradient
+  assert xla_query_chunks(length, causal) == (8 if causal and length == 256 else 1)
+
+
+def test_xla_attention_bfloat16_gradients():
+  """bf16 inputs: the backward accumulates in float32 and returns the inputs' dtype."""
+  rng = np.random.default_rng(4)
+  length = 256
+  q, k, v = (jnp.asarray(rng.standard_normal((1, length, h, 16)), jnp.float32) for h in (4, 2, 2))
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  grad = jax.jit(jax.grad(
+      lambda *a: jnp.sum(attention(*a, impl='xla').astype(jnp.float32) * w), argnums=(0, 1, 2)))
+  grads = lambda dtype: grad(*(x.astype(dtype) for x in (q, k, v)))
+  for low, high in zip(grads(jnp.bfloat16), grads(jnp.float32)):
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), high,
+                               atol=0.05 * float(jnp.max(jnp.abs(high))))
 
 
 def test_gqa_equals_mha_with_repeated_kv():

@@ -110,14 +110,17 @@ def test_remat_and_attention_impl_order_the_activations():
   act = {policy: plan.estimate_memory(
       small_config(**{'model.remat_policy': policy}), 8).activations
          for policy in ('none', 'dots', 'dots_no_batch', 'save_attention_out', 'full')}
-  assert (act['none'] > act['dots'] > act['dots_no_batch'] > act['save_attention_out']
+  # dots and dots_no_batch differ only in the attention's batched matmuls, which no attention
+  # impl keeps for its backward.
+  assert (act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out']
           > act['full'])
   flash = plan.estimate_memory(plan._with(c, **{'model.attention_impl': 'pallas'}), 8,
                                leaves=leaves)
   xla = plan.estimate_memory(c, 8, leaves=leaves)
-  # xla keeps float32 probabilities per head per layer: 64 seqs x 32 heads x 4096 queries
-  # x on average 5/8 of the 4096 keys (4 query chunks, each to the keys up to its end).
-  assert xla.activations - flash.activations > 16 * 64 * 32 * 4096 * 2560 * 4 * 0.9
+  # Both keep a log-sum-exp, not the probabilities; the xla backward recomputes float32
+  # scores per query chunk: 64 seqs x 32 heads x 512 queries (1 of 8 chunks) x 4096 keys.
+  assert xla.activations == flash.activations
+  assert xla.working - flash.working >= 3 * 64 * 32 * 512 * 4096 * 4
 
 
 # ------------------------------------------------------------------ against XLA

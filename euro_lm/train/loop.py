@@ -11,6 +11,7 @@ import tqdm
 from flax import linen as nn
 
 from euro_lm import data as data_lib
+from euro_lm import host_memory
 from euro_lm.checkpoint import CheckpointError, Checkpointer, load_params
 from euro_lm.config import validate
 from euro_lm.errors import UserError
@@ -128,7 +129,9 @@ def train(config, workdir):
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  degrees = validate(config, jax.device_count(), process_count, jax.devices()[0].platform)
+  platform = jax.devices()[0].platform
+  degrees = validate(config, jax.device_count(), process_count, platform)
+  host_memory.configure_for_platform(platform)  # before the first step's allocations
   workdir = prepare_workdir(workdir)
   log = tqdm.tqdm.write if is_chief else (lambda *a, **k: None)  # prints around the bar
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from euro_lm import host_memory
 from euro_lm.config import validate
 from euro_lm.model import Decoder
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
@@ -28,7 +29,9 @@ def synthetic_batch(config, seed=0):
 
 def compile_train_step(config):
   """Returns (compiled step, state, batch, mesh, rules, compile seconds)."""
-  validate(config, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
+  platform = jax.devices()[0].platform
+  validate(config, jax.device_count(), jax.process_count(), platform)
+  host_memory.configure_for_platform(platform)
   mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
