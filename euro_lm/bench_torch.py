@@ -9,9 +9,10 @@ step must agree before anything is timed. Prints one table: median step time and
 after warm-up steps, and the ratio to euro_lm. `--torch_compile` adds a `torch.compile`d
 PyTorch row (its compile time shown apart).
 
-PyTorch runs in a child process with the C library's default malloc settings, as a user
-would run it; euro_lm's process keeps freed memory (euro_lm.host_memory) as its training
-does on CPUs.
+PyTorch runs in child processes: once with the C library's default malloc settings, as a
+user would run it, and once keeping freed memory like euro_lm's own CPU runs
+(euro_lm.host_memory), which speeds PyTorch up too; the fair comparison is against the
+second row.
 """
 
 import json
@@ -29,7 +30,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from euro_lm import hf
+from euro_lm import hf, host_memory
 from euro_lm.model import param_count
 from euro_lm.train.synthetic import compile_train_step
 
@@ -38,6 +39,8 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile(model).')
 _TORCH_CHILD = flags.DEFINE_string('torch_child', None, 'Internal: run the PyTorch rows on '
                                    'the params and batch pickled in this file.')
+_TORCH_KEEP_FREED = flags.DEFINE_bool('torch_keep_freed_memory', False,
+                                      'Internal: the child keeps freed memory, as euro_lm.')
 _WARMUP = 2
 
 
@@ -105,13 +108,18 @@ def torch_step(config, params, batch, compile_model):
   return run
 
 
-def torch_rows(config, params, batch):
+def torch_rows(config, params, batch, keep_freed_memory):
   """[(name, first loss, median step s, first call s)] of the PyTorch variants."""
+  malloc = 'default malloc'
+  if keep_freed_memory:
+    if not host_memory.keep_freed_memory():
+      raise SystemExit('--torch_keep_freed_memory needs glibc on Linux')
+    malloc = 'freed memory kept, as euro_lm'
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
-  variants = [('PyTorch eager (transformers Llama, SDPA)', False)]
+  variants = [(f'PyTorch eager (transformers Llama, SDPA), {malloc}', False)]
   if _TORCH_COMPILE.value:
-    variants.append(('PyTorch torch.compile (inductor)', True))
+    variants.append((f'PyTorch torch.compile (inductor), {malloc}', True))
   rows = []
   for name, compile_model in variants:
     run = torch_step(config, params, batch, compile_model)
@@ -122,16 +130,19 @@ def torch_rows(config, params, batch):
   return rows
 
 
-def torch_rows_in_child(params, batch):
+def torch_rows_in_child(params, batch, keep_freed_memory):
   """`torch_rows` in a fresh interpreter (same flags), fed through a pickle file."""
   with tempfile.TemporaryDirectory() as tmp:
     inputs = os.path.join(tmp, 'inputs.pkl')
     with open(inputs, 'wb') as f:
       pickle.dump((params, batch), f)
-    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_child')]
+    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_')]
+    if _TORCH_COMPILE.value:
+      argv.append('--torch_compile')
     out = subprocess.run([sys.executable, '-m', 'euro_lm.bench_torch', *argv,
-                          f'--torch_child={inputs}'], check=True, stdout=subprocess.PIPE,
-                         text=True)
+                          f'--torch_child={inputs}',
+                          f'--torch_keep_freed_memory={keep_freed_memory}'],
+                         check=True, stdout=subprocess.PIPE, text=True)
   return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
@@ -143,14 +154,15 @@ def main(argv):
   if _TORCH_CHILD.value:
     with open(_TORCH_CHILD.value, 'rb') as f:
       params, batch = pickle.load(f)
-    print(json.dumps(torch_rows(config, params, batch)))
+    print(json.dumps(torch_rows(config, params, batch, _TORCH_KEEP_FREED.value)))
     return
   t = config.train
   tokens = t.global_batch_size * t.seq_len
 
   params, batch, run_ours = euro_lm_step(config)
   rows = [('euro_lm (JAX, XLA:CPU)', *time_steps(run_ours, _STEPS.value), None)]
-  rows += torch_rows_in_child(params, batch)
+  rows += torch_rows_in_child(params, batch, keep_freed_memory=False)
+  rows += torch_rows_in_child(params, batch, keep_freed_memory=True)
 
   ours_loss = rows[0][1]
   for name, loss, _, _ in rows[1:]:
