@@ -136,9 +136,8 @@ def torch_rows_in_child(params, batch, keep_freed_memory):
     inputs = os.path.join(tmp, 'inputs.pkl')
     with open(inputs, 'wb') as f:
       pickle.dump((params, batch), f)
-    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_')]
-    if _TORCH_COMPILE.value:
-      argv.append('--torch_compile')
+    argv = [a for a in sys.argv[1:]
+            if not a.startswith(('--torch_child', '--torch_keep_freed_memory'))]
     out = subprocess.run([sys.executable, '-m', 'euro_lm.bench_torch', *argv,
                           f'--torch_child={inputs}',
                           f'--torch_keep_freed_memory={keep_freed_memory}'],

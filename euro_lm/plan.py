@@ -29,7 +29,8 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   `none` keeps every residual (the residual stream, the norms' float32 intermediates, q/k/v,
   the attention output and its per-head float32 log-sum-exp (no attention impl keeps the
   L x L probabilities), the MLP's gate/up/hidden); `full` keeps only each layer's input;
-  `dots` the matmul outputs; `dots_no_batch` the weight-matmul outputs; `save_attention_out` the layer input and the attention output.
+  `dots` the matmul outputs; `dots_no_batch` the weight-matmul outputs;
+  `save_attention_out` the layer input and the attention output.
   Activations are in `model.compute_dtype`, norms and softmax in float32. Each activation
   is divided by the mesh axes of its logical axes (batch, heads, mlp, vocab), like the
   params.
@@ -37,11 +38,11 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
 - **Working set**: transients not in the above: with any remat policy the recomputed
   residuals of the one layer being differentiated; with the xla attention, the float32
-  scores of its largest query chunk, recomputed in the backward; one layer's weights gathered over fsdp
-  in the compute dtype and their float32 gradients before the reduce-scatter; the backward
-  residual stream. Runtime and framework reserves (CUDA context, NCCL buffers, XLA's
-  fragmentation) are not modelled: hence `usable_fraction` (default 0.9) of the device
-  memory is what a plan may use.
+  scores of its largest query chunk, recomputed in the backward; one layer's weights
+  gathered over fsdp in the compute dtype and their float32 gradients before the
+  reduce-scatter; the backward residual stream. Runtime and framework reserves (CUDA
+  context, NCCL buffers, XLA's fragmentation) are not modelled: hence `usable_fraction`
+  (default 0.9) of the device memory is what a plan may use.
 
 Validated against `compiled.memory_analysis()` of the real train step on CPU
 (tests/test_plan.py): the state is exact; activations agree within a factor of 2.

@@ -48,16 +48,22 @@ def _auto_impl(length, head_dim):
   return 'xla'
 
 
-def attention_mask(segment_ids_BL, length, causal):
-  """Boolean `[B or 1, L, L]` mask: True where query i may attend to key j."""
-  mask_1LL = jnp.ones((1, length, length), bool)
+def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
+  """Boolean `[B or 1, Q, M]` mask: True where query i may attend to key j.
+
+  All L queries and keys by default; `queries=(start, end)` and `num_keys` select the rows
+  start .. end against keys 0 .. num_keys.
+  """
+  start, end = queries or (0, length)
+  num_keys = length if num_keys is None else num_keys
+  mask_1QM = jnp.ones((1, end - start, num_keys), bool)
   if causal:
-    mask_1LL = jnp.tril(mask_1LL)
+    mask_1QM = ((start + jnp.arange(end - start))[:, None] >= jnp.arange(num_keys)[None, :])[None]
   if segment_ids_BL is None:
-    return mask_1LL
-  same_segment_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  not_padding_BL1 = (segment_ids_BL != 0)[:, :, None]
-  return mask_1LL & same_segment_BLL & not_padding_BL1
+    return mask_1QM
+  q_segments_BQ, k_segments_BM = segment_ids_BL[:, start:end], segment_ids_BL[:, :num_keys]
+  return (mask_1QM & (q_segments_BQ[:, :, None] == k_segments_BM[:, None, :])
+          & (q_segments_BQ != 0)[:, :, None])
 
 
 # The xla attention runs causal queries in this many chunks, each against only the keys up
@@ -97,14 +103,8 @@ def _chunks(length, causal, chunks):
 
 
 def _chunk_mask(segment_ids_BL, start, end, num_keys, causal):
-  """`[B or 1, 1, 1, Q, M]`: query start + i may see key j."""
-  mask_BQM = jnp.ones((1, end - start, num_keys), bool)
-  if causal:
-    mask_BQM = ((start + jnp.arange(end - start))[:, None] >= jnp.arange(num_keys)[None, :])[None]
-  if segment_ids_BL is not None:
-    q_segments_BQ, k_segments_BM = segment_ids_BL[:, start:end], segment_ids_BL[:, :num_keys]
-    mask_BQM = (mask_BQM & (q_segments_BQ[:, :, None] == k_segments_BM[:, None, :])
-                & (q_segments_BQ != 0)[:, :, None])
+  """`[B or 1, 1, 1, Q, M]`: `attention_mask` of one query chunk, broadcast over heads."""
+  mask_BQM = attention_mask(segment_ids_BL, None, causal, (start, end), num_keys)
   return mask_BQM[:, None, None]
 
 
