@@ -1,6 +1,8 @@
 """The Pallas flash attention kernel, in interpret mode, against a float64 reference; and its
 lowering for NVIDIA GPUs (Triton)."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 
 from attention_reference import inputs, jnp_reference, reference
 from euro_lm.kernels import BlockSizes, flash_attention
+
+flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -32,6 +36,84 @@ def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads):
                       argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+@pytest.mark.parametrize('causal,window', [(True, None), (False, None), (True, 40), (False, 40)])
+def test_unmasked_blocks_match_float64(causal, window):
+  # Long documents, so most visited blocks are seen whole and run without a mask.
+  seg = np.array([[1] * 64, [1] * 32 + [2] * 32], np.int32)
+  q, k, v, seg = inputs(4, 2, 16, jnp.float32, segment_ids=seg)
+  ranges = flash_module._key_ranges(
+      flash_module._Static(causal, 1.0, window, SMALL_BLOCKS, True), jnp.asarray(seg), 16, 16)
+  assert int(jnp.sum(ranges.full_hi - ranges.full_lo)) >= 4
+  fn = lambda *a: flash_attention(*a, segment_ids=jnp.asarray(seg), causal=causal,
+                                  window=window, block_sizes=SMALL_BLOCKS)
+  np.testing.assert_allclose(fn(q, k, v), reference(q, k, v, seg, causal, window), atol=2e-5)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  ours = jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
+                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def _dense_visibility(seg, causal, window):
+  """[B, L, L] numpy: query i sees key j (the reference's mask)."""
+  index = np.arange(seg.shape[1])
+  visible = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+  if causal:
+    visible &= index[:, None] >= index[None, :]
+  if window:
+    visible &= index[:, None] - index[None, :] < window
+    if not causal:
+      visible &= index[None, :] - index[:, None] < window
+  return visible
+
+
+@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('window', [None, 1, 20, 50])
+@pytest.mark.parametrize('block_q,block_k', [(16, 16), (16, 32), (32, 16)])
+def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
+    causal, window, block_q, block_k):
+  rng = np.random.default_rng(block_q + 3 * block_k + (window or 0))
+  rows = [np.ones(128, np.int32), np.zeros(128, np.int32)]
+  for _ in range(6):  # random documents, some with padding at the end
+    sizes = rng.integers(1, 70, size=8)
+    ids = np.repeat(np.arange(1, 9), sizes)[:128]
+    ids = np.pad(ids, (0, 128 - ids.size))
+    rows.append(ids)
+  seg = np.stack(rows).astype(np.int32)
+  visible = _dense_visibility(seg, causal, window)
+  static = flash_module._Static(causal, 1.0, window, SMALL_BLOCKS, True)
+  nq, nk = 128 // block_q, 128 // block_k
+  tiles = visible.reshape(len(seg), nq, block_q, nk, block_k)
+  any_visible, all_visible = tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))   # [B, nq, nk]
+  for ranges, any_pairs, all_pairs in (
+      (flash_module._key_ranges(static, jnp.asarray(seg), block_q, block_k), any_visible,
+       all_visible),
+      (flash_module._query_ranges(static, jnp.asarray(seg), block_q, block_k),
+       any_visible.transpose(0, 2, 1), all_visible.transpose(0, 2, 1))):
+    lo, full_lo, full_hi, hi = (np.asarray(x)[:, :, None] for x in ranges)
+    other = np.arange(any_pairs.shape[2])[None, None, :]
+    visited = (other >= lo) & (other < hi)
+    unmasked = (other >= full_lo) & (other < full_hi)
+    # Visited: from the first to the last block with a visible pair (nothing if none).
+    seen = any_pairs.any(axis=2)
+    first_seen = np.argmax(any_pairs, axis=2)
+    last_seen = any_pairs.shape[2] - np.argmax(any_pairs[:, :, ::-1], axis=2)
+    np.testing.assert_array_equal(np.where(seen, lo[..., 0], 0), np.where(seen, first_seen, 0))
+    np.testing.assert_array_equal(np.where(seen, hi[..., 0], 0), np.where(seen, last_seen, 0))
+    assert np.all(seen | (lo[..., 0] == hi[..., 0]))
+    assert not np.any(visited[1])  # the fully padded row
+    np.testing.assert_array_equal(unmasked, all_pairs)  # exactly the whole blocks go unmasked
+    assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
+
+
+def test_a_scale_that_is_not_positive_is_refused():
+  q, k, v, _ = inputs(2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match='positive logit scale, not -0.5'):
+    flash_attention(q, k, v, scale=-0.5, block_sizes=SMALL_BLOCKS)
 
 
 @pytest.mark.parametrize('dim', [64, 128])

@@ -48,6 +48,7 @@ def reference_gradients(q, k, v, seg, causal, window):
 @pytest.mark.parametrize('causal,window,heads,kv_heads,length,layout', [
     (True, None, 2, 2, 256, 'padded'),   # two documents, padding, a fully padded row
     (False, None, 4, 1, 512, 'many'),    # GQA group 4; documents skip blocks both ways
+    (True, None, 2, 1, 512, 'many'),     # whole blocks below the diagonal run unmasked
     (True, 100, 4, 1, 512, 'padded'),    # a window: fewer key steps than key blocks
     (False, 60, 2, 2, 512, 'padded'),
 ])
@@ -90,8 +91,9 @@ def test_grid_width_bounds_every_range(causal, window, block, other):
   segment_ids = jnp.ones((1, 1024), jnp.int32)
   width = flash_attention_tpu._range_width(static, block, other, 1024)
   longest = 0
-  for lo, hi in (flash_module._key_ranges(static, segment_ids, block, other),
+  for ranges in (flash_module._key_ranges(static, segment_ids, block, other),
                  flash_module._query_ranges(static, segment_ids, other, block)):
+    lo, hi = ranges.lo, ranges.hi
     longest = max(longest, int(jnp.max(hi - lo)))
     # Each step's block lies in the range; past its end the last block repeats.
     lo, hi = lo.reshape(-1), hi.reshape(-1)

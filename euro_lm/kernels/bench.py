@@ -134,8 +134,8 @@ def visited_fraction(segment_ids, block_q, block_k):
   visits when it also skips across documents: the time ratio that skipping can reach."""
   def pairs(ids):
     static = _Static(causal=True, scale=1.0, window=None, blocks=BlockSizes(), interpret=True)
-    lo, hi = _key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
-    return int(jnp.sum(hi - lo))
+    ranges = _key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
+    return int(jnp.sum(ranges.hi - ranges.lo))
   return pairs(segment_ids) / pairs(np.ones_like(segment_ids))
 
 

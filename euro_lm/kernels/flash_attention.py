@@ -7,10 +7,11 @@ that attends nowhere, so a fully padded row gives zeros.
 
 Work is skipped, not masked: for each query block the kernels loop only over the key
 blocks that the causal diagonal, the window and the query block's documents can reach
-(bounds computed once per call from the segment ids); masks are applied inside that range.
+(`BlockRanges`, computed once per call from the segment ids), and apply the mask only to
+the blocks in that range that straddle an edge; blocks seen whole run unmasked.
 The forward saves a float32 logsumexp; the backward recomputes probabilities blockwise in
 two deterministic kernels (dK/dV per key block, summing its query heads; dQ per query
-block), with float32 accumulation and no atomics.
+block), with float32 accumulation and no atomics. Softmax runs in base 2 (exp2).
 
 Two kernel sets share this contract: the Triton-style kernels here (NVIDIA/AMD GPUs, and the
 Pallas interpreter on CPU) and the Mosaic kernels in `flash_attention_tpu` (TPUs), picked by
@@ -20,6 +21,7 @@ Pallas interpreter on CPU) and the Mosaic kernels in `flash_attention_tpu` (TPUs
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 _MASKED = -1e30  # finite: exp(_MASKED - m) underflows to 0 without inf - inf = NaN
+_LOG2_E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     q, k, v: `[B, L, H, D]` and `[B, L, K, D]`.
     segment_ids: optional int `[B, L]` contiguous document ids; 0 is padding.
     causal: mask keys after the query.
-    scale: logit scale; default 1/sqrt(D).
+    scale: logit scale, positive; default 1/sqrt(D).
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
     block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
@@ -118,8 +121,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     segment_ids = jnp.ones((batch, length), jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  static = _Static(causal=causal, scale=head_dim ** -0.5 if scale is None else float(scale),
-                   window=window, blocks=blocks, interpret=interpret)
+  scale = head_dim ** -0.5 if scale is None else float(scale)
+  if not scale > 0:
+    raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
+  static = _Static(causal=causal, scale=scale, window=window, blocks=blocks,
+                   interpret=interpret)
   if backend == 'tpu':
     from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
     return flash_attention_tpu.attention(static, q, k, v, segment_ids.astype(jnp.int32))
@@ -170,24 +176,57 @@ def _document_edges(segment_ids):
   return first, last
 
 
+class BlockRanges(NamedTuple):
+  """Per block, int32 `[B, L / block]` each: the other blocks it meets are [lo, hi); those
+  in [full_lo, full_hi) (a sub-range, empty as full_lo = full_hi = hi) are visible in every
+  (query, key) pair, so need no mask."""
+  lo: jax.Array
+  full_lo: jax.Array
+  full_hi: jax.Array
+  hi: jax.Array
+
+  def stacked(self):
+    """One int32 `[B, 4, L / block]` array (lo, full_lo, full_hi, hi), for a kernel ref."""
+    return jnp.stack(self, axis=1)
+
+
 def _block_ranges(segment_ids, block, other_block, back, ahead):
-  """For each block of `block` tokens: [lo, hi) of the `other_block` blocks it meets.
+  """`BlockRanges` of the `other_block` blocks each block of `block` tokens meets.
 
   A token meets tokens of its own document, at most `back` positions before it and
-  `ahead` after it (None: no limit). Int32 `[B, L / block]` each.
+  `ahead` after it (None: no limit). Documents are contiguous runs of equal ids; id 0 is
+  padding, which sees nothing, so no block holding padding is fully visible.
   """
-  length = segment_ids.shape[1]
+  batch, length = segment_ids.shape
   first, last = _document_edges(segment_ids)
+  index = jnp.arange(length)
+  # Any pair visible: per token, the span of others it meets (none for padding); per
+  # block, from the lowest start to the highest end of its tokens' spans.
+  lo_token, hi_token = first, last
+  if back is not None:
+    lo_token = jnp.maximum(lo_token, index - back)
+  if ahead is not None:
+    hi_token = jnp.minimum(hi_token, index + ahead)
+  real = segment_ids != 0
+  lo_token = jnp.where(real, lo_token, length).reshape(batch, -1, block).min(axis=2)
+  hi_token = jnp.where(real, hi_token, -1).reshape(batch, -1, block).max(axis=2)
+  lo = lo_token // other_block
+  hi = jnp.maximum((hi_token + other_block) // other_block, lo)  # floor(hi / ob) + 1
+  # Every pair visible: this block lies in one real document, and the other block lies in
+  # it too, no more than `back` before this block's end nor `ahead` after its start.
   start = jnp.arange(0, length, block)
   end = start + block - 1
-  lo_token, hi_token = first[:, start], last[:, end]
+  one_document = (first[:, start] == first[:, end]) & (segment_ids[:, start] != 0)
+  full_lo_token, full_hi_token = first[:, start], last[:, start]
   if back is not None:
-    lo_token = jnp.maximum(lo_token, start - back)
+    full_lo_token = jnp.maximum(full_lo_token, end - back)
   if ahead is not None:
-    hi_token = jnp.minimum(hi_token, end + ahead)
-  lo = lo_token // other_block
-  hi = jnp.maximum(hi_token // other_block + 1, lo)
-  return lo.astype(jnp.int32), hi.astype(jnp.int32)
+    full_hi_token = jnp.minimum(full_hi_token, start + ahead)
+  full_lo = jnp.clip(-(-full_lo_token // other_block), lo, hi)
+  full_hi = jnp.clip((full_hi_token + 1) // other_block, lo, hi)
+  empty = ~one_document | (full_hi <= full_lo)
+  full_lo, full_hi = jnp.where(empty, hi, full_lo), jnp.where(empty, hi, full_hi)
+  return BlockRanges(*(x.astype(jnp.int32) for x in (lo, full_lo, full_hi, hi)))
 
 
 def _reach(static):
@@ -197,15 +236,25 @@ def _reach(static):
 
 
 def _key_ranges(static, segment_ids, block_q, block_k):
-  """For each query block: [lo, hi) of key blocks it can see."""
+  """For each query block: `BlockRanges` of the key blocks it sees."""
   before, after = _reach(static)
   return _block_ranges(segment_ids, block_q, block_k, back=before, ahead=after)
 
 
 def _query_ranges(static, segment_ids, block_q, block_k):
-  """For each key block: [lo, hi) of query blocks that can see it."""
+  """For each key block: `BlockRanges` of the query blocks that see it."""
   before, after = _reach(static)
   return _block_ranges(segment_ids, block_k, block_q, back=after, ahead=before)
+
+
+def _masked_and_full_loops(ranges_ref, row, body, carry):
+  """Runs `body(index, carry, masked)` over row `row`'s range: masked on the blocks that
+  straddle an edge ([lo, full_lo) and [full_hi, hi)), unmasked on [full_lo, full_hi)."""
+  lo, full_lo, full_hi, hi = (ranges_ref[n, row] for n in range(4))
+  masked = functools.partial(body, masked=True)
+  carry = lax.fori_loop(lo, full_lo, masked, carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, masked, carry)
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -234,39 +283,47 @@ def _mask(static, q_index, k_index, q_segments, k_segments):
 
 
 # --- forward -----------------------------------------------------------------------------
+#
+# Grids put the sequence blocks first: Triton launches program id 0 fastest, so the blocks
+# of one (batch, head) run side by side and share its K/V (or Q/dO) in L2. Query blocks go
+# in reverse, so under a causal mask the longest ones start first and the short ones fill
+# the tail.
 
-def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref,
-                    *, static):
+def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref,
+                    *, static, num_q_blocks):
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
-  i = pl.program_id(2)
+  i = num_q_blocks - 1 - pl.program_id(0)
   q = q_ref[...]                                            # [bq, D]
   q_index = i * block_q + jnp.arange(block_q)
   q_segments = seg_q_ref[...]
   head_dim = q.shape[-1]
+  scale = static.scale * _LOG2_E  # scores in base 2: exp2 is one instruction, exp is not
 
-  def body(j, carry):
+  def body(j, carry, masked):
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
-    k = k_ref[keys, :]
-    s = _dot(q, k, trans_b=True).astype(jnp.float32) * static.scale
-    visible = _mask(static, q_index, j * block_k + jnp.arange(block_k), q_segments,
-                    seg_k_ref[keys])
-    s = jnp.where(visible, s, _MASKED)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-    correction = jnp.exp(m - m_new)
+    s = _dot(q, k_ref[keys, :], trans_b=True)
+    if masked:
+      visible = _mask(static, q_index, j * block_k + jnp.arange(block_k), q_segments,
+                      seg_k_ref[keys])
+      s = jnp.where(visible, s * scale, _MASKED)
+      m_new = jnp.maximum(m, s.max(axis=1))
+      p = jnp.where(visible, jnp.exp2(s - m_new[:, None]), 0.0)
+    else:  # scale > 0, so max(s) * scale is the scaled maximum
+      m_new = jnp.maximum(m, s.max(axis=1) * scale)
+      p = jnp.exp2(s * scale - m_new[:, None])
+    correction = jnp.exp2(m - m_new)
     l = l * correction + p.sum(axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v_ref.dtype), v_ref[keys, :]).astype(
-        jnp.float32)
+    acc = acc * correction[:, None] + _dot(p.astype(v_ref.dtype), v_ref[keys, :])
     return acc, m_new, l
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = lax.fori_loop(lo_ref[i], hi_ref[i], body, init)
+  acc, m, l = _masked_and_full_loops(ranges_ref, i, body, init)
   seen = l > 0  # a query that sees no key (padding) gives zeros
-  o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(
-      o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+  l = jnp.where(seen, l, 1.0)
+  o_ref[...] = jnp.where(seen[:, None], acc / l[:, None], 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)  # natural log
 
 
 def _compiler_params(static, backward=False):
@@ -282,45 +339,48 @@ def _forward(static, q, k, v, segment_ids):
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
-  lo, hi = _key_ranges(static, segment_ids, block_q, block_k)
-  grid = (batch, num_heads, length // block_q)
+  num_q_blocks = length // block_q
+  ranges = _key_ranges(static, segment_ids, block_q, block_k).stacked()
+  q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
+  kv_rows = lambda i, b, h: (b, 0, h // group, 0)
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, static=static),
-      grid=grid,
+      functools.partial(_forward_kernel, static=static, num_q_blocks=num_q_blocks),
+      grid=(num_q_blocks, batch, num_heads),
       in_specs=[
-          pl.BlockSpec((None, length // block_q), lambda b, h, i: (b, 0)),
-          pl.BlockSpec((None, length // block_q), lambda b, h, i: (b, 0)),
-          pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-          pl.BlockSpec((None, length), lambda b, h, i: (b, 0)),
+          pl.BlockSpec((None, 4, num_q_blocks), lambda i, b, h: (b, 0, 0)),
+          pl.BlockSpec((None, block_q, None, head_dim), q_block),
+          pl.BlockSpec((None, length, None, head_dim), kv_rows),
+          pl.BlockSpec((None, length, None, head_dim), kv_rows),
+          pl.BlockSpec((None, block_q), lambda i, b, h: (b, num_q_blocks - 1 - i)),
+          pl.BlockSpec((None, length), lambda i, b, h: (b, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
+          pl.BlockSpec((None, block_q, None, head_dim), q_block),
+          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, num_q_blocks - 1 - i)),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)],
       compiler_params=_compiler_params(static),
       interpret=static.interpret,
       name='euro_lm_flash_forward',
-  )(lo, hi, q, k, v, segment_ids, segment_ids)
+  )(ranges, q, k, v, segment_ids, segment_ids)
   return out, lse
 
 
 # --- backward ----------------------------------------------------------------------------
+#
+# Probabilities are recomputed in base 2 from the logsumexp (`lse2` = lse * log2 e), and
+# the logit scale of dS is applied once to the finished dK and dQ, not per score.
 
-def _probabilities(static, q, k, lse, q_index, k_index, q_segments, k_segments):
-  s = _dot(q, k, trans_b=True).astype(jnp.float32) * static.scale
-  visible = _mask(static, q_index, k_index, q_segments, k_segments)
-  return jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+def _probabilities(static, q, k, lse2, visible):
+  p = jnp.exp2(_dot(q, k, trans_b=True) * (static.scale * _LOG2_E) - lse2[:, None])
+  return p if visible is None else jnp.where(visible, p, 0.0)
 
 
-def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
+def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg_q_ref,
                 seg_k_ref, dk_ref, dv_ref, *, static, group):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
-  j = pl.program_id(2)
+  j = pl.program_id(0)
   k = k_ref[...]
   v = v_ref[...]
   k_index = j * block_k + jnp.arange(block_k)
@@ -328,49 +388,54 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   head_dim = k.shape[-1]
 
   def head_body(g, carry):
-    def body(i, carry):
+    def body(i, carry, masked):
       dk, dv = carry
       queries = pl.ds(i * block_q, block_q)
       q = q_ref[queries, g, :]
       do = do_ref[queries, g, :]
-      lse = lse_ref[g, queries]
-      p = _probabilities(static, q, k, lse, i * block_q + jnp.arange(block_q), k_index,
-                         seg_q_ref[queries], k_segments)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-      dp = _dot(do, v, trans_b=True).astype(jnp.float32)
-      ds = p * (dp - delta_ref[g, queries][:, None]) * static.scale
-      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+      visible = None
+      if masked:
+        visible = _mask(static, i * block_q + jnp.arange(block_q), k_index, seg_q_ref[queries],
+                        k_segments)
+      p = _probabilities(static, q, k, lse2_ref[g, queries], visible)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+      dp = _dot(do, v, trans_b=True)
+      ds = p * (dp - delta_ref[g, queries][:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
-    return lax.fori_loop(lo_ref[j], hi_ref[j], body, carry)
+    return _masked_and_full_loops(ranges_ref, j, body, carry)
 
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dk_ref[...] = (dk * static.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-               seg_k_ref, dq_ref, *, static):
+def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg_q_ref,
+               seg_k_ref, dq_ref, *, static, num_q_blocks):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
-  i = pl.program_id(2)
+  i = num_q_blocks - 1 - pl.program_id(0)
   q = q_ref[...]
   do = do_ref[...]
-  lse = lse_ref[...]
+  lse2 = lse2_ref[...]
   delta = delta_ref[...]
   q_index = i * block_q + jnp.arange(block_q)
   q_segments = seg_q_ref[...]
 
-  def body(j, dq):
+  def body(j, dq, masked):
     keys = pl.ds(j * block_k, block_k)
     k = k_ref[keys, :]
-    p = _probabilities(static, q, k, lse, q_index, j * block_k + jnp.arange(block_k),
-                       q_segments, seg_k_ref[keys])
-    dp = _dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
-    ds = p * (dp - delta[:, None]) * static.scale
-    return dq + _dot(ds.astype(k.dtype), k).astype(jnp.float32)
+    visible = None
+    if masked:
+      visible = _mask(static, q_index, j * block_k + jnp.arange(block_k), q_segments,
+                      seg_k_ref[keys])
+    p = _probabilities(static, q, k, lse2, visible)
+    dp = _dot(do, v_ref[keys, :], trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dq = _masked_and_full_loops(ranges_ref, i, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
 
 
 def _backward(static, q, k, v, segment_ids, out, lse, d_out):
@@ -378,54 +443,58 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
+  num_q_blocks, num_k_blocks = length // block_q, length // block_k
   # delta_i = sum_d dO_id * O_id: the softmax-gradient correction, [B, H, L].
   delta = jnp.einsum('blhd,blhd->bhl', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  lse = jnp.where(jnp.isinf(lse), 0.0, lse)  # padding rows: p is masked to 0 anyway
+  # Padding rows (lse = inf) have p masked to 0 anyway; 0 keeps exp2 finite there.
+  lse2 = jnp.where(jnp.isinf(lse), 0.0, lse * _LOG2_E)
   params = dict(compiler_params=_compiler_params(static, backward=True),
                 interpret=static.interpret)
 
-  q_lo, q_hi = _query_ranges(static, segment_ids, block_q, block_k)
-  full_q = lambda b, h, j: (b, 0, h, 0)
+  query_ranges = _query_ranges(static, segment_ids, block_q, block_k).stacked()
+  all_queries = lambda j, b, h: (b, 0, h, 0)
+  kv_block = lambda j, b, h: (b, j, h, 0)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, static=static, group=group),
-      grid=(batch, num_kv_heads, length // block_k),
+      grid=(num_k_blocks, batch, num_kv_heads),
       in_specs=[
-          pl.BlockSpec((None, length // block_k), lambda b, h, j: (b, 0)),
-          pl.BlockSpec((None, length // block_k), lambda b, h, j: (b, 0)),
-          pl.BlockSpec((None, length, group, head_dim), full_q),
-          pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0)),
-          pl.BlockSpec((None, length, group, head_dim), full_q),
-          pl.BlockSpec((None, group, length), lambda b, h, j: (b, h, 0)),
-          pl.BlockSpec((None, group, length), lambda b, h, j: (b, h, 0)),
-          pl.BlockSpec((None, length), lambda b, h, j: (b, 0)),
-          pl.BlockSpec((None, block_k), lambda b, h, j: (b, j)),
+          pl.BlockSpec((None, 4, num_k_blocks), lambda j, b, h: (b, 0, 0)),
+          pl.BlockSpec((None, length, group, head_dim), all_queries),
+          pl.BlockSpec((None, block_k, None, head_dim), kv_block),
+          pl.BlockSpec((None, block_k, None, head_dim), kv_block),
+          pl.BlockSpec((None, length, group, head_dim), all_queries),
+          pl.BlockSpec((None, group, length), lambda j, b, h: (b, h, 0)),
+          pl.BlockSpec((None, group, length), lambda j, b, h: (b, h, 0)),
+          pl.BlockSpec((None, length), lambda j, b, h: (b, 0)),
+          pl.BlockSpec((None, block_k), lambda j, b, h: (b, j)),
       ],
-      out_specs=[pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))] * 2,
+      out_specs=[pl.BlockSpec((None, block_k, None, head_dim), kv_block)] * 2,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name='euro_lm_flash_dkv', **params,
-  )(q_lo, q_hi, q, k, v, d_out, lse, delta, segment_ids, segment_ids)
+  )(query_ranges, q, k, v, d_out, lse2, delta, segment_ids, segment_ids)
 
-  k_lo, k_hi = _key_ranges(static, segment_ids, block_q, block_k)
+  key_ranges = _key_ranges(static, segment_ids, block_q, block_k).stacked()
+  q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
+  q_row = lambda i, b, h: (b, h, num_q_blocks - 1 - i)
+  kv_rows = lambda i, b, h: (b, 0, h // group, 0)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, static=static),
-      grid=(batch, num_heads, length // block_q),
+      functools.partial(_dq_kernel, static=static, num_q_blocks=num_q_blocks),
+      grid=(num_q_blocks, batch, num_heads),
       in_specs=[
-          pl.BlockSpec((None, length // block_q), lambda b, h, i: (b, 0)),
-          pl.BlockSpec((None, length // block_q), lambda b, h, i: (b, 0)),
-          pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h // group, 0)),
-          pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
-          pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i)),
-          pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-          pl.BlockSpec((None, length), lambda b, h, i: (b, 0)),
+          pl.BlockSpec((None, 4, num_q_blocks), lambda i, b, h: (b, 0, 0)),
+          pl.BlockSpec((None, block_q, None, head_dim), q_block),
+          pl.BlockSpec((None, length, None, head_dim), kv_rows),
+          pl.BlockSpec((None, length, None, head_dim), kv_rows),
+          pl.BlockSpec((None, block_q, None, head_dim), q_block),
+          pl.BlockSpec((None, None, block_q), q_row),
+          pl.BlockSpec((None, None, block_q), q_row),
+          pl.BlockSpec((None, block_q), lambda i, b, h: (b, num_q_blocks - 1 - i)),
+          pl.BlockSpec((None, length), lambda i, b, h: (b, 0)),
       ],
-      out_specs=pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0)),
+      out_specs=pl.BlockSpec((None, block_q, None, head_dim), q_block),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       name='euro_lm_flash_dq', **params,
-  )(k_lo, k_hi, q, k, v, d_out, lse, delta, segment_ids, segment_ids)
+  )(key_ranges, q, k, v, d_out, lse2, delta, segment_ids, segment_ids)
   return dq, dk, dv
 
 

@@ -14,12 +14,13 @@ Mosaic blocks need their last two dims divisible by (8, 128) or equal to the arr
 - logsumexp and delta are rows `[B, H, 1, L]` (one float per query, not a 128-lane copy);
   the dK/dV kernel works on transposed scores `[bk, bq]` where they broadcast as they are.
 
-Block skipping: the per-block [lo, hi) ranges of `flash_attention._key_ranges` /
+Block skipping: the per-block `BlockRanges` of `flash_attention._key_ranges` /
 `_query_ranges` are scalar-prefetched into SMEM. The innermost grid axis counts steps
 j = 0 .. width - 1 through a range, and the index map asks for block min(lo + j, hi - 1):
 past the end of the range the block index repeats, so the pipeline issues no copy, and
 `pl.when(lo + j < hi)` skips the compute. `width` is a static bound on a range's length:
-all blocks in general, a few with a sliding window.
+all blocks in general, a few with a sliding window. A block in [full_lo, full_hi) is seen
+whole and runs the unmasked branch; only blocks straddling an edge build a mask.
 
 Status: tests/test_flash_attention_tpu.py checks these kernels numerically in the Pallas
 interpreter on CPU and lowers them for TPU from a CPU host. That lowering stops at Mosaic
@@ -77,6 +78,22 @@ def _block_index(lo_ref, hi_ref, row, step):
   return lo + jnp.minimum(step, jnp.maximum(hi - lo - 1, 0))
 
 
+def _flat_ranges(ranges):
+  """`BlockRanges` as four flat int32 arrays (row b * num_blocks + i) for SMEM."""
+  return tuple(x.reshape(-1) for x in ranges)
+
+
+def _step(ranges_refs, row, step, body):
+  """Runs `body(other_block, masked)` for step `step` of range `row`, if in the range:
+  unmasked when that block is seen whole."""
+  lo_ref, full_lo_ref, full_hi_ref, hi_ref = ranges_refs
+  other = lo_ref[row] + step
+  whole = (other >= full_lo_ref[row]) & (other < full_hi_ref[row])
+  in_range = other < hi_ref[row]
+  pl.when(in_range & whole)(functools.partial(body, other, masked=False))
+  pl.when(in_range & ~whole)(functools.partial(body, other, masked=True))
+
+
 def _widen(x, n):
   """`[rows, 128]` with equal lanes (a per-row scalar) -> `[rows, n]`."""
   if n == x.shape[1]:
@@ -107,11 +124,12 @@ def _params(*semantics):
 
 # --- forward -----------------------------------------------------------------------------
 
-def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref,
-                    m_ref, l_ref, acc_ref, *, static, num_q_blocks, width):
+def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref,
+                    seg_k_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, static, num_q_blocks,
+                    width):
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  lo, hi = lo_ref[b * num_q_blocks + i], hi_ref[b * num_q_blocks + i]
+  ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
 
   @pl.when(j == 0)
   def _init():
@@ -119,20 +137,24 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(lo + j < hi)
-  def _step():
+  def body(key_block, masked):
     s = _dot(q_ref[...], k_ref[...], trans_b=True) * static.scale        # [bq, bk]
-    visible = _score_mask(static, s.shape, True, i * block_q, (lo + j) * block_k,
-                          seg_q_ref[...], seg_k_ref[:1, :])
-    s = jnp.where(visible, s, _MASKED)
+    if masked:
+      visible = _score_mask(static, s.shape, True, i * block_q, key_block * block_k,
+                            seg_q_ref[...], seg_k_ref[:1, :])
+      s = jnp.where(visible, s, _MASKED)
     m_prev = m_ref[...]                                         # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-    p = jnp.where(visible, jnp.exp(s - _widen(m_next, block_k)), 0.0)
+    p = jnp.exp(s - _widen(m_next, block_k))
+    if masked:
+      p = jnp.where(visible, p, 0.0)
     correction = jnp.exp(m_prev - m_next)
     l_ref[...] = correction * l_ref[...] + p.sum(axis=1, keepdims=True)
     m_ref[...] = m_next
     acc_ref[...] = (acc_ref[...] * _widen(correction, acc_ref.shape[1])
                     + _dot(p.astype(v_ref.dtype), v_ref[...]))
+
+  _step(ranges_refs, b * num_q_blocks + i, j, body)
 
   @pl.when(j == width - 1)
   def _finish():
@@ -150,18 +172,18 @@ def _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids):
   group = num_heads // k_BKLD.shape[1]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  lo, hi = (x.reshape(-1) for x in _key_ranges(static, segment_ids, block_q, block_k))
+  ranges = _key_ranges(static, segment_ids, block_q, block_k)
   width = _range_width(static, block_q, block_k, length)
   seg_column, seg_row = _segment_layouts(segment_ids)
 
-  def key_block(b, i, j, lo_ref, hi_ref):
+  def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
 
   q_block = lambda b, h, i, j, *_: (b, h, i, 0)
   kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
                          lambda b, h, i, j, *r: (b, _kv_head(h, group), key_block(b, i, j, *r), 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
+      num_scalar_prefetch=4,
       grid=(batch, num_heads, num_q_blocks, width),
       in_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), q_block),
@@ -188,35 +210,37 @@ def _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids):
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_forward_tpu',
-  )(lo, hi, q_BHLD, k_BKLD, v_BKLD, seg_column, seg_row)
+  )(*_flat_ranges(ranges), q_BHLD, k_BKLD, v_BKLD, seg_column, seg_row)
 
 
 # --- backward ----------------------------------------------------------------------------
 
-def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-                seg_k_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, static, num_k_blocks,
-                group, width):
+def _dkv_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, seg_q_ref, seg_k_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *,
+                static, num_k_blocks, group, width):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-  lo, hi = lo_ref[b * num_k_blocks + j], hi_ref[b * num_k_blocks + j]
+  ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
 
   @pl.when((g == 0) & (i == 0))
   def _init():
     dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
     dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
-  @pl.when(lo + i < hi)
-  def _step():
+  def body(query_block, masked):
     q, do = q_ref[...], do_ref[...]
     # Transposed scores [bk, bq]: the [1, bq] rows of lse and delta broadcast down them.
     s = _dot(k_ref[...], q, trans_b=True) * static.scale
-    visible = _score_mask(static, s.shape, False, (lo + i) * block_q, j * block_k,
-                          seg_k_ref[...], seg_q_ref[:1, :])
-    p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)
+    p = jnp.exp(s - lse_ref[...])
+    if masked:
+      p = jnp.where(_score_mask(static, s.shape, False, query_block * block_q, j * block_k,
+                                seg_k_ref[...], seg_q_ref[:1, :]), p, 0.0)
     dv_acc_ref[...] += _dot(p.astype(do.dtype), do)
     dp = _dot(v_ref[...], do, trans_b=True)
     ds = p * (dp - delta_ref[...]) * static.scale
     dk_acc_ref[...] += _dot(ds.astype(q.dtype), q)
+
+  _step(ranges_refs, b * num_k_blocks + j, i, body)
 
   @pl.when((g == group - 1) & (i == width - 1))
   def _finish():
@@ -224,28 +248,31 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-               seg_k_ref, dq_ref, dq_acc_ref, *, static, num_q_blocks, width):
+def _dq_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, seg_q_ref, seg_k_ref, dq_ref, dq_acc_ref, *, static, num_q_blocks,
+               width):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  lo, hi = lo_ref[b * num_q_blocks + i], hi_ref[b * num_q_blocks + i]
+  ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
 
   @pl.when(j == 0)
   def _init():
     dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
 
-  @pl.when(lo + j < hi)
-  def _step():
+  def body(key_block, masked):
     k = k_ref[...]
     s = _dot(q_ref[...], k, trans_b=True) * static.scale                 # [bq, bk]
-    visible = _score_mask(static, s.shape, True, i * block_q, (lo + j) * block_k,
-                          seg_q_ref[...], seg_k_ref[:1, :])
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
-    p = jnp.where(visible, jnp.exp(s - lse), 0.0)
+    p = jnp.exp(s - lse)
+    if masked:
+      p = jnp.where(_score_mask(static, s.shape, True, i * block_q, key_block * block_k,
+                                seg_q_ref[...], seg_k_ref[:1, :]), p, 0.0)
     dp = _dot(do_ref[...], v_ref[...], trans_b=True)
     ds = p * (dp - delta) * static.scale
     dq_acc_ref[...] += _dot(ds.astype(k.dtype), k)
+
+  _step(ranges_refs, b * num_q_blocks + i, j, body)
 
   @pl.when(j == width - 1)
   def _finish():
@@ -267,10 +294,10 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
   row_spec = lambda index_map: pl.BlockSpec((None, None, 1, block_q), index_map)
 
   # dK/dV: grid (B, K, key block, query head of the group, step through the query range).
-  q_lo, q_hi = (x.reshape(-1) for x in _query_ranges(static, segment_ids, block_q, block_k))
+  query_ranges = _query_ranges(static, segment_ids, block_q, block_k)
   q_width = _range_width(static, block_k, block_q, length)
 
-  def query_block(b, j, i, lo_ref, hi_ref):
+  def query_block(b, j, i, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_k_blocks + j, i)
 
   q_spec = pl.BlockSpec(
@@ -282,7 +309,7 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
       functools.partial(_dkv_kernel, static=static, num_k_blocks=num_k_blocks, group=group,
                         width=q_width),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
+          num_scalar_prefetch=4,
           grid=(batch, num_kv_heads, num_k_blocks, group, q_width),
           in_specs=[
               q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec,
@@ -298,13 +325,14 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dkv_tpu',
-  )(q_lo, q_hi, q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_row, seg_column)
+  )(*_flat_ranges(query_ranges), q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_row,
+    seg_column)
 
   # dQ: grid (B, H, query block, step through the key range).
-  k_lo, k_hi = (x.reshape(-1) for x in _key_ranges(static, segment_ids, block_q, block_k))
+  key_ranges = _key_ranges(static, segment_ids, block_q, block_k)
   k_width = _range_width(static, block_q, block_k, length)
 
-  def key_block(b, i, j, lo_ref, hi_ref):
+  def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
 
   q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
@@ -314,7 +342,7 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, static=static, num_q_blocks=num_q_blocks, width=k_width),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
+          num_scalar_prefetch=4,
           grid=(batch, num_heads, num_q_blocks, k_width),
           in_specs=[
               q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec,
@@ -329,7 +357,8 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dq_tpu',
-  )(k_lo, k_hi, q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_column, seg_row)
+  )(*_flat_ranges(key_ranges), q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_column,
+    seg_row)
   return dq, dk, dv
 
 
