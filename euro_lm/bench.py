@@ -2,12 +2,13 @@
 
 Times the real sharded train step on synthetic tokens (no data pipeline in the way) and
 prints one table: compile time, step time, tokens/s, model TFLOP/s per device, MFU and
-the compiled step's peak memory. On a CPU, MFU is against the measured rate of a large
-float32 XLA matmul on the same machine; on GPUs/TPUs against the 16-bit datasheet peak
-(`hardware.peak_flops_per_device` overrides). `--compile_layers=4,32` adds a compile-time
+the compiled step's peak memory; then the host's peak resident memory. On a CPU, MFU is
+against the measured rate of a large float32 XLA matmul on the same machine; on GPUs/TPUs
+against the 16-bit datasheet peak (`hardware.peak_flops_per_device` overrides). `--compile_layers=4,32` adds a compile-time
 sweep over depth (scan over layers keeps it flat).
 """
 
+import resource
 import statistics
 import time
 
@@ -17,6 +18,7 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
+from euro_lm import host_memory
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import param_count, train_flops_per_token
 from euro_lm.train.synthetic import compile_train_step
@@ -51,11 +53,13 @@ def peak_memory_bytes(compiled):
 def benchmark(config, steps):
   compiled, state, batch, mesh, rules, compile_seconds = compile_train_step(config)
   times = []
+  fragmentation_guard = host_memory.FragmentationGuard(compiled)  # as the train loop runs
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for i in range(steps + 2):
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
+      fragmentation_guard.after_step()
       if i >= 2:
         times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
@@ -79,6 +83,8 @@ def benchmark(config, steps):
       'peak': f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown',
       'peak_memory_gib': (peak_memory_bytes(compiled) or 0) / 2 ** 30,
       'loss': float(metrics['loss']),
+      'host_peak_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+      'host_memory_trims': fragmentation_guard.trims,
   }
 
 
@@ -100,6 +106,9 @@ def main(argv):
   result = benchmark(config, _STEPS.value)
   print(HEADER)
   print(format_row(result))
+  kept = host_memory.keep_freed_memory_applied()
+  print(f'\nhost: peak resident memory {result["host_peak_gib"]:.2f} GiB; freed memory kept: '
+        f'{"yes" if kept else "no"}' + (f', {result["host_memory_trims"]} trims' if kept else ''))
   if _COMPILE_LAYERS.value:
     print('\n| layers | compile s |\n|---|---|')
     for layers in map(int, _COMPILE_LAYERS.value):

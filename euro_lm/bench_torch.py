@@ -61,11 +61,14 @@ def euro_lm_step(config):
   compiled, state, batch, mesh, rules, _ = compile_train_step(config)
   params = jax.tree.map(np.asarray, state.params)  # before the donating step consumes it
   holder = {'state': state}
+  fragmentation_guard = host_memory.FragmentationGuard(compiled)  # as the train loop runs
 
   def run():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       holder['state'], metrics = compiled(holder['state'], batch)
-      return float(metrics['loss'])  # waits for the step
+      loss = float(metrics['loss'])  # waits for the step
+    fragmentation_guard.after_step()
+    return loss
   return params, jax.tree.map(np.asarray, batch), run
 
 

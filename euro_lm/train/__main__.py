@@ -16,6 +16,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every file at INFO
+  from euro_lm import host_memory
+  # Before any thread allocates (it then keeps its own malloc arena).
+  host_memory.configure_before_backend(_CONFIG.value.hardware.keep_freed_host_memory)
   from euro_lm import distributed
   from euro_lm.errors import UserError
   from euro_lm.train.loop import train

@@ -125,13 +125,13 @@ def train(config, workdir):
   SIGTERM or SIGINT ends the run after the current step with a checkpoint. Returns the
   last logged training metrics and the last validation results.
   """
+  host_memory.configure_before_backend(config.hardware.keep_freed_host_memory)
   started = time.perf_counter()
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
   platform = jax.devices()[0].platform
   degrees = validate(config, jax.device_count(), process_count, platform)
-  host_memory.configure_for_platform(platform)  # before the first step's allocations
   workdir = prepare_workdir(workdir)
   log = tqdm.tqdm.write if is_chief else (lambda *a, **k: None)  # prints around the bar
 
@@ -234,12 +234,14 @@ def train(config, workdir):
       compile_start = time.perf_counter()
       train_step = train_step.lower(state, batch).compile()
       log(f'compiled the train step in {time.perf_counter() - compile_start:.1f}s')
+      fragmentation_guard = host_memory.FragmentationGuard(train_step)
       window_start, window_step = time.perf_counter(), start_step
       pending = None
       for step in range(start_step + 1, t.steps + 1):
         if step > start_step + 1:
           batch = global_batch(next(train_iterator), mesh, rules)
         state, metrics_future = train_step(state, batch)
+        fragmentation_guard.after_step()
         if pending:
           report(*pending)
         pending = (step, metrics_future)

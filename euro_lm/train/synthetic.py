@@ -29,9 +29,9 @@ def synthetic_batch(config, seed=0):
 
 def compile_train_step(config):
   """Returns (compiled step, state, batch, mesh, rules, compile seconds)."""
+  host_memory.configure_before_backend(config.hardware.keep_freed_host_memory)
   platform = jax.devices()[0].platform
   validate(config, jax.device_count(), jax.process_count(), platform)
-  host_memory.configure_for_platform(platform)
   mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
