@@ -39,9 +39,6 @@ _NEVER = -1  # mallopt takes an int; glibc stores the trim threshold as size_t, 
 _applied = False
 
 
-_PAGE_BYTES = os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else 4096
-
-
 def keep_freed_memory():
   """Sets glibc malloc to one arena, no separately mapped blocks and no trimming.
 
@@ -114,37 +111,34 @@ def configure_before_backend(enabled=True):
 def resident_bytes():
   """The process's resident memory (RSS), from /proc (Linux)."""
   with open('/proc/self/statm') as f:
-    return int(f.read().split()[1]) * _PAGE_BYTES
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
 class FragmentationGuard:
   """Bounds what `keep_freed_memory()` holds: call `after_step()` once per training step.
 
-  The first step leaves its temporaries resident (freed, for the next step to reuse). When
-  the heap has grown by half a set of temporaries more than that, `malloc_trim` returns the
-  free pages to the kernel, and the next step faults its temporaries in again, once. So
-  the process holds at most one spare set of temporaries, and only until the step ends.
+  Make it after compiling the step and before running it. From then on the process may
+  hold the step's temporaries and half a set more (fragments, or the start of a heap
+  extension). Past that ceiling, `malloc_trim` returns every free page to the kernel, and
+  the next step faults its temporaries in again, once. So a heap extension keeps one
+  spare set of temporaries at most, and only until its step ends. The ceiling is fixed
+  when the guard is made, so it does not matter where in an asynchronously dispatched step
+  `after_step` runs; it only rises when the memory still in use after a trim needs it to.
   Does nothing unless `keep_freed_memory()` applied.
   """
 
   def __init__(self, compiled_step):
     analysis = compiled_step.memory_analysis()
-    self.temp_bytes = analysis.temp_size_in_bytes if analysis is not None else 0
+    temp_bytes = analysis.temp_size_in_bytes if analysis is not None else 0
+    self._allowance = temp_bytes + temp_bytes // 2
+    self._ceiling = resident_bytes() + self._allowance if _applied else None
     self.trims = 0
-    self._ceiling = None
 
   def after_step(self):
     """Trims if the process holds more than its ceiling; returns whether it trimmed."""
-    if not _applied:
-      return False
-    resident = resident_bytes()
-    if self._ceiling is None:  # after the first step: its temporaries are resident
-      self._ceiling = resident + self.temp_bytes // 2
-      return False
-    if resident <= self._ceiling:
+    if self._ceiling is None or resident_bytes() <= self._ceiling:
       return False
     ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
     self.trims += 1
-    # The next step brings its temporaries back in.
-    self._ceiling = resident_bytes() + self.temp_bytes + self.temp_bytes // 2
+    self._ceiling = max(self._ceiling, resident_bytes() + self._allowance)
     return True
