@@ -4,8 +4,9 @@ Times the real sharded train step on synthetic tokens (no data pipeline in the w
 prints one table: compile time, step time, tokens/s, model TFLOP/s per device, MFU and
 the compiled step's peak memory; then the host's peak resident memory. On a CPU, MFU is
 against the measured rate of a large float32 XLA matmul on the same machine; on GPUs/TPUs
-against the 16-bit datasheet peak (`hardware.peak_flops_per_device` overrides). `--compile_layers=4,32` adds a compile-time
-sweep over depth (scan over layers keeps it flat).
+against the 16-bit datasheet peak (`hardware.peak_flops_per_device` overrides).
+`--compile_layers=4,32` adds a compile-time sweep over depth (scan over layers keeps it
+flat).
 """
 
 import resource

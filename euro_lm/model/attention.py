@@ -134,7 +134,8 @@ def _scores(q_BKGQD, k_BKMD, scale):
 
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
-# strided operand in every chunk's matmuls; 25% faster forward+backward on the CPU at 125M.
+# strided operand in every chunk's matmuls; 14-19% faster forward+backward on the CPU at
+# 125M's shapes (BENCHMARKS.md).
 def _chunked_forward(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale, chunks):
   num_kv_heads = k_BLKD.shape[2]
   q_BKGLD = _query_heads_first(q_BLHD, num_kv_heads)
