@@ -15,7 +15,8 @@ block), with float32 accumulation and no atomics. Softmax runs in base 2 (exp2).
 
 Two kernel sets share this contract: the Triton-style kernels here (NVIDIA/AMD GPUs, and the
 Pallas interpreter on CPU) and the Mosaic kernels in `flash_attention_tpu` (TPUs), picked by
-`flash_attention(..., backend=...)`.
+`flash_attention(..., backend=...)`. A third backend, 'mosaic_gpu', pairs the Hopper forward
+of `flash_attention_hopper` (TMA and wgmma, in Pallas Mosaic GPU) with the Triton backward.
 """
 
 import dataclasses
@@ -72,7 +73,7 @@ TPU_BLOCK_SIZES = {
 }
 _TPU_DEFAULT = TPU_BLOCK_SIZES[128]
 _BLOCK_FIELDS = ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd')
-BACKENDS = ('gpu', 'tpu')
+BACKENDS = ('gpu', 'tpu', 'mosaic_gpu')
 
 
 def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, window=None,
@@ -87,9 +88,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
     block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
-      dim (the TPU defaults shrunk to fit the length).
+      dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' always takes
+      block_q = 64 and, by default, block_k = 128 for its forward.
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
-    backend: 'gpu' (Triton kernels) or 'tpu' (Mosaic kernels); None takes 'tpu' when
+    backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
+      forward, bf16/f16 only, with the Triton backward); None takes 'tpu' when
       `jax.default_backend()` is TPU and 'gpu' otherwise, so a CPU runs the GPU kernels in
       the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
       that would trace both kernel sets, and both would have to accept the shapes (TPU tiles
@@ -109,6 +112,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     blocks = block_sizes or _fit_tpu_blocks(TPU_BLOCK_SIZES.get(head_dim, _TPU_DEFAULT), length)
   else:
     blocks = block_sizes or GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
+  if backend == 'mosaic_gpu':
+    from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+    blocks = dataclasses.replace(blocks, block_q=flash_attention_hopper.BLOCK_Q,
+                                 **({} if block_sizes else
+                                    {'block_k': flash_attention_hopper.BLOCK_K}))
   for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
     if backend == 'tpu' and size % TPU_BLOCK_MULTIPLE:
@@ -125,7 +133,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if not scale > 0:
     raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
   static = _Static(causal=causal, scale=scale, window=window, blocks=blocks,
-                   interpret=interpret)
+                   interpret=interpret, hopper_forward=backend == 'mosaic_gpu')
   if backend == 'tpu':
     from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
     return flash_attention_tpu.attention(static, q, k, v, segment_ids.astype(jnp.int32))
@@ -159,6 +167,7 @@ class _Static:
   window: int | None
   blocks: BlockSizes
   interpret: bool
+  hopper_forward: bool = False  # the Mosaic GPU forward (flash_attention_hopper)
 
 
 # --- block ranges ------------------------------------------------------------------------
@@ -336,6 +345,12 @@ def _compiler_params(static, backward=False):
 
 
 def _forward(static, q, k, v, segment_ids):
+  if static.hopper_forward:
+    from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+    blocks = static.blocks
+    ranges = _key_ranges(static, segment_ids, blocks.block_q, blocks.block_k).stacked()
+    return flash_attention_hopper.forward(static, q, k, v, segment_ids, ranges,
+                                          *_document_edges(segment_ids))
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k

@@ -1,0 +1,76 @@
+"""The Hopper forward (`backend='mosaic_gpu'`) in Pallas' Mosaic GPU interpreter against a
+float64 reference, its gradients through the shared Triton backward, and its lowering for
+NVIDIA GPUs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention_reference import inputs, jnp_reference, reference
+from euro_lm.kernels import BlockSizes, flash_attention
+
+# One long document, so that some key blocks are seen whole (the unmasked loop), then a
+# short one and padding.
+LONG_DOCUMENT = np.array([[1] * 200 + [2] * 40 + [0] * 16, [3] * 256], np.int32)
+
+
+def _relative_error(ours, theirs):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  return np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+
+
+@pytest.mark.parametrize('causal,window', [(True, None), (False, None), (True, 100),
+                                           (False, 100)])
+def test_forward_matches_float64(causal, window):
+  q, k, v, seg = inputs(4, 2, 64, jnp.bfloat16, length=256, segment_ids=LONG_DOCUMENT)
+  out = flash_attention(q, k, v, segment_ids=jnp.asarray(seg), causal=causal, window=window,
+                        backend='mosaic_gpu')
+  assert out.dtype == jnp.bfloat16
+  expected = reference(q, k, v, seg, causal, window)
+  assert _relative_error(out, expected) < 1e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
+
+
+def test_padding_gives_zeros_and_gradients_match_float64():
+  # inputs' default: row 0 holds two documents then padding, row 1 is all padding.
+  q, k, v, seg = inputs(4, 1, 128, jnp.bfloat16, length=128)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.bfloat16)
+  attend = lambda q, k, v: flash_attention(q, k, v, segment_ids=jnp.asarray(seg),
+                                           backend='mosaic_gpu', block_sizes=BlockSizes())
+  out = attend(q, k, v)
+  assert np.all(np.asarray(out)[1] == 0) and np.all(np.asarray(out)[0, -8:] == 0)
+  ours = jax.grad(lambda *a: jnp.sum((attend(*a) * w).astype(jnp.float32)),
+                  argnums=(0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, True, None) * w),
+                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for a, b in zip(ours, theirs):
+    assert _relative_error(a, b) < 2e-2
+
+
+def test_what_the_hopper_forward_cannot_take_is_refused():
+  q, k, v, _ = inputs(2, 2, 64, jnp.float32, length=128)
+  with pytest.raises(ValueError, match='bfloat16 or float16'):
+    flash_attention(q, k, v, backend='mosaic_gpu')
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  with pytest.raises(ValueError, match='block_k a multiple of 64'):
+    flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(block_k=32))
+
+
+@pytest.mark.parametrize('dim', [64, 128])
+def test_forward_and_backward_lower_for_hopper(dim):
+  q = jax.ShapeDtypeStruct((2, 512, 8, dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 512, 2, dim), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+
+  def loss(q, k, v, s):
+    return flash_attention(q, k, v, segment_ids=s, window=256, interpret=False,
+                           backend='mosaic_gpu').astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert 'mosaic_gpu' in text  # the forward: a Mosaic GPU kernel
+  assert 'euro_lm_flash_forward' not in text
+  for kernel in ('euro_lm_flash_dkv', 'euro_lm_flash_dq'):  # the Triton backward
+    assert kernel in text
