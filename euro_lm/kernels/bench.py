@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from euro_lm.kernels import GPU_BLOCK_SIZES, TPU_BLOCK_SIZES, BlockSizes, flash_attention
+from euro_lm.kernels import flash_attention_hopper as hopper
 from euro_lm.kernels.flash_attention import _fit_tpu_blocks, _key_ranges, _Static
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
@@ -174,6 +175,24 @@ def packed(length, doc_length):
   print(f'| causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | {fraction:.3f} |')
   print(f'| ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | {fraction:.3f} |',
         flush=True)
+  if jax.default_backend() != 'tpu':
+    hopper_forward(q, k, v, segment_ids)
+
+
+def hopper_forward(q, k, v, segment_ids):
+  """The packed case for the Hopper forward (`backend='mosaic_gpu'`), forward only."""
+  times = []
+  for ids in (None, jnp.asarray(segment_ids)):
+    fn = jax.jit(lambda q, k, v, ids=ids: flash_attention(q, k, v, segment_ids=ids,
+                                                          backend='mosaic_gpu'))
+    try:
+      times.append(timed(fn, q, k, v))
+    except Exception as e:  # not a Hopper GPU
+      print(f'| mosaic_gpu forward | failed: {type(e).__name__}: {str(e)[:80]} |||')
+      return
+  fraction = visited_fraction(segment_ids, hopper.BLOCK_Q, hopper.BLOCK_K)
+  print(f'| mosaic_gpu forward: causal, + documents, ratio | {1e3 * times[0]:.2f}, '
+        f'{1e3 * times[1]:.2f}, {times[1] / times[0]:.3f} | | {fraction:.3f} |', flush=True)
 
 
 def main(argv):
