@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Issue 4's measurements on one GPU, in one call: the block-size sweep at 4k, then the
-# table (L = 2k, 4k, 8k against cuDNN and XLA, correctness first) and the packed-documents
-# case with the tuned blocks. Usage: bash launch/bench_attention_gpu.sh [OUTDIR]  (~9 min)
+# Issue 4's measurements on one GPU. Usage: bash launch/bench_attention_gpu.sh [OUTDIR] [PARTS]
+# PARTS (default "sweep table hopper", ~9 min in all): sweep = the Triton block-size sweep at
+# 4k; table = L = 2k, 4k, 8k, our Triton kernels against cuDNN and XLA (correctness first),
+# and the packed-documents case; hopper = the same for the Mosaic GPU forward (H100/H200),
+# next to JAX's own. Each part runs under its own limit, so a hang in one (the Hopper
+# kernels have not yet run on a GPU) still leaves the others' tables.
 set -uo pipefail
 out=${1:-bench_out}
+parts=${2:-sweep table hopper}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
-# Each part under its own limit, so a hang in one still leaves the others' tables.
-timeout 240 python3 -m euro_lm.kernels.bench --lengths=4096 --sweep 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/sweep_4k.txt"
-timeout 300 python3 -m euro_lm.kernels.bench 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/table.txt"
+bench() { timeout "$1" python3 -m euro_lm.kernels.bench "${@:3}" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$2.txt"; }
+for part in $parts; do
+  case $part in
+    sweep) bench 200 sweep_4k --lengths=4096 --sweep ;;
+    table) bench 200 table --impls=xla,cudnn,pallas ;;
+    hopper) bench 150 hopper --impls=xla,jax_mosaic_gpu,mosaic_gpu_one_group,mosaic_gpu ;;
+    *) echo "unknown part $part (sweep, table, hopper)"; exit 2 ;;
+  esac
+done

@@ -35,6 +35,12 @@ _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = token
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over the SWEEP_* block sizes instead.')
 _PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192, 'Row length of the packed case.')
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
+_IMPLS = flags.DEFINE_list(
+    'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu', 'pallas'],
+    'Implementations in the table, in order (xla, the reference, always runs first): pallas '
+    '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper forward with the '
+    'Triton backward), jax_mosaic_gpu (JAX\'s Hopper forward, forward only), cudnn, xla. '
+    'The packed case runs for pallas and mosaic_gpu when listed.')
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is
 # swept alone: forward (block_q, block_k, num_warps, num_stages), timed forward only; backward
@@ -56,11 +62,17 @@ def implementations():
   def ours(q, k, v):
     return flash_attention(q, k, v, causal=True)
 
-  def ours_hopper(q, k, v):
+  def ours_hopper(q, k, v):  # two compute warpgroups and a producer
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
 
-  return {'euro_lm pallas': ours, 'euro_lm mosaic_gpu': ours_hopper,
-          'jax mosaic_gpu (fwd only)': jax_hopper_forward, 'cudnn': cudnn, 'xla': xla}
+  def ours_hopper_one_group(q, k, v):
+    blocks = dataclasses.replace(GPU_BLOCK_SIZES.get(q.shape[-1], BlockSizes()),
+                                 block_q=hopper.ROWS, block_k=hopper.BLOCK_K)
+    return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
+
+  return {'pallas': ours, 'mosaic_gpu': ours_hopper,
+          'mosaic_gpu_one_group': ours_hopper_one_group, 'jax_mosaic_gpu': jax_hopper_forward,
+          'cudnn': cudnn, 'xla': xla}
 
 
 def jax_hopper_forward(q, k, v):
@@ -155,11 +167,23 @@ def visited_fraction(segment_ids, block_q, block_k):
   return pairs(segment_ids) / pairs(np.ones_like(segment_ids))
 
 
-def packed(length, doc_length):
-  """Our kernel on packed rows, with and without their segment ids."""
+def packed(length, doc_length, triton=True, hopper=True):
+  """Our kernels on packed rows, with and without their segment ids."""
   batch = max(_TOKENS.value // length, 1)
   q, k, v, d_out = random_inputs(batch, length, seed=1)
   segment_ids = packed_segment_ids(batch, length, doc_length)
+  print(f'\nPacked rows: B={batch} L={length}, documents of ~{doc_length} tokens '
+        f'({len(np.unique(segment_ids[0]))} in row 0), causal')
+  print('| kernel, mask | fwd ms | fwd+bwd ms | blocks visited |\n|---|---|---|---|')
+  if triton:
+    packed_triton(q, k, v, d_out, segment_ids)
+  if hopper and jax.default_backend() != 'tpu':
+    packed_hopper(q, k, v, segment_ids)
+
+
+def packed_triton(q, k, v, d_out, segment_ids):
+  """The packed case for our default kernels (Triton, or Mosaic on a TPU)."""
+  length = q.shape[1]
   if jax.default_backend() == 'tpu':
     blocks = _fit_tpu_blocks(TPU_BLOCK_SIZES.get(_HEAD_DIM.value, TPU_BLOCK_SIZES[128]), length)
   else:
@@ -168,18 +192,14 @@ def packed(length, doc_length):
   fraction = visited_fraction(segment_ids, blocks.block_q, blocks.block_k)
   causal = _time_ours(q, k, v, d_out)
   docs = _time_ours(q, k, v, d_out, segment_ids=jnp.asarray(segment_ids))
-  print(f'\nPacked rows: B={batch} L={length}, documents of ~{doc_length} tokens '
-        f'({len(np.unique(segment_ids[0]))} in row 0), causal, our kernel')
-  print('| mask | fwd ms | fwd+bwd ms | blocks visited |\n|---|---|---|---|')
-  print(f'| causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
-  print(f'| causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | {fraction:.3f} |')
-  print(f'| ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | {fraction:.3f} |',
-        flush=True)
-  if jax.default_backend() != 'tpu':
-    hopper_forward(q, k, v, segment_ids)
+  print(f'| pallas, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
+  print(f'| pallas, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
+        f'{fraction:.3f} |')
+  print(f'| pallas, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | '
+        f'{fraction:.3f} |', flush=True)
 
 
-def hopper_forward(q, k, v, segment_ids):
+def packed_hopper(q, k, v, segment_ids):
   """The packed case for the Hopper forward (`backend='mosaic_gpu'`), forward only."""
   times = []
   for ids in (None, jnp.asarray(segment_ids)):
@@ -188,11 +208,12 @@ def hopper_forward(q, k, v, segment_ids):
     try:
       times.append(timed(fn, q, k, v))
     except Exception as e:  # not a Hopper GPU
-      print(f'| mosaic_gpu forward | failed: {type(e).__name__}: {str(e)[:80]} |||')
+      print(f'| mosaic_gpu | failed: {type(e).__name__}: {str(e)[:80]} |||')
       return
-  fraction = visited_fraction(segment_ids, hopper.BLOCK_Q, hopper.BLOCK_K)
-  print(f'| mosaic_gpu forward: causal, + documents, ratio | {1e3 * times[0]:.2f}, '
-        f'{1e3 * times[1]:.2f}, {times[1] / times[0]:.3f} | | {fraction:.3f} |', flush=True)
+  fraction = visited_fraction(segment_ids, hopper.ROWS, hopper.BLOCK_K)
+  print(f'| mosaic_gpu, causal | {1e3 * times[0]:.2f} | | 1 |')
+  print(f'| mosaic_gpu, causal + documents | {1e3 * times[1]:.2f} | | {fraction:.3f} |')
+  print(f'| mosaic_gpu, ratio | {times[1] / times[0]:.3f} | | {fraction:.3f} |', flush=True)
 
 
 def main(argv):
@@ -210,7 +231,12 @@ def main(argv):
     q, k, v, d_out = random_inputs(batch, length, seed=length)
     flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
     reference = None
-    for name, fn in reversed(list(implementations().items())):  # xla first: the reference
+    available = implementations()
+    unknown = set(_IMPLS.value) - set(available)
+    if unknown:
+      raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(available)}')
+    for name in ['xla'] + [n for n in _IMPLS.value if n != 'xla']:  # xla: the reference
+      fn = available[name]
       forward = jax.jit(fn)
       forward_backward = jax.jit(lambda q, k, v, fn=fn: jax.vjp(fn, q, k, v)[1](d_out))
       try:
@@ -238,7 +264,8 @@ def main(argv):
         both = f'| {1e3 * t_all:.2f} | {3.5 * flops / t_all / 1e12:.0f}'
       print(f'| {length} | {name} | {1e3 * t_fwd:.2f} | {flops / t_fwd / 1e12:.0f} {both} | '
             f'{errors[0]} | {errors[1]} |', flush=True)
-  packed(_PACKED_LENGTH.value, _DOC_LENGTH.value)
+  packed(_PACKED_LENGTH.value, _DOC_LENGTH.value, triton='pallas' in _IMPLS.value,
+         hopper='mosaic_gpu' in _IMPLS.value)
 
 
 if __name__ == '__main__':

@@ -88,8 +88,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
     block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
-      dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' always takes
-      block_q = 64 and, by default, block_k = 128 for its forward.
+      dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' takes block_q 64 (one
+      compute warpgroup per CTA) or 128 (two, and a producer), by default 128, with
+      block_k = 128.
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
     backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
       forward, bf16/f16 only, with the Triton backward); None takes 'tpu' when
@@ -114,9 +115,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     blocks = block_sizes or GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
   if backend == 'mosaic_gpu':
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-    blocks = dataclasses.replace(blocks, block_q=flash_attention_hopper.BLOCK_Q,
-                                 **({} if block_sizes else
-                                    {'block_k': flash_attention_hopper.BLOCK_K}))
+    if not block_sizes:
+      blocks = dataclasses.replace(blocks, block_q=flash_attention_hopper.BLOCK_Q,
+                                   block_k=flash_attention_hopper.BLOCK_K)
   for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
     if backend == 'tpu' and size % TPU_BLOCK_MULTIPLE:
@@ -348,7 +349,8 @@ def _forward(static, q, k, v, segment_ids):
   if static.hopper_forward:
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
     blocks = static.blocks
-    ranges = _key_ranges(static, segment_ids, blocks.block_q, blocks.block_k).stacked()
+    ranges = _key_ranges(static, segment_ids, flash_attention_hopper.ROWS,
+                         blocks.block_k).stacked()
     return flash_attention_hopper.forward(static, q, k, v, segment_ids, ranges,
                                           *_document_edges(segment_ids))
   batch, length, num_heads, head_dim = q.shape

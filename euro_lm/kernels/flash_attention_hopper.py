@@ -5,12 +5,19 @@ TMA copies into swizzled shared memory and warpgroup MMAs (wgmma), which Mosaic 
 exposes. `flash_attention(..., backend='mosaic_gpu')` runs this forward and the Triton
 backward kernels of `flash_attention` (same logsumexp contract).
 
-One CTA is one warpgroup (128 threads) and one block of `block_q` (64) queries of one head.
-It walks the key blocks of its `BlockRanges` with K/V copied by TMA `STAGES` blocks ahead
-into a ring of shared-memory slots; a slot is refilled once the wgmma that read it has
-finished. Visibility needs no segment ids inside the kernel: documents are contiguous runs,
-so query i sees exactly the keys in [first_i, last_i] (`_visible_spans`, computed once in
-XLA); the masked blocks compare key positions against those two per-row bounds.
+Each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the key blocks
+of their `BlockRanges`: masked blocks at the edges, unmasked ones in between. K/V arrive
+by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks the CTA's shape:
+- 64: one warpgroup, which also issues its own copies `STAGES` blocks ahead and refills a
+  slot once the wgmmas that read it have finished;
+- 128 (the default, FlashAttention-3's layout): two compute warpgroups share every K/V
+  block, and a third, producer warpgroup with few registers issues the copies. Each
+  compute warpgroup releases a slot after reading it, walking the union of the two
+  ranges (blocks outside its own are released unread) so the ring stays in step.
+
+Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
+query i sees exactly the keys in [lo_i, hi_i] (`_visible_spans`, computed once in XLA);
+the masked blocks compare key positions against those two per-row bounds.
 
 Interpret mode (CPU tests) runs the same kernel, TMA copies and barriers included, with
 the GPU-only layout hints dropped and both products as plain dots: Pallas' Mosaic GPU
@@ -27,9 +34,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 _LOG2_E = math.log2(math.e)
-BLOCK_Q = 64  # one warpgroup's wgmma rows
+ROWS = 64  # queries per compute warpgroup: wgmma's M
+BLOCK_Q = 128  # default queries per CTA: two compute warpgroups (64: one)
 BLOCK_K = 128  # default keys per block (a first guess: not yet timed on a GPU)
-STAGES = 2    # K/V blocks in flight
+STAGES = 2  # K/V blocks in flight
 
 
 def _visible_spans(static, segment_ids, first, last):
@@ -48,149 +56,274 @@ def _visible_spans(static, segment_ids, first, last):
 def forward(static, q, k, v, segment_ids, ranges, first, last):
   """(out `[B, L, H, D]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
 
-  `ranges`: the stacked key `BlockRanges` of each `BLOCK_Q` query block (`static.blocks.
-  block_q` must be `BLOCK_Q`), for key blocks of `static.blocks.block_k`; `first`, `last`:
-  each token's document edges.
+  `ranges`: the stacked key `BlockRanges` of each `ROWS`-query block, for key blocks of
+  `static.blocks.block_k`; `first`, `last`: each token's document edges.
   """
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
-  block_k = static.blocks.block_k
-  if static.blocks.block_q != BLOCK_Q or block_k % 64:
-    raise ValueError(f'the Mosaic GPU forward takes block_q={BLOCK_Q} and block_k a multiple '
-                     f'of 64, not {static.blocks.block_q} and {block_k}')
+  block_q, block_k = static.blocks.block_q, static.blocks.block_k
+  if block_q not in (ROWS, 2 * ROWS) or block_k % 64:
+    raise ValueError(f'the Mosaic GPU forward takes block_q {ROWS} or {2 * ROWS} and block_k '
+                     f'a multiple of 64, not {block_q} and {block_k}')
   if head_dim % 64 or head_dim > 256:
     raise ValueError(f'the Mosaic GPU forward takes head_dim a multiple of 64 up to 256, '
                      f'not {head_dim}')
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f'the Mosaic GPU forward takes bfloat16 or float16 q, k, v, not '
                      f'{q.dtype}, {k.dtype}, {v.dtype}')
-  num_q_blocks = length // BLOCK_Q
+  groups = block_q // ROWS
+  num_ctas = length // block_q
   row_lo, row_hi = _visible_spans(static, segment_ids, first, last)
-  interpret = static.interpret
-  scale = static.scale * _LOG2_E  # base-2 scores: exp2 is one instruction
-  dtype = q.dtype
+  ops = _BlockOps(static, block_k, head_dim, q.dtype)
 
-  def row_layout(x):
-    return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
-
-  def key_positions():
-    shape = (BLOCK_Q, block_k)
-    if interpret:
-      return lax.broadcasted_iota(jnp.int32, shape, 1)
-    return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-
-  def kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
-             q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem, q_barriers, k_barriers,
-             v_barriers):
-    i = num_q_blocks - 1 - lax.axis_index('q_blocks')  # longest causal rows first
-    b, h = lax.axis_index('batch'), lax.axis_index('heads')
-    kv_head = lax.div(h, jnp.int32(group))
-    queries = pl.ds(i * BLOCK_Q, BLOCK_Q)
-    lo, full_lo, full_hi, hi = (ranges_ref[b, n, i] for n in range(4))
-
-    def fetch(j, slot):
-      keys = (b, pl.ds(j * block_k, block_k), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
-
-    plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem, q_barriers.at[0])
-    plgpu.copy_gmem_to_smem(row_lo_ref.at[b, queries], lo_smem, q_barriers.at[1])
-    plgpu.copy_gmem_to_smem(row_hi_ref.at[b, queries], hi_smem, q_barriers.at[2])
-    for stage in range(STAGES):
-      @pl.when(lo + stage < hi)
-      def _():
-        fetch(lo + stage, stage)
+  def load_rows(refs, b, h, i, slot, barriers):
+    """Copies query block i's q and visible-key bounds into their slot; waits for them."""
+    row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem = refs
+    queries = pl.ds(i * ROWS, ROWS)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], barriers.at[3 * slot])
+    plgpu.copy_gmem_to_smem(row_lo_ref.at[b, queries], lo_smem.at[slot],
+                            barriers.at[3 * slot + 1])
+    plgpu.copy_gmem_to_smem(row_hi_ref.at[b, queries], hi_smem.at[slot],
+                            barriers.at[3 * slot + 2])
     for n in range(3):
-      plgpu.barrier_wait(q_barriers.at[n])
-    row_lo_q = row_layout(lo_smem[...])
-    row_hi_q = row_layout(hi_smem[...])
+      plgpu.barrier_wait(barriers.at[3 * slot + n])
+    return ops.rows(lo_smem[slot]), ops.rows(hi_smem[slot])
 
-    def body(j, carry, masked):
-      acc, m, l = carry
-      slot = lax.rem(j - lo, jnp.int32(STAGES))
-      plgpu.barrier_wait(k_barriers.at[slot])
-      if interpret:
-        s = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
-      else:
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          return acc_ref[...]
-        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_k), jnp.float32))
-      if masked:
-        key = key_positions() + j * block_k
-        visible = ((key >= lax.broadcast_in_dim(row_lo_q, s.shape, [0]))
-                   & (key <= lax.broadcast_in_dim(row_hi_q, s.shape, [0])))
-        s = jnp.where(visible, s * scale, -jnp.inf)
-      else:  # scale > 0, so max(s) * scale is the scaled maximum
-        s = s * scale
-      m_new = jnp.maximum(m, s.max(axis=1))
-      # A row with nothing visible yet keeps m = -inf; its exp2 arguments are then taken
-      # against 0, and its masked scores (-inf) still give 0.
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-      correction = jnp.exp2(m - m_safe)
-      l = l * correction + p.sum(axis=1)
-      plgpu.barrier_wait(v_barriers.at[slot])
-
-      if interpret:
-        pv = jnp.dot(p.astype(dtype), v_smem[slot], preferred_element_type=jnp.float32)
-      else:
-        def pv_product(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-          return acc_ref[...]
-        pv = pl.run_scoped(pv_product, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pv
-
-      # Both wgmmas reading this slot have finished (their results were read): refill it.
-      @pl.when(j + STAGES < hi)
-      def _():
-        fetch(j + STAGES, slot)
-      return acc, m_new, l
-
-    acc = jnp.zeros((BLOCK_Q, head_dim), jnp.float32)
-    if not interpret:
-      acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
-    carry = (acc, row_layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32)),
-             row_layout(jnp.zeros((BLOCK_Q,), jnp.float32)))
-    masked = functools.partial(body, masked=True)
-    carry = lax.fori_loop(lo, full_lo, masked, carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-    acc, m, l = lax.fori_loop(full_hi, hi, masked, carry)
-
-    seen = l > 0  # a query that sees no key (padding) gives zeros
-    l = jnp.where(seen, l, 1.0)
-    out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-    q_smem[...] = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0).astype(dtype)
-    lse_smem[...] = jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)
+  def store_rows(carry, out_ref, lse_ref, b, h, i, slot, q_smem, lse_smem):
+    """Normalises and writes query block i's output (through its q slot) and logsumexp."""
+    out, lse = ops.finish(carry)
+    q_smem[slot] = out
+    lse_smem[slot] = lse
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, queries, h])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, queries])
+    queries = pl.ds(i * ROWS, ROWS)
+    plgpu.copy_smem_to_gmem(q_smem.at[slot], out_ref.at[b, queries, h])
+    plgpu.copy_smem_to_gmem(lse_smem.at[slot], lse_ref.at[b, h, queries])
     plgpu.wait_smem_to_gmem(0)
 
+  def walk(ranges_row, step, carry):
+    """Runs `step(j, carry, masked)` over one range: masked edges, unmasked middle."""
+    lo, full_lo, full_hi, hi = ranges_row
+    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+  def one_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
+                       lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
+                       q_barriers, k_barriers, v_barriers):
+    i = num_ctas - 1 - lax.axis_index('q_blocks')  # longest causal rows first
+    b, h = lax.axis_index('batch'), lax.axis_index('heads')
+    own = [ranges_ref[b, n, i] for n in range(4)]
+    lo, hi = own[0], own[3]
+    fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
+                              b, lax.div(h, jnp.int32(group)), block_k)
+    for stage in range(STAGES):
+      pl.when(lo + stage < hi)(functools.partial(fetch, lo + stage, stage))
+    bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i, 0,
+                       q_barriers)
+
+    def step(j, carry, masked):
+      slot = lax.rem(j - lo, jnp.int32(STAGES))
+      plgpu.barrier_wait(k_barriers.at[slot])
+      scores = ops.qk(q_smem.at[0], k_smem.at[slot])
+      p, carry = ops.softmax(scores, carry, j, bounds if masked else None)
+      plgpu.barrier_wait(v_barriers.at[slot])
+      carry = ops.pv(p, v_smem.at[slot], carry)
+      # Both wgmmas that read this slot have finished (their results were read): refill it.
+      pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
+      return carry
+
+    carry = walk(own, step, ops.init())
+    store_rows(carry, out_ref, lse_ref, b, h, i, 0, q_smem, lse_smem)
+
+  def two_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
+                       lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
+                       q_barriers, k_barriers, v_barriers, k_free, v_free):
+    c = num_ctas - 1 - lax.axis_index('q_blocks')
+    b, h = lax.axis_index('batch'), lax.axis_index('heads')
+    wg = lax.axis_index('wg')
+    # The union of the two compute groups' ranges is what the producer loads.
+    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
+                              for i in (2 * c, 2 * c + 1))
+    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
+    first_step = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+    end_step = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    slot_of = lambda j: lax.rem(j - first_step, jnp.int32(STAGES))
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action='increase')
+      i = 2 * c + wg
+      own = [ranges_ref[b, n, i] for n in range(4)]
+      own = [jnp.where(own[0] >= own[3], end_step, x) for x in own]  # empty: all skipped
+      bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i,
+                         wg, q_barriers)
+
+      def release(j, carry):  # a block outside this group's range: wait for it, pass it on
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+        return carry
+
+      def step(j, carry, masked):
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        scores = ops.qk(q_smem.at[wg], k_smem.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])
+        p, carry = ops.softmax(scores, carry, j, bounds if masked else None)
+        plgpu.barrier_wait(v_barriers.at[slot])
+        carry = ops.pv(p, v_smem.at[slot], carry)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return carry
+
+      carry = lax.fori_loop(first_step, own[0], release, ops.init())
+      carry = walk(own, step, carry)
+      carry = lax.fori_loop(own[3], end_step, release, carry)
+      store_rows(carry, out_ref, lse_ref, b, h, i, wg, q_smem, lse_smem)
+
+    @pl.when(wg == 2)
+    def _produce():
+      plgpu.set_max_registers(40, action='decrease')
+      fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
+                                b, lax.div(h, jnp.int32(group)), block_k)
+      for stage in range(STAGES):
+        pl.when(first_step + stage < end_step)(
+            functools.partial(fetch, first_step + stage, stage))
+
+      # Step j refills the slot of step j - STAGES once both groups have released it. The
+      # last STAGES releases are awaited too, with nothing to refill: every phase of a
+      # barrier is observed by each warpgroup that waits on it.
+      def refill(j, carry):
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        pl.when(j < end_step)(functools.partial(fetch, j, slot))
+        return carry
+      lax.fori_loop(first_step + STAGES, end_step + STAGES, refill, None)
+
   # 128-byte swizzled tiles of 64 elements: what wgmma reads without bank conflicts.
-  transforms = () if interpret else (plgpu.TilingTransform((8, 64)),
-                                     plgpu.SwizzleTransform(128))
+  transforms = () if static.interpret else (plgpu.TilingTransform((8, 64)),
+                                            plgpu.SwizzleTransform(128))
+  dtype = q.dtype
+  scratch = dict(
+      q_smem=plgpu.SMEM((groups, ROWS, head_dim), dtype, transforms=transforms),
+      k_smem=plgpu.SMEM((STAGES, block_k, head_dim), dtype, transforms=transforms),
+      v_smem=plgpu.SMEM((STAGES, block_k, head_dim), dtype, transforms=transforms),
+      lo_smem=plgpu.SMEM((groups, ROWS), jnp.int32),
+      hi_smem=plgpu.SMEM((groups, ROWS), jnp.int32),
+      lse_smem=plgpu.SMEM((groups, ROWS), jnp.float32),
+      q_barriers=plgpu.Barrier(num_barriers=3 * groups),
+      k_barriers=plgpu.Barrier(num_barriers=STAGES),
+      v_barriers=plgpu.Barrier(num_barriers=STAGES),
+  )
+  threads = {}
+  kernel = one_group_kernel
+  if groups == 2:
+    kernel = two_group_kernel
+    scratch.update(k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
+    threads = dict(num_threads=3, thread_name='wg')
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)),
-      grid=(num_q_blocks, batch, num_heads),
+      grid=(num_ctas, batch, num_heads),
       grid_names=('q_blocks', 'batch', 'heads'),
-      scratch_types=dict(
-          q_smem=plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=transforms),
-          k_smem=plgpu.SMEM((STAGES, block_k, head_dim), dtype, transforms=transforms),
-          v_smem=plgpu.SMEM((STAGES, block_k, head_dim), dtype, transforms=transforms),
-          lo_smem=plgpu.SMEM((BLOCK_Q,), jnp.int32),
-          hi_smem=plgpu.SMEM((BLOCK_Q,), jnp.int32),
-          lse_smem=plgpu.SMEM((BLOCK_Q,), jnp.float32),
-          q_barriers=plgpu.Barrier(num_barriers=3),
-          k_barriers=plgpu.Barrier(num_barriers=STAGES),
-          v_barriers=plgpu.Barrier(num_barriers=STAGES),
-      ),
+      scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      **_interpret_kwargs(interpret),
+      **threads,
+      **_interpret_kwargs(static.interpret),
   )
   return call(ranges, row_lo, row_hi, q, k, v)
+
+
+def _fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, b, kv_head, block_k, j,
+           slot):
+  """TMA-copies key block j's K and V into ring slot `slot`."""
+  keys = (b, pl.ds(j * block_k, block_k), kv_head)
+  plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+  plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+
+
+class _BlockOps:
+  """What one compute warpgroup does with one key block, and its running state (acc, m, l).
+
+  In interpret mode the layout hints are dropped and the products are plain dots.
+  """
+
+  def __init__(self, static, block_k, head_dim, dtype):
+    self.interpret = static.interpret
+    self.scale = static.scale * _LOG2_E  # base-2 scores: exp2 is one instruction
+    self.block_k, self.head_dim, self.dtype = block_k, head_dim, dtype
+
+  def rows(self, x):
+    """A per-query vector, laid out like the rows of a wgmma result."""
+    return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+  def init(self):
+    acc = jnp.zeros((ROWS, self.head_dim), jnp.float32)
+    if not self.interpret:
+      acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+    return (acc, self.rows(jnp.full((ROWS,), -jnp.inf, jnp.float32)),
+            self.rows(jnp.zeros((ROWS,), jnp.float32)))
+
+  def qk(self, q_smem, k_smem):
+    """float32 `[ROWS, block_k]` scores q k^T."""
+    if self.interpret:
+      return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+    def product(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+      return acc_ref[...]
+    return pl.run_scoped(product, plgpu.ACC((ROWS, self.block_k), jnp.float32))
+
+  def softmax(self, scores, carry, j, bounds):
+    """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
+    Returns (the block's probabilities in the input dtype, (rescaled acc, m, l))."""
+    acc, m, l = carry
+    if bounds is not None:
+      shape = (ROWS, self.block_k)
+      if self.interpret:
+        key = lax.broadcasted_iota(jnp.int32, shape, 1)
+      else:
+        key = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+      key = key + j * self.block_k
+      visible = ((key >= lax.broadcast_in_dim(bounds[0], shape, [0]))
+                 & (key <= lax.broadcast_in_dim(bounds[1], shape, [0])))
+      s = jnp.where(visible, scores * self.scale, -jnp.inf)
+    else:
+      s = scores * self.scale
+    m_new = jnp.maximum(m, s.max(axis=1))
+    # A row with nothing visible yet keeps m = -inf; its exponents are then taken against 0,
+    # and its masked scores (-inf) still give 0.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    correction = jnp.exp2(m - m_safe)
+    l = l * correction + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+    return p.astype(self.dtype), (acc, m_new, l)
+
+  def pv(self, p, v_smem, carry):
+    """acc += p v."""
+    acc, m, l = carry
+    if self.interpret:
+      product = jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+    else:
+      def run(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem)
+        return acc_ref[...]
+      product = pl.run_scoped(run, plgpu.ACC((ROWS, self.head_dim), jnp.float32))
+    return acc + product, m, l
+
+  def finish(self, carry):
+    """(output in the input dtype, natural-log logsumexp); zeros and inf where a query saw
+    no key (padding)."""
+    acc, m, l = carry
+    seen = l > 0
+    l = jnp.where(seen, l, 1.0)
+    out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+    out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0).astype(self.dtype)
+    return out, jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)
 
 
 def _interpret_kwargs(interpret):
