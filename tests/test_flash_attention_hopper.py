@@ -1,6 +1,5 @@
-"""The Hopper forward (`backend='mosaic_gpu'`) in Pallas' Mosaic GPU interpreter against a
-float64 reference, its gradients through the shared Triton backward, and its lowering for
-NVIDIA GPUs."""
+"""The Hopper kernels (`backend='mosaic_gpu'`) in Pallas' Mosaic GPU interpreter against a
+float64 reference, forward and gradients, and their lowering for NVIDIA GPUs."""
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,23 @@ def test_padding_gives_zeros_and_gradients_match_float64(block_q):
     assert _relative_error(a, b) < 2e-2
 
 
-def test_what_the_hopper_forward_cannot_take_is_refused():
+@pytest.mark.parametrize('causal,window', [(True, None), (False, 100)])
+def test_gradients_match_float64(causal, window):
+  # GQA groups of 2: the dK/dV kernel loops over both query heads of each kv head.
+  q, k, v, seg = inputs(4, 2, 64, jnp.bfloat16, length=256, segment_ids=DOCUMENTS)
+  w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.bfloat16)
+  blocks = BlockSizes(block_q=64, block_k=128)
+  ours = jax.grad(lambda *a: jnp.sum((flash_attention(
+      *a, segment_ids=jnp.asarray(seg), causal=causal, window=window, backend='mosaic_gpu',
+      block_sizes=blocks) * w).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
+                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for a, b in zip(ours, theirs):
+    assert _relative_error(a, b) < 2e-2
+
+
+def test_what_the_hopper_kernels_cannot_take_is_refused():
   q, k, v, _ = inputs(2, 2, 64, jnp.float32, length=128)
   with pytest.raises(ValueError, match='bfloat16 or float16'):
     flash_attention(q, k, v, backend='mosaic_gpu')
@@ -69,6 +84,9 @@ def test_what_the_hopper_forward_cannot_take_is_refused():
     flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(block_k=32))
   with pytest.raises(ValueError, match='block_q 64 or 128'):
     flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(block_q=32))
+  with pytest.raises(ValueError, match='block_q_bwd = block_k_bwd = 64'):
+    jax.grad(lambda q: flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(
+        block_q_bwd=128)).astype(jnp.float32).sum())(q)
 
 
 @pytest.mark.parametrize('dim,block_q', [(64, 64), (128, 128)])
@@ -85,7 +103,6 @@ def test_forward_and_backward_lower_for_hopper(dim, block_q):
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
       lowering_platforms=('cuda',)).as_text()
-  assert 'mosaic_gpu' in text  # the forward: a Mosaic GPU kernel
-  assert 'euro_lm_flash_forward' not in text
-  for kernel in ('euro_lm_flash_dkv', 'euro_lm_flash_dq'):  # the Triton backward
-    assert kernel in text
+  # Three Mosaic GPU kernels (forward, dK/dV, dQ) and none of the Triton ones.
+  assert text.count('custom_call @mosaic_gpu') == 3
+  assert 'euro_lm_flash_' not in text

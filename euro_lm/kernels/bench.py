@@ -2,9 +2,9 @@
 
 For L in {2k, 4k, 8k}, D = 128, bf16, causal, ~16k tokens per batch: checks each
 implementation against XLA first (relative error of output and gradients), then times
-forward and forward+backward (median of timed runs after warm-up). Ours run twice: the
-Triton kernels, and the Hopper forward (`backend='mosaic_gpu'`) with the Triton backward;
-JAX's own Mosaic GPU forward is timed next to them as a yardstick. Causal FLOPs are halved:
+forward and forward+backward (median of timed runs after warm-up). Ours run as the Triton
+kernels and as the Hopper kernels (`backend='mosaic_gpu'`, both forward layouts); JAX's own
+Mosaic GPU forward is timed next to them as a yardstick. Causal FLOPs are halved:
 forward 2 * 2 * B * H * L^2 * D / 2, backward 2.5x the forward (as FlashAttention counts).
 
 Then the packed-documents case: rows of `--packed_length` tokens packed with documents of
@@ -38,8 +38,8 @@ _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of 
 _IMPLS = flags.DEFINE_list(
     'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu', 'pallas'],
     'Implementations in the table, in order (xla, the reference, always runs first): pallas '
-    '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper forward with the '
-    'Triton backward), jax_mosaic_gpu (JAX\'s Hopper forward, forward only), cudnn, xla. '
+    '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or one '
+    'compute warpgroups in the forward), jax_mosaic_gpu (JAX\'s Hopper forward, forward only), cudnn, xla. '
     'The packed case runs for pallas and mosaic_gpu when listed.')
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is

@@ -15,8 +15,8 @@ block), with float32 accumulation and no atomics. Softmax runs in base 2 (exp2).
 
 Two kernel sets share this contract: the Triton-style kernels here (NVIDIA/AMD GPUs, and the
 Pallas interpreter on CPU) and the Mosaic kernels in `flash_attention_tpu` (TPUs), picked by
-`flash_attention(..., backend=...)`. A third backend, 'mosaic_gpu', pairs the Hopper forward
-of `flash_attention_hopper` (TMA and wgmma, in Pallas Mosaic GPU) with the Triton backward.
+`flash_attention(..., backend=...)`. A third set, 'mosaic_gpu', is written for Hopper GPUs
+(`flash_attention_hopper`: TMA and wgmma, in Pallas Mosaic GPU).
 """
 
 import dataclasses
@@ -90,10 +90,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
       dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' takes block_q 64 (one
       compute warpgroup per CTA) or 128 (two, and a producer), by default 128, with
-      block_k = 128.
+      block_k = 128, and backward blocks of 64.
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
     backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
-      forward, bf16/f16 only, with the Triton backward); None takes 'tpu' when
+      kernels, bf16/f16 only); None takes 'tpu' when
       `jax.default_backend()` is TPU and 'gpu' otherwise, so a CPU runs the GPU kernels in
       the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
       that would trace both kernel sets, and both would have to accept the shapes (TPU tiles
@@ -116,8 +116,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if backend == 'mosaic_gpu':
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
     if not block_sizes:
+      rows = flash_attention_hopper.ROWS
       blocks = dataclasses.replace(blocks, block_q=flash_attention_hopper.BLOCK_Q,
-                                   block_k=flash_attention_hopper.BLOCK_K)
+                                   block_k=flash_attention_hopper.BLOCK_K, block_q_bwd=rows,
+                                   block_k_bwd=rows)
   for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
     if backend == 'tpu' and size % TPU_BLOCK_MULTIPLE:
@@ -134,7 +136,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if not scale > 0:
     raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
   static = _Static(causal=causal, scale=scale, window=window, blocks=blocks,
-                   interpret=interpret, hopper_forward=backend == 'mosaic_gpu')
+                   interpret=interpret, hopper=backend == 'mosaic_gpu')
   if backend == 'tpu':
     from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
     return flash_attention_tpu.attention(static, q, k, v, segment_ids.astype(jnp.int32))
@@ -168,7 +170,7 @@ class _Static:
   window: int | None
   blocks: BlockSizes
   interpret: bool
-  hopper_forward: bool = False  # the Mosaic GPU forward (flash_attention_hopper)
+  hopper: bool = False  # the Mosaic GPU kernels (flash_attention_hopper)
 
 
 # --- block ranges ------------------------------------------------------------------------
@@ -346,7 +348,7 @@ def _compiler_params(static, backward=False):
 
 
 def _forward(static, q, k, v, segment_ids):
-  if static.hopper_forward:
+  if static.hopper:
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
     blocks = static.blocks
     ranges = _key_ranges(static, segment_ids, flash_attention_hopper.ROWS,
@@ -455,14 +457,18 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg
   dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
 
 
+def _softmax_delta(out, d_out):
+  """delta_i = sum_d dO_id * O_id, float32 `[B, H, L]`: the softmax gradient's row term."""
+  return jnp.einsum('blhd,blhd->bhl', d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+
 def _backward(static, q, k, v, segment_ids, out, lse, d_out):
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   num_q_blocks, num_k_blocks = length // block_q, length // block_k
-  # delta_i = sum_d dO_id * O_id: the softmax-gradient correction, [B, H, L].
-  delta = jnp.einsum('blhd,blhd->bhl', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = _softmax_delta(out, d_out)
   # Padding rows (lse = inf) have p masked to 0 anyway; 0 keeps exp2 finite there.
   lse2 = jnp.where(jnp.isinf(lse), 0.0, lse * _LOG2_E)
   params = dict(compiler_params=_compiler_params(static, backward=True),
@@ -529,8 +535,21 @@ def _attention_fwd(static, q, k, v, segment_ids):
 
 def _attention_bwd(static, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
-  dq, dk, dv = _backward(static, q, k, v, segment_ids, out, lse, d_out)
+  if static.hopper:
+    dq, dk, dv = _hopper_backward(static, q, k, v, segment_ids, out, lse, d_out)
+  else:
+    dq, dk, dv = _backward(static, q, k, v, segment_ids, out, lse, d_out)
   return dq, dk, dv, None
+
+
+def _hopper_backward(static, q, k, v, segment_ids, out, lse, d_out):
+  from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+  rows = flash_attention_hopper.ROWS
+  return flash_attention_hopper.backward(
+      static, q, k, v, d_out, lse, _softmax_delta(out, d_out), segment_ids,
+      *_document_edges(segment_ids),
+      _key_ranges(static, segment_ids, rows, rows).stacked(),
+      _query_ranges(static, segment_ids, rows, rows).stacked())
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

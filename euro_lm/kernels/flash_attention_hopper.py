@@ -1,11 +1,12 @@
-"""The flash attention forward for NVIDIA Hopper (sm90), in Pallas Mosaic GPU.
+"""Flash attention kernels for NVIDIA Hopper (sm90), in Pallas Mosaic GPU.
 
 Triton-lowered Pallas reaches FlashAttention-2 speeds at best; Hopper's tensor cores want
 TMA copies into swizzled shared memory and warpgroup MMAs (wgmma), which Mosaic GPU
-exposes. `flash_attention(..., backend='mosaic_gpu')` runs this forward and the Triton
-backward kernels of `flash_attention` (same logsumexp contract).
+exposes. `flash_attention(..., backend='mosaic_gpu')` runs these: the forward below and
+the two backward kernels of `backward`, with the contract of `flash_attention` (block
+ranges, a natural-log logsumexp, zeros for padding).
 
-Each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the key blocks
+Forward: each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the key blocks
 of their `BlockRanges`: masked blocks at the edges, unmasked ones in between. K/V arrive
 by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks the CTA's shape:
 - 64: one warpgroup, which also issues its own copies `STAGES` blocks ahead and refills a
@@ -100,24 +101,14 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
     plgpu.copy_smem_to_gmem(lse_smem.at[slot], lse_ref.at[b, h, queries])
     plgpu.wait_smem_to_gmem(0)
 
-  def walk(ranges_row, step, carry):
-    """Runs `step(j, carry, masked)` over one range: masked edges, unmasked middle."""
-    lo, full_lo, full_hi, hi = ranges_row
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
-
   def one_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
                        lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
                        q_barriers, k_barriers, v_barriers):
     i = num_ctas - 1 - lax.axis_index('q_blocks')  # longest causal rows first
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
-    own = [ranges_ref[b, n, i] for n in range(4)]
+    own, fetch = _start_key_ring(ranges_ref, b, h, i, group, block_k,
+                                 (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers))
     lo, hi = own[0], own[3]
-    fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
-                              b, lax.div(h, jnp.int32(group)), block_k)
-    for stage in range(STAGES):
-      pl.when(lo + stage < hi)(functools.partial(fetch, lo + stage, stage))
     bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i, 0,
                        q_barriers)
 
@@ -132,7 +123,7 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
       pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
       return carry
 
-    carry = walk(own, step, ops.init())
+    carry = _walk(own, step, ops.init())
     store_rows(carry, out_ref, lse_ref, b, h, i, 0, q_smem, lse_smem)
 
   def two_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
@@ -178,7 +169,7 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
         return carry
 
       carry = lax.fori_loop(first_step, own[0], release, ops.init())
-      carry = walk(own, step, carry)
+      carry = _walk(own, step, carry)
       carry = lax.fori_loop(own[3], end_step, release, carry)
       store_rows(carry, out_ref, lse_ref, b, h, i, wg, q_smem, lse_smem)
 
@@ -194,11 +185,13 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
       # Step j refills the slot of step j - STAGES once both groups have released it. The
       # last STAGES releases are awaited too, with nothing to refill: every phase of a
       # barrier is observed by each warpgroup that waits on it.
+      # K is refilled as soon as its slot is free, before V's.
       def refill(j, carry):
         slot = slot_of(j)
         plgpu.barrier_wait(k_free.at[slot])
+        pl.when(j < end_step)(functools.partial(fetch, j, slot, parts='k'))
         plgpu.barrier_wait(v_free.at[slot])
-        pl.when(j < end_step)(functools.partial(fetch, j, slot))
+        pl.when(j < end_step)(functools.partial(fetch, j, slot, parts='v'))
         return carry
       lax.fori_loop(first_step + STAGES, end_step + STAGES, refill, None)
 
@@ -238,12 +231,32 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
   return call(ranges, row_lo, row_hi, q, k, v)
 
 
+def _walk(ranges_row, step, carry):
+  """Runs `step(j, carry, masked)` over one range: masked edges, unmasked middle."""
+  lo, full_lo, full_hi, hi = ranges_row
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+
+def _start_key_ring(ranges_ref, b, h, i, group, block_k, ring):
+  """Query block i's key range [lo, full_lo, full_hi, hi] (of head h, batch row b), and
+  `fetch(j, slot)` into the K/V ring `ring`, its first `STAGES` blocks already requested."""
+  own = [ranges_ref[b, n, i] for n in range(4)]
+  fetch = functools.partial(_fetch, *ring, b, lax.div(h, jnp.int32(group)), block_k)
+  for stage in range(STAGES):
+    pl.when(own[0] + stage < own[3])(functools.partial(fetch, own[0] + stage, stage))
+  return own, fetch
+
+
 def _fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, b, kv_head, block_k, j,
-           slot):
-  """TMA-copies key block j's K and V into ring slot `slot`."""
+           slot, parts='kv'):
+  """TMA-copies key block j's K and/or V (`parts`) into ring slot `slot`."""
   keys = (b, pl.ds(j * block_k, block_k), kv_head)
-  plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
-  plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
+  if 'k' in parts:
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_barriers.at[slot])
+  if 'v' in parts:
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_barriers.at[slot])
 
 
 class _BlockOps:
@@ -259,23 +272,16 @@ class _BlockOps:
 
   def rows(self, x):
     """A per-query vector, laid out like the rows of a wgmma result."""
-    return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+    return _rows(x, self.interpret)
 
   def init(self):
-    acc = jnp.zeros((ROWS, self.head_dim), jnp.float32)
-    if not self.interpret:
-      acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+    acc = _tile(jnp.zeros((ROWS, self.head_dim), jnp.float32), self.interpret)
     return (acc, self.rows(jnp.full((ROWS,), -jnp.inf, jnp.float32)),
             self.rows(jnp.zeros((ROWS,), jnp.float32)))
 
   def qk(self, q_smem, k_smem):
     """float32 `[ROWS, block_k]` scores q k^T."""
-    if self.interpret:
-      return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
-    def product(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
-      return acc_ref[...]
-    return pl.run_scoped(product, plgpu.ACC((ROWS, self.block_k), jnp.float32))
+    return _matmul(q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True)
 
   def softmax(self, scores, carry, j, bounds):
     """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
@@ -283,11 +289,7 @@ class _BlockOps:
     acc, m, l = carry
     if bounds is not None:
       shape = (ROWS, self.block_k)
-      if self.interpret:
-        key = lax.broadcasted_iota(jnp.int32, shape, 1)
-      else:
-        key = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-      key = key + j * self.block_k
+      key = _iota(shape, 1, self.interpret) + j * self.block_k
       visible = ((key >= lax.broadcast_in_dim(bounds[0], shape, [0]))
                  & (key <= lax.broadcast_in_dim(bounds[1], shape, [0])))
       s = jnp.where(visible, scores * self.scale, -jnp.inf)
@@ -306,14 +308,7 @@ class _BlockOps:
   def pv(self, p, v_smem, carry):
     """acc += p v."""
     acc, m, l = carry
-    if self.interpret:
-      product = jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-    else:
-      def run(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem)
-        return acc_ref[...]
-      product = pl.run_scoped(run, plgpu.ACC((ROWS, self.head_dim), jnp.float32))
-    return acc + product, m, l
+    return acc + _matmul(p, v_smem, (ROWS, self.head_dim), self.interpret), m, l
 
   def finish(self, carry):
     """(output in the input dtype, natural-log logsumexp); zeros and inf where a query saw
@@ -324,6 +319,215 @@ class _BlockOps:
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0).astype(self.dtype)
     return out, jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)
+
+
+# --- backward ----------------------------------------------------------------------------
+#
+# Two kernels, one warpgroup each, `ROWS` queries by `ROWS` keys per step, float32
+# accumulation, no atomics: dK/dV per key block (looping over the query heads that read its
+# kv head, and the query blocks that see it), and dQ per query block. Probabilities are
+# recomputed in base 2 from the logsumexp. Each step's query-side operands stream through
+# a TMA ring like the forward's K/V; the dK/dV kernel computes the transposed scores
+# (keys as rows), so p^T and dS^T feed wgmma straight from registers.
+
+def backward(static, q, k, v, d_out, lse, delta, segment_ids, first, last, key_ranges,
+             query_ranges):
+  """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `key_ranges`
+  hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees, and `query_ranges`, for
+  each key block, the query blocks that see it (both stacked `BlockRanges`)."""
+  batch, length, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  group = num_heads // num_kv_heads
+  blocks = static.blocks
+  if blocks.block_q_bwd != ROWS or blocks.block_k_bwd != ROWS:
+    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd = block_k_bwd = {ROWS}, not '
+                     f'{blocks.block_q_bwd} and {blocks.block_k_bwd}')
+  interpret, dtype = static.interpret, q.dtype
+  num_blocks = length // ROWS
+  scale2 = static.scale * _LOG2_E
+  row_lo, row_hi = _visible_spans(static, segment_ids, first, last)
+  # Per query, one float32 [4, ROWS] copy per block: lse in base 2 (0 for padding, whose
+  # probabilities are masked anyway), delta, and the visible-key span (exact below 2^24).
+  spans = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
+  stats = jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * _LOG2_E), delta, spans(row_lo),
+                     spans(row_hi)], axis=2)
+  transforms = () if interpret else (plgpu.TilingTransform((8, 64)),
+                                     plgpu.SwizzleTransform(128))
+  tile = lambda *shape: plgpu.SMEM((*shape, ROWS, head_dim), dtype, transforms=transforms)
+  compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+                  **_interpret_kwargs(interpret))
+
+  def probabilities(scores, lse2, bounds, key, as_rows):
+    """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None; the
+    queries are rows (dQ) or columns (dK/dV)."""
+    shape = scores.shape
+    per_query = lambda x: lax.broadcast_in_dim(x, shape, [0] if as_rows else [1])
+    p = jnp.exp2(scores * scale2 - per_query(lse2))
+    if bounds is None:
+      return p
+    visible = (key >= per_query(bounds[0])) & (key <= per_query(bounds[1]))
+    return jnp.where(visible, p, 0.0)
+
+  def dkv_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
+                 k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers, q_barriers,
+                 do_barriers, stats_barriers):
+    j = lax.axis_index('k_blocks')  # under a causal mask the first keys are seen most
+    b, kv_head = lax.axis_index('batch'), lax.axis_index('kv_heads')
+    keys = pl.ds(j * ROWS, ROWS)
+    own = [ranges_ref[b, n, j] for n in range(4)]
+    blocks_seen = own[3] - own[0]
+    total = group * blocks_seen  # steps: (query head, query block) pairs
+
+    def fetch(t, slot):
+      g, i = lax.div(t, blocks_seen), own[0] + lax.rem(t, blocks_seen)
+      queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
+      plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot],
+                              do_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
+                              stats_barriers.at[slot])
+
+    for stage in range(STAGES):
+      pl.when(stage < total)(functools.partial(fetch, stage, stage))
+    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem, kv_barriers.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem, kv_barriers.at[1])
+    plgpu.barrier_wait(kv_barriers.at[0])
+    plgpu.barrier_wait(kv_barriers.at[1])
+    key = _iota((ROWS, ROWS), 0, interpret) + j * ROWS
+
+    def head(g, carry):
+      def step(i, carry, masked):
+        dk, dv = carry
+        t = g * blocks_seen + i - own[0]
+        slot = lax.rem(t, jnp.int32(STAGES))
+        plgpu.barrier_wait(q_barriers.at[slot])
+        plgpu.barrier_wait(stats_barriers.at[slot])
+        column = lambda n: _columns(stats_smem[slot, n], interpret)
+        bounds = ((column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked
+                  else None)
+        scores = _matmul(k_smem, q_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
+        p = probabilities(scores, column(0), bounds, key, as_rows=False)
+        plgpu.barrier_wait(do_barriers.at[slot])
+        dv = dv + _matmul(p.astype(dtype), do_smem.at[slot], (ROWS, head_dim), interpret)
+        dp = _matmul(v_smem, do_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
+        ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
+        dk = dk + _matmul(ds.astype(dtype), q_smem.at[slot], (ROWS, head_dim), interpret)
+        # Every wgmma that read this slot has finished: refill it.
+        pl.when(t + STAGES < total)(functools.partial(fetch, t + STAGES, slot))
+        return dk, dv
+      return _walk(own, step, carry)
+
+    zeros = _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    k_smem[...] = (dk * static.scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  dk, dv = plgpu.kernel(
+      dkv_kernel,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+      grid=(num_blocks, batch, num_kv_heads),
+      grid_names=('k_blocks', 'batch', 'kv_heads'),
+      scratch_types=dict(
+          k_smem=tile(), v_smem=tile(), q_smem=tile(STAGES), do_smem=tile(STAGES),
+          stats_smem=plgpu.SMEM((STAGES, 4, ROWS), jnp.float32),
+          kv_barriers=plgpu.Barrier(num_barriers=2),
+          q_barriers=plgpu.Barrier(num_barriers=STAGES),
+          do_barriers=plgpu.Barrier(num_barriers=STAGES),
+          stats_barriers=plgpu.Barrier(num_barriers=STAGES)),
+      **compiler,
+  )(query_ranges, stats, q, k, v, d_out)
+
+  def dq_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, q_smem, do_smem,
+                stats_smem, k_smem, v_smem, row_barriers, k_barriers, v_barriers):
+    i = num_blocks - 1 - lax.axis_index('q_blocks')  # longest causal rows first
+    b, h = lax.axis_index('batch'), lax.axis_index('heads')
+    queries = pl.ds(i * ROWS, ROWS)
+    own, fetch = _start_key_ring(ranges_ref, b, h, i, group, ROWS,
+                                 (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers))
+    lo, hi = own[0], own[3]
+    plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem, row_barriers.at[0])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem, row_barriers.at[1])
+    plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem, row_barriers.at[2])
+    for n in range(3):
+      plgpu.barrier_wait(row_barriers.at[n])
+    lse2, delta, lo_q, hi_q = (_rows(stats_smem[n], interpret) for n in range(4))
+    spans = (lo_q.astype(jnp.int32), hi_q.astype(jnp.int32))
+
+    def step(j, dq, masked):
+      slot = lax.rem(j - lo, jnp.int32(STAGES))
+      plgpu.barrier_wait(k_barriers.at[slot])
+      scores = _matmul(q_smem, k_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
+      key = _iota((ROWS, ROWS), 1, interpret) + j * ROWS
+      p = probabilities(scores, lse2, spans if masked else None, key, as_rows=True)
+      plgpu.barrier_wait(v_barriers.at[slot])
+      dp = _matmul(do_smem, v_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
+      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+      dq = dq + _matmul(ds.astype(dtype), k_smem.at[slot], (ROWS, head_dim), interpret)
+      pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
+      return dq
+
+    dq = _walk(own, step, _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret))
+    q_smem[...] = (dq * static.scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, queries, h])
+    plgpu.wait_smem_to_gmem(0)
+
+  dq = plgpu.kernel(
+      dq_kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(num_blocks, batch, num_heads),
+      grid_names=('q_blocks', 'batch', 'heads'),
+      scratch_types=dict(
+          q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
+          k_smem=tile(STAGES), v_smem=tile(STAGES),
+          row_barriers=plgpu.Barrier(num_barriers=3),
+          k_barriers=plgpu.Barrier(num_barriers=STAGES),
+          v_barriers=plgpu.Barrier(num_barriers=STAGES)),
+      **compiler,
+  )(key_ranges, stats, q, k, v, d_out)
+  return dq, dk, dv
+
+
+# --- shared by the kernels: products and layouts -----------------------------------------
+#
+# In interpret mode the layout hints are dropped and products are plain dots: the
+# interpreter takes wgmma operands only untransposed and in shared memory.
+
+def _matmul(a, b_smem, shape, interpret, transpose_b=False):
+  """float32 `shape` = a @ b (b^T with `transpose_b`): `a` in shared memory or registers
+  (wgmma's A operand may be either), `b_smem` in shared memory."""
+  if interpret:
+    b = b_smem[...]
+    return jnp.dot(a[...], b.T if transpose_b else b, preferred_element_type=jnp.float32)
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
+    return acc_ref[...]
+  return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _tile(x, interpret):
+  """A 2-D value in the layout of a wgmma result."""
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _rows(x, interpret):
+  """A vector with one entry per row of a wgmma result."""
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _columns(x, interpret):
+  """A vector with one entry per column of a wgmma result."""
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(0))
+
+
+def _iota(shape, dim, interpret):
+  if interpret:
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
 def _interpret_kwargs(interpret):
