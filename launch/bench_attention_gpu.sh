@@ -2,8 +2,8 @@
 # Issue 4's measurements on one GPU. Usage: bash launch/bench_attention_gpu.sh [OUTDIR] [PARTS]
 # PARTS (default "sweep table hopper", ~9 min in all): sweep = the Triton block-size sweep at
 # 4k; table = L = 2k, 4k, 8k, our Triton kernels against cuDNN and XLA (correctness first),
-# and the packed-documents case; hopper = the same for the Mosaic GPU forward (H100/H200),
-# next to JAX's own. Each part runs under its own limit, so a hang in one (the Hopper
+# and the packed-documents case; hopper = the same for our Mosaic GPU kernels (H100/H200),
+# next to JAX's own Hopper forward. Each part runs under its own limit, so a hang in one (the Hopper
 # kernels have not yet run on a GPU) still leaves the others' tables.
 set -uo pipefail
 out=${1:-bench_out}

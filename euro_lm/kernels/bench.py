@@ -38,9 +38,9 @@ _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of 
 _IMPLS = flags.DEFINE_list(
     'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu', 'pallas'],
     'Implementations in the table, in order (xla, the reference, always runs first): pallas '
-    '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or one '
-    'compute warpgroups in the forward), jax_mosaic_gpu (JAX\'s Hopper forward, forward only), cudnn, xla. '
-    'The packed case runs for pallas and mosaic_gpu when listed.')
+    '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or '
+    'one compute warpgroups in the forward), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
+    'only), cudnn, xla. The packed case runs for pallas and mosaic_gpu when listed.')
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is
 # swept alone: forward (block_q, block_k, num_warps, num_stages), timed forward only; backward
@@ -222,6 +222,10 @@ def main(argv):
     for length in map(int, _LENGTHS.value):
       sweep(length)
     return
+  available = implementations()
+  unknown = set(_IMPLS.value) - set(available)
+  if unknown:
+    raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(available)}')
   print(f'device: {jax.devices()[0].device_kind}; H={_HEADS.value} K={_KV_HEADS.value} '
         f'D={_HEAD_DIM.value}, bf16, causal')
   print('| L | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out | '
@@ -231,10 +235,6 @@ def main(argv):
     q, k, v, d_out = random_inputs(batch, length, seed=length)
     flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
     reference = None
-    available = implementations()
-    unknown = set(_IMPLS.value) - set(available)
-    if unknown:
-      raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(available)}')
     for name in ['xla'] + [n for n in _IMPLS.value if n != 'xla']:  # xla: the reference
       fn = available[name]
       forward = jax.jit(fn)

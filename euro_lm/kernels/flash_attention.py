@@ -202,6 +202,20 @@ class BlockRanges(NamedTuple):
     return jnp.stack(self, axis=1)
 
 
+def _token_spans(segment_ids, first, last, back, ahead):
+  """int32 `[B, L]` each: token i meets the tokens lo_i ..= hi_i (its document, at most
+  `back` before and `ahead` after it; None: no limit); padding meets none (lo = L, hi = -1)."""
+  length = segment_ids.shape[1]
+  index = jnp.arange(length)
+  lo, hi = first, last
+  if back is not None:
+    lo = jnp.maximum(lo, index - back)
+  if ahead is not None:
+    hi = jnp.minimum(hi, index + ahead)
+  real = segment_ids != 0
+  return jnp.where(real, lo, length), jnp.where(real, hi, -1)
+
+
 def _block_ranges(segment_ids, block, other_block, back, ahead):
   """`BlockRanges` of the `other_block` blocks each block of `block` tokens meets.
 
@@ -211,17 +225,11 @@ def _block_ranges(segment_ids, block, other_block, back, ahead):
   """
   batch, length = segment_ids.shape
   first, last = _document_edges(segment_ids)
-  index = jnp.arange(length)
-  # Any pair visible: per token, the span of others it meets (none for padding); per
-  # block, from the lowest start to the highest end of its tokens' spans.
-  lo_token, hi_token = first, last
-  if back is not None:
-    lo_token = jnp.maximum(lo_token, index - back)
-  if ahead is not None:
-    hi_token = jnp.minimum(hi_token, index + ahead)
-  real = segment_ids != 0
-  lo_token = jnp.where(real, lo_token, length).reshape(batch, -1, block).min(axis=2)
-  hi_token = jnp.where(real, hi_token, -1).reshape(batch, -1, block).max(axis=2)
+  # Any pair visible: per block, from the lowest start to the highest end of its tokens'
+  # spans.
+  lo_token, hi_token = _token_spans(segment_ids, first, last, back, ahead)
+  lo_token = lo_token.reshape(batch, -1, block).min(axis=2)
+  hi_token = hi_token.reshape(batch, -1, block).max(axis=2)
   lo = lo_token // other_block
   hi = jnp.maximum((hi_token + other_block) // other_block, lo)  # floor(hi / ob) + 1
   # Every pair visible: this block lies in one real document, and the other block lies in
@@ -251,6 +259,13 @@ def _key_ranges(static, segment_ids, block_q, block_k):
   """For each query block: `BlockRanges` of the key blocks it sees."""
   before, after = _reach(static)
   return _block_ranges(segment_ids, block_q, block_k, back=before, ahead=after)
+
+
+def _visible_key_spans(static, segment_ids):
+  """`_token_spans` of the keys each query sees: the contiguous-document form of the mask,
+  which the Hopper kernels compare key positions against."""
+  before, after = _reach(static)
+  return _token_spans(segment_ids, *_document_edges(segment_ids), back=before, ahead=after)
 
 
 def _query_ranges(static, segment_ids, block_q, block_k):
@@ -350,11 +365,10 @@ def _compiler_params(static, backward=False):
 def _forward(static, q, k, v, segment_ids):
   if static.hopper:
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-    blocks = static.blocks
     ranges = _key_ranges(static, segment_ids, flash_attention_hopper.ROWS,
-                         blocks.block_k).stacked()
-    return flash_attention_hopper.forward(static, q, k, v, segment_ids, ranges,
-                                          *_document_edges(segment_ids))
+                         static.blocks.block_k).stacked()
+    return flash_attention_hopper.forward(static, q, k, v, ranges,
+                                          _visible_key_spans(static, segment_ids))
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
@@ -546,8 +560,8 @@ def _hopper_backward(static, q, k, v, segment_ids, out, lse, d_out):
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
   rows = flash_attention_hopper.ROWS
   return flash_attention_hopper.backward(
-      static, q, k, v, d_out, lse, _softmax_delta(out, d_out), segment_ids,
-      *_document_edges(segment_ids),
+      static, q, k, v, d_out, lse, _softmax_delta(out, d_out),
+      _visible_key_spans(static, segment_ids),
       _key_ranges(static, segment_ids, rows, rows).stacked(),
       _query_ranges(static, segment_ids, rows, rows).stacked())
 

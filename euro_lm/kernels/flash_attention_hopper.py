@@ -17,7 +17,8 @@ by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks the CTA's sh
   ranges (blocks outside its own are released unread) so the ring stays in step.
 
 Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
-query i sees exactly the keys in [lo_i, hi_i] (`_visible_spans`, computed once in XLA);
+query i sees exactly the keys in [lo_i, hi_i] (`flash_attention._visible_key_spans`, computed
+once in XLA);
 the masked blocks compare key positions against those two per-row bounds.
 
 Interpret mode (CPU tests) runs the same kernel, TMA copies and barriers included, with
@@ -41,24 +42,11 @@ BLOCK_K = 128  # default keys per block (a first guess: not yet timed on a GPU)
 STAGES = 2  # K/V blocks in flight
 
 
-def _visible_spans(static, segment_ids, first, last):
-  """int32 `[B, L]` each: query i sees keys lo_i ..= hi_i (hi < lo for padding)."""
-  length = segment_ids.shape[1]
-  index = jnp.arange(length)
-  lo, hi = first, index if static.causal else last
-  if static.window:
-    lo = jnp.maximum(lo, index - static.window + 1)
-    if not static.causal:
-      hi = jnp.minimum(hi, index + static.window - 1)
-  padding = segment_ids == 0
-  return jnp.where(padding, length, lo), jnp.where(padding, -1, hi)
-
-
-def forward(static, q, k, v, segment_ids, ranges, first, last):
+def forward(static, q, k, v, ranges, spans):
   """(out `[B, L, H, D]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
 
   `ranges`: the stacked key `BlockRanges` of each `ROWS`-query block, for key blocks of
-  `static.blocks.block_k`; `first`, `last`: each token's document edges.
+  `static.blocks.block_k`; `spans`: int32 `[B, L]` (lo, hi), query i sees keys lo_i ..= hi_i.
   """
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
@@ -74,7 +62,7 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
                      f'{q.dtype}, {k.dtype}, {v.dtype}')
   groups = block_q // ROWS
   num_ctas = length // block_q
-  row_lo, row_hi = _visible_spans(static, segment_ids, first, last)
+  row_lo, row_hi = spans
   ops = _BlockOps(static, block_k, head_dim, q.dtype)
 
   def load_rows(refs, b, h, i, slot, barriers):
@@ -88,7 +76,7 @@ def forward(static, q, k, v, segment_ids, ranges, first, last):
                             barriers.at[3 * slot + 2])
     for n in range(3):
       plgpu.barrier_wait(barriers.at[3 * slot + n])
-    return ops.rows(lo_smem[slot]), ops.rows(hi_smem[slot])
+    return _rows(lo_smem[slot], static.interpret), _rows(hi_smem[slot], static.interpret)
 
   def store_rows(carry, out_ref, lse_ref, b, h, i, slot, q_smem, lse_smem):
     """Normalises and writes query block i's output (through its q slot) and logsumexp."""
@@ -270,14 +258,10 @@ class _BlockOps:
     self.scale = static.scale * _LOG2_E  # base-2 scores: exp2 is one instruction
     self.block_k, self.head_dim, self.dtype = block_k, head_dim, dtype
 
-  def rows(self, x):
-    """A per-query vector, laid out like the rows of a wgmma result."""
-    return _rows(x, self.interpret)
-
   def init(self):
     acc = _tile(jnp.zeros((ROWS, self.head_dim), jnp.float32), self.interpret)
-    return (acc, self.rows(jnp.full((ROWS,), -jnp.inf, jnp.float32)),
-            self.rows(jnp.zeros((ROWS,), jnp.float32)))
+    return (acc, _rows(jnp.full((ROWS,), -jnp.inf, jnp.float32), self.interpret),
+            _rows(jnp.zeros((ROWS,), jnp.float32), self.interpret))
 
   def qk(self, q_smem, k_smem):
     """float32 `[ROWS, block_k]` scores q k^T."""
@@ -330,9 +314,9 @@ class _BlockOps:
 # a TMA ring like the forward's K/V; the dK/dV kernel computes the transposed scores
 # (keys as rows), so p^T and dS^T feed wgmma straight from registers.
 
-def backward(static, q, k, v, d_out, lse, delta, segment_ids, first, last, key_ranges,
-             query_ranges):
-  """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `key_ranges`
+def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges):
+  """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `spans` as for
+  `forward`; `key_ranges`
   hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees, and `query_ranges`, for
   each key block, the query blocks that see it (both stacked `BlockRanges`)."""
   batch, length, num_heads, head_dim = q.shape
@@ -345,7 +329,7 @@ def backward(static, q, k, v, d_out, lse, delta, segment_ids, first, last, key_r
   interpret, dtype = static.interpret, q.dtype
   num_blocks = length // ROWS
   scale2 = static.scale * _LOG2_E
-  row_lo, row_hi = _visible_spans(static, segment_ids, first, last)
+  row_lo, row_hi = spans
   # Per query, one float32 [4, ROWS] copy per block: lse in base 2 (0 for padding, whose
   # probabilities are masked anyway), delta, and the visible-key span (exact below 2^24).
   spans = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
