@@ -1,5 +1,7 @@
 """Decoder behaviour: causality, packed documents, RoPE, parameter and FLOP counts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,17 +107,22 @@ def test_flop_count_matches_hand_count():
   assert train_flops_per_token(config, 128) == 3 * 8_257_536
 
 
+REMAT_TOKENS = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+
+
+@functools.cache
+def remat_gradients(policy):
+  model = Decoder(small_model_config(remat_policy=policy))
+  params = jax.jit(model.init)(jax.random.key(0), REMAT_TOKENS)['params']
+  return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, REMAT_TOKENS) ** 2)))(
+      params)
+
+
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_attention_out'])
 def test_remat_policies_give_the_same_gradients(policy):
-  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
-
-  def grads(config):
-    model = Decoder(config)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
-    return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2)))(params)
-
-  reference = grads(small_model_config())
-  rematerialised = grads(small_model_config(remat_policy=policy))
+  tokens = REMAT_TOKENS
+  reference = remat_gradients('none')  # computed once for all policies
+  rematerialised = remat_gradients(policy)
   model = Decoder(small_model_config(remat_policy=policy))
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply({'params': p}, tokens).sum()))(params))

@@ -181,6 +181,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_the_resume_is_exact(
     assert records[step] == expected[step], step
 
 
+@pytest.mark.slow  # SIGTERM above takes the same path; one process's SIGINT: test_checkpoint
 def test_sigint_to_one_process_stops_all_at_one_step(overrides, env, tmp_path):
   """Ctrl-C in one process's terminal: its handler passes it on as JAX's SIGTERM."""
   workdir = str(tmp_path / 'run')
@@ -204,6 +205,7 @@ def local_run(workdir, overrides, env, processes, cpu_devices, extra=()):
   return result
 
 
+@pytest.mark.slow  # two whole runs; local.sh's command lines are checked in test_launch
 def test_local_sh_two_processes_of_4_devices_log_the_losses_of_one_process_of_8(
     overrides, env, tmp_path):
   one = {k: v for k, v in overrides.items() if k != 'mesh.dcn_data'}

@@ -133,7 +133,7 @@ def xla_memory(config):
 
 @pytest.mark.parametrize('overrides', [
     {'model.remat_policy': 'none'},
-    {'model.remat_policy': 'full'},
+    pytest.param({'model.remat_policy': 'full'}, marks=pytest.mark.slow),  # as full-fsdp8
     {'model.remat_policy': 'none', 'train.seq_len': 128, 'model.num_layers': 6,
      **MESHES['tensor2']},
     {'model.remat_policy': 'full', **MESHES['fsdp8']},

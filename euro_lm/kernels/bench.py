@@ -16,6 +16,7 @@ works if the time ratio follows that fraction.
 """
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -218,6 +219,11 @@ def packed_hopper(q, k, v, segment_ids):
 
 def main(argv):
   del argv
+  # In interpret mode (a smoke run on a CPU), each simulated warpgroup holds one of XLA:CPU's
+  # client threads, as many as cores by default, while it waits at a barrier. Under jit, on
+  # a few cores, a warpgroup can then wait forever for a thread. XLA sizes that pool from
+  # NPROC, read when the backend starts.
+  os.environ.setdefault('NPROC', str(max(8, os.cpu_count() or 1)))
   if _SWEEP.value:
     for length in map(int, _LENGTHS.value):
       sweep(length)

@@ -6,24 +6,33 @@ exposes. `flash_attention(..., backend='mosaic_gpu')` runs these: the forward be
 the two backward kernels of `backward`, with the contract of `flash_attention` (block
 ranges, a natural-log logsumexp, zeros for padding).
 
-Forward: each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the key blocks
-of their `BlockRanges`: masked blocks at the edges, unmasked ones in between. K/V arrive
-by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks the CTA's shape:
+Forward: each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the
+key blocks of their `BlockRanges`: masked blocks at the edges, unmasked ones in between.
+K/V arrive by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks the CTA's shape:
 - 64: one warpgroup, which also issues its own copies `STAGES` blocks ahead and refills a
   slot once the wgmmas that read it have finished;
 - 128 (the default, FlashAttention-3's layout): two compute warpgroups share every K/V
   block, and a third, producer warpgroup with few registers issues the copies. Each
   compute warpgroup releases a slot after reading it, walking the union of the two
-  ranges (blocks outside its own are released unread) so the ring stays in step.
+  ranges (blocks outside its own are released unread) so the ring stays in step. The two
+  take turns on the tensor cores (FA3's ping-pong): one's softmax overlaps the other's
+  wgmmas.
+
+p·v (and every backward product that sums over blocks) accumulates in place in its wgmma
+accumulator.
 
 Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
-query i sees exactly the keys in [lo_i, hi_i] (`flash_attention._visible_key_spans`, computed
-once in XLA);
-the masked blocks compare key positions against those two per-row bounds.
+query i sees exactly the keys in [lo_i, hi_i] (`flash_attention._visible_key_spans`,
+computed once in XLA); the masked blocks compare key positions against those two per-row
+bounds.
 
 Interpret mode (CPU tests) runs the same kernel, TMA copies and barriers included, with
-the GPU-only layout hints dropped and both products as plain dots: Pallas' Mosaic GPU
-interpreter takes wgmma operands only untransposed and in shared memory.
+the GPU-only layout hints dropped and the products as plain dots (accumulated by adding):
+Pallas' Mosaic GPU interpreter takes wgmma operands only untransposed and in shared memory.
+The interpreter runs each warpgroup as a thread that holds one of XLA:CPU's client threads
+(as many as cores) while it waits at a barrier. Under jit on a machine with few cores, a
+warpgroup can then starve and the kernel hangs; `NPROC=8` in the environment, before JAX
+starts, gives that pool 8 threads (`python -m euro_lm.kernels.bench` sets it).
 """
 
 import functools
@@ -116,7 +125,7 @@ def forward(static, q, k, v, ranges, spans):
 
   def two_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
                        lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
-                       q_barriers, k_barriers, v_barriers, k_free, v_free):
+                       q_barriers, k_barriers, v_barriers, k_free, v_free, turns):
     c = num_ctas - 1 - lax.axis_index('q_blocks')
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
@@ -137,28 +146,42 @@ def forward(static, q, k, v, ranges, spans):
       bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i,
                          wg, q_barriers)
 
+      # Ping-pong (FlashAttention-3): the groups take turns on the tensor cores, so that
+      # one's softmax runs while the other's wgmmas do. `take_turn` is a rendezvous of the
+      # two; group 1 starts one behind, and each step holds two, skipped steps included.
+      def take_turn():
+        plgpu.barrier_arrive(turns)
+        plgpu.barrier_wait(turns)
+
       def release(j, carry):  # a block outside this group's range: wait for it, pass it on
         slot = slot_of(j)
         plgpu.barrier_wait(k_barriers.at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
+        take_turn()
         plgpu.barrier_wait(v_barriers.at[slot])
         plgpu.barrier_arrive(v_free.at[slot])
+        take_turn()
         return carry
 
       def step(j, carry, masked):
         slot = slot_of(j)
         plgpu.barrier_wait(k_barriers.at[slot])
-        scores = ops.qk(q_smem.at[wg], k_smem.at[slot])
+        # Once q k^T is issued, the other group may issue its p v.
+        scores = ops.qk(q_smem.at[wg], k_smem.at[slot], issued=take_turn)
         plgpu.barrier_arrive(k_free.at[slot])
         p, carry = ops.softmax(scores, carry, j, bounds if masked else None)
+        plgpu.barrier_arrive(turns)  # softmax done
         plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_wait(turns)  # the other group has issued its q k^T
         carry = ops.pv(p, v_smem.at[slot], carry)
         plgpu.barrier_arrive(v_free.at[slot])
         return carry
 
+      pl.when(wg == 1)(take_turn)
       carry = lax.fori_loop(first_step, own[0], release, ops.init())
       carry = _walk(own, step, carry)
       carry = lax.fori_loop(own[3], end_step, release, carry)
+      pl.when(wg == 0)(take_turn)
       store_rows(carry, out_ref, lse_ref, b, h, i, wg, q_smem, lse_smem)
 
     @pl.when(wg == 2)
@@ -203,7 +226,8 @@ def forward(static, q, k, v, ranges, spans):
   if groups == 2:
     kernel = two_group_kernel
     scratch.update(k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
+                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+                   turns=plgpu.Barrier(num_arrivals=2))
     threads = dict(num_threads=3, thread_name='wg')
   call = plgpu.kernel(
       kernel,
@@ -263,9 +287,10 @@ class _BlockOps:
     return (acc, _rows(jnp.full((ROWS,), -jnp.inf, jnp.float32), self.interpret),
             _rows(jnp.zeros((ROWS,), jnp.float32), self.interpret))
 
-  def qk(self, q_smem, k_smem):
-    """float32 `[ROWS, block_k]` scores q k^T."""
-    return _matmul(q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True)
+  def qk(self, q_smem, k_smem, issued=None):
+    """float32 `[ROWS, block_k]` scores q k^T (`issued` as for `_matmul`)."""
+    return _matmul(q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True,
+                   issued=issued)
 
   def softmax(self, scores, carry, j, bounds):
     """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
@@ -292,7 +317,7 @@ class _BlockOps:
   def pv(self, p, v_smem, carry):
     """acc += p v."""
     acc, m, l = carry
-    return acc + _matmul(p, v_smem, (ROWS, self.head_dim), self.interpret), m, l
+    return _matmul(p, v_smem, (ROWS, self.head_dim), self.interpret, acc=acc), m, l
 
   def finish(self, carry):
     """(output in the input dtype, natural-log logsumexp); zeros and inf where a query saw
@@ -392,10 +417,10 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
         scores = _matmul(k_smem, q_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
         p = probabilities(scores, column(0), bounds, key, as_rows=False)
         plgpu.barrier_wait(do_barriers.at[slot])
-        dv = dv + _matmul(p.astype(dtype), do_smem.at[slot], (ROWS, head_dim), interpret)
+        dv = _matmul(p.astype(dtype), do_smem.at[slot], (ROWS, head_dim), interpret, acc=dv)
         dp = _matmul(v_smem, do_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
         ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
-        dk = dk + _matmul(ds.astype(dtype), q_smem.at[slot], (ROWS, head_dim), interpret)
+        dk = _matmul(ds.astype(dtype), q_smem.at[slot], (ROWS, head_dim), interpret, acc=dk)
         # Every wgmma that read this slot has finished: refill it.
         pl.when(t + STAGES < total)(functools.partial(fetch, t + STAGES, slot))
         return dk, dv
@@ -450,7 +475,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       plgpu.barrier_wait(v_barriers.at[slot])
       dp = _matmul(do_smem, v_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
       ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-      dq = dq + _matmul(ds.astype(dtype), k_smem.at[slot], (ROWS, head_dim), interpret)
+      dq = _matmul(ds.astype(dtype), k_smem.at[slot], (ROWS, head_dim), interpret, acc=dq)
       pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
       return dq
 
@@ -481,15 +506,29 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 # In interpret mode the layout hints are dropped and products are plain dots: the
 # interpreter takes wgmma operands only untransposed and in shared memory.
 
-def _matmul(a, b_smem, shape, interpret, transpose_b=False):
-  """float32 `shape` = a @ b (b^T with `transpose_b`): `a` in shared memory or registers
-  (wgmma's A operand may be either), `b_smem` in shared memory."""
+def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=None):
+  """float32 `shape` = a @ b (b^T with `transpose_b`), plus `acc` unless None: `a` in
+  shared memory or registers (wgmma's A operand may be either), `b_smem` in shared memory.
+
+  On the GPU the wgmma accumulates into `acc` in place (no second accumulator, no add),
+  and `issued()`, if given, runs between issuing the wgmma and awaiting its result.
+  """
   if interpret:
     b = b_smem[...]
-    return jnp.dot(a[...], b.T if transpose_b else b, preferred_element_type=jnp.float32)
-  def product(acc_ref):
+    out = jnp.dot(a[...], b.T if transpose_b else b, preferred_element_type=jnp.float32)
+    if issued is not None:
+      issued()
+    return out if acc is None else acc + out
+
+  def issue(acc_ref):
     plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
-    return acc_ref[...]
+    if issued is not None:
+      issued()
+  if acc is not None:
+    return pl.run_state(issue)(plgpu.ACC.init(acc))  # its result awaits the wgmma
+  def product(acc_ref):
+    issue(acc_ref)
+    return acc_ref[...]  # awaits the wgmma
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
