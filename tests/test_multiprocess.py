@@ -98,12 +98,10 @@ def run_two(workdir, overrides, env):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  # Every run after the first loads its executables from the compilation cache.
+def env():
+  # The runs share the session's compilation cache (conftest.py) through os.environ.
   return dict(os.environ, JAX_PLATFORMS='cpu', JAX_THREEFRY_PARTITIONABLE='1',
-              XLA_FLAGS='--xla_force_host_platform_device_count=2',
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+              XLA_FLAGS='--xla_force_host_platform_device_count=2')
 
 
 @pytest.fixture(scope='module')

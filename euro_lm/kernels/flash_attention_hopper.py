@@ -287,7 +287,7 @@ class _BlockOps:
     return (acc, _rows(jnp.full((ROWS,), -jnp.inf, jnp.float32), self.interpret),
             _rows(jnp.zeros((ROWS,), jnp.float32), self.interpret))
 
-  def qk(self, q_smem, k_smem, issued=None):
+  def qk(self, q_smem, k_smem, issued=lambda: None):
     """float32 `[ROWS, block_k]` scores q k^T (`issued` as for `_matmul`)."""
     return _matmul(q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True,
                    issued=issued)
@@ -506,24 +506,22 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 # In interpret mode the layout hints are dropped and products are plain dots: the
 # interpreter takes wgmma operands only untransposed and in shared memory.
 
-def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=None):
+def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lambda: None):
   """float32 `shape` = a @ b (b^T with `transpose_b`), plus `acc` unless None: `a` in
   shared memory or registers (wgmma's A operand may be either), `b_smem` in shared memory.
 
   On the GPU the wgmma accumulates into `acc` in place (no second accumulator, no add),
-  and `issued()`, if given, runs between issuing the wgmma and awaiting its result.
+  and `issued()` runs between issuing the wgmma and awaiting its result.
   """
   if interpret:
     b = b_smem[...]
     out = jnp.dot(a[...], b.T if transpose_b else b, preferred_element_type=jnp.float32)
-    if issued is not None:
-      issued()
+    issued()
     return out if acc is None else acc + out
 
   def issue(acc_ref):
     plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
-    if issued is not None:
-      issued()
+    issued()
   if acc is not None:
     return pl.run_state(issue)(plgpu.ACC.init(acc))  # its result awaits the wgmma
   def product(acc_ref):
