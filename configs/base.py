@@ -26,6 +26,8 @@ def get_config(arg=None):
   m.compute_dtype = 'float32'      # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'         # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
   m.remat_policy = 'none'          # none | full | dots | dots_no_batch | save_attention_out
+  m.loss_chunk_length = 0          # >0: output projection + loss fused, this many positions
+                                   # at a time (no [B, L, V] logits); 0: all logits at once
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000                   # optimizer steps

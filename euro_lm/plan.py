@@ -36,6 +36,8 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   params.
 - **Logits and loss**: `[B, L, V]` float32 logits and their float32 gradient (plus a
   compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
+  With `model.loss_chunk_length = C`, the same for `[B, C, V]`, plus the hidden-state
+  gradient and the float32 head gradient that the fused loss keeps from its forward.
 - **Working set**: transients not in the above: with any remat policy the recomputed
   residuals of the one layer being differentiated; with the xla attention, the float32
   scores of its largest query chunk, recomputed in the backward; one layer's weights
@@ -323,10 +325,14 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None):
   saved, recompute = _layer_terms(m, micro, t.seq_len, m.remat_policy, cs)
   activations = m.num_layers * _bytes(saved, rules, degrees)
   BLD = (('batch', 'length', 'embed'), (micro, t.seq_len, m.embed_dim))
-  BLV = (('batch', 'length', 'vocab'), (micro, t.seq_len, m.vocab_size))
   # Embedding output, final norm (as in a layer), final hidden state.
   activations += _bytes([(*BLD, cs), (*BLD, 4), (*BLD, cs)], rules, degrees)
-  logits = _bytes([(*BLV, 4), (*BLV, 4)] + ([(*BLV, cs)] if cs != 4 else []), rules, degrees)
+  chunk = min(m.loss_chunk_length, t.seq_len) or t.seq_len
+  BCV = (('batch', 'length', 'vocab'), (micro, chunk, m.vocab_size))
+  logits = _bytes([(*BCV, 4), (*BCV, 4)] + ([(*BCV, cs)] if cs != 4 else []), rules, degrees)
+  if m.loss_chunk_length:  # the fused loss keeps dX and a float32 dW from its forward
+    logits += _bytes([(*BLD, cs), (('vocab', 'embed'), (m.vocab_size, m.embed_dim), 4)],
+                     rules, degrees)
 
   # One layer's weights, gathered over fsdp (tensor-sharded only), in the compute dtype,
   # and their float32 gradients before the reduce-scatter.
@@ -354,6 +360,11 @@ def _with(config, **overrides):
   return config
 
 
+# What the planner suggests for `model.loss_chunk_length`: [B, 512, V] blocks keep the
+# output matmuls large (B x 512 rows per device) while holding a fraction of the logits.
+LOSS_CHUNK_LENGTH = 512
+
+
 def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
   """Changes that make the plan fit in `budget_bytes`: a list of `(description, total
   bytes)` for each single change (and, if none fits alone, the combination) that a run
@@ -373,6 +384,8 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
     candidates.append({'model.remat_policy': 'full'})
   if m.attention_impl in ('xla', 'auto'):
     candidates.append({'model.attention_impl': 'pallas'})
+  if not m.loss_chunk_length and t.seq_len > LOSS_CHUNK_LENGTH:
+    candidates.append({'model.loss_chunk_length': LOSS_CHUNK_LENGTH})
   if m.compute_dtype == 'float32':
     candidates.append({'model.compute_dtype': 'bfloat16'})
   accum = t.grad_accum_steps

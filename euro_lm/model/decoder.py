@@ -23,11 +23,13 @@ REMAT_POLICIES = {
 
 class Decoder(nn.Module):
   """Llama-family decoder. `apply(params, tokens_BL, segment_ids_BL, positions_BL)`
-  returns float32 logits `[B, L, V]`."""
+  returns float32 logits `[B, L, V]`; with `return_hidden=True`, the final-normed hidden
+  states `[B, L, D]` the logits are made from (for `euro_lm.model.loss`)."""
   config: 'ml_collections.ConfigDict'  # the `model` section
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, cache=None):
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, cache=None,
+               return_hidden=False):
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     if positions_BL is None:
@@ -51,6 +53,8 @@ class Decoder(nn.Module):
     else:
       x_BLD, cache = self._decode_layers(x_BLD, segment_ids_BL, positions_BL, cache)
     x_BLD = RMSNorm(cfg.norm_eps, name='final_norm')(x_BLD)
+    if return_hidden and cache is None:
+      return x_BLD
 
     if cfg.tie_embeddings:
       logits_BLV = jnp.einsum('bld,vd->blv', x_BLD, embedding_VD.astype(dtype),

@@ -8,22 +8,46 @@ import optax
 from flax import linen as nn
 
 from euro_lm.finite import finite_flags
+from euro_lm.model import loss
 from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
 
 
+def _weights(batch):
+  return (batch['segment_ids'] != 0).astype(jnp.float32)  # segment 0 is padding
+
+
+def _hidden(model, params, batch):
+  return model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
+                     batch['positions'], return_hidden=True)
+
+
 def token_losses(model, params, batch):
   """Per-token float32 negative log-likelihood, log-partition and loss weights."""
+  cfg = model.config
+  if cfg.loss_chunk_length:
+    nll_BL, logz_BL = loss.token_losses(
+        _hidden(model, params, batch), loss.output_head(params, cfg), batch['targets'],
+        chunk=cfg.loss_chunk_length, dtype=cfg.compute_dtype)
+    return nll_BL, logz_BL, _weights(batch)
   logits_BLV = model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
                            batch['positions'])
   logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
-  weights_BL = (batch['segment_ids'] != 0).astype(jnp.float32)  # segment 0 is padding
-  return logz_BL - target_logit_BL, logz_BL, weights_BL
+  return logz_BL - target_logit_BL, logz_BL, _weights(batch)
 
 
 def _loss_sums(params, batch, model, z_loss):
+  """`(objective, (loss_sum, weight_sum))`; with `model.loss_chunk_length` the output
+  projection and loss run fused, a chunk of positions at a time (`euro_lm.model.loss`)."""
+  cfg = model.config
+  if cfg.loss_chunk_length:
+    weights_BL = _weights(batch)
+    objective, loss_sum = loss.loss_sums(
+        _hidden(model, params, batch), loss.output_head(params, cfg), batch['targets'],
+        weights_BL, z_loss=z_loss, chunk=cfg.loss_chunk_length, dtype=cfg.compute_dtype)
+    return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch)
   loss_sum = jnp.sum(nll_BL * weights_BL)
   objective = loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)

@@ -1,0 +1,138 @@
+"""The output projection and the cross-entropy, fused, a chunk of positions at a time.
+
+With a large vocabulary the logits are a step's biggest activation: `[B, L, V]` float32
+logits, their float32 gradient and, in 16-bit compute, a 16-bit copy of that gradient.
+At V = 64k that is 20 GiB per 32k tokens. With `model.loss_chunk_length = C > 0` the
+train and eval steps take the model's final hidden states and make the logits here, C
+positions at a time, holding one `[B, C, V]` block at once.
+
+The train step's loss is `sum(w * nll) + z * sum(w * logz^2)`. Its gradient with respect
+to one token's logits, `w * ((1 + 2 z logz) * softmax(logits) - onehot(target))`, needs
+only that token's logits. So the forward pass makes each chunk's logits once and uses them
+for the loss, the hidden-state gradient dX and the head gradient dW before moving on; the
+backward pass scales the saved dX and dW by the incoming cotangent. That is the unfused
+loss's three matmuls (logits, dX, dW) with no recompute, and float32 accumulation
+throughout.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+
+def output_head(params, model_config):
+  """The output projection as `[V, D]`: the embedding when tied, else `output` transposed."""
+  if model_config.tie_embeddings:
+    return params['embedding']
+  return params['output'].T
+
+
+def _split(chunk, *arrays_BL):
+  """Pads each `[B, L, ...]` array with zeros to a multiple of `chunk` positions and stacks
+  the chunks first: `[N, B, chunk, ...]`. Zero weights make the padding count for nothing."""
+  length = arrays_BL[0].shape[1]
+  padded = -(-length // chunk) * chunk
+  out = []
+  for x in arrays_BL:
+    x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+    out.append(jnp.moveaxis(x.reshape(x.shape[0], padded // chunk, chunk, *x.shape[2:]), 1, 0))
+  return out
+
+
+def _merge(length, x_NBC):
+  """Inverse of `_split` for one array: `[N, B, C, ...]` -> `[B, L, ...]`."""
+  x = jnp.moveaxis(x_NBC, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _chunk_losses(x_BCD, head_VD, targets_BC):
+  """float32 logits of one chunk, their log-partition and each token's nll."""
+  logits_BCV = jnp.einsum('bcd,vd->bcv', x_BCD, head_VD, preferred_element_type=jnp.float32)
+  logits_BCV = nn.with_logical_constraint(logits_BCV, ('batch', 'length', 'vocab'))
+  logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+  return logits_BCV, logz_BC, logz_BC - target_BC
+
+
+def _chunk_length(chunk, length):
+  return max(1, min(chunk, length))
+
+
+def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
+  """Per-token float32 `(nll_BL, logz_BL)` from final hidden states, `chunk` positions at a
+  time (forward only: evaluation)."""
+  length = x_BLD.shape[1]
+  head_VD = head_VD.astype(dtype)
+
+  def body(_, xs):
+    x_BCD, targets_BC = xs
+    _, logz_BC, nll_BC = _chunk_losses(x_BCD.astype(dtype), head_VD, targets_BC)
+    return None, (nll_BC, logz_BC)
+
+  _, (nll, logz) = jax.lax.scan(body, None, _split(_chunk_length(chunk, length), x_BLD,
+                                                   targets_BL))
+  return _merge(length, nll), _merge(length, logz)
+
+
+def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
+  """`(objective, loss_sum)` of the train step: `loss_sum = sum(w * nll)` and
+  `objective = loss_sum + z_loss * sum(w * logz^2)`, differentiable in `x_BLD` and
+  `head_VD` through the objective (the loss_sum is a report and is not differentiated)."""
+  objective, loss_sum = _fused_loss(chunk, jnp.dtype(dtype).name, float(z_loss), x_BLD,
+                                    head_VD, targets_BL, weights_BL)
+  return objective, jax.lax.stop_gradient(loss_sum)
+
+
+def _sums(nll_BL, logz_BL, weights_BL, z_loss):
+  loss_sum = jnp.sum(nll_BL * weights_BL)
+  return loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL), loss_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_loss(chunk, dtype, z_loss, x_BLD, head_VD, targets_BL, weights_BL):
+  nll_BL, logz_BL = token_losses(x_BLD, head_VD, targets_BL, chunk=chunk, dtype=dtype)
+  return _sums(nll_BL, logz_BL, weights_BL, z_loss)
+
+
+def _fused_loss_fwd(chunk, dtype, z_loss, x_BLD, head_VD, targets_BL, weights_BL):
+  length = x_BLD.shape[1]
+  head_c_VD = head_VD.astype(dtype)
+
+  def body(d_head_VD, xs):
+    x_BCD, targets_BC, weights_BC = xs
+    x_BCD = x_BCD.astype(dtype)
+    logits_BCV, logz_BC, nll_BC = _chunk_losses(x_BCD, head_c_VD, targets_BC)
+    # d objective / d logits, in float32; the matmuls take it in the compute dtype.
+    probs_BCV = jnp.exp(logits_BCV - logz_BC[..., None])
+    scale_BC = weights_BC * (1.0 + 2.0 * z_loss * logz_BC)
+    is_target_BCV = jnp.arange(logits_BCV.shape[-1]) == targets_BC[..., None]
+    d_logits_BCV = (scale_BC[..., None] * probs_BCV
+                    - jnp.where(is_target_BCV, weights_BC[..., None], 0.0)).astype(dtype)
+    d_logits_BCV = nn.with_logical_constraint(d_logits_BCV, ('batch', 'length', 'vocab'))
+    d_x_BCD = jnp.einsum('bcv,vd->bcd', d_logits_BCV, head_c_VD,
+                         preferred_element_type=jnp.float32).astype(x_BLD.dtype)
+    d_head_VD += jnp.einsum('bcv,bcd->vd', d_logits_BCV, x_BCD,
+                            preferred_element_type=jnp.float32)
+    return d_head_VD, (nll_BC, logz_BC, d_x_BCD)
+
+  d_head_VD, (nll, logz, d_x) = jax.lax.scan(
+      body, jnp.zeros(head_VD.shape, jnp.float32),
+      _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL))
+  sums = _sums(_merge(length, nll), _merge(length, logz), weights_BL, z_loss)
+  # Kept in the input dtypes: dX is the size of X, dW of the head.
+  return sums, (_merge(length, d_x), d_head_VD.astype(head_VD.dtype), targets_BL, weights_BL)
+
+
+def _fused_loss_bwd(chunk, dtype, z_loss, residuals, cotangents):
+  del chunk, dtype, z_loss
+  d_x_BLD, d_head_VD, targets_BL, weights_BL = residuals
+  d_objective, _ = cotangents  # the loss_sum output is under stop_gradient
+  return ((d_objective * d_x_BLD).astype(d_x_BLD.dtype),
+          (d_objective * d_head_VD).astype(d_head_VD.dtype),
+          np.zeros(targets_BL.shape, jax.dtypes.float0), jnp.zeros_like(weights_BL))
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
