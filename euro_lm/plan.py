@@ -36,8 +36,9 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   params.
 - **Logits and loss**: `[B, L, V]` float32 logits and their float32 gradient (plus a
   compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
-  With `model.loss_chunk_length = C`, the same for `[B, C, V]`, plus the hidden-state
-  gradient and the float32 head gradient that the fused loss keeps from its forward.
+  With `model.loss_chunk_length = C`, the same for `[B, C, V]`, plus what the fused loss
+  keeps from its forward: the hidden-state gradient and a float32 head-gradient partial
+  per device (split over tensor, not fsdp).
 - **Working set**: transients not in the above: with any remat policy the recomputed
   residuals of the one layer being differentiated; with the xla attention, the float32
   scores of its largest query chunk, recomputed in the backward; one layer's weights
@@ -330,9 +331,11 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None):
   chunk = min(m.loss_chunk_length, t.seq_len) or t.seq_len
   BCV = (('batch', 'length', 'vocab'), (micro, chunk, m.vocab_size))
   logits = _bytes([(*BCV, 4), (*BCV, 4)] + ([(*BCV, cs)] if cs != 4 else []), rules, degrees)
-  if m.loss_chunk_length:  # the fused loss keeps dX and a float32 dW from its forward
-    logits += _bytes([(*BLD, cs), (('vocab', 'embed'), (m.vocab_size, m.embed_dim), 4)],
-                     rules, degrees)
+  if m.loss_chunk_length:
+    # The fused loss: the hidden states regrouped by chunk, dX kept from its forward, and
+    # each device's float32 dW partial (split over tensor only; reduced after the chunks).
+    partial_dW = (('vocab', None), (m.vocab_size, m.embed_dim), 4)
+    logits += _bytes([(*BLD, cs), (*BLD, cs), partial_dW], rules, degrees)
 
   # One layer's weights, gathered over fsdp (tensor-sharded only), in the compute dtype,
   # and their float32 gradients before the reduce-scatter.

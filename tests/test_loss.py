@@ -3,12 +3,15 @@ loss and hand-derived gradients against autodiff of the plain loss and a float64
 the train and eval steps against the unfused ones (on a sharded mesh too), and the
 memory it saves in XLA's analysis of the compiled step."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
+from configs import base
 from euro_lm import plan
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
@@ -43,10 +46,10 @@ def plain_objective(x, head, targets, weights, z_loss, dtype):
 @pytest.mark.parametrize('z_loss', [0.0, 1e-2])
 def test_fused_loss_and_gradients_match_autodiff_of_the_plain_loss(chunk, z_loss):
   x, head, targets, weights = inputs(jnp.float32)
-  fused = lambda x, head: loss.loss_sums(x, head, targets, weights, z_loss=z_loss, chunk=chunk,
-                                         dtype='float32')[0]
-  (value, grads) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x, head)
-  ref_value, ref_grads = jax.value_and_grad(plain_objective, argnums=(0, 1))(
+  fused = lambda x, head, weights: loss.loss_sums(x, head, targets, weights, z_loss=z_loss,
+                                                  chunk=chunk, dtype='float32')[0]
+  (value, grads) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, head, weights)
+  ref_value, ref_grads = jax.value_and_grad(plain_objective, argnums=(0, 1, 3))(
       x, head, targets, weights, z_loss, jnp.float32)
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for got, want in zip(grads, ref_grads):
@@ -65,18 +68,19 @@ def test_fused_loss_and_gradients_match_autodiff_of_the_plain_loss(chunk, z_loss
 
 def test_bfloat16_compute_matches_autodiff_in_bfloat16():
   """16-bit hidden states and matmul inputs, float32 softmax and accumulation, as the plain
-  loss does; gradients come back in the inputs' dtypes."""
+  loss does; gradients come back in the inputs' dtypes. (The z-loss term moves these
+  gradients by about 6%, so the 5e-3 bound checks it.)"""
   x, head, targets, weights = inputs(jnp.bfloat16)
-  fused = lambda x, head: loss.loss_sums(x, head, targets, weights, z_loss=1e-3, chunk=4,
+  fused = lambda x, head: loss.loss_sums(x, head, targets, weights, z_loss=1e-2, chunk=4,
                                          dtype='bfloat16')[0]
   value, (d_x, d_head) = jax.value_and_grad(fused, argnums=(0, 1))(x, head)
   ref_value, (ref_x, ref_head) = jax.value_and_grad(plain_objective, argnums=(0, 1))(
-      x, head, targets, weights, 1e-3, jnp.bfloat16)
+      x, head, targets, weights, 1e-2, jnp.bfloat16)
   assert d_x.dtype == jnp.bfloat16 and d_head.dtype == jnp.float32
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
                            / jnp.linalg.norm(b.astype(jnp.float32)))
-  assert rel(d_x, ref_x) < 1e-2 and rel(d_head, ref_head) < 1e-2
+  assert rel(d_x, ref_x) < 5e-3 and rel(d_head, ref_head) < 5e-3
 
 
 def test_loss_sum_is_reported_not_differentiated_and_cotangents_scale():
@@ -86,6 +90,32 @@ def test_loss_sum_is_reported_not_differentiated_and_cotangents_scale():
   assert not np.any(jax.grad(lambda x: sums(x)[1])(x))
   np.testing.assert_allclose(jax.grad(lambda x: 3.0 * sums(x)[0])(x),
                              3.0 * jax.grad(lambda x: sums(x)[0])(x), rtol=1e-6)
+
+
+def test_devices_reduce_the_head_gradient_once_not_per_chunk():
+  """On a data 2 x fsdp 4 mesh, each device adds its own chunks' head gradients; the
+  compiled gradient has no collective inside the chunk loop, so the 8 chunks cost one
+  reduction (after the loop) like the plain loss, not eight."""
+  c = base.get_config().mesh
+  c.data, c.fsdp = 2, 4
+  mesh, rules = make_mesh(c), logical_rules(c)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert loss.batch_shards() == 8
+    spec = lambda *axes: jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(axes))
+    x = jax.device_put(jnp.zeros((16, 64, 32)), spec('batch', 'length', 'embed'))
+    head = jax.device_put(jnp.zeros((256, 32)), spec('vocab', 'embed'))
+    targets, weights = jnp.zeros((16, 64), jnp.int32), jnp.ones((16, 64))
+    grad = jax.jit(jax.grad(lambda x, head: loss.loss_sums(
+        x, head, targets, weights, z_loss=1e-4, chunk=8, dtype='float32')[0], argnums=(0, 1)))
+    hlo = grad.lower(x, head).compile().as_text()
+  bodies = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo))
+  assert bodies, 'expected the chunk loop in the compiled gradient'
+  collective = re.compile(r'(all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)')
+  for computation in re.split(r'\n(?=\S)', hlo):
+    name = computation.split(' ', 1)[0].lstrip('%')
+    if name in bodies:
+      assert not collective.search(computation), computation
+  assert collective.search(hlo)  # the one reduction, after the loop
 
 
 def assert_trees_close(got, want, rtol=1e-4):

@@ -53,7 +53,9 @@ class Decoder(nn.Module):
     else:
       x_BLD, cache = self._decode_layers(x_BLD, segment_ids_BL, positions_BL, cache)
     x_BLD = RMSNorm(cfg.norm_eps, name='final_norm')(x_BLD)
-    if return_hidden and cache is None:
+    if return_hidden:
+      if cache is not None:
+        raise ValueError('return_hidden is for training and evaluation, not with a KV cache')
       return x_BLD
 
     if cfg.tie_embeddings:

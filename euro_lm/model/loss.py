@@ -13,9 +13,17 @@ for the loss, the hidden-state gradient dX and the head gradient dW before movin
 backward pass scales the saved dX and dW by the incoming cotangent. That is the unfused
 loss's three matmuls (logits, dX, dW) with no recompute, and float32 accumulation
 throughout.
+
+On a mesh that splits the batch, each device adds its chunks' dW into its own float32
+partial (`[V / tensor, D]` per device, unsplit over fsdp), and the devices reduce the
+partials once, after the last chunk, as the plain loss does. Summing across devices in
+every chunk would move the head gradient once per chunk.
+
+Reverse mode only (`jax.custom_vjp`): `jax.jvp` through the fused loss is not defined.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +69,16 @@ def _chunk_length(chunk, length):
   return max(1, min(chunk, length))
 
 
+def batch_shards():
+  """How many ways the mesh in context splits the logical 'batch' axis (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(('batch',))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[axis] for axis in axes)
+
+
 def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
   """Per-token float32 `(nll_BL, logz_BL)` from final hidden states, `chunk` positions at a
   time (forward only: evaluation)."""
@@ -81,8 +99,8 @@ def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
   """`(objective, loss_sum)` of the train step: `loss_sum = sum(w * nll)` and
   `objective = loss_sum + z_loss * sum(w * logz^2)`, differentiable in `x_BLD` and
   `head_VD` through the objective (the loss_sum is a report and is not differentiated)."""
-  objective, loss_sum = _fused_loss(chunk, jnp.dtype(dtype).name, float(z_loss), x_BLD,
-                                    head_VD, targets_BL, weights_BL)
+  objective, loss_sum = _fused_loss(chunk, jnp.dtype(dtype).name, float(z_loss),
+                                    batch_shards(), x_BLD, head_VD, targets_BL, weights_BL)
   return objective, jax.lax.stop_gradient(loss_sum)
 
 
@@ -91,17 +109,19 @@ def _sums(nll_BL, logz_BL, weights_BL, z_loss):
   return loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL), loss_sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_loss(chunk, dtype, z_loss, x_BLD, head_VD, targets_BL, weights_BL):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_loss(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
+  del shards
   nll_BL, logz_BL = token_losses(x_BLD, head_VD, targets_BL, chunk=chunk, dtype=dtype)
   return _sums(nll_BL, logz_BL, weights_BL, z_loss)
 
 
-def _fused_loss_fwd(chunk, dtype, z_loss, x_BLD, head_VD, targets_BL, weights_BL):
+def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
   length = x_BLD.shape[1]
   head_c_VD = head_VD.astype(dtype)
+  by_shard = lambda a: a.reshape(shards, a.shape[0] // shards, *a.shape[1:])
 
-  def body(d_head_VD, xs):
+  def body(d_head_SVD, xs):
     x_BCD, targets_BC, weights_BC = xs
     x_BCD = x_BCD.astype(dtype)
     logits_BCV, logz_BC, nll_BC = _chunk_losses(x_BCD, head_c_VD, targets_BC)
@@ -114,25 +134,33 @@ def _fused_loss_fwd(chunk, dtype, z_loss, x_BLD, head_VD, targets_BL, weights_BL
     d_logits_BCV = nn.with_logical_constraint(d_logits_BCV, ('batch', 'length', 'vocab'))
     d_x_BCD = jnp.einsum('bcv,vd->bcd', d_logits_BCV, head_c_VD,
                          preferred_element_type=jnp.float32).astype(x_BLD.dtype)
-    d_head_VD += jnp.einsum('bcv,bcd->vd', d_logits_BCV, x_BCD,
-                            preferred_element_type=jnp.float32)
-    return d_head_VD, (nll_BC, logz_BC, d_x_BCD)
+    # Each batch shard's partial dW stays on its devices until after the last chunk.
+    d_head_SVD += nn.with_logical_constraint(
+        jnp.einsum('sbcv,sbcd->svd', by_shard(d_logits_BCV), by_shard(x_BCD),
+                   preferred_element_type=jnp.float32), ('batch', 'vocab', None))
+    return d_head_SVD, (nll_BC, logz_BC, d_x_BCD)
 
-  d_head_VD, (nll, logz, d_x) = jax.lax.scan(
-      body, jnp.zeros(head_VD.shape, jnp.float32),
-      _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL))
-  sums = _sums(_merge(length, nll), _merge(length, logz), weights_BL, z_loss)
-  # Kept in the input dtypes: dX is the size of X, dW of the head.
-  return sums, (_merge(length, d_x), d_head_VD.astype(head_VD.dtype), targets_BL, weights_BL)
+  d_head_SVD = nn.with_logical_constraint(
+      jnp.zeros((shards, *head_VD.shape), jnp.float32), ('batch', 'vocab', None))
+  d_head_SVD, (nll, logz, d_x) = jax.lax.scan(
+      body, d_head_SVD, _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL))
+  nll_BL, logz_BL = _merge(length, nll), _merge(length, logz)
+  sums = _sums(nll_BL, logz_BL, weights_BL, z_loss)
+  # Kept in the input dtypes: dX is the size of X, dW of the head. d objective / d weights
+  # is each token's own term.
+  d_weights_BL = nll_BL + z_loss * jnp.square(logz_BL)
+  return sums, (_merge(length, d_x), jnp.sum(d_head_SVD, axis=0).astype(head_VD.dtype),
+                targets_BL, d_weights_BL.astype(weights_BL.dtype))
 
 
-def _fused_loss_bwd(chunk, dtype, z_loss, residuals, cotangents):
-  del chunk, dtype, z_loss
-  d_x_BLD, d_head_VD, targets_BL, weights_BL = residuals
+def _fused_loss_bwd(chunk, dtype, z_loss, shards, residuals, cotangents):
+  del chunk, dtype, z_loss, shards
+  d_x_BLD, d_head_VD, targets_BL, d_weights_BL = residuals
   d_objective, _ = cotangents  # the loss_sum output is under stop_gradient
   return ((d_objective * d_x_BLD).astype(d_x_BLD.dtype),
           (d_objective * d_head_VD).astype(d_head_VD.dtype),
-          np.zeros(targets_BL.shape, jax.dtypes.float0), jnp.zeros_like(weights_BL))
+          np.zeros(targets_BL.shape, jax.dtypes.float0),
+          (d_objective * d_weights_BL).astype(d_weights_BL.dtype))
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
