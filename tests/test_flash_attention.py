@@ -155,8 +155,9 @@ def test_model_trains_the_same_with_pallas_and_xla():
                pallas_grads, xla_grads)
 
 
+@pytest.mark.parametrize('platform', ['cuda', 'rocm'])  # rocm: LUMI's MI250X, not yet run
 @pytest.mark.parametrize('dim', [64, 128])
-def test_forward_and_backward_lower_for_nvidia_gpus(dim):
+def test_forward_and_backward_lower_for_nvidia_and_amd_gpus(dim, platform):
   q = jax.ShapeDtypeStruct((2, 512, 8, dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 512, 2, dim), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
@@ -166,10 +167,11 @@ def test_forward_and_backward_lower_for_nvidia_gpus(dim):
         jnp.float32).sum()
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
-      lowering_platforms=('cuda',))
+      lowering_platforms=(platform,))
   text = lowered.as_text()
   for kernel in ('euro_lm_flash_forward', 'euro_lm_flash_dkv', 'euro_lm_flash_dq'):
     assert kernel in text
+  assert text.count('xla.gpu.triton') == 3
 
 
 @pytest.mark.parametrize('bwd', [(None, None), (2, 1)])
