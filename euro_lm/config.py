@@ -14,6 +14,14 @@ SCHEDULES = ('cosine', 'wsd', 'constant')
 CORPORA = ('embedded', 'prepared')
 
 
+def device_platform(device):
+  """'cpu', 'tpu', 'cuda' or 'rocm': JAX calls both GPU kinds 'gpu', and the runtime tells
+  them apart."""
+  if device.platform != 'gpu':
+    return device.platform
+  return 'rocm' if 'rocm' in device.client.platform_version.lower() else 'cuda'
+
+
 def _check(ok, message):
   if not ok:
     raise ConfigError(message)
@@ -27,8 +35,8 @@ def _one_of(config, path, allowed):
 
 def validate(config, num_devices, process_count=1, platform=None):
   """Raises ConfigError for a config that cannot run on `num_devices` devices of
-  `platform` ('cpu', 'gpu', 'tpu'; None skips the platform checks) in `process_count`
-  processes.
+  `platform` ('cpu', 'cuda', 'rocm', 'tpu', as `device_platform` says; 'gpu' for either
+  GPU; None skips the platform checks) in `process_count` processes.
 
   Returns the resolved mesh degrees `{'data': .., 'fsdp': .., 'tensor': ..}` (ICI times
   DCN), so callers see what -1 became.
@@ -72,7 +80,8 @@ def validate(config, num_devices, process_count=1, platform=None):
            f'not {m.compute_dtype!r}')
     _check(platform in (None, 'gpu', 'cuda'),
            f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run "
-           "(use 'xla')")
+           + ("(use 'pallas', euro_lm's Triton kernels, or 'xla')" if platform == 'rocm'
+              else "(use 'xla')"))
   if m.attention_impl == 'pallas':
     block = length_multiple(head_dim(m), 'tpu' if platform == 'tpu' else 'gpu')
     _check(t.seq_len % block == 0,

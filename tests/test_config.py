@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import base, llama_125m, llama_1b, llama_7b, tiny
-from euro_lm.config import validate
+from euro_lm.config import device_platform, validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import param_count
 
@@ -76,6 +77,11 @@ def test_platform_and_process_checks():
   validate(c, num_devices=8, platform='gpu')
   with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU; this is a cpu run"):
     validate(c, num_devices=8, platform='cpu')
+  validate(c, num_devices=8, platform='cuda')
+  # LUMI: JAX says 'gpu' for AMD GPUs too; device_platform tells ROCm apart.
+  with pytest.raises(ConfigError, match="this is a rocm run \\(use 'pallas'"):
+    validate(c, num_devices=8, platform='rocm')
+  assert device_platform(jax.devices()[0]) == 'cpu'
   c = tiny.get_config()
   c.mesh.data, c.mesh.tensor = 4, 2  # 4 batch shards cannot feed 8 processes
   with pytest.raises(ConfigError, match='split 4 ways .* each of the 8 processes its own rows'):
