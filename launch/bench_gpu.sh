@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train-step benchmarks on one GPU: the 1B preset at 4k context in a few variants, plus
-# 125M. Usage: bash launch/bench_gpu.sh [OUTDIR]   (prints markdown tables; ~5 min on H100)
+# 125M. Usage: bash launch/bench_gpu.sh [OUTDIR]   (prints markdown tables; ~6-7 min on H100)
 set -uo pipefail
 out=${1:-bench_out}
 mkdir -p "$out"
@@ -30,6 +30,9 @@ PY
 b=--config.train.global_batch_size
 run 1b_cudnn_noremat --config=configs/llama_1b.py:gpu --config.model.remat_policy=none $b=4 --steps=8
 run 1b_cudnn_dots --config=configs/llama_1b.py:gpu $b=8 --steps=8
+# The xla attention (the fallback where cuDNN is missing, as on AMD GPUs), in query chunks
+# since 6f4a512: it ran out of memory before that.
+run 1b_xla_noremat --config=configs/llama_1b.py:gpu --config.model.attention_impl=xla --config.model.remat_policy=none $b=4 --steps=8
 # The fused, chunked loss (model.loss_chunk_length): same batch (A/B), then the batch of 16
 # that needs 91 GiB without it (H200) and should fit an H100 with it.
 chunk=--config.model.loss_chunk_length=512
