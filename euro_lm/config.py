@@ -63,8 +63,8 @@ def validate(config, num_devices, process_count=1, platform=None):
   _check(m.head_dim or m.embed_dim % m.num_heads == 0,
          f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '
          '(set model.head_dim explicitly)')
-  for path in ('model.loss_chunk_length', 'optimizer.warmup_steps', 'train.eval_every', 'train.eval_batches',
-               'train.checkpoint_every', 'train.checkpoint_every_minutes',
+  for path in ('model.loss_chunk_length', 'optimizer.warmup_steps', 'train.eval_every',
+               'train.eval_batches', 'train.checkpoint_every', 'train.checkpoint_every_minutes',
                'train.keep_checkpoints_every', 'train.skip_grad_norm_above'):
     section, field = path.split('.')
     _check(config[section][field] >= 0, f'{path}={config[section][field]} must be >= 0')

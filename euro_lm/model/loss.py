@@ -104,7 +104,8 @@ def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
   return objective, jax.lax.stop_gradient(loss_sum)
 
 
-def _sums(nll_BL, logz_BL, weights_BL, z_loss):
+def objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss):
+  """The train step's `(sum(w * nll) + z_loss * sum(w * logz^2), sum(w * nll))`."""
   loss_sum = jnp.sum(nll_BL * weights_BL)
   return loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL), loss_sum
 
@@ -113,7 +114,7 @@ def _sums(nll_BL, logz_BL, weights_BL, z_loss):
 def _fused_loss(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
   del shards
   nll_BL, logz_BL = token_losses(x_BLD, head_VD, targets_BL, chunk=chunk, dtype=dtype)
-  return _sums(nll_BL, logz_BL, weights_BL, z_loss)
+  return objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
 
 
 def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
@@ -145,7 +146,7 @@ def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, we
   d_head_SVD, (nll, logz, d_x) = jax.lax.scan(
       body, d_head_SVD, _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL))
   nll_BL, logz_BL = _merge(length, nll), _merge(length, logz)
-  sums = _sums(nll_BL, logz_BL, weights_BL, z_loss)
+  sums = objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   # Kept in the input dtypes: dX is the size of X, dW of the head. d objective / d weights
   # is each token's own term.
   d_weights_BL = nll_BL + z_loss * jnp.square(logz_BL)

@@ -49,8 +49,7 @@ def _loss_sums(params, batch, model, z_loss):
         weights_BL, z_loss=z_loss, chunk=cfg.loss_chunk_length, dtype=cfg.compute_dtype)
     return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch)
-  loss_sum = jnp.sum(nll_BL * weights_BL)
-  objective = loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL)
+  objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   return objective, (loss_sum, jnp.sum(weights_BL))
 
 
