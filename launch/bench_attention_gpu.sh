@@ -15,9 +15,9 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 bench() { timeout "$1" python3 -m euro_lm.kernels.bench "${@:3}" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$2.txt"; }
 for part in $parts; do
   case $part in
-    sweep) bench 200 sweep_4k --lengths=4096 --sweep ;;
-    table) bench 200 table --impls=xla,cudnn,pallas ;;
-    hopper) bench 150 hopper --impls=xla,jax_mosaic_gpu,mosaic_gpu_one_group,mosaic_gpu ;;
+    sweep) bench 180 sweep_4k --lengths=4096 --sweep ;;
+    table) bench 150 table --impls=xla,cudnn,pallas ;;
+    hopper) bench 170 hopper --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_one_group,jax_mosaic_gpu ;;
     *) echo "unknown part $part (sweep, table, hopper)"; exit 2 ;;
   esac
 done

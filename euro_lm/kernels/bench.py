@@ -17,7 +17,9 @@ works if the time ratio follows that fraction.
 
 import dataclasses
 import os
+import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -210,6 +212,7 @@ def packed_hopper(q, k, v, segment_ids):
       times.append(timed(fn, q, k, v))
     except Exception as e:  # not a Hopper GPU
       print(f'| mosaic_gpu | failed: {type(e).__name__}: {str(e)[:80]} |||')
+      traceback.print_exc(file=sys.stderr)
       return
   fraction = visited_fraction(segment_ids, hopper.ROWS, hopper.BLOCK_K)
   print(f'| mosaic_gpu, causal | {1e3 * times[0]:.2f} | | 1 |')
@@ -249,10 +252,13 @@ def main(argv):
         out = forward(q, k, v)
       except Exception as e:  # an implementation that does not fit or compile here
         print(f'| {length} | {name} | failed: {type(e).__name__}: {str(e)[:80]} |||||||')
+        traceback.print_exc(file=sys.stderr)  # whole, for a kernel's first run on a GPU
         continue
       try:
         grads = forward_backward(q, k, v)
       except Exception:  # a forward-only yardstick
+        if name != 'jax_mosaic_gpu':
+          traceback.print_exc(file=sys.stderr)
         grads = None
       if reference is None:
         reference = (out, grads)
