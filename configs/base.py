@@ -25,6 +25,8 @@ def get_config(arg=None):
   m.init_std = 0.02                # normal init std for weights
   m.compute_dtype = 'float32'      # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'         # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
+  m.pallas_backend = 'auto'        # pallas kernels: auto (by device) | gpu (Triton) |
+                                   # mosaic_gpu (Hopper) | tpu
   m.remat_policy = 'none'          # none | full | dots | dots_no_batch | save_attention_out
   m.loss_chunk_length = 0          # >0: output projection + loss fused, this many positions
                                    # at a time (no [B, L, V] logits); 0: all logits at once

@@ -3,7 +3,7 @@
 import math
 
 from euro_lm.errors import ConfigError
-from euro_lm.kernels.flash_attention import length_multiple
+from euro_lm.kernels.flash_attention import BACKENDS as FLASH_BACKENDS, length_multiple
 from euro_lm.model.attention import IMPLS
 from euro_lm.model.decoder import REMAT_POLICIES
 from euro_lm.model.layers import head_dim
@@ -43,6 +43,7 @@ def validate(config, num_devices, process_count=1, platform=None):
   """
   m, t, o = config.model, config.train, config.optimizer
   _one_of(config, 'model.attention_impl', IMPLS)
+  _one_of(config, 'model.pallas_backend', ('auto',) + FLASH_BACKENDS)
   _one_of(config, 'model.compute_dtype', COMPUTE_DTYPES)
   _one_of(config, 'model.remat_policy', tuple(REMAT_POLICIES))
   _one_of(config, 'optimizer.schedule', SCHEDULES)
@@ -83,7 +84,13 @@ def validate(config, num_devices, process_count=1, platform=None):
            + ("(use 'pallas', euro_lm's Triton kernels, or 'xla')" if platform == 'rocm'
               else "(use 'xla')"))
   if m.attention_impl == 'pallas':
-    block = length_multiple(head_dim(m), 'tpu' if platform == 'tpu' else 'gpu')
+    backend = m.pallas_backend
+    if backend == 'auto':
+      backend = 'tpu' if platform == 'tpu' else 'gpu'
+    _check(backend != 'mosaic_gpu' or m.compute_dtype in ('bfloat16', 'float16'),
+           f"model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or float16, "
+           f'not {m.compute_dtype!r}')
+    block = length_multiple(head_dim(m), backend)
     _check(t.seq_len % block == 0,
            f"train.seq_len={t.seq_len} must be a multiple of {block} for model.attention_impl="
            "'pallas' (its block size at this head_dim)")

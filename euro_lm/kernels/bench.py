@@ -36,7 +36,8 @@ _KV_HEADS = flags.DEFINE_integer('kv_heads', 16, 'Key/value heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = tokens / L).')
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over the SWEEP_* block sizes instead.')
-_PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192, 'Row length of the packed case.')
+_PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192,
+                                      'Row length of the packed case; 0 skips it.')
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
 _IMPLS = flags.DEFINE_list(
     'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu', 'pallas'],
@@ -62,8 +63,8 @@ def implementations():
   def xla(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
 
-  def ours(q, k, v):
-    return flash_attention(q, k, v, causal=True)
+  def ours(q, k, v):  # the Triton kernels, also on a Hopper GPU
+    return flash_attention(q, k, v, causal=True, backend='gpu')
 
   def ours_hopper(q, k, v):  # two compute warpgroups and a producer
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
@@ -193,8 +194,9 @@ def packed_triton(q, k, v, d_out, segment_ids):
     blocks = GPU_BLOCK_SIZES.get(_HEAD_DIM.value, BlockSizes())
   # The forward's blocks; the backward's are the same size on GPUs and 2x smaller on TPUs.
   fraction = visited_fraction(segment_ids, blocks.block_q, blocks.block_k)
-  causal = _time_ours(q, k, v, d_out)
-  docs = _time_ours(q, k, v, d_out, segment_ids=jnp.asarray(segment_ids))
+  backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+  causal = _time_ours(q, k, v, d_out, backend=backend)
+  docs = _time_ours(q, k, v, d_out, backend=backend, segment_ids=jnp.asarray(segment_ids))
   print(f'| pallas, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
   print(f'| pallas, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
         f'{fraction:.3f} |')
@@ -276,8 +278,9 @@ def main(argv):
         both = f'| {1e3 * t_all:.2f} | {3.5 * flops / t_all / 1e12:.0f}'
       print(f'| {length} | {name} | {1e3 * t_fwd:.2f} | {flops / t_fwd / 1e12:.0f} {both} | '
             f'{errors[0]} | {errors[1]} |', flush=True)
-  packed(_PACKED_LENGTH.value, _DOC_LENGTH.value, triton='pallas' in _IMPLS.value,
-         hopper='mosaic_gpu' in _IMPLS.value)
+  if _PACKED_LENGTH.value:
+    packed(_PACKED_LENGTH.value, _DOC_LENGTH.value, triton='pallas' in _IMPLS.value,
+           hopper='mosaic_gpu' in _IMPLS.value)
 
 
 if __name__ == '__main__':

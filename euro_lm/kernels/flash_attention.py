@@ -52,13 +52,14 @@ class BlockSizes:
   num_stages_bwd: int | None = None
 
 
-# Per head_dim, from `python -m euro_lm.kernels.bench --sweep` on an H200 (BENCHMARKS.md):
-# the best forward+backward of the candidates at L = 4096. head_dim 64 is not swept yet.
+# Per head_dim, from `python -m euro_lm.kernels.bench --sweep --lengths=4096` (BENCHMARKS.md):
+# head_dim 128 on an H100, the forward and the backward each the best of their candidates;
+# head_dim 64 is not swept yet (the first H200 sweep's pick for both).
 GPU_BLOCK_SIZES = {
     64: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
                    num_stages=2),
-    128: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
-                    num_stages=2),
+    128: BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64, num_warps=8,
+                    num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
 }
 
 TPU_BLOCK_MULTIPLE = 128  # Mosaic tiles: sequence blocks lie along the 128 vector lanes
@@ -93,9 +94,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
       block_k = 128, and backward blocks of 64.
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
     backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
-      kernels, bf16/f16 only); None takes 'tpu' when
-      `jax.default_backend()` is TPU and 'gpu' otherwise, so a CPU runs the GPU kernels in
-      the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
+      kernels, bf16/f16 only); None takes `default_backend(...)`: 'tpu' on a TPU,
+      'mosaic_gpu' on an NVIDIA Hopper GPU when the shapes fit those kernels, else 'gpu',
+      so a CPU runs the Triton kernels in the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
       that would trace both kernel sets, and both would have to accept the shapes (TPU tiles
       are multiples of 128). Lowering on one machine for another (e.g.
       `.lower(lowering_platforms=('tpu',))` on a CPU host) therefore names the backend,
@@ -106,7 +107,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   if backend is None:
-    backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
+    backend = default_backend(q.dtype, length, head_dim, block_sizes)
   if backend not in BACKENDS:
     raise ValueError(f'unknown flash attention backend {backend!r}; expected one of {BACKENDS}')
   if backend == 'tpu':
@@ -143,6 +144,24 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   return _attention(static, q, k, v, segment_ids.astype(jnp.int32))
 
 
+def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
+  """The kernels `flash_attention` runs when no backend is named: 'tpu' on TPUs; on an
+  NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call (bf16/f16, head_dim
+  64 or 128, length a multiple of 128, default blocks): on an H100 they
+  ran forward+backward 1.2-1.3x faster than the Triton kernels at 4k and 8k (BENCHMARKS.md);
+  else 'gpu' (Triton; interpreted on CPU)."""
+  device = device or jax.devices()[0]
+  if device.platform == 'tpu':
+    return 'tpu'
+  from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+  hopper = (device.platform == 'gpu' and
+            str(getattr(device, 'compute_capability', '')).startswith('9.'))
+  fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
+          and length % flash_attention_hopper.BLOCK_Q == 0
+          and length % flash_attention_hopper.BLOCK_K == 0 and block_sizes is None)
+  return 'mosaic_gpu' if hopper and fits else 'gpu'
+
+
 def _fit_tpu_blocks(blocks, length):
   """`blocks` with each size lowered to the largest multiple of 128 that divides `length`
   (unchanged when `length` is no multiple of 128: the caller's check then names it)."""
@@ -159,6 +178,9 @@ def length_multiple(head_dim, backend='gpu'):
   """The sequence lengths the default block sizes take are the multiples of this."""
   if backend == 'tpu':
     return TPU_BLOCK_MULTIPLE
+  if backend == 'mosaic_gpu':
+    from euro_lm.kernels import flash_attention_hopper as hopper  # pylint: disable=g-import-not-at-top
+    return math.lcm(hopper.BLOCK_Q, hopper.BLOCK_K)
   blocks = GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
   return math.lcm(*(getattr(blocks, name) for name in _BLOCK_FIELDS))
 

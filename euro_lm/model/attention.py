@@ -20,8 +20,9 @@ IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 
 
 def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
-              scale=None, impl='xla'):
-  """Returns the attention output `[B, L, H, D]` in q's dtype."""
+              scale=None, impl='xla', pallas_backend=None):
+  """Returns the attention output `[B, L, H, D]` in q's dtype. `pallas_backend` names the
+  kernel set of `impl='pallas'` (`flash_attention`'s `backend`; None picks by device)."""
   num_heads, num_kv_heads = q_BLHD.shape[2], k_BLKD.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
@@ -31,7 +32,7 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
   if impl == 'pallas':
     from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
     return flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL, causal=causal,
-                           scale=scale)
+                           scale=scale, backend=pallas_backend)
   if impl == 'xla':
     return _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
   if impl == 'cudnn':

@@ -151,8 +151,10 @@ class Attention(nn.Module):
       out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
       return out_BLD, (k_BSKd, v_BSKd)
 
+    pallas_backend = cfg.get('pallas_backend', 'auto')
     out_BLHd = attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=segment_ids_BL,
-                         causal=True, impl=cfg.attention_impl)
+                         causal=True, impl=cfg.attention_impl,
+                         pallas_backend=None if pallas_backend == 'auto' else pallas_backend)
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
 
