@@ -61,6 +61,12 @@ def test_a_valid_config_resolves_the_mesh():
     ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
     ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.compute_dtype"),
     ({'model.attention_impl': 'pallas', 'train.seq_len': 96}, 'train.seq_len=96 must be a multiple of 64'),
+    ({'model.pallas_backend': 'triton'}, "model.pallas_backend='triton' is not one of 'auto', 'gpu'"),
+    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu'},
+     "model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or float16"),
+    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
+      'model.compute_dtype': 'bfloat16', 'train.seq_len': 192},
+     'train.seq_len=192 must be a multiple of 128'),
 ])
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()

@@ -2,6 +2,7 @@
 lowering for NVIDIA GPUs (Triton)."""
 
 import importlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,12 @@ def test_model_trains_the_same_with_pallas_and_xla():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                pallas_grads, xla_grads)
 
+  # model.pallas_backend reaches the kernels: the TPU ones refuse a 64-token row (their
+  # blocks are multiples of 128), which the Triton ones above took.
+  config.pallas_backend = 'tpu'
+  with pytest.raises(ValueError, match='sequence length 64 is not a multiple of block_q=512'):
+    loss_and_grads('pallas')
+
 
 @pytest.mark.parametrize('platform', ['cuda', 'rocm'])  # rocm: LUMI's MI250X, not yet run
 @pytest.mark.parametrize('dim', [64, 128])
@@ -215,3 +222,36 @@ def test_packed_benchmark_counts_the_blocks_documents_skip():
   text = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).trace(q, q, q).lower(
       lowering_platforms=('cuda',)).as_text()
   assert text.count('xla.gpu.triton') == 3
+
+
+def _device(platform, capability=None):
+  device = types.SimpleNamespace(platform=platform)
+  if capability:
+    device.compute_capability = capability
+  return device
+
+
+@pytest.mark.parametrize('dtype,length,dim,blocks,device,expected', [
+    (jnp.bfloat16, 4096, 128, None, ('gpu', '9.0'), 'mosaic_gpu'),  # H100/H200
+    (jnp.float16, 8192, 64, None, ('gpu', '9.0'), 'mosaic_gpu'),
+    (jnp.bfloat16, 2048, 128, None, ('gpu', '9.0'), 'gpu'),  # Triton wins at 2k
+    (jnp.bfloat16, 4160, 128, None, ('gpu', '9.0'), 'gpu'),  # no multiple of 128
+    (jnp.float32, 4096, 128, None, ('gpu', '9.0'), 'gpu'),  # the Hopper kernels are 16-bit
+    (jnp.bfloat16, 4096, 256, None, ('gpu', '9.0'), 'gpu'),
+    (jnp.bfloat16, 4096, 128, BlockSizes(), ('gpu', '9.0'), 'gpu'),  # Triton blocks named
+    (jnp.bfloat16, 4096, 128, None, ('gpu', '8.0'), 'gpu'),  # A100
+    (jnp.bfloat16, 4096, 128, None, ('gpu', '10.0'), 'gpu'),  # Blackwell: no wgmma
+    (jnp.bfloat16, 4096, 128, None, ('gpu', 'gfx90a'), 'gpu'),  # LUMI's MI250X
+    (jnp.bfloat16, 4096, 128, None, ('tpu',), 'tpu'),
+    (jnp.bfloat16, 4096, 128, None, ('cpu',), 'gpu'),  # the interpreter
+])
+def test_default_backend_takes_the_hopper_kernels_only_where_they_fit_and_win(
+    dtype, length, dim, blocks, device, expected):
+  assert flash_module.default_backend(dtype, length, dim, blocks, _device(*device)) == expected
+
+
+def test_length_multiples_follow_the_default_blocks():
+  assert flash_module.length_multiple(128) == 128  # Triton forward blocks of 128
+  assert flash_module.length_multiple(64) == 64
+  assert flash_module.length_multiple(64, 'mosaic_gpu') == 128
+  assert flash_module.length_multiple(64, 'tpu') == 128

@@ -62,6 +62,10 @@ GPU_BLOCK_SIZES = {
                     num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
 }
 
+# Below this sequence length the Triton kernels beat the Hopper ones on an H100 (2k: 252
+# against 230 TFLOP/s forward+backward; 4k: 295 against 343), so `default_backend` keeps them.
+HOPPER_MIN_LENGTH = 4096
+
 TPU_BLOCK_MULTIPLE = 128  # Mosaic tiles: sequence blocks lie along the 128 vector lanes
 
 # Untuned first guesses (no TPU has run these kernels yet): large forward tiles as splash
@@ -146,10 +150,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
 
 def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   """The kernels `flash_attention` runs when no backend is named: 'tpu' on TPUs; on an
-  NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call (bf16/f16, head_dim
-  64 or 128, length a multiple of 128, default blocks): on an H100 they
-  ran forward+backward 1.2-1.3x faster than the Triton kernels at 4k and 8k (BENCHMARKS.md);
-  else 'gpu' (Triton; interpreted on CPU)."""
+  NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call and win (bf16/f16,
+  head_dim 64 or 128, default blocks, a length that is a multiple of 128 and at least
+  `HOPPER_MIN_LENGTH`): on an H100 they ran forward+backward 1.2-1.3x faster than the
+  Triton kernels at 4k and 8k, and slower at 2k (BENCHMARKS.md); else 'gpu' (Triton;
+  interpreted on CPU)."""
   device = device or jax.devices()[0]
   if device.platform == 'tpu':
     return 'tpu'
@@ -158,7 +163,8 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
             str(getattr(device, 'compute_capability', '')).startswith('9.'))
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
           and length % flash_attention_hopper.BLOCK_Q == 0
-          and length % flash_attention_hopper.BLOCK_K == 0 and block_sizes is None)
+          and length % flash_attention_hopper.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
+          and block_sizes is None)
   return 'mosaic_gpu' if hopper and fits else 'gpu'
 
 

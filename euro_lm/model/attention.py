@@ -13,8 +13,10 @@ output is zero).
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 
@@ -31,13 +33,42 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
     impl = _auto_impl(q_BLHD.shape[1], q_BLHD.shape[-1])
   if impl == 'pallas':
     from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
-    return flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL, causal=causal,
-                           scale=scale, backend=pallas_backend)
+    kernel = functools.partial(flash_attention, causal=causal, scale=scale,
+                               backend=pallas_backend)
+    return per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
   if impl == 'xla':
     return _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
   if impl == 'cudnn':
     return _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
   raise ValueError(f'unknown attention impl {impl!r}; expected one of {IMPLS}')
+
+
+def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
+  """`kernel(q, k, v, segment_ids=...)` on each device's own rows and heads.
+
+  A Pallas kernel is a custom call, which XLA's partitioner cannot split: under a mesh it
+  would gather the whole q, k and v onto every device and compute all of it there. So,
+  inside a mesh, the kernel runs in `shard_map` over the mesh axes that the logical rules
+  give 'batch' and the heads. The sequence and head_dim stay whole on each device (the
+  kernel needs every key of a row), and the heads are split only where 'heads' and
+  'kv_heads' go to the same mesh axes, so each device keeps whole GQA groups.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL)
+  # One lookup per array: Flax gives each mesh axis to one dimension of a spec at most.
+  batch, heads = nn.logical_to_mesh_axes(('batch', 'heads'))
+  kv_heads, = nn.logical_to_mesh_axes(('kv_heads',))
+  if heads != kv_heads:
+    heads = kv_heads = None
+  q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
+  args, specs = [q_BLHD, k_BLKD, v_BLKD], [q_spec, kv_spec, kv_spec]
+  if segment_ids_BL is not None:
+    args.append(segment_ids_BL)
+    specs.append(P(batch, None))
+  body = lambda q, k, v, s=None: kernel(q, k, v, segment_ids=s)
+  # check_vma=False: pallas_call declares no rule for how its outputs vary over the mesh.
+  return jax.shard_map(body, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)(*args)
 
 
 def _auto_impl(length, head_dim):
