@@ -97,6 +97,24 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
                ref_params, params)
 
 
+def test_pallas_attention_on_a_2x2x2_mesh_equals_xla_on_one_device():
+  """The real step (layers under nn.scan, remat, accumulation) with euro_lm's kernels
+  running per device under shard_map, against the xla attention on one device."""
+  def config(impl, **mesh):
+    c = small_config(grad_accum_steps=2, **mesh)
+    c.train.seq_len, c.model.attention_impl, c.model.remat_policy = 64, impl, 'dots'
+    return c
+
+  ref_history, ref_params, _, _ = run_steps(config('xla'), jax.devices()[:1])
+  history, params, _, _ = run_steps(config('pallas', data=2, fsdp=2, tensor=2),
+                                    jax.devices())
+  for ref, got in zip(ref_history, history):
+    for key in ('loss', 'grad_norm'):
+      np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
+               ref_params, params)
+
+
 def test_loss_is_the_token_weighted_cross_entropy(single_device_run):
   """Step 1's loss equals a float64 numpy cross-entropy over the non-padding tokens."""
   config = small_config()

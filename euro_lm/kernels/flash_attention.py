@@ -155,12 +155,14 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   `HOPPER_MIN_LENGTH`): on an H100 they ran forward+backward 1.2-1.3x faster than the
   Triton kernels at 4k and 8k, and slower at 2k (BENCHMARKS.md); else 'gpu' (Triton;
   interpreted on CPU)."""
-  device = device or jax.devices()[0]
-  if device.platform == 'tpu':
+  platform = device.platform if device else jax.default_backend()
+  if platform == 'tpu':
     return 'tpu'
+  if platform != 'gpu':
+    return 'gpu'
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-  hopper = (device.platform == 'gpu' and
-            str(getattr(device, 'compute_capability', '')).startswith('9.'))
+  device = device or jax.devices()[0]
+  hopper = str(getattr(device, 'compute_capability', '')).startswith('9.')
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
           and length % flash_attention_hopper.BLOCK_Q == 0
           and length % flash_attention_hopper.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH

@@ -12,6 +12,7 @@ output is zero).
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -61,6 +62,9 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
   kv_heads, = nn.logical_to_mesh_axes(('kv_heads',))
   if heads != kv_heads:
     heads = kv_heads = None
+  # A dimension the axes do not divide (as a batch of 1 at init) stays whole on each device.
+  batch = _dividing(batch, q_BLHD.shape[0], mesh)
+  heads = kv_heads = _dividing(heads, k_BLKD.shape[2], mesh)
   q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
   args, specs = [q_BLHD, k_BLKD, v_BLKD], [q_spec, kv_spec, kv_spec]
   if segment_ids_BL is not None:
@@ -69,6 +73,12 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
   body = lambda q, k, v, s=None: kernel(q, k, v, segment_ids=s)
   # check_vma=False: pallas_call declares no rule for how its outputs vary over the mesh.
   return jax.shard_map(body, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)(*args)
+
+
+def _dividing(axes, size, mesh):
+  """`axes` (a mesh axis name, a tuple of them, or None) if they split `size` evenly."""
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return axes if size % math.prod(mesh.shape[name] for name in names) == 0 else None
 
 
 def _auto_impl(length, head_dim):
