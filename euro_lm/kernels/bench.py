@@ -12,7 +12,8 @@ about `--doc_length` tokens, our kernel timed with and without the segment ids, 
 fraction of (query block, key block) pairs the segment ids leave to visit. Block skipping
 works if the time ratio follows that fraction.
 
-`--sweep` times our kernel over SWEEP_FORWARD and SWEEP_BACKWARD instead.
+`--sweep` times our Triton kernels over SWEEP_FORWARD and SWEEP_BACKWARD instead, and on a
+Hopper GPU the Hopper forward over SWEEP_HOPPER_FORWARD.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ from absl import app, flags
 
 from euro_lm.kernels import GPU_BLOCK_SIZES, TPU_BLOCK_SIZES, BlockSizes, flash_attention
 from euro_lm.kernels import flash_attention_hopper as hopper
-from euro_lm.kernels.flash_attention import _fit_tpu_blocks, _key_ranges, _Static
+from euro_lm.kernels.flash_attention import _fit_tpu_blocks, _key_ranges, _Static, default_backend
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -52,6 +53,9 @@ _IMPLS = flags.DEFINE_list(
 # default forward. 14 compiles per length, against 16 when the two were swept together.
 SWEEP_FORWARD = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
                  (128, 128, 8, 3), (128, 128, 4, 3)]
+# The Hopper forward on an sm90 GPU: (block_q, block_k); 2 K/V stages, so block_k 256 at
+# head_dim 128 would not fit in shared memory.
+SWEEP_HOPPER_FORWARD = [(128, 64), (128, 128), (64, 64), (64, 128)]
 SWEEP_BACKWARD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 2, 2),
                   (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
 
@@ -133,6 +137,17 @@ def sweep(length):
     except Exception as e:  # a tile that does not fit in shared memory
       print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
             f'{str(e)[:60]} |', flush=True)
+  if default_backend(q.dtype, length, _HEAD_DIM.value) == 'mosaic_gpu':
+    print('\n| Hopper forward (q, k) | fwd TFLOP/s |\n|---|---|')
+    for q_block, k_block in SWEEP_HOPPER_FORWARD:
+      blocks = BlockSizes(block_q=q_block, block_k=k_block)
+      fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
+                                                   backend='mosaic_gpu'))
+      try:
+        print(f'| {(q_block, k_block)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |', flush=True)
+      except Exception as e:  # a ring that does not fit in shared memory
+        print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} |',
+              flush=True)
   t_fwd = _time_ours(q, k, v, d_out, block_sizes=default)[0]
   print('\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
         '\n|---|---|---|')
