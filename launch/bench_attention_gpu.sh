@@ -17,7 +17,7 @@ for part in $parts; do
   case $part in
     sweep) bench 180 sweep_4k --lengths=4096 --sweep ;;
     table) bench 150 table --impls=xla,cudnn,pallas ;;
-    hopper) bench 170 hopper --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_one_group,jax_mosaic_gpu ;;
+    hopper) bench 170 hopper --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2,mosaic_gpu_one_group,jax_mosaic_gpu ;;
     *) echo "unknown part $part (sweep, table, hopper)"; exit 2 ;;
   esac
 done

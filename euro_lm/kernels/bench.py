@@ -41,10 +41,12 @@ _PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192,
                                       'Row length of the packed case; 0 skips it.')
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
 _IMPLS = flags.DEFINE_list(
-    'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu', 'pallas'],
+    'impls', ['xla', 'cudnn', 'jax_mosaic_gpu', 'mosaic_gpu_one_group', 'mosaic_gpu',
+              'mosaic_gpu_bwd2', 'pallas'],
     'Implementations in the table, in order (xla, the reference, always runs first): pallas '
     '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or '
-    'one compute warpgroups in the forward), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
+    'one compute warpgroups in the forward), mosaic_gpu_bwd2 (mosaic_gpu with the two-group '
+    'dK/dV kernel, block_k_bwd=128), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
     'only), cudnn, xla. The packed case runs for pallas and mosaic_gpu when listed.')
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is
@@ -78,8 +80,14 @@ def implementations():
                                  block_q=hopper.ROWS, block_k=hopper.BLOCK_K)
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
+  def ours_hopper_two_group_backward(q, k, v):  # dK/dV with FA3's backward layout
+    blocks = BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K,
+                        block_q_bwd=hopper.ROWS, block_k_bwd=2 * hopper.ROWS)
+    return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
+
   return {'pallas': ours, 'mosaic_gpu': ours_hopper,
-          'mosaic_gpu_one_group': ours_hopper_one_group, 'jax_mosaic_gpu': jax_hopper_forward,
+          'mosaic_gpu_one_group': ours_hopper_one_group,
+          'mosaic_gpu_bwd2': ours_hopper_two_group_backward, 'jax_mosaic_gpu': jax_hopper_forward,
           'cudnn': cudnn, 'xla': xla}
 
 

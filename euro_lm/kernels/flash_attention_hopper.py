@@ -332,9 +332,11 @@ class _BlockOps:
 
 # --- backward ----------------------------------------------------------------------------
 #
-# Two kernels, one warpgroup each, `ROWS` queries by `ROWS` keys per step, float32
-# accumulation, no atomics: dK/dV per key block (looping over the query heads that read its
-# kv head, and the query blocks that see it), and dQ per query block. Probabilities are
+# Two kernels, `ROWS` queries by `ROWS` keys per step, float32 accumulation, no atomics:
+# dK/dV per key block (looping over the query heads that read its kv head, and the query
+# blocks that see it), and dQ per query block, one warpgroup each. With block_k_bwd = 128
+# the dK/dV kernel takes FlashAttention-3's layout instead: two compute warpgroups of 64
+# keys share each q/dO tile, streamed by a producer warpgroup (half the q/dO traffic). Probabilities are
 # recomputed in base 2 from the logsumexp. Each step's query-side operands stream through
 # a TMA ring like the forward's K/V; the dK/dV kernel computes the transposed scores
 # (keys as rows), so p^T and dS^T feed wgmma straight from registers.
@@ -348,9 +350,9 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
   blocks = static.blocks
-  if blocks.block_q_bwd != ROWS or blocks.block_k_bwd != ROWS:
-    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd = block_k_bwd = {ROWS}, not '
-                     f'{blocks.block_q_bwd} and {blocks.block_k_bwd}')
+  if blocks.block_q_bwd != ROWS or blocks.block_k_bwd not in (ROWS, 2 * ROWS):
+    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd = {ROWS} and block_k_bwd '
+                     f'{ROWS} or {2 * ROWS}, not {blocks.block_q_bwd} and {blocks.block_k_bwd}')
   interpret, dtype = static.interpret, q.dtype
   num_blocks = length // ROWS
   scale2 = static.scale * _LOG2_E
@@ -376,6 +378,28 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       return p
     visible = (key >= per_query(bounds[0])) & (key <= per_query(bounds[1]))
     return jnp.where(visible, p, 0.0)
+
+  def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, key, masked, carry):
+    """dK, dV += one (query head, query block) step's share, the keys as rows."""
+    dk, dv = carry
+    column = lambda n: _columns(stats_tile[n], interpret)
+    bounds = (column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked else None
+    scores = _matmul(k_smem, q_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    p = probabilities(scores, column(0), bounds, key, as_rows=False)
+    wait_do()
+    dv = _matmul(p.astype(dtype), do_tile, (ROWS, head_dim), interpret, acc=dv)
+    dp = _matmul(v_smem, do_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
+    dk = _matmul(ds.astype(dtype), q_tile, (ROWS, head_dim), interpret, acc=dk)
+    return dk, dv
+
+  def store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head):
+    k_smem[...] = (dk * static.scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
+    plgpu.wait_smem_to_gmem(0)
 
   def dkv_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
                  k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers, q_barriers,
@@ -406,47 +430,130 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 
     def head(g, carry):
       def step(i, carry, masked):
-        dk, dv = carry
         t = g * blocks_seen + i - own[0]
         slot = lax.rem(t, jnp.int32(STAGES))
         plgpu.barrier_wait(q_barriers.at[slot])
         plgpu.barrier_wait(stats_barriers.at[slot])
-        column = lambda n: _columns(stats_smem[slot, n], interpret)
-        bounds = ((column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked
-                  else None)
-        scores = _matmul(k_smem, q_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
-        p = probabilities(scores, column(0), bounds, key, as_rows=False)
-        plgpu.barrier_wait(do_barriers.at[slot])
-        dv = _matmul(p.astype(dtype), do_smem.at[slot], (ROWS, head_dim), interpret, acc=dv)
-        dp = _matmul(v_smem, do_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
-        ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
-        dk = _matmul(ds.astype(dtype), q_smem.at[slot], (ROWS, head_dim), interpret, acc=dk)
+        carry = dkv_step(k_smem, v_smem, q_smem.at[slot], do_smem.at[slot], stats_smem.at[slot],
+                         lambda: plgpu.barrier_wait(do_barriers.at[slot]), key, masked, carry)
         # Every wgmma that read this slot has finished: refill it.
         pl.when(t + STAGES < total)(functools.partial(fetch, t + STAGES, slot))
-        return dk, dv
+        return carry
       return _walk(own, step, carry)
 
     zeros = _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
     dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-    k_smem[...] = (dk * static.scale).astype(dtype)
-    v_smem[...] = dv.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kv_head])
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
-    plgpu.wait_smem_to_gmem(0)
+    store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head)
 
+  def dkv_two_group_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
+                           k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers,
+                           q_barriers, do_barriers, stats_barriers, free):
+    """FlashAttention-3's backward layout: two compute warpgroups, each with its own 64
+    keys, share every q/dO tile, which a producer warpgroup streams through the ring. Each
+    group walks the union of the two groups' query ranges (per query head) and releases
+    the tiles outside its own unread, as the two-group forward does with K/V."""
+    c = lax.axis_index('k_blocks')
+    b, kv_head = lax.axis_index('batch'), lax.axis_index('kv_heads')
+    wg = lax.axis_index('wg')
+    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, j], ranges_ref[b, 3, j])
+                              for j in (2 * c, 2 * c + 1))
+    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
+    first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+    end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    span = jnp.maximum(end - first, 0)
+    total = group * span  # steps: (query head, query block) pairs of the union
+    slot_of = lambda t: lax.rem(t, jnp.int32(STAGES))
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action='increase')
+      j = 2 * c + wg
+      keys = pl.ds(j * ROWS, ROWS)
+      own = [ranges_ref[b, n, j] for n in range(4)]
+      own = [jnp.where(own[0] >= own[3], end, x) for x in own]  # empty: all released
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[wg],
+                              kv_barriers.at[2 * wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[wg],
+                              kv_barriers.at[2 * wg + 1])
+      plgpu.barrier_wait(kv_barriers.at[2 * wg])
+      plgpu.barrier_wait(kv_barriers.at[2 * wg + 1])
+      key = _iota((ROWS, ROWS), 0, interpret) + j * ROWS
+
+      def head(g, carry):
+        def wait(i):
+          slot = slot_of(g * span + i - first)
+          plgpu.barrier_wait(q_barriers.at[slot])
+          plgpu.barrier_wait(stats_barriers.at[slot])
+          return slot
+
+        def release(i, carry):  # a tile outside this group's range: observe it, pass it on
+          slot = wait(i)
+          plgpu.barrier_wait(do_barriers.at[slot])
+          plgpu.barrier_arrive(free.at[slot])
+          return carry
+
+        def step(i, carry, masked):
+          slot = wait(i)
+          carry = dkv_step(k_smem.at[wg], v_smem.at[wg], q_smem.at[slot], do_smem.at[slot],
+                           stats_smem.at[slot],
+                           lambda: plgpu.barrier_wait(do_barriers.at[slot]), key, masked,
+                           carry)
+          plgpu.barrier_arrive(free.at[slot])
+          return carry
+
+        carry = lax.fori_loop(first, own[0], release, carry)
+        carry = _walk(own, step, carry)
+        return lax.fori_loop(own[3], end, release, carry)
+
+      zeros = _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
+      dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+      store_dkv(dk, dv, k_smem.at[wg], v_smem.at[wg], dk_ref, dv_ref, b, keys, kv_head)
+
+    @pl.when(wg == 2)
+    def _produce():
+      plgpu.set_max_registers(40, action='decrease')
+
+      def fetch(t, slot):
+        g, i = lax.div(t, span), first + lax.rem(t, span)
+        queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
+        plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot],
+                                do_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
+                                stats_barriers.at[slot])
+
+      for stage in range(STAGES):
+        pl.when(stage < total)(functools.partial(fetch, stage, stage))
+
+      # Step t refills the slot of step t - STAGES once both groups have released it; the
+      # last STAGES releases are awaited too (every waiter observes every phase).
+      def refill(t, carry):
+        slot = slot_of(t)
+        plgpu.barrier_wait(free.at[slot])
+        pl.when(t < total)(functools.partial(fetch, t, slot))
+        return carry
+      lax.fori_loop(STAGES, total + STAGES, refill, None)
+
+  ring = dict(q_smem=tile(STAGES), do_smem=tile(STAGES),
+              stats_smem=plgpu.SMEM((STAGES, 4, ROWS), jnp.float32),
+              q_barriers=plgpu.Barrier(num_barriers=STAGES),
+              do_barriers=plgpu.Barrier(num_barriers=STAGES),
+              stats_barriers=plgpu.Barrier(num_barriers=STAGES))
+  if blocks.block_k_bwd == ROWS:
+    kernel, threads = dkv_kernel, {}
+    scratch = dict(k_smem=tile(), v_smem=tile(), kv_barriers=plgpu.Barrier(num_barriers=2),
+                   **ring)
+  else:
+    kernel, threads = dkv_two_group_kernel, dict(num_threads=3, thread_name='wg')
+    scratch = dict(k_smem=tile(2), v_smem=tile(2), kv_barriers=plgpu.Barrier(num_barriers=4),
+                   **ring, free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
   dk, dv = plgpu.kernel(
-      dkv_kernel,
+      kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-      grid=(num_blocks, batch, num_kv_heads),
+      grid=(length // blocks.block_k_bwd, batch, num_kv_heads),
       grid_names=('k_blocks', 'batch', 'kv_heads'),
-      scratch_types=dict(
-          k_smem=tile(), v_smem=tile(), q_smem=tile(STAGES), do_smem=tile(STAGES),
-          stats_smem=plgpu.SMEM((STAGES, 4, ROWS), jnp.float32),
-          kv_barriers=plgpu.Barrier(num_barriers=2),
-          q_barriers=plgpu.Barrier(num_barriers=STAGES),
-          do_barriers=plgpu.Barrier(num_barriers=STAGES),
-          stats_barriers=plgpu.Barrier(num_barriers=STAGES)),
+      scratch_types=scratch,
+      **threads,
       **compiler,
   )(query_ranges, stats, q, k, v, d_out)
 
