@@ -46,7 +46,7 @@ _IMPLS = flags.DEFINE_list(
     'Implementations in the table, in order (xla, the reference, always runs first): pallas '
     '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or '
     'one compute warpgroups in the forward), mosaic_gpu_bwd2 (mosaic_gpu with the two-group '
-    'dK/dV kernel, block_k_bwd=128), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
+    'backward kernels, backward blocks of 128), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
     'only), cudnn, xla. The packed case runs for pallas and mosaic_gpu when listed.')
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is
@@ -80,9 +80,9 @@ def implementations():
                                  block_q=hopper.ROWS, block_k=hopper.BLOCK_K)
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
-  def ours_hopper_two_group_backward(q, k, v):  # dK/dV with FA3's backward layout
+  def ours_hopper_two_group_backward(q, k, v):  # both backward kernels in FA3's layout
     blocks = BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K,
-                        block_q_bwd=hopper.ROWS, block_k_bwd=2 * hopper.ROWS)
+                        block_q_bwd=2 * hopper.ROWS, block_k_bwd=2 * hopper.ROWS)
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
   return {'pallas': ours, 'mosaic_gpu': ours_hopper,

@@ -336,7 +336,9 @@ class _BlockOps:
 # dK/dV per key block (looping over the query heads that read its kv head, and the query
 # blocks that see it), and dQ per query block, one warpgroup each. With block_k_bwd = 128
 # the dK/dV kernel takes FlashAttention-3's layout instead: two compute warpgroups of 64
-# keys share each q/dO tile, streamed by a producer warpgroup (half the q/dO traffic). Probabilities are
+# keys share each q/dO tile, streamed by a producer warpgroup (half the q/dO traffic); with
+# block_q_bwd = 128 the dQ kernel does the same with two groups of 64 queries sharing each
+# K/V block, as the two-group forward does. Probabilities are
 # recomputed in base 2 from the logsumexp. Each step's query-side operands stream through
 # a TMA ring like the forward's K/V; the dK/dV kernel computes the transposed scores
 # (keys as rows), so p^T and dS^T feed wgmma straight from registers.
@@ -350,9 +352,9 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
   blocks = static.blocks
-  if blocks.block_q_bwd != ROWS or blocks.block_k_bwd not in (ROWS, 2 * ROWS):
-    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd = {ROWS} and block_k_bwd '
-                     f'{ROWS} or {2 * ROWS}, not {blocks.block_q_bwd} and {blocks.block_k_bwd}')
+  if blocks.block_q_bwd not in (ROWS, 2 * ROWS) or blocks.block_k_bwd not in (ROWS, 2 * ROWS):
+    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} or '
+                     f'{2 * ROWS}, not {blocks.block_q_bwd} and {blocks.block_k_bwd}')
   interpret, dtype = static.interpret, q.dtype
   num_blocks = length // ROWS
   scale2 = static.scale * _LOG2_E
@@ -557,6 +559,23 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       **compiler,
   )(query_ranges, stats, q, k, v, d_out)
 
+  def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
+    """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
+    scores = _matmul(q_tile, k_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    key = _iota((ROWS, ROWS), 1, interpret) + j * ROWS
+    p = probabilities(scores, lse2, spans, key, as_rows=True)
+    wait_v()
+    dp = _matmul(do_tile, v_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    v_done()
+    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+    return _matmul(ds.astype(dtype), k_tile, (ROWS, head_dim), interpret, acc=dq)
+
+  def store_dq(dq, q_tile, dq_ref, b, queries, h):
+    q_tile[...] = (dq * static.scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, queries, h])
+    plgpu.wait_smem_to_gmem(0)
+
   def dq_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, q_smem, do_smem,
                 stats_smem, k_smem, v_smem, row_barriers, k_barriers, v_barriers):
     i = num_blocks - 1 - lax.axis_index('q_blocks')  # longest causal rows first
@@ -576,33 +595,114 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     def step(j, dq, masked):
       slot = lax.rem(j - lo, jnp.int32(STAGES))
       plgpu.barrier_wait(k_barriers.at[slot])
-      scores = _matmul(q_smem, k_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
-      key = _iota((ROWS, ROWS), 1, interpret) + j * ROWS
-      p = probabilities(scores, lse2, spans if masked else None, key, as_rows=True)
-      plgpu.barrier_wait(v_barriers.at[slot])
-      dp = _matmul(do_smem, v_smem.at[slot], (ROWS, ROWS), interpret, transpose_b=True)
-      ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-      dq = _matmul(ds.astype(dtype), k_smem.at[slot], (ROWS, head_dim), interpret, acc=dq)
+      dq = dq_step(q_smem, do_smem, k_smem.at[slot], v_smem.at[slot],
+                   lambda: plgpu.barrier_wait(v_barriers.at[slot]), lambda: None,
+                   lse2, delta, spans if masked else None, j, dq)
       pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
       return dq
 
     dq = _walk(own, step, _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret))
-    q_smem[...] = (dq * static.scale).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, queries, h])
-    plgpu.wait_smem_to_gmem(0)
+    store_dq(dq, q_smem, dq_ref, b, queries, h)
 
+  num_ctas = length // (2 * ROWS)
+
+  def dq_two_group_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, q_smem,
+                          do_smem, stats_smem, k_smem, v_smem, row_barriers, k_barriers,
+                          v_barriers, k_free, v_free):
+    """dQ in the two-group forward's layout: two compute warpgroups of 64 queries share
+    every K/V block, which a producer warpgroup streams through the ring; each group walks
+    the union of the two key ranges and releases the blocks outside its own unread."""
+    c = num_ctas - 1 - lax.axis_index('q_blocks')  # longest causal rows first
+    b, h = lax.axis_index('batch'), lax.axis_index('heads')
+    wg = lax.axis_index('wg')
+    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
+                              for i in (2 * c, 2 * c + 1))
+    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
+    first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+    end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    slot_of = lambda j: lax.rem(j - first, jnp.int32(STAGES))
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action='increase')
+      i = 2 * c + wg
+      queries = pl.ds(i * ROWS, ROWS)
+      own = [ranges_ref[b, n, i] for n in range(4)]
+      own = [jnp.where(own[0] >= own[3], end, x) for x in own]  # empty: all released
+      plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[wg], row_barriers.at[3 * wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[wg],
+                              row_barriers.at[3 * wg + 1])
+      plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[wg],
+                              row_barriers.at[3 * wg + 2])
+      for n in range(3):
+        plgpu.barrier_wait(row_barriers.at[3 * wg + n])
+      lse2, delta, lo_q, hi_q = (_rows(stats_smem[wg, n], interpret) for n in range(4))
+      spans = (lo_q.astype(jnp.int32), hi_q.astype(jnp.int32))
+
+      def release(j, dq):  # a block outside this group's range: observe it, pass it on
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_arrive(k_free.at[slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+        return dq
+
+      def step(j, dq, masked):
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        dq = dq_step(q_smem.at[wg], do_smem.at[wg], k_smem.at[slot], v_smem.at[slot],
+                     lambda: plgpu.barrier_wait(v_barriers.at[slot]),
+                     lambda: plgpu.barrier_arrive(v_free.at[slot]),
+                     lse2, delta, spans if masked else None, j, dq)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(first, own[0], release,
+                         _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret))
+      dq = _walk(own, step, dq)
+      dq = lax.fori_loop(own[3], end, release, dq)
+      store_dq(dq, q_smem.at[wg], dq_ref, b, queries, h)
+
+    @pl.when(wg == 2)
+    def _produce():
+      plgpu.set_max_registers(40, action='decrease')
+      fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
+                                b, lax.div(h, jnp.int32(group)), ROWS)
+      for stage in range(STAGES):
+        pl.when(first + stage < end)(functools.partial(fetch, first + stage, stage))
+
+      # As in the two-group forward: block j refills the slot of block j - STAGES once both
+      # groups have released it, and the last STAGES releases are awaited too.
+      def refill(j, carry):
+        slot = slot_of(j)
+        plgpu.barrier_wait(k_free.at[slot])
+        pl.when(j < end)(functools.partial(fetch, j, slot, parts='k'))
+        plgpu.barrier_wait(v_free.at[slot])
+        pl.when(j < end)(functools.partial(fetch, j, slot, parts='v'))
+        return carry
+      lax.fori_loop(first + STAGES, end + STAGES, refill, None)
+
+  ring = dict(k_smem=tile(STAGES), v_smem=tile(STAGES),
+              k_barriers=plgpu.Barrier(num_barriers=STAGES),
+              v_barriers=plgpu.Barrier(num_barriers=STAGES))
+  if blocks.block_q_bwd == ROWS:
+    kernel, threads = dq_kernel, {}
+    scratch = dict(q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
+                   row_barriers=plgpu.Barrier(num_barriers=3), **ring)
+  else:
+    kernel, threads = dq_two_group_kernel, dict(num_threads=3, thread_name='wg')
+    scratch = dict(q_smem=tile(2), do_smem=tile(2),
+                   stats_smem=plgpu.SMEM((2, 4, ROWS), jnp.float32),
+                   row_barriers=plgpu.Barrier(num_barriers=6), **ring,
+                   k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
   dq = plgpu.kernel(
-      dq_kernel,
+      kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(num_blocks, batch, num_heads),
+      grid=(length // blocks.block_q_bwd, batch, num_heads),
       grid_names=('q_blocks', 'batch', 'heads'),
-      scratch_types=dict(
-          q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
-          k_smem=tile(STAGES), v_smem=tile(STAGES),
-          row_barriers=plgpu.Barrier(num_barriers=3),
-          k_barriers=plgpu.Barrier(num_barriers=STAGES),
-          v_barriers=plgpu.Barrier(num_barriers=STAGES)),
+      scratch_types=scratch,
+      **threads,
       **compiler,
   )(key_ranges, stats, q, k, v, d_out)
   return dq, dk, dv
