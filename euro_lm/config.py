@@ -87,13 +87,20 @@ def validate(config, num_devices, process_count=1, platform=None):
     backend = m.pallas_backend
     if backend == 'auto':
       backend = 'tpu' if platform == 'tpu' else 'gpu'
-    _check(backend != 'mosaic_gpu' or m.compute_dtype in ('bfloat16', 'float16'),
-           f"model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or float16, "
-           f'not {m.compute_dtype!r}')
+    runs_on = {'gpu': ('gpu', 'cuda', 'rocm'), 'mosaic_gpu': ('gpu', 'cuda'), 'tpu': ('tpu',)}
+    _check(platform in (None, 'cpu') + runs_on[backend],  # a CPU interprets any of them
+           f"model.pallas_backend={backend!r} cannot run on this {platform} run (use 'auto')")
+    if backend == 'mosaic_gpu':
+      _check(m.compute_dtype in ('bfloat16', 'float16'),
+             f"model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or "
+             f'float16, not {m.compute_dtype!r}')
+      _check(head_dim(m) % 64 == 0 and head_dim(m) <= 256,
+             f"model.pallas_backend='mosaic_gpu' needs model.head_dim a multiple of 64 up to "
+             f'256, not {head_dim(m)}')
     block = length_multiple(head_dim(m), backend)
     _check(t.seq_len % block == 0,
            f"train.seq_len={t.seq_len} must be a multiple of {block} for model.attention_impl="
-           "'pallas' (its block size at this head_dim)")
+           "'pallas' (the kernels' block size)")
   _check(0 < o.decay_fraction <= 1, f'optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]')
 
   try:

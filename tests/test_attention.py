@@ -198,3 +198,14 @@ def test_sharded_pallas_attention_matches_xla(heads_axis):
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   for ours, theirs in zip(got[1], expected[1]):
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_auto_takes_pallas_only_where_the_chosen_kernels_fit(monkeypatch):
+  from euro_lm.model.attention import _auto_impl  # pylint: disable=g-import-not-at-top
+  assert _auto_impl(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'xla'  # on a CPU: always xla
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert _auto_impl(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'pallas'
+  assert _auto_impl(192, 64, jnp.bfloat16, 'mosaic_gpu') == 'xla'  # Hopper blocks are 128
+  assert _auto_impl(256, 64, jnp.float32, 'mosaic_gpu') == 'xla'  # Hopper kernels: 16-bit
+  assert _auto_impl(192, 64, jnp.float32, None) == 'pallas'  # Triton, blocks of 64
+  assert _auto_impl(192, 64, jnp.float32, 'tpu') == 'xla'  # TPU blocks are 128

@@ -67,6 +67,9 @@ def test_a_valid_config_resolves_the_mesh():
     ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
       'model.compute_dtype': 'bfloat16', 'train.seq_len': 192},
      'train.seq_len=192 must be a multiple of 128'),
+    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
+      'model.compute_dtype': 'bfloat16', 'model.head_dim': 32},
+     "model.pallas_backend='mosaic_gpu' needs model.head_dim a multiple of 64 up to 256, not 32"),
 ])
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()
@@ -88,6 +91,18 @@ def test_platform_and_process_checks():
   with pytest.raises(ConfigError, match="this is a rocm run \\(use 'pallas'"):
     validate(c, num_devices=8, platform='rocm')
   assert device_platform(jax.devices()[0]) == 'cpu'
+  c = tiny.get_config()
+  c.model.attention_impl, c.model.compute_dtype = 'pallas', 'bfloat16'
+  for backend, platforms in (('mosaic_gpu', ('cuda', 'cpu')), ('tpu', ('tpu', 'cpu')),
+                             ('gpu', ('cuda', 'rocm', 'cpu'))):
+    c.model.pallas_backend = backend
+    for platform in ('cpu', 'cuda', 'rocm', 'tpu'):
+      if platform in platforms:
+        validate(c, num_devices=8, platform=platform)
+      else:
+        with pytest.raises(ConfigError, match=f"pallas_backend='{backend}' cannot run on "
+                                              f'this {platform} run'):
+          validate(c, num_devices=8, platform=platform)
   c = tiny.get_config()
   c.mesh.data, c.mesh.tensor = 4, 2  # 4 batch shards cannot feed 8 processes
   with pytest.raises(ConfigError, match='split 4 ways .* each of the 8 processes its own rows'):

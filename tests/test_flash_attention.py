@@ -255,3 +255,11 @@ def test_length_multiples_follow_the_default_blocks():
   assert flash_module.length_multiple(64) == 64
   assert flash_module.length_multiple(64, 'mosaic_gpu') == 128
   assert flash_module.length_multiple(64, 'tpu') == 128
+
+
+def test_only_hopper_gpus_take_the_hopper_tuned_triton_blocks():
+  hopper, a100 = _device('gpu', '9.0'), _device('gpu', '8.0')
+  assert flash_module.gpu_block_sizes(128, hopper) == flash_module.GPU_BLOCK_SIZES[128]
+  assert flash_module.gpu_block_sizes(128, a100) == BlockSizes()  # 164 KB of shared memory
+  assert flash_module.gpu_block_sizes(128, _device('gpu', 'gfx90a')) == BlockSizes()
+  assert flash_module.gpu_block_sizes(128) == flash_module.GPU_BLOCK_SIZES[128]  # CPU: tests

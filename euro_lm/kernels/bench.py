@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from euro_lm.kernels import GPU_BLOCK_SIZES, TPU_BLOCK_SIZES, BlockSizes, flash_attention
+from euro_lm.kernels import TPU_BLOCK_SIZES, BlockSizes, flash_attention
 from euro_lm.kernels import flash_attention_hopper as hopper
-from euro_lm.kernels.flash_attention import _fit_tpu_blocks, _key_ranges, _Static, default_backend
+from euro_lm.kernels.flash_attention import (_fit_tpu_blocks, _key_ranges, _Static,
+                                             default_backend, gpu_block_sizes)
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -76,7 +77,7 @@ def implementations():
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
 
   def ours_hopper_one_group(q, k, v):
-    blocks = dataclasses.replace(GPU_BLOCK_SIZES.get(q.shape[-1], BlockSizes()),
+    blocks = dataclasses.replace(gpu_block_sizes(q.shape[-1]),
                                  block_q=hopper.ROWS, block_k=hopper.BLOCK_K)
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
@@ -133,7 +134,7 @@ def sweep(length):
   batch = max(_TOKENS.value // length, 1)
   q, k, v, d_out = random_inputs(batch, length)
   flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
-  default = GPU_BLOCK_SIZES.get(_HEAD_DIM.value, BlockSizes())
+  default = gpu_block_sizes(_HEAD_DIM.value)
   print(f'L = {length}\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block, warps, stages in SWEEP_FORWARD:
     blocks = dataclasses.replace(default, block_q=q_block, block_k=k_block, num_warps=warps,
@@ -216,7 +217,7 @@ def packed_triton(q, k, v, d_out, segment_ids):
   if jax.default_backend() == 'tpu':
     blocks = _fit_tpu_blocks(TPU_BLOCK_SIZES.get(_HEAD_DIM.value, TPU_BLOCK_SIZES[128]), length)
   else:
-    blocks = GPU_BLOCK_SIZES.get(_HEAD_DIM.value, BlockSizes())
+    blocks = gpu_block_sizes(_HEAD_DIM.value)
   # The forward's blocks; the backward's are the same size on GPUs and 2x smaller on TPUs.
   fraction = visited_fraction(segment_ids, blocks.block_q, blocks.block_k)
   backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'

@@ -54,7 +54,9 @@ class BlockSizes:
 
 # Per head_dim, from `python -m euro_lm.kernels.bench --sweep --lengths=4096` (BENCHMARKS.md):
 # head_dim 128 on an H100, the forward and the backward each the best of their candidates;
-# head_dim 64 is not swept yet (the first H200 sweep's pick for both).
+# head_dim 64 is not swept yet (the first H200 sweep's pick for both). These are Hopper's
+# (228 KB of shared memory per SM, which 3 stages of 128 x 128 tiles need); other GPUs
+# (an A100 has 164 KB, an MI250X 64 KB of LDS) take `BlockSizes()` until swept there.
 GPU_BLOCK_SIZES = {
     64: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
                    num_stages=2),
@@ -92,7 +94,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     scale: logit scale, positive; default 1/sqrt(D).
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
-    block_sizes: `BlockSizes`; default from `GPU_BLOCK_SIZES` or `TPU_BLOCK_SIZES` by head
+    block_sizes: `BlockSizes`; default from `gpu_block_sizes` or `TPU_BLOCK_SIZES` by head
       dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' takes block_q 64 (one
       compute warpgroup per CTA) or 128 (two, and a producer), by default 128, with
       block_k = 128, and backward blocks of 64.
@@ -117,7 +119,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if backend == 'tpu':
     blocks = block_sizes or _fit_tpu_blocks(TPU_BLOCK_SIZES.get(head_dim, _TPU_DEFAULT), length)
   else:
-    blocks = block_sizes or GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
+    blocks = block_sizes or gpu_block_sizes(head_dim)
   if backend == 'mosaic_gpu':
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
     if not block_sizes:
@@ -148,6 +150,20 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   return _attention(static, q, k, v, segment_ids.astype(jnp.int32))
 
 
+def _is_hopper(device):
+  return str(getattr(device, 'compute_capability', '')).startswith('9.')
+
+
+def gpu_block_sizes(head_dim, device=None):
+  """The Triton kernels' default blocks: `GPU_BLOCK_SIZES` on Hopper GPUs, and in the
+  interpreter and in lowering on a CPU (so that the tests check them); `BlockSizes()` on
+  other GPUs, whose shared memory may not hold Hopper's tiles."""
+  platform = device.platform if device else jax.default_backend()
+  if platform == 'gpu' and not _is_hopper(device or jax.devices()[0]):
+    return BlockSizes()
+  return GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
+
+
 def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   """The kernels `flash_attention` runs when no backend is named: 'tpu' on TPUs; on an
   NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call and win (bf16/f16,
@@ -161,8 +177,7 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   if platform != 'gpu':
     return 'gpu'
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-  device = device or jax.devices()[0]
-  hopper = str(getattr(device, 'compute_capability', '')).startswith('9.')
+  hopper = _is_hopper(device or jax.devices()[0])
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
           and length % flash_attention_hopper.BLOCK_Q == 0
           and length % flash_attention_hopper.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
@@ -189,8 +204,9 @@ def length_multiple(head_dim, backend='gpu'):
   if backend == 'mosaic_gpu':
     from euro_lm.kernels import flash_attention_hopper as hopper  # pylint: disable=g-import-not-at-top
     return math.lcm(hopper.BLOCK_Q, hopper.BLOCK_K)
-  blocks = GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
-  return math.lcm(*(getattr(blocks, name) for name in _BLOCK_FIELDS))
+  # Whichever GPU runs it: the Hopper table's sizes and the others' `BlockSizes()`.
+  blocks = (GPU_BLOCK_SIZES.get(head_dim, BlockSizes()), BlockSizes())
+  return math.lcm(*(getattr(b, name) for b in blocks for name in _BLOCK_FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   scale = q_BLHD.shape[-1] ** -0.5 if scale is None else scale
   if impl == 'auto':
-    impl = _auto_impl(q_BLHD.shape[1], q_BLHD.shape[-1])
+    impl = _auto_impl(q_BLHD.shape[1], q_BLHD.shape[-1], q_BLHD.dtype, pallas_backend)
   if impl == 'pallas':
     from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
     kernel = functools.partial(flash_attention, causal=causal, scale=scale,
@@ -52,7 +52,8 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
   inside a mesh, the kernel runs in `shard_map` over the mesh axes that the logical rules
   give 'batch' and the heads. The sequence and head_dim stay whole on each device (the
   kernel needs every key of a row), and the heads are split only where 'heads' and
-  'kv_heads' go to the same mesh axes, so each device keeps whole GQA groups.
+  'kv_heads' go to the same mesh axes, so each device keeps whole GQA groups. The mesh's
+  axes must be Auto ones, as `euro_lm.sharding.make_mesh` makes them.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
@@ -81,13 +82,16 @@ def _dividing(axes, size, mesh):
   return axes if size % math.prod(mesh.shape[name] for name in names) == 0 else None
 
 
-def _auto_impl(length, head_dim):
-  platform = jax.default_backend()  # 'gpu' for CUDA and ROCm
-  if platform in ('gpu', 'tpu'):
-    from euro_lm.kernels import length_multiple  # pylint: disable=g-import-not-at-top
-    if length % length_multiple(head_dim, platform) == 0:
-      return 'pallas'
-  return 'xla'
+def _auto_impl(length, head_dim, dtype, pallas_backend):
+  """'pallas' on GPUs and TPUs where the kernels (`pallas_backend`, or the device's
+  default) take the shapes and dtype, else 'xla'."""
+  if jax.default_backend() not in ('gpu', 'tpu'):  # 'gpu' for CUDA and ROCm
+    return 'xla'
+  from euro_lm.kernels.flash_attention import default_backend, length_multiple  # pylint: disable=g-import-not-at-top
+  backend = pallas_backend or default_backend(dtype, length, head_dim)
+  if backend == 'mosaic_gpu' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return 'xla'
+  return 'pallas' if length % length_multiple(head_dim, backend) == 0 else 'xla'
 
 
 def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
