@@ -84,6 +84,12 @@ def batch_sharding(mesh, rules):
   return logical_sharding(('batch', 'length'), mesh, rules)
 
 
+def mesh_axes_size(mesh, axes):
+  """How many ways `axes` (a mesh axis name, a tuple of them, or None) split a dimension."""
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[name] for name in names)
+
+
 def batch_mesh_axes(rules):
   """The mesh axes the 'batch' logical axis is split over."""
   for name, axes in rules:

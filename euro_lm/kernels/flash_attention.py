@@ -150,16 +150,21 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   return _attention(static, q, k, v, segment_ids.astype(jnp.int32))
 
 
-def _is_hopper(device):
-  return str(getattr(device, 'compute_capability', '')).startswith('9.')
+def _device_kind(device=None):
+  """'hopper' (an sm90 GPU), 'gpu' (another GPU), 'tpu' or 'cpu', of `device` or else of
+  the default backend."""
+  platform = device.platform if device else jax.default_backend()
+  if platform != 'gpu':
+    return platform
+  capability = getattr(device or jax.devices()[0], 'compute_capability', '')
+  return 'hopper' if str(capability).startswith('9.') else 'gpu'
 
 
 def gpu_block_sizes(head_dim, device=None):
   """The Triton kernels' default blocks: `GPU_BLOCK_SIZES` on Hopper GPUs, and in the
   interpreter and in lowering on a CPU (so that the tests check them); `BlockSizes()` on
   other GPUs, whose shared memory may not hold Hopper's tiles."""
-  platform = device.platform if device else jax.default_backend()
-  if platform == 'gpu' and not _is_hopper(device or jax.devices()[0]):
+  if _device_kind(device) == 'gpu':
     return BlockSizes()
   return GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
 
@@ -171,18 +176,17 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   `HOPPER_MIN_LENGTH`): on an H100 they ran forward+backward 1.2-1.3x faster than the
   Triton kernels at 4k and 8k, and slower at 2k (BENCHMARKS.md); else 'gpu' (Triton;
   interpreted on CPU)."""
-  platform = device.platform if device else jax.default_backend()
-  if platform == 'tpu':
+  kind = _device_kind(device)
+  if kind == 'tpu':
     return 'tpu'
-  if platform != 'gpu':
+  if kind != 'hopper':
     return 'gpu'
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-  hopper = _is_hopper(device or jax.devices()[0])
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
           and length % flash_attention_hopper.BLOCK_Q == 0
           and length % flash_attention_hopper.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
           and block_sizes is None)
-  return 'mosaic_gpu' if hopper and fits else 'gpu'
+  return 'mosaic_gpu' if fits else 'gpu'
 
 
 def _fit_tpu_blocks(blocks, length):

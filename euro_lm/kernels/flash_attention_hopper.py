@@ -129,20 +129,14 @@ def forward(static, q, k, v, ranges, spans):
     c = num_ctas - 1 - lax.axis_index('q_blocks')
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
-    # The union of the two compute groups' ranges is what the producer loads.
-    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
-                              for i in (2 * c, 2 * c + 1))
-    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
-    first_step = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
-    end_step = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    first_step, end_step = _union_of_two(ranges_ref, b, 2 * c)
     slot_of = lambda j: lax.rem(j - first_step, jnp.int32(STAGES))
 
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(232, action='increase')
       i = 2 * c + wg
-      own = [ranges_ref[b, n, i] for n in range(4)]
-      own = [jnp.where(own[0] >= own[3], end_step, x) for x in own]  # empty: all skipped
+      own = _own_range(ranges_ref, b, i, end_step)
       bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i,
                          wg, q_barriers)
 
@@ -189,22 +183,7 @@ def forward(static, q, k, v, ranges, spans):
       plgpu.set_max_registers(40, action='decrease')
       fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
                                 b, lax.div(h, jnp.int32(group)), block_k)
-      for stage in range(STAGES):
-        pl.when(first_step + stage < end_step)(
-            functools.partial(fetch, first_step + stage, stage))
-
-      # Step j refills the slot of step j - STAGES once both groups have released it. The
-      # last STAGES releases are awaited too, with nothing to refill: every phase of a
-      # barrier is observed by each warpgroup that waits on it.
-      # K is refilled as soon as its slot is free, before V's.
-      def refill(j, carry):
-        slot = slot_of(j)
-        plgpu.barrier_wait(k_free.at[slot])
-        pl.when(j < end_step)(functools.partial(fetch, j, slot, parts='k'))
-        plgpu.barrier_wait(v_free.at[slot])
-        pl.when(j < end_step)(functools.partial(fetch, j, slot, parts='v'))
-        return carry
-      lax.fori_loop(first_step + STAGES, end_step + STAGES, refill, None)
+      _stream_key_ring(fetch, first_step, end_step, k_free, v_free)
 
   # 128-byte swizzled tiles of 64 elements: what wgmma reads without bank conflicts.
   transforms = () if static.interpret else (plgpu.TilingTransform((8, 64)),
@@ -249,6 +228,43 @@ def _walk(ranges_row, step, carry):
   carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
   return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+
+def _union_of_two(ranges_ref, b, block):
+  """[first, end) of the blocks that row `block` or `block + 1` of `ranges_ref` sees: what
+  a two-group CTA's producer streams, and each of its groups walks."""
+  (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
+                            for i in (block, block + 1))
+  empty0, empty1 = lo0 >= hi0, lo1 >= hi1
+  first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
+  end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+  return first, end
+
+
+def _own_range(ranges_ref, b, i, end):
+  """Row i's range [lo, full_lo, full_hi, hi] in a two-group CTA whose union ends at `end`;
+  an empty one becomes [end] * 4, so its group releases every block of the union."""
+  own = [ranges_ref[b, n, i] for n in range(4)]
+  return [jnp.where(own[0] >= own[3], end, x) for x in own]
+
+
+def _stream_key_ring(fetch, first, end, k_free, v_free):
+  """A two-group CTA's producer: `fetch(j, slot, parts)` of key blocks first .. end - 1 into
+  the K/V ring. Block j refills the slot of block j - STAGES once both groups have released
+  it, K as soon as its slot is free, before V. The last STAGES releases are awaited too,
+  with nothing to refill: every phase of a barrier is observed by each warpgroup that
+  waits on it."""
+  for stage in range(STAGES):
+    pl.when(first + stage < end)(functools.partial(fetch, first + stage, stage))
+
+  def refill(j, carry):
+    slot = lax.rem(j - first, jnp.int32(STAGES))
+    plgpu.barrier_wait(k_free.at[slot])
+    pl.when(j < end)(functools.partial(fetch, j, slot, parts='k'))
+    plgpu.barrier_wait(v_free.at[slot])
+    pl.when(j < end)(functools.partial(fetch, j, slot, parts='v'))
+    return carry
+  lax.fori_loop(first + STAGES, end + STAGES, refill, None)
 
 
 def _start_key_ring(ranges_ref, b, h, i, group, block_k, ring):
@@ -403,6 +419,17 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
     plgpu.wait_smem_to_gmem(0)
 
+  def fetch_query_tiles(refs, b, kv_head, first, span, t, slot):
+    """Step t of a dK/dV walk over (query head, query block) pairs, `span` blocks from
+    `first` per head: TMA-copies its q, dO and stats tiles into ring slot `slot`."""
+    q_ref, do_ref, stats_ref, q_smem, do_smem, stats_smem, q_bar, do_bar, stats_bar = refs
+    g, i = lax.div(t, span), first + lax.rem(t, span)
+    queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
+    plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot], do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
+                            stats_bar.at[slot])
+
   def dkv_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
                  k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers, q_barriers,
                  do_barriers, stats_barriers):
@@ -412,15 +439,10 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     own = [ranges_ref[b, n, j] for n in range(4)]
     blocks_seen = own[3] - own[0]
     total = group * blocks_seen  # steps: (query head, query block) pairs
-
-    def fetch(t, slot):
-      g, i = lax.div(t, blocks_seen), own[0] + lax.rem(t, blocks_seen)
-      queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
-      plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot],
-                              do_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
-                              stats_barriers.at[slot])
+    fetch = functools.partial(
+        fetch_query_tiles, (q_ref, do_ref, stats_ref, q_smem, do_smem, stats_smem,
+                            q_barriers, do_barriers, stats_barriers),
+        b, kv_head, own[0], blocks_seen)
 
     for stage in range(STAGES):
       pl.when(stage < total)(functools.partial(fetch, stage, stage))
@@ -457,11 +479,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     c = lax.axis_index('k_blocks')
     b, kv_head = lax.axis_index('batch'), lax.axis_index('kv_heads')
     wg = lax.axis_index('wg')
-    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, j], ranges_ref[b, 3, j])
-                              for j in (2 * c, 2 * c + 1))
-    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
-    first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
-    end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    first, end = _union_of_two(ranges_ref, b, 2 * c)
     span = jnp.maximum(end - first, 0)
     total = group * span  # steps: (query head, query block) pairs of the union
     slot_of = lambda t: lax.rem(t, jnp.int32(STAGES))
@@ -471,8 +489,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       plgpu.set_max_registers(232, action='increase')
       j = 2 * c + wg
       keys = pl.ds(j * ROWS, ROWS)
-      own = [ranges_ref[b, n, j] for n in range(4)]
-      own = [jnp.where(own[0] >= own[3], end, x) for x in own]  # empty: all released
+      own = _own_range(ranges_ref, b, j, end)
       plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[wg],
                               kv_barriers.at[2 * wg])
       plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[wg],
@@ -514,15 +531,10 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     @pl.when(wg == 2)
     def _produce():
       plgpu.set_max_registers(40, action='decrease')
-
-      def fetch(t, slot):
-        g, i = lax.div(t, span), first + lax.rem(t, span)
-        queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
-        plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot],
-                                do_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
-                                stats_barriers.at[slot])
+      fetch = functools.partial(
+          fetch_query_tiles, (q_ref, do_ref, stats_ref, q_smem, do_smem, stats_smem,
+                              q_barriers, do_barriers, stats_barriers),
+          b, kv_head, first, span)
 
       for stage in range(STAGES):
         pl.when(stage < total)(functools.partial(fetch, stage, stage))
@@ -615,11 +627,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     c = num_ctas - 1 - lax.axis_index('q_blocks')  # longest causal rows first
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
-    (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
-                              for i in (2 * c, 2 * c + 1))
-    empty0, empty1 = lo0 >= hi0, lo1 >= hi1
-    first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
-    end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
+    first, end = _union_of_two(ranges_ref, b, 2 * c)
     slot_of = lambda j: lax.rem(j - first, jnp.int32(STAGES))
 
     @pl.when(wg < 2)
@@ -627,8 +635,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       plgpu.set_max_registers(232, action='increase')
       i = 2 * c + wg
       queries = pl.ds(i * ROWS, ROWS)
-      own = [ranges_ref[b, n, i] for n in range(4)]
-      own = [jnp.where(own[0] >= own[3], end, x) for x in own]  # empty: all released
+      own = _own_range(ranges_ref, b, i, end)
       plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[wg], row_barriers.at[3 * wg])
       plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[wg],
                               row_barriers.at[3 * wg + 1])
@@ -668,19 +675,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       plgpu.set_max_registers(40, action='decrease')
       fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
                                 b, lax.div(h, jnp.int32(group)), ROWS)
-      for stage in range(STAGES):
-        pl.when(first + stage < end)(functools.partial(fetch, first + stage, stage))
-
-      # As in the two-group forward: block j refills the slot of block j - STAGES once both
-      # groups have released it, and the last STAGES releases are awaited too.
-      def refill(j, carry):
-        slot = slot_of(j)
-        plgpu.barrier_wait(k_free.at[slot])
-        pl.when(j < end)(functools.partial(fetch, j, slot, parts='k'))
-        plgpu.barrier_wait(v_free.at[slot])
-        pl.when(j < end)(functools.partial(fetch, j, slot, parts='v'))
-        return carry
-      lax.fori_loop(first + STAGES, end + STAGES, refill, None)
+      _stream_key_ring(fetch, first, end, k_free, v_free)
 
   ring = dict(k_smem=tile(STAGES), v_smem=tile(STAGES),
               k_barriers=plgpu.Barrier(num_barriers=STAGES),

@@ -12,12 +12,13 @@ output is zero).
 """
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 
@@ -78,8 +79,7 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
 
 def _dividing(axes, size, mesh):
   """`axes` (a mesh axis name, a tuple of them, or None) if they split `size` evenly."""
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return axes if size % math.prod(mesh.shape[name] for name in names) == 0 else None
+  return axes if size % mesh_axes_size(mesh, axes) == 0 else None
 
 
 def _auto_impl(length, head_dim, dtype, pallas_backend):

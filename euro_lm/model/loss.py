@@ -23,12 +23,13 @@ Reverse mode only (`jax.custom_vjp`): `jax.jvp` through the fused loss is not de
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from euro_lm.sharding import mesh_axes_size
 
 
 def output_head(params, model_config):
@@ -74,9 +75,7 @@ def batch_shards():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  axes = nn.logical_to_mesh_axes(('batch',))[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[axis] for axis in axes)
+  return mesh_axes_size(mesh, nn.logical_to_mesh_axes(('batch',))[0])
 
 
 def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
