@@ -110,6 +110,17 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
     np.testing.assert_array_equal(unmasked, all_pairs)  # exactly the whole blocks go unmasked
     assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
 
+  # From numpy ids (how calls without ids get constant ranges): the same, in numpy.
+  for ranges in (flash_module._key_ranges, flash_module._query_ranges):
+    from_numpy = ranges(static, seg, block_q, block_k).stacked()
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.int32
+    np.testing.assert_array_equal(
+        from_numpy, ranges(static, jnp.asarray(seg), block_q, block_k).stacked())
+  for ours, theirs in zip(flash_module._visible_key_spans(static, seg),
+                          flash_module._visible_key_spans(static, jnp.asarray(seg))):
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, theirs)
+
 
 def test_a_scale_that_is_not_positive_is_refused():
   q, k, v, _ = inputs(2, 2, 16, jnp.float32)
@@ -199,6 +210,53 @@ def test_backward_kernels_take_their_own_warps_and_stages(bwd):
   for kernel, (warps, stages) in expected.items():
     (line,) = [c for c in calls if f'name = "euro_lm_flash_{kernel}"' in c]
     assert f'num_warps = {warps} : i32' in line and f'num_stages = {stages} : i32' in line
+
+
+@pytest.mark.parametrize('backend,causal,window,dtype', [
+    ('gpu', False, 8, jnp.float32), ('mosaic_gpu', True, 40, jnp.bfloat16)])
+def test_no_segment_ids_is_one_document_per_row(backend, causal, window, dtype):
+  # Without ids the block ranges are built while tracing (constants); with ids of ones,
+  # on the device. Both must give the same bits, forward and backward.
+  q, k, v, _ = inputs(2, 1, 64, dtype, length=128)
+  w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), dtype)
+  blocks = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+  def loss_and_grads(segment_ids):
+    loss = lambda *a: jnp.sum((flash_attention(
+        *a, segment_ids=segment_ids, causal=causal, window=window, block_sizes=blocks,
+        backend=backend) * w).astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  without_ids = loss_and_grads(None)
+  for a, b in zip(jax.tree.leaves(without_ids),
+                  jax.tree.leaves(loss_and_grads(jnp.ones(q.shape[:2], jnp.int32)))):
+    np.testing.assert_array_equal(a, b)
+  with jax.enable_x64(True):
+    expected = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, np.ones(q.shape[:2], np.int32),
+                                                         causal, window) * w),
+                        argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for ours, theirs in zip(without_ids[1], expected):
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs)
+    error = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    assert error < (2e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize('backend', ['gpu', 'mosaic_gpu'])
+def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
+  # Each row one document: the ranges depend on the shape alone, so the lowered program
+  # holds them as constants; with segment ids it scans them (cummax/cummin: reduce_window).
+  q = jax.ShapeDtypeStruct((2, 512, 4, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+
+  def lowered(*args):
+    loss = lambda q, k, v, s=None: flash_attention(
+        q, k, v, segment_ids=s, window=256, backend=backend, interpret=False).astype(
+            jnp.float32).sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=('cuda',)).as_text()
+
+  assert 'reduce_window' in lowered(q, q, q, seg)
+  assert 'reduce_window' not in lowered(q, q, q)
 
 
 def test_packed_benchmark_counts_the_blocks_documents_skip():

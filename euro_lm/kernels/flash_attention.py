@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -135,8 +136,6 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     if length % size:
       raise ValueError(f'sequence length {length} is not a multiple of {name}={size}; pad '
                        'the sequence (with segment id 0) or pass smaller block_sizes')
-  if segment_ids is None:
-    segment_ids = jnp.ones((batch, length), jnp.int32)
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
   scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -146,8 +145,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
                    interpret=interpret, hopper=backend == 'mosaic_gpu')
   if backend == 'tpu':
     from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
-    return flash_attention_tpu.attention(static, q, k, v, segment_ids.astype(jnp.int32))
-  return _attention(static, q, k, v, segment_ids.astype(jnp.int32))
+    return flash_attention_tpu.attention(static, q, k, v,
+                                         _ids_or_ones(segment_ids, (batch, length)))
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+  return _attention(static, q, k, v, segment_ids)
 
 
 def _device_kind(device=None):
@@ -224,18 +226,29 @@ class _Static:
 
 
 # --- block ranges ------------------------------------------------------------------------
+#
+# Computed from the segment ids in XLA, once per call; or, without ids (each row one
+# document), in numpy while tracing, so that the compiled program holds them as constants
+# instead of running a dozen small device ops per call. The functions below take either.
+
+def _numpy_or_jnp(x):
+  return np if isinstance(x, np.ndarray) else jnp
+
 
 def _document_edges(segment_ids):
   """Per token: index of the first and of the last token of its (contiguous) segment."""
+  xp = _numpy_or_jnp(segment_ids)
   length = segment_ids.shape[1]
-  index = jnp.arange(length)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  first = lax.cummax(jnp.where(starts, index, 0), axis=1)
-  ends = jnp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1],
-                          jnp.ones_like(segment_ids[:, :1], bool)], axis=1)
-  last = lax.cummin(jnp.where(ends, index, length - 1), axis=1, reverse=True)
-  return first, last
+  index = xp.arange(length)
+  starts = xp.concatenate([xp.ones_like(segment_ids[:, :1], bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  ends = xp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1],
+                         xp.ones_like(segment_ids[:, :1], bool)], axis=1)
+  first, last = xp.where(starts, index, 0), xp.where(ends, index, length - 1)
+  if xp is np:
+    return (np.maximum.accumulate(first, axis=1),
+            np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1])
+  return lax.cummax(first, axis=1), lax.cummin(last, axis=1, reverse=True)
 
 
 class BlockRanges(NamedTuple):
@@ -249,21 +262,23 @@ class BlockRanges(NamedTuple):
 
   def stacked(self):
     """One int32 `[B, 4, L / block]` array (lo, full_lo, full_hi, hi), for a kernel ref."""
-    return jnp.stack(self, axis=1)
+    return _numpy_or_jnp(self.lo).stack(self, axis=1)
 
 
 def _token_spans(segment_ids, first, last, back, ahead):
   """int32 `[B, L]` each: token i meets the tokens lo_i ..= hi_i (its document, at most
   `back` before and `ahead` after it; None: no limit); padding meets none (lo = L, hi = -1)."""
+  xp = _numpy_or_jnp(segment_ids)
   length = segment_ids.shape[1]
-  index = jnp.arange(length)
+  index = xp.arange(length)
   lo, hi = first, last
   if back is not None:
-    lo = jnp.maximum(lo, index - back)
+    lo = xp.maximum(lo, index - back)
   if ahead is not None:
-    hi = jnp.minimum(hi, index + ahead)
+    hi = xp.minimum(hi, index + ahead)
   real = segment_ids != 0
-  return jnp.where(real, lo, length), jnp.where(real, hi, -1)
+  return (xp.where(real, lo, length).astype(np.int32),
+          xp.where(real, hi, -1).astype(np.int32))
 
 
 def _block_ranges(segment_ids, block, other_block, back, ahead):
@@ -273,6 +288,7 @@ def _block_ranges(segment_ids, block, other_block, back, ahead):
   `ahead` after it (None: no limit). Documents are contiguous runs of equal ids; id 0 is
   padding, which sees nothing, so no block holding padding is fully visible.
   """
+  xp = _numpy_or_jnp(segment_ids)
   batch, length = segment_ids.shape
   first, last = _document_edges(segment_ids)
   # Any pair visible: per block, from the lowest start to the highest end of its tokens'
@@ -281,22 +297,33 @@ def _block_ranges(segment_ids, block, other_block, back, ahead):
   lo_token = lo_token.reshape(batch, -1, block).min(axis=2)
   hi_token = hi_token.reshape(batch, -1, block).max(axis=2)
   lo = lo_token // other_block
-  hi = jnp.maximum((hi_token + other_block) // other_block, lo)  # floor(hi / ob) + 1
+  hi = xp.maximum((hi_token + other_block) // other_block, lo)  # floor(hi / ob) + 1
   # Every pair visible: this block lies in one real document, and the other block lies in
   # it too, no more than `back` before this block's end nor `ahead` after its start.
-  start = jnp.arange(0, length, block)
+  start = xp.arange(0, length, block)
   end = start + block - 1
   one_document = (first[:, start] == first[:, end]) & (segment_ids[:, start] != 0)
   full_lo_token, full_hi_token = first[:, start], last[:, start]
   if back is not None:
-    full_lo_token = jnp.maximum(full_lo_token, end - back)
+    full_lo_token = xp.maximum(full_lo_token, end - back)
   if ahead is not None:
-    full_hi_token = jnp.minimum(full_hi_token, start + ahead)
-  full_lo = jnp.clip(-(-full_lo_token // other_block), lo, hi)
-  full_hi = jnp.clip((full_hi_token + 1) // other_block, lo, hi)
+    full_hi_token = xp.minimum(full_hi_token, start + ahead)
+  full_lo = xp.clip(-(-full_lo_token // other_block), lo, hi)
+  full_hi = xp.clip((full_hi_token + 1) // other_block, lo, hi)
   empty = ~one_document | (full_hi <= full_lo)
-  full_lo, full_hi = jnp.where(empty, hi, full_lo), jnp.where(empty, hi, full_hi)
-  return BlockRanges(*(x.astype(jnp.int32) for x in (lo, full_lo, full_hi, hi)))
+  full_lo, full_hi = xp.where(empty, hi, full_lo), xp.where(empty, hi, full_hi)
+  return BlockRanges(*(x.astype(np.int32) for x in (lo, full_lo, full_hi, hi)))
+
+
+def _ids_or_ones(segment_ids, shape):
+  """The int32 segment ids, or ones (each row one document) where there are none."""
+  return jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+
+def _from_ids(segment_ids, shape, make):
+  """`make(ids)`: block ranges or spans from the segment ids, or from numpy ones (constants
+  of the program) where there are none."""
+  return make(np.ones(shape, np.int32) if segment_ids is None else segment_ids)
 
 
 def _reach(static):
@@ -415,15 +442,17 @@ def _compiler_params(static, backward=False):
 def _forward(static, q, k, v, segment_ids):
   if static.hopper:
     from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-    ranges = _key_ranges(static, segment_ids, flash_attention_hopper.ROWS,
-                         static.blocks.block_k).stacked()
-    return flash_attention_hopper.forward(static, q, k, v, ranges,
-                                          _visible_key_spans(static, segment_ids))
+    ranges = _from_ids(segment_ids, q.shape[:2], lambda ids: _key_ranges(
+        static, ids, flash_attention_hopper.ROWS, static.blocks.block_k).stacked())
+    spans = _from_ids(segment_ids, q.shape[:2], functools.partial(_visible_key_spans, static))
+    return flash_attention_hopper.forward(static, q, k, v, ranges, spans)
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  ranges = _key_ranges(static, segment_ids, block_q, block_k).stacked()
+  ranges = _from_ids(segment_ids, (batch, length),
+                     lambda ids: _key_ranges(static, ids, block_q, block_k).stacked())
+  segment_ids = _ids_or_ones(segment_ids, (batch, length))
   q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
   kv_rows = lambda i, b, h: (b, 0, h // group, 0)
   out, lse = pl.pallas_call(
@@ -538,7 +567,11 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
   params = dict(compiler_params=_compiler_params(static, backward=True),
                 interpret=static.interpret)
 
-  query_ranges = _query_ranges(static, segment_ids, block_q, block_k).stacked()
+  query_ranges = _from_ids(segment_ids, (batch, length),
+                           lambda ids: _query_ranges(static, ids, block_q, block_k).stacked())
+  key_ranges = _from_ids(segment_ids, (batch, length),
+                         lambda ids: _key_ranges(static, ids, block_q, block_k).stacked())
+  segment_ids = _ids_or_ones(segment_ids, (batch, length))
   all_queries = lambda j, b, h: (b, 0, h, 0)
   kv_block = lambda j, b, h: (b, j, h, 0)
   dk, dv = pl.pallas_call(
@@ -560,7 +593,6 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
       name='euro_lm_flash_dkv', **params,
   )(query_ranges, q, k, v, d_out, lse2, delta, segment_ids, segment_ids)
 
-  key_ranges = _key_ranges(static, segment_ids, block_q, block_k).stacked()
   q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
   q_row = lambda i, b, h: (b, h, num_q_blocks - 1 - i)
   kv_rows = lambda i, b, h: (b, 0, h // group, 0)
@@ -609,11 +641,12 @@ def _attention_bwd(static, residuals, d_out):
 def _hopper_backward(static, q, k, v, segment_ids, out, lse, d_out):
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
   rows = flash_attention_hopper.ROWS
+  from_ids = functools.partial(_from_ids, segment_ids, q.shape[:2])
   return flash_attention_hopper.backward(
       static, q, k, v, d_out, lse, _softmax_delta(out, d_out),
-      _visible_key_spans(static, segment_ids),
-      _key_ranges(static, segment_ids, rows, rows).stacked(),
-      _query_ranges(static, segment_ids, rows, rows).stacked())
+      from_ids(functools.partial(_visible_key_spans, static)),
+      from_ids(lambda ids: _key_ranges(static, ids, rows, rows).stacked()),
+      from_ids(lambda ids: _query_ranges(static, ids, rows, rows).stacked()))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
