@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 4's measurements on one GPU. Usage: bash launch/bench_attention_gpu.sh [OUTDIR] [PARTS]
-# PARTS (default "sweep table hopper", ~9 min in all): sweep = the Triton block-size sweep at
-# 4k; table = L = 2k, 4k, 8k, our Triton kernels against cuDNN and XLA (correctness first),
-# and the packed-documents case; hopper = the same for our Mosaic GPU kernels (H100/H200),
-# next to JAX's own Hopper forward. Each part runs under its own limit, so a hang in one (the Hopper
-# kernels have not yet run on a GPU) still leaves the others' tables.
+# PARTS (default "sweep table hopper", ~10 min in all): sweep = the block-size sweeps at 4k
+# (Triton, and on H100/H200 the Hopper kernels'); hopper_sweep = the Hopper kernels' alone;
+# table = L = 2k, 4k, 8k, our Triton kernels against cuDNN and XLA (correctness first), and
+# the packed-documents case; hopper = the same for our Mosaic GPU kernels (H100/H200), next
+# to JAX's own Hopper forward; target = 4k only, the Hopper kernels against cuDNN (the
+# issue's target; run it a few times for the spread). Each part runs under its own limit,
+# so a hang in one still leaves the others' tables.
 set -uo pipefail
 out=${1:-bench_out}
 parts=${2:-sweep table hopper}
@@ -15,9 +17,11 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 bench() { timeout "$1" python3 -m euro_lm.kernels.bench "${@:3}" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$2.txt"; }
 for part in $parts; do
   case $part in
-    sweep) bench 180 sweep_4k --lengths=4096 --sweep ;;
+    sweep) bench 240 sweep_4k --lengths=4096 --sweep ;;
+    hopper_sweep) bench 120 hopper_sweep_4k --lengths=4096 --sweep --sweep_sets=hopper ;;
+    target) bench 90 "target_4k_$(date +%s)" --lengths=4096 --packed_length=0 --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2 ;;
     table) bench 150 table --impls=xla,cudnn,pallas ;;
     hopper) bench 170 hopper --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2,mosaic_gpu_one_group,jax_mosaic_gpu ;;
-    *) echo "unknown part $part (sweep, table, hopper)"; exit 2 ;;
+    *) echo "unknown part $part (sweep, hopper_sweep, table, hopper, target)"; exit 2 ;;
   esac
 done

@@ -13,7 +13,7 @@ fraction of (query block, key block) pairs the segment ids leave to visit. Block
 works if the time ratio follows that fraction.
 
 `--sweep` times our Triton kernels over SWEEP_FORWARD and SWEEP_BACKWARD instead, and on a
-Hopper GPU the Hopper forward over SWEEP_HOPPER_FORWARD.
+Hopper GPU the Hopper kernels over SWEEP_HOPPER_FORWARD and SWEEP_HOPPER_BACKWARD.
 """
 
 import dataclasses
@@ -38,6 +38,8 @@ _KV_HEADS = flags.DEFINE_integer('kv_heads', 16, 'Key/value heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = tokens / L).')
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over the SWEEP_* block sizes instead.')
+_SWEEP_SETS = flags.DEFINE_list('sweep_sets', ['triton', 'hopper'],
+                                'With --sweep: the kernel sets to sweep (hopper: on sm90 only).')
 _PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192,
                                       'Row length of the packed case; 0 skips it.')
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
@@ -59,6 +61,10 @@ SWEEP_FORWARD = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8,
 # The Hopper forward on an sm90 GPU: (block_q, block_k); 2 K/V stages, so block_k 256 at
 # head_dim 128 would not fit in shared memory.
 SWEEP_HOPPER_FORWARD = [(128, 64), (128, 128), (64, 64), (64, 128)]
+# The Hopper backward on an sm90 GPU: (block_q_bwd, block_k_bwd), each 64 (one warpgroup
+# per CTA) or 128 (two compute warpgroups and a producer), timed forward+backward with the
+# default Hopper forward.
+SWEEP_HOPPER_BACKWARD = [(64, 64), (64, 128), (128, 64), (128, 128)]
 SWEEP_BACKWARD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 2, 2),
                   (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
 
@@ -130,12 +136,26 @@ def _time_ours(q, k, v, d_out, **kwargs):
 
 
 def sweep(length):
-  """Forward times over SWEEP_FORWARD, forward+backward times over SWEEP_BACKWARD."""
+  """Block-size sweeps: the Triton kernels' (forward over SWEEP_FORWARD, backward over
+  SWEEP_BACKWARD) and, on a Hopper GPU, the Hopper kernels' (`--sweep_sets`)."""
   batch = max(_TOKENS.value // length, 1)
   q, k, v, d_out = random_inputs(batch, length)
   flops = 2 * 2 * batch * _HEADS.value * length * length * _HEAD_DIM.value / 2
+  print(f'L = {length}')
+  if 'hopper' in _SWEEP_SETS.value:
+    if default_backend(q.dtype, length, _HEAD_DIM.value) == 'mosaic_gpu':
+      hopper_forward_sweep(q, k, v, flops)
+      hopper_backward_sweep(q, k, v, d_out, flops)
+    else:
+      print('(no Hopper sweep: not an sm90 GPU, or a shape its kernels do not take)')
+  if 'triton' in _SWEEP_SETS.value:
+    triton_sweep(q, k, v, d_out, flops)
+
+
+def triton_sweep(q, k, v, d_out, flops):
+  """Forward times over SWEEP_FORWARD, forward+backward times over SWEEP_BACKWARD."""
   default = gpu_block_sizes(_HEAD_DIM.value)
-  print(f'L = {length}\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
+  print('\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block, warps, stages in SWEEP_FORWARD:
     blocks = dataclasses.replace(default, block_q=q_block, block_k=k_block, num_warps=warps,
                                  num_stages=stages)
@@ -146,17 +166,6 @@ def sweep(length):
     except Exception as e:  # a tile that does not fit in shared memory
       print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
             f'{str(e)[:60]} |', flush=True)
-  if default_backend(q.dtype, length, _HEAD_DIM.value) == 'mosaic_gpu':
-    print('\n| Hopper forward (q, k) | fwd TFLOP/s |\n|---|---|')
-    for q_block, k_block in SWEEP_HOPPER_FORWARD:
-      blocks = BlockSizes(block_q=q_block, block_k=k_block)
-      fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
-                                                   backend='mosaic_gpu'))
-      try:
-        print(f'| {(q_block, k_block)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |', flush=True)
-      except Exception as e:  # a ring that does not fit in shared memory
-        print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} |',
-              flush=True)
   t_fwd = _time_ours(q, k, v, d_out, block_sizes=default)[0]
   print('\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
         '\n|---|---|---|')
@@ -171,6 +180,40 @@ def sweep(length):
     except Exception as e:  # a tile that does not fit in shared memory
       print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
             f'{str(e)[:60]} | |', flush=True)
+
+
+def hopper_forward_sweep(q, k, v, flops):
+  """Forward times of the Hopper kernels over SWEEP_HOPPER_FORWARD."""
+  print('\n| Hopper forward (q, k) | fwd TFLOP/s |\n|---|---|')
+  for q_block, k_block in SWEEP_HOPPER_FORWARD:
+    blocks = BlockSizes(block_q=q_block, block_k=k_block)
+    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
+                                                 backend='mosaic_gpu'))
+    try:
+      print(f'| {(q_block, k_block)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |', flush=True)
+    except Exception as e:  # a ring that does not fit in shared memory
+      print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} |',
+            flush=True)
+
+
+def hopper_backward_sweep(q, k, v, d_out, flops):
+  """Forward+backward times of the Hopper kernels over SWEEP_HOPPER_BACKWARD."""
+  t_fwd = _time_ours(q, k, v, d_out, backend='mosaic_gpu')[0]
+  print('\n| Hopper backward (q, k), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
+        '\n|---|---|---|')
+  for q_block, k_block in SWEEP_HOPPER_BACKWARD:
+    blocks = BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K, block_q_bwd=q_block,
+                        block_k_bwd=k_block)
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
+                                         backend='mosaic_gpu')
+    try:
+      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
+      print(f'| {(q_block, k_block)} | {3.5 * flops / t_all / 1e12:.0f} | '
+            f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
+    except Exception as e:  # a kernel that does not compile or run here
+      print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} | |',
+            flush=True)
+      traceback.print_exc(file=sys.stderr)
 
 
 def packed_segment_ids(batch, length, doc_length, seed=0):
