@@ -164,6 +164,10 @@ def forward(static, q, k, v, ranges, spans):
         scores = ops.qk(q_smem.at[wg], k_smem.at[slot], issued=take_turn)
         plgpu.barrier_arrive(k_free.at[slot])
         p, carry = ops.softmax(scores, carry, j, bounds if masked else None)
+        # Finish the softmax (the rescaled acc included) before handing over the turn, so
+        # that the compiler cannot sink any of it past the rendezvous, where it would
+        # delay this group's p v (as JAX's Hopper attention kernel does).
+        p, carry = lax.optimization_barrier((p, carry))
         plgpu.barrier_arrive(turns)  # softmax done
         plgpu.barrier_wait(v_barriers.at[slot])
         plgpu.barrier_wait(turns)  # the other group has issued its q k^T
@@ -310,21 +314,26 @@ class _BlockOps:
 
   def softmax(self, scores, carry, j, bounds):
     """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
-    Returns (the block's probabilities in the input dtype, (rescaled acc, m, l))."""
+    Returns (the block's probabilities in the input dtype, (rescaled acc, m, l)).
+
+    m is the running maximum of the scaled base-2 scores. It is taken from the raw scores
+    (the scale is positive), so each probability costs one fused multiply-add and an exp2.
+    """
     acc, m, l = carry
     if bounds is not None:
       shape = (ROWS, self.block_k)
       key = _iota(shape, 1, self.interpret) + j * self.block_k
       visible = ((key >= lax.broadcast_in_dim(bounds[0], shape, [0]))
                  & (key <= lax.broadcast_in_dim(bounds[1], shape, [0])))
-      s = jnp.where(visible, scores * self.scale, -jnp.inf)
+      scores = jnp.where(visible, scores, -jnp.inf)
+    m_new = jnp.maximum(m, scores.max(axis=1) * self.scale)
+    if bounds is not None:
+      # A row with nothing visible yet keeps m = -inf; its exponents are then taken against
+      # 0, and its masked scores (-inf) still give 0. Unmasked blocks see every key.
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     else:
-      s = scores * self.scale
-    m_new = jnp.maximum(m, s.max(axis=1))
-    # A row with nothing visible yet keeps m = -inf; its exponents are then taken against 0,
-    # and its masked scores (-inf) still give 0.
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+      m_safe = m_new
+    p = jnp.exp2(scores * self.scale - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
     correction = jnp.exp2(m - m_safe)
     l = l * correction + p.sum(axis=1)
     acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
