@@ -363,16 +363,20 @@ class _BlockOps:
 # the dK/dV kernel takes FlashAttention-3's layout instead: two compute warpgroups of 64
 # keys share each q/dO tile, streamed by a producer warpgroup (half the q/dO traffic); with
 # block_q_bwd = 128 the dQ kernel does the same with two groups of 64 queries sharing each
-# K/V block, as the two-group forward does. Probabilities are
-# recomputed in base 2 from the logsumexp. Each step's query-side operands stream through
-# a TMA ring like the forward's K/V; the dK/dV kernel computes the transposed scores
-# (keys as rows), so p^T and dS^T feed wgmma straight from registers.
+# K/V block, as the two-group forward does.
+#
+# Probabilities are recomputed in base 2 from the logsumexp. Each step issues its products
+# in pairs awaited once (scores and dP; then dV and dK, or dQ alone), as FlashAttention-3
+# does: a wgmma awaited alone drains the tensor-core pipeline before the next can start.
+# Each step's query-side operands stream through a TMA ring like the forward's K/V; the
+# dK/dV kernel computes the transposed scores (keys as rows), so p^T and dS^T feed wgmma
+# straight from registers.
 
 def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges):
   """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `spans` as for
-  `forward`; `key_ranges`
-  hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees, and `query_ranges`, for
-  each key block, the query blocks that see it (both stacked `BlockRanges`)."""
+  `forward`; `key_ranges` hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees,
+  and `query_ranges`, for each key block, the query blocks that see it (both stacked
+  `BlockRanges`)."""
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
@@ -411,13 +415,12 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     dk, dv = carry
     column = lambda n: _columns(stats_tile[n], interpret)
     bounds = (column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked else None
-    scores = _matmul(k_smem, q_tile, (ROWS, ROWS), interpret, transpose_b=True)
-    p = probabilities(scores, column(0), bounds, key, as_rows=False)
     wait_do()
-    dv = _matmul(p.astype(dtype), do_tile, (ROWS, head_dim), interpret, acc=dv)
-    dp = _matmul(v_smem, do_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    scores, dp = _products([(k_smem, q_tile), (v_smem, do_tile)], (ROWS, ROWS), interpret)
+    p = probabilities(scores, column(0), bounds, key, as_rows=False)
     ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
-    dk = _matmul(ds.astype(dtype), q_tile, (ROWS, head_dim), interpret, acc=dk)
+    dv, dk = _accumulate([(p.astype(dtype), do_tile, dv), (ds.astype(dtype), q_tile, dk)],
+                         interpret)
     return dk, dv
 
   def store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head):
@@ -582,14 +585,13 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 
   def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
     """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
-    scores = _matmul(q_tile, k_tile, (ROWS, ROWS), interpret, transpose_b=True)
+    wait_v()
+    scores, dp = _products([(q_tile, k_tile), (do_tile, v_tile)], (ROWS, ROWS), interpret)
+    v_done()
     key = _iota((ROWS, ROWS), 1, interpret) + j * ROWS
     p = probabilities(scores, lse2, spans, key, as_rows=True)
-    wait_v()
-    dp = _matmul(do_tile, v_tile, (ROWS, ROWS), interpret, transpose_b=True)
-    v_done()
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-    return _matmul(ds.astype(dtype), k_tile, (ROWS, head_dim), interpret, acc=dq)
+    return _accumulate([(ds.astype(dtype), k_tile, dq)], interpret)[0]
 
   def store_dq(dq, q_tile, dq_ref, b, queries, h):
     q_tile[...] = (dq * static.scale).astype(dtype)
@@ -739,6 +741,32 @@ def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lam
     issue(acc_ref)
     return acc_ref[...]  # awaits the wgmma
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _products(pairs, shape, interpret):
+  """float32 `shape` a @ b^T for each (a, b_smem) of `pairs`: issued back to back and
+  awaited once, so the tensor cores run them without a drained pipeline in between."""
+  if interpret:
+    return [jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32) for a, b in pairs]
+
+  def issue(*acc_refs):
+    for acc_ref, (a, b_smem) in zip(acc_refs, pairs):
+      plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)))
+    return [acc_ref[...] for acc_ref in acc_refs]  # awaits every wgmma
+  return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
+
+
+def _accumulate(triples, interpret):
+  """acc + a @ b for each (a, b_smem, acc) of `triples`, in place in the accumulators,
+  issued back to back and awaited once."""
+  if interpret:
+    return [acc + jnp.dot(a[...], b[...], preferred_element_type=jnp.float32)
+            for a, b, acc in triples]
+
+  def issue(acc_refs):
+    for acc_ref, (a, b_smem, _) in zip(acc_refs, triples):
+      plgpu.wgmma(acc_ref, a, b_smem)
+  return pl.run_state(issue)([plgpu.ACC.init(acc) for _, _, acc in triples])
 
 
 def _tile(x, interpret):
