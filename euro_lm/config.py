@@ -94,9 +94,9 @@ def validate(config, num_devices, process_count=1, platform=None):
       _check(m.compute_dtype in ('bfloat16', 'float16'),
              f"model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or "
              f'float16, not {m.compute_dtype!r}')
-      _check(head_dim(m) % 64 == 0 and head_dim(m) <= 256,
-             f"model.pallas_backend='mosaic_gpu' needs model.head_dim a multiple of 64 up to "
-             f'256, not {head_dim(m)}')
+      _check(head_dim(m) in (64, 128),
+             f"model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not "
+             f'{head_dim(m)}')
     block = length_multiple(head_dim(m), backend)
     _check(t.seq_len % block == 0,
            f"train.seq_len={t.seq_len} must be a multiple of {block} for model.attention_impl="

@@ -69,7 +69,7 @@ def test_a_valid_config_resolves_the_mesh():
      'train.seq_len=192 must be a multiple of 128'),
     ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
       'model.compute_dtype': 'bfloat16', 'model.head_dim': 32},
-     "model.pallas_backend='mosaic_gpu' needs model.head_dim a multiple of 64 up to 256, not 32"),
+     "model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not 32"),
 ])
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()

@@ -63,9 +63,8 @@ def forward(static, q, k, v, ranges, spans):
   if block_q not in (ROWS, 2 * ROWS) or block_k % 64:
     raise ValueError(f'the Mosaic GPU forward takes block_q {ROWS} or {2 * ROWS} and block_k '
                      f'a multiple of 64, not {block_q} and {block_k}')
-  if head_dim % 64 or head_dim > 256:
-    raise ValueError(f'the Mosaic GPU forward takes head_dim a multiple of 64 up to 256, '
-                     f'not {head_dim}')
+  if head_dim not in (64, 128):  # the backward's float32 dK and dV must fit in registers
+    raise ValueError(f'the Mosaic GPU kernels take head_dim 64 or 128, not {head_dim}')
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f'the Mosaic GPU forward takes bfloat16 or float16 q, k, v, not '
                      f'{q.dtype}, {k.dtype}, {v.dtype}')
@@ -399,25 +398,28 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                   **_interpret_kwargs(interpret))
 
-  def probabilities(scores, lse2, bounds, key, as_rows):
-    """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None; the
-    queries are rows (dQ) or columns (dK/dV)."""
+  def probabilities(scores, lse2, bounds, first_key, as_rows):
+    """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None (keys
+    from `first_key` on); the queries are rows (dQ) or columns (dK/dV)."""
     shape = scores.shape
     per_query = lambda x: lax.broadcast_in_dim(x, shape, [0] if as_rows else [1])
     p = jnp.exp2(scores * scale2 - per_query(lse2))
     if bounds is None:
       return p
+    # Built here, in masked steps only: kept across the loops, it would hold 32 registers.
+    key = _iota(shape, 1 if as_rows else 0, interpret) + first_key
     visible = (key >= per_query(bounds[0])) & (key <= per_query(bounds[1]))
     return jnp.where(visible, p, 0.0)
 
-  def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, key, masked, carry):
+  def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, first_key, masked,
+               carry):
     """dK, dV += one (query head, query block) step's share, the keys as rows."""
     dk, dv = carry
     column = lambda n: _columns(stats_tile[n], interpret)
     bounds = (column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked else None
-    wait_do()
-    scores, dp = _products([(k_smem, q_tile), (v_smem, do_tile)], (ROWS, ROWS), interpret)
-    p = probabilities(scores, column(0), bounds, key, as_rows=False)
+    scores, dp = _products([(k_smem, q_tile), (v_smem, do_tile)], (ROWS, ROWS), interpret,
+                           between=wait_do)
+    p = probabilities(scores, column(0), bounds, first_key, as_rows=False)
     ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
     dv, dk = _accumulate([(p.astype(dtype), do_tile, dv), (ds.astype(dtype), q_tile, dk)],
                          interpret)
@@ -462,7 +464,6 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem, kv_barriers.at[1])
     plgpu.barrier_wait(kv_barriers.at[0])
     plgpu.barrier_wait(kv_barriers.at[1])
-    key = _iota((ROWS, ROWS), 0, interpret) + j * ROWS
 
     def head(g, carry):
       def step(i, carry, masked):
@@ -471,7 +472,8 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
         plgpu.barrier_wait(q_barriers.at[slot])
         plgpu.barrier_wait(stats_barriers.at[slot])
         carry = dkv_step(k_smem, v_smem, q_smem.at[slot], do_smem.at[slot], stats_smem.at[slot],
-                         lambda: plgpu.barrier_wait(do_barriers.at[slot]), key, masked, carry)
+                         lambda: plgpu.barrier_wait(do_barriers.at[slot]), j * ROWS, masked,
+                         carry)
         # Every wgmma that read this slot has finished: refill it.
         pl.when(t + STAGES < total)(functools.partial(fetch, t + STAGES, slot))
         return carry
@@ -508,7 +510,6 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
                               kv_barriers.at[2 * wg + 1])
       plgpu.barrier_wait(kv_barriers.at[2 * wg])
       plgpu.barrier_wait(kv_barriers.at[2 * wg + 1])
-      key = _iota((ROWS, ROWS), 0, interpret) + j * ROWS
 
       def head(g, carry):
         def wait(i):
@@ -527,7 +528,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
           slot = wait(i)
           carry = dkv_step(k_smem.at[wg], v_smem.at[wg], q_smem.at[slot], do_smem.at[slot],
                            stats_smem.at[slot],
-                           lambda: plgpu.barrier_wait(do_barriers.at[slot]), key, masked,
+                           lambda: plgpu.barrier_wait(do_barriers.at[slot]), j * ROWS, masked,
                            carry)
           plgpu.barrier_arrive(free.at[slot])
           return carry
@@ -585,11 +586,10 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 
   def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
     """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
-    wait_v()
-    scores, dp = _products([(q_tile, k_tile), (do_tile, v_tile)], (ROWS, ROWS), interpret)
+    scores, dp = _products([(q_tile, k_tile), (do_tile, v_tile)], (ROWS, ROWS), interpret,
+                           between=wait_v)
     v_done()
-    key = _iota((ROWS, ROWS), 1, interpret) + j * ROWS
-    p = probabilities(scores, lse2, spans, key, as_rows=True)
+    p = probabilities(scores, lse2, spans, j * ROWS, as_rows=True)
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
     return _accumulate([(ds.astype(dtype), k_tile, dq)], interpret)[0]
 
@@ -743,16 +743,23 @@ def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lam
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
-def _products(pairs, shape, interpret):
-  """float32 `shape` a @ b^T for each (a, b_smem) of `pairs`: issued back to back and
-  awaited once, so the tensor cores run them without a drained pipeline in between."""
+def _products(pairs, shape, interpret, between=lambda: None):
+  """float32 `shape` a @ b^T for each (a, b_smem) of `pairs`, issued back to back (with
+  `between()` after the first: a wait for the others' operands) and then awaited, so the
+  tensor cores run them without a drained pipeline in between."""
   if interpret:
-    return [jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32) for a, b in pairs]
+    first, *others = pairs
+    out = [jnp.dot(first[0][...], first[1][...].T, preferred_element_type=jnp.float32)]
+    between()
+    return out + [jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32)
+                  for a, b in others]
 
   def issue(*acc_refs):
-    for acc_ref, (a, b_smem) in zip(acc_refs, pairs):
+    for n, (acc_ref, (a, b_smem)) in enumerate(zip(acc_refs, pairs)):
       plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)))
-    return [acc_ref[...] for acc_ref in acc_refs]  # awaits every wgmma
+      if n == 0:
+        between()
+    return [acc_ref[...] for acc_ref in acc_refs]  # the first read awaits them all
   return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
 
 
