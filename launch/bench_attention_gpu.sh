@@ -19,7 +19,7 @@ for part in $parts; do
   case $part in
     sweep) bench 240 sweep_4k --lengths=4096 --sweep ;;
     hopper_sweep) bench 120 hopper_sweep_4k --lengths=4096 --sweep --sweep_sets=hopper ;;
-    target) bench 90 "target_4k_$(date +%s)" --lengths=4096 --packed_length=0 --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2 ;;
+    target) bench 120 "target_4k_$(date +%s)" --lengths=4096 --packed_length=0 --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2 ;;
     table) bench 150 table --impls=xla,cudnn,pallas ;;
     hopper) bench 170 hopper --impls=xla,cudnn,mosaic_gpu,mosaic_gpu_bwd2,mosaic_gpu_one_group,jax_mosaic_gpu ;;
     *) echo "unknown part $part (sweep, hopper_sweep, table, hopper, target)"; exit 2 ;;
