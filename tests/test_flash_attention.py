@@ -213,13 +213,15 @@ def test_backward_kernels_take_their_own_warps_and_stages(bwd):
 
 
 @pytest.mark.parametrize('backend,causal,window,dtype', [
-    ('gpu', False, 8, jnp.float32), ('mosaic_gpu', True, 40, jnp.bfloat16)])
+    ('gpu', False, 8, jnp.float32), ('mosaic_gpu', True, 40, jnp.bfloat16),
+    ('tpu', True, 200, jnp.float32)])
 def test_no_segment_ids_is_one_document_per_row(backend, causal, window, dtype):
   # Without ids the block ranges are built while tracing (constants); with ids of ones,
   # on the device. Both must give the same bits, forward and backward.
-  q, k, v, _ = inputs(2, 1, 64, dtype, length=128)
+  length, block = (256, 128) if backend == 'tpu' else (128, 64)  # TPU blocks: 128s
+  q, k, v, _ = inputs(2, 1, 64, dtype, length=length)
   w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), dtype)
-  blocks = BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64)
+  blocks = BlockSizes(block_q=block, block_k=block, block_q_bwd=block, block_k_bwd=block)
 
   def loss_and_grads(segment_ids):
     loss = lambda *a: jnp.sum((flash_attention(
@@ -241,7 +243,7 @@ def test_no_segment_ids_is_one_document_per_row(backend, causal, window, dtype):
     assert error < (2e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize('backend', ['gpu', 'mosaic_gpu'])
+@pytest.mark.parametrize('backend', ['gpu', 'mosaic_gpu', 'tpu'])
 def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
   # Each row one document: the ranges depend on the shape alone, so they are built while
   # tracing; with segment ids the program scans the ids (cummax, cummin) in every call.

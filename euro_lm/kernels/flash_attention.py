@@ -143,12 +143,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
   static = _Static(causal=causal, scale=scale, window=window, blocks=blocks,
                    interpret=interpret, hopper=backend == 'mosaic_gpu')
-  if backend == 'tpu':
-    from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
-    return flash_attention_tpu.attention(static, q, k, v,
-                                         _ids_or_ones(segment_ids, (batch, length)))
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
+  if backend == 'tpu':
+    from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
+    return flash_attention_tpu.attention(static, q, k, v, segment_ids)
   return _attention(static, q, k, v, segment_ids)
 
 

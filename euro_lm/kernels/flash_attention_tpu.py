@@ -36,8 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from euro_lm.kernels.flash_attention import (_MASKED, _dot, _key_ranges, _query_ranges,
-                                             _reach, _visible)
+from euro_lm.kernels.flash_attention import (_MASKED, _dot, _from_ids, _ids_or_ones,
+                                             _key_ranges, _query_ranges, _reach, _visible)
 
 _LANES = 128
 _SUBLANES = 8
@@ -172,9 +172,10 @@ def _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids):
   group = num_heads // k_BKLD.shape[1]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  ranges = _key_ranges(static, segment_ids, block_q, block_k)
+  ranges = _from_ids(segment_ids, (batch, length),
+                     lambda ids: _key_ranges(static, ids, block_q, block_k))
   width = _range_width(static, block_q, block_k, length)
-  seg_column, seg_row = _segment_layouts(segment_ids)
+  seg_column, seg_row = _segment_layouts(_ids_or_ones(segment_ids, (batch, length)))
 
   def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
@@ -290,11 +291,12 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
                      out_BLHD.astype(jnp.float32))[:, :, None, :]
   lse = jnp.where(jnp.isinf(lse_BH1L), 0.0, lse_BH1L)  # padding rows: p is masked to 0
   do_BHLD = _heads_major(d_out_BLHD)
-  seg_column, seg_row = _segment_layouts(segment_ids)
+  seg_column, seg_row = _segment_layouts(_ids_or_ones(segment_ids, (batch, length)))
   row_spec = lambda index_map: pl.BlockSpec((None, None, 1, block_q), index_map)
 
   # dK/dV: grid (B, K, key block, query head of the group, step through the query range).
-  query_ranges = _query_ranges(static, segment_ids, block_q, block_k)
+  query_ranges = _from_ids(segment_ids, (batch, length),
+                           lambda ids: _query_ranges(static, ids, block_q, block_k))
   q_width = _range_width(static, block_k, block_q, length)
 
   def query_block(b, j, i, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
@@ -329,7 +331,8 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
     seg_column)
 
   # dQ: grid (B, H, query block, step through the key range).
-  key_ranges = _key_ranges(static, segment_ids, block_q, block_k)
+  key_ranges = _from_ids(segment_ids, (batch, length),
+                         lambda ids: _key_ranges(static, ids, block_q, block_k))
   k_width = _range_width(static, block_q, block_k, length)
 
   def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
@@ -367,7 +370,7 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def attention(static, q, k, v, segment_ids):
   """`flash_attention` on TPU kernels: q `[B, L, H, D]`, k/v `[B, L, K, D]`, int32
-  segment ids `[B, L]`; `static` is flash_attention's `_Static`, blocks already checked."""
+  segment ids `[B, L]` or None; `static` is flash_attention's `_Static`, blocks already checked."""
   return _attention_fwd(static, q, k, v, segment_ids)[0]
 
 
