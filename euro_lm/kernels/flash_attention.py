@@ -228,7 +228,7 @@ class _Static:
 #
 # Computed from the segment ids in XLA, once per call; or, without ids (each row one
 # document), in numpy while tracing, so that the compiled program holds them as constants
-# instead of running a dozen small device ops per call. The functions below take either.
+# instead of running dozens of small device ops per call. The functions below take either.
 
 def _numpy_or_jnp(x):
   return np if isinstance(x, np.ndarray) else jnp
