@@ -398,6 +398,8 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                   **_interpret_kwargs(interpret))
 
+  zeros = lambda shape: _tile(jnp.zeros(shape, jnp.float32), interpret)
+
   def probabilities(scores, lse2, bounds, first_key, as_rows):
     """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None (keys
     from `first_key` on); the queries are rows (dQ) or columns (dK/dV)."""
@@ -417,12 +419,13 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     dk, dv = carry
     column = lambda n: _columns(stats_tile[n], interpret)
     bounds = (column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked else None
-    scores, dp = _products([(k_smem, q_tile), (v_smem, do_tile)], (ROWS, ROWS), interpret,
-                           between=wait_do)
+    scores, dp = _wgmmas([(k_smem, q_tile, True, zeros((ROWS, ROWS))),
+                          (v_smem, do_tile, True, zeros((ROWS, ROWS)))], interpret,
+                         between=wait_do)
     p = probabilities(scores, column(0), bounds, first_key, as_rows=False)
     ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
-    dv, dk = _accumulate([(p.astype(dtype), do_tile, dv), (ds.astype(dtype), q_tile, dk)],
-                         interpret)
+    dv, dk = _wgmmas([(p.astype(dtype), do_tile, False, dv),
+                      (ds.astype(dtype), q_tile, False, dk)], interpret)
     return dk, dv
 
   def store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head):
@@ -479,8 +482,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
         return carry
       return _walk(own, step, carry)
 
-    zeros = _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
-    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head, (zeros((ROWS, head_dim)), zeros((ROWS, head_dim))))
     store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head)
 
   def dkv_two_group_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
@@ -537,8 +539,8 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
         carry = _walk(own, step, carry)
         return lax.fori_loop(own[3], end, release, carry)
 
-      zeros = _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret)
-      dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+      dk, dv = lax.fori_loop(0, group, head,
+                             (zeros((ROWS, head_dim)), zeros((ROWS, head_dim))))
       store_dkv(dk, dv, k_smem.at[wg], v_smem.at[wg], dk_ref, dv_ref, b, keys, kv_head)
 
     @pl.when(wg == 2)
@@ -586,12 +588,13 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
 
   def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
     """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
-    scores, dp = _products([(q_tile, k_tile), (do_tile, v_tile)], (ROWS, ROWS), interpret,
-                           between=wait_v)
+    scores, dp = _wgmmas([(q_tile, k_tile, True, zeros((ROWS, ROWS))),
+                          (do_tile, v_tile, True, zeros((ROWS, ROWS)))], interpret,
+                         between=wait_v)
     v_done()
     p = probabilities(scores, lse2, spans, j * ROWS, as_rows=True)
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-    return _accumulate([(ds.astype(dtype), k_tile, dq)], interpret)[0]
+    return _wgmmas([(ds.astype(dtype), k_tile, False, dq)], interpret)[0]
 
   def store_dq(dq, q_tile, dq_ref, b, queries, h):
     q_tile[...] = (dq * static.scale).astype(dtype)
@@ -624,7 +627,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
       return dq
 
-    dq = _walk(own, step, _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret))
+    dq = _walk(own, step, zeros((ROWS, head_dim)))
     store_dq(dq, q_smem, dq_ref, b, queries, h)
 
   num_ctas = length // (2 * ROWS)
@@ -675,8 +678,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
-      dq = lax.fori_loop(first, own[0], release,
-                         _tile(jnp.zeros((ROWS, head_dim), jnp.float32), interpret))
+      dq = lax.fori_loop(first, own[0], release, zeros((ROWS, head_dim)))
       dq = _walk(own, step, dq)
       dq = lax.fori_loop(own[3], end, release, dq)
       store_dq(dq, q_smem.at[wg], dq_ref, b, queries, h)
@@ -743,37 +745,28 @@ def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lam
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
-def _products(pairs, shape, interpret, between=lambda: None):
-  """float32 `shape` a @ b^T for each (a, b_smem) of `pairs`, issued back to back (with
-  `between()` after the first: a wait for the others' operands) and then awaited, so the
-  tensor cores run them without a drained pipeline in between."""
+def _wgmmas(terms, interpret, between=lambda: None):
+  """acc + a @ b (b^T where `transposed`) for each (a, b_smem, transposed, acc) of `terms`,
+  issued back to back (`between()` after the first: a wait for the others' operands) and
+  awaited together, in place in the accumulators. A wgmma awaited alone drains the
+  tensor-core pipeline before the next can start. (JAX's Hopper backward pairs its
+  products the same way: `run_state` over several initialised accumulators.)"""
   if interpret:
-    first, *others = pairs
-    out = [jnp.dot(first[0][...], first[1][...].T, preferred_element_type=jnp.float32)]
-    between()
-    return out + [jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32)
-                  for a, b in others]
-
-  def issue(*acc_refs):
-    for n, (acc_ref, (a, b_smem)) in enumerate(zip(acc_refs, pairs)):
-      plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)))
+    out = []
+    for n, (a, b_smem, transposed, acc) in enumerate(terms):
+      b = b_smem[...]
+      out.append(acc + jnp.dot(a[...], b.T if transposed else b,
+                               preferred_element_type=jnp.float32))
       if n == 0:
         between()
-    return [acc_ref[...] for acc_ref in acc_refs]  # the first read awaits them all
-  return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
-
-
-def _accumulate(triples, interpret):
-  """acc + a @ b for each (a, b_smem, acc) of `triples`, in place in the accumulators,
-  issued back to back and awaited once."""
-  if interpret:
-    return [acc + jnp.dot(a[...], b[...], preferred_element_type=jnp.float32)
-            for a, b, acc in triples]
+    return out
 
   def issue(acc_refs):
-    for acc_ref, (a, b_smem, _) in zip(acc_refs, triples):
-      plgpu.wgmma(acc_ref, a, b_smem)
-  return pl.run_state(issue)([plgpu.ACC.init(acc) for _, _, acc in triples])
+    for n, (acc_ref, (a, b_smem, transposed, _)) in enumerate(zip(acc_refs, terms)):
+      plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transposed else b_smem)
+      if n == 0:
+        between()
+  return list(pl.run_state(issue)(tuple(plgpu.ACC.init(term[3]) for term in terms)))
 
 
 def _tile(x, interpret):
