@@ -157,43 +157,25 @@ def triton_sweep(q, k, v, d_out, flops):
   default = gpu_block_sizes(_HEAD_DIM.value)
   print('\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block, warps, stages in SWEEP_FORWARD:
-    blocks = dataclasses.replace(default, block_q=q_block, block_k=k_block, num_warps=warps,
-                                 num_stages=stages)
-    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks))
-    try:
-      print(f'| {(q_block, k_block, warps, stages)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |',
-            flush=True)
-    except Exception as e:  # a tile that does not fit in shared memory
-      print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
-            f'{str(e)[:60]} |', flush=True)
+    _forward_row((q_block, k_block, warps, stages), q, k, v, flops,
+                 block_sizes=dataclasses.replace(default, block_q=q_block, block_k=k_block,
+                                                 num_warps=warps, num_stages=stages))
   t_fwd = _time_ours(q, k, v, d_out, block_sizes=default)[0]
   print('\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
         '\n|---|---|---|')
   for q_block, k_block, warps, stages in SWEEP_BACKWARD:
-    blocks = dataclasses.replace(default, block_q_bwd=q_block, block_k_bwd=k_block,
-                                 num_warps_bwd=warps, num_stages_bwd=stages)
-    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)
-    try:
-      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
-      print(f'| {(q_block, k_block, warps, stages)} | {3.5 * flops / t_all / 1e12:.0f} | '
-            f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
-    except Exception as e:  # a tile that does not fit in shared memory
-      print(f'| {(q_block, k_block, warps, stages)} | failed: {type(e).__name__}: '
-            f'{str(e)[:60]} | |', flush=True)
+    _backward_row((q_block, k_block, warps, stages), t_fwd, q, k, v, d_out, flops,
+                  block_sizes=dataclasses.replace(default, block_q_bwd=q_block,
+                                                  block_k_bwd=k_block, num_warps_bwd=warps,
+                                                  num_stages_bwd=stages))
 
 
 def hopper_forward_sweep(q, k, v, flops):
   """Forward times of the Hopper kernels over SWEEP_HOPPER_FORWARD."""
   print('\n| Hopper forward (q, k) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block in SWEEP_HOPPER_FORWARD:
-    blocks = BlockSizes(block_q=q_block, block_k=k_block)
-    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
-                                                 backend='mosaic_gpu'))
-    try:
-      print(f'| {(q_block, k_block)} | {flops / timed(fn, q, k, v) / 1e12:.0f} |', flush=True)
-    except Exception as e:  # a ring that does not fit in shared memory
-      print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} |',
-            flush=True)
+    _forward_row((q_block, k_block), q, k, v, flops, backend='mosaic_gpu',
+                 block_sizes=BlockSizes(block_q=q_block, block_k=k_block))
 
 
 def hopper_backward_sweep(q, k, v, d_out, flops):
@@ -202,17 +184,31 @@ def hopper_backward_sweep(q, k, v, d_out, flops):
   print('\n| Hopper backward (q, k), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
         '\n|---|---|---|')
   for q_block, k_block in SWEEP_HOPPER_BACKWARD:
-    blocks = BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K, block_q_bwd=q_block,
-                        block_k_bwd=k_block)
-    fn = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks,
-                                         backend='mosaic_gpu')
-    try:
-      t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
-      print(f'| {(q_block, k_block)} | {3.5 * flops / t_all / 1e12:.0f} | '
-            f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
-    except Exception as e:  # a kernel that does not compile or run here
-      print(f'| {(q_block, k_block)} | failed: {type(e).__name__}: {str(e)[:60]} | |',
-            flush=True)
+    _backward_row((q_block, k_block), t_fwd, q, k, v, d_out, flops, backend='mosaic_gpu',
+                  block_sizes=BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K,
+                                         block_q_bwd=q_block, block_k_bwd=k_block))
+
+
+def _forward_row(label, q, k, v, flops, **kwargs):
+  """One row of a forward sweep: our kernel with `kwargs`, forward TFLOP/s."""
+  fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs))
+  try:
+    print(f'| {label} | {flops / timed(fn, q, k, v) / 1e12:.0f} |', flush=True)
+  except Exception as e:  # a tile or ring that does not fit in shared memory
+    print(f'| {label} | failed: {type(e).__name__}: {str(e)[:60]} |', flush=True)
+
+
+def _backward_row(label, t_fwd, q, k, v, d_out, flops, **kwargs):
+  """One row of a backward sweep: forward+backward TFLOP/s and, less the default forward's
+  `t_fwd`, the backward's."""
+  fn = lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs)
+  try:
+    t_all = timed(jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out)), q, k, v)
+    print(f'| {label} | {3.5 * flops / t_all / 1e12:.0f} | '
+          f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
+  except Exception as e:  # a tile that does not fit in shared memory
+    print(f'| {label} | failed: {type(e).__name__}: {str(e)[:60]} | |', flush=True)
+    if kwargs.get('backend') == 'mosaic_gpu':  # the Hopper kernels' first runs: say where
       traceback.print_exc(file=sys.stderr)
 
 
@@ -266,11 +262,7 @@ def packed_triton(q, k, v, d_out, segment_ids):
   backend = 'tpu' if jax.default_backend() == 'tpu' else 'gpu'
   causal = _time_ours(q, k, v, d_out, backend=backend)
   docs = _time_ours(q, k, v, d_out, backend=backend, segment_ids=jnp.asarray(segment_ids))
-  print(f'| pallas, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
-  print(f'| pallas, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
-        f'{fraction:.3f} |')
-  print(f'| pallas, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | '
-        f'{fraction:.3f} |', flush=True)
+  _packed_rows('pallas', causal, docs, f'{fraction:.3f}')
 
 
 def packed_hopper(q, k, v, d_out, segment_ids):
@@ -285,10 +277,16 @@ def packed_hopper(q, k, v, d_out, segment_ids):
   # The forward's blocks are ROWS x BLOCK_K, the backward's ROWS x ROWS.
   fraction = (f'{visited_fraction(segment_ids, hopper.ROWS, hopper.BLOCK_K):.3f} fwd, '
               f'{visited_fraction(segment_ids, hopper.ROWS, hopper.ROWS):.3f} bwd')
-  print(f'| mosaic_gpu, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
-  print(f'| mosaic_gpu, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
+  _packed_rows('mosaic_gpu', causal, docs, fraction)
+
+
+def _packed_rows(name, causal, docs, fraction):
+  """The packed table's rows for one kernel set: (forward, forward+backward) seconds with
+  the causal mask alone and with the documents, and their ratio."""
+  print(f'| {name}, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
+  print(f'| {name}, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
         f'{fraction} |')
-  print(f'| mosaic_gpu, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | '
+  print(f'| {name}, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | '
         f'{fraction} |', flush=True)
 
 

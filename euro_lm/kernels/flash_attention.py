@@ -315,8 +315,8 @@ def _block_ranges(segment_ids, block, other_block, back, ahead):
 
 
 def _ids_or_ones(segment_ids, shape):
-  """The int32 segment ids, or ones (each row one document) where there are none."""
-  return jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  """The segment ids, or ones (each row one document) where there are none."""
+  return jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids
 
 
 def _from_ids(segment_ids, shape, make):

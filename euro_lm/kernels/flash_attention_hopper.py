@@ -596,6 +596,19 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
     return _wgmmas([(ds.astype(dtype), k_tile, False, dq)], interpret)[0]
 
+  def load_query_rows(refs, tiles, barriers, b, h, queries):
+    """TMA-copies a dQ block's q, dO and stats (`refs`) into their `tiles`, one barrier
+    each, and waits; returns its (lse2, delta, visible-key spans), one entry per row."""
+    q_ref, do_ref, stats_ref = refs
+    sources = (q_ref.at[b, queries, h], do_ref.at[b, queries, h],
+               stats_ref.at[b, h, :, queries])
+    for source, tile_smem, barrier in zip(sources, tiles, barriers):
+      plgpu.copy_gmem_to_smem(source, tile_smem, barrier)
+    for barrier in barriers:
+      plgpu.barrier_wait(barrier)
+    lse2, delta, lo_q, hi_q = (_rows(tiles[2][n], interpret) for n in range(4))
+    return lse2, delta, (lo_q.astype(jnp.int32), hi_q.astype(jnp.int32))
+
   def store_dq(dq, q_tile, dq_ref, b, queries, h):
     q_tile[...] = (dq * static.scale).astype(dtype)
     plgpu.commit_smem()
@@ -610,13 +623,9 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
     own, fetch = _start_key_ring(ranges_ref, b, h, i, group, ROWS,
                                  (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers))
     lo, hi = own[0], own[3]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem, row_barriers.at[0])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem, row_barriers.at[1])
-    plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem, row_barriers.at[2])
-    for n in range(3):
-      plgpu.barrier_wait(row_barriers.at[n])
-    lse2, delta, lo_q, hi_q = (_rows(stats_smem[n], interpret) for n in range(4))
-    spans = (lo_q.astype(jnp.int32), hi_q.astype(jnp.int32))
+    lse2, delta, spans = load_query_rows(
+        (q_ref, do_ref, stats_ref), (q_smem, do_smem, stats_smem),
+        [row_barriers.at[n] for n in range(3)], b, h, queries)
 
     def step(j, dq, masked):
       slot = lax.rem(j - lo, jnp.int32(STAGES))
@@ -650,15 +659,9 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
       i = 2 * c + wg
       queries = pl.ds(i * ROWS, ROWS)
       own = _own_range(ranges_ref, b, i, end)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[wg], row_barriers.at[3 * wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[wg],
-                              row_barriers.at[3 * wg + 1])
-      plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[wg],
-                              row_barriers.at[3 * wg + 2])
-      for n in range(3):
-        plgpu.barrier_wait(row_barriers.at[3 * wg + n])
-      lse2, delta, lo_q, hi_q = (_rows(stats_smem[wg, n], interpret) for n in range(4))
-      spans = (lo_q.astype(jnp.int32), hi_q.astype(jnp.int32))
+      lse2, delta, spans = load_query_rows(
+          (q_ref, do_ref, stats_ref), (q_smem.at[wg], do_smem.at[wg], stats_smem.at[wg]),
+          [row_barriers.at[3 * wg + n] for n in range(3)], b, h, queries)
 
       def release(j, dq):  # a block outside this group's range: observe it, pass it on
         slot = slot_of(j)
