@@ -263,3 +263,30 @@ def test_local_forwards_sigterm(tmp_path):
   assert job.returncode == 0, out
   assert 'process 0: SIGTERM' in out
   assert 'process 2: SIGTERM' in (tmp_path / 'run' / 'logs' / 'process_2.log').read_text()
+
+
+def test_attention_ab_snapshot_is_a_self_contained_working_copy(tmp_path):
+  """`attention_ab.py snapshot` renames a revision's kernels to euro_lm_before: importing
+  them loads nothing of euro_lm (so the A/B times two different kernels), and they agree
+  with a float64 reference."""
+  subprocess.run([sys.executable, str(LAUNCH / 'attention_ab.py'), 'snapshot', 'HEAD',
+                  str(tmp_path)], check=True, cwd=REPO, capture_output=True)
+  check = """
+import sys
+import numpy as np, jax, jax.numpy as jnp
+from euro_lm_before.kernels import flash_attention
+q, k, v = (jax.random.normal(key, (1, 128, 2, 64), jnp.float32)
+           for key in jax.random.split(jax.random.key(0), 3))
+out = flash_attention(q, k, v, causal=True, backend='gpu')
+qd, kd, vd = (np.asarray(x, np.float64) for x in (q, k, v))
+scores = np.einsum('bqhd,bkhd->bhqk', qd, kd) / 8 + np.triu(np.full((128, 128), -np.inf), 1)
+p = np.exp(scores - scores.max(-1, keepdims=True))
+expected = np.einsum('bhqk,bkhd->bqhd', p / p.sum(-1, keepdims=True), vd)
+np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+assert not [m for m in sys.modules if m == 'euro_lm' or m.startswith('euro_lm.')]
+print('ok')
+"""
+  result = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().endswith('ok')

@@ -550,8 +550,14 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg
 
 
 def _softmax_delta(out, d_out):
-  """delta_i = sum_d dO_id * O_id, float32 `[B, H, L]`: the softmax gradient's row term."""
-  return jnp.einsum('blhd,blhd->bhl', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  """delta_i = sum_d dO_id * O_id, float32 `[B, H, L]`: the softmax gradient's row term.
+
+  Summed over D in the inputs' `[B, L, H]` order, then transposed. The barrier keeps XLA
+  from fusing the sum into its `[B, H, L]`-ordered consumer: there each thread summed one
+  row while its warp's neighbours read 4 KB apart, and on an H100 at 4k that kernel took
+  0.29 ms, a tenth of the whole forward+backward (cuDNN's takes 0.09 ms)."""
+  per_row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  return jnp.swapaxes(lax.optimization_barrier(per_row), 1, 2)
 
 
 def _backward(static, q, k, v, segment_ids, out, lse, d_out):
