@@ -48,6 +48,9 @@ def get_config(arg=None):
   t.nonfinite_policy = 'stop'      # non-finite loss/gradient: stop | skip (the update)
   t.max_skipped_in_a_row = 10      # skip: stop after more consecutive skipped updates than this
   t.skip_grad_norm_above = 0.0     # skip: also skip updates whose gradient norm exceeds this; 0 off
+  t.profile_start_step = 0         # >0: trace steps [this, this + profile_steps) with the JAX
+                                   # profiler into workdir/tensorboard; 0 off
+  t.profile_steps = 3              # steps in that trace
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4           # peak learning rate

@@ -66,10 +66,12 @@ def validate(config, num_devices, process_count=1, platform=None):
          '(set model.head_dim explicitly)')
   for path in ('model.loss_chunk_length', 'optimizer.warmup_steps', 'train.eval_every',
                'train.eval_batches', 'train.checkpoint_every', 'train.checkpoint_every_minutes',
-               'train.keep_checkpoints_every', 'train.skip_grad_norm_above'):
+               'train.keep_checkpoints_every', 'train.skip_grad_norm_above',
+               'train.profile_start_step'):
     section, field = path.split('.')
     _check(config[section][field] >= 0, f'{path}={config[section][field]} must be >= 0')
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
+  _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')
   _check(t.max_skipped_in_a_row >= 1,
          f'train.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 1')
   _check(not t.skip_grad_norm_above or t.nonfinite_policy == 'skip',

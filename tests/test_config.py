@@ -59,6 +59,8 @@ def test_a_valid_config_resolves_the_mesh():
     ({'train.steps': 0}, 'train.steps=0 must be positive'),
     ({'optimizer.warmup_steps': -1}, 'optimizer.warmup_steps=-1 must be >= 0'),
     ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
+    ({'train.profile_steps': 0}, 'train.profile_steps=0 must be >= 1'),
+    ({'train.profile_start_step': -1}, 'train.profile_start_step=-1 must be >= 0'),
     ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.compute_dtype"),
     ({'model.attention_impl': 'pallas', 'train.seq_len': 96}, 'train.seq_len=96 must be a multiple of 64'),
     ({'model.pallas_backend': 'triton'}, "model.pallas_backend='triton' is not one of 'auto', 'gpu'"),

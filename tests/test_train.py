@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import tiny
 from euro_lm.train.loop import TrainingError, train
+from euro_lm.train.profiling import StepProfiler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,3 +99,35 @@ def test_readme_command_line(tiny_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert [r['step'] for r in read_metrics(tmp_path) if 'loss' in r] == [2, 4]
   assert 'done: step 4' in result.stdout
+
+
+def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
+  """train.profile_start_step=2, profile_steps=2: one trace in the TensorBoard directory
+  (TensorBoard's and Perfetto's formats), whose annotated steps are 2 and 3 alone, with the
+  compiled train step running in it."""
+  c = fast_tiny(steps=5, log_every=5, eval_every=0, checkpoint_every=0, profile_start_step=2,
+                profile_steps=2)
+  c.model.num_layers = 1
+  c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
+  train(c, str(tmp_path))
+  runs = glob.glob(str(tmp_path / 'tensorboard' / 'plugins' / 'profile' / '*'))
+  assert len(runs) == 1
+  assert os.path.exists(os.path.join(runs[0], 'perfetto_trace.json.gz'))
+  (xspace,) = glob.glob(os.path.join(runs[0], '*.xplane.pb'))
+  events = [event for plane in jax.profiler.ProfileData.from_file(xspace).planes
+            for line in plane.lines for event in line.events]
+  steps = [dict(event.stats)['step_num'] for event in events if event.name == 'train']
+  assert steps == [2, 3]
+  assert any('jit_train_step' in event.name for event in events)
+
+
+def test_profile_window_before_a_resumed_step_is_skipped_with_a_message(tmp_path):
+  said = []
+  profiler = StepProfiler(str(tmp_path / 'trace'), first=2, count=2, start_step=5,
+                          log=said.append)
+  with profiler.step(6):
+    pass
+  assert not profiler.after(6, None)
+  profiler.close()
+  assert said == ['not profiling: train.profile_start_step=2 is not after the resumed step 5']
+  assert not os.path.exists(tmp_path / 'trace')

@@ -21,6 +21,7 @@ from euro_lm.model import Decoder, train_flops_per_token
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.preemption import PreemptionWatch
+from euro_lm.train.profiling import StepProfiler, trace_directory
 from euro_lm.train.state import abstract_train_state, create_train_state, train_state_from_params
 from euro_lm.train.step import make_eval_step, make_train_step
 
@@ -170,6 +171,8 @@ def train(config, workdir):
   flops_per_token = train_flops_per_token(config.model, t.seq_len)
   peak = peak_flops_per_device(config, jax.devices()[0])
   writer = MetricWriter(workdir, enabled=is_chief)
+  profiler = StepProfiler(trace_directory(workdir, process_index), t.profile_start_step,
+                          t.profile_steps, start_step, log)
   bar = progress_bar(t.steps, start_step, enabled=is_chief)
   last_metrics, last_eval = {}, {}
   pending_timings = {}  # written with the next logged metrics
@@ -240,8 +243,10 @@ def train(config, workdir):
       for step in range(start_step + 1, t.steps + 1):
         if step > start_step + 1:
           batch = global_batch(next(train_iterator), mesh, rules)
-        state, metrics_future = train_step(state, batch)
+        with profiler.step(step):
+          state, metrics_future = train_step(state, batch)
         fragmentation_guard.after_step()
+        profiled = profiler.after(step, metrics_future)
         if pending:
           report(*pending)
         pending = (step, metrics_future)
@@ -263,8 +268,8 @@ def train(config, workdir):
           log(f'stopped by {preemption.signal_name} after step {step}: saved '
               f'{checkpointer.step_directory(step)}. Run the same command to resume.')
           break
-        if do_eval or do_save:  # keep evaluation and saving out of the throughput window
-          window_start, window_step = time.perf_counter(), step
+        if do_eval or do_save or profiled:  # keep evaluation, saving and tracing out of
+          window_start, window_step = time.perf_counter(), step  # the throughput window
       else:
         log(f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
             f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
@@ -273,6 +278,7 @@ def train(config, workdir):
         writer.write(step, pending_timings)
     failing = False
   finally:
+    profiler.close()
     bar.close()
     _close(checkpointer, failing)
     writer.close()
