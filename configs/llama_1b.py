@@ -1,6 +1,8 @@
 """~1.2B-parameter Llama-style model (Llama-3.2-1B shape with a 64k vocabulary), 4k context.
 
-Variants: `:gpu` (bfloat16, cuDNN attention, remat of matmul outputs).
+Variants: `:gpu` (bfloat16, `auto` attention, remat of matmul outputs). `auto` runs
+euro_lm's Hopper kernels on H100/H200 (a step 8% faster than with cuDNN on an H100),
+cuDNN on other NVIDIA GPUs, and the Triton kernels on AMD GPUs.
 """
 
 from configs import base
@@ -23,6 +25,6 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 2000
   if arg == 'gpu':
     c.model.compute_dtype = 'bfloat16'
-    c.model.attention_impl = 'cudnn'
+    c.model.attention_impl = 'auto'
     c.model.remat_policy = 'dots_no_batch'
   return c

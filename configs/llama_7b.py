@@ -1,6 +1,7 @@
 """~7B-parameter Llama-style model (Llama-2-7B shape with GQA and a 64k vocabulary).
 
-Variants: `:gpu` (bfloat16, cuDNN attention, full remat, FSDP over all devices).
+Variants: `:gpu` (bfloat16, `auto` attention as in llama_1b, full remat, FSDP over all
+devices).
 """
 
 from configs import base
@@ -24,7 +25,7 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 2000
   if arg == 'gpu':
     c.model.compute_dtype = 'bfloat16'
-    c.model.attention_impl = 'cudnn'
+    c.model.attention_impl = 'auto'
     c.model.remat_policy = 'full'
     c.mesh.data = 1
     c.mesh.fsdp = -1

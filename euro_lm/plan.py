@@ -253,11 +253,18 @@ def _layer_terms(m, b, seq_len, policy, cs):
 def _attention_transient(m, b, seq_len, cs):
   """The xla attention's largest query chunk, in its backward: float32 scores, probabilities
   and their gradient (and a compute-dtype copy in 16 bits). cudnn/pallas work in blocks."""
-  if m.attention_impl not in ('xla', 'auto'):  # auto falls back to xla off GPUs/TPUs
+  if not _may_run_xla_attention(m):
     return []
   chunks = xla_query_chunks(seq_len, causal=True)
   BHQL = (('batch', 'heads', 'length', None), (b, m.num_heads, seq_len // chunks, seq_len))
   return [(*BHQL, 4)] * 3 + ([(*BHQL, cs)] if cs != 4 else [])
+
+
+def _may_run_xla_attention(m):
+  """'xla', or 'auto' in float32: on an accelerator, 16-bit 'auto' runs blockwise kernels
+  (pallas or cuDNN), and float32 'auto' falls back to xla where the kernels do not fit."""
+  return m.attention_impl == 'xla' or (m.attention_impl == 'auto'
+                                       and m.compute_dtype == 'float32')
 
 
 def _bytes(terms, rules, degrees):
@@ -385,7 +392,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
     if m.remat_policy == 'none':
       candidates.append({'model.remat_policy': 'dots_no_batch'})
     candidates.append({'model.remat_policy': 'full'})
-  if m.attention_impl in ('xla', 'auto'):
+  if _may_run_xla_attention(m):
     candidates.append({'model.attention_impl': 'pallas'})
   if not m.loss_chunk_length and t.seq_len > LOSS_CHUNK_LENGTH:
     candidates.append({'model.loss_chunk_length': LOSS_CHUNK_LENGTH})

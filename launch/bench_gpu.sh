@@ -33,14 +33,15 @@ b=--config.train.global_batch_size
 # same batch; the pallas kernels skip the blocks that document edges hide, where cuDNN gets a
 # dense [B, 1, L, L] mask.
 run 1b_pallas_dots --config=configs/llama_1b.py:gpu --config.model.attention_impl=pallas $b=8 --steps=8
-run 1b_cudnn_noremat --config=configs/llama_1b.py:gpu --config.model.remat_policy=none $b=4 --steps=8
-run 1b_cudnn_dots --config=configs/llama_1b.py:gpu $b=8 --steps=8
+cudnn=--config.model.attention_impl=cudnn  # the :gpu preset's auto runs our kernels on Hopper
+run 1b_cudnn_noremat --config=configs/llama_1b.py:gpu $cudnn --config.model.remat_policy=none $b=4 --steps=8
+run 1b_cudnn_dots --config=configs/llama_1b.py:gpu $cudnn $b=8 --steps=8
 # The xla attention (the fallback where cuDNN is missing, as on AMD GPUs), in query chunks
 # since 6f4a512: it ran out of memory before that.
 run 1b_xla_noremat --config=configs/llama_1b.py:gpu --config.model.attention_impl=xla --config.model.remat_policy=none $b=4 --steps=8
 # The fused, chunked loss (model.loss_chunk_length): same batch (A/B), then the batch of 16
 # that needs 91 GiB without it (H200) and should fit an H100 with it.
 chunk=--config.model.loss_chunk_length=512
-run 1b_cudnn_dots_chunked --config=configs/llama_1b.py:gpu $chunk $b=8 --steps=8
-run 1b_cudnn_dots_b16_chunked --config=configs/llama_1b.py:gpu $chunk $b=16 --steps=6
+run 1b_cudnn_dots_chunked --config=configs/llama_1b.py:gpu $cudnn $chunk $b=8 --steps=8
+run 1b_cudnn_dots_b16_chunked --config=configs/llama_1b.py:gpu $cudnn $chunk $b=16 --steps=6
 run 125m_cudnn --config=configs/llama_125m.py:bf16 --config.model.attention_impl=cudnn $b=16 --steps=10 --compile_layers=4,32

@@ -1,5 +1,7 @@
 """Attention against an independent float64 numpy reference."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,12 +202,32 @@ def test_sharded_pallas_attention_matches_xla(heads_axis):
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
 
 
-def test_auto_takes_pallas_only_where_the_chosen_kernels_fit(monkeypatch):
-  from euro_lm.model.attention import _auto_impl  # pylint: disable=g-import-not-at-top
-  assert _auto_impl(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'xla'  # on a CPU: always xla
+def test_auto_takes_what_ran_fastest_on_each_device(monkeypatch):
+  # The modules (their packages export functions of the same names).
+  kernels = importlib.import_module('euro_lm.kernels.flash_attention')
+  attention_lib = importlib.import_module('euro_lm.model.attention')
+  auto = attention_lib._auto_impl  # pylint: disable=protected-access
+  assert auto(4096, 128, jnp.bfloat16, None) == 'xla'  # on a CPU: always xla
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert _auto_impl(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'pallas'
-  assert _auto_impl(192, 64, jnp.bfloat16, 'mosaic_gpu') == 'xla'  # Hopper blocks are 128
-  assert _auto_impl(256, 64, jnp.float32, 'mosaic_gpu') == 'xla'  # Hopper kernels: 16-bit
-  assert _auto_impl(192, 64, jnp.float32, None) == 'pallas'  # Triton, blocks of 64
-  assert _auto_impl(192, 64, jnp.float32, 'tpu') == 'xla'  # TPU blocks are 128
+  monkeypatch.setattr(attention_lib, '_on_nvidia_gpu', lambda: True)
+  # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
+  assert auto(4096, 128, jnp.bfloat16, None) == 'cudnn'
+  assert auto(192, 64, jnp.float32, None) == 'pallas'  # cuDNN takes 16 bits only
+  assert auto(200, 64, jnp.float32, None) == 'xla'  # Triton blocks are 64
+  # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
+  assert auto(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'pallas'
+  assert auto(256, 64, jnp.bfloat16, 'gpu') == 'pallas'
+  assert auto(192, 64, jnp.bfloat16, 'mosaic_gpu') == 'cudnn'  # Hopper blocks are 128
+  assert auto(256, 64, jnp.float32, 'mosaic_gpu') == 'xla'  # Hopper kernels: 16-bit
+  # Hopper: its own kernels from 4k tokens, where they beat cuDNN; cuDNN below.
+  monkeypatch.setattr(kernels, '_device_kind', lambda device=None: 'hopper')
+  assert auto(4096, 128, jnp.bfloat16, None) == 'pallas'
+  assert auto(2048, 128, jnp.bfloat16, None) == 'cudnn'
+  # AMD: no cuDNN, so the Triton kernels wherever they fit.
+  monkeypatch.setattr(kernels, '_device_kind', lambda device=None: 'gpu')
+  monkeypatch.setattr(attention_lib, '_on_nvidia_gpu', lambda: False)
+  assert auto(2048, 128, jnp.bfloat16, None) == 'pallas'
+  assert auto(200, 64, jnp.bfloat16, None) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert auto(192, 64, jnp.float32, 'tpu') == 'xla'  # TPU blocks are 128
+  assert auto(256, 64, jnp.float32, 'tpu') == 'pallas'

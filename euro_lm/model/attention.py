@@ -3,10 +3,10 @@
 `impl='xla'` is the reference (plain einsums, any platform); `impl='cudnn'` calls
 `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs); `impl='pallas'` is
 euro_lm's flash attention kernels (euro_lm.kernels: Triton on GPUs, Mosaic on TPUs,
-interpreted on CPU); `impl='auto'` is pallas on GPUs and TPUs when the sequence length fits
-the kernels' default blocks, and xla otherwise. All take q `[B, L, H, D]` and k, v
-`[B, L, K, D]` with K dividing H (grouped-query attention: K/V are never repeated in
-memory) and optional packed-document `segment_ids` `[B, L]`: a token attends only to
+interpreted on CPU); `impl='auto'` picks by device what ran fastest (`_auto_impl`): pallas
+on TPUs, on AMD GPUs and on H100/H200s at 4k and longer, cuDNN on other NVIDIA GPUs and
+shorter rows, xla on CPUs. All take q `[B, L, H, D]` and k, v `[B, L, K, D]` with K
+dividing H (grouped-query attention: K/V are never repeated in memory) and optional packed-document `segment_ids` `[B, L]`: a token attends only to
 earlier tokens of its own segment, and segment 0 is padding that attends nowhere (its
 output is zero).
 """
@@ -83,15 +83,31 @@ def _dividing(axes, size, mesh):
 
 
 def _auto_impl(length, head_dim, dtype, pallas_backend):
-  """'pallas' on GPUs and TPUs where the kernels (`pallas_backend`, or the device's
-  default) take the shapes and dtype, else 'xla'."""
+  """What `impl='auto'` runs, by device, as measured (BENCHMARKS.md).
+
+  On TPUs and GPUs: 'pallas' where its kernels (`pallas_backend`, or the device's default)
+  take the shapes and dtype. On NVIDIA GPUs, 16-bit runs take 'cudnn' instead where the
+  pallas kernels would be the Triton ones (a device's own pick, or a shape no kernel takes):
+  on an H100, cuDNN ran attention 1.3x as fast as them. The Hopper kernels, which an
+  H100/H200 picks at 4k tokens and longer, made a 1B train step 8% faster than cuDNN did.
+  Elsewhere, and on CPUs: 'xla'.
+  """
   if jax.default_backend() not in ('gpu', 'tpu'):  # 'gpu' for CUDA and ROCm
     return 'xla'
   from euro_lm.kernels.flash_attention import default_backend, length_multiple  # pylint: disable=g-import-not-at-top
   backend = pallas_backend or default_backend(dtype, length, head_dim)
-  if backend == 'mosaic_gpu' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-    return 'xla'
-  return 'pallas' if length % length_multiple(head_dim, backend) == 0 else 'xla'
+  sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  cudnn = jax.default_backend() == 'gpu' and sixteen_bit and _on_nvidia_gpu()
+  fits = ((backend != 'mosaic_gpu' or sixteen_bit)
+          and length % length_multiple(head_dim, backend) == 0)
+  if fits and not (cudnn and pallas_backend is None and backend == 'gpu'):
+    return 'pallas'
+  return 'cudnn' if cudnn else 'xla'
+
+
+def _on_nvidia_gpu():
+  from euro_lm.config import device_platform  # pylint: disable=g-import-not-at-top
+  return device_platform(jax.devices()[0]) == 'cuda'
 
 
 def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
