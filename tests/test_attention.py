@@ -213,6 +213,7 @@ def test_auto_takes_what_ran_fastest_on_each_device(monkeypatch):
   # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
   assert auto(4096, 128, jnp.bfloat16, None) == 'cudnn'
   assert auto(192, 64, jnp.float32, None) == 'pallas'  # cuDNN takes 16 bits only
+  assert auto(4096, 256, jnp.bfloat16, None) == 'pallas'  # and head_dim <= 128
   assert auto(200, 64, jnp.float32, None) == 'xla'  # Triton blocks are 64
   # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
   assert auto(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'pallas'

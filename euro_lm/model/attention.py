@@ -97,7 +97,9 @@ def _auto_impl(length, head_dim, dtype, pallas_backend):
   from euro_lm.kernels.flash_attention import default_backend, length_multiple  # pylint: disable=g-import-not-at-top
   backend = pallas_backend or default_backend(dtype, length, head_dim)
   sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  cudnn = jax.default_backend() == 'gpu' and sixteen_bit and _on_nvidia_gpu()
+  # cuDNN's flash attention takes head_dim <= 128 on every NVIDIA generation it supports.
+  cudnn = (jax.default_backend() == 'gpu' and sixteen_bit and head_dim <= 128
+           and _on_nvidia_gpu())
   fits = ((backend != 'mosaic_gpu' or sixteen_bit)
           and length % length_multiple(head_dim, backend) == 0)
   if fits and not (cudnn and pallas_backend is None and backend == 'gpu'):
