@@ -51,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from euro_lm.kernels import BlockSizes  # noqa: E402
 from euro_lm.kernels import flash_attention  # noqa: E402
+from euro_lm.kernels.bench import relative_error as rel, with_grads  # noqa: E402
 
 gpu = jax.default_backend() == 'gpu'
 B, L, H, D = (4, 4096, 16, 128) if gpu else (1, 256, 2, 64)
@@ -81,7 +82,7 @@ def timed(fn, args, rounds=7, calls=10):
 
 def pair(fn):
   """jit of fn's forward, and of its forward+backward taking dO as an argument."""
-  return jax.jit(fn), jax.jit(lambda q, k, v, d: jax.vjp(fn, q, k, v)[1](d))
+  return jax.jit(fn), with_grads(fn)
 
 
 def hopper(attention, **blocks):
@@ -92,11 +93,6 @@ def hopper(attention, **blocks):
 def dot_product_attention(implementation):
   return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                       implementation=implementation)
-
-
-def rel(a, b):
-  return float(jnp.linalg.norm((a - b).astype(jnp.float32))
-               / jnp.linalg.norm(b.astype(jnp.float32)))
 
 
 reference = [f(*args) for f, args in zip(pair(dot_product_attention('xla')),

@@ -132,6 +132,12 @@ def with_grads(fn):
   return jax.jit(lambda q, k, v, d_out: jax.vjp(fn, q, k, v)[1](d_out))
 
 
+def relative_error(a, b):
+  """|a - b| / |b| in float32 (Frobenius norms)."""
+  return float(jnp.linalg.norm((a - b).astype(jnp.float32))
+               / jnp.linalg.norm(b.astype(jnp.float32)))
+
+
 def random_inputs(batch, length, seed=0):
   keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (batch, length, _HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
@@ -353,11 +359,9 @@ def main(argv):
         reference = (out, grads)
         errors = ('ref', 'ref')
       else:
-        rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
-                                 / jnp.linalg.norm(b.astype(jnp.float32)))
-        errors = (f'{rel(out, reference[0]):.1e}',
+        errors = (f'{relative_error(out, reference[0]):.1e}',
                   'n/a' if grads is None else
-                  f'{max(rel(a, b) for a, b in zip(grads, reference[1])):.1e}')
+                  f'{max(relative_error(a, b) for a, b in zip(grads, reference[1])):.1e}')
       t_fwd = timed(forward, q, k, v)
       both = '| n/a | n/a'
       if grads is not None:

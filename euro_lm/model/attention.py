@@ -6,9 +6,9 @@ euro_lm's flash attention kernels (euro_lm.kernels: Triton on GPUs, Mosaic on TP
 interpreted on CPU); `impl='auto'` picks by device what ran fastest (`_auto_impl`): pallas
 on TPUs, on AMD GPUs and on H100/H200s at 4k and longer, cuDNN on other NVIDIA GPUs and
 shorter rows, xla on CPUs. All take q `[B, L, H, D]` and k, v `[B, L, K, D]` with K
-dividing H (grouped-query attention: K/V are never repeated in memory) and optional packed-document `segment_ids` `[B, L]`: a token attends only to
-earlier tokens of its own segment, and segment 0 is padding that attends nowhere (its
-output is zero).
+dividing H (grouped-query attention: K/V are never repeated in memory) and optional
+packed-document `segment_ids` `[B, L]`: a token attends only to earlier tokens of its own
+segment, and segment 0 is padding that attends nowhere (its output is zero).
 """
 
 import functools
@@ -92,14 +92,14 @@ def _auto_impl(length, head_dim, dtype, pallas_backend):
   H100/H200 picks at 4k tokens and longer, made a 1B train step 8% faster than cuDNN did.
   Elsewhere, and on CPUs: 'xla'.
   """
-  if jax.default_backend() not in ('gpu', 'tpu'):  # 'gpu' for CUDA and ROCm
+  platform = jax.default_backend()  # 'gpu' for CUDA and ROCm
+  if platform not in ('gpu', 'tpu'):
     return 'xla'
   from euro_lm.kernels.flash_attention import default_backend, length_multiple  # pylint: disable=g-import-not-at-top
   backend = pallas_backend or default_backend(dtype, length, head_dim)
   sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
   # cuDNN's flash attention takes head_dim <= 128 on every NVIDIA generation it supports.
-  cudnn = (jax.default_backend() == 'gpu' and sixteen_bit and head_dim <= 128
-           and _on_nvidia_gpu())
+  cudnn = platform == 'gpu' and sixteen_bit and head_dim <= 128 and _on_nvidia_gpu()
   fits = ((backend != 'mosaic_gpu' or sixteen_bit)
           and length % length_multiple(head_dim, backend) == 0)
   if fits and not (cudnn and pallas_backend is None and backend == 'gpu'):
