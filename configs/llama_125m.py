@@ -1,10 +1,10 @@
 """~124M-parameter Llama-style model (GPT-3 Small shape: 12 x 768, 12 heads). Variants: `:bf16`."""
 
-from configs import base
+from euro_lm.config import base_config
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = base_config()
   c.model.vocab_size = 32_000
   c.model.num_layers = 12
   c.model.embed_dim = 768

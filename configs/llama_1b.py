@@ -5,11 +5,11 @@ euro_lm's Hopper kernels on H100/H200 (a step 8% faster than with cuDNN on an H1
 cuDNN on other NVIDIA GPUs, and the Triton kernels on AMD GPUs.
 """
 
-from configs import base
+from euro_lm.config import base_config
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = base_config()
   c.model.vocab_size = 65_536
   c.model.num_layers = 16
   c.model.embed_dim = 2048

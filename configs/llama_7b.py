@@ -4,11 +4,11 @@ Variants: `:gpu` (bfloat16, `auto` attention as in llama_1b, full remat, FSDP ov
 devices).
 """
 
-from configs import base
+from euro_lm.config import base_config
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = base_config()
   c.model.vocab_size = 65_536
   c.model.num_layers = 32
   c.model.embed_dim = 4096

@@ -3,11 +3,11 @@
 Trains in a few minutes on 2 CPU cores with a clearly falling per-language validation loss.
 """
 
-from configs import base
+from euro_lm.config import base_config
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
+  c = base_config()
   c.model.vocab_size = 4096
   c.model.num_layers = 4
   c.model.embed_dim = 256

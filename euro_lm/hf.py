@@ -553,7 +553,7 @@ def import_hf(hf_dir, workdir, log=print):
   so host memory holds one leaf, not the model. Returns the euro_lm config (a ConfigDict).
   """
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
-  from configs import base  # pylint: disable=import-outside-toplevel
+  from euro_lm.config import base_config  # pylint: disable=import-outside-toplevel
   from euro_lm.checkpoint import layer_chunk_axes  # pylint: disable=import-outside-toplevel
 
   config_path = os.path.join(hf_dir, CONFIG_FILE)
@@ -587,7 +587,7 @@ def import_hf(hf_dir, workdir, log=print):
     ocp.partial.finalize(step_dir)
   state_dir = os.path.join(step_dir, 'state')
 
-  config = base.get_config()
+  config = base_config()
   config.model.update(model)
   config.train.init_from = workdir
   tokenizer_src = os.path.join(hf_dir, TOKENIZER_FILE)
@@ -601,8 +601,8 @@ def import_hf(hf_dir, workdir, log=print):
   overrides = training_overrides(config)
   with open(os.path.join(workdir, 'hf_config.py'), 'w', encoding='utf-8') as f:
     f.write(f'"""euro_lm config for the HF model imported from {hf_dir}."""\n\n'
-            'from configs import base\n\n\ndef get_config(arg=None):\n'
-            '  c = base.get_config(arg)\n')
+            'from euro_lm.config import base_config\n\n\ndef get_config(arg=None):\n'
+            '  del arg\n  c = base_config()\n')
     for key, value in overrides.items():
       f.write(f'  c.{key} = {value!r}\n')
     f.write('  return c\n')

@@ -6,23 +6,7 @@ import os
 
 import tqdm
 
-# Dense bfloat16/float16 peak FLOP/s per device (vendor datasheets, without sparsity).
-# Matched in order against `jax.Device.device_kind`; more specific names first.
-PEAK_FLOPS_16BIT = (
-    ('H100 PCIe', 756e12),
-    ('H100 NVL', 835e12),
-    ('H100', 989e12),
-    ('H200', 989e12),
-    ('GH200', 989e12),
-    ('A100', 312e12),
-    ('MI300X', 1307e12),
-    ('MI250X', 191.5e12),  # per GCD (LUMI-G exposes each GCD as one device)
-    ('TPU v6', 918e12),
-    ('TPU v5 lite', 197e12),  # v5e
-    ('TPU v5', 459e12),       # v5p reports plain 'TPU v5'
-    ('TPU v4', 275e12),
-)
-
+from euro_lm.devices import find_accelerator
 
 def peak_flops_per_device(config, device):
   """The config's peak if set, else the 16-bit datasheet peak of a known accelerator when
@@ -31,10 +15,8 @@ def peak_flops_per_device(config, device):
     return float(config.hardware.peak_flops_per_device)
   if config.model.compute_dtype not in ('bfloat16', 'float16'):
     return None
-  for name, flops in PEAK_FLOPS_16BIT:
-    if name in device.device_kind:
-      return flops
-  return None
+  known = find_accelerator(device.device_kind)
+  return known.peak_flops_16bit if known else None
 
 
 class MetricWriter:

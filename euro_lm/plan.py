@@ -54,7 +54,6 @@ Validated against `compiled.memory_analysis()` of the real train step on CPU
 import copy
 import dataclasses
 import math
-import re
 import sys
 
 import jax
@@ -62,7 +61,7 @@ from flax import linen as nn
 
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
-from euro_lm.metrics import PEAK_FLOPS_16BIT
+from euro_lm import devices
 from euro_lm.model import Decoder, param_count, train_flops_per_token
 from euro_lm.model.attention import xla_query_chunks
 from euro_lm.model.layers import head_dim
@@ -72,42 +71,30 @@ from euro_lm.train.state import init_boxed
 
 GIB = 2 ** 30
 
-# Device memory in GiB as one JAX device sees it, for the accelerators whose peak FLOPs
-# euro_lm.metrics knows (same names). A100 is the 80 GB part: pass device_memory_gb=40 for
-# the 40 GB one.
-DEVICE_MEMORY_GIB = {
-    'H100 PCIe': 80, 'H100 NVL': 94, 'H100': 80, 'H200': 141, 'GH200': 96, 'A100': 80,
-    'MI300X': 192, 'MI250X': 64, 'TPU v6': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v4': 32,
-}
-
 USABLE_FRACTION = 0.9  # of device memory; the rest is runtime reserves and fragmentation
 
 
 # --------------------------------------------------------------------------- accelerators
 
 
-def _normalise(name):
-  return re.sub(r'[\s_\-]', '', name).lower()
-
-
 def accelerator_names():
-  """Known accelerator names (those of euro_lm.metrics.PEAK_FLOPS_16BIT)."""
-  return tuple(name for name, _ in PEAK_FLOPS_16BIT)
+  """Known accelerator names (`euro_lm.devices.ACCELERATORS`)."""
+  return devices.accelerator_names()
 
 
 def accelerator(name):
   """`(canonical name, peak 16-bit FLOP/s, device memory GiB)` for a known accelerator,
   matched ignoring case, spaces, '-' and '_' ('h100', 'tpu_v5_lite', 'H100 PCIe').
   Raises ConfigError listing the known names otherwise."""
-  for known, flops in PEAK_FLOPS_16BIT:
-    if _normalise(known) == _normalise(name):
-      return known, flops, DEVICE_MEMORY_GIB.get(known)
-  raise ConfigError(f'unknown accelerator {name!r}; known: {", ".join(accelerator_names())} '
-                    '(or give --device_memory_gb)')
+  try:
+    known = devices.accelerator(name)
+  except ConfigError as e:
+    raise ConfigError(f'{e} (or give --device_memory_gb)') from None
+  return known.name, known.peak_flops_16bit, known.memory_gib
 
 
 def peak_flops(name):
-  """Dense 16-bit peak FLOP/s per device of a known accelerator (euro_lm.metrics' table)."""
+  """Dense 16-bit peak FLOP/s per device of a known accelerator."""
   return accelerator(name)[1]
 
 

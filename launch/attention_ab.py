@@ -10,7 +10,7 @@ bf16, B 4), in one process, so that run-to-run spread between processes does not
       python3 launch/attention_ab.py prof   # one forward+backward each of ours and cuDNN's
 
 Each row is checked against XLA first. Times are per call, back to back (as
-`euro_lm.kernels.bench`), next to the median of calls awaited one at a time. On a CPU it
+`euro_lm.bench.attention`), next to the median of calls awaited one at a time. On a CPU it
 is a smoke run: tiny shapes, the kernels interpreted, no cuDNN.
 """
 import os
@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from euro_lm.kernels import BlockSizes  # noqa: E402
 from euro_lm.kernels import flash_attention  # noqa: E402
-from euro_lm.kernels.bench import relative_error as rel, with_grads  # noqa: E402
+from euro_lm.bench.attention import relative_error as rel, with_grads  # noqa: E402
 
 gpu = jax.default_backend() == 'gpu'
 B, L, H, D = (4, 4096, 16, 128) if gpu else (1, 256, 2, 64)

@@ -14,7 +14,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
-bench() { timeout "$1" python3 -m euro_lm.kernels.bench "${@:3}" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$2.txt"; }
+bench() { timeout "$1" python3 -m euro_lm.bench.attention "${@:3}" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$2.txt"; }
 for part in $parts; do
   case $part in
     sweep) bench 240 sweep_4k --lengths=4096 --sweep ;;

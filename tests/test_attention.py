@@ -1,6 +1,7 @@
 """Attention against an independent float64 numpy reference."""
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,11 @@ import numpy as np
 import pytest
 
 from attention_reference import jnp_reference
+from euro_lm import devices
 from euro_lm.model.attention import attention, xla_query_chunks
+
+# The module (the package exports a function of the same name).
+attention_lib = importlib.import_module('euro_lm.model.attention')
 
 
 def reference_attention(q, k, v, segment_ids, causal):
@@ -123,7 +128,7 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 def test_unknown_impl_is_rejected():
   x = jnp.zeros((1, 4, 2, 8))
-  with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+  with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
     attention(x, x, x, impl='flash')
 
 
@@ -202,33 +207,81 @@ def test_sharded_pallas_attention_matches_xla(heads_axis):
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
 
 
-def test_auto_takes_what_ran_fastest_on_each_device(monkeypatch):
-  # The modules (their packages export functions of the same names).
-  kernels = importlib.import_module('euro_lm.kernels.flash_attention')
-  attention_lib = importlib.import_module('euro_lm.model.attention')
-  auto = attention_lib._auto_impl  # pylint: disable=protected-access
-  assert auto(4096, 128, jnp.bfloat16, None) == 'xla'  # on a CPU: always xla
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  monkeypatch.setattr(attention_lib, '_on_nvidia_gpu', lambda: True)
-  # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
-  assert auto(4096, 128, jnp.bfloat16, None) == 'cudnn'
-  assert auto(192, 64, jnp.float32, None) == 'pallas'  # cuDNN takes 16 bits only
-  assert auto(4096, 256, jnp.bfloat16, None) == 'pallas'  # and head_dim <= 128
-  assert auto(200, 64, jnp.float32, None) == 'xla'  # Triton blocks are 64
-  # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
-  assert auto(256, 64, jnp.bfloat16, 'mosaic_gpu') == 'pallas'
-  assert auto(256, 64, jnp.bfloat16, 'gpu') == 'pallas'
-  assert auto(192, 64, jnp.bfloat16, 'mosaic_gpu') == 'cudnn'  # Hopper blocks are 128
-  assert auto(256, 64, jnp.float32, 'mosaic_gpu') == 'xla'  # Hopper kernels: 16-bit
-  # Hopper: its own kernels from 4k tokens, where they beat cuDNN; cuDNN below.
-  monkeypatch.setattr(kernels, '_device_kind', lambda device=None: 'hopper')
-  assert auto(4096, 128, jnp.bfloat16, None) == 'pallas'
-  assert auto(2048, 128, jnp.bfloat16, None) == 'cudnn'
-  # AMD: no cuDNN, so the Triton kernels wherever they fit.
-  monkeypatch.setattr(kernels, '_device_kind', lambda device=None: 'gpu')
-  monkeypatch.setattr(attention_lib, '_on_nvidia_gpu', lambda: False)
-  assert auto(2048, 128, jnp.bfloat16, None) == 'pallas'
-  assert auto(200, 64, jnp.bfloat16, None) == 'xla'
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert auto(192, 64, jnp.float32, 'tpu') == 'xla'  # TPU blocks are 128
-  assert auto(256, 64, jnp.float32, 'tpu') == 'pallas'
+def _resolved(impl, length, head_dim, dtype, device, pallas_backend='auto'):
+  choice = attention_lib.resolve(impl, pallas_backend, dtype=dtype, length=length,
+                                 head_dim=head_dim, device=device)
+  return choice.impl if choice.impl != 'pallas' else f'pallas:{choice.backend}'
+
+
+CPU, TPU = devices.Device('cpu'), devices.Device('tpu')
+NVIDIA, HOPPER, AMD = (devices.Device('cuda'), devices.Device('cuda', hopper=True),
+                       devices.Device('rocm'))
+
+
+@pytest.mark.parametrize('length,head_dim,dtype,device,backend,expected', [
+    (4096, 128, jnp.bfloat16, CPU, 'auto', 'xla'),  # on a CPU: always xla
+    (4096, 128, jnp.bfloat16, None, 'auto', 'xla'),  # device unknown: as on a CPU
+    # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
+    (4096, 128, jnp.bfloat16, NVIDIA, 'auto', 'cudnn'),
+    (192, 64, jnp.float32, NVIDIA, 'auto', 'pallas:gpu'),  # cuDNN takes 16 bits only
+    (4096, 256, jnp.bfloat16, NVIDIA, 'auto', 'pallas:gpu'),  # and head_dim <= 128
+    (200, 64, jnp.float32, NVIDIA, 'auto', 'xla'),  # Triton blocks are 64
+    # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
+    (256, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'pallas:mosaic_gpu'),
+    (256, 64, jnp.bfloat16, NVIDIA, 'gpu', 'pallas:gpu'),
+    (192, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'cudnn'),  # Hopper blocks are 128
+    (256, 64, jnp.float32, NVIDIA, 'mosaic_gpu', 'xla'),  # Hopper kernels: 16-bit
+    # Hopper: its own kernels from 4k tokens, where they beat cuDNN; cuDNN below.
+    (4096, 128, jnp.bfloat16, HOPPER, 'auto', 'pallas:mosaic_gpu'),
+    (2048, 128, jnp.bfloat16, HOPPER, 'auto', 'cudnn'),
+    # AMD: no cuDNN, so the Triton kernels wherever they fit.
+    (2048, 128, jnp.bfloat16, AMD, 'auto', 'pallas:gpu'),
+    (200, 64, jnp.bfloat16, AMD, 'auto', 'xla'),
+    (192, 64, jnp.float32, TPU, 'tpu', 'xla'),  # TPU blocks are 128
+    (256, 64, jnp.float32, TPU, 'tpu', 'pallas:tpu'),
+    (256, 64, jnp.float32, TPU, 'auto', 'pallas:tpu'),
+])
+def test_auto_takes_what_ran_fastest_on_each_device(length, head_dim, dtype, device, backend,
+                                                    expected):
+  assert _resolved('auto', length, head_dim, dtype, device, backend) == expected
+
+
+@pytest.mark.parametrize('impl,backend,length,dtype,device,expected', [
+    ('pallas', 'auto', 4096, jnp.bfloat16, HOPPER, 'pallas:mosaic_gpu'),
+    ('pallas', 'auto', 2048, jnp.bfloat16, HOPPER, 'pallas:gpu'),
+    ('pallas', 'auto', 4096, jnp.bfloat16, TPU, 'pallas:tpu'),
+    ('pallas', 'auto', 4096, jnp.float32, CPU, 'pallas:gpu'),  # interpreted
+    ('cudnn', 'auto', 4096, jnp.bfloat16, NVIDIA, 'cudnn'),
+    ('xla', 'mosaic_gpu', 4096, jnp.float32, AMD, 'xla'),
+])
+def test_explicit_choices_resolve_to_what_runs(impl, backend, length, dtype, device, expected):
+  assert _resolved(impl, length, 128, dtype, device, backend) == expected
+
+
+@pytest.mark.parametrize('impl,backend,length,head_dim,dtype,device,message', [
+    ('cudnn', 'auto', 256, 64, jnp.float32, NVIDIA, "'cudnn' needs model.compute_dtype"),
+    ('cudnn', 'auto', 256, 256, jnp.bfloat16, NVIDIA, "'cudnn' needs model.head_dim <= 128"),
+    ('cudnn', 'auto', 256, 64, jnp.bfloat16, AMD, 'needs an NVIDIA GPU; this is a rocm run'),
+    ('pallas', 'mosaic_gpu', 256, 64, jnp.float32, HOPPER, "'mosaic_gpu' needs model.comp"),
+    ('pallas', 'mosaic_gpu', 256, 96, jnp.bfloat16, HOPPER, 'head_dim 64 or 128, not 96'),
+    ('pallas', 'mosaic_gpu', 256, 64, jnp.bfloat16, AMD, 'cannot run on this rocm run'),
+    ('pallas', 'tpu', 256, 64, jnp.bfloat16, NVIDIA, 'cannot run on this cuda run'),
+    ('pallas', 'auto', 4000, 64, jnp.bfloat16, TPU, 'seq_len=4000 must be a multiple of 128'),
+    ('sdpa', 'auto', 256, 64, jnp.bfloat16, CPU, "attention_impl='sdpa' is not one of"),
+    ('pallas', 'triton', 256, 64, jnp.bfloat16, CPU, "pallas_backend='triton' is not one of"),
+])
+def test_what_cannot_run_is_named(impl, backend, length, head_dim, dtype, device, message):
+  with pytest.raises(attention_lib.AttentionError, match=re.escape(message)):
+    _resolved(impl, length, head_dim, dtype, device, backend)
+
+
+def test_the_layers_run_what_the_resolver_says(monkeypatch):
+  """attention() asks `resolve` on the device it is given, and runs that implementation."""
+  called = []
+  monkeypatch.setattr(attention_lib, '_cudnn_attention', lambda *a: called.append('cudnn'))
+  monkeypatch.setattr(attention_lib, '_xla_attention', lambda *a: called.append('xla'))
+  q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+  attention(q, q, q, impl='auto', device=NVIDIA)
+  attention(q, q, q, impl='auto', device=CPU)
+  attention(q, q, q, impl='auto')  # this CPU
+  assert called == ['cudnn', 'xla', 'xla']

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from configs import base, llama_125m, llama_1b, llama_7b, tiny
-from euro_lm.config import device_platform, validate
+from euro_lm import devices
+from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import param_count
 
@@ -85,14 +86,13 @@ def test_impossible_settings_name_the_field(overrides, message):
 def test_platform_and_process_checks():
   c = tiny.get_config()
   c.model.attention_impl, c.model.compute_dtype = 'cudnn', 'bfloat16'
-  validate(c, num_devices=8, platform='gpu')
   with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU; this is a cpu run"):
-    validate(c, num_devices=8, platform='cpu')
-  validate(c, num_devices=8, platform='cuda')
-  # LUMI: JAX says 'gpu' for AMD GPUs too; device_platform tells ROCm apart.
+    validate(c, num_devices=8, device=devices.Device('cpu'))
+  validate(c, num_devices=8, device=devices.Device('cuda'))
+  # LUMI: JAX says 'gpu' for AMD GPUs too; devices.platform tells ROCm apart.
   with pytest.raises(ConfigError, match="this is a rocm run \\(use 'pallas'"):
-    validate(c, num_devices=8, platform='rocm')
-  assert device_platform(jax.devices()[0]) == 'cpu'
+    validate(c, num_devices=8, device=devices.Device('rocm'))
+  assert devices.describe() == devices.Device('cpu', kind=jax.devices()[0].device_kind)
   c = tiny.get_config()
   c.model.attention_impl, c.model.compute_dtype = 'pallas', 'bfloat16'
   for backend, platforms in (('mosaic_gpu', ('cuda', 'cpu')), ('tpu', ('tpu', 'cpu')),
@@ -100,18 +100,18 @@ def test_platform_and_process_checks():
     c.model.pallas_backend = backend
     for platform in ('cpu', 'cuda', 'rocm', 'tpu'):
       if platform in platforms:
-        validate(c, num_devices=8, platform=platform)
+        validate(c, num_devices=8, device=devices.Device(platform))
       else:
         with pytest.raises(ConfigError, match=f"pallas_backend='{backend}' cannot run on "
                                               f'this {platform} run'):
-          validate(c, num_devices=8, platform=platform)
+          validate(c, num_devices=8, device=devices.Device(platform))
   c = tiny.get_config()
   c.mesh.data, c.mesh.tensor = 4, 2  # 4 batch shards cannot feed 8 processes
   with pytest.raises(ConfigError, match='split 4 ways .* each of the 8 processes its own rows'):
     validate(c, num_devices=8, process_count=8)
   c.mesh.data, c.mesh.tensor, c.mesh.dcn_data = 4, 1, 2  # 2 nodes x 4 GPUs, 8 processes
   with pytest.raises(ConfigError, match='mesh.dcn_\\* multiply to 2 but there are 8 processes'):
-    validate(c, num_devices=8, process_count=8, platform='gpu')
+    validate(c, num_devices=8, process_count=8, device=devices.Device('cuda'))
 
 
 def run_cli(*args, cwd=REPO):

@@ -2,7 +2,6 @@
 lowering for NVIDIA GPUs (Triton)."""
 
 import importlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from attention_reference import inputs, jnp_reference, reference
+from euro_lm import devices
 from euro_lm.kernels import BlockSizes, flash_attention
 
 flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
@@ -283,30 +283,26 @@ def test_packed_benchmark_counts_the_blocks_documents_skip():
   assert text.count('xla.gpu.triton') == 3
 
 
-def _device(platform, capability=None):
-  device = types.SimpleNamespace(platform=platform)
-  if capability:
-    device.compute_capability = capability
-  return device
+HOPPER, A100, AMD = (devices.Device('cuda', hopper=True), devices.Device('cuda'),
+                     devices.Device('rocm'))
 
 
 @pytest.mark.parametrize('dtype,length,dim,blocks,device,expected', [
-    (jnp.bfloat16, 4096, 128, None, ('gpu', '9.0'), 'mosaic_gpu'),  # H100/H200
-    (jnp.float16, 8192, 64, None, ('gpu', '9.0'), 'mosaic_gpu'),
-    (jnp.bfloat16, 2048, 128, None, ('gpu', '9.0'), 'gpu'),  # Triton wins at 2k
-    (jnp.bfloat16, 4160, 128, None, ('gpu', '9.0'), 'gpu'),  # no multiple of 128
-    (jnp.float32, 4096, 128, None, ('gpu', '9.0'), 'gpu'),  # the Hopper kernels are 16-bit
-    (jnp.bfloat16, 4096, 256, None, ('gpu', '9.0'), 'gpu'),
-    (jnp.bfloat16, 4096, 128, BlockSizes(), ('gpu', '9.0'), 'gpu'),  # Triton blocks named
-    (jnp.bfloat16, 4096, 128, None, ('gpu', '8.0'), 'gpu'),  # A100
-    (jnp.bfloat16, 4096, 128, None, ('gpu', '10.0'), 'gpu'),  # Blackwell: no wgmma
-    (jnp.bfloat16, 4096, 128, None, ('gpu', 'gfx90a'), 'gpu'),  # LUMI's MI250X
-    (jnp.bfloat16, 4096, 128, None, ('tpu',), 'tpu'),
-    (jnp.bfloat16, 4096, 128, None, ('cpu',), 'gpu'),  # the interpreter
+    (jnp.bfloat16, 4096, 128, None, HOPPER, 'mosaic_gpu'),  # H100/H200
+    (jnp.float16, 8192, 64, None, HOPPER, 'mosaic_gpu'),
+    (jnp.bfloat16, 2048, 128, None, HOPPER, 'gpu'),  # Triton wins at 2k
+    (jnp.bfloat16, 4160, 128, None, HOPPER, 'gpu'),  # no multiple of 128
+    (jnp.float32, 4096, 128, None, HOPPER, 'gpu'),  # the Hopper kernels are 16-bit
+    (jnp.bfloat16, 4096, 256, None, HOPPER, 'gpu'),
+    (jnp.bfloat16, 4096, 128, BlockSizes(), HOPPER, 'gpu'),  # Triton blocks named
+    (jnp.bfloat16, 4096, 128, None, A100, 'gpu'),  # A100
+    (jnp.bfloat16, 4096, 128, None, AMD, 'gpu'),  # LUMI's MI250X
+    (jnp.bfloat16, 4096, 128, None, devices.Device('tpu'), 'tpu'),
+    (jnp.bfloat16, 4096, 128, None, devices.Device('cpu'), 'gpu'),  # the interpreter
 ])
 def test_default_backend_takes_the_hopper_kernels_only_where_they_fit_and_win(
     dtype, length, dim, blocks, device, expected):
-  assert flash_module.default_backend(dtype, length, dim, blocks, _device(*device)) == expected
+  assert flash_module.default_backend(dtype, length, dim, blocks, device) == expected
 
 
 def test_length_multiples_follow_the_default_blocks():
@@ -317,8 +313,7 @@ def test_length_multiples_follow_the_default_blocks():
 
 
 def test_only_hopper_gpus_take_the_hopper_tuned_triton_blocks():
-  hopper, a100 = _device('gpu', '9.0'), _device('gpu', '8.0')
-  assert flash_module.gpu_block_sizes(128, hopper) == flash_module.GPU_BLOCK_SIZES[128]
-  assert flash_module.gpu_block_sizes(128, a100) == BlockSizes()  # 164 KB of shared memory
-  assert flash_module.gpu_block_sizes(128, _device('gpu', 'gfx90a')) == BlockSizes()
+  assert flash_module.gpu_block_sizes(128, HOPPER) == flash_module.GPU_BLOCK_SIZES[128]
+  assert flash_module.gpu_block_sizes(128, A100) == BlockSizes()  # 164 KB of shared memory
+  assert flash_module.gpu_block_sizes(128, AMD) == BlockSizes()
   assert flash_module.gpu_block_sizes(128) == flash_module.GPU_BLOCK_SIZES[128]  # CPU: tests

@@ -18,7 +18,7 @@ from euro_lm.errors import ConfigError
 from euro_lm.model import Decoder, loss
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.step import token_losses
-from euro_lm.train.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step
 from tests.test_train_step import random_batch, run_steps, small_config
 
 B, L, D, V = 2, 12, 16, 40

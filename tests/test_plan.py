@@ -13,12 +13,12 @@ import pytest
 from configs import base, llama_1b, tiny
 from euro_lm import plan
 from euro_lm.errors import ConfigError
-from euro_lm.metrics import PEAK_FLOPS_16BIT
+from euro_lm import devices
 from euro_lm.model import Decoder, param_count, train_flops_per_token
 from euro_lm.sharding import MeshError, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import abstract_train_state
-from euro_lm.train.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,10 +182,10 @@ def test_suggested_change_fits():
   assert plan.estimate_memory(plan._with(c, **change), 8).total == total
 
 
-def test_accelerators_reuse_the_metrics_table():
-  for name, flops in PEAK_FLOPS_16BIT:
-    assert plan.peak_flops(name) == flops
-    assert plan.DEVICE_MEMORY_GIB[name] > 0
+def test_accelerators_come_from_the_devices_table():
+  for known in devices.ACCELERATORS:
+    assert plan.peak_flops(known.name) == known.peak_flops_16bit
+    assert plan.accelerator(known.name)[2] == known.memory_gib > 0
   assert plan.accelerator('h100_pcie')[0] == 'H100 PCIe'
   with pytest.raises(ConfigError, match='known: H100 PCIe, .*TPU v4'):
     plan.accelerator('h1000')

@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from euro_lm import devices
+
 _MASKED = -1e30  # finite: exp(_MASKED - m) underflows to 0 without inf - inf = NaN
 _LOG2_E = math.log2(math.e)
 
@@ -53,7 +55,7 @@ class BlockSizes:
   num_stages_bwd: int | None = None
 
 
-# Per head_dim, from `python -m euro_lm.kernels.bench --sweep --lengths=4096` (BENCHMARKS.md):
+# Per head_dim, from `python -m euro_lm.bench.attention --sweep --lengths=4096` (BENCHMARKS.md):
 # head_dim 128 on an H100, the forward and the backward each the best of their candidates;
 # head_dim 64 is not swept yet (the first H200 sweep's pick for both). These are Hopper's
 # (228 KB of shared memory per SM, which 3 stages of 128 x 128 tiles need); other GPUs
@@ -151,36 +153,29 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   return _attention(static, q, k, v, segment_ids)
 
 
-def _device_kind(device=None):
-  """'hopper' (an sm90 GPU), 'gpu' (another GPU), 'tpu' or 'cpu', of `device` or else of
-  the default backend."""
-  platform = device.platform if device else jax.default_backend()
-  if platform != 'gpu':
-    return platform
-  capability = getattr(device or jax.devices()[0], 'compute_capability', '')
-  return 'hopper' if str(capability).startswith('9.') else 'gpu'
-
-
 def gpu_block_sizes(head_dim, device=None):
-  """The Triton kernels' default blocks: `GPU_BLOCK_SIZES` on Hopper GPUs, and in the
-  interpreter and in lowering on a CPU (so that the tests check them); `BlockSizes()` on
-  other GPUs, whose shared memory may not hold Hopper's tiles."""
-  if _device_kind(device) == 'gpu':
+  """The Triton kernels' default blocks on `device` (a `euro_lm.devices.Device`; default the
+  current one): `GPU_BLOCK_SIZES` on Hopper GPUs, and in the interpreter and in lowering on a
+  CPU (so that the tests check them); `BlockSizes()` on other GPUs, whose shared memory may
+  not hold Hopper's tiles."""
+  device = device or devices.describe()
+  if device.gpu and not device.hopper:
     return BlockSizes()
   return GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
 
 
 def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
-  """The kernels `flash_attention` runs when no backend is named: 'tpu' on TPUs; on an
+  """The kernels `flash_attention` runs on `device` (a `euro_lm.devices.Device`; default the
+  current one) when no backend is named: 'tpu' on TPUs; on an
   NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call and win (bf16/f16,
   head_dim 64 or 128, default blocks, a length that is a multiple of 128 and at least
   `HOPPER_MIN_LENGTH`): on an H100 they ran forward+backward 1.2-1.3x faster than the
   Triton kernels at 4k and 8k, and slower at 2k (BENCHMARKS.md); else 'gpu' (Triton;
   interpreted on CPU)."""
-  kind = _device_kind(device)
-  if kind == 'tpu':
+  device = device or devices.describe()
+  if device.platform == 'tpu':
     return 'tpu'
-  if kind != 'hopper':
+  if not device.hopper:
     return 'gpu'
   from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)

@@ -32,7 +32,7 @@ Pallas' Mosaic GPU interpreter takes wgmma operands only untransposed and in sha
 The interpreter runs each warpgroup as a thread that holds one of XLA:CPU's client threads
 (as many as cores) while it waits at a barrier. Under jit on a machine with few cores, a
 warpgroup can then starve and the kernel hangs; `NPROC=8` in the environment, before JAX
-starts, gives that pool 8 threads (`python -m euro_lm.kernels.bench` sets it).
+starts, gives that pool 8 threads (`python -m euro_lm.bench.attention` sets it).
 """
 
 import functools

@@ -3,14 +3,15 @@
 `impl='xla'` is the reference (plain einsums, any platform); `impl='cudnn'` calls
 `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs); `impl='pallas'` is
 euro_lm's flash attention kernels (euro_lm.kernels: Triton on GPUs, Mosaic on TPUs,
-interpreted on CPU); `impl='auto'` picks by device what ran fastest (`_auto_impl`): pallas
-on TPUs, on AMD GPUs and on H100/H200s at 4k and longer, cuDNN on other NVIDIA GPUs and
-shorter rows, xla on CPUs. All take q `[B, L, H, D]` and k, v `[B, L, K, D]` with K
+interpreted on CPU); `impl='auto'` picks by device what ran fastest. `resolve` is the one
+place that decides which implementation and kernel set run; the layers, config validation,
+the planner and the benchmarks all ask it. All take q `[B, L, H, d]` and k, v `[B, L, K, d]` with K
 dividing H (grouped-query attention: K/V are never repeated in memory) and optional
 packed-document `segment_ids` `[B, L]`: a token attends only to earlier tokens of its own
 segment, and segment 0 is padding that attends nowhere (its output is zero).
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -18,34 +19,147 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from euro_lm import devices
+from euro_lm import kernels
 from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
+PALLAS_BACKENDS = ('auto',) + kernels.BACKENDS
 
 
-def attention(q_BLHD, k_BLKD, v_BLKD, *, segment_ids_BL=None, causal=True,
-              scale=None, impl='xla', pallas_backend=None):
-  """Returns the attention output `[B, L, H, D]` in q's dtype. `pallas_backend` names the
-  kernel set of `impl='pallas'` (`flash_attention`'s `backend`; None picks by device)."""
-  num_heads, num_kv_heads = q_BLHD.shape[2], k_BLKD.shape[2]
+class AttentionError(ValueError):
+  """An attention implementation or kernel set that cannot run; the message names the
+  config field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+  """What runs: `impl` is 'xla', 'cudnn' or 'pallas'; `backend` names the pallas kernel set
+  ('gpu' Triton, 'mosaic_gpu' Hopper, 'tpu' Mosaic), None for the others."""
+
+  impl: str
+  backend: str | None = None
+
+
+def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device):
+  """The attention implementation and kernel set that run for these shapes on `device`.
+
+  `impl` and `pallas_backend` are the config's `model.attention_impl` and
+  `model.pallas_backend`; `device` is a `euro_lm.devices.Device`, or None when it is not
+  known (then no platform is checked, and 'auto' resolves as on a CPU). An explicit choice
+  that cannot run raises AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
+  pallas on TPUs, on AMD GPUs and where the Hopper kernels take the call; on other NVIDIA
+  GPUs cuDNN for 16-bit compute, as it outran the Triton kernels there; xla on CPUs and
+  wherever no kernel takes the shapes or dtype.
+  """
+  if impl not in IMPLS:
+    raise AttentionError(f'model.attention_impl={impl!r} is not one of '
+                         f'{", ".join(map(repr, IMPLS))}')
+  if pallas_backend is None:
+    pallas_backend = 'auto'
+  if pallas_backend not in PALLAS_BACKENDS:
+    raise AttentionError(f'model.pallas_backend={pallas_backend!r} is not one of '
+                         f'{", ".join(map(repr, PALLAS_BACKENDS))}')
+  platform = device.platform if device else None
+  backend = (kernels.default_backend(dtype, length, head_dim, device=device or _ANY_DEVICE)
+             if pallas_backend == 'auto' else pallas_backend)
+  dtype_name = jnp.dtype(dtype).name
+  cudnn_problem = _cudnn_problem(dtype_name, head_dim, platform)
+  pallas_problem = _pallas_problem(backend, dtype_name, length, head_dim, platform)
+  if impl == 'xla':
+    return AttentionChoice('xla')
+  if impl == 'cudnn':
+    if cudnn_problem:
+      raise AttentionError(cudnn_problem)
+    return AttentionChoice('cudnn')
+  if impl == 'pallas':
+    if pallas_problem:
+      raise AttentionError(pallas_problem)
+    return AttentionChoice('pallas', backend)
+  if platform not in ('cuda', 'rocm', 'tpu'):
+    return AttentionChoice('xla')
+  # cuDNN is preferred over the Triton kernels only where the device picked those (a named
+  # backend is the user's choice).
+  prefer_cudnn = not cudnn_problem and pallas_backend == 'auto' and backend == 'gpu'
+  if not pallas_problem and not prefer_cudnn:
+    return AttentionChoice('pallas', backend)
+  return AttentionChoice('cudnn') if not cudnn_problem else AttentionChoice('xla')
+
+
+def head_dim(model_config):
+  """The per-head width: `model.head_dim`, or else embed_dim // num_heads."""
+  return model_config.head_dim or model_config.embed_dim // model_config.num_heads
+
+
+def resolve_for_model(model_config, seq_len, device):
+  """`resolve` for a config's model section and sequence length."""
+  return resolve(model_config.attention_impl, model_config.pallas_backend,
+                 dtype=model_config.compute_dtype, length=seq_len,
+                 head_dim=head_dim(model_config), device=device)
+
+
+# Unknown device: the kernels' default as on a CPU (the Triton kernels' rules).
+_ANY_DEVICE = devices.Device('cpu')
+
+
+_SIXTEEN_BIT = ('bfloat16', 'float16')
+
+
+def _cudnn_problem(dtype, head_dim, platform):
+  """Why cuDNN's flash attention cannot run, or ''."""
+  if dtype not in _SIXTEEN_BIT:
+    return ("model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
+            f'not {dtype!r}')
+  if head_dim > 128:  # on every NVIDIA generation cuDNN's flash attention supports
+    return f"model.attention_impl='cudnn' needs model.head_dim <= 128, not {head_dim}"
+  if platform not in (None, 'cuda'):
+    hint = ("(use 'pallas', euro_lm's Triton kernels, or 'xla')" if platform == 'rocm'
+            else "(use 'xla')")
+    return f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run {hint}"
+  return ''
+
+
+_BACKEND_PLATFORMS = {'gpu': ('cuda', 'rocm'), 'mosaic_gpu': ('cuda',), 'tpu': ('tpu',)}
+
+
+def _pallas_problem(backend, dtype, length, head_dim, platform):
+  """Why the pallas kernel set `backend` cannot run, or ''."""
+  # A CPU runs any of them in Pallas' interpreter.
+  if platform not in (None, 'cpu') + _BACKEND_PLATFORMS[backend]:
+    return f"model.pallas_backend={backend!r} cannot run on this {platform} run (use 'auto')"
+  if backend == 'mosaic_gpu':
+    if dtype not in _SIXTEEN_BIT:
+      return ("model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or "
+              f'float16, not {dtype!r}')
+    if head_dim not in (64, 128):
+      return f"model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not {head_dim}"
+  block = kernels.length_multiple(head_dim, backend)
+  if length % block:
+    return (f'train.seq_len={length} must be a multiple of {block} for '
+            f"model.attention_impl='pallas' (the {backend!r} kernels' block size)")
+  return ''
+
+
+def attention(q_BLHd, k_BLKd, v_BLKd, *, segment_ids_BL=None, causal=True,
+              scale=None, impl='xla', pallas_backend='auto', device=None):
+  """Returns the attention output `[B, L, H, d]` in q's dtype. `impl` and `pallas_backend`
+  are resolved by `resolve` on `device` (default: the current one)."""
+  num_heads, num_kv_heads = q_BLHd.shape[2], k_BLKd.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
-  scale = q_BLHD.shape[-1] ** -0.5 if scale is None else scale
-  if impl == 'auto':
-    impl = _auto_impl(q_BLHD.shape[1], q_BLHD.shape[-1], q_BLHD.dtype, pallas_backend)
-  if impl == 'pallas':
-    from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
-    kernel = functools.partial(flash_attention, causal=causal, scale=scale,
-                               backend=pallas_backend)
-    return per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
-  if impl == 'xla':
-    return _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
-  if impl == 'cudnn':
-    return _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale)
-  raise ValueError(f'unknown attention impl {impl!r}; expected one of {IMPLS}')
+  scale = q_BLHd.shape[-1] ** -0.5 if scale is None else scale
+  choice = resolve(impl, pallas_backend, dtype=q_BLHd.dtype, length=q_BLHd.shape[1],
+                   head_dim=q_BLHd.shape[-1], device=device or devices.describe())
+  if choice.impl == 'pallas':
+    kernel = functools.partial(kernels.flash_attention, causal=causal, scale=scale,
+                               backend=choice.backend)
+    return per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
+  if choice.impl == 'cudnn':
+    return _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale)
+  return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale)
 
 
-def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
+def per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=None):
   """`kernel(q, k, v, segment_ids=...)` on each device's own rows and heads.
 
   A Pallas kernel is a custom call, which XLA's partitioner cannot split: under a mesh it
@@ -58,17 +172,17 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return kernel(q_BLHD, k_BLKD, v_BLKD, segment_ids=segment_ids_BL)
+    return kernel(q_BLHd, k_BLKd, v_BLKd, segment_ids=segment_ids_BL)
   # One lookup per array: Flax gives each mesh axis to one dimension of a spec at most.
   batch, heads = nn.logical_to_mesh_axes(('batch', 'heads'))
   kv_heads, = nn.logical_to_mesh_axes(('kv_heads',))
   if heads != kv_heads:
     heads = kv_heads = None
   # A dimension the axes do not divide (as a batch of 1 at init) stays whole on each device.
-  batch = _dividing(batch, q_BLHD.shape[0], mesh)
-  heads = kv_heads = _dividing(heads, k_BLKD.shape[2], mesh)
+  batch = _dividing(batch, q_BLHd.shape[0], mesh)
+  heads = kv_heads = _dividing(heads, k_BLKd.shape[2], mesh)
   q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, kv_heads, None)
-  args, specs = [q_BLHD, k_BLKD, v_BLKD], [q_spec, kv_spec, kv_spec]
+  args, specs = [q_BLHd, k_BLKd, v_BLKd], [q_spec, kv_spec, kv_spec]
   if segment_ids_BL is not None:
     args.append(segment_ids_BL)
     specs.append(P(batch, None))
@@ -80,36 +194,6 @@ def per_device(kernel, q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None):
 def _dividing(axes, size, mesh):
   """`axes` (a mesh axis name, a tuple of them, or None) if they split `size` evenly."""
   return axes if size % mesh_axes_size(mesh, axes) == 0 else None
-
-
-def _auto_impl(length, head_dim, dtype, pallas_backend):
-  """What `impl='auto'` runs, by device, as measured (BENCHMARKS.md).
-
-  On TPUs and GPUs: 'pallas' where its kernels (`pallas_backend`, or the device's default)
-  take the shapes and dtype. On NVIDIA GPUs, 16-bit runs take 'cudnn' instead where the
-  pallas kernels would be the Triton ones (a device's own pick, or a shape no kernel takes):
-  on an H100, cuDNN ran attention 1.3x as fast as them. The Hopper kernels, which an
-  H100/H200 picks at 4k tokens and longer, made a 1B train step 8% faster than cuDNN did.
-  Elsewhere, and on CPUs: 'xla'.
-  """
-  platform = jax.default_backend()  # 'gpu' for CUDA and ROCm
-  if platform not in ('gpu', 'tpu'):
-    return 'xla'
-  from euro_lm.kernels.flash_attention import default_backend, length_multiple  # pylint: disable=g-import-not-at-top
-  backend = pallas_backend or default_backend(dtype, length, head_dim)
-  sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  # cuDNN's flash attention takes head_dim <= 128 on every NVIDIA generation it supports.
-  cudnn = platform == 'gpu' and sixteen_bit and head_dim <= 128 and _on_nvidia_gpu()
-  fits = ((backend != 'mosaic_gpu' or sixteen_bit)
-          and length % length_multiple(head_dim, backend) == 0)
-  if fits and not (cudnn and pallas_backend is None and backend == 'gpu'):
-    return 'pallas'
-  return 'cudnn' if cudnn else 'xla'
-
-
-def _on_nvidia_gpu():
-  from euro_lm.config import device_platform  # pylint: disable=g-import-not-at-top
-  return device_platform(jax.devices()[0]) == 'cuda'
 
 
 def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
@@ -144,9 +228,9 @@ def xla_query_chunks(length, causal):
   return 1
 
 
-def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
-  chunks = xla_query_chunks(q_BLHD.shape[1], causal)
-  return _chunked_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale, chunks)
+def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
+  chunks = xla_query_chunks(q_BLHd.shape[1], causal)
+  return _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks)
 
 
 # Like flash attention, but in plain XLA ops and whole query chunks: the forward keeps each
@@ -154,8 +238,8 @@ def _xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
 # scores of one chunk at a time. Against autodiff's saved L x L probabilities this trades
 # one more q.k matmul for far less memory, and was 7% faster on the CPU at 125M (L = 512).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale, chunks):
-  return _chunked_forward(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale, chunks)[0]
+def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
+  return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks)[0]
 
 
 def _chunks(length, causal, chunks):
@@ -172,100 +256,100 @@ def _chunk_mask(segment_ids_BL, start, end, num_keys, causal):
   return mask_BQM[:, None, None]
 
 
-def _query_heads_first(x_BLHD, num_kv_heads):
-  """`[B, K, G, L, D]`: query heads grouped by the kv head they read (K/V never repeated),
+def _query_heads_first(x_BLHd, num_kv_heads):
+  """`[B, K, G, L, d]`: query heads grouped by the kv head they read (K/V never repeated),
   ahead of the sequence, so that each head's matmuls read contiguous rows."""
-  batch, length, num_heads, head_dim = x_BLHD.shape
-  x_BLKGD = x_BLHD.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  return jnp.transpose(x_BLKGD, (0, 2, 3, 1, 4))
+  batch, length, num_heads, head_dim = x_BLHd.shape
+  x_BLKGd = x_BLHd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  return jnp.transpose(x_BLKGd, (0, 2, 3, 1, 4))
 
 
-def _kv_heads_first(x_BLKD):
-  """`[B, K, L, D]` from `[B, L, K, D]`, and back: the swap is its own inverse."""
-  return jnp.transpose(x_BLKD, (0, 2, 1, 3))
+def _kv_heads_first(x_BLKd):
+  """`[B, K, L, d]` from `[B, L, K, d]`, and back: the swap is its own inverse."""
+  return jnp.transpose(x_BLKd, (0, 2, 1, 3))
 
 
-def _sequence_first(x_BKGLD):
-  """The inverse of `_query_heads_first`: `[B, L, H, D]`."""
-  batch, num_kv_heads, group, length, head_dim = x_BKGLD.shape
-  return jnp.transpose(x_BKGLD, (0, 3, 1, 2, 4)).reshape(
+def _sequence_first(x_BKGLd):
+  """The inverse of `_query_heads_first`: `[B, L, H, d]`."""
+  batch, num_kv_heads, group, length, head_dim = x_BKGLd.shape
+  return jnp.transpose(x_BKGLd, (0, 3, 1, 2, 4)).reshape(
       batch, length, num_kv_heads * group, head_dim)
 
 
-def _scores(q_BKGQD, k_BKMD, scale):
-  return jnp.einsum('bkgqd,bkmd->bkgqm', q_BKGQD, k_BKMD,
+def _scores(q_BKGQd, k_BKMd, scale):
+  return jnp.einsum('bkgqd,bkmd->bkgqm', q_BKGQd, k_BKMd,
                     preferred_element_type=jnp.float32) * scale
 
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
 # strided operand in every chunk's matmuls; 14-19% faster forward+backward on the CPU at
 # 125M's shapes (BENCHMARKS.md).
-def _chunked_forward(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale, chunks):
-  num_kv_heads = k_BLKD.shape[2]
-  q_BKGLD = _query_heads_first(q_BLHD, num_kv_heads)
-  k_BKLD, v_BKLD = _kv_heads_first(k_BLKD), _kv_heads_first(v_BLKD)
+def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
+  num_kv_heads = k_BLKd.shape[2]
+  q_BKGLd = _query_heads_first(q_BLHd, num_kv_heads)
+  k_BKLd, v_BKLd = _kv_heads_first(k_BLKd), _kv_heads_first(v_BLKd)
   outs, logsumexps = [], []
-  for start, end, num_keys in _chunks(q_BLHD.shape[1], causal, chunks):
+  for start, end, num_keys in _chunks(q_BLHd.shape[1], causal, chunks):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
     scores_BKGQM = jnp.where(
-        mask, _scores(q_BKGLD[:, :, :, start:end], k_BKLD[:, :, :num_keys], scale),
+        mask, _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale),
         jnp.finfo(jnp.float32).min)
     top_BKGQ1 = jnp.max(scores_BKGQM, axis=-1, keepdims=True)
     weights_BKGQM = jnp.where(mask, jnp.exp(scores_BKGQM - top_BKGQ1), 0.0)
     total_BKGQ1 = jnp.sum(weights_BKGQM, axis=-1, keepdims=True)
     seen = total_BKGQ1 > 0  # a row that sees no key (padding) gives zeros
     probs_BKGQM = weights_BKGQM * jnp.where(seen, 1 / jnp.where(seen, total_BKGQ1, 1), 0.0)
-    outs.append(jnp.einsum('bkgqm,bkmd->bkgqd', probs_BKGQM.astype(v_BLKD.dtype),
-                           v_BKLD[:, :, :num_keys], preferred_element_type=jnp.float32))
+    outs.append(jnp.einsum('bkgqm,bkmd->bkgqd', probs_BKGQM.astype(v_BLKd.dtype),
+                           v_BKLd[:, :, :num_keys], preferred_element_type=jnp.float32))
     logsumexps.append(jnp.where(seen, top_BKGQ1 + jnp.log(jnp.where(seen, total_BKGQ1, 1)),
                                 jnp.inf))
-  out_BLHD = _sequence_first(jnp.concatenate(outs, axis=3)).astype(q_BLHD.dtype)
-  return out_BLHD, (q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, logsumexps)
+  out_BLHd = _sequence_first(jnp.concatenate(outs, axis=3)).astype(q_BLHd.dtype)
+  return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
 
 
-def _chunked_backward(causal, scale, chunks, residuals, dout_BLHD):
-  q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, logsumexps = residuals
-  batch, length, num_heads, _ = q_BLHD.shape
-  num_kv_heads = k_BLKD.shape[2]
+def _chunked_backward(causal, scale, chunks, residuals, dout_BLHd):
+  q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps = residuals
+  batch, length, num_heads, _ = q_BLHd.shape
+  num_kv_heads = k_BLKd.shape[2]
   # The softmax gradient's row term, sum_d dout * out, per query head.
-  delta_BLH = jnp.sum(dout_BLHD.astype(jnp.float32) * out_BLHD.astype(jnp.float32), axis=-1)
+  delta_BLH = jnp.sum(dout_BLHd.astype(jnp.float32) * out_BLHd.astype(jnp.float32), axis=-1)
   delta_BKGL = jnp.transpose(
       delta_BLH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads), (0, 2, 3, 1))
-  q_BKGLD, dout_BKGLD = (_query_heads_first(x, num_kv_heads) for x in (q_BLHD, dout_BLHD))
-  k_BKLD, v_BKLD = _kv_heads_first(k_BLKD), _kv_heads_first(v_BLKD)
+  q_BKGLd, dout_BKGLd = (_query_heads_first(x, num_kv_heads) for x in (q_BLHd, dout_BLHd))
+  k_BKLd, v_BKLd = _kv_heads_first(k_BLKd), _kv_heads_first(v_BLKd)
   dqs = []
-  dk_BKLD = jnp.zeros(k_BKLD.shape, jnp.float32)
-  dv_BKLD = jnp.zeros(v_BKLD.shape, jnp.float32)
+  dk_BKLd = jnp.zeros(k_BKLd.shape, jnp.float32)
+  dv_BKLd = jnp.zeros(v_BKLd.shape, jnp.float32)
   for (start, end, num_keys), logsumexp_BKGQ1 in zip(_chunks(length, causal, chunks),
                                                      logsumexps):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
-    q_BKGQD, dout_BKGQD = q_BKGLD[:, :, :, start:end], dout_BKGLD[:, :, :, start:end]
-    k_BKMD, v_BKMD = k_BKLD[:, :, :num_keys], v_BKLD[:, :, :num_keys]
-    probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQD, k_BKMD, scale) - logsumexp_BKGQ1),
+    q_BKGQd, dout_BKGQd = q_BKGLd[:, :, :, start:end], dout_BKGLd[:, :, :, start:end]
+    k_BKMd, v_BKMd = k_BKLd[:, :, :num_keys], v_BKLd[:, :, :num_keys]
+    probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQd, k_BKMd, scale) - logsumexp_BKGQ1),
                             0.0)
-    dv_BKLD = dv_BKLD.at[:, :, :num_keys].add(jnp.einsum(
-        'bkgqm,bkgqd->bkmd', probs_BKGQM.astype(dout_BLHD.dtype), dout_BKGQD,
+    dv_BKLd = dv_BKLd.at[:, :, :num_keys].add(jnp.einsum(
+        'bkgqm,bkgqd->bkmd', probs_BKGQM.astype(dout_BLHd.dtype), dout_BKGQd,
         preferred_element_type=jnp.float32))
-    dprobs_BKGQM = jnp.einsum('bkgqd,bkmd->bkgqm', dout_BKGQD, v_BKMD,
+    dprobs_BKGQM = jnp.einsum('bkgqd,bkmd->bkgqm', dout_BKGQd, v_BKMd,
                               preferred_element_type=jnp.float32)
     dscores_BKGQM = (probs_BKGQM * (dprobs_BKGQM - delta_BKGL[..., start:end, None])
-                     * scale).astype(q_BLHD.dtype)
-    dqs.append(jnp.einsum('bkgqm,bkmd->bkgqd', dscores_BKGQM, k_BKMD,
+                     * scale).astype(q_BLHd.dtype)
+    dqs.append(jnp.einsum('bkgqm,bkmd->bkgqd', dscores_BKGQM, k_BKMd,
                           preferred_element_type=jnp.float32))
-    dk_BKLD = dk_BKLD.at[:, :, :num_keys].add(jnp.einsum(
-        'bkgqm,bkgqd->bkmd', dscores_BKGQM, q_BKGQD, preferred_element_type=jnp.float32))
-  dq_BLHD = _sequence_first(jnp.concatenate(dqs, axis=3))
-  return (dq_BLHD.astype(q_BLHD.dtype), _kv_heads_first(dk_BKLD).astype(k_BLKD.dtype),
-          _kv_heads_first(dv_BKLD).astype(v_BLKD.dtype), None)
+    dk_BKLd = dk_BKLd.at[:, :, :num_keys].add(jnp.einsum(
+        'bkgqm,bkgqd->bkmd', dscores_BKGQM, q_BKGQd, preferred_element_type=jnp.float32))
+  dq_BLHd = _sequence_first(jnp.concatenate(dqs, axis=3))
+  return (dq_BLHd.astype(q_BLHd.dtype), _kv_heads_first(dk_BKLd).astype(k_BLKd.dtype),
+          _kv_heads_first(dv_BKLd).astype(v_BLKd.dtype), None)
 
 
 _chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
-def _cudnn_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal, scale):
+def _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
   mask = None
   if segment_ids_BL is not None:
     # cuDNN takes a dense mask; the Pallas kernel skips masked blocks instead.
-    mask = attention_mask(segment_ids_BL, q_BLHD.shape[1], causal=False)[:, None]
-  return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask, scale=scale,
+    mask = attention_mask(segment_ids_BL, q_BLHd.shape[1], causal=False)[:, None]
+  return jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, mask=mask, scale=scale,
                                       is_causal=causal, implementation='cudnn')

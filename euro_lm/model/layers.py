@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from euro_lm.model.attention import attention
+from euro_lm.model.attention import attention, head_dim
 
 
 def _param(module, name, shape, logical_axes, init):
@@ -102,17 +102,17 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(x.dtype)
 
 
-def rope(x_BLHD, positions_BL, theta):
+def rope(x_BLHd, positions_BL, theta):
   """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32."""
-  head_dim = x_BLHD.shape[-1]
+  head_dim = x_BLHd.shape[-1]
   inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
   angles_BL1D = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)[:, :, None, :]
-  x32 = x_BLHD.astype(jnp.float32)
+  x32 = x_BLHd.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   out = x32 * jnp.cos(angles_BL1D) + rotated * jnp.sin(angles_BL1D)
-  return out.astype(x_BLHD.dtype)
+  return out.astype(x_BLHd.dtype)
 
 
 class Attention(nn.Module):
@@ -151,10 +151,9 @@ class Attention(nn.Module):
       out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
       return out_BLD, (k_BSKd, v_BSKd)
 
-    pallas_backend = cfg.get('pallas_backend', 'auto')
     out_BLHd = attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=segment_ids_BL,
                          causal=True, impl=cfg.attention_impl,
-                         pallas_backend=None if pallas_backend == 'auto' else pallas_backend)
+                         pallas_backend=cfg.get('pallas_backend', 'auto'))
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
 
@@ -220,5 +219,3 @@ def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS):
   return out_BLKGd.reshape(batch, length, num_heads, hd).astype(q_BLHd.dtype)
 
 
-def head_dim(model_config):
-  return model_config.head_dim or model_config.embed_dim // model_config.num_heads

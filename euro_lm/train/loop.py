@@ -13,7 +13,8 @@ from flax import linen as nn
 from euro_lm import data as data_lib
 from euro_lm import host_memory
 from euro_lm.checkpoint import CheckpointError, Checkpointer, load_params
-from euro_lm.config import device_platform, validate
+from euro_lm import devices
+from euro_lm.config import validate
 from euro_lm.errors import UserError
 from euro_lm.finite import describe_nonfinite
 from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device, progress_bar
@@ -131,8 +132,7 @@ def train(config, workdir):
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
-  platform = device_platform(jax.devices()[0])
-  degrees = validate(config, jax.device_count(), process_count, platform)
+  degrees = validate(config, jax.device_count(), process_count, devices.describe())
   workdir = prepare_workdir(workdir)
   log = tqdm.tqdm.write if is_chief else (lambda *a, **k: None)  # prints around the bar
 

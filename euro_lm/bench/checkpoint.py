@@ -1,4 +1,4 @@
-"""`python -m euro_lm.bench_checkpoint --config=configs/llama_125m.py [--config.a.b=v ...]`
+"""`python -m euro_lm.bench.checkpoint --config=configs/llama_125m.py [--config.a.b=v ...]`
 
 What checkpointing costs a run, measured on the real sharded train step and the real
 `Checkpointer` (Orbax, async), on synthetic tokens. Prints one table:
@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from euro_lm.train.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.checkpoint import Checkpointer
 from euro_lm.data.streams import PackedStreams
 from euro_lm.model import Decoder

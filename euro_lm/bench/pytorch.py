@@ -1,4 +1,4 @@
-"""`python -m euro_lm.bench_torch --config=configs/llama_125m.py [--config.train.seq_len=512]
+"""`python -m euro_lm.bench.pytorch --config=configs/llama_125m.py [--config.train.seq_len=512]
 [--steps=3] [--torch_compile]`
 
 euro_lm's train step against PyTorch on the same model shape, in float32 on this machine's
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from euro_lm import hf, host_memory
 from euro_lm.model import param_count
-from euro_lm.train.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after 2 warm-up).')
@@ -141,7 +141,7 @@ def torch_rows_in_child(params, batch, keep_freed_memory):
       pickle.dump((params, batch), f)
     argv = [a for a in sys.argv[1:]
             if not a.startswith(('--torch_child', '--torch_keep_freed_memory'))]
-    out = subprocess.run([sys.executable, '-m', 'euro_lm.bench_torch', *argv,
+    out = subprocess.run([sys.executable, '-m', 'euro_lm.bench.pytorch', *argv,
                           f'--torch_child={inputs}',
                           f'--torch_keep_freed_memory={keep_freed_memory}'],
                          check=True, stdout=subprocess.PIPE, text=True)

@@ -1,4 +1,4 @@
-"""`python -m euro_lm.bench_data [--scales=5,20] [--workdir=DIR]`
+"""`python -m euro_lm.bench.data [--scales=5,20] [--workdir=DIR]`
 
 Measures the data path on this machine and prints one table:
 - prepare: raw JSONL (.zst, two files) -> tokenized ArrayRecord shards, with 1 and with 2
@@ -95,7 +95,7 @@ def main(argv):
     tokens = sum(e['tokens'] for e in manifest['languages'].values())
     documents = sum(e['documents'] for e in manifest['languages'].values())
     result = subprocess.run(
-        [sys.executable, '-m', 'euro_lm.bench_data', f'--stream_only={out}',
+        [sys.executable, '-m', 'euro_lm.bench.data', f'--stream_only={out}',
          f'--seq_len={_SEQ_LEN.value}', f'--batch={_BATCH.value}',
          f'--batches={_BATCHES.value}'], capture_output=True, text=True, check=True)
     stream = json.loads(result.stdout.strip().splitlines()[-1])

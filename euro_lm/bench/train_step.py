@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from euro_lm import host_memory
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import param_count, train_flops_per_token
-from euro_lm.train.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')

@@ -1,4 +1,4 @@
-"""`python -m euro_lm.bench_generate [--models=tiny,llama_125m] [--batch=4] [--prompt_len=32]
+"""`python -m euro_lm.bench.generate [--models=configs/tiny.py,configs/llama_125m.py] [--batch=4] [--prompt_len=32]
 [--new_tokens=64] [--repeats=2]`
 
 Generation throughput with random params, greedy, no EOS (every row runs the full length):
@@ -7,7 +7,7 @@ every step. Prints one table of new tokens per second (best of `--repeats`, afte
 compiling run whose time is shown separately).
 """
 
-import importlib
+import os
 import time
 
 import jax
@@ -16,10 +16,12 @@ import numpy as np
 from absl import app, flags
 from flax import linen as nn
 
+from euro_lm.config import from_file
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import make_generate
 
-_MODELS = flags.DEFINE_list('models', ['tiny', 'llama_125m'], 'Config modules under configs/.')
+_MODELS = flags.DEFINE_list('models', ['configs/tiny.py', 'configs/llama_125m.py'],
+                            'Config files (path.py or path.py:variant).')
 _BATCH = flags.DEFINE_integer('batch', 4, 'Prompts per batch.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Tokens per prompt.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
@@ -56,7 +58,8 @@ def main(argv):
   print(header)
   print('-' * len(header))
   for name in _MODELS.value:
-    config = importlib.import_module(f'configs.{name}').get_config().model
+    config = from_file(name).model
+    name = os.path.splitext(os.path.basename(name))[0]
     results = [bench(config, batch, prompt_len, new_tokens, _REPEATS.value, use_cache)
                for use_cache in (True, False)]
     (first_cache, best_cache), (first_full, best_full) = results

@@ -1,4 +1,4 @@
-"""`python -m euro_lm.kernels.bench`: attention TFLOP/s on one GPU, ours against cuDNN and XLA.
+"""`python -m euro_lm.bench.attention`: attention TFLOP/s on one GPU, ours against cuDNN and XLA.
 
 For L in {2k, 4k, 8k}, D = 128, bf16, causal, ~16k tokens per batch: checks each
 implementation against XLA first (relative error of output and gradients), then times
@@ -29,7 +29,8 @@ from absl import app, flags
 
 from euro_lm.kernels import TPU_BLOCK_SIZES, BlockSizes, flash_attention
 from euro_lm.kernels import flash_attention_hopper as hopper
-from euro_lm.kernels.flash_attention import (_device_kind, _fit_tpu_blocks, _key_ranges,
+from euro_lm import devices
+from euro_lm.kernels.flash_attention import (_fit_tpu_blocks, _key_ranges,
                                              _Static, default_backend, gpu_block_sizes)
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
@@ -325,7 +326,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(available)}')
   impls = _IMPLS.value
-  if _device_kind() != 'hopper':
+  if not devices.describe().hopper:
     hopper_only = [n for n in impls if 'mosaic_gpu' in n]
     if hopper_only:
       print(f'(not an sm90 GPU: leaving out {", ".join(hopper_only)})')

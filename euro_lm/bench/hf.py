@@ -1,4 +1,4 @@
-"""`python -m euro_lm.bench_hf [--config=configs/llama_1b.py] [--dir=/tmp/euro_lm_bench_hf]`
+"""`python -m euro_lm.bench.hf [--config=configs/llama_1b.py] [--dir=/tmp/euro_lm_bench_hf]`
 
 Hugging Face import and export on this machine: a random float32 Llama folder in the
 config's model shape (written tensor by tensor, no torch) is imported with

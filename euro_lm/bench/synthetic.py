@@ -8,7 +8,8 @@ import numpy as np
 from flax import linen as nn
 
 from euro_lm import host_memory
-from euro_lm.config import device_platform, validate
+from euro_lm import devices
+from euro_lm.config import validate
 from euro_lm.model import Decoder
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
@@ -30,8 +31,7 @@ def synthetic_batch(config, seed=0):
 def compile_train_step(config):
   """Returns (compiled step, state, batch, mesh, rules, compile seconds)."""
   host_memory.configure_before_backend(config.hardware.keep_freed_host_memory)
-  platform = device_platform(jax.devices()[0])
-  validate(config, jax.device_count(), jax.process_count(), platform)
+  validate(config, jax.device_count(), jax.process_count(), devices.describe())
   mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)

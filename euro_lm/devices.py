@@ -1,0 +1,104 @@
+"""What the hardware is: platform, GPU generation, peak FLOP/s and memory.
+
+Every other module asks here. JAX calls CUDA and ROCm GPUs both 'gpu'; `Device.platform`
+tells them apart ('cpu', 'cuda', 'rocm', 'tpu').
+"""
+
+import dataclasses
+import re
+
+import jax
+
+from euro_lm.errors import ConfigError
+
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """One known accelerator, as one JAX device sees it."""
+
+  name: str                # matched as a substring of `jax.Device.device_kind`
+  platform: str            # 'cuda', 'rocm' or 'tpu'
+  peak_flops_16bit: float  # dense bfloat16/float16 FLOP/s (datasheet, no sparsity)
+  memory_gib: float        # device memory
+  hopper: bool = False     # an NVIDIA sm90 GPU, where euro_lm's Mosaic GPU kernels run
+
+
+# Matched in order against `device_kind`, so more specific names come first. The A100 row is
+# the 80 GB part (the planner takes `--device_memory_gb=40` for the 40 GB one); an MI250X is
+# one GCD, as LUMI-G exposes each GCD as a device; a TPU v5p reports plain 'TPU v5'.
+ACCELERATORS = (
+    Accelerator('H100 PCIe', 'cuda', 756e12, 80, hopper=True),
+    Accelerator('H100 NVL', 'cuda', 835e12, 94, hopper=True),
+    Accelerator('H100', 'cuda', 989e12, 80, hopper=True),
+    Accelerator('GH200', 'cuda', 989e12, 96, hopper=True),
+    Accelerator('H200', 'cuda', 989e12, 141, hopper=True),
+    Accelerator('A100', 'cuda', 312e12, 80),
+    Accelerator('MI300X', 'rocm', 1307e12, 192),
+    Accelerator('MI250X', 'rocm', 191.5e12, 64),
+    Accelerator('TPU v6', 'tpu', 918e12, 32),
+    Accelerator('TPU v5 lite', 'tpu', 197e12, 16),
+    Accelerator('TPU v5', 'tpu', 459e12, 95),
+    Accelerator('TPU v4', 'tpu', 275e12, 32),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """What a run computes on, as far as choosing kernels and checking a config needs."""
+
+  platform: str         # one of PLATFORMS
+  hopper: bool = False  # an NVIDIA sm90 GPU
+  kind: str = ''        # `jax.Device.device_kind`, or an accelerator's name
+
+  @property
+  def gpu(self) -> bool:
+    return self.platform in ('cuda', 'rocm')
+
+
+def platform(device: jax.Device) -> str:
+  """'cpu', 'tpu', 'cuda' or 'rocm' of a JAX device."""
+  if device.platform != 'gpu':
+    return device.platform
+  return 'rocm' if 'rocm' in device.client.platform_version.lower() else 'cuda'
+
+
+def describe(device: jax.Device | None = None) -> Device:
+  """The `Device` of a JAX device; by default the first of the default backend."""
+  device = device or jax.devices()[0]
+  name = platform(device)
+  capability = str(getattr(device, 'compute_capability', ''))
+  return Device(platform=name, hopper=name == 'cuda' and capability.startswith('9.'),
+                kind=device.device_kind)
+
+
+def find_accelerator(device_kind: str) -> Accelerator | None:
+  """The known accelerator whose name `device_kind` contains, or None."""
+  for known in ACCELERATORS:
+    if known.name in device_kind:
+      return known
+  return None
+
+
+def _normalise(name):
+  return re.sub(r'[\s_\-]', '', name).lower()
+
+
+def accelerator_names() -> tuple[str, ...]:
+  return tuple(a.name for a in ACCELERATORS)
+
+
+def accelerator(name: str) -> Accelerator:
+  """A known accelerator by name, ignoring case, spaces, '-' and '_' ('h100', 'tpu_v5_lite',
+  'H100 PCIe'). Raises ConfigError listing the known names."""
+  for known in ACCELERATORS:
+    if _normalise(known.name) == _normalise(name):
+      return known
+  raise ConfigError(f'unknown accelerator {name!r}; known: {", ".join(accelerator_names())}')
+
+
+def accelerator_device(name: str) -> Device:
+  """The `Device` a run on the named accelerator computes on (for planning)."""
+  known = accelerator(name)
+  return Device(platform=known.platform, hopper=known.hopper, kind=known.name)
