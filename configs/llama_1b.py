@@ -1,8 +1,7 @@
 """~1.2B-parameter Llama-style model (Llama-3.2-1B shape with a 64k vocabulary), 4k context.
 
-Variants: `:gpu` (bfloat16, `auto` attention, remat of matmul outputs). `auto` runs
-euro_lm's Hopper kernels on H100/H200 (a step 8% faster than with cuDNN on an H100),
-cuDNN on other NVIDIA GPUs, and the Triton kernels on AMD GPUs.
+Variants: `:gpu` (bfloat16, `auto` attention, remat of matmul outputs). `auto` takes what
+ran fastest on each device (`euro_lm.model.attention.resolve`; BENCHMARKS.md).
 """
 
 from euro_lm.config import base_config

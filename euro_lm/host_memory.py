@@ -1,10 +1,10 @@
 """Host memory for training on CPUs: keep freed memory in the process.
 
-XLA:CPU allocates each step's temporaries as one block (2.5 GB for the 125M model at batch
-4 × 512) and frees it when the step ends. glibc gives blocks that big back to the kernel,
-so the next step faults every page in again: 620 thousand page faults and 2 of the 12
-seconds of a step on 2 cores, plus much of the step-to-step jitter. With one malloc arena
-that neither maps big blocks separately nor trims its top, later steps reuse the same pages.
+XLA:CPU allocates each step's temporaries as one large block and frees it when the step
+ends. glibc gives blocks that big back to the kernel, so the next step faults every page in
+again, which costs a large share of a CPU step and much of its jitter (BENCHMARKS.md). With
+one malloc arena that neither maps big blocks separately nor trims its top, later steps
+reuse the same pages.
 
 The settings must be in place before jax starts its CPU backend. The thread that allocates
 a step's temporaries is one of XLA's workers, and a thread that has already allocated keeps

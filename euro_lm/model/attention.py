@@ -216,7 +216,7 @@ def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
 
 # The xla attention runs causal queries in this many chunks, each against only the keys up
 # to its last query: 9/16 of the score matrix for 8 chunks. Below _MIN_CHUNKED_LENGTH one
-# chunk is faster.
+# chunk ran faster (BENCHMARKS.md).
 _QUERY_CHUNKS = 8
 _MIN_CHUNKED_LENGTH = 256
 
@@ -236,7 +236,7 @@ def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
 # Like flash attention, but in plain XLA ops and whole query chunks: the forward keeps each
 # row's float32 log-sum-exp instead of the probabilities, and the backward recomputes the
 # scores of one chunk at a time. Against autodiff's saved L x L probabilities this trades
-# one more q.k matmul for far less memory, and was 7% faster on the CPU at 125M (L = 512).
+# one more q.k matmul for far less memory, and ran faster on the CPU (BENCHMARKS.md).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
   return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks)[0]
@@ -282,8 +282,7 @@ def _scores(q_BKGQd, k_BKMd, scale):
 
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
-# strided operand in every chunk's matmuls; 14-19% faster forward+backward on the CPU at
-# 125M's shapes (BENCHMARKS.md).
+# strided operand in every chunk's matmuls, which ran faster on the CPU (BENCHMARKS.md).
 def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
   num_kv_heads = k_BLKd.shape[2]
   q_BKGLd = _query_heads_first(q_BLHd, num_kv_heads)

@@ -36,9 +36,9 @@ def dense(x, w, in_axes=1):
 
   The forward is the einsum's. The backward is written out: autodiff's weight gradient,
   `transpose(dot(g, x))`, became on XLA:CPU a dot over a transposed copy of the activation
-  gradient, fused into (and slowing) the elementwise op that produces it, 25% of the MLP's
-  forward+backward at 125M. Here it is one 2-D dot over the flattened tokens, `x^T g`,
-  which GEMMs take without a copy.
+  gradient, fused into (and slowing) the elementwise op that produces it (BENCHMARKS.md).
+  Here it is one 2-D dot over the flattened tokens, `x^T g`, which GEMMs take without a
+  copy.
   """
   contract = tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes))
   return jax.lax.dot_general(x, w, (contract, ((), ())))
