@@ -19,9 +19,10 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from euro_lm import host_memory
+from euro_lm import devices, host_memory
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import param_count, train_flops_per_token
+from euro_lm.model.attention import resolve_for_model
 from euro_lm.bench.synthetic import compile_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -72,8 +73,10 @@ def benchmark(config, steps):
   else:
     peak, peak_source = peak_flops_per_device(config, device), 'datasheet'
   per_device = flops_per_second / jax.device_count()
+  attention = resolve_for_model(config.model, config.train.seq_len, devices.describe(device))
   return {
       'device': f'{jax.device_count()}x {device.device_kind}',
+      'attention': attention.impl + (f' ({attention.backend})' if attention.backend else ''),
       'params': param_count(config.model),
       'tokens_per_step': config.train.global_batch_size * config.train.seq_len,
       'compile_s': compile_seconds,
@@ -108,7 +111,8 @@ def main(argv):
   print(HEADER)
   print(format_row(result))
   kept = host_memory.keep_freed_memory_applied()
-  print(f'\nhost: peak resident memory {result["host_peak_gib"]:.2f} GiB; freed memory kept: '
+  print(f'\nattention: {result["attention"]}; host: peak resident memory '
+        f'{result["host_peak_gib"]:.2f} GiB; freed memory kept: '
         f'{"yes" if kept else "no"}' + (f', {result["host_memory_trims"]} trims' if kept else ''))
   if _COMPILE_LAYERS.value:
     print('\n| layers | compile s |\n|---|---|')
