@@ -21,8 +21,8 @@ from typing import NamedTuple
 from absl import app, flags
 import numpy as np
 
-from euro_lm import data
 from euro_lm.data import corpus
+from euro_lm.data import dataset
 from euro_lm.data import fertility
 from euro_lm.data import source_flags
 from euro_lm.data import sources
@@ -233,7 +233,7 @@ def _sample_embedded(
     # A shuffled order samples every catalog, not just the first ones.
     order = rng.permutation(len(train[tag]))
     shuffled = [train[tag][i] for i in order]
-    texts += data.balanced_texts({tag: shuffled}, budgets[tag])
+    texts += dataset.balanced_texts({tag: shuffled}, budgets[tag])
   return texts, heldout, budgets
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from euro_lm import data
-from euro_lm.data import corpus, prepare, sources
+from euro_lm.data import corpus, dataset, prepare, sources
 from euro_lm.data.tokenizer import train_sentencepiece
 from euro_lm.errors import ConfigError, DataError
 from euro_lm.train.loop import train
@@ -42,7 +41,7 @@ def config_for(prepared_dir, **train):
 
 
 def test_split_holds_out_every_kth_document_of_the_shards(prepared_dir):
-  result = data.make_data(config_for(prepared_dir), '/nonexistent-unused')
+  result = dataset.make_data(config_for(prepared_dir), '/nonexistent-unused')
   assert result.languages == list(LANGUAGES)
   for tag in LANGUAGES:
     on_disk = [tuple(t) for t in prepare.iter_tokens(prepared_dir, tag)]
@@ -75,7 +74,7 @@ def test_a_different_tokenizer_is_refused(prepared_dir, tmp_path):
   c = config_for(prepared_dir)
   c.data.tokenizer_path = other
   with pytest.raises(ConfigError, match='not the one .* was prepared with'):
-    data.make_data(c, str(tmp_path))
+    dataset.make_data(c, str(tmp_path))
 
 
 def test_a_corrupt_shard_is_reported_by_name(prepared_dir, tmp_path):
@@ -108,8 +107,8 @@ def test_code_is_a_data_tag_with_its_own_mixture_share(tmp_path):
   c = config_for(out)
   c.model.vocab_size = 600
   c.data.mixture, c.data.mixture_groups = 'groups', 'code=0.25;*=0.75'
-  result = data.make_data(c, str(tmp_path))
-  assert data.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
+  result = dataset.make_data(c, str(tmp_path))
+  assert dataset.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
       pytest.approx({'code': 0.25, 'deu_Latn': 0.75})
   for _ in range(20):
     next(result.train)
