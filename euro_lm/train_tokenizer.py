@@ -23,9 +23,9 @@ import numpy as np
 
 from euro_lm.data import corpus
 from euro_lm.data import dataset
-from euro_lm.data import fertility
-from euro_lm.data import source_flags
-from euro_lm.data import sources
+from euro_lm.data.prepare import fertility
+from euro_lm.data.prepare import source_flags
+from euro_lm.data.prepare import sources
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.errors import ConfigError, DataError, UserError
 

@@ -10,8 +10,8 @@ import pytest
 import sentencepiece as spm
 
 from euro_lm.data import corpus
-from euro_lm.data import fertility
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.data.prepare import fertility
 from euro_lm.errors import ConfigError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

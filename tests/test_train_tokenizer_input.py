@@ -12,8 +12,8 @@ import zstandard
 
 from euro_lm import train_tokenizer as tt
 from euro_lm.data import corpus
-from euro_lm.data import sources
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.data.prepare import sources
 from euro_lm.errors import ConfigError, DataError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

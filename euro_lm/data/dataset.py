@@ -9,7 +9,7 @@ import numpy as np
 from euro_lm.data import corpus
 from euro_lm.data import mixture
 from euro_lm.data import pipeline
-from euro_lm.data import prepare
+from euro_lm.data import prepared
 from euro_lm.data.streams import PackedStreams, process_streams
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.data.tokenizer import train_sentencepiece
@@ -133,10 +133,10 @@ def _prepared(config):
         "data.corpus='prepared' needs data.prepared_dir, the output of"
         ' `python -m euro_lm.prepare_data`.'
     )
-  manifest = prepare.read_manifest(d.prepared_dir)
+  manifest = prepared.read_manifest(d.prepared_dir)
   path = d.tokenizer_path or manifest['tokenizer']['path']
   tokenizer = Tokenizer.from_file(path)
-  if prepare.file_sha256(path) != manifest['tokenizer']['sha256']:
+  if prepared.file_sha256(path) != manifest['tokenizer']['sha256']:
     raise ConfigError(
         f'the tokenizer {path} is not the one {d.prepared_dir} was prepared'
         ' with (sha256 differs): set data.tokenizer_path to that model.'
@@ -146,7 +146,7 @@ def _prepared(config):
   k = corpus.holdout_every(d.valid_fraction)
   train_tokens, valid, token_counts = {}, {}, {}
   for tag in sorted(languages):
-    documents = prepare.document_source(d.prepared_dir, tag)
+    documents = prepared.document_source(d.prepared_dir, tag)
     if len(documents) < 2:
       raise ConfigError(
           f'{tag} has {len(documents)} documents in {d.prepared_dir}; holding'

@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from euro_lm.data import sources
+from euro_lm.data.prepare import sources
 
 FORMAT = flags.DEFINE_enum('format', 'auto', sources.FORMATS,
                            'Input format; auto: from each file name.')
