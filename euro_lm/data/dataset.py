@@ -11,13 +11,13 @@ from euro_lm.data import mixture
 from euro_lm.data import pipeline
 from euro_lm.data import prepared
 from euro_lm.data.streams import PackedStreams, process_streams
+from euro_lm.data.tokenizer import MODEL_TYPES
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.data.tokenizer import train_sentencepiece
 from euro_lm.errors import ConfigError
 
 # Bounds the text a tokenizer trains on, shared equally by the languages.
 _TOKENIZER_TRAINING_CHARS = 20_000_000
-_TOKENIZER_TYPES = ('bpe', 'unigram')
 
 
 @dataclasses.dataclass
@@ -251,10 +251,10 @@ def _load_or_train_tokenizer(
     tokenizer = Tokenizer.from_file(path)
     _check_vocab(tokenizer, vocab_size, path)
     return tokenizer
-  if config.data.tokenizer_type not in _TOKENIZER_TYPES:
+  if config.data.tokenizer_type not in MODEL_TYPES:
     raise ConfigError(
         f'data.tokenizer_type={config.data.tokenizer_type!r} is not one of'
-        f' {_TOKENIZER_TYPES}.'
+        f' {MODEL_TYPES}.'
     )
   texts = balanced_texts(train, _TOKENIZER_TRAINING_CHARS // len(train))
   print(

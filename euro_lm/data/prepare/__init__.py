@@ -2,5 +2,6 @@
 
 sources: documents of raw JSONL/Parquet files; shards: raw files -> a prepared
 directory (euro_lm.data.prepared reads it); source_flags: the absl flags that
-describe raw files; fertility: what each language pays in tokens.
+describe raw files; tokenizer_training: a language-balanced sample and a
+tokenizer trained on it; fertility: what each language pays in tokens.
 """
