@@ -81,7 +81,6 @@ _SEED = flags.DEFINE_integer(
 flags.mark_flag_as_required('output')
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')

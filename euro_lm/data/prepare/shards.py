@@ -1,6 +1,7 @@
 """Raw text files -> tokenized ArrayRecord shards per language, and a manifest.
 
 The output directory's layout, and what reads it, are in euro_lm.data.prepared.
+
 A unit is one input file and the shards made from it; `<unit>` is a hash of
 the file's absolute path. A unit is finished once its receipt exists. Shards
 are written as `*.tmp` and renamed when complete, then the receipt is written
