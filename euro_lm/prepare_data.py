@@ -4,7 +4,7 @@
       --tokenizer=PATH.model (--language_field=lang | --language=deu_Latn)
 
 Tokenizes raw JSONL (plain, .gz, .zst) or Parquet files into ArrayRecord
-shards per language and a manifest (see euro_lm.data.prepare). Re-running the
+shards per language and a manifest (see euro_lm.data.prepared). Re-running the
 same command resumes: finished input files are skipped.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from euro_lm.data import source_flags
+from euro_lm.data.prepare import source_flags
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
@@ -28,18 +28,19 @@ flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from euro_lm.data import prepare
+  from euro_lm.data import prepared
+  from euro_lm.data.prepare import shards
   from euro_lm.errors import UserError
   try:
-    manifest = prepare.prepare(
+    manifest = shards.prepare(
         _INPUT.value, _OUTPUT.value, _TOKENIZER.value, source_flags.text_source(),
         docs_per_shard=_DOCS_PER_SHARD.value, workers=_WORKERS.value,
         progress=True,
     )
   except UserError as e:
     sys.exit(f'error: {e}')
-  print(prepare.format_summary(manifest))
-  print(f'Manifest: {_OUTPUT.value}/{prepare.MANIFEST}')
+  print(shards.format_summary(manifest))
+  print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')
 
 
 if __name__ == '__main__':

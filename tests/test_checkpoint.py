@@ -23,8 +23,8 @@ from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
 from run_records import step_dirs, step_records
-from euro_lm import data as data_lib
 from euro_lm.checkpoint import CheckpointError, Checkpointer
+from euro_lm.data import dataset
 from euro_lm.train.loop import TrainingError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def copy_checkpoints(source, workdir, steps):
 @pytest.fixture(scope='module')
 def tokenizer(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tokenizer')
-  data_lib.make_data(config_with(BASE), str(workdir))
+  dataset.make_data(config_with(BASE), str(workdir))
   return str(workdir / 'tokenizer.model')
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from euro_lm import data
 from euro_lm.errors import DataError
 from euro_lm.data import corpus
+from euro_lm.data import dataset
 from euro_lm.data import languages
 from euro_lm.data import pipeline
 from euro_lm.data import tokenizer as tokenizer_lib
@@ -494,7 +494,7 @@ def _base_config():
 
 def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   config = _base_config()
-  result = data.make_data(
+  result = dataset.make_data(
       config, str(tmp_path), process_index=1, process_count=2
   )
   assert 'tokenizer' in capsys.readouterr().out
@@ -510,7 +510,7 @@ def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   assert all(batch[k].shape == (2, 64) for k in pipeline.FEATURES)
 
   model_bytes = model_path.read_bytes()
-  again = data.make_data(config, str(tmp_path))
+  again = dataset.make_data(config, str(tmp_path))
   assert capsys.readouterr().out == ''
   assert model_path.read_bytes() == model_bytes
   assert again.tokenizer.encode('Καλημέρα') == result.tokenizer.encode(
@@ -521,18 +521,18 @@ def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   with pytest.raises(
       ValueError, match=rf'{re.escape(str(model_path))}.*1024.*2048'
   ):
-    data.make_data(config, str(tmp_path))
+    dataset.make_data(config, str(tmp_path))
 
 
 def test_make_data_rejects_unknown_corpus(tmp_path):
   config = _base_config()
   config.data.corpus = 'web'
   with pytest.raises(ValueError, match='data.corpus'):
-    data.make_data(config, str(tmp_path))
+    dataset.make_data(config, str(tmp_path))
 
 
 def test_balanced_texts_caps_each_language():
-  texts = data.balanced_texts(
+  texts = dataset.balanced_texts(
       {'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6
   )
   assert texts == ['123456', 'xxxx', 'yy', 'z']
@@ -549,7 +549,7 @@ def test_mixture_from_config(mixture_name, check):
   config.data.mixture = mixture_name
   counts = {'bul_Cyrl': 900, 'deu_Latn': 1000, 'ell_Grek': 1100, 'eng_Latn': 4000}
   config.train.steps, config.train.global_batch_size, config.train.seq_len = 10, 4, 20
-  schedule = data.mixture_schedule(config, counts)
+  schedule = dataset.mixture_schedule(config, counts)
   assert check(schedule.weights_at(0), counts)
 
 
@@ -557,12 +557,12 @@ def test_staged_explicit_mixture_from_config():
   config = _base_config()
   config.data.mixture = 'explicit'
   config.data.mixture_weights = '0:de=3,en=1;100:de=0,en=1'
-  schedule = data.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
+  schedule = dataset.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
   assert schedule.weights_at(99) == {'deu_Latn': 0.75, 'eng_Latn': 0.25}
   assert schedule.weights_at(100) == {'deu_Latn': 0.0, 'eng_Latn': 1.0}
   config.data.mixture_weights = 'deu_Latn=1,gle_Latn=1'
   with pytest.raises(ValueError, match='data.mixture_weights.*gle_Latn'):
-    data.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
+    dataset.mixture_schedule(config, {'deu_Latn': 10, 'eng_Latn': 10})
 
 
 def test_group_mixture_from_config():
@@ -571,7 +571,7 @@ def test_group_mixture_from_config():
   config.data.mixture_groups = 'eng_Latn=0.5;*=0.5'
   config.data.mixture_min_share = 0.1
   counts = {'bul_Cyrl': 100, 'deu_Latn': 800, 'eng_Latn': 4000}
-  weights = data.mixture_schedule(config, counts).weights_at(0)
+  weights = dataset.mixture_schedule(config, counts).weights_at(0)
   # eng 0.5; rest 0.5 split 1:8 -> bul 0.0556 is floored to 0.1, paid by the others
   # in proportion: deu 0.4444 * 0.9/0.9444, eng 0.5 * 0.9/0.9444.
   assert weights['bul_Cyrl'] == pytest.approx(0.1)
@@ -579,13 +579,13 @@ def test_group_mixture_from_config():
   assert weights['deu_Latn'] == pytest.approx(4 / 9 * 0.9 / (0.5 + 4 / 9))
   config.data.mixture_groups = 'eng_Latn:0.5'
   with pytest.raises(ValueError, match="data.mixture_groups: 'eng_Latn:0.5' is not"):
-    data.mixture_schedule(config, counts)
+    dataset.mixture_schedule(config, counts)
 
 
 def test_process_shards_are_disjoint_and_make_up_the_global_batch(tmp_path):
   config = _base_config()  # global batch of 4 rows
-  whole = iter(data.make_data(config, str(tmp_path)).train)
-  halves = [iter(data.make_data(config, str(tmp_path), process_index=p, process_count=2).train)
+  whole = iter(dataset.make_data(config, str(tmp_path)).train)
+  halves = [iter(dataset.make_data(config, str(tmp_path), process_index=p, process_count=2).train)
             for p in range(2)]
   for _ in range(3):
     batch, first, second = next(whole), next(halves[0]), next(halves[1])

@@ -10,8 +10,9 @@ import pytest
 import sentencepiece as spm
 
 from euro_lm.data import corpus
-from euro_lm.data import fertility
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.data.prepare import fertility
+from euro_lm.data.prepare import tokenizer_training
 from euro_lm.errors import ConfigError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,23 +197,23 @@ def test_embedded_parallel_heldout_errors():
 def test_sampling_budgets_by_hand():
   sizes = {'a': 400, 'b': 3600, 'c': 100_000}
   # uniform: 1000 each, but 'a' has only 400.
-  assert tokenizer_lib.sampling_budgets(sizes, 1000, 'uniform') == {
+  assert tokenizer_training.sampling_budgets(sizes, 1000, 'uniform') == {
       'a': 400, 'b': 1000, 'c': 1000
   }
   # natural: 3000 shared by 400 : 3600 : 100000; floor(3000 * n / 104000).
-  assert tokenizer_lib.sampling_budgets(sizes, 1000, 'natural') == {
+  assert tokenizer_training.sampling_budgets(sizes, 1000, 'natural') == {
       'a': 11, 'b': 103, 'c': 2884
   }
   # T=2: weights sqrt(n) = 20 : 60 : 316.227...; sum 396.227766...
   # a: 3000 * 20 / 396.2278 = 151.43, b: 454.28, c: 2394.29.
-  assert tokenizer_lib.sampling_budgets(sizes, 1000, 'temperature', 2.0) == {
+  assert tokenizer_training.sampling_budgets(sizes, 1000, 'temperature', 2.0) == {
       'a': 151, 'b': 454, 'c': 2394
   }
   # T=1 is natural; a huge T approaches uniform, capped by what 'a' has.
-  assert tokenizer_lib.sampling_budgets(
+  assert tokenizer_training.sampling_budgets(
       sizes, 1000, 'temperature', 1.0
-  ) == tokenizer_lib.sampling_budgets(sizes, 1000, 'natural')
-  assert tokenizer_lib.sampling_budgets(sizes, 1000, 'temperature', 1e9) == {
+  ) == tokenizer_training.sampling_budgets(sizes, 1000, 'natural')
+  assert tokenizer_training.sampling_budgets(sizes, 1000, 'temperature', 1e9) == {
       'a': 400, 'b': 999, 'c': 1000
   }
 
@@ -228,7 +229,7 @@ def test_sampling_budgets_by_hand():
 )
 def test_sampling_budgets_errors(args, match):
   with pytest.raises(ConfigError, match=match):
-    tokenizer_lib.sampling_budgets(*args)
+    tokenizer_training.sampling_budgets(*args)
 
 
 # --- the CLI -----------------------------------------------------------------

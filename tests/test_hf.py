@@ -21,9 +21,9 @@ import transformers
 from flax import linen as nn
 
 from configs import tiny
-from euro_lm import data as data_lib
 from euro_lm import hf
 from euro_lm.checkpoint import load_params, resolve_checkpoint
+from euro_lm.data import dataset
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.model import Decoder
 from euro_lm.train.loop import train
@@ -223,7 +223,7 @@ def tokenizer_path(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tokenizer')
   config = tiny.get_config()
   config.update_from_flattened_dict(RUN)
-  data_lib.make_data(config, str(workdir))
+  dataset.make_data(config, str(workdir))
   return str(workdir / 'tokenizer.model')
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from configs import tiny
 from run_records import step_dirs, step_records
-from euro_lm import data as data_lib
+from euro_lm.data import dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -109,7 +109,7 @@ def overrides(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tokenizer')
   config = tiny.get_config()
   config.update_from_flattened_dict(BASE)
-  data_lib.make_data(config, str(workdir))  # one tokenizer, not one per run
+  dataset.make_data(config, str(workdir))  # one tokenizer, not one per run
   return {**BASE, 'data.tokenizer_path': str(workdir / 'tokenizer.model')}
 
 

@@ -355,7 +355,7 @@ def test_plot_scaling_draws_the_points():
 
 
 def test_plot_helpers_import_matplotlib_lazily():
-  code = ('import sys; import euro_lm.plan, euro_lm.data.fertility; '
+  code = ('import sys; import euro_lm.plan, euro_lm.data.prepare.fertility; '
           'assert "matplotlib" not in sys.modules, "matplotlib imported"')
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)

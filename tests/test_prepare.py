@@ -1,4 +1,5 @@
-"""Tests for euro_lm.data.prepare and its CLI, euro_lm.prepare_data."""
+"""Tests for euro_lm.data.prepare.shards, euro_lm.data.prepared and their CLI,
+euro_lm.prepare_data."""
 
 import gzip
 import hashlib
@@ -14,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from euro_lm.data import prepare
-from euro_lm.data import sources
+from euro_lm.data import prepared as prepared_lib
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.data.prepare import shards
+from euro_lm.data.prepare import sources
 from euro_lm.errors import ConfigError, DataError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +101,7 @@ SOURCE = sources.TextSource(language_field='lang')
 
 
 def _prepare(corpus, tokenizer, output_dir, **kwargs):
-  return prepare.prepare(
+  return shards.prepare(
       [str(corpus[0] / '*.jsonl*'), str(corpus[0] / '*.parquet')],
       str(output_dir), tokenizer.path, kwargs.pop('source', SOURCE),
       docs_per_shard=DOCS_PER_SHARD, **kwargs)
@@ -151,7 +153,7 @@ def test_manifest_counts_equal_an_independent_count(corpus, tokenizer,
     sha256 = hashlib.sha256(f.read()).hexdigest()
   assert manifest['tokenizer']['sha256'] == sha256
   assert manifest['tokenizer']['vocab_size'] == 400
-  assert prepare.read_manifest(str(output_dir)) == manifest
+  assert prepared_lib.read_manifest(str(output_dir)) == manifest
   assert not [name for name in _files(output_dir) if name.endswith('.tmp')]
 
 
@@ -172,7 +174,7 @@ def test_shards_hold_the_encoded_documents(corpus, tokenizer, prepared):
     # Inputs in sorted order, documents in file order.
     texts = [text for path in sorted(corpus[1])
              for text, doc_tag in corpus[1][path] if doc_tag == tag]
-    tokens = list(prepare.iter_tokens(str(output_dir), tag))
+    tokens = list(prepared_lib.iter_tokens(str(output_dir), tag))
     assert [t.tolist() for t in tokens] == [tokenizer.encode(t) for t in texts]
     assert all(t.dtype == np.int32 for t in tokens)
     # The raw records, read without euro_lm: little-endian int32, no bos/eos.
@@ -191,7 +193,7 @@ def test_shards_hold_the_encoded_documents(corpus, tokenizer, prepared):
 def test_iter_tokens_of_a_missing_language(prepared):
   with pytest.raises(DataError, match=r'holds no pol_Latn documents; it holds'
                      r' deu_Latn, ell_Grek, fra_Latn, ukr_Cyrl'):
-    next(prepare.iter_tokens(str(prepared[0]), 'pl'))
+    next(prepared_lib.iter_tokens(str(prepared[0]), 'pl'))
 
 
 def test_one_worker_and_two_give_identical_output(corpus, tokenizer, prepared,
@@ -203,7 +205,7 @@ def test_one_worker_and_two_give_identical_output(corpus, tokenizer, prepared,
 def test_rerun_redoes_only_unfinished_units(corpus, tokenizer, tmp_path):
   _prepare(corpus, tokenizer, tmp_path, workers=1)
   before = _files(tmp_path)
-  manifest = prepare.read_manifest(str(tmp_path))
+  manifest = prepared_lib.read_manifest(str(tmp_path))
   units = {os.path.basename(path): entry['unit']
            for path, entry in manifest['inputs'].items()}
   shard_paths = {
@@ -238,7 +240,7 @@ def test_a_changed_input_is_redone_and_a_failed_run_leaves_no_manifest(
 
   def run(strict=False):
     source = sources.TextSource(language='de', strict=strict)
-    return prepare.prepare([str(path)], output_dir, tokenizer.path, source,
+    return shards.prepare([str(path)], output_dir, tokenizer.path, source,
                            workers=1)
 
   assert run()['languages']['deu_Latn']['documents'] == 1
@@ -250,14 +252,14 @@ def test_a_changed_input_is_redone_and_a_failed_run_leaves_no_manifest(
   with pytest.raises(DataError, match=re.escape(f'{path}:3: ')):
     run(strict=True)
   with pytest.raises(DataError, match='No manifest.json in'):
-    prepare.read_manifest(output_dir)
+    prepared_lib.read_manifest(output_dir)
   assert os.listdir(os.path.join(output_dir, 'deu_Latn')) == []
 
 
 def test_rerun_with_other_settings_is_refused(corpus, tokenizer, prepared):
   with pytest.raises(ConfigError,
                      match=re.escape('(changed: docs_per_shard;')):
-    prepare.prepare([str(corpus[0] / '*.jsonl')], str(prepared[0]),
+    shards.prepare([str(corpus[0] / '*.jsonl')], str(prepared[0]),
                     tokenizer.path, SOURCE, docs_per_shard=5)
 
 
@@ -281,7 +283,7 @@ def test_cli_prepares_a_directory(corpus, tokenizer, tmp_path):
                     f'--tokenizer={tokenizer.path}', '--language=deu_Latn',
                     '--workers=1')
   assert result.returncode == 0, result.stderr
-  manifest = prepare.read_manifest(str(tmp_path))
+  manifest = prepared_lib.read_manifest(str(tmp_path))
   # A fixed language overrides the records' own field.
   assert list(manifest['languages']) == ['deu_Latn']
   assert manifest['languages']['deu_Latn']['documents'] == 16

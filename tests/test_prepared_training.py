@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from euro_lm import data
-from euro_lm.data import corpus, prepare, sources
+from euro_lm.data import corpus, dataset, prepared
+from euro_lm.data.prepare import shards, sources
 from euro_lm.data.tokenizer import train_sentencepiece
 from euro_lm.errors import ConfigError, DataError
 from euro_lm.train.loop import train
@@ -27,7 +27,7 @@ def prepared_dir(tmp_path_factory):
   model = str(root / 'tok.model')
   train_sentencepiece([d for t in LANGUAGES for d in docs[t]], model, vocab_size=1024)
   out = str(root / 'out')
-  prepare.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
+  shards.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
                   workers=1)
   return out
 
@@ -42,10 +42,10 @@ def config_for(prepared_dir, **train):
 
 
 def test_split_holds_out_every_kth_document_of_the_shards(prepared_dir):
-  result = data.make_data(config_for(prepared_dir), '/nonexistent-unused')
+  result = dataset.make_data(config_for(prepared_dir), '/nonexistent-unused')
   assert result.languages == list(LANGUAGES)
   for tag in LANGUAGES:
-    on_disk = [tuple(t) for t in prepare.iter_tokens(prepared_dir, tag)]
+    on_disk = [tuple(t) for t in prepared.iter_tokens(prepared_dir, tag)]
     # The first epoch of the training order is a permutation of the documents
     # not held out (every 10th, from the first).
     epoch = [result.train.document_at(tag, i) for i in range(len(on_disk) - len(on_disk[::10]))]
@@ -75,17 +75,17 @@ def test_a_different_tokenizer_is_refused(prepared_dir, tmp_path):
   c = config_for(prepared_dir)
   c.data.tokenizer_path = other
   with pytest.raises(ConfigError, match='not the one .* was prepared with'):
-    data.make_data(c, str(tmp_path))
+    dataset.make_data(c, str(tmp_path))
 
 
 def test_a_corrupt_shard_is_reported_by_name(prepared_dir, tmp_path):
   import shutil
   copy = tmp_path / 'copy'
   shutil.copytree(prepared_dir, copy)
-  shard = copy / prepare.read_manifest(str(copy))['languages']['ell_Grek']['shards'][0]['path']
+  shard = copy / prepared.read_manifest(str(copy))['languages']['ell_Grek']['shards'][0]['path']
   shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-file
   with pytest.raises(DataError, match='ell_Grek'):
-    prepare.document_source(str(copy), 'ell_Grek')
+    prepared.document_source(str(copy), 'ell_Grek')
 
 
 def test_code_is_a_data_tag_with_its_own_mixture_share(tmp_path):
@@ -101,15 +101,15 @@ def test_code_is_a_data_tag_with_its_own_mixture_share(tmp_path):
   model = str(tmp_path / 'tok.model')
   train_sentencepiece(docs + code, model, vocab_size=600)
   out = str(tmp_path / 'out')
-  manifest = prepare.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
+  manifest = shards.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
                              workers=1)
   assert sorted(manifest['languages']) == ['code', 'deu_Latn']
   assert manifest['languages']['code']['documents'] == 30
   c = config_for(out)
   c.model.vocab_size = 600
   c.data.mixture, c.data.mixture_groups = 'groups', 'code=0.25;*=0.75'
-  result = data.make_data(c, str(tmp_path))
-  assert data.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
+  result = dataset.make_data(c, str(tmp_path))
+  assert dataset.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
       pytest.approx({'code': 0.25, 'deu_Latn': 0.75})
   for _ in range(20):
     next(result.train)

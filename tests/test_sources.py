@@ -1,4 +1,5 @@
-"""Tests for euro_lm.data.sources: JSONL, Parquet and ArrayRecord documents."""
+"""Tests for euro_lm.data.prepare.sources (JSONL, Parquet) and
+euro_lm.data.prepared.read_array_record (ArrayRecord shards)."""
 
 import gzip
 import json
@@ -11,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from euro_lm.data import sources
+from euro_lm.data import languages
+from euro_lm.data import prepared
+from euro_lm.data.prepare import sources
 from euro_lm.errors import ConfigError, DataError
 
 # U+2028 would end a line for str.splitlines; JSONL lines end at '\n' only.
@@ -196,8 +199,8 @@ def test_unrecognised_file_name_asks_for_the_format(tmp_path):
 
 
 def test_language_codes_fold_regardless_of_case_and_spaces():
-  assert sources.resolve_language('deu_latn ') == 'deu_Latn'
-  assert sources.resolve_language(' UK ') == 'ukr_Cyrl'
+  assert languages.resolve_language('deu_latn ') == 'deu_Latn'
+  assert languages.resolve_language(' UK ') == 'ukr_Cyrl'
 
 
 @pytest.mark.parametrize('code, tag', [
@@ -206,12 +209,12 @@ def test_language_codes_fold_regardless_of_case_and_spaces():
 ])
 def test_unknown_language_suggests_the_closest_tag(code, tag):
   with pytest.raises(ValueError, match=re.escape(f'Did you mean {tag!r}')):
-    sources.resolve_language(code)
+    languages.resolve_language(code)
 
 
 def test_wrong_script_names_the_tag_without_a_guess():
   with pytest.raises(ValueError) as error:
-    sources.resolve_language('sr_Latn')
+    languages.resolve_language('sr_Latn')
   assert str(error.value).endswith("Serbian only as 'srp_Cyrl'.")
 
 
@@ -239,7 +242,7 @@ def test_array_record_round_trip(tmp_path):
   path = tmp_path / 'shard.array_record'
   _write_shard(path, arrays)
   documents = list(
-      sources.read_array_record(str(path), 'sl', expected_records=4))
+      prepared.read_array_record(str(path), 'sl', expected_records=4))
   assert [d.language for d in documents] == ['slv_Latn'] * 4
   assert [d.location for d in documents] == [f'{path}[{i}]' for i in range(4)]
   for document, array in zip(documents, arrays):
@@ -263,7 +266,7 @@ def test_corrupt_array_record_names_the_file(tmp_path, how):
   _write_shard(path, [np.arange(100)] * 50)
   path.write_bytes(_corrupt(path, how))
   with pytest.raises(DataError, match=re.escape(str(path))):
-    list(sources.read_array_record(str(path), 'de', expected_records=50))
+    list(prepared.read_array_record(str(path), 'de', expected_records=50))
 
 
 def test_array_record_count_or_width_mismatch_names_the_file(tmp_path):
@@ -271,9 +274,9 @@ def test_array_record_count_or_width_mismatch_names_the_file(tmp_path):
   _write_shard(path, [[1, 2], [3]])
   with pytest.raises(DataError,
                      match=re.escape(f'{path} holds 2 records, but')):
-    list(sources.read_array_record(str(path), 'de', expected_records=3))
+    list(prepared.read_array_record(str(path), 'de', expected_records=3))
   writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
   writer.write(b'\x01\x02\x03')
   writer.close()
   with pytest.raises(DataError, match=re.escape(f'{path}[0]: 3 bytes')):
-    list(sources.read_array_record(str(path), 'de'))
+    list(prepared.read_array_record(str(path), 'de'))

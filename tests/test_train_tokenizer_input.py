@@ -10,10 +10,10 @@ import sys
 import pytest
 import zstandard
 
-from euro_lm import train_tokenizer as tt
 from euro_lm.data import corpus
-from euro_lm.data import sources
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.data.prepare import sources
+from euro_lm.data.prepare import tokenizer_training as tt
 from euro_lm.errors import ConfigError, DataError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,9 +180,9 @@ def test_errors_name_the_flag_or_file(files, tmp_path):
 
 
 def test_long_texts_are_cut_for_sentencepiece():
-  text = 'ж' * (tt._MAX_TEXT_CHARS * 2 + 5)
-  pieces = list(tt._cut_long(['ab', text]))
-  assert [len(p) for p in pieces] == [2] + [tt._MAX_TEXT_CHARS] * 2 + [5]
+  text = 'ж' * (tt.MAX_TEXT_CHARS * 2 + 5)
+  pieces = list(tt.cut_long(['ab', text]))
+  assert [len(p) for p in pieces] == [2] + [tt.MAX_TEXT_CHARS] * 2 + [5]
   assert max(len(p.encode()) for p in pieces) <= 1 << 20
   assert ''.join(pieces[1:]) == text
 

@@ -42,7 +42,7 @@ def write_corpus(paths, docs_by_lang, scale):
 
 
 def time_prepare(raw, out, model, workers):
-  from euro_lm.data import prepare, sources
+  from euro_lm.data.prepare import shards as prepare, sources
   start = time.perf_counter()
   manifest = prepare.prepare(raw, out, model, sources.TextSource(language_field='lang'),
                              workers=workers)
@@ -51,7 +51,7 @@ def time_prepare(raw, out, model, workers):
 
 def time_streams(prepared_dir, seq_len, batch, batches):
   """Tokens/s of one thread producing packed batches, and the process's peak RSS in MiB."""
-  from euro_lm.data import prepare
+  from euro_lm.data import prepared as prepare
   from euro_lm.data.streams import PackedStreams, process_streams
   manifest = prepare.read_manifest(prepared_dir)
   sources = {tag: prepare.document_source(prepared_dir, tag) for tag in manifest['languages']}

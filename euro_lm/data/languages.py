@@ -13,6 +13,8 @@ of its own ('code=0.1;*=0.9').
 """
 
 import dataclasses
+import difflib
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,46 @@ def canonical_language(code: str) -> str:
           f' {language_entry.name} only as {language_entry.tag!r}.'
       )
   return language_entry.tag
+
+
+def resolve_language(code: str) -> str:
+  """`canonical_language`, suggesting the closest tag on failure.
+
+  Raises:
+    ValueError: `code` names no known language; the message suggests one.
+  """
+  try:
+    return canonical_language(code)
+  except ValueError as e:
+    # A known language in the wrong script: the message already names the tag.
+    if _is_known_language(re.split('[-_]', code.strip())[0]):
+      raise
+    suggestion = _closest_language(code)
+    if suggestion is None:
+      raise
+    raise ValueError(
+        f'{e} Did you mean {suggestion.tag!r} ({suggestion.name})?'
+    ) from None
+
+
+def _is_known_language(code: str) -> bool:
+  try:
+    canonical_language(code)
+  except ValueError:
+    return False
+  return True
+
+
+def _closest_language(code: str) -> Language | None:
+  by_spelling = {}
+  for lang in LANGUAGES:
+    spellings = (lang.tag, lang.name, lang.iso639_1, lang.iso639_3,
+                 lang.iso639_2b)
+    for spelling in spellings:
+      if spelling:
+        by_spelling[spelling.lower()] = lang
+  matches = difflib.get_close_matches(code.strip().lower(), by_spelling, n=1)
+  return by_spelling[matches[0]] if matches else None
 
 
 def known_tags() -> str:

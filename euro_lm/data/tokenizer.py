@@ -1,8 +1,7 @@
 """A thin SentencePiece wrapper, and training a tokenizer from documents."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 import io
-import math
 import os
 import tempfile
 
@@ -14,7 +13,8 @@ from euro_lm.errors import ConfigError, DataError, UserError
 _SPACE_PIECE = '\u2581'  # SentencePiece's '▁', which decodes to a space.
 
 BACKENDS = ('sentencepiece', 'tf_text')
-SAMPLING = ('uniform', 'natural', 'temperature')
+# SentencePiece algorithms a tokenizer can be trained with.
+MODEL_TYPES = ('bpe', 'unigram')
 
 
 class BackendNotInstalledError(UserError, RuntimeError):
@@ -145,7 +145,7 @@ class Tokenizer:
 def _tf_text_tokenizer(model: bytes):
   """tensorflow-text's SentencepieceTokenizer for a serialized model."""
   try:
-    # Imported only here: TensorFlow is a 2 GB extra that takes seconds to load.
+    # Imported only here: TensorFlow is a large extra, slow to load.
     import tensorflow_text  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise BackendNotInstalledError(
@@ -154,55 +154,6 @@ def _tf_text_tokenizer(model: bytes):
     ) from e
   # Its defaults (no bos/eos, no sampling, int32 ids) match EncodeAsIds.
   return tensorflow_text.SentencepieceTokenizer(model=model)
-
-
-def sampling_budgets(
-    chars_by_language: Mapping[str, int],
-    chars_per_language: int,
-    sampling: str = 'uniform',
-    temperature: float = 1.0,
-) -> dict[str, int]:
-  """Characters to sample from each language to train a tokenizer on.
-
-  The languages share `chars_per_language * len(chars_by_language)`
-  characters: 'uniform' gives each `chars_per_language`; 'natural' splits the
-  total in proportion to each language's size n; 'temperature' in proportion
-  to n ** (1 / temperature), which flattens the mix as temperature grows.
-  Shares round down, and a language never gives more than it has: what it
-  lacks is not handed to the others, so small languages are not drowned out.
-
-  Args:
-    chars_by_language: language -> characters available.
-    chars_per_language: the average budget per language.
-    sampling: one of SAMPLING.
-    temperature: used by 'temperature' only.
-
-  Returns:
-    language -> characters to sample, in the order of `chars_by_language`.
-
-  Raises:
-    ConfigError: a non-positive budget or temperature, an unknown sampling,
-      or no text at all.
-  """
-  if chars_per_language <= 0:
-    raise ConfigError(
-        f'chars_per_language must be positive, got {chars_per_language}.'
-    )
-  if sampling not in SAMPLING:
-    raise ConfigError(f'sampling={sampling!r} is not one of {SAMPLING}.')
-  if sampling == 'temperature' and not temperature > 0:
-    raise ConfigError(f'temperature must be positive, got {temperature}.')
-  if not any(chars_by_language.values()):
-    raise ConfigError('There is no text to sample a tokenizer corpus from.')
-  if sampling == 'uniform':
-    shares = {tag: chars_per_language for tag in chars_by_language}
-  else:
-    exponent = 1.0 if sampling == 'natural' else 1.0 / temperature
-    weights = {tag: n**exponent for tag, n in chars_by_language.items()}
-    total = chars_per_language * len(chars_by_language)
-    norm = sum(weights.values())
-    shares = {tag: math.floor(total * w / norm) for tag, w in weights.items()}
-  return {tag: min(shares[tag], n) for tag, n in chars_by_language.items()}
 
 
 def train_sentencepiece(

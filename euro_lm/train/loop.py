@@ -10,11 +10,11 @@ import numpy as np
 import tqdm
 from flax import linen as nn
 
-from euro_lm import data as data_lib
 from euro_lm import host_memory
 from euro_lm.checkpoint import CheckpointError, Checkpointer, load_params
 from euro_lm import devices
 from euro_lm.config import validate
+from euro_lm.data import dataset
 from euro_lm.errors import UserError
 from euro_lm.finite import describe_nonfinite
 from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device, progress_bar
@@ -140,8 +140,8 @@ def train(config, workdir):
   rules = logical_rules(config.mesh)
   log(f'euro_lm: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh '
       + ' x '.join(f'{a}={s}' for a, s in degrees.items()) + f', workdir {workdir}')
-  data = data_lib.make_data(config, workdir, process_index=process_index,
-                            process_count=process_count)
+  data = dataset.make_data(config, workdir, process_index=process_index,
+                           process_count=process_count)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, t.steps)
   checkpointer = Checkpointer(

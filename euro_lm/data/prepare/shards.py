@@ -1,12 +1,6 @@
 """Raw text files -> tokenized ArrayRecord shards per language, and a manifest.
 
-An output directory holds:
-
-  <tag>/shard-<unit>-<NNNNN>.array_record  one record per document: its token
-      ids as little-endian int32 bytes, without bos/eos (the packer adds them)
-  receipts/<unit>.json  one per finished input file
-  manifest.json  per language: documents, tokens, UTF-8 bytes, characters and
-      shards; the tokenizer's fingerprint; each input's bad records
+The output directory's layout, and what reads it, are in euro_lm.data.prepared.
 
 A unit is one input file and the shards made from it; `<unit>` is a hash of
 the file's absolute path. A unit is finished once its receipt exists. Shards
@@ -16,7 +10,7 @@ re-run redoes only the units without a receipt. The manifest is written
 last, and removed while units are redone: where it exists, it is complete.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import glob
@@ -28,19 +22,14 @@ import queue
 import tempfile
 
 from array_record.python import array_record_module
-import grain
 import numpy as np
 import tqdm
 
-from euro_lm.data import sources
+from euro_lm.data import prepared
+from euro_lm.data.prepare import sources
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.errors import ConfigError, DataError
 
-MANIFEST = 'manifest.json'
-VERSION = 1
-# One record per chunk, so that Grain's random access decompresses only the
-# document it reads.
-WRITER_OPTIONS = 'group_size:1'
 _RECEIPTS = 'receipts'
 _COUNTS = ('documents', 'tokens', 'bytes', 'characters')
 # Documents between progress reports from a worker.
@@ -104,7 +93,7 @@ def prepare(
   if workers < 1:
     raise ConfigError(f'workers={workers} must be at least 1.')
   inputs = sources.expand_globs(input_globs)
-  sha256 = file_sha256(tokenizer_path)
+  sha256 = prepared.file_sha256(tokenizer_path)
   tokenizer = _load_tokenizer(tokenizer_path, sha256)
   tokenizer_info = {
       'path': os.path.abspath(tokenizer_path),
@@ -114,7 +103,7 @@ def prepare(
       'eos_id': tokenizer.eos_id,
   }
   settings = {
-      'version': VERSION,
+      'version': prepared.VERSION,
       'tokenizer_sha256': tokenizer_info['sha256'],
       'format': source.format,
       'text_field': source.text_field,
@@ -129,7 +118,7 @@ def prepare(
   ]
   os.makedirs(os.path.join(output_dir, _RECEIPTS), exist_ok=True)
   pending = [unit for unit in units if _finished_receipt(unit) is None]
-  manifest_path = os.path.join(output_dir, MANIFEST)
+  manifest_path = os.path.join(output_dir, prepared.MANIFEST)
   # A manifest stands for a complete directory: none while units are redone.
   if pending and os.path.exists(manifest_path):
     os.remove(manifest_path)
@@ -146,15 +135,6 @@ def prepare(
 
 def _unit_id(input_path: str) -> str:
   return hashlib.sha256(os.path.abspath(input_path).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file (the tokenizer fingerprint)."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 @functools.cache
@@ -317,8 +297,8 @@ class _ShardWriter:
           {'path': name, **{count: 0 for count in _COUNTS}})
       self._temp_path = os.path.join(self._unit.output_dir, name) + '.tmp'
       self._writer = array_record_module.ArrayRecordWriter(
-          self._temp_path, WRITER_OPTIONS)
-    self._writer.write(np.asarray(tokens, '<i4').tobytes())
+          self._temp_path, prepared.WRITER_OPTIONS)
+    self._writer.write(np.asarray(tokens, prepared.TOKEN_DTYPE).tobytes())
     shard = self._shards[-1]
     shard['documents'] += 1
     shard['tokens'] += len(tokens)
@@ -385,10 +365,10 @@ def _build_manifest(
           entry[count] += shard[count]
         entry['shards'].append(shard)
   return {
-      'version': VERSION,
+      'version': prepared.VERSION,
       'record': 'token ids as little-endian int32, one document per record,'
                 ' no bos/eos',
-      'writer_options': WRITER_OPTIONS,
+      'writer_options': prepared.WRITER_OPTIONS,
       'tokenizer': tokenizer_info,
       'settings': settings,
       'languages': {tag: languages[tag] for tag in sorted(languages)},
@@ -404,83 +384,6 @@ def _build_manifest(
           for receipt in receipts
       },
   }
-
-
-def read_manifest(directory: str) -> dict:
-  """The manifest of a prepared directory.
-
-  Raises:
-    DataError: no manifest, an unreadable one, or one of another version.
-  """
-  path = os.path.join(directory, MANIFEST)
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
-    raise DataError(
-        f'No {MANIFEST} in {directory}: prepare it with'
-        ' `python -m euro_lm.prepare_data`.'
-    ) from None
-  except json.JSONDecodeError as e:
-    raise DataError(f'{path} is not valid JSON: {e}') from e
-  if manifest.get('version') != VERSION:
-    raise DataError(
-        f'{path} has version {manifest.get("version")!r}; this euro_lm reads'
-        f' version {VERSION}. Prepare the data again.'
-    )
-  return manifest
-
-
-def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
-  """The documents of one language as int32 token ids, in manifest order.
-
-  Raises:
-    DataError: the language is not in the manifest, or a shard is missing,
-      corrupt or holds other than the manifest's record count.
-  """
-  manifest = read_manifest(directory)
-  try:
-    tag = sources.resolve_language(language)
-  except ValueError as e:
-    raise DataError(str(e)) from None
-  if tag not in manifest['languages']:
-    raise DataError(
-        f'{directory} holds no {tag} documents; it holds'
-        f' {", ".join(manifest["languages"]) or "none"}.'
-    )
-  for shard in manifest['languages'][tag]['shards']:
-    for document in sources.read_array_record(
-        os.path.join(directory, shard['path']), tag,
-        expected_records=shard['documents']):
-      yield document.tokens
-
-
-def document_source(directory: str, language: str) -> grain.MapDataset:
-  """Random access to one language's documents (int32 token ids), for training.
-
-  Raises:
-    DataError: the language is not in the manifest, or its shards hold other
-      than the manifest's record counts.
-  """
-  manifest = read_manifest(directory)
-  entry = manifest['languages'].get(language)
-  if entry is None:
-    raise DataError(
-        f'{directory} holds no {language} documents; it holds'
-        f' {", ".join(manifest["languages"]) or "none"}.'
-    )
-  paths = [os.path.join(directory, shard['path']) for shard in entry['shards']]
-  try:
-    records = grain.sources.ArrayRecordDataSource(paths)
-  except Exception as e:  # array_record raises several types for bad files
-    raise DataError(f'cannot open the {language} shards of {directory}: {e}') from e
-  if len(records) != entry['documents']:
-    raise DataError(
-        f'the {language} shards of {directory} hold {len(records)} documents'
-        f' but {MANIFEST} lists {entry["documents"]}: prepare the data again.'
-    )
-  return grain.MapDataset.source(records).map(
-      lambda record: np.frombuffer(record, '<i4'))
 
 
 def format_summary(manifest: dict) -> str:

@@ -222,7 +222,7 @@ def _aligned_messages(tags: Sequence[str]) -> dict[str, dict[str, tuple]]:
   first catalog, in the corpus's (sorted path) order, that translates it.
   """
   # The corpus's own catalog discovery, so both agree on what each language
-  # is; corpus.py keeps it private for now.
+  # is.
   catalogs = corpus.django_catalogs()
   translations = {}  # language -> msgid -> forms
   for tag in tags:

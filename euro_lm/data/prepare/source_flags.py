@@ -2,7 +2,8 @@
 
 from absl import flags
 
-from euro_lm.data import sources
+from euro_lm.data.prepare import sources
+from euro_lm.errors import ConfigError
 
 FORMAT = flags.DEFINE_enum('format', 'auto', sources.FORMATS,
                            'Input format; auto: from each file name.')
@@ -21,3 +22,19 @@ def text_source() -> sources.TextSource:
   return sources.TextSource(format=FORMAT.value, text_field=TEXT_FIELD.value,
                             language_field=LANGUAGE_FIELD.value, language=LANGUAGE.value,
                             strict=STRICT.value)
+
+
+def input_text_source(input_given: bool) -> sources.TextSource | None:
+  """The TextSource of --input files; None without --input.
+
+  Raises:
+    ConfigError: a source flag is set, but there is no --input it applies to.
+  """
+  if input_given:
+    return text_source()
+  if given := [f'--{f.name}' for f in ALL if f.present]:
+    raise ConfigError(
+        f'{", ".join(given)}: set for --input files, but --input is not'
+        ' given.'
+    )
+  return None

@@ -1,9 +1,8 @@
-"""Documents from raw files (JSONL, Parquet) and prepared ArrayRecord shards.
+"""Documents from raw files (JSONL, Parquet).
 
-A raw file yields `Document(text, language, location)`; a prepared shard
-yields `TokenizedDocument(tokens, language, location)`. A location is
-`path:line` (JSONL, lines from 1), `path row N` (Parquet, rows from 0) or
-`path[record]` (ArrayRecord, records from 0).
+A raw file yields `Document(text, language, location)`. A location is
+`path:line` (JSONL, lines from 1) or `path row N` (Parquet, rows from 0).
+Prepared ArrayRecord shards are read by euro_lm.data.prepared.
 
 A record that cannot be a document is never dropped silently: each reader
 counts it in a `BadRecords` report by kind, with where the first one was, or
@@ -12,17 +11,13 @@ raises `DataError` at the first one when the source is strict.
 
 from collections.abc import Iterator, Sequence
 import dataclasses
-import difflib
 import glob
 import gzip
 import io
 import json
 import os
-import re
 from typing import NamedTuple
 
-from array_record.python import array_record_module
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
@@ -43,18 +38,10 @@ _JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 _COMPRESSION_SUFFIXES = ('.gz', '.zst', '.zstd')
 # Rows per Parquet batch: bounds memory whatever the row-group size.
 _PARQUET_BATCH_ROWS = 1024
-# Records per ArrayRecord read: bounds memory whatever the shard size.
-_ARRAY_RECORD_BATCH = 1024
 
 
 class Document(NamedTuple):
   text: str
-  language: str
-  location: str
-
-
-class TokenizedDocument(NamedTuple):
-  tokens: np.ndarray  # int32 [num_tokens], no bos/eos
   language: str
   location: str
 
@@ -116,46 +103,6 @@ class BadRecords:
         f' {bad.reason})'
         for kind, bad in sorted(self.kinds.items())
     )
-
-
-def resolve_language(code: str) -> str:
-  """`languages.canonical_language`, suggesting the closest tag on failure.
-
-  Raises:
-    ValueError: `code` names no known language; the message suggests one.
-  """
-  try:
-    return languages.canonical_language(code)
-  except ValueError as e:
-    # A known language in the wrong script: the message already names the tag.
-    if _is_known_language(re.split('[-_]', code.strip())[0]):
-      raise
-    suggestion = _closest_language(code)
-    if suggestion is None:
-      raise
-    raise ValueError(
-        f'{e} Did you mean {suggestion.tag!r} ({suggestion.name})?'
-    ) from None
-
-
-def _is_known_language(code: str) -> bool:
-  try:
-    languages.canonical_language(code)
-  except ValueError:
-    return False
-  return True
-
-
-def _closest_language(code: str) -> languages.Language | None:
-  by_spelling = {}
-  for lang in languages.LANGUAGES:
-    spellings = (lang.tag, lang.name, lang.iso639_1, lang.iso639_3,
-                 lang.iso639_2b)
-    for spelling in spellings:
-      if spelling:
-        by_spelling[spelling.lower()] = lang
-  matches = difflib.get_close_matches(code.strip().lower(), by_spelling, n=1)
-  return by_spelling[matches[0]] if matches else None
 
 
 def expand_globs(patterns: Sequence[str]) -> list[str]:
@@ -232,7 +179,7 @@ class TextSource:
       )
     if self.language:
       try:
-        tag = resolve_language(self.language)
+        tag = languages.resolve_language(self.language)
       except ValueError as e:
         raise ConfigError(f'language={self.language!r}: {e}') from None
       object.__setattr__(self, 'language', tag)
@@ -375,7 +322,7 @@ class _LanguageCache:
       return self._fixed_tag
     if code not in self._tags and code not in self._errors:
       try:
-        self._tags[code] = resolve_language(code)
+        self._tags[code] = languages.resolve_language(code)
       except ValueError as e:
         self._errors[code] = str(e)
     if code in self._errors:
@@ -394,54 +341,3 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         open(path, 'rb'), read_across_frames=True, closefd=True)
     return io.BufferedReader(stream, buffer_size=1 << 20)
   return open(path, 'rb')
-
-
-def read_array_record(
-    path: str, language: str, *, expected_records: int | None = None
-) -> Iterator[TokenizedDocument]:
-  """The token ids of a prepared shard: one record per document.
-
-  Args:
-    path: a shard written by `euro_lm.data.prepare`.
-    language: the shard's language (any code `canonical_language` folds).
-    expected_records: if given, the shard must hold exactly this many.
-
-  Raises (while iterating):
-    DataError: the shard is missing, corrupt, or holds a different number of
-      records; names the file.
-  """
-  language = resolve_language(language)
-  if not os.path.isfile(path):
-    raise DataError(f'No ArrayRecord shard at {path}.')
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-  except (OSError, RuntimeError, ValueError) as e:
-    raise DataError(f'{path}: unreadable ArrayRecord shard: {e}') from e
-  # A corrupt or truncated shard opens without an error, as "not ok"; closing
-  # it would raise.
-  if not reader.ok():
-    raise DataError(f'{path}: corrupt or truncated ArrayRecord shard.')
-  try:
-    num_records = reader.num_records()
-    if expected_records is not None and num_records != expected_records:
-      raise DataError(
-          f'{path} holds {num_records} records, but the manifest says'
-          f' {expected_records}: the shard is truncated or was replaced.'
-      )
-    for start in range(0, num_records, _ARRAY_RECORD_BATCH):
-      stop = min(start + _ARRAY_RECORD_BATCH, num_records)
-      try:
-        records = reader.read(start, stop)
-      except (RuntimeError, ValueError) as e:
-        raise DataError(f'{path}: corrupt ArrayRecord shard: {e}') from e
-      for index, record in enumerate(records, start):
-        if len(record) % 4:
-          raise DataError(
-              f'{path}[{index}]: {len(record)} bytes, not int32 token ids.'
-          )
-        yield TokenizedDocument(
-            np.frombuffer(record, '<i4').astype(np.int32),
-            language, f'{path}[{index}]',
-        )
-  finally:
-    reader.close()

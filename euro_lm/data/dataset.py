@@ -1,0 +1,285 @@
+"""The data the trainer needs: tokenizer, training batches, validation sets."""
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from euro_lm.data import corpus
+from euro_lm.data import mixture
+from euro_lm.data import pipeline
+from euro_lm.data import prepared
+from euro_lm.data.streams import PackedStreams, process_streams
+from euro_lm.data.tokenizer import MODEL_TYPES
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.data.tokenizer import train_sentencepiece
+from euro_lm.errors import ConfigError
+
+# Bounds the text a tokenizer trains on, shared equally by the languages.
+_TOKENIZER_TRAINING_CHARS = 20_000_000
+
+
+@dataclasses.dataclass
+class Data:
+  """What `make_data` builds for one process."""
+
+  tokenizer: Tokenizer
+  # This process's rows of every global batch (see euro_lm.data.streams).
+  train: PackedStreams
+  # Language tag -> eval batches, the same count and shape on every process.
+  valid: dict[str, list[dict[str, np.ndarray]]]
+  languages: list[str]
+
+
+def make_data(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Data:
+  """Builds the tokenizer and this process's train and validation data.
+
+  `data.corpus='embedded'`: Django's catalogs, tokenized here. With
+  `data.tokenizer_path` empty, the tokenizer is `<workdir>/tokenizer.model`:
+  trained from the training split on first use and reused afterwards.
+  Training is deterministic, so processes that each train it get the same
+  model. `data.corpus='prepared'`: the ArrayRecord shards that
+  `python -m euro_lm.prepare_data` wrote to `data.prepared_dir`, read lazily.
+  """
+  global_batch_size = config.train.global_batch_size
+  if global_batch_size % process_count:
+    raise ConfigError(
+        f'train.global_batch_size={global_batch_size} is not divisible by'
+        f' the {process_count} processes.'
+    )
+  if config.data.corpus == 'embedded':
+    tokenizer, train_tokens, valid, token_counts = _embedded(config, workdir)
+  elif config.data.corpus == 'prepared':
+    tokenizer, train_tokens, valid, token_counts = _prepared(config)
+  else:
+    raise ConfigError(
+        f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.'
+    )
+  batch_size = global_batch_size // process_count
+  seq_len = config.train.seq_len
+  schedule = mixture_schedule(config, token_counts)
+  train_streams = PackedStreams(
+      train_tokens,
+      schedule.weights_at,
+      mean_document_tokens={
+          tag: token_counts[tag] / max(len(docs), 1)
+          for tag, docs in train_tokens.items()
+      },
+      seq_len=seq_len,
+      num_streams=global_batch_size,
+      streams=process_streams(global_batch_size, process_index, process_count),
+      seed=config.data.seed,
+      bos_id=tokenizer.bos_id if config.data.add_bos else None,
+      eos_id=tokenizer.eos_id if config.data.add_eos else None,
+  )
+  valid_batches = {
+      tag: pipeline.make_eval_batches(
+          valid[tag],
+          tokenizer,
+          seq_len=seq_len,
+          batch_size=batch_size,
+          max_batches=config.train.eval_batches,
+          process_index=process_index,
+          process_count=process_count,
+      )
+      for tag in sorted(valid)
+  }
+  return Data(tokenizer, train_streams, valid_batches, sorted(train_tokens))
+
+
+def _embedded(config, workdir):
+  """(tokenizer, train token ids, valid texts, train token counts) per language."""
+  docs = corpus.select_languages(
+      corpus.load_embedded_corpus(), config.data.languages
+  )
+  train, valid = corpus.split_train_valid(docs, config.data.valid_fraction)
+  tokenizer = _load_or_train_tokenizer(config, workdir, train)
+  train_tokens = {
+      tag: [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(docs)]
+      for tag, docs in train.items()
+  }
+  token_counts = {tag: sum(map(len, d)) for tag, d in train_tokens.items()}
+  return tokenizer, train_tokens, valid, token_counts
+
+
+class _AllBut:
+  """Documents of a sequence except every k-th (those are held out)."""
+
+  def __init__(self, documents, k):
+    self._documents, self._k = documents, k
+    self._len = len(documents) - len(range(0, len(documents), k))
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, index):
+    if not 0 <= index < self._len:
+      raise IndexError(index)
+    return self._documents[index + index // (self._k - 1) + 1]
+
+
+def _prepared(config):
+  """Like `_embedded`, from `data.prepared_dir`; documents stay on disk."""
+  d = config.data
+  if not d.prepared_dir:
+    raise ConfigError(
+        "data.corpus='prepared' needs data.prepared_dir, the output of"
+        ' `python -m euro_lm.prepare_data`.'
+    )
+  manifest = prepared.read_manifest(d.prepared_dir)
+  path = d.tokenizer_path or manifest['tokenizer']['path']
+  tokenizer = Tokenizer.from_file(path)
+  if prepared.file_sha256(path) != manifest['tokenizer']['sha256']:
+    raise ConfigError(
+        f'the tokenizer {path} is not the one {d.prepared_dir} was prepared'
+        ' with (sha256 differs): set data.tokenizer_path to that model.'
+    )
+  _check_vocab(tokenizer, config.model.vocab_size, path)
+  languages = corpus.select_languages(manifest['languages'], d.languages)
+  k = corpus.holdout_every(d.valid_fraction)
+  train_tokens, valid, token_counts = {}, {}, {}
+  for tag in sorted(languages):
+    documents = prepared.document_source(d.prepared_dir, tag)
+    if len(documents) < 2:
+      raise ConfigError(
+          f'{tag} has {len(documents)} documents in {d.prepared_dir}; holding'
+          ' one out for validation needs at least 2 (see data.languages).'
+      )
+    train_tokens[tag] = _AllBut(documents, k)
+    valid[tag] = documents[::k]
+    token_counts[tag] = manifest['languages'][tag]['tokens'] * (1 - 1 / k)
+  return tokenizer, train_tokens, valid, token_counts
+
+
+def _check_vocab(tokenizer, vocab_size, path):
+  if tokenizer.vocab_size != vocab_size:
+    raise ConfigError(
+        f'The tokenizer {path} has vocab size {tokenizer.vocab_size}, but'
+        f' model.vocab_size is {vocab_size}.'
+    )
+
+
+def mixture_schedule(
+    config: ml_collections.ConfigDict, token_counts: dict[str, int]
+) -> mixture.MixtureSchedule:
+  """The per-language sampling weights of `data.mixture`, by step."""
+  d = config.data
+  if d.mixture == 'explicit':
+    text = d.mixture_weights
+    if not text:
+      raise ConfigError(
+          "data.mixture='explicit' needs data.mixture_weights, e.g."
+          " 'deu_Latn=2,fra_Latn=1' or '0:deu_Latn=2,fra_Latn=1;9000:...'"
+      )
+    if ':' in text:
+      stages = mixture.parse_stages(text, field='data.mixture_weights')
+    else:
+      stages = [(0, mixture.parse_weights(text, field='data.mixture_weights'))]
+    for _, weights in stages:
+      mixture.explicit_weights(
+          weights, token_counts, field='data.mixture_weights'
+      )
+    return mixture.MixtureSchedule(stages, field='data.mixture_weights')
+  if d.mixture == 'natural':
+    weights = mixture.temperature_weights(token_counts, 1.0, field='data.mixture')
+  elif d.mixture == 'temperature':
+    weights = mixture.temperature_weights(
+        token_counts, d.mixture_temperature, field='data.mixture_temperature'
+    )
+  elif d.mixture == 'unimax':
+    budget = (
+        config.train.steps * config.train.global_batch_size * config.train.seq_len
+    )
+    unimax = mixture.unimax_weights(
+        token_counts, budget, d.unimax_max_epochs, field='data.unimax_max_epochs'
+    )
+    if unimax.warning:
+      print(f'UniMax: {unimax.warning}')
+    weights = unimax.weights
+  elif d.mixture == 'groups':
+    groups, shares = _parse_groups(d.mixture_groups)
+    weights = mixture.group_share_weights(
+        token_counts, groups, shares, d.mixture_min_share,
+        field='data.mixture_groups',
+    )
+  else:
+    raise ConfigError(
+        f'data.mixture={d.mixture!r} is not one of natural, temperature,'
+        ' unimax, explicit, groups'
+    )
+  return mixture.MixtureSchedule([(0, weights)], field='data.mixture')
+
+
+def _parse_groups(text: str):
+  """'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5' -> (groups, shares), a group
+  named by its member list."""
+  groups, shares = {}, {}
+  for part in filter(None, (p.strip() for p in text.split(';'))):
+    members, equals, share = part.rpartition('=')
+    try:
+      value = float(share)
+    except ValueError:
+      value = None
+    if not equals or not members.strip() or value is None:
+      raise ConfigError(
+          f'data.mixture_groups: {part!r} is not <languages>=<share>, e.g.'
+          " 'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5'"
+      )
+    groups[members.strip()] = members.strip()
+    shares[members.strip()] = value
+  if not groups:
+    raise ConfigError("data.mixture='groups' needs data.mixture_groups")
+  return groups, shares
+
+
+def _load_or_train_tokenizer(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train: dict[str, list[str]],
+) -> Tokenizer:
+  """Loads the configured tokenizer, or trains and saves the workdir's one."""
+  vocab_size = config.model.vocab_size
+  path = config.data.tokenizer_path or os.path.join(workdir, 'tokenizer.model')
+  if config.data.tokenizer_path or os.path.exists(path):
+    tokenizer = Tokenizer.from_file(path)
+    _check_vocab(tokenizer, vocab_size, path)
+    return tokenizer
+  if config.data.tokenizer_type not in MODEL_TYPES:
+    raise ConfigError(
+        f'data.tokenizer_type={config.data.tokenizer_type!r} is not one of'
+        f' {MODEL_TYPES}.'
+    )
+  texts = balanced_texts(train, _TOKENIZER_TRAINING_CHARS // len(train))
+  print(
+      f'Training a {vocab_size}-piece {config.data.tokenizer_type} tokenizer'
+      f' on {sum(map(len, texts)):,} characters in {len(train)} languages'
+      f' -> {path}'
+  )
+  return train_sentencepiece(
+      texts,
+      path,
+      vocab_size=vocab_size,
+      model_type=config.data.tokenizer_type,
+  )
+
+
+def balanced_texts(
+    docs_by_lang: dict[str, list[str]], chars_per_language: int
+) -> list[str]:
+  """The first `chars_per_language` characters of each language's documents."""
+  texts = []
+  for tag in sorted(docs_by_lang):
+    budget = chars_per_language
+    for doc in docs_by_lang[tag]:
+      if budget <= 0:
+        break
+      texts.append(doc[:budget])
+      budget -= len(doc)
+  return texts
