@@ -532,7 +532,7 @@ def test_make_data_rejects_unknown_corpus(tmp_path):
 
 
 def test_balanced_texts_caps_each_language():
-  texts = dataset.balanced_texts(
+  texts = tokenizer_lib.balanced_texts(
       {'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6
   )
   assert texts == ['123456', 'xxxx', 'yy', 'z']

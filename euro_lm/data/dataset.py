@@ -13,7 +13,7 @@ from euro_lm.data import prepared
 from euro_lm.data.streams import PackedStreams, process_streams
 from euro_lm.data.tokenizer import MODEL_TYPES
 from euro_lm.data.tokenizer import Tokenizer
-from euro_lm.data.tokenizer import train_sentencepiece
+from euro_lm.data.tokenizer import balanced_texts, train_sentencepiece
 from euro_lm.errors import ConfigError
 
 # Bounds the text a tokenizer trains on, shared equally by the languages.
@@ -268,18 +268,3 @@ def _load_or_train_tokenizer(
       vocab_size=vocab_size,
       model_type=config.data.tokenizer_type,
   )
-
-
-def balanced_texts(
-    docs_by_lang: dict[str, list[str]], chars_per_language: int
-) -> list[str]:
-  """The first `chars_per_language` characters of each language's documents."""
-  texts = []
-  for tag in sorted(docs_by_lang):
-    budget = chars_per_language
-    for doc in docs_by_lang[tag]:
-      if budget <= 0:
-        break
-      texts.append(doc[:budget])
-      budget -= len(doc)
-  return texts

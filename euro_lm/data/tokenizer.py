@@ -233,3 +233,18 @@ def train_sentencepiece(
     os.remove(temp_path)
     raise
   return Tokenizer.from_file(model_path)
+
+
+def balanced_texts(
+    docs_by_lang: dict[str, list[str]], chars_per_language: int
+) -> list[str]:
+  """The first `chars_per_language` characters of each language's documents."""
+  texts = []
+  for tag in sorted(docs_by_lang):
+    budget = chars_per_language
+    for doc in docs_by_lang[tag]:
+      if budget <= 0:
+        break
+      texts.append(doc[:budget])
+      budget -= len(doc)
+  return texts

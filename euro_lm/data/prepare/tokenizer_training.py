@@ -21,7 +21,6 @@ from typing import NamedTuple
 import numpy as np
 
 from euro_lm.data import corpus
-from euro_lm.data import dataset
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.data.prepare import fertility
 from euro_lm.data.prepare import sources
@@ -225,7 +224,7 @@ def _sample_embedded(
     # A shuffled order samples every catalog, not just the first ones.
     order = rng.permutation(len(train[tag]))
     shuffled = [train[tag][i] for i in order]
-    texts += dataset.balanced_texts({tag: shuffled}, budgets[tag])
+    texts += tokenizer_lib.balanced_texts({tag: shuffled}, budgets[tag])
   return texts, heldout, budgets
 
 
