@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
   """An unreadable corpus, catalog or tokenizer file; the message names the file."""
+
+
+class HFError(UserError, ValueError):
+  """A Hugging Face folder or config that euro_lm cannot read or write; names the field."""

@@ -1,0 +1,19 @@
+"""Hugging Face import and export: safetensors folders in, euro_lm checkpoints out, and back.
+
+One module per architecture holds its mapping table and config translation (llama.py:
+Llama, and Mistral and Qwen2 where they are Llama); architectures.py says which one reads
+an HF config or writes a euro_lm model. The rest knows no architecture: safetensors.py
+(reading a folder, streaming shards), orbax_io.py (a checkpoint leaf by leaf),
+tokenizer.py, folder.py (config.json and friends), and the drivers export.py and
+import_.py.
+"""
+
+from euro_lm.errors import HFError
+from euro_lm.hf.architectures import ARCHITECTURES, model_config_from_hf
+from euro_lm.hf.export import DTYPES, export_hf
+from euro_lm.hf.folder import CONFIG_FILE
+from euro_lm.hf.import_ import import_hf, params_from_hf, training_overrides
+from euro_lm.hf.llama import expected_hf_shapes, from_hf, hf_config, param_table, to_hf
+from euro_lm.hf.orbax_io import CheckpointLeaves
+from euro_lm.hf.safetensors import INDEX_FILE, SAFETENSORS_DTYPES, SafetensorsFolder, ShardWriter
+from euro_lm.hf.tokenizer import TOKENIZER_FILE, write_tokenizer

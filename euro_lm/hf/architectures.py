@@ -1,0 +1,46 @@
+"""Which architecture module reads an HF config, and which one writes a euro_lm model.
+
+An architecture module (`llama`) holds one family's mapping table and config translation:
+  ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
+  param_table(model)                 [(euro_lm path, HF name template, per layer)]
+  to_hf(path, x, model), from_hf     one tensor converted, either way
+  expected_hf_shapes(model)          {HF name: shape}, in writing order
+  unused_hf_tensors(names, model, where)   the tensors import skips; refuses foreign ones
+  hf_config(model, ...)              config.json for export
+  model_config_from_hf(hf, where)    euro_lm `model` fields for import
+The export and import drivers go through these names only.
+"""
+
+from euro_lm.errors import HFError
+from euro_lm.hf import llama
+
+_MODULES = (llama,)
+_BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
+# model_type -> HF class, of every checkpoint euro_lm imports.
+ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
+
+
+def for_hf_config(hf, where='config.json'):
+  """The module that reads the HF config dict `hf`; refuses an unknown model_type or
+  architectures entry, naming the field."""
+  model_type = hf.get('model_type')
+  if model_type not in _BY_MODEL_TYPE:
+    raise HFError(f'{where}: model_type={model_type!r} is not supported; euro_lm imports '
+                  f'{", ".join(sorted(ARCHITECTURES))}')
+  for arch in hf.get('architectures') or []:
+    if arch not in ARCHITECTURES.values():
+      raise HFError(f'{where}: architectures={hf["architectures"]!r} is not supported; '
+                    f'euro_lm imports {", ".join(sorted(ARCHITECTURES.values()))}')
+  return _BY_MODEL_TYPE[model_type]
+
+
+def for_model(model):
+  """The module that exports euro_lm's `model` config section (its hf_config refuses what
+  the architecture cannot express)."""
+  del model  # every euro_lm model exports as Llama
+  return llama
+
+
+def model_config_from_hf(hf, where='config.json'):
+  """euro_lm `model` fields from an HF config dict, by the architecture that reads it."""
+  return for_hf_config(hf, where).model_config_from_hf(hf, where)

@@ -1,0 +1,90 @@
+"""Export: a euro_lm checkpoint as a Hugging Face folder, streamed.
+
+Each tensor is read from the Orbax checkpoint alone (through TensorStore; one layer at a
+time, as euro_lm stores stacked leaves in per-layer chunks), converted, and written straight
+into its planned place in a safetensors shard, so host memory stays near one tensor. It
+needs neither torch nor transformers (transformers, if importable, adds the fast
+tokenizer's tokenizer.json).
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from euro_lm.errors import HFError
+from euro_lm.hf import architectures
+from euro_lm.hf.folder import CONFIG_FILE, GENERATION_CONFIG_FILE, write_json
+from euro_lm.hf.orbax_io import CheckpointLeaves
+from euro_lm.hf.safetensors import ShardWriter
+from euro_lm.hf.tokenizer import TOKENIZER_FILE, special_ids, write_tokenizer
+
+# --dtype -> the dtype of the exported weights.
+DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
+
+
+def _load_run_config(step_dir, workdir):
+  candidates = [os.path.join(str(step_dir), 'config', 'metadata'),
+                os.path.join(workdir, CONFIG_FILE)]
+  for path in candidates:
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as f:
+        config = json.load(f)
+      if 'model' not in config:
+        raise HFError(f'{path} has no "model" section')
+      return config, path
+  raise HFError(f'no euro_lm config for {step_dir}: looked for {" and ".join(candidates)}')
+
+
+def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2**30,
+              max_position_embeddings=None, log=print):
+  """Writes the checkpoint of `workdir` (newest, or `step`) as an HF model folder of the
+  architecture that `architectures.for_model` picks (Llama).
+
+  Returns the output directory.
+  """
+  if dtype not in DTYPES:
+    raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
+  from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+  step_dir = resolve_checkpoint(workdir, step)
+  config, config_path = _load_run_config(step_dir, workdir)
+  model = config['model']
+  arch = architectures.for_model(model)
+  tokenizer_path = find_tokenizer(step_dir, workdir)
+  bos, eos, pad = special_ids(tokenizer_path)
+  seq_len = (config.get('train') or {}).get('seq_len', 4096)
+  hf = arch.hf_config(model, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+                      max_position_embeddings=max_position_embeddings or seq_len, dtype=dtype)
+
+  os.makedirs(output, exist_ok=True)
+  stale = sorted(f for f in os.listdir(output) if f.endswith('.safetensors'))
+  if stale:  # transformers would load old shards beside the new index
+    raise HFError(f'--output={output} already holds {stale[0]}; export into a new directory')
+  shapes = arch.expected_hf_shapes(model)  # in writing order
+  writer = ShardWriter(output, [(n, s, DTYPES[dtype]) for n, s in shapes.items()], shard_bytes)
+  leaves = CheckpointLeaves(os.path.join(str(step_dir), 'state'))
+  try:
+    for path, template, per_layer in arch.param_table(model):
+      for i, x in leaves.read_layers(path) if per_layer else [(None, leaves.read(path))]:
+        name = template.format(i=i)
+        x = arch.to_hf(path, x, model)
+        if x.shape != shapes[name]:
+          raise HFError(f'{step_dir}: params.{".".join(path)} gives {name} of shape '
+                        f'{x.shape}, but {config_path} implies {shapes[name]}')
+        writer.add(name, x.astype(DTYPES[dtype]))
+    num_shards = writer.close()
+  except BaseException:
+    writer.abort()
+    raise
+
+  write_json(os.path.join(output, CONFIG_FILE), hf)
+  write_json(os.path.join(output, GENERATION_CONFIG_FILE),
+             {'bos_token_id': bos, 'eos_token_id': eos, 'pad_token_id': pad,
+              'do_sample': False})
+  if tokenizer_path:
+    write_tokenizer(tokenizer_path, output, log=log)
+  else:
+    log(f'warning: no {TOKENIZER_FILE} in {step_dir} or {workdir}; exported no tokenizer')
+  log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')
+  return output

@@ -1,0 +1,105 @@
+"""Import: a local Hugging Face folder (safetensors) as a params-only euro_lm checkpoint,
+streamed one leaf at a time, with the euro_lm config that trains from it."""
+
+import os
+import shutil
+
+import numpy as np
+
+from euro_lm.errors import HFError
+from euro_lm.hf import architectures
+from euro_lm.hf.folder import CONFIG_FILE, read_config, write_json
+from euro_lm.hf.orbax_io import save_params
+from euro_lm.hf.safetensors import SafetensorsFolder
+from euro_lm.hf.tokenizer import TOKENIZER_FILE
+
+
+def params_from_hf(folder, model, arch):
+  """Yields `(euro_lm path, float32 numpy leaf)` one leaf at a time (layers stacked) from a
+  SafetensorsFolder, after checking every name, and each shape against `model`; `arch` is
+  the architecture module (see euro_lm.hf.architectures)."""
+  shapes = arch.expected_hf_shapes(model)
+  names = set(folder.names())
+  names -= arch.unused_hf_tensors(names, model, folder.directory)
+  unknown = sorted(names - set(shapes))
+  if unknown:
+    raise HFError(f'{folder.directory}: tensors euro_lm has no place for: '
+                  f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
+
+  def read(name, path):
+    x = folder.get(name)
+    if tuple(x.shape) != shapes[name]:
+      raise HFError(f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
+                    f'{CONFIG_FILE} implies {shapes[name]}')
+    return arch.from_hf(path, np.asarray(x, np.float32), model)
+
+  for path, template, per_layer in arch.param_table(model):
+    if not per_layer:
+      yield path, read(template.format(i=None), path)
+      continue
+    first = read(template.format(i=0), path)
+    leaf = np.empty((model['num_layers'],) + first.shape, np.float32)  # filled, not stacked:
+    leaf[0] = first                                                    # one copy in memory
+    for i in range(1, model['num_layers']):
+      leaf[i] = read(template.format(i=i), path)
+    yield path, leaf
+    del leaf, first  # before the next leaf is allocated
+
+
+def import_hf(hf_dir, workdir, log=print):
+  """Writes `workdir/checkpoints/0/state` (a params-only Orbax checkpoint that
+  `--config.train.init_from=workdir` reads), `workdir/config.json`,
+  `workdir/hf_config.py` and, if present, `workdir/tokenizer.model`.
+
+  The checkpoint is written one leaf at a time, so host memory holds one leaf, not the
+  model. Returns the euro_lm config (a ConfigDict).
+  """
+  from euro_lm.config import base_config  # pylint: disable=import-outside-toplevel
+
+  hf, config_path = read_config(hf_dir)
+  arch = architectures.for_hf_config(hf, config_path)
+  model = arch.model_config_from_hf(hf, config_path)
+  folder = SafetensorsFolder(hf_dir)
+
+  workdir = os.path.abspath(workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', '0')
+  if os.path.exists(step_dir):
+    raise HFError(f'{step_dir} already exists; import into an empty workdir')
+  os.makedirs(os.path.dirname(step_dir), exist_ok=True)
+  save_params(step_dir, params_from_hf(folder, model, arch))
+  state_dir = os.path.join(step_dir, 'state')
+
+  config = base_config()
+  config.model.update(model)
+  config.train.init_from = workdir
+  tokenizer_src = os.path.join(hf_dir, TOKENIZER_FILE)
+  if os.path.isfile(tokenizer_src):
+    shutil.copyfile(tokenizer_src, os.path.join(workdir, TOKENIZER_FILE))
+    config.data.tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  else:
+    log(f'warning: no {TOKENIZER_FILE} in {hf_dir}: set data.tokenizer_path to a '
+        'SentencePiece model with the same ids before training')
+  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  overrides = training_overrides(config, model)
+  with open(os.path.join(workdir, 'hf_config.py'), 'w', encoding='utf-8') as f:
+    f.write(f'"""euro_lm config for the HF model imported from {hf_dir}."""\n\n'
+            'from euro_lm.config import base_config\n\n\ndef get_config(arg=None):\n'
+            '  del arg\n  c = base_config()\n')
+    for key, value in overrides.items():
+      f.write(f'  c.{key} = {value!r}\n')
+    f.write('  return c\n')
+  log(f'imported {hf_dir} into {state_dir}; continue training with\n  python -m euro_lm.train '
+      f'--config={os.path.join(workdir, "hf_config.py")} --workdir=NEW_WORKDIR\nor\n'
+      '  python -m euro_lm.train --config=configs/base.py --workdir=NEW_WORKDIR '
+      + ' '.join(f'--config.{k}={v}' for k, v in overrides.items()))
+  return config
+
+
+def training_overrides(config, model_fields):
+  """{'model.x': value} for each of `model_fields` (the imported ones), plus init_from and
+  the tokenizer."""
+  out = {f'model.{k}': config.model[k] for k in model_fields}
+  out['train.init_from'] = config.train.init_from
+  if config.data.tokenizer_path:
+    out['data.tokenizer_path'] = config.data.tokenizer_path
+  return out

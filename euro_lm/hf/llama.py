@@ -1,0 +1,196 @@
+"""The Llama family: HF tensor names and shapes, and the HF config, both directions.
+
+euro_lm's decoder is HF `LlamaForCausalLM` up to names, reshapes and transposes (never a
+permutation): RoPE is rotate-half in both. Layer weights are stacked `[num_layers, ...]` by
+`nn.scan` here and split into `model.layers.{i}.*` there. torch Linear weights are
+`[out, in]`; ours are `[in, ...]` einsum params, hence the transposes.
+
+Export writes model_type llama. Import reads llama, mistral (no sliding window) and qwen2
+(only without biases, which real Qwen2 checkpoints have: they are refused).
+"""
+
+from euro_lm.errors import HFError
+
+# model_type -> the HF class of the checkpoints this module reads.
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+                 'qwen2': 'Qwen2ForCausalLM'}
+
+# (euro_lm param path, HF name, per layer). Per-layer HF names take the layer index `i`.
+_PARAMS = (
+    (('embedding',), 'model.embed_tokens.weight', False),
+    (('layers', 'attention', 'wq'), 'model.layers.{i}.self_attn.q_proj.weight', True),
+    (('layers', 'attention', 'wk'), 'model.layers.{i}.self_attn.k_proj.weight', True),
+    (('layers', 'attention', 'wv'), 'model.layers.{i}.self_attn.v_proj.weight', True),
+    (('layers', 'attention', 'wo'), 'model.layers.{i}.self_attn.o_proj.weight', True),
+    (('layers', 'mlp', 'w_gate'), 'model.layers.{i}.mlp.gate_proj.weight', True),
+    (('layers', 'mlp', 'w_up'), 'model.layers.{i}.mlp.up_proj.weight', True),
+    (('layers', 'mlp', 'w_down'), 'model.layers.{i}.mlp.down_proj.weight', True),
+    (('layers', 'attention_norm', 'scale'), 'model.layers.{i}.input_layernorm.weight', True),
+    (('layers', 'mlp_norm', 'scale'), 'model.layers.{i}.post_attention_layernorm.weight', True),
+    (('final_norm', 'scale'), 'model.norm.weight', False),
+    (('output',), 'lm_head.weight', False),
+)
+
+
+def param_table(model):
+  """[(euro_lm path, HF name template, per layer)] for the `model` config section."""
+  return [p for p in _PARAMS if p[0] != ('output',) or not model['tie_embeddings']]
+
+
+def _head_dim(model):
+  return model['head_dim'] or model['embed_dim'] // model['num_heads']
+
+
+def to_hf(path, x, model):
+  """One euro_lm param (one layer's slice if stacked) as the HF tensor: a torch Linear
+  weight `[out, in]`, an embedding `[V, D]` or a norm scale `[D]`."""
+  name = path[-1]
+  if name in ('wq', 'wk', 'wv'):  # [D, H or K, d] -> [(H or K) * d, D]
+    return x.reshape(x.shape[0], -1).T
+  if name == 'wo':  # [H, d, D] -> [D, H * d]
+    return x.reshape(-1, x.shape[-1]).T
+  if name in ('w_gate', 'w_up', 'w_down', 'output'):
+    return x.T
+  return x
+
+
+def from_hf(path, x, model):
+  """The inverse of `to_hf`: one HF tensor as the euro_lm param (one layer's slice)."""
+  name, d = path[-1], _head_dim(model)
+  if name in ('wq', 'wk', 'wv'):  # [(H or K) * d, D] -> [D, H or K, d]
+    return x.T.reshape(x.shape[1], -1, d)
+  if name == 'wo':  # [D, H * d] -> [H, d, D]
+    return x.T.reshape(-1, d, x.shape[0])
+  if name in ('w_gate', 'w_up', 'w_down', 'output'):
+    return x.T
+  return x
+
+
+def expected_hf_shapes(model):
+  """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict), in
+  `param_table` order, layer by layer."""
+  D, F, V = model['embed_dim'], model['mlp_dim'], model['vocab_size']
+  H, K, d = model['num_heads'], model['num_kv_heads'], _head_dim(model)
+  shapes = {'embedding': (V, D), 'wq': (H * d, D), 'wk': (K * d, D), 'wv': (K * d, D),
+            'wo': (D, H * d), 'w_gate': (F, D), 'w_up': (F, D), 'w_down': (D, F),
+            'scale': (D,), 'output': (V, D)}
+  out = {}
+  for path, template, per_layer in param_table(model):
+    for i in range(model['num_layers'] if per_layer else 1):
+      out[template.format(i=i)] = shapes[path[-1]]
+  return out
+
+
+def unused_hf_tensors(names, model, where):
+  """The tensors among `names` that import skips: rotary caches and, for a tied model, the
+  lm_head copy some checkpoints still store. Refuses bias tensors, naming `where`."""
+  biases = sorted(n for n in names if n.endswith('.bias'))
+  if biases:
+    raise HFError(f'{where} has bias tensors ({biases[0]}, ...); euro_lm layers have no '
+                  'biases (Qwen2 checkpoints, for instance, cannot be imported)')
+  unused = {n for n in names if 'rotary_emb' in n}
+  if model['tie_embeddings']:
+    unused |= {'lm_head.weight'} & set(names)
+  return unused
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def hf_config(model, *, bos_token_id, eos_token_id, pad_token_id=None,
+              max_position_embeddings=4096, dtype='bfloat16'):
+  """HF LlamaConfig fields (config.json) for euro_lm's `model` section."""
+  if model['qk_norm']:
+    raise HFError('model.qk_norm=True has no LlamaForCausalLM equivalent (Llama has no '
+                  'q_norm/k_norm); export supports qk_norm=False only')
+  theta = float(model['rope_theta'])
+  return {
+      'architectures': ['LlamaForCausalLM'],
+      'model_type': 'llama',
+      'vocab_size': model['vocab_size'],
+      'hidden_size': model['embed_dim'],
+      'intermediate_size': model['mlp_dim'],
+      'num_hidden_layers': model['num_layers'],
+      'num_attention_heads': model['num_heads'],
+      'num_key_value_heads': model['num_kv_heads'],
+      'head_dim': _head_dim(model),
+      'hidden_act': 'silu',
+      'rms_norm_eps': float(model['norm_eps']),
+      # transformers >= 5 reads rope_parameters; older versions read rope_theta.
+      'rope_theta': theta,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': theta},
+      'rope_scaling': None,
+      'max_position_embeddings': int(max_position_embeddings),
+      'tie_word_embeddings': bool(model['tie_embeddings']),
+      'attention_bias': False,
+      'mlp_bias': False,
+      'attention_dropout': 0.0,
+      'initializer_range': float(model['init_std']),
+      'bos_token_id': bos_token_id,
+      'eos_token_id': eos_token_id,
+      'pad_token_id': pad_token_id,
+      'use_cache': True,
+      'torch_dtype': dtype,  # transformers < 5
+      'dtype': dtype,
+  }
+
+
+def _rope_theta(hf, where):
+  params = hf.get('rope_parameters')
+  scaling = hf.get('rope_scaling')
+  if scaling not in (None, {}) and not (isinstance(scaling, dict)
+                                        and scaling.get('rope_type', scaling.get('type'))
+                                        == 'default'):
+    raise HFError(f'{where}: rope_scaling={scaling!r} is not supported (euro_lm has plain '
+                  'RoPE only); rope_scaling must be null')
+  if params is not None:
+    # transformers 5 may nest per-layer-type parameters; only the plain form is ours.
+    rope_type = params.get('rope_type', params.get('type', 'default'))
+    if rope_type != 'default':
+      raise HFError(f'{where}: rope_parameters.rope_type={rope_type!r} is not supported '
+                    '(euro_lm has plain RoPE only); it must be "default"')
+    if 'rope_theta' in params:
+      return float(params['rope_theta'])
+  if 'rope_theta' in hf:
+    return float(hf['rope_theta'])
+  return 10_000.0  # LlamaConfig's default
+
+
+def model_config_from_hf(hf, where='config.json'):
+  """euro_lm `model` fields from an HF config dict of one of `ARCHITECTURES` (which
+  `euro_lm.hf.architectures` checks); refuses what euro_lm cannot represent, naming the HF
+  field."""
+  model_type = hf.get('model_type')
+  act = hf.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise HFError(f'{where}: hidden_act={act!r} is not supported; euro_lm uses SwiGLU (silu)')
+  for field in ('attention_bias', 'mlp_bias'):
+    if hf.get(field):
+      raise HFError(f'{where}: {field}=true is not supported; euro_lm layers have no biases')
+  if model_type == 'mistral' and hf.get('sliding_window') is not None:
+    raise HFError(f'{where}: sliding_window={hf["sliding_window"]!r} is not supported; '
+                  'euro_lm attends to the full causal context (sliding_window must be null)')
+  if model_type == 'qwen2' and hf.get('use_sliding_window'):
+    raise HFError(f'{where}: use_sliding_window=true is not supported; euro_lm attends to '
+                  'the full causal context')
+  try:
+    D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
+    model = {
+        'vocab_size': int(hf['vocab_size']),
+        'num_layers': int(hf['num_hidden_layers']),
+        'embed_dim': D,
+        'num_heads': H,
+        'num_kv_heads': int(hf.get('num_key_value_heads') or H),
+        'head_dim': int(hf.get('head_dim') or D // H),
+        'mlp_dim': int(hf['intermediate_size']),
+        'rope_theta': _rope_theta(hf, where),
+        'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+        'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+        'qk_norm': False,
+    }
+  except KeyError as e:
+    raise HFError(f'{where}: required field {e.args[0]} is missing') from None
+  if model['num_heads'] % model['num_kv_heads']:
+    raise HFError(f'{where}: num_attention_heads={H} is not a multiple of '
+                  f'num_key_value_heads={model["num_kv_heads"]}')
+  return model

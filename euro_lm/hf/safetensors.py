@@ -1,0 +1,147 @@
+"""Safetensors files, without torch: a folder read tensor by tensor, and shards written as
+a stream with their index."""
+
+import json
+import math
+import os
+
+import ml_dtypes
+import numpy as np
+
+from euro_lm.errors import HFError
+
+INDEX_FILE = 'model.safetensors.index.json'
+SAFETENSORS_DTYPES = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16,
+                      'F64': np.float64}
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _read_header(path):
+  with open(path, 'rb') as f:
+    size = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(size))
+  header.pop('__metadata__', None)
+  return header, 8 + size
+
+
+class SafetensorsFolder:
+  """Reads tensors by name from a folder of .safetensors files, memory-mapped, one at a
+  time (bfloat16 through ml_dtypes, so neither torch nor safetensors' numpy API)."""
+
+  def __init__(self, directory):
+    self.directory = directory
+    files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
+    if not files:
+      pickled = sorted(f for f in os.listdir(directory)
+                       if f.endswith(('.bin', '.pt', '.pth', '.ckpt', '.pkl')))
+      detail = (f' (it has {", ".join(pickled)}: pickled PyTorch weights, which euro_lm does '
+                'not load because unpickling runs arbitrary code; convert them to '
+                'safetensors first, e.g. save_pretrained(..., safe_serialization=True))'
+                if pickled else '')
+      raise HFError(f'no *.safetensors weights in {directory}{detail}')
+    self._where = {}
+    for name in files:
+      path = os.path.join(directory, name)
+      try:
+        header, offset = _read_header(path)
+      except (OSError, ValueError) as e:
+        raise HFError(f'{path} is not a safetensors file: {e}') from None
+      for key, info in header.items():
+        self._where[key] = (path, offset, info)
+
+  def names(self):
+    return sorted(self._where)
+
+  def get(self, name):
+    if name not in self._where:
+      raise HFError(f'tensor {name} is missing from {self.directory}')
+    path, offset, info = self._where[name]
+    if info['dtype'] not in SAFETENSORS_DTYPES:
+      raise HFError(f'{path}: tensor {name} has dtype {info["dtype"]}; euro_lm reads '
+                    f'{", ".join(SAFETENSORS_DTYPES)}')
+    start, end = info['data_offsets']
+    dtype = np.dtype(SAFETENSORS_DTYPES[info['dtype']])
+    data = np.memmap(path, dtype=np.uint8, mode='r', offset=offset + start,
+                     shape=(end - start,))
+    return data.view(dtype).reshape(info['shape'])
+
+
+class ShardWriter:
+  """Writes `model-XXXXX-of-YYYYY.safetensors` shards one tensor at a time.
+
+  Every tensor's name, shape and dtype is known before any is computed (`layout`, in
+  writing order), so each shard's header is written first and a tensor goes to disk as
+  soon as it is made: memory holds one tensor, not one shard. A shard holds at most about
+  `max_bytes` (a larger tensor gets one of its own). Shards are written under temporary
+  names and renamed by close(), so a failed export leaves no loadable half-model.
+  """
+
+  def __init__(self, directory, layout, max_bytes):
+    self.directory = directory
+    self._shards, size = [], 0  # [[(name, shape, dtype)]]
+    for name, shape, dtype in layout:
+      nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+      if not self._shards or (size and size + nbytes > max_bytes):
+        self._shards.append([])
+        size = 0
+      self._shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+      size += nbytes
+    self._pending = [(k, entry) for k, shard in enumerate(self._shards) for entry in shard]
+    self._next, self._file, self._total = 0, None, 0
+
+  def _part(self, k):
+    return os.path.join(self.directory, f'.part-{k:05d}.safetensors')
+
+  def _open(self, k):
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, shape, dtype in self._shards[k]:
+      nbytes = math.prod(shape) * dtype.itemsize
+      header[name] = {'dtype': _SAFETENSORS_NAMES[dtype], 'shape': list(shape),
+                      'data_offsets': [offset, offset + nbytes]}
+      offset += nbytes
+    text = json.dumps(header, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    self._file = open(self._part(k), 'wb')  # pylint: disable=consider-using-with
+    self._file.write(len(text).to_bytes(8, 'little') + text)
+
+  def add(self, name, array):
+    if self._next == len(self._pending):
+      raise ValueError(f'ShardWriter: {name} is not in the planned layout')
+    k, (expected, shape, dtype) = self._pending[self._next]
+    if (name, tuple(array.shape), array.dtype) != (expected, shape, dtype):
+      raise ValueError(f'ShardWriter: got {name} {array.shape} {array.dtype}, expected '
+                       f'{expected} {shape} {dtype}')
+    if self._file is None:
+      self._open(k)
+    self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    self._total += array.nbytes
+    self._next += 1
+    if self._next == len(self._pending) or self._pending[self._next][0] != k:
+      self._file.close()
+      self._file = None
+
+  def close(self):
+    """Renames the finished shards and writes the index; returns the number of shards."""
+    if self._next != len(self._pending):
+      raise ValueError(f'ShardWriter: {self._pending[self._next][1][0]} was never written')
+    n, weight_map = len(self._shards), {}
+    umask = os.umask(0)
+    os.umask(umask)
+    for k, shard in enumerate(self._shards):
+      name = f'model-{k + 1:05d}-of-{n:05d}.safetensors'
+      os.replace(self._part(k), os.path.join(self.directory, name))
+      os.chmod(os.path.join(self.directory, name), 0o666 & ~umask)  # not 0600 like a tmp file
+      weight_map.update({entry[0]: name for entry in shard})
+    index = {'metadata': {'total_size': self._total}, 'weight_map': dict(sorted(
+        weight_map.items()))}
+    with open(os.path.join(self.directory, INDEX_FILE), 'w', encoding='utf-8') as f:
+      json.dump(index, f, indent=2)
+    return n
+
+  def abort(self):
+    """Removes the temporary shards of an export that failed."""
+    if self._file is not None:
+      self._file.close()
+    for k in range(len(self._shards)):
+      if os.path.exists(self._part(k)):
+        os.remove(self._part(k))

@@ -1,0 +1,54 @@
+"""A SentencePiece tokenizer as Hugging Face tokenizer files, and its special token ids."""
+
+import os
+import shutil
+
+from euro_lm.hf.folder import write_json
+
+TOKENIZER_FILE = 'tokenizer.model'
+# euro_lm.data.tokenizer.train_sentencepiece's ids, for a checkpoint without a tokenizer.
+DEFAULT_SPECIAL_IDS = (2, 3, 0)
+
+
+def special_ids(model_path):
+  """(bos, eos, pad) ids of the SentencePiece model at `model_path` (pad None if it has
+  none); DEFAULT_SPECIAL_IDS without one."""
+  if not model_path:
+    return DEFAULT_SPECIAL_IDS
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  sp = spm.SentencePieceProcessor(model_file=model_path)
+  return sp.bos_id(), sp.eos_id(), (sp.pad_id() if sp.pad_id() >= 0 else None)
+
+
+def write_tokenizer(model_path, output, log=print):
+  """tokenizer.model, tokenizer_config.json and special_tokens_map.json, plus the fast
+  tokenizer.json when transformers is importable (converted offline from the .model)."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  shutil.copyfile(model_path, os.path.join(output, TOKENIZER_FILE))
+  sp = spm.SentencePieceProcessor(model_file=model_path)
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, 'rb') as f:
+    proto.ParseFromString(f.read())
+  piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+  special = {'bos_token': piece(sp.bos_id()), 'eos_token': piece(sp.eos_id()),
+             'unk_token': piece(sp.unk_id()), 'pad_token': piece(sp.pad_id())}
+  special = {k: v for k, v in special.items() if v is not None}
+  # euro_lm's tokenizers add no dummy prefix ('▁' before the text); HF must not either.
+  add_prefix_space = bool(proto.normalizer_spec.add_dummy_prefix)
+  tokenizer_config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
+                      'add_eos_token': False, 'legacy': False,
+                      'add_prefix_space': add_prefix_space,
+                      'clean_up_tokenization_spaces': False,
+                      'model_max_length': 1_000_000_000, **special}
+  write_json(os.path.join(output, 'tokenizer_config.json'), tokenizer_config)
+  try:
+    from transformers import LlamaTokenizer  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    log('transformers is not installed: wrote tokenizer.model without tokenizer.json')
+  else:
+    tokenizer = LlamaTokenizer.from_pretrained(output)
+    tokenizer.save_pretrained(output)
+    # save_pretrained rewrites tokenizer_config.json; keep ours, which names the fields.
+    write_json(os.path.join(output, 'tokenizer_config.json'), tokenizer_config)
+  write_json(os.path.join(output, 'special_tokens_map.json'), special)
