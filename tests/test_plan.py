@@ -15,6 +15,7 @@ from euro_lm import plan
 from euro_lm.errors import ConfigError
 from euro_lm import devices
 from euro_lm.model import Decoder, param_count, train_flops_per_token
+from euro_lm.model.attention import head_dim
 from euro_lm.sharding import MeshError, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import abstract_train_state
@@ -71,7 +72,7 @@ def test_fsdp8_divides_every_param_by_8_and_tensor2_heads_and_mlp():
   assert fsdp.params * 8 == replicated.params  # every param has an embed dim; 256 / 8
   assert fsdp.gradients == fsdp.params
   m = c.model
-  hd, layers = plan.head_dim(m), m.num_layers
+  hd, layers = head_dim(m), m.num_layers
   tensor = plan.estimate_memory(small_config(**{'mesh.data': 4, 'mesh.tensor': 2}), 8,
                                 leaves=leaves)
   sharded = (m.vocab_size * m.embed_dim  # embedding: vocab -> tensor
@@ -114,7 +115,7 @@ def test_remat_and_attention_impl_order_the_activations():
   # impl keeps for its backward.
   assert (act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out']
           > act['full'])
-  flash = plan.estimate_memory(plan._with(c, **{'model.attention_impl': 'pallas'}), 8,
+  flash = plan.estimate_memory(plan.with_overrides(c, {'model.attention_impl': 'pallas'}), 8,
                                leaves=leaves)
   xla = plan.estimate_memory(c, 8, leaves=leaves)
   # Both keep a log-sum-exp, not the probabilities; the xla backward recomputes float32
@@ -179,7 +180,7 @@ def test_suggested_change_fits():
   assert found
   change, total = found[0]
   assert total <= budget
-  assert plan.estimate_memory(plan._with(c, **change), 8).total == total
+  assert plan.estimate_memory(plan.with_overrides(c, change), 8).total == total
 
 
 def test_accelerators_come_from_the_devices_table():
