@@ -28,12 +28,16 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   keeps from its forward: the hidden-state gradient and a float32 head-gradient partial
   per device (split over tensor, not fsdp).
 - **Working set**: transients not in the above: with any remat policy the recomputed
-  residuals of the one layer being differentiated; with the xla attention, the float32
-  scores of its largest query chunk, recomputed in the backward; one layer's weights
+  residuals of the one layer being differentiated; where the xla attention runs, the
+  float32 scores of its largest query chunk, recomputed in the backward; one layer's weights
   gathered over fsdp in the compute dtype and their float32 gradients before the
   reduce-scatter; the backward residual stream. Runtime and framework reserves (CUDA
   context, NCCL buffers, XLA's fragmentation) are not modelled: hence `usable_fraction`
   (`USABLE_FRACTION`) of the device memory is what a plan may use.
+
+Which attention runs is what `euro_lm.model.attention.resolve` says for the config on the
+planned `device` (a `euro_lm.devices.Device`, e.g. `devices.accelerator_device('h100')`);
+where the device is not known (None), 'auto' resolves as on a CPU, to xla.
 
 How close the estimate comes to XLA's own memory analysis of the compiled step is in
 BENCHMARKS.md; tests/test_plan.py checks it.
@@ -51,7 +55,7 @@ from euro_lm import devices
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import Decoder, train_flops_per_token
-from euro_lm.model.attention import head_dim, xla_query_chunks
+from euro_lm.model.attention import head_dim, resolve_for_model, xla_query_chunks
 from euro_lm.sharding import (MESH_AXES, MeshError, batch_mesh_axes, logical_rules,
                               mesh_axes_size, mesh_shape)
 from euro_lm.train.optimizer import make_optimizer
@@ -106,9 +110,10 @@ def run_tokens(config, tokens=None):
 # --------------------------------------------------------------------------- sharding
 
 
-def mesh_degrees(config, num_devices, num_nodes=1):
+def mesh_degrees(config, num_devices, num_nodes=1, *, device=None):
   """`{'data', 'fsdp', 'tensor'}` degrees (ICI x DCN) of the config's mesh on
-  `num_devices` devices over `num_nodes` nodes (one process per node, each a DCN granule).
+  `num_devices` devices like `device` (None: not known) over `num_nodes` nodes (one process
+  per node, each a DCN granule).
 
   Raises MeshError / ConfigError with the message naming the field, as a run would.
   """
@@ -120,7 +125,7 @@ def mesh_degrees(config, num_devices, num_nodes=1):
                       f'multiply to {num_nodes}, e.g. --config.mesh.dcn_fsdp={num_nodes} or '
                       f'--config.mesh.dcn_data={num_nodes}') from None
     raise
-  return validate(config, num_devices, num_nodes)
+  return validate(config, num_devices, num_nodes, device)
 
 
 def _abstract_mesh(degrees):
@@ -226,18 +231,14 @@ def _layer_terms(m, b, seq_len, policy, cs):
 def _attention_transient(m, b, seq_len, cs):
   """The xla attention's largest query chunk, in its backward: float32 scores, probabilities
   and their gradient (and a compute-dtype copy in 16 bits). cudnn/pallas work in blocks."""
-  if not _may_run_xla_attention(m):
-    return []
   chunks = xla_query_chunks(seq_len, causal=True)
   BHQL = (('batch', 'heads', 'length', None), (b, m.num_heads, seq_len // chunks, seq_len))
   return [(*BHQL, 4)] * 3 + ([(*BHQL, cs)] if cs != 4 else [])
 
 
-def _may_run_xla_attention(m):
-  """'xla', or 'auto' in float32: on an accelerator, 16-bit 'auto' runs blockwise kernels
-  (pallas or cuDNN), and float32 'auto' falls back to xla where the kernels do not fit."""
-  return m.attention_impl == 'xla' or (m.attention_impl == 'auto'
-                                       and m.compute_dtype == 'float32')
+def _runs_xla_attention(config, device):
+  """Whether the attention that runs for `config` on `device` is the xla one."""
+  return resolve_for_model(config.model, config.train.seq_len, device).impl == 'xla'
 
 
 def _bytes(terms, rules, degrees):
@@ -286,12 +287,13 @@ class MemoryEstimate:
     ]
 
 
-def estimate_memory(config, num_devices, num_nodes=1, leaves=None):
+def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=None):
   """Per-device memory estimate of the train step of `config` on `num_devices` devices
-  over `num_nodes` nodes. `leaves` (from `state_leaves(config)`) saves re-tracing the init
-  when only batch/remat/mesh settings change. Raises MeshError/ConfigError for a mesh or
-  config a run would reject."""
-  degrees = mesh_degrees(config, num_devices, num_nodes)
+  like `device` (a `euro_lm.devices.Device`; None: not known) over `num_nodes` nodes.
+  `leaves` (from `state_leaves(config)`) saves re-tracing the init when only
+  batch/remat/mesh settings change. Raises MeshError/ConfigError for a mesh or config a run
+  would reject."""
+  degrees = mesh_degrees(config, num_devices, num_nodes, device=device)
   rules = logical_rules(config.mesh)
   leaves = state_leaves(config) if leaves is None else leaves
   parts = {'params': 0, 'optimizer': 0, 'other': 0}
@@ -325,7 +327,9 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None):
   per_layer_elements = sum(per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered)
                            for leaf in layer_params) / max(m.num_layers, 1)
   working = int(per_layer_elements * (cs + 4))
-  working += _bytes(recompute + _attention_transient(m, micro, t.seq_len, cs), rules, degrees)
+  if _runs_xla_attention(config, device):
+    recompute = recompute + _attention_transient(m, micro, t.seq_len, cs)
+  working += _bytes(recompute, rules, degrees)
   working += _bytes([(*BLD, 4), (*BLD, cs)], rules, degrees)  # backward residual stream
   return MemoryEstimate(
       degrees=degrees, num_devices=num_devices, num_nodes=num_nodes,
@@ -348,10 +352,11 @@ def with_overrides(config, overrides):
 LOSS_CHUNK_LENGTH = 512
 
 
-def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
+def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, device=None):
   """Changes that make the plan fit in `budget_bytes`: a list of `(description, total
-  bytes)` for each single change (and, if none fits alone, the combination) that a run
-  would accept, smallest total first among those that fit."""
+  bytes)` for each single change (and, if none fits alone, the combination) that a run on
+  devices like `device` (None: not known) would accept, smallest total first among those
+  that fit."""
   leaves = state_leaves(config) if leaves is None else leaves
   m, t, h = config.model, config.train, config.mesh
   candidates = []
@@ -365,7 +370,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
     if m.remat_policy == 'none':
       candidates.append({'model.remat_policy': 'dots_no_batch'})
     candidates.append({'model.remat_policy': 'full'})
-  if _may_run_xla_attention(m):
+  if _runs_xla_attention(config, device):
     candidates.append({'model.attention_impl': 'pallas'})
   if not m.loss_chunk_length and t.seq_len > LOSS_CHUNK_LENGTH:
     candidates.append({'model.loss_chunk_length': LOSS_CHUNK_LENGTH})
@@ -386,7 +391,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
       combined.update(change)
     try:
       total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
-                              leaves).total
+                              leaves, device=device).total
     except (ConfigError, MeshError):
       continue
     if 'train.grad_accum_steps' in change:
@@ -405,7 +410,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None):
         continue
       try:
         total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
-                                leaves).total
+                                leaves, device=device).total
       except (ConfigError, MeshError):
         continue
       if total <= budget_bytes:

@@ -1,6 +1,7 @@
 """The planner's report: the text `python -m euro_lm.plan` prints, and the tables and plots
 of notebooks/scaling.ipynb (matplotlib, imported only by `plot_scaling`)."""
 
+from euro_lm.devices import accelerator_device
 from euro_lm.errors import ConfigError
 from euro_lm.model import param_count, train_flops_per_token
 from euro_lm.plan.memory import (GIB, USABLE_FRACTION, accelerator, estimate_memory,
@@ -20,7 +21,7 @@ def summary(config, num_devices, num_nodes=1, accelerator_name='h100', mfu=0.4, 
   it fits on `accelerator_name`, and days for `tokens` (default: the config's run) at `mfu`."""
   name, peak, memory_gib = accelerator(accelerator_name)
   m, t = config.model, config.train
-  est = estimate_memory(config, num_devices, num_nodes)
+  est = estimate_memory(config, num_devices, num_nodes, device=accelerator_device(name))
   tokens = run_tokens(config, tokens)
   return {
       'params': param_count(m),
@@ -57,13 +58,16 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
                 config_name=''):
   """The planner's report as text: mesh, per-device memory, fit verdict with WARNING lines
   naming what to change, and (with a known accelerator) the time for `tokens` (default
-  the run's train.steps x global batch x seq_len) at `mfu`."""
-  peak = None
+  the run's train.steps x global batch x seq_len) at `mfu`. The attention planned is the
+  one that runs on `accelerator_name`; without an accelerator the device is not known, and
+  'auto' is planned as xla."""
+  peak = device = None
   if accelerator_name:
     accelerator_name, peak, memory = accelerator(accelerator_name)
     device_memory_gib = device_memory_gib or memory
+    device = accelerator_device(accelerator_name)
   leaves = state_leaves(config)
-  est = estimate_memory(config, num_devices, num_nodes, leaves)
+  est = estimate_memory(config, num_devices, num_nodes, leaves, device=device)
   m, t = config.model, config.train
   d = est.degrees
   ici, dcn = mesh_shape(config.mesh, num_devices, num_nodes)
@@ -98,7 +102,7 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
                    f'{budget / GIB:.1f} GiB per device; state (params+grads+optimizer) is '
                    f'{state / GIB:.1f} GiB, activations+logits+working '
                    f'{(est.activations + est.logits + est.working) / GIB:.1f} GiB.')
-      found = suggestions(config, num_devices, num_nodes, budget, leaves)
+      found = suggestions(config, num_devices, num_nodes, budget, leaves, device=device)
       for change, total in found:
         lines.append(f'WARNING: to fit, change {describe_change(change)} '
                      f'(estimate {total / GIB:.1f} GiB)')
@@ -151,6 +155,7 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
   memory fields are then None).
   """
   name, peak, memory_gib = accelerator(accelerator_name)
+  device = accelerator_device(name)
   budget = memory_gib * GIB * usable_fraction
   rows = []
   for preset, config in configs.items():
@@ -169,7 +174,7 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
     }
     leaves = state_leaves(config)
     try:
-      est = estimate_memory(config, num_devices, num_nodes, leaves)
+      est = estimate_memory(config, num_devices, num_nodes, leaves, device=device)
     except (ConfigError, MeshError) as e:
       row.update(mesh=None, micro_batch_per_device=None, fits=None, to_fit=None,
                  error=str(e), **{k: None for k in ('params_gib', 'gradients_gib',
@@ -184,7 +189,7 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
         **_preset_parts(est))
     row['to_fit'] = ''
     if not row['fits']:
-      found = suggestions(config, num_devices, num_nodes, budget, leaves)
+      found = suggestions(config, num_devices, num_nodes, budget, leaves, device=device)
       row['to_fit'] = (describe_change(found[0][0]) if found else
                        'no single change: use more devices')
     rows.append(row)
@@ -229,6 +234,7 @@ def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name=
   devices do not divide), `fits` (None likewise), `usable_gib` and `days` for `tokens`
   (default each config's run) at `mfu`."""
   name, peak, memory_gib = accelerator(accelerator_name)
+  device = accelerator_device(name)
   budget = memory_gib * GIB * usable_fraction
   points = []
   for preset, config in configs.items():
@@ -242,7 +248,7 @@ def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name=
                                      'mesh.dcn_data': 1, 'mesh.dcn_fsdp': nodes,
                                      'mesh.dcn_tensor': 1})
       try:
-        total = estimate_memory(fsdp, devices, nodes, leaves).total
+        total = estimate_memory(fsdp, devices, nodes, leaves, device=device).total
       except (ConfigError, MeshError):
         total = None
       points.append({
