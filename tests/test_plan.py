@@ -15,6 +15,7 @@ from euro_lm import plan
 from euro_lm.errors import ConfigError
 from euro_lm import devices
 from euro_lm.model import Decoder, param_count, train_flops_per_token
+from euro_lm.model.attention import head_dim
 from euro_lm.sharding import MeshError, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import abstract_train_state
@@ -71,7 +72,7 @@ def test_fsdp8_divides_every_param_by_8_and_tensor2_heads_and_mlp():
   assert fsdp.params * 8 == replicated.params  # every param has an embed dim; 256 / 8
   assert fsdp.gradients == fsdp.params
   m = c.model
-  hd, layers = plan.head_dim(m), m.num_layers
+  hd, layers = head_dim(m), m.num_layers
   tensor = plan.estimate_memory(small_config(**{'mesh.data': 4, 'mesh.tensor': 2}), 8,
                                 leaves=leaves)
   sharded = (m.vocab_size * m.embed_dim  # embedding: vocab -> tensor
@@ -114,13 +115,37 @@ def test_remat_and_attention_impl_order_the_activations():
   # impl keeps for its backward.
   assert (act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out']
           > act['full'])
-  flash = plan.estimate_memory(plan._with(c, **{'model.attention_impl': 'pallas'}), 8,
+  flash = plan.estimate_memory(plan.with_overrides(c, {'model.attention_impl': 'pallas'}), 8,
                                leaves=leaves)
   xla = plan.estimate_memory(c, 8, leaves=leaves)
   # Both keep a log-sum-exp, not the probabilities; the xla backward recomputes float32
   # scores per query chunk: 64 seqs x 32 heads x 512 queries (1 of 8 chunks) x 4096 keys.
   assert xla.activations == flash.activations
   assert xla.working - flash.working >= 3 * 64 * 32 * 512 * 4096 * 4
+
+
+def test_the_attention_planned_is_what_resolve_runs():
+  """Only the xla attention adds its query chunk's scores to the working set, and which
+  attention runs on the planned device is model.attention.resolve's answer."""
+  h100 = devices.accelerator_device('h100')
+  leaves = plan.state_leaves(small_config())
+
+  def working(impl, dtype, device):
+    c = small_config(**{'model.attention_impl': impl, 'model.compute_dtype': dtype})
+    return plan.estimate_memory(c, 8, leaves=leaves, device=device).working
+
+  for dtype in ('bfloat16', 'float32'):
+    xla, pallas = working('xla', dtype, h100), working('pallas', dtype, h100)
+    assert xla > pallas
+    # On an H100 'auto' runs blockwise kernels: cuDNN in 16 bits, Triton in float32.
+    assert working('auto', dtype, h100) == pallas
+    # Where the device is not known, 'auto' resolves as on a CPU: xla.
+    assert working('auto', dtype, None) == xla
+  # The device also goes to config.validate: cuDNN does not run on a TPU.
+  with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    plan.estimate_memory(small_config(**{'model.attention_impl': 'cudnn',
+                                         'model.compute_dtype': 'bfloat16'}), 8,
+                         device=devices.accelerator_device('tpu_v5'))
 
 
 # ------------------------------------------------------------------ against XLA
@@ -174,12 +199,14 @@ def test_fitting_plan_has_no_warning_and_a_time():
 
 def test_suggested_change_fits():
   c = llama_1b.get_config('gpu')
-  budget = 72 * plan.GIB
-  found = plan.suggestions(c, 8, 1, budget)
+  # The H100's usable memory, and its device: without one, the preset's 'auto' attention
+  # would be planned as xla, not as the kernels that run on an H100.
+  budget, h100 = 72 * plan.GIB, devices.accelerator_device('h100')
+  found = plan.suggestions(c, 8, 1, budget, device=h100)
   assert found
   change, total = found[0]
   assert total <= budget
-  assert plan.estimate_memory(plan._with(c, **change), 8).total == total
+  assert plan.estimate_memory(plan.with_overrides(c, change), 8, device=h100).total == total
 
 
 def test_accelerators_come_from_the_devices_table():
@@ -205,7 +232,8 @@ def test_summary_row():
   assert row['params'] == param_count(c.model) and row['fits'] and row['accelerator'] == '8x A100'
   assert row['days'] == pytest.approx(plan.training_seconds(
       c.model, c.train.seq_len, 2e9, 8, plan.peak_flops('A100'), 0.5) / 86400)
-  assert row['memory_gib_per_device'] == plan.estimate_memory(c, 8).total / plan.GIB
+  a100 = devices.accelerator_device('a100')
+  assert row['memory_gib_per_device'] == plan.estimate_memory(c, 8, device=a100).total / plan.GIB
 
 
 def test_bad_mesh_names_the_field():
@@ -264,7 +292,7 @@ def test_presets_table_rows_are_summary_and_estimate_values():
     assert row['total_gib'] == s['memory_gib_per_device']
     assert (row['fits'], row['days'], row['accelerator'], row['tokens']) == (
         s['fits'], s['days'], s['accelerator'], 2e9)
-    est = plan.estimate_memory(c, 8)
+    est = plan.estimate_memory(c, 8, device=devices.accelerator_device('a100'))
     assert row['params_gib'] == est.params / plan.GIB
     assert row['gradients_gib'] == (est.gradients + est.grad_accumulation) / plan.GIB
     assert row['optimizer_gib'] == (est.optimizer + est.other_state) / plan.GIB
@@ -288,11 +316,12 @@ def test_presets_table_overrides_misfits_and_errors():
                             overrides={'mesh.data': 1, 'mesh.fsdp': 8})
   fsdp_big = small_config(**{'train.global_batch_size': 2048, 'train.seq_len': 1024,
                              'mesh.data': 1, 'mesh.fsdp': 8})
-  est = plan.estimate_memory(fsdp_big, 8)
+  tpu = devices.accelerator_device('tpu_v5_lite')
+  est = plan.estimate_memory(fsdp_big, 8, device=tpu)
   budget = 16 * plan.GIB * plan.USABLE_FRACTION
   assert est.total > budget and rows[0]['total_gib'] == est.total / plan.GIB
   assert rows[0]['fits'] is False and rows[0]['mesh'] == 'data=1 fsdp=8 tensor=1'
-  found = plan.suggestions(fsdp_big, 8, 1, budget)
+  found = plan.suggestions(fsdp_big, 8, 1, budget, device=tpu)
   assert rows[0]['to_fit'] == plan.describe_change(found[0][0]) != ''
   assert rows[1]['fits'] is True
   bad = plan.presets_table(configs, 8, overrides={'mesh.data': 3})
@@ -315,7 +344,9 @@ def test_scaling_points_are_fsdp_estimates():
   for p in points[:3]:
     fsdp = small_config(**{'mesh.data': 1, 'mesh.fsdp': -1,
                            'mesh.dcn_fsdp': p['nodes']})
-    assert p['total_gib'] == plan.estimate_memory(fsdp, p['devices'], p['nodes']).total / plan.GIB
+    est = plan.estimate_memory(fsdp, p['devices'], p['nodes'],
+                               device=devices.accelerator_device('h100'))
+    assert p['total_gib'] == est.total / plan.GIB
     assert p['fits'] is True
   # 32 devices do not divide the global batch of 16: a run would reject it.
   assert points[3]['total_gib'] is None and points[3]['fits'] is None

@@ -1,0 +1,60 @@
+"""`python -m euro_lm.plan --config=... --devices=N [--nodes=M] [--accelerator=h100]`: the
+planner's report for a config on a mesh (see `euro_lm.plan`)."""
+
+import sys
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from euro_lm.errors import UserError
+from euro_lm.plan.report import format_plan
+from euro_lm.sharding import MeshError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. '
+                                          'configs/llama_1b.py.', lock_config=True)
+_DEVICES = flags.DEFINE_integer('devices', 1, 'Total devices (all nodes together).')
+_NODES = flags.DEFINE_integer('nodes', 1, 'Nodes (one process each; the mesh.dcn_* '
+                              'degrees must multiply to this when > 1).')
+_MEMORY = flags.DEFINE_float('device_memory_gb', 0.0, 'Memory per device in GiB; '
+                             'overrides the accelerator\'s.')
+_ACCELERATOR = flags.DEFINE_string('accelerator', '', 'Accelerator name (h100, a100, '
+                                   'mi250x, tpu_v5...): device memory and peak FLOP/s.')
+_MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the time estimate.')
+_TOKENS = flags.DEFINE_float('tokens', 0.0, 'Token budget for the time estimate; 0: '
+                             'train.steps x global_batch_size x seq_len.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  jax.config.update('jax_platforms', 'cpu')  # shapes only: never touch an accelerator
+  try:
+    print(format_plan(_CONFIG.value, _DEVICES.value, _NODES.value,
+                      _MEMORY.value or None, _ACCELERATOR.value or None, _MFU.value,
+                      _TOKENS.value or None, config_name=_config_path()))
+  except (UserError, MeshError) as e:
+    sys.exit(f'error: {e}')
+
+
+def _parse_flags(argv):
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # how ml_collections reports an unknown field
+    while e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    detail = str(e.args[0] if e.args else e).replace('\n', '. ')
+    sys.exit(f'error: unknown config field {detail}')
+
+
+def _config_path():
+  for arg in sys.argv:
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+  return ''
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,419 @@
+"""The planner's memory model: the per-device bytes of a train step on a mesh.
+
+Shapes come from `jax.eval_shape` of the real model init and shardings from the config's
+logical-axis rules, divided out arithmetically: nothing runs on an accelerator.
+
+What the estimate models (all per device; it is an estimate, not a measurement):
+
+- **Train state** (exact up to XLA padding): every leaf of the real `TrainState` from
+  `jax.eval_shape` of the init (params float32; AdamW's m and v float32 sharded like the
+  params; the optimizer's and the state's int32 counters), each dimension divided by the
+  product of the mesh axes its logical axis maps to (rounded up, as a sharded array pads).
+- **Gradients**: float32, sharded like the params. With `train.grad_accum_steps > 1` the
+  accumulation carry is a second params-sized float32 buffer.
+- **Activations saved for the backward pass**, for one micro-batch of
+  `global_batch_size / grad_accum_steps` sequences split over the batch mesh axes
+  (data x fsdp, ICI and DCN). Per layer, what is kept depends on `model.remat_policy`:
+  `none` keeps every residual (the residual stream, the norms' float32 intermediates, q/k/v,
+  the attention output and its per-head float32 log-sum-exp (no attention impl keeps the
+  L x L probabilities), the MLP's gate/up/hidden); `full` keeps only each layer's input;
+  `dots` the matmul outputs; `dots_no_batch` the weight-matmul outputs;
+  `save_attention_out` the layer input and the attention output.
+  Activations are in `model.compute_dtype`, norms and softmax in float32. Each activation
+  is divided by the mesh axes of its logical axes (batch, heads, mlp, vocab), like the
+  params.
+- **Logits and loss**: `[B, L, V]` float32 logits and their float32 gradient (plus a
+  compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
+  With `model.loss_chunk_length = C`, the same for `[B, C, V]`, plus what the fused loss
+  keeps from its forward: the hidden-state gradient and a float32 head-gradient partial
+  per device (split over tensor, not fsdp).
+- **Working set**: transients not in the above: with any remat policy the recomputed
+  residuals of the one layer being differentiated; where the xla attention runs, the
+  float32 scores of its largest query chunk, recomputed in the backward; one layer's weights
+  gathered over fsdp in the compute dtype and their float32 gradients before the
+  reduce-scatter; the backward residual stream. Runtime and framework reserves (CUDA
+  context, NCCL buffers, XLA's fragmentation) are not modelled: hence `usable_fraction`
+  (`USABLE_FRACTION`) of the device memory is what a plan may use.
+
+Which attention runs is what `euro_lm.model.attention.resolve` says for the config on the
+planned `device` (a `euro_lm.devices.Device`, e.g. `devices.accelerator_device('h100')`);
+where the device is not known (None), 'auto' resolves as on a CPU, to xla.
+
+How close the estimate comes to XLA's own memory analysis of the compiled step is in
+BENCHMARKS.md; tests/test_plan.py checks it.
+"""
+
+import copy
+import dataclasses
+import math
+
+import jax
+from flax import linen as nn
+from jax.sharding import AbstractMesh
+
+from euro_lm import devices
+from euro_lm.config import validate
+from euro_lm.errors import ConfigError
+from euro_lm.model import Decoder, train_flops_per_token
+from euro_lm.model.attention import head_dim, resolve_for_model, xla_query_chunks
+from euro_lm.sharding import (MESH_AXES, MeshError, batch_mesh_axes, logical_rules,
+                              mesh_axes_size, mesh_shape)
+from euro_lm.train.optimizer import make_optimizer
+from euro_lm.train.state import init_boxed
+
+GIB = 2 ** 30
+
+USABLE_FRACTION = 0.9  # of device memory; the rest is runtime reserves and fragmentation
+
+
+# --------------------------------------------------------------------------- accelerators
+
+
+def accelerator_names():
+  """Known accelerator names (`euro_lm.devices.ACCELERATORS`)."""
+  return devices.accelerator_names()
+
+
+def accelerator(name):
+  """`(canonical name, peak 16-bit FLOP/s, device memory GiB)` for a known accelerator,
+  matched ignoring case, spaces, '-' and '_' ('h100', 'tpu_v5_lite', 'H100 PCIe').
+  Raises ConfigError listing the known names otherwise."""
+  try:
+    known = devices.accelerator(name)
+  except ConfigError as e:
+    raise ConfigError(f'{e} (or give --device_memory_gb)') from None
+  return known.name, known.peak_flops_16bit, known.memory_gib
+
+
+def peak_flops(name):
+  """Dense 16-bit peak FLOP/s per device of a known accelerator."""
+  return accelerator(name)[1]
+
+
+def training_seconds(model_config, seq_len, tokens, num_devices, peak_flops_per_device,
+                     mfu=0.4):
+  """Wall-clock seconds to train on `tokens` tokens: model FLOPs (forward + backward,
+  `train_flops_per_token`, no remat recompute) over `num_devices` devices each sustaining
+  `mfu` of `peak_flops_per_device`."""
+  if not 0 < mfu <= 1:
+    raise ConfigError(f'mfu={mfu} must be in (0, 1]')
+  flops = train_flops_per_token(model_config, seq_len) * tokens
+  return flops / (num_devices * peak_flops_per_device * mfu)
+
+
+def run_tokens(config, tokens=None):
+  """`tokens`, or else the config's own run: train.steps x global batch x seq_len."""
+  t = config.train
+  return tokens or t.steps * t.global_batch_size * t.seq_len
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def mesh_degrees(config, num_devices, num_nodes=1, *, device=None):
+  """`{'data', 'fsdp', 'tensor'}` degrees (ICI x DCN) of the config's mesh on
+  `num_devices` devices like `device` (None: not known) over `num_nodes` nodes (one process
+  per node, each a DCN granule).
+
+  Raises MeshError / ConfigError with the message naming the field, as a run would.
+  """
+  try:
+    mesh_shape(config.mesh, num_devices, num_nodes)
+  except MeshError as e:
+    if num_nodes > 1 and 'slices' in str(e):
+      raise MeshError(f'{e} (nodes): with {num_nodes} nodes set the mesh.dcn_* degrees to '
+                      f'multiply to {num_nodes}, e.g. --config.mesh.dcn_fsdp={num_nodes} or '
+                      f'--config.mesh.dcn_data={num_nodes}') from None
+    raise
+  return validate(config, num_devices, num_nodes, device)
+
+
+def _abstract_mesh(degrees):
+  """An abstract mesh (no devices) with these `{'data', 'fsdp', 'tensor'}` degrees, for the
+  sharding helpers that take a mesh."""
+  return AbstractMesh(tuple(degrees[axis] for axis in MESH_AXES), MESH_AXES)
+
+
+def per_device_elements(shape, logical_axes, rules, degrees):
+  """Elements of one shard of an array of `shape` whose dims carry `logical_axes`: each
+  dim divided (rounded up) by the mesh axes its logical name maps to under `rules`, with
+  Flax's rule semantics (a mesh axis used by an earlier dim is not reused)."""
+  mesh_spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  mesh = _abstract_mesh(degrees)
+  return math.prod(-(-size // mesh_axes_size(mesh, axes))
+                   for size, axes in zip(shape, tuple(mesh_spec) + (None,) * len(shape)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLeaf:
+  path: str
+  part: str            # 'params' | 'optimizer' | 'other'
+  shape: tuple
+  itemsize: int
+  logical_axes: tuple  # one name or None per dim
+
+
+def state_leaves(config):
+  """Every leaf of the real train state (params, optimizer state, counters) with its shape,
+  dtype size and logical axes, from `jax.eval_shape` of the init: no memory used."""
+  # Param shapes do not depend on the attention kernel, remat or sequence length: trace
+  # the init with the reference attention on 8 tokens (cudnn cannot trace without a GPU).
+  model_config = copy.deepcopy(config.model)
+  model_config.attention_impl, model_config.remat_policy = 'xla', 'none'
+  model = Decoder(model_config)
+  tx, _ = make_optimizer(config.optimizer, config.train.steps)
+  boxed = jax.eval_shape(lambda r: init_boxed(model, tx, 8, r), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  shapes = nn.unbox(boxed)
+  leaves = []
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  for (path, shape), spec in zip(flat_shapes, flat_specs):
+    name = jax.tree_util.keystr(path)
+    part = ('params' if name.startswith('.params') else
+            'optimizer' if name.startswith('.opt_state') else 'other')
+    axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
+    leaves.append(StateLeaf(name, part, tuple(shape.shape), shape.dtype.itemsize, axes))
+  return leaves
+
+
+def leaf_bytes(leaf, rules, degrees):
+  return per_device_elements(leaf.shape, leaf.logical_axes, rules, degrees) * leaf.itemsize
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _layer_terms(m, b, seq_len, policy, cs):
+  """Per-layer activation terms `(logical axes, global shape, bytes per element)`.
+
+  Returns `(saved, recompute)`: what the backward keeps for every layer under `policy`,
+  and the full residual set of one layer (recomputed, transiently, under any remat).
+  """
+  L, D, H, K, hd, F = seq_len, m.embed_dim, m.num_heads, m.num_kv_heads, head_dim(m), m.mlp_dim
+  BLD = (('batch', 'length', 'embed'), (b, L, D))
+  BL = (('batch', 'length'), (b, L))
+  BLHd = (('batch', 'length', 'heads', 'head_dim'), (b, L, H, hd))
+  BLKd = (('batch', 'length', 'kv_heads', 'head_dim'), (b, L, K, hd))
+  BLF = (('batch', 'length', 'mlp'), (b, L, F))
+  BHL = (('batch', 'heads', 'length'), (b, H, L))
+  f32_copy = cs != 4  # a float32 upcast that is a separate buffer only in 16-bit compute
+
+  def norm(axes_shape, width=1):
+    terms = [(*axes_shape, 4)] * width  # normalised float32 output
+    if f32_copy:
+      terms.append((*axes_shape, 4))     # float32 upcast of the input
+    return terms + [(*BL, 4)]            # the reciprocal rms
+
+  layer_input = [(*BLD, cs)]
+  everything = (
+      layer_input + norm(BLD) + [(*BLD, cs)]                      # attention norm -> h
+      + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]                   # q, k, v (after RoPE)
+      + (norm(BLHd) + norm(BLKd) if m.qk_norm else [])
+      + [(*BHL, 4)]                                               # log-sum-exp
+      + [(*BLHd, cs), (*BLD, cs)]                                 # attention out, residual
+      + norm(BLD) + [(*BLD, cs)]                                  # mlp norm -> h
+      + [(*BLF, cs)] * 3)                                         # gate, up, hidden
+  if policy == 'none':
+    return everything, []
+  if policy == 'full':
+    saved = layer_input
+  elif policy == 'save_attention_out':
+    saved = layer_input + [(*BLHd, cs)]
+  elif policy in ('dots', 'dots_no_batch'):
+    saved = (layer_input + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
+             + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)])    # o, gate, up, down
+  else:
+    raise ConfigError(f'model.remat_policy={policy!r} is unknown')
+  return saved, everything
+
+
+def _attention_transient(m, b, seq_len, cs):
+  """The xla attention's largest query chunk, in its backward: float32 scores, probabilities
+  and their gradient (and a compute-dtype copy in 16 bits). cudnn/pallas work in blocks."""
+  chunks = xla_query_chunks(seq_len, causal=True)
+  BHQL = (('batch', 'heads', 'length', None), (b, m.num_heads, seq_len // chunks, seq_len))
+  return [(*BHQL, 4)] * 3 + ([(*BHQL, cs)] if cs != 4 else [])
+
+
+def _runs_xla_attention(config, device):
+  """Whether the attention that runs for `config` on `device` is the xla one."""
+  return resolve_for_model(config.model, config.train.seq_len, device).impl == 'xla'
+
+
+def _bytes(terms, rules, degrees):
+  return sum(per_device_elements(shape, axes, rules, degrees) * size
+             for axes, shape, size in terms)
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+  """Per-device bytes of each part of a train step, and what they were computed for."""
+  degrees: dict                # mesh degrees data/fsdp/tensor (ICI x DCN)
+  num_devices: int
+  num_nodes: int
+  micro_batch_per_device: float  # sequences per device per micro-batch
+  params: int
+  gradients: int
+  optimizer: int
+  grad_accumulation: int
+  other_state: int             # counters: step, skip counts, optimizer counts
+  activations: int             # saved for the backward pass, all layers
+  logits: int                  # logits and loss
+  working: int                 # transient working set
+
+  @property
+  def state(self):
+    """Params + optimizer state + counters: the train step's donated arguments."""
+    return self.params + self.optimizer + self.other_state
+
+  @property
+  def total(self):
+    return (self.state + self.gradients + self.grad_accumulation + self.activations
+            + self.logits + self.working)
+
+  def rows(self):
+    return [
+        ('params (float32)', self.params),
+        ('gradients (float32)', self.gradients),
+        ('optimizer state (AdamW m, v float32)', self.optimizer + self.other_state),
+        ('gradient accumulation buffer', self.grad_accumulation),
+        ('activations saved for backward', self.activations),
+        ('logits and loss (float32)', self.logits),
+        ('transient working set', self.working),
+    ]
+
+
+def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=None):
+  """Per-device memory estimate of the train step of `config` on `num_devices` devices
+  like `device` (a `euro_lm.devices.Device`; None: not known) over `num_nodes` nodes.
+  `leaves` (from `state_leaves(config)`) saves re-tracing the init when only
+  batch/remat/mesh settings change. Raises MeshError/ConfigError for a mesh or config a run
+  would reject."""
+  degrees = mesh_degrees(config, num_devices, num_nodes, device=device)
+  rules = logical_rules(config.mesh)
+  leaves = state_leaves(config) if leaves is None else leaves
+  parts = {'params': 0, 'optimizer': 0, 'other': 0}
+  for leaf in leaves:
+    parts[leaf.part] += leaf_bytes(leaf, rules, degrees)
+  params = parts['params']
+
+  m, t = config.model, config.train
+  cs = jax.numpy.dtype(m.compute_dtype).itemsize
+  micro = t.global_batch_size // t.grad_accum_steps  # global sequences per micro-batch
+  batch_ways = mesh_axes_size(_abstract_mesh(degrees), batch_mesh_axes(rules))
+  saved, recompute = _layer_terms(m, micro, t.seq_len, m.remat_policy, cs)
+  activations = m.num_layers * _bytes(saved, rules, degrees)
+  BLD = (('batch', 'length', 'embed'), (micro, t.seq_len, m.embed_dim))
+  # Embedding output, final norm (as in a layer), final hidden state.
+  activations += _bytes([(*BLD, cs), (*BLD, 4), (*BLD, cs)], rules, degrees)
+  chunk = min(m.loss_chunk_length, t.seq_len) or t.seq_len
+  BCV = (('batch', 'length', 'vocab'), (micro, chunk, m.vocab_size))
+  logits = _bytes([(*BCV, 4), (*BCV, 4)] + ([(*BCV, cs)] if cs != 4 else []), rules, degrees)
+  if m.loss_chunk_length:
+    # The fused loss: the hidden states regrouped by chunk, dX kept from its forward, and
+    # each device's float32 dW partial (split over tensor only; reduced after the chunks).
+    partial_dW = (('vocab', None), (m.vocab_size, m.embed_dim), 4)
+    logits += _bytes([(*BLD, cs), (*BLD, cs), partial_dW], rules, degrees)
+
+  # One layer's weights, gathered over fsdp (tensor-sharded only), in the compute dtype,
+  # and their float32 gradients before the reduce-scatter.
+  gathered = dict(degrees, fsdp=1, data=1)
+  layer_params = [leaf for leaf in leaves
+                  if leaf.part == 'params' and leaf.path.startswith(".params['layers']")]
+  per_layer_elements = sum(per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered)
+                           for leaf in layer_params) / max(m.num_layers, 1)
+  working = int(per_layer_elements * (cs + 4))
+  if _runs_xla_attention(config, device):
+    recompute = recompute + _attention_transient(m, micro, t.seq_len, cs)
+  working += _bytes(recompute, rules, degrees)
+  working += _bytes([(*BLD, 4), (*BLD, cs)], rules, degrees)  # backward residual stream
+  return MemoryEstimate(
+      degrees=degrees, num_devices=num_devices, num_nodes=num_nodes,
+      micro_batch_per_device=micro / batch_ways, params=params, gradients=params,
+      optimizer=parts['optimizer'], grad_accumulation=params if t.grad_accum_steps > 1 else 0,
+      other_state=parts['other'], activations=activations, logits=logits, working=working)
+
+
+def with_overrides(config, overrides):
+  """A copy of `config` with the dotted-path `overrides` ({'model.remat_policy': 'full'})."""
+  config = copy.deepcopy(config)
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    config[section][field] = value
+  return config
+
+
+# What the planner suggests for `model.loss_chunk_length`: [B, 512, V] blocks keep the
+# output matmuls large (B x 512 rows per device) while holding a fraction of the logits.
+LOSS_CHUNK_LENGTH = 512
+
+
+def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, device=None):
+  """Changes that make the plan fit in `budget_bytes`: a list of `(description, total
+  bytes)` for each single change (and, if none fits alone, the combination) that a run on
+  devices like `device` (None: not known) would accept, smallest total first among those
+  that fit."""
+  leaves = state_leaves(config) if leaves is None else leaves
+  m, t, h = config.model, config.train, config.mesh
+  candidates = []
+  per_node = num_devices // num_nodes
+  if h.fsdp not in (-1, per_node) or (num_nodes > 1 and h.dcn_fsdp != num_nodes):
+    change = {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1}
+    if num_nodes > 1:
+      change.update({'mesh.dcn_data': 1, 'mesh.dcn_fsdp': num_nodes, 'mesh.dcn_tensor': 1})
+    candidates.append(change)
+  if m.remat_policy != 'full':
+    if m.remat_policy == 'none':
+      candidates.append({'model.remat_policy': 'dots_no_batch'})
+    candidates.append({'model.remat_policy': 'full'})
+  if _runs_xla_attention(config, device):
+    candidates.append({'model.attention_impl': 'pallas'})
+  if not m.loss_chunk_length and t.seq_len > LOSS_CHUNK_LENGTH:
+    candidates.append({'model.loss_chunk_length': LOSS_CHUNK_LENGTH})
+  if m.compute_dtype == 'float32':
+    candidates.append({'model.compute_dtype': 'bfloat16'})
+  accum = t.grad_accum_steps
+  while accum * 2 <= t.global_batch_size and accum < 1024:
+    accum *= 2
+    candidates.append({'train.grad_accum_steps': accum})
+  results, combined = [], {}
+  for change in candidates:  # drop settings that are already so
+    for path in list(change):
+      section, field = path.split('.')
+      if config[section][field] == change[path] and len(change) > 1:
+        del change[path]
+  for change in candidates:
+    if 'train.grad_accum_steps' not in change:
+      combined.update(change)
+    try:
+      total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
+                              leaves, device=device).total
+    except (ConfigError, MeshError):
+      continue
+    if 'train.grad_accum_steps' in change:
+      if total <= budget_bytes:  # only the smallest accumulation that fits
+        results.append((change, total))
+        break
+    else:
+      results.append((change, total))
+  fitting = sorted([r for r in results if r[1] <= budget_bytes], key=lambda r: r[1])
+  if fitting:
+    return fitting
+  if combined:
+    for accum in [t.grad_accum_steps] + [2 ** i for i in range(1, 11)]:
+      change = dict(combined, **{'train.grad_accum_steps': accum})
+      if accum < t.grad_accum_steps:
+        continue
+      try:
+        total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
+                                leaves, device=device).total
+      except (ConfigError, MeshError):
+        continue
+      if total <= budget_bytes:
+        return [(change, total)]
+  return []
+
