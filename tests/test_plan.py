@@ -146,6 +146,10 @@ def test_the_attention_planned_is_what_resolve_runs():
     plan.estimate_memory(small_config(**{'model.attention_impl': 'cudnn',
                                          'model.compute_dtype': 'bfloat16'}), 8,
                          device=devices.accelerator_device('tpu_v5'))
+  # The report names what runs.
+  c = small_config(**{'model.attention_impl': 'auto', 'model.compute_dtype': 'bfloat16'})
+  assert 'attention auto (runs cudnn on H100)' in plan.format_plan(c, 8, accelerator_name='h100')
+  assert 'attention auto (runs xla: no accelerator named)' in plan.format_plan(c, 8)
 
 
 # ------------------------------------------------------------------ against XLA

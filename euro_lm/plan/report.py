@@ -4,6 +4,7 @@ of notebooks/scaling.ipynb (matplotlib, imported only by `plot_scaling`)."""
 from euro_lm.devices import accelerator_device
 from euro_lm.errors import ConfigError
 from euro_lm.model import param_count, train_flops_per_token
+from euro_lm.model.attention import resolve_for_model
 from euro_lm.plan.memory import (GIB, USABLE_FRACTION, accelerator, estimate_memory,
                                  run_tokens, state_leaves, suggestions, training_seconds,
                                  with_overrides)
@@ -71,12 +72,17 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
   m, t = config.model, config.train
   d = est.degrees
   ici, dcn = mesh_shape(config.mesh, num_devices, num_nodes)
+  runs = resolve_for_model(m, t.seq_len, device)
+  runs = runs.impl + (f' {runs.backend}' if runs.backend else '')
+  attention = m.attention_impl if runs == m.attention_impl else (
+      f'{m.attention_impl} (runs {runs}' + (f' on {accelerator_name})' if device else
+                                             ': no accelerator named)'))
   lines = [
       f'euro_lm plan{" for " + config_name if config_name else ""} '
       '(an estimate from shapes and shardings, not a measurement)',
       f'model: {_count(param_count(m))} params, {m.num_layers} layers, D={m.embed_dim}, '
       f'H={m.num_heads}/K={m.num_kv_heads}, F={m.mlp_dim}, V={m.vocab_size}; compute '
-      f'{m.compute_dtype}, attention {m.attention_impl}, remat {m.remat_policy}',
+      f'{m.compute_dtype}, attention {attention}, remat {m.remat_policy}',
       f'mesh: {num_devices} device{"s" if num_devices > 1 else ""} on {num_nodes} '
       f'node{"s" if num_nodes > 1 else ""}: '
       f'data={d["data"]} fsdp={d["fsdp"]} tensor={d["tensor"]} '
