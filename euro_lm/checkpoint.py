@@ -29,8 +29,17 @@ from euro_lm.errors import UserError
 from euro_lm.finite import leaf_name, nonfinite_leaves
 
 # Model fields that fix parameter shapes: a checkpoint resumes only under the same values.
-SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
-                'head_dim', 'mlp_dim', 'tie_embeddings', 'qk_norm')
+SHAPE_FIELDS = (
+    'vocab_size',
+    'num_layers',
+    'embed_dim',
+    'num_heads',
+    'num_kv_heads',
+    'head_dim',
+    'mlp_dim',
+    'tie_embeddings',
+    'qk_norm',
+)
 TOKENIZER_FILE = 'tokenizer.model'
 # With several processes a time-based save needs one agreed decision; asking every step
 # would stall the host on the device each step, so they agree every this many steps.
@@ -106,21 +115,28 @@ def _shapes(tree):
 def shape_differences(saved, expected):
   """Lines naming leaves missing on either side or with other shapes/dtypes."""
   saved, expected = _shapes(saved), _shapes(expected)
-  lines = [f'{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, '
-           f'{expected[name][0]} {expected[name][1]} in this run'
-           for name in sorted(saved.keys() & expected.keys()) if saved[name] != expected[name]]
+  lines = [
+      f'{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, '
+      f'{expected[name][0]} {expected[name][1]} in this run'
+      for name in sorted(saved.keys() & expected.keys())
+      if saved[name] != expected[name]
+  ]
   lines += [f'{name}: only in the checkpoint' for name in sorted(saved.keys() - expected.keys())]
-  lines += [f'{name}: missing from the checkpoint'
-            for name in sorted(expected.keys() - saved.keys())]
+  lines += [
+      f'{name}: missing from the checkpoint' for name in sorted(expected.keys() - saved.keys())
+  ]
   return lines
 
 
 def config_differences(saved_config, config):
   """'model.x: a in the checkpoint, b in this run' for each shape-fixing model field."""
   saved_model = saved_config.get('model', {})
-  return [f'model.{name}: {saved_model.get(name)!r} in the checkpoint, '
-          f'{config.model[name]!r} in this run'
-          for name in SHAPE_FIELDS if saved_model.get(name) != config.model[name]]
+  return [
+      f'model.{name}: {saved_model.get(name)!r} in the checkpoint, '
+      f'{config.model[name]!r} in this run'
+      for name in SHAPE_FIELDS
+      if saved_model.get(name) != config.model[name]
+  ]
 
 
 def layer_chunk_axes(keypath, value):
@@ -146,15 +162,17 @@ class Checkpointer:
   """Asynchronous saves every `save_every` steps and/or `save_every_minutes`; keeps the
   newest `keep` checkpoints plus every `keep_every`-th step."""
 
-  def __init__(self, directory, *, save_every=0, save_every_minutes=0.0, keep=3,
-               keep_every=0):
+  def __init__(self, directory, *, save_every=0, save_every_minutes=0.0, keep=3, keep_every=0):
     self.directory = os.path.abspath(directory)
     policies = [preservation.LatestN(n=keep)]
     if keep_every:
       policies.append(preservation.EveryNSteps(interval_steps=keep_every))
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
-        preservation_policy=preservation.AnyPreservationPolicy(policies))
+        create=True,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        preservation_policy=preservation.AnyPreservationPolicy(policies),
+    )
     self._save_every = save_every
     self._save_seconds = save_every_minutes * 60
     self._last_save_time = time.monotonic()
@@ -195,13 +213,15 @@ class Checkpointer:
     """
     bad = nonfinite_leaves(state.params)
     if bad:
-      raise CheckpointError(f'not saving step {step}: non-finite parameters in '
-                            f'{", ".join(bad)}')
+      raise CheckpointError(f'not saving step {step}: non-finite parameters in {", ".join(bad)}')
     save_args = jax.tree.map_with_path(
-        lambda key, value: ocp.SaveArgs(shard_axes=layer_chunk_axes(key, value)), state)
-    items = dict(state=ocp.args.StandardSave(state, save_args=save_args),
-                 data=DataSave(data_iterator),
-                 config=ocp.args.JsonSave(config.to_dict()))
+        lambda key, value: ocp.SaveArgs(shard_axes=layer_chunk_axes(key, value)), state
+    )
+    items = dict(
+        state=ocp.args.StandardSave(state, save_args=save_args),
+        data=DataSave(data_iterator),
+        config=ocp.args.JsonSave(config.to_dict()),
+    )
     if tokenizer_path:
       items['tokenizer'] = FileSave(tokenizer_path)
     try:
@@ -216,18 +236,23 @@ class Checkpointer:
     failed = self._saving_step if self._saving_step not in (None, step) else step
     self._saving_step = None
     complete = [s for s in self._manager.all_steps() if s != failed]
-    newest = (f'step {max(complete)} in {self.directory} is the newest complete checkpoint '
-              'and is intact' if complete else 'there is no complete checkpoint yet')
+    newest = (
+        f'step {max(complete)} in {self.directory} is the newest complete checkpoint and is intact'
+        if complete
+        else 'there is no complete checkpoint yet'
+    )
     return CheckpointError(
         f'saving checkpoint step {failed} to {self.directory} failed: {error}'
-        f'{_free_space(self.directory)}. {newest}.')
+        f'{_free_space(self.directory)}. {newest}.'
+    )
 
   def _read_error(self, step, error):
     older = [s for s in self._manager.all_steps() if s < step]
-    hint = (f'; if it is damaged, move it away to resume from step {max(older)}' if older
-            else '')
-    return CheckpointError(f'checkpoint step {step} in {self.step_directory(step)} cannot be '
-                           f'read ({type(error).__name__}: {error}){hint}')
+    hint = f'; if it is damaged, move it away to resume from step {max(older)}' if older else ''
+    return CheckpointError(
+        f'checkpoint step {step} in {self.step_directory(step)} cannot be '
+        f'read ({type(error).__name__}: {error}){hint}'
+    )
 
   def restore(self, step, abstract_state, data_iterator, config, tokenizer_path):
     """Restores the state onto the shapes and shardings of `abstract_state` (a pytree of
@@ -250,16 +275,23 @@ class Checkpointer:
     differences = config_differences(saved['config'], config)
     differences += shape_differences(metadata, abstract_state)
     if differences:
-      raise CheckpointError(f'{where} does not fit this run\'s config:\n  '
-                            + '\n  '.join(differences[:20]))
+      raise CheckpointError(
+          f"{where} does not fit this run's config:\n  " + '\n  '.join(differences[:20])
+      )
     with open(tokenizer_path, 'rb') as f:
       if has_tokenizer and _sha256(f.read()) != _sha256(saved['tokenizer']):
         saved_tokenizer = os.path.join(self.step_directory(step), 'tokenizer', TOKENIZER_FILE)
-        raise CheckpointError(f'the tokenizer {tokenizer_path} is not the one {where} was '
-                              f'trained with; set data.tokenizer_path={saved_tokenizer}')
+        raise CheckpointError(
+            f'the tokenizer {tokenizer_path} is not the one {where} was '
+            f'trained with; set data.tokenizer_path={saved_tokenizer}'
+        )
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)))
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)
+          ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
     return restored['state']
@@ -294,19 +326,23 @@ def resolve_checkpoint(path, step=None):
     if not (root / str(step) / 'state').is_dir():
       raise CheckpointError(f'no checkpoint for step {step} in {root}')
     return root / str(step)
-  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit())
-                 if root.is_dir() else [])
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else [])
   if not steps:
-    raise CheckpointError(f'no checkpoint in {path} (expected a workdir, its checkpoints/ '
-                          'directory or a step directory)')
+    raise CheckpointError(
+        f'no checkpoint in {path} (expected a workdir, its checkpoints/ '
+        'directory or a step directory)'
+    )
   return root / str(steps[-1])
 
 
 def find_tokenizer(step_dir, workdir, configured=''):
   """The SentencePiece model of a run: the checkpoint's own copy, else the workdir's, else
   `configured` (the config's data.tokenizer_path); None if there is none."""
-  candidates = (os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
-                os.path.join(str(workdir), TOKENIZER_FILE), configured)
+  candidates = (
+      os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
+      os.path.join(str(workdir), TOKENIZER_FILE),
+      configured,
+  )
   return next((p for p in candidates if p and os.path.isfile(p)), None)
 
 
@@ -318,18 +354,23 @@ def load_params(path, abstract_params):
   try:
     metadata = _state_metadata(step_dir)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: '
-                          f'{e})') from e
+    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {e})') from e
   differences = shape_differences(metadata.get('params', {}), abstract_params)
   if differences:
-    raise CheckpointError(f'the parameters in {step_dir} do not fit this run\'s model:\n  '
-                          + '\n  '.join(differences[:20]))
+    raise CheckpointError(
+        f"the parameters in {step_dir} do not fit this run's model:\n  "
+        + '\n  '.join(differences[:20])
+    )
   item = {'params': abstract_params}
   try:
-    restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+    restored = checkpointer.restore(
+        step_dir / 'state',
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: '
-                          f'{e})') from e
+    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {e})') from e
   return restored['params'], step_dir

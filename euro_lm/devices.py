@@ -18,11 +18,11 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 class Accelerator:
   """One known accelerator, as one JAX device sees it."""
 
-  name: str                # matched as a substring of `jax.Device.device_kind`
-  platform: str            # 'cuda', 'rocm' or 'tpu'
+  name: str  # matched as a substring of `jax.Device.device_kind`
+  platform: str  # 'cuda', 'rocm' or 'tpu'
   peak_flops_16bit: float  # dense bfloat16/float16 FLOP/s (datasheet, no sparsity)
-  memory_gib: float        # device memory
-  hopper: bool = False     # an NVIDIA sm90 GPU, where euro_lm's Mosaic GPU kernels run
+  memory_gib: float  # device memory
+  hopper: bool = False  # an NVIDIA sm90 GPU, where euro_lm's Mosaic GPU kernels run
 
 
 # Matched in order against `device_kind`, so more specific names come first. The A100 row is
@@ -48,9 +48,9 @@ ACCELERATORS = (
 class Device:
   """What a run computes on, as far as choosing kernels and checking a config needs."""
 
-  platform: str         # one of PLATFORMS
+  platform: str  # one of PLATFORMS
   hopper: bool = False  # an NVIDIA sm90 GPU
-  kind: str = ''        # `jax.Device.device_kind`, or an accelerator's name
+  kind: str = ''  # `jax.Device.device_kind`, or an accelerator's name
 
   @property
   def gpu(self) -> bool:
@@ -69,8 +69,9 @@ def describe(device: jax.Device | None = None) -> Device:
   device = device or jax.devices()[0]
   name = platform(device)
   capability = str(getattr(device, 'compute_capability', ''))
-  return Device(platform=name, hopper=name == 'cuda' and capability.startswith('9.'),
-                kind=device.device_kind)
+  return Device(
+      platform=name, hopper=name == 'cuda' and capability.startswith('9.'), kind=device.device_kind
+  )
 
 
 def find_accelerator(device_kind: str) -> Accelerator | None:

@@ -40,8 +40,11 @@ def wants_distributed(distributed_config, environ):
 def _configured(c):
   """(coordinator address, number of processes, process id) from the config; None where
   it leaves them to JAX's detection."""
-  return (c.coordinator_address or None, c.num_processes or None,
-          c.process_id if c.process_id >= 0 else None)
+  return (
+      c.coordinator_address or None,
+      c.num_processes or None,
+      c.process_id if c.process_id >= 0 else None,
+  )
 
 
 def _resolve(c, environ):
@@ -52,8 +55,10 @@ def _resolve(c, environ):
   if None in (address, count, rank):
     try:  # the detection jax.distributed.initialize runs itself (SLURM, Open MPI, TPU)
       from jax._src import clusters  # pylint: disable=import-outside-toplevel
+
       address, count, rank, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-          address, count, rank, None, None, c.initialization_timeout)
+          address, count, rank, None, None, c.initialization_timeout
+      )
     except Exception:  # pylint: disable=broad-except  # best effort: JAX decides anyway
       pass
   return address, count, rank
@@ -79,7 +84,8 @@ def wait_for_coordinator(address, timeout, who):
       f'(distributed.initialization_timeout): {error}. Process 0 hosts it: check that '
       f'process 0 started, that {host} is reachable from {socket.gethostname()}, and that '
       'every process got the same coordinator address (distributed.coordinator_address, '
-      'JAX_COORDINATOR_ADDRESS or the cluster\'s environment).')
+      "JAX_COORDINATOR_ADDRESS or the cluster's environment)."
+  )
 
 
 def check_device_counts(devices):
@@ -91,7 +97,8 @@ def check_device_counts(devices):
     raise DistributedError(
         f'the processes see different numbers of devices ({seen}); every process needs the '
         'same number: the same GPUs per node (--gpus-per-node, CUDA_VISIBLE_DEVICES, '
-        'JAX_LOCAL_DEVICE_IDS) or --xla_force_host_platform_device_count on CPU')
+        'JAX_LOCAL_DEVICE_IDS) or --xla_force_host_platform_device_count on CPU'
+    )
 
 
 def initialize(distributed_config, environ, log=None):
@@ -102,16 +109,23 @@ def initialize(distributed_config, environ, log=None):
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
   c = distributed_config
   if not c.initialization_timeout > 0:
-    raise DistributedError(f'distributed.initialization_timeout={c.initialization_timeout} '
-                           'must be a positive number of seconds')
+    raise DistributedError(
+        f'distributed.initialization_timeout={c.initialization_timeout} '
+        'must be a positive number of seconds'
+    )
   address, count, rank = _resolve(c, environ)
   who = f'process {"?" if rank is None else rank} of {count or "?"}'
-  log(f'euro_lm: {who} joining the JAX runtime at coordinator {address or "(detected by JAX)"}'
-      f', waiting up to {c.initialization_timeout} s for all processes')
+  log(
+      f'euro_lm: {who} joining the JAX runtime at coordinator {address or "(detected by JAX)"}'
+      f', waiting up to {c.initialization_timeout} s for all processes'
+  )
   if address and rank:  # process 0 starts the coordinator itself
     wait_for_coordinator(address, c.initialization_timeout, who)
   configured_address, configured_count, configured_rank = _configured(c)
   jax.distributed.initialize(
-      coordinator_address=configured_address, num_processes=configured_count,
-      process_id=configured_rank, initialization_timeout=c.initialization_timeout)
+      coordinator_address=configured_address,
+      num_processes=configured_count,
+      process_id=configured_rank,
+      initialization_timeout=c.initialization_timeout,
+  )
   check_device_counts(jax.devices())

@@ -13,7 +13,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the newest.
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weight dtype.')
 _SHARD_GB = flags.DEFINE_float('shard_gb', 2.0, 'Largest safetensors shard, in GiB.')
 _MAX_POSITIONS = flags.DEFINE_integer(
-    'max_position_embeddings', None, 'config.json max_position_embeddings; default seq_len.')
+    'max_position_embeddings', None, 'config.json max_position_embeddings; default seq_len.'
+)
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -23,10 +24,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from euro_lm.errors import UserError
   from euro_lm.hf import export_hf
+
   try:
-    export_hf(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value,
-              shard_bytes=int(_SHARD_GB.value * 2**30),
-              max_position_embeddings=_MAX_POSITIONS.value)
+    export_hf(
+        _WORKDIR.value,
+        _OUTPUT.value,
+        step=_STEP.value,
+        dtype=_DTYPE.value,
+        shard_bytes=int(_SHARD_GB.value * 2**30),
+        max_position_embeddings=_MAX_POSITIONS.value,
+    )
   except UserError as e:
     sys.exit(f'error: {e}')
 

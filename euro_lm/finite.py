@@ -16,10 +16,12 @@ def leaf_name(path):
 
 def finite_flags(tree):
   """Per leaf: a bool scalar, or a `[num_layers]` bool vector for scanned leaves. Traceable."""
+
   def flags(path, x):
     if 'layers' in leaf_name(path).split('/') and x.ndim > 1:
       return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
     return jnp.all(jnp.isfinite(x))
+
   return jax.tree_util.tree_map_with_path(flags, tree)
 
 

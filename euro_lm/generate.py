@@ -32,9 +32,15 @@ def main(argv):
     sys.exit('error: give --workdir and at least one --prompt')
   try:
     run = load_run(_WORKDIR.value, _STEP.value)
-    texts = complete(run, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                     seed=_SEED.value)
+    texts = complete(
+        run,
+        _PROMPT.value,
+        max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value,
+    )
   except (UserError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(f'# {run.step_dir}')

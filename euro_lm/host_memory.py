@@ -54,13 +54,16 @@ def keep_freed_memory():
     return False
   try:
     libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
+  except OSError:
     return False
+  if not hasattr(libc, 'gnu_get_libc_version'):  # glibc only
+    return False
+  mallopt = libc.mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  _applied = all(mallopt(option, value) == 1 for option, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))
+  _applied = all(
+      mallopt(option, value) == 1
+      for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+  )
   return _applied
 
 

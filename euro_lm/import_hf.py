@@ -19,6 +19,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from euro_lm.errors import UserError
   from euro_lm.hf import import_hf
+
   try:
     import_hf(_HF.value, _WORKDIR.value)
   except UserError as e:

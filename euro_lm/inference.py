@@ -50,31 +50,42 @@ def load_run(workdir, step=None):
   step_dir = resolve_checkpoint(workdir, step)
   model = Decoder(config.model)
   shapes = jax.eval_shape(
-      lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))['params']),
-      jax.random.key(0))
+      lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))['params']), jax.random.key(0)
+  )
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          shapes)
+  abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+  )
   params, step_dir = load_params(step_dir, abstract)
   tokenizer_path = find_tokenizer(step_dir, workdir, config.data.tokenizer_path)
   if not tokenizer_path:
-    raise UserError(f'no tokenizer for {workdir}: not in {step_dir}, the workdir or '
-                    'data.tokenizer_path')
+    raise UserError(
+        f'no tokenizer for {workdir}: not in {step_dir}, the workdir or data.tokenizer_path'
+    )
   tokenizer = Tokenizer.from_file(tokenizer_path)
   return Run(config, model, params, tokenizer, str(step_dir))
 
 
-def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95,
-             seed=0):
+def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0):
   """The completion text of each prompt (without the prompt and the EOS)."""
   tok = run.tokenizer
   bos = [tok.bos_id] if run.config.data.add_bos else []
   ids = [bos + tok.encode(p) for p in prompts]
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)
-  out = generate(run.model, run.params, tokens_BP, lengths_B, jax.random.key(seed),
-                 max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=pad_id,
-                 temperature=temperature, top_k=top_k, top_p=top_p)
+  out = generate(
+      run.model,
+      run.params,
+      tokens_BP,
+      lengths_B,
+      jax.random.key(seed),
+      max_new_tokens=max_new_tokens,
+      eos_id=tok.eos_id,
+      pad_id=pad_id,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+  )
   tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
   texts = []
   for row, length in zip(tokens_BN, lengths_B):

@@ -8,6 +8,7 @@ import tqdm
 
 from euro_lm.devices import find_accelerator
 
+
 def peak_flops_per_device(config, device):
   """The config's peak if set, else the 16-bit datasheet peak of a known accelerator when
   computing in 16 bits, else None (MFU is then omitted)."""
@@ -30,6 +31,7 @@ class MetricWriter:
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
       if tensorboard:
         from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 needs it
+
         self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step, scalars):
@@ -69,5 +71,6 @@ def format_scalars(scalars, keys):
 
 
 def progress_bar(total, initial, enabled):
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit='step',
-                   dynamic_ncols=True, leave=True)
+  return tqdm.tqdm(
+      total=total, initial=initial, disable=not enabled, unit='step', dynamic_ncols=True, leave=True
+  )

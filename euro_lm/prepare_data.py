@@ -16,12 +16,11 @@ from euro_lm.data.prepare import source_flags
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None,
-                                 'SentencePiece .model file.')
-_DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000,
-                                       'Documents per shard.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece .model file.')
+_DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000, 'Documents per shard.')
 _WORKERS = flags.DEFINE_integer(
-    'workers', None, 'Processes; default: the CPUs this process may use.')
+    'workers', None, 'Processes; default: the CPUs this process may use.'
+)
 flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
 
 
@@ -31,10 +30,15 @@ def main(argv):
   from euro_lm.data import prepared
   from euro_lm.data.prepare import shards
   from euro_lm.errors import UserError
+
   try:
     manifest = shards.prepare(
-        _INPUT.value, _OUTPUT.value, _TOKENIZER.value, source_flags.text_source(),
-        docs_per_shard=_DOCS_PER_SHARD.value, workers=_WORKERS.value,
+        _INPUT.value,
+        _OUTPUT.value,
+        _TOKENIZER.value,
+        source_flags.text_source(),
+        docs_per_shard=_DOCS_PER_SHARD.value,
+        workers=_WORKERS.value,
         progress=True,
     )
   except UserError as e:

@@ -110,8 +110,14 @@ def series(records, name):
 
 def languages(records):
   """The languages with validation results, sorted."""
-  return sorted({k.split('/')[1] for r in _records(records) for k in r
-                 if k.startswith('valid/') and k.count('/') == 2})
+  return sorted(
+      {
+          k.split('/')[1]
+          for r in _records(records)
+          for k in r
+          if k.startswith('valid/') and k.count('/') == 2
+      }
+  )
 
 
 def eval_steps(records):
@@ -126,20 +132,27 @@ def validation_table(records, step=None, metrics=('loss', 'bpb')):
   records = _records(records)
   evals = {r['step']: r for r in records if record_kind(r) == 'eval'}
   if not evals:
-    raise MetricsError('no validation results in the records (train.eval_every=0, or no '
-                       'evaluation yet)')
+    raise MetricsError(
+        'no validation results in the records (train.eval_every=0, or no evaluation yet)'
+    )
   if step is None:
     step = max(evals)
   if step not in evals:
-    raise MetricsError(f'no validation results at step {step}; evaluated steps: '
-                       f'{", ".join(map(str, sorted(evals)))}')
+    raise MetricsError(
+        f'no validation results at step {step}; evaluated steps: '
+        f'{", ".join(map(str, sorted(evals)))}'
+    )
   record = evals[step]
   rows = []
   for language in languages([record]):
-    rows.append({'language': language, 'step': step,
-                 **{m: record.get(f'valid/{language}/{m}') for m in metrics}})
-  rows.append({'language': 'mean', 'step': step,
-               **{m: record.get(f'valid/{m}') for m in metrics}})
+    rows.append(
+        {
+            'language': language,
+            'step': step,
+            **{m: record.get(f'valid/{language}/{m}') for m in metrics},
+        }
+    )
+  rows.append({'language': 'mean', 'step': step, **{m: record.get(f'valid/{m}') for m in metrics}})
   return rows
 
 
@@ -156,10 +169,15 @@ def format_table(rows, floatfmt='.3f'):
 
   cells = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-  numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)
-             for c in columns]
-  lines = ['  '.join(v.rjust(w) if num else v.ljust(w)
-                     for v, w, num in zip(row, widths, numeric)).rstrip() for row in cells]
+  numeric = [
+      all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in columns
+  ]
+  lines = [
+      '  '.join(
+          v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric)
+      ).rstrip()
+      for row in cells
+  ]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)
 
@@ -201,8 +219,9 @@ def plot_validation(records, metric='bpb', ax=None, mean=True):
   language labelled with its tag, and with `mean` the logged mean (dashed, label 'mean')
   when the run logged one. Returns the matplotlib axes."""
   records = _records(records)
-  langs = [lang for lang in languages(records)
-           if any(f'valid/{lang}/{metric}' in r for r in records)]
+  langs = [
+      lang for lang in languages(records) if any(f'valid/{lang}/{metric}' in r for r in records)
+  ]
   if not langs:
     raise MetricsError(f'no per-language validation {metric!r} in the records')
   ax = _axes(ax)

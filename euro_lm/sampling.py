@@ -21,8 +21,8 @@ from euro_lm.model.decoder import init_cache
 
 
 class Generation(NamedTuple):
-  tokens_BN: jax.Array   # int32 new tokens, `pad_id` after a row's stop
-  lengths_B: jax.Array   # int32 new tokens per row, the EOS included
+  tokens_BN: jax.Array  # int32 new tokens, `pad_id` after a row's stop
+  lengths_B: jax.Array  # int32 new tokens per row, the EOS included
 
 
 def filter_logits(logits_BV, *, temperature=1.0, top_k=0, top_p=1.0):
@@ -32,8 +32,9 @@ def filter_logits(logits_BV, *, temperature=1.0, top_k=0, top_p=1.0):
   `top_p` (always at least the most likely token). `top_k=0` and `top_p=1` turn them off.
   """
   if temperature <= 0:
-    raise ValueError(f'temperature must be positive here, got {temperature} (0 is greedy: '
-                     'use sample_logits)')
+    raise ValueError(
+        f'temperature must be positive here, got {temperature} (0 is greedy: use sample_logits)'
+    )
   check_settings(temperature, top_k, top_p)
   logits_BV = logits_BV.astype(jnp.float32) / temperature
   if top_k and top_k < logits_BV.shape[-1]:
@@ -77,21 +78,43 @@ def left_pad(prompts, pad_id):
   length = max(len(p) for p in prompts)
   tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
   for row, prompt in enumerate(prompts):
-    tokens_BP[row, length - len(prompt):] = prompt
+    tokens_BP[row, length - len(prompt) :] = prompt
   return tokens_BP, np.array([len(p) for p in prompts], np.int32)
 
 
-def generate(model, params, tokens_BP, lengths_B, key, *, max_new_tokens, eos_id, pad_id=0,
-             temperature=0.0, top_k=0, top_p=1.0, use_cache=True):
+def generate(
+    model,
+    params,
+    tokens_BP,
+    lengths_B,
+    key,
+    *,
+    max_new_tokens,
+    eos_id,
+    pad_id=0,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    use_cache=True,
+):
   """Continues left-padded prompts (`tokens_BP`, real lengths `lengths_B`) with
   `model = Decoder(config)` and its `params`. Returns a Generation."""
-  run = make_generate(model, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                      temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache)
+  run = make_generate(
+      model,
+      max_new_tokens=max_new_tokens,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      use_cache=use_cache,
+  )
   return run(params, jnp.asarray(tokens_BP, jnp.int32), jnp.asarray(lengths_B, jnp.int32), key)
 
 
-def make_generate(model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, top_k=0,
-                  top_p=1.0, use_cache=True):
+def make_generate(
+    model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, top_k=0, top_p=1.0, use_cache=True
+):
   """The jitted `run(params, tokens_BP, lengths_B, key) -> Generation` behind generate(),
   to call repeatedly without recompiling (one compile per prompt shape)."""
   if max_new_tokens < 1:
@@ -107,13 +130,18 @@ def make_generate(model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, t
     positions_BS = jnp.maximum(slots_1S - padding_B1, 0)
     segments_BS = (slots_1S >= padding_B1).astype(jnp.int32)  # 0 marks left padding
     tokens_BS = jnp.concatenate(
-        [tokens_BP, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
+        [tokens_BP, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1
+    )
     variables = {'params': params}
 
     if use_cache:
-      logits_BPV, cache = model.apply(variables, tokens_BP, segments_BS[:, :prompt_len],
-                                      positions_BS[:, :prompt_len],
-                                      cache=init_cache(model.config, batch, total))
+      logits_BPV, cache = model.apply(
+          variables,
+          tokens_BP,
+          segments_BS[:, :prompt_len],
+          positions_BS[:, :prompt_len],
+          cache=init_cache(model.config, batch, total),
+      )
       state = cache
 
       def next_logits(tokens_BS, slot, cache):
@@ -122,9 +150,11 @@ def make_generate(model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, t
         position_B1 = jax.lax.dynamic_slice_in_dim(positions_BS, slot, 1, axis=1)
         logits_B1V, cache = model.apply(variables, token_B1, None, position_B1, cache=cache)
         return logits_B1V[:, 0], cache
+
     else:
-      logits_BPV = model.apply(variables, tokens_BP, segments_BS[:, :prompt_len],
-                               positions_BS[:, :prompt_len])
+      logits_BPV = model.apply(
+          variables, tokens_BP, segments_BS[:, :prompt_len], positions_BS[:, :prompt_len]
+      )
       state = ()
 
       def next_logits(tokens_BS, slot, state):
@@ -148,8 +178,15 @@ def make_generate(model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, t
       logits_BV, state = next_logits(tokens_BS, slot, state)
       return step + 1, tokens_BS, state, logits_BV, done_B, lengths_B, key
 
-    carry = (jnp.zeros((), jnp.int32), tokens_BS, state, logits_BPV[:, -1],
-             jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), key)
+    carry = (
+        jnp.zeros((), jnp.int32),
+        tokens_BS,
+        state,
+        logits_BPV[:, -1],
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.int32),
+        key,
+    )
     _, tokens_BS, _, _, _, new_lengths_B, _ = jax.lax.while_loop(cond, body, carry)
     return Generation(tokens_BS[:, prompt_len:], new_lengths_B)
 

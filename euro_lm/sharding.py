@@ -36,19 +36,24 @@ def mesh_shape(mesh_config, num_devices, num_slices=1):
   if dcn_size != num_slices and num_slices > 1:
     raise MeshError(f'mesh.dcn_* multiply to {dcn_size} but there are {num_slices} slices')
   if num_devices % dcn_size:
-    raise MeshError(f'mesh.dcn_* multiply to {dcn_size}, which does not divide the '
-                    f'{num_devices} devices present')
+    raise MeshError(
+        f'mesh.dcn_* multiply to {dcn_size}, which does not divide '
+        f'the {num_devices} devices present'
+    )
   per_slice = num_devices // dcn_size
   fixed = math.prod(s for s in ici if s != -1)
   if -1 in ici:
     if per_slice % fixed:
-      raise MeshError(f'mesh: fixed degrees {tuple(ici)} (product {fixed}) do not divide '
-                      f'the {per_slice} devices per slice')
+      raise MeshError(
+          f'mesh: fixed degrees {tuple(ici)} (product {fixed}) do not divide '
+          f'the {per_slice} devices per slice'
+      )
     ici[ici.index(-1)] = per_slice // fixed
   if math.prod(ici) != per_slice:
     raise MeshError(
         f'mesh: data*fsdp*tensor = {"*".join(map(str, ici))} = {math.prod(ici)} but '
-        f'{per_slice} devices are present per slice ({num_devices} devices, DCN {dcn})')
+        f'{per_slice} devices are present per slice ({num_devices} devices, DCN {dcn})'
+    )
   return tuple(ici), dcn
 
 
@@ -62,7 +67,8 @@ def make_mesh(mesh_config, devices=None):
       device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     else:  # GPU clusters: one process per node stands in for a slice
       device_array = mesh_utils.create_hybrid_device_mesh(
-          ici, dcn, devices, process_is_granule=True)
+          ici, dcn, devices, process_is_granule=True
+      )
   else:
     device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   return Mesh(device_array, MESH_AXES)
@@ -70,8 +76,10 @@ def make_mesh(mesh_config, devices=None):
 
 def logical_rules(mesh_config):
   """The config's logical-axis rules as the tuple of pairs Flax expects."""
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in mesh_config.logical_rules)
+  return tuple(
+      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+      for name, axes in mesh_config.logical_rules
+  )
 
 
 def logical_sharding(logical_axes, mesh, rules):
@@ -106,8 +114,10 @@ def global_batch(local_batch, mesh, rules):
   """Assembles each process's part of the batch into global arrays sharded over the batch
   axes. Every process must pass arrays of the same per-process shape."""
   sharding = batch_sharding(mesh, rules)
+
   def assemble(local):
     local = np.asarray(local)
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
   return {name: assemble(value) for name, value in local_batch.items()}

@@ -18,22 +18,16 @@ import sys
 from absl import app, flags
 
 from euro_lm.data import tokenizer as tokenizer_lib
-from euro_lm.data.prepare import fertility
-from euro_lm.data.prepare import source_flags
-from euro_lm.data.prepare import tokenizer_training
+from euro_lm.data.prepare import fertility, source_flags, tokenizer_training
 from euro_lm.errors import UserError
 
-_OUTPUT = flags.DEFINE_string(
-    'output', None, 'Directory for tokenizer.model and fertility.json.'
-)
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for tokenizer.model and fertility.json.')
 _CORPUS = flags.DEFINE_string(
     'corpus',
     'embedded',
     "Training text without --input; only 'embedded' (Django's catalogs).",
 )
-_INPUT = flags.DEFINE_list(
-    'input', [], 'Your own text instead: input file globs, comma-separated.'
-)
+_INPUT = flags.DEFINE_list('input', [], 'Your own text instead: input file globs, comma-separated.')
 _VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 8192, 'Pieces in the model.')
 _MODEL_TYPE = flags.DEFINE_enum(
     'model_type', 'bpe', tokenizer_lib.MODEL_TYPES, 'SentencePiece algorithm.'
@@ -59,12 +53,9 @@ _TEMPERATURE = flags.DEFINE_float(
 _CHARS_PER_LANGUAGE = flags.DEFINE_integer(
     'chars_per_language',
     1_000_000,
-    'Average characters sampled per language (all languages share this'
-    ' times their number).',
+    'Average characters sampled per language (all languages share this times their number).',
 )
-_LANGUAGES = flags.DEFINE_string(
-    'languages', '', "Comma-separated language codes; '' means all."
-)
+_LANGUAGES = flags.DEFINE_string('languages', '', "Comma-separated language codes; '' means all.")
 _HELDOUT_FRACTION = flags.DEFINE_float(
     'heldout_fraction',
     0.1,
@@ -75,8 +66,7 @@ _HELDOUT_FRACTION = flags.DEFINE_float(
 _SEED = flags.DEFINE_integer(
     'seed',
     0,
-    'Seeds the order documents are drawn (embedded corpus; --input takes'
-    ' them in file order).',
+    'Seeds the order documents are drawn (embedded corpus; --input takes them in file order).',
 )
 flags.mark_flag_as_required('output')
 

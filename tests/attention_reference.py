@@ -40,8 +40,9 @@ def inputs(heads, kv_heads, dim, dtype, length=64, seed=0, segment_ids=None):
   q, k, v = make(heads), make(kv_heads), make(kv_heads)
   if segment_ids is None:
     first, second = length * 5 // 16, length * 8 // 16
-    segment_ids = np.array([[1] * first + [2] * second + [0] * (length - first - second),
-                            [0] * length], np.int32)
+    segment_ids = np.array(
+        [[1] * first + [2] * second + [0] * (length - first - second), [0] * length], np.int32
+    )
   cast = lambda x: jnp.asarray(x, dtype)
   return cast(q), cast(k), cast(v), segment_ids
 

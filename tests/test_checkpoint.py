@@ -19,20 +19,27 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from run_records import step_dirs, step_records
 from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
-from run_records import step_dirs, step_records
-from euro_lm.checkpoint import CheckpointError, Checkpointer
+from euro_lm.checkpoint import Checkpointer, CheckpointError
 from euro_lm.data import dataset
 from euro_lm.train.loop import TrainingError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, 'tests', 'training_driver.py')
 STEPS = 20
-BASE = {'model.num_layers': 2, 'optimizer.warmup_steps': 5, 'train.steps': STEPS,
-        'train.global_batch_size': 8, 'train.seq_len': 64, 'train.log_every': 1,
-        'train.eval_every': 0, 'train.checkpoint_every': 5}
+BASE = {
+    'model.num_layers': 2,
+    'optimizer.warmup_steps': 5,
+    'train.steps': STEPS,
+    'train.global_batch_size': 8,
+    'train.seq_len': 64,
+    'train.log_every': 1,
+    'train.eval_every': 0,
+    'train.checkpoint_every': 5,
+}
 
 
 def config_with(overrides):
@@ -42,20 +49,31 @@ def config_with(overrides):
 
 
 def env(devices=8):
-  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_THREEFRY_PARTITIONABLE='1',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      JAX_THREEFRY_PARTITIONABLE='1',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
 
 
 def run_driver(workdir, overrides, *flags, devices=8):
-  return subprocess.run([sys.executable, DRIVER, str(workdir), json.dumps(overrides), *flags],
-                        cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=env(devices))
+  return subprocess.run(
+      [sys.executable, DRIVER, str(workdir), json.dumps(overrides), *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env(devices),
+  )
 
 
 def copy_checkpoints(source, workdir, steps):
   for step in steps:
-    shutil.copytree(os.path.join(source, 'checkpoints', str(step)),
-                    os.path.join(workdir, 'checkpoints', str(step)))
+    shutil.copytree(
+        os.path.join(source, 'checkpoints', str(step)),
+        os.path.join(workdir, 'checkpoints', str(step)),
+    )
 
 
 @pytest.fixture(scope='module')
@@ -74,8 +92,9 @@ def overrides(tokenizer):
 def straight(tmp_path_factory, overrides):
   """The uninterrupted reference run; it keeps the newest 2 checkpoints and every 10th."""
   workdir = str(tmp_path_factory.mktemp('straight'))
-  config = config_with({**overrides, 'train.keep_checkpoints': 2,
-                        'train.keep_checkpoints_every': 10})
+  config = config_with(
+      {**overrides, 'train.keep_checkpoints': 2, 'train.keep_checkpoints_every': 10}
+  )
   train(config, workdir)
   return workdir, step_records(workdir)
 
@@ -95,21 +114,35 @@ def test_retention_and_what_a_checkpoint_holds(straight, overrides):
   step_dir = os.path.join(workdir, 'checkpoints', '20')
   with open(os.path.join(step_dir, 'config', 'metadata')) as f:
     assert json.load(f)['train']['keep_checkpoints_every'] == 10  # human-readable JSON
-  with open(os.path.join(step_dir, 'tokenizer', 'tokenizer.model'), 'rb') as f, \
-       open(overrides['data.tokenizer_path'], 'rb') as g:
+  with (
+      open(os.path.join(step_dir, 'tokenizer', 'tokenizer.model'), 'rb') as f,
+      open(overrides['data.tokenizer_path'], 'rb') as g,
+  ):
     assert f.read() == g.read()
   data_files = glob.glob(os.path.join(step_dir, 'data', 'process_*-of-*.json'))
   assert len(data_files) == 1
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_and_exits_0_and_the_resumed_run_is_exact(sig, straight, overrides,
-                                                                  tmp_path):
+def test_a_signal_saves_and_exits_0_and_the_resumed_run_is_exact(
+    sig, straight, overrides, tmp_path
+):
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   process = subprocess.Popen(
-      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', *flags],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.train',
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}',
+          *flags,
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env(),
+  )
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
@@ -164,8 +197,15 @@ def test_resume_onto_another_mesh_and_device_count(straight, overrides, tmp_path
 
 
 def test_init_from_loads_the_parameters_only(straight, overrides, tmp_path):
-  config = config_with({**overrides, 'train.steps': 1, 'train.init_from': straight[0],
-                        'optimizer.learning_rate': 0.0, 'optimizer.schedule': 'constant'})
+  config = config_with(
+      {
+          **overrides,
+          'train.steps': 1,
+          'train.init_from': straight[0],
+          'optimizer.learning_rate': 0.0,
+          'optimizer.schedule': 'constant',
+      }
+  )
   train(config, str(tmp_path))
   assert sorted(step_records(tmp_path)) == [1]  # a new run: step 1, not 31
   restore = lambda path: ocp.PyTreeCheckpointer().restore(path)
@@ -183,8 +223,15 @@ def test_init_from_loads_the_parameters_only(straight, overrides, tmp_path):
 
 
 def test_save_every_minutes(overrides, tmp_path):
-  config = config_with({**overrides, 'train.steps': 3, 'train.checkpoint_every': 0,
-                        'train.checkpoint_every_minutes': 1e-9, 'train.keep_checkpoints': 10})
+  config = config_with(
+      {
+          **overrides,
+          'train.steps': 3,
+          'train.checkpoint_every': 0,
+          'train.checkpoint_every_minutes': 1e-9,
+          'train.keep_checkpoints': 10,
+      }
+  )
   train(config, str(tmp_path))
   assert step_dirs(tmp_path) == ['1', '2', '3']
 
@@ -192,15 +239,33 @@ def test_save_every_minutes(overrides, tmp_path):
 def test_skip_policy_keeps_the_state_and_stops_after_too_many(overrides, tmp_path):
   """Every update is over the gradient-norm limit: none is applied, and the run stops once
   more than train.max_skipped_in_a_row are skipped in a row."""
-  config = config_with({**overrides, 'train.nonfinite_policy': 'skip',
-                        'train.skip_grad_norm_above': 1e-6, 'train.max_skipped_in_a_row': 3,
-                        'train.checkpoint_every': 2})
-  with pytest.raises(TrainingError, match=r'4 updates in a row skipped, more than '
-                     r'train.max_skipped_in_a_row=3; stopping. The newest checkpoint is step 2'):
+  config = config_with(
+      {
+          **overrides,
+          'train.nonfinite_policy': 'skip',
+          'train.skip_grad_norm_above': 1e-6,
+          'train.max_skipped_in_a_row': 3,
+          'train.checkpoint_every': 2,
+      }
+  )
+  with pytest.raises(
+      TrainingError,
+      match=r'4 updates in a row skipped, more than '
+      r'train.max_skipped_in_a_row=3; stopping. The newest checkpoint is step 2',
+  ):
     train(config, str(tmp_path))
   fresh = str(tmp_path / 'fresh')
-  train(config_with({**overrides, 'train.steps': 1, 'optimizer.learning_rate': 0.0,
-                     'optimizer.schedule': 'constant'}), fresh)
+  train(
+      config_with(
+          {
+              **overrides,
+              'train.steps': 1,
+              'optimizer.learning_rate': 0.0,
+              'optimizer.schedule': 'constant',
+          }
+      ),
+      fresh,
+  )
   restore = lambda path: ocp.PyTreeCheckpointer().restore(path)
   skipped = restore(os.path.join(tmp_path, 'checkpoints', '2', 'state'))
   initial = restore(os.path.join(fresh, 'checkpoints', '1', 'state'))
@@ -211,15 +276,18 @@ def test_skip_policy_keeps_the_state_and_stops_after_too_many(overrides, tmp_pat
 
 
 def test_a_damaged_checkpoint_is_reported_and_the_previous_one_still_resumes(
-    straight, overrides, tmp_path):
+    straight, overrides, tmp_path
+):
   copy_checkpoints(straight[0], tmp_path, [10, 15])
   data_files = glob.glob(str(tmp_path / 'checkpoints' / '15' / 'state' / 'd' / '*'))
   assert data_files
   for path in data_files:  # truncated, as by a disk that filled up mid-copy
     with open(path, 'r+b') as f:
       f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(CheckpointError, match=r'checkpoint step 15 in \S+ cannot be read .*'
-                     r'move it away to resume from step 10'):
+  with pytest.raises(
+      CheckpointError,
+      match=r'checkpoint step 15 in \S+ cannot be read .*' r'move it away to resume from step 10',
+  ):
     train(config_with(overrides), str(tmp_path))
   shutil.move(str(tmp_path / 'checkpoints' / '15'), str(tmp_path / 'damaged-15'))
   train(config_with(overrides), str(tmp_path))
@@ -242,21 +310,29 @@ def test_an_incompatible_config_or_tokenizer_is_named(straight, overrides, tmp_p
   proto.pieces[-1].score -= 1.0  # the same vocabulary size, another tokenizer
   other = tmp_path / 'other.model'
   other.write_bytes(proto.SerializeToString())
-  with pytest.raises(CheckpointError, match=r'is not the one checkpoint step 20 .* was trained '
-                     r'with; set data.tokenizer_path=.*20/tokenizer/tokenizer.model'):
-    train(config_with({**overrides, 'train.steps': 40, 'data.tokenizer_path': str(other)}),
-          str(tmp_path))
+  with pytest.raises(
+      CheckpointError,
+      match=r'is not the one checkpoint step 20 .* was trained '
+      r'with; set data.tokenizer_path=.*20/tokenizer/tokenizer.model',
+  ):
+    train(
+        config_with({**overrides, 'train.steps': 40, 'data.tokenizer_path': str(other)}),
+        str(tmp_path),
+    )
   assert step_dirs(tmp_path) == ['20']
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(straight, overrides,
-                                                                      tmp_path):
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(
+    straight, overrides, tmp_path
+):
   copy_checkpoints(straight[0], tmp_path, [10])
   result = run_driver(tmp_path, overrides, f'--file_size_limit={2**20}')
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'error: saving checkpoint step 15 to' in result.stderr
-  assert 'step 10 in' in result.stderr and 'is the newest complete checkpoint and is intact' \
-      in result.stderr
+  assert (
+      'step 10 in' in result.stderr
+      and 'is the newest complete checkpoint and is intact' in result.stderr
+  )
   train(config_with(overrides), str(tmp_path))  # no limit: resumes from step 10
   assert_same_steps(tmp_path, straight[1], 11)
 
@@ -266,16 +342,20 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
   from euro_lm.sharding import logical_rules, make_mesh
   from euro_lm.train.optimizer import make_optimizer
   from euro_lm.train.state import create_train_state
+
   config = config_with({'model.num_layers': 1})
   mesh = make_mesh(config.mesh)
   tx, _ = make_optimizer(config.optimizer, 10)
-  state, _ = create_train_state(Decoder(config.model), tx, 16, jax.random.key(0), mesh,
-                                logical_rules(config.mesh))
+  state, _ = create_train_state(
+      Decoder(config.model), tx, 16, jax.random.key(0), mesh, logical_rules(config.mesh)
+  )
   params = dict(state.params)
   params['final_norm'] = {'scale': params['final_norm']['scale'].at[3].set(math.inf)}
   checkpointer = Checkpointer(str(tmp_path), save_every=1)
-  with pytest.raises(CheckpointError, match=r'not saving step 7: non-finite parameters in '
-                     r'final_norm/scale$'):
+  with pytest.raises(
+      CheckpointError,
+      match=r'not saving step 7: non-finite parameters in ' r'final_norm/scale$',
+  ):
     checkpointer.save(7, state.replace(params=params), None, config, '')
   checkpointer.close()
   assert os.listdir(tmp_path) == []

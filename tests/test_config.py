@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from configs import base, llama_125m, llama_1b, llama_7b, tiny
+from configs import base, llama_1b, llama_7b, llama_125m, tiny
 from euro_lm import devices
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
@@ -22,14 +22,21 @@ def test_presets_override_but_never_add_fields():
     for k, v in c.items():
       out |= fields(v, f'{prefix}{k}.') if hasattr(v, 'items') else {prefix + k}
     return out
+
   reference = fields(base.get_config())
-  for preset in (tiny.get_config(), llama_125m.get_config(), llama_1b.get_config('gpu'),
-                 llama_7b.get_config('gpu')):
+  for preset in (
+      tiny.get_config(),
+      llama_125m.get_config(),
+      llama_1b.get_config('gpu'),
+      llama_7b.get_config('gpu'),
+  ):
     assert fields(preset) == reference
 
 
-@pytest.mark.parametrize('module,low,high', [(llama_125m, 100e6, 150e6), (llama_1b, 1.0e9, 1.5e9),
-                                             (llama_7b, 6.0e9, 7.5e9)])
+@pytest.mark.parametrize(
+    'module,low,high',
+    [(llama_125m, 100e6, 150e6), (llama_1b, 1.0e9, 1.5e9), (llama_7b, 6.0e9, 7.5e9)],
+)
 def test_presets_have_their_advertised_size(module, low, high):
   assert low < param_count(module.get_config().model) < high
 
@@ -42,38 +49,70 @@ def test_a_valid_config_resolves_the_mesh():
   assert validate(c, num_devices=16) == {'data': 4, 'fsdp': 2, 'tensor': 2}
 
 
-@pytest.mark.parametrize('overrides,message', [
-    ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
-    ({'model.compute_dtype': 'fp8'}, "model.compute_dtype='fp8'"),
-    ({'model.remat_policy': 'some'}, "model.remat_policy='some'"),
-    ({'optimizer.schedule': 'linear'}, "optimizer.schedule='linear'"),
-    ({'model.num_kv_heads': 3}, 'model.num_heads=4 is not divisible by model.num_kv_heads=3'),
-    ({'mesh.tensor': 8, 'mesh.data': 1}, 'model.num_heads=4 is not divisible by the '
-                                         'tensor-parallel degree 8'),
-    ({'mesh.data': 8, 'train.global_batch_size': 12},
-     'train.global_batch_size=12 .* is not divisible by the data-parallel size 8'),
-    ({'train.grad_accum_steps': 3}, 'train.global_batch_size=16 is not divisible by '
-                                    'train.grad_accum_steps=3'),
-    ({'mesh.data': 16}, r'data\*fsdp\*tensor = 16\*1\*1 = 16 but 8 devices are present'),
-    ({'mesh.dcn_data': 3}, r'mesh.dcn_\* multiply to 3, which does not divide the 8 devices'),
-    ({'mesh.data': -1, 'mesh.fsdp': -1}, 'only one of data/fsdp/tensor may be -1'),
-    ({'train.steps': 0}, 'train.steps=0 must be positive'),
-    ({'optimizer.warmup_steps': -1}, 'optimizer.warmup_steps=-1 must be >= 0'),
-    ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
-    ({'train.profile_steps': 0}, 'train.profile_steps=0 must be >= 1'),
-    ({'train.profile_start_step': -1}, 'train.profile_start_step=-1 must be >= 0'),
-    ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs model.compute_dtype"),
-    ({'model.attention_impl': 'pallas', 'train.seq_len': 96}, 'train.seq_len=96 must be a multiple of 64'),
-    ({'model.pallas_backend': 'triton'}, "model.pallas_backend='triton' is not one of 'auto', 'gpu'"),
-    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu'},
-     "model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or float16"),
-    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
-      'model.compute_dtype': 'bfloat16', 'train.seq_len': 192},
-     'train.seq_len=192 must be a multiple of 128'),
-    ({'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu',
-      'model.compute_dtype': 'bfloat16', 'model.head_dim': 32},
-     "model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not 32"),
-])
+@pytest.mark.parametrize(
+    'overrides,message',
+    [
+        ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
+        ({'model.compute_dtype': 'fp8'}, "model.compute_dtype='fp8'"),
+        ({'model.remat_policy': 'some'}, "model.remat_policy='some'"),
+        ({'optimizer.schedule': 'linear'}, "optimizer.schedule='linear'"),
+        ({'model.num_kv_heads': 3}, 'model.num_heads=4 is not divisible by model.num_kv_heads=3'),
+        (
+            {'mesh.tensor': 8, 'mesh.data': 1},
+            'model.num_heads=4 is not divisible by the tensor-parallel degree 8',
+        ),
+        (
+            {'mesh.data': 8, 'train.global_batch_size': 12},
+            'train.global_batch_size=12 .* is not divisible by the data-parallel size 8',
+        ),
+        (
+            {'train.grad_accum_steps': 3},
+            'train.global_batch_size=16 is not divisible by train.grad_accum_steps=3',
+        ),
+        ({'mesh.data': 16}, r'data\*fsdp\*tensor = 16\*1\*1 = 16 but 8 devices are present'),
+        ({'mesh.dcn_data': 3}, r'mesh.dcn_\* multiply to 3, which does not divide the 8 devices'),
+        ({'mesh.data': -1, 'mesh.fsdp': -1}, 'only one of data/fsdp/tensor may be -1'),
+        ({'train.steps': 0}, 'train.steps=0 must be positive'),
+        ({'optimizer.warmup_steps': -1}, 'optimizer.warmup_steps=-1 must be >= 0'),
+        ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
+        ({'train.profile_steps': 0}, 'train.profile_steps=0 must be >= 1'),
+        ({'train.profile_start_step': -1}, 'train.profile_start_step=-1 must be >= 0'),
+        (
+            {'model.attention_impl': 'cudnn'},
+            "model.attention_impl='cudnn' needs model.compute_dtype",
+        ),
+        (
+            {'model.attention_impl': 'pallas', 'train.seq_len': 96},
+            'train.seq_len=96 must be a multiple of 64',
+        ),
+        (
+            {'model.pallas_backend': 'triton'},
+            "model.pallas_backend='triton' is not one of 'auto', 'gpu'",
+        ),
+        (
+            {'model.attention_impl': 'pallas', 'model.pallas_backend': 'mosaic_gpu'},
+            "model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or float16",
+        ),
+        (
+            {
+                'model.attention_impl': 'pallas',
+                'model.pallas_backend': 'mosaic_gpu',
+                'model.compute_dtype': 'bfloat16',
+                'train.seq_len': 192,
+            },
+            'train.seq_len=192 must be a multiple of 128',
+        ),
+        (
+            {
+                'model.attention_impl': 'pallas',
+                'model.pallas_backend': 'mosaic_gpu',
+                'model.compute_dtype': 'bfloat16',
+                'model.head_dim': 32,
+            },
+            "model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not 32",
+        ),
+    ],
+)
 def test_impossible_settings_name_the_field(overrides, message):
   c = tiny.get_config()
   for path, value in overrides.items():
@@ -95,15 +134,19 @@ def test_platform_and_process_checks():
   assert devices.describe() == devices.Device('cpu', kind=jax.devices()[0].device_kind)
   c = tiny.get_config()
   c.model.attention_impl, c.model.compute_dtype = 'pallas', 'bfloat16'
-  for backend, platforms in (('mosaic_gpu', ('cuda', 'cpu')), ('tpu', ('tpu', 'cpu')),
-                             ('gpu', ('cuda', 'rocm', 'cpu'))):
+  for backend, platforms in (
+      ('mosaic_gpu', ('cuda', 'cpu')),
+      ('tpu', ('tpu', 'cpu')),
+      ('gpu', ('cuda', 'rocm', 'cpu')),
+  ):
     c.model.pallas_backend = backend
     for platform in ('cpu', 'cuda', 'rocm', 'tpu'):
       if platform in platforms:
         validate(c, num_devices=8, device=devices.Device(platform))
       else:
-        with pytest.raises(ConfigError, match=f"pallas_backend='{backend}' cannot run on "
-                                              f'this {platform} run'):
+        with pytest.raises(
+            ConfigError, match=f"pallas_backend='{backend}' cannot run on this {platform} run"
+        ):
           validate(c, num_devices=8, device=devices.Device(platform))
   c = tiny.get_config()
   c.mesh.data, c.mesh.tensor = 4, 2  # 4 batch shards cannot feed 8 processes
@@ -116,15 +159,24 @@ def test_platform_and_process_checks():
 
 def run_cli(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'euro_lm.train', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, '-m', 'euro_lm.train', *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.train.stepz=5', 'stepz'),
-    ('--config.train.steps=many', 'many'),
-    ('--config.model.attention_impl=flash', "model.attention_impl='flash' is not one of"),
-])
+@pytest.mark.parametrize(
+    'override,message',
+    [
+        ('--config.train.stepz=5', 'stepz'),
+        ('--config.train.steps=many', 'many'),
+        ('--config.model.attention_impl=flash', "model.attention_impl='flash' is not one of"),
+    ],
+)
 def test_bad_overrides_get_one_clear_error(tmp_path, override, message):
   workdir = tmp_path / 'run'
   result = run_cli('--config=configs/tiny.py', f'--workdir={workdir}', override)

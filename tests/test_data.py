@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from euro_lm.errors import DataError
-from euro_lm.data import corpus
-from euro_lm.data import dataset
-from euro_lm.data import languages
-from euro_lm.data import pipeline
+from euro_lm.data import corpus, dataset, languages, pipeline
 from euro_lm.data import tokenizer as tokenizer_lib
+from euro_lm.errors import DataError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,9 +136,7 @@ def _gettext_catalog(path):
 @pytest.mark.parametrize('locale', ['pl', 'el', 'ga'])
 def test_read_mo_matches_gettext(locale):
   paths = glob.glob(
-      os.path.join(
-          _django_dir(), '**', 'locale', locale, 'LC_MESSAGES', '*.mo'
-      ),
+      os.path.join(_django_dir(), '**', 'locale', locale, 'LC_MESSAGES', '*.mo'),
       recursive=True,
   )
   assert len(paths) >= 10
@@ -161,9 +156,7 @@ def _write_mo(path, messages, byte_order):
   for column in (0, 1):  # msgids, then translations
     for entry in entries:
       string = entry[column].encode()
-      tables += struct.pack(
-          byte_order + '2I', len(string), strings_at + len(blob)
-      )
+      tables += struct.pack(byte_order + '2I', len(string), strings_at + len(blob))
       blob += string + b'\x00'
   # magic, revision, count, table offsets, then an empty hash table.
   fields = (0x950412DE, 0, count, originals_at, translations_at, 0, 0)
@@ -232,9 +225,7 @@ def test_embedded_corpus_text_comes_from_the_catalogs(docs_by_lang):
       ('el', 'ell_Grek'),
       ('sr', 'srp_Cyrl'),
   ]:
-    path = os.path.join(
-        django_dir, 'conf', 'locale', locale, 'LC_MESSAGES', 'django.mo'
-    )
+    path = os.path.join(django_dir, 'conf', 'locale', locale, 'LC_MESSAGES', 'django.mo')
     (translation,) = corpus.read_mo(path)[required]
     assert translation in '\n'.join(docs_by_lang[tag])
 
@@ -250,9 +241,7 @@ def test_embedded_corpus_is_deterministic_and_sized(docs_by_lang):
 
 def test_missing_django_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, 'django', None)
-  with pytest.raises(
-      corpus.CorpusNotInstalledError, match='pip install django'
-  ):
+  with pytest.raises(corpus.CorpusNotInstalledError, match='pip install django'):
     corpus.load_embedded_corpus()
   assert issubclass(corpus.CorpusNotInstalledError, RuntimeError)
 
@@ -291,9 +280,7 @@ def test_select_languages(docs_by_lang):
   assert list(selected) == ['ces_Latn', 'deu_Latn', 'ell_Grek']
   assert selected['ell_Grek'] is docs_by_lang['ell_Grek']
   # Maltese is in the table but has no Django catalogs.
-  with pytest.raises(
-      ValueError, match=r'data.languages.*mlt_Latn.*Available: bos_Latn'
-  ):
+  with pytest.raises(ValueError, match=r'data.languages.*mlt_Latn.*Available: bos_Latn'):
     corpus.select_languages(docs_by_lang, 'de,mt')
   with pytest.raises(ValueError, match=r"data.languages.*'xx'"):
     corpus.select_languages(docs_by_lang, 'xx')
@@ -342,9 +329,7 @@ def test_token_bytes_with_a_dummy_prefix_model(docs_by_lang, tmp_path):
 
 
 def test_tokenizer_batch_digits_and_fallback(tokenizer):
-  assert tokenizer.encode_batch(list(MULTILINGUAL)) == [
-      tokenizer.encode(t) for t in MULTILINGUAL
-  ]
+  assert tokenizer.encode_batch(list(MULTILINGUAL)) == [tokenizer.encode(t) for t in MULTILINGUAL]
   assert len(tokenizer.encode('1234567890')) == 10  # split_digits
   # Characters outside the training text become their UTF-8 bytes.
   assert len(tokenizer.encode('😀')) == 4
@@ -353,9 +338,7 @@ def test_tokenizer_batch_digits_and_fallback(tokenizer):
   assert token_bytes[[0, 1, 2, 3]].tolist() == [0, 0, 0, 0]
 
 
-def test_train_sentencepiece_is_deterministic_and_atomic(
-    docs_by_lang, tokenizer, tmp_path
-):
+def test_train_sentencepiece_is_deterministic_and_atomic(docs_by_lang, tokenizer, tmp_path):
   sample = [doc for docs in docs_by_lang.values() for doc in docs[:2]]
   path = tmp_path / 'again.model'
   tokenizer_lib.train_sentencepiece(sample, str(path), vocab_size=1024)
@@ -393,18 +376,12 @@ def _segments(segment_ids):
 def _check_rows(inputs, targets, segment_ids, positions):
   for row in range(inputs.shape[0]):
     for start, end in _segments(segment_ids[row]):
-      np.testing.assert_array_equal(
-          positions[row, start:end], np.arange(end - start)
-      )
-      np.testing.assert_array_equal(
-          targets[row, start : end - 1], inputs[row, start + 1 : end]
-      )
+      np.testing.assert_array_equal(positions[row, start:end], np.arange(end - start))
+      np.testing.assert_array_equal(targets[row, start : end - 1], inputs[row, start + 1 : end])
 
 
 def _streams(tokenizer, docs):
-  tokens = [
-      [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id] for d in docs
-  ]
+  tokens = [[tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id] for d in docs]
   inputs = np.concatenate([t[:-1] for t in tokens])
   targets = np.concatenate([t[1:] for t in tokens])
   return inputs, targets
@@ -412,9 +389,7 @@ def _streams(tokenizer, docs):
 
 def test_eval_batches_pack_documents_exactly(docs_by_lang, tokenizer):
   docs = docs_by_lang['ell_Grek'][:3] + docs_by_lang['bul_Cyrl'][:2]
-  batches = pipeline.make_eval_batches(
-      docs, tokenizer, seq_len=64, batch_size=3, max_batches=0
-  )
+  batches = pipeline.make_eval_batches(docs, tokenizer, seq_len=64, batch_size=3, max_batches=0)
   stacked = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   for batch in batches:
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
@@ -441,13 +416,9 @@ def test_eval_batches_pack_documents_exactly(docs_by_lang, tokenizer):
 
 def test_eval_batches_limit_and_process_split(docs_by_lang, tokenizer):
   docs = docs_by_lang['deu_Latn'][:4]
-  whole = pipeline.make_eval_batches(
-      docs, tokenizer, seq_len=32, batch_size=4, max_batches=0
-  )
+  whole = pipeline.make_eval_batches(docs, tokenizer, seq_len=32, batch_size=4, max_batches=0)
   assert len(whole) > 3
-  limited = pipeline.make_eval_batches(
-      docs, tokenizer, seq_len=32, batch_size=4, max_batches=2
-  )
+  limited = pipeline.make_eval_batches(docs, tokenizer, seq_len=32, batch_size=4, max_batches=2)
   assert len(limited) == 2
   for a, b in zip(limited, whole):
     for k in a:
@@ -468,10 +439,7 @@ def test_eval_batches_limit_and_process_split(docs_by_lang, tokenizer):
   ]
   assert len(per_process[0]) == len(per_process[1]) == len(whole)
   interleaved = np.stack(
-      [
-          np.concatenate([b['inputs'] for b in batches])
-          for batches in per_process
-      ],
+      [np.concatenate([b['inputs'] for b in batches]) for batches in per_process],
       axis=1,
   ).reshape(-1, 32)
   np.testing.assert_array_equal(interleaved, rows)
@@ -494,9 +462,7 @@ def _base_config():
 
 def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   config = _base_config()
-  result = dataset.make_data(
-      config, str(tmp_path), process_index=1, process_count=2
-  )
+  result = dataset.make_data(config, str(tmp_path), process_index=1, process_count=2)
   assert 'tokenizer' in capsys.readouterr().out
   model_path = tmp_path / 'tokenizer.model'
   assert result.tokenizer.path == str(model_path)
@@ -513,14 +479,10 @@ def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   again = dataset.make_data(config, str(tmp_path))
   assert capsys.readouterr().out == ''
   assert model_path.read_bytes() == model_bytes
-  assert again.tokenizer.encode('Καλημέρα') == result.tokenizer.encode(
-      'Καλημέρα'
-  )
+  assert again.tokenizer.encode('Καλημέρα') == result.tokenizer.encode('Καλημέρα')
 
   config.model.vocab_size = 2048
-  with pytest.raises(
-      ValueError, match=rf'{re.escape(str(model_path))}.*1024.*2048'
-  ):
+  with pytest.raises(ValueError, match=rf'{re.escape(str(model_path))}.*1024.*2048'):
     dataset.make_data(config, str(tmp_path))
 
 
@@ -532,18 +494,27 @@ def test_make_data_rejects_unknown_corpus(tmp_path):
 
 
 def test_balanced_texts_caps_each_language():
-  texts = tokenizer_lib.balanced_texts(
-      {'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6
-  )
+  texts = tokenizer_lib.balanced_texts({'b': ['xxxx', 'yyyy'], 'a': ['12345678'], 'c': ['z']}, 6)
   assert texts == ['123456', 'xxxx', 'yy', 'z']
 
 
-@pytest.mark.parametrize('mixture_name,check', [
-    ('natural', lambda w, n: w == pytest.approx({k: v / sum(n.values()) for k, v in n.items()})),
-    ('temperature', lambda w, n: w['deu_Latn'] / w['eng_Latn'] == pytest.approx(
-        (n['deu_Latn'] / n['eng_Latn']) ** (1 / 3))),
-    ('unimax', lambda w, n: w == pytest.approx({k: 0.25 for k in n})),  # budget fits: uniform
-])
+@pytest.mark.parametrize(
+    'mixture_name,check',
+    [
+        (
+            'natural',
+            lambda w, n: w == pytest.approx({k: v / sum(n.values()) for k, v in n.items()}),
+        ),
+        (
+            'temperature',
+            lambda w, n: (
+                w['deu_Latn'] / w['eng_Latn']
+                == pytest.approx((n['deu_Latn'] / n['eng_Latn']) ** (1 / 3))
+            ),
+        ),
+        ('unimax', lambda w, n: w == pytest.approx({k: 0.25 for k in n})),  # budget fits: uniform
+    ],
+)
 def test_mixture_from_config(mixture_name, check):
   config = _base_config()
   config.data.mixture = mixture_name
@@ -585,8 +556,10 @@ def test_group_mixture_from_config():
 def test_process_shards_are_disjoint_and_make_up_the_global_batch(tmp_path):
   config = _base_config()  # global batch of 4 rows
   whole = iter(dataset.make_data(config, str(tmp_path)).train)
-  halves = [iter(dataset.make_data(config, str(tmp_path), process_index=p, process_count=2).train)
-            for p in range(2)]
+  halves = [
+      iter(dataset.make_data(config, str(tmp_path), process_index=p, process_count=2).train)
+      for p in range(2)
+  ]
   for _ in range(3):
     batch, first, second = next(whole), next(halves[0]), next(halves[1])
     assert first['inputs'].shape == second['inputs'].shape == (2, 64)

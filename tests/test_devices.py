@@ -10,25 +10,38 @@ from euro_lm.errors import ConfigError
 
 
 def _jax_device(platform, version='', capability=None, kind=''):
-  device = types.SimpleNamespace(platform=platform, device_kind=kind,
-                                 client=types.SimpleNamespace(platform_version=version))
+  device = types.SimpleNamespace(
+      platform=platform, device_kind=kind, client=types.SimpleNamespace(platform_version=version)
+  )
   if capability:
     device.compute_capability = capability
   return device
 
 
-@pytest.mark.parametrize('device,expected', [
-    (_jax_device('gpu', 'CUDA 12.8', '9.0', 'NVIDIA H100 80GB HBM3'),
-     devices.Device('cuda', hopper=True, kind='NVIDIA H100 80GB HBM3')),
-    (_jax_device('gpu', 'CUDA 12.8', '8.0', 'NVIDIA A100-SXM4-64GB'),
-     devices.Device('cuda', kind='NVIDIA A100-SXM4-64GB')),
-    # Blackwell (sm100) has no wgmma: not Hopper.
-    (_jax_device('gpu', 'CUDA 12.8', '10.0', 'NVIDIA B200'), devices.Device('cuda', kind='NVIDIA B200')),
-    # JAX calls AMD GPUs 'gpu' too; the runtime's version names ROCm.
-    (_jax_device('gpu', 'rocm 6.2', 'gfx90a', 'AMD Instinct MI250X'),
-     devices.Device('rocm', kind='AMD Instinct MI250X')),
-    (_jax_device('tpu', kind='TPU v5 lite'), devices.Device('tpu', kind='TPU v5 lite')),
-])
+@pytest.mark.parametrize(
+    'device,expected',
+    [
+        (
+            _jax_device('gpu', 'CUDA 12.8', '9.0', 'NVIDIA H100 80GB HBM3'),
+            devices.Device('cuda', hopper=True, kind='NVIDIA H100 80GB HBM3'),
+        ),
+        (
+            _jax_device('gpu', 'CUDA 12.8', '8.0', 'NVIDIA A100-SXM4-64GB'),
+            devices.Device('cuda', kind='NVIDIA A100-SXM4-64GB'),
+        ),
+        # Blackwell (sm100) has no wgmma: not Hopper.
+        (
+            _jax_device('gpu', 'CUDA 12.8', '10.0', 'NVIDIA B200'),
+            devices.Device('cuda', kind='NVIDIA B200'),
+        ),
+        # JAX calls AMD GPUs 'gpu' too; the runtime's version names ROCm.
+        (
+            _jax_device('gpu', 'rocm 6.2', 'gfx90a', 'AMD Instinct MI250X'),
+            devices.Device('rocm', kind='AMD Instinct MI250X'),
+        ),
+        (_jax_device('tpu', kind='TPU v5 lite'), devices.Device('tpu', kind='TPU v5 lite')),
+    ],
+)
 def test_describe_tells_platform_and_generation(device, expected):
   assert devices.describe(device) == expected
 

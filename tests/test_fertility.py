@@ -11,8 +11,7 @@ import sentencepiece as spm
 
 from euro_lm.data import corpus
 from euro_lm.data import tokenizer as tokenizer_lib
-from euro_lm.data.prepare import fertility
-from euro_lm.data.prepare import tokenizer_training
+from euro_lm.data.prepare import fertility, tokenizer_training
 from euro_lm.errors import ConfigError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,9 +56,7 @@ def test_char_tokenizer_is_what_the_hand_counts_assume(char_tokenizer):
 
 
 def test_fertility_on_hand_counted_parallel_text(char_tokenizer):
-  report = fertility.fertility_report(
-      char_tokenizer, HAND_TEXTS, parallel=True
-  )
+  report = fertility.fertility_report(char_tokenizer, HAND_TEXTS, parallel=True)
   assert report['parity_kind'] == 'parallel'
   assert report['reference'] == 'eng_Latn'
   assert report['vocab_size'] == 266
@@ -107,9 +104,7 @@ def test_english_parity_is_exactly_one_on_real_text(docs_by_lang, tokenizer):
 
 def test_undefined_ratios_are_none(char_tokenizer):
   # No words, no text, no English: each ratio that divides by 0 is None.
-  report = fertility.fertility_report(
-      char_tokenizer, {'deu_Latn': ['  ', ''], 'ita_Latn': []}
-  )
+  report = fertility.fertility_report(char_tokenizer, {'deu_Latn': ['  ', ''], 'ita_Latn': []})
   deu, ita = report['languages']['deu_Latn'], report['languages']['ita_Latn']
   assert (deu['words'], deu['tokens'], deu['tokens_per_word']) == (0, 2, None)
   assert deu['bytes_per_token'] == 1.0 and deu['parity'] is None
@@ -119,17 +114,11 @@ def test_undefined_ratios_are_none(char_tokenizer):
 
 def test_parallel_texts_must_align(char_tokenizer):
   with pytest.raises(ConfigError, match='same number of texts'):
-    fertility.fertility_report(
-        char_tokenizer, dict(HAND_TEXTS, deu_Latn=['abba']), parallel=True
-    )
+    fertility.fertility_report(char_tokenizer, dict(HAND_TEXTS, deu_Latn=['abba']), parallel=True)
 
 
-def test_table_is_sorted_by_parity_and_json_round_trips(
-    char_tokenizer, tmp_path
-):
-  report = fertility.fertility_report(
-      char_tokenizer, HAND_TEXTS, parallel=True
-  )
+def test_table_is_sorted_by_parity_and_json_round_trips(char_tokenizer, tmp_path):
+  report = fertility.fertility_report(char_tokenizer, HAND_TEXTS, parallel=True)
   table = fertility.format_table(report)
   rows = [line.split() for line in table.splitlines()[3:]]
   # Parity 6/7, 1, 9/7, 9/7 (ties by tag).
@@ -198,23 +187,31 @@ def test_sampling_budgets_by_hand():
   sizes = {'a': 400, 'b': 3600, 'c': 100_000}
   # uniform: 1000 each, but 'a' has only 400.
   assert tokenizer_training.sampling_budgets(sizes, 1000, 'uniform') == {
-      'a': 400, 'b': 1000, 'c': 1000
+      'a': 400,
+      'b': 1000,
+      'c': 1000,
   }
   # natural: 3000 shared by 400 : 3600 : 100000; floor(3000 * n / 104000).
   assert tokenizer_training.sampling_budgets(sizes, 1000, 'natural') == {
-      'a': 11, 'b': 103, 'c': 2884
+      'a': 11,
+      'b': 103,
+      'c': 2884,
   }
   # T=2: weights sqrt(n) = 20 : 60 : 316.227...; sum 396.227766...
   # a: 3000 * 20 / 396.2278 = 151.43, b: 454.28, c: 2394.29.
   assert tokenizer_training.sampling_budgets(sizes, 1000, 'temperature', 2.0) == {
-      'a': 151, 'b': 454, 'c': 2394
+      'a': 151,
+      'b': 454,
+      'c': 2394,
   }
   # T=1 is natural; a huge T approaches uniform, capped by what 'a' has.
   assert tokenizer_training.sampling_budgets(
       sizes, 1000, 'temperature', 1.0
   ) == tokenizer_training.sampling_budgets(sizes, 1000, 'natural')
   assert tokenizer_training.sampling_budgets(sizes, 1000, 'temperature', 1e9) == {
-      'a': 400, 'b': 999, 'c': 1000
+      'a': 400,
+      'b': 999,
+      'c': 1000,
   }
 
 
@@ -261,9 +258,7 @@ def test_cli_end_to_end(docs_by_lang, tmp_path):
   # The default special tokens are one piece each, and encode as one id.
   processor = spm.SentencePieceProcessor(model_file=str(model_path))
   assert processor.vocab_size() == 1000
-  start, end = processor.PieceToId('<|im_start|>'), processor.PieceToId(
-      '<|im_end|>'
-  )
+  start, end = processor.PieceToId('<|im_start|>'), processor.PieceToId('<|im_end|>')
   assert processor.unk_id() not in (start, end) and start != end
   ids = processor.EncodeAsIds('<|im_start|>user\nHallo<|im_end|>')
   assert ids[0] == start and ids[-1] == end
@@ -290,9 +285,7 @@ def test_cli_vocab_too_large_is_one_error_line(tmp_path):
 def two_reports(char_tokenizer):
   """Two reports of different numbers: parallel parity and per-byte parity."""
   return {
-      266: fertility.fertility_report(
-          char_tokenizer, HAND_TEXTS, parallel=True
-      ),
+      266: fertility.fertility_report(char_tokenizer, HAND_TEXTS, parallel=True),
       'per byte': fertility.fertility_report(char_tokenizer, HAND_TEXTS),
   }
 
@@ -300,14 +293,18 @@ def two_reports(char_tokenizer):
 def test_comparison_languages_orders(two_reports):
   # First report: parity 6/7, 1, 9/7, 9/7; tokens per word 2, 7/3, 3, 9/4.
   assert fertility.comparison_languages(two_reports) == [
-      'ukr_Cyrl', 'eng_Latn', 'ell_Grek', 'fra_Latn'
+      'ukr_Cyrl',
+      'eng_Latn',
+      'ell_Grek',
+      'fra_Latn',
   ]
   assert fertility.comparison_languages(two_reports, 'tokens_per_word') == [
-      'ukr_Cyrl', 'fra_Latn', 'eng_Latn', 'ell_Grek'
+      'ukr_Cyrl',
+      'fra_Latn',
+      'eng_Latn',
+      'ell_Grek',
   ]
-  assert fertility.comparison_languages(two_reports, 'language') == sorted(
-      HAND_TEXTS
-  )
+  assert fertility.comparison_languages(two_reports, 'language') == sorted(HAND_TEXTS)
   # Only languages every report measured.
   partial = dict(two_reports)
   partial['per byte'] = json.loads(json.dumps(partial['per byte']))
@@ -323,7 +320,14 @@ def test_format_comparison(two_reports):
   lines = fertility.format_comparison(two_reports).splitlines()
   assert 'parallel text' in lines[0]
   assert lines[2].split() == [
-      'language', '266', 'pieces', 'per', 'byte', '266', 'pieces', 'per',
+      'language',
+      '266',
+      'pieces',
+      'per',
+      'byte',
+      '266',
+      'pieces',
+      'per',
       'byte',
   ]
   rows = {line.split()[0]: line.split()[1:] for line in lines[4:]}
@@ -345,15 +349,11 @@ def test_plot_fertility_bars_are_the_reports_numbers(two_reports):
     for ax, metric in zip(axes, ('tokens_per_word', 'parity')):
       assert len(ax.containers) == 2
       for bars, report in zip(ax.containers, two_reports.values()):
-        assert [b.get_height() for b in bars] == [
-            report['languages'][t][metric] for t in tags
-        ]
+        assert [b.get_height() for b in bars] == [report['languages'][t][metric] for t in tags]
       # Grouped: report i's bar sits right of report i-1's, same language.
       lefts = [[b.get_x() for b in bars] for bars in ax.containers]
       assert all(a < b for a, b in zip(*lefts))
-    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == [
-        '266 pieces', 'per byte'
-    ]
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ['266 pieces', 'per byte']
   finally:
     plt.close('all')
 
@@ -363,9 +363,7 @@ def test_plot_fertility_undefined_ratio_is_nan_on_given_axes(char_tokenizer):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  report = fertility.fertility_report(
-      char_tokenizer, {'deu_Latn': ['  '], 'eng_Latn': ['ab']}
-  )
+  report = fertility.fertility_report(char_tokenizer, {'deu_Latn': ['  '], 'eng_Latn': ['ab']})
   fig, given = plt.subplots(2, 1)
   try:
     axes = fertility.plot_fertility({'only': report}, axes=given)
@@ -374,8 +372,8 @@ def test_plot_fertility_undefined_ratio_is_nan_on_given_axes(char_tokenizer):
         t.get_text(): b.get_height()
         for t, b in zip(axes[1].get_xticklabels(), axes[0].containers[0])
     }
-    assert heights['eng_Latn'] == 2.0 and heights['deu_Latn'] != heights[
-        'deu_Latn'
-    ]  # NaN: no words.
+    assert (
+        heights['eng_Latn'] == 2.0 and heights['deu_Latn'] != heights['deu_Latn']
+    )  # NaN: no words.
   finally:
     plt.close(fig)

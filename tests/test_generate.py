@@ -32,7 +32,7 @@ def small_config(**overrides):
   return m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_and_apply(overrides):
   model = Decoder(small_config(**dict(overrides)))
   init = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))['params']))
@@ -48,8 +48,8 @@ def full_logits(apply, params, row, length=16):
   """Reference: the whole unpadded sequence at once, positions 0.., no cache. Filler after
   the row (one compiled shape) cannot change its logits: attention is causal."""
   tokens_1L = np.full((1, length), 1, np.int32)
-  tokens_1L[0, :len(row)] = row
-  return np.asarray(apply({'params': params}, tokens_1L)[0, :len(row)])
+  tokens_1L[0, : len(row)] = row
+  return np.asarray(apply({'params': params}, tokens_1L)[0, : len(row)])
 
 
 def test_cached_decode_logits_equal_full_recompute():
@@ -61,25 +61,35 @@ def test_cached_decode_logits_equal_full_recompute():
   slots_1P = np.arange(prompt_len)[None]
   cache = init_cache(model.config, batch, prompt_len + continuation_BT.shape[1])
   logits_BPV, cache = apply(
-      {'params': params}, tokens_BP, (slots_1P >= padding_B1).astype(np.int32),
-      np.maximum(slots_1P - padding_B1, 0), cache=cache)
+      {'params': params},
+      tokens_BP,
+      (slots_1P >= padding_B1).astype(np.int32),
+      np.maximum(slots_1P - padding_B1, 0),
+      cache=cache,
+  )
   steps = [np.asarray(logits_BPV[:, -1])]
   for t in range(continuation_BT.shape[1] - 1):
-    logits_B1V, cache = apply({'params': params}, continuation_BT[:, t:t + 1], None,
-                                    lengths_B[:, None] + t, cache=cache)
+    logits_B1V, cache = apply(
+        {'params': params}, continuation_BT[:, t : t + 1], None, lengths_B[:, None] + t, cache=cache
+    )
     steps.append(np.asarray(logits_B1V[:, 0]))
   assert int(cache['index']) == prompt_len + continuation_BT.shape[1] - 1
   for b, prompt in enumerate(PROMPTS):
     reference_LV = full_logits(apply, params, prompt + list(continuation_BT[b]))
     # The prompt itself (prefill), then one new token per step.
-    np.testing.assert_allclose(np.asarray(logits_BPV[b, prompt_len - len(prompt):]),
-                               reference_LV[:len(prompt)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits_BPV[b, prompt_len - len(prompt) :]),
+        reference_LV[: len(prompt)],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     for t, logits_BV in enumerate(steps):
-      np.testing.assert_allclose(logits_BV[b], reference_LV[len(prompt) - 1 + t],
-                                 rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(
+          logits_BV[b], reference_LV[len(prompt) - 1 + t], rtol=1e-5, atol=1e-5
+      )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _generate_fn(model_id, **settings):
   return sampling.make_generate(_MODELS[model_id], **settings)
 
@@ -99,7 +109,7 @@ def greedy_reference(apply, params, prompt, steps):
   row = list(prompt)
   for _ in range(steps):
     row.append(int(np.argmax(full_logits(apply, params, row)[-1])))
-  return row[len(prompt):]
+  return row[len(prompt) :]
 
 
 def test_greedy_with_cache_equals_recompute():
@@ -115,16 +125,26 @@ def test_greedy_with_cache_equals_recompute():
 
 def test_top_k_1_is_greedy():
   model, params, _ = make_model()
-  greedy = run_generate(model, params, jax.random.key(0), max_new_tokens=6, eos_id=-1,
-                        temperature=0.0)
-  top_1 = run_generate(model, params, jax.random.key(1), max_new_tokens=6, eos_id=-1,
-                       temperature=3.0, top_k=1)
+  greedy = run_generate(
+      model, params, jax.random.key(0), max_new_tokens=6, eos_id=-1, temperature=0.0
+  )
+  top_1 = run_generate(
+      model, params, jax.random.key(1), max_new_tokens=6, eos_id=-1, temperature=3.0, top_k=1
+  )
   np.testing.assert_array_equal(top_1.tokens_BN, greedy.tokens_BN)
 
 
-@pytest.mark.parametrize('top_p,kept', [(0.45, [0.5]), (0.65, [0.5, 0.2]),
-                                        (0.75, [0.5, 0.2, 0.15]), (0.9, [0.5, 0.2, 0.15, 0.1]),
-                                        (0.99, [0.5, 0.2, 0.15, 0.1, 0.05]), (1.0, None)])
+@pytest.mark.parametrize(
+    'top_p,kept',
+    [
+        (0.45, [0.5]),
+        (0.65, [0.5, 0.2]),
+        (0.75, [0.5, 0.2, 0.15]),
+        (0.9, [0.5, 0.2, 0.15, 0.1]),
+        (0.99, [0.5, 0.2, 0.15, 0.1, 0.05]),
+        (1.0, None),
+    ],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
   probs_V = np.array([0.1, 0.5, 0.05, 0.2, 0.15])
   logits_BV = np.log(np.stack([probs_V, probs_V[::-1]]))  # two rows, different orders
@@ -146,8 +166,9 @@ def test_top_k_keeps_the_k_largest():
 def test_sampling_frequencies_follow_the_tempered_softmax(temperature):
   logits_V = np.array([1.0, 0.0, -0.5, 2.0])
   draws = 20_000
-  samples_B = sampling.sample_logits(jnp.tile(jnp.asarray(logits_V), (draws, 1)),
-                                     jax.random.key(42), temperature=temperature)
+  samples_B = sampling.sample_logits(
+      jnp.tile(jnp.asarray(logits_V), (draws, 1)), jax.random.key(42), temperature=temperature
+  )
   frequencies_V = np.bincount(np.asarray(samples_B), minlength=4) / draws
   expected_V = np.exp(logits_V / temperature) / np.exp(logits_V / temperature).sum()
   # 4 standard deviations of a frequency over 20k draws is at most 0.015.
@@ -156,11 +177,15 @@ def test_sampling_frequencies_follow_the_tempered_softmax(temperature):
 
 def test_eos_stops_a_row_and_pads_after_it():
   model, params, _ = make_model()
-  free = np.asarray(run_generate(model, params, jax.random.key(0), max_new_tokens=6,
-                                 eos_id=-1, temperature=0.0).tokens_BN)
+  free = np.asarray(
+      run_generate(
+          model, params, jax.random.key(0), max_new_tokens=6, eos_id=-1, temperature=0.0
+      ).tokens_BN
+  )
   eos = int(free[0, 2])  # row 0 emits it at step 3 at the latest
-  out = run_generate(model, params, jax.random.key(0), max_new_tokens=6, eos_id=eos,
-                     temperature=0.0)
+  out = run_generate(
+      model, params, jax.random.key(0), max_new_tokens=6, eos_id=eos, temperature=0.0
+  )
   for b in range(len(PROMPTS)):
     hits = np.flatnonzero(free[b] == eos)
     length = hits[0] + 1 if hits.size else 6
@@ -183,13 +208,25 @@ def test_bad_sampling_settings_are_rejected():
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
   from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny.get_config()
-  config.update_from_flattened_dict({
-      'model.num_layers': 1, 'model.vocab_size': 1024,
-      'model.embed_dim': 64, 'model.mlp_dim': 128, 'data.languages': 'en,fr,de', 'train.steps': 2,
-      'train.global_batch_size': 8, 'train.seq_len': 32, 'train.log_every': 1,
-      'train.eval_every': 0, 'train.checkpoint_every': 2, 'optimizer.warmup_steps': 1})
+  config.update_from_flattened_dict(
+      {
+          'model.num_layers': 1,
+          'model.vocab_size': 1024,
+          'model.embed_dim': 64,
+          'model.mlp_dim': 128,
+          'data.languages': 'en,fr,de',
+          'train.steps': 2,
+          'train.global_batch_size': 8,
+          'train.seq_len': 32,
+          'train.log_every': 1,
+          'train.eval_every': 0,
+          'train.checkpoint_every': 2,
+          'optimizer.warmup_steps': 1,
+      }
+  )
   train(config, workdir)
   return workdir
 
@@ -197,9 +234,22 @@ def trained_workdir(tmp_path_factory):
 def test_cli_prints_completions(trained_workdir):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   result = subprocess.run(
-      [sys.executable, '-m', 'euro_lm.generate', f'--workdir={trained_workdir}',
-       '--prompt=Hello', '--prompt=Bonjour le monde', '--max_new_tokens=6', '--seed=1'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.generate',
+          f'--workdir={trained_workdir}',
+          '--prompt=Hello',
+          '--prompt=Bonjour le monde',
+          '--max_new_tokens=6',
+          '--seed=1',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+  )
   assert result.returncode == 0, result.stderr
   assert "--- 'Hello'\nHello" in result.stdout
   assert "--- 'Bonjour le monde'\nBonjour le monde" in result.stdout
@@ -208,6 +258,7 @@ def test_cli_prints_completions(trained_workdir):
 
 def test_workdir_without_checkpoints_is_a_clear_error(trained_workdir, tmp_path):
   from euro_lm.inference import load_run  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(trained_workdir, 'config.json'), encoding='utf-8') as f:
     (tmp_path / 'config.json').write_text(f.read())
   with pytest.raises(CheckpointError, match='no checkpoint in'):

@@ -15,10 +15,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.numpy import save_file
 import transformers
 from flax import linen as nn
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from configs import tiny
 from euro_lm import hf
@@ -39,20 +39,41 @@ TEXTS = [
 # (LlamaConfig overrides): GQA untied, MHA tied, odd dims (hidden 48, 3 heads of 16,
 # intermediate 100) with multi-query attention and a non-default theta and eps.
 HF_SHAPES = {
-    'gqa_untied': dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False),
-    'mha_tied': dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=128, num_hidden_layers=3, tie_word_embeddings=True),
-    'odd_dims': dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
-                     intermediate_size=100, num_hidden_layers=2, tie_word_embeddings=False,
-                     rope_theta=5000.0, rms_norm_eps=1e-5),
+    'gqa_untied': dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+    ),
+    'mha_tied': dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+    ),
+    'odd_dims': dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 
 def random_hf_model(overrides, seed=0):
   """A float32 LlamaForCausalLM with every weight (norms included) random."""
-  config = transformers.LlamaConfig(vocab_size=101, max_position_embeddings=64,
-                                    attn_implementation='eager', **overrides)
+  config = transformers.LlamaConfig(
+      vocab_size=101, max_position_embeddings=64, attn_implementation='eager', **overrides
+  )
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
   with torch.no_grad():
@@ -73,17 +94,20 @@ def euro_logits(model_config, params, tokens_BL):
   tokens_BL = jnp.asarray(tokens_BL, jnp.int32)
   segment_ids_BL = jnp.ones_like(tokens_BL)
   positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-  return np.asarray(Decoder(model_config).apply({'params': params}, tokens_BL, segment_ids_BL,
-                                                positions_BL))
+  return np.asarray(
+      Decoder(model_config).apply({'params': params}, tokens_BL, segment_ids_BL, positions_BL)
+  )
 
 
 def abstract_params(model_config):
   """What `--config.train.init_from` restores onto: the model's parameter shapes."""
-  shapes = jax.eval_shape(lambda: Decoder(model_config).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  shapes = jax.eval_shape(
+      lambda: Decoder(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  )
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      nn.unbox(shapes))
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nn.unbox(shapes)
+  )
 
 
 def random_tokens(vocab_size, seed=0, shape=(2, 17)):
@@ -101,17 +125,23 @@ def test_import_matches_transformers(tmp_path, shape):
 
   expected = HF_SHAPES[shape]
   m = config.model
-  assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim, m.num_layers,
-          m.tie_embeddings) == (expected['hidden_size'], expected['num_attention_heads'],
-                                expected['num_key_value_heads'], expected['intermediate_size'],
-                                expected['num_hidden_layers'], expected['tie_word_embeddings'])
+  assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.mlp_dim, m.num_layers, m.tie_embeddings) == (
+      expected['hidden_size'],
+      expected['num_attention_heads'],
+      expected['num_key_value_heads'],
+      expected['intermediate_size'],
+      expected['num_hidden_layers'],
+      expected['tie_word_embeddings'],
+  )
   assert m.head_dim == expected.get('head_dim', 16)
   assert m.rope_theta == expected.get('rope_theta', 10_000.0)
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
-  assert 'c.model.mlp_dim = %d' % expected['intermediate_size'] in (
-      tmp_path / 'run' / 'hf_config.py').read_text()
+  assert (
+      f'c.model.mlp_dim = {expected["intermediate_size"]}'
+      in (tmp_path / 'run' / 'hf_config.py').read_text()
+  )
 
   # Read back exactly as a run with --config.train.init_from=<workdir> does.
   params, step_dir = load_params(str(tmp_path / 'run'), abstract_params(m))
@@ -128,16 +158,14 @@ def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
   hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
-  hf.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32',
-               log=lambda *a: None)
-  original, exported = hf.SafetensorsFolder(tmp_path / 'hf'), hf.SafetensorsFolder(
-      tmp_path / 'out')
+  hf.export_hf(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32', log=lambda *a: None)
+  original, exported = hf.SafetensorsFolder(tmp_path / 'hf'), hf.SafetensorsFolder(tmp_path / 'out')
   assert exported.names() == original.names()
   for name in original.names():
     np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager',
-      local_files_only=True).eval()
+      tmp_path / 'out', dtype=torch.float32, attn_implementation='eager', local_files_only=True
+  ).eval()
   tokens_BL = random_tokens(101, seed=2)
   np.testing.assert_array_equal(hf_logits(reloaded, tokens_BL), hf_logits(model, tokens_BL))
 
@@ -160,6 +188,7 @@ def test_import_stores_one_layer_per_chunk(tmp_path):
 
 def test_layers_of_a_checkpoint_stored_in_one_chunk_are_read_too(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   w = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
   ocp.PyTreeCheckpointer().save(tmp_path / 'state', {'params': {'layers': {'w': w}}})
   leaves = hf.CheckpointLeaves(tmp_path / 'state')
@@ -171,10 +200,12 @@ def test_layers_of_a_checkpoint_stored_in_one_chunk_are_read_too(tmp_path):
 
 def test_shard_writer_streams_safetensors_that_the_library_reads(tmp_path):
   rng = np.random.default_rng(0)
-  tensors = {'a.weight': rng.normal(size=(3, 5)).astype(np.float32),
-             'b.weight': rng.normal(size=(64,)).astype(ml_dtypes.bfloat16),
-             'c.weight': rng.normal(size=(4, 4, 2)).astype(np.float32),
-             'big': rng.normal(size=(40,)).astype(np.float32)}
+  tensors = {
+      'a.weight': rng.normal(size=(3, 5)).astype(np.float32),
+      'b.weight': rng.normal(size=(64,)).astype(ml_dtypes.bfloat16),
+      'c.weight': rng.normal(size=(4, 4, 2)).astype(np.float32),
+      'big': rng.normal(size=(40,)).astype(np.float32),
+  }
   layout = [(name, x.shape, x.dtype) for name, x in tensors.items()]
   writer = hf.ShardWriter(str(tmp_path), layout, max_bytes=200)
   for name, x in tensors.items():
@@ -183,23 +214,28 @@ def test_shard_writer_streams_safetensors_that_the_library_reads(tmp_path):
   assert writer.close() == 3  # a+b (188 bytes), c (128; +160 would pass 200), big (160)
   with open(tmp_path / hf.INDEX_FILE) as f:
     index = json.load(f)
-  assert index['weight_map'] == {'a.weight': 'model-00001-of-00003.safetensors',
-                                 'b.weight': 'model-00001-of-00003.safetensors',
-                                 'big': 'model-00003-of-00003.safetensors',
-                                 'c.weight': 'model-00002-of-00003.safetensors'}
+  assert index['weight_map'] == {
+      'a.weight': 'model-00001-of-00003.safetensors',
+      'b.weight': 'model-00001-of-00003.safetensors',
+      'big': 'model-00003-of-00003.safetensors',
+      'c.weight': 'model-00002-of-00003.safetensors',
+  }
   assert index['metadata']['total_size'] == sum(x.nbytes for x in tensors.values())
   for name, shard in index['weight_map'].items():
     with safe_open(tmp_path / shard, framework='pt') as f:  # the reference reader
       got = f.get_tensor(name)
     want = tensors[name]
     np.testing.assert_array_equal(got.float().numpy(), want.astype(np.float32), err_msg=name)
-    assert str(got.dtype) == {'float32': 'torch.float32', 'bfloat16': 'torch.bfloat16'}[
-        str(want.dtype)]
+    assert (
+        str(got.dtype)
+        == {'float32': 'torch.float32', 'bfloat16': 'torch.bfloat16'}[str(want.dtype)]
+    )
 
 
 def test_shard_writer_refuses_a_tensor_out_of_plan_and_aborts_cleanly(tmp_path):
-  writer = hf.ShardWriter(str(tmp_path), [('a', (2,), np.float32), ('b', (2,), np.float32)],
-                          max_bytes=4)
+  writer = hf.ShardWriter(
+      str(tmp_path), [('a', (2,), np.float32), ('b', (2,), np.float32)], max_bytes=4
+  )
   writer.add('a', np.zeros(2, np.float32))
   with pytest.raises(ValueError, match=r'got b \(3,\) float32, expected b \(2,\) float32'):
     writer.add('b', np.zeros(3, np.float32))
@@ -209,12 +245,17 @@ def test_shard_writer_refuses_a_tensor_out_of_plan_and_aborts_cleanly(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-
 # Five languages keep tokenizer training and the final validation pass short.
-RUN = {'model.num_layers': 2, 'train.steps': 3, 'train.global_batch_size': 8,
-       'train.seq_len': 32, 'train.log_every': 1, 'train.eval_every': 0,
-       'train.checkpoint_every': 3,
-       'data.languages': 'deu_Latn,ell_Grek,bul_Cyrl,gle_Latn,fra_Latn'}
+RUN = {
+    'model.num_layers': 2,
+    'train.steps': 3,
+    'train.global_batch_size': 8,
+    'train.seq_len': 32,
+    'train.log_every': 1,
+    'train.eval_every': 0,
+    'train.checkpoint_every': 3,
+    'data.languages': 'deu_Latn,ell_Grek,bul_Cyrl,gle_Latn,fra_Latn',
+}
 
 
 @pytest.fixture(scope='module')
@@ -233,8 +274,14 @@ def trained(tmp_path_factory, tokenizer_path):
   its export (float32, tiny shards). Tied exports are covered by the round trip above."""
   root = tmp_path_factory.mktemp('trained')
   config = tiny.get_config()
-  config.update_from_flattened_dict({**RUN, 'model.tie_embeddings': False,
-                                     'model.head_dim': 48, 'data.tokenizer_path': tokenizer_path})
+  config.update_from_flattened_dict(
+      {
+          **RUN,
+          'model.tie_embeddings': False,
+          'model.head_dim': 48,
+          'data.tokenizer_path': tokenizer_path,
+      }
+  )
   workdir = str(root / 'run')
   train(config, workdir)
   output = str(root / 'hf')
@@ -247,9 +294,15 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
   files = sorted(os.listdir(output))
   shards = [f for f in files if f.endswith('.safetensors')]
   assert len(shards) > 1 and shards[0] == f'model-00001-of-{len(shards):05d}.safetensors'
-  for name in ('config.json', 'generation_config.json', 'model.safetensors.index.json',
-               'tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
-               'special_tokens_map.json'):
+  for name in (
+      'config.json',
+      'generation_config.json',
+      'model.safetensors.index.json',
+      'tokenizer.model',
+      'tokenizer.json',
+      'tokenizer_config.json',
+      'special_tokens_map.json',
+  ):
     assert name in files
   with open(os.path.join(output, 'model.safetensors.index.json')) as f:
     index = json.load(f)
@@ -258,7 +311,8 @@ def test_export_loads_in_transformers_with_the_same_logits(trained):
     assert json.load(f)['architectures'] == ['LlamaForCausalLM']
 
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      output, dtype=torch.float32, attn_implementation='eager', local_files_only=True).eval()
+      output, dtype=torch.float32, attn_implementation='eager', local_files_only=True
+  ).eval()
   assert type(model).__name__ == 'LlamaForCausalLM'
   assert ('lm_head.weight' in index['weight_map']) == (not config.model.tie_embeddings)
   params, _ = load_params(workdir, abstract_params(config.model))
@@ -297,7 +351,10 @@ def test_exported_tokenizer_gives_euro_lm_ids(trained, tokenizer_path):
     assert theirs(text).input_ids == [ours.bos_id] + ids, text
     assert theirs.decode(ids) == ours.decode(ids)
   assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
-      ours.bos_id, ours.eos_id, ours.pad_id)
+      ours.bos_id,
+      ours.eos_id,
+      ours.pad_id,
+  )
 
 
 # -------------------------------------------------------------------------- bad input
@@ -307,22 +364,30 @@ def test_pickled_weights_are_refused(tmp_path):
   random_hf_model(HF_SHAPES['gqa_untied']).config.save_pretrained(tmp_path)
   with open(tmp_path / 'pytorch_model.bin', 'wb') as f:
     pickle.dump({'not': 'loaded'}, f)
-  with pytest.raises(hf.HFError, match=r'no \*\.safetensors weights in .*pytorch_model\.bin: '
-                     r'pickled PyTorch weights'):
+  with pytest.raises(
+      hf.HFError,
+      match=r'no \*\.safetensors weights in .*pytorch_model\.bin: ' r'pickled PyTorch weights',
+  ):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('rope_scaling', {'rope_type': 'linear', 'factor': 2.0}, r'rope_scaling=.*must be null'),
-    ('rope_parameters', {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0},
-     r"rope_parameters\.rope_type='yarn' is not supported"),
-    ('attention_bias', True, r'attention_bias=true is not supported'),
-    ('mlp_bias', True, r'mlp_bias=true is not supported'),
-    ('model_type', 'gpt2', r"model_type='gpt2' is not supported"),
-    ('architectures', ['LlamaForSequenceClassification'], r'architectures=.* not supported'),
-    ('hidden_act', 'gelu', r"hidden_act='gelu' is not supported"),
-])
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('rope_scaling', {'rope_type': 'linear', 'factor': 2.0}, r'rope_scaling=.*must be null'),
+        (
+            'rope_parameters',
+            {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0},
+            r"rope_parameters\.rope_type='yarn' is not supported",
+        ),
+        ('attention_bias', True, r'attention_bias=true is not supported'),
+        ('mlp_bias', True, r'mlp_bias=true is not supported'),
+        ('model_type', 'gpt2', r"model_type='gpt2' is not supported"),
+        ('architectures', ['LlamaForSequenceClassification'], r'architectures=.* not supported'),
+        ('hidden_act', 'gelu', r"hidden_act='gelu' is not supported"),
+    ],
+)
 def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
   random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
   with open(tmp_path / 'config.json') as f:
@@ -335,8 +400,14 @@ def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
 
 
 def test_mistral_sliding_window_is_refused_and_full_attention_mistral_accepted():
-  base = {'model_type': 'mistral', 'hidden_size': 32, 'num_attention_heads': 2,
-          'num_hidden_layers': 1, 'intermediate_size': 40, 'vocab_size': 10}
+  base = {
+      'model_type': 'mistral',
+      'hidden_size': 32,
+      'num_attention_heads': 2,
+      'num_hidden_layers': 1,
+      'intermediate_size': 40,
+      'vocab_size': 10,
+  }
   with pytest.raises(hf.HFError, match=r'sliding_window=4096 is not supported'):
     hf.model_config_from_hf({**base, 'sliding_window': 4096})
   model = hf.model_config_from_hf({**base, 'sliding_window': None})
@@ -345,8 +416,10 @@ def test_mistral_sliding_window_is_refused_and_full_attention_mistral_accepted()
 
 def test_bias_tensors_are_refused(tmp_path):
   random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
-  save_file({'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
-            str(tmp_path / 'extra.safetensors'))
+  save_file(
+      {'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
+      str(tmp_path / 'extra.safetensors'),
+  )
   with pytest.raises(hf.HFError, match=r'bias tensors \(model\.layers\.0\.self_attn\.q_proj'):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
 
@@ -363,24 +436,36 @@ def test_command_lines(tmp_path):
   with one 'error:' line rather than a traceback."""
   import subprocess
   import sys
+
   random_hf_model(HF_SHAPES['odd_dims']).save_pretrained(tmp_path / 'hf', safe_serialization=True)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
-  run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,  # noqa
-                                     text=True, env=env, timeout=300)
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', *args],
+      capture_output=True,  # noqa
+      text=True,
+      env=env,
+      timeout=300,
+  )
   done = run('euro_lm.import_hf', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}')
   assert done.returncode == 0, done.stderr
   assert f'--config.train.init_from={tmp_path / "run"}' in done.stdout
   assert '--config.model.head_dim=16' in done.stdout
-  done = run('euro_lm.export_hf', f'--workdir={tmp_path / "run"}', f'--output={tmp_path / "out"}',
-             '--dtype=float32')
+  done = run(
+      'euro_lm.export_hf',
+      f'--workdir={tmp_path / "run"}',
+      f'--output={tmp_path / "out"}',
+      '--dtype=float32',
+  )
   assert done.returncode == 0, done.stderr
   assert sorted(hf.SafetensorsFolder(tmp_path / 'out').names()) == sorted(
-      hf.SafetensorsFolder(tmp_path / 'hf').names())
-  again = run('euro_lm.export_hf', f'--workdir={tmp_path / "run"}',
-              f'--output={tmp_path / "out"}')
+      hf.SafetensorsFolder(tmp_path / 'hf').names()
+  )
+  again = run('euro_lm.export_hf', f'--workdir={tmp_path / "run"}', f'--output={tmp_path / "out"}')
   assert again.returncode == 1
-  assert again.stderr.strip() == (f'error: --output={tmp_path / "out"} already holds '
-                                  'model-00001-of-00001.safetensors; export into a new directory')
+  assert again.stderr.strip() == (
+      f'error: --output={tmp_path / "out"} already holds '
+      'model-00001-of-00001.safetensors; export into a new directory'
+  )
 
 
 def test_greedy_generation_equals_transformers_generate(tmp_path):
@@ -388,6 +473,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both
   produce every requested token."""
   from euro_lm.sampling import generate
+
   model = random_hf_model(HF_SHAPES['gqa_untied'], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
   config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
@@ -397,12 +483,24 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
   expected = []
   for prompt in prompts:  # one at a time: no padding conventions to match
     with torch.no_grad():
-      out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    expected.append(out[0, len(prompt):].tolist())
+      out = model.generate(
+          torch.tensor([prompt]),
+          max_new_tokens=new_tokens,
+          do_sample=False,
+          eos_token_id=None,
+          pad_token_id=0,
+      )
+    expected.append(out[0, len(prompt) :].tolist())
   tokens_BP = np.zeros((2, 6), np.int32)
   for row, prompt in enumerate(prompts):  # left padding, as euro_lm.sampling expects
-    tokens_BP[row, 6 - len(prompt):] = prompt
-  got = generate(Decoder(config.model), params, tokens_BP, np.array([6, 3], np.int32),
-                 jax.random.key(0), max_new_tokens=new_tokens, eos_id=-1)
+    tokens_BP[row, 6 - len(prompt) :] = prompt
+  got = generate(
+      Decoder(config.model),
+      params,
+      tokens_BP,
+      np.array([6, 3], np.int32),
+      jax.random.key(0),
+      max_new_tokens=new_tokens,
+      eos_id=-1,
+  )
   assert np.asarray(got.tokens_BN).tolist() == expected

@@ -13,13 +13,14 @@ import pytest
 
 from euro_lm import host_memory
 
-glibc_only = pytest.mark.skipif(not sys.platform.startswith('linux'),
-                                reason='glibc malloc settings')
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith('linux'), reason='glibc malloc settings'
+)
 
 # A jitted computation with 256 MiB of temporaries (a dot's result and its reversed copy,
 # which the last dot reads), run like training steps: compile, a warm-up, then steps, each
 # followed by the FragmentationGuard as in the train loop. Prints each step's page faults.
-_XLA_STEPS = r'''
+_XLA_STEPS = r"""
 import resource, sys
 from euro_lm import host_memory
 if sys.argv[1] == 'keep':
@@ -39,13 +40,14 @@ for _ in range(8):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   guard.after_step()
 print(temp, *faults)
-'''
+"""
 
 
 def _run(script, *args):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', script, *args], check=True, capture_output=True,
-                       text=True, env=env)
+  out = subprocess.run(
+      [sys.executable, '-c', script, *args], check=True, capture_output=True, text=True, env=env
+  )
   return [float(v) for v in out.stdout.split()]
 
 
@@ -64,7 +66,7 @@ def test_step_temporaries_are_reused_without_page_faults():
 # Steps of plain mallocs shaped like XLA's: a 2 MiB output, then two 128 MiB temporaries
 # through posix_memalign(64), freed at the end of the step; the output lives one step more.
 # Prints the peak resident growth in units of the step's temporaries, and the trims.
-_MALLOC_STEPS = r'''
+_MALLOC_STEPS = r"""
 import ctypes, sys
 from euro_lm import host_memory
 assert host_memory.keep_freed_memory()
@@ -93,7 +95,7 @@ for _ in range(12):
   if guard:
     guard.after_step()
 print((peak - start) / (2 * size), guard.trims if guard else 0)
-'''
+"""
 
 
 @glibc_only
@@ -123,12 +125,15 @@ def test_an_accelerator_plugin_in_the_jax_plugins_namespace_counts(tmp_path):
   plugin = tmp_path / 'jax_plugins' / 'euro_lm_test_accelerator'
   plugin.mkdir(parents=True)
   (plugin / '__init__.py').write_text('def initialize():\n  pass\n')
-  code = ('from euro_lm import host_memory; '
-          'print(host_memory.accelerator_plugin_installed(), '
-          'host_memory.will_compute_on_cpu(""))')
+  code = (
+      'from euro_lm import host_memory; '
+      'print(host_memory.accelerator_plugin_installed(), '
+      'host_memory.will_compute_on_cpu(""))'
+  )
   package_root = os.path.dirname(os.path.dirname(host_memory.__file__))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), package_root]))
   env.pop('JAX_PLATFORMS', None)
-  out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
-                       text=True, env=env)
+  out = subprocess.run(
+      [sys.executable, '-c', code], check=True, capture_output=True, text=True, env=env
+  )
   assert out.stdout.split() == ['True', 'False']

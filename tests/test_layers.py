@@ -10,15 +10,19 @@ from euro_lm.model.layers import dense, swiglu
 
 def _grads(f, *args):
   w = jnp.asarray(np.random.default_rng(9).standard_normal(f(*args).shape), jnp.float32)
-  return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w),
-                          argnums=tuple(range(len(args)))))(*args)
+  return jax.jit(
+      jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=tuple(range(len(args))))
+  )(*args)
 
 
-@pytest.mark.parametrize('x_shape,w_shape,in_axes,spec', [
-    ((2, 5, 6), (6, 3, 4), 1, 'bld,dhk->blhk'),   # q/k/v projection
-    ((2, 5, 3, 4), (3, 4, 6), 2, 'blhk,hkd->bld'),  # output projection
-    ((2, 5, 6), (6, 7), 1, 'bld,df->blf'),         # MLP
-])
+@pytest.mark.parametrize(
+    'x_shape,w_shape,in_axes,spec',
+    [
+        ((2, 5, 6), (6, 3, 4), 1, 'bld,dhk->blhk'),  # q/k/v projection
+        ((2, 5, 3, 4), (3, 4, 6), 2, 'blhk,hkd->bld'),  # output projection
+        ((2, 5, 6), (6, 7), 1, 'bld,df->blf'),  # MLP
+    ],
+)
 def test_dense_matches_einsum_and_its_autodiff(x_shape, w_shape, in_axes, spec):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)

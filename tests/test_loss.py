@@ -13,12 +13,12 @@ from flax import linen as nn
 
 from configs import base
 from euro_lm import plan
+from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import Decoder, loss
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.step import token_losses
-from euro_lm.bench.synthetic import compile_train_step
 from tests.test_train_step import random_batch, run_steps, small_config
 
 B, L, D, V = 2, 12, 16, 40
@@ -35,22 +35,25 @@ def inputs(dtype, seed=0):
 
 def plain_objective(x, head, targets, weights, z_loss, dtype):
   """The unfused loss, as autodiff sees it: all `[B, L, V]` logits at once."""
-  logits = jnp.einsum('bld,vd->blv', x.astype(dtype), head.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+      'bld,vd->blv', x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32
+  )
   logz = jax.nn.logsumexp(logits, axis=-1)
   nll = logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * weights) + z_loss * jnp.sum(logz ** 2 * weights)
+  return jnp.sum(nll * weights) + z_loss * jnp.sum(logz**2 * weights)
 
 
 @pytest.mark.parametrize('chunk', [1, 5, 12, 100])  # 5: L is not a multiple; 100 > L
 @pytest.mark.parametrize('z_loss', [0.0, 1e-2])
 def test_fused_loss_and_gradients_match_autodiff_of_the_plain_loss(chunk, z_loss):
   x, head, targets, weights = inputs(jnp.float32)
-  fused = lambda x, head, weights: loss.loss_sums(x, head, targets, weights, z_loss=z_loss,
-                                                  chunk=chunk, dtype='float32')[0]
-  (value, grads) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, head, weights)
+  fused = lambda x, head, weights: loss.loss_sums(
+      x, head, targets, weights, z_loss=z_loss, chunk=chunk, dtype='float32'
+  )[0]
+  value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, head, weights)
   ref_value, ref_grads = jax.value_and_grad(plain_objective, argnums=(0, 1, 3))(
-      x, head, targets, weights, z_loss, jnp.float32)
+      x, head, targets, weights, z_loss, jnp.float32
+  )
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -59,11 +62,11 @@ def test_fused_loss_and_gradients_match_autodiff_of_the_plain_loss(chunk, z_loss
   logz = np.log(np.exp(logits).sum(-1))
   nll = logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
   w = np.asarray(weights)
-  objective, loss_sum = loss.loss_sums(x, head, targets, weights, z_loss=z_loss, chunk=chunk,
-                                       dtype='float32')
+  objective, loss_sum = loss.loss_sums(
+      x, head, targets, weights, z_loss=z_loss, chunk=chunk, dtype='float32'
+  )
   np.testing.assert_allclose(loss_sum, (nll * w).sum(), rtol=1e-6)
-  np.testing.assert_allclose(objective, (nll * w).sum() + z_loss * (logz ** 2 * w).sum(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(objective, (nll * w).sum() + z_loss * (logz**2 * w).sum(), rtol=1e-6)
 
 
 def test_bfloat16_compute_matches_autodiff_in_bfloat16():
@@ -71,25 +74,28 @@ def test_bfloat16_compute_matches_autodiff_in_bfloat16():
   loss does; gradients come back in the inputs' dtypes. (The z-loss term moves these
   gradients by about 6%, so the 5e-3 bound checks it.)"""
   x, head, targets, weights = inputs(jnp.bfloat16)
-  fused = lambda x, head: loss.loss_sums(x, head, targets, weights, z_loss=1e-2, chunk=4,
-                                         dtype='bfloat16')[0]
+  fused = lambda x, head: loss.loss_sums(
+      x, head, targets, weights, z_loss=1e-2, chunk=4, dtype='bfloat16'
+  )[0]
   value, (d_x, d_head) = jax.value_and_grad(fused, argnums=(0, 1))(x, head)
   ref_value, (ref_x, ref_head) = jax.value_and_grad(plain_objective, argnums=(0, 1))(
-      x, head, targets, weights, 1e-2, jnp.bfloat16)
+      x, head, targets, weights, 1e-2, jnp.bfloat16
+  )
   assert d_x.dtype == jnp.bfloat16 and d_head.dtype == jnp.float32
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-  rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32))
-                           / jnp.linalg.norm(b.astype(jnp.float32)))
+  rel = lambda a, b: float(
+      jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32))
+  )
   assert rel(d_x, ref_x) < 5e-3 and rel(d_head, ref_head) < 5e-3
 
 
 def test_loss_sum_is_reported_not_differentiated_and_cotangents_scale():
   x, head, targets, weights = inputs(jnp.float32)
-  sums = lambda x: loss.loss_sums(x, head, targets, weights, z_loss=0.0, chunk=4,
-                                  dtype='float32')
+  sums = lambda x: loss.loss_sums(x, head, targets, weights, z_loss=0.0, chunk=4, dtype='float32')
   assert not np.any(jax.grad(lambda x: sums(x)[1])(x))
-  np.testing.assert_allclose(jax.grad(lambda x: 3.0 * sums(x)[0])(x),
-                             3.0 * jax.grad(lambda x: sums(x)[0])(x), rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.grad(lambda x: 3.0 * sums(x)[0])(x), 3.0 * jax.grad(lambda x: sums(x)[0])(x), rtol=1e-6
+  )
 
 
 def test_devices_reduce_the_head_gradient_once_not_per_chunk():
@@ -105,8 +111,14 @@ def test_devices_reduce_the_head_gradient_once_not_per_chunk():
     x = jax.device_put(jnp.zeros((16, 64, 32)), spec('batch', 'length', 'embed'))
     head = jax.device_put(jnp.zeros((256, 32)), spec('vocab', 'embed'))
     targets, weights = jnp.zeros((16, 64), jnp.int32), jnp.ones((16, 64))
-    grad = jax.jit(jax.grad(lambda x, head: loss.loss_sums(
-        x, head, targets, weights, z_loss=1e-4, chunk=8, dtype='float32')[0], argnums=(0, 1)))
+    grad = jax.jit(
+        jax.grad(
+            lambda x, head: loss.loss_sums(
+                x, head, targets, weights, z_loss=1e-4, chunk=8, dtype='float32'
+            )[0],
+            argnums=(0, 1),
+        )
+    )
     hlo = grad.lower(x, head).compile().as_text()
   bodies = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo))
   assert bodies, 'expected the chunk loop in the compiled gradient'
@@ -120,8 +132,10 @@ def test_devices_reduce_the_head_gradient_once_not_per_chunk():
 
 def assert_trees_close(got, want, rtol=1e-4):
   """Leaf by leaf, with an absolute tolerance scaled to the leaf's largest entry."""
+
   def close(a, b):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
+
   jax.tree.map(close, got, want)
 
 
@@ -136,9 +150,11 @@ def test_sharded_fused_steps_equal_single_device_unfused_steps():
   vocabulary is split over tensor and the width over fsdp, against the plain loss on one
   device: metrics, gradients and params."""
   ref_history, ref_params, _, ref_grads = run_steps(
-      chunked(small_config(grad_accum_steps=2), 0), jax.devices()[:1])
+      chunked(small_config(grad_accum_steps=2), 0), jax.devices()[:1]
+  )
   history, params, _, grads = run_steps(
-      chunked(small_config(data=2, fsdp=2, tensor=2, grad_accum_steps=2), 5), jax.devices())
+      chunked(small_config(data=2, fsdp=2, tensor=2, grad_accum_steps=2), 5), jax.devices()
+  )
   for ref, got in zip(ref_history, history):
     for key in ('loss', 'grad_norm', 'tokens'):
       np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
@@ -165,8 +181,13 @@ def test_eval_losses_equal_the_unfused_ones_with_an_untied_output():
   for chunk in (0, 3):
     model = Decoder(chunked(untied(small_config()), chunk).model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      results.append(jax.device_get(jax.jit(lambda p, b, m=model: token_losses(m, p, b))(
-          params, global_batch(batch, mesh, rules))))
+      results.append(
+          jax.device_get(
+              jax.jit(lambda p, b, m=model: token_losses(m, p, b))(
+                  params, global_batch(batch, mesh, rules)
+              )
+          )
+      )
   for got, want in zip(results[1], results[0]):  # nll, logz, weights
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -15,9 +15,7 @@ FIELD = 'data.mixture'
 
 def _raises(message):
   """ConfigError whose message starts with FIELD and contains `message`."""
-  return pytest.raises(
-      ConfigError, match=f'^{re.escape(FIELD)}: .*{re.escape(message)}'
-  )
+  return pytest.raises(ConfigError, match=f'^{re.escape(FIELD)}: .*{re.escape(message)}')
 
 
 # --- explicit weights ----------------------------------------------------------
@@ -97,17 +95,14 @@ def test_explicit_weights_list_languages_without_data():
     ],
 )
 def test_temperature_weights_by_hand(temperature, expected):
-  weights = mixture.temperature_weights(
-      {'deu_Latn': 100, 'gle_Latn': 1}, temperature, field=FIELD
-  )
+  weights = mixture.temperature_weights({'deu_Latn': 100, 'gle_Latn': 1}, temperature, field=FIELD)
   assert weights == pytest.approx(expected, rel=1e-12)
 
 
 def test_temperature_flattens_towards_uniform():
   counts = {'eng_Latn': 1e12, 'deu_Latn': 1e10, 'mlt_Latn': 1e6}
   smallest = [
-      mixture.temperature_weights(counts, t, field=FIELD)['mlt_Latn']
-      for t in (1, 2, 5, 100, 1e6)
+      mixture.temperature_weights(counts, t, field=FIELD)['mlt_Latn'] for t in (1, 2, 5, 100, 1e6)
   ]
   assert smallest == sorted(smallest)
   assert smallest[-1] == pytest.approx(1 / 3, rel=1e-4)
@@ -115,9 +110,7 @@ def test_temperature_flattens_towards_uniform():
 
 def test_temperature_does_not_overflow_at_low_temperature():
   # (1e13 / 1e7)^(1/0.05) = 1e120: n^(1/T) itself would be 1e260 for English.
-  weights = mixture.temperature_weights(
-      {'eng_Latn': 1e13, 'mlt_Latn': 1e7}, 0.05, field=FIELD
-  )
+  weights = mixture.temperature_weights({'eng_Latn': 1e13, 'mlt_Latn': 1e7}, 0.05, field=FIELD)
   assert weights['eng_Latn'] == 1.0
   assert weights['mlt_Latn'] == pytest.approx(1e-120, rel=1e-9)
 
@@ -164,9 +157,7 @@ def test_unimax_one_language_at_its_cap():
   assert result.weights == pytest.approx(
       {'deu_Latn': 1300 / 3000, 'fra_Latn': 1300 / 3000, 'gle_Latn': 400 / 3000}
   )
-  assert result.epochs == pytest.approx(
-      {'deu_Latn': 0.13, 'fra_Latn': 0.65, 'gle_Latn': 4.0}
-  )
+  assert result.epochs == pytest.approx({'deu_Latn': 0.13, 'fra_Latn': 0.65, 'gle_Latn': 4.0})
   assert result.warning == ''
 
 
@@ -195,9 +186,7 @@ def test_unimax_is_uniform_when_no_cap_binds():
 
 def test_unimax_falls_back_to_natural_shares_when_the_budget_is_too_big():
   # Caps 2*100 + 2*300 = 800 < 10000: both languages capped, shares 200:600.
-  result = mixture.unimax_weights(
-      {'gle_Latn': 100, 'mlt_Latn': 300}, 10_000, 2, field=FIELD
-  )
+  result = mixture.unimax_weights({'gle_Latn': 100, 'mlt_Latn': 300}, 10_000, 2, field=FIELD)
   assert result.weights == pytest.approx({'gle_Latn': 0.25, 'mlt_Latn': 0.75})
   # 10000 tokens from 400: every language repeats 25 times.
   assert result.epochs == pytest.approx({'gle_Latn': 25, 'mlt_Latn': 25})
@@ -207,9 +196,7 @@ def test_unimax_falls_back_to_natural_shares_when_the_budget_is_too_big():
 
 
 def test_unimax_gives_nothing_to_languages_without_tokens():
-  result = mixture.unimax_weights(
-      {'gle_Latn': 0, 'deu_Latn': 1000}, 500, 1, field=FIELD
-  )
+  result = mixture.unimax_weights({'gle_Latn': 0, 'deu_Latn': 1000}, 500, 1, field=FIELD)
   assert result.weights == {'deu_Latn': 1.0, 'gle_Latn': 0.0}
   assert result.epochs == {'deu_Latn': 0.5, 'gle_Latn': 0.0}
 
@@ -319,9 +306,7 @@ def test_group_shares_with_a_temperature_inside_groups():
       within_group=2,
       field=FIELD,
   )
-  assert weights == pytest.approx(
-      {'deu_Latn': 0.4 * 2 / 3, 'eng_Latn': 0.6, 'gle_Latn': 0.4 / 3}
-  )
+  assert weights == pytest.approx({'deu_Latn': 0.4 * 2 / 3, 'eng_Latn': 0.6, 'gle_Latn': 0.4 / 3})
 
 
 def test_group_shares_accept_comma_separated_groups_and_zero_share_groups():
@@ -363,37 +348,104 @@ def test_group_shares_tolerate_rounded_shares():
     'counts, groups, shares, kwargs, message',
     [
         (_COUNTS, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.4}, {}, 'shares sum to 0.9, not 1'),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 1.0}, {},
-         "shares are for groups ['english'] but the groups are ['english', 'rest']"),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 1.5, 'rest': -0.5}, {},
-         "shares['rest']=-0.5 must be >= 0"),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.5}, {'min_share': 0.3},
-         'min_share=0.3 for 4 languages asks for 1.2 of the mixture'),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.5}, {'min_share': -0.1},
-         'min_share=-0.1 for 4 languages'),
-        (_COUNTS, {'english': ['eng_Latn'], 'more': ['en', 'deu_Latn'], 'rest': '*'},
-         {'english': 0.5, 'more': 0.2, 'rest': 0.3}, {},
-         "eng_Latn is listed twice (groups 'english' and 'more')"),
-        (_COUNTS, {'english': ['eng_Latn'], 'x': '*', 'y': '*'}, {'english': 1, 'x': 0, 'y': 0}, {},
-         "groups 'x' and 'y' are both '*'"),
-        (_COUNTS, {'english': ['eng_Latn', 'mlt_Latn'], 'rest': '*'},
-         {'english': 0.5, 'rest': 0.5}, {}, 'groups name mlt_Latn, which have no data'),
-        (_COUNTS, {'english': ['eng_Latn'], 'german': ['deu_Latn']},
-         {'english': 0.5, 'german': 0.5}, {}, 'fra_Latn, gle_Latn have data but are in no group'),
-        (_COUNTS, {'english': ['eng_Latn'], 'rest': ['engl_Latn']}, {'english': 0.5, 'rest': 0.5},
-         {}, "Did you mean 'eng_Latn'?"),
-        ({'eng_Latn': 100, 'gle_Latn': 0}, {'english': ['eng_Latn'], 'irish': ['gle_Latn']},
-         {'english': 0.5, 'irish': 0.5}, {},
-         "group 'irish' has share 0.5 but its languages (gle_Latn) have no tokens"),
-        ({'eng_Latn': 100}, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.5}, {},
-         "group 'rest' has share 0.5 but its languages (none) have no tokens"),
-        ({'eng_Latn': 100, 'gle_Latn': 0}, {'english': ['eng_Latn'], 'irish': ['gle_Latn']},
-         {'english': 1, 'irish': 0}, {'min_share': 0.1},
-         'min_share=0.1 cannot be met by gle_Latn, which have no tokens'),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.5}, {'within_group': 'flat'},
-         "within_group='flat' must be 'natural' or a positive temperature"),
-        (_COUNTS, _ENGLISH_AND_REST, {'english': 0.5, 'rest': 0.5}, {'within_group': 0},
-         "within_group=0 must be 'natural' or a positive temperature"),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 1.0},
+            {},
+            "shares are for groups ['english'] but the groups are ['english', 'rest']",
+        ),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 1.5, 'rest': -0.5},
+            {},
+            "shares['rest']=-0.5 must be >= 0",
+        ),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 0.5, 'rest': 0.5},
+            {'min_share': 0.3},
+            'min_share=0.3 for 4 languages asks for 1.2 of the mixture',
+        ),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 0.5, 'rest': 0.5},
+            {'min_share': -0.1},
+            'min_share=-0.1 for 4 languages',
+        ),
+        (
+            _COUNTS,
+            {'english': ['eng_Latn'], 'more': ['en', 'deu_Latn'], 'rest': '*'},
+            {'english': 0.5, 'more': 0.2, 'rest': 0.3},
+            {},
+            "eng_Latn is listed twice (groups 'english' and 'more')",
+        ),
+        (
+            _COUNTS,
+            {'english': ['eng_Latn'], 'x': '*', 'y': '*'},
+            {'english': 1, 'x': 0, 'y': 0},
+            {},
+            "groups 'x' and 'y' are both '*'",
+        ),
+        (
+            _COUNTS,
+            {'english': ['eng_Latn', 'mlt_Latn'], 'rest': '*'},
+            {'english': 0.5, 'rest': 0.5},
+            {},
+            'groups name mlt_Latn, which have no data',
+        ),
+        (
+            _COUNTS,
+            {'english': ['eng_Latn'], 'german': ['deu_Latn']},
+            {'english': 0.5, 'german': 0.5},
+            {},
+            'fra_Latn, gle_Latn have data but are in no group',
+        ),
+        (
+            _COUNTS,
+            {'english': ['eng_Latn'], 'rest': ['engl_Latn']},
+            {'english': 0.5, 'rest': 0.5},
+            {},
+            "Did you mean 'eng_Latn'?",
+        ),
+        (
+            {'eng_Latn': 100, 'gle_Latn': 0},
+            {'english': ['eng_Latn'], 'irish': ['gle_Latn']},
+            {'english': 0.5, 'irish': 0.5},
+            {},
+            "group 'irish' has share 0.5 but its languages (gle_Latn) have no tokens",
+        ),
+        (
+            {'eng_Latn': 100},
+            _ENGLISH_AND_REST,
+            {'english': 0.5, 'rest': 0.5},
+            {},
+            "group 'rest' has share 0.5 but its languages (none) have no tokens",
+        ),
+        (
+            {'eng_Latn': 100, 'gle_Latn': 0},
+            {'english': ['eng_Latn'], 'irish': ['gle_Latn']},
+            {'english': 1, 'irish': 0},
+            {'min_share': 0.1},
+            'min_share=0.1 cannot be met by gle_Latn, which have no tokens',
+        ),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 0.5, 'rest': 0.5},
+            {'within_group': 'flat'},
+            "within_group='flat' must be 'natural' or a positive temperature",
+        ),
+        (
+            _COUNTS,
+            _ENGLISH_AND_REST,
+            {'english': 0.5, 'rest': 0.5},
+            {'within_group': 0},
+            "within_group=0 must be 'natural' or a positive temperature",
+        ),
     ],
 )
 def test_group_shares_reject_infeasible_settings(counts, groups, shares, kwargs, message):
@@ -456,17 +508,27 @@ def test_schedule_rejects_negative_steps():
         ([], 'needs at least one stage'),
         ([(5, {'deu_Latn': 1})], 'the first stage starts at step 5; it must start at 0'),
         ([(0, {'deu_Latn': 1}), (0, {'deu_Latn': 1})], 'step 0 follows step 0'),
-        ([(0, {'deu_Latn': 1}), (9, {'deu_Latn': 1}), (5, {'deu_Latn': 1})],
-         'step 5 follows step 9'),
+        (
+            [(0, {'deu_Latn': 1}), (9, {'deu_Latn': 1}), (5, {'deu_Latn': 1})],
+            'step 5 follows step 9',
+        ),
         ([(0, {'deu_Latn': 1}), (1.5, {'deu_Latn': 1})], 'stage start 1.5 is not an integer'),
-        ([(0, {'deu_Latn': 1, 'fra_Latn': 1}), (9, {'deu_Latn': 1, 'gle_Latn': 3})],
-         'the stage at step 9 lacks fra_Latn and adds gle_Latn compared with step 0'),
-        ([(0, {'deu_Latn': 1, 'fra_Latn': 1}), (9, {'deu_Latn': 1})],
-         'the stage at step 9 lacks fra_Latn and adds none'),
-        ([(0, {'deu_Latn': 1}), (9, {'deu_Latn': -1})],
-         'deu_Latn=-1.0 in the stage at step 9 must be finite and >= 0'),
-        ([(0, {'deu_Latn': 1}), (9, {'deu_Latn': 0})],
-         'the weights in the stage at step 9 sum to 0.0'),
+        (
+            [(0, {'deu_Latn': 1, 'fra_Latn': 1}), (9, {'deu_Latn': 1, 'gle_Latn': 3})],
+            'the stage at step 9 lacks fra_Latn and adds gle_Latn compared with step 0',
+        ),
+        (
+            [(0, {'deu_Latn': 1, 'fra_Latn': 1}), (9, {'deu_Latn': 1})],
+            'the stage at step 9 lacks fra_Latn and adds none',
+        ),
+        (
+            [(0, {'deu_Latn': 1}), (9, {'deu_Latn': -1})],
+            'deu_Latn=-1.0 in the stage at step 9 must be finite and >= 0',
+        ),
+        (
+            [(0, {'deu_Latn': 1}), (9, {'deu_Latn': 0})],
+            'the weights in the stage at step 9 sum to 0.0',
+        ),
     ],
 )
 def test_schedule_rejects_bad_stages(stages, message):
@@ -489,9 +551,7 @@ def test_parse_weights():
 
 
 def test_parse_stages():
-  stages = mixture.parse_stages(
-      '0:deu_Latn=1,fra_Latn=1;900:deu_Latn=1,gle_Latn=3', field=FIELD
-  )
+  stages = mixture.parse_stages('0:deu_Latn=1,fra_Latn=1;900:deu_Latn=1,gle_Latn=3', field=FIELD)
   assert stages == [
       (0, {'deu_Latn': 1.0, 'fra_Latn': 1.0}),
       (900, {'deu_Latn': 1.0, 'gle_Latn': 3.0}),
@@ -523,8 +583,7 @@ def test_stages_round_trip():
   )
   text = mixture.format_stages(schedule.stages)
   assert text == (
-      '0:deu_Latn=0.3333333333333333,fra_Latn=0.6666666666666666;'
-      '7:deu_Latn=1.0,fra_Latn=0.0'
+      '0:deu_Latn=0.3333333333333333,fra_Latn=0.6666666666666666;7:deu_Latn=1.0,fra_Latn=0.0'
   )
   reparsed = mixture.MixtureSchedule(mixture.parse_stages(text, field=FIELD), field=FIELD)
   assert reparsed.stages == schedule.stages
@@ -554,10 +613,14 @@ def test_parse_weights_errors_name_the_fragment(text, message):
         ('0 deu_Latn=1', "expected STEP:TAG=WEIGHT,... , got stage '0 deu_Latn=1'"),
         ('0:deu_Latn=1;x:deu_Latn=1', "step 'x' of stage 'x:deu_Latn=1' is not an integer"),
         ('0:deu_Latn=1;1e5:deu_Latn=1', "step '1e5' of stage '1e5:deu_Latn=1' is not an integer"),
-        ('0:deu_Latn=1;900:deu_Latn',
-         "expected TAG=WEIGHT, got 'deu_Latn' in stage '900:deu_Latn'"),
-        ('0:deu_Latn=1;900:deu_Latn=x',
-         "weight 'x' in 'deu_Latn=x' in stage '900:deu_Latn=x' is not a number"),
+        (
+            '0:deu_Latn=1;900:deu_Latn',
+            "expected TAG=WEIGHT, got 'deu_Latn' in stage '900:deu_Latn'",
+        ),
+        (
+            '0:deu_Latn=1;900:deu_Latn=x',
+            "weight 'x' in 'deu_Latn=x' in stage '900:deu_Latn=x' is not a number",
+        ),
     ],
 )
 def test_parse_stages_errors_name_the_fragment(text, message):

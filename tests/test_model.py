@@ -57,7 +57,7 @@ def test_packed_documents_equal_separate_runs(qk_norm, tie):
   start = 0
   for doc in docs:
     alone = model.apply({'params': params}, doc[None])
-    np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=2e-5)
+    np.testing.assert_allclose(packed[0, start : start + len(doc)], alone[0], atol=2e-5)
     start += len(doc)
 
 
@@ -72,8 +72,9 @@ def test_rope_depends_only_on_relative_position():
   assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-5)
   assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
   # Rotations preserve norms.
-  np.testing.assert_allclose(jnp.linalg.norm(rope(q, jnp.array([[7]]), 10_000.0)),
-                             jnp.linalg.norm(q), rtol=1e-6)
+  np.testing.assert_allclose(
+      jnp.linalg.norm(rope(q, jnp.array([[7]]), 10_000.0)), jnp.linalg.norm(q), rtol=1e-6
+  )
 
 
 def test_rope_rotate_half_form():
@@ -82,7 +83,7 @@ def test_rope_rotate_half_form():
   x = np.arange(1, head_dim + 1, dtype=np.float64)
   inv_freq = theta ** (-np.arange(0, head_dim, 2) / head_dim)
   angle = np.concatenate([pos * inv_freq, pos * inv_freq])
-  rotated = np.concatenate([-x[head_dim // 2:], x[:head_dim // 2]])
+  rotated = np.concatenate([-x[head_dim // 2 :], x[: head_dim // 2]])
   expected = x * np.cos(angle) + rotated * np.sin(angle)
   got = rope(jnp.asarray(x, jnp.float32)[None, None, None], jnp.array([[pos]]), theta)
   np.testing.assert_allclose(got[0, 0, 0], expected, rtol=1e-5)
@@ -98,10 +99,10 @@ def test_param_count_matches_initialised_model(tie, qk_norm):
 def test_flop_count_matches_hand_count():
   # tiny: V=4096, layers=4, D=256, H=4, K=2, hd=64, F=704, L=128.
   config = tiny.get_config().model
-  q_k_v_o = 256 * 64 * 4 + 2 * 256 * 64 * 2 + 64 * 4 * 256   # 65536 + 65536 + 65536
-  mlp = 3 * 256 * 704                                       # 540672
-  attention = 2 * (2 * 4 * 64 * 128) // 2                    # QK^T and PV, causal half
-  per_layer = 2 * q_k_v_o + 2 * mlp + attention              # 393216 + 1081344 + 65536
+  q_k_v_o = 256 * 64 * 4 + 2 * 256 * 64 * 2 + 64 * 4 * 256  # 65536 + 65536 + 65536
+  mlp = 3 * 256 * 704  # 540672
+  attention = 2 * (2 * 4 * 64 * 128) // 2  # QK^T and PV, causal half
+  per_layer = 2 * q_k_v_o + 2 * mlp + attention  # 393216 + 1081344 + 65536
   logits = 2 * 256 * 4096
   assert forward_flops_per_token(config, 128) == 4 * per_layer + logits == 8_257_536
   assert train_flops_per_token(config, 128) == 3 * 8_257_536
@@ -115,7 +116,8 @@ def remat_gradients(policy):
   model = Decoder(small_model_config(remat_policy=policy))
   params = jax.jit(model.init)(jax.random.key(0), REMAT_TOKENS)['params']
   return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, REMAT_TOKENS) ** 2)))(
-      params)
+      params
+  )
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_attention_out'])
@@ -127,15 +129,19 @@ def test_remat_policies_give_the_same_gradients(policy):
   params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: model.apply({'params': p}, tokens).sum()))(params))
   assert 'remat' in jaxpr or 'checkpoint' in jaxpr  # the policy is really applied
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               reference, rematerialised)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), reference, rematerialised
+  )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model, params = init(small_model_config(compute_dtype='bfloat16'))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  jaxpr = str(jax.make_jaxpr(Decoder(small_model_config(compute_dtype='bfloat16')).apply)(
-      {'params': params}, jnp.zeros((1, 16), jnp.int32)))
+  jaxpr = str(
+      jax.make_jaxpr(Decoder(small_model_config(compute_dtype='bfloat16')).apply)(
+          {'params': params}, jnp.zeros((1, 16), jnp.int32)
+      )
+  )
   assert 'bf16[1,16,4,8]' in jaxpr  # queries are computed in bfloat16
   logits = model.apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
   assert logits.dtype == jnp.float32

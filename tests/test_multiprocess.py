@@ -20,16 +20,24 @@ import time
 import numpy as np
 import portpicker
 import pytest
+from run_records import step_dirs, step_records
 
 from configs import tiny
-from run_records import step_dirs, step_records
 from euro_lm.data import dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
-BASE = {'model.num_layers': 2, 'optimizer.warmup_steps': 5, 'train.steps': STEPS,
-        'train.global_batch_size': 8, 'train.seq_len': 64, 'train.log_every': 1,
-        'train.eval_every': 0, 'train.eval_batches': 1, 'mesh.dcn_data': 2}
+BASE = {
+    'model.num_layers': 2,
+    'optimizer.warmup_steps': 5,
+    'train.steps': STEPS,
+    'train.global_batch_size': 8,
+    'train.seq_len': 64,
+    'train.log_every': 1,
+    'train.eval_every': 0,
+    'train.eval_batches': 1,
+    'mesh.dcn_data': 2,
+}
 TIMEOUT = 240  # seconds for a whole run; a hung collective fails the test instead
 
 
@@ -52,12 +60,26 @@ class TwoProcesses:
     try:
       for i in range(2):
         with open(f'{self.logs}.p{i}.out', 'w') as out, open(f'{self.logs}.p{i}.err', 'w') as err:
-          self.processes.append(subprocess.Popen(
-              [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
-               f'--workdir={workdir}', *flags, '--config.distributed.initialize=always',
-               f'--config.distributed.coordinator_address=localhost:{port}',
-               '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
-              cwd=REPO, stdout=out, stderr=err, env=env))
+          self.processes.append(
+              subprocess.Popen(
+                  [
+                      sys.executable,
+                      '-m',
+                      'euro_lm.train',
+                      '--config=configs/tiny.py',
+                      f'--workdir={workdir}',
+                      *flags,
+                      '--config.distributed.initialize=always',
+                      f'--config.distributed.coordinator_address=localhost:{port}',
+                      '--config.distributed.num_processes=2',
+                      f'--config.distributed.process_id={i}',
+                  ],
+                  cwd=REPO,
+                  stdout=out,
+                  stderr=err,
+                  env=env,
+              )
+          )
     except BaseException:
       self.__exit__()
       raise
@@ -100,8 +122,12 @@ def run_two(workdir, overrides, env):
 @pytest.fixture(scope='module')
 def env():
   # The runs share the session's compilation cache (conftest.py) through os.environ.
-  return dict(os.environ, JAX_PLATFORMS='cpu', JAX_THREEFRY_PARTITIONABLE='1',
-              XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      JAX_THREEFRY_PARTITIONABLE='1',
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  )
 
 
 @pytest.fixture(scope='module')
@@ -130,8 +156,10 @@ def preempt(workdir, overrides, env, sig):
       running = [p.poll() is None for p in run.processes]
       if not all(running) or time.time() > deadline:
         results = run.finish(timeout=0)
-        pytest.fail(f'no step 3 before a process ended or the deadline; running: {running}\n'
-                    + '\n'.join(err[-2000:] for _, _, err in results))
+        pytest.fail(
+            f'no step 3 before a process ended or the deadline; running: {running}\n'
+            + '\n'.join(err[-2000:] for _, _, err in results)
+        )
       time.sleep(0.05)
     run.processes[1].send_signal(sig)  # process 0 gets no signal
     return run.finish()
@@ -165,10 +193,12 @@ def test_two_processes_train_and_save_one_checkpoint(reference):
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_the_resume_is_exact(
-    reference, overrides, env, tmp_path):
+    reference, overrides, env, tmp_path
+):
   workdir = str(tmp_path / 'run')
   stopped = assert_stopped_together(
-      workdir, preempt(workdir, overrides, env, signal.SIGTERM), signal.SIGTERM)
+      workdir, preempt(workdir, overrides, env, signal.SIGTERM), signal.SIGTERM
+  )
 
   results = run_two(workdir, overrides, env)
   assert_exited_0(results)
@@ -183,8 +213,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_the_resume_is_exact(
 def test_sigint_to_one_process_stops_all_at_one_step(overrides, env, tmp_path):
   """Ctrl-C in one process's terminal: its handler passes it on as JAX's SIGTERM."""
   workdir = str(tmp_path / 'run')
-  assert_stopped_together(workdir, preempt(workdir, overrides, env, signal.SIGINT),
-                          signal.SIGINT)
+  assert_stopped_together(workdir, preempt(workdir, overrides, env, signal.SIGINT), signal.SIGINT)
 
 
 # ------------------------------------------------- launch/local.sh and start-up errors
@@ -194,18 +223,34 @@ LOCAL_STEPS = 6
 
 def local_run(workdir, overrides, env, processes, cpu_devices, extra=()):
   flags = {**overrides, 'train.steps': LOCAL_STEPS, **dict(extra)}
-  argv = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes', str(processes),
-          '--cpu-devices', str(cpu_devices), '--', '--config=configs/tiny.py',
-          f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in flags.items()]]
-  result = subprocess.run(argv, cwd=REPO, env=dict(env, PYTHON=sys.executable),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+  argv = [
+      'bash',
+      os.path.join(REPO, 'launch', 'local.sh'),
+      '--processes',
+      str(processes),
+      '--cpu-devices',
+      str(cpu_devices),
+      '--',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      *[f'--config.{k}={v}' for k, v in flags.items()],
+  ]
+  result = subprocess.run(
+      argv,
+      cwd=REPO,
+      env=dict(env, PYTHON=sys.executable),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
 @pytest.mark.slow  # two whole runs; local.sh's command lines are checked in test_launch
 def test_local_sh_two_processes_of_4_devices_log_the_losses_of_one_process_of_8(
-    overrides, env, tmp_path):
+    overrides, env, tmp_path
+):
   one = {k: v for k, v in overrides.items() if k != 'mesh.dcn_data'}
   single = local_run(str(tmp_path / 'one'), one, env, processes=1, cpu_devices=8)
   double = local_run(str(tmp_path / 'two'), overrides, env, processes=2, cpu_devices=4)
@@ -221,27 +266,54 @@ def test_local_sh_two_processes_of_4_devices_log_the_losses_of_one_process_of_8(
 def test_an_unreachable_coordinator_is_named_with_the_rank(env, tmp_path):
   port = portpicker.pick_unused_port()  # nobody listens there
   result = subprocess.run(
-      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--config.distributed.initialize=always',
-       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-       '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
-       '--config.distributed.initialization_timeout=2'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.train',
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}',
+          '--config.distributed.initialize=always',
+          f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+          '--config.distributed.num_processes=2',
+          '--config.distributed.process_id=1',
+          '--config.distributed.initialization_timeout=2',
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert result.returncode == 1
-  assert (f'error: process 1 of 2 could not reach the coordinator 127.0.0.1:{port} within '
-          '2 s (distributed.initialization_timeout)') in result.stderr
+  assert (
+      f'error: process 1 of 2 could not reach the coordinator 127.0.0.1:{port} within '
+      '2 s (distributed.initialization_timeout)'
+  ) in result.stderr
 
 
 def test_processes_with_different_device_counts_are_refused(overrides, env, tmp_path):
   port = portpicker.pick_unused_port()
-  processes = [subprocess.Popen(
-      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--config.distributed.initialize=always',
-       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}'))
-      for i, n in enumerate((4, 2))]
+  processes = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              '-m',
+              'euro_lm.train',
+              '--config=configs/tiny.py',
+              f'--workdir={tmp_path}',
+              '--config.distributed.initialize=always',
+              f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+              '--config.distributed.num_processes=2',
+              f'--config.distributed.process_id={i}',
+          ],
+          cwd=REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env=dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}'),
+      )
+      for i, n in enumerate((4, 2))
+  ]
   try:
     results = [p.communicate(timeout=120) for p in processes]
   finally:
@@ -249,6 +321,7 @@ def test_processes_with_different_device_counts_are_refused(overrides, env, tmp_
       p.kill()
   for p, (_, stderr) in zip(processes, results):
     assert p.returncode == 1, stderr[-2000:]
-    assert ('error: the processes see different numbers of devices (process 0: 4, '
-            'process 1: 2)') in stderr
+    assert (
+        'error: the processes see different numbers of devices (process 0: 4, process 1: 2)'
+    ) in stderr
   assert not os.path.exists(tmp_path / 'checkpoints')

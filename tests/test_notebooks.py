@@ -42,11 +42,20 @@ def _ids(paths):
 def kernel_env(tmpdir):
   """The kernel's environment overrides: CPU, one device, no display, the repository, and
   `tmpdir` for temporary files (a notebook's scratch workdirs go with the test's)."""
-  xla_flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                       if not f.startswith('--xla_force_host_platform_device_count'))
+  xla_flags = ' '.join(
+      f
+      for f in os.environ.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+  )
   pythonpath = os.pathsep.join(p for p in [REPO, os.environ.get('PYTHONPATH', '')] if p)
-  return {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags, 'MPLBACKEND': 'Agg',
-          'PYTHONPATH': pythonpath, 'TF_CPP_MIN_LOG_LEVEL': '2', 'TMPDIR': str(tmpdir)}
+  return {
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': xla_flags,
+      'MPLBACKEND': 'Agg',
+      'PYTHONPATH': pythonpath,
+      'TF_CPP_MIN_LOG_LEVEL': '2',
+      'TMPDIR': str(tmpdir),
+  }
 
 
 class ThisPythonKernels(KernelSpecManager):
@@ -59,10 +68,19 @@ class ThisPythonKernels(KernelSpecManager):
   def get_kernel_spec(self, kernel_name):
     if kernel_name != KERNEL:
       return super().get_kernel_spec(kernel_name)
-    return KernelSpec(argv=[sys.executable, '-m', 'ipykernel_launcher', '-f',
-                            '{connection_file}', '--InteractiveShell.colors=nocolor'],
-                      display_name='Python 3 (euro_lm tests)', language='python',
-                      env=kernel_env(self.tmpdir))
+    return KernelSpec(
+        argv=[
+            sys.executable,
+            '-m',
+            'ipykernel_launcher',
+            '-f',
+            '{connection_file}',
+            '--InteractiveShell.colors=nocolor',
+        ],
+        display_name='Python 3 (euro_lm tests)',
+        language='python',
+        env=kernel_env(self.tmpdir),
+    )
 
 
 def test_notebooks_exist():
@@ -74,11 +92,17 @@ def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
   assert nb.nbformat == 4, f'{path}: nbformat {nb.nbformat}, not 4'
   nbformat.validate(nb)
-  dirty = [i for i, cell in enumerate(nb.cells) if cell.cell_type == 'code' and
-           (cell.get('outputs') or cell.get('execution_count') is not None)]
-  assert not dirty, (f'{path}: code cells {dirty} (0-based) are stored with outputs or '
-                     'execution counts; clear them: jupyter nbconvert --clear-output '
-                     f'--inplace {os.path.relpath(path, REPO)}')
+  dirty = [
+      i
+      for i, cell in enumerate(nb.cells)
+      if cell.cell_type == 'code'
+      and (cell.get('outputs') or cell.get('execution_count') is not None)
+  ]
+  assert not dirty, (
+      f'{path}: code cells {dirty} (0-based) are stored with outputs or '
+      'execution counts; clear them: jupyter nbconvert --clear-output '
+      f'--inplace {os.path.relpath(path, REPO)}'
+  )
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
@@ -95,9 +119,14 @@ def test_notebook_executes(path, tmp_path):
   # An async kernel manager (nbclient's default): with a blocking client nbclient's timeouts
   # and dead-kernel checks never run.
   km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=ThisPythonKernels(tmp_path))
-  client = nbclient.NotebookClient(nb, km=km, timeout_func=cell_timeout, kernel_name=KERNEL,
-                                   startup_timeout=120,
-                                   resources={'metadata': {'path': NOTEBOOK_DIR}})
+  client = nbclient.NotebookClient(
+      nb,
+      km=km,
+      timeout_func=cell_timeout,
+      kernel_name=KERNEL,
+      startup_timeout=120,
+      resources={'metadata': {'path': NOTEBOOK_DIR}},
+  )
   start = time.monotonic()
   try:
     client.execute()

@@ -11,15 +11,14 @@ import jax
 import pytest
 
 from configs import base, llama_1b, tiny
-from euro_lm import plan
+from euro_lm import devices, plan
+from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.errors import ConfigError
-from euro_lm import devices
 from euro_lm.model import Decoder, param_count, train_flops_per_token
 from euro_lm.model.attention import head_dim
 from euro_lm.sharding import MeshError, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import abstract_train_state
-from euro_lm.bench.synthetic import compile_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,11 +52,15 @@ def test_per_device_elements_divides_by_mapped_axes():
   rules = logical_rules(base.get_config().mesh)
   degrees = {'data': 2, 'fsdp': 4, 'tensor': 2}
   # embed -> fsdp: /4; heads -> tensor: /2; head_dim unsharded.
-  assert plan.per_device_elements((256, 8, 64), ('embed', 'heads', 'head_dim'), rules,
-                                  degrees) == 64 * 4 * 64
+  assert (
+      plan.per_device_elements((256, 8, 64), ('embed', 'heads', 'head_dim'), rules, degrees)
+      == 64 * 4 * 64
+  )
   # batch -> (data, fsdp): /8; embed would be fsdp too, but fsdp is taken: unsharded.
-  assert plan.per_device_elements((16, 128, 256), ('batch', 'length', 'embed'), rules,
-                                  degrees) == 2 * 128 * 256
+  assert (
+      plan.per_device_elements((16, 128, 256), ('batch', 'length', 'embed'), rules, degrees)
+      == 2 * 128 * 256
+  )
   # Not divisible: rounded up, as a padded shard.
   assert plan.per_device_elements((10,), ('embed',), rules, degrees) == 3
   assert plan.per_device_elements((7, 5), (None, None), rules, degrees) == 35
@@ -73,11 +76,12 @@ def test_fsdp8_divides_every_param_by_8_and_tensor2_heads_and_mlp():
   assert fsdp.gradients == fsdp.params
   m = c.model
   hd, layers = head_dim(m), m.num_layers
-  tensor = plan.estimate_memory(small_config(**{'mesh.data': 4, 'mesh.tensor': 2}), 8,
-                                leaves=leaves)
-  sharded = (m.vocab_size * m.embed_dim  # embedding: vocab -> tensor
-             + layers * (m.embed_dim * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
-                         + 3 * m.embed_dim * m.mlp_dim))
+  tensor = plan.estimate_memory(
+      small_config(**{'mesh.data': 4, 'mesh.tensor': 2}), 8, leaves=leaves
+  )
+  sharded = m.vocab_size * m.embed_dim + layers * (  # embedding: vocab -> tensor
+      m.embed_dim * hd * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.embed_dim * m.mlp_dim
+  )
   unsharded = layers * 2 * m.embed_dim + m.embed_dim  # the norms' scales
   assert tensor.params == 4 * (sharded // 2 + unsharded)
 
@@ -89,8 +93,10 @@ def test_state_bytes_match_jax_shardings(mesh):
   jax_mesh, rules = make_mesh(c.mesh), logical_rules(c.mesh)
   tx, _ = make_optimizer(c.optimizer, c.train.steps)
   abstract, _ = abstract_train_state(Decoder(c.model), tx, c.train.seq_len, jax_mesh, rules)
-  expected = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x in jax.tree.leaves(abstract))
+  expected = sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(abstract)
+  )
   estimate = plan.estimate_memory(c, 8)
   assert estimate.state == expected
   # AdamW keeps m and v (float32, sharded like the params) plus int32 counters.
@@ -108,15 +114,16 @@ def test_grad_accumulation_adds_a_params_sized_buffer_and_shrinks_activations():
 def test_remat_and_attention_impl_order_the_activations():
   c = llama_1b.get_config()
   leaves = plan.state_leaves(c)
-  act = {policy: plan.estimate_memory(
-      small_config(**{'model.remat_policy': policy}), 8).activations
-         for policy in ('none', 'dots', 'dots_no_batch', 'save_attention_out', 'full')}
+  act = {
+      policy: plan.estimate_memory(small_config(**{'model.remat_policy': policy}), 8).activations
+      for policy in ('none', 'dots', 'dots_no_batch', 'save_attention_out', 'full')
+  }
   # dots and dots_no_batch differ only in the attention's batched matmuls, which no attention
   # impl keeps for its backward.
-  assert (act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out']
-          > act['full'])
-  flash = plan.estimate_memory(plan.with_overrides(c, {'model.attention_impl': 'pallas'}), 8,
-                               leaves=leaves)
+  assert act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out'] > act['full']
+  flash = plan.estimate_memory(
+      plan.with_overrides(c, {'model.attention_impl': 'pallas'}), 8, leaves=leaves
+  )
   xla = plan.estimate_memory(c, 8, leaves=leaves)
   # Both keep a log-sum-exp, not the probabilities; the xla backward recomputes float32
   # scores per query chunk: 64 seqs x 32 heads x 512 queries (1 of 8 chunks) x 4096 keys.
@@ -143,9 +150,11 @@ def test_the_attention_planned_is_what_resolve_runs():
     assert working('auto', dtype, None) == xla
   # The device also goes to config.validate: cuDNN does not run on a TPU.
   with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
-    plan.estimate_memory(small_config(**{'model.attention_impl': 'cudnn',
-                                         'model.compute_dtype': 'bfloat16'}), 8,
-                         device=devices.accelerator_device('tpu_v5'))
+    plan.estimate_memory(
+        small_config(**{'model.attention_impl': 'cudnn', 'model.compute_dtype': 'bfloat16'}),
+        8,
+        device=devices.accelerator_device('tpu_v5'),
+    )
   # The report names what runs.
   c = small_config(**{'model.attention_impl': 'auto', 'model.compute_dtype': 'bfloat16'})
   assert 'attention auto (runs cudnn on H100)' in plan.format_plan(c, 8, accelerator_name='h100')
@@ -160,14 +169,22 @@ def xla_memory(config):
   return compiled.memory_analysis()
 
 
-@pytest.mark.parametrize('overrides', [
-    {'model.remat_policy': 'none'},
-    pytest.param({'model.remat_policy': 'full'}, marks=pytest.mark.slow),  # as full-fsdp8
-    {'model.remat_policy': 'none', 'train.seq_len': 128, 'model.num_layers': 6,
-     **MESHES['tensor2']},
-    {'model.remat_policy': 'full', **MESHES['fsdp8']},
-    {'model.remat_policy': 'dots_no_batch', 'train.grad_accum_steps': 2},
-], ids=['none', 'full', 'none-tensor2-L128', 'full-fsdp8', 'dots_no_batch-accum2'])
+@pytest.mark.parametrize(
+    'overrides',
+    [
+        {'model.remat_policy': 'none'},
+        pytest.param({'model.remat_policy': 'full'}, marks=pytest.mark.slow),  # as full-fsdp8
+        {
+            'model.remat_policy': 'none',
+            'train.seq_len': 128,
+            'model.num_layers': 6,
+            **MESHES['tensor2'],
+        },
+        {'model.remat_policy': 'full', **MESHES['fsdp8']},
+        {'model.remat_policy': 'dots_no_batch', 'train.grad_accum_steps': 2},
+    ],
+    ids=['none', 'full', 'none-tensor2-L128', 'full-fsdp8', 'dots_no_batch-accum2'],
+)
 def test_estimate_against_xla_memory_analysis(overrides):
   c = small_config(**overrides)
   m = xla_memory(c)
@@ -179,8 +196,12 @@ def test_estimate_against_xla_memory_analysis(overrides):
   # Everything else (grads, activations, logits, working set) is XLA's temporaries.
   temp = est.gradients + est.grad_accumulation + est.activations + est.logits + est.working
   assert 0.5 < temp / m.temp_size_in_bytes < 2, (temp, m.temp_size_in_bytes)
-  xla_total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+  xla_total = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+  )
   assert 0.5 < est.total / xla_total < 2, (est.total, xla_total)
 
 
@@ -234,8 +255,9 @@ def test_summary_row():
   c = small_config()
   row = plan.summary(c, 8, accelerator_name='a100', mfu=0.5, tokens=2e9)
   assert row['params'] == param_count(c.model) and row['fits'] and row['accelerator'] == '8x A100'
-  assert row['days'] == pytest.approx(plan.training_seconds(
-      c.model, c.train.seq_len, 2e9, 8, plan.peak_flops('A100'), 0.5) / 86400)
+  assert row['days'] == pytest.approx(
+      plan.training_seconds(c.model, c.train.seq_len, 2e9, 8, plan.peak_flops('A100'), 0.5) / 86400
+  )
   a100 = devices.accelerator_device('a100')
   assert row['memory_gib_per_device'] == plan.estimate_memory(c, 8, device=a100).total / plan.GIB
 
@@ -251,19 +273,35 @@ def test_bad_mesh_names_the_field():
 
 def run_cli(*args):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'euro_lm.plan', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, '-m', 'euro_lm.plan', *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
 
 
 def test_cli():
-  result = run_cli('--config=configs/llama_7b.py:gpu', '--devices=16', '--nodes=4',
-                   '--accelerator=h100', '--config.mesh.dcn_fsdp=4')
+  result = run_cli(
+      '--config=configs/llama_7b.py:gpu',
+      '--devices=16',
+      '--nodes=4',
+      '--accelerator=h100',
+      '--config.mesh.dcn_fsdp=4',
+  )
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert 'mesh: 16 devices on 4 nodes: data=1 fsdp=16 tensor=1' in out
   assert '64 sequences per device per micro-batch' in out
-  for row in ('params (float32)', 'gradients (float32)', 'optimizer state',
-              'activations saved for backward', 'total'):
+  for row in (
+      'params (float32)',
+      'gradients (float32)',
+      'optimizer state',
+      'activations saved for backward',
+      'total',
+  ):
     assert row in out
   assert 'does NOT fit' in out and 'WARNING: to fit, change --config.train.grad_accum_steps=' in out
   assert 'on 16x H100' in out
@@ -284,8 +322,7 @@ PARTS = ('params_gib', 'gradients_gib', 'optimizer_gib', 'activations_gib', 'tot
 def test_presets_table_rows_are_summary_and_estimate_values():
   configs = {
       'data8': small_config(),
-      'fsdp8': small_config(**{'mesh.data': 1, 'mesh.fsdp': 8,
-                               'train.grad_accum_steps': 2}),
+      'fsdp8': small_config(**{'mesh.data': 1, 'mesh.fsdp': 8, 'train.grad_accum_steps': 2}),
   }
   rows = plan.presets_table(configs, 8, accelerator_name='a100', mfu=0.5, tokens=2e9)
   assert [r['preset'] for r in rows] == ['data8', 'fsdp8']
@@ -295,7 +332,11 @@ def test_presets_table_rows_are_summary_and_estimate_values():
     assert row['train_flops_per_token'] == s['train_flops_per_token']
     assert row['total_gib'] == s['memory_gib_per_device']
     assert (row['fits'], row['days'], row['accelerator'], row['tokens']) == (
-        s['fits'], s['days'], s['accelerator'], 2e9)
+        s['fits'],
+        s['days'],
+        s['accelerator'],
+        2e9,
+    )
     est = plan.estimate_memory(c, 8, device=devices.accelerator_device('a100'))
     assert row['params_gib'] == est.params / plan.GIB
     assert row['gradients_gib'] == (est.gradients + est.grad_accumulation) / plan.GIB
@@ -316,10 +357,12 @@ def test_presets_table_rows_are_summary_and_estimate_values():
 def test_presets_table_overrides_misfits_and_errors():
   big = small_config(**{'train.global_batch_size': 2048, 'train.seq_len': 1024})
   configs = {'big': big, 'small': small_config()}
-  rows = plan.presets_table(configs, 8, accelerator_name='tpu_v5_lite',
-                            overrides={'mesh.data': 1, 'mesh.fsdp': 8})
-  fsdp_big = small_config(**{'train.global_batch_size': 2048, 'train.seq_len': 1024,
-                             'mesh.data': 1, 'mesh.fsdp': 8})
+  rows = plan.presets_table(
+      configs, 8, accelerator_name='tpu_v5_lite', overrides={'mesh.data': 1, 'mesh.fsdp': 8}
+  )
+  fsdp_big = small_config(
+      **{'train.global_batch_size': 2048, 'train.seq_len': 1024, 'mesh.data': 1, 'mesh.fsdp': 8}
+  )
   tpu = devices.accelerator_device('tpu_v5_lite')
   est = plan.estimate_memory(fsdp_big, 8, device=tpu)
   budget = 16 * plan.GIB * plan.USABLE_FRACTION
@@ -342,21 +385,27 @@ def test_presets_table_overrides_misfits_and_errors():
 
 def test_scaling_points_are_fsdp_estimates():
   c = small_config()
-  points = plan.scaling_points({'small': c}, [1, 8, 16, 32], devices_per_node=8,
-                               accelerator_name='h100', mfu=0.5, tokens=1e9)
+  points = plan.scaling_points(
+      {'small': c}, [1, 8, 16, 32], devices_per_node=8, accelerator_name='h100', mfu=0.5, tokens=1e9
+  )
   assert [(p['devices'], p['nodes']) for p in points] == [(1, 1), (8, 1), (16, 2), (32, 4)]
   for p in points[:3]:
-    fsdp = small_config(**{'mesh.data': 1, 'mesh.fsdp': -1,
-                           'mesh.dcn_fsdp': p['nodes']})
-    est = plan.estimate_memory(fsdp, p['devices'], p['nodes'],
-                               device=devices.accelerator_device('h100'))
+    fsdp = small_config(**{'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.dcn_fsdp': p['nodes']})
+    est = plan.estimate_memory(
+        fsdp, p['devices'], p['nodes'], device=devices.accelerator_device('h100')
+    )
     assert p['total_gib'] == est.total / plan.GIB
     assert p['fits'] is True
   # 32 devices do not divide the global batch of 16: a run would reject it.
   assert points[3]['total_gib'] is None and points[3]['fits'] is None
   for p in points:
-    assert p['days'] == plan.training_seconds(c.model, c.train.seq_len, 1e9, p['devices'],
-                                              plan.peak_flops('h100'), 0.5) / 86400
+    assert (
+        p['days']
+        == plan.training_seconds(
+            c.model, c.train.seq_len, 1e9, p['devices'], plan.peak_flops('h100'), 0.5
+        )
+        / 86400
+    )
   assert points[0]['usable_gib'] == 80 * 0.9
 
 
@@ -366,8 +415,9 @@ def test_plot_scaling_draws_the_points():
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   big = small_config(**{'train.global_batch_size': 2048, 'train.seq_len': 1024})
-  points = plan.scaling_points({'small': small_config(), 'big': big}, [1, 8, 32],
-                               accelerator_name='tpu_v5_lite')
+  points = plan.scaling_points(
+      {'small': small_config(), 'big': big}, [1, 8, 32], accelerator_name='tpu_v5_lite'
+  )
   axes = plan.plot_scaling(points)
   try:
     small = [p for p in points if p['preset'] == 'small' and p['total_gib'] is not None]
@@ -390,8 +440,16 @@ def test_plot_scaling_draws_the_points():
 
 
 def test_plot_helpers_import_matplotlib_lazily():
-  code = ('import sys; import euro_lm.plan, euro_lm.data.prepare.fertility; '
-          'assert "matplotlib" not in sys.modules, "matplotlib imported"')
-  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                          text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+  code = (
+      'import sys; import euro_lm.plan, euro_lm.data.prepare.fertility; '
+      'assert "matplotlib" not in sys.modules, "matplotlib imported"'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      check=False,
+  )
   assert result.returncode == 0, result.stderr

@@ -27,8 +27,7 @@ def prepared_dir(tmp_path_factory):
   model = str(root / 'tok.model')
   train_sentencepiece([d for t in LANGUAGES for d in docs[t]], model, vocab_size=1024)
   out = str(root / 'out')
-  shards.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
-                  workers=1)
+  shards.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'), workers=1)
   return out
 
 
@@ -80,6 +79,7 @@ def test_a_different_tokenizer_is_refused(prepared_dir, tmp_path):
 
 def test_a_corrupt_shard_is_reported_by_name(prepared_dir, tmp_path):
   import shutil
+
   copy = tmp_path / 'copy'
   shutil.copytree(prepared_dir, copy)
   shard = copy / prepared.read_manifest(str(copy))['languages']['ell_Grek']['shards'][0]['path']
@@ -101,16 +101,18 @@ def test_code_is_a_data_tag_with_its_own_mixture_share(tmp_path):
   model = str(tmp_path / 'tok.model')
   train_sentencepiece(docs + code, model, vocab_size=600)
   out = str(tmp_path / 'out')
-  manifest = shards.prepare([str(raw)], out, model, sources.TextSource(language_field='lang'),
-                             workers=1)
+  manifest = shards.prepare(
+      [str(raw)], out, model, sources.TextSource(language_field='lang'), workers=1
+  )
   assert sorted(manifest['languages']) == ['code', 'deu_Latn']
   assert manifest['languages']['code']['documents'] == 30
   c = config_for(out)
   c.model.vocab_size = 600
   c.data.mixture, c.data.mixture_groups = 'groups', 'code=0.25;*=0.75'
   result = dataset.make_data(c, str(tmp_path))
-  assert dataset.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == \
-      pytest.approx({'code': 0.25, 'deu_Latn': 0.75})
+  assert dataset.mixture_schedule(c, {'code': 10, 'deu_Latn': 90}).weights_at(0) == pytest.approx(
+      {'code': 0.25, 'deu_Latn': 0.75}
+  )
   for _ in range(20):
     next(result.train)
   tokens = result.train.tokens_by_language()

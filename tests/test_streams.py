@@ -17,8 +17,10 @@ def make_sources(seed=0):
   sources = {}
   for l, language in enumerate(LANGUAGES):
     sizes = rng.integers(1, 40, size=(20, 35, 50)[l])
-    sources[language] = [np.array([1000 * (l + 1) + 10 * d + i % 10 for i in range(n)], np.int32)
-                         for d, n in enumerate(sizes)]
+    sources[language] = [
+        np.array([1000 * (l + 1) + 10 * d + i % 10 for i in range(n)], np.int32)
+        for d, n in enumerate(sizes)
+    ]
   return sources
 
 
@@ -31,14 +33,27 @@ def mean_lengths(sources):
   return {l: np.mean([len(d) for d in docs]) for l, docs in sources.items()}
 
 
-def make(process_index=0, process_count=1, num_streams=8, seq_len=32, weights=uniform_weights,
-         seed=3, sources=None):
+def make(
+    process_index=0,
+    process_count=1,
+    num_streams=8,
+    seq_len=32,
+    weights=uniform_weights,
+    seed=3,
+    sources=None,
+):
   sources = sources or make_sources()
-  return PackedStreams(sources, weights, mean_document_tokens=mean_lengths(sources),
-                       seq_len=seq_len,
-                       num_streams=num_streams,
-                       streams=process_streams(num_streams, process_index, process_count),
-                       seed=seed, bos_id=BOS, eos_id=EOS)
+  return PackedStreams(
+      sources,
+      weights,
+      mean_document_tokens=mean_lengths(sources),
+      seq_len=seq_len,
+      num_streams=num_streams,
+      streams=process_streams(num_streams, process_index, process_count),
+      seed=seed,
+      bos_id=BOS,
+      eos_id=EOS,
+  )
 
 
 def global_batches(iterators, steps):
@@ -70,8 +85,9 @@ def test_rows_are_packed_documents():
     assert step['inputs'].shape == (8, 32)
     assert (step['segment_ids'] > 0).all()  # rows are always full
     for row in range(8):
-      seg, inputs, targets, pos = (step[k][row] for k in ('segment_ids', 'inputs', 'targets',
-                                                          'positions'))
+      seg, inputs, targets, pos = (
+          step[k][row] for k in ('segment_ids', 'inputs', 'targets', 'positions')
+      )
       for s in np.unique(seg):
         piece = seg == s
         np.testing.assert_array_equal(pos[piece], np.arange(piece.sum()))
@@ -110,15 +126,17 @@ def test_stream_reproduces_whole_documents_in_order():
     used.setdefault(language, []).append(index)
   for language, indices in used.items():
     # Stream 0 of 2 owns half of each language per epoch: no repeats within it.
-    first_epoch = indices[:len(sources[LANGUAGES[language - 1]]) // 2]
+    first_epoch = indices[: len(sources[LANGUAGES[language - 1]]) // 2]
     assert len(set(first_epoch)) == len(first_epoch)
 
 
 def test_streams_never_share_documents():
   """Within an epoch, no document appears in two streams."""
   rng = np.random.default_rng(1)
-  sources = {language: [np.full(rng.integers(5, 30), 1000 * (l + 1) + d, np.int32)
-                        for d in range(300)] for l, language in enumerate(LANGUAGES)}
+  sources = {
+      language: [np.full(rng.integers(5, 30), 1000 * (l + 1) + d, np.int32) for d in range(300)]
+      for l, language in enumerate(LANGUAGES)
+  }
   it = make(num_streams=4, sources=sources)
   owner = {}
   for _ in range(10):
@@ -181,9 +199,17 @@ def test_weights_naming_a_language_without_data_are_refused():
 
 def test_bos_and_eos_are_optional():
   sources = make_sources()
-  it = PackedStreams(sources, uniform_weights, mean_document_tokens=mean_lengths(sources),
-                     seq_len=32, num_streams=2, streams=[0, 1],
-                     seed=0, bos_id=None, eos_id=None)
+  it = PackedStreams(
+      sources,
+      uniform_weights,
+      mean_document_tokens=mean_lengths(sources),
+      seq_len=32,
+      num_streams=2,
+      streams=[0, 1],
+      seed=0,
+      bos_id=None,
+      eos_id=None,
+  )
   for _ in range(5):
     batch = next(it)
     assert (batch['inputs'] >= 1000).all() and (batch['targets'] >= 1000).all()
@@ -196,8 +222,9 @@ def test_shuffled_index_is_a_permutation(size):
     order = [shuffled_index(key, size, i) for i in range(size)]
     assert sorted(order) == list(range(size))
   if size >= 10:  # different keys give different orders
-    assert [shuffled_index(0, size, i) for i in range(size)] != \
-        [shuffled_index(7, size, i) for i in range(size)]
+    assert [shuffled_index(0, size, i) for i in range(size)] != [
+        shuffled_index(7, size, i) for i in range(size)
+    ]
 
 
 def test_packing_stats_count_continued_pieces():

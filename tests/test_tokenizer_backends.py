@@ -4,6 +4,7 @@ The `test` extra installs tensorflow-text, so the comparison always runs; withou
 the test fails and says what to install.
 """
 
+import importlib
 import os
 import sys
 
@@ -46,10 +47,9 @@ TEXTS = (
 
 def _require_tensorflow_text():
   try:
-    import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module('tensorflow_text')
   except ImportError as e:
-    pytest.fail(f"tensorflow-text is not importable ({e}); pip install -e '.[test]'",
-                pytrace=False)
+    pytest.fail(f"tensorflow-text is not importable ({e}); pip install -e '.[test]'", pytrace=False)
 
 
 @pytest.fixture(scope='module')
@@ -95,9 +95,7 @@ def test_default_backend_is_sentencepiece(model_path):
   tokenizer = tokenizer_lib.Tokenizer.from_file(model_path)
   reference = spm.SentencePieceProcessor(model_file=model_path)
   assert tokenizer.backend == 'sentencepiece'
-  assert tokenizer.encode_batch(TEXTS) == [
-      reference.EncodeAsIds(t) for t in TEXTS
-  ]
+  assert tokenizer.encode_batch(TEXTS) == [reference.EncodeAsIds(t) for t in TEXTS]
 
 
 def test_missing_tensorflow_text_is_a_user_error(model_path, monkeypatch):

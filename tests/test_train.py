@@ -68,7 +68,8 @@ def test_loss_falls_on_the_embedded_corpus(tiny_run):
   assert {'deu_Latn', 'fra_Latn', 'pol_Latn', 'ell_Grek', 'bul_Cyrl', 'gle_Latn'} <= languages
   for language in languages:
     assert evals[2][f'valid/{language}/perplexity'] == pytest.approx(
-        math.exp(evals[2][f'valid/{language}/loss']))
+        math.exp(evals[2][f'valid/{language}/loss'])
+    )
     assert evals[2][f'valid/{language}/loss'] < evals[0][f'valid/{language}/loss'] - 0.5
     assert 0 < evals[2][f'valid/{language}/bpb'] < 10
 
@@ -78,10 +79,13 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):
   c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
   c.optimizer.learning_rate = float('nan')  # step 1's update would make every parameter NaN
   c.optimizer.warmup_steps = 0
-  with pytest.raises(TrainingError, match=r'step 1: learning_rate is nan; non-finite '
-                     r'parameters after the update: embedding, final_norm/scale, '
-                     r'layers/attention/wk \(layers 0, 1\), .*; stopping. There is no '
-                     r'checkpoint yet'):
+  with pytest.raises(
+      TrainingError,
+      match=r'step 1: learning_rate is nan; non-finite '
+      r'parameters after the update: embedding, final_norm/scale, '
+      r'layers/attention/wk \(layers 0, 1\), .*; stopping. There is no '
+      r'checkpoint yet',
+  ):
     train(c, str(tmp_path))
   assert not os.listdir(tmp_path / 'checkpoints')
 
@@ -90,12 +94,24 @@ def test_readme_command_line(tiny_run, tmp_path):
   """The command-line contract: --config, --workdir and --config.a.b=v overrides."""
   tokenizer = os.path.join(tiny_run[1], 'tokenizer.model')
   result = subprocess.run(
-      [sys.executable, '-m', 'euro_lm.train', '--config=configs/tiny.py',
-       f'--workdir={tmp_path}', '--config.train.steps=4', '--config.train.log_every=2',
-       '--config.model.num_layers=1', '--config.train.eval_every=0',
-       f'--config.data.tokenizer_path={tokenizer}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.train',
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}',
+          '--config.train.steps=4',
+          '--config.train.log_every=2',
+          '--config.model.num_layers=1',
+          '--config.train.eval_every=0',
+          f'--config.data.tokenizer_path={tokenizer}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert [r['step'] for r in read_metrics(tmp_path) if 'loss' in r] == [2, 4]
   assert 'done: step 4' in result.stdout
@@ -105,8 +121,9 @@ def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
   """train.profile_start_step=2, profile_steps=2: one trace in the TensorBoard directory
   (TensorBoard's and Perfetto's formats), whose annotated steps are 2 and 3 alone, with the
   compiled train step running in it."""
-  c = fast_tiny(steps=5, log_every=5, eval_every=0, checkpoint_every=0, profile_start_step=2,
-                profile_steps=2)
+  c = fast_tiny(
+      steps=5, log_every=5, eval_every=0, checkpoint_every=0, profile_start_step=2, profile_steps=2
+  )
   c.model.num_layers = 1
   c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
   train(c, str(tmp_path))
@@ -114,8 +131,12 @@ def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
   assert len(runs) == 1
   assert os.path.exists(os.path.join(runs[0], 'perfetto_trace.json.gz'))
   (xspace,) = glob.glob(os.path.join(runs[0], '*.xplane.pb'))
-  events = [event for plane in jax.profiler.ProfileData.from_file(xspace).planes
-            for line in plane.lines for event in line.events]
+  events = [
+      event
+      for plane in jax.profiler.ProfileData.from_file(xspace).planes
+      for line in plane.lines
+      for event in line.events
+  ]
   steps = [dict(event.stats)['step_num'] for event in events if event.name == 'train']
   assert steps == [2, 3]
   assert any('jit_train_step' in event.name for event in events)
@@ -123,8 +144,7 @@ def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
 
 def test_profile_window_before_a_resumed_step_is_skipped_with_a_message(tmp_path):
   said = []
-  profiler = StepProfiler(str(tmp_path / 'trace'), first=2, count=2, start_step=5,
-                          log=said.append)
+  profiler = StepProfiler(str(tmp_path / 'trace'), first=2, count=2, start_step=5, log=said.append)
   with profiler.step(6):
     pass
   assert not profiler.after(6, None)

@@ -24,8 +24,8 @@ def small_config(data=1, fsdp=1, tensor=1, grad_accum_steps=1):
   c.train.global_batch_size, c.train.seq_len = 8, 16
   c.train.grad_accum_steps = grad_accum_steps
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-  c.optimizer.warmup_steps = 0      # every step updates the params
-  c.optimizer.weight_decay = 0.1    # and the decay mask takes part
+  c.optimizer.warmup_steps = 0  # every step updates the params
+  c.optimizer.weight_decay = 0.1  # and the decay mask takes part
   return c
 
 
@@ -33,13 +33,16 @@ def random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   b, l = config.train.global_batch_size, config.train.seq_len
   # Two documents per row, the second ending in padding.
-  segment_ids = np.concatenate([np.ones((b, l // 2)), np.full((b, l // 4), 2),
-                                np.zeros((b, l // 4))], axis=1).astype(np.int32)
+  segment_ids = np.concatenate(
+      [np.ones((b, l // 2)), np.full((b, l // 4), 2), np.zeros((b, l // 4))], axis=1
+  ).astype(np.int32)
   positions = np.concatenate([np.arange(l // 2), np.arange(l // 4), np.zeros(l // 4)])
-  return {'inputs': rng.integers(0, config.model.vocab_size, (b, l), dtype=np.int32),
-          'targets': rng.integers(0, config.model.vocab_size, (b, l), dtype=np.int32),
-          'segment_ids': segment_ids,
-          'positions': np.broadcast_to(positions, (b, l)).astype(np.int32)}
+  return {
+      'inputs': rng.integers(0, config.model.vocab_size, (b, l), dtype=np.int32),
+      'targets': rng.integers(0, config.model.vocab_size, (b, l), dtype=np.int32),
+      'segment_ids': segment_ids,
+      'positions': np.broadcast_to(positions, (b, l)).astype(np.int32),
+  }
 
 
 def run_steps(config, devices, num_steps=2):
@@ -49,14 +52,20 @@ def run_steps(config, devices, num_steps=2):
   tx, schedule = make_optimizer(config.optimizer, total_steps=10)
   mesh = make_mesh(config.mesh, devices)
   rules = logical_rules(config.mesh)
-  state, shardings = create_train_state(model, tx, config.train.seq_len, jax.random.key(0),
-                                        mesh, rules)
+  state, shardings = create_train_state(
+      model, tx, config.train.seq_len, jax.random.key(0), mesh, rules
+  )
   step = make_train_step(model, tx, schedule, config.train, 1e-4, mesh, shardings)
   history = []
-  grad_fn = jax.jit(jax.grad(lambda p, b: _loss_sums(p, b, model, 1e-4)[0]),
-                    in_shardings=(shardings.params, None), out_shardings=shardings.params)
+  grad_fn = jax.jit(
+      jax.grad(lambda p, b: _loss_sums(p, b, model, 1e-4)[0]),
+      in_shardings=(shardings.params, None),
+      out_shardings=shardings.params,
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    grads = jax.device_get(grad_fn(state.params, global_batch(random_batch(config, 0), mesh, rules)))
+    grads = jax.device_get(
+        grad_fn(state.params, global_batch(random_batch(config, 0), mesh, rules))
+    )
     for i in range(num_steps):
       state, metrics = step(state, global_batch(random_batch(config, i), mesh, rules))
       history.append(jax.device_get(metrics))
@@ -73,16 +82,20 @@ def test_2x2x2_mesh_step_equals_single_device_step(single_device_run):
   history, params, state, grads = run_steps(small_config(data=2, fsdp=2, tensor=2), jax.devices())
   # The state really is sharded over fsdp and tensor.
   assert state.params['layers']['mlp']['w_up'].sharding.spec == P(None, 'fsdp', 'tensor')
-  assert state.opt_state[1][0].mu['layers']['mlp']['w_up'].sharding.spec == P(None, 'fsdp', 'tensor')
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               ref_grads, grads)
+  assert state.opt_state[1][0].mu['layers']['mlp']['w_up'].sharding.spec == P(
+      None, 'fsdp', 'tensor'
+  )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ref_grads, grads
+  )
   for ref, got in zip(ref_history, history):
     for key in ('loss', 'grad_norm', 'learning_rate', 'tokens'):
       np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, err_msg=key)
   # Adam divides by sqrt(v): float32 reduction-order noise in near-zero gradients moves
   # a parameter by a small fraction of the learning rate (3e-3), never by a whole step.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-               ref_params, params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), ref_params, params
+  )
 
 
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
@@ -93,26 +106,28 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
     np.testing.assert_allclose(got['grad_norm'], ref['grad_norm'], rtol=2e-5)
   # Adam divides by sqrt(v): float32 reduction-order noise in near-zero gradients moves
   # a parameter by a small fraction of the learning rate (3e-3), never by a whole step.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-               ref_params, params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), ref_params, params
+  )
 
 
 def test_pallas_attention_on_a_2x2x2_mesh_equals_xla_on_one_device():
   """The real step (layers under nn.scan, remat, accumulation) with euro_lm's kernels
   running per device under shard_map, against the xla attention on one device."""
+
   def config(impl, **mesh):
     c = small_config(grad_accum_steps=2, **mesh)
     c.train.seq_len, c.model.attention_impl, c.model.remat_policy = 64, impl, 'dots'
     return c
 
   ref_history, ref_params, _, _ = run_steps(config('xla'), jax.devices()[:1])
-  history, params, _, _ = run_steps(config('pallas', data=2, fsdp=2, tensor=2),
-                                    jax.devices())
+  history, params, _, _ = run_steps(config('pallas', data=2, fsdp=2, tensor=2), jax.devices())
   for ref, got in zip(ref_history, history):
     for key in ('loss', 'grad_norm'):
       np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-               ref_params, params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), ref_params, params
+  )
 
 
 def test_loss_is_the_token_weighted_cross_entropy(single_device_run):
@@ -121,11 +136,16 @@ def test_loss_is_the_token_weighted_cross_entropy(single_device_run):
   model = Decoder(config.model)
   tx, _ = make_optimizer(config.optimizer, 10)
   mesh = make_mesh(config.mesh, jax.devices()[:1])
-  state, _ = create_train_state(model, tx, config.train.seq_len, jax.random.key(0), mesh,
-                                logical_rules(config.mesh))
+  state, _ = create_train_state(
+      model, tx, config.train.seq_len, jax.random.key(0), mesh, logical_rules(config.mesh)
+  )
   batch = random_batch(config, 0)
-  logits = np.asarray(jax.jit(model.apply)({'params': state.params}, batch['inputs'],
-                                           batch['segment_ids'], batch['positions']), np.float64)
+  logits = np.asarray(
+      jax.jit(model.apply)(
+          {'params': state.params}, batch['inputs'], batch['segment_ids'], batch['positions']
+      ),
+      np.float64,
+  )
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   nll = logz - np.take_along_axis(logits, batch['targets'][..., None], -1)[..., 0]
   weights = batch['segment_ids'] != 0
@@ -171,16 +191,22 @@ def test_z_loss_adds_the_squared_log_partition():
   model = Decoder(config.model)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']
   batch = random_batch(config, 3)
-  logits = np.asarray(jax.jit(model.apply)({'params': params}, batch['inputs'],
-                                           batch['segment_ids'], batch['positions']), np.float64)
+  logits = np.asarray(
+      jax.jit(model.apply)(
+          {'params': params}, batch['inputs'], batch['segment_ids'], batch['positions']
+      ),
+      np.float64,
+  )
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   nll = logz - np.take_along_axis(logits, batch['targets'][..., None], -1)[..., 0]
   weights = batch['segment_ids'] != 0
   objective, (loss_sum, weight_sum) = jax.jit(lambda p, b: _loss_sums(p, b, model, 1e-2))(
-      params, batch)
+      params, batch
+  )
   np.testing.assert_allclose(loss_sum, (nll * weights).sum(), rtol=1e-5)
-  np.testing.assert_allclose(objective, (nll * weights).sum() + 1e-2 * (logz ** 2 * weights).sum(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      objective, (nll * weights).sum() + 1e-2 * (logz**2 * weights).sum(), rtol=1e-5
+  )
   assert weight_sum == weights.sum()
 
 
@@ -198,8 +224,9 @@ def test_skip_policy_keeps_the_state_when_a_step_is_not_finite(cause):
   tx, schedule = make_optimizer(config.optimizer, total_steps=10)
   mesh = make_mesh(config.mesh, jax.devices()[:1])
   rules = logical_rules(config.mesh)
-  state, shardings = create_train_state(model, tx, config.train.seq_len, jax.random.key(0),
-                                        mesh, rules)
+  state, shardings = create_train_state(
+      model, tx, config.train.seq_len, jax.random.key(0), mesh, rules
+  )
   initial = jax.device_get((state.params, state.opt_state))
   step = make_train_step(model, tx, schedule, config.train, z_loss, mesh, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -211,5 +238,6 @@ def test_skip_policy_keeps_the_state_when_a_step_is_not_finite(cause):
   assert int(history[-1]['skipped_total']) == 2 and int(state.step) == 2
   assert np.isfinite(history[0]['loss'])
   assert np.isfinite(history[0]['grad_norm']) == (cause == 'update')
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)),
-               initial)
+  jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), initial
+  )

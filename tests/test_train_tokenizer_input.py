@@ -47,14 +47,12 @@ def files(tmp_path_factory):
   records = {}  # file -> [(language, JSON line)]
   for tag, (code, per_file) in LAYOUT.items():
     # 500-character pieces of the embedded corpus: distinct documents.
-    pieces = [d[i : i + 500] for d in embedded[tag] for i in range(0, 2000,
-                                                                    500)]
+    pieces = [d[i : i + 500] for d in embedded[tag] for i in range(0, 2000, 500)]
     pieces = [p for p in dict.fromkeys(pieces) if p.strip()]
     for name, count in per_file.items():
       taken, pieces = pieces[:count], pieces[count:]
       records.setdefault(name, []).extend(
-          (tag, json.dumps({'text': t, 'lang': code}, ensure_ascii=False))
-          for t in taken
+          (tag, json.dumps({'text': t, 'lang': code}, ensure_ascii=False)) for t in taken
       )
   # Interleave a.jsonl's languages, with the bad records between them.
   a = records['a.jsonl']
@@ -90,14 +88,17 @@ def _expected(docs, budget):
   return text[:budget], heldout, sum(len(docs[i]) for i in train)
 
 
-@pytest.mark.parametrize('sampling, chars', [('uniform', CHARS),
-                                             ('natural', 2000)])
+@pytest.mark.parametrize('sampling, chars', [('uniform', CHARS), ('natural', 2000)])
 def test_sample_fills_budgets_and_holds_out_every_kth(files, sampling, chars):
   root, docs = files
   logs = []
   sample = tt.sample_files(
-      _globs(root), SOURCE, chars_per_language=chars, sampling=sampling,
-      heldout_fraction=HELDOUT, log=logs.append,
+      _globs(root),
+      SOURCE,
+      chars_per_language=chars,
+      sampling=sampling,
+      heldout_fraction=HELDOUT,
+      log=logs.append,
   )
   assert sorted(sample.texts) == sorted(LAYOUT)
   available = {tag: _expected(d, 0)[2] for tag, d in docs.items()}
@@ -107,8 +108,7 @@ def test_sample_fills_budgets_and_holds_out_every_kth(files, sampling, chars):
   else:
     total = chars * len(available)
     budgets = {
-        tag: min(n, math.floor(total * n / sum(available.values())))
-        for tag, n in available.items()
+        tag: min(n, math.floor(total * n / sum(available.values()))) for tag, n in available.items()
     }
   assert sample.budgets == budgets
   assert sample.documents == {tag: len(d) for tag, d in docs.items()}
@@ -128,8 +128,12 @@ def test_train_on_files(files, tmp_path):
   root, docs = files
   logs = []
   tokenizer, report = tt.train_tokenizer(
-      str(tmp_path), input_globs=_globs(root), source=SOURCE,
-      vocab_size=600, chars_per_language=CHARS, heldout_fraction=HELDOUT,
+      str(tmp_path),
+      input_globs=_globs(root),
+      source=SOURCE,
+      vocab_size=600,
+      chars_per_language=CHARS,
+      heldout_fraction=HELDOUT,
       log=logs.append,
   )
   assert os.path.isfile(tmp_path / 'tokenizer.model')
@@ -149,7 +153,9 @@ def test_train_on_files(files, tmp_path):
   assert training['characters']['deu_Latn'] == CHARS
   bad = training['bad_records'][str(root / 'a.jsonl')]['kinds']
   assert {k: v['count'] for k, v in bad.items()} == {
-      'empty_text': 1, 'invalid_json': 1, 'missing_field': 1,
+      'empty_text': 1,
+      'invalid_json': 1,
+      'missing_field': 1,
       'unknown_language': 1,
   }
   assert any('not parallel text' in l for l in logs)
@@ -158,13 +164,14 @@ def test_train_on_files(files, tmp_path):
 def test_errors_name_the_flag_or_file(files, tmp_path):
   root, _ = files
   kwargs = dict(
-      input_globs=_globs(root), source=SOURCE, chars_per_language=CHARS,
-      heldout_fraction=HELDOUT, log=lambda _: None,
+      input_globs=_globs(root),
+      source=SOURCE,
+      chars_per_language=CHARS,
+      heldout_fraction=HELDOUT,
+      log=lambda _: None,
   )
   with pytest.raises(DataError, match="^--input: The input glob '.*nothing"):
-    tt.train_tokenizer(
-        str(tmp_path), **dict(kwargs, input_globs=[str(root / 'nothing*')])
-    )
+    tt.train_tokenizer(str(tmp_path), **dict(kwargs, input_globs=[str(root / 'nothing*')]))
   with pytest.raises(ConfigError, match='^--languages: '):
     tt.train_tokenizer(str(tmp_path), languages='de,xx', **kwargs)
   with pytest.raises(ConfigError, match=r"^--languages asks for 'pl'"):
@@ -172,9 +179,7 @@ def test_errors_name_the_flag_or_file(files, tmp_path):
   with pytest.raises(ConfigError, match='^--vocab_size=50000 '):
     tt.train_tokenizer(str(tmp_path), vocab_size=50000, **kwargs)
   strict = sources.TextSource(language_field='lang', strict=True)
-  with pytest.raises(
-      DataError, match=re.escape(f'{root / "a.jsonl"}:') + r'\d+: invalid JSON'
-  ):
+  with pytest.raises(DataError, match=re.escape(f'{root / "a.jsonl"}:') + r'\d+: invalid JSON'):
     tt.train_tokenizer(str(tmp_path), **dict(kwargs, source=strict))
   assert not os.path.exists(tmp_path / 'tokenizer.model')
 
@@ -190,39 +195,40 @@ def test_long_texts_are_cut_for_sentencepiece():
 def _run_cli(*flags):
   return subprocess.run(
       [sys.executable, '-m', 'euro_lm.train_tokenizer', *flags],
-      cwd=_REPO, capture_output=True, text=True, timeout=120, check=False,
+      cwd=_REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
   )
 
 
 def test_cli_trains_on_files(files, tmp_path):
   root, docs = files
   result = _run_cli(
-      f'--output={tmp_path}', f'--input={",".join(_globs(root))}',
-      '--language_field=lang', '--vocab_size=600',
-      f'--chars_per_language={CHARS}', f'--heldout_fraction={HELDOUT}',
+      f'--output={tmp_path}',
+      f'--input={",".join(_globs(root))}',
+      '--language_field=lang',
+      '--vocab_size=600',
+      f'--chars_per_language={CHARS}',
+      f'--heldout_fraction={HELDOUT}',
       '--languages=de,en,el',
   )
   assert result.returncode == 0, result.stderr
   report = json.loads((tmp_path / 'fertility.json').read_text('utf-8'))
   assert sorted(report['languages']) == ['deu_Latn', 'ell_Grek', 'eng_Latn']
   assert report['parity_kind'] == 'per_byte'
-  tokenizer = tokenizer_lib.Tokenizer.from_file(
-      str(tmp_path / 'tokenizer.model')
-  )
-  assert tokenizer.decode(tokenizer.encode(docs['ell_Grek'][0])) == (
-      docs['ell_Grek'][0])
+  tokenizer = tokenizer_lib.Tokenizer.from_file(str(tmp_path / 'tokenizer.model'))
+  assert tokenizer.decode(tokenizer.encode(docs['ell_Grek'][0])) == (docs['ell_Grek'][0])
   assert f'{root / "a.jsonl"}: 1 empty_text (first at line' in result.stdout
   assert 'text not parallel' in result.stdout  # The table's parity line.
 
 
 def test_cli_errors_are_one_line(tmp_path):
   pattern = str(tmp_path / 'nothing-*.jsonl')
-  result = _run_cli(f'--output={tmp_path}', f'--input={pattern}',
-                    '--language=de')
+  result = _run_cli(f'--output={tmp_path}', f'--input={pattern}', '--language=de')
   assert result.returncode == 1
-  assert result.stderr == (
-      f"error: --input: The input glob '{pattern}' matches no file.\n")
+  assert result.stderr == (f"error: --input: The input glob '{pattern}' matches no file.\n")
   result = _run_cli(f'--output={tmp_path}', '--language=de')
   assert result.returncode == 1
-  assert result.stderr == (
-      'error: --language: set for --input files, but --input is not given.\n')
+  assert result.stderr == ('error: --language: set for --input files, but --input is not given.\n')

@@ -33,6 +33,7 @@ def tiny_config(overrides):
 
 def kill_at_commit(step):
   from orbax.checkpoint._src.path import atomicity
+
   commit = atomicity.on_commit_callback
 
   async def commit_or_die(tmp_dir, **kwargs):
@@ -57,6 +58,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, args.file_size_limit))
   from euro_lm.errors import UserError
   from euro_lm.train.loop import train
+
   try:
     train(tiny_config(json.loads(args.overrides)), args.workdir)
   except UserError as e:

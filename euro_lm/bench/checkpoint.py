@@ -41,9 +41,17 @@ def data_iterator(config):
   rng = np.random.default_rng(0)
   docs = [rng.integers(3, config.model.vocab_size, 200, dtype=np.int32) for _ in range(50)]
   batch = config.train.global_batch_size // jax.process_count()
-  return PackedStreams({'eng_Latn': docs}, lambda step: {'eng_Latn': 1.0},
-                       mean_document_tokens={'eng_Latn': 200.0}, seq_len=config.train.seq_len,
-                       num_streams=batch, streams=range(batch), seed=0, bos_id=1, eos_id=2)
+  return PackedStreams(
+      {'eng_Latn': docs},
+      lambda step: {'eng_Latn': 1.0},
+      mean_document_tokens={'eng_Latn': 200.0},
+      seq_len=config.train.seq_len,
+      num_streams=batch,
+      streams=range(batch),
+      seed=0,
+      bos_id=1,
+      eos_id=2,
+  )
 
 
 def run(config, directory):
@@ -85,8 +93,9 @@ def run(config, directory):
   abstract, _ = abstract_train_state(model, tx, config.train.seq_len, mesh, rules)
   restorer = Checkpointer(os.path.join(directory, 'checkpoints'))
   start = time.perf_counter()
-  restored = restorer.restore(restorer.latest_step(), abstract, data_iterator(config), config,
-                              tokenizer)
+  restored = restorer.restore(
+      restorer.latest_step(), abstract, data_iterator(config), config, tokenizer
+  )
   jax.block_until_ready(restored)
   restore_seconds = time.perf_counter() - start
   restorer.close()
@@ -102,13 +111,18 @@ def run(config, directory):
       ('save: until on disk', f'{write:.2f} s = {mb / write:,.0f} MB/s'),
       ('step while a save is written', f'{step_while_writing:.3f} s'),
       ('restore', f'{restore_seconds:.2f} s = {mb / restore_seconds:,.0f} MB/s'),
-      ('resume to first step', f'{restore_seconds + compile_seconds + first_step:.1f} s '
-       f'(restore {restore_seconds:.1f} + compile {compile_seconds:.1f} + step '
-       f'{first_step:.1f})'),
+      (
+          'resume to first step',
+          f'{restore_seconds + compile_seconds + first_step:.1f} s '
+          f'(restore {restore_seconds:.1f} + compile {compile_seconds:.1f} + step '
+          f'{first_step:.1f})',
+      ),
   ]
-  print(f'\n{jax.device_count()} x {jax.devices()[0].device_kind}, '
-        f'{config.train.global_batch_size} x {config.train.seq_len} tokens per step, '
-        f'{_SAVES.value} saves\n')
+  print(
+      f'\n{jax.device_count()} x {jax.devices()[0].device_kind}, '
+      f'{config.train.global_batch_size} x {config.train.seq_len} tokens per step, '
+      f'{_SAVES.value} saves\n'
+  )
   print('| measure | value |\n|---|---|')
   for name, value in rows:
     print(f'| {name} | {value} |')

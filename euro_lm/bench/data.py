@@ -19,9 +19,13 @@ import time
 import zstandard
 from absl import app, flags
 
-_SCALES = flags.DEFINE_list('scales', ['5', '20'], 'Corpus sizes, as copies of the embedded corpus.')
+_SCALES = flags.DEFINE_list(
+    'scales', ['5', '20'], 'Corpus sizes, as copies of the embedded corpus.'
+)
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Scratch directory (default: a temporary one).')
-_STREAM_ONLY = flags.DEFINE_string('stream_only', '', 'Internal: time streaming from this prepared dir.')
+_STREAM_ONLY = flags.DEFINE_string(
+    'stream_only', '', 'Internal: time streaming from this prepared dir.'
+)
 _VOCAB = flags.DEFINE_integer('vocab_size', 16_000, 'Tokenizer vocabulary.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'Row length for streaming.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Rows per batch for streaming.')
@@ -42,10 +46,13 @@ def write_corpus(paths, docs_by_lang, scale):
 
 
 def time_prepare(raw, out, model, workers):
-  from euro_lm.data.prepare import shards as prepare, sources
+  from euro_lm.data.prepare import shards as prepare
+  from euro_lm.data.prepare import sources
+
   start = time.perf_counter()
-  manifest = prepare.prepare(raw, out, model, sources.TextSource(language_field='lang'),
-                             workers=workers)
+  manifest = prepare.prepare(
+      raw, out, model, sources.TextSource(language_field='lang'), workers=workers
+  )
   return manifest, time.perf_counter() - start
 
 
@@ -53,15 +60,22 @@ def time_streams(prepared_dir, seq_len, batch, batches):
   """Tokens/s of one thread producing packed batches, and the process's peak RSS in MiB."""
   from euro_lm.data import prepared as prepare
   from euro_lm.data.streams import PackedStreams, process_streams
+
   manifest = prepare.read_manifest(prepared_dir)
   sources = {tag: prepare.document_source(prepared_dir, tag) for tag in manifest['languages']}
   counts = {tag: entry['tokens'] for tag, entry in manifest['languages'].items()}
   mean = {tag: e['tokens'] / e['documents'] for tag, e in manifest['languages'].items()}
-  streams = PackedStreams(sources, lambda step: counts, mean_document_tokens=mean,
-                          seq_len=seq_len, num_streams=batch,
-                          streams=process_streams(batch, 0, 1), seed=0,
-                          bos_id=manifest['tokenizer']['bos_id'],
-                          eos_id=manifest['tokenizer']['eos_id'])
+  streams = PackedStreams(
+      sources,
+      lambda step: counts,
+      mean_document_tokens=mean,
+      seq_len=seq_len,
+      num_streams=batch,
+      streams=process_streams(batch, 0, 1),
+      seed=0,
+      bos_id=manifest['tokenizer']['bos_id'],
+      eos_id=manifest['tokenizer']['eos_id'],
+  )
   next(streams)  # warm-up: opens the shards
   start = time.perf_counter()
   for _ in range(batches):
@@ -79,13 +93,16 @@ def main(argv):
     return
   from euro_lm.data import corpus
   from euro_lm.data.tokenizer import train_sentencepiece
+
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='euro_lm_bench_data_')
   docs = corpus.load_embedded_corpus()
   model = os.path.join(workdir, 'tokenizer.model')
   if not os.path.exists(model):
     train_sentencepiece([d for ds in docs.values() for d in ds], model, vocab_size=_VOCAB.value)
-  print('| corpus | documents | tokens | prepare tok/s, 1 worker | prepare tok/s, 2 workers '
-        '| stream tok/s (1 thread) | stream peak RSS MiB |\n|---|---|---|---|---|---|---|')
+  print(
+      '| corpus | documents | tokens | prepare tok/s, 1 worker | prepare tok/s, 2 workers '
+      '| stream tok/s (1 thread) | stream peak RSS MiB |\n|---|---|---|---|---|---|---|'
+  )
   for scale in map(int, _SCALES.value):
     raw = [os.path.join(workdir, f'raw_{scale}_{i}.jsonl.zst') for i in range(2)]
     out = os.path.join(workdir, f'prepared_{scale}')
@@ -95,13 +112,25 @@ def main(argv):
     tokens = sum(e['tokens'] for e in manifest['languages'].values())
     documents = sum(e['documents'] for e in manifest['languages'].values())
     result = subprocess.run(
-        [sys.executable, '-m', 'euro_lm.bench.data', f'--stream_only={out}',
-         f'--seq_len={_SEQ_LEN.value}', f'--batch={_BATCH.value}',
-         f'--batches={_BATCHES.value}'], capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            '-m',
+            'euro_lm.bench.data',
+            f'--stream_only={out}',
+            f'--seq_len={_SEQ_LEN.value}',
+            f'--batch={_BATCH.value}',
+            f'--batches={_BATCHES.value}',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stream = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f'| embedded x{scale} | {documents:,} | {tokens:,} | {tokens / one_worker:,.0f} '
-          f'| {tokens / two_workers:,.0f} | {stream["tokens_per_second"]:,.0f} '
-          f'| {stream["peak_rss_mib"]:.0f} |')
+    print(
+        f'| embedded x{scale} | {documents:,} | {tokens:,} | {tokens / one_worker:,.0f} '
+        f'| {tokens / two_workers:,.0f} | {stream["tokens_per_second"]:,.0f} '
+        f'| {stream["peak_rss_mib"]:.0f} |'
+    )
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
-"""`python -m euro_lm.bench.generate [--models=configs/tiny.py,configs/llama_125m.py] [--batch=4] [--prompt_len=32]
-[--new_tokens=64] [--repeats=2]`
+"""`python -m euro_lm.bench.generate [--models=configs/tiny.py,configs/llama_125m.py]
+[--batch=4] [--prompt_len=32] [--new_tokens=64] [--repeats=2]`
 
 Generation throughput with random params, greedy, no EOS (every row runs the full length):
 the KV cache (one token per step through the model) against recomputing the whole prefix
@@ -20,8 +20,11 @@ from euro_lm.config import from_file
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import make_generate
 
-_MODELS = flags.DEFINE_list('models', ['configs/tiny.py', 'configs/llama_125m.py'],
-                            'Config files (path.py or path.py:variant).')
+_MODELS = flags.DEFINE_list(
+    'models',
+    ['configs/tiny.py', 'configs/llama_125m.py'],
+    'Config files (path.py or path.py:variant).',
+)
 _BATCH = flags.DEFINE_integer('batch', 4, 'Prompts per batch.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Tokens per prompt.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
@@ -32,12 +35,16 @@ def bench(model_config, batch, prompt_len, new_tokens, repeats, use_cache):
   """(compile + first run seconds, best run seconds) of one generate call."""
   model = Decoder(model_config)
   params = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32))['params']))(
-      jax.random.key(0))
-  tokens_BP = np.asarray(jax.random.randint(jax.random.key(1), (batch, prompt_len), 4,
-                                            model_config.vocab_size), np.int32)
+      jax.random.key(0)
+  )
+  tokens_BP = np.asarray(
+      jax.random.randint(jax.random.key(1), (batch, prompt_len), 4, model_config.vocab_size),
+      np.int32,
+  )
   lengths_B = np.full((batch,), prompt_len, np.int32)
-  run = make_generate(model, max_new_tokens=new_tokens, eos_id=-1, temperature=0.0,
-                      use_cache=use_cache)
+  run = make_generate(
+      model, max_new_tokens=new_tokens, eos_id=-1, temperature=0.0, use_cache=use_cache
+  )
   times = []
   for _ in range(repeats + 1):
     start = time.perf_counter()
@@ -51,24 +58,32 @@ def bench(model_config, batch, prompt_len, new_tokens, repeats, use_cache):
 def main(argv):
   del argv
   batch, prompt_len, new_tokens = _BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value
-  print(f'{jax.device_count()} x {jax.devices()[0].device_kind}; batch {batch}, prompt '
-        f'{prompt_len}, {new_tokens} new tokens, greedy, float32')
-  header = (f'{"model":<12} {"params":>8} {"cache tok/s":>12} {"recompute tok/s":>16} '
-            f'{"speedup":>8} {"first runs s (cache/recomp)":>28}')
+  print(
+      f'{jax.device_count()} x {jax.devices()[0].device_kind}; batch {batch}, prompt '
+      f'{prompt_len}, {new_tokens} new tokens, greedy, float32'
+  )
+  header = (
+      f'{"model":<12} {"params":>8} {"cache tok/s":>12} {"recompute tok/s":>16} '
+      f'{"speedup":>8} {"first runs s (cache/recomp)":>28}'
+  )
   print(header)
   print('-' * len(header))
   for name in _MODELS.value:
     config = from_file(name).model
     name = os.path.splitext(os.path.basename(name))[0]
-    results = [bench(config, batch, prompt_len, new_tokens, _REPEATS.value, use_cache)
-               for use_cache in (True, False)]
+    results = [
+        bench(config, batch, prompt_len, new_tokens, _REPEATS.value, use_cache)
+        for use_cache in (True, False)
+    ]
     (first_cache, best_cache), (first_full, best_full) = results
     rate_cache, rate_full = batch * new_tokens / best_cache, batch * new_tokens / best_full
-    num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-        lambda: Decoder(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))))
-    print(f'{name:<12} {num_params / 1e6:>7.1f}M {rate_cache:>12.1f} {rate_full:>16.1f} '
-          f'{rate_cache / rate_full:>7.1f}x {first_cache:>13.1f} / {first_full:<12.1f}',
-          flush=True)
+    shapes = jax.eval_shape(Decoder(config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    num_params = sum(x.size for x in jax.tree.leaves(shapes))
+    print(
+        f'{name:<12} {num_params / 1e6:>7.1f}M {rate_cache:>12.1f} {rate_full:>16.1f} '
+        f'{rate_cache / rate_full:>7.1f}x {first_cache:>13.1f} / {first_full:<12.1f}',
+        flush=True,
+    )
 
 
 if __name__ == '__main__':

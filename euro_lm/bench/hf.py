@@ -32,14 +32,12 @@ def write_random_hf(model, directory, shard_bytes, seed=0):
   """A random float32 HF Llama folder (config.json + shards); returns its bytes."""
   os.makedirs(directory)
   shapes = hf.expected_hf_shapes(model)
-  writer = hf.ShardWriter(directory, [(n, s, np.float32) for n, s in shapes.items()],
-                          shard_bytes)
+  writer = hf.ShardWriter(directory, [(n, s, np.float32) for n, s in shapes.items()], shard_bytes)
   rng = np.random.default_rng(seed)
   for name, shape in shapes.items():
     writer.add(name, rng.standard_normal(shape, np.float32) * np.float32(0.02))
   writer.close()
-  config = hf.hf_config(model, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-                        dtype='float32')
+  config = hf.hf_config(model, bos_token_id=2, eos_token_id=3, pad_token_id=0, dtype='float32')
   with open(os.path.join(directory, hf.CONFIG_FILE), 'w', encoding='utf-8') as f:
     json.dump(config, f)
   return sum(int(np.prod(s)) * 4 for s in shapes.values())
@@ -69,11 +67,28 @@ def main(argv):
   size = write_random_hf(model, source, shard_bytes)
   py = sys.executable
   rows = [('import the libraries only', *measure([py, '-c', _LIBRARIES]))]
-  rows.append(('import (safetensors → Orbax)', *measure(
-      [py, '-m', 'euro_lm.import_hf', f'--hf={source}', f'--workdir={run}'])))
-  rows.append((f'export (Orbax → safetensors, {_SHARD_GB.value:g} GiB shards)', *measure(
-      [py, '-m', 'euro_lm.export_hf', f'--workdir={run}', f'--output={output}',
-       '--dtype=float32', f'--shard_gb={_SHARD_GB.value}'])))
+  rows.append(
+      (
+          'import (safetensors → Orbax)',
+          *measure([py, '-m', 'euro_lm.import_hf', f'--hf={source}', f'--workdir={run}']),
+      )
+  )
+  rows.append(
+      (
+          f'export (Orbax → safetensors, {_SHARD_GB.value:g} GiB shards)',
+          *measure(
+              [
+                  py,
+                  '-m',
+                  'euro_lm.export_hf',
+                  f'--workdir={run}',
+                  f'--output={output}',
+                  '--dtype=float32',
+                  f'--shard_gb={_SHARD_GB.value}',
+              ]
+          ),
+      )
+  )
 
   original, exported = hf.SafetensorsFolder(source), hf.SafetensorsFolder(output)
   assert exported.names() == original.names()
@@ -81,8 +96,10 @@ def main(argv):
     np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
 
   params = size // 4
-  print(f'\n{params / 1e9:.3f}B parameters, {size / 1e9:.2f} GB in float32; '
-        'the export equals the input, tensor by tensor\n')
+  print(
+      f'\n{params / 1e9:.3f}B parameters, {size / 1e9:.2f} GB in float32; '
+      'the export equals the input, tensor by tensor\n'
+  )
   print('| step | wall | throughput | peak host RSS | vs model size |')
   print('|---|---|---|---|---|')
   for name, wall, rss in rows:

@@ -31,16 +31,20 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from euro_lm import hf, host_memory
-from euro_lm.model import param_count
 from euro_lm.bench.synthetic import compile_train_step
+from euro_lm.model import param_count
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after 2 warm-up).')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile(model).')
-_TORCH_CHILD = flags.DEFINE_string('torch_child', None, 'Internal: run the PyTorch rows on '
-                                   'the params and batch pickled in this file.')
-_TORCH_KEEP_FREED = flags.DEFINE_bool('torch_keep_freed_memory', False,
-                                      'Internal: the child keeps freed memory, as euro_lm.')
+_TORCH_CHILD = flags.DEFINE_string(
+    'torch_child',
+    None,
+    'Internal: run the PyTorch rows on the params and batch pickled in this file.',
+)
+_TORCH_KEEP_FREED = flags.DEFINE_bool(
+    'torch_keep_freed_memory', False, 'Internal: the child keeps freed memory, as euro_lm.'
+)
 _WARMUP = 2
 
 
@@ -69,6 +73,7 @@ def euro_lm_step(config):
       loss = float(metrics['loss'])  # waits for the step
     fragmentation_guard.after_step()
     return loss
+
   return params, jax.tree.map(np.asarray, batch), run
 
 
@@ -78,8 +83,9 @@ def torch_step(config, params, batch, compile_model):
 
   m, o = config.model.to_dict(), config.optimizer
   torch.manual_seed(0)
-  model_config = transformers.LlamaConfig(**hf.hf_config(m, bos_token_id=1, eos_token_id=2,
-                                                         dtype='float32'))
+  model_config = transformers.LlamaConfig(
+      **hf.hf_config(m, bos_token_id=1, eos_token_id=2, dtype='float32')
+  )
   model = transformers.LlamaForCausalLM(model_config).float().train()
   state_dict = {}
   for path, template, per_layer in hf.param_table(m):
@@ -87,14 +93,21 @@ def torch_step(config, params, batch, compile_model):
     for key in path:
       leaf = leaf[key]
     for i in range(m['num_layers']) if per_layer else [None]:
-      state_dict[template.format(i=i)] = torch.from_numpy(np.array(
-          hf.to_hf(path, leaf if i is None else leaf[i], m)))  # a writable copy
+      state_dict[template.format(i=i)] = torch.from_numpy(
+          np.array(hf.to_hf(path, leaf if i is None else leaf[i], m))
+      )  # a writable copy
   missing, unexpected = model.load_state_dict(state_dict, strict=False)
   missing = [k for k in missing if not (m['tie_embeddings'] and k == 'lm_head.weight')]
   if missing or unexpected:
     raise RuntimeError(f'weights do not map: missing {missing}, unexpected {unexpected}')
-  optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2),
-                                eps=o.eps, weight_decay=o.weight_decay, foreach=True)
+  optimizer = torch.optim.AdamW(
+      model.parameters(),
+      lr=o.learning_rate,
+      betas=(o.b1, o.b2),
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      foreach=True,
+  )
   inputs = torch.from_numpy(batch['inputs']).long()
   targets = torch.from_numpy(batch['targets']).long().reshape(-1)
   forward = torch.compile(model) if compile_model else model
@@ -108,6 +121,7 @@ def torch_step(config, params, batch, compile_model):
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
     optimizer.step()
     return loss.item()
+
   return run
 
 
@@ -119,6 +133,7 @@ def torch_rows(config, params, batch, keep_freed_memory):
       raise SystemExit('--torch_keep_freed_memory needs glibc on Linux')
     malloc = 'freed memory kept, as euro_lm'
   import torch  # pylint: disable=import-outside-toplevel
+
   torch.set_num_threads(os.cpu_count())
   variants = [(f'PyTorch eager (transformers Llama, SDPA), {malloc}', False)]
   if _TORCH_COMPILE.value:
@@ -139,12 +154,22 @@ def torch_rows_in_child(params, batch, keep_freed_memory):
     inputs = os.path.join(tmp, 'inputs.pkl')
     with open(inputs, 'wb') as f:
       pickle.dump((params, batch), f)
-    argv = [a for a in sys.argv[1:]
-            if not a.startswith(('--torch_child', '--torch_keep_freed_memory'))]
-    out = subprocess.run([sys.executable, '-m', 'euro_lm.bench.pytorch', *argv,
-                          f'--torch_child={inputs}',
-                          f'--torch_keep_freed_memory={keep_freed_memory}'],
-                         check=True, stdout=subprocess.PIPE, text=True)
+    argv = [
+        a for a in sys.argv[1:] if not a.startswith(('--torch_child', '--torch_keep_freed_memory'))
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'euro_lm.bench.pytorch',
+            *argv,
+            f'--torch_child={inputs}',
+            f'--torch_keep_freed_memory={keep_freed_memory}',
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
   return [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
@@ -170,16 +195,17 @@ def main(argv):
   for name, loss, _, _ in rows[1:]:
     if not np.isclose(loss, ours_loss, rtol=1e-4):
       raise SystemExit(f'{name}: first loss {loss:.6f} differs from euro_lm {ours_loss:.6f}')
-  print(f'\n{param_count(config.model) / 1e6:.1f}M parameters, batch {t.global_batch_size} x '
-        f'{t.seq_len}, float32, {os.cpu_count()} CPU threads; first-step losses agree '
-        f'({ours_loss:.6f})\n')
+  print(
+      f'\n{param_count(config.model) / 1e6:.1f}M parameters, batch {t.global_batch_size} x '
+      f'{t.seq_len}, float32, {os.cpu_count()} CPU threads; first-step losses agree '
+      f'({ours_loss:.6f})\n'
+  )
   print('| implementation | step s | tokens/s | euro_lm speed-up | first call s |')
   print('|---|---|---|---|---|')
   base = rows[0][2]
   for name, _, seconds, first_call in rows:
     first = '' if first_call is None else f'{first_call:.1f}'
-    print(f'| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {seconds / base:.2f}× | '
-          f'{first} |')
+    print(f'| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {seconds / base:.2f}× | {first} |')
 
 
 if __name__ == '__main__':

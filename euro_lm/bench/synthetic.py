@@ -7,8 +7,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from euro_lm import host_memory
-from euro_lm import devices
+from euro_lm import devices, host_memory
 from euro_lm.config import validate
 from euro_lm.model import Decoder
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
@@ -22,10 +21,12 @@ def synthetic_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   local = t.global_batch_size // jax.process_count()
   tokens = rng.integers(0, vocab, (local, t.seq_len + 1), dtype=np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'segment_ids': np.ones((local, t.seq_len), np.int32),
-          'positions': np.broadcast_to(np.arange(t.seq_len, dtype=np.int32),
-                                       (local, t.seq_len)).copy()}
+  return {
+      'inputs': tokens[:, :-1],
+      'targets': tokens[:, 1:],
+      'segment_ids': np.ones((local, t.seq_len), np.int32),
+      'positions': np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (local, t.seq_len)).copy(),
+  }
 
 
 def compile_train_step(config):
@@ -35,10 +36,12 @@ def compile_train_step(config):
   mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-  state, shardings = create_train_state(model, tx, config.train.seq_len, jax.random.key(0),
-                                        mesh, rules)
-  step = make_train_step(model, tx, schedule, config.train, config.optimizer.z_loss, mesh,
-                         shardings)
+  state, shardings = create_train_state(
+      model, tx, config.train.seq_len, jax.random.key(0), mesh, rules
+  )
+  step = make_train_step(
+      model, tx, schedule, config.train, config.optimizer.z_loss, mesh, shardings
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = global_batch(synthetic_batch(config), mesh, rules)
     start = time.perf_counter()

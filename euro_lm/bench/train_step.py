@@ -20,10 +20,10 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from euro_lm import devices, host_memory
+from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
-from euro_lm.bench.synthetic import compile_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
@@ -40,7 +40,7 @@ def measured_matmul_flops(n=2048, repeats=10):
     start = time.perf_counter()
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def peak_memory_bytes(compiled):
@@ -48,8 +48,12 @@ def peak_memory_bytes(compiled):
   m = compiled.memory_analysis()
   if m is None:
     return None
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-          - m.alias_size_in_bytes)
+  return (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+  )
 
 
 def benchmark(config, steps):
@@ -85,22 +89,26 @@ def benchmark(config, steps):
       'tflops_per_device': per_device / 1e12,
       'mfu': per_device / peak if peak else None,
       'peak': f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown',
-      'peak_memory_gib': (peak_memory_bytes(compiled) or 0) / 2 ** 30,
+      'peak_memory_gib': (peak_memory_bytes(compiled) or 0) / 2**30,
       'loss': float(metrics['loss']),
-      'host_peak_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+      'host_peak_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       'host_memory_trims': fragmentation_guard.trims,
   }
 
 
 def format_row(r):
   mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
-  return (f'| {r["device"]} | {r["params"] / 1e6:.0f}M | {r["tokens_per_step"]} | '
-          f'{r["compile_s"]:.1f} | {1e3 * r["step_s"]:.1f} | {r["tokens_per_s"]:,.0f} | '
-          f'{r["tflops_per_device"]:.3g} | {mfu} | {r["peak"]} | {r["peak_memory_gib"]:.2f} |')
+  return (
+      f'| {r["device"]} | {r["params"] / 1e6:.0f}M | {r["tokens_per_step"]} | '
+      f'{r["compile_s"]:.1f} | {1e3 * r["step_s"]:.1f} | {r["tokens_per_s"]:,.0f} | '
+      f'{r["tflops_per_device"]:.3g} | {mfu} | {r["peak"]} | {r["peak_memory_gib"]:.2f} |'
+  )
 
 
-HEADER = ('| device | params | tokens/step | compile s | step ms | tokens/s | TFLOP/s/device '
-          '| MFU | peak | peak mem GiB |\n|---|---|---|---|---|---|---|---|---|---|')
+HEADER = (
+    '| device | params | tokens/step | compile s | step ms | tokens/s | TFLOP/s/device '
+    '| MFU | peak | peak mem GiB |\n|---|---|---|---|---|---|---|---|---|---|'
+)
 
 
 def main(argv):
@@ -111,9 +119,11 @@ def main(argv):
   print(HEADER)
   print(format_row(result))
   kept = host_memory.keep_freed_memory_applied()
-  print(f'\nattention: {result["attention"]}; host: peak resident memory '
-        f'{result["host_peak_gib"]:.2f} GiB; freed memory kept: '
-        f'{"yes" if kept else "no"}' + (f', {result["host_memory_trims"]} trims' if kept else ''))
+  print(
+      f'\nattention: {result["attention"]}; host: peak resident memory '
+      f'{result["host_peak_gib"]:.2f} GiB; freed memory kept: '
+      f'{"yes" if kept else "no"}' + (f', {result["host_memory_trims"]} trims' if kept else '')
+  )
   if _COMPILE_LAYERS.value:
     print('\n| layers | compile s |\n|---|---|')
     for layers in map(int, _COMPILE_LAYERS.value):

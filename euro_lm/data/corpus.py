@@ -10,8 +10,8 @@ import glob
 import os
 import struct
 
-from euro_lm.errors import ConfigError, DataError, UserError
 from euro_lm.data import languages
+from euro_lm.errors import ConfigError, DataError, UserError
 
 _MO_MAGIC = 0x950412DE
 # msgfmt joins a context to its msgid with EOT, and plural forms with NUL.
@@ -51,16 +51,12 @@ def _parse_mo(data: bytes) -> dict[str, tuple[str, ...]]:
       break
   else:
     raise ValueError('bad magic number')
-  revision, count, originals_at, translations_at = struct.unpack_from(
-      byte_order + '4I', data, 4
-  )
+  revision, count, originals_at, translations_at = struct.unpack_from(byte_order + '4I', data, 4)
   if revision >> 16 not in (0, 1):
     raise ValueError(f'unsupported major revision {revision >> 16}')
 
   def string_at(table_offset, index):
-    length, offset = struct.unpack_from(
-        byte_order + '2I', data, table_offset + 8 * index
-    )
+    length, offset = struct.unpack_from(byte_order + '2I', data, table_offset + 8 * index)
     if offset + length > len(data):
       raise ValueError(f'string {index} runs past the end of the file')
     return data[offset : offset + length].decode('utf-8')
@@ -85,12 +81,8 @@ def django_catalogs() -> dict[str, list[str]]:
         ' euro_lm with its dependencies) adds it.'
     ) from e
   root = os.path.dirname(django.__file__)
-  paths = glob.glob(
-      os.path.join(root, 'conf', 'locale', '*', 'LC_MESSAGES', '*.mo')
-  )
-  paths += glob.glob(
-      os.path.join(root, 'contrib', '*', 'locale', '*', 'LC_MESSAGES', '*.mo')
-  )
+  paths = glob.glob(os.path.join(root, 'conf', 'locale', '*', 'LC_MESSAGES', '*.mo'))
+  paths += glob.glob(os.path.join(root, 'contrib', '*', 'locale', '*', 'LC_MESSAGES', '*.mo'))
   catalogs = {}
   for path in sorted(paths):
     locale = path.split(os.sep)[-3]
@@ -143,32 +135,22 @@ def load_embedded_corpus(doc_chars: int = 2000) -> dict[str, list[str]]:
     CorpusNotInstalledError: Django is not importable.
   """
   paths_by_tag = django_catalogs()
-  catalogs = {
-      path: read_mo(path) for paths in paths_by_tag.values() for path in paths
-  }
+  catalogs = {path: read_mo(path) for paths in paths_by_tag.values() for path in paths}
   english = languages.canonical_language('en')
   texts_by_tag = {
       tag: [t for p in paths for t in _message_texts(catalogs[p], source=False)]
       for tag, paths in paths_by_tag.items()
       if tag != english
   }
-  english_texts = (
-      t
-      for p in sorted(catalogs)
-      for t in _message_texts(catalogs[p], source=True)
-  )
+  english_texts = (t for p in sorted(catalogs) for t in _message_texts(catalogs[p], source=True))
   texts_by_tag[english] = list(dict.fromkeys(english_texts))
-  return {
-      tag: _group(texts_by_tag[tag], doc_chars) for tag in sorted(texts_by_tag)
-  }
+  return {tag: _group(texts_by_tag[tag], doc_chars) for tag in sorted(texts_by_tag)}
 
 
 def holdout_every(valid_fraction: float) -> int:
   """k such that every k-th document is held out for validation."""
   if not 0 < valid_fraction <= 0.5:
-    raise ConfigError(
-        f'data.valid_fraction must be in (0, 0.5], got {valid_fraction}.'
-    )
+    raise ConfigError(f'data.valid_fraction must be in (0, 0.5], got {valid_fraction}.')
   return round(1 / valid_fraction)
 
 
@@ -189,8 +171,7 @@ def split_train_valid(
   for tag, docs in docs_by_lang.items():
     if len(docs) < 2:
       raise ConfigError(
-          f'Language {tag} has {len(docs)} document(s); a train/validation'
-          ' split needs at least 2.'
+          f'Language {tag} has {len(docs)} document(s); a train/validation split needs at least 2.'
       )
     # Offsetting by k-1 holds out documents k-1, 2k-1, ...; a language shorter
     # than k still gets its last document held out.
@@ -200,9 +181,7 @@ def split_train_valid(
   return train, valid
 
 
-def select_languages(
-    docs_by_lang: dict[str, list[str]], spec: str
-) -> dict[str, list[str]]:
+def select_languages(docs_by_lang: dict[str, list[str]], spec: str) -> dict[str, list[str]]:
   """Keeps the languages in `spec` (comma-separated codes; '' keeps all).
 
   Raises:

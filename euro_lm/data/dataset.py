@@ -6,14 +6,9 @@ import os
 import ml_collections
 import numpy as np
 
-from euro_lm.data import corpus
-from euro_lm.data import mixture
-from euro_lm.data import pipeline
-from euro_lm.data import prepared
+from euro_lm.data import corpus, mixture, pipeline, prepared
 from euro_lm.data.streams import PackedStreams, process_streams
-from euro_lm.data.tokenizer import MODEL_TYPES
-from euro_lm.data.tokenizer import Tokenizer
-from euro_lm.data.tokenizer import balanced_texts, train_sentencepiece
+from euro_lm.data.tokenizer import MODEL_TYPES, Tokenizer, balanced_texts, train_sentencepiece
 from euro_lm.errors import ConfigError
 
 # Bounds the text a tokenizer trains on, shared equally by the languages.
@@ -59,9 +54,7 @@ def make_data(
   elif config.data.corpus == 'prepared':
     tokenizer, train_tokens, valid, token_counts = _prepared(config)
   else:
-    raise ConfigError(
-        f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.'
-    )
+    raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.')
   batch_size = global_batch_size // process_count
   seq_len = config.train.seq_len
   schedule = mixture_schedule(config, token_counts)
@@ -69,8 +62,7 @@ def make_data(
       train_tokens,
       schedule.weights_at,
       mean_document_tokens={
-          tag: token_counts[tag] / max(len(docs), 1)
-          for tag, docs in train_tokens.items()
+          tag: token_counts[tag] / max(len(docs), 1) for tag, docs in train_tokens.items()
       },
       seq_len=seq_len,
       num_streams=global_batch_size,
@@ -96,9 +88,7 @@ def make_data(
 
 def _embedded(config, workdir):
   """(tokenizer, train token ids, valid texts, train token counts) per language."""
-  docs = corpus.select_languages(
-      corpus.load_embedded_corpus(), config.data.languages
-  )
+  docs = corpus.select_languages(corpus.load_embedded_corpus(), config.data.languages)
   train, valid = corpus.split_train_valid(docs, config.data.valid_fraction)
   tokenizer = _load_or_train_tokenizer(config, workdir, train)
   train_tokens = {
@@ -183,9 +173,7 @@ def mixture_schedule(
     else:
       stages = [(0, mixture.parse_weights(text, field='data.mixture_weights'))]
     for _, weights in stages:
-      mixture.explicit_weights(
-          weights, token_counts, field='data.mixture_weights'
-      )
+      mixture.explicit_weights(weights, token_counts, field='data.mixture_weights')
     return mixture.MixtureSchedule(stages, field='data.mixture_weights')
   if d.mixture == 'natural':
     weights = mixture.temperature_weights(token_counts, 1.0, field='data.mixture')
@@ -194,9 +182,7 @@ def mixture_schedule(
         token_counts, d.mixture_temperature, field='data.mixture_temperature'
     )
   elif d.mixture == 'unimax':
-    budget = (
-        config.train.steps * config.train.global_batch_size * config.train.seq_len
-    )
+    budget = config.train.steps * config.train.global_batch_size * config.train.seq_len
     unimax = mixture.unimax_weights(
         token_counts, budget, d.unimax_max_epochs, field='data.unimax_max_epochs'
     )
@@ -206,13 +192,15 @@ def mixture_schedule(
   elif d.mixture == 'groups':
     groups, shares = _parse_groups(d.mixture_groups)
     weights = mixture.group_share_weights(
-        token_counts, groups, shares, d.mixture_min_share,
+        token_counts,
+        groups,
+        shares,
+        d.mixture_min_share,
         field='data.mixture_groups',
     )
   else:
     raise ConfigError(
-        f'data.mixture={d.mixture!r} is not one of natural, temperature,'
-        ' unimax, explicit, groups'
+        f'data.mixture={d.mixture!r} is not one of natural, temperature, unimax, explicit, groups'
     )
   return mixture.MixtureSchedule([(0, weights)], field='data.mixture')
 
@@ -253,8 +241,7 @@ def _load_or_train_tokenizer(
     return tokenizer
   if config.data.tokenizer_type not in MODEL_TYPES:
     raise ConfigError(
-        f'data.tokenizer_type={config.data.tokenizer_type!r} is not one of'
-        f' {MODEL_TYPES}.'
+        f'data.tokenizer_type={config.data.tokenizer_type!r} is not one of {MODEL_TYPES}.'
     )
   texts = balanced_texts(train, _TOKENIZER_TRAINING_CHARS // len(train))
   print(

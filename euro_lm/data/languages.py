@@ -79,9 +79,7 @@ LANGUAGES: tuple[Language, ...] = (
     Language('tur_Latn', 'Turkish', 'tr', False),
 )
 
-EU_OFFICIAL: tuple[str, ...] = tuple(
-    lang.tag for lang in LANGUAGES if lang.eu_official
-)
+EU_OFFICIAL: tuple[str, ...] = tuple(lang.tag for lang in LANGUAGES if lang.eu_official)
 
 _BY_CODE = {
     code: lang
@@ -142,9 +140,7 @@ def resolve_language(code: str) -> str:
     suggestion = _closest_language(code)
     if suggestion is None:
       raise
-    raise ValueError(
-        f'{e} Did you mean {suggestion.tag!r} ({suggestion.name})?'
-    ) from None
+    raise ValueError(f'{e} Did you mean {suggestion.tag!r} ({suggestion.name})?') from None
 
 
 def _is_known_language(code: str) -> bool:
@@ -158,8 +154,7 @@ def _is_known_language(code: str) -> bool:
 def _closest_language(code: str) -> Language | None:
   by_spelling = {}
   for lang in LANGUAGES:
-    spellings = (lang.tag, lang.name, lang.iso639_1, lang.iso639_3,
-                 lang.iso639_2b)
+    spellings = (lang.tag, lang.name, lang.iso639_1, lang.iso639_3, lang.iso639_2b)
     for spelling in spellings:
       if spelling:
         by_spelling[spelling.lower()] = lang

@@ -13,10 +13,10 @@ and `parse_stages` read the string forms a command-line override uses:
 """
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
 import difflib
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from euro_lm.data.languages import LANGUAGES, canonical_language
@@ -52,8 +52,7 @@ def _canonical(code: str, field: str) -> str:
       # A known language in the wrong script: the message names its tag.
       raise ConfigError(message) from None
     ratios = {
-        spelling: difflib.SequenceMatcher(None, typed, spelling).ratio()
-        for spelling in _SPELLINGS
+        spelling: difflib.SequenceMatcher(None, typed, spelling).ratio() for spelling in _SPELLINGS
     }
     best = max(ratios.values())
     # All ties: a swapped pair of letters (`gel`) is as close to `gle` as to
@@ -71,34 +70,25 @@ def _number(value, name: str, field: str) -> float:
     raise ConfigError(f'{field}: {name}={value!r} is not a number') from None
 
 
-def _fold(
-    values: Mapping[str, float], field: str, where: str = ''
-) -> dict[str, float]:
+def _fold(values: Mapping[str, float], field: str, where: str = '') -> dict[str, float]:
   """Canonical tags -> finite non-negative floats, sorted by tag."""
   folded, spelled = {}, {}
   for code, value in values.items():
     tag = _canonical(code, field)
     if tag in folded:
-      raise ConfigError(
-          f'{field}: {spelled[tag]!r} and {code!r}{where} both name {tag}'
-      )
+      raise ConfigError(f'{field}: {spelled[tag]!r} and {code!r}{where} both name {tag}')
     number = _number(value, code, field)
     if not (math.isfinite(number) and number >= 0):
-      raise ConfigError(
-          f'{field}: {tag}={number}{where} must be finite and >= 0'
-      )
+      raise ConfigError(f'{field}: {tag}={number}{where} must be finite and >= 0')
     folded[tag], spelled[tag] = number, code
   return dict(sorted(folded.items()))
 
 
-def _normalise(
-    weights: dict[str, float], field: str, where: str = ''
-) -> dict[str, float]:
+def _normalise(weights: dict[str, float], field: str, where: str = '') -> dict[str, float]:
   total = sum(weights.values())
   if not total > 0:
     raise ConfigError(
-        f'{field}: the weights{where} sum to {total}; they must sum to a'
-        ' positive number'
+        f'{field}: the weights{where} sum to {total}; they must sum to a positive number'
     )
   return {tag: w / total for tag, w in weights.items()}
 
@@ -116,8 +106,7 @@ def _tempered(counts: dict[str, float], temperature: float):
   logs = {tag: math.log(n) for tag, n in counts.items() if n > 0}
   top = max(logs.values())
   powered = {
-      tag: math.exp((logs[tag] - top) / temperature) if tag in logs else 0.0
-      for tag in counts
+      tag: math.exp((logs[tag] - top) / temperature) if tag in logs else 0.0 for tag in counts
   }
   total = sum(powered.values())  # >= 1: the largest language contributes 1.
   return {tag: p / total for tag, p in powered.items()}
@@ -201,8 +190,7 @@ def unimax_weights(
     remaining -= budgets[tag]
   weights = _normalise(dict(sorted(budgets.items())), field)
   epochs = {
-      tag: total_tokens * w / counts[tag] if counts[tag] else 0.0
-      for tag, w in weights.items()
+      tag: total_tokens * w / counts[tag] if counts[tag] else 0.0 for tag, w in weights.items()
   }
 
   warning = ''
@@ -247,21 +235,16 @@ def group_share_weights(
   members = _group_members(groups, counts, field)
   if set(shares) != set(members):
     raise ConfigError(
-        f'{field}: shares are for groups {sorted(shares)} but the groups are'
-        f' {sorted(members)}'
+        f'{field}: shares are for groups {sorted(shares)} but the groups are {sorted(members)}'
     )
   group_shares = {
-      name: _number(share, f'shares[{name!r}]', field)
-      for name, share in shares.items()
+      name: _number(share, f'shares[{name!r}]', field) for name, share in shares.items()
   }
   for name, share in group_shares.items():
     if not (math.isfinite(share) and share >= 0):
       raise ConfigError(f'{field}: shares[{name!r}]={share} must be >= 0')
   if abs(sum(group_shares.values()) - 1) > SHARE_TOLERANCE:
-    raise ConfigError(
-        f'{field}: shares sum to {sum(group_shares.values())}, not 1:'
-        f' {group_shares}'
-    )
+    raise ConfigError(f'{field}: shares sum to {sum(group_shares.values())}, not 1: {group_shares}')
   temperature = _within_group_temperature(within_group, field)
   min_share = _number(min_share, 'min_share', field)
   if not 0 <= min_share * len(counts) <= 1 + SHARE_TOLERANCE:
@@ -272,8 +255,7 @@ def group_share_weights(
   empty = [tag for tag, n in counts.items() if n == 0]
   if min_share > 0 and empty:
     raise ConfigError(
-        f'{field}: min_share={min_share} cannot be met by {", ".join(empty)},'
-        ' which have no tokens'
+        f'{field}: min_share={min_share} cannot be met by {", ".join(empty)}, which have no tokens'
     )
 
   weights = {}
@@ -299,9 +281,7 @@ def _group_members(groups, counts, field) -> dict[str, list[str]]:
   for name, spec in groups.items():
     if spec == '*':
       if remainder is not None:
-        raise ConfigError(
-            f"{field}: groups {remainder!r} and {name!r} are both '*'"
-        )
+        raise ConfigError(f"{field}: groups {remainder!r} and {name!r} are both '*'")
       remainder = name
       continue
     codes = spec.split(',') if isinstance(spec, str) else spec
@@ -323,7 +303,7 @@ def _group_members(groups, counts, field) -> dict[str, list[str]]:
     members[remainder] = rest
   elif rest:
     raise ConfigError(
-        f"{field}: {', '.join(rest)} have data but are in no group; add them"
+        f'{field}: {", ".join(rest)} have data but are in no group; add them'
         " to a group or add a group '*' for the rest"
     )
   return members
@@ -335,8 +315,7 @@ def _within_group_temperature(within_group, field) -> float:
   if isinstance(within_group, numbers.Real) and within_group > 0:
     return float(within_group)
   raise ConfigError(
-      f"{field}: within_group={within_group!r} must be 'natural' or a positive"
-      ' temperature'
+      f"{field}: within_group={within_group!r} must be 'natural' or a positive temperature"
   )
 
 
@@ -355,10 +334,7 @@ def _with_floor(weights: dict[str, float], min_share: float):
     if not below:
       break
     floored |= below
-  return {
-      tag: min_share if tag in floored else w * left / free_total
-      for tag, w in weights.items()
-  }
+  return {tag: min_share if tag in floored else w * left / free_total for tag, w in weights.items()}
 
 
 # --- stages --------------------------------------------------------------------
@@ -372,9 +348,7 @@ class MixtureSchedule:
   never dropped by a forgotten entry. Each stage's weights are normalised.
   """
 
-  def __init__(
-      self, stages: Sequence[tuple[int, Mapping[str, float]]], *, field: str
-  ):
+  def __init__(self, stages: Sequence[tuple[int, Mapping[str, float]]], *, field: str):
     if not stages:
       raise ConfigError(f'{field}: a mixture schedule needs at least one stage')
     starts = []
@@ -383,15 +357,11 @@ class MixtureSchedule:
         raise ConfigError(f'{field}: stage start {start!r} is not an integer step')
       starts.append(int(start))
     if starts[0] != 0:
-      raise ConfigError(
-          f'{field}: the first stage starts at step {starts[0]}; it must start'
-          ' at 0'
-      )
+      raise ConfigError(f'{field}: the first stage starts at step {starts[0]}; it must start at 0')
     for before, after in zip(starts, starts[1:]):
       if after <= before:
         raise ConfigError(
-            f'{field}: stage starts must increase, but step {after} follows'
-            f' step {before}'
+            f'{field}: stage starts must increase, but step {after} follows step {before}'
         )
     weights = []
     for start, (_, stage) in zip(starts, stages):
@@ -408,9 +378,7 @@ class MixtureSchedule:
             ' with weight 0 where one sits a stage out'
         )
     self._starts = starts
-    self.stages: tuple[tuple[int, dict[str, float]], ...] = tuple(
-        zip(starts, weights)
-    )
+    self.stages: tuple[tuple[int, dict[str, float]], ...] = tuple(zip(starts, weights))
 
   @property
   def languages(self) -> tuple[str, ...]:
@@ -441,8 +409,7 @@ def _parse_weights(text: str, field: str, where: str) -> dict[str, float]:
       weights[tag] = float(value)
     except ValueError:
       raise ConfigError(
-          f'{field}: weight {value.strip()!r} in {entry!r}{where} is not a'
-          ' number'
+          f'{field}: weight {value.strip()!r} in {entry!r}{where} is not a number'
       ) from None
   return weights
 
@@ -453,15 +420,12 @@ def parse_stages(text: str, *, field: str) -> list[tuple[int, dict[str, float]]]
   for stage in text.split(';'):
     start, colon, weights = stage.partition(':')
     if not colon:
-      raise ConfigError(
-          f'{field}: expected STEP:TAG=WEIGHT,... , got stage {stage!r}'
-      )
+      raise ConfigError(f'{field}: expected STEP:TAG=WEIGHT,... , got stage {stage!r}')
     try:
       step = int(start)
     except ValueError:
       raise ConfigError(
-          f'{field}: step {start.strip()!r} of stage {stage!r} is not an'
-          ' integer'
+          f'{field}: step {start.strip()!r} of stage {stage!r} is not an integer'
       ) from None
     stages.append((step, _parse_weights(weights, field, f' in stage {stage!r}')))
   return stages
@@ -480,7 +444,4 @@ def format_stages(stages: Iterable[tuple[int, Mapping[str, float]]]) -> str:
 def realised_shares(token_counts: Mapping[str, float]) -> dict[str, float]:
   """Each language's share of the tokens seen so far (all 0 before any)."""
   total = sum(token_counts.values())
-  return {
-      tag: float(n / total) if total else 0.0
-      for tag, n in sorted(token_counts.items())
-  }
+  return {tag: float(n / total) if total else 0.0 for tag, n in sorted(token_counts.items())}

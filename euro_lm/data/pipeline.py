@@ -15,8 +15,8 @@ cross segments, and the loss weights are `segment_ids != 0`: the train loop
 computes them, the pipeline does not ship them.
 """
 
-from collections.abc import Sequence
 import itertools
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -28,9 +28,7 @@ FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
 
 def _check_process(process_index: int, process_count: int):
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f'process_index={process_index} must be in [0, {process_count}).'
-    )
+    raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
 
 
 def _tokenize_fn(tokenizer: Tokenizer):
@@ -44,9 +42,7 @@ def _tokenize_fn(tokenizer: Tokenizer):
   return tokenize
 
 
-def _pack(
-    examples: grain.IterDataset, seq_len: int, pad_id: int
-) -> grain.IterDataset:
+def _pack(examples: grain.IterDataset, seq_len: int, pad_id: int) -> grain.IterDataset:
   """Concatenates examples and splits them into rows of `seq_len` tokens."""
   # inputs and targets of an example have equal lengths, so both features
   # split at the same points and share segment ids and positions.
@@ -95,16 +91,10 @@ def make_eval_batches(
   """
   _check_process(process_index, process_count)
   pad_id = _padding_id(tokenizer)
-  examples = (
-      grain.MapDataset.source(docs)
-      .map(_tokenize_fn(tokenizer))
-      .to_iter_dataset()
-  )
+  examples = grain.MapDataset.source(docs).map(_tokenize_fn(tokenizer)).to_iter_dataset()
   rows_per_step = batch_size * process_count
   rows = list(
-      itertools.islice(
-          _pack(examples, seq_len, pad_id), max_batches * rows_per_step or None
-      )
+      itertools.islice(_pack(examples, seq_len, pad_id), max_batches * rows_per_step or None)
   )
   num_batches = -(-len(rows) // rows_per_step)
   padding_row = {
@@ -119,9 +109,7 @@ def make_eval_batches(
   batches = []
   for start in range(0, len(own_rows), batch_size):
     batch = {
-        name: np.stack(
-            [row[name] for row in own_rows[start : start + batch_size]]
-        )
+        name: np.stack([row[name] for row in own_rows[start : start + batch_size]])
         for name in FEATURES
     }
     batch['target_bytes'] = np.where(

@@ -14,15 +14,15 @@ shard yields `TokenizedDocument(tokens, language, location)`, the location
 `path[record]` (records from 0).
 """
 
-from collections.abc import Iterator
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
-from array_record.python import array_record_module
 import grain
 import numpy as np
+from array_record.python import array_record_module
 
 from euro_lm.data import languages
 from euro_lm.errors import DataError
@@ -65,8 +65,7 @@ def read_manifest(directory: str) -> dict:
       manifest = json.load(f)
   except FileNotFoundError:
     raise DataError(
-        f'No {MANIFEST} in {directory}: prepare it with'
-        ' `python -m euro_lm.prepare_data`.'
+        f'No {MANIFEST} in {directory}: prepare it with `python -m euro_lm.prepare_data`.'
     ) from None
   except json.JSONDecodeError as e:
     raise DataError(f'{path} is not valid JSON: {e}') from e
@@ -97,8 +96,8 @@ def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
     )
   for shard in manifest['languages'][tag]['shards']:
     for document in read_array_record(
-        os.path.join(directory, shard['path']), tag,
-        expected_records=shard['documents']):
+        os.path.join(directory, shard['path']), tag, expected_records=shard['documents']
+    ):
       yield document.tokens
 
 
@@ -126,8 +125,7 @@ def document_source(directory: str, language: str) -> grain.MapDataset:
         f'the {language} shards of {directory} hold {len(records)} documents'
         f' but {MANIFEST} lists {entry["documents"]}: prepare the data again.'
     )
-  return grain.MapDataset.source(records).map(
-      lambda record: np.frombuffer(record, TOKEN_DTYPE))
+  return grain.MapDataset.source(records).map(lambda record: np.frombuffer(record, TOKEN_DTYPE))
 
 
 def read_array_record(
@@ -170,12 +168,11 @@ def read_array_record(
         raise DataError(f'{path}: corrupt ArrayRecord shard: {e}') from e
       for index, record in enumerate(records, start):
         if len(record) % 4:
-          raise DataError(
-              f'{path}[{index}]: {len(record)} bytes, not int32 token ids.'
-          )
+          raise DataError(f'{path}[{index}]: {len(record)} bytes, not int32 token ids.')
         yield TokenizedDocument(
             np.frombuffer(record, TOKEN_DTYPE).astype(np.int32),
-            language, f'{path}[{index}]',
+            language,
+            f'{path}[{index}]',
         )
   finally:
     reader.close()

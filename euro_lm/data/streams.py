@@ -30,8 +30,9 @@ _MASK64 = (1 << 64) - 1
 
 def _hash(a, b, c):
   """64 well-mixed bits from three integers (splitmix64 over the packed key)."""
-  z = (a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + c * 0x94D049BB133111EB
-       + 0x2545F4914F6CDD1D) & _MASK64
+  z = (
+      a * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + c * 0x94D049BB133111EB + 0x2545F4914F6CDD1D
+  ) & _MASK64
   z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
   z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
   return z ^ (z >> 31)
@@ -87,9 +88,19 @@ class PackedStreams:
   Rows are always full (sources repeat endlessly), so training rows hold no padding.
   """
 
-  def __init__(self, sources: Mapping[str, Sequence], weights_at: Callable[[int], dict], *,
-               mean_document_tokens: Mapping[str, float], seq_len: int, num_streams: int, streams: Sequence[int], seed: int,
-               bos_id: int | None, eos_id: int | None):
+  def __init__(
+      self,
+      sources: Mapping[str, Sequence],
+      weights_at: Callable[[int], dict],
+      *,
+      mean_document_tokens: Mapping[str, float],
+      seq_len: int,
+      num_streams: int,
+      streams: Sequence[int],
+      seed: int,
+      bos_id: int | None,
+      eos_id: int | None,
+  ):
     self._languages = sorted(sources)
     for language in self._languages:
       if not len(sources[language]):
@@ -97,8 +108,9 @@ class PackedStreams:
     self._sources = dict(sources)
     extra = (bos_id is not None) + (eos_id is not None)
     # Tokens a drawn document adds to rows, on average (its inputs: length + extra - 1).
-    self._document_cost = {l: max(mean_document_tokens[l] + extra - 1, 1.0)
-                           for l in self._languages}
+    self._document_cost = {
+        l: max(mean_document_tokens[l] + extra - 1, 1.0) for l in self._languages
+    }
     self._weights_at = weights_at
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
@@ -108,8 +120,7 @@ class PackedStreams:
     self._cumulative_for = (None, None, None)
 
   def _fresh_stream(self):
-    return {'documents': 0, 'taken': {}, 'carry': None, 'tokens': {}, 'pieces': 0,
-            'continued': 0}
+    return {'documents': 0, 'taken': {}, 'carry': None, 'tokens': {}, 'pieces': 0, 'continued': 0}
 
   def __iter__(self):
     return self
@@ -122,8 +133,9 @@ class PackedStreams:
   # --- state -----------------------------------------------------------------------
 
   def get_state(self) -> bytes:
-    return json.dumps({'step': self._step, 'streams': {str(b): self._state[b]
-                                                       for b in self._streams}}).encode()
+    return json.dumps(
+        {'step': self._step, 'streams': {str(b): self._state[b] for b in self._streams}}
+    ).encode()
 
   def set_state(self, state: bytes | Sequence[bytes]):
     """Restores from one state or from the states of all processes of a saving run."""
@@ -137,8 +149,10 @@ class PackedStreams:
       raise ValueError(f'data states from different steps: {sorted(steps)}')
     missing = [b for b in self._streams if b not in merged]
     if missing:
-      raise ValueError(f'the saved data state has no stream {missing[0]}: was it saved with '
-                       'a different global batch size?')
+      raise ValueError(
+          f'the saved data state has no stream {missing[0]}: was it saved with '
+          'a different global batch size?'
+      )
     self._step = steps.pop()
     self._state = {b: merged[b] for b in self._streams}
 
@@ -173,11 +187,11 @@ class PackedStreams:
     languages = [l for l in self._languages if weights.get(l, 0) > 0]
     unknown = sorted(set(l for l, w in weights.items() if w > 0) - set(self._languages))
     if unknown:
-      raise ValueError(f'mixture weights at step {self._step} name languages without data: '
-                       f'{", ".join(unknown)}')
+      raise ValueError(
+          f'mixture weights at step {self._step} name languages without data: {", ".join(unknown)}'
+      )
     if not languages:
-      raise ValueError(f'mixture weights at step {self._step} give no language a positive '
-                       'weight')
+      raise ValueError(f'mixture weights at step {self._step} give no language a positive weight')
     draws = [weights[l] / self._document_cost[l] for l in languages]
     cumulative = np.cumsum(draws) / sum(draws)
     self._cumulative_for = (self._step, languages, list(cumulative))
@@ -193,8 +207,11 @@ class PackedStreams:
 
   def _document(self, language, index):
     tokens = np.asarray(self.document_at(language, index), np.int32)
-    parts = ([[self._bos]] if self._bos is not None else []) + [tokens] + (
-        [[self._eos]] if self._eos is not None else [])
+    parts = (
+        ([[self._bos]] if self._bos is not None else [])
+        + [tokens]
+        + ([[self._eos]] if self._eos is not None else [])
+    )
     return np.concatenate(parts).astype(np.int32)
 
   def _next_document(self, b, stream):
@@ -228,13 +245,17 @@ class PackedStreams:
       stream['pieces'] += 1
       stream['continued'] += offset > 0
       end = filled + take
-      inputs[filled:end] = document[offset:offset + take]
-      targets[filled:end] = document[offset + 1:offset + take + 1]
+      inputs[filled:end] = document[offset : offset + take]
+      targets[filled:end] = document[offset + 1 : offset + take + 1]
       segment_ids[filled:end] = segment
       positions[filled:end] = np.arange(take)
       stream['tokens'][language] = stream['tokens'].get(language, 0) + take
       filled = end
       offset += take
       stream['carry'] = None if offset == usable else [language, index, offset]
-    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
-            'positions': positions}
+    return {
+        'inputs': inputs,
+        'targets': targets,
+        'segment_ids': segment_ids,
+        'positions': positions,
+    }

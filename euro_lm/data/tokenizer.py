@@ -1,9 +1,9 @@
 """A thin SentencePiece wrapper, and training a tokenizer from documents."""
 
-from collections.abc import Iterable, Sequence
 import io
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -37,18 +37,14 @@ class Tokenizer:
       backend: str = 'sentencepiece',
   ):
     if backend not in BACKENDS:
-      raise ConfigError(
-          f'Unknown tokenizer backend {backend!r}; use one of {BACKENDS}.'
-      )
+      raise ConfigError(f'Unknown tokenizer backend {backend!r}; use one of {BACKENDS}.')
     self._processor = processor
     self._path = path
     self._backend = backend
     self._token_bytes = None
     # None selects the SentencePiece path, which then costs one `is` check.
     self._tf_tokenizer = (
-        _tf_text_tokenizer(processor.serialized_model_proto())
-        if backend == 'tf_text'
-        else None
+        _tf_text_tokenizer(processor.serialized_model_proto()) if backend == 'tf_text' else None
     )
 
   @classmethod
@@ -213,8 +209,7 @@ def train_sentencepiece(
       # source location.
       advice = message[message.index('Vocabulary size') :]
       raise ConfigError(
-          f'{vocab_size_name}={vocab_size} does not fit the tokenizer training'
-          f' text: {advice}'
+          f'{vocab_size_name}={vocab_size} does not fit the tokenizer training text: {advice}'
       ) from e
     raise
   directory = os.path.dirname(os.path.abspath(model_path))
@@ -235,9 +230,7 @@ def train_sentencepiece(
   return Tokenizer.from_file(model_path)
 
 
-def balanced_texts(
-    docs_by_lang: dict[str, list[str]], chars_per_language: int
-) -> list[str]:
+def balanced_texts(docs_by_lang: dict[str, list[str]], chars_per_language: int) -> list[str]:
   """The first `chars_per_language` characters of each language's documents."""
   texts = []
   for tag in sorted(docs_by_lang):

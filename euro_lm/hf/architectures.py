@@ -25,12 +25,16 @@ def for_hf_config(hf, where='config.json'):
   architectures entry, naming the field."""
   model_type = hf.get('model_type')
   if model_type not in _BY_MODEL_TYPE:
-    raise HFError(f'{where}: model_type={model_type!r} is not supported; euro_lm imports '
-                  f'{", ".join(sorted(ARCHITECTURES))}')
+    raise HFError(
+        f'{where}: model_type={model_type!r} is not supported; euro_lm imports '
+        f'{", ".join(sorted(ARCHITECTURES))}'
+    )
   for arch in hf.get('architectures') or []:
     if arch not in ARCHITECTURES.values():
-      raise HFError(f'{where}: architectures={hf["architectures"]!r} is not supported; '
-                    f'euro_lm imports {", ".join(sorted(ARCHITECTURES.values()))}')
+      raise HFError(
+          f'{where}: architectures={hf["architectures"]!r} is not supported; '
+          f'euro_lm imports {", ".join(sorted(ARCHITECTURES.values()))}'
+      )
   return _BY_MODEL_TYPE[model_type]
 
 

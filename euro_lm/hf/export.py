@@ -25,8 +25,10 @@ DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 
 
 def _load_run_config(step_dir, workdir):
-  candidates = [os.path.join(str(step_dir), 'config', 'metadata'),
-                os.path.join(workdir, CONFIG_FILE)]
+  candidates = [
+      os.path.join(str(step_dir), 'config', 'metadata'),
+      os.path.join(workdir, CONFIG_FILE),
+  ]
   for path in candidates:
     if os.path.isfile(path):
       with open(path, encoding='utf-8') as f:
@@ -37,8 +39,16 @@ def _load_run_config(step_dir, workdir):
   raise HFError(f'no euro_lm config for {step_dir}: looked for {" and ".join(candidates)}')
 
 
-def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2**30,
-              max_position_embeddings=None, log=print):
+def export_hf(
+    workdir,
+    output,
+    *,
+    step=None,
+    dtype='bfloat16',
+    shard_bytes=2 * 2**30,
+    max_position_embeddings=None,
+    log=print,
+):
   """Writes the checkpoint of `workdir` (newest, or `step`) as an HF model folder of the
   architecture that `architectures.for_model` picks (Llama).
 
@@ -47,6 +57,7 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
   from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+
   step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
   model = config['model']
@@ -54,8 +65,14 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
   tokenizer_path = find_tokenizer(step_dir, workdir)
   bos, eos, pad = special_ids(tokenizer_path)
   seq_len = (config.get('train') or {}).get('seq_len', 4096)
-  hf = arch.hf_config(model, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-                      max_position_embeddings=max_position_embeddings or seq_len, dtype=dtype)
+  hf = arch.hf_config(
+      model,
+      bos_token_id=bos,
+      eos_token_id=eos,
+      pad_token_id=pad,
+      max_position_embeddings=max_position_embeddings or seq_len,
+      dtype=dtype,
+  )
 
   os.makedirs(output, exist_ok=True)
   stale = sorted(f for f in os.listdir(output) if f.endswith('.safetensors'))
@@ -70,8 +87,10 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
         name = template.format(i=i)
         x = arch.to_hf(path, x, model)
         if x.shape != shapes[name]:
-          raise HFError(f'{step_dir}: params.{".".join(path)} gives {name} of shape '
-                        f'{x.shape}, but {config_path} implies {shapes[name]}')
+          raise HFError(
+              f'{step_dir}: params.{".".join(path)} gives {name} of shape '
+              f'{x.shape}, but {config_path} implies {shapes[name]}'
+          )
         writer.add(name, x.astype(DTYPES[dtype]))
     num_shards = writer.close()
   except BaseException:
@@ -79,9 +98,10 @@ def export_hf(workdir, output, *, step=None, dtype='bfloat16', shard_bytes=2 * 2
     raise
 
   write_json(os.path.join(output, CONFIG_FILE), hf)
-  write_json(os.path.join(output, GENERATION_CONFIG_FILE),
-             {'bos_token_id': bos, 'eos_token_id': eos, 'pad_token_id': pad,
-              'do_sample': False})
+  write_json(
+      os.path.join(output, GENERATION_CONFIG_FILE),
+      {'bos_token_id': bos, 'eos_token_id': eos, 'pad_token_id': pad, 'do_sample': False},
+  )
   if tokenizer_path:
     write_tokenizer(tokenizer_path, output, log=log)
   else:

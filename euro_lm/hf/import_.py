@@ -23,14 +23,18 @@ def params_from_hf(folder, model, arch):
   names -= arch.unused_hf_tensors(names, model, folder.directory)
   unknown = sorted(names - set(shapes))
   if unknown:
-    raise HFError(f'{folder.directory}: tensors euro_lm has no place for: '
-                  f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
+    raise HFError(
+        f'{folder.directory}: tensors euro_lm has no place for: '
+        f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}'
+    )
 
   def read(name, path):
     x = folder.get(name)
     if tuple(x.shape) != shapes[name]:
-      raise HFError(f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
-                    f'{CONFIG_FILE} implies {shapes[name]}')
+      raise HFError(
+          f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
+          f'{CONFIG_FILE} implies {shapes[name]}'
+      )
     return arch.from_hf(path, np.asarray(x, np.float32), model)
 
   for path, template, per_layer in arch.param_table(model):
@@ -39,7 +43,7 @@ def params_from_hf(folder, model, arch):
       continue
     first = read(template.format(i=0), path)
     leaf = np.empty((model['num_layers'],) + first.shape, np.float32)  # filled, not stacked:
-    leaf[0] = first                                                    # one copy in memory
+    leaf[0] = first  # one copy in memory
     for i in range(1, model['num_layers']):
       leaf[i] = read(template.format(i=i), path)
     yield path, leaf
@@ -77,21 +81,27 @@ def import_hf(hf_dir, workdir, log=print):
     shutil.copyfile(tokenizer_src, os.path.join(workdir, TOKENIZER_FILE))
     config.data.tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   else:
-    log(f'warning: no {TOKENIZER_FILE} in {hf_dir}: set data.tokenizer_path to a '
-        'SentencePiece model with the same ids before training')
+    log(
+        f'warning: no {TOKENIZER_FILE} in {hf_dir}: set data.tokenizer_path to a '
+        'SentencePiece model with the same ids before training'
+    )
   write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   overrides = training_overrides(config, model)
   with open(os.path.join(workdir, 'hf_config.py'), 'w', encoding='utf-8') as f:
-    f.write(f'"""euro_lm config for the HF model imported from {hf_dir}."""\n\n'
-            'from euro_lm.config import base_config\n\n\ndef get_config(arg=None):\n'
-            '  del arg\n  c = base_config()\n')
+    f.write(
+        f'"""euro_lm config for the HF model imported from {hf_dir}."""\n\n'
+        'from euro_lm.config import base_config\n\n\ndef get_config(arg=None):\n'
+        '  del arg\n  c = base_config()\n'
+    )
     for key, value in overrides.items():
       f.write(f'  c.{key} = {value!r}\n')
     f.write('  return c\n')
-  log(f'imported {hf_dir} into {state_dir}; continue training with\n  python -m euro_lm.train '
+  log(
+      f'imported {hf_dir} into {state_dir}; continue training with\n  python -m euro_lm.train '
       f'--config={os.path.join(workdir, "hf_config.py")} --workdir=NEW_WORKDIR\nor\n'
       '  python -m euro_lm.train --config=configs/base.py --workdir=NEW_WORKDIR '
-      + ' '.join(f'--config.{k}={v}' for k, v in overrides.items()))
+      + ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
+  )
   return config
 
 

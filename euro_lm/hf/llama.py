@@ -12,8 +12,11 @@ Export writes model_type llama. Import reads llama, mistral (no sliding window) 
 from euro_lm.errors import HFError
 
 # model_type -> the HF class of the checkpoints this module reads.
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                 'qwen2': 'Qwen2ForCausalLM'}
+ARCHITECTURES = {
+    'llama': 'LlamaForCausalLM',
+    'mistral': 'MistralForCausalLM',
+    'qwen2': 'Qwen2ForCausalLM',
+}
 
 # (euro_lm param path, HF name, per layer). Per-layer HF names take the layer index `i`.
 _PARAMS = (
@@ -71,9 +74,18 @@ def expected_hf_shapes(model):
   `param_table` order, layer by layer."""
   D, F, V = model['embed_dim'], model['mlp_dim'], model['vocab_size']
   H, K, d = model['num_heads'], model['num_kv_heads'], _head_dim(model)
-  shapes = {'embedding': (V, D), 'wq': (H * d, D), 'wk': (K * d, D), 'wv': (K * d, D),
-            'wo': (D, H * d), 'w_gate': (F, D), 'w_up': (F, D), 'w_down': (D, F),
-            'scale': (D,), 'output': (V, D)}
+  shapes = {
+      'embedding': (V, D),
+      'wq': (H * d, D),
+      'wk': (K * d, D),
+      'wv': (K * d, D),
+      'wo': (D, H * d),
+      'w_gate': (F, D),
+      'w_up': (F, D),
+      'w_down': (D, F),
+      'scale': (D,),
+      'output': (V, D),
+  }
   out = {}
   for path, template, per_layer in param_table(model):
     for i in range(model['num_layers'] if per_layer else 1):
@@ -86,8 +98,10 @@ def unused_hf_tensors(names, model, where):
   lm_head copy some checkpoints still store. Refuses bias tensors, naming `where`."""
   biases = sorted(n for n in names if n.endswith('.bias'))
   if biases:
-    raise HFError(f'{where} has bias tensors ({biases[0]}, ...); euro_lm layers have no '
-                  'biases (Qwen2 checkpoints, for instance, cannot be imported)')
+    raise HFError(
+        f'{where} has bias tensors ({biases[0]}, ...); euro_lm layers have no '
+        'biases (Qwen2 checkpoints, for instance, cannot be imported)'
+    )
   unused = {n for n in names if 'rotary_emb' in n}
   if model['tie_embeddings']:
     unused |= {'lm_head.weight'} & set(names)
@@ -97,12 +111,21 @@ def unused_hf_tensors(names, model, where):
 # ----------------------------------------------------------------------------- configs
 
 
-def hf_config(model, *, bos_token_id, eos_token_id, pad_token_id=None,
-              max_position_embeddings=4096, dtype='bfloat16'):
+def hf_config(
+    model,
+    *,
+    bos_token_id,
+    eos_token_id,
+    pad_token_id=None,
+    max_position_embeddings=4096,
+    dtype='bfloat16',
+):
   """HF LlamaConfig fields (config.json) for euro_lm's `model` section."""
   if model['qk_norm']:
-    raise HFError('model.qk_norm=True has no LlamaForCausalLM equivalent (Llama has no '
-                  'q_norm/k_norm); export supports qk_norm=False only')
+    raise HFError(
+        'model.qk_norm=True has no LlamaForCausalLM equivalent (Llama has no '
+        'q_norm/k_norm); export supports qk_norm=False only'
+    )
   theta = float(model['rope_theta'])
   return {
       'architectures': ['LlamaForCausalLM'],
@@ -138,17 +161,21 @@ def hf_config(model, *, bos_token_id, eos_token_id, pad_token_id=None,
 def _rope_theta(hf, where):
   params = hf.get('rope_parameters')
   scaling = hf.get('rope_scaling')
-  if scaling not in (None, {}) and not (isinstance(scaling, dict)
-                                        and scaling.get('rope_type', scaling.get('type'))
-                                        == 'default'):
-    raise HFError(f'{where}: rope_scaling={scaling!r} is not supported (euro_lm has plain '
-                  'RoPE only); rope_scaling must be null')
+  if scaling not in (None, {}) and not (
+      isinstance(scaling, dict) and scaling.get('rope_type', scaling.get('type')) == 'default'
+  ):
+    raise HFError(
+        f'{where}: rope_scaling={scaling!r} is not supported (euro_lm has plain '
+        'RoPE only); rope_scaling must be null'
+    )
   if params is not None:
     # transformers 5 may nest per-layer-type parameters; only the plain form is ours.
     rope_type = params.get('rope_type', params.get('type', 'default'))
     if rope_type != 'default':
-      raise HFError(f'{where}: rope_parameters.rope_type={rope_type!r} is not supported '
-                    '(euro_lm has plain RoPE only); it must be "default"')
+      raise HFError(
+          f'{where}: rope_parameters.rope_type={rope_type!r} is not supported '
+          '(euro_lm has plain RoPE only); it must be "default"'
+      )
     if 'rope_theta' in params:
       return float(params['rope_theta'])
   if 'rope_theta' in hf:
@@ -168,11 +195,15 @@ def model_config_from_hf(hf, where='config.json'):
     if hf.get(field):
       raise HFError(f'{where}: {field}=true is not supported; euro_lm layers have no biases')
   if model_type == 'mistral' and hf.get('sliding_window') is not None:
-    raise HFError(f'{where}: sliding_window={hf["sliding_window"]!r} is not supported; '
-                  'euro_lm attends to the full causal context (sliding_window must be null)')
+    raise HFError(
+        f'{where}: sliding_window={hf["sliding_window"]!r} is not supported; '
+        'euro_lm attends to the full causal context (sliding_window must be null)'
+    )
   if model_type == 'qwen2' and hf.get('use_sliding_window'):
-    raise HFError(f'{where}: use_sliding_window=true is not supported; euro_lm attends to '
-                  'the full causal context')
+    raise HFError(
+        f'{where}: use_sliding_window=true is not supported; euro_lm attends to '
+        'the full causal context'
+    )
   try:
     D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
     model = {
@@ -191,6 +222,8 @@ def model_config_from_hf(hf, where='config.json'):
   except KeyError as e:
     raise HFError(f'{where}: required field {e.args[0]} is missing') from None
   if model['num_heads'] % model['num_kv_heads']:
-    raise HFError(f'{where}: num_attention_heads={H} is not a multiple of '
-                  f'num_key_value_heads={model["num_kv_heads"]}')
+    raise HFError(
+        f'{where}: num_attention_heads={H} is not a multiple of '
+        f'num_key_value_heads={model["num_kv_heads"]}'
+    )
   return model

@@ -17,8 +17,11 @@ class CheckpointLeaves:
 
   def _open(self, name):
     import tensorstore as ts  # pylint: disable=import-outside-toplevel
-    kvstores = [{'driver': 'ocdbt', 'base': 'file://' + self.state_dir, 'path': name},
-                {'driver': 'file', 'path': os.path.join(self.state_dir, name)}]
+
+    kvstores = [
+        {'driver': 'ocdbt', 'base': 'file://' + self.state_dir, 'path': name},
+        {'driver': 'file', 'path': os.path.join(self.state_dir, name)},
+    ]
     errors = []
     for kvstore in kvstores:
       for driver in ('zarr', 'zarr3'):
@@ -40,7 +43,7 @@ class CheckpointLeaves:
     chunk = store.chunk_layout.read_chunk.shape
     step = chunk[0] if chunk and chunk[0] else num_layers
     for start in range(0, num_layers, step):
-      block = np.asarray(store[start:start + step].read().result())
+      block = np.asarray(store[start : start + step].read().result())
       for i, layer in enumerate(block):
         yield start + i, layer
 
@@ -63,14 +66,20 @@ def save_params(step_dir, leaves):
 
   saving = ocp.options.ArrayOptions.Saving
   context = ocp.Context(
-      array_options=ocp.options.ArrayOptions(saving=saving(
-          # One file per chunk, written as it is encoded: OCDBT would buffer a whole
-          # leaf's encoded chunks in memory until its commit (BENCHMARKS.md).
-          use_ocdbt=False, use_zarr3=False,
-          scoped_storage_options_creator=lambda key, value: saving.StorageOptions(
-              shard_axes=layer_chunk_axes(key, value)))),
+      array_options=ocp.options.ArrayOptions(
+          saving=saving(
+              # One file per chunk, written as it is encoded: OCDBT would buffer a whole
+              # leaf's encoded chunks in memory until its commit (BENCHMARKS.md).
+              use_ocdbt=False,
+              use_zarr3=False,
+              scoped_storage_options_creator=lambda key, value: saving.StorageOptions(
+                  shard_axes=layer_chunk_axes(key, value)
+              ),
+          )
+      ),
       # Each save below finishes before its leaf is dropped: no need for Orbax's copy.
-      memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False))
+      memory_options=ocp.options.MemoryOptions(deepcopy_host_arrays=False),
+  )
   with context:
     for path, leaf in leaves:
       ocp.partial.save(step_dir, {'params': _nested(path, leaf)})

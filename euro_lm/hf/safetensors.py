@@ -11,8 +11,12 @@ import numpy as np
 from euro_lm.errors import HFError
 
 INDEX_FILE = 'model.safetensors.index.json'
-SAFETENSORS_DTYPES = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16,
-                      'F64': np.float64}
+SAFETENSORS_DTYPES = {
+    'F32': np.float32,
+    'BF16': ml_dtypes.bfloat16,
+    'F16': np.float16,
+    'F64': np.float64,
+}
 _SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -32,12 +36,16 @@ class SafetensorsFolder:
     self.directory = directory
     files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
     if not files:
-      pickled = sorted(f for f in os.listdir(directory)
-                       if f.endswith(('.bin', '.pt', '.pth', '.ckpt', '.pkl')))
-      detail = (f' (it has {", ".join(pickled)}: pickled PyTorch weights, which euro_lm does '
-                'not load because unpickling runs arbitrary code; convert them to '
-                'safetensors first, e.g. save_pretrained(..., safe_serialization=True))'
-                if pickled else '')
+      pickled = sorted(
+          f for f in os.listdir(directory) if f.endswith(('.bin', '.pt', '.pth', '.ckpt', '.pkl'))
+      )
+      detail = (
+          f' (it has {", ".join(pickled)}: pickled PyTorch weights, which euro_lm does '
+          'not load because unpickling runs arbitrary code; convert them to '
+          'safetensors first, e.g. save_pretrained(..., safe_serialization=True))'
+          if pickled
+          else ''
+      )
       raise HFError(f'no *.safetensors weights in {directory}{detail}')
     self._where = {}
     for name in files:
@@ -57,12 +65,13 @@ class SafetensorsFolder:
       raise HFError(f'tensor {name} is missing from {self.directory}')
     path, offset, info = self._where[name]
     if info['dtype'] not in SAFETENSORS_DTYPES:
-      raise HFError(f'{path}: tensor {name} has dtype {info["dtype"]}; euro_lm reads '
-                    f'{", ".join(SAFETENSORS_DTYPES)}')
+      raise HFError(
+          f'{path}: tensor {name} has dtype {info["dtype"]}; euro_lm reads '
+          f'{", ".join(SAFETENSORS_DTYPES)}'
+      )
     start, end = info['data_offsets']
     dtype = np.dtype(SAFETENSORS_DTYPES[info['dtype']])
-    data = np.memmap(path, dtype=np.uint8, mode='r', offset=offset + start,
-                     shape=(end - start,))
+    data = np.memmap(path, dtype=np.uint8, mode='r', offset=offset + start, shape=(end - start,))
     return data.view(dtype).reshape(info['shape'])
 
 
@@ -96,8 +105,11 @@ class ShardWriter:
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for name, shape, dtype in self._shards[k]:
       nbytes = math.prod(shape) * dtype.itemsize
-      header[name] = {'dtype': _SAFETENSORS_NAMES[dtype], 'shape': list(shape),
-                      'data_offsets': [offset, offset + nbytes]}
+      header[name] = {
+          'dtype': _SAFETENSORS_NAMES[dtype],
+          'shape': list(shape),
+          'data_offsets': [offset, offset + nbytes],
+      }
       offset += nbytes
     text = json.dumps(header, separators=(',', ':')).encode()
     text += b' ' * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
@@ -109,8 +121,10 @@ class ShardWriter:
       raise ValueError(f'ShardWriter: {name} is not in the planned layout')
     k, (expected, shape, dtype) = self._pending[self._next]
     if (name, tuple(array.shape), array.dtype) != (expected, shape, dtype):
-      raise ValueError(f'ShardWriter: got {name} {array.shape} {array.dtype}, expected '
-                       f'{expected} {shape} {dtype}')
+      raise ValueError(
+          f'ShardWriter: got {name} {array.shape} {array.dtype}, '
+          f'expected {expected} {shape} {dtype}'
+      )
     if self._file is None:
       self._open(k)
     self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
@@ -132,8 +146,10 @@ class ShardWriter:
       os.replace(self._part(k), os.path.join(self.directory, name))
       os.chmod(os.path.join(self.directory, name), 0o666 & ~umask)  # not 0600 like a tmp file
       weight_map.update({entry[0]: name for entry in shard})
-    index = {'metadata': {'total_size': self._total}, 'weight_map': dict(sorted(
-        weight_map.items()))}
+    index = {
+        'metadata': {'total_size': self._total},
+        'weight_map': dict(sorted(weight_map.items())),
+    }
     with open(os.path.join(self.directory, INDEX_FILE), 'w', encoding='utf-8') as f:
       json.dump(index, f, indent=2)
     return n

@@ -16,6 +16,7 @@ def special_ids(model_path):
   if not model_path:
     return DEFAULT_SPECIAL_IDS
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+
   sp = spm.SentencePieceProcessor(model_file=model_path)
   return sp.bos_id(), sp.eos_id(), (sp.pad_id() if sp.pad_id() >= 0 else None)
 
@@ -25,22 +26,32 @@ def write_tokenizer(model_path, output, log=print):
   tokenizer.json when transformers is importable (converted offline from the .model)."""
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+
   shutil.copyfile(model_path, os.path.join(output, TOKENIZER_FILE))
   sp = spm.SentencePieceProcessor(model_file=model_path)
   proto = sentencepiece_model_pb2.ModelProto()
   with open(model_path, 'rb') as f:
     proto.ParseFromString(f.read())
   piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-  special = {'bos_token': piece(sp.bos_id()), 'eos_token': piece(sp.eos_id()),
-             'unk_token': piece(sp.unk_id()), 'pad_token': piece(sp.pad_id())}
+  special = {
+      'bos_token': piece(sp.bos_id()),
+      'eos_token': piece(sp.eos_id()),
+      'unk_token': piece(sp.unk_id()),
+      'pad_token': piece(sp.pad_id()),
+  }
   special = {k: v for k, v in special.items() if v is not None}
   # euro_lm's tokenizers add no dummy prefix ('▁' before the text); HF must not either.
   add_prefix_space = bool(proto.normalizer_spec.add_dummy_prefix)
-  tokenizer_config = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
-                      'add_eos_token': False, 'legacy': False,
-                      'add_prefix_space': add_prefix_space,
-                      'clean_up_tokenization_spaces': False,
-                      'model_max_length': 1_000_000_000, **special}
+  tokenizer_config = {
+      'tokenizer_class': 'LlamaTokenizer',
+      'add_bos_token': True,
+      'add_eos_token': False,
+      'legacy': False,
+      'add_prefix_space': add_prefix_space,
+      'clean_up_tokenization_spaces': False,
+      'model_max_length': 1_000_000_000,
+      **special,
+  }
   write_json(os.path.join(output, 'tokenizer_config.json'), tokenizer_config)
   try:
     from transformers import LlamaTokenizer  # pylint: disable=import-outside-toplevel

@@ -13,5 +13,5 @@ axis, the same letter for the same axis everywhere in euro_lm:
 """
 
 from euro_lm.model.attention import attention
-from euro_lm.model.decoder import Decoder, REMAT_POLICIES
+from euro_lm.model.decoder import REMAT_POLICIES, Decoder
 from euro_lm.model.flops import forward_flops_per_token, param_count, train_flops_per_token

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
@@ -91,6 +92,7 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 class RMSNorm(nn.Module):
   """Root-mean-square norm, computed in float32, over the last axis."""
+
   eps: float
   logical_axis: str = 'embed'
 
@@ -117,7 +119,8 @@ def rope(x_BLHd, positions_BL, theta):
 
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE and optional QK-norm."""
-  config: 'ml_collections.ConfigDict'  # the `model` section
+
+  config: ml_collections.ConfigDict  # the `model` section
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
@@ -137,30 +140,41 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
       k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
-    q_BLHd = _constrain(rope(q_BLHd, positions_BL, cfg.rope_theta),
-                        ('batch', 'length', 'heads', 'head_dim'))
-    k_BLKd = _constrain(rope(k_BLKd, positions_BL, cfg.rope_theta),
-                        ('batch', 'length', 'kv_heads', 'head_dim'))
+    q_BLHd = _constrain(
+        rope(q_BLHd, positions_BL, cfg.rope_theta), ('batch', 'length', 'heads', 'head_dim')
+    )
+    k_BLKd = _constrain(
+        rope(k_BLKd, positions_BL, cfg.rope_theta), ('batch', 'length', 'kv_heads', 'head_dim')
+    )
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
 
     if layer_cache is not None:
       index, kv_valid_BS = decode
-      k_BSKd, v_BSKd = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
-                        for c, new in zip(layer_cache, (k_BLKd, v_BLKd)))
+      k_BSKd, v_BSKd = (
+          jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+          for c, new in zip(layer_cache, (k_BLKd, v_BLKd))
+      )
       out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS)
       out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
       return out_BLD, (k_BSKd, v_BSKd)
 
-    out_BLHd = attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=segment_ids_BL,
-                         causal=True, impl=cfg.attention_impl,
-                         pallas_backend=cfg.get('pallas_backend', 'auto'))
+    out_BLHd = attention(
+        q_BLHd,
+        k_BLKd,
+        v_BLKd,
+        segment_ids_BL=segment_ids_BL,
+        causal=True,
+        impl=cfg.attention_impl,
+        pallas_backend=cfg.get('pallas_backend', 'auto'),
+    )
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
 
 
 class Mlp(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-  config: 'ml_collections.ConfigDict'
+
+  config: ml_collections.ConfigDict
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -179,7 +193,8 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`."""
-  config: 'ml_collections.ConfigDict'
+
+  config: ml_collections.ConfigDict
 
   @nn.compact
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
@@ -187,8 +202,9 @@ class Block(nn.Module):
     cfg = self.config
     x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
     h_BLD = RMSNorm(cfg.norm_eps, name='attention_norm')(x_BLD)
-    attention_out = Attention(cfg, name='attention')(h_BLD, segment_ids_BL, positions_BL,
-                                                     layer_cache, decode)
+    attention_out = Attention(cfg, name='attention')(
+        h_BLD, segment_ids_BL, positions_BL, layer_cache, decode
+    )
     if layer_cache is not None:
       attention_out, layer_cache = attention_out
     x_BLD = x_BLD + attention_out
@@ -206,16 +222,20 @@ def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS):
   batch, length, num_heads, hd = q_BLHd.shape
   num_slots, num_kv_heads = k_BSKd.shape[1], k_BSKd.shape[2]
   q_BLKGd = q_BLHd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, hd)
-  logits_BKGLS = jnp.einsum('blkgd,bskd->bkgls', q_BLKGd, k_BSKd,
-                            preferred_element_type=jnp.float32) * hd ** -0.5
+  logits_BKGLS = (
+      jnp.einsum('blkgd,bskd->bkgls', q_BLKGd, k_BSKd, preferred_element_type=jnp.float32)
+      * hd**-0.5
+  )
   query_slot_L1 = (index + jnp.arange(length))[:, None]
   mask_BLS = (jnp.arange(num_slots)[None, :] <= query_slot_L1) & kv_valid_BS[:, None, :]
   mask_B11LS = mask_BLS[:, None, None]
   logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
   # A padding query sees nothing: zero output, as in the training attention.
   probs_BKGLS = jnp.where(mask_B11LS, jax.nn.softmax(logits_BKGLS, axis=-1), 0.0)
-  out_BLKGd = jnp.einsum('bkgls,bskd->blkgd', probs_BKGLS.astype(v_BSKd.dtype), v_BSKd,
-                         preferred_element_type=jnp.float32)
+  out_BLKGd = jnp.einsum(
+      'bkgls,bskd->blkgd',
+      probs_BKGLS.astype(v_BSKd.dtype),
+      v_BSKd,
+      preferred_element_type=jnp.float32,
+  )
   return out_BLKGd.reshape(batch, length, num_heads, hd).astype(q_BLHd.dtype)
-
-

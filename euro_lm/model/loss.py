@@ -89,8 +89,7 @@ def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
     _, logz_BC, nll_BC = _chunk_losses(x_BCD.astype(dtype), head_VD, targets_BC)
     return None, (nll_BC, logz_BC)
 
-  _, (nll, logz) = jax.lax.scan(body, None, _split(_chunk_length(chunk, length), x_BLD,
-                                                   targets_BL))
+  _, (nll, logz) = jax.lax.scan(body, None, _split(_chunk_length(chunk, length), x_BLD, targets_BL))
   return _merge(length, nll), _merge(length, logz)
 
 
@@ -98,8 +97,16 @@ def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
   """`(objective, loss_sum)` of the train step: `loss_sum = sum(w * nll)` and
   `objective = loss_sum + z_loss * sum(w * logz^2)`, differentiable in `x_BLD` and
   `head_VD` through the objective (the loss_sum is a report and is not differentiated)."""
-  objective, loss_sum = _fused_loss(chunk, jnp.dtype(dtype).name, float(z_loss),
-                                    batch_shards(), x_BLD, head_VD, targets_BL, weights_BL)
+  objective, loss_sum = _fused_loss(
+      chunk,
+      jnp.dtype(dtype).name,
+      float(z_loss),
+      batch_shards(),
+      x_BLD,
+      head_VD,
+      targets_BL,
+      weights_BL,
+  )
   return objective, jax.lax.stop_gradient(loss_sum)
 
 
@@ -129,38 +136,54 @@ def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, we
     probs_BCV = jnp.exp(logits_BCV - logz_BC[..., None])
     scale_BC = weights_BC * (1.0 + 2.0 * z_loss * logz_BC)
     is_target_BCV = jnp.arange(logits_BCV.shape[-1]) == targets_BC[..., None]
-    d_logits_BCV = (scale_BC[..., None] * probs_BCV
-                    - jnp.where(is_target_BCV, weights_BC[..., None], 0.0)).astype(dtype)
+    d_logits_BCV = (
+        scale_BC[..., None] * probs_BCV - jnp.where(is_target_BCV, weights_BC[..., None], 0.0)
+    ).astype(dtype)
     d_logits_BCV = nn.with_logical_constraint(d_logits_BCV, ('batch', 'length', 'vocab'))
-    d_x_BCD = jnp.einsum('bcv,vd->bcd', d_logits_BCV, head_c_VD,
-                         preferred_element_type=jnp.float32).astype(x_BLD.dtype)
+    d_x_BCD = jnp.einsum(
+        'bcv,vd->bcd', d_logits_BCV, head_c_VD, preferred_element_type=jnp.float32
+    ).astype(x_BLD.dtype)
     # Each batch shard's partial dW stays on its devices until after the last chunk.
     d_head_SVD += nn.with_logical_constraint(
-        jnp.einsum('sbcv,sbcd->svd', by_shard(d_logits_BCV), by_shard(x_BCD),
-                   preferred_element_type=jnp.float32), ('batch', 'vocab', None))
+        jnp.einsum(
+            'sbcv,sbcd->svd',
+            by_shard(d_logits_BCV),
+            by_shard(x_BCD),
+            preferred_element_type=jnp.float32,
+        ),
+        ('batch', 'vocab', None),
+    )
     return d_head_SVD, (nll_BC, logz_BC, d_x_BCD)
 
   d_head_SVD = nn.with_logical_constraint(
-      jnp.zeros((shards, *head_VD.shape), jnp.float32), ('batch', 'vocab', None))
+      jnp.zeros((shards, *head_VD.shape), jnp.float32), ('batch', 'vocab', None)
+  )
   d_head_SVD, (nll, logz, d_x) = jax.lax.scan(
-      body, d_head_SVD, _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL))
+      body, d_head_SVD, _split(_chunk_length(chunk, length), x_BLD, targets_BL, weights_BL)
+  )
   nll_BL, logz_BL = _merge(length, nll), _merge(length, logz)
   sums = objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   # Kept in the input dtypes: dX is the size of X, dW of the head. d objective / d weights
   # is each token's own term.
   d_weights_BL = nll_BL + z_loss * jnp.square(logz_BL)
-  return sums, (_merge(length, d_x), jnp.sum(d_head_SVD, axis=0).astype(head_VD.dtype),
-                targets_BL, d_weights_BL.astype(weights_BL.dtype))
+  return sums, (
+      _merge(length, d_x),
+      jnp.sum(d_head_SVD, axis=0).astype(head_VD.dtype),
+      targets_BL,
+      d_weights_BL.astype(weights_BL.dtype),
+  )
 
 
 def _fused_loss_bwd(chunk, dtype, z_loss, shards, residuals, cotangents):
   del chunk, dtype, z_loss, shards
   d_x_BLD, d_head_VD, targets_BL, d_weights_BL = residuals
   d_objective, _ = cotangents  # the loss_sum output is under stop_gradient
-  return ((d_objective * d_x_BLD).astype(d_x_BLD.dtype),
-          (d_objective * d_head_VD).astype(d_head_VD.dtype),
-          np.zeros(targets_BL.shape, jax.dtypes.float0),
-          (d_objective * d_weights_BL).astype(d_weights_BL.dtype))
+  return (
+      (d_objective * d_x_BLD).astype(d_x_BLD.dtype),
+      (d_objective * d_head_VD).astype(d_head_VD.dtype),
+      np.zeros(targets_BL.shape, jax.dtypes.float0),
+      (d_objective * d_weights_BL).astype(d_weights_BL.dtype),
+  )
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

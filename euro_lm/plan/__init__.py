@@ -17,10 +17,31 @@ devices; matplotlib, imported lazily), `__main__` the command line. All of them 
 importable from here, as notebooks/scaling.ipynb does.
 """
 
-from euro_lm.plan.memory import (GIB, LOSS_CHUNK_LENGTH, USABLE_FRACTION, MemoryEstimate,
-                                 StateLeaf, accelerator, accelerator_names, estimate_memory,
-                                 leaf_bytes, mesh_degrees, peak_flops, per_device_elements,
-                                 run_tokens, state_leaves, suggestions, training_seconds,
-                                 with_overrides)
-from euro_lm.plan.report import (describe_change, format_plan, format_presets_table,
-                                 plot_scaling, presets_table, scaling_points, summary)
+from euro_lm.plan.memory import (
+    GIB,
+    LOSS_CHUNK_LENGTH,
+    USABLE_FRACTION,
+    MemoryEstimate,
+    StateLeaf,
+    accelerator,
+    accelerator_names,
+    estimate_memory,
+    leaf_bytes,
+    mesh_degrees,
+    peak_flops,
+    per_device_elements,
+    run_tokens,
+    state_leaves,
+    suggestions,
+    training_seconds,
+    with_overrides,
+)
+from euro_lm.plan.report import (
+    describe_change,
+    format_plan,
+    format_presets_table,
+    plot_scaling,
+    presets_table,
+    scaling_points,
+    summary,
+)

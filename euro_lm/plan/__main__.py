@@ -3,26 +3,35 @@ planner's report for a config on a mesh (see `euro_lm.plan`)."""
 
 import sys
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from euro_lm.errors import UserError
 from euro_lm.plan.report import format_plan
 from euro_lm.sharding import MeshError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. '
-                                          'configs/llama_1b.py.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/llama_1b.py.', lock_config=True
+)
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Total devices (all nodes together).')
-_NODES = flags.DEFINE_integer('nodes', 1, 'Nodes (one process each; the mesh.dcn_* '
-                              'degrees must multiply to this when > 1).')
-_MEMORY = flags.DEFINE_float('device_memory_gb', 0.0, 'Memory per device in GiB; '
-                             'overrides the accelerator\'s.')
-_ACCELERATOR = flags.DEFINE_string('accelerator', '', 'Accelerator name (h100, a100, '
-                                   'mi250x, tpu_v5...): device memory and peak FLOP/s.')
+_NODES = flags.DEFINE_integer(
+    'nodes', 1, 'Nodes (one process each; the mesh.dcn_* degrees must multiply to this when > 1).'
+)
+_MEMORY = flags.DEFINE_float(
+    'device_memory_gb', 0.0, "Memory per device in GiB; overrides the accelerator's."
+)
+_ACCELERATOR = flags.DEFINE_string(
+    'accelerator',
+    '',
+    'Accelerator name (h100, a100, mi250x, tpu_v5...): device memory and peak FLOP/s.',
+)
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the time estimate.')
-_TOKENS = flags.DEFINE_float('tokens', 0.0, 'Token budget for the time estimate; 0: '
-                             'train.steps x global_batch_size x seq_len.')
+_TOKENS = flags.DEFINE_float(
+    'tokens',
+    0.0,
+    'Token budget for the time estimate; 0: train.steps x global_batch_size x seq_len.',
+)
 
 
 def main(argv):
@@ -31,9 +40,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   jax.config.update('jax_platforms', 'cpu')  # shapes only: never touch an accelerator
   try:
-    print(format_plan(_CONFIG.value, _DEVICES.value, _NODES.value,
-                      _MEMORY.value or None, _ACCELERATOR.value or None, _MFU.value,
-                      _TOKENS.value or None, config_name=_config_path()))
+    print(
+        format_plan(
+            _CONFIG.value,
+            _DEVICES.value,
+            _NODES.value,
+            _MEMORY.value or None,
+            _ACCELERATOR.value or None,
+            _MFU.value,
+            _TOKENS.value or None,
+            config_name=_config_path(),
+        )
+    )
   except (UserError, MeshError) as e:
     sys.exit(f'error: {e}')
 

@@ -56,12 +56,18 @@ from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import Decoder, train_flops_per_token
 from euro_lm.model.attention import head_dim, resolve_for_model, xla_query_chunks
-from euro_lm.sharding import (MESH_AXES, MeshError, batch_mesh_axes, logical_rules,
-                              mesh_axes_size, mesh_shape)
+from euro_lm.sharding import (
+    MESH_AXES,
+    MeshError,
+    batch_mesh_axes,
+    logical_rules,
+    mesh_axes_size,
+    mesh_shape,
+)
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import init_boxed
 
-GIB = 2 ** 30
+GIB = 2**30
 
 USABLE_FRACTION = 0.9  # of device memory; the rest is runtime reserves and fragmentation
 
@@ -90,8 +96,7 @@ def peak_flops(name):
   return accelerator(name)[1]
 
 
-def training_seconds(model_config, seq_len, tokens, num_devices, peak_flops_per_device,
-                     mfu=0.4):
+def training_seconds(model_config, seq_len, tokens, num_devices, peak_flops_per_device, mfu=0.4):
   """Wall-clock seconds to train on `tokens` tokens: model FLOPs (forward + backward,
   `train_flops_per_token`, no remat recompute) over `num_devices` devices each sustaining
   `mfu` of `peak_flops_per_device`."""
@@ -121,9 +126,11 @@ def mesh_degrees(config, num_devices, num_nodes=1, *, device=None):
     mesh_shape(config.mesh, num_devices, num_nodes)
   except MeshError as e:
     if num_nodes > 1 and 'slices' in str(e):
-      raise MeshError(f'{e} (nodes): with {num_nodes} nodes set the mesh.dcn_* degrees to '
-                      f'multiply to {num_nodes}, e.g. --config.mesh.dcn_fsdp={num_nodes} or '
-                      f'--config.mesh.dcn_data={num_nodes}') from None
+      raise MeshError(
+          f'{e} (nodes): with {num_nodes} nodes set the mesh.dcn_* degrees to '
+          f'multiply to {num_nodes}, e.g. --config.mesh.dcn_fsdp={num_nodes} or '
+          f'--config.mesh.dcn_data={num_nodes}'
+      ) from None
     raise
   return validate(config, num_devices, num_nodes, device)
 
@@ -140,14 +147,16 @@ def per_device_elements(shape, logical_axes, rules, degrees):
   Flax's rule semantics (a mesh axis used by an earlier dim is not reused)."""
   mesh_spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
   mesh = _abstract_mesh(degrees)
-  return math.prod(-(-size // mesh_axes_size(mesh, axes))
-                   for size, axes in zip(shape, tuple(mesh_spec) + (None,) * len(shape)))
+  return math.prod(
+      -(-size // mesh_axes_size(mesh, axes))
+      for size, axes in zip(shape, tuple(mesh_spec) + (None,) * len(shape))
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StateLeaf:
   path: str
-  part: str            # 'params' | 'optimizer' | 'other'
+  part: str  # 'params' | 'optimizer' | 'other'
   shape: tuple
   itemsize: int
   logical_axes: tuple  # one name or None per dim
@@ -170,8 +179,13 @@ def state_leaves(config):
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
   for (path, shape), spec in zip(flat_shapes, flat_specs):
     name = jax.tree_util.keystr(path)
-    part = ('params' if name.startswith('.params') else
-            'optimizer' if name.startswith('.opt_state') else 'other')
+    part = (
+        'params'
+        if name.startswith('.params')
+        else 'optimizer'
+        if name.startswith('.opt_state')
+        else 'other'
+    )
     axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
     leaves.append(StateLeaf(name, part, tuple(shape.shape), shape.dtype.itemsize, axes))
   return leaves
@@ -202,18 +216,22 @@ def _layer_terms(m, b, seq_len, policy, cs):
   def norm(axes_shape, width=1):
     terms = [(*axes_shape, 4)] * width  # normalised float32 output
     if f32_copy:
-      terms.append((*axes_shape, 4))     # float32 upcast of the input
-    return terms + [(*BL, 4)]            # the reciprocal rms
+      terms.append((*axes_shape, 4))  # float32 upcast of the input
+    return terms + [(*BL, 4)]  # the reciprocal rms
 
   layer_input = [(*BLD, cs)]
   everything = (
-      layer_input + norm(BLD) + [(*BLD, cs)]                      # attention norm -> h
-      + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]                   # q, k, v (after RoPE)
+      layer_input
+      + norm(BLD)
+      + [(*BLD, cs)]  # attention norm -> h
+      + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v (after RoPE)
       + (norm(BLHd) + norm(BLKd) if m.qk_norm else [])
-      + [(*BHL, 4)]                                               # log-sum-exp
-      + [(*BLHd, cs), (*BLD, cs)]                                 # attention out, residual
-      + norm(BLD) + [(*BLD, cs)]                                  # mlp norm -> h
-      + [(*BLF, cs)] * 3)                                         # gate, up, hidden
+      + [(*BHL, 4)]  # log-sum-exp
+      + [(*BLHd, cs), (*BLD, cs)]  # attention out, residual
+      + norm(BLD)
+      + [(*BLD, cs)]  # mlp norm -> h
+      + [(*BLF, cs)] * 3
+  )  # gate, up, hidden
   if policy == 'none':
     return everything, []
   if policy == 'full':
@@ -221,8 +239,11 @@ def _layer_terms(m, b, seq_len, policy, cs):
   elif policy == 'save_attention_out':
     saved = layer_input + [(*BLHd, cs)]
   elif policy in ('dots', 'dots_no_batch'):
-    saved = (layer_input + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
-             + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)])    # o, gate, up, down
+    saved = (
+        layer_input
+        + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
+        + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)]
+    )  # o, gate, up, down
   else:
     raise ConfigError(f'model.remat_policy={policy!r} is unknown')
   return saved, everything
@@ -242,8 +263,7 @@ def _runs_xla_attention(config, device):
 
 
 def _bytes(terms, rules, degrees):
-  return sum(per_device_elements(shape, axes, rules, degrees) * size
-             for axes, shape, size in terms)
+  return sum(per_device_elements(shape, axes, rules, degrees) * size for axes, shape, size in terms)
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -252,7 +272,8 @@ def _bytes(terms, rules, degrees):
 @dataclasses.dataclass
 class MemoryEstimate:
   """Per-device bytes of each part of a train step, and what they were computed for."""
-  degrees: dict                # mesh degrees data/fsdp/tensor (ICI x DCN)
+
+  degrees: dict  # mesh degrees data/fsdp/tensor (ICI x DCN)
   num_devices: int
   num_nodes: int
   micro_batch_per_device: float  # sequences per device per micro-batch
@@ -260,10 +281,10 @@ class MemoryEstimate:
   gradients: int
   optimizer: int
   grad_accumulation: int
-  other_state: int             # counters: step, skip counts, optimizer counts
-  activations: int             # saved for the backward pass, all layers
-  logits: int                  # logits and loss
-  working: int                 # transient working set
+  other_state: int  # counters: step, skip counts, optimizer counts
+  activations: int  # saved for the backward pass, all layers
+  logits: int  # logits and loss
+  working: int  # transient working set
 
   @property
   def state(self):
@@ -272,8 +293,14 @@ class MemoryEstimate:
 
   @property
   def total(self):
-    return (self.state + self.gradients + self.grad_accumulation + self.activations
-            + self.logits + self.working)
+    return (
+        self.state
+        + self.gradients
+        + self.grad_accumulation
+        + self.activations
+        + self.logits
+        + self.working
+    )
 
   def rows(self):
     return [
@@ -322,20 +349,31 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
   # One layer's weights, gathered over fsdp (tensor-sharded only), in the compute dtype,
   # and their float32 gradients before the reduce-scatter.
   gathered = dict(degrees, fsdp=1, data=1)
-  layer_params = [leaf for leaf in leaves
-                  if leaf.part == 'params' and leaf.path.startswith(".params['layers']")]
-  per_layer_elements = sum(per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered)
-                           for leaf in layer_params) / max(m.num_layers, 1)
+  layer_params = [
+      leaf for leaf in leaves if leaf.part == 'params' and leaf.path.startswith(".params['layers']")
+  ]
+  per_layer_elements = sum(
+      per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered) for leaf in layer_params
+  ) / max(m.num_layers, 1)
   working = int(per_layer_elements * (cs + 4))
   if _runs_xla_attention(config, device):
     recompute = recompute + _attention_transient(m, micro, t.seq_len, cs)
   working += _bytes(recompute, rules, degrees)
   working += _bytes([(*BLD, 4), (*BLD, cs)], rules, degrees)  # backward residual stream
   return MemoryEstimate(
-      degrees=degrees, num_devices=num_devices, num_nodes=num_nodes,
-      micro_batch_per_device=micro / batch_ways, params=params, gradients=params,
-      optimizer=parts['optimizer'], grad_accumulation=params if t.grad_accum_steps > 1 else 0,
-      other_state=parts['other'], activations=activations, logits=logits, working=working)
+      degrees=degrees,
+      num_devices=num_devices,
+      num_nodes=num_nodes,
+      micro_batch_per_device=micro / batch_ways,
+      params=params,
+      gradients=params,
+      optimizer=parts['optimizer'],
+      grad_accumulation=params if t.grad_accum_steps > 1 else 0,
+      other_state=parts['other'],
+      activations=activations,
+      logits=logits,
+      working=working,
+  )
 
 
 def with_overrides(config, overrides):
@@ -390,8 +428,9 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
     if 'train.grad_accum_steps' not in change:
       combined.update(change)
     try:
-      total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
-                              leaves, device=device).total
+      total = estimate_memory(
+          with_overrides(config, change), num_devices, num_nodes, leaves, device=device
+      ).total
     except (ConfigError, MeshError):
       continue
     if 'train.grad_accum_steps' in change:
@@ -404,16 +443,16 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
   if fitting:
     return fitting
   if combined:
-    for accum in [t.grad_accum_steps] + [2 ** i for i in range(1, 11)]:
+    for accum in [t.grad_accum_steps] + [2**i for i in range(1, 11)]:
       change = dict(combined, **{'train.grad_accum_steps': accum})
       if accum < t.grad_accum_steps:
         continue
       try:
-        total = estimate_memory(with_overrides(config, change), num_devices, num_nodes,
-                                leaves, device=device).total
+        total = estimate_memory(
+            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
+        ).total
       except (ConfigError, MeshError):
         continue
       if total <= budget_bytes:
         return [(change, total)]
   return []
-

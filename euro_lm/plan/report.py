@@ -5,9 +5,17 @@ from euro_lm.devices import accelerator_device
 from euro_lm.errors import ConfigError
 from euro_lm.model import param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
-from euro_lm.plan.memory import (GIB, USABLE_FRACTION, accelerator, estimate_memory,
-                                 run_tokens, state_leaves, suggestions, training_seconds,
-                                 with_overrides)
+from euro_lm.plan.memory import (
+    GIB,
+    USABLE_FRACTION,
+    accelerator,
+    estimate_memory,
+    run_tokens,
+    state_leaves,
+    suggestions,
+    training_seconds,
+    with_overrides,
+)
 from euro_lm.sharding import MeshError, mesh_shape
 
 
@@ -16,8 +24,15 @@ def describe_change(change):
   return ' '.join(f'--config.{k}={v}' for k, v in change.items())
 
 
-def summary(config, num_devices, num_nodes=1, accelerator_name='h100', mfu=0.4, tokens=None,
-            usable_fraction=USABLE_FRACTION):
+def summary(
+    config,
+    num_devices,
+    num_nodes=1,
+    accelerator_name='h100',
+    mfu=0.4,
+    tokens=None,
+    usable_fraction=USABLE_FRACTION,
+):
   """One table row for a notebook: parameters, FLOPs/token, per-device memory (GiB), whether
   it fits on `accelerator_name`, and days for `tokens` (default: the config's run) at `mfu`."""
   name, peak, memory_gib = accelerator(accelerator_name)
@@ -54,9 +69,17 @@ def _duration(seconds):
   return f'{days:.1f} days' if days >= 1 else f'{seconds / 3600:.1f} hours'
 
 
-def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
-                accelerator_name=None, mfu=0.4, tokens=None, usable_fraction=USABLE_FRACTION,
-                config_name=''):
+def format_plan(
+    config,
+    num_devices,
+    num_nodes=1,
+    device_memory_gib=None,
+    accelerator_name=None,
+    mfu=0.4,
+    tokens=None,
+    usable_fraction=USABLE_FRACTION,
+    config_name='',
+):
   """The planner's report as text: mesh, per-device memory, fit verdict with WARNING lines
   naming what to change, and (with a known accelerator) the time for `tokens` (default
   the run's train.steps x global batch x seq_len) at `mfu`. The attention planned is the
@@ -74,9 +97,14 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
   ici, dcn = mesh_shape(config.mesh, num_devices, num_nodes)
   runs = resolve_for_model(m, t.seq_len, device)
   runs = runs.impl + (f' {runs.backend}' if runs.backend else '')
-  attention = m.attention_impl if runs == m.attention_impl else (
-      f'{m.attention_impl} (runs {runs}' + (f' on {accelerator_name})' if device else
-                                             ': no accelerator named)'))
+  attention = (
+      m.attention_impl
+      if runs == m.attention_impl
+      else (
+          f'{m.attention_impl} (runs {runs}'
+          + (f' on {accelerator_name})' if device else ': no accelerator named)')
+      )
+  )
   lines = [
       f'euro_lm plan{" for " + config_name if config_name else ""} '
       '(an estimate from shapes and shardings, not a measurement)',
@@ -99,32 +127,42 @@ def format_plan(config, num_devices, num_nodes=1, device_memory_gib=None,
     budget = device_memory_gib * GIB * usable_fraction
     where = f' ({accelerator_name})' if accelerator_name else ''
     verdict = 'fits' if est.total <= budget else 'does NOT fit'
-    lines.append(f'device memory: {device_memory_gib:g} GiB{where}, {usable_fraction:.0%} '
-                 f'usable = {budget / GIB:.1f} GiB: {verdict} '
-                 f'({est.total / budget:.0%} of usable)')
+    lines.append(
+        f'device memory: {device_memory_gib:g} GiB{where}, {usable_fraction:.0%} '
+        f'usable = {budget / GIB:.1f} GiB: {verdict} '
+        f'({est.total / budget:.0%} of usable)'
+    )
     if est.total > budget:
       state = est.params + est.gradients + est.optimizer + est.grad_accumulation
-      lines.append(f'WARNING: the estimate ({est.total / GIB:.1f} GiB) exceeds the usable '
-                   f'{budget / GIB:.1f} GiB per device; state (params+grads+optimizer) is '
-                   f'{state / GIB:.1f} GiB, activations+logits+working '
-                   f'{(est.activations + est.logits + est.working) / GIB:.1f} GiB.')
+      lines.append(
+          f'WARNING: the estimate ({est.total / GIB:.1f} GiB) exceeds the usable '
+          f'{budget / GIB:.1f} GiB per device; state (params+grads+optimizer) is '
+          f'{state / GIB:.1f} GiB, activations+logits+working '
+          f'{(est.activations + est.logits + est.working) / GIB:.1f} GiB.'
+      )
       found = suggestions(config, num_devices, num_nodes, budget, leaves, device=device)
       for change, total in found:
-        lines.append(f'WARNING: to fit, change {describe_change(change)} '
-                     f'(estimate {total / GIB:.1f} GiB)')
+        lines.append(
+            f'WARNING: to fit, change {describe_change(change)} (estimate {total / GIB:.1f} GiB)'
+        )
       if not found:
-        lines.append('WARNING: no single change found that fits: use more devices (raise '
-                     'mesh.fsdp / mesh.dcn_fsdp over them), model.remat_policy=full, a '
-                     'lower train.global_batch_size or more train.grad_accum_steps')
+        lines.append(
+            'WARNING: no single change found that fits: use more devices (raise '
+            'mesh.fsdp / mesh.dcn_fsdp over them), model.remat_policy=full, a '
+            'lower train.global_batch_size or more train.grad_accum_steps'
+        )
   else:
-    lines.append('device memory: unknown (give --accelerator or --device_memory_gb to check '
-                 'the fit)')
+    lines.append(
+        'device memory: unknown (give --accelerator or --device_memory_gb to check the fit)'
+    )
   if peak:
     tokens = run_tokens(config, tokens)
     seconds = training_seconds(m, t.seq_len, tokens, num_devices, peak, mfu)
-    lines.append(f'time: {_count(tokens)} tokens x {_count(train_flops_per_token(m, t.seq_len))} '
-                 f'FLOPs/token on {num_devices}x {accelerator_name} '
-                 f'({peak / 1e12:.0f} TFLOP/s peak) at {mfu:.0%} MFU: {_duration(seconds)}')
+    lines.append(
+        f'time: {_count(tokens)} tokens x {_count(train_flops_per_token(m, t.seq_len))} '
+        f'FLOPs/token on {num_devices}x {accelerator_name} '
+        f'({peak / 1e12:.0f} TFLOP/s peak) at {mfu:.0%} MFU: {_duration(seconds)}'
+    )
   return '\n'.join(lines)
 
 
@@ -144,8 +182,16 @@ def _preset_parts(est):
   }
 
 
-def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mfu=0.4,
-                  tokens=None, overrides=None, usable_fraction=USABLE_FRACTION):
+def presets_table(
+    configs,
+    num_devices,
+    num_nodes=1,
+    accelerator_name='h100',
+    mfu=0.4,
+    tokens=None,
+    overrides=None,
+    usable_fraction=USABLE_FRACTION,
+):
   """One row per config of `configs` (name -> config, e.g. the presets) on one mesh.
 
   Each config, with the dotted-path `overrides` applied ('mesh.fsdp': -1), is planned on
@@ -182,22 +228,38 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
     try:
       est = estimate_memory(config, num_devices, num_nodes, leaves, device=device)
     except (ConfigError, MeshError) as e:
-      row.update(mesh=None, micro_batch_per_device=None, fits=None, to_fit=None,
-                 error=str(e), **{k: None for k in ('params_gib', 'gradients_gib',
-                                                    'optimizer_gib', 'activations_gib',
-                                                    'total_gib')})
+      row.update(
+          mesh=None,
+          micro_batch_per_device=None,
+          fits=None,
+          to_fit=None,
+          error=str(e),
+          **{
+              k: None
+              for k in (
+                  'params_gib',
+                  'gradients_gib',
+                  'optimizer_gib',
+                  'activations_gib',
+                  'total_gib',
+              )
+          },
+      )
       rows.append(row)
       continue
     d = est.degrees
     row.update(
         mesh=f'data={d["data"]} fsdp={d["fsdp"]} tensor={d["tensor"]}',
-        micro_batch_per_device=est.micro_batch_per_device, fits=est.total <= budget,
-        **_preset_parts(est))
+        micro_batch_per_device=est.micro_batch_per_device,
+        fits=est.total <= budget,
+        **_preset_parts(est),
+    )
     row['to_fit'] = ''
     if not row['fits']:
       found = suggestions(config, num_devices, num_nodes, budget, leaves, device=device)
-      row['to_fit'] = (describe_change(found[0][0]) if found else
-                       'no single change: use more devices')
+      row['to_fit'] = (
+          describe_change(found[0][0]) if found else 'no single change: use more devices'
+      )
     rows.append(row)
   return rows
 
@@ -205,13 +267,18 @@ def presets_table(configs, num_devices, num_nodes=1, accelerator_name='h100', mf
 def format_presets_table(rows):
   """`presets_table` rows as a text table, with what to change (or the error) per preset
   below it."""
-  header = (f'{"preset":<8} {"params":>7} {"FLOPs/tok":>9} {"mesh":<24} {"params":>7} '
-            f'{"grads":>7} {"optim":>7} {"activ":>7} {"total":>7} {"fits":<4} '
-            f'{"tokens":>6} {"days":>9}')
+  header = (
+      f'{"preset":<8} {"params":>7} {"FLOPs/tok":>9} {"mesh":<24} {"params":>7} '
+      f'{"grads":>7} {"optim":>7} {"activ":>7} {"total":>7} {"fits":<4} '
+      f'{"tokens":>6} {"days":>9}'
+  )
   first = rows[0] if rows else {'accelerator': '?', 'usable_gib': 0}
-  lines = [f'Per-device memory in GiB on {first["accelerator"]} '
-           f'({first["usable_gib"]:.1f} GiB usable each); days at the assumed MFU.',
-           header, '-' * len(header)]
+  lines = [
+      f'Per-device memory in GiB on {first["accelerator"]} '
+      f'({first["usable_gib"]:.1f} GiB usable each); days at the assumed MFU.',
+      header,
+      '-' * len(header),
+  ]
   notes = []
 
   def gib(x):
@@ -223,7 +290,8 @@ def format_presets_table(rows):
         f'{r["preset"]:<8} {_count(r["params"]):>7} {_count(r["train_flops_per_token"]):>9} '
         f'{r["mesh"] or "-":<24} {gib(r["params_gib"])} {gib(r["gradients_gib"])} '
         f'{gib(r["optimizer_gib"])} {gib(r["activations_gib"])} {gib(r["total_gib"])} '
-        f'{fits:<4} {_count(r["tokens"]):>6} {r["days"]:>9.3g}')
+        f'{fits:<4} {_count(r["tokens"]):>6} {r["days"]:>9.3g}'
+    )
     if r['error']:
       notes.append(f'{r["preset"]}: {r["error"]}')
     elif r['to_fit']:
@@ -231,8 +299,16 @@ def format_presets_table(rows):
   return '\n'.join(lines + notes)
 
 
-def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name='h100',
-                   mfu=0.4, tokens=None, overrides=None, usable_fraction=USABLE_FRACTION):
+def scaling_points(
+    configs,
+    device_counts,
+    devices_per_node=8,
+    accelerator_name='h100',
+    mfu=0.4,
+    tokens=None,
+    overrides=None,
+    usable_fraction=USABLE_FRACTION,
+):
   """What `plot_scaling` draws: for each config and each device count, FSDP over all the
   devices (`ceil(devices / devices_per_node)` nodes, mesh.dcn_fsdp across them), with the
   dotted-path `overrides` applied first. A list of dicts: `preset`, `devices`, `nodes`,
@@ -250,20 +326,33 @@ def scaling_points(configs, device_counts, devices_per_node=8, accelerator_name=
     config_tokens = run_tokens(config, tokens)
     for devices in device_counts:
       nodes = -(-devices // devices_per_node)
-      fsdp = with_overrides(config, {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1,
-                                     'mesh.dcn_data': 1, 'mesh.dcn_fsdp': nodes,
-                                     'mesh.dcn_tensor': 1})
+      fsdp = with_overrides(
+          config,
+          {
+              'mesh.data': 1,
+              'mesh.fsdp': -1,
+              'mesh.tensor': 1,
+              'mesh.dcn_data': 1,
+              'mesh.dcn_fsdp': nodes,
+              'mesh.dcn_tensor': 1,
+          },
+      )
       try:
         total = estimate_memory(fsdp, devices, nodes, leaves, device=device).total
       except (ConfigError, MeshError):
         total = None
-      points.append({
-          'preset': preset, 'devices': devices, 'nodes': nodes,
-          'total_gib': None if total is None else total / GIB,
-          'fits': None if total is None else total <= budget,
-          'usable_gib': budget / GIB, 'accelerator': name,
-          'days': training_seconds(m, t.seq_len, config_tokens, devices, peak, mfu) / 86400,
-      })
+      points.append(
+          {
+              'preset': preset,
+              'devices': devices,
+              'nodes': nodes,
+              'total_gib': None if total is None else total / GIB,
+              'fits': None if total is None else total <= budget,
+              'usable_gib': budget / GIB,
+              'accelerator': name,
+              'days': training_seconds(m, t.seq_len, config_tokens, devices, peak, mfu) / 86400,
+          }
+      )
   return points
 
 
@@ -276,8 +365,8 @@ def plot_scaling(points, axes=None):
   order of `points`, over the devices whose mesh a run accepts (`total_gib` not None) in
   both panels, and the points that do not fit are marked again with an 'x' in both.
   """
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   if axes is None:
     _, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
@@ -287,16 +376,28 @@ def plot_scaling(points, axes=None):
     if not ok:
       continue
     devices = [p['devices'] for p in ok]
-    line, = axes[0].plot(devices, [p['days'] for p in ok], marker='o', label=preset)
-    axes[1].plot(devices, [p['total_gib'] for p in ok], marker='o', label=preset,
-                 color=line.get_color())
+    (line,) = axes[0].plot(devices, [p['days'] for p in ok], marker='o', label=preset)
+    axes[1].plot(
+        devices, [p['total_gib'] for p in ok], marker='o', label=preset, color=line.get_color()
+    )
     over = [p for p in ok if not p['fits']]
     for ax, key in zip(axes if over else (), ('days', 'total_gib')):
-      ax.plot([p['devices'] for p in over], [p[key] for p in over], linestyle='none',
-              marker='x', markersize=10, color='black')
+      ax.plot(
+          [p['devices'] for p in over],
+          [p[key] for p in over],
+          linestyle='none',
+          marker='x',
+          markersize=10,
+          color='black',
+      )
   if points:
-    axes[1].axhline(points[0]['usable_gib'], color='black', linestyle='--', linewidth=0.8,
-                    label=f'usable on {points[0]["accelerator"]}')
+    axes[1].axhline(
+        points[0]['usable_gib'],
+        color='black',
+        linestyle='--',
+        linewidth=0.8,
+        label=f'usable on {points[0]["accelerator"]}',
+    )
   axes[0].set_ylabel('estimated days')
   axes[1].set_ylabel('memory per device (GiB)')
   axes[0].set_title('time for the token budget (x: does not fit)')

@@ -6,8 +6,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/tiny.py.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -17,11 +18,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every file at INFO
   from euro_lm import host_memory
+
   # Before any thread allocates (it then keeps its own malloc arena).
   host_memory.configure_before_backend(_CONFIG.value.hardware.keep_freed_host_memory)
   from euro_lm import distributed
   from euro_lm.errors import UserError
   from euro_lm.train.loop import train
+
   try:
     distributed.initialize(_CONFIG.value.distributed, os.environ)
     train(_CONFIG.value, _WORKDIR.value)

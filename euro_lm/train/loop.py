@@ -10,9 +10,8 @@ import numpy as np
 import tqdm
 from flax import linen as nn
 
-from euro_lm import host_memory
-from euro_lm.checkpoint import CheckpointError, Checkpointer, load_params
-from euro_lm import devices
+from euro_lm import devices, host_memory
+from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params
 from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.errors import UserError
@@ -77,10 +76,15 @@ def evaluate(eval_step, params, valid, mesh, rules):
 
 def _nonfinite_report(step, metrics, flags):
   """'step 3: loss is nan; non-finite gradients: ...', or '' if the step was finite."""
-  parts = [f'{k} is {metrics[k]}' for k in ('loss', 'grad_norm', 'learning_rate')
-           if not math.isfinite(metrics[k])]
-  for what, key in (('gradients', 'grads_finite'), ('parameters after the update',
-                                                     'params_finite')):
+  parts = [
+      f'{k} is {metrics[k]}'
+      for k in ('loss', 'grad_norm', 'learning_rate')
+      if not math.isfinite(metrics[k])
+  ]
+  for what, key in (
+      ('gradients', 'grads_finite'),
+      ('parameters after the update', 'params_finite'),
+  ):
     names = describe_nonfinite(flags[key])
     if names:
       more = f' and {len(names) - 8} more' if len(names) > 8 else ''
@@ -96,18 +100,18 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
   if start_step:
     started = time.perf_counter()
     abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
-    state = checkpointer.restore(start_step, abstract_state, train_iterator, config,
-                                 tokenizer_path)
-    log(f'resumed from step {start_step} in {checkpointer.directory} '
-        f'({time.perf_counter() - started:.1f}s)')
+    state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer_path)
+    log(
+        f'resumed from step {start_step} in {checkpointer.directory} '
+        f'({time.perf_counter() - started:.1f}s)'
+    )
     return state, shardings, start_step
   if t.init_from:
     abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
     params, source = load_params(t.init_from, abstract_state.params)
     log(f'parameters from {source}; the optimizer state, step and data start fresh')
     return train_state_from_params(params, tx, shardings), shardings, 0
-  state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh,
-                                        rules)
+  state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh, rules)
   return state, shardings, 0
 
 
@@ -138,31 +142,43 @@ def train(config, workdir):
 
   mesh = make_mesh(config.mesh)
   rules = logical_rules(config.mesh)
-  log(f'euro_lm: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh '
-      + ' x '.join(f'{a}={s}' for a, s in degrees.items()) + f', workdir {workdir}')
-  data = dataset.make_data(config, workdir, process_index=process_index,
-                           process_count=process_count)
+  log(
+      f'euro_lm: {jax.device_count()} {jax.devices()[0].platform} device(s), mesh '
+      + ' x '.join(f'{a}={s}' for a, s in degrees.items())
+      + f', workdir {workdir}'
+  )
+  data = dataset.make_data(
+      config, workdir, process_index=process_index, process_count=process_count
+  )
   model = Decoder(config.model)
   tx, schedule = make_optimizer(config.optimizer, t.steps)
   checkpointer = Checkpointer(
-      os.path.join(workdir, 'checkpoints'), save_every=t.checkpoint_every,
-      save_every_minutes=t.checkpoint_every_minutes, keep=t.keep_checkpoints,
-      keep_every=t.keep_checkpoints_every)
+      os.path.join(workdir, 'checkpoints'),
+      save_every=t.checkpoint_every,
+      save_every_minutes=t.checkpoint_every_minutes,
+      keep=t.keep_checkpoints,
+      keep_every=t.keep_checkpoints_every,
+  )
   train_iterator = iter(data.train)
   try:
-    state, shardings, start_step = _start(config, model, tx, mesh, rules, checkpointer,
-                                          train_iterator, data.tokenizer.path, log)
+    state, shardings, start_step = _start(
+        config, model, tx, mesh, rules, checkpointer, train_iterator, data.tokenizer.path, log
+    )
   except BaseException:
     _close(checkpointer, failing=True)
     raise
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   if is_chief:
     _write_config(workdir, config)
-  log(f'model: {num_params / 1e6:.1f}M parameters; {len(data.languages)} languages; '
-      f'{t.global_batch_size} x {t.seq_len} tokens per step')
+  log(
+      f'model: {num_params / 1e6:.1f}M parameters; {len(data.languages)} languages; '
+      f'{t.global_batch_size} x {t.seq_len} tokens per step'
+  )
   if start_step >= t.steps:
-    log(f'nothing to do: the newest checkpoint is step {start_step} and train.steps={t.steps} '
-        '(raise --config.train.steps to train further)')
+    log(
+        f'nothing to do: the newest checkpoint is step {start_step} and train.steps={t.steps} '
+        '(raise --config.train.steps to train further)'
+    )
     checkpointer.close()
     return {}, {}
 
@@ -171,8 +187,13 @@ def train(config, workdir):
   flops_per_token = train_flops_per_token(config.model, t.seq_len)
   peak = peak_flops_per_device(config, jax.devices()[0])
   writer = MetricWriter(workdir, enabled=is_chief)
-  profiler = StepProfiler(trace_directory(workdir, process_index), t.profile_start_step,
-                          t.profile_steps, start_step, log)
+  profiler = StepProfiler(
+      trace_directory(workdir, process_index),
+      t.profile_start_step,
+      t.profile_steps,
+      start_step,
+      log,
+  )
   bar = progress_bar(t.steps, start_step, enabled=is_chief)
   last_metrics, last_eval = {}, {}
   pending_timings = {}  # written with the next logged metrics
@@ -189,13 +210,17 @@ def train(config, workdir):
     if t.nonfinite_policy == 'skip' and math.isfinite(metrics['learning_rate']):
       in_a_row = int(metrics['skipped_in_a_row'])
       if in_a_row:
-        reason = problem or (f'step {step}: grad_norm {metrics["grad_norm"]:.4g} > '
-                            f'train.skip_grad_norm_above={t.skip_grad_norm_above}')
+        reason = problem or (
+            f'step {step}: grad_norm {metrics["grad_norm"]:.4g} > '
+            f'train.skip_grad_norm_above={t.skip_grad_norm_above}'
+        )
         log(f'skipped the update of {reason} ({in_a_row} in a row)')
       if in_a_row > t.max_skipped_in_a_row:
-        raise TrainingError(f'{in_a_row} updates in a row skipped, more than '
-                            f'train.max_skipped_in_a_row={t.max_skipped_in_a_row}; stopping. '
-                            + _newest(checkpointer))
+        raise TrainingError(
+            f'{in_a_row} updates in a row skipped, more than '
+            f'train.max_skipped_in_a_row={t.max_skipped_in_a_row}; stopping. '
+            + _newest(checkpointer)
+        )
     elif problem:
       raise TrainingError(f'{problem}; stopping. {_newest(checkpointer)}')
     bar.update(1)
@@ -213,8 +238,12 @@ def train(config, workdir):
       metrics['mfu'] = flops_per_token * metrics['tokens_per_second'] / (peak * jax.device_count())
     window_start, window_step = now, step
     # The realised mixture: tokens per language in this process's rows so far.
-    metrics.update({f'tokens/{language}': n
-                    for language, n in sorted(train_iterator.tokens_by_language().items())})
+    metrics.update(
+        {
+            f'tokens/{language}': n
+            for language, n in sorted(train_iterator.tokens_by_language().items())
+        }
+    )
     metrics.update({f'packing/{k}': v for k, v in train_iterator.packing_stats().items()})
     writer.write(step, metrics)
     bar.set_postfix_str(format_scalars(metrics, ('loss', 'grad_norm', 'tokens_per_second')))
@@ -223,9 +252,15 @@ def train(config, workdir):
   def run_eval(step, state):
     results = evaluate(eval_step, state.params, data.valid, mesh, rules)
     writer.write(step, results)
-    log(f'step {step} validation loss: ' + ' '.join(
-        f'{k.split("/")[1]}={v:.3f}' for k, v in results.items()
-        if k.endswith('/loss') and k != 'valid/loss') + f' | mean={results["valid/loss"]:.3f}')
+    log(
+        f'step {step} validation loss: '
+        + ' '.join(
+            f'{k.split("/")[1]}={v:.3f}'
+            for k, v in results.items()
+            if k.endswith('/loss') and k != 'valid/loss'
+        )
+        + f' | mean={results["valid/loss"]:.3f}'
+    )
     return results
 
   failing = True
@@ -265,15 +300,19 @@ def train(config, workdir):
           pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
         if preempted:
           checkpointer.wait()
-          log(f'stopped by {preemption.signal_name} after step {step}: saved '
-              f'{checkpointer.step_directory(step)}. Run the same command to resume.')
+          log(
+              f'stopped by {preemption.signal_name} after step {step}: saved '
+              f'{checkpointer.step_directory(step)}. Run the same command to resume.'
+          )
           break
         if do_eval or do_save or profiled:  # keep evaluation, saving and tracing out of
           window_start, window_step = time.perf_counter(), step  # the throughput window
       else:
-        log(f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
+        log(
+            f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
             f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
-            f'{os.path.join(workdir, "tensorboard")}')
+            f'{os.path.join(workdir, "tensorboard")}'
+        )
       if pending_timings:  # the last save's blocking time
         writer.write(step, pending_timings)
     failing = False
@@ -287,5 +326,8 @@ def train(config, workdir):
 
 def _newest(checkpointer):
   saved = checkpointer.latest_step()
-  return (f'The newest checkpoint is step {saved} in {checkpointer.directory}' if saved
-          else 'There is no checkpoint yet')
+  return (
+      f'The newest checkpoint is step {saved} in {checkpointer.directory}'
+      if saved
+      else 'There is no checkpoint yet'
+  )

@@ -21,7 +21,8 @@ def learning_rate_schedule(optimizer_config, total_steps):
     decay_steps = min(max(int(round(total_steps * o.decay_fraction)), 1), max(after, 1))
     main = optax.join_schedules(
         [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay_steps)],
-        [max(after - decay_steps, 0)])
+        [max(after - decay_steps, 0)],
+    )
   elif o.schedule == 'constant':
     main = optax.constant_schedule(peak)
   else:
@@ -32,6 +33,7 @@ def learning_rate_schedule(optimizer_config, total_steps):
 def decay_mask(params, decay_embeddings):
   """True for weights that get weight decay: matrices, not norms (nor, by default, the
   embedding and untied output matrices)."""
+
   def decays(path, _):
     names = [getattr(k, 'key', getattr(k, 'name', '')) for k in path]
     if any(str(n).endswith('norm') for n in names):
@@ -39,6 +41,7 @@ def decay_mask(params, decay_embeddings):
     if 'embedding' in names or 'output' in names:
       return decay_embeddings
     return True
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -55,6 +58,14 @@ def make_optimizer(optimizer_config, total_steps):
   parts = []
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                           mask=lambda p: decay_mask(p, o.decay_embeddings)))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=o.b1,
+          b2=o.b2,
+          eps=o.eps,
+          weight_decay=o.weight_decay,
+          mask=lambda p: decay_mask(p, o.decay_embeddings),
+      )
+  )
   return optax.chain(*parts), schedule

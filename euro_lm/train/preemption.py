@@ -56,6 +56,11 @@ class PreemptionWatch:
       return self._signal is not None
     agreed = multihost_utils.reached_preemption_sync_point(step)
     if agreed:
-      logging.warning('process %d of %d: all processes stop after step %d (%s)',
-                      jax.process_index(), jax.process_count(), step, self.signal_name)
+      logging.warning(
+          'process %d of %d: all processes stop after step %d (%s)',
+          jax.process_index(),
+          jax.process_count(),
+          step,
+          self.signal_name,
+      )
     return agreed

@@ -28,8 +28,10 @@ class StepProfiler:
     self.directory, self.first, self.last = directory, first, first + count - 1
     self.active = False
     if first and first <= start_step:
-      log(f'not profiling: train.profile_start_step={first} is not after the resumed '
-          f'step {start_step}')
+      log(
+          f'not profiling: train.profile_start_step={first} is not after the resumed '
+          f'step {start_step}'
+      )
       self.first = 0
     self._log = log
 
@@ -46,9 +48,11 @@ class StepProfiler:
       return False
     jax.block_until_ready(outputs)
     self.close()
-    self._log(f'profiled steps {self.first}-{step} into {self.directory}/plugins/profile: '
-              'TensorBoard\'s Profile tab reads it, and ui.perfetto.dev its '
-              'perfetto_trace.json.gz')
+    self._log(
+        f'profiled steps {self.first}-{step} into {self.directory}/plugins/profile: '
+        "TensorBoard's Profile tab reads it, and ui.perfetto.dev its "
+        'perfetto_trace.json.gz'
+    )
     return True
 
   def close(self):

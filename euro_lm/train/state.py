@@ -10,9 +10,9 @@ from flax import linen as nn
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array     # int32 scalar: optimizer steps taken
-  params: Any         # float32 parameter pytree
-  opt_state: Any      # optax state, sharded like the params
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # float32 parameter pytree
+  opt_state: Any  # optax state, sharded like the params
   # nonfinite_policy='skip': updates skipped since the last applied one, and in all.
   skipped_in_a_row: jax.Array
   skipped_total: jax.Array
@@ -23,8 +23,9 @@ def init_boxed(model, tx, seq_len, rng):
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, tokens_BL)['params']
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero,
-                    skipped_total=zero)
+  return TrainState(
+      step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero, skipped_total=zero
+  )
 
 
 def state_logical_specs(model, tx, seq_len):
@@ -43,10 +44,10 @@ def abstract_train_state(model, tx, seq_len, mesh, rules):
   Returns `(abstract_state, shardings)`.
   """
   shardings = state_shardings(model, tx, seq_len, mesh, rules)
-  shapes = jax.eval_shape(lambda r: nn.unbox(init_boxed(model, tx, seq_len, r)),
-                          jax.random.key(0))
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
+  shapes = jax.eval_shape(lambda r: nn.unbox(init_boxed(model, tx, seq_len, r)), jax.random.key(0))
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
   return abstract, shardings
 
 
@@ -63,8 +64,15 @@ def create_train_state(model, tx, seq_len, rng, mesh, rules):
 
 def train_state_from_params(params, tx, shardings):
   """A fresh state (step 0, new optimizer state) around existing sharded `params`."""
+
   def build(params):
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero,
-                      skipped_total=zero)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        skipped_in_a_row=zero,
+        skipped_total=zero,
+    )
+
   return jax.jit(build, out_shardings=shardings)(params)

@@ -19,8 +19,13 @@ def _weights(batch):
 
 
 def _hidden(model, params, batch):
-  return model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
-                     batch['positions'], return_hidden=True)
+  return model.apply(
+      {'params': params},
+      batch['inputs'],
+      batch['segment_ids'],
+      batch['positions'],
+      return_hidden=True,
+  )
 
 
 def token_losses(model, params, batch):
@@ -28,11 +33,16 @@ def token_losses(model, params, batch):
   cfg = model.config
   if cfg.loss_chunk_length:
     nll_BL, logz_BL = loss.token_losses(
-        _hidden(model, params, batch), loss.output_head(params, cfg), batch['targets'],
-        chunk=cfg.loss_chunk_length, dtype=cfg.compute_dtype)
+        _hidden(model, params, batch),
+        loss.output_head(params, cfg),
+        batch['targets'],
+        chunk=cfg.loss_chunk_length,
+        dtype=cfg.compute_dtype,
+    )
     return nll_BL, logz_BL, _weights(batch)
-  logits_BLV = model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
-                           batch['positions'])
+  logits_BLV = model.apply(
+      {'params': params}, batch['inputs'], batch['segment_ids'], batch['positions']
+  )
   logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
   return logz_BL - target_logit_BL, logz_BL, _weights(batch)
@@ -45,8 +55,14 @@ def _loss_sums(params, batch, model, z_loss):
   if cfg.loss_chunk_length:
     weights_BL = _weights(batch)
     objective, loss_sum = loss.loss_sums(
-        _hidden(model, params, batch), loss.output_head(params, cfg), batch['targets'],
-        weights_BL, z_loss=z_loss, chunk=cfg.loss_chunk_length, dtype=cfg.compute_dtype)
+        _hidden(model, params, batch),
+        loss.output_head(params, cfg),
+        batch['targets'],
+        weights_BL,
+        z_loss=z_loss,
+        chunk=cfg.loss_chunk_length,
+        dtype=cfg.compute_dtype,
+    )
     return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch)
   objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
@@ -55,15 +71,27 @@ def _loss_sums(params, batch, model, z_loss):
 
 def _micro_batches(batch, num_micro):
   """[B, L] -> [A, B/A, L] taking every A-th row, so each device keeps its own rows."""
+
   def split(x_BL):
     x = x_BL.reshape(x_BL.shape[0] // num_micro, num_micro, *x_BL.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
     return nn.with_logical_constraint(x, (None, 'batch', 'length'))
+
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss,
-               nonfinite_policy='stop', skip_grad_norm_above=0.0):
+def train_step(
+    state,
+    batch,
+    *,
+    model,
+    tx,
+    schedule,
+    grad_accum_steps,
+    z_loss,
+    nonfinite_policy='stop',
+    skip_grad_norm_above=0.0,
+):
   """One optimizer step on a global batch; the loss is the token-weighted mean.
 
   `nonfinite_policy='skip'` keeps the params and optimizer state unchanged when the loss,
@@ -77,12 +105,15 @@ def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss,
   if grad_accum_steps == 1:
     grads, (loss_sum, weight_sum) = grad_fn(state.params, batch, model, z_loss)
   else:
+
     def accumulate(carry, micro):
       grads, (loss_sum, weight_sum) = grad_fn(state.params, micro, model, z_loss)
       return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
+
     zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0)
     (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-        accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+        accumulate, zeros, _micro_batches(batch, grad_accum_steps)
+    )
   weight_sum = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / weight_sum, grads)
   grad_norm = optax.tree.norm(grads)
@@ -110,8 +141,16 @@ def train_step(state, batch, *, model, tx, schedule, grad_accum_steps, z_loss,
       'grads_finite': finite_flags(grads),
       'params_finite': params_finite,
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       skipped_in_a_row=skipped_in_a_row, skipped_total=skipped_total), metrics
+  return (
+      state.replace(
+          step=state.step + 1,
+          params=params,
+          opt_state=opt_state,
+          skipped_in_a_row=skipped_in_a_row,
+          skipped_total=skipped_total,
+      ),
+      metrics,
+  )
 
 
 def eval_step(params, batch, *, model):
@@ -124,14 +163,27 @@ def eval_step(params, batch, *, model):
 
 
 def make_train_step(model, tx, schedule, train_config, z_loss, mesh, shardings):
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           grad_accum_steps=train_config.grad_accum_steps, z_loss=z_loss,
-                           nonfinite_policy=train_config.nonfinite_policy,
-                           skip_grad_norm_above=train_config.skip_grad_norm_above)
-  return jax.jit(step, in_shardings=(shardings, None),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  step = functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      grad_accum_steps=train_config.grad_accum_steps,
+      z_loss=z_loss,
+      nonfinite_policy=train_config.nonfinite_policy,
+      skip_grad_norm_above=train_config.skip_grad_norm_above,
+  )
+  return jax.jit(
+      step,
+      in_shardings=(shardings, None),
+      out_shardings=(shardings, replicated(mesh)),
+      donate_argnums=0,
+  )
 
 
 def make_eval_step(model, mesh, param_shardings):
-  return jax.jit(functools.partial(eval_step, model=model),
-                 in_shardings=(param_shardings, None), out_shardings=replicated(mesh))
+  return jax.jit(
+      functools.partial(eval_step, model=model),
+      in_shardings=(param_shardings, None),
+      out_shardings=replicated(mesh),
+  )

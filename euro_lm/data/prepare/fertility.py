@@ -16,13 +16,12 @@ relative to English, and says which of the two it is.
 reports side by side, e.g. one per vocabulary size (notebooks/tokenizer.ipynb).
 """
 
-from collections.abc import Mapping, Sequence
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 
-from euro_lm.data import corpus
-from euro_lm.data import languages
+from euro_lm.data import corpus, languages
 from euro_lm.errors import ConfigError
 
 ENGLISH = languages.canonical_language('en')
@@ -69,9 +68,7 @@ def fertility_report(
   """
   if parallel and len({len(t) for t in texts_by_language.values()}) > 1:
     counts = {tag: len(t) for tag, t in texts_by_language.items()}
-    raise ConfigError(
-        f'Parallel texts need the same number of texts per language: {counts}.'
-    )
+    raise ConfigError(f'Parallel texts need the same number of texts per language: {counts}.')
   stats = {}
   for tag, texts in texts_by_language.items():
     texts = list(texts)
@@ -98,9 +95,7 @@ def fertility_report(
     else:
       # (tokens / bytes) / (ref tokens / ref bytes), in integers until the
       # one division, so the reference's own parity is exactly 1.0.
-      s['parity'] = _ratio(
-          s['tokens'] * ref['bytes'], s['bytes'] * ref['tokens']
-      )
+      s['parity'] = _ratio(s['tokens'] * ref['bytes'], s['bytes'] * ref['tokens'])
   kind = PARALLEL if parallel else PER_BYTE
   return {
       'parity_kind': kind,
@@ -191,9 +186,7 @@ def embedded_parallel_heldout(
       of `tags` translate.
   """
   if not 0 < heldout_fraction <= 0.5:
-    raise ConfigError(
-        f'heldout_fraction must be in (0, 0.5], got {heldout_fraction}.'
-    )
+    raise ConfigError(f'heldout_fraction must be in (0, 0.5], got {heldout_fraction}.')
   aligned = _aligned_messages(tags)
   if not aligned:
     raise ConfigError(
@@ -204,12 +197,7 @@ def embedded_parallel_heldout(
   heldout = sorted(aligned)[every - 1 :: every] or sorted(aligned)[-1:]
   texts = {tag: [aligned[m][tag][0] for m in heldout] for tag in tags}
   lines = {
-      tag: {
-          line
-          for m in heldout
-          for form in aligned[m][tag]
-          for line in form.split('\n')
-      }
+      tag: {line for m in heldout for form in aligned[m][tag] for line in form.split('\n')}
       for tag in tags
   }
   return texts, lines
@@ -263,9 +251,7 @@ def _label(key) -> str:
   return f'{key:,} pieces' if isinstance(key, int) else str(key)
 
 
-def comparison_languages(
-    reports: Mapping[object, dict], order: str = 'parity'
-) -> list[str]:
+def comparison_languages(reports: Mapping[object, dict], order: str = 'parity') -> list[str]:
   """The languages all `reports` measured, in the order a comparison shows.
 
   Args:
@@ -279,15 +265,9 @@ def comparison_languages(
   if not reports:
     raise ConfigError('No fertility report to compare.')
   if order not in ('parity', 'tokens_per_word', 'language'):
-    raise ConfigError(
-        f"order={order!r}: use 'parity', 'tokens_per_word' or 'language'."
-    )
+    raise ConfigError(f"order={order!r}: use 'parity', 'tokens_per_word' or 'language'.")
   first = next(iter(reports.values()))['languages']
-  tags = [
-      tag
-      for tag in first
-      if all(tag in r['languages'] for r in reports.values())
-  ]
+  tags = [tag for tag in first if all(tag in r['languages'] for r in reports.values())]
   if order == 'language':
     return sorted(tags)
 
@@ -298,9 +278,7 @@ def comparison_languages(
   return sorted(tags, key=key)
 
 
-def format_comparison(
-    reports: Mapping[object, dict], order: str = 'parity'
-) -> str:
+def format_comparison(reports: Mapping[object, dict], order: str = 'parity') -> str:
   """Tokens per word and parity of each language under each report, as text.
 
   One row per language (see `comparison_languages` for the order), one
@@ -320,26 +298,21 @@ def format_comparison(
       + ' '.join(f'{"tokens/word":>{width}}' for _ in labels)
       + ' '
       + ' '.join(f'{"parity":>{width}}' for _ in labels),
-      f'{"language":<10} '
-      + ' '.join(f'{label:>{width}}' for label in labels * 2),
+      f'{"language":<10} ' + ' '.join(f'{label:>{width}}' for label in labels * 2),
   ]
   lines.append('-' * len(lines[-1]))
   for tag in tags:
     stats = [r['languages'][tag] for r in reports.values()]
     lines.append(
         f'{tag:<10} '
-        + ' '.join(
-            f'{number(s["tokens_per_word"], 2):>{width}}' for s in stats
-        )
+        + ' '.join(f'{number(s["tokens_per_word"], 2):>{width}}' for s in stats)
         + ' '
         + ' '.join(f'{number(s["parity"], 3):>{width}}' for s in stats)
     )
   return '\n'.join(lines)
 
 
-def plot_fertility(
-    reports: Mapping[object, dict], axes=None, order: str = 'parity'
-):
+def plot_fertility(reports: Mapping[object, dict], axes=None, order: str = 'parity'):
   """Grouped bar charts of tokens per word and parity, one bar per report.
 
   Needs matplotlib (the `notebooks` extra), imported only here.
@@ -360,8 +333,11 @@ def plot_fertility(
   tags = comparison_languages(reports, order)
   if axes is None:
     _, axes = plt.subplots(
-        2, 1, figsize=(min(16.0, max(8.0, 2 + 0.35 * len(tags))), 7),
-        sharex=True, constrained_layout=True,
+        2,
+        1,
+        figsize=(min(16.0, max(8.0, 2 + 0.35 * len(tags))), 7),
+        sharex=True,
+        constrained_layout=True,
     )
   first = next(iter(reports.values()))
   width = 0.8 / len(reports)
@@ -388,7 +364,10 @@ def plot_fertility(
   axes[0].legend()
   axes[0].set_title(
       'Tokenizer fertility per language'
-      + (' (parallel held-out text)' if first['parity_kind'] == PARALLEL
-         else ' (parity per byte: text not parallel)')
+      + (
+          ' (parallel held-out text)'
+          if first['parity_kind'] == PARALLEL
+          else ' (parity per byte: text not parallel)'
+      )
   )
   return axes

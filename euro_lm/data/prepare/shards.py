@@ -10,7 +10,6 @@ re-run redoes only the units without a receipt. The manifest is written
 last, and removed while units are redone: where it exists, it is complete.
 """
 
-from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import glob
@@ -20,10 +19,11 @@ import multiprocessing
 import os
 import queue
 import tempfile
+from collections.abc import Callable, Sequence
 
-from array_record.python import array_record_module
 import numpy as np
 import tqdm
+from array_record.python import array_record_module
 
 from euro_lm.data import prepared
 from euro_lm.data.prepare import sources
@@ -112,8 +112,7 @@ def prepare(
       'docs_per_shard': docs_per_shard,
   }
   units = [
-      _Unit(path, _unit_id(path), output_dir, source, tokenizer_path,
-            docs_per_shard, settings)
+      _Unit(path, _unit_id(path), output_dir, source, tokenizer_path, docs_per_shard, settings)
       for path in inputs
   ]
   os.makedirs(os.path.join(output_dir, _RECEIPTS), exist_ok=True)
@@ -126,8 +125,7 @@ def prepare(
   receipts = [_finished_receipt(unit) for unit in units]
   for unit, receipt in zip(units, receipts):
     if receipt is None:
-      raise DataError(
-          f'{unit.input_path} changed while it was prepared; run again.')
+      raise DataError(f'{unit.input_path} changed while it was prepared; run again.')
   manifest = _build_manifest(receipts, tokenizer_info, settings)
   _write_json_atomically(manifest_path, manifest)
   return manifest
@@ -161,16 +159,14 @@ def _finished_receipt(unit: _Unit) -> dict | None:
   except json.JSONDecodeError:
     return None  # Written atomically, so only a hand-edited one is invalid.
   if receipt['settings'] != unit.settings:
-    changed = sorted(k for k in unit.settings
-                     if receipt['settings'].get(k) != unit.settings[k])
+    changed = sorted(k for k in unit.settings if receipt['settings'].get(k) != unit.settings[k])
     raise ConfigError(
         f'{unit.output_dir} holds {unit.input_path} prepared with other'
         f' settings (changed: {", ".join(changed)}; see {unit.receipt_path}).'
         ' Prepare into a new output directory, or delete this one.'
     )
   stat = os.stat(unit.input_path)
-  if receipt['input']['size'] != stat.st_size or (
-      receipt['input']['mtime_ns'] != stat.st_mtime_ns):
+  if receipt['input']['size'] != stat.st_size or (receipt['input']['mtime_ns'] != stat.st_mtime_ns):
     return None  # The input changed since.
   for shards in receipt['languages'].values():
     for shard in shards:
@@ -179,16 +175,23 @@ def _finished_receipt(unit: _Unit) -> dict | None:
   return receipt
 
 
-def _run_units(
-    pending: list[_Unit], total_units: int, workers: int, progress: bool
-):
+def _run_units(pending: list[_Unit], total_units: int, workers: int, progress: bool):
   """Prepares the pending units, in this process or a pool of `workers`."""
-  with tqdm.tqdm(
-      total=total_units, initial=total_units - len(pending), unit='file',
-      desc='files', disable=not progress,
-  ) as files_bar, tqdm.tqdm(
-      unit='tok', unit_scale=True, desc='tokens', disable=not progress,
-  ) as tokens_bar:
+  with (
+      tqdm.tqdm(
+          total=total_units,
+          initial=total_units - len(pending),
+          unit='file',
+          desc='files',
+          disable=not progress,
+      ) as files_bar,
+      tqdm.tqdm(
+          unit='tok',
+          unit_scale=True,
+          desc='tokens',
+          disable=not progress,
+      ) as tokens_bar,
+  ):
     if min(workers, len(pending)) <= 1:
       for unit in pending:
         _prepare_unit(unit, tokens_bar.update)
@@ -197,11 +200,8 @@ def _run_units(
     # spawn, not fork: the caller may run threads (JAX, Grain) that fork breaks.
     context = multiprocessing.get_context('spawn')
     token_counts = context.Queue()
-    with context.Pool(
-        min(workers, len(pending)), _init_worker, (token_counts,)
-    ) as pool:
-      results = [pool.apply_async(_prepare_unit_in_worker, (unit,))
-                 for unit in pending]
+    with context.Pool(min(workers, len(pending)), _init_worker, (token_counts,)) as pool:
+      results = [pool.apply_async(_prepare_unit_in_worker, (unit,)) for unit in pending]
       while results:
         _drain(token_counts, tokens_bar.update, timeout=0.1)
         for result in [r for r in results if r.ready()]:
@@ -211,8 +211,7 @@ def _run_units(
       _drain(token_counts, tokens_bar.update, timeout=0)
 
 
-def _drain(counts: multiprocessing.Queue, update: Callable[[int], object],
-           timeout: float):
+def _drain(counts: multiprocessing.Queue, update: Callable[[int], object], timeout: float):
   try:
     update(counts.get(timeout=timeout) if timeout else counts.get_nowait())
     while True:
@@ -235,8 +234,7 @@ def _prepare_unit_in_worker(unit: _Unit) -> None:
 
 def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
   """Tokenizes one input file into its shards, then writes its receipt."""
-  tokenizer = _load_tokenizer(unit.tokenizer_path,
-                              unit.settings['tokenizer_sha256'])
+  tokenizer = _load_tokenizer(unit.tokenizer_path, unit.settings['tokenizer_sha256'])
   # Whatever an interrupted run left of this unit is replaced, not trusted.
   _remove_unit_files(unit)
   stat = os.stat(unit.input_path)
@@ -261,8 +259,7 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
     _remove_unit_files(unit)
     raise
   receipt = {
-      'input': {'path': unit.input_path, 'size': stat.st_size,
-                'mtime_ns': stat.st_mtime_ns},
+      'input': {'path': unit.input_path, 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns},
       'unit': unit.unit_id,
       'settings': unit.settings,
       'languages': shards,
@@ -272,9 +269,10 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
 
 
 def _remove_unit_files(unit: _Unit):
-  for path in [unit.receipt_path, *glob.glob(
-      os.path.join(glob.escape(unit.output_dir), '*',
-                   f'shard-{unit.unit_id}-*'))]:
+  for path in [
+      unit.receipt_path,
+      *glob.glob(os.path.join(glob.escape(unit.output_dir), '*', f'shard-{unit.unit_id}-*')),
+  ]:
     if os.path.exists(path):
       os.remove(path)
 
@@ -293,11 +291,9 @@ class _ShardWriter:
   def write(self, tokens: list[int], text: str):
     if self._writer is None:
       name = self._unit.shard_name(self._language, len(self._shards))
-      self._shards.append(
-          {'path': name, **{count: 0 for count in _COUNTS}})
+      self._shards.append({'path': name, **{count: 0 for count in _COUNTS}})
       self._temp_path = os.path.join(self._unit.output_dir, name) + '.tmp'
-      self._writer = array_record_module.ArrayRecordWriter(
-          self._temp_path, prepared.WRITER_OPTIONS)
+      self._writer = array_record_module.ArrayRecordWriter(self._temp_path, prepared.WRITER_OPTIONS)
     self._writer.write(np.asarray(tokens, prepared.TOKEN_DTYPE).tobytes())
     shard = self._shards[-1]
     shard['documents'] += 1
@@ -351,23 +347,19 @@ def _write_json_atomically(path: str, value: dict):
     raise
 
 
-def _build_manifest(
-    receipts: list[dict], tokenizer_info: dict, settings: dict
-) -> dict:
+def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) -> dict:
   """The manifest of the receipts, which come in sorted input order."""
   languages = {}
   for receipt in receipts:
     for tag, shards in receipt['languages'].items():
-      entry = languages.setdefault(
-          tag, {**{count: 0 for count in _COUNTS}, 'shards': []})
+      entry = languages.setdefault(tag, {**{count: 0 for count in _COUNTS}, 'shards': []})
       for shard in shards:
         for count in _COUNTS:
           entry[count] += shard[count]
         entry['shards'].append(shard)
   return {
       'version': prepared.VERSION,
-      'record': 'token ids as little-endian int32, one document per record,'
-                ' no bos/eos',
+      'record': 'token ids as little-endian int32, one document per record, no bos/eos',
       'writer_options': prepared.WRITER_OPTIONS,
       'tokenizer': tokenizer_info,
       'settings': settings,
@@ -376,9 +368,9 @@ def _build_manifest(
           receipt['input']['path']: {
               'size': receipt['input']['size'],
               'unit': receipt['unit'],
-              'documents': sum(shard['documents']
-                               for shards in receipt['languages'].values()
-                               for shard in shards),
+              'documents': sum(
+                  shard['documents'] for shards in receipt['languages'].values() for shard in shards
+              ),
               'bad_records': receipt['bad_records'],
           }
           for receipt in receipts
@@ -388,15 +380,16 @@ def _build_manifest(
 
 def format_summary(manifest: dict) -> str:
   """A table of the manifest's languages, and its inputs' bad records."""
-  lines = [f'{"language":<10} {"documents":>12} {"tokens":>15} {"bytes":>15}'
-           f' {"bytes/token":>11}']
+  lines = [f'{"language":<10} {"documents":>12} {"tokens":>15} {"bytes":>15} {"bytes/token":>11}']
   for tag, entry in manifest['languages'].items():
     lines.append(
         f'{tag:<10} {entry["documents"]:>12,} {entry["tokens"]:>15,}'
         f' {entry["bytes"]:>15,} {entry["bytes"] / entry["tokens"]:>11.2f}'
     )
-  bad = [sources.BadRecords.from_json(path, entry['bad_records'])
-         for path, entry in manifest['inputs'].items()]
+  bad = [
+      sources.BadRecords.from_json(path, entry['bad_records'])
+      for path, entry in manifest['inputs'].items()
+  ]
   bad = [report for report in bad if report.total]
   if bad:
     lines.append(f'Bad records (not prepared) in {len(bad)} files:')

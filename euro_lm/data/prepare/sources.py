@@ -9,13 +9,13 @@ counts it in a `BadRecords` report by kind, with where the first one was, or
 raises `DataError` at the first one when the source is strict.
 """
 
-from collections.abc import Iterator, Sequence
 import dataclasses
 import glob
 import gzip
 import io
 import json
 import os
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -88,8 +88,7 @@ class BadRecords:
   def to_json(self) -> dict:
     return {
         'position_name': self.position_name,
-        'kinds': {kind: dataclasses.asdict(bad)
-                  for kind, bad in sorted(self.kinds.items())},
+        'kinds': {kind: dataclasses.asdict(bad) for kind, bad in sorted(self.kinds.items())},
     }
 
   @classmethod
@@ -99,8 +98,7 @@ class BadRecords:
 
   def __str__(self) -> str:
     return f'{self.path}: ' + '; '.join(
-        f'{bad.count} {kind} (first at {self.position_name} {bad.first}:'
-        f' {bad.reason})'
+        f'{bad.count} {kind} (first at {self.position_name} {bad.first}: {bad.reason})'
         for kind, bad in sorted(self.kinds.items())
     )
 
@@ -113,8 +111,9 @@ def expand_globs(patterns: Sequence[str]) -> list[str]:
   """
   paths = set()
   for pattern in patterns:
-    matches = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-               if os.path.isfile(p)]
+    matches = [
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    ]
     if not matches:
       raise DataError(f'The input glob {pattern!r} matches no file.')
     paths.update(os.path.abspath(p) for p in matches)
@@ -142,8 +141,7 @@ def _is_string(value, field: str, bad_records: 'BadRecords', position: int) -> b
     bad_records.add(MISSING_FIELD, position, f'no {field!r} (missing or null)')
     return False
   if not isinstance(value, str):
-    bad_records.add(NOT_A_STRING, position,
-                    f'{field!r} is a {type(value).__name__}, not a string')
+    bad_records.add(NOT_A_STRING, position, f'{field!r} is a {type(value).__name__}, not a string')
     return False
   return True
 
@@ -200,9 +198,7 @@ class TextSource:
     bad_records = BadRecords(path, 'row', self.strict)
     return self._parquet_documents(path, bad_records), bad_records
 
-  def _jsonl_documents(
-      self, path: str, bad_records: BadRecords
-  ) -> Iterator[Document]:
+  def _jsonl_documents(self, path: str, bad_records: BadRecords) -> Iterator[Document]:
     language_of = _LanguageCache(self.language)
     line_number = 0
     try:
@@ -218,52 +214,49 @@ class TextSource:
             continue
           if not isinstance(record, dict):
             bad_records.add(
-                MISSING_FIELD, line_number,
-                f'a JSON {type(record).__name__}, not an object with field'
-                f' {self.text_field!r}',
+                MISSING_FIELD,
+                line_number,
+                f'a JSON {type(record).__name__}, not an object with field {self.text_field!r}',
             )
             continue
           document = self._document(
               record.get(self.text_field),
               record.get(self.language_field) if self.language_field else None,
-              language_of, bad_records, line_number,
+              language_of,
+              bad_records,
+              line_number,
           )
           if document is not None:
             yield document
     except (OSError, EOFError, zstandard.ZstdError) as e:
-      raise DataError(
-          f'{path}: unreadable after line {line_number}: {e}'
-      ) from e
+      raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
 
-  def _parquet_documents(
-      self, path: str, bad_records: BadRecords
-  ) -> Iterator[Document]:
+  def _parquet_documents(self, path: str, bad_records: BadRecords) -> Iterator[Document]:
     language_of = _LanguageCache(self.language)
-    columns = [self.text_field] + (
-        [self.language_field] if self.language_field else [])
+    columns = [self.text_field] + ([self.language_field] if self.language_field else [])
     try:
       parquet = pq.ParquetFile(path)
       schema = parquet.schema_arrow
       for column in columns:
         if column not in schema.names:
-          raise DataError(
-              f'{path} has no column {column!r}; its columns are'
-              f' {schema.names}.'
-          )
+          raise DataError(f'{path} has no column {column!r}; its columns are {schema.names}.')
       text_type = schema.field(self.text_field).type
-      if not (pa.types.is_string(text_type)
-              or pa.types.is_large_string(text_type)
-              or pa.types.is_binary(text_type)
-              or pa.types.is_large_binary(text_type)):
-        raise DataError(
-            f'{path}: column {self.text_field!r} holds {text_type}, not text.'
-        )
+      if not (
+          pa.types.is_string(text_type)
+          or pa.types.is_large_string(text_type)
+          or pa.types.is_binary(text_type)
+          or pa.types.is_large_binary(text_type)
+      ):
+        raise DataError(f'{path}: column {self.text_field!r} holds {text_type}, not text.')
       batch_start = 0
       for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, columns=columns):
         # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
         texts = batch.column(0).cast(pa.large_binary()).to_pylist()
-        codes = (batch.column(1).cast(pa.large_string()).to_pylist()
-                 if self.language_field else [None] * len(texts))
+        codes = (
+            batch.column(1).cast(pa.large_string()).to_pylist()
+            if self.language_field
+            else [None] * len(texts)
+        )
         for row, (raw_text, code) in enumerate(zip(texts, codes), batch_start):
           try:
             text = None if raw_text is None else raw_text.decode('utf-8')
@@ -289,8 +282,7 @@ class TextSource:
     if not _is_string(text, self.text_field, bad_records, position):
       return None
     if not text.strip():
-      bad_records.add(EMPTY_TEXT, position,
-                      f'{self.text_field!r} is empty or whitespace')
+      bad_records.add(EMPTY_TEXT, position, f'{self.text_field!r} is empty or whitespace')
       return None
     # JSON escapes can spell lone surrogates, which have no UTF-8 form.
     try:
@@ -298,8 +290,7 @@ class TextSource:
     except UnicodeEncodeError as e:
       bad_records.add(INVALID_UTF8, position, f'text is not valid Unicode: {e}')
       return None
-    if self.language_field and not _is_string(code, self.language_field,
-                                              bad_records, position):
+    if self.language_field and not _is_string(code, self.language_field, bad_records, position):
       return None
     try:
       language = language_of(code)
@@ -338,6 +329,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
   if name.endswith(('.zst', '.zstd')):
     # Parallel compressors (pzstd, zstdmt) write several frames.
     stream = zstandard.ZstdDecompressor().stream_reader(
-        open(path, 'rb'), read_across_frames=True, closefd=True)
+        open(path, 'rb'), read_across_frames=True, closefd=True
+    )
     return io.BufferedReader(stream, buffer_size=1 << 20)
   return open(path, 'rb')

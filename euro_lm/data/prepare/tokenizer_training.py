@@ -12,18 +12,17 @@ per byte); see `sample_files`.
 """
 
 import collections
-from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from euro_lm.data import corpus
 from euro_lm.data import tokenizer as tokenizer_lib
-from euro_lm.data.prepare import fertility
-from euro_lm.data.prepare import sources
+from euro_lm.data.prepare import fertility, sources
 from euro_lm.errors import ConfigError, DataError
 
 # How languages share a tokenizer's training sample (see `sampling_budgets`).
@@ -69,18 +68,11 @@ def train_tokenizer(
   if corpus_name != 'embedded':
     raise ConfigError(f"--corpus={corpus_name!r}: only 'embedded' exists.")
   if model_type not in tokenizer_lib.MODEL_TYPES:
-    raise ConfigError(
-        f'--model_type={model_type!r} is not one of'
-        f' {tokenizer_lib.MODEL_TYPES}.'
-    )
+    raise ConfigError(f'--model_type={model_type!r} is not one of {tokenizer_lib.MODEL_TYPES}.')
   if not 0 < heldout_fraction <= 0.5:
-    raise ConfigError(
-        f'--heldout_fraction must be in (0, 0.5], got {heldout_fraction}.'
-    )
+    raise ConfigError(f'--heldout_fraction must be in (0, 0.5], got {heldout_fraction}.')
   if chars_per_language <= 0:
-    raise ConfigError(
-        f'--chars_per_language must be positive, got {chars_per_language}.'
-    )
+    raise ConfigError(f'--chars_per_language must be positive, got {chars_per_language}.')
   if sampling == 'temperature' and not temperature > 0:
     raise ConfigError(f'--temperature must be positive, got {temperature}.')
   if input_globs:
@@ -112,8 +104,12 @@ def train_tokenizer(
     }
   else:
     texts, heldout, budgets = _sample_embedded(
-        chars_per_language, sampling, temperature, languages,
-        heldout_fraction, seed,
+        chars_per_language,
+        sampling,
+        temperature,
+        languages,
+        heldout_fraction,
+        seed,
     )
     parallel = True
     heldout_note = (
@@ -178,9 +174,7 @@ def sampling_budgets(
       or no text at all.
   """
   if chars_per_language <= 0:
-    raise ConfigError(
-        f'chars_per_language must be positive, got {chars_per_language}.'
-    )
+    raise ConfigError(f'chars_per_language must be positive, got {chars_per_language}.')
   if sampling not in SAMPLING:
     raise ConfigError(f'sampling={sampling!r} is not one of {SAMPLING}.')
   if sampling == 'temperature' and not temperature > 0:
@@ -199,19 +193,18 @@ def sampling_budgets(
 
 
 def _sample_embedded(
-    chars_per_language, sampling, temperature, languages, heldout_fraction,
+    chars_per_language,
+    sampling,
+    temperature,
+    languages,
+    heldout_fraction,
     seed,
 ):
   """(texts, heldout, budgets) of the embedded corpus; heldout is parallel."""
   docs = _select_languages(corpus.load_embedded_corpus(), languages)
   train, _ = corpus.split_train_valid(docs, heldout_fraction)
-  heldout, heldout_lines = fertility.embedded_parallel_heldout(
-      sorted(docs), heldout_fraction
-  )
-  train = {
-      tag: [_drop_lines(doc, heldout_lines[tag]) for doc in train[tag]]
-      for tag in train
-  }
+  heldout, heldout_lines = fertility.embedded_parallel_heldout(sorted(docs), heldout_fraction)
+  train = {tag: [_drop_lines(doc, heldout_lines[tag]) for doc in train[tag]] for tag in train}
   budgets = sampling_budgets(
       {tag: sum(map(len, d)) for tag, d in train.items()},
       chars_per_language,
@@ -233,9 +226,7 @@ def _select_languages(by_language: dict, spec: str) -> dict:
     return corpus.select_languages(by_language, spec)
   except ConfigError as e:
     # select_languages names the config field, which here is a flag.
-    raise ConfigError(
-        str(e).replace('data.languages', '--languages', 1)
-    ) from e
+    raise ConfigError(str(e).replace('data.languages', '--languages', 1)) from e
 
 
 def _drop_lines(doc: str, lines: set[str]) -> str:
