@@ -166,10 +166,10 @@ def test_model_trains_the_same_with_pallas_and_xla():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                pallas_grads, xla_grads)
 
-  # model.pallas_backend reaches the kernels: the TPU ones refuse a 64-token row (their
-  # blocks are multiples of 128), which the Triton ones above took.
+  # model.pallas_backend reaches the resolver: it refuses the TPU kernels a 64-token row
+  # (their blocks are multiples of 128), which the Triton ones above took.
   config.pallas_backend = 'tpu'
-  with pytest.raises(ValueError, match='sequence length 64 is not a multiple of block_q=512'):
+  with pytest.raises(ValueError, match="seq_len=64 must be a multiple of 128 .*the 'tpu' kernels"):
     loss_and_grads('pallas')
 
 

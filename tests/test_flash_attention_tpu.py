@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from attention_reference import inputs, jnp_reference, reference
+from euro_lm import devices
 from euro_lm.kernels import BlockSizes, TPU_BLOCK_SIZES, flash_attention
 from euro_lm.kernels import flash_attention_tpu
 from euro_lm.model.attention import attention
@@ -155,10 +156,11 @@ def test_blocks_tpus_cannot_take_are_refused():
 
 
 def test_auto_attention_takes_the_tpu_kernels_on_tpu(monkeypatch):
+  # The resolver is told the device; the kernels, deciding whether to interpret, ask JAX.
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
 
   def fn(q, k, v, s):
-    return attention(q, k, v, segment_ids_BL=s, impl='auto')
+    return attention(q, k, v, segment_ids_BL=s, impl='auto', device=devices.Device('tpu'))
 
   assert _lower(fn, 256, 128).count('@tpu_custom_call(') == 1
   assert '@tpu_custom_call(' not in _lower(fn, 192, 128)  # no 128-multiple: xla
