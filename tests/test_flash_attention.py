@@ -12,7 +12,7 @@ from attention_reference import inputs, jnp_reference, reference
 from euro_lm import devices
 from euro_lm.kernels import BlockSizes, flash_attention
 
-flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
+flash_module = importlib.import_module('euro_lm.kernels.flash.dispatch')
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -261,7 +261,7 @@ def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
 
 
 def test_packed_benchmark_counts_the_blocks_documents_skip():
-  from euro_lm.kernels import bench
+  from euro_lm.bench import attention as bench
   # n equal documents of m blocks: causal visits N(N+1)/2 block pairs (N = n m), documents
   # n m(m+1)/2, a fraction (m + 1) / (n m + 1).
   eight_docs = np.repeat(np.arange(1, 9), 128)[None]

@@ -12,11 +12,11 @@ import pytest
 from attention_reference import inputs, jnp_reference, reference
 from euro_lm import devices
 from euro_lm.kernels import BlockSizes, TPU_BLOCK_SIZES, flash_attention
-from euro_lm.kernels import flash_attention_tpu
+from euro_lm.kernels.flash import mosaic_tpu as flash_attention_tpu
 from euro_lm.model.attention import attention
 
 # The module, not the function that euro_lm.kernels re-exports under the same name.
-flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
+flash_module = importlib.import_module('euro_lm.kernels.flash.dispatch')
 BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 
 

@@ -28,10 +28,10 @@ import numpy as np
 from absl import app, flags
 
 from euro_lm.kernels import TPU_BLOCK_SIZES, BlockSizes, flash_attention
-from euro_lm.kernels import flash_attention_hopper as hopper
+from euro_lm.kernels.flash import mosaic_gpu as hopper
 from euro_lm import devices
-from euro_lm.kernels.flash_attention import (_fit_tpu_blocks, _key_ranges,
-                                             _Static, default_backend, gpu_block_sizes)
+from euro_lm.kernels.flash.dispatch import (_fit_tpu_blocks, _key_ranges,
+                                            _Static, default_backend, gpu_block_sizes)
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')

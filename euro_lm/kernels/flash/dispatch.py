@@ -124,11 +124,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   else:
     blocks = block_sizes or gpu_block_sizes(head_dim)
   if backend == 'mosaic_gpu':
-    from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+    from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
     if not block_sizes:
-      rows = flash_attention_hopper.ROWS
-      blocks = dataclasses.replace(blocks, block_q=flash_attention_hopper.BLOCK_Q,
-                                   block_k=flash_attention_hopper.BLOCK_K, block_q_bwd=rows,
+      rows = mosaic_gpu.ROWS
+      blocks = dataclasses.replace(blocks, block_q=mosaic_gpu.BLOCK_Q,
+                                   block_k=mosaic_gpu.BLOCK_K, block_q_bwd=rows,
                                    block_k_bwd=rows)
   for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
@@ -148,8 +148,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   if backend == 'tpu':
-    from euro_lm.kernels import flash_attention_tpu  # pylint: disable=g-import-not-at-top
-    return flash_attention_tpu.attention(static, q, k, v, segment_ids)
+    from euro_lm.kernels.flash import mosaic_tpu  # pylint: disable=g-import-not-at-top
+    return mosaic_tpu.attention(static, q, k, v, segment_ids)
   return _attention(static, q, k, v, segment_ids)
 
 
@@ -177,10 +177,10 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
     return 'tpu'
   if not device.hopper:
     return 'gpu'
-  from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+  from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
   fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
-          and length % flash_attention_hopper.BLOCK_Q == 0
-          and length % flash_attention_hopper.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
+          and length % mosaic_gpu.BLOCK_Q == 0
+          and length % mosaic_gpu.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
           and block_sizes is None)
   return 'mosaic_gpu' if fits else 'gpu'
 
@@ -202,7 +202,7 @@ def length_multiple(head_dim, backend='gpu'):
   if backend == 'tpu':
     return TPU_BLOCK_MULTIPLE
   if backend == 'mosaic_gpu':
-    from euro_lm.kernels import flash_attention_hopper as hopper  # pylint: disable=g-import-not-at-top
+    from euro_lm.kernels.flash import mosaic_gpu as hopper  # pylint: disable=g-import-not-at-top
     return math.lcm(hopper.BLOCK_Q, hopper.BLOCK_K)
   # Whichever GPU runs it: the Hopper table's sizes and the others' `BlockSizes()`.
   blocks = (GPU_BLOCK_SIZES.get(head_dim, BlockSizes()), BlockSizes())
@@ -435,11 +435,11 @@ def _compiler_params(static, backward=False):
 
 def _forward(static, q, k, v, segment_ids):
   if static.hopper:
-    from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
+    from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
     ranges = _from_ids(segment_ids, q.shape[:2], lambda ids: _key_ranges(
-        static, ids, flash_attention_hopper.ROWS, static.blocks.block_k).stacked())
+        static, ids, mosaic_gpu.ROWS, static.blocks.block_k).stacked())
     spans = _from_ids(segment_ids, q.shape[:2], functools.partial(_visible_key_spans, static))
-    return flash_attention_hopper.forward(static, q, k, v, ranges, spans)
+    return mosaic_gpu.forward(static, q, k, v, ranges, spans)
   batch, length, num_heads, head_dim = q.shape
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
@@ -639,10 +639,10 @@ def _attention_bwd(static, residuals, d_out):
 
 
 def _hopper_backward(static, q, k, v, segment_ids, out, lse, d_out):
-  from euro_lm.kernels import flash_attention_hopper  # pylint: disable=g-import-not-at-top
-  rows = flash_attention_hopper.ROWS
+  from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
+  rows = mosaic_gpu.ROWS
   from_ids = functools.partial(_from_ids, segment_ids, q.shape[:2])
-  return flash_attention_hopper.backward(
+  return mosaic_gpu.backward(
       static, q, k, v, d_out, lse, _softmax_delta(out, d_out),
       from_ids(functools.partial(_visible_key_spans, static)),
       from_ids(lambda ids: _key_ranges(static, ids, rows, rows).stacked()),

@@ -36,8 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from euro_lm.kernels.flash_attention import (_MASKED, _dot, _from_ids, _ids_or_ones,
-                                             _key_ranges, _query_ranges, _reach, _visible)
+from euro_lm.kernels.flash.dispatch import (_MASKED, _dot, _from_ids, _ids_or_ones,
+                                            _key_ranges, _query_ranges, _reach, _visible)
 
 _LANES = 128
 _SUBLANES = 8
