@@ -3,8 +3,8 @@
 Triton-lowered Pallas reaches FlashAttention-2 speeds at best; Hopper's tensor cores want
 TMA copies into swizzled shared memory and warpgroup MMAs (wgmma), which Mosaic GPU
 exposes. `flash_attention(..., backend='mosaic_gpu')` runs these: the forward below and
-the two backward kernels of `backward`, with the contract of `flash_attention` (block
-ranges, a natural-log logsumexp, zeros for padding).
+the two backward kernels of `backward`, with the contract of `blocks` (block ranges, a
+natural-log logsumexp, zeros for padding).
 
 Forward: each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the
 key blocks of their `BlockRanges`: masked blocks at the edges, unmasked ones in between.
@@ -22,9 +22,8 @@ p·v (and every backward product that sums over blocks) accumulates in place in 
 accumulator.
 
 Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
-query i sees exactly the keys in [lo_i, hi_i] (`flash_attention._visible_key_spans`,
-computed once in XLA); the masked blocks compare key positions against those two per-row
-bounds.
+query i sees exactly the keys in [lo_i, hi_i] (`blocks.visible_key_spans`, computed once
+in XLA); the masked blocks compare key positions against those two per-row bounds.
 
 Interpret mode (CPU tests) runs the same kernel, TMA copies and barriers included, with
 the GPU-only layout hints dropped and the products as plain dots (accumulated by adding):
@@ -36,7 +35,6 @@ starts, gives that pool 8 threads (`python -m euro_lm.bench.attention` sets it).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +42,37 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_LOG2_E = math.log2(math.e)
+from euro_lm.kernels.flash import blocks
+
 ROWS = 64  # queries per compute warpgroup: wgmma's M
 BLOCK_Q = 128  # default queries per CTA: two compute warpgroups (64: one)
 BLOCK_K = 128  # default keys per block (a first guess: not yet timed on a GPU)
 STAGES = 2  # K/V blocks in flight
 
 
-def forward(static, q, k, v, ranges, spans):
-  """(out `[B, L, H, D]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
+def forward(static, q, k, v, segment_ids):
+  """(out `[B, L, H, d]`, the residuals `backward` takes)."""
+  from_ids = functools.partial(blocks.from_ids, segment_ids, q.shape[:2])
+  ranges = from_ids(lambda ids: blocks.key_ranges(static, ids, ROWS,
+                                                  static.blocks.block_k).stacked())
+  spans = from_ids(functools.partial(blocks.visible_key_spans, static))
+  out, lse = _forward(static, q, k, v, ranges, spans)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def backward(static, residuals, d_out):
+  """(dq, dk, dv) from `forward`'s residuals and the output's cotangent."""
+  q, k, v, segment_ids, out, lse = residuals
+  from_ids = functools.partial(blocks.from_ids, segment_ids, q.shape[:2])
+  return _backward(
+      static, q, k, v, d_out, lse, blocks.softmax_delta(out, d_out),
+      from_ids(functools.partial(blocks.visible_key_spans, static)),
+      from_ids(lambda ids: blocks.key_ranges(static, ids, ROWS, ROWS).stacked()),
+      from_ids(lambda ids: blocks.query_ranges(static, ids, ROWS, ROWS).stacked()))
+
+
+def _forward(static, q, k, v, ranges, spans):
+  """(out `[B, L, H, d]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
 
   `ranges`: the stacked key `BlockRanges` of each `ROWS`-query block, for key blocks of
   `static.blocks.block_k`; `spans`: int32 `[B, L]` (lo, hi), query i sees keys lo_i ..= hi_i.
@@ -298,7 +318,7 @@ class _BlockOps:
 
   def __init__(self, static, block_k, head_dim, dtype):
     self.interpret = static.interpret
-    self.scale = static.scale * _LOG2_E  # base-2 scores: exp2 is one instruction
+    self.scale = static.scale * blocks.LOG2_E  # base-2 scores: exp2 is one instruction
     self.block_k, self.head_dim, self.dtype = block_k, head_dim, dtype
 
   def init(self):
@@ -351,7 +371,7 @@ class _BlockOps:
     l = jnp.where(seen, l, 1.0)
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0).astype(self.dtype)
-    return out, jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)
+    return out, jnp.where(seen, (m + jnp.log2(l)) / blocks.LOG2_E, jnp.inf)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -371,7 +391,7 @@ class _BlockOps:
 # dK/dV kernel computes the transposed scores (keys as rows), so p^T and dS^T feed wgmma
 # straight from registers.
 
-def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges):
+def _backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges):
   """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `spans` as for
   `forward`; `key_ranges` hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees,
   and `query_ranges`, for each key block, the query blocks that see it (both stacked
@@ -379,18 +399,18 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
-  blocks = static.blocks
-  if blocks.block_q_bwd not in (ROWS, 2 * ROWS) or blocks.block_k_bwd not in (ROWS, 2 * ROWS):
+  sizes = static.blocks
+  if sizes.block_q_bwd not in (ROWS, 2 * ROWS) or sizes.block_k_bwd not in (ROWS, 2 * ROWS):
     raise ValueError(f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} or '
-                     f'{2 * ROWS}, not {blocks.block_q_bwd} and {blocks.block_k_bwd}')
+                     f'{2 * ROWS}, not {sizes.block_q_bwd} and {sizes.block_k_bwd}')
   interpret, dtype = static.interpret, q.dtype
   num_blocks = length // ROWS
-  scale2 = static.scale * _LOG2_E
+  scale2 = static.scale * blocks.LOG2_E
   row_lo, row_hi = spans
   # Per query, one float32 [4, ROWS] copy per block: lse in base 2 (0 for padding, whose
   # probabilities are masked anyway), delta, and the visible-key span (exact below 2^24).
   spans = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
-  stats = jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * _LOG2_E), delta, spans(row_lo),
+  stats = jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * blocks.LOG2_E), delta, spans(row_lo),
                      spans(row_hi)], axis=2)
   transforms = () if interpret else (plgpu.TilingTransform((8, 64)),
                                      plgpu.SwizzleTransform(128))
@@ -568,7 +588,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
               q_barriers=plgpu.Barrier(num_barriers=STAGES),
               do_barriers=plgpu.Barrier(num_barriers=STAGES),
               stats_barriers=plgpu.Barrier(num_barriers=STAGES))
-  if blocks.block_k_bwd == ROWS:
+  if sizes.block_k_bwd == ROWS:
     kernel, threads = dkv_kernel, {}
     scratch = dict(k_smem=tile(), v_smem=tile(), kv_barriers=plgpu.Barrier(num_barriers=2),
                    **ring)
@@ -579,7 +599,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   dk, dv = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-      grid=(length // blocks.block_k_bwd, batch, num_kv_heads),
+      grid=(length // sizes.block_k_bwd, batch, num_kv_heads),
       grid_names=('k_blocks', 'batch', 'kv_heads'),
       scratch_types=scratch,
       **threads,
@@ -696,7 +716,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   ring = dict(k_smem=tile(STAGES), v_smem=tile(STAGES),
               k_barriers=plgpu.Barrier(num_barriers=STAGES),
               v_barriers=plgpu.Barrier(num_barriers=STAGES))
-  if blocks.block_q_bwd == ROWS:
+  if sizes.block_q_bwd == ROWS:
     kernel, threads = dq_kernel, {}
     scratch = dict(q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
                    row_barriers=plgpu.Barrier(num_barriers=3), **ring)
@@ -710,7 +730,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   dq = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(length // blocks.block_q_bwd, batch, num_heads),
+      grid=(length // sizes.block_q_bwd, batch, num_heads),
       grid_names=('q_blocks', 'batch', 'heads'),
       scratch_types=scratch,
       **threads,
