@@ -131,11 +131,10 @@ def gpu_block_sizes(head_dim, device=None):
 
 def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   """The kernels `flash_attention` runs on `device` (a `euro_lm.devices.Device`; default the
-  current one) when no backend is named: 'tpu' on TPUs; on an
-  NVIDIA Hopper GPU (sm90), 'mosaic_gpu' where its kernels take the call and win (bf16/f16,
-  head_dim 64 or 128, default blocks, a length that is a multiple of 128 and at least
-  `HOPPER_MIN_LENGTH`, below which the Triton kernels win (BENCHMARKS.md)); else 'gpu'
-  (Triton; interpreted on CPU)."""
+  current one) when no backend is named: 'tpu' on TPUs; on an NVIDIA Hopper GPU (sm90),
+  'mosaic_gpu' where its kernels take the call (bf16/f16, head_dim 64 or 128, default
+  blocks, a length that is a multiple of 128) and win (from `HOPPER_MIN_LENGTH` tokens on,
+  BENCHMARKS.md); else 'gpu' (Triton; interpreted on CPU)."""
   device = device or devices.describe()
   if device.platform == 'tpu':
     return 'tpu'
