@@ -15,10 +15,10 @@ Mosaic blocks need their last two dims divisible by (8, 128) or equal to the arr
   the dK/dV kernel works on transposed scores `[bk, bq]` where they broadcast as they are.
 
 Block skipping: the per-block `BlockRanges` of `blocks.key_ranges` / `blocks.query_ranges`
-are scalar-prefetched into SMEM. The innermost grid axis counts steps
-j = 0 .. width - 1 through a range, and the index map asks for block min(lo + j, hi - 1):
-past the end of the range the block index repeats, so the pipeline issues no copy, and
-`pl.when(lo + j < hi)` skips the compute. `width` is a static bound on a range's length:
+are scalar-prefetched into SMEM. The innermost grid axis counts steps j = 0 .. width - 1
+through a range, and the index map asks for block min(lo + j, hi - 1): past the end of the
+range the block index repeats, so the pipeline issues no copy, and `pl.when(lo + j < hi)`
+skips the compute. `width` is a static bound on a range's length:
 all blocks in general, a few with a sliding window. A block in [full_lo, full_hi) is seen
 whole and runs the unmasked branch; only blocks straddling an edge build a mask.
 
