@@ -13,8 +13,11 @@ Each row is checked against XLA first. Times are per call, back to back (as
 `euro_lm.bench.attention`), next to the median of calls awaited one at a time. On a CPU it
 is a smoke run: tiny shapes, the kernels interpreted, no cuDNN.
 """
+import ast
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,18 +29,50 @@ SNAPSHOT = ROOT / '.ab'
 
 
 def snapshot(rev, parent=SNAPSHOT):
-  """Writes `rev`'s euro_lm/kernels to `parent`/euro_lm_before/kernels, imports renamed."""
+  """Writes `rev`'s euro_lm/kernels, and the euro_lm modules they import, to
+  `parent`/euro_lm_before, imports renamed. Any layout: kernels/*.py or kernels/flash/."""
   target = pathlib.Path(parent) / 'euro_lm_before'
+  shutil.rmtree(target, ignore_errors=True)  # no files left from an earlier snapshot
   with tempfile.TemporaryDirectory() as tmp:
-    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'euro_lm/kernels'],
+    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'euro_lm'],
                              check=True, capture_output=True).stdout
     subprocess.run(['tar', '-x', '-C', tmp], input=archive, check=True)
-    (target / 'kernels').mkdir(parents=True, exist_ok=True)
+    package = pathlib.Path(tmp, 'euro_lm')
+    for source in _with_imports(package, sorted(package.glob('kernels/**/*.py'))):
+      text = re.sub(r'\beuro_lm(?=[.\s])', 'euro_lm_before', source.read_text())
+      destination = target / source.relative_to(package)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      destination.write_text(text)
     (target / '__init__.py').write_text('')
-    for source in pathlib.Path(tmp, 'euro_lm', 'kernels').glob('*.py'):
-      text = source.read_text().replace('euro_lm.kernels', 'euro_lm_before.kernels')
-      (target / 'kernels' / source.name).write_text(text)
   print(f'{rev} kernels -> {target}')
+
+
+def _with_imports(package, sources):
+  """`sources` and every module of `package` they import, directly or not, with the
+  `__init__.py` of the packages between (the top one excepted)."""
+  found, todo = set(), list(sources)
+  while todo:
+    source = todo.pop()
+    if source in found or not source.exists():
+      continue
+    found.add(source)
+    parent = source.parent
+    while parent != package:
+      todo.append(parent / '__init__.py')
+      parent = parent.parent
+    for node in ast.walk(ast.parse(source.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      for name in names:
+        parts = name.split('.')
+        if parts[0] == 'euro_lm' and len(parts) > 1:
+          path = package.joinpath(*parts[1:])
+          todo += [path.with_suffix('.py'), path / '__init__.py']
+  return sorted(found)
 
 
 if sys.argv[1] == 'snapshot':

@@ -1,8 +1,6 @@
 """The Pallas flash attention kernel, in interpret mode, against a float64 reference; and its
 lowering for NVIDIA GPUs (Triton)."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +8,9 @@ import pytest
 
 from attention_reference import inputs, jnp_reference, reference
 from euro_lm import devices
-from euro_lm.kernels import BlockSizes, flash_attention
-
-flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
+from euro_lm.kernels import (GPU_BLOCK_SIZES, BlockSizes, default_backend, flash_attention,
+                             gpu_block_sizes, length_multiple)
+from euro_lm.kernels.flash.blocks import Static, key_ranges, query_ranges, visible_key_spans
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -44,8 +42,7 @@ def test_unmasked_blocks_match_float64(causal, window):
   # Long documents, so most visited blocks are seen whole and run without a mask.
   seg = np.array([[1] * 64, [1] * 32 + [2] * 32], np.int32)
   q, k, v, seg = inputs(4, 2, 16, jnp.float32, segment_ids=seg)
-  ranges = flash_module._key_ranges(
-      flash_module._Static(causal, 1.0, window, SMALL_BLOCKS, True), jnp.asarray(seg), 16, 16)
+  ranges = key_ranges(Static(causal, 1.0, window, SMALL_BLOCKS, True), jnp.asarray(seg), 16, 16)
   assert int(jnp.sum(ranges.full_hi - ranges.full_lo)) >= 4
   fn = lambda *a: flash_attention(*a, segment_ids=jnp.asarray(seg), causal=causal,
                                   window=window, block_sizes=SMALL_BLOCKS)
@@ -86,14 +83,14 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
     rows.append(ids)
   seg = np.stack(rows).astype(np.int32)
   visible = _dense_visibility(seg, causal, window)
-  static = flash_module._Static(causal, 1.0, window, SMALL_BLOCKS, True)
+  static = Static(causal, 1.0, window, SMALL_BLOCKS, True)
   nq, nk = 128 // block_q, 128 // block_k
   tiles = visible.reshape(len(seg), nq, block_q, nk, block_k)
   any_visible, all_visible = tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))   # [B, nq, nk]
   for ranges, any_pairs, all_pairs in (
-      (flash_module._key_ranges(static, jnp.asarray(seg), block_q, block_k), any_visible,
+      (key_ranges(static, jnp.asarray(seg), block_q, block_k), any_visible,
        all_visible),
-      (flash_module._query_ranges(static, jnp.asarray(seg), block_q, block_k),
+      (query_ranges(static, jnp.asarray(seg), block_q, block_k),
        any_visible.transpose(0, 2, 1), all_visible.transpose(0, 2, 1))):
     lo, full_lo, full_hi, hi = (np.asarray(x)[:, :, None] for x in ranges)
     other = np.arange(any_pairs.shape[2])[None, None, :]
@@ -111,13 +108,13 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
     assert np.all((lo <= full_lo) & (full_lo <= full_hi) & (full_hi <= hi))
 
   # From numpy ids (how calls without ids get constant ranges): the same, in numpy.
-  for ranges in (flash_module._key_ranges, flash_module._query_ranges):
+  for ranges in (key_ranges, query_ranges):
     from_numpy = ranges(static, seg, block_q, block_k).stacked()
     assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.int32
     np.testing.assert_array_equal(
         from_numpy, ranges(static, jnp.asarray(seg), block_q, block_k).stacked())
-  for ours, theirs in zip(flash_module._visible_key_spans(static, seg),
-                          flash_module._visible_key_spans(static, jnp.asarray(seg))):
+  for ours, theirs in zip(visible_key_spans(static, seg),
+                          visible_key_spans(static, jnp.asarray(seg))):
     assert isinstance(ours, np.ndarray) and ours.dtype == np.int32
     np.testing.assert_array_equal(ours, theirs)
 
@@ -166,10 +163,10 @@ def test_model_trains_the_same_with_pallas_and_xla():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                pallas_grads, xla_grads)
 
-  # model.pallas_backend reaches the kernels: the TPU ones refuse a 64-token row (their
-  # blocks are multiples of 128), which the Triton ones above took.
+  # model.pallas_backend reaches the resolver: it refuses the TPU kernels a 64-token row
+  # (their blocks are multiples of 128), which the Triton ones above took.
   config.pallas_backend = 'tpu'
-  with pytest.raises(ValueError, match='sequence length 64 is not a multiple of block_q=512'):
+  with pytest.raises(ValueError, match="seq_len=64 must be a multiple of 128 .*the 'tpu' kernels"):
     loss_and_grads('pallas')
 
 
@@ -261,7 +258,7 @@ def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
 
 
 def test_packed_benchmark_counts_the_blocks_documents_skip():
-  from euro_lm.kernels import bench
+  from euro_lm.bench import attention as bench
   # n equal documents of m blocks: causal visits N(N+1)/2 block pairs (N = n m), documents
   # n m(m+1)/2, a fraction (m + 1) / (n m + 1).
   eight_docs = np.repeat(np.arange(1, 9), 128)[None]
@@ -302,18 +299,18 @@ HOPPER, A100, AMD = (devices.Device('cuda', hopper=True), devices.Device('cuda')
 ])
 def test_default_backend_takes_the_hopper_kernels_only_where_they_fit_and_win(
     dtype, length, dim, blocks, device, expected):
-  assert flash_module.default_backend(dtype, length, dim, blocks, device) == expected
+  assert default_backend(dtype, length, dim, blocks, device) == expected
 
 
 def test_length_multiples_follow_the_default_blocks():
-  assert flash_module.length_multiple(128) == 128  # Triton forward blocks of 128
-  assert flash_module.length_multiple(64) == 64
-  assert flash_module.length_multiple(64, 'mosaic_gpu') == 128
-  assert flash_module.length_multiple(64, 'tpu') == 128
+  assert length_multiple(128) == 128  # Triton forward blocks of 128
+  assert length_multiple(64) == 64
+  assert length_multiple(64, 'mosaic_gpu') == 128
+  assert length_multiple(64, 'tpu') == 128
 
 
 def test_only_hopper_gpus_take_the_hopper_tuned_triton_blocks():
-  assert flash_module.gpu_block_sizes(128, HOPPER) == flash_module.GPU_BLOCK_SIZES[128]
-  assert flash_module.gpu_block_sizes(128, A100) == BlockSizes()  # 164 KB of shared memory
-  assert flash_module.gpu_block_sizes(128, AMD) == BlockSizes()
-  assert flash_module.gpu_block_sizes(128) == flash_module.GPU_BLOCK_SIZES[128]  # CPU: tests
+  assert gpu_block_sizes(128, HOPPER) == GPU_BLOCK_SIZES[128]
+  assert gpu_block_sizes(128, A100) == BlockSizes()  # 164 KB of shared memory
+  assert gpu_block_sizes(128, AMD) == BlockSizes()
+  assert gpu_block_sizes(128) == GPU_BLOCK_SIZES[128]  # CPU: tests

@@ -2,20 +2,18 @@
 references, and lowered for TPU from this CPU host (which checks Mosaic's block-shape rules
 and the kernels' conversion to Mosaic MLIR, not libtpu's compile)."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from attention_reference import inputs, jnp_reference, reference
-from euro_lm.kernels import BlockSizes, TPU_BLOCK_SIZES, flash_attention
-from euro_lm.kernels import flash_attention_tpu
+from euro_lm import devices
+from euro_lm.kernels import BlockSizes, TPU_BLOCK_SIZES, flash_attention, tpu_block_sizes
+from euro_lm.kernels.flash import mosaic_tpu
+from euro_lm.kernels.flash.blocks import Static, key_ranges, query_ranges
 from euro_lm.model.attention import attention
 
-# The module, not the function that euro_lm.kernels re-exports under the same name.
-flash_module = importlib.import_module('euro_lm.kernels.flash_attention')
 BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 
 
@@ -86,20 +84,19 @@ def test_bfloat16_forward_and_gradients():
 def test_grid_width_bounds_every_range(causal, window, block, other):
   # The grid walks `width` steps through each range: a range longer than that would
   # silently drop blocks. One document per row gives the longest ranges.
-  static = flash_module._Static(causal=causal, scale=1.0, window=window, blocks=BLOCKS,
-                                interpret=True)
+  static = Static(causal=causal, scale=1.0, window=window, blocks=BLOCKS, interpret=True)
   segment_ids = jnp.ones((1, 1024), jnp.int32)
-  width = flash_attention_tpu._range_width(static, block, other, 1024)
+  width = mosaic_tpu._range_width(static, block, other, 1024)
   longest = 0
-  for ranges in (flash_module._key_ranges(static, segment_ids, block, other),
-                 flash_module._query_ranges(static, segment_ids, other, block)):
+  for ranges in (key_ranges(static, segment_ids, block, other),
+                 query_ranges(static, segment_ids, other, block)):
     lo, hi = ranges.lo, ranges.hi
     longest = max(longest, int(jnp.max(hi - lo)))
     # Each step's block lies in the range; past its end the last block repeats.
     lo, hi = lo.reshape(-1), hi.reshape(-1)
     rows = jnp.arange(lo.size)
     for step in range(width):
-      index = flash_attention_tpu._block_index(lo, hi, rows, step)
+      index = mosaic_tpu._block_index(lo, hi, rows, step)
       np.testing.assert_array_equal(index, jnp.minimum(lo + step, hi - 1))
   assert longest <= width
   if window is None:
@@ -132,10 +129,10 @@ def test_forward_and_backward_lower_for_tpus(dim, grad):
 
 def test_default_tpu_blocks_fit_the_length():
   assert TPU_BLOCK_SIZES[128].block_q == 512
-  fitted = flash_module._fit_tpu_blocks(TPU_BLOCK_SIZES[128], 384)
+  fitted = tpu_block_sizes(128, 384)
   assert (fitted.block_q, fitted.block_k, fitted.block_q_bwd, fitted.block_k_bwd) == (
       384, 384, 128, 128)
-  assert flash_module._fit_tpu_blocks(TPU_BLOCK_SIZES[128], 4096) == TPU_BLOCK_SIZES[128]
+  assert tpu_block_sizes(128, 4096) == TPU_BLOCK_SIZES[128]
   text = _lower(lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, interpret=False,
                                                    backend='tpu'), 384, 128)
   assert text.count('@tpu_custom_call(') == 1
@@ -155,10 +152,11 @@ def test_blocks_tpus_cannot_take_are_refused():
 
 
 def test_auto_attention_takes_the_tpu_kernels_on_tpu(monkeypatch):
+  # The resolver is told the device; the kernels, deciding whether to interpret, ask JAX.
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
 
   def fn(q, k, v, s):
-    return attention(q, k, v, segment_ids_BL=s, impl='auto')
+    return attention(q, k, v, segment_ids_BL=s, impl='auto', device=devices.Device('tpu'))
 
   assert _lower(fn, 256, 128).count('@tpu_custom_call(') == 1
   assert '@tpu_custom_call(' not in _lower(fn, 192, 128)  # no 128-multiple: xla

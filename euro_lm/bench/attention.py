@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from euro_lm.kernels import TPU_BLOCK_SIZES, BlockSizes, flash_attention
-from euro_lm.kernels import flash_attention_hopper as hopper
+from euro_lm.kernels import (BlockSizes, default_backend, flash_attention, gpu_block_sizes,
+                             tpu_block_sizes)
+from euro_lm.kernels.flash import mosaic_gpu as hopper
 from euro_lm import devices
-from euro_lm.kernels.flash_attention import (_fit_tpu_blocks, _key_ranges,
-                                             _Static, default_backend, gpu_block_sizes)
+from euro_lm.kernels.flash.blocks import Static, key_ranges
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -250,8 +250,8 @@ def visited_fraction(segment_ids, block_q, block_k):
   """Of the (query block, key block) pairs a causal kernel visits, the fraction it still
   visits when it also skips across documents: the time ratio that skipping can reach."""
   def pairs(ids):
-    static = _Static(causal=True, scale=1.0, window=None, blocks=BlockSizes(), interpret=True)
-    ranges = _key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
+    static = Static(causal=True, scale=1.0, window=None, blocks=BlockSizes(), interpret=True)
+    ranges = key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
     return int(jnp.sum(ranges.hi - ranges.lo))
   return pairs(segment_ids) / pairs(np.ones_like(segment_ids))
 
@@ -274,7 +274,7 @@ def packed_triton(q, k, v, d_out, segment_ids):
   """The packed case for our default kernels (Triton, or Mosaic on a TPU)."""
   length = q.shape[1]
   if jax.default_backend() == 'tpu':
-    blocks = _fit_tpu_blocks(TPU_BLOCK_SIZES.get(_HEAD_DIM.value, TPU_BLOCK_SIZES[128]), length)
+    blocks = tpu_block_sizes(_HEAD_DIM.value, length)
   else:
     blocks = gpu_block_sizes(_HEAD_DIM.value)
   # The forward's blocks; the backward's are the same size on GPUs and 2x smaller on TPUs.

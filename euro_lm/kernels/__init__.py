@@ -1,5 +1,6 @@
 """Pallas attention kernels."""
 
-from euro_lm.kernels.flash_attention import (BACKENDS, BlockSizes, GPU_BLOCK_SIZES,
-                                             TPU_BLOCK_SIZES, default_backend, flash_attention,
-                                             length_multiple)
+from euro_lm.kernels.flash import (BACKENDS, BlockSizes, GPU_BLOCK_SIZES, HOPPER_MIN_LENGTH,
+                                   TPU_BLOCK_MULTIPLE, TPU_BLOCK_SIZES, default_backend,
+                                   flash_attention, gpu_block_sizes, length_multiple,
+                                   tpu_block_sizes)

@@ -1,24 +1,24 @@
 """Flash attention on TPUs: the Mosaic kernels behind `flash_attention(backend='tpu')`.
 
-Same contract as the GPU kernels in `flash_attention`, and the same block ranges and masks
-(imported from there): GQA without repeating K/V, packed segments (0 is padding and gives
-zeros), causal, sliding window; a float32 logsumexp residual; a deterministic backward in
-two kernels (dK/dV per key block summing its group's query heads, dQ per query block) with
-float32 accumulation and no atomics.
+Same contract as the GPU kernels, and the same block ranges and masks (from `blocks`):
+GQA without repeating K/V, packed segments (0 is padding and gives zeros), causal, sliding
+window; a float32 logsumexp residual; a deterministic backward in two kernels (dK/dV per
+key block summing its group's query heads, dQ per query block) with float32 accumulation
+and no atomics.
 
 Mosaic blocks need their last two dims divisible by (8, 128) or equal to the array's, so:
-- q, k, v and the output are transposed by XLA to heads-major `[B, H, L, D]` /
-  `[B, K, L, D]`, and each block is one head's `[b, D]` tile;
+- q, k, v and the output are transposed by XLA to heads-major `[B, H, L, d]` /
+  `[B, K, L, d]`, and each block is one head's `[b, d]` tile;
 - segment ids travel twice: as a column `[B, L, 128]` (ids down the sublanes) and a row
   `[B, 8, L]` (ids along the lanes), and a score tile compares the one with the other;
 - logsumexp and delta are rows `[B, H, 1, L]` (one float per query, not a 128-lane copy);
   the dK/dV kernel works on transposed scores `[bk, bq]` where they broadcast as they are.
 
-Block skipping: the per-block `BlockRanges` of `flash_attention._key_ranges` /
-`_query_ranges` are scalar-prefetched into SMEM. The innermost grid axis counts steps
-j = 0 .. width - 1 through a range, and the index map asks for block min(lo + j, hi - 1):
-past the end of the range the block index repeats, so the pipeline issues no copy, and
-`pl.when(lo + j < hi)` skips the compute. `width` is a static bound on a range's length:
+Block skipping: the per-block `BlockRanges` of `blocks.key_ranges` / `blocks.query_ranges`
+are scalar-prefetched into SMEM. The innermost grid axis counts steps j = 0 .. width - 1
+through a range, and the index map asks for block min(lo + j, hi - 1): past the end of the
+range the block index repeats, so the pipeline issues no copy, and `pl.when(lo + j < hi)`
+skips the compute. `width` is a static bound on a range's length:
 all blocks in general, a few with a sliding window. A block in [full_lo, full_hi) is seen
 whole and runs the unmasked branch; only blocks straddling an edge build a mask.
 
@@ -36,17 +36,32 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from euro_lm.kernels.flash_attention import (_MASKED, _dot, _from_ids, _ids_or_ones,
-                                             _key_ranges, _query_ranges, _reach, _visible)
+from euro_lm.kernels.flash import blocks
 
 _LANES = 128
 _SUBLANES = 8
 
 
+def forward(static, q, k, v, segment_ids):
+  """(out `[B, L, H, d]`, the residuals `backward` takes): q `[B, L, H, d]`, k/v
+  `[B, L, K, d]`, int32 segment ids `[B, L]` or None; `static.blocks` already checked."""
+  q_BHLd, k_BKLd, v_BKLd = _heads_major(q), _heads_major(k), _heads_major(v)
+  out_BHLd, lse_BH1L = _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids)
+  out = _heads_major(out_BHLd)
+  # Heads-major q/k/v are kept so the backward needs no transposes of them.
+  return out, (q_BHLd, k_BKLd, v_BKLd, segment_ids, out, lse_BH1L)
+
+
+def backward(static, residuals, d_out):
+  """(dq, dk, dv) from `forward`'s residuals and the output's cotangent."""
+  dq, dk, dv = _backward(static, *residuals, d_out)
+  return _heads_major(dq), _heads_major(dk), _heads_major(dv)
+
+
 # --- layouts and ranges ------------------------------------------------------------------
 
-def _heads_major(x_BLHD):
-  return jnp.swapaxes(x_BLHD, 1, 2)
+def _heads_major(x_BLHd):
+  return jnp.swapaxes(x_BLHd, 1, 2)
 
 
 def _segment_layouts(segment_ids_BL):
@@ -60,7 +75,7 @@ def _segment_layouts(segment_ids_BL):
 
 def _range_width(static, block, other_block, length):
   """Static bound on how many `other_block` blocks one `block` block meets."""
-  before, after = _reach(static)
+  before, after = blocks.reach(static)
   num_other = length // other_block
   if before is None or after is None:
     return num_other
@@ -115,7 +130,7 @@ def _score_mask(static, shape, queries_down, q_start, k_start, column_segments,
   down = _widen(column_segments, shape[1])
   across = jnp.broadcast_to(row_segments, shape)
   q_segments, k_segments = (down, across) if queries_down else (across, down)
-  return _visible(static, q_index, k_index, q_segments, k_segments)
+  return blocks.visibility(static, q_index, k_index, q_segments, k_segments)
 
 
 def _params(*semantics):
@@ -133,16 +148,16 @@ def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_re
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, blocks.MASKED, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(key_block, masked):
-    s = _dot(q_ref[...], k_ref[...], trans_b=True) * static.scale        # [bq, bk]
+    s = blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale        # [bq, bk]
     if masked:
       visible = _score_mask(static, s.shape, True, i * block_q, key_block * block_k,
                             seg_q_ref[...], seg_k_ref[:1, :])
-      s = jnp.where(visible, s, _MASKED)
+      s = jnp.where(visible, s, blocks.MASKED)
     m_prev = m_ref[...]                                         # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     p = jnp.exp(s - _widen(m_next, block_k))
@@ -152,7 +167,7 @@ def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_re
     l_ref[...] = correction * l_ref[...] + p.sum(axis=1, keepdims=True)
     m_ref[...] = m_next
     acc_ref[...] = (acc_ref[...] * _widen(correction, acc_ref.shape[1])
-                    + _dot(p.astype(v_ref.dtype), v_ref[...]))
+                    + blocks.dot(p.astype(v_ref.dtype), v_ref[...]))
 
   _step(ranges_refs, b * num_q_blocks + i, j, body)
 
@@ -166,16 +181,16 @@ def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_re
     lse_ref[...] = lse.T[:1, :]  # one [bq] row: a 128 x bq transpose per query block
 
 
-def _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids):
-  """Output `[B, H, L, D]` and float32 logsumexp `[B, H, 1, L]` (inf for padding)."""
-  batch, num_heads, length, head_dim = q_BHLD.shape
-  group = num_heads // k_BKLD.shape[1]
+def _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids):
+  """Output `[B, H, L, d]` and float32 logsumexp `[B, H, 1, L]` (inf for padding)."""
+  batch, num_heads, length, head_dim = q_BHLd.shape
+  group = num_heads // k_BKLd.shape[1]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  ranges = _from_ids(segment_ids, (batch, length),
-                     lambda ids: _key_ranges(static, ids, block_q, block_k))
+  ranges = blocks.from_ids(segment_ids, (batch, length),
+                           lambda ids: blocks.key_ranges(static, ids, block_q, block_k))
   width = _range_width(static, block_q, block_k, length)
-  seg_column, seg_row = _segment_layouts(_ids_or_ones(segment_ids, (batch, length)))
+  seg_column, seg_row = _segment_layouts(blocks.ids_or_ones(segment_ids, (batch, length)))
 
   def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
@@ -206,12 +221,12 @@ def _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids):
       functools.partial(_forward_kernel, static=static, num_q_blocks=num_q_blocks,
                         width=width),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct(q_BHLD.shape, q_BHLD.dtype),
+      out_shape=[jax.ShapeDtypeStruct(q_BHLd.shape, q_BHLd.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, 1, length), jnp.float32)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_forward_tpu',
-  )(*_flat_ranges(ranges), q_BHLD, k_BKLD, v_BKLD, seg_column, seg_row)
+  )(*_flat_ranges(ranges), q_BHLd, k_BKLd, v_BKLd, seg_column, seg_row)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -231,15 +246,15 @@ def _dkv_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, d
   def body(query_block, masked):
     q, do = q_ref[...], do_ref[...]
     # Transposed scores [bk, bq]: the [1, bq] rows of lse and delta broadcast down them.
-    s = _dot(k_ref[...], q, trans_b=True) * static.scale
+    s = blocks.dot(k_ref[...], q, trans_b=True) * static.scale
     p = jnp.exp(s - lse_ref[...])
     if masked:
       p = jnp.where(_score_mask(static, s.shape, False, query_block * block_q, j * block_k,
                                 seg_k_ref[...], seg_q_ref[:1, :]), p, 0.0)
-    dv_acc_ref[...] += _dot(p.astype(do.dtype), do)
-    dp = _dot(v_ref[...], do, trans_b=True)
+    dv_acc_ref[...] += blocks.dot(p.astype(do.dtype), do)
+    dp = blocks.dot(v_ref[...], do, trans_b=True)
     ds = p * (dp - delta_ref[...]) * static.scale
-    dk_acc_ref[...] += _dot(ds.astype(q.dtype), q)
+    dk_acc_ref[...] += blocks.dot(ds.astype(q.dtype), q)
 
   _step(ranges_refs, b * num_k_blocks + j, i, body)
 
@@ -262,16 +277,16 @@ def _dq_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do
 
   def body(key_block, masked):
     k = k_ref[...]
-    s = _dot(q_ref[...], k, trans_b=True) * static.scale                 # [bq, bk]
+    s = blocks.dot(q_ref[...], k, trans_b=True) * static.scale                 # [bq, bk]
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
     p = jnp.exp(s - lse)
     if masked:
       p = jnp.where(_score_mask(static, s.shape, True, i * block_q, key_block * block_k,
                                 seg_q_ref[...], seg_k_ref[:1, :]), p, 0.0)
-    dp = _dot(do_ref[...], v_ref[...], trans_b=True)
+    dp = blocks.dot(do_ref[...], v_ref[...], trans_b=True)
     ds = p * (dp - delta) * static.scale
-    dq_acc_ref[...] += _dot(ds.astype(k.dtype), k)
+    dq_acc_ref[...] += blocks.dot(ds.astype(k.dtype), k)
 
   _step(ranges_refs, b * num_q_blocks + i, j, body)
 
@@ -280,23 +295,23 @@ def _dq_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do
     dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
 
 
-def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d_out_BLHD):
-  batch, num_heads, length, head_dim = q_BHLD.shape
-  num_kv_heads = k_BKLD.shape[1]
+def _backward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids, out_BLHd, lse_BH1L, d_out_BLHd):
+  batch, num_heads, length, head_dim = q_BHLd.shape
+  num_kv_heads = k_BKLd.shape[1]
   group = num_heads // num_kv_heads
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   num_q_blocks, num_k_blocks = length // block_q, length // block_k
   # delta_i = sum_d dO_id * O_id: the softmax-gradient correction, as rows [B, H, 1, L].
-  delta = jnp.einsum('blhd,blhd->bhl', d_out_BLHD.astype(jnp.float32),
-                     out_BLHD.astype(jnp.float32))[:, :, None, :]
+  delta = jnp.einsum('blhd,blhd->bhl', d_out_BLHd.astype(jnp.float32),
+                     out_BLHd.astype(jnp.float32))[:, :, None, :]
   lse = jnp.where(jnp.isinf(lse_BH1L), 0.0, lse_BH1L)  # padding rows: p is masked to 0
-  do_BHLD = _heads_major(d_out_BLHD)
-  seg_column, seg_row = _segment_layouts(_ids_or_ones(segment_ids, (batch, length)))
+  do_BHLd = _heads_major(d_out_BLHd)
+  seg_column, seg_row = _segment_layouts(blocks.ids_or_ones(segment_ids, (batch, length)))
   row_spec = lambda index_map: pl.BlockSpec((None, None, 1, block_q), index_map)
 
   # dK/dV: grid (B, K, key block, query head of the group, step through the query range).
-  query_ranges = _from_ids(segment_ids, (batch, length),
-                           lambda ids: _query_ranges(static, ids, block_q, block_k))
+  query_ranges = blocks.from_ids(segment_ids, (batch, length),
+                                 lambda ids: blocks.query_ranges(static, ids, block_q, block_k))
   q_width = _range_width(static, block_k, block_q, length)
 
   def query_block(b, j, i, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
@@ -322,17 +337,17 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
           out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
       ),
-      out_shape=[jax.ShapeDtypeStruct(k_BKLD.shape, k_BKLD.dtype),
-                 jax.ShapeDtypeStruct(v_BKLD.shape, v_BKLD.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k_BKLd.shape, k_BKLd.dtype),
+                 jax.ShapeDtypeStruct(v_BKLd.shape, v_BKLd.dtype)],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dkv_tpu',
-  )(*_flat_ranges(query_ranges), q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_row,
+  )(*_flat_ranges(query_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_row,
     seg_column)
 
   # dQ: grid (B, H, query block, step through the key range).
-  key_ranges = _from_ids(segment_ids, (batch, length),
-                         lambda ids: _key_ranges(static, ids, block_q, block_k))
+  key_ranges = blocks.from_ids(segment_ids, (batch, length),
+                               lambda ids: blocks.key_ranges(static, ids, block_q, block_k))
   k_width = _range_width(static, block_q, block_k, length)
 
   def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
@@ -356,35 +371,10 @@ def _backward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids, out_BLHD, lse_BH1L, d
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
       ),
-      out_shape=jax.ShapeDtypeStruct(q_BHLD.shape, q_BHLD.dtype),
+      out_shape=jax.ShapeDtypeStruct(q_BHLd.shape, q_BHLd.dtype),
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dq_tpu',
-  )(*_flat_ranges(key_ranges), q_BHLD, k_BKLD, v_BKLD, do_BHLD, lse, delta, seg_column,
+  )(*_flat_ranges(key_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_column,
     seg_row)
   return dq, dk, dv
-
-
-# --- custom VJP --------------------------------------------------------------------------
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(static, q, k, v, segment_ids):
-  """`flash_attention` on TPU kernels: q `[B, L, H, D]`, k/v `[B, L, K, D]`, int32
-  segment ids `[B, L]` or None; `static` is flash_attention's `_Static`, blocks already checked."""
-  return _attention_fwd(static, q, k, v, segment_ids)[0]
-
-
-def _attention_fwd(static, q, k, v, segment_ids):
-  q_BHLD, k_BKLD, v_BKLD = _heads_major(q), _heads_major(k), _heads_major(v)
-  out_BHLD, lse_BH1L = _forward(static, q_BHLD, k_BKLD, v_BKLD, segment_ids)
-  out = _heads_major(out_BHLD)
-  # Heads-major q/k/v are kept so the backward needs no transposes of them.
-  return out, (q_BHLD, k_BKLD, v_BKLD, segment_ids, out, lse_BH1L)
-
-
-def _attention_bwd(static, residuals, d_out):
-  dq, dk, dv = _backward(static, *residuals, d_out)
-  return _heads_major(dq), _heads_major(dk), _heads_major(dv), None
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)

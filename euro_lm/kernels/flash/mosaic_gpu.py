@@ -3,8 +3,8 @@
 Triton-lowered Pallas reaches FlashAttention-2 speeds at best; Hopper's tensor cores want
 TMA copies into swizzled shared memory and warpgroup MMAs (wgmma), which Mosaic GPU
 exposes. `flash_attention(..., backend='mosaic_gpu')` runs these: the forward below and
-the two backward kernels of `backward`, with the contract of `flash_attention` (block
-ranges, a natural-log logsumexp, zeros for padding).
+the two backward kernels of `backward`, with the contract of `blocks` (block ranges, a
+natural-log logsumexp, zeros for padding).
 
 Forward: each warpgroup (128 threads) owns `ROWS` = 64 queries of one head and walks the
 key blocks of their `BlockRanges`: masked blocks at the edges, unmasked ones in between.
@@ -22,9 +22,8 @@ p·v (and every backward product that sums over blocks) accumulates in place in 
 accumulator.
 
 Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
-query i sees exactly the keys in [lo_i, hi_i] (`flash_attention._visible_key_spans`,
-computed once in XLA); the masked blocks compare key positions against those two per-row
-bounds.
+query i sees exactly the keys in [lo_i, hi_i] (`blocks.visible_key_spans`, computed once
+in XLA); the masked blocks compare key positions against those two per-row bounds.
 
 Interpret mode (CPU tests) runs the same kernel, TMA copies and barriers included, with
 the GPU-only layout hints dropped and the products as plain dots (accumulated by adding):
@@ -36,7 +35,6 @@ starts, gives that pool 8 threads (`python -m euro_lm.bench.attention` sets it).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +42,41 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_LOG2_E = math.log2(math.e)
+from euro_lm.kernels.flash import blocks
+
 ROWS = 64  # queries per compute warpgroup: wgmma's M
 BLOCK_Q = 128  # default queries per CTA: two compute warpgroups (64: one)
 BLOCK_K = 128  # default keys per block (a first guess: not yet timed on a GPU)
 STAGES = 2  # K/V blocks in flight
 
 
-def forward(static, q, k, v, ranges, spans):
-  """(out `[B, L, H, D]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
+def forward(static, q, k, v, segment_ids):
+  """(out `[B, L, H, d]`, the residuals `backward` takes)."""
+  from_ids = functools.partial(blocks.from_ids, segment_ids, q.shape[:2])
+  ranges = from_ids(lambda ids: blocks.key_ranges(static, ids, ROWS,
+                                                  static.blocks.block_k).stacked())
+  spans = from_ids(functools.partial(blocks.visible_key_spans, static))
+  out, lse = _forward(static, q, k, v, ranges, spans)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def backward(static, residuals, d_out):
+  """(dq, dk, dv) from `forward`'s residuals and the output's cotangent."""
+  q, k, v, segment_ids, out, lse = residuals
+  from_ids = functools.partial(blocks.from_ids, segment_ids, q.shape[:2])
+  delta = blocks.softmax_delta(out, d_out)
+  spans = from_ids(functools.partial(blocks.visible_key_spans, static))
+  key_ranges = from_ids(lambda ids: blocks.key_ranges(static, ids, ROWS, ROWS).stacked())
+  query_ranges = from_ids(lambda ids: blocks.query_ranges(static, ids, ROWS, ROWS).stacked())
+  setup = _BackwardSetup(static, q, k)
+  stats = _query_stats(lse, delta, spans)
+  dk, dv = _dkv_backward(setup, query_ranges, stats, q, k, v, d_out)
+  dq = _dq_backward(setup, key_ranges, stats, q, k, v, d_out)
+  return dq, dk, dv
+
+
+def _forward(static, q, k, v, ranges, spans):
+  """(out `[B, L, H, d]`, natural-log logsumexp `[B, H, L]`, inf where a query sees no key).
 
   `ranges`: the stacked key `BlockRanges` of each `ROWS`-query block, for key blocks of
   `static.blocks.block_k`; `spans`: int32 `[B, L]` (lo, hi), query i sees keys lo_i ..= hi_i.
@@ -298,7 +322,7 @@ class _BlockOps:
 
   def __init__(self, static, block_k, head_dim, dtype):
     self.interpret = static.interpret
-    self.scale = static.scale * _LOG2_E  # base-2 scores: exp2 is one instruction
+    self.scale = static.scale * blocks.LOG2_E  # base-2 scores: exp2 is one instruction
     self.block_k, self.head_dim, self.dtype = block_k, head_dim, dtype
 
   def init(self):
@@ -351,7 +375,7 @@ class _BlockOps:
     l = jnp.where(seen, l, 1.0)
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0).astype(self.dtype)
-    return out, jnp.where(seen, (m + jnp.log2(l)) / _LOG2_E, jnp.inf)
+    return out, jnp.where(seen, (m + jnp.log2(l)) / blocks.LOG2_E, jnp.inf)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -371,47 +395,65 @@ class _BlockOps:
 # dK/dV kernel computes the transposed scores (keys as rows), so p^T and dS^T feed wgmma
 # straight from registers.
 
-def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges):
-  """(dq, dk, dv). `lse` and `delta` (sum_d dO * O) are float32 `[B, H, L]`; `spans` as for
-  `forward`; `key_ranges` hold, for each `ROWS`-query block, the `ROWS`-key blocks it sees,
-  and `query_ranges`, for each key block, the query blocks that see it (both stacked
-  `BlockRanges`)."""
-  batch, length, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  group = num_heads // num_kv_heads
-  blocks = static.blocks
-  if blocks.block_q_bwd not in (ROWS, 2 * ROWS) or blocks.block_k_bwd not in (ROWS, 2 * ROWS):
-    raise ValueError(f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} or '
-                     f'{2 * ROWS}, not {blocks.block_q_bwd} and {blocks.block_k_bwd}')
-  interpret, dtype = static.interpret, q.dtype
-  num_blocks = length // ROWS
-  scale2 = static.scale * _LOG2_E
-  row_lo, row_hi = spans
-  # Per query, one float32 [4, ROWS] copy per block: lse in base 2 (0 for padding, whose
-  # probabilities are masked anyway), delta, and the visible-key span (exact below 2^24).
-  spans = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
-  stats = jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * _LOG2_E), delta, spans(row_lo),
-                     spans(row_hi)], axis=2)
-  transforms = () if interpret else (plgpu.TilingTransform((8, 64)),
-                                     plgpu.SwizzleTransform(128))
-  tile = lambda *shape: plgpu.SMEM((*shape, ROWS, head_dim), dtype, transforms=transforms)
-  compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
-                  **_interpret_kwargs(interpret))
+class _BackwardSetup:
+  """What the dK/dV and dQ kernels share: shapes, shared-memory tiles, compiler settings,
+  and the probabilities recomputed from the logsumexp."""
 
-  zeros = lambda shape: _tile(jnp.zeros(shape, jnp.float32), interpret)
+  def __init__(self, static, q, k):
+    sizes = static.blocks
+    if sizes.block_q_bwd not in (ROWS, 2 * ROWS) or sizes.block_k_bwd not in (ROWS, 2 * ROWS):
+      raise ValueError(f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} '
+                       f'or {2 * ROWS}, not {sizes.block_q_bwd} and {sizes.block_k_bwd}')
+    self.static, self.interpret, self.dtype = static, static.interpret, q.dtype
+    self.batch, self.length, self.num_heads, self.head_dim = q.shape
+    self.num_kv_heads = k.shape[2]
+    self.group = self.num_heads // self.num_kv_heads
+    self.scale2 = static.scale * blocks.LOG2_E
+    self.transforms = () if self.interpret else (plgpu.TilingTransform((8, 64)),
+                                                 plgpu.SwizzleTransform(128))
+    self.compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+                         **_interpret_kwargs(self.interpret))
 
-  def probabilities(scores, lse2, bounds, first_key, as_rows):
+  def tile(self, *shape):
+    """Shared memory for `shape` `[ROWS, d]` tiles of the inputs' dtype."""
+    return plgpu.SMEM((*shape, ROWS, self.head_dim), self.dtype, transforms=self.transforms)
+
+  def zeros(self, shape):
+    """float32 zeros in the layout of a wgmma result."""
+    return _tile(jnp.zeros(shape, jnp.float32), self.interpret)
+
+  def probabilities(self, scores, lse2, bounds, first_key, as_rows):
     """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None (keys
     from `first_key` on); the queries are rows (dQ) or columns (dK/dV)."""
     shape = scores.shape
     per_query = lambda x: lax.broadcast_in_dim(x, shape, [0] if as_rows else [1])
-    p = jnp.exp2(scores * scale2 - per_query(lse2))
+    p = jnp.exp2(scores * self.scale2 - per_query(lse2))
     if bounds is None:
       return p
     # Built here, in masked steps only: kept across the loops, it would hold 32 registers.
-    key = _iota(shape, 1 if as_rows else 0, interpret) + first_key
+    key = _iota(shape, 1 if as_rows else 0, self.interpret) + first_key
     visible = (key >= per_query(bounds[0])) & (key <= per_query(bounds[1]))
     return jnp.where(visible, p, 0.0)
+
+
+def _query_stats(lse, delta, spans):
+  """Per query, float32 `[B, H, 4, L]` (one `[4, ROWS]` copy per block): lse in base 2 (0 for
+  padding, whose probabilities are masked anyway), delta, and the visible-key span (exact
+  below 2^24)."""
+  row_lo, row_hi = spans
+  over_heads = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
+  return jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * blocks.LOG2_E), delta,
+                    over_heads(row_lo), over_heads(row_hi)], axis=2)
+
+
+def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
+  """(dk, dv), per key block of `block_k_bwd` (64: one warpgroup; 128: two and a producer).
+  `query_ranges`: for each `ROWS`-key block, the stacked `BlockRanges` of the `ROWS`-query
+  blocks that see it."""
+  static, interpret, dtype = setup.static, setup.interpret, setup.dtype
+  batch, length, head_dim = setup.batch, setup.length, setup.head_dim
+  num_kv_heads, group, compiler = setup.num_kv_heads, setup.group, setup.compiler
+  tile, zeros, probabilities = setup.tile, setup.zeros, setup.probabilities
 
   def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, first_key, masked,
                carry):
@@ -568,7 +610,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
               q_barriers=plgpu.Barrier(num_barriers=STAGES),
               do_barriers=plgpu.Barrier(num_barriers=STAGES),
               stats_barriers=plgpu.Barrier(num_barriers=STAGES))
-  if blocks.block_k_bwd == ROWS:
+  if static.blocks.block_k_bwd == ROWS:
     kernel, threads = dkv_kernel, {}
     scratch = dict(k_smem=tile(), v_smem=tile(), kv_barriers=plgpu.Barrier(num_barriers=2),
                    **ring)
@@ -579,12 +621,24 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   dk, dv = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-      grid=(length // blocks.block_k_bwd, batch, num_kv_heads),
+      grid=(length // static.blocks.block_k_bwd, batch, num_kv_heads),
       grid_names=('k_blocks', 'batch', 'kv_heads'),
       scratch_types=scratch,
       **threads,
       **compiler,
   )(query_ranges, stats, q, k, v, d_out)
+  return dk, dv
+
+
+def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
+  """dq, per query block of `block_q_bwd` (64: one warpgroup; 128: two and a producer).
+  `key_ranges`: for each `ROWS`-query block, the stacked `BlockRanges` of the `ROWS`-key
+  blocks it sees."""
+  static, interpret, dtype = setup.static, setup.interpret, setup.dtype
+  batch, length, num_heads, head_dim = setup.batch, setup.length, setup.num_heads, setup.head_dim
+  group, compiler = setup.group, setup.compiler
+  tile, zeros, probabilities = setup.tile, setup.zeros, setup.probabilities
+  num_blocks = length // ROWS
 
   def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
     """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
@@ -696,7 +750,7 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   ring = dict(k_smem=tile(STAGES), v_smem=tile(STAGES),
               k_barriers=plgpu.Barrier(num_barriers=STAGES),
               v_barriers=plgpu.Barrier(num_barriers=STAGES))
-  if blocks.block_q_bwd == ROWS:
+  if static.blocks.block_q_bwd == ROWS:
     kernel, threads = dq_kernel, {}
     scratch = dict(q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
                    row_barriers=plgpu.Barrier(num_barriers=3), **ring)
@@ -710,13 +764,13 @@ def backward(static, q, k, v, d_out, lse, delta, spans, key_ranges, query_ranges
   dq = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(length // blocks.block_q_bwd, batch, num_heads),
+      grid=(length // static.blocks.block_q_bwd, batch, num_heads),
       grid_names=('q_blocks', 'batch', 'heads'),
       scratch_types=scratch,
       **threads,
       **compiler,
   )(key_ranges, stats, q, k, v, d_out)
-  return dq, dk, dv
+  return dq
 
 
 # --- shared by the kernels: products and layouts -----------------------------------------
