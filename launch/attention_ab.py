@@ -13,6 +13,7 @@ Each row is checked against XLA first. Times are per call, back to back (as
 `euro_lm.bench.attention`), next to the median of calls awaited one at a time. On a CPU it
 is a smoke run: tiny shapes, the kernels interpreted, no cuDNN.
 """
+
 import ast
 import os
 import pathlib
@@ -34,8 +35,9 @@ def snapshot(rev, parent=SNAPSHOT):
   target = pathlib.Path(parent) / 'euro_lm_before'
   shutil.rmtree(target, ignore_errors=True)  # no files left from an earlier snapshot
   with tempfile.TemporaryDirectory() as tmp:
-    archive = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'euro_lm'],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ['git', '-C', str(ROOT), 'archive', rev, 'euro_lm'], check=True, capture_output=True
+    ).stdout
     subprocess.run(['tar', '-x', '-C', tmp], input=archive, check=True)
     package = pathlib.Path(tmp, 'euro_lm')
     for source in _with_imports(package, sorted(package.glob('kernels/**/*.py'))):
@@ -84,9 +86,10 @@ sys.path[:0] = [str(ROOT), str(SNAPSHOT)]
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from euro_lm.kernels import BlockSizes  # noqa: E402
-from euro_lm.kernels import flash_attention  # noqa: E402
-from euro_lm.bench.attention import relative_error as rel, with_grads  # noqa: E402
+
+from euro_lm.bench.attention import relative_error as rel  # noqa: E402
+from euro_lm.bench.attention import with_grads  # noqa: E402
+from euro_lm.kernels import BlockSizes, flash_attention  # noqa: E402
 
 gpu = jax.default_backend() == 'gpu'
 B, L, H, D = (4, 4096, 16, 128) if gpu else (1, 256, 2, 64)
@@ -126,12 +129,14 @@ def hopper(attention, **blocks):
 
 
 def dot_product_attention(implementation):
-  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                      implementation=implementation)
+  return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=implementation
+  )
 
 
-reference = [f(*args) for f, args in zip(pair(dot_product_attention('xla')),
-                                         ((q, k, v), (q, k, v, d_out)))]
+reference = [
+    f(*args) for f, args in zip(pair(dot_product_attention('xla')), ((q, k, v), (q, k, v, d_out)))
+]
 
 
 def check(name, fns, backward=True):
@@ -143,39 +148,45 @@ def check(name, fns, backward=True):
     print(f'{name}: failed: {type(e).__name__}: {str(e)[:300]}', flush=True)
     traceback.print_exc()
     return False
-  grad_error = (f'{max(rel(a, b) for a, b in zip(grads, reference[1])):.1e}' if backward
-                else 'n/a')
+  grad_error = f'{max(rel(a, b) for a, b in zip(grads, reference[1])):.1e}' if backward else 'n/a'
   print(f'{name}: rel err out {rel(out, reference[0]):.1e}, grads {grad_error}', flush=True)
   return True
 
 
 def row(name, fns, forward=True, backward=True):
   cells = []
-  for on, fn, args, flops in ((forward, fns[0], (q, k, v), FLOPS),
-                              (backward, fns[1], (q, k, v, d_out), 3.5 * FLOPS)):
+  for on, fn, args, flops in (
+      (forward, fns[0], (q, k, v), FLOPS),
+      (backward, fns[1], (q, k, v, d_out), 3.5 * FLOPS),
+  ):
     if on:
       single, back_to_back = timed(fn, args)
-      cells.append(f'{1e3 * single:.3f} | {1e3 * back_to_back:.3f} | '
-                   f'{flops / back_to_back / 1e12:.0f}')
+      cells.append(
+          f'{1e3 * single:.3f} | {1e3 * back_to_back:.3f} | ' f'{flops / back_to_back / 1e12:.0f}'
+      )
     else:
       cells.append(' | | ')
   print(f'| {name} | ' + ' | '.join(cells) + ' |', flush=True)
 
 
-HEADER = ('| impl | fwd ms (awaited alone) | fwd ms (back to back) | fwd TFLOP/s | '
-          'fwd+bwd ms (awaited alone) | fwd+bwd ms (back to back) | fwd+bwd TFLOP/s |\n'
-          '|---|---|---|---|---|---|---|')
+HEADER = (
+    '| impl | fwd ms (awaited alone) | fwd ms (back to back) | fwd TFLOP/s | '
+    'fwd+bwd ms (awaited alone) | fwd+bwd ms (back to back) | fwd+bwd TFLOP/s |\n'
+    '|---|---|---|---|---|---|---|'
+)
 cudnn = {'cudnn': pair(dot_product_attention('cudnn'))} if gpu else {}
 
 if sys.argv[1] == 'ab':
   impls = {**cudnn, 'current': pair(hopper(flash_attention))}
   try:
     from euro_lm_before.kernels import flash_attention as before  # pylint: disable=g-import-not-at-top
+
     impls['before'] = pair(hopper(before))
   except ImportError:
     print('(no .ab/euro_lm_before: run `snapshot REV` first; timing the current code only)')
-  impls['current, two-group backward'] = pair(hopper(
-      flash_attention, block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128))
+  impls['current, two-group backward'] = pair(
+      hopper(flash_attention, block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+  )
   impls = {name: fns for name, fns in impls.items() if check(name, fns)}
   print(HEADER)
   for _ in range(3 if gpu else 1):
@@ -195,6 +206,7 @@ elif sys.argv[1] == 'sweep':
       row(f'bwd ({bq}, {bk})', fns, forward=False)
 elif sys.argv[1] == 'prof':  # under ncu --profile-from-start off
   import cupy  # pylint: disable=g-import-not-at-top  # in the GPU image; for cudaProfilerStart
+
   grads = {'current': pair(hopper(flash_attention))[1], **{n: f[1] for n, f in cudnn.items()}}
   for fn in grads.values():
     jax.block_until_ready(fn(q, k, v, d_out))

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from attention_reference import jnp_reference
+
 from euro_lm import devices
 from euro_lm.model.attention import attention, xla_query_chunks
 
@@ -36,8 +36,9 @@ def reference_attention(q, k, v, segment_ids, causal):
       probs = np.where(visible, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0.0)
       total = probs.sum(-1, keepdims=True)
       # Padding (segment 0) sees no key and outputs zeros.
-      out[b, :, h] = np.where(total > 0, probs / np.where(total > 0, total, 1), 0) @ \
-          v[b, :, h // group]
+      out[b, :, h] = (
+          np.where(total > 0, probs / np.where(total > 0, total, 1), 0) @ v[b, :, h // group]
+      )
   return out
 
 
@@ -52,11 +53,17 @@ def test_xla_attention_matches_reference(num_heads, num_kv_heads, causal, packed
   v = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
   # Row 0: three documents then padding (segment 0); row 1: one document.
   segment_ids = np.array([[1] * 4 + [2] * 3 + [3] * 3 + [0] * 2, [1] * length]) if packed else None
-  out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                  segment_ids_BL=None if segment_ids is None else jnp.asarray(segment_ids),
-                  causal=causal, impl='xla')
-  np.testing.assert_allclose(out, reference_attention(q, k, v, segment_ids, causal),
-                             atol=2e-5, rtol=2e-5)
+  out = attention(
+      jnp.asarray(q),
+      jnp.asarray(k),
+      jnp.asarray(v),
+      segment_ids_BL=None if segment_ids is None else jnp.asarray(segment_ids),
+      causal=causal,
+      impl='xla',
+  )
+  np.testing.assert_allclose(
+      out, reference_attention(q, k, v, segment_ids, causal), atol=2e-5, rtol=2e-5
+  )
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -68,12 +75,11 @@ def test_long_xla_attention_matches_reference(causal):
   k = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
   v = rng.standard_normal((batch, length, num_kv_heads, head_dim)).astype(np.float32)
   segment_ids = np.array([[1] * 50 + [2] * 100 + [3] * 90 + [0] * 16, [1] * length])
-  run = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids_BL=s, causal=causal,
-                                             impl='xla'))
-  out = run(
-      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(segment_ids))
-  np.testing.assert_allclose(out, reference_attention(q, k, v, segment_ids, causal),
-                             atol=2e-5, rtol=2e-5)
+  run = jax.jit(lambda q, k, v, s: attention(q, k, v, segment_ids_BL=s, causal=causal, impl='xla'))
+  out = run(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(segment_ids))
+  np.testing.assert_allclose(
+      out, reference_attention(q, k, v, segment_ids, causal), atol=2e-5, rtol=2e-5
+  )
 
 
 @pytest.mark.parametrize('length,causal', [(12, True), (12, False), (256, True), (256, False)])
@@ -85,16 +91,20 @@ def test_xla_attention_gradients_match_float64(length, causal, num_heads, num_kv
   make = lambda n: jnp.asarray(rng.standard_normal((2, length, n, 8)), jnp.float32)
   q, k, v = make(num_heads), make(num_kv_heads), make(num_kv_heads)
   first, second = length * 5 // 16, length * 8 // 16
-  segment_ids = np.array([[1] * first + [2] * second + [0] * (length - first - second),
-                          [0] * length], np.int32)
+  segment_ids = np.array(
+      [[1] * first + [2] * second + [0] * (length - first - second), [0] * length], np.int32
+  )
   w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  loss = lambda *a: jnp.sum(attention(*a, segment_ids_BL=jnp.asarray(segment_ids),
-                                      causal=causal, impl='xla') * w)
+  loss = lambda *a: jnp.sum(
+      attention(*a, segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl='xla') * w
+  )
   ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   with jax.enable_x64(True):
-    theirs = jax.jit(jax.grad(
-        lambda *a: jnp.sum(jnp_reference(*a, segment_ids, causal, None) * w),
-        argnums=(0, 1, 2)))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    theirs = jax.jit(
+        jax.grad(
+            lambda *a: jnp.sum(jnp_reference(*a, segment_ids, causal, None) * w), argnums=(0, 1, 2)
+        )
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
   assert all(np.all(np.asarray(g)[1] == 0) for g in ours)  # the padded row: no gradient
@@ -107,13 +117,17 @@ def test_xla_attention_bfloat16_gradients():
   length = 256
   q, k, v = (jnp.asarray(rng.standard_normal((1, length, h, 16)), jnp.float32) for h in (4, 2, 2))
   w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  grad = jax.jit(jax.grad(
-      lambda *a: jnp.sum(attention(*a, impl='xla').astype(jnp.float32) * w), argnums=(0, 1, 2)))
+  grad = jax.jit(
+      jax.grad(
+          lambda *a: jnp.sum(attention(*a, impl='xla').astype(jnp.float32) * w), argnums=(0, 1, 2)
+      )
+  )
   grads = lambda dtype: grad(*(x.astype(dtype) for x in (q, k, v)))
   for low, high in zip(grads(jnp.bfloat16), grads(jnp.float32)):
     assert low.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(low, np.float32), high,
-                               atol=0.05 * float(jnp.max(jnp.abs(high))))
+    np.testing.assert_allclose(
+        np.asarray(low, np.float32), high, atol=0.05 * float(jnp.max(jnp.abs(high)))
+    )
 
 
 def test_gqa_equals_mha_with_repeated_kv():
@@ -132,14 +146,16 @@ def test_unknown_impl_is_rejected():
     attention(x, x, x, impl='flash')
 
 
-
 # --- Pallas kernels on a device mesh: each device runs the kernel on its own shard -----
+
 
 def _mesh_and_rules(heads_axis='tensor'):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
   from configs import base  # pylint: disable=g-import-not-at-top
   from euro_lm.sharding import logical_rules  # pylint: disable=g-import-not-at-top
+
   rules = dict(logical_rules(base.get_config().mesh))
   rules['heads'] = heads_axis
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ('data', 'fsdp', 'tensor'))
@@ -148,6 +164,7 @@ def _mesh_and_rules(heads_axis='tensor'):
 
 def _sharded(mesh, x, *spec):
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
   sharding = NamedSharding(mesh, PartitionSpec(*spec))
   if isinstance(x, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -160,8 +177,10 @@ def test_pallas_kernels_see_only_their_devices_shard(packed):
   device's 2 of 8 rows and 4 of 8 heads (2 of 4 kv heads). A bare custom call would take
   the whole arrays: XLA's partitioner cannot split it, so it gathers them."""
   import functools  # pylint: disable=g-import-not-at-top
+
   from euro_lm.kernels import flash_attention  # pylint: disable=g-import-not-at-top
   from euro_lm.model.attention import per_device  # pylint: disable=g-import-not-at-top
+
   mesh, rules = _mesh_and_rules()
   q = _sharded(mesh, jax.ShapeDtypeStruct((8, 256, 8, 64), jnp.bfloat16), ('data', 'fsdp'))
   kv = _sharded(mesh, jax.ShapeDtypeStruct((8, 256, 4, 64), jnp.bfloat16), ('data', 'fsdp'))
@@ -172,8 +191,12 @@ def test_pallas_kernels_see_only_their_devices_shard(packed):
     return per_device(kernel, q, k, v, s if packed else None).astype(jnp.float32).sum()
 
   with jax.set_mesh(mesh), rules:
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
-        lowering_platforms=('cuda',)).as_text()
+    text = (
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        .trace(q, kv, kv, seg)
+        .lower(lowering_platforms=('cuda',))
+        .as_text()
+    )
   calls = [line for line in text.splitlines() if 'xla.gpu.triton' in line]
   assert len(calls) == 3
   for line in calls:
@@ -193,14 +216,17 @@ def test_sharded_pallas_attention_matches_xla(heads_axis):
   seg = jnp.asarray(np.repeat([[1] * 50 + [2] * 70 + [0] * 8], 8, 0), jnp.int32)
 
   def loss(impl):
-    return lambda q, k, v, s: (attention(q, k, v, segment_ids_BL=s, impl=impl)
-                               * jnp.cos(q)).sum()
+    return lambda q, k, v, s: (attention(q, k, v, segment_ids_BL=s, impl=impl) * jnp.cos(q)).sum()
 
   expected = jax.jit(jax.value_and_grad(loss('xla'), argnums=(0, 1, 2)))(q, k, v, seg)
   with jax.set_mesh(mesh), rules:
     spec = ('data', 'fsdp'), None, heads_axis
-    args = (_sharded(mesh, q, *spec), _sharded(mesh, k, *spec), _sharded(mesh, v, *spec),
-            _sharded(mesh, seg, ('data', 'fsdp')))
+    args = (
+        _sharded(mesh, q, *spec),
+        _sharded(mesh, k, *spec),
+        _sharded(mesh, v, *spec),
+        _sharded(mesh, seg, ('data', 'fsdp')),
+    )
     got = jax.jit(jax.value_and_grad(loss('pallas'), argnums=(0, 1, 2)))(*args)
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
   for ours, theirs in zip(got[1], expected[1]):
@@ -208,68 +234,82 @@ def test_sharded_pallas_attention_matches_xla(heads_axis):
 
 
 def _resolved(impl, length, head_dim, dtype, device, pallas_backend='auto'):
-  choice = attention_lib.resolve(impl, pallas_backend, dtype=dtype, length=length,
-                                 head_dim=head_dim, device=device)
+  choice = attention_lib.resolve(
+      impl, pallas_backend, dtype=dtype, length=length, head_dim=head_dim, device=device
+  )
   return choice.impl if choice.impl != 'pallas' else f'pallas:{choice.backend}'
 
 
 CPU, TPU = devices.Device('cpu'), devices.Device('tpu')
-NVIDIA, HOPPER, AMD = (devices.Device('cuda'), devices.Device('cuda', hopper=True),
-                       devices.Device('rocm'))
+NVIDIA, HOPPER, AMD = (
+    devices.Device('cuda'),
+    devices.Device('cuda', hopper=True),
+    devices.Device('rocm'),
+)
 
 
-@pytest.mark.parametrize('length,head_dim,dtype,device,backend,expected', [
-    (4096, 128, jnp.bfloat16, CPU, 'auto', 'xla'),  # on a CPU: always xla
-    (4096, 128, jnp.bfloat16, None, 'auto', 'xla'),  # device unknown: as on a CPU
-    # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
-    (4096, 128, jnp.bfloat16, NVIDIA, 'auto', 'cudnn'),
-    (192, 64, jnp.float32, NVIDIA, 'auto', 'pallas:gpu'),  # cuDNN takes 16 bits only
-    (4096, 256, jnp.bfloat16, NVIDIA, 'auto', 'pallas:gpu'),  # and head_dim <= 128
-    (200, 64, jnp.float32, NVIDIA, 'auto', 'xla'),  # Triton blocks are 64
-    # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
-    (256, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'pallas:mosaic_gpu'),
-    (256, 64, jnp.bfloat16, NVIDIA, 'gpu', 'pallas:gpu'),
-    (192, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'cudnn'),  # Hopper blocks are 128
-    (256, 64, jnp.float32, NVIDIA, 'mosaic_gpu', 'xla'),  # Hopper kernels: 16-bit
-    # Hopper: its own kernels from 4k tokens, where they beat cuDNN; cuDNN below.
-    (4096, 128, jnp.bfloat16, HOPPER, 'auto', 'pallas:mosaic_gpu'),
-    (2048, 128, jnp.bfloat16, HOPPER, 'auto', 'cudnn'),
-    # AMD: no cuDNN, so the Triton kernels wherever they fit.
-    (2048, 128, jnp.bfloat16, AMD, 'auto', 'pallas:gpu'),
-    (200, 64, jnp.bfloat16, AMD, 'auto', 'xla'),
-    (192, 64, jnp.float32, TPU, 'tpu', 'xla'),  # TPU blocks are 128
-    (256, 64, jnp.float32, TPU, 'tpu', 'pallas:tpu'),
-    (256, 64, jnp.float32, TPU, 'auto', 'pallas:tpu'),
-])
-def test_auto_takes_what_ran_fastest_on_each_device(length, head_dim, dtype, device, backend,
-                                                    expected):
+@pytest.mark.parametrize(
+    'length,head_dim,dtype,device,backend,expected',
+    [
+        (4096, 128, jnp.bfloat16, CPU, 'auto', 'xla'),  # on a CPU: always xla
+        (4096, 128, jnp.bfloat16, None, 'auto', 'xla'),  # device unknown: as on a CPU
+        # An NVIDIA GPU other than Hopper: cuDNN for 16 bits, where the kernels would be Triton's.
+        (4096, 128, jnp.bfloat16, NVIDIA, 'auto', 'cudnn'),
+        (192, 64, jnp.float32, NVIDIA, 'auto', 'pallas:gpu'),  # cuDNN takes 16 bits only
+        (4096, 256, jnp.bfloat16, NVIDIA, 'auto', 'pallas:gpu'),  # and head_dim <= 128
+        (200, 64, jnp.float32, NVIDIA, 'auto', 'xla'),  # Triton blocks are 64
+        # Named kernels are taken where they fit; else cuDNN for 16 bits, xla for float32.
+        (256, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'pallas:mosaic_gpu'),
+        (256, 64, jnp.bfloat16, NVIDIA, 'gpu', 'pallas:gpu'),
+        (192, 64, jnp.bfloat16, NVIDIA, 'mosaic_gpu', 'cudnn'),  # Hopper blocks are 128
+        (256, 64, jnp.float32, NVIDIA, 'mosaic_gpu', 'xla'),  # Hopper kernels: 16-bit
+        # Hopper: its own kernels from 4k tokens, where they beat cuDNN; cuDNN below.
+        (4096, 128, jnp.bfloat16, HOPPER, 'auto', 'pallas:mosaic_gpu'),
+        (2048, 128, jnp.bfloat16, HOPPER, 'auto', 'cudnn'),
+        # AMD: no cuDNN, so the Triton kernels wherever they fit.
+        (2048, 128, jnp.bfloat16, AMD, 'auto', 'pallas:gpu'),
+        (200, 64, jnp.bfloat16, AMD, 'auto', 'xla'),
+        (192, 64, jnp.float32, TPU, 'tpu', 'xla'),  # TPU blocks are 128
+        (256, 64, jnp.float32, TPU, 'tpu', 'pallas:tpu'),
+        (256, 64, jnp.float32, TPU, 'auto', 'pallas:tpu'),
+    ],
+)
+def test_auto_takes_what_ran_fastest_on_each_device(
+    length, head_dim, dtype, device, backend, expected
+):
   assert _resolved('auto', length, head_dim, dtype, device, backend) == expected
 
 
-@pytest.mark.parametrize('impl,backend,length,dtype,device,expected', [
-    ('pallas', 'auto', 4096, jnp.bfloat16, HOPPER, 'pallas:mosaic_gpu'),
-    ('pallas', 'auto', 2048, jnp.bfloat16, HOPPER, 'pallas:gpu'),
-    ('pallas', 'auto', 4096, jnp.bfloat16, TPU, 'pallas:tpu'),
-    ('pallas', 'auto', 4096, jnp.float32, CPU, 'pallas:gpu'),  # interpreted
-    ('cudnn', 'auto', 4096, jnp.bfloat16, NVIDIA, 'cudnn'),
-    ('xla', 'mosaic_gpu', 4096, jnp.float32, AMD, 'xla'),
-])
+@pytest.mark.parametrize(
+    'impl,backend,length,dtype,device,expected',
+    [
+        ('pallas', 'auto', 4096, jnp.bfloat16, HOPPER, 'pallas:mosaic_gpu'),
+        ('pallas', 'auto', 2048, jnp.bfloat16, HOPPER, 'pallas:gpu'),
+        ('pallas', 'auto', 4096, jnp.bfloat16, TPU, 'pallas:tpu'),
+        ('pallas', 'auto', 4096, jnp.float32, CPU, 'pallas:gpu'),  # interpreted
+        ('cudnn', 'auto', 4096, jnp.bfloat16, NVIDIA, 'cudnn'),
+        ('xla', 'mosaic_gpu', 4096, jnp.float32, AMD, 'xla'),
+    ],
+)
 def test_explicit_choices_resolve_to_what_runs(impl, backend, length, dtype, device, expected):
   assert _resolved(impl, length, 128, dtype, device, backend) == expected
 
 
-@pytest.mark.parametrize('impl,backend,length,head_dim,dtype,device,message', [
-    ('cudnn', 'auto', 256, 64, jnp.float32, NVIDIA, "'cudnn' needs model.compute_dtype"),
-    ('cudnn', 'auto', 256, 256, jnp.bfloat16, NVIDIA, "'cudnn' needs model.head_dim <= 128"),
-    ('cudnn', 'auto', 256, 64, jnp.bfloat16, AMD, 'needs an NVIDIA GPU; this is a rocm run'),
-    ('pallas', 'mosaic_gpu', 256, 64, jnp.float32, HOPPER, "'mosaic_gpu' needs model.comp"),
-    ('pallas', 'mosaic_gpu', 256, 96, jnp.bfloat16, HOPPER, 'head_dim 64 or 128, not 96'),
-    ('pallas', 'mosaic_gpu', 256, 64, jnp.bfloat16, AMD, 'cannot run on this rocm run'),
-    ('pallas', 'tpu', 256, 64, jnp.bfloat16, NVIDIA, 'cannot run on this cuda run'),
-    ('pallas', 'auto', 4000, 64, jnp.bfloat16, TPU, 'seq_len=4000 must be a multiple of 128'),
-    ('sdpa', 'auto', 256, 64, jnp.bfloat16, CPU, "attention_impl='sdpa' is not one of"),
-    ('pallas', 'triton', 256, 64, jnp.bfloat16, CPU, "pallas_backend='triton' is not one of"),
-])
+@pytest.mark.parametrize(
+    'impl,backend,length,head_dim,dtype,device,message',
+    [
+        ('cudnn', 'auto', 256, 64, jnp.float32, NVIDIA, "'cudnn' needs model.compute_dtype"),
+        ('cudnn', 'auto', 256, 256, jnp.bfloat16, NVIDIA, "'cudnn' needs model.head_dim <= 128"),
+        ('cudnn', 'auto', 256, 64, jnp.bfloat16, AMD, 'needs an NVIDIA GPU; this is a rocm run'),
+        ('pallas', 'mosaic_gpu', 256, 64, jnp.float32, HOPPER, "'mosaic_gpu' needs model.comp"),
+        ('pallas', 'mosaic_gpu', 256, 96, jnp.bfloat16, HOPPER, 'head_dim 64 or 128, not 96'),
+        ('pallas', 'mosaic_gpu', 256, 64, jnp.bfloat16, AMD, 'cannot run on this rocm run'),
+        ('pallas', 'tpu', 256, 64, jnp.bfloat16, NVIDIA, 'cannot run on this cuda run'),
+        ('pallas', 'auto', 4000, 64, jnp.bfloat16, TPU, 'seq_len=4000 must be a multiple of 128'),
+        ('sdpa', 'auto', 256, 64, jnp.bfloat16, CPU, "attention_impl='sdpa' is not one of"),
+        ('pallas', 'triton', 256, 64, jnp.bfloat16, CPU, "pallas_backend='triton' is not one of"),
+    ],
+)
 def test_what_cannot_run_is_named(impl, backend, length, head_dim, dtype, device, message):
   with pytest.raises(attention_lib.AttentionError, match=re.escape(message)):
     _resolved(impl, length, head_dim, dtype, device, backend)

@@ -5,11 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from attention_reference import inputs, jnp_reference, reference
+
 from euro_lm import devices
-from euro_lm.kernels import (GPU_BLOCK_SIZES, BlockSizes, default_backend, flash_attention,
-                             gpu_block_sizes, length_multiple)
+from euro_lm.kernels import (
+    GPU_BLOCK_SIZES,
+    BlockSizes,
+    default_backend,
+    flash_attention,
+    gpu_block_sizes,
+    length_multiple,
+)
 from euro_lm.kernels.flash.blocks import Static, key_ranges, query_ranges, visible_key_spans
 
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
@@ -19,20 +25,31 @@ SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16
 @pytest.mark.parametrize('heads,kv_heads', [(2, 2), (4, 2), (8, 2), (8, 1)])
 def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads):
   q, k, v, seg = inputs(heads, kv_heads, 16, jnp.float32)
-  out = flash_attention(q, k, v, segment_ids=jnp.asarray(seg), causal=causal, window=window,
-                        block_sizes=SMALL_BLOCKS)
+  out = flash_attention(
+      q, k, v, segment_ids=jnp.asarray(seg), causal=causal, window=window, block_sizes=SMALL_BLOCKS
+  )
   np.testing.assert_allclose(out, reference(q, k, v, seg, causal, window), atol=2e-5)
   assert np.all(np.asarray(out)[1] == 0)  # the fully padded row: zeros, not NaN
 
   # Gradients of <out, w>: a plain-jnp reference differentiated by JAX in float64.
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-  ours = jax.grad(lambda *a: jnp.sum(flash_attention(*a, segment_ids=jnp.asarray(seg),
-                                                     causal=causal, window=window,
-                                                     block_sizes=SMALL_BLOCKS) * w),
-                  argnums=(0, 1, 2))(q, k, v)
+  ours = jax.grad(
+      lambda *a: jnp.sum(
+          flash_attention(
+              *a,
+              segment_ids=jnp.asarray(seg),
+              causal=causal,
+              window=window,
+              block_sizes=SMALL_BLOCKS,
+          )
+          * w
+      ),
+      argnums=(0, 1, 2),
+  )(q, k, v)
   with jax.enable_x64(True):
-    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
-                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    theirs = jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w), argnums=(0, 1, 2)
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=5e-5)
 
@@ -44,14 +61,16 @@ def test_unmasked_blocks_match_float64(causal, window):
   q, k, v, seg = inputs(4, 2, 16, jnp.float32, segment_ids=seg)
   ranges = key_ranges(Static(causal, 1.0, window, SMALL_BLOCKS, True), jnp.asarray(seg), 16, 16)
   assert int(jnp.sum(ranges.full_hi - ranges.full_lo)) >= 4
-  fn = lambda *a: flash_attention(*a, segment_ids=jnp.asarray(seg), causal=causal,
-                                  window=window, block_sizes=SMALL_BLOCKS)
+  fn = lambda *a: flash_attention(
+      *a, segment_ids=jnp.asarray(seg), causal=causal, window=window, block_sizes=SMALL_BLOCKS
+  )
   np.testing.assert_allclose(fn(q, k, v), reference(q, k, v, seg, causal, window), atol=2e-5)
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   ours = jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2))(q, k, v)
   with jax.enable_x64(True):
-    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
-                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    theirs = jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w), argnums=(0, 1, 2)
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=5e-5)
 
@@ -73,7 +92,8 @@ def _dense_visibility(seg, causal, window):
 @pytest.mark.parametrize('window', [None, 1, 20, 50])
 @pytest.mark.parametrize('block_q,block_k', [(16, 16), (16, 32), (32, 16)])
 def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
-    causal, window, block_q, block_k):
+    causal, window, block_q, block_k
+):
   rng = np.random.default_rng(block_q + 3 * block_k + (window or 0))
   rows = [np.ones(128, np.int32), np.zeros(128, np.int32)]
   for _ in range(6):  # random documents, some with padding at the end
@@ -86,12 +106,15 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
   static = Static(causal, 1.0, window, SMALL_BLOCKS, True)
   nq, nk = 128 // block_q, 128 // block_k
   tiles = visible.reshape(len(seg), nq, block_q, nk, block_k)
-  any_visible, all_visible = tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))   # [B, nq, nk]
+  any_visible, all_visible = tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4))  # [B, nq, nk]
   for ranges, any_pairs, all_pairs in (
-      (key_ranges(static, jnp.asarray(seg), block_q, block_k), any_visible,
-       all_visible),
-      (query_ranges(static, jnp.asarray(seg), block_q, block_k),
-       any_visible.transpose(0, 2, 1), all_visible.transpose(0, 2, 1))):
+      (key_ranges(static, jnp.asarray(seg), block_q, block_k), any_visible, all_visible),
+      (
+          query_ranges(static, jnp.asarray(seg), block_q, block_k),
+          any_visible.transpose(0, 2, 1),
+          all_visible.transpose(0, 2, 1),
+      ),
+  ):
     lo, full_lo, full_hi, hi = (np.asarray(x)[:, :, None] for x in ranges)
     other = np.arange(any_pairs.shape[2])[None, None, :]
     visited = (other >= lo) & (other < hi)
@@ -112,9 +135,11 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
     from_numpy = ranges(static, seg, block_q, block_k).stacked()
     assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.int32
     np.testing.assert_array_equal(
-        from_numpy, ranges(static, jnp.asarray(seg), block_q, block_k).stacked())
-  for ours, theirs in zip(visible_key_spans(static, seg),
-                          visible_key_spans(static, jnp.asarray(seg))):
+        from_numpy, ranges(static, jnp.asarray(seg), block_q, block_k).stacked()
+    )
+  for ours, theirs in zip(
+      visible_key_spans(static, seg), visible_key_spans(static, jnp.asarray(seg))
+  ):
     assert isinstance(ours, np.ndarray) and ours.dtype == np.int32
     np.testing.assert_array_equal(ours, theirs)
 
@@ -131,8 +156,9 @@ def test_head_dims_and_dtypes(dim, dtype, atol):
   q, k, v, seg = inputs(4, 2, dim, dtype)
   out = flash_attention(q, k, v, segment_ids=jnp.asarray(seg), block_sizes=SMALL_BLOCKS)
   assert out.dtype == dtype
-  np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, True, None),
-                             atol=atol)
+  np.testing.assert_allclose(
+      np.asarray(out, np.float32), reference(q, k, v, seg, True, None), atol=atol
+  )
 
 
 def test_lengths_that_do_not_fit_the_blocks_are_refused():
@@ -144,9 +170,17 @@ def test_lengths_that_do_not_fit_the_blocks_are_refused():
 def test_model_trains_the_same_with_pallas_and_xla():
   from configs import tiny
   from euro_lm.model import Decoder
+
   config = tiny.get_config().model
-  config.update(vocab_size=64, num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2,
-                head_dim=16, mlp_dim=48)
+  config.update(
+      vocab_size=64,
+      num_layers=1,
+      embed_dim=32,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      mlp_dim=48,
+  )
   tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 64)
   segment_ids = jnp.asarray(np.repeat([[1, 2, 3, 4]], 16, axis=1).repeat(2, 0))
   positions = jnp.tile(jnp.arange(16), (2, 4))
@@ -158,10 +192,13 @@ def test_model_trains_the_same_with_pallas_and_xla():
     loss = lambda p: jnp.mean(model.apply({'params': p}, tokens, segment_ids, positions) ** 2)
     return jax.value_and_grad(loss)(params)
 
-  (xla_loss, xla_grads), (pallas_loss, pallas_grads) = loss_and_grads('xla'), loss_and_grads('pallas')
+  (xla_loss, xla_grads), (pallas_loss, pallas_grads) = loss_and_grads('xla'), loss_and_grads(
+      'pallas'
+  )
   np.testing.assert_allclose(pallas_loss, xla_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               pallas_grads, xla_grads)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pallas_grads, xla_grads
+  )
 
   # model.pallas_backend reaches the resolver: it refuses the TPU kernels a 64-token row
   # (their blocks are multiples of 128), which the Triton ones above took.
@@ -178,11 +215,17 @@ def test_forward_and_backward_lower_for_nvidia_and_amd_gpus(dim, platform):
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
 
   def loss(q, k, v, s):
-    return flash_attention(q, k, v, segment_ids=s, window=256, interpret=False).astype(
-        jnp.float32).sum()
+    return (
+        flash_attention(q, k, v, segment_ids=s, window=256, interpret=False)
+        .astype(jnp.float32)
+        .sum()
+    )
 
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
-      lowering_platforms=(platform,))
+  lowered = (
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      .trace(q, kv, kv, seg)
+      .lower(lowering_platforms=(platform,))
+  )
   text = lowered.as_text()
   for kernel in ('euro_lm_flash_forward', 'euro_lm_flash_dkv', 'euro_lm_flash_dq'):
     assert kernel in text
@@ -195,13 +238,15 @@ def test_backward_kernels_take_their_own_warps_and_stages(bwd):
   q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
 
   def loss(q, k, v):
-    return flash_attention(q, k, v, block_sizes=blocks, interpret=False).astype(
-        jnp.float32).sum()
+    return flash_attention(q, k, v, block_sizes=blocks, interpret=False).astype(jnp.float32).sum()
 
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(
-      lowering_platforms=('cuda',)).as_text()
-  expected = {'forward': (8, 3), 'dkv': bwd if bwd[0] else (8, 3),
-              'dq': bwd if bwd[0] else (8, 3)}
+  text = (
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      .trace(q, q, q)
+      .lower(lowering_platforms=('cuda',))
+      .as_text()
+  )
+  expected = {'forward': (8, 3), 'dkv': bwd if bwd[0] else (8, 3), 'dq': bwd if bwd[0] else (8, 3)}
   calls = [line for line in text.splitlines() if 'xla.gpu.triton' in line]
   assert len(calls) == 3
   for kernel, (warps, stages) in expected.items():
@@ -209,9 +254,14 @@ def test_backward_kernels_take_their_own_warps_and_stages(bwd):
     assert f'num_warps = {warps} : i32' in line and f'num_stages = {stages} : i32' in line
 
 
-@pytest.mark.parametrize('backend,causal,window,dtype', [
-    ('gpu', False, 8, jnp.float32), ('mosaic_gpu', True, 40, jnp.bfloat16),
-    ('tpu', True, 200, jnp.float32)])
+@pytest.mark.parametrize(
+    'backend,causal,window,dtype',
+    [
+        ('gpu', False, 8, jnp.float32),
+        ('mosaic_gpu', True, 40, jnp.bfloat16),
+        ('tpu', True, 200, jnp.float32),
+    ],
+)
 def test_no_segment_ids_is_one_document_per_row(backend, causal, window, dtype):
   # Without ids the block ranges are built while tracing (constants); with ids of ones,
   # on the device. Both must give the same bits, forward and backward.
@@ -221,19 +271,32 @@ def test_no_segment_ids_is_one_document_per_row(backend, causal, window, dtype):
   blocks = BlockSizes(block_q=block, block_k=block, block_q_bwd=block, block_k_bwd=block)
 
   def loss_and_grads(segment_ids):
-    loss = lambda *a: jnp.sum((flash_attention(
-        *a, segment_ids=segment_ids, causal=causal, window=window, block_sizes=blocks,
-        backend=backend) * w).astype(jnp.float32))
+    loss = lambda *a: jnp.sum(
+        (
+            flash_attention(
+                *a,
+                segment_ids=segment_ids,
+                causal=causal,
+                window=window,
+                block_sizes=blocks,
+                backend=backend,
+            )
+            * w
+        ).astype(jnp.float32)
+    )
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   without_ids = loss_and_grads(None)
-  for a, b in zip(jax.tree.leaves(without_ids),
-                  jax.tree.leaves(loss_and_grads(jnp.ones(q.shape[:2], jnp.int32)))):
+  for a, b in zip(
+      jax.tree.leaves(without_ids),
+      jax.tree.leaves(loss_and_grads(jnp.ones(q.shape[:2], jnp.int32))),
+  ):
     np.testing.assert_array_equal(a, b)
   with jax.enable_x64(True):
-    expected = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, np.ones(q.shape[:2], np.int32),
-                                                         causal, window) * w),
-                        argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    expected = jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, np.ones(q.shape[:2], np.int32), causal, window) * w),
+        argnums=(0, 1, 2),
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for ours, theirs in zip(without_ids[1], expected):
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs)
     error = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
@@ -248,9 +311,13 @@ def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
 
   def program(*args):
-    loss = lambda q, k, v, s=None: flash_attention(
-        q, k, v, segment_ids=s, window=256, backend=backend, interpret=False).astype(
-            jnp.float32).sum()
+    loss = (
+        lambda q, k, v, s=None: flash_attention(
+            q, k, v, segment_ids=s, window=256, backend=backend, interpret=False
+        )
+        .astype(jnp.float32)
+        .sum()
+    )
     return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args))
 
   assert 'cummax' in program(q, q, q, seg) and 'cummin' in program(q, q, q, seg)
@@ -273,32 +340,48 @@ def test_packed_benchmark_counts_the_blocks_documents_skip():
 
   # The packed case's kernels still lower for the GPU from this host.
   q = jax.ShapeDtypeStruct((2, 8192, 1, 64), jnp.bfloat16)
-  fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=jnp.asarray(segment_ids),
-                                       interpret=False).astype(jnp.float32).sum()
-  text = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).trace(q, q, q).lower(
-      lowering_platforms=('cuda',)).as_text()
+  fn = (
+      lambda q, k, v: flash_attention(
+          q, k, v, segment_ids=jnp.asarray(segment_ids), interpret=False
+      )
+      .astype(jnp.float32)
+      .sum()
+  )
+  text = (
+      jax.jit(jax.grad(fn, argnums=(0, 1, 2)))
+      .trace(q, q, q)
+      .lower(lowering_platforms=('cuda',))
+      .as_text()
+  )
   assert text.count('xla.gpu.triton') == 3
 
 
-HOPPER, A100, AMD = (devices.Device('cuda', hopper=True), devices.Device('cuda'),
-                     devices.Device('rocm'))
+HOPPER, A100, AMD = (
+    devices.Device('cuda', hopper=True),
+    devices.Device('cuda'),
+    devices.Device('rocm'),
+)
 
 
-@pytest.mark.parametrize('dtype,length,dim,blocks,device,expected', [
-    (jnp.bfloat16, 4096, 128, None, HOPPER, 'mosaic_gpu'),  # H100/H200
-    (jnp.float16, 8192, 64, None, HOPPER, 'mosaic_gpu'),
-    (jnp.bfloat16, 2048, 128, None, HOPPER, 'gpu'),  # Triton wins at 2k
-    (jnp.bfloat16, 4160, 128, None, HOPPER, 'gpu'),  # no multiple of 128
-    (jnp.float32, 4096, 128, None, HOPPER, 'gpu'),  # the Hopper kernels are 16-bit
-    (jnp.bfloat16, 4096, 256, None, HOPPER, 'gpu'),
-    (jnp.bfloat16, 4096, 128, BlockSizes(), HOPPER, 'gpu'),  # Triton blocks named
-    (jnp.bfloat16, 4096, 128, None, A100, 'gpu'),  # A100
-    (jnp.bfloat16, 4096, 128, None, AMD, 'gpu'),  # LUMI's MI250X
-    (jnp.bfloat16, 4096, 128, None, devices.Device('tpu'), 'tpu'),
-    (jnp.bfloat16, 4096, 128, None, devices.Device('cpu'), 'gpu'),  # the interpreter
-])
+@pytest.mark.parametrize(
+    'dtype,length,dim,blocks,device,expected',
+    [
+        (jnp.bfloat16, 4096, 128, None, HOPPER, 'mosaic_gpu'),  # H100/H200
+        (jnp.float16, 8192, 64, None, HOPPER, 'mosaic_gpu'),
+        (jnp.bfloat16, 2048, 128, None, HOPPER, 'gpu'),  # Triton wins at 2k
+        (jnp.bfloat16, 4160, 128, None, HOPPER, 'gpu'),  # no multiple of 128
+        (jnp.float32, 4096, 128, None, HOPPER, 'gpu'),  # the Hopper kernels are 16-bit
+        (jnp.bfloat16, 4096, 256, None, HOPPER, 'gpu'),
+        (jnp.bfloat16, 4096, 128, BlockSizes(), HOPPER, 'gpu'),  # Triton blocks named
+        (jnp.bfloat16, 4096, 128, None, A100, 'gpu'),  # A100
+        (jnp.bfloat16, 4096, 128, None, AMD, 'gpu'),  # LUMI's MI250X
+        (jnp.bfloat16, 4096, 128, None, devices.Device('tpu'), 'tpu'),
+        (jnp.bfloat16, 4096, 128, None, devices.Device('cpu'), 'gpu'),  # the interpreter
+    ],
+)
 def test_default_backend_takes_the_hopper_kernels_only_where_they_fit_and_win(
-    dtype, length, dim, blocks, device, expected):
+    dtype, length, dim, blocks, device, expected
+):
   assert default_backend(dtype, length, dim, blocks, device) == expected
 
 

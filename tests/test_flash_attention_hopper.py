@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from attention_reference import inputs, jnp_reference, reference
+
 from euro_lm.kernels import BlockSizes, flash_attention
 
 # Row 0: two documents, then padding that fills its last 64 queries, so one compute group
@@ -23,39 +23,57 @@ def _relative_error(ours, theirs):
 # block_q 128: two compute warpgroups and a producer (the default); 64: one warpgroup.
 # The two-group kernel is slow to interpret (three simulated threads), so most of its
 # cases run with `-m slow`.
-@pytest.mark.parametrize('causal,window,block_q,block_k', [
-    (True, None, 128, 64), (False, None, 64, 128), (True, 100, 64, 128), (False, 100, 64, 128),
-    pytest.param(False, None, 128, 64, marks=pytest.mark.slow),
-    pytest.param(True, 100, 128, 64, marks=pytest.mark.slow),
-    pytest.param(False, 100, 128, 128, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'causal,window,block_q,block_k',
+    [
+        (True, None, 128, 64),
+        (False, None, 64, 128),
+        (True, 100, 64, 128),
+        (False, 100, 64, 128),
+        pytest.param(False, None, 128, 64, marks=pytest.mark.slow),
+        pytest.param(True, 100, 128, 64, marks=pytest.mark.slow),
+        pytest.param(False, 100, 128, 128, marks=pytest.mark.slow),
+    ],
+)
 def test_forward_matches_float64(causal, window, block_q, block_k):
   q, k, v, seg = inputs(2, 1, 64, jnp.bfloat16, length=256, segment_ids=DOCUMENTS)
-  out = flash_attention(q, k, v, segment_ids=jnp.asarray(seg), causal=causal, window=window,
-                        backend='mosaic_gpu', block_sizes=BlockSizes(block_q=block_q,
-                                                                     block_k=block_k))
+  out = flash_attention(
+      q,
+      k,
+      v,
+      segment_ids=jnp.asarray(seg),
+      causal=causal,
+      window=window,
+      backend='mosaic_gpu',
+      block_sizes=BlockSizes(block_q=block_q, block_k=block_k),
+  )
   assert out.dtype == jnp.bfloat16
   expected = reference(q, k, v, seg, causal, window)
   assert _relative_error(out, expected) < 1e-2
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
 
 
-@pytest.mark.parametrize('block_q,bwd', [
-    (64, 64), (64, 128), pytest.param(128, 64, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'block_q,bwd', [(64, 64), (64, 128), pytest.param(128, 64, marks=pytest.mark.slow)]
+)
 def test_padding_gives_zeros_and_gradients_match_float64(block_q, bwd):
   # inputs' default: row 0 holds two documents then padding, row 1 is all padding (with
   # blocks of 128, neither compute group of row 1's CTAs has anything to do).
   q, k, v, seg = inputs(2, 1, 128, jnp.bfloat16, length=128)
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.bfloat16)
   blocks = BlockSizes(block_q=block_q, block_k=64, block_q_bwd=bwd, block_k_bwd=bwd)
-  attend = lambda q, k, v: flash_attention(q, k, v, segment_ids=jnp.asarray(seg),
-                                           backend='mosaic_gpu', block_sizes=blocks)
+  attend = lambda q, k, v: flash_attention(
+      q, k, v, segment_ids=jnp.asarray(seg), backend='mosaic_gpu', block_sizes=blocks
+  )
   out = attend(q, k, v)
   assert np.all(np.asarray(out)[1] == 0) and np.all(np.asarray(out)[0, -8:] == 0)
-  ours = jax.grad(lambda *a: jnp.sum((attend(*a) * w).astype(jnp.float32)),
-                  argnums=(0, 1, 2))(q, k, v)
+  ours = jax.grad(lambda *a: jnp.sum((attend(*a) * w).astype(jnp.float32)), argnums=(0, 1, 2))(
+      q, k, v
+  )
   with jax.enable_x64(True):
-    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, True, None) * w),
-                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    theirs = jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, seg, True, None) * w), argnums=(0, 1, 2)
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     assert _relative_error(a, b) < 2e-2
 
@@ -64,11 +82,16 @@ def test_padding_gives_zeros_and_gradients_match_float64(block_q, bwd):
 # queries, share the q/dO or K/V ring of a producer). With DOCUMENTS, one dK/dV CTA's second
 # group has only padding keys, which no query sees, and one dQ CTA's second group only
 # padding queries, which see nothing: each releases every tile unread.
-@pytest.mark.parametrize('causal,window,bwd', [
-    (True, None, 64), (False, 100, 64),
-    # The two-group kernels' default-suite case is the padding test's [64-128].
-    pytest.param(True, None, 128, marks=pytest.mark.slow),
-    pytest.param(False, 100, 128, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    'causal,window,bwd',
+    [
+        (True, None, 64),
+        (False, 100, 64),
+        # The two-group kernels' default-suite case is the padding test's [64-128].
+        pytest.param(True, None, 128, marks=pytest.mark.slow),
+        pytest.param(False, 100, 128, marks=pytest.mark.slow),
+    ],
+)
 def test_gradients_match_float64(causal, window, bwd):
   # GQA groups of 2: the dK/dV kernel loops over both query heads of each kv head. The
   # slower two-group kernels take row 0 alone (the row with the padded groups).
@@ -77,12 +100,26 @@ def test_gradients_match_float64(causal, window, bwd):
     q, k, v, seg = q[:1], k[:1], v[:1], seg[:1]
   w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.bfloat16)
   blocks = BlockSizes(block_q=64, block_k=128, block_q_bwd=bwd, block_k_bwd=bwd)
-  ours = jax.grad(lambda *a: jnp.sum((flash_attention(
-      *a, segment_ids=jnp.asarray(seg), causal=causal, window=window, backend='mosaic_gpu',
-      block_sizes=blocks) * w).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  ours = jax.grad(
+      lambda *a: jnp.sum(
+          (
+              flash_attention(
+                  *a,
+                  segment_ids=jnp.asarray(seg),
+                  causal=causal,
+                  window=window,
+                  backend='mosaic_gpu',
+                  block_sizes=blocks,
+              )
+              * w
+          ).astype(jnp.float32)
+      ),
+      argnums=(0, 1, 2),
+  )(q, k, v)
   with jax.enable_x64(True):
-    theirs = jax.grad(lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w),
-                      argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    theirs = jax.grad(
+        lambda *a: jnp.sum(jnp_reference(*a, seg, causal, window) * w), argnums=(0, 1, 2)
+    )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):
     assert _relative_error(a, b) < 2e-2
 
@@ -97,8 +134,13 @@ def test_what_the_hopper_kernels_cannot_take_is_refused():
   with pytest.raises(ValueError, match='block_q 64 or 128'):
     flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(block_q=32))
   with pytest.raises(ValueError, match='block_q_bwd and block_k_bwd of 64 or 128, not 32'):
-    jax.grad(lambda q: flash_attention(q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(
-        block_q_bwd=32)).astype(jnp.float32).sum())(q)
+    jax.grad(
+        lambda q: flash_attention(
+            q, k, v, backend='mosaic_gpu', block_sizes=BlockSizes(block_q_bwd=32)
+        )
+        .astype(jnp.float32)
+        .sum()
+    )(q)
 
 
 @pytest.mark.parametrize('dim,block_q,bwd', [(64, 64, 64), (128, 128, 64), (128, 128, 128)])
@@ -108,14 +150,27 @@ def test_forward_and_backward_lower_for_hopper(dim, block_q, bwd):
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
 
   def loss(q, k, v, s):
-    return flash_attention(q, k, v, segment_ids=s, window=256, interpret=False,
-                           backend='mosaic_gpu',
-                           block_sizes=BlockSizes(block_q=block_q, block_k=128,
-                                                  block_q_bwd=bwd, block_k_bwd=bwd)).astype(
-                               jnp.float32).sum()
+    return (
+        flash_attention(
+            q,
+            k,
+            v,
+            segment_ids=s,
+            window=256,
+            interpret=False,
+            backend='mosaic_gpu',
+            block_sizes=BlockSizes(block_q=block_q, block_k=128, block_q_bwd=bwd, block_k_bwd=bwd),
+        )
+        .astype(jnp.float32)
+        .sum()
+    )
 
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
-      lowering_platforms=('cuda',)).as_text()
+  text = (
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      .trace(q, kv, kv, seg)
+      .lower(lowering_platforms=('cuda',))
+      .as_text()
+  )
   # Three Mosaic GPU kernels (forward, dK/dV, dQ) and none of the Triton ones.
   assert text.count('custom_call @mosaic_gpu') == 3
   assert 'euro_lm_flash_' not in text

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from attention_reference import inputs, jnp_reference, reference
+
 from euro_lm import devices
-from euro_lm.kernels import BlockSizes, TPU_BLOCK_SIZES, flash_attention, tpu_block_sizes
+from euro_lm.kernels import TPU_BLOCK_SIZES, BlockSizes, flash_attention, tpu_block_sizes
 from euro_lm.kernels.flash import mosaic_tpu
 from euro_lm.kernels.flash.blocks import Static, key_ranges, query_ranges
 from euro_lm.model.attention import attention
@@ -26,9 +26,17 @@ def many_documents(length):
 
 
 def tpu_attention(seg, causal, window):
-  return lambda q, k, v: flash_attention(q, k, v, segment_ids=jnp.asarray(seg), causal=causal,
-                                         window=window, block_sizes=BLOCKS, backend='tpu',
-                                         interpret=True)
+  return lambda q, k, v: flash_attention(
+      q,
+      k,
+      v,
+      segment_ids=jnp.asarray(seg),
+      causal=causal,
+      window=window,
+      block_sizes=BLOCKS,
+      backend='tpu',
+      interpret=True,
+  )
 
 
 def gradients(fn, q, k, v):
@@ -39,20 +47,31 @@ def gradients(fn, q, k, v):
 
 def reference_gradients(q, k, v, seg, causal, window):
   with jax.enable_x64(True):
-    return gradients(lambda *a: jnp_reference(*a, seg, causal, window),
-                     *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    return gradients(
+        lambda *a: jnp_reference(*a, seg, causal, window),
+        *(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
+    )
 
 
-@pytest.mark.parametrize('causal,window,heads,kv_heads,length,layout', [
-    (True, None, 2, 2, 256, 'padded'),   # two documents, padding, a fully padded row
-    (False, None, 4, 1, 512, 'many'),    # GQA group 4; documents skip blocks both ways
-    (True, None, 2, 1, 512, 'many'),     # whole blocks below the diagonal run unmasked
-    (True, 100, 4, 1, 512, 'padded'),    # a window: fewer key steps than key blocks
-    (False, 60, 2, 2, 512, 'padded'),
-])
+@pytest.mark.parametrize(
+    'causal,window,heads,kv_heads,length,layout',
+    [
+        (True, None, 2, 2, 256, 'padded'),  # two documents, padding, a fully padded row
+        (False, None, 4, 1, 512, 'many'),  # GQA group 4; documents skip blocks both ways
+        (True, None, 2, 1, 512, 'many'),  # whole blocks below the diagonal run unmasked
+        (True, 100, 4, 1, 512, 'padded'),  # a window: fewer key steps than key blocks
+        (False, 60, 2, 2, 512, 'padded'),
+    ],
+)
 def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads, length, layout):
-  q, k, v, seg = inputs(heads, kv_heads, 128, jnp.float32, length=length,
-                        segment_ids=many_documents(length) if layout == 'many' else None)
+  q, k, v, seg = inputs(
+      heads,
+      kv_heads,
+      128,
+      jnp.float32,
+      length=length,
+      segment_ids=many_documents(length) if layout == 'many' else None,
+  )
   fn = tpu_attention(seg, causal, window)
   out = fn(q, k, v)
   np.testing.assert_allclose(out, reference(q, k, v, seg, causal, window), atol=2e-5)
@@ -68,8 +87,9 @@ def test_bfloat16_forward_and_gradients():
   fn = tpu_attention(seg, True, None)
   out = fn(q, k, v)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, True, None),
-                             atol=3e-2)
+  np.testing.assert_allclose(
+      np.asarray(out, np.float32), reference(q, k, v, seg, True, None), atol=3e-2
+  )
   ours = gradients(fn, q, k, v)
   for a, b in zip(ours, reference_gradients(q, k, v, seg, True, None)):
     assert a.dtype == jnp.bfloat16
@@ -88,8 +108,10 @@ def test_grid_width_bounds_every_range(causal, window, block, other):
   segment_ids = jnp.ones((1, 1024), jnp.int32)
   width = mosaic_tpu._range_width(static, block, other, 1024)
   longest = 0
-  for ranges in (key_ranges(static, segment_ids, block, other),
-                 query_ranges(static, segment_ids, other, block)):
+  for ranges in (
+      key_ranges(static, segment_ids, block, other),
+      query_ranges(static, segment_ids, other, block),
+  ):
     lo, hi = ranges.lo, ranges.hi
     longest = max(longest, int(jnp.max(hi - lo)))
     # Each step's block lies in the range; past its end the last block repeats.
@@ -120,8 +142,7 @@ def test_forward_and_backward_lower_for_tpus(dim, grad):
 
   loss = lambda *a: forward(*a).astype(jnp.float32).sum()
   text = _lower(jax.grad(loss, argnums=(0, 1, 2)) if grad else forward, 1024, dim)
-  kernels = ['euro_lm_flash_forward_tpu'] + ['euro_lm_flash_dkv_tpu',
-                                             'euro_lm_flash_dq_tpu'] * grad
+  kernels = ['euro_lm_flash_forward_tpu'] + ['euro_lm_flash_dkv_tpu', 'euro_lm_flash_dq_tpu'] * grad
   assert text.count('stablehlo.custom_call @tpu_custom_call(') == len(kernels)
   for kernel in kernels:
     assert f'kernel_name = "{kernel}"' in text
@@ -131,18 +152,28 @@ def test_default_tpu_blocks_fit_the_length():
   assert TPU_BLOCK_SIZES[128].block_q == 512
   fitted = tpu_block_sizes(128, 384)
   assert (fitted.block_q, fitted.block_k, fitted.block_q_bwd, fitted.block_k_bwd) == (
-      384, 384, 128, 128)
+      384,
+      384,
+      128,
+      128,
+  )
   assert tpu_block_sizes(128, 4096) == TPU_BLOCK_SIZES[128]
-  text = _lower(lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, interpret=False,
-                                                   backend='tpu'), 384, 128)
+  text = _lower(
+      lambda q, k, v, s: flash_attention(q, k, v, segment_ids=s, interpret=False, backend='tpu'),
+      384,
+      128,
+  )
   assert text.count('@tpu_custom_call(') == 1
 
 
 def test_blocks_tpus_cannot_take_are_refused():
   q, k, v, _ = inputs(2, 2, 128, jnp.float32, length=256)
   small = BlockSizes(block_q=128, block_k=64, block_q_bwd=128, block_k_bwd=128)
-  with pytest.raises(ValueError, match=r'TPU flash attention needs block_k to be a multiple '
-                                       r'of 128, not 64 \(sequence length 256\)'):
+  with pytest.raises(
+      ValueError,
+      match=r'TPU flash attention needs block_k to be a multiple '
+      r'of 128, not 64 \(sequence length 256\)',
+  ):
     flash_attention(q, k, v, block_sizes=small, backend='tpu')
   q, k, v, _ = inputs(2, 2, 128, jnp.float32, length=200)
   with pytest.raises(ValueError, match='sequence length 200 is not a multiple of block_q=512'):

@@ -49,13 +49,24 @@ def fake_slurm(tmp_path):
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
   (tmp_path / 'train.sh').write_text(FAKE_TRAIN)
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('SLURM_', 'CUDA_', 'ROCR_', 'HIP_', 'CONTAINER', 'MACHINE'))}
-  env.update(PATH=f'{bin_dir}:{env["PATH"]}', SLURM_JOB_ID='1234',
-             SLURM_JOB_NODELIST='lrdn[0001-0002]', SLURM_NNODES='2', SLURM_JOB_NUM_NODES='2',
-             SLURM_GPUS_ON_NODE='4', SLURM_CPUS_ON_NODE='32', SLURM_SUBMIT_DIR=str(REPO),
-             FAKE_LOG=str(tmp_path / 'calls.log'), FAKE_TRAIN=str(tmp_path / 'train.sh'),
-             FAKE_STARTED=str(tmp_path / 'started'))
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(('SLURM_', 'CUDA_', 'ROCR_', 'HIP_', 'CONTAINER', 'MACHINE'))
+  }
+  env.update(
+      PATH=f'{bin_dir}:{env["PATH"]}',
+      SLURM_JOB_ID='1234',
+      SLURM_JOB_NODELIST='lrdn[0001-0002]',
+      SLURM_NNODES='2',
+      SLURM_JOB_NUM_NODES='2',
+      SLURM_GPUS_ON_NODE='4',
+      SLURM_CPUS_ON_NODE='32',
+      SLURM_SUBMIT_DIR=str(REPO),
+      FAKE_LOG=str(tmp_path / 'calls.log'),
+      FAKE_TRAIN=str(tmp_path / 'train.sh'),
+      FAKE_STARTED=str(tmp_path / 'started'),
+  )
   return env
 
 
@@ -84,19 +95,28 @@ COORDINATOR = 'lrdn0001:62674'
 def test_slurm_dry_run_one_process_per_node(fake_slurm):
   out = dry_run_sbatch(fake_slurm, '--config.train.steps=10', MACHINE='leonardo')
   assert 'machine: leonardo (cuda)' in out
-  assert (f'job 1234: 2 node(s) x 1 process(es) (node mode), 4 GPU(s) per node, 2 processes, '
-          f'coordinator {COORDINATOR}') in out
-  assert (f'srun command: srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 '
-          f'--kill-on-bad-exit=1 bash {REPO}/launch/slurm/rank.sh python3 -m euro_lm.train '
-          f'--config=configs/llama_1b.py --workdir=/scratch/run1 --config.train.steps=10') in out
+  assert (
+      f'job 1234: 2 node(s) x 1 process(es) (node mode), 4 GPU(s) per node, 2 processes, '
+      f'coordinator {COORDINATOR}'
+  ) in out
+  assert (
+      f'srun command: srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=32 '
+      f'--kill-on-bad-exit=1 bash {REPO}/launch/slurm/rank.sh python3 -m euro_lm.train '
+      f'--config=configs/llama_1b.py --workdir=/scratch/run1 --config.train.steps=10'
+  ) in out
   for rank, node in ((0, 'lrdn0001'), (1, 'lrdn0002')):
-    assert (f'rank {rank} of 2: node {node}, local rank 0, coordinator {COORDINATOR}, '
-            f'CUDA_VISIBLE_DEVICES=0,1,2,3 JAX_LOCAL_DEVICE_IDS=0,1,2,3') in out
-    assert (f'rank {rank} command: python3 -m euro_lm.train --config=configs/llama_1b.py '
-            f'--workdir=/scratch/run1 --config.train.steps=10') in out
+    assert (
+        f'rank {rank} of 2: node {node}, local rank 0, coordinator {COORDINATOR}, '
+        f'CUDA_VISIBLE_DEVICES=0,1,2,3 JAX_LOCAL_DEVICE_IDS=0,1,2,3'
+    ) in out
+    assert (
+        f'rank {rank} command: python3 -m euro_lm.train --config=configs/llama_1b.py '
+        f'--workdir=/scratch/run1 --config.train.steps=10'
+    ) in out
   assert len(re.findall(r'^rank \d+ command: ', out, re.M)) == 2
-  assert (pathlib.Path(fake_slurm['FAKE_LOG']).read_text()
-          == 'show hostnames lrdn[0001-0002]\n')  # nothing else: no srun, no requeue
+  assert (
+      pathlib.Path(fake_slurm['FAKE_LOG']).read_text() == 'show hostnames lrdn[0001-0002]\n'
+  )  # nothing else: no srun, no requeue
 
 
 def test_slurm_dry_run_one_process_per_gpu(fake_slurm):
@@ -105,14 +125,21 @@ def test_slurm_dry_run_one_process_per_gpu(fake_slurm):
   assert '--nodes=2 --ntasks=8 --ntasks-per-node=4 --cpus-per-task=8 ' in out
   for rank in range(8):
     node, local = ('lrdn0001', 'lrdn0002')[rank // 4], rank % 4
-    assert (f'rank {rank} of 8: node {node}, local rank {local}, coordinator {COORDINATOR}, '
-            f'CUDA_VISIBLE_DEVICES={local} JAX_LOCAL_DEVICE_IDS=0') in out
+    assert (
+        f'rank {rank} of 8: node {node}, local rank {local}, coordinator {COORDINATOR}, '
+        f'CUDA_VISIBLE_DEVICES={local} JAX_LOCAL_DEVICE_IDS=0'
+    ) in out
   assert len(re.findall(r'^rank \d+ command: ', out, re.M)) == 8
 
 
 def test_slurm_dry_run_partial_node(fake_slurm):
-  env = dict(fake_slurm, SLURM_GPUS_ON_NODE='', SLURM_GPUS_PER_NODE='a100:2',
-             SLURM_CPUS_ON_NODE='16', CUDA_VISIBLE_DEVICES='2,3')
+  env = dict(
+      fake_slurm,
+      SLURM_GPUS_ON_NODE='',
+      SLURM_GPUS_PER_NODE='a100:2',
+      SLURM_CPUS_ON_NODE='16',
+      CUDA_VISIBLE_DEVICES='2,3',
+  )
   out = dry_run_sbatch(env, PROCS_PER_NODE='gpu')
   assert '2 node(s) x 2 process(es) (gpu mode), 2 GPU(s) per node, 4 processes' in out
   assert '--ntasks=4 --ntasks-per-node=2 --cpus-per-task=8 ' in out
@@ -127,10 +154,14 @@ def test_slurm_dry_run_container_and_lumi(fake_slurm):
   env = dict(fake_slurm, SLURM_GPUS_ON_NODE='8', SLURM_CPUS_ON_NODE='56')
   out = dry_run_sbatch(env, MACHINE='lumi', CONTAINER='/images/euro_lm.sif', BIND='/data')
   assert 'machine: lumi (rocm)' in out
-  assert (f'rank 1 of 2: node lrdn0002, local rank 0, coordinator {COORDINATOR}, '
-          f'ROCR_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7') in out
-  assert (f'rank 1 command: apptainer exec --rocm --bind {REPO},/scratch/run1,/data '
-          f'--pwd {REPO} /images/euro_lm.sif python3 -m euro_lm.train') in out
+  assert (
+      f'rank 1 of 2: node lrdn0002, local rank 0, coordinator {COORDINATOR}, '
+      f'ROCR_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7'
+  ) in out
+  assert (
+      f'rank 1 command: apptainer exec --rocm --bind {REPO},/scratch/run1,/data '
+      f'--pwd {REPO} /images/euro_lm.sif python3 -m euro_lm.train'
+  ) in out
   out = dry_run_sbatch(env, MACHINE='lumi', PROCS_PER_NODE='gpu')
   assert 'ROCR_VISIBLE_DEVICES=7 JAX_LOCAL_DEVICE_IDS=0' in out
   out = dry_run_sbatch(fake_slurm, MACHINE='jupiter', CONTAINER='/i.sif')
@@ -145,12 +176,18 @@ def test_slurm_submit_dry_run(fake_slurm):
   env = dict(fake_slurm, DRY_RUN='1', ACCOUNT='ehpc01', QOS='acc_ehpc')
   assert run(args, env=env).strip() == (
       f'sbatch --partition=acc --account=ehpc01 --qos=acc_ehpc --gpus-per-node=4 '
-      f'--export=ALL,MACHINE=marenostrum5 --nodes=4 {SBATCH} configs/llama_1b.py /scratch/run1')
+      f'--export=ALL,MACHINE=marenostrum5 --nodes=4 {SBATCH} configs/llama_1b.py /scratch/run1'
+  )
 
 
 def start_batch_job(env, tmp_path):
-  job = subprocess.Popen(['bash', str(SBATCH), 'configs/tiny.py', str(tmp_path / 'run')],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  job = subprocess.Popen(
+      ['bash', str(SBATCH), 'configs/tiny.py', str(tmp_path / 'run')],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   deadline = time.time() + 30
   while not os.path.exists(env['FAKE_STARTED']):
     assert job.poll() is None and time.time() < deadline, job.communicate()[0]
@@ -179,45 +216,79 @@ def test_slurm_no_requeue_when_training_finishes(fake_slurm, tmp_path):
 
 
 def test_local_dry_run(tmp_path):
-  out = run([str(LAUNCH / 'local.sh'), '--processes', '3', '--cpu-devices', '4', '--dry-run',
-             '--', '--config=configs/tiny.py', f'--workdir={tmp_path}'],
-            env=dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=''))
+  out = run(
+      [
+          str(LAUNCH / 'local.sh'),
+          '--processes',
+          '3',
+          '--cpu-devices',
+          '4',
+          '--dry-run',
+          '--',
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}',
+      ],
+      env=dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=''),
+  )
   lines = out.strip().splitlines()
   assert len(lines) == 3
   addresses = set()
   for i, line in enumerate(lines):
     log = 'stdout' if i == 0 else f'{tmp_path}/logs/process_{i}.log'
-    assert line.startswith(f'process {i} ({log}): env PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu '
-                           f'XLA_FLAGS=--xla_force_host_platform_device_count=4 '
-                           f'{sys.executable} -m euro_lm.train --config=configs/tiny.py ')
-    assert line.endswith(' --config.distributed.num_processes=3 '
-                         f'--config.distributed.process_id={i}')
+    assert line.startswith(
+        f'process {i} ({log}): env PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu '
+        f'XLA_FLAGS=--xla_force_host_platform_device_count=4 '
+        f'{sys.executable} -m euro_lm.train --config=configs/tiny.py '
+    )
+    assert line.endswith(
+        ' --config.distributed.num_processes=3 ' f'--config.distributed.process_id={i}'
+    )
     assert '--config.distributed.initialize=always' in line
     addresses.add(line.split('coordinator_address=')[1].split()[0])
   assert len(addresses) == 1 and addresses.pop().startswith('127.0.0.1:')
 
 
 def test_local_needs_workdir():
-  result = subprocess.run([str(LAUNCH / 'local.sh'), '--dry-run', '--', '--config=x.py'],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+      [str(LAUNCH / 'local.sh'), '--dry-run', '--', '--config=x.py'], capture_output=True, text=True
+  )
   assert result.returncode == 2 and '--workdir' in result.stderr
 
 
 def test_tpu_vm_dry_run():
   tpu_vm = str(LAUNCH / 'tpu_vm.sh')
   flags = ['--', '--config=configs/llama_1b.py', '--workdir=gs://bucket/run1']
-  out = run([tpu_vm, '--tpu', 'v5p', '--zone', 'us-east5-a', '--dry-run', *flags],
-            env=dict(os.environ, PYTHON='python3'))
-  assert out == ("gcloud compute tpus tpu-vm ssh v5p --zone=us-east5-a --worker=all "
-                 "--command='cd ~/euro_lm && PYTHONUNBUFFERED=1 python3 -m euro_lm.train "
-                 "--config=configs/llama_1b.py --workdir=gs://bucket/run1'\n")
-  out = run([tpu_vm, '--tpu', 'qr', '--zone', 'z', '--slices', '2', '--dry-run', *flags],
-            env=dict(os.environ, PYTHON='python3'))
+  out = run(
+      [tpu_vm, '--tpu', 'v5p', '--zone', 'us-east5-a', '--dry-run', *flags],
+      env=dict(os.environ, PYTHON='python3'),
+  )
+  assert out == (
+      'gcloud compute tpus tpu-vm ssh v5p --zone=us-east5-a --worker=all '
+      "--command='cd ~/euro_lm && PYTHONUNBUFFERED=1 python3 -m euro_lm.train "
+      "--config=configs/llama_1b.py --workdir=gs://bucket/run1'\n"
+  )
+  out = run(
+      [tpu_vm, '--tpu', 'qr', '--zone', 'z', '--slices', '2', '--dry-run', *flags],
+      env=dict(os.environ, PYTHON='python3'),
+  )
   lines = out.strip().splitlines()
   assert [line.split()[5] for line in lines] == ['qr-0', 'qr-1']
   assert all(line.endswith("gs://bucket/run1 --config.mesh.dcn_data=2'") for line in lines)
-  out = run([tpu_vm, '--tpu', 'qr', '--zone', 'z', '--slices', '2', '--dry-run', *flags,
-             '--config.mesh.dcn_fsdp=2'], env=dict(os.environ, PYTHON='python3'))
+  out = run(
+      [
+          tpu_vm,
+          '--tpu',
+          'qr',
+          '--zone',
+          'z',
+          '--slices',
+          '2',
+          '--dry-run',
+          *flags,
+          '--config.mesh.dcn_fsdp=2',
+      ],
+      env=dict(os.environ, PYTHON='python3'),
+  )
   assert 'dcn_data' not in out
 
 
@@ -238,11 +309,16 @@ def start_local(tmp_path, **env):
   python.write_text(FAKE_PYTHON)
   python.chmod(0o755)
   (tmp_path / 'started').mkdir()
-  env = dict(os.environ, PYTHON=str(python), PORT='12345', STARTED_DIR=str(tmp_path / 'started'),
-             **env)
-  return subprocess.Popen([str(LAUNCH / 'local.sh'), '--processes', '3', '--',
-                           f'--workdir={tmp_path}/run'], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  env = dict(
+      os.environ, PYTHON=str(python), PORT='12345', STARTED_DIR=str(tmp_path / 'started'), **env
+  )
+  return subprocess.Popen(
+      [str(LAUNCH / 'local.sh'), '--processes', '3', '--', f'--workdir={tmp_path}/run'],
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
 
 
 def test_local_one_failure_stops_all(tmp_path):
@@ -269,8 +345,12 @@ def test_attention_ab_snapshot_is_a_self_contained_working_copy(tmp_path):
   """`attention_ab.py snapshot` renames a revision's kernels to euro_lm_before: importing
   them loads nothing of euro_lm (so the A/B times two different kernels), and they agree
   with a float64 reference."""
-  subprocess.run([sys.executable, str(LAUNCH / 'attention_ab.py'), 'snapshot', 'HEAD',
-                  str(tmp_path)], check=True, cwd=REPO, capture_output=True)
+  subprocess.run(
+      [sys.executable, str(LAUNCH / 'attention_ab.py'), 'snapshot', 'HEAD', str(tmp_path)],
+      check=True,
+      cwd=REPO,
+      capture_output=True,
+  )
   check = """
 import sys
 import numpy as np, jax, jax.numpy as jnp
@@ -286,7 +366,12 @@ np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
 assert not [m for m in sys.modules if m == 'euro_lm' or m.startswith('euro_lm.')]
 print('ok')
 """
-  result = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+  result = subprocess.run(
+      [sys.executable, '-c', check],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      env={**os.environ, 'PYTHONPATH': str(tmp_path)},
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().endswith('ok')

@@ -3,6 +3,7 @@ names, nothing from the repository's configs/ or tests/ (an installed wheel has 
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -41,8 +42,10 @@ def _imports(name):
 
 
 def _edges():
-  return {name: sorted({target for target, _, _ in _imports(name) if target in MODULES})
-          for name in MODULES}
+  return {
+      name: sorted({target for target, _, _ in _imports(name) if target in MODULES})
+      for name in MODULES
+  }
 
 
 def test_the_import_graph_has_no_cycles():
@@ -53,7 +56,7 @@ def test_the_import_graph_has_no_cycles():
     stack.append(name)
     for target in edges[name]:
       if state.get(target) == 'open':
-        cycle = stack[stack.index(target):] + [target]
+        cycle = stack[stack.index(target) :] + [target]
         pytest.fail('import cycle: ' + ' -> '.join(cycle))
       if target not in state:
         visit(target)
@@ -82,15 +85,53 @@ def test_no_module_takes_another_modules_underscore_names():
           if alias.asname and alias.name in MODULES:
             aliases[alias.asname] = alias.name
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in aliases and node.attr.startswith('_')
-          and not node.attr.startswith('__') and aliases[node.value.id] != name):
+      if (
+          isinstance(node, ast.Attribute)
+          and isinstance(node.value, ast.Name)
+          and node.value.id in aliases
+          and node.attr.startswith('_')
+          and not node.attr.startswith('__')
+          and aliases[node.value.id] != name
+      ):
         offences.append(f'{path}:{node.lineno}: {aliases[node.value.id]}.{node.attr}')
   assert not offences, 'underscore names used across modules:\n' + '\n'.join(offences)
 
 
 def test_the_package_stands_alone():
-  outside = [f'{MODULES[name]}:{line}: {target}' for name in MODULES
-             for target, _, line in _imports(name)
-             if target.split('.')[0] in ('configs', 'tests')]
+  outside = [
+      f'{MODULES[name]}:{line}: {target}'
+      for name in MODULES
+      for target, _, line in _imports(name)
+      if target.split('.')[0] in ('configs', 'tests')
+  ]
   assert not outside, 'euro_lm imports the repository:\n' + '\n'.join(outside)
+
+
+def _readme_layout():
+  readme = (PACKAGE.parent / 'README.md').read_text(encoding='utf-8')
+  section = readme.split('\n## Layout\n', 1)[1].split('\n## ', 1)[0]
+  return section.split('```', 2)[1]
+
+
+def test_the_readme_layout_names_every_module_and_nothing_else():
+  """README's layout block and the tree agree: each euro_lm module file is named there (in
+  its package's lines), and each `.py` name or `pkg/` folder there exists."""
+  block = _readme_layout()
+  files = [p.relative_to(PACKAGE) for p in PACKAGE.rglob('*.py') if p.name != '__init__.py']
+  missing = [str(f) for f in files if f.name != '__main__.py' and f.name not in block]
+  missing += [
+      f'{p}/'
+      for p in {f.parent for f in files}
+      if str(p) != '.' and f'{p.as_posix()}/' not in block
+  ]
+  assert not missing, 'README layout does not name: ' + ', '.join(sorted(missing))
+  names = {p.name for p in PACKAGE.rglob('*.py')} | {'setup.cfg'}
+
+  unknown = [
+      n
+      for n in re.findall(r'\b([\w]+\.py)\b', block)
+      if n not in names
+      and not (PACKAGE.parent / 'configs' / n).exists()
+      and not (PACKAGE.parent / 'launch' / n).exists()
+  ]
+  assert not unknown, 'README layout names files that do not exist: ' + ', '.join(unknown)

@@ -27,10 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from euro_lm.kernels import (BlockSizes, default_backend, flash_attention, gpu_block_sizes,
-                             tpu_block_sizes)
-from euro_lm.kernels.flash import mosaic_gpu as hopper
 from euro_lm import devices
+from euro_lm.kernels import (
+    BlockSizes,
+    default_backend,
+    flash_attention,
+    gpu_block_sizes,
+    tpu_block_sizes,
+)
+from euro_lm.kernels.flash import mosaic_gpu as hopper
 from euro_lm.kernels.flash.blocks import Static, key_ranges
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
@@ -39,26 +44,38 @@ _KV_HEADS = flags.DEFINE_integer('kv_heads', 16, 'Key/value heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 128, 'Head dimension.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'Tokens per batch (batch = tokens / L).')
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Time our kernel over the SWEEP_* block sizes instead.')
-_SWEEP_SETS = flags.DEFINE_list('sweep_sets', ['triton', 'hopper'],
-                                'With --sweep: the kernel sets to sweep (hopper: on sm90 only).')
-_PACKED_LENGTH = flags.DEFINE_integer('packed_length', 8192,
-                                      'Row length of the packed case; 0 skips it.')
+_SWEEP_SETS = flags.DEFINE_list(
+    'sweep_sets',
+    ['triton', 'hopper'],
+    'With --sweep: the kernel sets to sweep (hopper: on sm90 only).',
+)
+_PACKED_LENGTH = flags.DEFINE_integer(
+    'packed_length', 8192, 'Row length of the packed case; 0 skips it.'
+)
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
 _IMPLS = flags.DEFINE_list(
-    'impls', ['xla', 'cudnn', 'mosaic_gpu', 'pallas'],
+    'impls',
+    ['xla', 'cudnn', 'mosaic_gpu', 'pallas'],
     'Implementations in the table, in order (xla, the reference, always runs first): pallas '
     '(our Triton kernels), mosaic_gpu and mosaic_gpu_one_group (our Hopper kernels, two or '
     'one compute warpgroups in the forward), mosaic_gpu_bwd2 (mosaic_gpu with the two-group '
-    'backward kernels, backward blocks of 128), jax_mosaic_gpu (JAX\'s Hopper forward, forward '
+    "backward kernels, backward blocks of 128), jax_mosaic_gpu (JAX's Hopper forward, forward "
     'only), cudnn, xla. The packed case runs for pallas and mosaic_gpu when listed. The '
-    'default is the issue\'s table; the Hopper rows run on sm90 GPUs (H100/H200) only.')
+    "default is the issue's table; the Hopper rows run on sm90 GPUs (H100/H200) only.",
+)
 
 # --sweep candidates. The forward and backward kernels have their own settings, so each is
 # swept alone: forward (block_q, block_k, num_warps, num_stages), timed forward only; backward
 # (block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd), timed forward+backward with the
 # default forward. 14 compiles per length, against 16 when the two were swept together.
-SWEEP_FORWARD = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
-                 (128, 128, 8, 3), (128, 128, 4, 3)]
+SWEEP_FORWARD = [
+    (64, 64, 4, 2),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 128, 4, 3),
+]
 # The Hopper forward on an sm90 GPU: (block_q, block_k); 2 K/V stages, so block_k 256 at
 # head_dim 128 would not fit in shared memory.
 SWEEP_HOPPER_FORWARD = [(128, 64), (128, 128), (64, 64), (64, 128)]
@@ -66,8 +83,16 @@ SWEEP_HOPPER_FORWARD = [(128, 64), (128, 128), (64, 64), (64, 128)]
 # per CTA) or 128 (two compute warpgroups and a producer), timed forward+backward with the
 # default Hopper forward.
 SWEEP_HOPPER_BACKWARD = [(64, 64), (64, 128), (128, 64), (128, 128)]
-SWEEP_BACKWARD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 2, 2),
-                  (128, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+SWEEP_BACKWARD = [
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 64, 8, 2),
+    (64, 64, 2, 2),
+    (128, 64, 4, 2),
+    (64, 128, 4, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+]
 
 
 def implementations():
@@ -84,19 +109,29 @@ def implementations():
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
 
   def ours_hopper_one_group(q, k, v):
-    blocks = dataclasses.replace(gpu_block_sizes(q.shape[-1]),
-                                 block_q=hopper.ROWS, block_k=hopper.BLOCK_K)
+    blocks = dataclasses.replace(
+        gpu_block_sizes(q.shape[-1]), block_q=hopper.ROWS, block_k=hopper.BLOCK_K
+    )
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
   def ours_hopper_two_group_backward(q, k, v):  # both backward kernels in FA3's layout
-    blocks = BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K,
-                        block_q_bwd=2 * hopper.ROWS, block_k_bwd=2 * hopper.ROWS)
+    blocks = BlockSizes(
+        block_q=hopper.BLOCK_Q,
+        block_k=hopper.BLOCK_K,
+        block_q_bwd=2 * hopper.ROWS,
+        block_k_bwd=2 * hopper.ROWS,
+    )
     return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
 
-  return {'pallas': ours, 'mosaic_gpu': ours_hopper,
-          'mosaic_gpu_one_group': ours_hopper_one_group,
-          'mosaic_gpu_bwd2': ours_hopper_two_group_backward, 'jax_mosaic_gpu': jax_hopper_forward,
-          'cudnn': cudnn, 'xla': xla}
+  return {
+      'pallas': ours,
+      'mosaic_gpu': ours_hopper,
+      'mosaic_gpu_one_group': ours_hopper_one_group,
+      'mosaic_gpu_bwd2': ours_hopper_two_group_backward,
+      'jax_mosaic_gpu': jax_hopper_forward,
+      'cudnn': cudnn,
+      'xla': xla,
+  }
 
 
 def jax_hopper_forward(q, k, v):
@@ -104,8 +139,10 @@ def jax_hopper_forward(q, k, v):
   Mosaic GPU reaches. It takes float16 only (a bf16 call fails), and its backward does not
   take a causal mask."""
   from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
-  config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
-                                       causal=True)
+
+  config = attention_mgpu.TuningConfig(
+      block_q=64, block_kv=128, max_concurrent_steps=2, causal=True
+  )
   q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
   return attention_mgpu.attention(q, k, v, config).astype(jnp.bfloat16)
 
@@ -114,7 +151,7 @@ def timed(fn, *args, repeats=7, calls=10):
   """Seconds per call: the median over `repeats` rounds of `calls` back-to-back calls, each
   round awaited once. This is the device's throughput, as in a training step, where the host
   queues the next kernels while the device runs; awaiting each call alone adds its launch
-  latency (about 0.3 ms on an H100, a tenth of a 4k forward+backward)."""
+  latency (BENCHMARKS.md has its size on an H100)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -135,15 +172,18 @@ def with_grads(fn):
 
 def relative_error(a, b):
   """|a - b| / |b| in float32 (Frobenius norms)."""
-  return float(jnp.linalg.norm((a - b).astype(jnp.float32))
-               / jnp.linalg.norm(b.astype(jnp.float32)))
+  return float(
+      jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32))
+  )
 
 
 def random_inputs(batch, length, seed=0):
   keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (batch, length, _HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
-  k, v = (jax.random.normal(x, (batch, length, _KV_HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
-          for x in keys[1:3])
+  k, v = (
+      jax.random.normal(x, (batch, length, _KV_HEADS.value, _HEAD_DIM.value), jnp.bfloat16)
+      for x in keys[1:3]
+  )
   d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
   return q, k, v, d_out
 
@@ -151,8 +191,7 @@ def random_inputs(batch, length, seed=0):
 def _time_ours(q, k, v, d_out, **kwargs):
   """(forward, forward+backward) seconds of our kernel."""
   fn = lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs)
-  return (timed(jax.jit(fn), q, k, v),
-          timed(with_grads(fn), q, k, v, d_out))
+  return (timed(jax.jit(fn), q, k, v), timed(with_grads(fn), q, k, v, d_out))
 
 
 def sweep(length):
@@ -177,36 +216,76 @@ def triton_sweep(q, k, v, d_out, flops):
   default = gpu_block_sizes(_HEAD_DIM.value)
   print('\n| forward (q, k, warps, stages) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block, warps, stages in SWEEP_FORWARD:
-    _forward_row((q_block, k_block, warps, stages), q, k, v, flops,
-                 block_sizes=dataclasses.replace(default, block_q=q_block, block_k=k_block,
-                                                 num_warps=warps, num_stages=stages))
+    _forward_row(
+        (q_block, k_block, warps, stages),
+        q,
+        k,
+        v,
+        flops,
+        block_sizes=dataclasses.replace(
+            default, block_q=q_block, block_k=k_block, num_warps=warps, num_stages=stages
+        ),
+    )
   t_fwd = _time_ours(q, k, v, d_out, block_sizes=default)[0]
-  print('\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
-        '\n|---|---|---|')
+  print(
+      '\n| backward (q, k, warps, stages), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
+      '\n|---|---|---|'
+  )
   for q_block, k_block, warps, stages in SWEEP_BACKWARD:
-    _backward_row((q_block, k_block, warps, stages), t_fwd, q, k, v, d_out, flops,
-                  block_sizes=dataclasses.replace(default, block_q_bwd=q_block,
-                                                  block_k_bwd=k_block, num_warps_bwd=warps,
-                                                  num_stages_bwd=stages))
+    _backward_row(
+        (q_block, k_block, warps, stages),
+        t_fwd,
+        q,
+        k,
+        v,
+        d_out,
+        flops,
+        block_sizes=dataclasses.replace(
+            default,
+            block_q_bwd=q_block,
+            block_k_bwd=k_block,
+            num_warps_bwd=warps,
+            num_stages_bwd=stages,
+        ),
+    )
 
 
 def hopper_forward_sweep(q, k, v, flops):
   """Forward times of the Hopper kernels over SWEEP_HOPPER_FORWARD."""
   print('\n| Hopper forward (q, k) | fwd TFLOP/s |\n|---|---|')
   for q_block, k_block in SWEEP_HOPPER_FORWARD:
-    _forward_row((q_block, k_block), q, k, v, flops, backend='mosaic_gpu',
-                 block_sizes=BlockSizes(block_q=q_block, block_k=k_block))
+    _forward_row(
+        (q_block, k_block),
+        q,
+        k,
+        v,
+        flops,
+        backend='mosaic_gpu',
+        block_sizes=BlockSizes(block_q=q_block, block_k=k_block),
+    )
 
 
 def hopper_backward_sweep(q, k, v, d_out, flops):
   """Forward+backward times of the Hopper kernels over SWEEP_HOPPER_BACKWARD."""
   t_fwd = _time_ours(q, k, v, d_out, backend='mosaic_gpu')[0]
-  print('\n| Hopper backward (q, k), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
-        '\n|---|---|---|')
+  print(
+      '\n| Hopper backward (q, k), default forward | fwd+bwd TFLOP/s | bwd TFLOP/s |'
+      '\n|---|---|---|'
+  )
   for q_block, k_block in SWEEP_HOPPER_BACKWARD:
-    _backward_row((q_block, k_block), t_fwd, q, k, v, d_out, flops, backend='mosaic_gpu',
-                  block_sizes=BlockSizes(block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K,
-                                         block_q_bwd=q_block, block_k_bwd=k_block))
+    _backward_row(
+        (q_block, k_block),
+        t_fwd,
+        q,
+        k,
+        v,
+        d_out,
+        flops,
+        backend='mosaic_gpu',
+        block_sizes=BlockSizes(
+            block_q=hopper.BLOCK_Q, block_k=hopper.BLOCK_K, block_q_bwd=q_block, block_k_bwd=k_block
+        ),
+    )
 
 
 def _forward_row(label, q, k, v, flops, **kwargs):
@@ -224,8 +303,11 @@ def _backward_row(label, t_fwd, q, k, v, d_out, flops, **kwargs):
   fn = lambda q, k, v: flash_attention(q, k, v, causal=True, **kwargs)
   try:
     t_all = timed(with_grads(fn), q, k, v, d_out)
-    print(f'| {label} | {3.5 * flops / t_all / 1e12:.0f} | '
-          f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |', flush=True)
+    print(
+        f'| {label} | {3.5 * flops / t_all / 1e12:.0f} | '
+        f'{2.5 * flops / max(t_all - t_fwd, 1e-9) / 1e12:.0f} |',
+        flush=True,
+    )
   except Exception as e:  # a tile that does not fit in shared memory
     print(f'| {label} | failed: {type(e).__name__}: {str(e)[:60]} | |', flush=True)
     if kwargs.get('backend') == 'mosaic_gpu':  # the Hopper kernels' first runs: say where
@@ -249,10 +331,12 @@ def packed_segment_ids(batch, length, doc_length, seed=0):
 def visited_fraction(segment_ids, block_q, block_k):
   """Of the (query block, key block) pairs a causal kernel visits, the fraction it still
   visits when it also skips across documents: the time ratio that skipping can reach."""
+
   def pairs(ids):
     static = Static(causal=True, scale=1.0, window=None, blocks=BlockSizes(), interpret=True)
     ranges = key_ranges(static, jnp.asarray(ids, jnp.int32), block_q, block_k)
     return int(jnp.sum(ranges.hi - ranges.lo))
+
   return pairs(segment_ids) / pairs(np.ones_like(segment_ids))
 
 
@@ -261,8 +345,10 @@ def packed(length, doc_length, triton=True, hopper=True):
   batch = max(_TOKENS.value // length, 1)
   q, k, v, d_out = random_inputs(batch, length, seed=1)
   segment_ids = packed_segment_ids(batch, length, doc_length)
-  print(f'\nPacked rows: B={batch} L={length}, documents of ~{doc_length} tokens '
-        f'({len(np.unique(segment_ids[0]))} in row 0), causal')
+  print(
+      f'\nPacked rows: B={batch} L={length}, documents of ~{doc_length} tokens '
+      f'({len(np.unique(segment_ids[0]))} in row 0), causal'
+  )
   print('| kernel, mask | fwd ms | fwd+bwd ms | blocks visited |\n|---|---|---|---|')
   if triton:
     packed_triton(q, k, v, d_out, segment_ids)
@@ -295,8 +381,10 @@ def packed_hopper(q, k, v, d_out, segment_ids):
     traceback.print_exc(file=sys.stderr)
     return
   # The forward's blocks are ROWS x BLOCK_K, the backward's ROWS x ROWS.
-  fraction = (f'{visited_fraction(segment_ids, hopper.ROWS, hopper.BLOCK_K):.3f} fwd, '
-              f'{visited_fraction(segment_ids, hopper.ROWS, hopper.ROWS):.3f} bwd')
+  fraction = (
+      f'{visited_fraction(segment_ids, hopper.ROWS, hopper.BLOCK_K):.3f} fwd, '
+      f'{visited_fraction(segment_ids, hopper.ROWS, hopper.ROWS):.3f} bwd'
+  )
   _packed_rows('mosaic_gpu', causal, docs, fraction)
 
 
@@ -304,10 +392,13 @@ def _packed_rows(name, causal, docs, fraction):
   """The packed table's rows for one kernel set: (forward, forward+backward) seconds with
   the causal mask alone and with the documents, and their ratio."""
   print(f'| {name}, causal | {1e3 * causal[0]:.2f} | {1e3 * causal[1]:.2f} | 1 |')
-  print(f'| {name}, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | '
-        f'{fraction} |')
-  print(f'| {name}, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | '
-        f'{fraction} |', flush=True)
+  print(
+      f'| {name}, causal + documents | {1e3 * docs[0]:.2f} | {1e3 * docs[1]:.2f} | ' f'{fraction} |'
+  )
+  print(
+      f'| {name}, ratio | {docs[0] / causal[0]:.3f} | {docs[1] / causal[1]:.3f} | ' f'{fraction} |',
+      flush=True,
+  )
 
 
 def main(argv):
@@ -331,10 +422,14 @@ def main(argv):
     if hopper_only:
       print(f'(not an sm90 GPU: leaving out {", ".join(hopper_only)})')
     impls = [n for n in impls if n not in hopper_only]
-  print(f'device: {jax.devices()[0].device_kind}; H={_HEADS.value} K={_KV_HEADS.value} '
-        f'D={_HEAD_DIM.value}, bf16, causal')
-  print('| L | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out | '
-        'rel err grads |\n|---|---|---|---|---|---|---|---|')
+  print(
+      f'device: {jax.devices()[0].device_kind}; H={_HEADS.value} K={_KV_HEADS.value} '
+      f'D={_HEAD_DIM.value}, bf16, causal'
+  )
+  print(
+      '| L | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out | '
+      'rel err grads |\n|---|---|---|---|---|---|---|---|'
+  )
   for length in map(int, _LENGTHS.value):
     batch = max(_TOKENS.value // length, 1)
     q, k, v, d_out = random_inputs(batch, length, seed=length)
@@ -360,19 +455,29 @@ def main(argv):
         reference = (out, grads)
         errors = ('ref', 'ref')
       else:
-        errors = (f'{relative_error(out, reference[0]):.1e}',
-                  'n/a' if grads is None else
-                  f'{max(relative_error(a, b) for a, b in zip(grads, reference[1])):.1e}')
+        errors = (
+            f'{relative_error(out, reference[0]):.1e}',
+            'n/a'
+            if grads is None
+            else f'{max(relative_error(a, b) for a, b in zip(grads, reference[1])):.1e}',
+        )
       t_fwd = timed(forward, q, k, v)
       both = '| n/a | n/a'
       if grads is not None:
         t_all = timed(forward_backward, q, k, v, d_out)
         both = f'| {1e3 * t_all:.2f} | {3.5 * flops / t_all / 1e12:.0f}'
-      print(f'| {length} | {name} | {1e3 * t_fwd:.2f} | {flops / t_fwd / 1e12:.0f} {both} | '
-            f'{errors[0]} | {errors[1]} |', flush=True)
+      print(
+          f'| {length} | {name} | {1e3 * t_fwd:.2f} | {flops / t_fwd / 1e12:.0f} {both} | '
+          f'{errors[0]} | {errors[1]} |',
+          flush=True,
+      )
   if _PACKED_LENGTH.value:
-    packed(_PACKED_LENGTH.value, _DOC_LENGTH.value, triton='pallas' in impls,
-           hopper='mosaic_gpu' in impls)
+    packed(
+        _PACKED_LENGTH.value,
+        _DOC_LENGTH.value,
+        triton='pallas' in impls,
+        hopper='mosaic_gpu' in impls,
+    )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,15 @@
 """Pallas attention kernels."""
 
-from euro_lm.kernels.flash import (BACKENDS, BlockSizes, GPU_BLOCK_SIZES, HOPPER_MIN_LENGTH,
-                                   TPU_BLOCK_MULTIPLE, TPU_BLOCK_SIZES, default_backend,
-                                   flash_attention, gpu_block_sizes, length_multiple,
-                                   tpu_block_sizes)
+from euro_lm.kernels.flash import (
+    BACKENDS,
+    GPU_BLOCK_SIZES,
+    HOPPER_MIN_LENGTH,
+    TPU_BLOCK_MULTIPLE,
+    TPU_BLOCK_SIZES,
+    BlockSizes,
+    default_backend,
+    flash_attention,
+    gpu_block_sizes,
+    length_multiple,
+    tpu_block_sizes,
+)

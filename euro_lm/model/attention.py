@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from euro_lm import devices
-from euro_lm import kernels
+from euro_lm import devices, kernels
 from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
@@ -53,16 +52,22 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device):
   wherever no kernel takes the shapes or dtype.
   """
   if impl not in IMPLS:
-    raise AttentionError(f'model.attention_impl={impl!r} is not one of '
-                         f'{", ".join(map(repr, IMPLS))}')
+    raise AttentionError(
+        f'model.attention_impl={impl!r} is not one of ' f'{", ".join(map(repr, IMPLS))}'
+    )
   if pallas_backend is None:
     pallas_backend = 'auto'
   if pallas_backend not in PALLAS_BACKENDS:
-    raise AttentionError(f'model.pallas_backend={pallas_backend!r} is not one of '
-                         f'{", ".join(map(repr, PALLAS_BACKENDS))}')
+    raise AttentionError(
+        f'model.pallas_backend={pallas_backend!r} is not one of '
+        f'{", ".join(map(repr, PALLAS_BACKENDS))}'
+    )
   platform = device.platform if device else None
-  backend = (kernels.default_backend(dtype, length, head_dim, device=device or _ANY_DEVICE)
-             if pallas_backend == 'auto' else pallas_backend)
+  backend = (
+      kernels.default_backend(dtype, length, head_dim, device=device or _ANY_DEVICE)
+      if pallas_backend == 'auto'
+      else pallas_backend
+  )
   dtype_name = jnp.dtype(dtype).name
   cudnn_problem = _cudnn_problem(dtype_name, head_dim, platform)
   pallas_problem = _pallas_problem(backend, dtype_name, length, head_dim, platform)
@@ -93,9 +98,14 @@ def head_dim(model_config):
 
 def resolve_for_model(model_config, seq_len, device):
   """`resolve` for a config's model section and sequence length."""
-  return resolve(model_config.attention_impl, model_config.pallas_backend,
-                 dtype=model_config.compute_dtype, length=seq_len,
-                 head_dim=head_dim(model_config), device=device)
+  return resolve(
+      model_config.attention_impl,
+      model_config.pallas_backend,
+      dtype=model_config.compute_dtype,
+      length=seq_len,
+      head_dim=head_dim(model_config),
+      device=device,
+  )
 
 
 # Unknown device: the kernels' default as on a CPU (the Triton kernels' rules).
@@ -108,13 +118,18 @@ _SIXTEEN_BIT = ('bfloat16', 'float16')
 def _cudnn_problem(dtype, head_dim, platform):
   """Why cuDNN's flash attention cannot run, or ''."""
   if dtype not in _SIXTEEN_BIT:
-    return ("model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
-            f'not {dtype!r}')
+    return (
+        "model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
+        f'not {dtype!r}'
+    )
   if head_dim > 128:  # on every NVIDIA generation cuDNN's flash attention supports
     return f"model.attention_impl='cudnn' needs model.head_dim <= 128, not {head_dim}"
   if platform not in (None, 'cuda'):
-    hint = ("(use 'pallas', euro_lm's Triton kernels, or 'xla')" if platform == 'rocm'
-            else "(use 'xla')")
+    hint = (
+        "(use 'pallas', euro_lm's Triton kernels, or 'xla')"
+        if platform == 'rocm'
+        else "(use 'xla')"
+    )
     return f"model.attention_impl='cudnn' needs an NVIDIA GPU; this is a {platform} run {hint}"
   return ''
 
@@ -129,30 +144,51 @@ def _pallas_problem(backend, dtype, length, head_dim, platform):
     return f"model.pallas_backend={backend!r} cannot run on this {platform} run (use 'auto')"
   if backend == 'mosaic_gpu':
     if dtype not in _SIXTEEN_BIT:
-      return ("model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or "
-              f'float16, not {dtype!r}')
+      return (
+          "model.pallas_backend='mosaic_gpu' needs model.compute_dtype bfloat16 or "
+          f'float16, not {dtype!r}'
+      )
     if head_dim not in (64, 128):
       return f"model.pallas_backend='mosaic_gpu' needs model.head_dim 64 or 128, not {head_dim}"
   block = kernels.length_multiple(head_dim, backend)
   if length % block:
-    return (f'train.seq_len={length} must be a multiple of {block} for '
-            f"model.attention_impl='pallas' (the {backend!r} kernels' block size)")
+    return (
+        f'train.seq_len={length} must be a multiple of {block} for '
+        f"model.attention_impl='pallas' (the {backend!r} kernels' block size)"
+    )
   return ''
 
 
-def attention(q_BLHd, k_BLKd, v_BLKd, *, segment_ids_BL=None, causal=True,
-              scale=None, impl='xla', pallas_backend='auto', device=None):
+def attention(
+    q_BLHd,
+    k_BLKd,
+    v_BLKd,
+    *,
+    segment_ids_BL=None,
+    causal=True,
+    scale=None,
+    impl='xla',
+    pallas_backend='auto',
+    device=None,
+):
   """Returns the attention output `[B, L, H, d]` in q's dtype. `impl` and `pallas_backend`
   are resolved by `resolve` on `device` (default: the current one)."""
   num_heads, num_kv_heads = q_BLHd.shape[2], k_BLKd.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   scale = q_BLHd.shape[-1] ** -0.5 if scale is None else scale
-  choice = resolve(impl, pallas_backend, dtype=q_BLHd.dtype, length=q_BLHd.shape[1],
-                   head_dim=q_BLHd.shape[-1], device=device or devices.describe())
+  choice = resolve(
+      impl,
+      pallas_backend,
+      dtype=q_BLHd.dtype,
+      length=q_BLHd.shape[1],
+      head_dim=q_BLHd.shape[-1],
+      device=device or devices.describe(),
+  )
   if choice.impl == 'pallas':
-    kernel = functools.partial(kernels.flash_attention, causal=causal, scale=scale,
-                               backend=choice.backend)
+    kernel = functools.partial(
+        kernels.flash_attention, causal=causal, scale=scale, backend=choice.backend
+    )
     return per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
   if choice.impl == 'cudnn':
     return _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale)
@@ -175,7 +211,7 @@ def per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=None):
     return kernel(q_BLHd, k_BLKd, v_BLKd, segment_ids=segment_ids_BL)
   # One lookup per array: Flax gives each mesh axis to one dimension of a spec at most.
   batch, heads = nn.logical_to_mesh_axes(('batch', 'heads'))
-  kv_heads, = nn.logical_to_mesh_axes(('kv_heads',))
+  (kv_heads,) = nn.logical_to_mesh_axes(('kv_heads',))
   if heads != kv_heads:
     heads = kv_heads = None
   # A dimension the axes do not divide (as a batch of 1 at init) stays whole on each device.
@@ -210,8 +246,11 @@ def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
   if segment_ids_BL is None:
     return mask_1QM
   q_segments_BQ, k_segments_BM = segment_ids_BL[:, start:end], segment_ids_BL[:, :num_keys]
-  return (mask_1QM & (q_segments_BQ[:, :, None] == k_segments_BM[:, None, :])
-          & (q_segments_BQ != 0)[:, :, None])
+  return (
+      mask_1QM
+      & (q_segments_BQ[:, :, None] == k_segments_BM[:, None, :])
+      & (q_segments_BQ != 0)[:, :, None]
+  )
 
 
 # The xla attention runs causal queries in this many chunks, each against only the keys up
@@ -273,12 +312,14 @@ def _sequence_first(x_BKGLd):
   """The inverse of `_query_heads_first`: `[B, L, H, d]`."""
   batch, num_kv_heads, group, length, head_dim = x_BKGLd.shape
   return jnp.transpose(x_BKGLd, (0, 3, 1, 2, 4)).reshape(
-      batch, length, num_kv_heads * group, head_dim)
+      batch, length, num_kv_heads * group, head_dim
+  )
 
 
 def _scores(q_BKGQd, k_BKMd, scale):
-  return jnp.einsum('bkgqd,bkmd->bkgqm', q_BKGQd, k_BKMd,
-                    preferred_element_type=jnp.float32) * scale
+  return (
+      jnp.einsum('bkgqd,bkmd->bkgqm', q_BKGQd, k_BKMd, preferred_element_type=jnp.float32) * scale
+  )
 
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
@@ -291,17 +332,26 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chun
   for start, end, num_keys in _chunks(q_BLHd.shape[1], causal, chunks):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
     scores_BKGQM = jnp.where(
-        mask, _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale),
-        jnp.finfo(jnp.float32).min)
+        mask,
+        _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale),
+        jnp.finfo(jnp.float32).min,
+    )
     top_BKGQ1 = jnp.max(scores_BKGQM, axis=-1, keepdims=True)
     weights_BKGQM = jnp.where(mask, jnp.exp(scores_BKGQM - top_BKGQ1), 0.0)
     total_BKGQ1 = jnp.sum(weights_BKGQM, axis=-1, keepdims=True)
     seen = total_BKGQ1 > 0  # a row that sees no key (padding) gives zeros
     probs_BKGQM = weights_BKGQM * jnp.where(seen, 1 / jnp.where(seen, total_BKGQ1, 1), 0.0)
-    outs.append(jnp.einsum('bkgqm,bkmd->bkgqd', probs_BKGQM.astype(v_BLKd.dtype),
-                           v_BKLd[:, :, :num_keys], preferred_element_type=jnp.float32))
-    logsumexps.append(jnp.where(seen, top_BKGQ1 + jnp.log(jnp.where(seen, total_BKGQ1, 1)),
-                                jnp.inf))
+    outs.append(
+        jnp.einsum(
+            'bkgqm,bkmd->bkgqd',
+            probs_BKGQM.astype(v_BLKd.dtype),
+            v_BKLd[:, :, :num_keys],
+            preferred_element_type=jnp.float32,
+        )
+    )
+    logsumexps.append(
+        jnp.where(seen, top_BKGQ1 + jnp.log(jnp.where(seen, total_BKGQ1, 1)), jnp.inf)
+    )
   out_BLHd = _sequence_first(jnp.concatenate(outs, axis=3)).astype(q_BLHd.dtype)
   return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
 
@@ -313,33 +363,45 @@ def _chunked_backward(causal, scale, chunks, residuals, dout_BLHd):
   # The softmax gradient's row term, sum_d dout * out, per query head.
   delta_BLH = jnp.sum(dout_BLHd.astype(jnp.float32) * out_BLHd.astype(jnp.float32), axis=-1)
   delta_BKGL = jnp.transpose(
-      delta_BLH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads), (0, 2, 3, 1))
+      delta_BLH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads), (0, 2, 3, 1)
+  )
   q_BKGLd, dout_BKGLd = (_query_heads_first(x, num_kv_heads) for x in (q_BLHd, dout_BLHd))
   k_BKLd, v_BKLd = _kv_heads_first(k_BLKd), _kv_heads_first(v_BLKd)
   dqs = []
   dk_BKLd = jnp.zeros(k_BKLd.shape, jnp.float32)
   dv_BKLd = jnp.zeros(v_BKLd.shape, jnp.float32)
-  for (start, end, num_keys), logsumexp_BKGQ1 in zip(_chunks(length, causal, chunks),
-                                                     logsumexps):
+  for (start, end, num_keys), logsumexp_BKGQ1 in zip(_chunks(length, causal, chunks), logsumexps):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
     q_BKGQd, dout_BKGQd = q_BKGLd[:, :, :, start:end], dout_BKGLd[:, :, :, start:end]
     k_BKMd, v_BKMd = k_BKLd[:, :, :num_keys], v_BKLd[:, :, :num_keys]
-    probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQd, k_BKMd, scale) - logsumexp_BKGQ1),
-                            0.0)
-    dv_BKLd = dv_BKLd.at[:, :, :num_keys].add(jnp.einsum(
-        'bkgqm,bkgqd->bkmd', probs_BKGQM.astype(dout_BLHd.dtype), dout_BKGQd,
-        preferred_element_type=jnp.float32))
-    dprobs_BKGQM = jnp.einsum('bkgqd,bkmd->bkgqm', dout_BKGQd, v_BKMd,
-                              preferred_element_type=jnp.float32)
-    dscores_BKGQM = (probs_BKGQM * (dprobs_BKGQM - delta_BKGL[..., start:end, None])
-                     * scale).astype(q_BLHd.dtype)
-    dqs.append(jnp.einsum('bkgqm,bkmd->bkgqd', dscores_BKGQM, k_BKMd,
-                          preferred_element_type=jnp.float32))
-    dk_BKLd = dk_BKLd.at[:, :, :num_keys].add(jnp.einsum(
-        'bkgqm,bkgqd->bkmd', dscores_BKGQM, q_BKGQd, preferred_element_type=jnp.float32))
+    probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQd, k_BKMd, scale) - logsumexp_BKGQ1), 0.0)
+    dv_BKLd = dv_BKLd.at[:, :, :num_keys].add(
+        jnp.einsum(
+            'bkgqm,bkgqd->bkmd',
+            probs_BKGQM.astype(dout_BLHd.dtype),
+            dout_BKGQd,
+            preferred_element_type=jnp.float32,
+        )
+    )
+    dprobs_BKGQM = jnp.einsum(
+        'bkgqd,bkmd->bkgqm', dout_BKGQd, v_BKMd, preferred_element_type=jnp.float32
+    )
+    dscores_BKGQM = (
+        probs_BKGQM * (dprobs_BKGQM - delta_BKGL[..., start:end, None]) * scale
+    ).astype(q_BLHd.dtype)
+    dqs.append(
+        jnp.einsum('bkgqm,bkmd->bkgqd', dscores_BKGQM, k_BKMd, preferred_element_type=jnp.float32)
+    )
+    dk_BKLd = dk_BKLd.at[:, :, :num_keys].add(
+        jnp.einsum('bkgqm,bkgqd->bkmd', dscores_BKGQM, q_BKGQd, preferred_element_type=jnp.float32)
+    )
   dq_BLHd = _sequence_first(jnp.concatenate(dqs, axis=3))
-  return (dq_BLHd.astype(q_BLHd.dtype), _kv_heads_first(dk_BKLd).astype(k_BLKd.dtype),
-          _kv_heads_first(dv_BKLd).astype(v_BLKd.dtype), None)
+  return (
+      dq_BLHd.astype(q_BLHd.dtype),
+      _kv_heads_first(dk_BKLd).astype(k_BLKd.dtype),
+      _kv_heads_first(dv_BKLd).astype(v_BLKd.dtype),
+      None,
+  )
 
 
 _chunked_attention.defvjp(_chunked_forward, _chunked_backward)
@@ -350,5 +412,6 @@ def _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
   if segment_ids_BL is not None:
     # cuDNN takes a dense mask; the Pallas kernel skips masked blocks instead.
     mask = attention_mask(segment_ids_BL, q_BLHd.shape[1], causal=False)[:, None]
-  return jax.nn.dot_product_attention(q_BLHd, k_BLKd, v_BLKd, mask=mask, scale=scale,
-                                      is_causal=causal, implementation='cudnn')
+  return jax.nn.dot_product_attention(
+      q_BLHd, k_BLKd, v_BLKd, mask=mask, scale=scale, is_causal=causal, implementation='cudnn'
+  )

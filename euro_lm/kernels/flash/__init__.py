@@ -4,7 +4,15 @@ ranges, visibility, tile sizes), and the kernel sets `triton` (GPUs; the interpr
 CPU), `mosaic_tpu` (TPUs) and `mosaic_gpu` (Hopper GPUs)."""
 
 from euro_lm.kernels.flash.blocks import BlockSizes
-from euro_lm.kernels.flash.dispatch import (BACKENDS, GPU_BLOCK_SIZES, HOPPER_MIN_LENGTH,
-                                            TPU_BLOCK_MULTIPLE, TPU_BLOCK_SIZES,
-                                            default_backend, flash_attention, gpu_block_sizes,
-                                            length_multiple, tpu_block_sizes)
+from euro_lm.kernels.flash.dispatch import (
+    BACKENDS,
+    GPU_BLOCK_SIZES,
+    HOPPER_MIN_LENGTH,
+    TPU_BLOCK_MULTIPLE,
+    TPU_BLOCK_SIZES,
+    default_backend,
+    flash_attention,
+    gpu_block_sizes,
+    length_multiple,
+    tpu_block_sizes,
+)

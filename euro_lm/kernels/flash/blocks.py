@@ -28,6 +28,7 @@ class BlockSizes:
   kernels unless `num_warps_bwd`/`num_stages_bwd` are given. The TPU kernels read only the
   block sizes, which there must be multiples of 128.
   """
+
   block_q: int = 64
   block_k: int = 64
   block_q_bwd: int = 64
@@ -41,6 +42,7 @@ class BlockSizes:
 @dataclasses.dataclass(frozen=True)
 class Static:
   """What `flash_attention` fixes when tracing, and every kernel reads."""
+
   causal: bool
   scale: float
   window: int | None
@@ -55,6 +57,7 @@ class Static:
 # document), in numpy while tracing, so that the compiled program holds them as constants
 # instead of running dozens of small device ops per call. The functions below take either.
 
+
 def _numpy_or_jnp(x):
   return np if isinstance(x, np.ndarray) else jnp
 
@@ -64,14 +67,18 @@ def _document_edges(segment_ids):
   xp = _numpy_or_jnp(segment_ids)
   length = segment_ids.shape[1]
   index = xp.arange(length)
-  starts = xp.concatenate([xp.ones_like(segment_ids[:, :1], bool),
-                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  ends = xp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1],
-                         xp.ones_like(segment_ids[:, :1], bool)], axis=1)
+  starts = xp.concatenate(
+      [xp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  ends = xp.concatenate(
+      [segment_ids[:, 1:] != segment_ids[:, :-1], xp.ones_like(segment_ids[:, :1], bool)], axis=1
+  )
   first, last = xp.where(starts, index, 0), xp.where(ends, index, length - 1)
   if xp is np:
-    return (np.maximum.accumulate(first, axis=1),
-            np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1])
+    return (
+        np.maximum.accumulate(first, axis=1),
+        np.minimum.accumulate(last[:, ::-1], axis=1)[:, ::-1],
+    )
   return lax.cummax(first, axis=1), lax.cummin(last, axis=1, reverse=True)
 
 
@@ -79,6 +86,7 @@ class BlockRanges(NamedTuple):
   """Per block, int32 `[B, L / block]` each: the other blocks it meets are [lo, hi); those
   in [full_lo, full_hi) (a sub-range, empty as full_lo = full_hi = hi) are visible in every
   (query, key) pair, so need no mask."""
+
   lo: jax.Array
   full_lo: jax.Array
   full_hi: jax.Array
@@ -101,8 +109,7 @@ def _token_spans(segment_ids, first, last, back, ahead):
   if ahead is not None:
     hi = xp.minimum(hi, index + ahead)
   real = segment_ids != 0
-  return (xp.where(real, lo, length).astype(np.int32),
-          xp.where(real, hi, -1).astype(np.int32))
+  return (xp.where(real, lo, length).astype(np.int32), xp.where(real, hi, -1).astype(np.int32))
 
 
 def _block_ranges(segment_ids, block, other_block, back, ahead):
@@ -178,6 +185,7 @@ def query_ranges(static, segment_ids, block_q, block_k):
 
 # --- inside the kernels ------------------------------------------------------------------
 
+
 def dot(a, b, trans_a=False, trans_b=False):
   """a @ b (optionally transposed operands) with float32 accumulation."""
   contract = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
@@ -205,4 +213,3 @@ def softmax_delta(out, d_out):
   row while its warp's neighbours read far apart, a slow kernel (BENCHMARKS.md)."""
   per_row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   return jnp.swapaxes(lax.optimization_barrier(per_row), 1, 2)
-

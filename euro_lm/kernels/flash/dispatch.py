@@ -29,10 +29,19 @@ from euro_lm.kernels.flash.blocks import BlockSizes, Static
 # (228 KB of shared memory per SM, which 3 stages of 128 x 128 tiles need); other GPUs
 # (an A100 has 164 KB, an MI250X 64 KB of LDS) take `BlockSizes()` until swept there.
 GPU_BLOCK_SIZES = {
-    64: BlockSizes(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
-                   num_stages=2),
-    128: BlockSizes(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64, num_warps=8,
-                    num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
+    64: BlockSizes(
+        block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=2
+    ),
+    128: BlockSizes(
+        block_q=128,
+        block_k=128,
+        block_q_bwd=64,
+        block_k_bwd=64,
+        num_warps=8,
+        num_stages=3,
+        num_warps_bwd=4,
+        num_stages_bwd=2,
+    ),
 }
 
 # Below this sequence length the Triton kernels beat the Hopper ones on an H100
@@ -54,8 +63,19 @@ _BLOCK_FIELDS = ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd')
 BACKENDS = ('gpu', 'tpu', 'mosaic_gpu')
 
 
-def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, window=None,
-                    block_sizes=None, interpret=None, backend=None):
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    segment_ids=None,
+    causal=True,
+    scale=None,
+    window=None,
+    block_sizes=None,
+    interpret=None,
+    backend=None,
+):
   """Attention output `[B, L, H, d]` in q's dtype; differentiable (custom VJP).
 
   Args:
@@ -73,11 +93,11 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
       kernels, bf16/f16 only); None takes `default_backend(...)`: 'tpu' on a TPU,
       'mosaic_gpu' on an NVIDIA Hopper GPU when the shapes fit those kernels, else 'gpu',
-      so a CPU runs the Triton kernels in the interpreter. The choice is made when tracing, not by `lax.platform_dependent`:
-      that would trace both kernel sets, and both would have to accept the shapes (TPU tiles
-      are multiples of 128). Lowering on one machine for another (e.g.
-      `.lower(lowering_platforms=('tpu',))` on a CPU host) therefore names the backend,
-      with `interpret=False`.
+      so a CPU runs the Triton kernels in the interpreter. The choice is made when tracing,
+      not by `lax.platform_dependent`: that would trace both kernel sets, and both would
+      have to accept the shapes (TPU tiles are multiples of 128). Lowering on one machine
+      for another (e.g. `.lower(lowering_platforms=('tpu',))` on a CPU host) therefore
+      names the backend, with `interpret=False`.
   """
   batch, length, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
@@ -93,26 +113,36 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, scale=None, windo
     blocks = block_sizes or gpu_block_sizes(head_dim)
   if backend == 'mosaic_gpu':
     from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
+
     if not block_sizes:
       rows = mosaic_gpu.ROWS
-      blocks = dataclasses.replace(blocks, block_q=mosaic_gpu.BLOCK_Q,
-                                   block_k=mosaic_gpu.BLOCK_K, block_q_bwd=rows,
-                                   block_k_bwd=rows)
+      blocks = dataclasses.replace(
+          blocks,
+          block_q=mosaic_gpu.BLOCK_Q,
+          block_k=mosaic_gpu.BLOCK_K,
+          block_q_bwd=rows,
+          block_k_bwd=rows,
+      )
   for name in _BLOCK_FIELDS:
     size = getattr(blocks, name)
     if backend == 'tpu' and size % TPU_BLOCK_MULTIPLE:
-      raise ValueError(f'TPU flash attention needs {name} to be a multiple of '
-                       f'{TPU_BLOCK_MULTIPLE}, not {size} (sequence length {length})')
+      raise ValueError(
+          f'TPU flash attention needs {name} to be a multiple of '
+          f'{TPU_BLOCK_MULTIPLE}, not {size} (sequence length {length})'
+      )
     if length % size:
-      raise ValueError(f'sequence length {length} is not a multiple of {name}={size}; pad '
-                       'the sequence (with segment id 0) or pass smaller block_sizes')
+      raise ValueError(
+          f'sequence length {length} is not a multiple of {name}={size}; pad '
+          'the sequence (with segment id 0) or pass smaller block_sizes'
+      )
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  scale = head_dim ** -0.5 if scale is None else float(scale)
+  scale = head_dim**-0.5 if scale is None else float(scale)
   if not scale > 0:
     raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
-  static = Static(causal=causal, scale=scale, window=window, blocks=blocks,
-                  interpret=interpret, backend=backend)
+  static = Static(
+      causal=causal, scale=scale, window=window, blocks=blocks, interpret=interpret, backend=backend
+  )
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   return _attention(static, q, k, v, segment_ids)
@@ -141,10 +171,15 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   if not device.hopper:
     return 'gpu'
   from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
-  fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128)
-          and length % mosaic_gpu.BLOCK_Q == 0
-          and length % mosaic_gpu.BLOCK_K == 0 and length >= HOPPER_MIN_LENGTH
-          and block_sizes is None)
+
+  fits = (
+      jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim in (64, 128)
+      and length % mosaic_gpu.BLOCK_Q == 0
+      and length % mosaic_gpu.BLOCK_K == 0
+      and length >= HOPPER_MIN_LENGTH
+      and block_sizes is None
+  )
   return 'mosaic_gpu' if fits else 'gpu'
 
 
@@ -157,13 +192,14 @@ def tpu_block_sizes(head_dim, length):
 def _fit_tpu_blocks(blocks, length):
   """`blocks` with each size lowered to the largest multiple of 128 that divides `length`
   (unchanged when `length` is no multiple of 128: the caller's check then names it)."""
+
   def fit(size):
     for candidate in range(size - size % TPU_BLOCK_MULTIPLE, 0, -TPU_BLOCK_MULTIPLE):
       if length % candidate == 0:
         return candidate
     return size
-  return dataclasses.replace(blocks, **{name: fit(getattr(blocks, name))
-                                        for name in _BLOCK_FIELDS})
+
+  return dataclasses.replace(blocks, **{name: fit(getattr(blocks, name)) for name in _BLOCK_FIELDS})
 
 
 def length_multiple(head_dim, backend='gpu'):
@@ -172,6 +208,7 @@ def length_multiple(head_dim, backend='gpu'):
     return TPU_BLOCK_MULTIPLE
   if backend == 'mosaic_gpu':
     from euro_lm.kernels.flash import mosaic_gpu as hopper  # pylint: disable=g-import-not-at-top
+
     return math.lcm(hopper.BLOCK_Q, hopper.BLOCK_K)
   # Whichever GPU runs it: the Hopper table's sizes and the others' `BlockSizes()`.
   blocks = (GPU_BLOCK_SIZES.get(head_dim, BlockSizes()), BlockSizes())
@@ -180,13 +217,16 @@ def length_multiple(head_dim, backend='gpu'):
 
 # --- custom VJP --------------------------------------------------------------------------
 
+
 def _kernel_set(backend):
   """The module of `backend`'s kernels; the Mosaic ones are imported on first use."""
   if backend == 'tpu':
     from euro_lm.kernels.flash import mosaic_tpu  # pylint: disable=g-import-not-at-top
+
     return mosaic_tpu
   if backend == 'mosaic_gpu':
     from euro_lm.kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
+
     return mosaic_gpu
   return triton
 

@@ -53,8 +53,9 @@ STAGES = 2  # K/V blocks in flight
 def forward(static, q, k, v, segment_ids):
   """(out `[B, L, H, d]`, the residuals `backward` takes)."""
   from_ids = functools.partial(blocks.from_ids, segment_ids, q.shape[:2])
-  ranges = from_ids(lambda ids: blocks.key_ranges(static, ids, ROWS,
-                                                  static.blocks.block_k).stacked())
+  ranges = from_ids(
+      lambda ids: blocks.key_ranges(static, ids, ROWS, static.blocks.block_k).stacked()
+  )
   spans = from_ids(functools.partial(blocks.visible_key_spans, static))
   out, lse = _forward(static, q, k, v, ranges, spans)
   return out, (q, k, v, segment_ids, out, lse)
@@ -85,13 +86,17 @@ def _forward(static, q, k, v, ranges, spans):
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   if block_q not in (ROWS, 2 * ROWS) or block_k % 64:
-    raise ValueError(f'the Mosaic GPU forward takes block_q {ROWS} or {2 * ROWS} and block_k '
-                     f'a multiple of 64, not {block_q} and {block_k}')
+    raise ValueError(
+        f'the Mosaic GPU forward takes block_q {ROWS} or {2 * ROWS} and block_k '
+        f'a multiple of 64, not {block_q} and {block_k}'
+    )
   if head_dim not in (64, 128):  # the backward's float32 dK and dV must fit in registers
     raise ValueError(f'the Mosaic GPU kernels take head_dim 64 or 128, not {head_dim}')
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f'the Mosaic GPU forward takes bfloat16 or float16 q, k, v, not '
-                     f'{q.dtype}, {k.dtype}, {v.dtype}')
+    raise ValueError(
+        f'the Mosaic GPU forward takes bfloat16 or float16 q, k, v, not '
+        f'{q.dtype}, {k.dtype}, {v.dtype}'
+    )
   groups = block_q // ROWS
   num_ctas = length // block_q
   row_lo, row_hi = spans
@@ -102,10 +107,8 @@ def _forward(static, q, k, v, ranges, spans):
     row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem = refs
     queries = pl.ds(i * ROWS, ROWS)
     plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], barriers.at[3 * slot])
-    plgpu.copy_gmem_to_smem(row_lo_ref.at[b, queries], lo_smem.at[slot],
-                            barriers.at[3 * slot + 1])
-    plgpu.copy_gmem_to_smem(row_hi_ref.at[b, queries], hi_smem.at[slot],
-                            barriers.at[3 * slot + 2])
+    plgpu.copy_gmem_to_smem(row_lo_ref.at[b, queries], lo_smem.at[slot], barriers.at[3 * slot + 1])
+    plgpu.copy_gmem_to_smem(row_hi_ref.at[b, queries], hi_smem.at[slot], barriers.at[3 * slot + 2])
     for n in range(3):
       plgpu.barrier_wait(barriers.at[3 * slot + n])
     return _rows(lo_smem[slot], static.interpret), _rows(hi_smem[slot], static.interpret)
@@ -121,16 +124,34 @@ def _forward(static, q, k, v, ranges, spans):
     plgpu.copy_smem_to_gmem(lse_smem.at[slot], lse_ref.at[b, h, queries])
     plgpu.wait_smem_to_gmem(0)
 
-  def one_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
-                       lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
-                       q_barriers, k_barriers, v_barriers):
+  def one_group_kernel(
+      ranges_ref,
+      row_lo_ref,
+      row_hi_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      out_ref,
+      lse_ref,
+      q_smem,
+      k_smem,
+      v_smem,
+      lo_smem,
+      hi_smem,
+      lse_smem,
+      q_barriers,
+      k_barriers,
+      v_barriers,
+  ):
     i = num_ctas - 1 - lax.axis_index('q_blocks')  # longest causal rows first
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
-    own, fetch = _start_key_ring(ranges_ref, b, h, i, group, block_k,
-                                 (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers))
+    own, fetch = _start_key_ring(
+        ranges_ref, b, h, i, group, block_k, (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers)
+    )
     lo, hi = own[0], own[3]
-    bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i, 0,
-                       q_barriers)
+    bounds = load_rows(
+        (row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i, 0, q_barriers
+    )
 
     def step(j, carry, masked):
       slot = lax.rem(j - lo, jnp.int32(STAGES))
@@ -146,9 +167,28 @@ def _forward(static, q, k, v, ranges, spans):
     carry = _walk(own, step, ops.init())
     store_rows(carry, out_ref, lse_ref, b, h, i, 0, q_smem, lse_smem)
 
-  def two_group_kernel(ranges_ref, row_lo_ref, row_hi_ref, q_ref, k_ref, v_ref, out_ref,
-                       lse_ref, q_smem, k_smem, v_smem, lo_smem, hi_smem, lse_smem,
-                       q_barriers, k_barriers, v_barriers, k_free, v_free, turns):
+  def two_group_kernel(
+      ranges_ref,
+      row_lo_ref,
+      row_hi_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      out_ref,
+      lse_ref,
+      q_smem,
+      k_smem,
+      v_smem,
+      lo_smem,
+      hi_smem,
+      lse_smem,
+      q_barriers,
+      k_barriers,
+      v_barriers,
+      k_free,
+      v_free,
+      turns,
+  ):
     c = num_ctas - 1 - lax.axis_index('q_blocks')
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
@@ -160,8 +200,9 @@ def _forward(static, q, k, v, ranges, spans):
       plgpu.set_max_registers(232, action='increase')
       i = 2 * c + wg
       own = _own_range(ranges_ref, b, i, end_step)
-      bounds = load_rows((row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i,
-                         wg, q_barriers)
+      bounds = load_rows(
+          (row_lo_ref, row_hi_ref, q_ref, q_smem, lo_smem, hi_smem), b, h, i, wg, q_barriers
+      )
 
       # Ping-pong (FlashAttention-3): the groups take turns on the tensor cores, so that
       # one's softmax runs while the other's wgmmas do. `take_turn` is a rendezvous of the
@@ -208,13 +249,24 @@ def _forward(static, q, k, v, ranges, spans):
     @pl.when(wg == 2)
     def _produce():
       plgpu.set_max_registers(40, action='decrease')
-      fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
-                                b, lax.div(h, jnp.int32(group)), block_k)
+      fetch = functools.partial(
+          _fetch,
+          k_ref,
+          v_ref,
+          k_smem,
+          v_smem,
+          k_barriers,
+          v_barriers,
+          b,
+          lax.div(h, jnp.int32(group)),
+          block_k,
+      )
       _stream_key_ring(fetch, first_step, end_step, k_free, v_free)
 
   # 128-byte swizzled tiles of 64 elements: what wgmma reads without bank conflicts.
-  transforms = () if static.interpret else (plgpu.TilingTransform((8, 64)),
-                                            plgpu.SwizzleTransform(128))
+  transforms = (
+      () if static.interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  )
   dtype = q.dtype
   scratch = dict(
       q_smem=plgpu.SMEM((groups, ROWS, head_dim), dtype, transforms=transforms),
@@ -231,14 +283,18 @@ def _forward(static, q, k, v, ranges, spans):
   kernel = one_group_kernel
   if groups == 2:
     kernel = two_group_kernel
-    scratch.update(k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-                   turns=plgpu.Barrier(num_arrivals=2))
+    scratch.update(
+        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        turns=plgpu.Barrier(num_arrivals=2),
+    )
     threads = dict(num_threads=3, thread_name='wg')
   call = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)),
+      out_type=(
+          jax.ShapeDtypeStruct(q.shape, dtype),
+          jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32),
+      ),
       grid=(num_ctas, batch, num_heads),
       grid_names=('q_blocks', 'batch', 'heads'),
       scratch_types=scratch,
@@ -260,8 +316,7 @@ def _walk(ranges_row, step, carry):
 def _union_of_two(ranges_ref, b, block):
   """[first, end) of the blocks that row `block` or `block + 1` of `ranges_ref` sees: what
   a two-group CTA's producer streams, and each of its groups walks."""
-  (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i])
-                            for i in (block, block + 1))
+  (lo0, hi0), (lo1, hi1) = ((ranges_ref[b, 0, i], ranges_ref[b, 3, i]) for i in (block, block + 1))
   empty0, empty1 = lo0 >= hi0, lo1 >= hi1
   first = jnp.where(empty0, lo1, jnp.where(empty1, lo0, jnp.minimum(lo0, lo1)))
   end = jnp.where(empty0, hi1, jnp.where(empty1, hi0, jnp.maximum(hi0, hi1)))
@@ -291,6 +346,7 @@ def _stream_key_ring(fetch, first, end, k_free, v_free):
     plgpu.barrier_wait(v_free.at[slot])
     pl.when(j < end)(functools.partial(fetch, j, slot, parts='v'))
     return carry
+
   lax.fori_loop(first + STAGES, end + STAGES, refill, None)
 
 
@@ -304,8 +360,9 @@ def _start_key_ring(ranges_ref, b, h, i, group, block_k, ring):
   return own, fetch
 
 
-def _fetch(k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, b, kv_head, block_k, j,
-           slot, parts='kv'):
+def _fetch(
+    k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers, b, kv_head, block_k, j, slot, parts='kv'
+):
   """TMA-copies key block j's K and/or V (`parts`) into ring slot `slot`."""
   keys = (b, pl.ds(j * block_k, block_k), kv_head)
   if 'k' in parts:
@@ -327,13 +384,17 @@ class _BlockOps:
 
   def init(self):
     acc = _tile(jnp.zeros((ROWS, self.head_dim), jnp.float32), self.interpret)
-    return (acc, _rows(jnp.full((ROWS,), -jnp.inf, jnp.float32), self.interpret),
-            _rows(jnp.zeros((ROWS,), jnp.float32), self.interpret))
+    return (
+        acc,
+        _rows(jnp.full((ROWS,), -jnp.inf, jnp.float32), self.interpret),
+        _rows(jnp.zeros((ROWS,), jnp.float32), self.interpret),
+    )
 
   def qk(self, q_smem, k_smem, issued=lambda: None):
     """float32 `[ROWS, block_k]` scores q k^T (`issued` as for `_matmul`)."""
-    return _matmul(q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True,
-                   issued=issued)
+    return _matmul(
+        q_smem, k_smem, (ROWS, self.block_k), self.interpret, transpose_b=True, issued=issued
+    )
 
   def softmax(self, scores, carry, j, bounds):
     """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
@@ -346,8 +407,9 @@ class _BlockOps:
     if bounds is not None:
       shape = (ROWS, self.block_k)
       key = _iota(shape, 1, self.interpret) + j * self.block_k
-      visible = ((key >= lax.broadcast_in_dim(bounds[0], shape, [0]))
-                 & (key <= lax.broadcast_in_dim(bounds[1], shape, [0])))
+      visible = (key >= lax.broadcast_in_dim(bounds[0], shape, [0])) & (
+          key <= lax.broadcast_in_dim(bounds[1], shape, [0])
+      )
       scores = jnp.where(visible, scores, -jnp.inf)
     m_new = jnp.maximum(m, scores.max(axis=1) * self.scale)
     if bounds is not None:
@@ -395,6 +457,7 @@ class _BlockOps:
 # dK/dV kernel computes the transposed scores (keys as rows), so p^T and dS^T feed wgmma
 # straight from registers.
 
+
 class _BackwardSetup:
   """What the dK/dV and dQ kernels share: shapes, shared-memory tiles, compiler settings,
   and the probabilities recomputed from the logsumexp."""
@@ -402,17 +465,21 @@ class _BackwardSetup:
   def __init__(self, static, q, k):
     sizes = static.blocks
     if sizes.block_q_bwd not in (ROWS, 2 * ROWS) or sizes.block_k_bwd not in (ROWS, 2 * ROWS):
-      raise ValueError(f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} '
-                       f'or {2 * ROWS}, not {sizes.block_q_bwd} and {sizes.block_k_bwd}')
+      raise ValueError(
+          f'the Mosaic GPU backward takes block_q_bwd and block_k_bwd of {ROWS} '
+          f'or {2 * ROWS}, not {sizes.block_q_bwd} and {sizes.block_k_bwd}'
+      )
     self.static, self.interpret, self.dtype = static, static.interpret, q.dtype
     self.batch, self.length, self.num_heads, self.head_dim = q.shape
     self.num_kv_heads = k.shape[2]
     self.group = self.num_heads // self.num_kv_heads
     self.scale2 = static.scale * blocks.LOG2_E
-    self.transforms = () if self.interpret else (plgpu.TilingTransform((8, 64)),
-                                                 plgpu.SwizzleTransform(128))
-    self.compiler = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
-                         **_interpret_kwargs(self.interpret))
+    self.transforms = (
+        () if self.interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    )
+    self.compiler = dict(
+        compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kwargs(self.interpret)
+    )
 
   def tile(self, *shape):
     """Shared memory for `shape` `[ROWS, d]` tiles of the inputs' dtype."""
@@ -442,8 +509,15 @@ def _query_stats(lse, delta, spans):
   below 2^24)."""
   row_lo, row_hi = spans
   over_heads = lambda x: jnp.broadcast_to(x[:, None].astype(jnp.float32), lse.shape)
-  return jnp.stack([jnp.where(jnp.isinf(lse), 0.0, lse * blocks.LOG2_E), delta,
-                    over_heads(row_lo), over_heads(row_hi)], axis=2)
+  return jnp.stack(
+      [
+          jnp.where(jnp.isinf(lse), 0.0, lse * blocks.LOG2_E),
+          delta,
+          over_heads(row_lo),
+          over_heads(row_hi),
+      ],
+      axis=2,
+  )
 
 
 def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
@@ -455,19 +529,21 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
   num_kv_heads, group, compiler = setup.num_kv_heads, setup.group, setup.compiler
   tile, zeros, probabilities = setup.tile, setup.zeros, setup.probabilities
 
-  def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, first_key, masked,
-               carry):
+  def dkv_step(k_smem, v_smem, q_tile, do_tile, stats_tile, wait_do, first_key, masked, carry):
     """dK, dV += one (query head, query block) step's share, the keys as rows."""
     dk, dv = carry
     column = lambda n: _columns(stats_tile[n], interpret)
     bounds = (column(2).astype(jnp.int32), column(3).astype(jnp.int32)) if masked else None
-    scores, dp = _wgmmas([(k_smem, q_tile, True, zeros((ROWS, ROWS))),
-                          (v_smem, do_tile, True, zeros((ROWS, ROWS)))], interpret,
-                         between=wait_do)
+    scores, dp = _wgmmas(
+        [(k_smem, q_tile, True, zeros((ROWS, ROWS))), (v_smem, do_tile, True, zeros((ROWS, ROWS)))],
+        interpret,
+        between=wait_do,
+    )
     p = probabilities(scores, column(0), bounds, first_key, as_rows=False)
     ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
-    dv, dk = _wgmmas([(p.astype(dtype), do_tile, False, dv),
-                      (ds.astype(dtype), q_tile, False, dk)], interpret)
+    dv, dk = _wgmmas(
+        [(p.astype(dtype), do_tile, False, dv), (ds.astype(dtype), q_tile, False, dk)], interpret
+    )
     return dk, dv
 
   def store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head):
@@ -486,12 +562,27 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
     queries, h = pl.ds(i * ROWS, ROWS), kv_head * group + g
     plgpu.copy_gmem_to_smem(q_ref.at[b, queries, h], q_smem.at[slot], q_bar.at[slot])
     plgpu.copy_gmem_to_smem(do_ref.at[b, queries, h], do_smem.at[slot], do_bar.at[slot])
-    plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot],
-                            stats_bar.at[slot])
+    plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, queries], stats_smem.at[slot], stats_bar.at[slot])
 
-  def dkv_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
-                 k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers, q_barriers,
-                 do_barriers, stats_barriers):
+  def dkv_kernel(
+      ranges_ref,
+      stats_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      dk_ref,
+      dv_ref,
+      k_smem,
+      v_smem,
+      q_smem,
+      do_smem,
+      stats_smem,
+      kv_barriers,
+      q_barriers,
+      do_barriers,
+      stats_barriers,
+  ):
     j = lax.axis_index('k_blocks')  # under a causal mask the first keys are seen most
     b, kv_head = lax.axis_index('batch'), lax.axis_index('kv_heads')
     keys = pl.ds(j * ROWS, ROWS)
@@ -499,9 +590,23 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
     blocks_seen = own[3] - own[0]
     total = group * blocks_seen  # steps: (query head, query block) pairs
     fetch = functools.partial(
-        fetch_query_tiles, (q_ref, do_ref, stats_ref, q_smem, do_smem, stats_smem,
-                            q_barriers, do_barriers, stats_barriers),
-        b, kv_head, own[0], blocks_seen)
+        fetch_query_tiles,
+        (
+            q_ref,
+            do_ref,
+            stats_ref,
+            q_smem,
+            do_smem,
+            stats_smem,
+            q_barriers,
+            do_barriers,
+            stats_barriers,
+        ),
+        b,
+        kv_head,
+        own[0],
+        blocks_seen,
+    )
 
     for stage in range(STAGES):
       pl.when(stage < total)(functools.partial(fetch, stage, stage))
@@ -516,20 +621,46 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
         slot = lax.rem(t, jnp.int32(STAGES))
         plgpu.barrier_wait(q_barriers.at[slot])
         plgpu.barrier_wait(stats_barriers.at[slot])
-        carry = dkv_step(k_smem, v_smem, q_smem.at[slot], do_smem.at[slot], stats_smem.at[slot],
-                         lambda: plgpu.barrier_wait(do_barriers.at[slot]), j * ROWS, masked,
-                         carry)
+        carry = dkv_step(
+            k_smem,
+            v_smem,
+            q_smem.at[slot],
+            do_smem.at[slot],
+            stats_smem.at[slot],
+            lambda: plgpu.barrier_wait(do_barriers.at[slot]),
+            j * ROWS,
+            masked,
+            carry,
+        )
         # Every wgmma that read this slot has finished: refill it.
         pl.when(t + STAGES < total)(functools.partial(fetch, t + STAGES, slot))
         return carry
+
       return _walk(own, step, carry)
 
     dk, dv = lax.fori_loop(0, group, head, (zeros((ROWS, head_dim)), zeros((ROWS, head_dim))))
     store_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, b, keys, kv_head)
 
-  def dkv_two_group_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref,
-                           k_smem, v_smem, q_smem, do_smem, stats_smem, kv_barriers,
-                           q_barriers, do_barriers, stats_barriers, free):
+  def dkv_two_group_kernel(
+      ranges_ref,
+      stats_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      dk_ref,
+      dv_ref,
+      k_smem,
+      v_smem,
+      q_smem,
+      do_smem,
+      stats_smem,
+      kv_barriers,
+      q_barriers,
+      do_barriers,
+      stats_barriers,
+      free,
+  ):
     """FlashAttention-3's backward layout: two compute warpgroups, each with its own 64
     keys, share every q/dO tile, which a producer warpgroup streams through the ring. Each
     group walks the union of the two groups' query ranges (per query head) and releases
@@ -548,10 +679,8 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
       j = 2 * c + wg
       keys = pl.ds(j * ROWS, ROWS)
       own = _own_range(ranges_ref, b, j, end)
-      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[wg],
-                              kv_barriers.at[2 * wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[wg],
-                              kv_barriers.at[2 * wg + 1])
+      plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[wg], kv_barriers.at[2 * wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[wg], kv_barriers.at[2 * wg + 1])
       plgpu.barrier_wait(kv_barriers.at[2 * wg])
       plgpu.barrier_wait(kv_barriers.at[2 * wg + 1])
 
@@ -570,10 +699,17 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
 
         def step(i, carry, masked):
           slot = wait(i)
-          carry = dkv_step(k_smem.at[wg], v_smem.at[wg], q_smem.at[slot], do_smem.at[slot],
-                           stats_smem.at[slot],
-                           lambda: plgpu.barrier_wait(do_barriers.at[slot]), j * ROWS, masked,
-                           carry)
+          carry = dkv_step(
+              k_smem.at[wg],
+              v_smem.at[wg],
+              q_smem.at[slot],
+              do_smem.at[slot],
+              stats_smem.at[slot],
+              lambda: plgpu.barrier_wait(do_barriers.at[slot]),
+              j * ROWS,
+              masked,
+              carry,
+          )
           plgpu.barrier_arrive(free.at[slot])
           return carry
 
@@ -581,17 +717,30 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
         carry = _walk(own, step, carry)
         return lax.fori_loop(own[3], end, release, carry)
 
-      dk, dv = lax.fori_loop(0, group, head,
-                             (zeros((ROWS, head_dim)), zeros((ROWS, head_dim))))
+      dk, dv = lax.fori_loop(0, group, head, (zeros((ROWS, head_dim)), zeros((ROWS, head_dim))))
       store_dkv(dk, dv, k_smem.at[wg], v_smem.at[wg], dk_ref, dv_ref, b, keys, kv_head)
 
     @pl.when(wg == 2)
     def _produce():
       plgpu.set_max_registers(40, action='decrease')
       fetch = functools.partial(
-          fetch_query_tiles, (q_ref, do_ref, stats_ref, q_smem, do_smem, stats_smem,
-                              q_barriers, do_barriers, stats_barriers),
-          b, kv_head, first, span)
+          fetch_query_tiles,
+          (
+              q_ref,
+              do_ref,
+              stats_ref,
+              q_smem,
+              do_smem,
+              stats_smem,
+              q_barriers,
+              do_barriers,
+              stats_barriers,
+          ),
+          b,
+          kv_head,
+          first,
+          span,
+      )
 
       for stage in range(STAGES):
         pl.when(stage < total)(functools.partial(fetch, stage, stage))
@@ -603,21 +752,29 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
         plgpu.barrier_wait(free.at[slot])
         pl.when(t < total)(functools.partial(fetch, t, slot))
         return carry
+
       lax.fori_loop(STAGES, total + STAGES, refill, None)
 
-  ring = dict(q_smem=tile(STAGES), do_smem=tile(STAGES),
-              stats_smem=plgpu.SMEM((STAGES, 4, ROWS), jnp.float32),
-              q_barriers=plgpu.Barrier(num_barriers=STAGES),
-              do_barriers=plgpu.Barrier(num_barriers=STAGES),
-              stats_barriers=plgpu.Barrier(num_barriers=STAGES))
+  ring = dict(
+      q_smem=tile(STAGES),
+      do_smem=tile(STAGES),
+      stats_smem=plgpu.SMEM((STAGES, 4, ROWS), jnp.float32),
+      q_barriers=plgpu.Barrier(num_barriers=STAGES),
+      do_barriers=plgpu.Barrier(num_barriers=STAGES),
+      stats_barriers=plgpu.Barrier(num_barriers=STAGES),
+  )
   if static.blocks.block_k_bwd == ROWS:
     kernel, threads = dkv_kernel, {}
-    scratch = dict(k_smem=tile(), v_smem=tile(), kv_barriers=plgpu.Barrier(num_barriers=2),
-                   **ring)
+    scratch = dict(k_smem=tile(), v_smem=tile(), kv_barriers=plgpu.Barrier(num_barriers=2), **ring)
   else:
     kernel, threads = dkv_two_group_kernel, dict(num_threads=3, thread_name='wg')
-    scratch = dict(k_smem=tile(2), v_smem=tile(2), kv_barriers=plgpu.Barrier(num_barriers=4),
-                   **ring, free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
+    scratch = dict(
+        k_smem=tile(2),
+        v_smem=tile(2),
+        kv_barriers=plgpu.Barrier(num_barriers=4),
+        **ring,
+        free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+    )
   dk, dv = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
@@ -642,9 +799,11 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
 
   def dq_step(q_tile, do_tile, k_tile, v_tile, wait_v, v_done, lse2, delta, spans, j, dq):
     """dQ += one key block's share (queries as rows); `v_done()` once V is read."""
-    scores, dp = _wgmmas([(q_tile, k_tile, True, zeros((ROWS, ROWS))),
-                          (do_tile, v_tile, True, zeros((ROWS, ROWS)))], interpret,
-                         between=wait_v)
+    scores, dp = _wgmmas(
+        [(q_tile, k_tile, True, zeros((ROWS, ROWS))), (do_tile, v_tile, True, zeros((ROWS, ROWS)))],
+        interpret,
+        between=wait_v,
+    )
     v_done()
     p = probabilities(scores, lse2, spans, j * ROWS, as_rows=True)
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
@@ -654,8 +813,7 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
     """TMA-copies a dQ block's q, dO and stats (`refs`) into their `tiles`, one barrier
     each, and waits; returns its (lse2, delta, visible-key spans), one entry per row."""
     q_ref, do_ref, stats_ref = refs
-    sources = (q_ref.at[b, queries, h], do_ref.at[b, queries, h],
-               stats_ref.at[b, h, :, queries])
+    sources = (q_ref.at[b, queries, h], do_ref.at[b, queries, h], stats_ref.at[b, h, :, queries])
     for source, tile_smem, barrier in zip(sources, tiles, barriers):
       plgpu.copy_gmem_to_smem(source, tile_smem, barrier)
     for barrier in barriers:
@@ -669,24 +827,55 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, queries, h])
     plgpu.wait_smem_to_gmem(0)
 
-  def dq_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, q_smem, do_smem,
-                stats_smem, k_smem, v_smem, row_barriers, k_barriers, v_barriers):
+  def dq_kernel(
+      ranges_ref,
+      stats_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      dq_ref,
+      q_smem,
+      do_smem,
+      stats_smem,
+      k_smem,
+      v_smem,
+      row_barriers,
+      k_barriers,
+      v_barriers,
+  ):
     i = num_blocks - 1 - lax.axis_index('q_blocks')  # longest causal rows first
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     queries = pl.ds(i * ROWS, ROWS)
-    own, fetch = _start_key_ring(ranges_ref, b, h, i, group, ROWS,
-                                 (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers))
+    own, fetch = _start_key_ring(
+        ranges_ref, b, h, i, group, ROWS, (k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers)
+    )
     lo, hi = own[0], own[3]
     lse2, delta, spans = load_query_rows(
-        (q_ref, do_ref, stats_ref), (q_smem, do_smem, stats_smem),
-        [row_barriers.at[n] for n in range(3)], b, h, queries)
+        (q_ref, do_ref, stats_ref),
+        (q_smem, do_smem, stats_smem),
+        [row_barriers.at[n] for n in range(3)],
+        b,
+        h,
+        queries,
+    )
 
     def step(j, dq, masked):
       slot = lax.rem(j - lo, jnp.int32(STAGES))
       plgpu.barrier_wait(k_barriers.at[slot])
-      dq = dq_step(q_smem, do_smem, k_smem.at[slot], v_smem.at[slot],
-                   lambda: plgpu.barrier_wait(v_barriers.at[slot]), lambda: None,
-                   lse2, delta, spans if masked else None, j, dq)
+      dq = dq_step(
+          q_smem,
+          do_smem,
+          k_smem.at[slot],
+          v_smem.at[slot],
+          lambda: plgpu.barrier_wait(v_barriers.at[slot]),
+          lambda: None,
+          lse2,
+          delta,
+          spans if masked else None,
+          j,
+          dq,
+      )
       pl.when(j + STAGES < hi)(functools.partial(fetch, j + STAGES, slot))
       return dq
 
@@ -695,9 +884,25 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
 
   num_ctas = length // (2 * ROWS)
 
-  def dq_two_group_kernel(ranges_ref, stats_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, q_smem,
-                          do_smem, stats_smem, k_smem, v_smem, row_barriers, k_barriers,
-                          v_barriers, k_free, v_free):
+  def dq_two_group_kernel(
+      ranges_ref,
+      stats_ref,
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      dq_ref,
+      q_smem,
+      do_smem,
+      stats_smem,
+      k_smem,
+      v_smem,
+      row_barriers,
+      k_barriers,
+      v_barriers,
+      k_free,
+      v_free,
+  ):
     """dQ in the two-group forward's layout: two compute warpgroups of 64 queries share
     every K/V block, which a producer warpgroup streams through the ring; each group walks
     the union of the two key ranges and releases the blocks outside its own unread."""
@@ -714,8 +919,13 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
       queries = pl.ds(i * ROWS, ROWS)
       own = _own_range(ranges_ref, b, i, end)
       lse2, delta, spans = load_query_rows(
-          (q_ref, do_ref, stats_ref), (q_smem.at[wg], do_smem.at[wg], stats_smem.at[wg]),
-          [row_barriers.at[3 * wg + n] for n in range(3)], b, h, queries)
+          (q_ref, do_ref, stats_ref),
+          (q_smem.at[wg], do_smem.at[wg], stats_smem.at[wg]),
+          [row_barriers.at[3 * wg + n] for n in range(3)],
+          b,
+          h,
+          queries,
+      )
 
       def release(j, dq):  # a block outside this group's range: observe it, pass it on
         slot = slot_of(j)
@@ -728,10 +938,19 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
       def step(j, dq, masked):
         slot = slot_of(j)
         plgpu.barrier_wait(k_barriers.at[slot])
-        dq = dq_step(q_smem.at[wg], do_smem.at[wg], k_smem.at[slot], v_smem.at[slot],
-                     lambda: plgpu.barrier_wait(v_barriers.at[slot]),
-                     lambda: plgpu.barrier_arrive(v_free.at[slot]),
-                     lse2, delta, spans if masked else None, j, dq)
+        dq = dq_step(
+            q_smem.at[wg],
+            do_smem.at[wg],
+            k_smem.at[slot],
+            v_smem.at[slot],
+            lambda: plgpu.barrier_wait(v_barriers.at[slot]),
+            lambda: plgpu.barrier_arrive(v_free.at[slot]),
+            lse2,
+            delta,
+            spans if masked else None,
+            j,
+            dq,
+        )
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
@@ -743,24 +962,46 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
     @pl.when(wg == 2)
     def _produce():
       plgpu.set_max_registers(40, action='decrease')
-      fetch = functools.partial(_fetch, k_ref, v_ref, k_smem, v_smem, k_barriers, v_barriers,
-                                b, lax.div(h, jnp.int32(group)), ROWS)
+      fetch = functools.partial(
+          _fetch,
+          k_ref,
+          v_ref,
+          k_smem,
+          v_smem,
+          k_barriers,
+          v_barriers,
+          b,
+          lax.div(h, jnp.int32(group)),
+          ROWS,
+      )
       _stream_key_ring(fetch, first, end, k_free, v_free)
 
-  ring = dict(k_smem=tile(STAGES), v_smem=tile(STAGES),
-              k_barriers=plgpu.Barrier(num_barriers=STAGES),
-              v_barriers=plgpu.Barrier(num_barriers=STAGES))
+  ring = dict(
+      k_smem=tile(STAGES),
+      v_smem=tile(STAGES),
+      k_barriers=plgpu.Barrier(num_barriers=STAGES),
+      v_barriers=plgpu.Barrier(num_barriers=STAGES),
+  )
   if static.blocks.block_q_bwd == ROWS:
     kernel, threads = dq_kernel, {}
-    scratch = dict(q_smem=tile(), do_smem=tile(), stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
-                   row_barriers=plgpu.Barrier(num_barriers=3), **ring)
+    scratch = dict(
+        q_smem=tile(),
+        do_smem=tile(),
+        stats_smem=plgpu.SMEM((4, ROWS), jnp.float32),
+        row_barriers=plgpu.Barrier(num_barriers=3),
+        **ring,
+    )
   else:
     kernel, threads = dq_two_group_kernel, dict(num_threads=3, thread_name='wg')
-    scratch = dict(q_smem=tile(2), do_smem=tile(2),
-                   stats_smem=plgpu.SMEM((2, 4, ROWS), jnp.float32),
-                   row_barriers=plgpu.Barrier(num_barriers=6), **ring,
-                   k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-                   v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES))
+    scratch = dict(
+        q_smem=tile(2),
+        do_smem=tile(2),
+        stats_smem=plgpu.SMEM((2, 4, ROWS), jnp.float32),
+        row_barriers=plgpu.Barrier(num_barriers=6),
+        **ring,
+        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+    )
   dq = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -778,6 +1019,7 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
 # In interpret mode the layout hints are dropped and products are plain dots: the
 # interpreter takes wgmma operands only untransposed and in shared memory.
 
+
 def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lambda: None):
   """float32 `shape` = a @ b (b^T with `transpose_b`), plus `acc` unless None: `a` in
   shared memory or registers (wgmma's A operand may be either), `b_smem` in shared memory.
@@ -794,11 +1036,14 @@ def _matmul(a, b_smem, shape, interpret, transpose_b=False, acc=None, issued=lam
   def issue(acc_ref):
     plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem)
     issued()
+
   if acc is not None:
     return pl.run_state(issue)(plgpu.ACC.init(acc))  # its result awaits the wgmma
+
   def product(acc_ref):
     issue(acc_ref)
     return acc_ref[...]  # awaits the wgmma
+
   return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
@@ -812,8 +1057,9 @@ def _wgmmas(terms, interpret, between=lambda: None):
     out = []
     for n, (a, b_smem, transposed, acc) in enumerate(terms):
       b = b_smem[...]
-      out.append(acc + jnp.dot(a[...], b.T if transposed else b,
-                               preferred_element_type=jnp.float32))
+      out.append(
+          acc + jnp.dot(a[...], b.T if transposed else b, preferred_element_type=jnp.float32)
+      )
       if n == 0:
         between()
     return out
@@ -823,6 +1069,7 @@ def _wgmmas(terms, interpret, between=lambda: None):
       plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_smem, (1, 0)) if transposed else b_smem)
       if n == 0:
         between()
+
   return list(pl.run_state(issue)(tuple(plgpu.ACC.init(term[3]) for term in terms)))
 
 
@@ -851,4 +1098,5 @@ def _interpret_kwargs(interpret):
   if not interpret:
     return {}
   from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+
   return {'interpret': params.InterpretGPUParams()}

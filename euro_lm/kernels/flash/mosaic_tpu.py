@@ -60,6 +60,7 @@ def backward(static, residuals, d_out):
 
 # --- layouts and ranges ------------------------------------------------------------------
 
+
 def _heads_major(x_BLHd):
   return jnp.swapaxes(x_BLHd, 1, 2)
 
@@ -117,8 +118,7 @@ def _widen(x, n):
   return (jnp.tile(x, (1, reps)) if reps > 1 else x)[:, :n]
 
 
-def _score_mask(static, shape, queries_down, q_start, k_start, column_segments,
-                row_segments):
+def _score_mask(static, shape, queries_down, q_start, k_start, column_segments, row_segments):
   """Visibility of a score tile: `[bq, bk]` (queries down the sublanes) or its transpose.
 
   `column_segments` `[rows, 128]` holds the ids of the tile's rows, `row_segments`
@@ -139,9 +139,27 @@ def _params(*semantics):
 
 # --- forward -----------------------------------------------------------------------------
 
-def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, seg_q_ref,
-                    seg_k_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, static, num_q_blocks,
-                    width):
+
+def _forward_kernel(
+    lo_ref,
+    full_lo_ref,
+    full_hi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    seg_q_ref,
+    seg_k_ref,
+    o_ref,
+    lse_ref,
+    m_ref,
+    l_ref,
+    acc_ref,
+    *,
+    static,
+    num_q_blocks,
+    width,
+):
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
@@ -153,12 +171,13 @@ def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_re
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(key_block, masked):
-    s = blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale        # [bq, bk]
+    s = blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale  # [bq, bk]
     if masked:
-      visible = _score_mask(static, s.shape, True, i * block_q, key_block * block_k,
-                            seg_q_ref[...], seg_k_ref[:1, :])
+      visible = _score_mask(
+          static, s.shape, True, i * block_q, key_block * block_k, seg_q_ref[...], seg_k_ref[:1, :]
+      )
       s = jnp.where(visible, s, blocks.MASKED)
-    m_prev = m_ref[...]                                         # [bq, 128], lanes equal
+    m_prev = m_ref[...]  # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     p = jnp.exp(s - _widen(m_next, block_k))
     if masked:
@@ -166,8 +185,9 @@ def _forward_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_re
     correction = jnp.exp(m_prev - m_next)
     l_ref[...] = correction * l_ref[...] + p.sum(axis=1, keepdims=True)
     m_ref[...] = m_next
-    acc_ref[...] = (acc_ref[...] * _widen(correction, acc_ref.shape[1])
-                    + blocks.dot(p.astype(v_ref.dtype), v_ref[...]))
+    acc_ref[...] = acc_ref[...] * _widen(correction, acc_ref.shape[1]) + blocks.dot(
+        p.astype(v_ref.dtype), v_ref[...]
+    )
 
   _step(ranges_refs, b * num_q_blocks + i, j, body)
 
@@ -187,8 +207,9 @@ def _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids):
   group = num_heads // k_BKLd.shape[1]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  ranges = blocks.from_ids(segment_ids, (batch, length),
-                           lambda ids: blocks.key_ranges(static, ids, block_q, block_k))
+  ranges = blocks.from_ids(
+      segment_ids, (batch, length), lambda ids: blocks.key_ranges(static, ids, block_q, block_k)
+  )
   width = _range_width(static, block_q, block_k, length)
   seg_column, seg_row = _segment_layouts(blocks.ids_or_ones(segment_ids, (batch, length)))
 
@@ -196,8 +217,10 @@ def _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
 
   q_block = lambda b, h, i, j, *_: (b, h, i, 0)
-  kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
-                         lambda b, h, i, j, *r: (b, _kv_head(h, group), key_block(b, i, j, *r), 0))
+  kv_spec = pl.BlockSpec(
+      (None, None, block_k, head_dim),
+      lambda b, h, i, j, *r: (b, _kv_head(h, group), key_block(b, i, j, *r), 0),
+  )
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4,
       grid=(batch, num_heads, num_q_blocks, width),
@@ -206,23 +229,27 @@ def _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids):
           kv_spec,
           kv_spec,
           pl.BlockSpec((None, block_q, _LANES), lambda b, h, i, j, *_: (b, i, 0)),
-          pl.BlockSpec((None, _SUBLANES, block_k),
-                       lambda b, h, i, j, *r: (b, 0, key_block(b, i, j, *r))),
+          pl.BlockSpec(
+              (None, _SUBLANES, block_k), lambda b, h, i, j, *r: (b, 0, key_block(b, i, j, *r))
+          ),
       ],
       out_specs=[
           pl.BlockSpec((None, None, block_q, head_dim), q_block),
           pl.BlockSpec((None, None, 1, block_q), lambda b, h, i, j, *_: (b, h, 0, i)),
       ],
-      scratch_shapes=[pltpu.VMEM((block_q, _LANES), jnp.float32),
-                      pltpu.VMEM((block_q, _LANES), jnp.float32),
-                      pltpu.VMEM((block_q, head_dim), jnp.float32)],
+      scratch_shapes=[
+          pltpu.VMEM((block_q, _LANES), jnp.float32),
+          pltpu.VMEM((block_q, _LANES), jnp.float32),
+          pltpu.VMEM((block_q, head_dim), jnp.float32),
+      ],
   )
   return pl.pallas_call(
-      functools.partial(_forward_kernel, static=static, num_q_blocks=num_q_blocks,
-                        width=width),
+      functools.partial(_forward_kernel, static=static, num_q_blocks=num_q_blocks, width=width),
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct(q_BHLd.shape, q_BHLd.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, 1, length), jnp.float32)],
+      out_shape=[
+          jax.ShapeDtypeStruct(q_BHLd.shape, q_BHLd.dtype),
+          jax.ShapeDtypeStruct((batch, num_heads, 1, length), jnp.float32),
+      ],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_forward_tpu',
@@ -231,9 +258,30 @@ def _forward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids):
 
 # --- backward ----------------------------------------------------------------------------
 
-def _dkv_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, seg_q_ref, seg_k_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *,
-                static, num_k_blocks, group, width):
+
+def _dkv_kernel(
+    lo_ref,
+    full_lo_ref,
+    full_hi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    seg_q_ref,
+    seg_k_ref,
+    dk_ref,
+    dv_ref,
+    dk_acc_ref,
+    dv_acc_ref,
+    *,
+    static,
+    num_k_blocks,
+    group,
+    width,
+):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
@@ -249,8 +297,19 @@ def _dkv_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, d
     s = blocks.dot(k_ref[...], q, trans_b=True) * static.scale
     p = jnp.exp(s - lse_ref[...])
     if masked:
-      p = jnp.where(_score_mask(static, s.shape, False, query_block * block_q, j * block_k,
-                                seg_k_ref[...], seg_q_ref[:1, :]), p, 0.0)
+      p = jnp.where(
+          _score_mask(
+              static,
+              s.shape,
+              False,
+              query_block * block_q,
+              j * block_k,
+              seg_k_ref[...],
+              seg_q_ref[:1, :],
+          ),
+          p,
+          0.0,
+      )
     dv_acc_ref[...] += blocks.dot(p.astype(do.dtype), do)
     dp = blocks.dot(v_ref[...], do, trans_b=True)
     ds = p * (dp - delta_ref[...]) * static.scale
@@ -264,9 +323,26 @@ def _dkv_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, d
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, seg_q_ref, seg_k_ref, dq_ref, dq_acc_ref, *, static, num_q_blocks,
-               width):
+def _dq_kernel(
+    lo_ref,
+    full_lo_ref,
+    full_hi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    seg_q_ref,
+    seg_k_ref,
+    dq_ref,
+    dq_acc_ref,
+    *,
+    static,
+    num_q_blocks,
+    width,
+):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   ranges_refs = (lo_ref, full_lo_ref, full_hi_ref, hi_ref)
@@ -277,13 +353,24 @@ def _dq_kernel(lo_ref, full_lo_ref, full_hi_ref, hi_ref, q_ref, k_ref, v_ref, do
 
   def body(key_block, masked):
     k = k_ref[...]
-    s = blocks.dot(q_ref[...], k, trans_b=True) * static.scale                 # [bq, bk]
+    s = blocks.dot(q_ref[...], k, trans_b=True) * static.scale  # [bq, bk]
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
     p = jnp.exp(s - lse)
     if masked:
-      p = jnp.where(_score_mask(static, s.shape, True, i * block_q, key_block * block_k,
-                                seg_q_ref[...], seg_k_ref[:1, :]), p, 0.0)
+      p = jnp.where(
+          _score_mask(
+              static,
+              s.shape,
+              True,
+              i * block_q,
+              key_block * block_k,
+              seg_q_ref[...],
+              seg_k_ref[:1, :],
+          ),
+          p,
+          0.0,
+      )
     dp = blocks.dot(do_ref[...], v_ref[...], trans_b=True)
     ds = p * (dp - delta) * static.scale
     dq_acc_ref[...] += blocks.dot(ds.astype(k.dtype), k)
@@ -302,16 +389,18 @@ def _backward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids, out_BLHd, lse_BH1L, d
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   num_q_blocks, num_k_blocks = length // block_q, length // block_k
   # delta_i = sum_d dO_id * O_id: the softmax-gradient correction, as rows [B, H, 1, L].
-  delta = jnp.einsum('blhd,blhd->bhl', d_out_BLHd.astype(jnp.float32),
-                     out_BLHd.astype(jnp.float32))[:, :, None, :]
+  delta = jnp.einsum(
+      'blhd,blhd->bhl', d_out_BLHd.astype(jnp.float32), out_BLHd.astype(jnp.float32)
+  )[:, :, None, :]
   lse = jnp.where(jnp.isinf(lse_BH1L), 0.0, lse_BH1L)  # padding rows: p is masked to 0
   do_BHLd = _heads_major(d_out_BLHd)
   seg_column, seg_row = _segment_layouts(blocks.ids_or_ones(segment_ids, (batch, length)))
   row_spec = lambda index_map: pl.BlockSpec((None, None, 1, block_q), index_map)
 
   # dK/dV: grid (B, K, key block, query head of the group, step through the query range).
-  query_ranges = blocks.from_ids(segment_ids, (batch, length),
-                                 lambda ids: blocks.query_ranges(static, ids, block_q, block_k))
+  query_ranges = blocks.from_ids(
+      segment_ids, (batch, length), lambda ids: blocks.query_ranges(static, ids, block_q, block_k)
+  )
   q_width = _range_width(static, block_k, block_q, length)
 
   def query_block(b, j, i, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
@@ -319,43 +408,56 @@ def _backward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids, out_BLHd, lse_BH1L, d
 
   q_spec = pl.BlockSpec(
       (None, None, block_q, head_dim),
-      lambda b, h, j, g, i, *r: (b, h * group + g, query_block(b, j, i, *r), 0))
+      lambda b, h, j, g, i, *r: (b, h * group + g, query_block(b, j, i, *r), 0),
+  )
   kv_spec = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j, g, i, *_: (b, h, j, 0))
   lse_spec = row_spec(lambda b, h, j, g, i, *r: (b, h * group + g, 0, query_block(b, j, i, *r)))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, static=static, num_k_blocks=num_k_blocks, group=group,
-                        width=q_width),
+      functools.partial(
+          _dkv_kernel, static=static, num_k_blocks=num_k_blocks, group=group, width=q_width
+      ),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(batch, num_kv_heads, num_k_blocks, group, q_width),
           in_specs=[
-              q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec,
-              pl.BlockSpec((None, _SUBLANES, block_q),
-                           lambda b, h, j, g, i, *r: (b, 0, query_block(b, j, i, *r))),
+              q_spec,
+              kv_spec,
+              kv_spec,
+              q_spec,
+              lse_spec,
+              lse_spec,
+              pl.BlockSpec(
+                  (None, _SUBLANES, block_q),
+                  lambda b, h, j, g, i, *r: (b, 0, query_block(b, j, i, *r)),
+              ),
               pl.BlockSpec((None, block_k, _LANES), lambda b, h, j, g, i, *_: (b, j, 0)),
           ],
           out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
       ),
-      out_shape=[jax.ShapeDtypeStruct(k_BKLd.shape, k_BKLd.dtype),
-                 jax.ShapeDtypeStruct(v_BKLd.shape, v_BKLd.dtype)],
+      out_shape=[
+          jax.ShapeDtypeStruct(k_BKLd.shape, k_BKLd.dtype),
+          jax.ShapeDtypeStruct(v_BKLd.shape, v_BKLd.dtype),
+      ],
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dkv_tpu',
-  )(*_flat_ranges(query_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_row,
-    seg_column)
+  )(*_flat_ranges(query_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_row, seg_column)
 
   # dQ: grid (B, H, query block, step through the key range).
-  key_ranges = blocks.from_ids(segment_ids, (batch, length),
-                               lambda ids: blocks.key_ranges(static, ids, block_q, block_k))
+  key_ranges = blocks.from_ids(
+      segment_ids, (batch, length), lambda ids: blocks.key_ranges(static, ids, block_q, block_k)
+  )
   k_width = _range_width(static, block_q, block_k, length)
 
   def key_block(b, i, j, lo_ref, full_lo_ref, full_hi_ref, hi_ref):
     return _block_index(lo_ref, hi_ref, b * num_q_blocks + i, j)
 
   q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, block_k, head_dim),
-                         lambda b, h, i, j, *r: (b, _kv_head(h, group), key_block(b, i, j, *r), 0))
+  kv_spec = pl.BlockSpec(
+      (None, None, block_k, head_dim),
+      lambda b, h, i, j, *r: (b, _kv_head(h, group), key_block(b, i, j, *r), 0),
+  )
   lse_spec = row_spec(lambda b, h, i, j, *_: (b, h, 0, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, static=static, num_q_blocks=num_q_blocks, width=k_width),
@@ -363,10 +465,16 @@ def _backward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids, out_BLHd, lse_BH1L, d
           num_scalar_prefetch=4,
           grid=(batch, num_heads, num_q_blocks, k_width),
           in_specs=[
-              q_spec, kv_spec, kv_spec, q_spec, lse_spec, lse_spec,
+              q_spec,
+              kv_spec,
+              kv_spec,
+              q_spec,
+              lse_spec,
+              lse_spec,
               pl.BlockSpec((None, block_q, _LANES), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, _SUBLANES, block_k),
-                           lambda b, h, i, j, *r: (b, 0, key_block(b, i, j, *r))),
+              pl.BlockSpec(
+                  (None, _SUBLANES, block_k), lambda b, h, i, j, *r: (b, 0, key_block(b, i, j, *r))
+              ),
           ],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
@@ -375,6 +483,5 @@ def _backward(static, q_BHLd, k_BKLd, v_BKLd, segment_ids, out_BLHd, lse_BH1L, d
       compiler_params=_params('parallel', 'parallel', 'parallel', 'arbitrary'),
       interpret=static.interpret,
       name='euro_lm_flash_dq_tpu',
-  )(*_flat_ranges(key_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_column,
-    seg_row)
+  )(*_flat_ranges(key_ranges), q_BHLd, k_BKLd, v_BKLd, do_BHLd, lse, delta, seg_column, seg_row)
   return dq, dk, dv

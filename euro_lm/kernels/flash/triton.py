@@ -42,8 +42,9 @@ def _masked_and_full_loops(ranges_ref, row, body, carry):
 
 def _mask(static, q_index, k_index, q_segments, k_segments):
   """[bq, bk] visibility inside a block pair."""
-  return blocks.visibility(static, q_index[:, None], k_index[None, :], q_segments[:, None],
-                           k_segments[None, :])
+  return blocks.visibility(
+      static, q_index[:, None], k_index[None, :], q_segments[:, None], k_segments[None, :]
+  )
 
 
 # --- forward -----------------------------------------------------------------------------
@@ -53,11 +54,13 @@ def _mask(static, q_index, k_index, q_segments, k_segments):
 # in reverse, so under a causal mask the longest ones start first and the short ones fill
 # the tail.
 
-def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref,
-                    *, static, num_q_blocks):
+
+def _forward_kernel(
+    ranges_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *, static, num_q_blocks
+):
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   i = num_q_blocks - 1 - pl.program_id(0)
-  q = q_ref[...]                                            # [bq, d]
+  q = q_ref[...]  # [bq, d]
   q_index = i * block_q + jnp.arange(block_q)
   q_segments = seg_q_ref[...]
   head_dim = q.shape[-1]
@@ -68,8 +71,9 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref
     keys = pl.ds(j * block_k, block_k)
     s = blocks.dot(q, k_ref[keys, :], trans_b=True)
     if masked:
-      visible = _mask(static, q_index, j * block_k + jnp.arange(block_k), q_segments,
-                      seg_k_ref[keys])
+      visible = _mask(
+          static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
+      )
       s = jnp.where(visible, s * scale, blocks.MASKED)
       m_new = jnp.maximum(m, s.max(axis=1))
       p = jnp.where(visible, jnp.exp2(s - m_new[:, None]), 0.0)
@@ -81,8 +85,11 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref
     acc = acc * correction[:, None] + blocks.dot(p.astype(v_ref.dtype), v_ref[keys, :])
     return acc, m_new, l
 
-  init = (jnp.zeros((block_q, head_dim), jnp.float32),
-          jnp.full((block_q,), blocks.MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  init = (
+      jnp.zeros((block_q, head_dim), jnp.float32),
+      jnp.full((block_q,), blocks.MASKED, jnp.float32),
+      jnp.zeros((block_q,), jnp.float32),
+  )
   acc, m, l = _masked_and_full_loops(ranges_ref, i, body, init)
   seen = l > 0  # a query that sees no key (padding) gives zeros
   l = jnp.where(seen, l, 1.0)
@@ -95,7 +102,8 @@ def _compiler_params(static, backward=False):
   if backward:
     return pltriton.CompilerParams(
         num_warps=sizes.num_warps if sizes.num_warps_bwd is None else sizes.num_warps_bwd,
-        num_stages=sizes.num_stages if sizes.num_stages_bwd is None else sizes.num_stages_bwd)
+        num_stages=sizes.num_stages if sizes.num_stages_bwd is None else sizes.num_stages_bwd,
+    )
   return pltriton.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
 
 
@@ -104,8 +112,11 @@ def _forward(static, q, k, v, segment_ids):
   group = num_heads // k.shape[2]
   block_q, block_k = static.blocks.block_q, static.blocks.block_k
   num_q_blocks = length // block_q
-  ranges = blocks.from_ids(segment_ids, (batch, length),
-                           lambda ids: blocks.key_ranges(static, ids, block_q, block_k).stacked())
+  ranges = blocks.from_ids(
+      segment_ids,
+      (batch, length),
+      lambda ids: blocks.key_ranges(static, ids, block_q, block_k).stacked(),
+  )
   segment_ids = blocks.ids_or_ones(segment_ids, (batch, length))
   q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
   kv_rows = lambda i, b, h: (b, 0, h // group, 0)
@@ -124,8 +135,10 @@ def _forward(static, q, k, v, segment_ids):
           pl.BlockSpec((None, block_q, None, head_dim), q_block),
           pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, num_q_blocks - 1 - i)),
       ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)],
+      out_shape=[
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32),
+      ],
       compiler_params=_compiler_params(static),
       interpret=static.interpret,
       name='euro_lm_flash_forward',
@@ -138,13 +151,28 @@ def _forward(static, q, k, v, segment_ids):
 # Probabilities are recomputed in base 2 from the logsumexp (`lse2` = lse * log2 e), and
 # the logit scale of dS is applied once to the finished dK and dQ, not per score.
 
+
 def _probabilities(static, q, k, lse2, visible):
   p = jnp.exp2(blocks.dot(q, k, trans_b=True) * (static.scale * blocks.LOG2_E) - lse2[:, None])
   return p if visible is None else jnp.where(visible, p, 0.0)
 
 
-def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg_q_ref,
-                seg_k_ref, dk_ref, dv_ref, *, static, group):
+def _dkv_kernel(
+    ranges_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse2_ref,
+    delta_ref,
+    seg_q_ref,
+    seg_k_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    static,
+    group,
+):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   j = pl.program_id(0)
   k = k_ref[...]
@@ -161,14 +189,16 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, se
       do = do_ref[queries, g, :]
       visible = None
       if masked:
-        visible = _mask(static, i * block_q + jnp.arange(block_q), k_index, seg_q_ref[queries],
-                        k_segments)
+        visible = _mask(
+            static, i * block_q + jnp.arange(block_q), k_index, seg_q_ref[queries], k_segments
+        )
       p = _probabilities(static, q, k, lse2_ref[g, queries], visible)
       dv = dv + blocks.dot(p.astype(do.dtype), do, trans_a=True)
       dp = blocks.dot(do, v, trans_b=True)
       ds = p * (dp - delta_ref[g, queries][:, None])
       dk = dk + blocks.dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
+
     return _masked_and_full_loops(ranges_ref, j, body, carry)
 
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
@@ -177,8 +207,21 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, se
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg_q_ref,
-               seg_k_ref, dq_ref, *, static, num_q_blocks):
+def _dq_kernel(
+    ranges_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse2_ref,
+    delta_ref,
+    seg_q_ref,
+    seg_k_ref,
+    dq_ref,
+    *,
+    static,
+    num_q_blocks,
+):
   block_q, block_k = static.blocks.block_q_bwd, static.blocks.block_k_bwd
   i = num_q_blocks - 1 - pl.program_id(0)
   q = q_ref[...]
@@ -193,8 +236,9 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, seg
     k = k_ref[keys, :]
     visible = None
     if masked:
-      visible = _mask(static, q_index, j * block_k + jnp.arange(block_k), q_segments,
-                      seg_k_ref[keys])
+      visible = _mask(
+          static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
+      )
     p = _probabilities(static, q, k, lse2, visible)
     dp = blocks.dot(do, v_ref[keys, :], trans_b=True)
     ds = p * (dp - delta[:, None])
@@ -213,15 +257,18 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
   delta = blocks.softmax_delta(out, d_out)
   # Padding rows (lse = inf) have p masked to 0 anyway; 0 keeps exp2 finite there.
   lse2 = jnp.where(jnp.isinf(lse), 0.0, lse * blocks.LOG2_E)
-  params = dict(compiler_params=_compiler_params(static, backward=True),
-                interpret=static.interpret)
+  params = dict(compiler_params=_compiler_params(static, backward=True), interpret=static.interpret)
 
   query_ranges = blocks.from_ids(
-      segment_ids, (batch, length),
-      lambda ids: blocks.query_ranges(static, ids, block_q, block_k).stacked())
+      segment_ids,
+      (batch, length),
+      lambda ids: blocks.query_ranges(static, ids, block_q, block_k).stacked(),
+  )
   key_ranges = blocks.from_ids(
-      segment_ids, (batch, length),
-      lambda ids: blocks.key_ranges(static, ids, block_q, block_k).stacked())
+      segment_ids,
+      (batch, length),
+      lambda ids: blocks.key_ranges(static, ids, block_q, block_k).stacked(),
+  )
   segment_ids = blocks.ids_or_ones(segment_ids, (batch, length))
   all_queries = lambda j, b, h: (b, 0, h, 0)
   kv_block = lambda j, b, h: (b, j, h, 0)
@@ -241,7 +288,8 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
       ],
       out_specs=[pl.BlockSpec((None, block_k, None, head_dim), kv_block)] * 2,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      name='euro_lm_flash_dkv', **params,
+      name='euro_lm_flash_dkv',
+      **params,
   )(query_ranges, q, k, v, d_out, lse2, delta, segment_ids, segment_ids)
 
   q_block = lambda i, b, h: (b, num_q_blocks - 1 - i, h, 0)
@@ -263,7 +311,7 @@ def _backward(static, q, k, v, segment_ids, out, lse, d_out):
       ],
       out_specs=pl.BlockSpec((None, block_q, None, head_dim), q_block),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      name='euro_lm_flash_dq', **params,
+      name='euro_lm_flash_dq',
+      **params,
   )(key_ranges, q, k, v, d_out, lse2, delta, segment_ids, segment_ids)
   return dq, dk, dv
-
