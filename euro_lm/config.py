@@ -14,6 +14,7 @@ import ml_collections
 from euro_lm.errors import ConfigError
 from euro_lm.model.attention import AttentionError, head_dim, resolve_for_model
 from euro_lm.model.decoder import REMAT_POLICIES
+from euro_lm.model.layers import ROPE_SCALINGS
 from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rules, mesh_shape
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -34,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.head_dim = 64  # per-head width; 0 means embed_dim // num_heads
   m.mlp_dim = 2048  # SwiGLU hidden width F
   m.rope_theta = 10_000.0  # RoPE base frequency
+  m.rope_scaling = 'none'  # RoPE frequency scaling, as HF's rope_type: none | linear | llama3
+  m.rope_scaling_factor = 1.0  # linear, llama3: how many times the original context
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original / this are scaled fully
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original / this are kept
+  m.rope_original_max_positions = 8192  # llama3: the context the model was first trained on
   m.norm_eps = 1e-5  # RMSNorm epsilon
   m.tie_embeddings = True  # share input embedding and output projection
   m.qk_norm = False  # RMSNorm on queries and keys per head
@@ -167,6 +173,7 @@ def validate(config, num_devices, process_count=1, device=None):
   platform = device.platform if device else None
   _one_of(config, 'model.compute_dtype', COMPUTE_DTYPES)
   _one_of(config, 'model.remat_policy', tuple(REMAT_POLICIES))
+  _one_of(config, 'model.rope_scaling', ROPE_SCALINGS)
   _one_of(config, 'optimizer.schedule', SCHEDULES)
   _one_of(config, 'data.corpus', CORPORA)
   _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit', 'groups'))
@@ -192,6 +199,21 @@ def validate(config, num_devices, process_count=1, device=None):
       f'model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}',
   )
   _check(head_dim(m) % 2 == 0, f'model.head_dim={head_dim(m)} must be even for RoPE')
+  if m.rope_scaling != 'none':
+    _check(
+        m.rope_scaling_factor > 0,
+        f'model.rope_scaling_factor={m.rope_scaling_factor} must be positive',
+    )
+  if m.rope_scaling == 'llama3':
+    _check(
+        0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+        f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be positive and below '
+        f'model.rope_high_freq_factor={m.rope_high_freq_factor}',
+    )
+    _check(
+        m.rope_original_max_positions > 0,
+        f'model.rope_original_max_positions={m.rope_original_max_positions} must be positive',
+    )
   _check(
       m.head_dim or m.embed_dim % m.num_heads == 0,
       f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '

@@ -55,6 +55,19 @@ def test_a_valid_config_resolves_the_mesh():
         ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
         ({'model.compute_dtype': 'fp8'}, "model.compute_dtype='fp8'"),
         ({'model.remat_policy': 'some'}, "model.remat_policy='some'"),
+        ({'model.rope_scaling': 'yarn'}, "model.rope_scaling='yarn' is not one of"),
+        (
+            {'model.rope_scaling': 'linear', 'model.rope_scaling_factor': 0.0},
+            'model.rope_scaling_factor=0.0 must be positive',
+        ),
+        (
+            {'model.rope_scaling': 'llama3', 'model.rope_low_freq_factor': 4.0},
+            'model.rope_low_freq_factor=4.0 must be positive and below model.rope_high_freq',
+        ),
+        (
+            {'model.rope_scaling': 'llama3', 'model.rope_original_max_positions': 0},
+            'model.rope_original_max_positions=0 must be positive',
+        ),
         ({'optimizer.schedule': 'linear'}, "optimizer.schedule='linear'"),
         ({'model.num_kv_heads': 3}, 'model.num_heads=4 is not divisible by model.num_kv_heads=3'),
         (

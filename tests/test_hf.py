@@ -55,6 +55,33 @@ HF_SHAPES = {
         num_hidden_layers=3,
         tie_word_embeddings=True,
     ),
+    # Llama 3.1's RoPE scaling, its original context short enough that every band of
+    # frequencies (kept, blended, divided) occurs at head_dim 16.
+    'llama3_rope': dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            'rope_type': 'llama3',
+            'rope_theta': 500_000.0,
+            'factor': 8.0,
+            'low_freq_factor': 1.0,
+            'high_freq_factor': 4.0,
+            'original_max_position_embeddings': 64,
+        },
+    ),
+    'linear_rope': dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        rope_parameters={'rope_type': 'linear', 'rope_theta': 10_000.0, 'factor': 4.0},
+    ),
     'odd_dims': dict(
         hidden_size=48,
         num_attention_heads=3,
@@ -134,7 +161,9 @@ def test_import_matches_transformers(tmp_path, shape):
       expected['tie_word_embeddings'],
   )
   assert m.head_dim == expected.get('head_dim', 16)
-  assert m.rope_theta == expected.get('rope_theta', 10_000.0)
+  rope = expected.get('rope_parameters', {})
+  assert m.rope_theta == rope.get('rope_theta', expected.get('rope_theta', 10_000.0))
+  assert m.rope_scaling == rope.get('rope_type', 'none')
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
@@ -153,7 +182,7 @@ def test_import_matches_transformers(tmp_path, shape):
   assert np.abs(got - want).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims'])
+@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope'])
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
@@ -375,7 +404,17 @@ def test_pickled_weights_are_refused(tmp_path):
 @pytest.mark.parametrize(
     'field, value, message',
     [
-        ('rope_scaling', {'rope_type': 'linear', 'factor': 2.0}, r'rope_scaling=.*must be null'),
+        (
+            'rope_scaling',
+            {'rope_type': 'dynamic', 'factor': 2.0},
+            r"rope_scaling\.rope_type='dynamic'",
+        ),
+        (
+            'rope_scaling',
+            {'rope_type': 'llama3', 'factor': 8.0},
+            r'rope_scaling\.low_freq_factor is missing',
+        ),
+        ('rope_parameters', [1e4], r'rope_parameters=\[10000\.0\] must be an object'),
         (
             'rope_parameters',
             {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0},
@@ -468,13 +507,14 @@ def test_command_lines(tmp_path):
   )
 
 
-def test_greedy_generation_equals_transformers_generate(tmp_path):
+@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope'])
+def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both
   produce every requested token."""
   from euro_lm.sampling import generate
 
-  model = random_hf_model(HF_SHAPES['gqa_untied'], seed=3)
+  model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
   config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
   params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))

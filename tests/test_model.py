@@ -4,12 +4,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import tiny
 from euro_lm.model import Decoder, forward_flops_per_token, param_count, train_flops_per_token
-from euro_lm.model.layers import rope
+from euro_lm.model.layers import rope, rope_frequencies
 
 
 def small_model_config(**overrides):
@@ -66,14 +67,16 @@ def test_rope_depends_only_on_relative_position():
   q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
 
+  inv_freq = 10_000.0 ** -(jnp.arange(0, 16, 2) / 16)
+
   def score(m, n):
-    return float(jnp.sum(rope(q, jnp.array([[m]]), 10_000.0) * rope(k, jnp.array([[n]]), 10_000.0)))
+    return float(jnp.sum(rope(q, jnp.array([[m]]), inv_freq) * rope(k, jnp.array([[n]]), inv_freq)))
 
   assert score(3, 1) == pytest.approx(score(12, 10), rel=1e-5)
   assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
   # Rotations preserve norms.
   np.testing.assert_allclose(
-      jnp.linalg.norm(rope(q, jnp.array([[7]]), 10_000.0)), jnp.linalg.norm(q), rtol=1e-6
+      jnp.linalg.norm(rope(q, jnp.array([[7]]), inv_freq)), jnp.linalg.norm(q), rtol=1e-6
   )
 
 
@@ -85,8 +88,53 @@ def test_rope_rotate_half_form():
   angle = np.concatenate([pos * inv_freq, pos * inv_freq])
   rotated = np.concatenate([-x[head_dim // 2 :], x[: head_dim // 2]])
   expected = x * np.cos(angle) + rotated * np.sin(angle)
-  got = rope(jnp.asarray(x, jnp.float32)[None, None, None], jnp.array([[pos]]), theta)
+  config = ml_collections.ConfigDict(
+      {'rope_theta': theta, 'head_dim': head_dim, 'embed_dim': 0, 'num_heads': 1}
+  )
+  got = rope(
+      jnp.asarray(x, jnp.float32)[None, None, None], jnp.array([[pos]]), rope_frequencies(config)
+  )
   np.testing.assert_allclose(got[0, 0, 0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('scaling', ['linear', 'llama3'])
+def test_rope_scaling_equals_transformers(scaling):
+  """The scaled inverse frequencies equal transformers' own rope initialisation."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+
+  params = {'rope_type': scaling, 'rope_theta': 500_000.0, 'factor': 8.0}
+  if scaling == 'llama3':
+    params |= {
+        'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0,
+        'original_max_position_embeddings': 8192,
+    }
+  hf = transformers.LlamaConfig(
+      hidden_size=2048,
+      num_attention_heads=32,
+      head_dim=64,
+      max_position_embeddings=131072,
+      rope_parameters=params,
+  )
+  want, attention_factor = ROPE_INIT_FUNCTIONS[scaling](hf, 'cpu')
+  assert attention_factor == 1.0
+  config = ml_collections.ConfigDict(
+      {
+          'rope_theta': 500_000.0,
+          'head_dim': 64,
+          'embed_dim': 2048,
+          'num_heads': 32,
+          'rope_scaling': scaling,
+          'rope_scaling_factor': 8.0,
+          'rope_low_freq_factor': 1.0,
+          'rope_high_freq_factor': 4.0,
+          'rope_original_max_positions': 8192,
+      }
+  )
+  got = np.asarray(rope_frequencies(config))
+  assert not np.allclose(got, 500_000.0 ** -(np.arange(0, 64, 2) / 64))  # it scales
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize('tie,qk_norm', [(True, False), (False, True)])

@@ -126,7 +126,7 @@ def hf_config(
         'model.qk_norm=True has no LlamaForCausalLM equivalent (Llama has no '
         'q_norm/k_norm); export supports qk_norm=False only'
     )
-  theta = float(model['rope_theta'])
+  rope = _hf_rope(model)
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -139,10 +139,10 @@ def hf_config(
       'head_dim': _head_dim(model),
       'hidden_act': 'silu',
       'rms_norm_eps': float(model['norm_eps']),
-      # transformers >= 5 reads rope_parameters; older versions read rope_theta.
-      'rope_theta': theta,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': theta},
-      'rope_scaling': None,
+      # transformers >= 5 reads rope_parameters; older versions rope_theta and rope_scaling.
+      'rope_theta': rope['rope_theta'],
+      'rope_parameters': rope,
+      'rope_scaling': None if rope['rope_type'] == 'default' else rope,
       'max_position_embeddings': int(max_position_embeddings),
       'tie_word_embeddings': bool(model['tie_embeddings']),
       'attention_bias': False,
@@ -158,29 +158,58 @@ def hf_config(
   }
 
 
-def _rope_theta(hf, where):
-  params = hf.get('rope_parameters')
-  scaling = hf.get('rope_scaling')
-  if scaling not in (None, {}) and not (
-      isinstance(scaling, dict) and scaling.get('rope_type', scaling.get('type')) == 'default'
-  ):
+# HF rope_type -> euro_lm model.rope_scaling, and the HF keys of each one's parameters.
+_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}
+_ROPE_KEYS = {
+    'linear': {'factor': 'rope_scaling_factor'},
+    'llama3': {
+        'factor': 'rope_scaling_factor',
+        'low_freq_factor': 'rope_low_freq_factor',
+        'high_freq_factor': 'rope_high_freq_factor',
+        'original_max_position_embeddings': 'rope_original_max_positions',
+    },
+}
+
+
+def _rope_fields(hf, where):
+  """euro_lm's rope_* model fields from an HF config: transformers >= 5 writes
+  `rope_parameters` (theta included), older versions `rope_theta` and `rope_scaling`."""
+  params = hf.get('rope_parameters') or {}
+  scaling = hf.get('rope_scaling') or {}
+  for name, value in (('rope_parameters', params), ('rope_scaling', scaling)):
+    if not isinstance(value, dict):
+      raise HFError(f'{where}: {name}={value!r} must be an object or null')
+  # As transformers 5 reads them: rope_scaling (the older name) wins over rope_parameters.
+  has_type = lambda d: 'rope_type' in d or 'type' in d  # noqa: E731
+  where_params = 'rope_scaling' if has_type(scaling) else 'rope_parameters'
+  params = {**params, **scaling}
+  rope_type = params.get('rope_type', params.get('type', 'default'))
+  if rope_type not in _ROPE_TYPES:
     raise HFError(
-        f'{where}: rope_scaling={scaling!r} is not supported (euro_lm has plain '
-        'RoPE only); rope_scaling must be null'
+        f'{where}: {where_params}.rope_type={rope_type!r} is not supported; euro_lm '
+        f'supports {", ".join(map(repr, _ROPE_TYPES))}'
     )
-  if params is not None:
-    # transformers 5 may nest per-layer-type parameters; only the plain form is ours.
-    rope_type = params.get('rope_type', params.get('type', 'default'))
-    if rope_type != 'default':
-      raise HFError(
-          f'{where}: rope_parameters.rope_type={rope_type!r} is not supported '
-          '(euro_lm has plain RoPE only); it must be "default"'
-      )
-    if 'rope_theta' in params:
-      return float(params['rope_theta'])
-  if 'rope_theta' in hf:
-    return float(hf['rope_theta'])
-  return 10_000.0  # LlamaConfig's default
+  fields = {
+      'rope_theta': float(params.get('rope_theta', hf.get('rope_theta', 10_000.0))),
+      'rope_scaling': _ROPE_TYPES[rope_type],
+  }
+  for key, field in _ROPE_KEYS.get(rope_type, {}).items():
+    if key not in params:
+      raise HFError(f'{where}: {where_params}.{key} is missing for rope_type={rope_type!r}')
+    fields[field] = (
+        float(params[key]) if field != 'rope_original_max_positions' else int(params[key])
+    )
+  return fields
+
+
+def _hf_rope(model):
+  """HF's rope_parameters (transformers >= 5) for euro_lm's rope_* model fields."""
+  scaling = model.get('rope_scaling', 'none')
+  rope_type = {v: k for k, v in _ROPE_TYPES.items()}[scaling]
+  params = {'rope_type': rope_type, 'rope_theta': float(model['rope_theta'])}
+  for key, field in _ROPE_KEYS.get(rope_type, {}).items():
+    params[key] = model[field]
+  return params
 
 
 def model_config_from_hf(hf, where='config.json'):
@@ -214,7 +243,7 @@ def model_config_from_hf(hf, where='config.json'):
         'num_kv_heads': int(hf.get('num_key_value_heads') or H),
         'head_dim': int(hf.get('head_dim') or D // H),
         'mlp_dim': int(hf['intermediate_size']),
-        'rope_theta': _rope_theta(hf, where),
+        **_rope_fields(hf, where),
         'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
         'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
         'qk_norm': False,

@@ -104,10 +104,33 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(x.dtype)
 
 
-def rope(x_BLHd, positions_BL, theta):
-  """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32."""
-  head_dim = x_BLHd.shape[-1]
-  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
+
+
+def rope_frequencies(cfg):
+  """RoPE's `head_dim / 2` inverse frequencies, float32, with the config's scaling: 'linear'
+  divides them all by the factor; 'llama3' (Llama 3.1+) divides the low frequencies, keeps
+  the high ones, and blends in between, as Hugging Face's 'llama3' rope_type does."""
+  hd = head_dim(cfg)
+  inv_freq = cfg.rope_theta ** -(jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  scaling = cfg.get('rope_scaling', 'none')
+  if scaling == 'linear':
+    return inv_freq / cfg.rope_scaling_factor
+  if scaling == 'llama3':
+    factor, original = cfg.rope_scaling_factor, cfg.rope_original_max_positions
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, blended, scaled)
+  return inv_freq
+
+
+def rope(x_BLHd, positions_BL, inv_freq):
+  """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32, with the
+  inverse frequencies of `rope_frequencies`."""
   angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
   angles_BL1D = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)[:, :, None, :]
   x32 = x_BLHd.astype(jnp.float32)
@@ -141,10 +164,11 @@ class Attention(nn.Module):
       q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
       k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
     q_BLHd = _constrain(
-        rope(q_BLHd, positions_BL, cfg.rope_theta), ('batch', 'length', 'heads', 'head_dim')
+        rope(q_BLHd, positions_BL, rope_frequencies(cfg)), ('batch', 'length', 'heads', 'head_dim')
     )
     k_BLKd = _constrain(
-        rope(k_BLKd, positions_BL, cfg.rope_theta), ('batch', 'length', 'kv_heads', 'head_dim')
+        rope(k_BLKd, positions_BL, rope_frequencies(cfg)),
+        ('batch', 'length', 'kv_heads', 'head_dim'),
     )
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
 
