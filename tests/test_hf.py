@@ -82,6 +82,18 @@ HF_SHAPES = {
         tie_word_embeddings=False,
         rope_parameters={'rope_type': 'linear', 'rope_theta': 10_000.0, 'factor': 4.0},
     ),
+    # Qwen3: QK-norm, and a head width that is not hidden_size / heads.
+    'qwen3': dict(
+        family='qwen3',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        rope_parameters={'rope_type': 'default', 'rope_theta': 1_000_000.0},
+    ),
     'odd_dims': dict(
         hidden_size=48,
         num_attention_heads=3,
@@ -96,13 +108,23 @@ HF_SHAPES = {
 }
 
 
+# model_type -> (config class, model class) of the families the tests build.
+FAMILIES = {
+    'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
 def random_hf_model(overrides, seed=0):
-  """A float32 LlamaForCausalLM with every weight (norms included) random."""
-  config = transformers.LlamaConfig(
+  """A float32 model of the family `overrides['family']` (default Llama) with every weight
+  (norms included) random."""
+  overrides = dict(overrides)
+  config_class, model_class = FAMILIES[overrides.pop('family', 'llama')]
+  config = config_class(
       vocab_size=101, max_position_embeddings=64, attn_implementation='eager', **overrides
   )
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config).eval()
+  model = model_class(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'norm' in name:
@@ -163,7 +185,9 @@ def test_import_matches_transformers(tmp_path, shape):
   assert m.head_dim == expected.get('head_dim', 16)
   rope = expected.get('rope_parameters', {})
   assert m.rope_theta == rope.get('rope_theta', expected.get('rope_theta', 10_000.0))
-  assert m.rope_scaling == rope.get('rope_type', 'none')
+  rope_type = rope.get('rope_type', 'default')
+  assert m.rope_scaling == ('none' if rope_type == 'default' else rope_type)
+  assert m.qk_norm == (expected.get('family') == 'qwen3')
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
@@ -182,7 +206,7 @@ def test_import_matches_transformers(tmp_path, shape):
   assert np.abs(got - want).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope'])
+@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'qwen3'])
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
@@ -195,6 +219,7 @@ def test_import_then_export_gives_the_same_model(tmp_path, shape):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / 'out', dtype=torch.float32, attn_implementation='eager', local_files_only=True
   ).eval()
+  assert type(reloaded) is type(model)  # the same architecture class on the way out
   tokens_BL = random_tokens(101, seed=2)
   np.testing.assert_array_equal(hf_logits(reloaded, tokens_BL), hf_logits(model, tokens_BL))
 
@@ -463,11 +488,15 @@ def test_bias_tensors_are_refused(tmp_path):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
 
 
-def test_qk_norm_export_is_refused():
+def test_qk_norm_exports_as_qwen3():
   model = tiny.get_config().model.to_dict()
+  assert hf.architectures.for_model(model) is hf.llama
   model['qk_norm'] = True
-  with pytest.raises(hf.HFError, match=r'model\.qk_norm=True has no LlamaForCausalLM'):
-    hf.hf_config(model, bos_token_id=2, eos_token_id=3)
+  arch = hf.architectures.for_model(model)
+  config = arch.hf_config(model, bos_token_id=2, eos_token_id=3)
+  assert (config['model_type'], config['architectures']) == ('qwen3', ['Qwen3ForCausalLM'])
+  assert transformers.Qwen3Config(**config).layer_types == ['full_attention'] * 4
+  assert 'model.layers.3.self_attn.k_norm.weight' in arch.expected_hf_shapes(model)
 
 
 def test_command_lines(tmp_path):
@@ -507,7 +536,7 @@ def test_command_lines(tmp_path):
   )
 
 
-@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope'])
+@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'qwen3'])
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both

@@ -1,6 +1,6 @@
 """Which architecture module reads an HF config, and which one writes a euro_lm model.
 
-An architecture module (`llama`) holds one family's mapping table and config translation:
+An architecture module (`llama`, `qwen3`) holds one family's mapping table and config translation:
   ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
   param_table(model)                 [(euro_lm path, HF name template, per layer)]
   to_hf(path, x, model), from_hf     one tensor converted, either way
@@ -12,9 +12,9 @@ The export and import drivers go through these names only.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import llama
+from euro_lm.hf import llama, qwen3
 
-_MODULES = (llama,)
+_MODULES = (llama, qwen3)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
 # model_type -> HF class, of every checkpoint euro_lm imports.
 ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
@@ -39,10 +39,9 @@ def for_hf_config(hf, where='config.json'):
 
 
 def for_model(model):
-  """The module that exports euro_lm's `model` config section (its hf_config refuses what
-  the architecture cannot express)."""
-  del model  # every euro_lm model exports as Llama
-  return llama
+  """The module that exports euro_lm's `model` config section: Qwen3 with QK-norm, else
+  Llama."""
+  return qwen3 if model['qk_norm'] else llama
 
 
 def model_config_from_hf(hf, where='config.json'):

@@ -120,12 +120,8 @@ def hf_config(
     max_position_embeddings=4096,
     dtype='bfloat16',
 ):
-  """HF LlamaConfig fields (config.json) for euro_lm's `model` section."""
-  if model['qk_norm']:
-    raise HFError(
-        'model.qk_norm=True has no LlamaForCausalLM equivalent (Llama has no '
-        'q_norm/k_norm); export supports qk_norm=False only'
-    )
+  """HF LlamaConfig fields (config.json) for euro_lm's `model` section; the fields the
+  Llama-like families (Qwen3) share, which they amend."""
   rope = _hf_rope(model)
   return {
       'architectures': ['LlamaForCausalLM'],

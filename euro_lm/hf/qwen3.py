@@ -1,0 +1,68 @@
+"""Qwen3: Llama's tensors plus QK-norm, an RMSNorm over each head's width of the queries and
+keys before RoPE (euro_lm's `model.qk_norm`); no biases, no sliding window.
+
+A euro_lm model with `qk_norm=True` exports as Qwen3ForCausalLM.
+"""
+
+from euro_lm.errors import HFError
+from euro_lm.hf import llama
+
+ARCHITECTURES = {'qwen3': 'Qwen3ForCausalLM'}
+
+_QK_NORMS = (
+    (('layers', 'attention', 'q_norm', 'scale'), 'model.layers.{i}.self_attn.q_norm.weight', True),
+    (('layers', 'attention', 'k_norm', 'scale'), 'model.layers.{i}.self_attn.k_norm.weight', True),
+)
+
+to_hf = llama.to_hf
+from_hf = llama.from_hf
+unused_hf_tensors = llama.unused_hf_tensors
+
+
+def param_table(model):
+  """Llama's table with the query and key norms."""
+  return llama.param_table(model) + list(_QK_NORMS)
+
+
+def expected_hf_shapes(model):
+  """{HF name: shape}, in `param_table` order: Llama's, then the `[head_dim]` norms."""
+  shapes = llama.expected_hf_shapes(model)
+  d = model['head_dim'] or model['embed_dim'] // model['num_heads']
+  for _, template, _ in _QK_NORMS:
+    for i in range(model['num_layers']):
+      shapes[template.format(i=i)] = (d,)
+  return shapes
+
+
+def hf_config(model, **kwargs):
+  """Qwen3Config fields (config.json) for a `model` section with qk_norm."""
+  config = llama.hf_config(model, **kwargs)
+  layers = model['num_layers']
+  config.update(
+      {
+          'architectures': [ARCHITECTURES['qwen3']],
+          'model_type': 'qwen3',
+          'use_sliding_window': False,
+          'sliding_window': None,
+          'max_window_layers': layers,
+          'layer_types': ['full_attention'] * layers,
+      }
+  )
+  del config['mlp_bias']  # not a Qwen3 field
+  return config
+
+
+def model_config_from_hf(hf, where='config.json'):
+  """euro_lm `model` fields of a Qwen3 config: Llama's, with qk_norm."""
+  if hf.get('use_sliding_window'):
+    raise HFError(
+        f'{where}: use_sliding_window=true is not supported; euro_lm attends to the full '
+        'causal context'
+    )
+  types = set(hf.get('layer_types') or ['full_attention'])
+  if types != {'full_attention'}:
+    raise HFError(
+        f'{where}: layer_types={sorted(types)!r} is not supported; euro_lm attends to the '
+        'full causal context in every layer'
+    )
+  return llama.model_config_from_hf(hf, where) | {'qk_norm': True}
