@@ -25,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from euro_lm.config import base_config
 from euro_lm.errors import UserError
 from euro_lm.finite import leaf_name, nonfinite_leaves
 
@@ -39,6 +40,7 @@ SHAPE_FIELDS = (
     'mlp_dim',
     'tie_embeddings',
     'qk_norm',
+    'qkv_bias',
 )
 TOKENIZER_FILE = 'tokenizer.model'
 # With several processes a time-based save needs one agreed decision; asking every step
@@ -129,8 +131,9 @@ def shape_differences(saved, expected):
 
 
 def config_differences(saved_config, config):
-  """'model.x: a in the checkpoint, b in this run' for each shape-fixing model field."""
-  saved_model = saved_config.get('model', {})
+  """'model.x: a in the checkpoint, b in this run' for each shape-fixing model field (a
+  field the checkpoint's config predates counts as its default)."""
+  saved_model = {**base_config().model.to_dict(), **saved_config.get('model', {})}
   return [
       f'model.{name}: {saved_model.get(name)!r} in the checkpoint, '
       f'{config.model[name]!r} in this run'

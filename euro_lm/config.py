@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5  # RMSNorm epsilon
   m.tie_embeddings = True  # share input embedding and output projection
   m.qk_norm = False  # RMSNorm on queries and keys per head
+  m.qkv_bias = False  # biases on the query, key and value projections (as Qwen2)
   m.init_std = 0.02  # normal init std for weights
   m.compute_dtype = 'float32'  # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto

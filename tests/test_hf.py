@@ -82,6 +82,17 @@ HF_SHAPES = {
         tie_word_embeddings=False,
         rope_parameters={'rope_type': 'linear', 'rope_theta': 10_000.0, 'factor': 4.0},
     ),
+    # Qwen2/2.5: biases on the query, key and value projections.
+    'qwen2': dict(
+        family='qwen2',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+        rope_parameters={'rope_type': 'default', 'rope_theta': 1_000_000.0},
+    ),
     # Qwen3: QK-norm, and a head width that is not hidden_size / heads.
     'qwen3': dict(
         family='qwen3',
@@ -111,6 +122,7 @@ HF_SHAPES = {
 # model_type -> (config class, model class) of the families the tests build.
 FAMILIES = {
     'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
 }
 
@@ -188,6 +200,7 @@ def test_import_matches_transformers(tmp_path, shape):
   rope_type = rope.get('rope_type', 'default')
   assert m.rope_scaling == ('none' if rope_type == 'default' else rope_type)
   assert m.qk_norm == (expected.get('family') == 'qwen3')
+  assert m.qkv_bias == (expected.get('family') == 'qwen2')
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
@@ -206,7 +219,7 @@ def test_import_matches_transformers(tmp_path, shape):
   assert np.abs(got - want).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'qwen3'])
+@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'qwen2', 'qwen3'])
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
@@ -497,6 +510,9 @@ def test_qk_norm_exports_as_qwen3():
   assert (config['model_type'], config['architectures']) == ('qwen3', ['Qwen3ForCausalLM'])
   assert transformers.Qwen3Config(**config).layer_types == ['full_attention'] * 4
   assert 'model.layers.3.self_attn.k_norm.weight' in arch.expected_hf_shapes(model)
+  model['qkv_bias'] = True  # QK-norm and biases together: no HF architecture has both
+  with pytest.raises(hf.HFError, match='qk_norm=True with model.qkv_bias=True is no'):
+    hf.architectures.for_model(model)
 
 
 def test_command_lines(tmp_path):
@@ -536,7 +552,7 @@ def test_command_lines(tmp_path):
   )
 
 
-@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'qwen3'])
+@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'qwen2', 'qwen3'])
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both

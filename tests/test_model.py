@@ -137,9 +137,11 @@ def test_rope_scaling_equals_transformers(scaling):
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize('tie,qk_norm', [(True, False), (False, True)])
-def test_param_count_matches_initialised_model(tie, qk_norm):
-  config = small_model_config(tie_embeddings=tie, qk_norm=qk_norm)
+@pytest.mark.parametrize(
+    'tie,qk_norm,qkv_bias', [(True, False, False), (False, True, False), (True, False, True)]
+)
+def test_param_count_matches_initialised_model(tie, qk_norm, qkv_bias):
+  config = small_model_config(tie_embeddings=tie, qk_norm=qk_norm, qkv_bias=qkv_bias)
   _, params = init(config)
   assert sum(x.size for x in jax.tree.leaves(params)) == param_count(config)
 

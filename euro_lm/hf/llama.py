@@ -5,8 +5,8 @@ permutation): RoPE is rotate-half in both. Layer weights are stacked `[num_layer
 `nn.scan` here and split into `model.layers.{i}.*` there. torch Linear weights are
 `[out, in]`; ours are `[in, ...]` einsum params, hence the transposes.
 
-Export writes model_type llama. Import reads llama, mistral (no sliding window) and qwen2
-(only without biases, which real Qwen2 checkpoints have: they are refused).
+Export writes model_type llama. Import reads llama and mistral (no sliding window); the
+Qwen modules build on this one.
 """
 
 from euro_lm.errors import HFError
@@ -15,7 +15,6 @@ from euro_lm.errors import HFError
 ARCHITECTURES = {
     'llama': 'LlamaForCausalLM',
     'mistral': 'MistralForCausalLM',
-    'qwen2': 'Qwen2ForCausalLM',
 }
 
 # (euro_lm param path, HF name, per layer). Per-layer HF names take the layer index `i`.
@@ -99,8 +98,7 @@ def unused_hf_tensors(names, model, where):
   biases = sorted(n for n in names if n.endswith('.bias'))
   if biases:
     raise HFError(
-        f'{where} has bias tensors ({biases[0]}, ...); euro_lm layers have no '
-        'biases (Qwen2 checkpoints, for instance, cannot be imported)'
+        f'{where} has bias tensors ({biases[0]}, ...); this architecture has no biases there'
     )
   unused = {n for n in names if 'rotary_emb' in n}
   if model['tie_embeddings']:
@@ -224,11 +222,6 @@ def model_config_from_hf(hf, where='config.json'):
         f'{where}: sliding_window={hf["sliding_window"]!r} is not supported; '
         'euro_lm attends to the full causal context (sliding_window must be null)'
     )
-  if model_type == 'qwen2' and hf.get('use_sliding_window'):
-    raise HFError(
-        f'{where}: use_sliding_window=true is not supported; euro_lm attends to '
-        'the full causal context'
-    )
   try:
     D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
     model = {
@@ -252,3 +245,38 @@ def model_config_from_hf(hf, where='config.json'):
         f'num_key_value_heads={model["num_kv_heads"]}'
     )
   return model
+
+
+def refuse_sliding_windows(hf, where):
+  """Refuses a Qwen-style config whose layers attend within a window (`use_sliding_window`,
+  or `layer_types` other than full attention)."""
+  if hf.get('use_sliding_window'):
+    raise HFError(
+        f'{where}: use_sliding_window=true is not supported; euro_lm attends to the full '
+        'causal context'
+    )
+  types = set(hf.get('layer_types') or ['full_attention'])
+  if types != {'full_attention'}:
+    raise HFError(
+        f'{where}: layer_types={sorted(types)!r} is not supported; euro_lm attends to the '
+        'full causal context in every layer'
+    )
+
+
+def qwen_config(model, model_type, architecture, **kwargs):
+  """The config.json of a Qwen-style model (full attention in every layer)."""
+  config = hf_config(model, **kwargs)
+  layers = model['num_layers']
+  config.update(
+      {
+          'architectures': [architecture],
+          'model_type': model_type,
+          'use_sliding_window': False,
+          'sliding_window': None,
+          'max_window_layers': layers,
+          'layer_types': ['full_attention'] * layers,
+      }
+  )
+  for field in ('attention_bias', 'mlp_bias'):  # not Qwen fields
+    del config[field]
+  return config

@@ -4,7 +4,6 @@ keys before RoPE (euro_lm's `model.qk_norm`); no biases, no sliding window.
 A euro_lm model with `qk_norm=True` exports as Qwen3ForCausalLM.
 """
 
-from euro_lm.errors import HFError
 from euro_lm.hf import llama
 
 ARCHITECTURES = {'qwen3': 'Qwen3ForCausalLM'}
@@ -36,33 +35,10 @@ def expected_hf_shapes(model):
 
 def hf_config(model, **kwargs):
   """Qwen3Config fields (config.json) for a `model` section with qk_norm."""
-  config = llama.hf_config(model, **kwargs)
-  layers = model['num_layers']
-  config.update(
-      {
-          'architectures': [ARCHITECTURES['qwen3']],
-          'model_type': 'qwen3',
-          'use_sliding_window': False,
-          'sliding_window': None,
-          'max_window_layers': layers,
-          'layer_types': ['full_attention'] * layers,
-      }
-  )
-  del config['mlp_bias']  # not a Qwen3 field
-  return config
+  return llama.qwen_config(model, 'qwen3', ARCHITECTURES['qwen3'], **kwargs)
 
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields of a Qwen3 config: Llama's, with qk_norm."""
-  if hf.get('use_sliding_window'):
-    raise HFError(
-        f'{where}: use_sliding_window=true is not supported; euro_lm attends to the full '
-        'causal context'
-    )
-  types = set(hf.get('layer_types') or ['full_attention'])
-  if types != {'full_attention'}:
-    raise HFError(
-        f'{where}: layer_types={sorted(types)!r} is not supported; euro_lm attends to the '
-        'full causal context in every layer'
-    )
+  llama.refuse_sliding_windows(hf, where)
   return llama.model_config_from_hf(hf, where) | {'qk_norm': True}

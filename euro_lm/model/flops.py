@@ -10,8 +10,9 @@ def param_count(model_config):
   attention = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
   norms = 2 * c.embed_dim + (2 * hd if c.qk_norm else 0)
+  biases = hd * (c.num_heads + 2 * c.num_kv_heads) if c.get('qkv_bias', False) else 0
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
-  return c.num_layers * (attention + mlp + norms) + embeddings + c.embed_dim
+  return c.num_layers * (attention + mlp + norms + biases) + embeddings + c.embed_dim
 
 
 def forward_flops_per_token(model_config, seq_len):

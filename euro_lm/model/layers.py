@@ -160,6 +160,11 @@ class Attention(nn.Module):
     q_BLHd = dense(x_BLD, wq_DHd.astype(dtype))
     k_BLKd = dense(x_BLD, wk_DKd.astype(dtype))
     v_BLKd = dense(x_BLD, wv_DKd.astype(dtype))
+    if cfg.get('qkv_bias', False):
+      zeros = nn.initializers.zeros
+      q_BLHd += _param(self, 'bq', (h, hd), ('heads', 'head_dim'), zeros).astype(dtype)
+      k_BLKd += _param(self, 'bk', (k, hd), ('kv_heads', 'head_dim'), zeros).astype(dtype)
+      v_BLKd += _param(self, 'bv', (k, hd), ('kv_heads', 'head_dim'), zeros).astype(dtype)
     if cfg.qk_norm:
       q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
       k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
