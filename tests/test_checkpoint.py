@@ -23,7 +23,7 @@ from run_records import step_dirs, step_records
 from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
-from euro_lm.checkpoint import Checkpointer, CheckpointError
+from euro_lm.checkpoint import Checkpointer, CheckpointError, config_differences
 from euro_lm.data import dataset
 from euro_lm.train.loop import TrainingError, train
 
@@ -359,3 +359,15 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
     checkpointer.save(7, state.replace(params=params), None, config, '')
   checkpointer.close()
   assert os.listdir(tmp_path) == []
+
+
+def test_a_shape_field_the_checkpoint_predates_counts_as_its_default():
+  """A checkpoint whose config was written before a shape field existed (`qkv_bias`) resumes
+  under that field's default, and only there."""
+  config = tiny.get_config()
+  saved = {'model': {k: v for k, v in config.model.to_dict().items() if k != 'qkv_bias'}}
+  assert config_differences(saved, config) == []
+  config.model.qkv_bias = True
+  assert config_differences(saved, config) == [
+      'model.qkv_bias: False in the checkpoint, True in this run'
+  ]
