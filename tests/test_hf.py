@@ -589,3 +589,48 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
       eos_id=-1,
   )
   assert np.asarray(got.tokens_BN).tolist() == expected
+
+
+def test_import_follows_the_index_file(tmp_path):
+  """A sharded folder with model.safetensors.index.json and, as Mistral's folders have, a
+  `consolidated.safetensors` of other weights: import reads what the index maps."""
+  model = random_hf_model(HF_SHAPES['gqa_untied'])
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True, max_shard_size='60KB')
+  assert len(list((tmp_path / 'hf').glob('model-*.safetensors'))) > 1
+  decoy = random_hf_model(HF_SHAPES['gqa_untied'], seed=9).state_dict()
+  save_file({k: v.numpy() for k, v in decoy.items()}, str(tmp_path / 'hf/consolidated.safetensors'))
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  tokens_BL = random_tokens(101)
+  assert np.abs(
+      euro_logits(config.model, params, tokens_BL) - hf_logits(model, tokens_BL)
+  ).max() <= (TOLERANCE)
+  # Without the index, the same tensor in two files is refused rather than guessed.
+  (tmp_path / 'hf' / hf.INDEX_FILE).unlink()
+  with pytest.raises(hf.HFError, match=r'tensor \S+ is in both \S+ and \S+, and no model\.safe'):
+    hf.SafetensorsFolder(tmp_path / 'hf')
+
+
+@pytest.mark.parametrize(
+    'index, message',
+    [
+        ('{"weight_map": ', r'index\.json is not a safetensors index \(JSONDecodeError'),
+        ('{"weight_map": [1]}', r'weight_map must map tensor names to file names'),
+        ('{"weight_map": {"lm_head.weight": "gone.safetensors"}}', r'names gone\.safetensors'),
+        (
+            '{"weight_map": {"lm_head.weight": "model.safetensors", "x": "model.safetensors"}}',
+            r'maps x to model\.safetensors, which does not hold it',
+        ),
+    ],
+)
+def test_a_bad_index_file_is_named(tmp_path, index, message):
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  (tmp_path / hf.INDEX_FILE).write_text(index)
+  with pytest.raises(hf.HFError, match=message):
+    hf.SafetensorsFolder(tmp_path)
+
+
+def test_a_header_longer_than_the_file_is_named(tmp_path):
+  (tmp_path / 'model.safetensors').write_bytes((10**9).to_bytes(8, 'little') + b'{}')
+  with pytest.raises(hf.HFError, match=r'not a safetensors file: its header length 1000000000'):
+    hf.SafetensorsFolder(tmp_path)

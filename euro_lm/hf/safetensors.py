@@ -23,18 +23,51 @@ _SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 def _read_header(path):
   with open(path, 'rb') as f:
     size = int.from_bytes(f.read(8), 'little')
+    if size > os.fstat(f.fileno()).st_size - 8:
+      raise ValueError(f'its header length {size} runs past the end of the file')
     header = json.loads(f.read(size))
+  if not isinstance(header, dict):
+    raise ValueError('its header is not a JSON object')
   header.pop('__metadata__', None)
   return header, 8 + size
 
 
+def _weight_map(directory):
+  """{tensor name: file name} of the folder's index file, or None without one."""
+  path = os.path.join(directory, INDEX_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      weight_map = json.load(f)['weight_map']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise HFError(f'{path} is not a safetensors index ({type(e).__name__}: {e})') from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+  ):
+    raise HFError(f'{path}: weight_map must map tensor names to file names')
+  return weight_map
+
+
 class SafetensorsFolder:
   """Reads tensors by name from a folder of .safetensors files, memory-mapped, one at a
-  time (bfloat16 through ml_dtypes, so neither torch nor safetensors' numpy API)."""
+  time (bfloat16 through ml_dtypes, so neither torch nor safetensors' numpy API).
+
+  With a `model.safetensors.index.json`, the files and tensors it maps, as transformers
+  reads them (other files in the folder, such as Mistral's `consolidated.safetensors`, are
+  not read); without one, every .safetensors file, and a tensor in two of them is refused.
+  """
 
   def __init__(self, directory):
     self.directory = directory
-    files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
+    weight_map = _weight_map(directory)
+    if weight_map is not None:
+      files = sorted(set(weight_map.values()))
+      for name in files:
+        if not os.path.isfile(os.path.join(directory, name)):
+          raise HFError(f'{os.path.join(directory, INDEX_FILE)} names {name}, which is missing')
+    else:
+      files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
     if not files:
       pickled = sorted(
           f for f in os.listdir(directory) if f.endswith(('.bin', '.pt', '.pth', '.ckpt', '.pkl'))
@@ -55,7 +88,21 @@ class SafetensorsFolder:
       except (OSError, ValueError) as e:
         raise HFError(f'{path} is not a safetensors file: {e}') from None
       for key, info in header.items():
+        if weight_map is not None and weight_map.get(key) != name:
+          continue  # the index maps this tensor elsewhere, or not at all
+        if key in self._where:
+          raise HFError(
+              f'{directory}: tensor {key} is in both {os.path.basename(self._where[key][0])} '
+              f'and {name}, and no {INDEX_FILE} says which to read'
+          )
         self._where[key] = (path, offset, info)
+    if weight_map is not None:
+      missing = sorted(set(weight_map) - set(self._where))
+      if missing:
+        raise HFError(
+            f'{os.path.join(directory, INDEX_FILE)} maps {missing[0]} to '
+            f'{weight_map[missing[0]]}, which does not hold it'
+        )
 
   def names(self):
     return sorted(self._where)
