@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # share input embedding and output projection
   m.qk_norm = False  # RMSNorm on queries and keys per head
   m.qkv_bias = False  # biases on the query, key and value projections (as Qwen2)
+  m.sliding_window = 0  # >0: each token attends to at most this many, itself included (Mistral)
   m.init_std = 0.02  # normal init std for weights
   m.compute_dtype = 'float32'  # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
@@ -221,6 +222,7 @@ def validate(config, num_devices, process_count=1, device=None):
       '(set model.head_dim explicitly)',
   )
   for path in (
+      'model.sliding_window',
       'model.loss_chunk_length',
       'optimizer.warmup_steps',
       'train.eval_every',

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import jnp_reference
+from attention_reference import inputs, jnp_reference, reference
 
 from euro_lm import devices
 from euro_lm.model.attention import attention, xla_query_chunks
+from euro_lm.model.layers import cached_attention
 
 # The module (the package exports a function of the same name).
 attention_lib = importlib.import_module('euro_lm.model.attention')
@@ -66,6 +67,28 @@ def test_xla_attention_matches_reference(num_heads, num_kv_heads, causal, packed
   )
 
 
+@pytest.mark.parametrize(
+    'impl,length,causal',
+    [('xla', 12, True), ('xla', 12, False), ('xla', 256, True), ('pallas', 128, True)],
+)
+def test_sliding_window_matches_reference(impl, length, causal):
+  """model.sliding_window reaches every implementation: a query sees the `window` latest
+  keys of its own document (Mistral's sliding window), and the KV-cache path the same."""
+  q, k, v, segment_ids = inputs(4, 2, 64, jnp.float32, length=length, seed=5)
+  window = 5 if length == 12 else 24
+  out = attention(
+      q, k, v, segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl=impl, window=window
+  )
+  want = reference(q, k, v, segment_ids, causal, window)
+  assert not np.allclose(want, reference(q, k, v, segment_ids, causal, None), atol=1e-3)
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+  if causal:  # one row of one document, through the cache: slots are positions
+    ones = jnp.ones((1, length), bool)
+    cached = cached_attention(q[:1], k[:1], v[:1], 0, ones, window)
+    full = reference(q[:1], k[:1], v[:1], np.ones((1, length), np.int32), True, window)
+    np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize('causal', [True, False])
 def test_long_xla_attention_matches_reference(causal):
   """At 256 tokens causal attention runs in query chunks (documents crossing chunk edges)."""
@@ -82,9 +105,12 @@ def test_long_xla_attention_matches_reference(causal):
   )
 
 
-@pytest.mark.parametrize('length,causal', [(12, True), (12, False), (256, True), (256, False)])
+@pytest.mark.parametrize(
+    'length,causal,window',
+    [(12, True, None), (12, False, None), (256, True, None), (256, False, None), (256, True, 40)],
+)
 @pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (8, 1)])
-def test_xla_attention_gradients_match_float64(length, causal, num_heads, num_kv_heads):
+def test_xla_attention_gradients_match_float64(length, causal, window, num_heads, num_kv_heads):
   """The xla attention's own backward (recomputed per query chunk) against autodiff of a
   dense float64 reference, with documents crossing the chunk edges and a padded row."""
   rng = np.random.default_rng(3)
@@ -96,13 +122,17 @@ def test_xla_attention_gradients_match_float64(length, causal, num_heads, num_kv
   )
   w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   loss = lambda *a: jnp.sum(
-      attention(*a, segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl='xla') * w
+      attention(
+          *a, segment_ids_BL=jnp.asarray(segment_ids), causal=causal, impl='xla', window=window
+      )
+      * w
   )
   ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   with jax.enable_x64(True):
     theirs = jax.jit(
         jax.grad(
-            lambda *a: jnp.sum(jnp_reference(*a, segment_ids, causal, None) * w), argnums=(0, 1, 2)
+            lambda *a: jnp.sum(jnp_reference(*a, segment_ids, causal, window) * w),
+            argnums=(0, 1, 2),
         )
     )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
   for a, b in zip(ours, theirs):

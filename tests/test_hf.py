@@ -82,6 +82,17 @@ HF_SHAPES = {
         tie_word_embeddings=False,
         rope_parameters={'rope_type': 'linear', 'rope_theta': 10_000.0, 'factor': 4.0},
     ),
+    # Mistral with a sliding window shorter than the test's 17 tokens.
+    'mistral': dict(
+        family='mistral',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        sliding_window=6,
+    ),
     # Qwen2/2.5: biases on the query, key and value projections.
     'qwen2': dict(
         family='qwen2',
@@ -122,6 +133,7 @@ HF_SHAPES = {
 # model_type -> (config class, model class) of the families the tests build.
 FAMILIES = {
     'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
 }
@@ -201,6 +213,7 @@ def test_import_matches_transformers(tmp_path, shape):
   assert m.rope_scaling == ('none' if rope_type == 'default' else rope_type)
   assert m.qk_norm == (expected.get('family') == 'qwen3')
   assert m.qkv_bias == (expected.get('family') == 'qwen2')
+  assert m.sliding_window == expected.get('sliding_window', 0)
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
@@ -219,7 +232,9 @@ def test_import_matches_transformers(tmp_path, shape):
   assert np.abs(got - want).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize('shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'qwen2', 'qwen3'])
+@pytest.mark.parametrize(
+    'shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'mistral', 'qwen2', 'qwen3']
+)
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
@@ -476,7 +491,7 @@ def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
 
 
-def test_mistral_sliding_window_is_refused_and_full_attention_mistral_accepted():
+def test_mistral_sliding_window_becomes_the_models_window():
   base = {
       'model_type': 'mistral',
       'hidden_size': 32,
@@ -485,10 +500,11 @@ def test_mistral_sliding_window_is_refused_and_full_attention_mistral_accepted()
       'intermediate_size': 40,
       'vocab_size': 10,
   }
-  with pytest.raises(hf.HFError, match=r'sliding_window=4096 is not supported'):
-    hf.model_config_from_hf({**base, 'sliding_window': 4096})
+  assert hf.model_config_from_hf({**base, 'sliding_window': 4096})['sliding_window'] == 4096
   model = hf.model_config_from_hf({**base, 'sliding_window': None})
-  assert (model['head_dim'], model['num_kv_heads']) == (16, 2)
+  assert (model['head_dim'], model['num_kv_heads'], model['sliding_window']) == (16, 2, 0)
+  with pytest.raises(hf.HFError, match=r'sliding_window=-1 must be a positive integer or null'):
+    hf.model_config_from_hf({**base, 'sliding_window': -1})
 
 
 def test_bias_tensors_are_refused(tmp_path):
@@ -511,7 +527,7 @@ def test_qk_norm_exports_as_qwen3():
   assert transformers.Qwen3Config(**config).layer_types == ['full_attention'] * 4
   assert 'model.layers.3.self_attn.k_norm.weight' in arch.expected_hf_shapes(model)
   model['qkv_bias'] = True  # QK-norm and biases together: no HF architecture has both
-  with pytest.raises(hf.HFError, match='qk_norm=True with model.qkv_bias=True is no'):
+  with pytest.raises(hf.HFError, match='model.qk_norm and model.qkv_bias together are no'):
     hf.architectures.for_model(model)
 
 
@@ -552,7 +568,7 @@ def test_command_lines(tmp_path):
   )
 
 
-@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'qwen2', 'qwen3'])
+@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'mistral', 'qwen2', 'qwen3'])
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both

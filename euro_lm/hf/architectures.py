@@ -1,6 +1,6 @@
 """Which architecture module reads an HF config, and which one writes a euro_lm model.
 
-An architecture module (`llama`, `qwen2`, `qwen3`) holds one family's mapping table and
+An architecture module (`llama`, `mistral`, `qwen2`, `qwen3`) holds one family's mapping table and
 config translation:
   ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
   param_table(model)                 [(euro_lm path, HF name template, per layer)]
@@ -13,9 +13,9 @@ The export and import drivers go through these names only.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import llama, qwen2, qwen3
+from euro_lm.hf import llama, mistral, qwen2, qwen3
 
-_MODULES = (llama, qwen2, qwen3)
+_MODULES = (llama, mistral, qwen2, qwen3)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
 # model_type -> HF class, of every checkpoint euro_lm imports.
 ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
@@ -41,15 +41,21 @@ def for_hf_config(hf, where='config.json'):
 
 def for_model(model):
   """The module that exports euro_lm's `model` config section: Qwen3 with QK-norm, Qwen2
-  with projection biases, else Llama. Refuses a model no one architecture expresses."""
-  if model['qk_norm'] and model.get('qkv_bias'):
+  with projection biases, Mistral with a sliding window, else Llama. Refuses a model that
+  no one architecture expresses."""
+  features = {
+      qwen3: 'model.qk_norm',
+      qwen2: 'model.qkv_bias',
+      mistral: 'model.sliding_window',
+  }
+  chosen = [arch for arch, field in features.items() if model.get(field.split('.')[1])]
+  if len(chosen) > 1:
     raise HFError(
-        'model.qk_norm=True with model.qkv_bias=True is no Hugging Face architecture '
-        '(Qwen3 has QK-norm, Qwen2 biases); export one or the other'
+        f'{" and ".join(features[a] for a in chosen)} together are no Hugging Face '
+        'architecture that euro_lm exports (Qwen3 has QK-norm, Qwen2 biases, Mistral a '
+        'sliding window)'
     )
-  if model['qk_norm']:
-    return qwen3
-  return qwen2 if model.get('qkv_bias') else llama
+  return chosen[0] if chosen else llama
 
 
 def model_config_from_hf(hf, where='config.json'):

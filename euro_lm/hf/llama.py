@@ -5,8 +5,7 @@ permutation): RoPE is rotate-half in both. Layer weights are stacked `[num_layer
 `nn.scan` here and split into `model.layers.{i}.*` there. torch Linear weights are
 `[out, in]`; ours are `[in, ...]` einsum params, hence the transposes.
 
-Export writes model_type llama. Import reads llama and mistral (no sliding window); the
-Qwen modules build on this one.
+Export writes model_type llama; the Mistral and Qwen modules build on this one.
 """
 
 from euro_lm.errors import HFError
@@ -14,7 +13,6 @@ from euro_lm.errors import HFError
 # model_type -> the HF class of the checkpoints this module reads.
 ARCHITECTURES = {
     'llama': 'LlamaForCausalLM',
-    'mistral': 'MistralForCausalLM',
 }
 
 # (euro_lm param path, HF name, per layer). Per-layer HF names take the layer index `i`.
@@ -210,18 +208,12 @@ def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields from an HF config dict of one of `ARCHITECTURES` (which
   `euro_lm.hf.architectures` checks); refuses what euro_lm cannot represent, naming the HF
   field."""
-  model_type = hf.get('model_type')
   act = hf.get('hidden_act', 'silu')
   if act != 'silu':
     raise HFError(f'{where}: hidden_act={act!r} is not supported; euro_lm uses SwiGLU (silu)')
   for field in ('attention_bias', 'mlp_bias'):
     if hf.get(field):
       raise HFError(f'{where}: {field}=true is not supported; euro_lm layers have no biases')
-  if model_type == 'mistral' and hf.get('sliding_window') is not None:
-    raise HFError(
-        f'{where}: sliding_window={hf["sliding_window"]!r} is not supported; '
-        'euro_lm attends to the full causal context (sliding_window must be null)'
-    )
   try:
     D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
     model = {

@@ -170,9 +170,11 @@ def attention(
     impl='xla',
     pallas_backend='auto',
     device=None,
+    window=None,
 ):
   """Returns the attention output `[B, L, H, d]` in q's dtype. `impl` and `pallas_backend`
-  are resolved by `resolve` on `device` (default: the current one)."""
+  are resolved by `resolve` on `device` (default: the current one). `window` W (sliding
+  window attention, as Mistral's): a query at i sees keys in (i - W, i] when causal."""
   num_heads, num_kv_heads = q_BLHd.shape[2], k_BLKd.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
@@ -187,12 +189,12 @@ def attention(
   )
   if choice.impl == 'pallas':
     kernel = functools.partial(
-        kernels.flash_attention, causal=causal, scale=scale, backend=choice.backend
+        kernels.flash_attention, causal=causal, scale=scale, backend=choice.backend, window=window
     )
     return per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
   if choice.impl == 'cudnn':
-    return _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale)
-  return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale)
+    return _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
+  return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
 
 
 def per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=None):
@@ -232,17 +234,21 @@ def _dividing(axes, size, mesh):
   return axes if size % mesh_axes_size(mesh, axes) == 0 else None
 
 
-def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None):
+def attention_mask(segment_ids_BL, length, causal, queries=None, num_keys=None, window=None):
   """Boolean `[B or 1, Q, M]` mask: True where query i may attend to key j.
 
   All L queries and keys by default; `queries=(start, end)` and `num_keys` select the rows
-  start .. end against keys 0 .. num_keys.
+  start .. end against keys 0 .. num_keys. `window` W keeps keys less than W positions
+  before the query (and, without `causal`, after it).
   """
   start, end = queries or (0, length)
   num_keys = length if num_keys is None else num_keys
+  offset_QM = (start + jnp.arange(end - start))[:, None] - jnp.arange(num_keys)[None, :]
   mask_1QM = jnp.ones((1, end - start, num_keys), bool)
   if causal:
-    mask_1QM = ((start + jnp.arange(end - start))[:, None] >= jnp.arange(num_keys)[None, :])[None]
+    mask_1QM &= offset_QM >= 0
+  if window:
+    mask_1QM &= (offset_QM < window) & (causal or -offset_QM < window)
   if segment_ids_BL is None:
     return mask_1QM
   q_segments_BQ, k_segments_BM = segment_ids_BL[:, start:end], segment_ids_BL[:, :num_keys]
@@ -267,18 +273,19 @@ def xla_query_chunks(length, causal):
   return 1
 
 
-def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
+def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window):
   chunks = xla_query_chunks(q_BLHd.shape[1], causal)
-  return _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks)
+  return _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, (causal, window), scale, chunks)
 
 
 # Like flash attention, but in plain XLA ops and whole query chunks: the forward keeps each
 # row's float32 log-sum-exp instead of the probabilities, and the backward recomputes the
 # scores of one chunk at a time. Against autodiff's saved L x L probabilities this trades
 # one more q.k matmul for far less memory, and ran faster on the CPU (BENCHMARKS.md).
+# `visibility` is (causal, window), as `attention_mask` takes them.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
-  return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks)[0]
+def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks):
+  return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks)[0]
 
 
 def _chunks(length, causal, chunks):
@@ -289,9 +296,10 @@ def _chunks(length, causal, chunks):
     yield start, end, end if causal else length  # later keys are all masked when causal
 
 
-def _chunk_mask(segment_ids_BL, start, end, num_keys, causal):
+def _chunk_mask(segment_ids_BL, start, end, num_keys, visibility):
   """`[B or 1, 1, 1, Q, M]`: `attention_mask` of one query chunk, broadcast over heads."""
-  mask_BQM = attention_mask(segment_ids_BL, None, causal, (start, end), num_keys)
+  causal, window = visibility
+  mask_BQM = attention_mask(segment_ids_BL, None, causal, (start, end), num_keys, window)
   return mask_BQM[:, None, None]
 
 
@@ -324,13 +332,14 @@ def _scores(q_BKGQd, k_BKMd, scale):
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
 # strided operand in every chunk's matmuls, which ran faster on the CPU (BENCHMARKS.md).
-def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chunks):
+def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks):
+  causal = visibility[0]
   num_kv_heads = k_BLKd.shape[2]
   q_BKGLd = _query_heads_first(q_BLHd, num_kv_heads)
   k_BKLd, v_BKLd = _kv_heads_first(k_BLKd), _kv_heads_first(v_BLKd)
   outs, logsumexps = [], []
   for start, end, num_keys in _chunks(q_BLHd.shape[1], causal, chunks):
-    mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
+    mask = _chunk_mask(segment_ids_BL, start, end, num_keys, visibility)
     scores_BKGQM = jnp.where(
         mask,
         _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale),
@@ -356,7 +365,8 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, chun
   return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
 
 
-def _chunked_backward(causal, scale, chunks, residuals, dout_BLHd):
+def _chunked_backward(visibility, scale, chunks, residuals, dout_BLHd):
+  causal = visibility[0]
   q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps = residuals
   batch, length, num_heads, _ = q_BLHd.shape
   num_kv_heads = k_BLKd.shape[2]
@@ -371,7 +381,7 @@ def _chunked_backward(causal, scale, chunks, residuals, dout_BLHd):
   dk_BKLd = jnp.zeros(k_BKLd.shape, jnp.float32)
   dv_BKLd = jnp.zeros(v_BKLd.shape, jnp.float32)
   for (start, end, num_keys), logsumexp_BKGQ1 in zip(_chunks(length, causal, chunks), logsumexps):
-    mask = _chunk_mask(segment_ids_BL, start, end, num_keys, causal)
+    mask = _chunk_mask(segment_ids_BL, start, end, num_keys, visibility)
     q_BKGQd, dout_BKGQd = q_BKGLd[:, :, :, start:end], dout_BKGLd[:, :, :, start:end]
     k_BKMd, v_BKMd = k_BKLd[:, :, :num_keys], v_BKLd[:, :, :num_keys]
     probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQd, k_BKMd, scale) - logsumexp_BKGQ1), 0.0)
@@ -407,11 +417,18 @@ def _chunked_backward(causal, scale, chunks, residuals, dout_BLHd):
 _chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
-def _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale):
+def _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window):
   mask = None
   if segment_ids_BL is not None:
     # cuDNN takes a dense mask; the Pallas kernel skips masked blocks instead.
     mask = attention_mask(segment_ids_BL, q_BLHd.shape[1], causal=False)[:, None]
   return jax.nn.dot_product_attention(
-      q_BLHd, k_BLKd, v_BLKd, mask=mask, scale=scale, is_causal=causal, implementation='cudnn'
+      q_BLHd,
+      k_BLKd,
+      v_BLKd,
+      mask=mask,
+      scale=scale,
+      is_causal=causal,
+      local_window_size=(window - 1, 0 if causal else window - 1) if window else None,
+      implementation='cudnn',
   )

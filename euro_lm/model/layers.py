@@ -151,6 +151,7 @@ class Attention(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+    window = cfg.get('sliding_window', 0) or None
     init = nn.initializers.normal(cfg.init_std)
     wq_DHd = _param(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'), init)
     wk_DKd = _param(self, 'wk', (d, k, hd), ('embed', 'kv_heads', 'head_dim'), init)
@@ -183,7 +184,7 @@ class Attention(nn.Module):
           jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
           for c, new in zip(layer_cache, (k_BLKd, v_BLKd))
       )
-      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS)
+      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window)
       out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
       return out_BLD, (k_BSKd, v_BSKd)
 
@@ -195,6 +196,7 @@ class Attention(nn.Module):
         causal=True,
         impl=cfg.attention_impl,
         pallas_backend=cfg.get('pallas_backend', 'auto'),
+        window=window,
     )
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
@@ -242,10 +244,11 @@ class Block(nn.Module):
     return _constrain(x_BLD, ('batch', 'length', 'embed')), layer_cache
 
 
-def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS):
+def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None):
   """Attention of L new queries, at cache slots `index ...`, over all S cache slots.
 
-  A query at slot i sees slot j if j <= i and `kv_valid_BS[:, j]`. Plain einsums: at
+  A query at slot i sees slot j if j <= i (and i - j < `window`) and `kv_valid_BS[:, j]`
+  (slots and positions differ by a row's left padding alone). Plain einsums: at
   decode time L is 1 (or the prompt, once), so a flash kernel would gain little here.
   """
   batch, length, num_heads, hd = q_BLHd.shape
@@ -256,7 +259,9 @@ def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS):
       * hd**-0.5
   )
   query_slot_L1 = (index + jnp.arange(length))[:, None]
-  mask_BLS = (jnp.arange(num_slots)[None, :] <= query_slot_L1) & kv_valid_BS[:, None, :]
+  offset_LS = query_slot_L1 - jnp.arange(num_slots)[None, :]
+  visible_LS = (offset_LS >= 0) & (offset_LS < window) if window else offset_LS >= 0
+  mask_BLS = visible_LS[None] & kv_valid_BS[:, None, :]
   mask_B11LS = mask_BLS[:, None, None]
   logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
   # A padding query sees nothing: zero output, as in the training attention.
