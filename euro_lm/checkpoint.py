@@ -349,6 +349,46 @@ def find_tokenizer(step_dir, workdir, configured=''):
   return next((p for p in candidates if p and os.path.isfile(p)), None)
 
 
+def file_sha256(path):
+  with open(path, 'rb') as f:
+    return _sha256(f.read())
+
+
+def tokenizer_for_init(init_from, configured, workdir):
+  """Before a new run starts from `train.init_from`'s parameters: makes it tokenize as they
+  were trained, never with a freshly trained tokenizer whose ids mean something else.
+
+  The source's tokenizer is the checkpoint's copy, else its workdir's `tokenizer.model`
+  (an imported model's). A run that names none (`configured`, data.tokenizer_path, empty)
+  and has none in `workdir` gets a copy there. Raises CheckpointError when the run's
+  tokenizer differs from the source's (naming both), and when the source carries none and
+  the run names none. Returns the source's tokenizer path, or None.
+  """
+  step_dir = resolve_checkpoint(init_from)
+  source = find_tokenizer(step_dir, step_dir.parent.parent)
+  own = configured or os.path.join(workdir, TOKENIZER_FILE)
+  if source is None:
+    if configured:
+      return None  # the user names the tokenizer; there is nothing to compare it with
+    raise CheckpointError(
+        f'train.init_from={init_from}: {step_dir} carries no tokenizer (an HF folder imported '
+        'without a SentencePiece tokenizer.model), and a new one would give its parameters '
+        'unrelated ids; set data.tokenizer_path to the tokenizer they were trained with'
+    )
+  if os.path.isfile(own):
+    if file_sha256(own) != file_sha256(source):
+      raise CheckpointError(
+          f'the tokenizer {own} is not the one the parameters of train.init_from='
+          f'{init_from} were trained with ({source}); set data.tokenizer_path={source}'
+      )
+  elif not configured:
+    os.makedirs(workdir, exist_ok=True)
+    temporary = f'{own}.tmp-{os.getpid()}'
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, own)  # atomic: processes sharing the workdir copy the same file
+  return source
+
+
 def load_params(path, abstract_params):
   """The parameters alone from checkpoint `path` (see resolve_checkpoint), placed with the
   shardings of `abstract_params`: the start of continued pretraining or annealing."""

@@ -23,8 +23,14 @@ from run_records import step_dirs, step_records
 from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
-from euro_lm.checkpoint import Checkpointer, CheckpointError, config_differences
+from euro_lm.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    config_differences,
+    tokenizer_for_init,
+)
 from euro_lm.data import dataset
+from euro_lm.data.tokenizer import train_sentencepiece
 from euro_lm.train.loop import TrainingError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,6 +226,28 @@ def test_init_from_loads_the_parameters_only(straight, overrides, tmp_path):
   deeper = config_with({**overrides, 'model.num_layers': 3, 'train.init_from': straight[0]})
   with pytest.raises(CheckpointError, match=r"do not fit this run's model"):
     train(deeper, str(tmp_path / 'deeper'))
+
+
+def test_init_from_trains_with_the_tokenizer_of_its_parameters(straight, overrides, tmp_path):
+  """A run from train.init_from that names no tokenizer takes the checkpoint's (it never
+  trains a new one); one that names another tokenizer is refused, naming both."""
+  source = os.path.join(straight[0], 'checkpoints', '20', 'tokenizer', 'tokenizer.model')
+  unnamed = {**overrides, 'data.tokenizer_path': '', 'train.init_from': straight[0]}
+  assert tokenizer_for_init(straight[0], '', str(tmp_path / 'run')) == source
+  copied = tmp_path / 'run' / 'tokenizer.model'
+  assert copied.read_bytes() == open(overrides['data.tokenizer_path'], 'rb').read()
+  other = tmp_path / 'other.model'
+  texts = ['Guten Tag, wie geht es Ihnen?', 'Bonjour, comment allez-vous ?'] * 50
+  train_sentencepiece(texts, str(other), vocab_size=320)
+  config = config_with({**unnamed, 'data.tokenizer_path': str(other)})
+  with pytest.raises(
+      CheckpointError, match=rf'the tokenizer {other} is not the one .* \({source}\)'
+  ):
+    train(config, str(tmp_path / 'other_run'))
+  assert not (tmp_path / 'other_run' / 'checkpoints' / '1').exists()
+  copied.write_bytes(other.read_bytes())  # a different tokenizer already in the workdir
+  with pytest.raises(CheckpointError, match=rf'the tokenizer {copied} is not the one'):
+    train(config_with(unnamed), str(tmp_path / 'run'))
 
 
 def test_save_every_minutes(overrides, tmp_path):

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from configs import tiny
 from euro_lm import hf
-from euro_lm.checkpoint import load_params, resolve_checkpoint
+from euro_lm.checkpoint import CheckpointError, load_params, resolve_checkpoint
 from euro_lm.data import dataset
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.model import Decoder
@@ -650,3 +650,15 @@ def test_a_header_longer_than_the_file_is_named(tmp_path):
   (tmp_path / 'model.safetensors').write_bytes((10**9).to_bytes(8, 'little') + b'{}')
   with pytest.raises(hf.HFError, match=r'not a safetensors file: its header length 1000000000'):
     hf.SafetensorsFolder(tmp_path)
+
+
+def test_a_model_imported_without_a_tokenizer_does_not_train_with_a_new_one(tmp_path):
+  """Its HF folder had no tokenizer.model: training from it refuses to start rather than
+  train a fresh tokenizer whose ids mean nothing to the imported parameters."""
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'), log=lambda *a: None)
+  assert not config.data.tokenizer_path
+  config.train.steps, config.train.global_batch_size, config.train.seq_len = 1, 8, 32
+  with pytest.raises(CheckpointError, match=r'carries no tokenizer .* set data\.tokenizer_path'):
+    train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'tokenizer.model').exists()  # none was trained

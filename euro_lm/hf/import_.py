@@ -82,8 +82,9 @@ def import_hf(hf_dir, workdir, log=print):
     config.data.tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   else:
     log(
-        f'warning: no {TOKENIZER_FILE} in {hf_dir}: set data.tokenizer_path to a '
-        'SentencePiece model with the same ids before training'
+        f'warning: no {TOKENIZER_FILE} in {hf_dir}: training from it needs '
+        'data.tokenizer_path set to a SentencePiece model with the same ids (it refuses to '
+        'train a new tokenizer)'
     )
   write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   overrides = training_overrides(config, model)

@@ -11,7 +11,7 @@ import tqdm
 from flax import linen as nn
 
 from euro_lm import devices, host_memory
-from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params
+from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params, tokenizer_for_init
 from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.errors import UserError
@@ -147,11 +147,6 @@ def train(config, workdir):
       + ' x '.join(f'{a}={s}' for a, s in degrees.items())
       + f', workdir {workdir}'
   )
-  data = dataset.make_data(
-      config, workdir, process_index=process_index, process_count=process_count
-  )
-  model = Decoder(config.model)
-  tx, schedule = make_optimizer(config.optimizer, t.steps)
   checkpointer = Checkpointer(
       os.path.join(workdir, 'checkpoints'),
       save_every=t.checkpoint_every,
@@ -159,6 +154,18 @@ def train(config, workdir):
       keep=t.keep_checkpoints,
       keep_every=t.keep_checkpoints_every,
   )
+  try:
+    if t.init_from and not checkpointer.latest_step():
+      # Before make_data, which would otherwise train a tokenizer of its own.
+      tokenizer_for_init(t.init_from, config.data.tokenizer_path, workdir)
+    data = dataset.make_data(
+        config, workdir, process_index=process_index, process_count=process_count
+    )
+  except BaseException:
+    _close(checkpointer, failing=True)
+    raise
+  model = Decoder(config.model)
+  tx, schedule = make_optimizer(config.optimizer, t.steps)
   train_iterator = iter(data.train)
   try:
     state, shardings, start_step = _start(
