@@ -81,6 +81,7 @@ def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p
       jax.random.key(seed),
       max_new_tokens=max_new_tokens,
       eos_id=tok.eos_id,
+      num_tokens=tok.vocab_size,
       pad_id=pad_id,
       temperature=temperature,
       top_k=top_k,

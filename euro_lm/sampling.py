@@ -10,7 +10,6 @@ after its stop hold `pad_id`.
 the KV cache: the reference for the cached path and the baseline of the benchmark.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -96,9 +95,11 @@ def generate(
     top_k=0,
     top_p=1.0,
     use_cache=True,
+    num_tokens=None,
 ):
   """Continues left-padded prompts (`tokens_BP`, real lengths `lengths_B`) with
-  `model = Decoder(config)` and its `params`. Returns a Generation."""
+  `model = Decoder(config)` and its `params`. Returns a Generation. `num_tokens`: draw
+  only ids below it (the tokenizer's size, when the model's vocabulary is padded)."""
   run = make_generate(
       model,
       max_new_tokens=max_new_tokens,
@@ -108,19 +109,30 @@ def generate(
       top_k=top_k,
       top_p=top_p,
       use_cache=use_cache,
+      num_tokens=num_tokens,
   )
   return run(params, jnp.asarray(tokens_BP, jnp.int32), jnp.asarray(lengths_B, jnp.int32), key)
 
 
 def make_generate(
-    model, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, top_k=0, top_p=1.0, use_cache=True
+    model,
+    *,
+    max_new_tokens,
+    eos_id,
+    pad_id=0,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    use_cache=True,
+    num_tokens=None,
 ):
   """The jitted `run(params, tokens_BP, lengths_B, key) -> Generation` behind generate(),
   to call repeatedly without recompiling (one compile per prompt shape)."""
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   check_settings(temperature, top_k, top_p)
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  sample = lambda logits_BV, key: sample_logits(logits_BV[:, :num_tokens], key, **settings)
 
   def run(params, tokens_BP, lengths_B, key):
     batch, prompt_len = tokens_BP.shape

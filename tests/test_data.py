@@ -481,8 +481,12 @@ def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
   assert model_path.read_bytes() == model_bytes
   assert again.tokenizer.encode('Καλημέρα') == result.tokenizer.encode('Καλημέρα')
 
-  config.model.vocab_size = 2048
-  with pytest.raises(ValueError, match=rf'{re.escape(str(model_path))}.*1024.*2048'):
+  config.model.vocab_size = 1024 + 64  # padded: more embedding rows than pieces is valid
+  padded = dataset.make_data(config, str(tmp_path))
+  assert padded.tokenizer.vocab_size == 1024
+  assert int(next(iter(padded.train))['targets'].max()) < 1024
+  config.model.vocab_size = 512  # fewer rows than pieces is not
+  with pytest.raises(ValueError, match=rf'{re.escape(str(model_path))}.*1024.*512'):
     dataset.make_data(config, str(tmp_path))
 
 

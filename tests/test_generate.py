@@ -123,6 +123,26 @@ def test_greedy_with_cache_equals_recompute():
   np.testing.assert_array_equal(cached.lengths_B, [6, 6, 6])
 
 
+def test_a_padded_vocabulary_is_never_sampled():
+  """With `num_tokens` (the tokenizer's size) below the model's vocabulary, the rows past
+  it are never drawn, greedy or sampled, even where they hold the largest logits."""
+  model, params, apply = make_model()
+  vocab = params['embedding'].shape[0]
+  greedy = greedy_reference(apply, params, PROMPTS[0], 6)
+  num_tokens = max(min(greedy), 1)  # the greedy choices themselves are out of reach
+  for temperature in (0.0, 2.0):
+    got = run_generate(
+        model,
+        params,
+        jax.random.key(0),
+        max_new_tokens=6,
+        eos_id=-1,
+        temperature=temperature,
+        num_tokens=num_tokens,
+    )
+    assert np.asarray(got.tokens_BN).max() < num_tokens < vocab
+
+
 def test_top_k_1_is_greedy():
   model, params, _ = make_model()
   greedy = run_generate(

@@ -149,7 +149,10 @@ def _prepared(config):
 
 
 def _check_vocab(tokenizer, vocab_size, path):
-  if tokenizer.vocab_size != vocab_size:
+  """The embedding needs a row per piece. More rows than pieces (a padded vocabulary, as
+  many released models have) is valid: those ids never occur in the data, and generation
+  never samples them."""
+  if tokenizer.vocab_size > vocab_size:
     raise ConfigError(
         f'The tokenizer {path} has vocab size {tokenizer.vocab_size}, but'
         f' model.vocab_size is {vocab_size}.'
