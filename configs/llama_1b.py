@@ -1,4 +1,6 @@
-"""~1.2B-parameter Llama-style model (Llama-3.2-1B shape with a 64k vocabulary), 4k context.
+"""~1.2B-parameter Llama-style model, 4k context: Llama-3.2-1B's shape and RoPE (its
+`llama3` scaling) with a 64k vocabulary. `--config.model.vocab_size=128256` makes it
+Llama-3.2-1B itself, so its imported parameters continue training with these settings.
 
 Variants: `:gpu` (bfloat16, `auto` attention, remat of matmul outputs). `auto` takes what
 ran fastest on each device (`euro_lm.model.attention.resolve`; BENCHMARKS.md).
@@ -17,6 +19,11 @@ def get_config(arg=None):
   c.model.head_dim = 64
   c.model.mlp_dim = 8192
   c.model.rope_theta = 500_000.0
+  c.model.rope_scaling = 'llama3'
+  c.model.rope_scaling_factor = 32.0
+  c.model.rope_low_freq_factor = 1.0
+  c.model.rope_high_freq_factor = 4.0
+  c.model.rope_original_max_positions = 8192
   c.train.global_batch_size = 512
   c.train.seq_len = 4096
   c.train.steps = 100_000

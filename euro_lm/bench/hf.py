@@ -1,11 +1,13 @@
 """`python -m euro_lm.bench.hf [--config=configs/llama_1b.py] [--dir=/tmp/euro_lm_bench_hf]`
 
-Hugging Face import and export on this machine: a random float32 Llama folder in the
-config's model shape (written tensor by tensor, no torch) is imported with
-`python -m euro_lm.import_hf`, then exported again with `python -m euro_lm.export_hf
---dtype=float32`, each in its own process. Prints one table: wall time, throughput and
-peak host memory (the child's maximum RSS), next to a process that only imports the
-libraries. Checks that the export equals the input, tensor by tensor, before printing.
+Hugging Face import and export on this machine: a random float32 folder of the architecture
+that exports the config's model (Llama; Qwen2 with `--config.model.qkv_bias=True`, Qwen3
+with `qk_norm`, Mistral with `sliding_window`), in its shape (written tensor by tensor, no
+torch), is imported with `python -m euro_lm.import_hf`, then exported again with
+`python -m euro_lm.export_hf --dtype=float32`, each in its own process. Prints one table:
+wall time, throughput and peak host memory (the child's maximum RSS), next to a process
+that only imports the libraries. Checks that the export equals the input, tensor by
+tensor, before printing.
 """
 
 import json
@@ -29,18 +31,25 @@ _LIBRARIES = 'import jax, orbax.checkpoint, tensorstore, euro_lm.hf, euro_lm.che
 
 
 def write_random_hf(model, directory, shard_bytes, seed=0):
-  """A random float32 HF Llama folder (config.json + shards); returns its bytes."""
+  """A random float32 HF folder (config.json + shards); returns its bytes."""
   os.makedirs(directory)
-  shapes = hf.expected_hf_shapes(model)
+  arch = hf.architectures.for_model(model)
+  shapes = arch.expected_hf_shapes(model)
   writer = hf.ShardWriter(directory, [(n, s, np.float32) for n, s in shapes.items()], shard_bytes)
   rng = np.random.default_rng(seed)
   for name, shape in shapes.items():
     writer.add(name, rng.standard_normal(shape, np.float32) * np.float32(0.02))
   writer.close()
-  config = hf.hf_config(model, bos_token_id=2, eos_token_id=3, pad_token_id=0, dtype='float32')
+  config = arch.hf_config(model, bos_token_id=2, eos_token_id=3, pad_token_id=0, dtype='float32')
   with open(os.path.join(directory, hf.CONFIG_FILE), 'w', encoding='utf-8') as f:
     json.dump(config, f)
   return sum(int(np.prod(s)) * 4 for s in shapes.values())
+
+
+def arch_name(model):
+  """The HF class the model exports as."""
+  config = hf.architectures.for_model(model).hf_config(model, bos_token_id=2, eos_token_id=3)
+  return config['architectures'][0]
 
 
 def measure(argv):
@@ -97,7 +106,7 @@ def main(argv):
 
   params = size // 4
   print(
-      f'\n{params / 1e9:.3f}B parameters, {size / 1e9:.2f} GB in float32; '
+      f'\n{arch_name(model)}: {params / 1e9:.3f}B parameters, {size / 1e9:.2f} GB in float32; '
       'the export equals the input, tensor by tensor\n'
   )
   print('| step | wall | throughput | peak host RSS | vs model size |')
