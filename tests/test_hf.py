@@ -662,3 +662,23 @@ def test_a_model_imported_without_a_tokenizer_does_not_train_with_a_new_one(tmp_
   with pytest.raises(CheckpointError, match=r'carries no tokenizer .* set data\.tokenizer_path'):
     train(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'tokenizer.model').exists()  # none was trained
+
+
+def test_nan_weights_are_refused_and_a_failed_import_can_be_retried(tmp_path):
+  model = random_hf_model(HF_SHAPES['gqa_untied'])
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  weights = tmp_path / 'hf' / 'model.safetensors'
+  good = weights.read_bytes()
+  tensors = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+  tensors['model.layers.1.mlp.up_proj.weight'][3, 5] = np.nan
+  save_file(tensors, str(weights))
+  with pytest.raises(hf.HFError, match=r'model\.layers\.1\.mlp\.up_proj\.weight holds NaN'):
+    hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  assert os.listdir(tmp_path / 'run' / 'checkpoints') == []  # nothing half-written remains
+  weights.write_bytes(good)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  tokens_BL = random_tokens(101)
+  assert np.abs(
+      euro_logits(config.model, params, tokens_BL) - hf_logits(model, tokens_BL)
+  ).max() <= (TOLERANCE)

@@ -35,7 +35,10 @@ def params_from_hf(folder, model, arch):
           f'{folder.directory}: {name} has shape {tuple(x.shape)}, but '
           f'{CONFIG_FILE} implies {shapes[name]}'
       )
-    return arch.from_hf(path, np.asarray(x, np.float32), model)
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():
+      raise HFError(f'{folder.directory}: {name} holds NaN or infinite values')
+    return arch.from_hf(path, x, model)
 
   for path, template, per_layer in arch.param_table(model):
     if not per_layer:
@@ -70,7 +73,15 @@ def import_hf(hf_dir, workdir, log=print):
   if os.path.exists(step_dir):
     raise HFError(f'{step_dir} already exists; import into an empty workdir')
   os.makedirs(os.path.dirname(step_dir), exist_ok=True)
-  save_params(step_dir, params_from_hf(folder, model, arch))
+  # Written aside and renamed when complete: a failed import leaves nothing in the way of a
+  # retry (nor anything that looks like a checkpoint).
+  partial = f'{step_dir}.importing-{os.getpid()}'
+  try:
+    save_params(partial, params_from_hf(folder, model, arch))
+    os.rename(partial, step_dir)
+  finally:
+    for leftover in (partial, f'{partial}.partial_save'):  # Orbax stages partial saves there
+      shutil.rmtree(leftover, ignore_errors=True)
   state_dir = os.path.join(step_dir, 'state')
 
   config = base_config()
