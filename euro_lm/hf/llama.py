@@ -37,7 +37,7 @@ def param_table(model):
   return [p for p in _PARAMS if p[0] != ('output',) or not model['tie_embeddings']]
 
 
-def _head_dim(model):
+def head_dim(model):
   return model['head_dim'] or model['embed_dim'] // model['num_heads']
 
 
@@ -56,7 +56,7 @@ def to_hf(path, x, model):
 
 def from_hf(path, x, model):
   """The inverse of `to_hf`: one HF tensor as the euro_lm param (one layer's slice)."""
-  name, d = path[-1], _head_dim(model)
+  name, d = path[-1], head_dim(model)
   if name in ('wq', 'wk', 'wv'):  # [(H or K) * d, D] -> [D, H or K, d]
     return x.T.reshape(x.shape[1], -1, d)
   if name == 'wo':  # [D, H * d] -> [H, d, D]
@@ -70,7 +70,7 @@ def expected_hf_shapes(model):
   """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict), in
   `param_table` order, layer by layer."""
   D, F, V = model['embed_dim'], model['mlp_dim'], model['vocab_size']
-  H, K, d = model['num_heads'], model['num_kv_heads'], _head_dim(model)
+  H, K, d = model['num_heads'], model['num_kv_heads'], head_dim(model)
   shapes = {
       'embedding': (V, D),
       'wq': (H * d, D),
@@ -128,7 +128,7 @@ def hf_config(
       'num_hidden_layers': model['num_layers'],
       'num_attention_heads': model['num_heads'],
       'num_key_value_heads': model['num_kv_heads'],
-      'head_dim': _head_dim(model),
+      'head_dim': head_dim(model),
       'hidden_act': 'silu',
       'rms_norm_eps': float(model['norm_eps']),
       # transformers >= 5 reads rope_parameters; older versions rope_theta and rope_scaling.

@@ -33,14 +33,14 @@ def to_hf(path, x, model):
 
 def from_hf(path, x, model):
   if path[-1] in ('bq', 'bk', 'bv'):  # [(H or K) * d] -> [H or K, d]
-    return x.reshape(-1, model['head_dim'] or model['embed_dim'] // model['num_heads'])
+    return x.reshape(-1, llama.head_dim(model))
   return llama.from_hf(path, x, model)
 
 
 def expected_hf_shapes(model):
   """{HF name: shape}, in `param_table` order: Llama's, then the biases."""
   shapes = llama.expected_hf_shapes(model)
-  d = model['head_dim'] or model['embed_dim'] // model['num_heads']
+  d = llama.head_dim(model)
   heads = {'q': model['num_heads'], 'k': model['num_kv_heads'], 'v': model['num_kv_heads']}
   for (_, template, _), x in zip(_BIASES, 'qkv'):
     for i in range(model['num_layers']):

@@ -26,7 +26,7 @@ def param_table(model):
 def expected_hf_shapes(model):
   """{HF name: shape}, in `param_table` order: Llama's, then the `[head_dim]` norms."""
   shapes = llama.expected_hf_shapes(model)
-  d = model['head_dim'] or model['embed_dim'] // model['num_heads']
+  d = llama.head_dim(model)
   for _, template, _ in _QK_NORMS:
     for i in range(model['num_layers']):
       shapes[template.format(i=i)] = (d,)

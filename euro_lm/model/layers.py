@@ -169,11 +169,12 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
       k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
+    inv_freq = rope_frequencies(cfg)
     q_BLHd = _constrain(
-        rope(q_BLHd, positions_BL, rope_frequencies(cfg)), ('batch', 'length', 'heads', 'head_dim')
+        rope(q_BLHd, positions_BL, inv_freq), ('batch', 'length', 'heads', 'head_dim')
     )
     k_BLKd = _constrain(
-        rope(k_BLKd, positions_BL, rope_frequencies(cfg)),
+        rope(k_BLKd, positions_BL, inv_freq),
         ('batch', 'length', 'kv_heads', 'head_dim'),
     )
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
