@@ -4,14 +4,13 @@ A step's checkpoint is `<workdir>/checkpoints/<step>/` with items
   state      params, optimizer state, step and skip counters (sharded arrays, OCDBT)
   data       each process's data iterator position (restorable onto another process count)
   config     the resolved config (JSON, human-readable)
-  tokenizer  the SentencePiece model the run trains with (the checkpoint stands alone)
+  tokenizer  the files of the tokenizer the run trains with (the checkpoint stands alone)
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it only when every item
 of every process is written, so a save cut short (SIGKILL, a node failure, a full disk)
 leaves no step directory; it is ignored, and deleted when the next run opens the directory.
 """
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from euro_lm.config import base_config
+from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, run_tokenizer, tokenizer_in
 from euro_lm.errors import UserError
 from euro_lm.finite import leaf_name, nonfinite_leaves
 
@@ -42,7 +42,6 @@ SHAPE_FIELDS = (
     'qk_norm',
     'qkv_bias',
 )
-TOKENIZER_FILE = 'tokenizer.model'
 # With several processes a time-based save needs one agreed decision; asking every step
 # would stall the host on the device each step, so they agree every this many steps.
 _AGREE_EVERY_STEPS = 10
@@ -81,31 +80,29 @@ class DataRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-class FileHandler(ocp.CheckpointHandler):
-  """One file copied into the checkpoint (by process 0); restore returns its bytes."""
+class TokenizerHandler(ocp.CheckpointHandler):
+  """The tokenizer's files copied into the checkpoint (by process 0); restore returns the
+  tokenizer loaded from that copy."""
 
   def save(self, directory, args):
     if jax.process_index() == 0:
-      shutil.copyfile(args.path, epath.Path(directory) / TOKENIZER_FILE)
+      for file in args.tokenizer.files:
+        shutil.copyfile(file, epath.Path(directory) / os.path.basename(file))
 
   def restore(self, directory, args=None):
-    return (epath.Path(directory) / TOKENIZER_FILE).read_bytes()
+    return load_tokenizer(str(directory))
 
 
-@ocp.args.register_with_handler(FileHandler, for_save=True)
+@ocp.args.register_with_handler(TokenizerHandler, for_save=True)
 @dataclasses.dataclass
-class FileSave(ocp.args.CheckpointArgs):
-  path: str
+class TokenizerSave(ocp.args.CheckpointArgs):
+  tokenizer: Any
 
 
-@ocp.args.register_with_handler(FileHandler, for_restore=True)
+@ocp.args.register_with_handler(TokenizerHandler, for_restore=True)
 @dataclasses.dataclass
-class FileRestore(ocp.args.CheckpointArgs):
+class TokenizerRestore(ocp.args.CheckpointArgs):
   pass
-
-
-def _sha256(data):
-  return hashlib.sha256(data).hexdigest()
 
 
 def _shapes(tree):
@@ -208,9 +205,9 @@ class Checkpointer:
     due = time.monotonic() - self._last_save_time >= self._save_seconds
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
 
-  def save(self, step, state, data_iterator, config, tokenizer_path=None):
+  def save(self, step, state, data_iterator, config, tokenizer=None):
     """Starts an asynchronous save; returns once device arrays are copied to the host.
-    `tokenizer_path`, if given, is copied into the checkpoint.
+    `tokenizer`'s files, if given, are copied into the checkpoint.
 
     Refuses (CheckpointError) to write parameters that hold NaN or infinity.
     """
@@ -225,8 +222,8 @@ class Checkpointer:
         data=DataSave(data_iterator),
         config=ocp.args.JsonSave(config.to_dict()),
     )
-    if tokenizer_path:
-      items['tokenizer'] = FileSave(tokenizer_path)
+    if tokenizer is not None:
+      items['tokenizer'] = TokenizerSave(tokenizer)
     try:
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -257,18 +254,21 @@ class Checkpointer:
         f'read ({type(error).__name__}: {error}){hint}'
     )
 
-  def restore(self, step, abstract_state, data_iterator, config, tokenizer_path):
+  def restore(self, step, abstract_state, data_iterator, config, tokenizer):
     """Restores the state onto the shapes and shardings of `abstract_state` (a pytree of
     ShapeDtypeStructs, so the mesh may differ from the saving run's) and moves
     `data_iterator` to the saved position.
 
     First checks that the checkpoint fits this run: the same shape-fixing model fields,
-    the same parameter and optimizer-state shapes, the same tokenizer.
+    the same parameter and optimizer-state shapes, the same tokenizer (when `tokenizer`
+    is given).
     """
-    has_tokenizer = os.path.isdir(os.path.join(self.step_directory(step), 'tokenizer'))
+    has_tokenizer = tokenizer is not None and os.path.isdir(
+        os.path.join(self.step_directory(step), 'tokenizer')
+    )
     items = dict(config=ocp.args.JsonRestore())
     if has_tokenizer:
-      items['tokenizer'] = FileRestore()
+      items['tokenizer'] = TokenizerRestore()
     try:
       saved = self._manager.restore(step, args=ocp.args.Composite(**items))
       metadata = _state_metadata(epath.Path(self.step_directory(step)))
@@ -281,13 +281,11 @@ class Checkpointer:
       raise CheckpointError(
           f"{where} does not fit this run's config:\n  " + '\n  '.join(differences[:20])
       )
-    with open(tokenizer_path, 'rb') as f:
-      if has_tokenizer and _sha256(f.read()) != _sha256(saved['tokenizer']):
-        saved_tokenizer = os.path.join(self.step_directory(step), 'tokenizer', TOKENIZER_FILE)
-        raise CheckpointError(
-            f'the tokenizer {tokenizer_path} is not the one {where} was '
-            f'trained with; set data.tokenizer_path={saved_tokenizer}'
-        )
+    if has_tokenizer and tokenizer.fingerprint != saved['tokenizer'].fingerprint:
+      raise CheckpointError(
+          f'the tokenizer {tokenizer.path} is not the one {where} was trained with; set '
+          f'data.tokenizer_path={os.path.join(self.step_directory(step), "tokenizer")}'
+      )
     try:
       restored = self._manager.restore(
           step,
@@ -339,53 +337,45 @@ def resolve_checkpoint(path, step=None):
 
 
 def find_tokenizer(step_dir, workdir, configured=''):
-  """The SentencePiece model of a run: the checkpoint's own copy, else the workdir's, else
-  `configured` (the config's data.tokenizer_path); None if there is none."""
-  candidates = (
-      os.path.join(str(step_dir), 'tokenizer', TOKENIZER_FILE),
-      os.path.join(str(workdir), TOKENIZER_FILE),
-      configured,
+  """The tokenizer of a run: the checkpoint's own copy, else the workdir's (see
+  `run_tokenizer`), else `configured` (the config's data.tokenizer_path); None if none."""
+  saved = os.path.join(str(step_dir), 'tokenizer')
+  if os.path.isdir(saved) and tokenizer_in(saved):
+    return saved
+  return run_tokenizer(str(workdir)) or (
+      configured if configured and os.path.exists(configured) else None
   )
-  return next((p for p in candidates if p and os.path.isfile(p)), None)
-
-
-def file_sha256(path):
-  with open(path, 'rb') as f:
-    return _sha256(f.read())
 
 
 def tokenizer_for_init(init_from, configured, workdir):
   """Before a new run starts from `train.init_from`'s parameters: makes it tokenize as they
   were trained, never with a freshly trained tokenizer whose ids mean something else.
 
-  The source's tokenizer is the checkpoint's copy, else its workdir's `tokenizer.model`
-  (an imported model's). A run that names none (`configured`, data.tokenizer_path, empty)
-  and has none in `workdir` gets a copy there. Raises CheckpointError when the run's
+  The source's tokenizer is the checkpoint's copy, else its workdir's (an imported
+  model's). A run that names none (`configured`, data.tokenizer_path, empty) and has none
+  in `workdir` gets a copy in `<workdir>/tokenizer/`. Raises CheckpointError when the run's
   tokenizer differs from the source's (naming both), and when the source carries none and
   the run names none. Returns the source's tokenizer path, or None.
   """
   step_dir = resolve_checkpoint(init_from)
   source = find_tokenizer(step_dir, step_dir.parent.parent)
-  own = configured or os.path.join(workdir, TOKENIZER_FILE)
+  own = configured or run_tokenizer(workdir)
   if source is None:
     if configured:
       return None  # the user names the tokenizer; there is nothing to compare it with
     raise CheckpointError(
         f'train.init_from={init_from}: {step_dir} carries no tokenizer (an HF folder imported '
-        'without a SentencePiece tokenizer.model), and a new one would give its parameters '
+        'without tokenizer.json or tokenizer.model), and a new one would give its parameters '
         'unrelated ids; set data.tokenizer_path to the tokenizer they were trained with'
     )
-  if os.path.isfile(own):
-    if file_sha256(own) != file_sha256(source):
+  if own:
+    if load_tokenizer(own).fingerprint != load_tokenizer(source).fingerprint:
       raise CheckpointError(
           f'the tokenizer {own} is not the one the parameters of train.init_from='
           f'{init_from} were trained with ({source}); set data.tokenizer_path={source}'
       )
-  elif not configured:
-    os.makedirs(workdir, exist_ok=True)
-    temporary = f'{own}.tmp-{os.getpid()}'
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, own)  # atomic: processes sharing the workdir copy the same file
+  else:
+    copy_tokenizer(load_tokenizer(source), os.path.join(workdir, 'tokenizer'))
   return source
 
 

@@ -113,7 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.corpus = 'embedded'  # embedded (Django's catalogs, 36 languages) | prepared
   d.prepared_dir = ''  # prepared: the output directory of euro_lm.prepare_data
   d.languages = ''  # comma-separated language tags to use; '' means all available
-  d.tokenizer_path = ''  # existing SentencePiece .model; '' trains one into the workdir
+  d.tokenizer_path = (
+      ''  # a SentencePiece .model, HF tokenizer.json or a dir with one; '' trains one
+  )
   d.tokenizer_type = 'bpe'  # bpe | unigram, when training a tokenizer
   d.valid_fraction = 0.1  # share of each language's documents held out for validation
   d.seed = 0  # shuffling and mixture-sampling seed

@@ -3,7 +3,7 @@
 notebooks).
 
 The config is the run's `<workdir>/config.json`; the tokenizer the checkpoint's own copy,
-else `<workdir>/tokenizer.model`, else the config's `data.tokenizer_path`.
+else the workdir's, else the config's `data.tokenizer_path`.
 """
 
 import json
@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
-from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
 from euro_lm.errors import UserError
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import generate, left_pad
@@ -62,7 +62,7 @@ def load_run(workdir, step=None):
     raise UserError(
         f'no tokenizer for {workdir}: not in {step_dir}, the workdir or data.tokenizer_path'
     )
-  tokenizer = Tokenizer.from_file(tokenizer_path)
+  tokenizer = load_tokenizer(tokenizer_path)
   return Run(config, model, params, tokenizer, str(step_dir))
 
 
@@ -80,7 +80,7 @@ def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p
       lengths_B,
       jax.random.key(seed),
       max_new_tokens=max_new_tokens,
-      eos_id=tok.eos_id,
+      eos_id=-1 if tok.eos_id is None else tok.eos_id,  # -1: no id stops a row
       num_tokens=tok.vocab_size,
       pad_id=pad_id,
       temperature=temperature,

@@ -1,7 +1,7 @@
 """Prepares raw text for training: tokenized shards per language, a manifest.
 
   python -m euro_lm.prepare_data --input=GLOB[,GLOB...] --output=DIR \
-      --tokenizer=PATH.model (--language_field=lang | --language=deu_Latn)
+      --tokenizer=TOKENIZER (--language_field=lang | --language=deu_Latn)
 
 Tokenizes raw JSONL (plain, .gz, .zst) or Parquet files into ArrayRecord
 shards per language and a manifest (see euro_lm.data.prepared). Re-running the
@@ -16,7 +16,12 @@ from euro_lm.data.prepare import source_flags
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece .model file.')
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer',
+    None,
+    'A SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one (such as'
+    " an imported model's <workdir>/tokenizer).",
+)
 _DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000, 'Documents per shard.')
 _WORKERS = flags.DEFINE_integer(
     'workers', None, 'Processes; default: the CPUs this process may use.'

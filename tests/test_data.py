@@ -321,7 +321,7 @@ def test_token_bytes_with_a_dummy_prefix_model(docs_by_lang, tmp_path):
         byte_fallback=True,
         minloglevel=2,
     )
-  tokenizer = tokenizer_lib.Tokenizer.from_file(str(model_path))
+  tokenizer = tokenizer_lib.load_tokenizer(str(model_path))
   for text in ('Guten Tag', 'Καλημέρα κόσμε'):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
@@ -355,11 +355,11 @@ def test_train_sentencepiece_is_deterministic_and_atomic(docs_by_lang, tokenizer
 def test_tokenizer_from_file_errors(tmp_path):
   missing = tmp_path / 'missing.model'
   with pytest.raises(DataError, match=re.escape(str(missing))):
-    tokenizer_lib.Tokenizer.from_file(str(missing))
+    tokenizer_lib.load_tokenizer(str(missing))
   garbage = tmp_path / 'garbage.model'
   garbage.write_bytes(b'\x00garbage')
   with pytest.raises(ValueError, match=re.escape(str(garbage))):
-    tokenizer_lib.Tokenizer.from_file(str(garbage))
+    tokenizer_lib.load_tokenizer(str(garbage))
 
 
 # --- packing -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from configs import tiny
 from euro_lm import hf
 from euro_lm.checkpoint import CheckpointError, load_params, resolve_checkpoint
 from euro_lm.data import dataset
-from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.model import Decoder
 from euro_lm.train.loop import train
 
@@ -145,7 +145,8 @@ def random_hf_model(overrides, seed=0):
   overrides = dict(overrides)
   config_class, model_class = FAMILIES[overrides.pop('family', 'llama')]
   config = config_class(
-      vocab_size=101, max_position_embeddings=64, attn_implementation='eager', **overrides
+      **{'vocab_size': 101, 'max_position_embeddings': 64, 'attn_implementation': 'eager'}
+      | overrides
   )
   torch.manual_seed(seed)
   model = model_class(config).eval()
@@ -423,7 +424,7 @@ def test_export_bfloat16_rounds_the_float32_weights(trained, tmp_path):
 
 def test_exported_tokenizer_gives_euro_lm_ids(trained, tokenizer_path):
   _, _, output = trained
-  ours = Tokenizer.from_file(tokenizer_path)
+  ours = load_tokenizer(tokenizer_path)
   theirs = transformers.AutoTokenizer.from_pretrained(output, local_files_only=True)
   assert theirs.is_fast
   for text in TEXTS:

@@ -74,7 +74,7 @@ def model_path(request, docs_by_lang, tmp_path_factory):
 def test_tf_text_gives_sentencepiece_ids(model_path, docs_by_lang):
   _require_tensorflow_text()
   reference = spm.SentencePieceProcessor(model_file=model_path)
-  tf_text = tokenizer_lib.Tokenizer.from_file(model_path, backend='tf_text')
+  tf_text = tokenizer_lib.load_tokenizer(model_path, backend='tf_text')
   assert tf_text.backend == 'tf_text'
   # Whole documents too, so every script meets real merges, not only the
   # hand-picked edge cases; the last is never in the training sample.
@@ -92,7 +92,7 @@ def test_tf_text_gives_sentencepiece_ids(model_path, docs_by_lang):
 
 
 def test_default_backend_is_sentencepiece(model_path):
-  tokenizer = tokenizer_lib.Tokenizer.from_file(model_path)
+  tokenizer = tokenizer_lib.load_tokenizer(model_path)
   reference = spm.SentencePieceProcessor(model_file=model_path)
   assert tokenizer.backend == 'sentencepiece'
   assert tokenizer.encode_batch(TEXTS) == [reference.EncodeAsIds(t) for t in TEXTS]
@@ -103,9 +103,9 @@ def test_missing_tensorflow_text_is_a_user_error(model_path, monkeypatch):
   # where the package is not installed.
   monkeypatch.setitem(sys.modules, 'tensorflow_text', None)
   with pytest.raises(UserError, match=r"pip install 'euro_lm\[tf\]'"):
-    tokenizer_lib.Tokenizer.from_file(model_path, backend='tf_text')
+    tokenizer_lib.load_tokenizer(model_path, backend='tf_text')
 
 
 def test_unknown_backend(model_path):
   with pytest.raises(ConfigError, match="'tf'.*'sentencepiece', 'tf_text'"):
-    tokenizer_lib.Tokenizer.from_file(model_path, backend='tf')
+    tokenizer_lib.load_tokenizer(model_path, backend='tf')

@@ -218,7 +218,7 @@ def test_cli_trains_on_files(files, tmp_path):
   report = json.loads((tmp_path / 'fertility.json').read_text('utf-8'))
   assert sorted(report['languages']) == ['deu_Latn', 'ell_Grek', 'eng_Latn']
   assert report['parity_kind'] == 'per_byte'
-  tokenizer = tokenizer_lib.Tokenizer.from_file(str(tmp_path / 'tokenizer.model'))
+  tokenizer = tokenizer_lib.load_tokenizer(str(tmp_path / 'tokenizer.model'))
   assert tokenizer.decode(tokenizer.encode(docs['ell_Grek'][0])) == (docs['ell_Grek'][0])
   assert f'{root / "a.jsonl"}: 1 empty_text (first at line' in result.stdout
   assert 'text not parallel' in result.stdout  # The table's parity line.

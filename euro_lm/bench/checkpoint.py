@@ -58,9 +58,6 @@ def run(config, directory):
   compiled, state, batch, mesh, rules, compile_seconds = compile_train_step(config)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   iterator = data_iterator(config)
-  tokenizer = os.path.join(directory, 'tokenizer.model')  # any file: its copy is timed too
-  with open(tokenizer, 'wb') as f:
-    f.write(os.urandom(1 << 20))
 
   def step(state):
     state, metrics = compiled(state, batch)
@@ -81,11 +78,11 @@ def run(config, directory):
   blocking, writing = [], []
   for i in range(_SAVES.value):  # the write alone: its rate with the host otherwise idle
     start = time.perf_counter()
-    checkpointer.save(i + 1, state, iterator, config, tokenizer)
+    checkpointer.save(i + 1, state, iterator, config)
     blocking.append(time.perf_counter() - start)
     checkpointer.wait()
     writing.append(time.perf_counter() - start)
-  checkpointer.save(_SAVES.value + 1, state, iterator, config, tokenizer)
+  checkpointer.save(_SAVES.value + 1, state, iterator, config)
   state, step_while_writing = timed_steps(state, 1)  # as in the loop: train on meanwhile
   checkpointer.close()
   model = Decoder(config.model)
@@ -93,9 +90,7 @@ def run(config, directory):
   abstract, _ = abstract_train_state(model, tx, config.train.seq_len, mesh, rules)
   restorer = Checkpointer(os.path.join(directory, 'checkpoints'))
   start = time.perf_counter()
-  restored = restorer.restore(
-      restorer.latest_step(), abstract, data_iterator(config), config, tokenizer
-  )
+  restored = restorer.restore(restorer.latest_step(), abstract, data_iterator(config), config, None)
   jax.block_until_ready(restored)
   restore_seconds = time.perf_counter() - start
   restorer.close()

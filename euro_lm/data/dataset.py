@@ -8,7 +8,15 @@ import numpy as np
 
 from euro_lm.data import corpus, mixture, pipeline, prepared
 from euro_lm.data.streams import PackedStreams, process_streams
-from euro_lm.data.tokenizer import MODEL_TYPES, Tokenizer, balanced_texts, train_sentencepiece
+from euro_lm.data.tokenizer import (
+    MODEL_TYPES,
+    SENTENCEPIECE_MODEL,
+    Tokenizer,
+    balanced_texts,
+    load_tokenizer,
+    run_tokenizer,
+    train_sentencepiece,
+)
 from euro_lm.errors import ConfigError
 
 # Bounds the text a tokenizer trains on, shared equally by the languages.
@@ -80,6 +88,8 @@ def make_data(
           max_batches=config.train.eval_batches,
           process_index=process_index,
           process_count=process_count,
+          add_bos=config.data.add_bos,
+          add_eos=config.data.add_eos,
       )
       for tag in sorted(valid)
   }
@@ -125,13 +135,13 @@ def _prepared(config):
     )
   manifest = prepared.read_manifest(d.prepared_dir)
   path = d.tokenizer_path or manifest['tokenizer']['path']
-  tokenizer = Tokenizer.from_file(path)
-  if prepared.file_sha256(path) != manifest['tokenizer']['sha256']:
+  tokenizer = load_tokenizer(path)
+  if tokenizer.fingerprint != manifest['tokenizer']['sha256']:
     raise ConfigError(
         f'the tokenizer {path} is not the one {d.prepared_dir} was prepared'
-        ' with (sha256 differs): set data.tokenizer_path to that model.'
+        f' with ({manifest["tokenizer"]["path"]}): set data.tokenizer_path to that tokenizer.'
     )
-  _check_vocab(tokenizer, config.model.vocab_size, path)
+  _check_tokenizer(tokenizer, config, path)
   languages = corpus.select_languages(manifest['languages'], d.languages)
   k = corpus.holdout_every(d.valid_fraction)
   train_tokens, valid, token_counts = {}, {}, {}
@@ -148,15 +158,25 @@ def _prepared(config):
   return tokenizer, train_tokens, valid, token_counts
 
 
-def _check_vocab(tokenizer, vocab_size, path):
+def _check_tokenizer(tokenizer, config, path):
   """The embedding needs a row per piece. More rows than pieces (a padded vocabulary, as
   many released models have) is valid: those ids never occur in the data, and generation
-  never samples them."""
+  never samples them. The document markers data.add_bos/add_eos ask for must exist."""
+  vocab_size = config.model.vocab_size
   if tokenizer.vocab_size > vocab_size:
     raise ConfigError(
         f'The tokenizer {path} has vocab size {tokenizer.vocab_size}, but'
         f' model.vocab_size is {vocab_size}.'
     )
+  for field, token_id, name in (
+      ('add_bos', tokenizer.bos_id, 'BOS'),
+      ('add_eos', tokenizer.eos_id, 'EOS'),
+  ):
+    if config.data[field] and token_id is None:
+      raise ConfigError(
+          f'data.{field}=True, but the tokenizer {path} has no {name} token; set'
+          f' data.{field}=False (a model imported with it has it set as its tokenizer does).'
+      )
 
 
 def mixture_schedule(
@@ -237,11 +257,12 @@ def _load_or_train_tokenizer(
 ) -> Tokenizer:
   """Loads the configured tokenizer, or trains and saves the workdir's one."""
   vocab_size = config.model.vocab_size
-  path = config.data.tokenizer_path or os.path.join(workdir, 'tokenizer.model')
-  if config.data.tokenizer_path or os.path.exists(path):
-    tokenizer = Tokenizer.from_file(path)
-    _check_vocab(tokenizer, vocab_size, path)
+  path = config.data.tokenizer_path or run_tokenizer(workdir)
+  if path:
+    tokenizer = load_tokenizer(path)
+    _check_tokenizer(tokenizer, config, path)
     return tokenizer
+  path = os.path.join(workdir, SENTENCEPIECE_MODEL)
   if config.data.tokenizer_type not in MODEL_TYPES:
     raise ConfigError(
         f'data.tokenizer_type={config.data.tokenizer_type!r} is not one of {MODEL_TYPES}.'

@@ -8,7 +8,8 @@ Every batch is a dict of int32 arrays of shape [batch, seq_len]:
   targets      the next token of each input (inputs shifted left by one);
   segment_ids  1, 2, ... per document within the row, 0 for padding;
   positions    position of each token within its document piece, from 0.
-A document is `[bos] + encode(doc) + [eos]`, packed back to back
+A document is `[bos] + encode(doc) + [eos]` (either end as `add_bos`/`add_eos` say),
+packed back to back
 (concatenate-then-split): a document that does not fit a row continues in the
 next one, where its segment starts again at position 0. Attention must not
 cross segments, and the loss weights are `segment_ids != 0`: the train loop
@@ -31,12 +32,13 @@ def _check_process(process_index: int, process_count: int):
     raise ValueError(f'process_index={process_index} must be in [0, {process_count}).')
 
 
-def _tokenize_fn(tokenizer: Tokenizer):
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
+def _tokenize_fn(tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+  bos = [tokenizer.bos_id] if add_bos else []
+  eos = [tokenizer.eos_id] if add_eos else []
 
   def tokenize(doc) -> dict[str, np.ndarray]:
     ids = tokenizer.encode(doc) if isinstance(doc, str) else doc  # text or token ids
-    tokens = np.asarray([bos, *ids, eos], np.int32)
+    tokens = np.asarray([*bos, *ids, *eos], np.int32)
     return {'inputs': tokens[:-1], 'targets': tokens[1:]}
 
   return tokenize
@@ -77,6 +79,8 @@ def make_eval_batches(
     max_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    add_bos: bool = True,
+    add_eos: bool = True,
 ) -> list[dict[str, np.ndarray]]:
   """One deterministic pass over `docs`, packed into this process's batches.
 
@@ -91,7 +95,8 @@ def make_eval_batches(
   """
   _check_process(process_index, process_count)
   pad_id = _padding_id(tokenizer)
-  examples = grain.MapDataset.source(docs).map(_tokenize_fn(tokenizer)).to_iter_dataset()
+  tokenize = _tokenize_fn(tokenizer, add_bos, add_eos)
+  examples = grain.MapDataset.source(docs).map(tokenize).to_iter_dataset()
   rows_per_step = batch_size * process_count
   rows = list(
       itertools.islice(_pack(examples, seq_len, pad_id), max_batches * rows_per_step or None)

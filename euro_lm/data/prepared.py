@@ -14,7 +14,6 @@ shard yields `TokenizedDocument(tokens, language, location)`, the location
 `path[record]` (records from 0).
 """
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -42,15 +41,6 @@ class TokenizedDocument(NamedTuple):
   tokens: np.ndarray  # int32 [num_tokens], no bos/eos
   language: str
   location: str
-
-
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file (the tokenizer fingerprint)."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def read_manifest(directory: str) -> dict:

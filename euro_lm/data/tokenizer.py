@@ -1,17 +1,29 @@
-"""A thin SentencePiece wrapper, and training a tokenizer from documents."""
+"""What every tokenizer offers, loading one by its files, and training a SentencePiece one.
 
+A run's tokenizer is a SentencePiece `.model` (what euro_lm trains) or a Hugging Face
+`tokenizer.json` (what Llama 3, Qwen, Gemma 3 and Mistral ship); `load_tokenizer` takes
+either file, or a directory holding one.
+"""
+
+import functools
+import hashlib
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
 
+from euro_lm.data.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from euro_lm.errors import ConfigError, DataError, UserError
 
 _SPACE_PIECE = '\u2581'  # SentencePiece's '▁', which decodes to a space.
 
+SENTENCEPIECE_MODEL = 'tokenizer.model'
+# Encoders of a SentencePiece model; an HF tokenizer.json always runs on `tokenizers`.
 BACKENDS = ('sentencepiece', 'tf_text')
 # SentencePiece algorithms a tokenizer can be trained with.
 MODEL_TYPES = ('bpe', 'unigram')
@@ -21,8 +33,101 @@ class BackendNotInstalledError(UserError, RuntimeError):
   """The package an encoding backend needs is not installed."""
 
 
-class Tokenizer:
-  """A SentencePiece model with bos and eos pieces.
+class Tokenizer(Protocol):
+  """Text to ids and back. bos/eos ids are None when the tokenizer has no such token; a
+  document is `[bos] + encode(text) + [eos]` as `data.add_bos`/`data.add_eos` say."""
+
+  path: str  # as given to load_tokenizer
+  files: list[str]  # the files that make it: copied into checkpoints, imports and exports
+  fingerprint: str  # sha256 of what fixes the ids: equal fingerprints, equal ids
+  backend: str
+  vocab_size: int  # one more than the largest id
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int  # -1 if none
+  adds_bos: bool  # whether the tokenizer's own default prepends BOS
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+  def token_bytes(self) -> np.ndarray:
+    ...
+
+
+def tokenizer_in(directory: str) -> str | None:
+  """The tokenizer file in `directory` that load_tokenizer reads (tokenizer.json before
+  tokenizer.model, as transformers prefers the fast tokenizer), or None."""
+  for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def run_tokenizer(workdir: str) -> str | None:
+  """Where a run keeps the tokenizer it names no other: `<workdir>/tokenizer/` (an imported
+  or `init_from` tokenizer's files) or `<workdir>/tokenizer.model` (one it trained); None."""
+  directory = os.path.join(workdir, 'tokenizer')
+  if os.path.isdir(directory) and tokenizer_in(directory):
+    return directory
+  model = os.path.join(workdir, SENTENCEPIECE_MODEL)
+  return model if os.path.isfile(model) else None
+
+
+def copy_tokenizer(tokenizer: Tokenizer, directory: str) -> str:
+  """Copies the tokenizer's files into a new `directory`, atomically (a directory of
+  another process's identical copy is kept); returns `directory`."""
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  temporary = tempfile.mkdtemp(dir=parent, prefix='.tokenizer-')
+  try:
+    for file in tokenizer.files:
+      shutil.copyfile(file, os.path.join(temporary, os.path.basename(file)))
+    os.chmod(temporary, 0o755)
+    os.rename(temporary, directory)
+  except OSError:
+    shutil.rmtree(temporary, ignore_errors=True)
+    if not (os.path.isdir(directory) and tokenizer_in(directory)):
+      raise
+  return directory
+
+
+def load_tokenizer(path: str, backend: str | None = None) -> Tokenizer:
+  """The tokenizer at `path`: a SentencePiece `.model`, an HF `tokenizer.json` (special
+  tokens from the `tokenizer_config.json` beside it), or a directory holding one.
+  `backend` encodes a SentencePiece model ('sentencepiece', the default, or 'tf_text').
+
+  Raises:
+    DataError: nothing readable at `path`.
+    ConfigError: an unknown backend, or one that does not fit the file.
+    BackendNotInstalledError: the backend's package is not installed.
+  """
+  if not os.path.exists(path):
+    raise DataError(
+        f'No tokenizer at {path} (expected a {SENTENCEPIECE_MODEL}, a {TOKENIZER_JSON} or a'
+        ' directory with one).'
+    )
+  file = tokenizer_in(path) if os.path.isdir(path) else path
+  if file is None:
+    raise DataError(f'No {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL} in the directory {path}.')
+  if file.endswith('.json'):
+    if backend not in (None, HFTokenizer.backend):
+      raise ConfigError(
+          f'The tokenizer {file} is a Hugging Face tokenizer.json, which encodes with'
+          f' {HFTokenizer.backend!r}, not {backend!r}.'
+      )
+    return HFTokenizer(path)
+  return SentencePieceTokenizer.from_file(file, backend or 'sentencepiece')
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model with bos and eos pieces; see `Tokenizer`.
 
   `backend` picks what encodes: 'sentencepiece' (the default) or 'tf_text'
   (tensorflow-text's SentencepieceTokenizer on the same serialized model, for
@@ -48,7 +153,7 @@ class Tokenizer:
     )
 
   @classmethod
-  def from_file(cls, path: str, backend: str = 'sentencepiece') -> 'Tokenizer':
+  def from_file(cls, path: str, backend: str = 'sentencepiece') -> 'SentencePieceTokenizer':
     """Loads a SentencePiece `.model` file to encode with `backend`.
 
     Raises:
@@ -77,6 +182,20 @@ class Tokenizer:
   @property
   def path(self) -> str:
     return self._path
+
+  @property
+  def files(self) -> list[str]:
+    return [self._path]
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 of the model file."""
+    with open(self._path, 'rb') as f:
+      return hashlib.sha256(f.read()).hexdigest()
+
+  @property
+  def adds_bos(self) -> bool:
+    return True  # what transformers' LlamaTokenizer does with a SentencePiece model
 
   @property
   def vocab_size(self) -> int:
@@ -164,7 +283,7 @@ def train_sentencepiece(
     seed_sentencepiece_size: int = 1_000_000,
     num_threads: int = 2,
     vocab_size_name: str = 'model.vocab_size',
-) -> Tokenizer:
+) -> 'SentencePieceTokenizer':
   """Trains a SentencePiece model on `texts` and writes it to `model_path`.
 
   Ids: pad 0, unk 1, bos 2, eos 3. Text is not normalized and gets no dummy
@@ -227,7 +346,7 @@ def train_sentencepiece(
   except BaseException:
     os.remove(temp_path)
     raise
-  return Tokenizer.from_file(model_path)
+  return SentencePieceTokenizer.from_file(model_path)
 
 
 def balanced_texts(docs_by_lang: dict[str, list[str]], chars_per_language: int) -> list[str]:

@@ -16,4 +16,4 @@ from euro_lm.hf.import_ import import_hf, params_from_hf, training_overrides
 from euro_lm.hf.llama import expected_hf_shapes, from_hf, hf_config, param_table, to_hf
 from euro_lm.hf.orbax_io import CheckpointLeaves
 from euro_lm.hf.safetensors import INDEX_FILE, SAFETENSORS_DTYPES, SafetensorsFolder, ShardWriter
-from euro_lm.hf.tokenizer import TOKENIZER_FILE, write_tokenizer
+from euro_lm.hf.tokenizer import write_tokenizer

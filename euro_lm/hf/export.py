@@ -18,7 +18,7 @@ from euro_lm.hf import architectures
 from euro_lm.hf.folder import CONFIG_FILE, GENERATION_CONFIG_FILE, write_json
 from euro_lm.hf.orbax_io import CheckpointLeaves
 from euro_lm.hf.safetensors import ShardWriter
-from euro_lm.hf.tokenizer import TOKENIZER_FILE, special_ids, write_tokenizer
+from euro_lm.hf.tokenizer import special_ids, write_tokenizer
 
 # --dtype -> the dtype of the exported weights.
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
@@ -105,6 +105,6 @@ def export_hf(
   if tokenizer_path:
     write_tokenizer(tokenizer_path, output, log=log)
   else:
-    log(f'warning: no {TOKENIZER_FILE} in {step_dir} or {workdir}; exported no tokenizer')
+    log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')
   return output

@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 
+from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_in
 from euro_lm.errors import HFError
 from euro_lm.hf import architectures
 from euro_lm.hf.folder import CONFIG_FILE, read_config, write_json
 from euro_lm.hf.orbax_io import save_params
 from euro_lm.hf.safetensors import SafetensorsFolder
-from euro_lm.hf.tokenizer import TOKENIZER_FILE
 
 
 def params_from_hf(folder, model, arch):
@@ -56,7 +56,9 @@ def params_from_hf(folder, model, arch):
 def import_hf(hf_dir, workdir, log=print):
   """Writes `workdir/checkpoints/0/state` (a params-only Orbax checkpoint that
   `--config.train.init_from=workdir` reads), `workdir/config.json`,
-  `workdir/hf_config.py` and, if present, `workdir/tokenizer.model`.
+  `workdir/hf_config.py` and, if the folder has one, the tokenizer's files in
+  `workdir/tokenizer/` (tokenizer.json and its companions, else tokenizer.model; the
+  config's data.add_bos follows what the tokenizer does by default).
 
   The checkpoint is written one leaf at a time, so host memory holds one leaf, not the
   model. Returns the euro_lm config (a ConfigDict).
@@ -67,6 +69,12 @@ def import_hf(hf_dir, workdir, log=print):
   arch = architectures.for_hf_config(hf, config_path)
   model = arch.model_config_from_hf(hf, config_path)
   folder = SafetensorsFolder(hf_dir)
+  tokenizer = load_tokenizer(hf_dir) if tokenizer_in(hf_dir) else None
+  if tokenizer is not None and tokenizer.vocab_size > model['vocab_size']:
+    raise HFError(
+        f'{tokenizer.files[0]} has ids up to {tokenizer.vocab_size - 1}, but {config_path} has '
+        f'vocab_size={model["vocab_size"]} embedding rows'
+    )
 
   workdir = os.path.abspath(workdir)
   step_dir = os.path.join(workdir, 'checkpoints', '0')
@@ -87,15 +95,15 @@ def import_hf(hf_dir, workdir, log=print):
   config = base_config()
   config.model.update(model)
   config.train.init_from = workdir
-  tokenizer_src = os.path.join(hf_dir, TOKENIZER_FILE)
-  if os.path.isfile(tokenizer_src):
-    shutil.copyfile(tokenizer_src, os.path.join(workdir, TOKENIZER_FILE))
-    config.data.tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  if tokenizer is not None:
+    config.data.tokenizer_path = copy_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'))
+    config.data.add_bos = tokenizer.adds_bos
+    config.data.add_eos = tokenizer.eos_id is not None
   else:
     log(
-        f'warning: no {TOKENIZER_FILE} in {hf_dir}: training from it needs '
-        'data.tokenizer_path set to a SentencePiece model with the same ids (it refuses to '
-        'train a new tokenizer)'
+        f'warning: no tokenizer.json or tokenizer.model in {hf_dir}: training from it needs '
+        'data.tokenizer_path set to the tokenizer its parameters were trained with (it '
+        'refuses to train a new one)'
     )
   write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   overrides = training_overrides(config, model)
@@ -119,9 +127,11 @@ def import_hf(hf_dir, workdir, log=print):
 
 def training_overrides(config, model_fields):
   """{'model.x': value} for each of `model_fields` (the imported ones), plus init_from and
-  the tokenizer."""
+  the tokenizer with its document markers."""
   out = {f'model.{k}': config.model[k] for k in model_fields}
   out['train.init_from'] = config.train.init_from
   if config.data.tokenizer_path:
     out['data.tokenizer_path'] = config.data.tokenizer_path
+    out['data.add_bos'] = config.data.add_bos
+    out['data.add_eos'] = config.data.add_eos
   return out

@@ -1,33 +1,51 @@
-"""A SentencePiece tokenizer as Hugging Face tokenizer files, and its special token ids."""
+"""A run's tokenizer as Hugging Face tokenizer files, and its special token ids.
+
+A `tokenizer.json` tokenizer (an imported model's) is copied file for file, so the export
+carries exactly the tokenizer, special tokens and chat template it came with. A SentencePiece
+model (one euro_lm trained) gets the files transformers' LlamaTokenizer reads.
+"""
 
 import os
 import shutil
 
+from euro_lm.data.tokenizer import SENTENCEPIECE_MODEL, load_tokenizer
 from euro_lm.hf.folder import write_json
 
-TOKENIZER_FILE = 'tokenizer.model'
 # euro_lm.data.tokenizer.train_sentencepiece's ids, for a checkpoint without a tokenizer.
 DEFAULT_SPECIAL_IDS = (2, 3, 0)
 
 
-def special_ids(model_path):
-  """(bos, eos, pad) ids of the SentencePiece model at `model_path` (pad None if it has
-  none); DEFAULT_SPECIAL_IDS without one."""
-  if not model_path:
+def special_ids(tokenizer_path):
+  """(bos, eos, pad) ids of the tokenizer at `tokenizer_path`, None for a token it lacks;
+  DEFAULT_SPECIAL_IDS without one."""
+  if not tokenizer_path:
     return DEFAULT_SPECIAL_IDS
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-
-  sp = spm.SentencePieceProcessor(model_file=model_path)
-  return sp.bos_id(), sp.eos_id(), (sp.pad_id() if sp.pad_id() >= 0 else None)
+  tokenizer = load_tokenizer(tokenizer_path)
+  return tokenizer.bos_id, tokenizer.eos_id, (tokenizer.pad_id if tokenizer.pad_id >= 0 else None)
 
 
-def write_tokenizer(model_path, output, log=print):
+def write_tokenizer(tokenizer_path, output, log=print):
+  """The tokenizer's files in the HF folder `output`."""
+  tokenizer = load_tokenizer(tokenizer_path)
+  if tokenizer.backend == 'tokenizers':
+    for file in tokenizer.files:
+      shutil.copyfile(file, os.path.join(output, os.path.basename(file)))
+    if not os.path.isfile(os.path.join(output, 'tokenizer_config.json')):
+      write_json(
+          os.path.join(output, 'tokenizer_config.json'),
+          {'tokenizer_class': 'PreTrainedTokenizerFast'},
+      )
+  else:
+    _write_sentencepiece(tokenizer.path, output, log)
+
+
+def _write_sentencepiece(model_path, output, log):
   """tokenizer.model, tokenizer_config.json and special_tokens_map.json, plus the fast
   tokenizer.json when transformers is importable (converted offline from the .model)."""
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
 
-  shutil.copyfile(model_path, os.path.join(output, TOKENIZER_FILE))
+  shutil.copyfile(model_path, os.path.join(output, SENTENCEPIECE_MODEL))
   sp = spm.SentencePieceProcessor(model_file=model_path)
   proto = sentencepiece_model_pb2.ModelProto()
   with open(model_path, 'rb') as f:

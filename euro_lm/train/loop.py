@@ -92,7 +92,7 @@ def _nonfinite_report(step, metrics, flags):
   return f'step {step}: ' + '; '.join(parts) if parts else ''
 
 
-def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokenizer_path, log):
+def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokenizer, log):
   """(state, shardings, start step): resumed from the workdir's newest checkpoint, else
   fresh, with the parameters of `train.init_from` if set."""
   t = config.train
@@ -100,7 +100,7 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
   if start_step:
     started = time.perf_counter()
     abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
-    state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer_path)
+    state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer)
     log(
         f'resumed from step {start_step} in {checkpointer.directory} '
         f'({time.perf_counter() - started:.1f}s)'
@@ -169,7 +169,7 @@ def train(config, workdir):
   train_iterator = iter(data.train)
   try:
     state, shardings, start_step = _start(
-        config, model, tx, mesh, rules, checkpointer, train_iterator, data.tokenizer.path, log
+        config, model, tx, mesh, rules, checkpointer, train_iterator, data.tokenizer, log
     )
   except BaseException:
     _close(checkpointer, failing=True)
@@ -303,7 +303,7 @@ def train(config, workdir):
           last_eval = run_eval(step, state)
         if do_save:
           save_start = time.perf_counter()
-          checkpointer.save(step, state, train_iterator, config, data.tokenizer.path)
+          checkpointer.save(step, state, train_iterator, config, data.tokenizer)
           pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
         if preempted:
           checkpointer.wait()

@@ -27,7 +27,7 @@ from array_record.python import array_record_module
 
 from euro_lm.data import prepared
 from euro_lm.data.prepare import sources
-from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
 from euro_lm.errors import ConfigError, DataError
 
 _RECEIPTS = 'receipts'
@@ -93,11 +93,10 @@ def prepare(
   if workers < 1:
     raise ConfigError(f'workers={workers} must be at least 1.')
   inputs = sources.expand_globs(input_globs)
-  sha256 = prepared.file_sha256(tokenizer_path)
-  tokenizer = _load_tokenizer(tokenizer_path, sha256)
+  tokenizer = load_tokenizer(tokenizer_path)
   tokenizer_info = {
       'path': os.path.abspath(tokenizer_path),
-      'sha256': sha256,
+      'sha256': tokenizer.fingerprint,
       'vocab_size': tokenizer.vocab_size,
       'bos_id': tokenizer.bos_id,
       'eos_id': tokenizer.eos_id,
@@ -136,13 +135,14 @@ def _unit_id(input_path: str) -> str:
 
 
 @functools.cache
-def _load_tokenizer(path: str, sha256: str) -> Tokenizer:
-  """One tokenizer per process, shared by the units it prepares.
-
-  Keyed by content too: a tokenizer retrained to the same path is reloaded.
+def _load_tokenizer(path: str, fingerprint: str) -> Tokenizer:
+  """One tokenizer per process, shared by the units it prepares; refuses one changed since
+  the run started (keyed by content too, so a tokenizer rewritten to the same path is reloaded).
   """
-  del sha256  # Only part of the cache key.
-  return Tokenizer.from_file(path)
+  tokenizer = load_tokenizer(path)
+  if tokenizer.fingerprint != fingerprint:
+    raise DataError(f'the tokenizer {path} changed while data was prepared with it; run again.')
+  return tokenizer
 
 
 def _finished_receipt(unit: _Unit) -> dict | None:

@@ -1,0 +1,206 @@
+"""A Hugging Face `tokenizer.json` (the `tokenizers` library transformers itself runs), with
+the special tokens of the `tokenizer_config.json` beside it.
+
+This is how Llama 3, Qwen, Gemma 3 and Mistral ship their tokenizers. Ids equal transformers'
+`AutoTokenizer` on the same folder: `encode` is `AutoTokenizer(text,
+add_special_tokens=False)`, and `adds_bos` says whether AutoTokenizer's default prepends BOS.
+"""
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from euro_lm.errors import DataError
+
+TOKENIZER_JSON = 'tokenizer.json'
+# Files of an HF tokenizer besides tokenizer.json: its special tokens and chat template.
+COMPANION_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja')
+
+
+class HFTokenizer:
+  """A `tokenizer.json` and its companion files; see `euro_lm.data.tokenizer.Tokenizer`."""
+
+  backend = 'tokenizers'
+
+  def __init__(self, path: str):
+    """`path`: a tokenizer.json file or a directory holding one.
+
+    Raises:
+      DataError: no such file, not a tokenizers file, or a companion file that is not
+        valid JSON or names a special token the vocabulary lacks.
+    """
+    json_path = os.path.join(path, TOKENIZER_JSON) if os.path.isdir(path) else path
+    if not os.path.isfile(json_path):
+      raise DataError(f'No Hugging Face tokenizer file at {json_path}.')
+    import tokenizers  # pylint: disable=import-outside-toplevel
+
+    try:
+      with open(json_path, 'rb') as f:
+        self._json_bytes = f.read()
+      self._tokenizer = tokenizers.Tokenizer.from_str(self._json_bytes.decode('utf-8'))
+    except Exception as e:  # tokenizers raises a bare Exception
+      raise DataError(f'{json_path} is not a valid tokenizers file: {e}') from e
+    self._path = path
+    self._json_path = json_path
+    directory = os.path.dirname(json_path)
+    special = _special_tokens(directory)
+    self._bos_id = self._token_id(special.get('bos_token'), 'bos_token', directory)
+    self._eos_id = self._token_id(special.get('eos_token'), 'eos_token', directory)
+    self._pad_id = self._token_id(special.get('pad_token'), 'pad_token', directory)
+    self._adds_bos = self._default_adds_bos(special.get('add_bos_token'))
+    self._files = [json_path] + [
+        p for p in (os.path.join(directory, n) for n in COMPANION_FILES) if os.path.isfile(p)
+    ]
+
+  def _token_id(self, token, field, directory):
+    if token is None:
+      return None
+    token_id = self._tokenizer.token_to_id(token)
+    if token_id is None:
+      raise DataError(
+          f'{directory}: {field}={token!r} is not a token of {self._json_path}; the model could '
+          'not mark documents with it'
+      )
+    return token_id
+
+  def _default_adds_bos(self, configured):
+    """What AutoTokenizer does by default: the config's add_bos_token when it sets one
+    (transformers then rebuilds the post-processor from it), else the file's post-processor."""
+    if self._bos_id is None:
+      return False
+    if configured is not None:
+      return bool(configured)
+    probe = 'a b'
+    bare = self._tokenizer.encode(probe, add_special_tokens=False).ids
+    full = self._tokenizer.encode(probe, add_special_tokens=True).ids
+    return full[:1] == [self._bos_id] and full[1 : 1 + len(bare)] == bare
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def files(self) -> list[str]:
+    """The files that make this tokenizer, tokenizer.json first."""
+    return list(self._files)
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 over what fixes the ids: tokenizer.json and the special token ids (the chat
+    template and other settings may change without changing what a model was trained on)."""
+    special = json.dumps([self._bos_id, self._eos_id, self._pad_id, self._adds_bos])
+    return hashlib.sha256(self._json_bytes + b'\0' + special.encode()).hexdigest()
+
+  @functools.cached_property
+  def vocab_size(self) -> int:
+    """One more than the largest id, added tokens included (embedding rows it needs)."""
+    return max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
+
+  @property
+  def pad_id(self) -> int:
+    """The pad id, or -1 if the tokenizer has none."""
+    return -1 if self._pad_id is None else self._pad_id
+
+  @property
+  def adds_bos(self) -> bool:
+    """Whether transformers' AutoTokenizer prepends BOS by default."""
+    return self._adds_bos
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """The text of `ids`, special tokens (BOS, EOS, chat markers) left out."""
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each token adds to decoded text, int32 [vocab_size], read-only.
+
+    Byte-level vocabularies (Llama 3, Qwen) map each character of a piece back to one
+    byte; SentencePiece-style ones (Gemma, Mistral) count `<0xNN>` byte pieces as 1 and
+    '▁' as the space it decodes to. Special tokens count 0.
+    """
+    return self._token_bytes
+
+  @functools.cached_property
+  def _token_bytes(self) -> np.ndarray:
+    description = json.loads(self._json_bytes)
+    byte_level = 'ByteLevel' in json.dumps(description.get('decoder'))
+    byte_of_char = {c: b for b, c in _bytes_to_unicode().items()}
+    added = self._tokenizer.get_added_tokens_decoder()
+    counts = np.zeros(self.vocab_size, np.int32)
+    for piece, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
+      if i in added:  # matched in the raw text, decoded as their content
+        counts[i] = 0 if added[i].special else len(added[i].content.encode('utf-8'))
+      elif byte_level and all(c in byte_of_char for c in piece):
+        counts[i] = len(piece)
+      elif len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
+        counts[i] = 1
+      else:
+        counts[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+    counts.flags.writeable = False
+    return counts
+
+
+def _special_tokens(directory):
+  """bos/eos/pad tokens and add_bos_token of tokenizer_config.json, with
+  special_tokens_map.json's tokens over them, as transformers reads them."""
+  settings = {}
+  for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        values = json.load(f)
+    except (OSError, ValueError) as e:
+      raise DataError(f'{path} is not valid JSON: {e}') from e
+    if not isinstance(values, dict):
+      raise DataError(f'{path} is not a JSON object')
+    for key in ('bos_token', 'eos_token', 'pad_token', 'add_bos_token'):
+      if key in values:
+        settings[key] = _token_content(values[key], key, path)
+  return settings
+
+
+def _token_content(value, key, path):
+  """A special token as a string: transformers writes a plain string or an AddedToken dict."""
+  if key == 'add_bos_token':
+    if not isinstance(value, bool | None):
+      raise DataError(f'{path}: add_bos_token={value!r} is not true, false or null')
+    return value
+  if isinstance(value, dict):
+    value = value.get('content')
+  if not isinstance(value, str | None):
+    raise DataError(f'{path}: {key}={value!r} is not a token string')
+  return value
+
+
+@functools.cache
+def _bytes_to_unicode():
+  """GPT-2's byte -> printable character table that byte-level BPE vocabularies use."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  table, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table

@@ -1,0 +1,251 @@
+"""Hugging Face tokenizer.json tokenizers, proven against transformers' AutoTokenizer on
+folders shaped like Llama 3's, Qwen2's, Gemma's and Mistral's; and carried through import,
+training, checkpoints, prepared data and export unchanged."""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+
+from configs import tiny
+from euro_lm import hf
+from euro_lm.checkpoint import CheckpointError
+from euro_lm.data import dataset, pipeline
+from euro_lm.data.prepare.shards import prepare
+from euro_lm.data.prepare.sources import TextSource
+from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer
+from euro_lm.errors import ConfigError, DataError
+from euro_lm.train.loop import train
+from tests.hf_tokenizers import FAMILIES, make_tokenizer_folder
+from tests.test_hf import HF_SHAPES, random_hf_model
+
+# Every script of the embedded languages and then some, whitespace runs, digits, and the
+# special tokens' text (which transformers matches as single ids wherever it occurs).
+TEXTS = [
+    'Grüße aus München! Die Straße ist schön.',
+    ' a leading space, and  two  spaces',
+    'Καλημέρα κόσμε· ά, έ, ή',
+    'Здравейте! Българският език — ъ, ю, я.',
+    'Żółć gęślą jaźń; Łódź 2024: 12345 €',
+    '日本語 🤖 emoji\ttab\nnewline\n\n',
+    'special <|im_end|> <|eot_id|> <bos> </s> <|begin_of_text|> inside',
+    '',
+]
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tokenizers')
+  return {family: make_tokenizer_folder(family, root / family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_ids_equal_transformers(folders, family):
+  theirs = transformers.AutoTokenizer.from_pretrained(folders[family])
+  ours = load_tokenizer(folders[family])
+  assert ours.backend == 'tokenizers'
+  for text in TEXTS:
+    bare = theirs(text, add_special_tokens=False)['input_ids']
+    assert ours.encode(text) == bare, text
+    bos = [ours.bos_id] if ours.adds_bos else []
+    assert bos + ours.encode(text) == theirs(text)['input_ids'], text
+    assert ours.decode(bare) == theirs.decode(bare, skip_special_tokens=True), text
+  assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]
+  assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+  assert ours.pad_id == (-1 if theirs.pad_token_id is None else theirs.pad_token_id)
+  assert ours.vocab_size == len(theirs)
+  # Qwen has no BOS and prepends nothing; the others prepend theirs.
+  assert ours.adds_bos == (family != 'qwen2')
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_token_bytes_count_the_decoded_bytes(folders, family):
+  tokenizer = load_tokenizer(folders[family])
+  token_bytes = tokenizer.token_bytes()
+  assert token_bytes.shape == (tokenizer.vocab_size,) and not token_bytes.flags.writeable
+  for text in TEXTS[:-2]:  # no special tokens' text (counted 0), not empty
+    ids = tokenizer.encode(text)
+    # Mistral's Metaspace puts a '▁' before a text that starts with no space, as
+    # SentencePiece's dummy prefix does; decoding drops it.
+    prefix = family == 'mistral' and not text.startswith(' ')
+    assert token_bytes[ids].sum() == len(text.encode('utf-8')) + prefix, text
+  specials = [tokenizer.bos_id, tokenizer.eos_id]
+  assert token_bytes[[i for i in specials if i is not None]].tolist() == [0] * (
+      2 - specials.count(None)
+  )
+
+
+def test_the_fingerprint_follows_the_ids_not_the_location(folders, tmp_path):
+  source = load_tokenizer(folders['llama3'])
+  copy = load_tokenizer(copy_tokenizer(source, str(tmp_path / 'copy')))
+  assert sorted(os.listdir(tmp_path / 'copy')) == ['tokenizer.json', 'tokenizer_config.json']
+  assert copy.fingerprint == source.fingerprint
+  config_path = tmp_path / 'copy' / 'tokenizer_config.json'
+  config = json.loads(config_path.read_text())
+  config['bos_token'] = '<|start_header_id|>'  # other document markers, other training data
+  config_path.write_text(json.dumps(config))
+  assert load_tokenizer(str(tmp_path / 'copy')).fingerprint != source.fingerprint
+  assert load_tokenizer(folders['qwen2']).fingerprint != source.fingerprint
+
+
+def test_bad_tokenizer_files_are_named(folders, tmp_path):
+  broken = tmp_path / 'broken'
+  shutil.copytree(folders['llama3'], broken)
+  (broken / 'tokenizer_config.json').write_text('{"bos_token": ')
+  with pytest.raises(DataError, match=re.escape(f'{broken}/tokenizer_config.json is not valid')):
+    load_tokenizer(str(broken))
+  (broken / 'tokenizer_config.json').write_text('{"bos_token": "<|nope|>"}')
+  with pytest.raises(DataError, match=r"bos_token='<\|nope\|>' is not a token of"):
+    load_tokenizer(str(broken))
+  (broken / 'tokenizer_config.json').write_text('{"eos_token": 7}')
+  with pytest.raises(DataError, match=r'eos_token=7 is not a token string'):
+    load_tokenizer(str(broken))
+  (broken / 'tokenizer.json').write_text('{"model": 1}')
+  with pytest.raises(DataError, match=re.escape(f'{broken}/tokenizer.json is not a valid')):
+    load_tokenizer(str(broken))
+  with pytest.raises(ConfigError, match=r"encodes with 'tokenizers', not 'tf_text'"):
+    load_tokenizer(str(folders['qwen2']), backend='tf_text')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(DataError, match=rf'No tokenizer.json or tokenizer.model in .*{empty}'):
+    load_tokenizer(str(empty))
+
+
+@pytest.mark.parametrize('family', ['llama3', 'qwen2'])
+def test_eval_documents_are_marked_as_the_tokenizer_does(folders, family):
+  tokenizer = load_tokenizer(folders[family])
+  docs = ['Grüße aus München!', 'Καλημέρα κόσμε']
+  (batch,) = pipeline.make_eval_batches(
+      docs,
+      tokenizer,
+      seq_len=64,
+      batch_size=1,
+      max_batches=0,
+      add_bos=tokenizer.adds_bos,
+      add_eos=True,
+  )
+  bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
+  marked = [[*bos, *tokenizer.encode(d), tokenizer.eos_id] for d in docs]
+  inputs = [t for ids in marked for t in ids[:-1]]  # each document shifted on its own
+  targets = [t for ids in marked for t in ids[1:]]
+  assert batch['inputs'][0, : len(inputs)].tolist() == inputs
+  assert batch['targets'][0, : len(targets)].tolist() == targets
+
+
+def test_a_tokenizer_without_bos_refuses_add_bos(folders, tmp_path):
+  config = tiny.get_config()
+  config.update_from_flattened_dict(
+      {'data.tokenizer_path': folders['qwen2'], 'data.languages': 'deu_Latn,fra_Latn'}
+  )
+  with pytest.raises(ConfigError, match=r'data.add_bos=True, but the tokenizer .* has no BOS'):
+    dataset.make_data(config, str(tmp_path))
+
+
+RUN = {
+    'train.steps': 2,
+    'train.global_batch_size': 8,
+    'train.seq_len': 32,
+    'train.log_every': 1,
+    'train.eval_every': 0,
+    'train.checkpoint_every': 2,
+    'train.eval_batches': 1,
+    'data.languages': 'deu_Latn,ell_Grek,fra_Latn',
+}
+
+
+@pytest.mark.parametrize(
+    'family, model', [('llama3', 'gqa_untied'), ('qwen2', 'qwen2'), ('gemma', 'mha_tied')]
+)
+def test_an_imported_tokenizer_trains_checkpoints_and_exports_unchanged(
+    folders, tmp_path, family, model
+):
+  """Import copies the folder's tokenizer files; training uses them (never a new
+  tokenizer), the checkpoint carries them, and the export holds the same bytes, which
+  transformers reads with the same ids. The model's vocabulary is padded past the
+  tokenizer's, as released models often are."""
+  source = load_tokenizer(folders[family])
+  hf_dir = tmp_path / 'hf'
+  vocab_size = source.vocab_size + 11
+  random_hf_model({**HF_SHAPES[model], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
+  for file in source.files:
+    shutil.copy(file, hf_dir)
+  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=lambda *a: None)
+  imported = tmp_path / 'imported' / 'tokenizer'
+  assert config.data.tokenizer_path == str(imported)
+  assert config.data.add_bos == source.adds_bos and config.data.add_eos
+  assert config.model.vocab_size == vocab_size
+
+  config.update_from_flattened_dict(RUN)
+  workdir = tmp_path / 'run'
+  train(config, str(workdir))
+  assert not (workdir / 'tokenizer.model').exists()  # none was trained
+  saved = load_tokenizer(str(workdir / 'checkpoints' / '2' / 'tokenizer'))
+  assert saved.fingerprint == source.fingerprint
+
+  output = tmp_path / 'export'
+  hf.export_hf(str(workdir), str(output), dtype='float32', log=lambda *a: None)
+  for file in source.files:
+    assert (output / os.path.basename(file)).read_bytes() == open(file, 'rb').read(), file
+  theirs = transformers.AutoTokenizer.from_pretrained(output)
+  for text in TEXTS:
+    assert theirs(text)['input_ids'] == [source.bos_id] * source.adds_bos + source.encode(text)
+  exported = json.loads((output / 'config.json').read_text())
+  assert (exported['bos_token_id'], exported['eos_token_id']) == (source.bos_id, source.eos_id)
+
+
+def test_init_from_an_imported_model_refuses_another_tokenizer(folders, tmp_path):
+  hf_dir = tmp_path / 'hf'
+  vocab_size = load_tokenizer(folders['llama3']).vocab_size
+  random_hf_model({**HF_SHAPES['gqa_untied'], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
+  for file in load_tokenizer(folders['llama3']).files:
+    shutil.copy(file, hf_dir)
+  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=lambda *a: None)
+  config.update_from_flattened_dict({**RUN, 'data.tokenizer_path': folders['mistral']})
+  with pytest.raises(CheckpointError, match=r'the tokenizer .*mistral is not the one'):
+    train(config, str(tmp_path / 'run'))
+
+
+def test_a_tokenizer_with_more_ids_than_embedding_rows_is_refused_at_import(folders, tmp_path):
+  hf_dir = tmp_path / 'hf'
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(hf_dir)  # 101 rows
+  shutil.copy(os.path.join(folders['qwen2'], 'tokenizer.json'), hf_dir)
+  with pytest.raises(hf.HFError, match=r'tokenizer.json has ids up to \d+, but .* vocab_size=101'):
+    hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=lambda *a: None)
+  assert not (tmp_path / 'imported' / 'checkpoints' / '0').exists()
+
+
+def test_prepared_data_records_the_tokenizer_it_was_tokenized_with(folders, tmp_path):
+  raw = tmp_path / 'raw.jsonl'
+  docs = ['Grüße aus München!', 'Die Straße ist schön.', 'Guten Tag.']
+  raw.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+  manifest = prepare(
+      [str(raw)],
+      str(tmp_path / 'prepared'),
+      folders['qwen2'],
+      TextSource(format='jsonl', language='deu_Latn'),
+      workers=1,
+  )
+  tokenizer = load_tokenizer(folders['qwen2'])
+  assert manifest['tokenizer']['sha256'] == tokenizer.fingerprint
+  assert manifest['tokenizer']['bos_id'] is None
+  assert manifest['languages']['deu_Latn']['tokens'] == sum(len(tokenizer.encode(d)) for d in docs)
+  config = tiny.get_config()
+  config.update_from_flattened_dict(
+      {
+          'data.corpus': 'prepared',
+          'data.prepared_dir': str(tmp_path / 'prepared'),
+          'data.tokenizer_path': folders['llama3'],
+          'data.languages': 'deu_Latn',
+      }
+  )
+  with pytest.raises(ConfigError, match=r'llama3 is not the one .* was prepared with'):
+    dataset.make_data(config, str(tmp_path / 'run'))
+  config.data.tokenizer_path = ''
+  config.data.add_bos = False
+  data = dataset.make_data(config, str(tmp_path / 'run'))
+  assert data.tokenizer.fingerprint == tokenizer.fingerprint
+  assert np.asarray(data.tokenizer.token_bytes()).sum() > 0
