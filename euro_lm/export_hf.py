@@ -1,6 +1,7 @@
-"""`python -m euro_lm.export_hf --workdir=DIR --output=HFDIR [--step=N] [--dtype=bfloat16]`
+"""Writes a euro_lm checkpoint as a Hugging Face model folder (see euro_lm.hf).
 
-Writes a euro_lm checkpoint as a Hugging Face Llama folder (see euro_lm.hf).
+  python -m euro_lm.export_hf --workdir=DIR --output=HFDIR [--step=N] [--dtype=bfloat16] \
+      [--check]
 """
 
 import sys
@@ -15,6 +16,12 @@ _SHARD_GB = flags.DEFINE_float('shard_gb', 2.0, 'Largest safetensors shard, in G
 _MAX_POSITIONS = flags.DEFINE_integer(
     'max_position_embeddings', None, 'config.json max_position_embeddings; default seq_len.'
 )
+_CHECK = flags.DEFINE_bool(
+    'check',
+    False,
+    'Then run transformers on the HF folder and euro_lm on the checkpoint (float32, CPU) and'
+    ' print how far their logits differ (needs the hf extra and memory for both models).',
+)
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -24,6 +31,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from euro_lm.errors import UserError
   from euro_lm.hf import export_hf
+  from euro_lm.hf.check import compare_with_transformers
 
   try:
     export_hf(
@@ -34,6 +42,8 @@ def main(argv):
         shard_bytes=int(_SHARD_GB.value * 2**30),
         max_position_embeddings=_MAX_POSITIONS.value,
     )
+    if _CHECK.value:
+      compare_with_transformers(_OUTPUT.value, _WORKDIR.value, step=_STEP.value)
   except UserError as e:
     sys.exit(f'error: {e}')
 

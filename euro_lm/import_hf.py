@@ -1,4 +1,4 @@
-"""`python -m euro_lm.import_hf --hf=HFDIR --workdir=DIR`
+"""`python -m euro_lm.import_hf --hf=HFDIR --workdir=DIR [--check]`
 
 Reads a local Hugging Face Llama-family folder (safetensors) into a params-only euro_lm
 checkpoint that `--config.train.init_from=DIR` starts from (see euro_lm.hf).
@@ -10,6 +10,12 @@ from absl import app, flags, logging
 
 _HF = flags.DEFINE_string('hf', None, 'Local HF model folder (config.json + *.safetensors).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New directory for the euro_lm checkpoint.')
+_CHECK = flags.DEFINE_bool(
+    'check',
+    False,
+    'Then run transformers on the HF folder and euro_lm on the checkpoint (float32, CPU) and'
+    ' print how far their logits differ (needs the hf extra and memory for both models).',
+)
 flags.mark_flags_as_required(['hf', 'workdir'])
 
 
@@ -19,9 +25,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from euro_lm.errors import UserError
   from euro_lm.hf import import_hf
+  from euro_lm.hf.check import compare_with_transformers
 
   try:
     import_hf(_HF.value, _WORKDIR.value)
+    if _CHECK.value:
+      compare_with_transformers(_HF.value, _WORKDIR.value)
   except UserError as e:
     sys.exit(f'error: {e}')
 

@@ -19,6 +19,7 @@ from euro_lm.data.prepare.shards import prepare
 from euro_lm.data.prepare.sources import TextSource
 from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer
 from euro_lm.errors import ConfigError, DataError
+from euro_lm.hf.check import compare_with_transformers
 from euro_lm.train.loop import train
 from tests.hf_tokenizers import FAMILIES, make_tokenizer_folder
 from tests.test_hf import HF_SHAPES, random_hf_model
@@ -145,6 +146,10 @@ def test_a_tokenizer_without_bos_refuses_add_bos(folders, tmp_path):
     dataset.make_data(config, str(tmp_path))
 
 
+def quiet(*args):
+  del args
+
+
 RUN = {
     'train.steps': 2,
     'train.global_batch_size': 8,
@@ -158,26 +163,37 @@ RUN = {
 
 
 @pytest.mark.parametrize(
-    'family, model', [('llama3', 'gqa_untied'), ('qwen2', 'qwen2'), ('gemma', 'mha_tied')]
+    'family, model',
+    [
+        ('llama3', 'llama3_rope'),
+        ('mistral', 'mistral'),
+        ('qwen2', 'qwen2'),
+        ('qwen2', 'qwen3'),
+        ('gemma', 'mha_tied'),
+    ],
 )
 def test_an_imported_tokenizer_trains_checkpoints_and_exports_unchanged(
     folders, tmp_path, family, model
 ):
-  """Import copies the folder's tokenizer files; training uses them (never a new
+  """Each architecture with a tokenizer of its family: import gives transformers' logits and
+  copies the folder's tokenizer files; training uses them (never a new
   tokenizer), the checkpoint carries them, and the export holds the same bytes, which
-  transformers reads with the same ids. The model's vocabulary is padded past the
-  tokenizer's, as released models often are."""
+  transformers reads with the same ids, and the exported model gives the trained
+  checkpoint's logits. The model's vocabulary is padded past the tokenizer's, as released
+  models often are."""
   source = load_tokenizer(folders[family])
   hf_dir = tmp_path / 'hf'
   vocab_size = source.vocab_size + 11
   random_hf_model({**HF_SHAPES[model], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
   for file in source.files:
     shutil.copy(file, hf_dir)
-  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=lambda *a: None)
+  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=quiet)
   imported = tmp_path / 'imported' / 'tokenizer'
   assert config.data.tokenizer_path == str(imported)
   assert config.data.add_bos == source.adds_bos and config.data.add_eos
   assert config.model.vocab_size == vocab_size
+  imported_check = compare_with_transformers(str(hf_dir), str(tmp_path / 'imported'), log=quiet)
+  assert imported_check['max_abs_diff'] < 1e-4 and imported_check['argmax_agreement'] == 1
 
   config.update_from_flattened_dict(RUN)
   workdir = tmp_path / 'run'
@@ -187,12 +203,14 @@ def test_an_imported_tokenizer_trains_checkpoints_and_exports_unchanged(
   assert saved.fingerprint == source.fingerprint
 
   output = tmp_path / 'export'
-  hf.export_hf(str(workdir), str(output), dtype='float32', log=lambda *a: None)
+  hf.export_hf(str(workdir), str(output), dtype='float32', log=quiet)
   for file in source.files:
     assert (output / os.path.basename(file)).read_bytes() == open(file, 'rb').read(), file
   theirs = transformers.AutoTokenizer.from_pretrained(output)
   for text in TEXTS:
     assert theirs(text)['input_ids'] == [source.bos_id] * source.adds_bos + source.encode(text)
+  exported_check = compare_with_transformers(str(output), str(workdir), log=quiet)
+  assert exported_check['max_abs_diff'] < 1e-4 and exported_check['argmax_agreement'] == 1
   exported = json.loads((output / 'config.json').read_text())
   assert (exported['bos_token_id'], exported['eos_token_id']) == (source.bos_id, source.eos_id)
 
@@ -249,3 +267,31 @@ def test_prepared_data_records_the_tokenizer_it_was_tokenized_with(folders, tmp_
   data = dataset.make_data(config, str(tmp_path / 'run'))
   assert data.tokenizer.fingerprint == tokenizer.fingerprint
   assert np.asarray(data.tokenizer.token_bytes()).sum() > 0
+
+
+def test_import_check_prints_how_far_the_logits_differ(folders, tmp_path):
+  import subprocess
+  import sys
+
+  hf_dir = tmp_path / 'hf'
+  vocab_size = load_tokenizer(folders['gemma']).vocab_size
+  random_hf_model({**HF_SHAPES['mha_tied'], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
+  for file in load_tokenizer(folders['gemma']).files:
+    shutil.copy(file, hf_dir)
+  done = subprocess.run(
+      [sys.executable, '-m', 'euro_lm.import_hf', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']
+      + ['--check'],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd()),
+      timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  assert re.fullmatch(r'bul_Cyrl +\d+ +\d\.\d\de-\d\d +(\d+)/\1 *', lines[-2]), lines[-2]
+  match = re.fullmatch(
+      r'largest difference (\S+) on logits up to \S+; the same next token '
+      r'at (\d+) of (\d+) positions',
+      lines[-1],
+  )
+  assert match and float(match[1]) < 1e-4 and match[2] == match[3], lines[-1]
