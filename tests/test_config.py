@@ -207,3 +207,46 @@ def test_unusable_workdir_is_reported_and_nothing_is_lost(tmp_path):
   assert f'workdir {blocker}/run is not usable' in result.stderr
   assert 'Traceback' not in result.stderr
   assert blocker.read_text() == 'precious'
+
+
+def test_the_1b_preset_is_llama_3_2_1b_with_a_smaller_vocabulary():
+  """Llama-3.2-1B's published config.json, imported, sets every model field as the preset
+  does but the vocabulary size: its parameters continue training with the preset."""
+  from euro_lm.hf import model_config_from_hf  # pylint: disable=import-outside-toplevel
+
+  published = {
+      'architectures': ['LlamaForCausalLM'],
+      'attention_bias': False,
+      'attention_dropout': 0.0,
+      'bos_token_id': 128000,
+      'eos_token_id': 128001,
+      'head_dim': 64,
+      'hidden_act': 'silu',
+      'hidden_size': 2048,
+      'initializer_range': 0.02,
+      'intermediate_size': 8192,
+      'max_position_embeddings': 131072,
+      'mlp_bias': False,
+      'model_type': 'llama',
+      'num_attention_heads': 32,
+      'num_hidden_layers': 16,
+      'num_key_value_heads': 8,
+      'pretraining_tp': 1,
+      'rms_norm_eps': 1e-05,
+      'rope_scaling': {
+          'factor': 32.0,
+          'high_freq_factor': 4.0,
+          'low_freq_factor': 1.0,
+          'original_max_position_embeddings': 8192,
+          'rope_type': 'llama3',
+      },
+      'rope_theta': 500000.0,
+      'tie_word_embeddings': True,
+      'torch_dtype': 'bfloat16',
+      'use_cache': True,
+      'vocab_size': 128256,
+  }
+  imported = model_config_from_hf(published)
+  preset = llama_1b.get_config('gpu').model
+  different = {k: (v, preset[k]) for k, v in imported.items() if preset[k] != v}
+  assert different == {'vocab_size': (128256, 65536)}
