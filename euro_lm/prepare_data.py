@@ -5,7 +5,8 @@
 
 Tokenizes raw JSONL (plain, .gz, .zst) or Parquet files into ArrayRecord
 shards per language and a manifest (see euro_lm.data.prepared). Re-running the
-same command resumes: finished input files are skipped.
+same command resumes: finished input files are skipped. A truncated input, or
+one without documents, is a `warning:` line (with --strict, an error).
 """
 
 import sys
@@ -26,7 +27,8 @@ _DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000, 'Documents per 
 _WORKERS = flags.DEFINE_integer(
     'workers', None, 'Processes; default: the CPUs this process may use.'
 )
-flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
+# Checked in main, so that a missing one is an `error:` line like any other.
+_REQUIRED = (_INPUT, _OUTPUT, _TOKENIZER)
 
 
 def main(argv):
@@ -36,6 +38,8 @@ def main(argv):
   from euro_lm.data.prepare import shards
   from euro_lm.errors import UserError
 
+  if missing := [f'--{f.name}' for f in _REQUIRED if not f.value]:
+    sys.exit(f'error: {", ".join(missing)} must be set (see --helpshort).')
   try:
     manifest = shards.prepare(
         _INPUT.value,
@@ -50,6 +54,8 @@ def main(argv):
     sys.exit(f'error: {e}')
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')
+  for warning in shards.input_warnings(manifest):
+    print(f'warning: {warning}', file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -167,14 +167,6 @@ def test_strict_raises_at_the_first_bad_record(tmp_path):
   assert str(error.value).startswith(f'{path}:2: invalid JSON: ')
 
 
-def test_corrupt_compressed_file_names_the_file(tmp_path):
-  path = tmp_path / 'cut.jsonl.gz'
-  path.write_bytes(gzip.compress(_jsonl_bytes(RECORDS * 50))[:-20])
-  documents, _ = sources.TextSource(language_field='lang').read(str(path))
-  with pytest.raises(DataError, match=re.escape(f'{path}: unreadable after line')):
-    list(documents)
-
-
 def test_glob_matching_nothing_names_the_glob(tmp_path):
   (tmp_path / 'a.jsonl').write_text('')
   pattern = str(tmp_path / '*.parquet')

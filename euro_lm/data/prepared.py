@@ -17,14 +17,16 @@ shard yields `TokenizedDocument(tokens, language, location)`, the location
 import json
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import grain
 import numpy as np
 from array_record.python import array_record_module
 
 from euro_lm.data import languages
 from euro_lm.errors import DataError
+
+if TYPE_CHECKING:
+  import grain
 
 MANIFEST = 'manifest.json'
 VERSION = 1
@@ -91,7 +93,7 @@ def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
       yield document.tokens
 
 
-def document_source(directory: str, language: str) -> grain.MapDataset:
+def document_source(directory: str, language: str) -> 'grain.MapDataset':
   """Random access to one language's documents (int32 token ids), for training.
 
   Raises:
@@ -106,6 +108,9 @@ def document_source(directory: str, language: str) -> grain.MapDataset:
         f' {", ".join(manifest["languages"]) or "none"}.'
     )
   paths = [os.path.join(directory, shard['path']) for shard in entry['shards']]
+  # Here, not at the top: prepare_data and its workers need no grain (nor the jax it imports).
+  import grain
+
   try:
     records = grain.sources.ArrayRecordDataSource(paths)
   except Exception as e:  # array_record raises several types for bad files

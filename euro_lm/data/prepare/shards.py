@@ -10,6 +10,7 @@ re-run redoes only the units without a receipt. The manifest is written
 last, and removed while units are redone: where it exists, it is complete.
 """
 
+import ctypes
 import dataclasses
 import functools
 import glob
@@ -18,7 +19,11 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,6 +39,8 @@ _RECEIPTS = 'receipts'
 _COUNTS = ('documents', 'tokens', 'bytes', 'characters')
 # Documents between progress reports from a worker.
 _PROGRESS_EVERY = 256
+# prctl's option that signals this process when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +207,8 @@ def _run_units(pending: list[_Unit], total_units: int, workers: int, progress: b
     # spawn, not fork: the caller may run threads (JAX, Grain) that fork breaks.
     context = multiprocessing.get_context('spawn')
     token_counts = context.Queue()
-    with context.Pool(min(workers, len(pending)), _init_worker, (token_counts,)) as pool:
+    initargs = (token_counts, os.getpid())
+    with context.Pool(min(workers, len(pending)), _init_worker, initargs) as pool:
       results = [pool.apply_async(_prepare_unit_in_worker, (unit,)) for unit in pending]
       while results:
         _drain(token_counts, tokens_bar.update, timeout=0.1)
@@ -223,9 +231,31 @@ def _drain(counts: multiprocessing.Queue, update: Callable[[int], object], timeo
 _worker_token_counts = None
 
 
-def _init_worker(token_counts: multiprocessing.Queue):
+def _init_worker(token_counts: multiprocessing.Queue, parent_pid: int):
   global _worker_token_counts
   _worker_token_counts = token_counts
+  _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int):
+  """Ends this worker once the process that started it is gone, even killed
+  by SIGKILL, so that no worker writes on for a run that no one waits for.
+
+  Linux signals it (prctl); elsewhere a thread watches the parent id.
+  """
+  if sys.platform.startswith('linux'):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+      if os.getppid() != parent_pid:  # It died before prctl.
+        os._exit(1)
+      return
+  threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _watch_parent(parent_pid: int):
+  while os.getppid() == parent_pid:
+    time.sleep(0.2)
+  os._exit(1)
 
 
 def _prepare_unit_in_worker(unit: _Unit) -> None:
@@ -264,6 +294,7 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
       'settings': unit.settings,
       'languages': shards,
       'bad_records': bad_records.to_json(),
+      'truncated': bad_records.truncation_json(),
   }
   _write_json_atomically(unit.receipt_path, receipt)
 
@@ -372,10 +403,21 @@ def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) 
                   shard['documents'] for shards in receipt['languages'].values() for shard in shards
               ),
               'bad_records': receipt['bad_records'],
+              'truncated': receipt.get('truncated'),
           }
           for receipt in receipts
       },
   }
+
+
+def input_warnings(manifest: dict) -> list[str]:
+  """One line per input that was truncated or yielded no document."""
+  warnings = []
+  for path, entry in manifest['inputs'].items():
+    report = sources.BadRecords.from_json(path, entry['bad_records'], entry.get('truncated'))
+    if warning := report.warning(entry['documents']):
+      warnings.append(warning)
+  return warnings
 
 
 def format_summary(manifest: dict) -> str:

@@ -15,7 +15,12 @@ LANGUAGE_FIELD = flags.DEFINE_string(
 LANGUAGE = flags.DEFINE_string(
     'language', '', 'Language of every record (e.g. deu_Latn), if no field.'
 )
-STRICT = flags.DEFINE_bool('strict', False, 'Stop at the first bad record instead of counting.')
+STRICT = flags.DEFINE_bool(
+    'strict',
+    False,
+    'Stop with an error at the first bad record, truncated file or empty file instead of'
+    ' counting it.',
+)
 ALL = (FORMAT, TEXT_FIELD, LANGUAGE_FIELD, LANGUAGE, STRICT)
 
 

@@ -6,15 +6,19 @@ Prepared ArrayRecord shards are read by euro_lm.data.prepared.
 
 A record that cannot be a document is never dropped silently: each reader
 counts it in a `BadRecords` report by kind, with where the first one was, or
-raises `DataError` at the first one when the source is strict.
+raises `DataError` at the first one when the source is strict. A file that
+stops before its proper end (a compressed stream cut short or corrupt, a
+Parquet file without its footer) is read up to there and marked truncated in
+the report, with the byte and line or row; strict, that and a file without a
+single record are errors too.
 """
 
 import dataclasses
 import glob
-import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -38,6 +42,11 @@ _JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')
 _COMPRESSION_SUFFIXES = ('.gz', '.zst', '.zstd')
 # Rows per Parquet batch: bounds memory whatever the row-group size.
 _PARQUET_BATCH_ROWS = 1024
+# Compressed bytes per decompressor call: bounds what one call returns (zstd's
+# decompressobj has no output limit).
+_COMPRESSED_CHUNK = 1 << 16
+# A bad record's reason is cut to this many characters: it is one line of a report.
+_MAX_REASON_CHARS = 300
 
 
 class Document(NamedTuple):
@@ -55,18 +64,34 @@ class BadKind:
   reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+  """Where reading a file stopped before its proper end, and why.
+
+  `byte` is the offset in the file as stored (compressed), None where the
+  format does not say; `position` the first line or row not read.
+  """
+
+  byte: int | None
+  position: int
+  reason: str
+
+
 @dataclasses.dataclass
 class BadRecords:
-  """The bad records of one input file, by kind (`invalid_json`, ...).
+  """The bad records of one input file, by kind (`invalid_json`, ...), and
+  whether the file was truncated.
 
   `position_name` says what positions count: 'line' (JSONL, from 1) or
-  'row' (Parquet, from 0). With `strict`, `add` raises instead of counting.
+  'row' (Parquet, from 0). With `strict`, `add`, `truncate` and
+  `no_records` raise instead of counting.
   """
 
   path: str
   position_name: str
   strict: bool = False
   kinds: dict[str, BadKind] = dataclasses.field(default_factory=dict)
+  truncated: Truncation | None = None
 
   def location(self, position: int) -> str:
     if self.position_name == 'line':
@@ -74,12 +99,41 @@ class BadRecords:
     return f'{self.path} {self.position_name} {position}'
 
   def add(self, kind: str, position: int, reason: str):
+    if len(reason) > _MAX_REASON_CHARS:
+      reason = reason[:_MAX_REASON_CHARS] + '...'
     if self.strict:
       raise DataError(f'{self.location(position)}: {reason}')
     if kind in self.kinds:
       self.kinds[kind].count += 1
     else:
       self.kinds[kind] = BadKind(1, position, reason)
+
+  def truncate(self, byte: int | None, position: int, reason: str):
+    """Reading stopped before the file's end: `position` on is lost."""
+    self.truncated = Truncation(byte, position, reason)
+    if self.strict:
+      raise DataError(self.truncation_message())
+
+  def no_records(self):
+    """The file holds not a single record (a warning unless strict)."""
+    if self.strict:
+      raise DataError(f'{self.path}: holds no records (an empty file).')
+
+  def truncation_message(self) -> str:
+    t = self.truncated
+    at_byte = '' if t.byte is None else f' at byte {t.byte}'
+    lost = f'{self.position_name}s from {t.position} on are lost'
+    return f'{self.path}: truncated{at_byte}: {t.reason}; {lost}.'
+
+  def warning(self, documents: int) -> str | None:
+    """What a user must hear about a file that yielded `documents`, if anything."""
+    if self.truncated:
+      return self.truncation_message()
+    if documents:
+      return None
+    if self.total:
+      return f'{self.path}: no documents: all {self.total} records are bad.'
+    return f'{self.path}: holds no records (an empty file).'
 
   @property
   def total(self) -> int:
@@ -91,10 +145,21 @@ class BadRecords:
         'kinds': {kind: dataclasses.asdict(bad) for kind, bad in sorted(self.kinds.items())},
     }
 
+  def truncation_json(self) -> dict | None:
+    """The truncation as `{'byte', 'line' or 'row', 'reason'}`, None if there is none."""
+    if self.truncated is None:
+      return None
+    t = self.truncated
+    return {'byte': t.byte, self.position_name: t.position, 'reason': t.reason}
+
   @classmethod
-  def from_json(cls, path: str, report: dict) -> 'BadRecords':
+  def from_json(cls, path: str, report: dict, truncation: dict | None = None) -> 'BadRecords':
     kinds = {k: BadKind(**v) for k, v in report['kinds'].items()}
-    return cls(path, report['position_name'], kinds=kinds)
+    name = report['position_name']
+    truncated = truncation and Truncation(
+        truncation['byte'], truncation[name], truncation['reason']
+    )
+    return cls(path, name, kinds=kinds, truncated=truncated)
 
   def __str__(self) -> str:
     return f'{self.path}: ' + '; '.join(
@@ -209,7 +274,8 @@ class TextSource:
           except UnicodeDecodeError as e:
             bad_records.add(INVALID_UTF8, line_number, f'invalid UTF-8: {e}')
             continue
-          except json.JSONDecodeError as e:
+          # ValueError: also an integer past int's digit limit; RecursionError: deep nesting.
+          except (ValueError, RecursionError) as e:
             bad_records.add(INVALID_JSON, line_number, f'invalid JSON: {e}')
             continue
           if not isinstance(record, dict):
@@ -228,14 +294,34 @@ class TextSource:
           )
           if document is not None:
             yield document
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+    except _Incomplete as e:
+      bad_records.truncate(e.byte, line_number + 1, e.reason)
+    except OSError as e:
       raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
+    if not line_number and not bad_records.truncated:
+      bad_records.no_records()
 
   def _parquet_documents(self, path: str, bad_records: BadRecords) -> Iterator[Document]:
     language_of = _LanguageCache(self.language)
     columns = [self.text_field] + ([self.language_field] if self.language_field else [])
     try:
-      parquet = pq.ParquetFile(path)
+      size = os.path.getsize(path)
+    except OSError as e:
+      raise DataError(f'{path}: unreadable Parquet file: {e}') from e
+    if not size:
+      bad_records.no_records()
+      return
+    try:
+      # Verifies page checksums where the writer stored them.
+      parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+      # The footer, at the end, is the first thing read: a file cut short fails here.
+      bad_records.truncate(size, 0, f'no readable Parquet footer (cut short?): {e}')
+      return
+    if not parquet.metadata.num_rows:
+      bad_records.no_records()
+    batch_start = 0
+    try:
       schema = parquet.schema_arrow
       for column in columns:
         if column not in schema.names:
@@ -248,7 +334,6 @@ class TextSource:
           or pa.types.is_large_binary(text_type)
       ):
         raise DataError(f'{path}: column {self.text_field!r} holds {text_type}, not text.')
-      batch_start = 0
       for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, columns=columns):
         # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
         texts = batch.column(0).cast(pa.large_binary()).to_pylist()
@@ -268,7 +353,7 @@ class TextSource:
             yield document
         batch_start += batch.num_rows
     except (OSError, pa.ArrowException) as e:
-      raise DataError(f'{path}: unreadable Parquet file: {e}') from e
+      bad_records.truncate(None, batch_start, f'unreadable Parquet data: {e}')
 
   def _document(
       self,
@@ -311,6 +396,8 @@ class _LanguageCache:
   def __call__(self, code: str | None) -> str:
     if self._fixed_tag:
       return self._fixed_tag
+    if len(code) > 64:  # Neither cached nor quoted: a hostile file may hold many.
+      raise ValueError(f'a string of {len(code):,} characters is no language code')
     if code not in self._tags and code not in self._errors:
       try:
         self._tags[code] = languages.resolve_language(code)
@@ -322,14 +409,94 @@ class _LanguageCache:
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
-  """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd)."""
+  """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd).
+
+  Reading a compressed file raises `_Incomplete` where its stream stops
+  before the proper end, after every complete line before that.
+  """
   name = path.lower()
   if name.endswith('.gz'):
-    return gzip.open(path, 'rb')
+    return io.BufferedReader(_Decompressed(path, 'gzip'), buffer_size=1 << 20)
   if name.endswith(('.zst', '.zstd')):
-    # Parallel compressors (pzstd, zstdmt) write several frames.
-    stream = zstandard.ZstdDecompressor().stream_reader(
-        open(path, 'rb'), read_across_frames=True, closefd=True
-    )
-    return io.BufferedReader(stream, buffer_size=1 << 20)
+    return io.BufferedReader(_Decompressed(path, 'zstd'), buffer_size=1 << 20)
   return open(path, 'rb')
+
+
+class _Incomplete(Exception):
+  """A compressed stream stops before its proper end, at compressed `byte`."""
+
+  def __init__(self, byte: int, reason: str):
+    super().__init__(reason)
+    self.byte = byte
+    self.reason = reason
+
+
+class _Decompressed(io.RawIOBase):
+  """A gzip or zstd file's content, member after member (frame after frame).
+
+  Parallel compressors (pigz, pzstd, zstdmt) write several. A decompressor
+  object per member says whether the member ended (`eof`): the file must end
+  with one that did, or `readinto` raises `_Incomplete`, as for corrupt data.
+  """
+
+  def __init__(self, path: str, codec: str):
+    self._codec = codec
+    self._file = open(path, 'rb')
+    self._member = None  # The current member's decompressor.
+    self._offset = 0  # Compressed bytes read.
+    self._pending = memoryview(b'')
+    self._error = None  # An _Incomplete to raise once the data before it is read.
+
+  def readable(self) -> bool:
+    return True
+
+  def close(self):
+    self._file.close()
+    super().close()
+
+  def readinto(self, buffer) -> int:
+    while not self._pending:
+      if self._error is not None:
+        raise self._error
+      data = self._decompress_next()
+      if data is None:
+        return 0
+      self._pending = memoryview(data)
+    n = min(len(buffer), len(self._pending))
+    buffer[:n] = self._pending[:n]
+    self._pending = self._pending[n:]
+    return n
+
+  def _new_member(self):
+    if self._codec == 'gzip':
+      return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    return zstandard.ZstdDecompressor().decompressobj()
+
+  def _decompress_next(self) -> bytes | None:
+    """The next chunk's content (maybe empty); None at the file's proper end.
+
+    Corrupt data sets `_error`, raised once what came before it is read.
+    """
+    chunk_start = self._offset
+    chunk = self._file.read(_COMPRESSED_CHUNK)
+    self._offset += len(chunk)
+    if not chunk:
+      if self._member is not None and not self._member.eof:
+        raise _Incomplete(chunk_start, f'the file ends inside a {self._codec} frame (cut short)')
+      return None
+    pieces = []
+    while chunk:
+      if self._member is None or self._member.eof:
+        # gzip allows zero padding after the last member, as tar and tape writers add.
+        if self._codec == 'gzip' and self._member is not None and not chunk.strip(b'\0'):
+          break
+        self._member = self._new_member()
+      try:
+        pieces.append(self._member.decompress(chunk))
+      except (zlib.error, zstandard.ZstdError) as e:
+        # Where in the chunk is unknown, but not before the data left in it.
+        byte = self._offset - len(chunk)
+        self._error = _Incomplete(byte, f'corrupt {self._codec} data ({e})')
+        break
+      chunk = self._member.unused_data if self._member.eof else b''
+    return b''.join(pieces)

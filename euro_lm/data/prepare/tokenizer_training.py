@@ -101,6 +101,7 @@ def train_tokenizer(
         'input': list(input_globs),
         'documents': sample.documents,
         'bad_records': {b.path: b.to_json() for b in sample.bad_records},
+        'truncated': {b.path: b.truncation_json() for b in sample.truncated},
     }
   else:
     texts, heldout, budgets = _sample_embedded(
@@ -254,6 +255,7 @@ class FileSample(NamedTuple):
   budgets: dict[str, int]  # language -> characters in `texts`
   documents: dict[str, int]  # language -> documents in the files
   bad_records: list[sources.BadRecords]  # of the files that have some
+  truncated: list[sources.BadRecords] = []  # the reports of truncated files
 
 
 @dataclasses.dataclass
@@ -308,15 +310,19 @@ def sample_files(
   every = round(1 / heldout_fraction)
   log(f'Counting the documents of each language in {len(paths)} file(s).')
   counts = collections.defaultdict(_Count)
-  bad_records = []
-  for doc in _documents(paths, source, bad_records):
+  reports = []
+  per_file = collections.Counter()  # path -> documents
+  for doc in _documents(paths, source, reports, per_file):
     count = counts[doc.language]
     count.documents += 1
     count.characters += len(doc.text)
     count.last = len(doc.text)
     if count.documents % every == 0:
       count.every_kth += len(doc.text)
-  bad_records = [b for b in bad_records if b.total]
+  for report in reports:
+    if warning := report.warning(per_file[report.path]):
+      log(f'warning: {warning}')
+  bad_records = [b for b in reports if b.total]
   for bad in bad_records:
     log(f'Skipped bad records: {bad}')
   log(
@@ -364,16 +370,22 @@ def sample_files(
       if not pending:
         break
   documents = {tag: counts[tag].documents for tag in budgets}
-  return FileSample(texts, heldout, budgets, documents, bad_records)
+  truncated = [b for b in reports if b.truncated]
+  return FileSample(texts, heldout, budgets, documents, bad_records, truncated)
 
 
 def _documents(
     paths: Sequence[str],
     source: sources.TextSource,
     bad_records: list[sources.BadRecords],
+    per_file: collections.Counter | None = None,
 ) -> Iterator[sources.Document]:
-  """The files' documents in turn; appends each file's bad-record report."""
+  """The files' documents in turn; appends each file's bad-record report and
+  counts each file's documents in `per_file`."""
   for path in paths:
     documents, bad = source.read(path)
     bad_records.append(bad)
-    yield from documents
+    for document in documents:
+      if per_file is not None:
+        per_file[path] += 1
+      yield document
