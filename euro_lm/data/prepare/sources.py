@@ -320,7 +320,7 @@ class TextSource:
       return
     if not parquet.metadata.num_rows:
       bad_records.no_records()
-    batch_start = 0
+    row_start, group = 0, 0  # Of the row group being read.
     try:
       schema = parquet.schema_arrow
       for column in columns:
@@ -334,26 +334,34 @@ class TextSource:
           or pa.types.is_large_binary(text_type)
       ):
         raise DataError(f'{path}: column {self.text_field!r} holds {text_type}, not text.')
-      for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, columns=columns):
-        # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
-        texts = batch.column(0).cast(pa.large_binary()).to_pylist()
-        codes = (
-            batch.column(1).cast(pa.large_string()).to_pylist()
-            if self.language_field
-            else [None] * len(texts)
-        )
-        for row, (raw_text, code) in enumerate(zip(texts, codes), batch_start):
-          try:
-            text = None if raw_text is None else raw_text.decode('utf-8')
-          except UnicodeDecodeError as e:
-            bad_records.add(INVALID_UTF8, row, f'invalid UTF-8: {e}')
-            continue
-          document = self._document(text, code, language_of, bad_records, row)
-          if document is not None:
-            yield document
-        batch_start += batch.num_rows
+      # Group by group, so that a corrupt one loses the rows from its first on.
+      for group in range(parquet.metadata.num_row_groups):
+        batch_start = row_start
+        for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, [group], columns):
+          # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
+          texts = batch.column(0).cast(pa.large_binary()).to_pylist()
+          codes = (
+              batch.column(1).cast(pa.large_string()).to_pylist()
+              if self.language_field
+              else [None] * len(texts)
+          )
+          for row, (raw_text, code) in enumerate(zip(texts, codes), batch_start):
+            try:
+              text = None if raw_text is None else raw_text.decode('utf-8')
+            except UnicodeDecodeError as e:
+              bad_records.add(INVALID_UTF8, row, f'invalid UTF-8: {e}')
+              continue
+            document = self._document(text, code, language_of, bad_records, row)
+            if document is not None:
+              yield document
+          batch_start += batch.num_rows
+        row_start += parquet.metadata.row_group(group).num_rows
     except (OSError, pa.ArrowException) as e:
-      bad_records.truncate(None, batch_start, f'unreadable Parquet data: {e}')
+      bad_records.truncate(
+          _row_group_offset(parquet.metadata.row_group(group)),
+          row_start,
+          f'unreadable Parquet data in row group {group} ({e})',
+      )
 
   def _document(
       self,
@@ -383,6 +391,14 @@ class TextSource:
       bad_records.add(UNKNOWN_LANGUAGE, position, str(e))
       return None
     return Document(text, language, bad_records.location(position))
+
+
+def _row_group_offset(group: pq.RowGroupMetaData) -> int:
+  """Where a Parquet row group's data starts in its file."""
+  return min(
+      (c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset)
+      for c in (group.column(i) for i in range(group.num_columns))
+  )
 
 
 class _LanguageCache:
