@@ -152,6 +152,8 @@ def write_report(report: dict, path: str) -> None:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=2, ensure_ascii=False)
       f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
     os.chmod(temp_path, 0o644)
     os.replace(temp_path, path)
   except BaseException:

@@ -172,6 +172,8 @@ def _finished_receipt(unit: _Unit) -> dict | None:
         f' settings (changed: {", ".join(changed)}; see {unit.receipt_path}).'
         ' Prepare into a new output directory, or delete this one.'
     )
+  if 'truncated' not in receipt:
+    return None  # Made before inputs were checked for truncation: redo it.
   stat = os.stat(unit.input_path)
   if receipt['input']['size'] != stat.st_size or (receipt['input']['mtime_ns'] != stat.st_mtime_ns):
     return None  # The input changed since.
@@ -351,10 +353,12 @@ class _ShardWriter:
     self._writer = None
     _sync(self._temp_path)
     os.replace(self._temp_path, self._temp_path.removesuffix('.tmp'))
+    _sync(os.path.dirname(self._temp_path))
 
 
 def _sync(path: str):
-  """Flushes a closed file to disk, so a rename never publishes lost data."""
+  """Flushes a closed file to disk, so a rename never publishes lost data; or a
+  directory, so that a rename in it is on disk before what is written next."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -376,6 +380,7 @@ def _write_json_atomically(path: str, value: dict):
   except BaseException:
     os.remove(temp_path)
     raise
+  _sync(directory)
 
 
 def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) -> dict:
@@ -403,7 +408,7 @@ def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) 
                   shard['documents'] for shards in receipt['languages'].values() for shard in shards
               ),
               'bad_records': receipt['bad_records'],
-              'truncated': receipt.get('truncated'),
+              'truncated': receipt['truncated'],
           }
           for receipt in receipts
       },
