@@ -7,7 +7,8 @@ training with `data.corpus='prepared'` reads, a directory that holds:
       ids as little-endian int32 bytes, without bos/eos (the packer adds them)
   receipts/<unit>.json  one per finished input file
   manifest.json  per language: documents, tokens, UTF-8 bytes, characters and
-      shards; the tokenizer's fingerprint; each input's bad records
+      shards; the tokenizer's fingerprint; each input's documents, bad records
+      and truncation (null, or where reading stopped)
 
 Where the manifest exists, the directory is complete. Read sequentially, a
 shard yields `TokenizedDocument(tokens, language, location)`, the location

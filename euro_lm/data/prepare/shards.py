@@ -88,9 +88,14 @@ def prepare(
   directory are skipped. The manifest lists this run's input files only, in
   sorted order, so it does not depend on which worker did what.
 
+  An input cut short or corrupt is prepared up to there and marked
+  `truncated` in the manifest; `input_warnings` says which inputs were
+  truncated or yielded no document.
+
   Raises:
     DataError: a glob matches nothing, the tokenizer or an input is
-      unreadable, or (with `source.strict`) an input holds a bad record.
+      unreadable, or (with `source.strict`) an input holds a bad record, is
+      truncated or holds no record.
     ConfigError: `docs_per_shard` or `workers` < 1, or `output_dir` holds
       units prepared with other settings (tokenizer, fields or shard size).
   """

@@ -99,8 +99,7 @@ class BadRecords:
     return f'{self.path} {self.position_name} {position}'
 
   def add(self, kind: str, position: int, reason: str):
-    if len(reason) > _MAX_REASON_CHARS:
-      reason = reason[:_MAX_REASON_CHARS] + '...'
+    reason = _one_line(reason)
     if self.strict:
       raise DataError(f'{self.location(position)}: {reason}')
     if kind in self.kinds:
@@ -110,7 +109,7 @@ class BadRecords:
 
   def truncate(self, byte: int | None, position: int, reason: str):
     """Reading stopped before the file's end: `position` on is lost."""
-    self.truncated = Truncation(byte, position, reason)
+    self.truncated = Truncation(byte, position, _one_line(reason))
     if self.strict:
       raise DataError(self.truncation_message())
 
@@ -166,6 +165,14 @@ class BadRecords:
         f'{bad.count} {kind} (first at {self.position_name} {bad.first}: {bad.reason})'
         for kind, bad in sorted(self.kinds.items())
     )
+
+
+def _one_line(reason: str) -> str:
+  """A reason as one line of a report, cut to _MAX_REASON_CHARS characters."""
+  reason = ' '.join(reason.split())
+  if len(reason) > _MAX_REASON_CHARS:
+    return reason[:_MAX_REASON_CHARS] + '...'
+  return reason
 
 
 def expand_globs(patterns: Sequence[str]) -> list[str]:
