@@ -80,11 +80,11 @@ class EuroLM(TemplateLM):
     super().__init__()
     config = load_config(workdir, overrides)
     validate(config, jax.device_count(), jax.process_count(), devices.describe())
-    self._mesh, self._rules = make_mesh(config.mesh), logical_rules(config.mesh)
-    self.run = load_run(workdir, step, config=config, mesh=self._mesh, rules=self._rules)
+    self.mesh, self.rules = make_mesh(config.mesh), logical_rules(config.mesh)
+    self.run = load_run(workdir, step, config=config, mesh=self.mesh, rules=self.rules)
     self.tokenizer = None  # lm-eval reads chat templates from an HF tokenizer; none here
     self._tok = self.run.tokenizer
-    ways = mesh_axes_size(self._mesh, batch_mesh_axes(self._rules))
+    ways = mesh_axes_size(self.mesh, batch_mesh_axes(self.rules))
     self._batch_size = -(-int(batch_size) // ways) * ways
     self._max_length = int(max_length) or config.train.seq_len
     self._max_gen_toks = int(max_gen_toks)
@@ -94,10 +94,10 @@ class EuroLM(TemplateLM):
     if self._tok.bos_id is None and self._tok.eos_id is None:
       raise ConfigError(f'the tokenizer {self._tok.path} has neither BOS nor EOS to start with')
     self._bos_text = self._tok.decode([self._tok.bos_id]) if self._tok.bos_id is not None else ''
-    self._score = self._make_score()
+    self.score_rows = self._make_score()
 
   def _make_score(self):
-    model, rows = self.run.model, batch_sharding(self._mesh, self._rules)
+    model, rows = self.run.model, batch_sharding(self.mesh, self.rules)
 
     def score(params, inputs_BL, targets_BL, segment_ids_BL, positions_BL):
       logits_BLV = model.apply({'params': params}, inputs_BL, segment_ids_BL, positions_BL)
@@ -108,7 +108,7 @@ class EuroLM(TemplateLM):
     return jax.jit(
         score,
         in_shardings=(self.run.shardings, rows, rows, rows, rows),
-        out_shardings=replicated(self._mesh),
+        out_shardings=replicated(self.mesh),
     )
 
   # What lm-eval reads of a model.
@@ -152,7 +152,7 @@ class EuroLM(TemplateLM):
 
   def _put(self, array_BL):
     """A host array every process holds whole, as a global array sharded by rows."""
-    sharding = batch_sharding(self._mesh, self._rules)
+    sharding = batch_sharding(self.mesh, self.rules)
     return jax.make_array_from_callback(array_BL.shape, sharding, lambda index: array_BL[index])
 
   def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
@@ -179,7 +179,7 @@ class EuroLM(TemplateLM):
         inputs[b, :n], targets[b, :n], segments[b, :n] = tokens[:-1], tokens[1:], 1
       positions = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
       logp_BL, greedy_BL = jax.device_get(
-          self._score(
+          self.score_rows(
               self.run.params,
               self._put(inputs),
               self._put(targets),
