@@ -6,6 +6,7 @@ The config is the run's `<workdir>/config.json`; the tokenizer the checkpoint's 
 else the workdir's, else the config's `data.tokenizer_path`.
 """
 
+import ast
 import json
 import os
 from typing import Any, NamedTuple
@@ -18,7 +19,7 @@ from flax import linen as nn
 
 from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
-from euro_lm.errors import UserError
+from euro_lm.errors import ConfigError, UserError
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import generate, left_pad
 
@@ -29,32 +30,56 @@ class Run(NamedTuple):
   params: Any
   tokenizer: Tokenizer
   step_dir: str
+  shardings: Any  # of params
 
 
-def load_config(workdir):
+def load_config(workdir, overrides=()):
+  """The run's config.json with `overrides` applied: 'section.field=value' strings such as
+  'model.attention_impl=xla' or 'mesh.fsdp=8'; a value is a Python literal, else text."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise UserError(f'no config.json in {workdir}: is it a euro_lm training workdir?')
   with open(path, encoding='utf-8') as f:
     try:
-      return ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(json.load(f))
     except json.JSONDecodeError as e:
       raise UserError(f'{path} is not valid JSON: {e}') from e
+  for override in overrides:
+    name, sep, text = override.partition('=')
+    section, _, field = name.partition('.')
+    if not sep or section not in config or field not in config[section]:
+      raise ConfigError(f'{override!r}: not section.field=value of a field in {path}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = {'true': True, 'false': False}.get(text.lower(), text)
+    try:
+      config[section][field] = value
+    except TypeError as e:
+      raise ConfigError(f'{override!r}: {e}') from None
+  return config
 
 
-def load_run(workdir, step=None):
-  """The config, model, params (on the first device), tokenizer and step directory of a
-  run's newest checkpoint, or of `step`."""
+def load_run(workdir, step=None, *, config=None, mesh=None, rules=None):
+  """The config, model, params, tokenizer and step directory of a run's newest checkpoint,
+  or of `step`. The params land on the first device, or sharded over `mesh` by the logical
+  axis `rules`; `config` replaces the workdir's (see `load_config`)."""
   workdir = os.path.abspath(workdir)
-  config = load_config(workdir)
+  config = config or load_config(workdir)
   step_dir = resolve_checkpoint(workdir, step)
   model = Decoder(config.model)
-  shapes = jax.eval_shape(
-      lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))['params']), jax.random.key(0)
+  boxed = jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))['params'], jax.random.key(0)
   )
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
+  else:
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      nn.unbox(boxed),
+      shardings,
   )
   params, step_dir = load_params(step_dir, abstract)
   tokenizer_path = find_tokenizer(step_dir, workdir, config.data.tokenizer_path)
@@ -63,7 +88,7 @@ def load_run(workdir, step=None):
         f'no tokenizer for {workdir}: not in {step_dir}, the workdir or data.tokenizer_path'
     )
   tokenizer = load_tokenizer(tokenizer_path)
-  return Run(config, model, params, tokenizer, str(step_dir))
+  return Run(config, model, params, tokenizer, str(step_dir), shardings)
 
 
 def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0):

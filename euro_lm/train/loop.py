@@ -6,7 +6,6 @@ import os
 import time
 
 import jax
-import numpy as np
 import tqdm
 from flax import linen as nn
 
@@ -15,6 +14,7 @@ from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params, token
 from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.errors import UserError
+from euro_lm.evaluation.held_out import language_scores
 from euro_lm.finite import describe_nonfinite
 from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device, progress_bar
 from euro_lm.model import Decoder, train_flops_per_token
@@ -50,28 +50,6 @@ def _write_config(workdir, config):
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(config.to_dict(), f, indent=2, default=str)
   os.replace(tmp, path)
-
-
-def evaluate(eval_step, params, valid, mesh, rules):
-  """Per-language validation loss (nats/token), perplexity and bits per byte, plus the
-  means of loss and bits per byte over languages."""
-  results = {}
-  for language, batches in valid.items():
-    totals = {}
-    for batch in batches:
-      sums = jax.device_get(eval_step(params, global_batch(batch, mesh, rules)))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    loss = totals['loss_sum'] / max(totals['tokens'], 1.0)
-    results[f'valid/{language}/loss'] = loss
-    results[f'valid/{language}/perplexity'] = math.exp(min(loss, 700.0))  # no float overflow
-    if totals.get('bytes'):
-      results[f'valid/{language}/bpb'] = totals['loss_sum'] / math.log(2) / totals['bytes']
-  for metric in ('loss', 'bpb'):
-    values = [v for k, v in results.items() if k.endswith('/' + metric)]
-    if values:
-      results[f'valid/{metric}'] = float(np.mean(values))
-  return results
 
 
 def _nonfinite_report(step, metrics, flags):
@@ -257,7 +235,7 @@ def train(config, workdir):
     last_metrics = metrics
 
   def run_eval(step, state):
-    results = evaluate(eval_step, state.params, data.valid, mesh, rules)
+    results = language_scores(eval_step, state.params, data.valid, mesh, rules)
     writer.write(step, results)
     log(
         f'step {step} validation loss: '

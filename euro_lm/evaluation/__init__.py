@@ -1,0 +1,1 @@
+"""Evaluating checkpoints: per-language scores on held-out text (`held_out`)."""

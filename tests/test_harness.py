@@ -1,0 +1,212 @@
+"""lm-evaluation-harness on euro_lm's JAX model against lm-eval's own Hugging Face model on
+the float32 export: local tasks of each output type (multiple choice, rolling
+loglikelihood, generation), the same accuracies, log-likelihoods within 1e-4 and the same
+generations, per sample."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# lm-eval reads tasks with `datasets`: local files only, cached in a scratch directory.
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='euro_lm_datasets_'))
+
+import lm_eval  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from euro_lm import hf  # noqa: E402
+from euro_lm.data.tokenizer import load_tokenizer  # noqa: E402
+from euro_lm.evaluation.harness import EuroLM  # noqa: E402
+from tests.hf_tokenizers import make_tokenizer_folder  # noqa: E402
+from tests.test_hf import HF_SHAPES, random_hf_model  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LENGTH = 32  # short, so rolling texts span several windows
+
+CHOICES = [
+    {
+        'question': 'Die Hauptstadt von Frankreich ist',
+        'choices': ['Paris', 'Berlin', 'Rom'],
+        'gold': 0,
+    },
+    {
+        'question': 'Η πρωτεύουσα της Ελλάδας είναι',
+        'choices': ['Αθήνα', 'Σόφια', 'Ρώμη'],
+        'gold': 0,
+    },
+    {
+        'question': 'La capitale della Polonia è',
+        'choices': ['Praga', 'Varsavia', 'Vienna'],
+        'gold': 1,
+    },
+    {'question': 'Stolica Czech to', 'choices': ['Bratysława', 'Budapeszt', 'Praga'], 'gold': 2},
+]
+TEXTS = [
+    {'text': 'Grüße aus München! Die Straße ist schön, und der Himmel ist blau über den Alpen.'},
+    {'text': 'Καλημέρα κόσμε· η θάλασσα είναι ήρεμη σήμερα το πρωί.'},
+    {'text': 'Здравейте! Българският език има кирилица.'},
+]
+PROMPTS = [
+    {'prompt': 'Q: Wie heißt du?\nA:', 'answer': 'Anna'},
+    {'prompt': 'Q: Πού μένεις;\nA:', 'answer': 'Αθήνα'},
+    {'prompt': 'Q: Jak się masz?\nA:', 'answer': 'Dobrze'},
+]
+
+TASKS = {
+    'euro_choice': (
+        CHOICES,
+        """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+""",
+    ),
+    'euro_rolling': (
+        TEXTS,
+        """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""",
+    ),
+    'euro_generate': (
+        PROMPTS,
+        """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+    ),
+}
+
+
+def write_tasks(directory):
+  """Each task as a YAML with its documents in a local JSONL file."""
+  for name, (docs, body) in TASKS.items():
+    data = os.path.join(directory, f'{name}.jsonl')
+    with open(data, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(d, ensure_ascii=False) + '\n' for d in docs)
+    with open(os.path.join(directory, f'{name}.yaml'), 'w', encoding='utf-8') as f:
+      f.write(
+          f'task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
+          f'    test: {data}\ntest_split: test\n{body}'
+      )
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+  """A random Llama with a Llama 3 style tokenizer, imported, and its float32 export."""
+  root = tmp_path_factory.mktemp('harness')
+  tokenizer_dir = make_tokenizer_folder('llama3', root / 'tokenizer')
+  vocab_size = load_tokenizer(tokenizer_dir).vocab_size
+  hf_dir = root / 'hf'
+  random_hf_model({**HF_SHAPES['gqa_untied'], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
+  for file in os.listdir(tokenizer_dir):
+    shutil.copy(os.path.join(tokenizer_dir, file), hf_dir)
+  workdir = str(root / 'imported')
+  hf.import_hf(str(hf_dir), workdir, log=lambda *_: None)
+  export = str(root / 'export')
+  hf.export_hf(workdir, export, dtype='float32', log=lambda *_: None)
+  (root / 'tasks').mkdir()
+  return workdir, export, write_tasks(root / 'tasks')
+
+
+def evaluate(model, tasks_dir, **kwargs):
+  return lm_eval.simple_evaluate(
+      model=model,
+      tasks=list(TASKS),
+      task_manager=TaskManager(include_path=tasks_dir),
+      log_samples=True,
+      **kwargs,
+  )
+
+
+def sample_responses(result, task):
+  """Every response of every request, in document order (a request's repeats flattened)."""
+  samples = sorted(result['samples'][task], key=lambda s: s['doc_id'])
+  return [r for s in samples for request in s['resps'] for r in request]
+
+
+@pytest.mark.parametrize('add_bos_token', [None, False])
+def test_every_output_type_equals_lm_evals_hf_model_on_the_export(models, add_bos_token):
+  workdir, export, tasks_dir = models
+  ours = evaluate(
+      EuroLM(workdir, batch_size=4, max_length=MAX_LENGTH, add_bos_token=add_bos_token),
+      tasks_dir,
+  )
+  model_args = f'pretrained={export},dtype=float32,max_length={MAX_LENGTH}'
+  if add_bos_token is not None:
+    model_args += f',add_bos_token={add_bos_token}'
+  theirs = evaluate('hf', tasks_dir, model_args=model_args, batch_size=4, device='cpu')
+  for task in TASKS:
+    mine, reference = sample_responses(ours, task), sample_responses(theirs, task)
+    assert len(mine) == len(reference) == len(TASKS[task][0]) * (3 if task == 'euro_choice' else 1)
+    for a, b in zip(mine, reference):
+      if task == 'euro_generate':
+        assert a == b
+      elif task == 'euro_choice':
+        (ll_a, greedy_a), (ll_b, greedy_b) = a, b
+        np.testing.assert_allclose(ll_a, ll_b, atol=1e-4)
+        assert greedy_a == greedy_b
+      else:
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    for metric, value in theirs['results'][task].items():
+      if isinstance(value, float) and not metric.endswith('_stderr,none'):
+        np.testing.assert_allclose(ours['results'][task][metric], value, rtol=1e-5, err_msg=metric)
+
+
+def test_bos_before_a_rolling_text_counts_twice_with_the_tokenizers_default(models):
+  """With the tokenizer's default (BOS added) a rolling window starts BOS, BOS: the first
+  window scores the text after two BOS tokens, as lm-eval's hf model does."""
+  workdir, _, _ = models
+  model = EuroLM(workdir, batch_size=4, max_length=MAX_LENGTH)
+  text = TEXTS[0]['text']
+  ids = model.tok_encode(text)
+  bos = model.prefix_token_id
+  assert ids[0] == bos and model.tok_encode(text, add_special_tokens=False) == ids[1:]
+  model.add_bos_token = False
+  assert model.tok_encode(text) == ids[1:]
+
+
+def test_cli_runs_local_tasks_and_writes_results(models, tmp_path):
+  workdir, _, tasks_dir = models
+  output = tmp_path / 'results.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.harness',
+          f'--workdir={workdir}',
+          '--tasks=euro_choice,euro_generate',
+          f'--include_path={tasks_dir}',
+          f'--max_length={MAX_LENGTH}',
+          '--batch_size=4',
+          f'--output={output}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads(output.read_text())
+  assert set(written['results']) == {'euro_choice', 'euro_generate'}
+  assert 'acc,none' in written['results']['euro_choice']
+  assert 'euro_choice' in result.stdout
