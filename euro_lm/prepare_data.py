@@ -8,10 +8,9 @@ shards per language and a manifest (see euro_lm.data.prepared). Re-running the
 same command resumes: finished input files are skipped.
 """
 
-import sys
-
 from absl import app, flags
 
+from euro_lm import cli
 from euro_lm.data.prepare import source_flags
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
@@ -34,23 +33,19 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from euro_lm.data import prepared
   from euro_lm.data.prepare import shards
-  from euro_lm.errors import UserError
 
-  try:
-    manifest = shards.prepare(
-        _INPUT.value,
-        _OUTPUT.value,
-        _TOKENIZER.value,
-        source_flags.text_source(),
-        docs_per_shard=_DOCS_PER_SHARD.value,
-        workers=_WORKERS.value,
-        progress=True,
-    )
-  except UserError as e:
-    sys.exit(f'error: {e}')
+  manifest = shards.prepare(
+      _INPUT.value,
+      _OUTPUT.value,
+      _TOKENIZER.value,
+      source_flags.text_source(),
+      docs_per_shard=_DOCS_PER_SHARD.value,
+      workers=_WORKERS.value,
+      progress=True,
+  )
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
