@@ -117,8 +117,9 @@ def parse_flags(argv):
   return remaining
 
 
-def run(main, flags_parser=parse_flags):
-  """`app.run(main)` with euro_lm's error handling (see the module docstring)."""
+def run(main, argv=None, flags_parser=parse_flags):
+  """`app.run(main)` with euro_lm's error handling (see the module docstring); `argv`
+  defaults to sys.argv."""
 
   def guarded(argv):
     try:
@@ -133,4 +134,4 @@ def run(main, flags_parser=parse_flags):
       traceback.print_exc()
       _fail(f'internal error ({type(e).__name__}: {e}); the traceback above is a bug to report')
 
-  app.run(guarded, flags_parser=flags_parser)
+  app.run(guarded, argv=argv, flags_parser=flags_parser)
