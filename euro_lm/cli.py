@@ -4,7 +4,8 @@ Expected failures end as one `error: ...` line on stderr and exit status 1 (130 
 a `UserError` (bad config, file or flag), an `OSError` (a missing, unreadable or full file
 or directory), a flag that does not parse, a config file that does not load. `--verbose`
 (or the environment variable EURO_LM_VERBOSE=1) prints their traceback too. Any other
-exception is a bug in euro_lm: its traceback is always printed, then an `error:` line.
+exception is a bug (in euro_lm, or in a config file's code): its traceback is always
+printed, then an `error:` line.
 """
 
 import os
@@ -90,7 +91,8 @@ def _check_config_files(argv):
       if arg.startswith(f'--{name}='):
         path = arg.split('=', 1)[1].split(':', 1)[0]
         if not os.path.isfile(path):
-          _fail(f'--{name}: config file {path!r} does not exist')
+          problem = 'is not a file' if os.path.exists(path) else 'does not exist'
+          _fail(f'--{name}: config file {path!r} {problem}')
     value = flags.FLAGS[name].value
     if value is not None and not isinstance(value, config_dict.ConfigDict):
       try:
@@ -113,6 +115,9 @@ def parse_flags(argv):
   except OSError as e:  # an override of a config file that did not load
     _check_config_files(argv)
     _fail(describe(e).splitlines()[0])
+  except Exception as e:  # code that failed: a config file's or euro_lm's
+    traceback.print_exc()
+    _fail(f'reading the command line failed ({type(e).__name__}: {e}); see the traceback above')
   _check_config_files(argv)
   return remaining
 

@@ -25,6 +25,7 @@ _ACCELERATOR = flags.DEFINE_string(
     '',
     'Accelerator name (h100, a100, mi250x, tpu_v5...): device memory and peak FLOP/s.',
 )
+flags.mark_flags_as_required(['config'])
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the time estimate.')
 _TOKENS = flags.DEFINE_float(
     'tokens',
@@ -60,5 +61,4 @@ def _config_path():
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   cli.run(main)
