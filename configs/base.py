@@ -3,9 +3,11 @@
 Use: `python -m euro_lm.train --config=configs/base.py --config.train.steps=100`.
 """
 
-from euro_lm.config import base_config
+from euro_lm.config import base_config, check_variant
+
+VARIANTS = ()
 
 
 def get_config(arg=None):
-  del arg
+  check_variant(arg, VARIANTS, __file__)
   return base_config()

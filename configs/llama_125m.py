@@ -1,9 +1,12 @@
 """~124M-parameter Llama-style model (GPT-3 Small shape: 12 x 768, 12 heads). Variants: `:bf16`."""
 
-from euro_lm.config import base_config
+from euro_lm.config import base_config, check_variant
+
+VARIANTS = ('bf16',)
 
 
 def get_config(arg=None):
+  arg = check_variant(arg, VARIANTS, __file__)
   c = base_config()
   c.model.vocab_size = 32_000
   c.model.num_layers = 12

@@ -6,10 +6,13 @@ Variants: `:gpu` (bfloat16, `auto` attention, remat of matmul outputs). `auto` t
 ran fastest on each device (`euro_lm.model.attention.resolve`; BENCHMARKS.md).
 """
 
-from euro_lm.config import base_config
+from euro_lm.config import base_config, check_variant
+
+VARIANTS = ('gpu',)
 
 
 def get_config(arg=None):
+  arg = check_variant(arg, VARIANTS, __file__)
   c = base_config()
   c.model.vocab_size = 65_536
   c.model.num_layers = 16

@@ -293,6 +293,8 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)
           ),
       )
+    except UserError:  # the data iterator refused the saved position (a changed mixture)
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
     return restored['state']

@@ -141,6 +141,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_variant(arg: str | None, variants: tuple[str, ...], config_file: str) -> str | None:
+  """The variant a preset's `get_config(arg)` was asked for (what follows the colon in
+  `--config=FILE:arg`), or None; a ConfigError naming the known ones if it has no such."""
+  if not arg:
+    return None
+  if arg not in variants:
+    known = f'its variants: {", ".join(variants)}' if variants else 'it has no variants'
+    raise ConfigError(f'config {os.path.basename(config_file)} has no variant {arg!r} ({known})')
+  return arg
+
+
 def from_file(spec: str) -> ml_collections.ConfigDict:
   """The config of a preset file, `path.py` or `path.py:variant` as `--config=` takes it."""
   path, _, arg = spec.partition(':')
@@ -157,6 +168,46 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
 def _check(ok, message):
   if not ok:
     raise ConfigError(message)
+
+
+# Real-valued fields and their ranges: (path, low, high, low open, high open); high None is
+# unbounded. NaN and infinity are refused everywhere.
+_RANGES = (
+    ('model.rope_theta', 0, None, True, False),
+    ('model.norm_eps', 0, None, True, False),
+    ('model.init_std', 0, None, True, False),
+    ('optimizer.learning_rate', 0, None, True, False),
+    ('optimizer.min_lr_ratio', 0, 1, False, False),
+    ('optimizer.b1', 0, 1, False, True),
+    ('optimizer.b2', 0, 1, False, True),
+    ('optimizer.eps', 0, None, True, False),
+    ('optimizer.weight_decay', 0, None, False, False),
+    ('optimizer.grad_clip_norm', 0, None, False, False),
+    ('optimizer.z_loss', 0, None, False, False),
+    ('train.checkpoint_every_minutes', 0, None, False, False),
+    ('train.skip_grad_norm_above', 0, None, False, False),
+    ('data.valid_fraction', 0, 0.5, True, False),
+    ('data.mixture_temperature', 0, None, True, False),
+    ('data.unimax_max_epochs', 0, None, True, False),
+    ('data.mixture_min_share', 0, 1, False, True),
+    ('distributed.initialization_timeout', 0, None, True, False),
+    ('hardware.peak_flops_per_device', 0, None, False, False),
+)
+
+
+def _in_range(config, path, low, high, low_open, high_open):
+  section, field = path.split('.')
+  value = config[section][field]
+  if high is None:
+    wanted = f'{">" if low_open else ">="} {low}'
+  else:
+    wanted = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+  ok = (
+      math.isfinite(value)
+      and (value > low if low_open else value >= low)
+      and (high is None or (value < high if high_open else value <= high))
+  )
+  _check(ok, f'{path}={value} must be {wanted}')
 
 
 def _one_of(config, path, allowed):
@@ -223,20 +274,26 @@ def validate(config, num_devices, process_count=1, device=None):
       f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} '
       '(set model.head_dim explicitly)',
   )
+  for path_and_range in _RANGES:
+    _in_range(config, *path_and_range)
   for path in (
+      'model.head_dim',
       'model.sliding_window',
       'model.loss_chunk_length',
       'optimizer.warmup_steps',
       'train.eval_every',
       'train.eval_batches',
       'train.checkpoint_every',
-      'train.checkpoint_every_minutes',
       'train.keep_checkpoints_every',
-      'train.skip_grad_norm_above',
       'train.profile_start_step',
+      'distributed.num_processes',
   ):
     section, field = path.split('.')
     _check(config[section][field] >= 0, f'{path}={config[section][field]} must be >= 0')
+  _check(
+      config.distributed.process_id >= -1,
+      f'distributed.process_id={config.distributed.process_id} must be >= 0 (or -1: detect)',
+  )
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
   _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')
   _check(

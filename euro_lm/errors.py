@@ -15,3 +15,7 @@ class DataError(UserError, ValueError):
 
 class HFError(UserError, ValueError):
   """A Hugging Face folder or config that euro_lm cannot read or write; names the field."""
+
+
+class ArgumentError(UserError, ValueError):
+  """An argument out of its range (a command line's flag, usually); names it and its value."""

@@ -11,10 +11,9 @@ bits per UTF-8 byte per language; `--pivot` (a parallel set) adds each language'
 against the pivot's. An imported Hugging Face model is a workdir too (import_hf).
 """
 
-import sys
-
 from absl import app, flags, logging
 
+from euro_lm import cli
 from euro_lm.data.prepare import source_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or import workdir.')
@@ -43,25 +42,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  from euro_lm.errors import UserError
   from euro_lm.evaluation import held_out
 
-  try:
-    held_out.evaluate_workdir(
-        _WORKDIR.value,
-        _INPUT.value,
-        source_flags.text_source(),
-        step=_STEP.value,
-        output=_OUTPUT.value,
-        pivot=_PIVOT.value,
-        batch_size=_BATCH_SIZE.value,
-        seq_len=_SEQ_LEN.value,
-        max_batches=_MAX_BATCHES.value,
-        overrides=_SET.value,
-    )
-  except (UserError, OSError) as e:
-    sys.exit(f'error: {e}')
+  held_out.evaluate_workdir(
+      _WORKDIR.value,
+      _INPUT.value,
+      source_flags.text_source(),
+      step=_STEP.value,
+      output=_OUTPUT.value,
+      pivot=_PIVOT.value,
+      batch_size=_BATCH_SIZE.value,
+      seq_len=_SEQ_LEN.value,
+      max_batches=_MAX_BATCHES.value,
+      overrides=_SET.value,
+  )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

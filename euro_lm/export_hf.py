@@ -4,9 +4,9 @@
       [--check]
 """
 
-import sys
-
 from absl import app, flags, logging
+
+from euro_lm import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (or a step directory).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory for the HF model.')
@@ -29,24 +29,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  from euro_lm.errors import UserError
   from euro_lm.hf import export_hf
   from euro_lm.hf.check import compare_with_transformers
 
-  try:
-    export_hf(
-        _WORKDIR.value,
-        _OUTPUT.value,
-        step=_STEP.value,
-        dtype=_DTYPE.value,
-        shard_bytes=int(_SHARD_GB.value * 2**30),
-        max_position_embeddings=_MAX_POSITIONS.value,
-    )
-    if _CHECK.value:
-      compare_with_transformers(_OUTPUT.value, _WORKDIR.value, step=_STEP.value)
-  except UserError as e:
-    sys.exit(f'error: {e}')
+  export_hf(
+      _WORKDIR.value,
+      _OUTPUT.value,
+      step=_STEP.value,
+      dtype=_DTYPE.value,
+      shard_bytes=int(_SHARD_GB.value * 2**30),
+      max_position_embeddings=_MAX_POSITIONS.value,
+  )
+  if _CHECK.value:
+    compare_with_transformers(_OUTPUT.value, _WORKDIR.value, step=_STEP.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

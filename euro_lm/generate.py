@@ -7,10 +7,9 @@ All prompts run as one left-padded batch; `--temperature=0` is greedy. Library u
 `euro_lm.inference.load_run(workdir)` then `complete(run, prompts, ...)`.
 """
 
-import sys
-
 from absl import app, flags, logging
 
+from euro_lm import cli
 from euro_lm.errors import UserError
 from euro_lm.inference import complete, load_run
 
@@ -29,24 +28,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   if not _WORKDIR.value or not _PROMPT.value:
-    sys.exit('error: give --workdir and at least one --prompt')
-  try:
-    run = load_run(_WORKDIR.value, _STEP.value)
-    texts = complete(
-        run,
-        _PROMPT.value,
-        max_new_tokens=_MAX_NEW.value,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
-    )
-  except (UserError, ValueError) as e:
-    sys.exit(f'error: {e}')
+    raise UserError('give --workdir and at least one --prompt')
+  run = load_run(_WORKDIR.value, _STEP.value)
+  texts = complete(
+      run,
+      _PROMPT.value,
+      max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+  )
   print(f'# {run.step_dir}')
   for prompt, text in zip(_PROMPT.value, texts):
     print(f'--- {prompt!r}\n{prompt}{text}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

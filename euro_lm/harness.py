@@ -9,9 +9,9 @@ Compute nodes are offline: tasks read local data, e.g. a YAML in --include_path 
 `eval` extra: pip install 'euro_lm[eval]'.
 """
 
-import sys
-
 from absl import app, flags, logging
+
+from euro_lm import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or import workdir.')
 _TASKS = flags.DEFINE_list('tasks', None, 'lm-eval task or group names, comma-separated.')
@@ -43,24 +43,21 @@ def main(argv):
   try:
     from euro_lm.evaluation import harness
   except ImportError as e:
-    sys.exit(f"error: {e.name} is not installed: pip install 'euro_lm[eval]'")
-  try:
-    harness.run_tasks(
-        _WORKDIR.value,
-        _TASKS.value,
-        include_path=_INCLUDE_PATH.value,
-        step=_STEP.value,
-        num_fewshot=_NUM_FEWSHOT.value,
-        limit=_LIMIT.value,
-        batch_size=_BATCH_SIZE.value,
-        max_length=_MAX_LENGTH.value,
-        add_bos_token={'default': None, 'true': True, 'false': False}[_ADD_BOS.value],
-        overrides=_SET.value,
-        output=_OUTPUT.value,
-    )
-  except (UserError, OSError) as e:
-    sys.exit(f'error: {e}')
+    raise UserError(f"{e.name} is not installed: pip install 'euro_lm[eval]'") from e
+  harness.run_tasks(
+      _WORKDIR.value,
+      _TASKS.value,
+      include_path=_INCLUDE_PATH.value,
+      step=_STEP.value,
+      num_fewshot=_NUM_FEWSHOT.value,
+      limit=_LIMIT.value,
+      batch_size=_BATCH_SIZE.value,
+      max_length=_MAX_LENGTH.value,
+      add_bos_token={'default': None, 'true': True, 'false': False}[_ADD_BOS.value],
+      overrides=_SET.value,
+      output=_OUTPUT.value,
+  )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -4,9 +4,9 @@ Reads a local Hugging Face Llama-family folder (safetensors) into a params-only 
 checkpoint that `--config.train.init_from=DIR` starts from (see euro_lm.hf).
 """
 
-import sys
-
 from absl import app, flags, logging
+
+from euro_lm import cli
 
 _HF = flags.DEFINE_string('hf', None, 'Local HF model folder (config.json + *.safetensors).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'New directory for the euro_lm checkpoint.')
@@ -23,17 +23,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  from euro_lm.errors import UserError
   from euro_lm.hf import import_hf
   from euro_lm.hf.check import compare_with_transformers
 
-  try:
-    import_hf(_HF.value, _WORKDIR.value)
-    if _CHECK.value:
-      compare_with_transformers(_HF.value, _WORKDIR.value)
-  except UserError as e:
-    sys.exit(f'error: {e}')
+  import_hf(_HF.value, _WORKDIR.value)
+  if _CHECK.value:
+    compare_with_transformers(_HF.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

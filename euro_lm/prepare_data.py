@@ -13,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from euro_lm import cli
 from euro_lm.data.prepare import source_flags
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
@@ -27,8 +28,7 @@ _DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000, 'Documents per 
 _WORKERS = flags.DEFINE_integer(
     'workers', None, 'Processes; default: the CPUs this process may use.'
 )
-# Checked in main, so that a missing one is an `error:` line like any other.
-_REQUIRED = (_INPUT, _OUTPUT, _TOKENIZER)
+flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
 
 
 def main(argv):
@@ -36,22 +36,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from euro_lm.data import prepared
   from euro_lm.data.prepare import shards
-  from euro_lm.errors import UserError
 
-  if missing := [f'--{f.name}' for f in _REQUIRED if not f.value]:
-    sys.exit(f'error: {", ".join(missing)} must be set (see --helpshort).')
-  try:
-    manifest = shards.prepare(
-        _INPUT.value,
-        _OUTPUT.value,
-        _TOKENIZER.value,
-        source_flags.text_source(),
-        docs_per_shard=_DOCS_PER_SHARD.value,
-        workers=_WORKERS.value,
-        progress=True,
-    )
-  except UserError as e:
-    sys.exit(f'error: {e}')
+  manifest = shards.prepare(
+      _INPUT.value,
+      _OUTPUT.value,
+      _TOKENIZER.value,
+      source_flags.text_source(),
+      docs_per_shard=_DOCS_PER_SHARD.value,
+      workers=_WORKERS.value,
+      progress=True,
+  )
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')
   for warning in shards.input_warnings(manifest):
@@ -59,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

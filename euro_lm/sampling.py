@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from euro_lm.errors import ArgumentError
 from euro_lm.model.decoder import init_cache
 
 
@@ -31,7 +32,7 @@ def filter_logits(logits_BV, *, temperature=1.0, top_k=0, top_p=1.0):
   `top_p` (always at least the most likely token). `top_k=0` and `top_p=1` turn them off.
   """
   if temperature <= 0:
-    raise ValueError(
+    raise ArgumentError(
         f'temperature must be positive here, got {temperature} (0 is greedy: use sample_logits)'
     )
   check_settings(temperature, top_k, top_p)
@@ -52,13 +53,13 @@ def filter_logits(logits_BV, *, temperature=1.0, top_k=0, top_p=1.0):
 
 
 def check_settings(temperature, top_k, top_p):
-  """Raises ValueError naming a sampling setting out of range."""
+  """Raises ArgumentError (a ValueError) naming a sampling setting out of range."""
   if temperature < 0:
-    raise ValueError(f'temperature must be >= 0 (0 is greedy), got {temperature}')
+    raise ArgumentError(f'temperature must be >= 0 (0 is greedy), got {temperature}')
   if not 0 < top_p <= 1:
-    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+    raise ArgumentError(f'top_p must be in (0, 1], got {top_p}')
   if top_k < 0:
-    raise ValueError(f'top_k must be >= 0 (0 is off), got {top_k}')
+    raise ArgumentError(f'top_k must be >= 0 (0 is off), got {top_k}')
 
 
 def sample_logits(logits_BV, key, *, temperature=1.0, top_k=0, top_p=1.0):
@@ -73,7 +74,7 @@ def sample_logits(logits_BV, key, *, temperature=1.0, top_k=0, top_p=1.0):
 def left_pad(prompts, pad_id):
   """`(tokens_BP, lengths_B)` numpy int32 arrays of token-id lists, padded on the left."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError('every prompt needs at least one token (e.g. BOS)')
+    raise ArgumentError('every prompt needs at least one token (e.g. BOS)')
   length = max(len(p) for p in prompts)
   tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
   for row, prompt in enumerate(prompts):
@@ -129,7 +130,7 @@ def make_generate(
   """The jitted `run(params, tokens_BP, lengths_B, key) -> Generation` behind generate(),
   to call repeatedly without recompiling (one compile per prompt shape)."""
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    raise ArgumentError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   check_settings(temperature, top_k, top_p)
   settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   sample = lambda logits_BV, key: sample_logits(logits_BV[:, :num_tokens], key, **settings)

@@ -13,10 +13,12 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from euro_lm.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """A mesh that cannot be built from the devices present."""
 
 

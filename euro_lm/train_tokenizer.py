@@ -13,13 +13,12 @@ passes (held-out documents, parity per byte).
 """
 
 import os
-import sys
 
 from absl import app, flags
 
+from euro_lm import cli
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.data.prepare import fertility, source_flags, tokenizer_training
-from euro_lm.errors import UserError
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory for tokenizer.model and fertility.json.')
 _CORPUS = flags.DEFINE_string(
@@ -74,28 +73,25 @@ flags.mark_flag_as_required('output')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    _, report = tokenizer_training.train_tokenizer(
-        _OUTPUT.value,
-        corpus_name=_CORPUS.value,
-        input_globs=_INPUT.value,
-        source=source_flags.input_text_source(bool(_INPUT.value)),
-        vocab_size=_VOCAB_SIZE.value,
-        model_type=_MODEL_TYPE.value,
-        byte_fallback=_BYTE_FALLBACK.value,
-        special_tokens=_SPECIAL_TOKENS.value,
-        sampling=_SAMPLING.value,
-        temperature=_TEMPERATURE.value,
-        chars_per_language=_CHARS_PER_LANGUAGE.value,
-        languages=_LANGUAGES.value,
-        heldout_fraction=_HELDOUT_FRACTION.value,
-        seed=_SEED.value,
-    )
-  except UserError as e:
-    sys.exit(f'error: {e}')
+  _, report = tokenizer_training.train_tokenizer(
+      _OUTPUT.value,
+      corpus_name=_CORPUS.value,
+      input_globs=_INPUT.value,
+      source=source_flags.input_text_source(bool(_INPUT.value)),
+      vocab_size=_VOCAB_SIZE.value,
+      model_type=_MODEL_TYPE.value,
+      byte_fallback=_BYTE_FALLBACK.value,
+      special_tokens=_SPECIAL_TOKENS.value,
+      sampling=_SAMPLING.value,
+      temperature=_TEMPERATURE.value,
+      chars_per_language=_CHARS_PER_LANGUAGE.value,
+      languages=_LANGUAGES.value,
+      heldout_fraction=_HELDOUT_FRACTION.value,
+      seed=_SEED.value,
+  )
   print(fertility.format_table(report))
   print(f'Wrote {os.path.join(_OUTPUT.value, "fertility.json")}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

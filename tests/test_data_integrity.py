@@ -400,7 +400,7 @@ def test_prepare_data_without_a_tokenizer_is_one_error_line(faulty, tmp_path):
   result = _run('euro_lm.prepare_data', *args)
   assert (result.returncode, result.stderr) == (
       1,
-      'error: --tokenizer must be set (see --helpshort).\n',
+      'error: flag --tokenizer=None: Flag --tokenizer must have a value other than None.\n',
   )
   missing = tmp_path / 'no-such.model'
   result = _run('euro_lm.prepare_data', *args, f'--tokenizer={missing}')

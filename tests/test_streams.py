@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from euro_lm.data.streams import PackedStreams, process_streams, shuffled_index
+from euro_lm.errors import ConfigError
 
 BOS, EOS = 1, 2
 LANGUAGES = ('aaa_Latn', 'bbb_Latn', 'ccc_Latn')
@@ -242,3 +243,104 @@ def test_packing_stats_count_continued_pieces():
   assert stats['padding_fraction'] == 0.0
   assert stats['continued_fraction'] == pytest.approx(continued / pieces)
   assert 0 < continued < pieces
+
+
+def language_tokens(batches, language_number):
+  """Per stream, the tokens of one language's documents in the order the rows hold them
+  (make_sources' tokens name their language: 1000 * (l + 1) + ...)."""
+  per_stream = {}
+  for batch in batches:
+    for b, row in enumerate(batch['inputs']):
+      per_stream.setdefault(b, []).extend(int(t) for t in row if t // 1000 == language_number)
+  return per_stream
+
+
+def extra_language(sources):
+  """A fourth language, ddd_Latn (tokens 4000 + ...), sorted after the others."""
+  rng = np.random.default_rng(7)
+  docs = [
+      np.array([4000 + 10 * d + i % 10 for i in range(n)], np.int32)
+      for d, n in enumerate(rng.integers(1, 40, size=30))
+  ]
+  return {**sources, 'ddd_Latn': docs}
+
+
+def make_with(sources):
+  return PackedStreams(
+      sources,
+      lambda step: {language: 1.0 for language in sources},
+      mean_document_tokens=mean_lengths(sources),
+      seq_len=32,
+      num_streams=8,
+      streams=range(8),
+      seed=3,
+      bos_id=BOS,
+      eos_id=EOS,
+  )
+
+
+def test_resume_with_a_language_added_and_one_dropped_continues_the_kept_ones(capsys):
+  """Saved with aaa, bbb, ccc; resumed with aaa, ccc and a new ddd (bbb dropped, so ccc's
+  place in the sorted order moves): every kept language's documents continue exactly
+  where the uninterrupted run's do, the new one starts at its first document, and a run
+  that takes bbb back continues it too."""
+  sources = make_sources()
+  reference = make_with(sources)
+  reference_batches = [next(reference) for _ in range(40)]
+  saving = make_with(sources)
+  saved_batches = [next(saving) for _ in range(4)]
+  state = saving.get_state()
+
+  changed = {l: d for l, d in extra_language(sources).items() if l != 'bbb_Latn'}
+  resumed = make_with(changed)
+  resumed.set_state(state)
+  note = capsys.readouterr().out
+  assert 'kept aaa_Latn, ccc_Latn' in note and 'added ddd_Latn' in note, note
+  assert 'dropped bbb_Latn' in note, note
+  resumed_batches = [next(resumed) for _ in range(8)]
+  for number in (1, 3):  # aaa_Latn, ccc_Latn
+    expected = language_tokens(reference_batches, number)
+    got = language_tokens(saved_batches + resumed_batches, number)
+    before = language_tokens(saved_batches, number)
+    for b in range(8):
+      assert len(got[b]) > len(before[b])  # it went on after the resume
+      assert got[b] == expected[b][: len(got[b])], (number, b)
+  assert not any(t // 1000 == 2 for batch in resumed_batches for t in batch['inputs'].flat)
+  # ddd_Latn starts with its first document in each stream: index b of its order.
+  ddd = language_tokens(resumed_batches, 4)
+  firsts = [ddd[b][1] // 10 % 100 for b in range(8) if len(ddd[b]) > 1]  # d of 4000+10d+i
+  assert len(set(firsts)) == len(firsts) >= 4  # streams never share a document
+
+  # Back to the original languages: bbb continues where step 4 left it.
+  back = make_with(sources)
+  back.set_state(resumed.get_state())
+  assert 'added bbb_Latn' not in capsys.readouterr().out
+  back_batches = [next(back) for _ in range(8)]
+  expected = language_tokens(reference_batches, 2)
+  got = language_tokens(saved_batches + back_batches, 2)
+  partial = {b for b in range(8) if json.loads(state)['streams'][str(b)]['carry']}
+  for b in range(8):
+    if b in partial and json.loads(state)['streams'][str(b)]['carry'][0] == 'bbb_Latn':
+      continue  # the rest of that document was left when bbb was dropped
+    assert got[b] == expected[b][: len(got[b])], b
+
+
+def test_resume_refuses_a_kept_language_whose_documents_changed():
+  sources = make_sources()
+  saving = make_with(sources)
+  next(saving)
+  fewer = {**sources, 'bbb_Latn': sources['bbb_Latn'][:-1]}
+  with pytest.raises(ConfigError, match=r'bbb_Latn \(35 then, 34 now\) changed since step 1'):
+    make_with(fewer).set_state(saving.get_state())
+
+
+def test_resume_of_an_old_state_without_languages_refuses_a_dropped_language():
+  sources = make_sources()
+  saving = make_with(sources)
+  next(saving)
+  old = json.loads(saving.get_state())
+  del old['languages'], old['weights']
+  kept = {l: d for l, d in sources.items() if l != 'aaa_Latn'}
+  with pytest.raises(ConfigError, match='draws from aaa_Latn, which this run does not have'):
+    make_with(kept).set_state(json.dumps(old).encode())
+  make_with(sources).set_state(json.dumps(old).encode())  # unchanged languages resume

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from euro_lm import devices
+from euro_lm import cli, devices
 from euro_lm.kernels import (
     BlockSizes,
     default_backend,
@@ -481,4 +481,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -20,9 +20,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from euro_lm import cli
 from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.checkpoint import Checkpointer
 from euro_lm.data.streams import PackedStreams
@@ -135,4 +136,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,7 +17,9 @@ import tempfile
 import time
 
 import zstandard
-from absl import app, flags
+from absl import flags
+
+from euro_lm import cli
 
 _SCALES = flags.DEFINE_list(
     'scales', ['5', '20'], 'Corpus sizes, as copies of the embedded corpus.'
@@ -134,4 +136,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,9 +13,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
 
+from euro_lm import cli
 from euro_lm.config import from_file
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import make_generate
@@ -87,4 +88,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -18,10 +18,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from euro_lm import hf
+from euro_lm import cli, hf
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_1b.py', 'Model shape.')
 _DIR = flags.DEFINE_string('dir', '/tmp/euro_lm_bench_hf', 'Scratch directory (replaced).')
@@ -117,4 +117,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -26,11 +26,11 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from euro_lm import hf, host_memory
+from euro_lm import cli, hf, host_memory
 from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.model import param_count
 
@@ -209,4 +209,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

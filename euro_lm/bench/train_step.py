@@ -15,11 +15,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from euro_lm import devices, host_memory
+from euro_lm import cli, devices, host_memory
 from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import param_count, train_flops_per_token
@@ -133,4 +133,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -17,13 +17,20 @@ A process owns a contiguous block of streams and reads only their documents. The
 a few integers per stream, so a checkpoint taken with P processes restores with any P'
 that divides the number of streams: each process picks its streams out of the merged
 states of all processes.
+
+The state also records each language's key (which seeds its order) and document count, so
+a run resumed with other languages continues every language it keeps exactly where it was,
+starts an added one at its first document, and keeps a dropped one's position for later.
 """
 
 import bisect
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from euro_lm.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
 
@@ -60,6 +67,19 @@ def shuffled_index(key, size, index):
     x = (left << half_bits) | right
     if x < size:
       return x
+
+
+def _shares(weights):
+  total = sum(w for w in weights.values() if w > 0)
+  return ', '.join(f'{l}={w / total:.3g}' for l, w in sorted(weights.items()) if w > 0)
+
+
+def _same_shares(a, b):
+  total_a = sum(w for w in a.values() if w > 0)
+  total_b = sum(w for w in b.values() if w > 0)
+  return set(l for l, w in a.items() if w > 0) == set(l for l, w in b.items() if w > 0) and all(
+      math.isclose(a[l] / total_a, b[l] / total_b, rel_tol=1e-9) for l in a if a[l] > 0
+  )
 
 
 def process_streams(num_streams, process_index, process_count):
@@ -115,6 +135,9 @@ class PackedStreams:
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
     self._bos, self._eos = bos_id, eos_id
+    # A language's key seeds its document order; a fresh run numbers them in sorted order.
+    self._keys = {language: key for key, language in enumerate(self._languages)}
+    self._dropped = {}  # languages a resumed run left out: their saved keys and sizes
     self._step = 0
     self._state = {b: self._fresh_stream() for b in self._streams}
     self._cumulative_for = (None, None, None)
@@ -133,28 +156,99 @@ class PackedStreams:
   # --- state -----------------------------------------------------------------------
 
   def get_state(self) -> bytes:
+    languages = {
+        language: {'key': self._keys[language], 'documents': len(self._sources[language])}
+        for language in self._languages
+    }
     return json.dumps(
-        {'step': self._step, 'streams': {str(b): self._state[b] for b in self._streams}}
+        {
+            'step': self._step,
+            'streams': {str(b): self._state[b] for b in self._streams},
+            'languages': {**self._dropped, **languages},
+            'weights': {l: float(w) for l, w in self._weights_at(self._step).items()},
+        }
     ).encode()
 
   def set_state(self, state: bytes | Sequence[bytes]):
-    """Restores from one state or from the states of all processes of a saving run."""
-    states = [state] if isinstance(state, (bytes, str)) else list(state)
+    """Restores from one state or from the states of all processes of a saving run.
+
+    The languages may differ from the saving run's (see `_resume_languages`); the mixture
+    weights may too: they are a function of the step, recomputed from this run's config.
+    """
+    states = [json.loads(s) for s in ([state] if isinstance(state, (bytes, str)) else state)]
     merged, steps = {}, set()
     for s in states:
-      s = json.loads(s)
       steps.add(s['step'])
       merged.update({int(b): v for b, v in s['streams'].items()})
     if len(steps) != 1:
       raise ValueError(f'data states from different steps: {sorted(steps)}')
     missing = [b for b in self._streams if b not in merged]
     if missing:
-      raise ValueError(
+      raise ConfigError(
           f'the saved data state has no stream {missing[0]}: was it saved with '
-          'a different global batch size?'
+          'a different global batch size (train.global_batch_size)?'
       )
-    self._step = steps.pop()
-    self._state = {b: merged[b] for b in self._streams}
+    step = steps.pop()
+    streams = {b: merged[b] for b in self._streams}
+    notes = self._resume_languages(step, states[0].get('languages'), streams)
+    saved_weights = states[0].get('weights')
+    if saved_weights is not None and not _same_shares(saved_weights, self._weights_at(step)):
+      notes.append(
+          f"the mixture weights at step {step} differ from the saved run's "
+          f'({_shares(saved_weights)} -> {_shares(self._weights_at(step))})'
+      )
+    if notes and self._streams and self._streams[0] == 0:  # one process says it
+      print(f'data: resuming step {step} with a changed mixture: ' + '; '.join(notes))
+    self._step, self._state = step, streams
+    self._cumulative_for = (None, None, None)
+
+  def _resume_languages(self, step, saved, streams):
+    """Takes the saved languages' keys; returns notes on what changed. A kept language
+    continues where it was, an added one starts at its first document, a dropped one's
+    state stays in the checkpoint (a document it was in the middle of is left)."""
+    if saved is None:  # saved before languages were recorded: the keys were sorted order
+      named = {l for st in streams.values() for l in st['taken']}
+      unknown = sorted(named - set(self._languages))
+      if unknown:
+        raise ConfigError(
+            f'the data state of step {step} predates resuming with other languages and '
+            f'draws from {", ".join(unknown)}, which this run does not have: resume with '
+            'its data.languages first'
+        )
+      return []
+    resized = [
+        f'{l} ({saved[l]["documents"]} then, {len(self._sources[l])} now)'
+        for l in self._languages
+        if l in saved and saved[l]['documents'] != len(self._sources[l])
+    ]
+    if resized:
+      raise ConfigError(
+          f'the training documents of {", ".join(resized)} changed since step {step} was '
+          'saved, so its position there means other documents; resume with the same data '
+          '(data.valid_fraction, data.prepared_dir), or start a new run from the parameters '
+          'with train.init_from'
+      )
+    kept = [l for l in self._languages if l in saved]
+    added = [l for l in self._languages if l not in saved]
+    dropped = sorted(set(saved) - set(self._languages))
+    next_key = max((v['key'] for v in saved.values()), default=-1) + 1
+    self._keys = {l: saved[l]['key'] for l in kept}
+    self._keys.update({l: next_key + i for i, l in enumerate(added)})
+    self._dropped = {l: saved[l] for l in dropped}
+    if not added and not dropped:
+      return []
+    cut = 0
+    for stream in streams.values():
+      if stream['carry'] is not None and stream['carry'][0] in self._dropped:
+        stream['carry'], cut = None, cut + 1
+    notes = [
+        f'kept {", ".join(kept) or "none"}',
+        f'added {", ".join(added) or "none"} (from their first document)',
+        f'dropped {", ".join(dropped) or "none"} (their positions are kept for a later run)',
+    ]
+    if cut:
+      notes.append(f'{cut} rows leave the rest of a document of a dropped language')
+    return notes
 
   @property
   def step(self):
@@ -202,7 +296,7 @@ class PackedStreams:
     e-th pseudo-random permutation of its n documents."""
     source = self._sources[language]
     epoch, position = divmod(index, len(source))
-    key = _hash(self._seed, self._languages.index(language), epoch)
+    key = _hash(self._seed, self._keys[language], epoch)
     return source[shuffled_index(key, len(source), position)]
 
   def _document(self, language, index):

@@ -110,8 +110,8 @@ def import_hf(hf_dir, workdir, log=print):
   with open(os.path.join(workdir, 'hf_config.py'), 'w', encoding='utf-8') as f:
     f.write(
         f'"""euro_lm config for the HF model imported from {hf_dir}."""\n\n'
-        'from euro_lm.config import base_config\n\n\ndef get_config(arg=None):\n'
-        '  del arg\n  c = base_config()\n'
+        'from euro_lm.config import base_config, check_variant\n\n\ndef get_config(arg=None):\n'
+        '  check_variant(arg, (), __file__)\n  c = base_config()\n'
     )
     for key, value in overrides.items():
       f.write(f'  c.{key} = {value!r}\n')

@@ -20,13 +20,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from euro_lm import devices, kernels
+from euro_lm.errors import UserError
 from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
 PALLAS_BACKENDS = ('auto',) + kernels.BACKENDS
 
 
-class AttentionError(ValueError):
+class AttentionError(UserError, ValueError):
   """An attention implementation or kernel set that cannot run; the message names the
   config field."""
 

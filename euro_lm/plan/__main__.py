@@ -7,9 +7,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from euro_lm.errors import UserError
+from euro_lm import cli
 from euro_lm.plan.report import format_plan
-from euro_lm.sharding import MeshError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/llama_1b.py.', lock_config=True
@@ -26,6 +25,7 @@ _ACCELERATOR = flags.DEFINE_string(
     '',
     'Accelerator name (h100, a100, mi250x, tpu_v5...): device memory and peak FLOP/s.',
 )
+flags.mark_flags_as_required(['config'])
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the time estimate.')
 _TOKENS = flags.DEFINE_float(
     'tokens',
@@ -39,31 +39,18 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   jax.config.update('jax_platforms', 'cpu')  # shapes only: never touch an accelerator
-  try:
-    print(
-        format_plan(
-            _CONFIG.value,
-            _DEVICES.value,
-            _NODES.value,
-            _MEMORY.value or None,
-            _ACCELERATOR.value or None,
-            _MFU.value,
-            _TOKENS.value or None,
-            config_name=_config_path(),
-        )
-    )
-  except (UserError, MeshError) as e:
-    sys.exit(f'error: {e}')
-
-
-def _parse_flags(argv):
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # how ml_collections reports an unknown field
-    while e.args and isinstance(e.args[0], Exception):
-      e = e.args[0]
-    detail = str(e.args[0] if e.args else e).replace('\n', '. ')
-    sys.exit(f'error: unknown config field {detail}')
+  print(
+      format_plan(
+          _CONFIG.value,
+          _DEVICES.value,
+          _NODES.value,
+          _MEMORY.value or None,
+          _ACCELERATOR.value or None,
+          _MFU.value,
+          _TOKENS.value or None,
+          config_name=_config_path(),
+      )
+  )
 
 
 def _config_path():
@@ -74,5 +61,4 @@ def _config_path():
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

@@ -1,10 +1,11 @@
 """`python -m euro_lm.train --config=configs/tiny.py --workdir=DIR [--config.a.b=v ...]`"""
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from euro_lm import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/tiny.py.', lock_config=True
@@ -22,26 +23,11 @@ def main(argv):
   # Before any thread allocates (it then keeps its own malloc arena).
   host_memory.configure_before_backend(_CONFIG.value.hardware.keep_freed_host_memory)
   from euro_lm import distributed
-  from euro_lm.errors import UserError
   from euro_lm.train.loop import train
 
-  try:
-    distributed.initialize(_CONFIG.value.distributed, os.environ)
-    train(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    sys.exit(f'error: {e}')
-
-
-def parse_flags(argv):
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # how ml_collections reports an unknown field
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    while e.args and isinstance(e.args[0], Exception):  # unwrap AttributeError(KeyError(..))
-      e = e.args[0]
-    detail = str(e.args[0] if e.args else e).replace('\n', '. ')
-    sys.exit(f'error: unknown config field {detail} (overrides: {overrides})')
+  distributed.initialize(_CONFIG.value.distributed, os.environ)
+  train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)
