@@ -9,7 +9,7 @@ a function, for notebooks.
 The corpus is the embedded one (held-out parallel text, parity by token
 counts) or, with `--input=GLOB[,GLOB...]` and the source flags of
 `euro_lm.prepare_data`, your own JSONL/Parquet files, read in two streaming
-passes (held-out documents, parity per byte).
+passes (held-out documents, parity per character).
 """
 
 import os

@@ -8,7 +8,7 @@ held-out text).
 The corpus is the embedded one (held-out parallel text, parity by token
 counts) or, with `input_globs` (--input) and a `sources.TextSource`, your own
 JSONL/Parquet files, read in two streaming passes (held-out documents, parity
-per byte); see `sample_files`.
+per character); see `sample_files`.
 """
 
 import collections
@@ -93,7 +93,7 @@ def train_tokenizer(
     heldout_note = (
         f'Fertility on {sum(map(len, heldout.values())):,} held-out documents'
         f' (1 in {round(1 / heldout_fraction)} per language, never'
-        ' trained on): not parallel text, so parity is tokens per byte'
+        ' trained on): not parallel text, so parity is tokens per character'
         ' relative to English.'
     )
     about_corpus = {
