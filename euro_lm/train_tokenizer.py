@@ -35,6 +35,12 @@ _MODEL_TYPE = flags.DEFINE_enum(
 _BYTE_FALLBACK = flags.DEFINE_bool(
     'byte_fallback', True, 'Encode unknown characters as their UTF-8 bytes.'
 )
+_CHARACTER_COVERAGE = flags.DEFINE_float(
+    'character_coverage',
+    0.9995,
+    "SentencePiece's share of the sample's characters that get pieces of their own; the"
+    ' rarest rest are byte fallback (or unknown without it). 1.0 keeps every character.',
+)
 _SPECIAL_TOKENS = flags.DEFINE_list(
     'special_tokens',
     ['<|im_start|>', '<|im_end|>'],
@@ -83,6 +89,7 @@ def main(argv):
         vocab_size=_VOCAB_SIZE.value,
         model_type=_MODEL_TYPE.value,
         byte_fallback=_BYTE_FALLBACK.value,
+        character_coverage=_CHARACTER_COVERAGE.value,
         special_tokens=_SPECIAL_TOKENS.value,
         sampling=_SAMPLING.value,
         temperature=_TEMPERATURE.value,
