@@ -9,7 +9,7 @@ a function, for notebooks.
 The corpus is the embedded one (held-out parallel text, parity by token
 counts) or, with `--input=GLOB[,GLOB...]` and the source flags of
 `euro_lm.prepare_data`, your own JSONL/Parquet files, read in two streaming
-passes (held-out documents, parity per byte).
+passes (held-out documents, parity per character).
 """
 
 import os
@@ -33,6 +33,12 @@ _MODEL_TYPE = flags.DEFINE_enum(
 )
 _BYTE_FALLBACK = flags.DEFINE_bool(
     'byte_fallback', True, 'Encode unknown characters as their UTF-8 bytes.'
+)
+_CHARACTER_COVERAGE = flags.DEFINE_float(
+    'character_coverage',
+    0.9995,
+    "SentencePiece's share of the sample's characters that get pieces of their own; the"
+    ' rarest rest are byte fallback (or unknown without it). 1.0 keeps every character.',
 )
 _SPECIAL_TOKENS = flags.DEFINE_list(
     'special_tokens',
@@ -81,6 +87,7 @@ def main(argv):
       vocab_size=_VOCAB_SIZE.value,
       model_type=_MODEL_TYPE.value,
       byte_fallback=_BYTE_FALLBACK.value,
+      character_coverage=_CHARACTER_COVERAGE.value,
       special_tokens=_SPECIAL_TOKENS.value,
       sampling=_SAMPLING.value,
       temperature=_TEMPERATURE.value,

@@ -32,12 +32,12 @@ HAND_TEXTS = {
     # characters, 8 bytes, 8 tokens, 3 words; 'c' is 1 of each.
     'fra_Latn': ['e\u0301 a  b', 'c'],
 }
-# language: (words, characters, bytes, tokens), counted above.
+# language: (words, characters, bytes, tokens, byte-fallback tokens), counted above.
 HAND_COUNTS = {
-    'eng_Latn': (3, 7, 7, 7),
-    'ukr_Cyrl': (3, 6, 9, 6),
-    'ell_Grek': (3, 6, 9, 9),
-    'fra_Latn': (4, 8, 9, 9),
+    'eng_Latn': (3, 7, 7, 7, 0),
+    'ukr_Cyrl': (3, 6, 9, 6, 0),
+    'ell_Grek': (3, 6, 9, 9, 6),
+    'fra_Latn': (4, 8, 9, 9, 3),
 }
 
 
@@ -61,38 +61,49 @@ def test_fertility_on_hand_counted_parallel_text(char_tokenizer):
   assert report['reference'] == 'eng_Latn'
   assert report['vocab_size'] == 266
   assert list(report['languages']) == list(HAND_TEXTS)
-  english_tokens = HAND_COUNTS['eng_Latn'][3]
-  for tag, (words, chars, num_bytes, tokens) in HAND_COUNTS.items():
-    assert report['languages'][tag] == {
+  en_words, en_chars, _, en_tokens, _ = HAND_COUNTS['eng_Latn']
+  for tag, (words, chars, num_bytes, tokens, byte_tokens) in HAND_COUNTS.items():
+    stats = dict(report['languages'][tag])
+    assert stats.pop('rare_piece_rate') is not None  # tests/test_evaluate_tokenizer.py
+    assert stats.pop('distinct_pieces') > 0
+    assert stats == {
         'texts': 2,
         'words': words,
         'characters': chars,
         'bytes': num_bytes,
         'tokens': tokens,
         'tokens_per_word': tokens / words,
+        'tokens_per_char': tokens / chars,
         'bytes_per_token': num_bytes / tokens,
         'chars_per_token': chars / tokens,
-        'parity': tokens / english_tokens,
+        'byte_fallback_rate': byte_tokens / tokens,
+        'unknown_rate': 0.0,
+        'parity': tokens / en_tokens,
+        # Exact ratios of integers, rounded once.
+        'parity_per_word': tokens * en_words / (words * en_tokens),
+        'parity_per_char': tokens * en_chars / (chars * en_tokens),
     }, tag
   assert report['languages']['eng_Latn']['parity'] == 1.0
   assert report['languages']['ukr_Cyrl']['parity'] == 6 / 7
   assert report['languages']['ell_Grek']['tokens_per_word'] == 3.0
 
 
-def test_per_byte_parity_for_text_that_is_not_parallel(char_tokenizer):
+def test_per_character_parity_for_text_that_is_not_parallel(char_tokenizer):
   texts = dict(HAND_TEXTS, deu_Latn=['abba'])  # Not parallel: 1 text.
   report = fertility.fertility_report(char_tokenizer, texts)
-  assert report['parity_kind'] == 'per_byte'
+  assert report['parity_kind'] == 'per_char'
   assert 'not parallel' in report['parity_meaning']
   parity = {tag: s['parity'] for tag, s in report['languages'].items()}
-  # (tokens / bytes) / (7 / 7), from HAND_COUNTS; 'abba' is 4 and 4.
+  # (tokens / characters) / (7 / 7), from HAND_COUNTS; 'abba' is 4 and 4. Per byte,
+  # Ukrainian would be 6 / 9: its letters take two bytes, not two tokens.
   assert parity == {
       'eng_Latn': 1.0,
-      'ukr_Cyrl': 6 / 9,
-      'ell_Grek': 1.0,
-      'fra_Latn': 1.0,
+      'ukr_Cyrl': 1.0,
+      'ell_Grek': 9 / 6,
+      'fra_Latn': 9 / 8,
       'deu_Latn': 1.0,
   }
+  assert all(s['parity'] == s['parity_per_char'] for s in report['languages'].values())
 
 
 def test_english_parity_is_exactly_one_on_real_text(docs_by_lang, tokenizer):
@@ -124,7 +135,9 @@ def test_table_is_sorted_by_parity_and_json_round_trips(char_tokenizer, tmp_path
   # Parity 6/7, 1, 9/7, 9/7 (ties by tag).
   order = [r[0] for r in rows]
   assert order == ['ukr_Cyrl', 'eng_Latn', 'ell_Grek', 'fra_Latn']
-  assert rows[0][1:5] == ['2.00', '1.50', '1.00', '0.857']
+  # tokens/word, tokens/char, bytes/token, parity, parity/word, parity/char, byte fallback.
+  assert rows[0][1:8] == ['2.00', '1.00', '1.50', '0.857', '0.857', '1.000', '0.00%']
+  assert rows[2][7] == f'{100 * 6 / 9:.2f}%'  # ell_Grek
   path = tmp_path / 'out' / 'fertility.json'
   fertility.write_report(report, str(path))
   assert json.loads(path.read_text(encoding='utf-8')) == report
@@ -283,7 +296,7 @@ def test_cli_vocab_too_large_is_one_error_line(tmp_path):
 
 @pytest.fixture(scope='module')
 def two_reports(char_tokenizer):
-  """Two reports of different numbers: parallel parity and per-byte parity."""
+  """Two reports of different numbers: parallel parity and per-character parity."""
   return {
       266: fertility.fertility_report(char_tokenizer, HAND_TEXTS, parallel=True),
       'per byte': fertility.fertility_report(char_tokenizer, HAND_TEXTS),
@@ -332,9 +345,9 @@ def test_format_comparison(two_reports):
   ]
   rows = {line.split()[0]: line.split()[1:] for line in lines[4:]}
   assert list(rows) == ['ukr_Cyrl', 'eng_Latn', 'ell_Grek', 'fra_Latn']
-  # tokens/word (the same tokenizer in both), then parity 6/7 and 6/9.
-  assert rows['ukr_Cyrl'] == ['2.00', '2.00', '0.857', '0.667']
-  assert rows['fra_Latn'] == ['2.25', '2.25', '1.286', '1.000']
+  # tokens/word (the same tokenizer in both), then parity 6/7 and per character 1.
+  assert rows['ukr_Cyrl'] == ['2.00', '2.00', '0.857', '1.000']
+  assert rows['fra_Latn'] == ['2.25', '2.25', '1.286', '1.125']
 
 
 def test_plot_fertility_bars_are_the_reports_numbers(two_reports):

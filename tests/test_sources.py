@@ -209,8 +209,8 @@ def test_unknown_language_suggests_the_closest_tag(code, tag):
 
 def test_wrong_script_names_the_tag_without_a_guess():
   with pytest.raises(ValueError) as error:
-    languages.resolve_language('sr_Latn')
-  assert str(error.value).endswith("Serbian only as 'srp_Cyrl'.")
+    languages.resolve_language('de_Cyrl')
+  assert str(error.value).endswith("German only as 'deu_Latn'.")
 
 
 def test_unknown_fixed_language_is_a_config_error():

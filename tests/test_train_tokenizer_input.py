@@ -143,7 +143,7 @@ def test_train_on_files(files, tmp_path):
   written = json.loads((tmp_path / 'fertility.json').read_text('utf-8'))
   assert written == report
   assert sorted(report['languages']) == sorted(LAYOUT)
-  assert report['parity_kind'] == 'per_byte'
+  assert report['parity_kind'] == 'per_char'
   assert 'not parallel' in report['parity_meaning']
   assert report['languages']['eng_Latn']['parity'] == 1.0
   assert report['languages']['ell_Grek']['texts'] == 1
@@ -217,7 +217,7 @@ def test_cli_trains_on_files(files, tmp_path):
   assert result.returncode == 0, result.stderr
   report = json.loads((tmp_path / 'fertility.json').read_text('utf-8'))
   assert sorted(report['languages']) == ['deu_Latn', 'ell_Grek', 'eng_Latn']
-  assert report['parity_kind'] == 'per_byte'
+  assert report['parity_kind'] == 'per_char'
   tokenizer = tokenizer_lib.load_tokenizer(str(tmp_path / 'tokenizer.model'))
   assert tokenizer.decode(tokenizer.encode(docs['ell_Grek'][0])) == (docs['ell_Grek'][0])
   assert f'{root / "a.jsonl"}: 1 empty_text (first at line' in result.stdout

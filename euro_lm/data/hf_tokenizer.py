@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -140,22 +141,43 @@ class HFTokenizer:
 
   @functools.cached_property
   def _token_bytes(self) -> np.ndarray:
-    description = json.loads(self._json_bytes)
-    byte_level = 'ByteLevel' in json.dumps(description.get('decoder'))
-    byte_of_char = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_level = is_byte_level(json.loads(self._json_bytes))
     added = self._tokenizer.get_added_tokens_decoder()
     counts = np.zeros(self.vocab_size, np.int32)
     for piece, i in self._tokenizer.get_vocab(with_added_tokens=True).items():
       if i in added:  # matched in the raw text, decoded as their content
         counts[i] = 0 if added[i].special else len(added[i].content.encode('utf-8'))
-      elif byte_level and all(c in byte_of_char for c in piece):
-        counts[i] = len(piece)
-      elif len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
-        counts[i] = 1
       else:
-        counts[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+        counts[i] = len(piece_bytes(piece, byte_level))
     counts.flags.writeable = False
     return counts
+
+
+def is_byte_level(description: dict) -> bool:
+  """Whether a parsed tokenizer.json spells pieces in GPT-2's byte alphabet (Llama 3, Qwen)."""
+  return 'ByteLevel' in json.dumps(description.get('decoder'))
+
+
+def is_byte_piece(piece: str) -> bool:
+  """Whether a piece is a SentencePiece-style byte-fallback piece `<0xNN>` (Gemma, Mistral)."""
+  return re.fullmatch('<0x[0-9A-Fa-f]{2}>', piece) is not None
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes:
+  """The bytes a vocabulary piece (not an added token) decodes to: a byte-level piece's
+  bytes (possibly part of a character), a `<0xNN>` piece's byte, else its text with '▁' as
+  a space. `byte_level`: see `is_byte_level`."""
+  byte_of_char = _byte_of_char()
+  if byte_level and all(c in byte_of_char for c in piece):
+    return bytes(byte_of_char[c] for c in piece)
+  if is_byte_piece(piece):
+    return bytes([int(piece[3:5], 16)])
+  return piece.replace('\u2581', ' ').encode('utf-8')
+
+
+@functools.cache
+def _byte_of_char():
+  return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _special_tokens(directory):

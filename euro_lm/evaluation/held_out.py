@@ -11,12 +11,11 @@ language, the total information the model needs for the text against the pivot's
 how much more it pays to say the same thing in that language.
 """
 
-import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,34 +24,11 @@ from euro_lm import devices
 from euro_lm.config import validate
 from euro_lm.data import pipeline
 from euro_lm.data.languages import resolve_language
-from euro_lm.data.prepare import sources
-from euro_lm.errors import ConfigError, DataError, UserError
+from euro_lm.errors import ConfigError, UserError
+from euro_lm.evaluation.texts import HeldOut, read_held_out
 from euro_lm.inference import load_config, load_run
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.step import make_eval_step
-
-
-@dataclasses.dataclass
-class HeldOut:
-  """Documents per language tag, in file order, and each input file's bad records."""
-
-  documents: dict[str, list[str]]
-  files: list[str]
-  bad_records: list[sources.BadRecords]
-
-
-def read_held_out(patterns: Sequence[str], source: sources.TextSource) -> HeldOut:
-  """The documents of every file the globs match, grouped by language."""
-  files = sources.expand_globs(patterns)
-  documents, reports = {}, []
-  for path in files:
-    docs, bad = source.read(path)
-    for doc in docs:
-      documents.setdefault(doc.language, []).append(doc.text)
-    reports.append(bad)
-  if not documents:
-    raise DataError(f'no documents in {", ".join(files)}')
-  return HeldOut(dict(sorted(documents.items())), files, reports)
 
 
 def language_totals(eval_step, params, batches, mesh, rules) -> dict[str, float]:

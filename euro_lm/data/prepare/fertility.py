@@ -2,18 +2,29 @@
 
 A tokenizer that needs twice the tokens for Greek as for English makes Greek
 text twice as expensive to train on and leaves it half the context. The
-report measures, per language, tokens per whitespace word, UTF-8 bytes and
-characters per token, and parity against English (Petrov et al., 2023,
-"Language Model Tokenizers Introduce Unfairness Between Languages").
+report measures, per language, tokens per whitespace word and per character,
+UTF-8 bytes per token, parity against a reference language (Petrov et al.,
+2023, "Language Model Tokenizers Introduce Unfairness Between Languages"), and
+how often the tokenizer falls back to bytes, to its unknown token, or to pieces
+the text hardly uses. `python -m euro_lm.evaluate_tokenizer` and
+`python -m euro_lm.train_tokenizer` both report with this module.
 
 Parity compares token counts, which only means something on parallel text:
 the same content in every language. The embedded corpus is parallel (Django's
 catalogs translate the same messages), and `embedded_parallel_heldout` aligns
-it by message. For other text the report falls back to tokens per byte
-relative to English, and says which of the two it is.
+it by message. For other text `parity` is tokens per character relative to the
+reference (not per byte: Greek and Cyrillic letters take two bytes, Latin ones
+one), and the report says which of the two it is. `parity_per_word` and
+`parity_per_char` are always there: tokens per word (character) over the
+reference's.
+
+Words are whitespace-separated: for a script written without spaces (Chinese,
+Japanese, Thai) a "word" is a whole phrase, and tokens per character is the
+measure to read.
 
 `format_comparison` and `plot_fertility` (matplotlib, imported lazily) put several
-reports side by side, e.g. one per vocabulary size (notebooks/tokenizer.ipynb).
+reports side by side, e.g. one per vocabulary size (notebooks/tokenizer.ipynb) or
+one per tokenizer (`euro_lm.evaluate_tokenizer`).
 """
 
 import json
@@ -21,17 +32,33 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from euro_lm.data import corpus, languages
+from euro_lm.data.prepare import token_counter
 from euro_lm.errors import ConfigError
 
 ENGLISH = languages.canonical_language('en')
 
 # The two meanings of `parity`, as the report labels them.
 PARALLEL = 'parallel'
-PER_BYTE = 'per_byte'
+PER_CHAR = 'per_char'
 _PARITY_MEANING = {
     PARALLEL: 'tokens / tokens of the same text in {ref} (parallel text)',
-    PER_BYTE: '(tokens per byte) / ({ref} tokens per byte) (text not parallel)',
+    PER_CHAR: '(tokens per character) / ({ref} tokens per character) (text not parallel)',
+}
+# What the report calls each metric in tables (short) and on plots (long).
+METRICS = {
+    'tokens_per_word': ('tokens/word', 'tokens per word (fertility)'),
+    'tokens_per_char': ('tokens/char', 'tokens per character'),
+    'bytes_per_token': ('bytes/token', 'UTF-8 bytes per token'),
+    'chars_per_token': ('chars/token', 'characters per token'),
+    'parity': ('parity', 'parity vs {ref}'),
+    'parity_per_word': ('parity/word', 'parity per word vs {ref}'),
+    'parity_per_char': ('parity/char', 'parity per character vs {ref}'),
+    'byte_fallback_rate': ('byte fb', 'share of byte-fallback tokens'),
+    'unknown_rate': ('unknown', 'share of unknown tokens'),
+    'rare_piece_rate': ('rare', 'share of rare-piece tokens'),
 }
 
 
@@ -41,6 +68,7 @@ def fertility_report(
     *,
     parallel: bool = False,
     reference: str = ENGLISH,
+    rare_max_count: int = 1,
 ) -> dict:
   """Measures how `tokenizer` splits each language's texts.
 
@@ -48,20 +76,25 @@ def fertility_report(
   totals, so long texts weigh more than short ones (as they do in training).
 
   Args:
-    tokenizer: a euro_lm Tokenizer (anything with `encode_batch`).
+    tokenizer: a euro_lm Tokenizer or a `token_counter.TokenCounter`.
     texts_by_language: language tag -> texts. Encoded without bos/eos.
     parallel: the texts are translations of each other, text i of every
       language saying the same thing; parity is then a ratio of token counts.
-      Otherwise it is a ratio of tokens per byte.
+      Otherwise it is a ratio of tokens per character.
     reference: the language parity is relative to; without it in
-      `texts_by_language`, parity is None.
+      `texts_by_language`, every parity is None.
+    rare_max_count: a piece is rare when it occurs at most this many times in
+      all the texts (every language together).
 
   Returns:
-    A JSON-serializable dict: `parity_kind` (PARALLEL or PER_BYTE),
-    `parity_meaning`, `reference`, `vocab_size`, and `languages`: tag ->
-    texts, words, characters, bytes, tokens, tokens_per_word,
-    bytes_per_token, chars_per_token, parity. A ratio whose denominator is 0
-    is None.
+    A JSON-serializable dict: `parity_kind` (PARALLEL or PER_CHAR),
+    `parity_meaning`, `reference`, `vocab_size`, `tokenizer` (path, kind),
+    `rare_max_count`, `vocab_used` (share of the vocabulary, control tokens
+    left out, that some text used) and `languages`: tag -> texts, words,
+    characters, bytes, tokens, tokens_per_word, tokens_per_char,
+    bytes_per_token, chars_per_token, byte_fallback_rate, unknown_rate,
+    rare_piece_rate (shares of the tokens), distinct_pieces, parity,
+    parity_per_word, parity_per_char. A ratio whose denominator is 0 is None.
 
   Raises:
     ConfigError: `parallel` texts whose languages have different text counts.
@@ -69,10 +102,20 @@ def fertility_report(
   if parallel and len({len(t) for t in texts_by_language.values()}) > 1:
     counts = {tag: len(t) for tag, t in texts_by_language.items()}
     raise ConfigError(f'Parallel texts need the same number of texts per language: {counts}.')
-  stats = {}
+  counter = (
+      tokenizer
+      if isinstance(tokenizer, token_counter.TokenCounter)
+      else token_counter.counter_for(tokenizer)
+  )
+  stats, pieces = {}, {}  # pieces: tag -> (ids used, how often)
+  total = np.zeros(counter.vocab_size, np.int64)  # each piece, over all languages
   for tag, texts in texts_by_language.items():
     texts = list(texts)
-    tokens = sum(map(len, tokenizer.encode_batch(texts)))
+    encoded = counter.encode_batch(texts)
+    ids = np.fromiter((i for e in encoded for i in e), np.int64)
+    pieces[tag] = np.unique(ids, return_counts=True)
+    total[pieces[tag][0]] += pieces[tag][1]
+    tokens = len(ids)
     words = sum(len(t.split()) for t in texts)
     chars = sum(map(len, texts))
     num_bytes = sum(len(t.encode('utf-8')) for t in texts)
@@ -83,25 +126,43 @@ def fertility_report(
         'bytes': num_bytes,
         'tokens': tokens,
         'tokens_per_word': _ratio(tokens, words),
+        'tokens_per_char': _ratio(tokens, chars),
         'bytes_per_token': _ratio(num_bytes, tokens),
         'chars_per_token': _ratio(chars, tokens),
+        'byte_fallback_rate': _ratio(int(counter.byte_fallback[ids].sum()), tokens),
+        'unknown_rate': _ratio(int(counter.unknown[ids].sum()), tokens),
+        'distinct_pieces': len(pieces[tag][0]),
     }
+  for tag, (used, how_often) in pieces.items():
+    rare = int(how_often[total[used] <= rare_max_count].sum())
+    stats[tag]['rare_piece_rate'] = _ratio(rare, stats[tag]['tokens'])
   ref = stats.get(reference)
   for s in stats.values():
+    # Cross-multiplied in integers until the one division, so the reference's
+    # own parities are exactly 1.0.
+    if ref is None:
+      s['parity_per_word'] = s['parity_per_char'] = None
+    else:
+      s['parity_per_word'] = _ratio(s['tokens'] * ref['words'], s['words'] * ref['tokens'])
+      s['parity_per_char'] = _ratio(
+          s['tokens'] * ref['characters'], s['characters'] * ref['tokens']
+      )
     if ref is None:
       s['parity'] = None
     elif parallel:
       s['parity'] = _ratio(s['tokens'], ref['tokens'])
     else:
-      # (tokens / bytes) / (ref tokens / ref bytes), in integers until the
-      # one division, so the reference's own parity is exactly 1.0.
-      s['parity'] = _ratio(s['tokens'] * ref['bytes'], s['bytes'] * ref['tokens'])
-  kind = PARALLEL if parallel else PER_BYTE
+      s['parity'] = s['parity_per_char']
+  usable = ~counter.control
+  kind = PARALLEL if parallel else PER_CHAR
   return {
       'parity_kind': kind,
       'parity_meaning': _PARITY_MEANING[kind].format(ref=reference),
       'reference': reference,
-      'vocab_size': tokenizer.vocab_size,
+      'vocab_size': counter.vocab_size,
+      'tokenizer': {'path': counter.path, 'kind': counter.kind},
+      'rare_max_count': rare_max_count,
+      'vocab_used': _ratio(int(((total > 0) & usable).sum()), int(usable.sum())),
       'languages': stats,
   }
 
@@ -117,12 +178,19 @@ def format_table(report: dict) -> str:
     tag, s = item
     return (s['parity'] is None, s['parity'] or 0.0, tag)
 
-  def number(x, digits=2):
-    return '-' if x is None else f'{x:.{digits}f}'
-
+  columns = (
+      'tokens_per_word',
+      'tokens_per_char',
+      'bytes_per_token',
+      'parity',
+      'parity_per_word',
+      'parity_per_char',
+      'byte_fallback_rate',
+  )
   header = (
-      f'{"language":<10} {"tokens/word":>11} {"bytes/token":>11}'
-      f' {"chars/token":>11} {"parity":>7} {"tokens":>9} {"words":>8}'
+      f'{"language":<10} '
+      + ' '.join(f'{METRICS[c][0]:>11}' for c in columns)
+      + f' {"tokens":>9} {"words":>8}'
   )
   if report['reference'] in report['languages']:
     parity = f'parity = {report["parity_meaning"]}'
@@ -135,12 +203,20 @@ def format_table(report: dict) -> str:
   ]
   for tag, s in sorted(report['languages'].items(), key=order):
     lines.append(
-        f'{tag:<10} {number(s["tokens_per_word"]):>11}'
-        f' {number(s["bytes_per_token"]):>11}'
-        f' {number(s["chars_per_token"]):>11} {number(s["parity"], 3):>7}'
-        f' {s["tokens"]:>9,} {s["words"]:>8,}'
+        f'{tag:<10} '
+        + ' '.join(f'{format_metric(c, s[c]):>11}' for c in columns)
+        + f' {s["tokens"]:>9,} {s["words"]:>8,}'
     )
   return '\n'.join(lines)
+
+
+def format_metric(metric: str, value) -> str:
+  """A metric as a table shows it: rates in percent, parities to 3 digits, '-' for None."""
+  if value is None:
+    return '-'
+  if metric.endswith('_rate'):
+    return f'{100 * value:.2f}%'
+  return f'{value:.3f}' if metric.startswith('parity') else f'{value:.2f}'
 
 
 def write_report(report: dict, path: str) -> None:
@@ -280,74 +356,79 @@ def comparison_languages(reports: Mapping[object, dict], order: str = 'parity') 
   return sorted(tags, key=key)
 
 
-def format_comparison(reports: Mapping[object, dict], order: str = 'parity') -> str:
-  """Tokens per word and parity of each language under each report, as text.
+def format_comparison(
+    reports: Mapping[object, dict],
+    order: str = 'parity',
+    metrics: Sequence[str] = ('tokens_per_word', 'parity'),
+) -> str:
+  """`metrics` of each language under each report, as text.
 
-  One row per language (see `comparison_languages` for the order), one
-  tokens/word and one parity column per report, headed by its label.
+  One row per language (see `comparison_languages` for the order); for each
+  metric (a key of METRICS) one column per report, headed by its label.
   """
   tags = comparison_languages(reports, order)
   labels = [_label(k) for k in reports]
   width = max(11, *(len(label) for label in labels))
-
-  def number(x, digits):
-    return '-' if x is None else f'{x:.{digits}f}'
-
   first = next(iter(reports.values()))
   lines = [
-      f'Tokens per word and parity ({first["parity_meaning"]}).',
-      f'{"":<10} '
-      + ' '.join(f'{"tokens/word":>{width}}' for _ in labels)
-      + ' '
-      + ' '.join(f'{"parity":>{width}}' for _ in labels),
-      f'{"language":<10} ' + ' '.join(f'{label:>{width}}' for label in labels * 2),
+      ', '.join(METRICS[m][0] for m in metrics) + f' (parity = {first["parity_meaning"]}).',
+      f'{"":<10} ' + ' '.join(f'{METRICS[m][0]:>{width}}' for m in metrics for _ in labels),
+      f'{"language":<10} ' + ' '.join(f'{label:>{width}}' for label in labels * len(metrics)),
   ]
   lines.append('-' * len(lines[-1]))
   for tag in tags:
     stats = [r['languages'][tag] for r in reports.values()]
     lines.append(
         f'{tag:<10} '
-        + ' '.join(f'{number(s["tokens_per_word"], 2):>{width}}' for s in stats)
-        + ' '
-        + ' '.join(f'{number(s["parity"], 3):>{width}}' for s in stats)
+        + ' '.join(f'{format_metric(m, s[m]):>{width}}' for m in metrics for s in stats)
     )
   return '\n'.join(lines)
 
 
-def plot_fertility(reports: Mapping[object, dict], axes=None, order: str = 'parity'):
-  """Grouped bar charts of tokens per word and parity, one bar per report.
+def figure_size(num_languages: int, num_metrics: int) -> tuple[float, float]:
+  """Inches (width, height) of `plot_fertility`'s figure: room for every language's bars."""
+  return (min(16.0, max(8.0, 2 + 0.35 * num_languages)), 1 + 3 * num_metrics)
+
+
+def plot_fertility(
+    reports: Mapping[object, dict],
+    axes=None,
+    order: str = 'parity',
+    metrics: Sequence[str] = ('tokens_per_word', 'parity'),
+):
+  """Grouped bar charts of `metrics` (keys of METRICS), one panel each, one bar per report.
 
   Needs matplotlib (the `notebooks` extra), imported only here.
 
   Args:
     reports: label (e.g. the vocabulary size) -> a `fertility_report`; each
       gets one bar (one colour) per language in both panels.
-    axes: two matplotlib Axes (tokens per word, parity); None makes a figure.
+    axes: one matplotlib Axes per metric; None makes a figure.
     order: the languages' order on the x axis (see `comparison_languages`).
+    metrics: what each panel shows, top to bottom.
 
   Returns:
-    The two Axes. Bars are added report by report, language by language, so
+    The Axes. Bars are added report by report, language by language, so
     `axes[0].containers[i]` holds report i's bars in `comparison_languages`
     order; an undefined ratio (None) is a bar of height NaN (not drawn).
   """
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   tags = comparison_languages(reports, order)
   if axes is None:
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
     _, axes = plt.subplots(
-        2,
+        len(metrics),
         1,
-        figsize=(min(16.0, max(8.0, 2 + 0.35 * len(tags))), 7),
+        figsize=figure_size(len(tags), len(metrics)),
         sharex=True,
         constrained_layout=True,
+        squeeze=False,
     )
+    axes = axes[:, 0]
   first = next(iter(reports.values()))
   width = 0.8 / len(reports)
-  panels = (
-      ('tokens_per_word', 'tokens per word (fertility)'),
-      ('parity', f'parity vs {first["reference"]}'),
-  )
-  for ax, (metric, ylabel) in zip(axes, panels):
+  for ax, metric in zip(axes, metrics):
+    ylabel = METRICS[metric][1].format(ref=first['reference'])
     for i, (key, report) in enumerate(reports.items()):
       heights = [report['languages'][t][metric] for t in tags]
       ax.bar(
@@ -358,18 +439,19 @@ def plot_fertility(reports: Mapping[object, dict], axes=None, order: str = 'pari
       )
     ax.set_ylabel(ylabel)
     ax.grid(axis='y', alpha=0.3)
-  axes[1].axhline(1.0, color='black', linewidth=0.8, linestyle='--')
+    if metric.startswith('parity'):
+      ax.axhline(1.0, color='black', linewidth=0.8, linestyle='--')
   for ax in axes:
     ax.set_xticks(range(len(tags)))
     ax.set_xlim(-0.6, len(tags) - 0.4)
-  axes[1].set_xticklabels(tags, rotation=90)
+  axes[-1].set_xticklabels(tags, rotation=90)
   axes[0].legend()
   axes[0].set_title(
       'Tokenizer fertility per language'
       + (
           ' (parallel held-out text)'
           if first['parity_kind'] == PARALLEL
-          else ' (parity per byte: text not parallel)'
+          else ' (parity per character: text not parallel)'
       )
   )
   return axes
