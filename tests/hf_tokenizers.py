@@ -5,7 +5,8 @@ pre-tokenizer regex and a template post-processor that adds <|begin_of_text|> (l
 transformers as a plain TokenizersBackend); Qwen2's, Gemma's and Mistral's written by
 transformers' own Qwen2Tokenizer, GemmaTokenizer and LlamaTokenizer classes with
 `save_pretrained` (tokenizer.json only, as transformers 5 saves them). Vocabularies are
-trained on the embedded corpus, a few hundred pieces.
+trained on the embedded corpus, a few hundred pieces, with each family's chat markers
+(<|start_header_id|>, <|im_start|>, <start_of_turn>, [INST], ...) as single tokens.
 """
 
 import json
@@ -151,6 +152,7 @@ def make_tokenizer_folder(family, directory, vocab_size=600):
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        user_defined_symbols=['[INST]', '[/INST]'],
         add_dummy_prefix=True,
     )
   else:

@@ -20,6 +20,16 @@ from euro_lm.errors import DataError
 TOKENIZER_JSON = 'tokenizer.json'
 # Files of an HF tokenizer besides tokenizer.json: its special tokens and chat template.
 COMPANION_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja')
+# The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = (
+    'bos_token',
+    'eos_token',
+    'unk_token',
+    'sep_token',
+    'pad_token',
+    'cls_token',
+    'mask_token',
+)
 
 
 class HFTokenizer:
@@ -53,6 +63,9 @@ class HFTokenizer:
     self._eos_id = self._token_id(special.get('eos_token'), 'eos_token', directory)
     self._pad_id = self._token_id(special.get('pad_token'), 'pad_token', directory)
     self._adds_bos = self._default_adds_bos(special.get('add_bos_token'))
+    self._special_tokens = {
+        name: special[name] for name in SPECIAL_TOKEN_NAMES if special.get(name) is not None
+    }
     self._files = [json_path] + [
         p for p in (os.path.join(directory, n) for n in COMPANION_FILES) if os.path.isfile(p)
     ]
@@ -119,8 +132,19 @@ class HFTokenizer:
     """Whether transformers' AutoTokenizer prepends BOS by default."""
     return self._adds_bos
 
+  @property
+  def special_tokens(self) -> dict[str, str]:
+    """The named special tokens the config sets (bos_token, ...), as transformers'
+    `special_tokens_map`: what chat templates see."""
+    return dict(self._special_tokens)
+
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)` and each token's (start, end) character span in `text`."""
+    encoding = self._tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -181,7 +205,7 @@ def _byte_of_char():
 
 
 def _special_tokens(directory):
-  """bos/eos/pad tokens and add_bos_token of tokenizer_config.json, with
+  """The named special tokens and add_bos_token of tokenizer_config.json, with
   special_tokens_map.json's tokens over them, as transformers reads them."""
   settings = {}
   for name in ('tokenizer_config.json', 'special_tokens_map.json'):
@@ -195,7 +219,7 @@ def _special_tokens(directory):
       raise DataError(f'{path} is not valid JSON: {e}') from e
     if not isinstance(values, dict):
       raise DataError(f'{path} is not a JSON object')
-    for key in ('bos_token', 'eos_token', 'pad_token', 'add_bos_token'):
+    for key in (*SPECIAL_TOKEN_NAMES, 'add_bos_token'):
       if key in values:
         settings[key] = _token_content(values[key], key, path)
   return settings

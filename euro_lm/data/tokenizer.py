@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -46,8 +47,15 @@ class Tokenizer(Protocol):
   eos_id: int | None
   pad_id: int  # -1 if none
   adds_bos: bool  # whether the tokenizer's own default prepends BOS
+  special_tokens: dict[str, str]  # bos_token, eos_token, ...: what chat templates see
 
   def encode(self, text: str) -> list[int]:
+    ...
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `text` and each token's (start, end) character span, with special tokens
+    written in the text (`<s>`, chat markers) as their single ids, as transformers encodes a
+    rendered chat template."""
     ...
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -218,6 +226,63 @@ class SentencePieceTokenizer:
     if self._tf_tokenizer is None:
       return self._processor.EncodeAsIds(text)
     return self._tf_tokenizer.tokenize(text).numpy().tolist()
+
+  @property
+  def special_tokens(self) -> dict[str, str]:
+    """bos/eos/unk/pad pieces by transformers' names: what its LlamaTokenizer on the
+    exported model passes to chat templates."""
+    ids = {
+        'bos_token': self.bos_id,
+        'eos_token': self.eos_id,
+        'unk_token': self._processor.unk_id(),
+        'pad_token': self.pad_id,
+    }
+    return {name: self._processor.IdToPiece(i) for name, i in ids.items() if i >= 0}
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character spans of `text`, control pieces (`<s>`, `</s>`, `<pad>`, `<unk>`)
+    written in it as their ids, as transformers' tokenizer converted from this model (the
+    export's) encodes them; user-defined pieces (chat markers) are single ids anyway."""
+    controls, pattern = self._control_pieces
+    ids, offsets, start = [], [], 0
+    for match in pattern.finditer(text) if controls else ():
+      self._encode_span(text, start, match.start(), ids, offsets)
+      ids.append(controls[match.group()])
+      offsets.append(match.span())
+      start = match.end()
+    self._encode_span(text, start, len(text), ids, offsets)
+    return ids, offsets
+
+  @functools.cached_property
+  def _control_pieces(self):
+    """{piece: id} of the control and unknown pieces, and a regex matching them."""
+    controls = {
+        self._processor.IdToPiece(i): i
+        for i in range(self.vocab_size)
+        if self._processor.IsControl(i) or self._processor.IsUnknown(i)
+    }
+    longest_first = sorted(controls, key=len, reverse=True)
+    return controls, re.compile('|'.join(map(re.escape, longest_first)))
+
+  def _encode_span(self, text, start, end, ids, offsets):
+    """Appends the pieces of text[start:end] and their character spans in `text`."""
+    if start == end:
+      return
+    segment = text[start:end]
+    # SentencePiece reports byte offsets: map them to characters (a byte inside a character
+    # belongs to it; byte-fallback pieces of one character all get its span).
+    char_of_byte = [0] * (len(segment.encode('utf-8')) + 1)
+    position = 0
+    for i, character in enumerate(segment):
+      size = len(character.encode('utf-8'))
+      char_of_byte[position : position + size] = [i] * size
+      position += size
+    char_of_byte[position] = len(segment)
+    for piece in self._processor.encode(segment, out_type='proto').pieces:
+      first = char_of_byte[piece.begin]
+      last = char_of_byte[piece.end - 1] + 1 if piece.end > piece.begin else first + 1
+      ids.append(piece.id)
+      offsets.append((start + first, start + min(last, len(segment))))
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     if self._tf_tokenizer is None:

@@ -1,0 +1,401 @@
+"""Chat templates: a conversation rendered and tokenized exactly as transformers'
+`apply_chat_template` does, and a loss mask that covers what the assistant says.
+
+A template is the Jinja string a tokenizer folder ships. It is rendered with transformers'
+engine settings (a sandboxed, immutable Jinja environment with trim_blocks, lstrip_blocks,
+loop controls, its `tojson`, `raise_exception`, `strftime_now`, `dict` and `namespace`), with
+the tokenizer's named special tokens (`bos_token`, ...) as variables, and the text is encoded
+without adding special tokens: the template writes them.
+
+The mask is 1 on the tokens of each assistant turn as the template renders it after the
+generation prompt (`<|im_start|>assistant\\n`, `<start_of_turn>model\\n`, ...): the content
+and the end-of-turn marker that ends it (`<|im_end|>`, `<|eot_id|>`, `</s>`), up to trailing
+whitespace. That is what a template's `{% generation %}` block marks in common SFT practice
+(TRL's assistant_only_loss), found for any template: the turn of message i is the text
+between `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`,
+which must both be prefixes of the whole rendering; characters map to tokens by the
+tokenizer's offsets. A conversation for which this does not hold, or a token that straddles
+a turn's edge, is refused with the reason, never masked by a guess.
+"""
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import jinja2.utils
+import numpy as np
+
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.errors import ConfigError, DataError
+
+ROLES = ('system', 'user', 'assistant')
+
+# The template for models trained from scratch: ChatML, after the tokenizer's BOS (as every
+# pretraining document starts) when it has one. Generation stops at <|im_end|>.
+DEFAULT_TEMPLATE = (
+    '{{ bos_token }}'
+    '{% for message in messages %}'
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# The markers DEFAULT_TEMPLATE writes; each must be one id of the tokenizer (add_chat_tokens).
+DEFAULT_TEMPLATE_TOKENS = ('<|im_start|>', '<|im_end|>')
+
+# Where transformers 5 reads a folder's templates (AutoTokenizer.from_pretrained).
+TEMPLATE_FILE = 'chat_template.jinja'
+TEMPLATE_DIR = 'additional_chat_templates'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+# A processor's (multimodal model's) legacy file, which AutoTokenizer ignores: read last.
+PROCESSOR_TEMPLATE_FILE = 'chat_template.json'
+
+# Kinds of conversations that cannot become training examples (counted as bad records).
+TEMPLATE_ERROR = 'template_error'
+UNMASKABLE = 'unmaskable'
+TOO_LONG = 'too_long'
+
+
+class ConversationError(DataError):
+  """A conversation that cannot become a training example; `kind` names why in one word."""
+
+  def __init__(self, kind: str, reason: str):
+    super().__init__(reason)
+    self.kind = kind
+
+
+def load_chat_template(directory: str, name: str = '') -> str | None:
+  """The chat template of a tokenizer folder as AutoTokenizer picks it, or None.
+
+  Files before the config: `chat_template.jinja` (the default) and
+  `additional_chat_templates/<name>.jinja`; else tokenizer_config.json's `chat_template`
+  (a string, or a list of {name, template}); else a processor's `chat_template.json`.
+  With several templates, `name` picks one, else 'default'.
+
+  Raises:
+    DataError: an unreadable file, or several templates and none named `name` or 'default'.
+  """
+  templates = {}
+  default_file = os.path.join(directory, TEMPLATE_FILE)
+  if os.path.isfile(default_file):
+    templates['default'] = _read(default_file)
+  extra = os.path.join(directory, TEMPLATE_DIR)
+  if os.path.isdir(extra):
+    for file in sorted(os.listdir(extra)):
+      if file.endswith('.jinja'):
+        templates[file.removesuffix('.jinja')] = _read(os.path.join(extra, file))
+  source = os.path.join(directory, TEMPLATE_DIR if templates else TOKENIZER_CONFIG)
+  if not templates:
+    for file in (TOKENIZER_CONFIG, PROCESSOR_TEMPLATE_FILE):
+      path = os.path.join(directory, file)
+      value = _json(path).get('chat_template') if os.path.isfile(path) else None
+      if value is None:
+        continue
+      source = path
+      if isinstance(value, str):
+        templates['default'] = value
+      elif isinstance(value, list) and all(
+          isinstance(t, dict)
+          and isinstance(t.get('name'), str)
+          and isinstance(t.get('template'), str)
+          for t in value
+      ):
+        templates = {t['name']: t['template'] for t in value}
+      else:
+        raise DataError(
+            f'{path}: chat_template is neither a string nor a list of {{name, template}}'
+        )
+      break
+  if not templates:
+    return None
+  if set(templates) == {'default'} and not name:
+    return templates['default']
+  chosen = name or 'default'
+  if chosen not in templates:
+    raise DataError(
+        f'{source}: no chat template named {chosen!r}; the folder has {sorted(templates)}'
+    )
+  return templates[chosen]
+
+
+def _read(path):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'{path}: unreadable chat template: {e}') from e
+
+
+def _json(path):
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f'{path} is not valid JSON: {e}') from e
+  if not isinstance(value, dict):
+    raise DataError(f'{path} is not a JSON object')
+  return value
+
+
+def chat_template_for(tokenizer: Tokenizer, template: str = '') -> str:
+  """The template to render with: `template` if given (a Jinja string), else the one in the
+  tokenizer's folder, else DEFAULT_TEMPLATE.
+
+  Raises:
+    ConfigError: DEFAULT_TEMPLATE would be used but its markers are not single ids of the
+      tokenizer (add them with `add_chat_tokens`).
+  """
+  if template:
+    return template
+  found = load_chat_template(os.path.dirname(os.path.abspath(tokenizer.files[0])))
+  if found is not None:
+    return found
+  missing = [t for t in DEFAULT_TEMPLATE_TOKENS if len(tokenizer.encode_offsets(t)[0]) != 1]
+  if missing:
+    raise ConfigError(
+        f'The tokenizer {tokenizer.path} has no chat template, and the default template needs'
+        f' {missing} as single tokens; add them with euro_lm.data.chat.add_chat_tokens (the'
+        ' embeddings then need their new rows) or give a template.'
+    )
+  return DEFAULT_TEMPLATE
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+  """`{% generation %}...{% endgeneration %}`: parsed and rendered as its body, as
+  transformers does when it is not asked for masks (ours come from prefixes)."""
+
+  tags = {'generation'}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(('name:endgeneration',), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method('_body'), [], [], body).set_lineno(lineno)
+
+  def _body(self, caller):
+    return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+  """jinja2's namespace without underscore attributes (transformers' sandbox rule)."""
+
+  def __init__(*args, **kwargs):  # pylint: disable=no-method-argument
+    self, args = args[0], args[1:]
+    attributes = dict(*args, **kwargs)
+    for name in attributes:
+      _Namespace._check(name)
+    jinja2.utils.Namespace.__init__(self, attributes)
+
+  def __setitem__(self, name, value):
+    _Namespace._check(name)
+    jinja2.utils.Namespace.__setitem__(self, name, value)
+
+  @staticmethod
+  def _check(name):
+    if isinstance(name, str) and name.startswith('_'):
+      raise jinja2.exceptions.SecurityError(f'namespace attribute {name!r} starts with _')
+
+
+def _raise_exception(message):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  # transformers' filter: Jinja's own escapes HTML characters.
+  return json.dumps(
+      x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+  )
+
+
+def _strftime_now(format_):
+  return datetime.now().strftime(format_)
+
+
+def _make_dict(*args, **kwargs):
+  return dict(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_template(template: str) -> jinja2.Template:
+  """The template compiled in transformers' environment.
+
+  Raises:
+    ConfigError: the template is not valid Jinja.
+  """
+  environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+  )
+  environment.filters['tojson'] = _tojson
+  environment.globals.update(
+      raise_exception=_raise_exception,
+      strftime_now=_strftime_now,
+      dict=_make_dict,
+      namespace=_Namespace,
+  )
+  try:
+    return environment.from_string(template)
+  except jinja2.TemplateSyntaxError as e:
+    raise ConfigError(f'The chat template is not valid Jinja (line {e.lineno}): {e.message}') from e
+
+
+def render_chat(
+    tokenizer: Tokenizer,
+    template: str,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = False,
+    **variables,
+) -> str:
+  """The text `apply_chat_template(messages, tokenize=False, **variables)` gives.
+
+  Raises:
+    ConversationError (kind 'template_error'): the template refused the messages.
+  """
+  # transformers drops None values: templates test for a key, not for None.
+  messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+  try:
+    return compile_template(template).render(
+        messages=messages,
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **{**tokenizer.special_tokens, **variables},
+    )
+  except Exception as e:  # the template is the folder's code: any failure is this conversation's
+    raise ConversationError(TEMPLATE_ERROR, f'the chat template refused it: {e}') from e
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    template: str,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = False,
+    **variables,
+) -> list[int]:
+  """`apply_chat_template(messages, tokenize=True, **variables)['input_ids']`.
+
+  Raises:
+    ConversationError: the template refused the messages.
+  """
+  text = render_chat(tokenizer, template, messages, add_generation_prompt, **variables)
+  return tokenizer.encode_offsets(text)[0]
+
+
+def assistant_spans(
+    tokenizer: Tokenizer, template: str, messages: Sequence[dict], **variables
+) -> tuple[str, list[tuple[int, int]]]:
+  """The whole rendering and the (start, end) character span of each assistant turn in it:
+  after its generation prompt, up to the end of the turn less trailing whitespace.
+
+  Raises:
+    ConversationError: the template refused the messages, or a turn cannot be located.
+  """
+  text = render_chat(tokenizer, template, messages, **variables)
+  spans = []
+  for i, message in enumerate(messages):
+    if message.get('role') != 'assistant':
+      continue
+    before = render_chat(tokenizer, template, messages[:i], True, **variables)
+    through = render_chat(tokenizer, template, messages[: i + 1], **variables)
+    if not (through.startswith(before) and text.startswith(through)):
+      raise ConversationError(
+          UNMASKABLE,
+          f'message {i} (assistant): the template does not render the conversation up to it'
+          ' as a prefix of the whole, so its turn cannot be located for the loss mask',
+      )
+    end = len(through.rstrip())
+    if end <= len(before):
+      raise ConversationError(
+          UNMASKABLE, f'message {i} (assistant): the template renders no text for it'
+      )
+    spans.append((len(before), end))
+  return text, spans
+
+
+def chat_example(
+    tokenizer: Tokenizer,
+    template: str,
+    messages: Sequence[dict],
+    *,
+    prompt_loss: bool = False,
+    max_length: int = 0,
+    **variables,
+) -> tuple[np.ndarray, np.ndarray]:
+  """A conversation as training arrays: ids (int32, `encode_chat`'s) and loss_mask (int32,
+  1 on assistant turns, see the module docstring; all 1 with `prompt_loss`).
+
+  `max_length` > 0 refuses longer conversations: they are never cut.
+
+  Raises:
+    ConversationError: template_error, unmaskable (a turn cannot be located, or a token
+      straddles its edge) or too_long.
+  """
+  text, spans = assistant_spans(tokenizer, template, messages, **variables)
+  ids, offsets = tokenizer.encode_offsets(text)
+  if max_length and len(ids) > max_length:
+    raise ConversationError(TOO_LONG, f'{len(ids)} tokens, more than max_length {max_length}')
+  starts = np.asarray([a for a, _ in offsets], np.int64)
+  # A token of no width (a prepended '▁') sits at its character.
+  ends = np.maximum(np.asarray([b for _, b in offsets], np.int64), starts + 1)
+  mask = np.zeros(len(ids), np.int32)
+  for turn, (start, end) in enumerate(spans, 1):
+    inside = (starts >= start) & (ends <= end)
+    straddling = (starts < end) & (ends > start) & ~inside
+    if straddling.any():
+      k = int(np.argmax(straddling))
+      raise ConversationError(
+          UNMASKABLE,
+          f'assistant turn {turn}: token {k} ({text[starts[k] : ends[k]]!r}) straddles its edge',
+      )
+    if not inside.any():
+      raise ConversationError(UNMASKABLE, f'assistant turn {turn} has no token')
+    mask[inside] = 1
+  if prompt_loss:
+    mask[:] = 1
+  return np.asarray(ids, np.int32), mask
+
+
+def add_chat_tokens(
+    tokenizer: Tokenizer, output: str, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS
+) -> list[str]:
+  """Writes into the new directory `output` the tokenizer with `tokens` as single ids.
+
+  Tokens it already encodes as one id are left as they are; the others get new ids after
+  the last one, so the ids of all other text stay the same and a model's embeddings need
+  only new rows (`vocab_size` of the written tokenizer). A tokenizer.json gets them as
+  special added tokens (tokenizers' add_special_tokens); a SentencePiece model as
+  user-defined pieces appended to the model (matched in any text, as its chat markers are).
+  Returns the tokens added.
+  """
+  added = [t for t in tokens if len(tokenizer.encode_offsets(t)[0]) != 1]
+  os.makedirs(output)
+  if tokenizer.backend == 'tokenizers':
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    import tokenizers  # pylint: disable=import-outside-toplevel
+
+    for file in tokenizer.files:
+      shutil.copyfile(file, os.path.join(output, os.path.basename(file)))
+    path = os.path.join(output, os.path.basename(tokenizer.files[0]))
+    extended = tokenizers.Tokenizer.from_file(path)
+    extended.add_special_tokens(
+        [tokenizers.AddedToken(t, special=True, normalized=False) for t in added]
+    )
+    extended.save(path)
+  else:
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(tokenizer.files[0], 'rb') as f:
+      proto.ParseFromString(f.read())
+    for token in added:
+      piece = proto.pieces.add()
+      piece.piece = token
+      piece.score = 0.0
+      piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    with open(os.path.join(output, os.path.basename(tokenizer.files[0])), 'wb') as f:
+      f.write(proto.SerializeToString())
+  return added

@@ -1,0 +1,319 @@
+"""Conversations from raw files (JSONL, plain or .gz/.zst, and Parquet), and training
+examples from them.
+
+One conversation per record: `{"messages": [{"role": ..., "content": ...}, ...]}` with roles
+system, user and assistant, and optionally a language field. Positions and bad-record
+reports are those of euro_lm.data.prepare.sources: `path:line` for JSONL (from 1), `path row
+N` for Parquet (from 0); a record that cannot be a conversation, or a conversation that
+cannot be a training example (see euro_lm.data.chat), is counted by kind, never dropped
+silently, or raises at the first one when the source is strict.
+"""
+
+import dataclasses
+import gzip
+import io
+import json
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from euro_lm.data import chat, languages
+from euro_lm.data.prepare.sources import (
+    FORMATS,
+    INVALID_JSON,
+    INVALID_UTF8,
+    MISSING_FIELD,
+    UNKNOWN_LANGUAGE,
+    BadRecords,
+    file_format,
+)
+from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.errors import ConfigError, DataError
+
+# Kinds of bad records besides sources.py's (invalid_json, invalid_utf8, missing_field,
+# unknown_language) and chat.py's (template_error, unmaskable, too_long).
+BAD_MESSAGES = 'bad_messages'  # not a list of {role, content} objects with string content
+UNSUPPORTED_ROLE = 'unsupported_role'  # a role other than system/user/assistant
+BAD_ORDER = 'bad_order'  # a system message after the first, or an assistant before any user
+NO_ASSISTANT = 'no_assistant'  # nothing to learn from
+EMPTY_ASSISTANT = 'empty_assistant'  # an assistant turn with blank content
+
+# Roles of tool use, refused with their own reason until euro_lm renders tool calls.
+_TOOL_ROLES = ('tool', 'tool_results', 'ipython', 'function')
+# Rows per Parquet batch: bounds memory whatever the row-group size.
+_PARQUET_BATCH_ROWS = 256
+
+
+class Conversation(NamedTuple):
+  messages: list[dict]  # [{'role': ..., 'content': ...}], checked by check_messages
+  language: str  # canonical tag, or '' when the source names none
+  position: int  # line (JSONL, from 1) or row (Parquet, from 0) in its file
+
+
+class Example(NamedTuple):
+  ids: np.ndarray  # int32 [length]
+  loss_mask: np.ndarray  # int32 [length]: 1 where the token is a target that counts
+  language: str
+  location: str  # path:line or path row N
+
+
+def check_messages(messages) -> tuple[str, str] | None:
+  """(kind, reason) if `messages` is not a conversation euro_lm trains on, else None.
+
+  A conversation is a non-empty list of {role, content} objects with string content; roles
+  system (only as the first message), user and assistant; the first other message a user's;
+  at least one assistant message, none blank. Whether turns must alternate is the
+  template's to say (Mistral's and Gemma's do; their refusal is a template_error).
+  """
+  if not isinstance(messages, list) or not messages:
+    return BAD_MESSAGES, f'messages is a {type(messages).__name__}, not a non-empty list'
+  assistants, users = 0, 0
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict):
+      return BAD_MESSAGES, f'message {i} is a {type(message).__name__}, not an object'
+    role, content = message.get('role'), message.get('content')
+    if role in _TOOL_ROLES:
+      return UNSUPPORTED_ROLE, f'message {i}: role {role!r} (tool use) is not supported yet'
+    if role not in chat.ROLES:
+      return UNSUPPORTED_ROLE, f'message {i}: role {role!r} is not one of {chat.ROLES}'
+    if not isinstance(content, str):
+      return BAD_MESSAGES, f'message {i}: content is a {type(content).__name__}, not a string'
+    try:
+      content.encode('utf-8')  # JSON escapes can spell lone surrogates
+    except UnicodeEncodeError as e:
+      return INVALID_UTF8, f'message {i}: content is not valid Unicode: {e}'
+    if role == 'system' and i > 0:
+      return BAD_ORDER, f'message {i}: a system message can only be the first'
+    users += role == 'user'
+    if role == 'assistant':
+      if not users:
+        return BAD_ORDER, f'message {i}: an assistant message before any user message'
+      if not content.strip():
+        return EMPTY_ASSISTANT, f'message {i}: an assistant message with no text'
+      assistants += 1
+  if not assistants:
+    return NO_ASSISTANT, 'no assistant message: nothing to learn from'
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationSource:
+  """How to read conversations from raw files.
+
+  Attributes:
+    format: 'jsonl', 'parquet', or 'auto' (from each file's name).
+    messages_field: the field or column holding the list of messages (in Parquet a list of
+      structs with `role` and `content`, or a JSON string of the list).
+    language_field: the field or column with each record's language code, optional.
+    language: the language of every record, optional; not with `language_field`.
+    strict: raise `DataError` at the first bad record instead of counting it.
+  """
+
+  format: str = 'auto'
+  messages_field: str = 'messages'
+  language_field: str = ''
+  language: str = ''
+  strict: bool = False
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ConfigError(f'format={self.format!r} is not one of {FORMATS}.')
+    if self.language_field and self.language:
+      raise ConfigError(
+          f'Set at most one of language={self.language!r} and'
+          f' language_field={self.language_field!r}.'
+      )
+    if self.language:
+      try:
+        object.__setattr__(self, 'language', languages.resolve_language(self.language))
+      except ValueError as e:
+        raise ConfigError(f'language={self.language!r}: {e}') from None
+
+  def read(self, path: str) -> tuple[Iterator[Conversation], BadRecords]:
+    """The conversations of one file, and its bad-record report (filled as the iterator
+    is consumed).
+
+    Raises (while iterating):
+      DataError: the file is unreadable, lacks the messages column (Parquet), or holds a
+        bad record and the source is strict.
+    """
+    file_type = file_format(path) if self.format == 'auto' else self.format
+    if file_type == 'jsonl':
+      bad_records = BadRecords(path, 'line', self.strict)
+      return self._jsonl(path, bad_records), bad_records
+    bad_records = BadRecords(path, 'row', self.strict)
+    return self._parquet(path, bad_records), bad_records
+
+  def examples(
+      self,
+      path: str,
+      tokenizer: Tokenizer,
+      template: str,
+      *,
+      max_length: int = 0,
+      prompt_loss: bool = False,
+  ) -> tuple[Iterator[Example], BadRecords]:
+    """The training examples of one file (see `chat.chat_example`): conversations the
+    template refuses, cannot mask or that are longer than `max_length` are bad records."""
+    conversations, bad_records = self.read(path)
+
+    def examples():
+      for conversation in conversations:
+        try:
+          ids, mask = chat.chat_example(
+              tokenizer,
+              template,
+              conversation.messages,
+              prompt_loss=prompt_loss,
+              max_length=max_length,
+          )
+        except chat.ConversationError as e:
+          bad_records.add(e.kind, conversation.position, str(e))
+          continue
+        yield Example(ids, mask, conversation.language, bad_records.location(conversation.position))
+
+    return examples(), bad_records
+
+  def _conversation(self, messages, code, bad_records, position, resolve):
+    """The record as a Conversation, or None after reporting why it is bad."""
+    if messages is None:
+      bad_records.add(MISSING_FIELD, position, f'no {self.messages_field!r} (missing or null)')
+      return None
+    problem = check_messages(messages)
+    if problem:
+      kind, reason = problem
+      bad_records.add(kind, position, reason)
+      return None
+    language = self.language
+    if self.language_field:
+      if not isinstance(code, str):
+        bad_records.add(
+            MISSING_FIELD, position, f'{self.language_field!r} is missing or not a string'
+        )
+        return None
+      try:
+        language = resolve(code)
+      except ValueError as e:
+        bad_records.add(UNKNOWN_LANGUAGE, position, str(e))
+        return None
+    kept = [{'role': m['role'], 'content': m['content']} for m in messages]
+    return Conversation(kept, language, position)
+
+  def _jsonl(self, path, bad_records):
+    resolve = _memoized(languages.resolve_language)
+    line_number = 0
+    try:
+      with _open_binary(path) as lines:
+        for line_number, line in enumerate(lines, 1):
+          try:
+            record = json.loads(line.decode('utf-8'))
+          except UnicodeDecodeError as e:
+            bad_records.add(INVALID_UTF8, line_number, f'invalid UTF-8: {e}')
+            continue
+          except json.JSONDecodeError as e:
+            bad_records.add(INVALID_JSON, line_number, f'invalid JSON: {e}')
+            continue
+          if not isinstance(record, dict):
+            bad_records.add(
+                MISSING_FIELD,
+                line_number,
+                f'a JSON {type(record).__name__}, not an object with field {self.messages_field!r}',
+            )
+            continue
+          conversation = self._conversation(
+              record.get(self.messages_field),
+              record.get(self.language_field) if self.language_field else None,
+              bad_records,
+              line_number,
+              resolve,
+          )
+          if conversation is not None:
+            yield conversation
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+      raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
+
+  def _parquet(self, path, bad_records):
+    resolve = _memoized(languages.resolve_language)
+    columns = [self.messages_field] + ([self.language_field] if self.language_field else [])
+    try:
+      parquet = pq.ParquetFile(path)
+      names = parquet.schema_arrow.names
+      for column in columns:
+        if column not in names:
+          raise DataError(f'{path} has no column {column!r}; its columns are {names}.')
+      row = 0
+      for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, columns=columns):
+        records = batch.column(0).to_pylist()
+        codes = batch.column(1).to_pylist() if self.language_field else [None] * len(records)
+        for messages, code in zip(records, codes):
+          if isinstance(messages, str):  # a column of JSON text
+            try:
+              messages = json.loads(messages)
+            except json.JSONDecodeError as e:
+              bad_records.add(INVALID_JSON, row, f'{self.messages_field!r}: invalid JSON: {e}')
+              row += 1
+              continue
+          conversation = self._conversation(messages, code, bad_records, row, resolve)
+          if conversation is not None:
+            yield conversation
+          row += 1
+    except (OSError, pa.ArrowException) as e:
+      raise DataError(f'{path}: unreadable Parquet file: {e}') from e
+
+
+def _memoized(function):
+  """`function` remembering its results and errors per argument (a file repeats a handful
+  of language codes)."""
+  results = {}
+
+  def cached(argument):
+    if argument not in results:
+      try:
+        results[argument] = (function(argument), None)
+      except ValueError as e:
+        results[argument] = (None, e)
+    value, error = results[argument]
+    if error is not None:
+      raise error
+    return value
+
+  return cached
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+  """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd): sources.py's private
+  opener, to be replaced by it once it is public there."""
+  name = path.lower()
+  if name.endswith('.gz'):
+    return gzip.open(path, 'rb')
+  if name.endswith(('.zst', '.zstd')):
+    # Parallel compressors (pzstd, zstdmt) write several frames.
+    stream = zstandard.ZstdDecompressor().stream_reader(
+        open(path, 'rb'), read_across_frames=True, closefd=True
+    )
+    return io.BufferedReader(stream, buffer_size=1 << 20)
+  return open(path, 'rb')
+
+
+def read_examples(
+    source: ConversationSource,
+    paths: Sequence[str],
+    tokenizer: Tokenizer,
+    template: str,
+    *,
+    max_length: int = 0,
+    prompt_loss: bool = False,
+) -> tuple[list[Example], list[BadRecords]]:
+  """All examples of `paths` in order, and each file's bad-record report (small sets)."""
+  examples, reports = [], []
+  for path in paths:
+    file_examples, bad_records = source.examples(
+        path, tokenizer, template, max_length=max_length, prompt_loss=prompt_loss
+    )
+    examples.extend(file_examples)
+    reports.append(bad_records)
+  return examples, reports
