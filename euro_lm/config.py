@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.post_norms = False  # also RMSNorm the attention and MLP outputs before each residual add
   m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
   m.mlp_activation = 'silu'  # gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
-  m.query_pre_attn_scalar = 0.0  # attention logits times this ** -0.5; 0 means head_dim
+  m.query_pre_attn_scalar = 0  # attention logits times this ** -0.5; 0 means head_dim
   m.init_std = 0.02  # normal init std for weights
   m.compute_dtype = 'float32'  # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto

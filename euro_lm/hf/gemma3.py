@@ -301,6 +301,7 @@ def model_config_from_hf(hf, where='config.json'):
   window = text.get('sliding_window')
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise HFError(f'{where}: sliding_window={window!r} must be a positive integer or null')
+  rope = _rope(text, where)
   try:
     heads, kv_heads = int(text['num_attention_heads']), int(text['num_key_value_heads'])
     model = {
@@ -311,11 +312,11 @@ def model_config_from_hf(hf, where='config.json'):
         'num_kv_heads': kv_heads,
         'head_dim': int(text['head_dim']),
         'mlp_dim': int(text['intermediate_size']),
-        **_rope(text, where),
+        **rope,
         'norm_eps': float(text['rms_norm_eps']),
         'tie_embeddings': bool(text['tie_word_embeddings']),
         'sliding_window': window or 0,
-        'query_pre_attn_scalar': float(text['query_pre_attn_scalar']),
+        'query_pre_attn_scalar': int(text['query_pre_attn_scalar']),
     }
   except (TypeError, ValueError) as e:
     raise HFError(f'{where}: a model size field is not a number ({e})') from None

@@ -215,7 +215,7 @@ class Attention(nn.Module):
     dtype = jnp.dtype(cfg.compute_dtype)
     d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     window = cfg.get('sliding_window', 0) or None
-    scale = (cfg.get('query_pre_attn_scalar', 0.0) or hd) ** -0.5
+    scale = (cfg.get('query_pre_attn_scalar', 0) or hd) ** -0.5
     local = local_layers(cfg)
     mixed = len(set(local)) > 1
     is_local = jnp.asarray(local)[layer_index] if mixed else local[0]
