@@ -12,6 +12,7 @@ defaults (the released multimodal ones do), so those defaults are read here too.
 
 from euro_lm.errors import HFError
 from euro_lm.hf import llama
+from euro_lm.model.layers import local_layers
 
 ARCHITECTURES = {
     'gemma3_text': 'Gemma3ForCausalLM',
@@ -155,15 +156,8 @@ def text_tensor_names(names, hf, where, log):
 
 
 def _layer_types(model):
-  return [
-      'sliding_attention' if local else 'full_attention'
-      for local in _local_layers(model['num_layers'], model.get('sliding_window_pattern', 0))
-  ]
-
-
-def _local_layers(num_layers, pattern):
-  """As euro_lm.model.layers.local_layers, for a dict."""
-  return [not pattern or (i + 1) % pattern != 0 for i in range(num_layers)]
+  """HF's layer_types of a `model` section (a dict)."""
+  return ['sliding_attention' if local else 'full_attention' for local in local_layers(model)]
 
 
 def hf_config(

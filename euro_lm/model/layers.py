@@ -145,8 +145,8 @@ def local_layers(cfg):
   RoPE base `model.rope_local_theta` (if set). With `model.sliding_window_pattern` N every
   Nth layer is global instead (full attention, `rope_theta` and its scaling); without, all
   layers are local, so `sliding_window` alone windows every layer (Mistral)."""
-  pattern = cfg.get('sliding_window_pattern', 0)
-  return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg.num_layers))
+  pattern = cfg.get('sliding_window_pattern', 0)  # cfg: a ConfigDict or a dict
+  return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg['num_layers']))
 
 
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
