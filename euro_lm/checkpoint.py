@@ -41,6 +41,7 @@ SHAPE_FIELDS = (
     'tie_embeddings',
     'qk_norm',
     'qkv_bias',
+    'post_norms',
 )
 # With several processes a time-based save needs one agreed decision; asking every step
 # would stall the host on the device each step, so they agree every this many steps.

@@ -14,7 +14,7 @@ import ml_collections
 from euro_lm.errors import ConfigError
 from euro_lm.model.attention import AttentionError, head_dim, resolve_for_model
 from euro_lm.model.decoder import REMAT_POLICIES
-from euro_lm.model.layers import ROPE_SCALINGS
+from euro_lm.model.layers import MLP_ACTIVATIONS, ROPE_SCALINGS
 from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rules, mesh_shape
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -45,6 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.qk_norm = False  # RMSNorm on queries and keys per head
   m.qkv_bias = False  # biases on the query, key and value projections (as Qwen2)
   m.sliding_window = 0  # >0: each token attends to at most this many, itself included (Mistral)
+  m.sliding_window_pattern = 0  # >0: every Nth layer is global (full attention, rope_theta);
+  # the others are local (sliding_window, rope_local_theta), as Gemma 3; 0: all layers alike
+  m.rope_local_theta = 0.0  # RoPE base of the local layers, unscaled; 0: as the global ones
+  m.norm_plus_one = False  # RMSNorms scale by (1 + scale), scale stored from 0 (Gemma)
+  m.post_norms = False  # also RMSNorm the attention and MLP outputs before each residual add
+  m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
+  m.mlp_activation = 'silu'  # gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  m.query_pre_attn_scalar = 0  # attention logits times this ** -0.5; 0 means head_dim
   m.init_std = 0.02  # normal init std for weights
   m.compute_dtype = 'float32'  # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
@@ -229,6 +237,7 @@ def validate(config, num_devices, process_count=1, device=None):
   _one_of(config, 'model.compute_dtype', COMPUTE_DTYPES)
   _one_of(config, 'model.remat_policy', tuple(REMAT_POLICIES))
   _one_of(config, 'model.rope_scaling', ROPE_SCALINGS)
+  _one_of(config, 'model.mlp_activation', MLP_ACTIVATIONS)
   _one_of(config, 'optimizer.schedule', SCHEDULES)
   _one_of(config, 'data.corpus', CORPORA)
   _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit', 'groups'))
@@ -279,6 +288,9 @@ def validate(config, num_devices, process_count=1, device=None):
   for path in (
       'model.head_dim',
       'model.sliding_window',
+      'model.sliding_window_pattern',
+      'model.rope_local_theta',
+      'model.query_pre_attn_scalar',
       'model.loss_chunk_length',
       'optimizer.warmup_steps',
       'train.eval_every',
@@ -293,6 +305,11 @@ def validate(config, num_devices, process_count=1, device=None):
   _check(
       config.distributed.process_id >= -1,
       f'distributed.process_id={config.distributed.process_id} must be >= 0 (or -1: detect)',
+  )
+  _check(
+      not m.rope_local_theta or m.sliding_window_pattern,
+      f'model.rope_local_theta={m.rope_local_theta} needs model.sliding_window_pattern > 0 '
+      '(which layers are local)',
   )
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
   _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')

@@ -1,21 +1,23 @@
 """Which architecture module reads an HF config, and which one writes a euro_lm model.
 
-An architecture module (`llama`, `mistral`, `qwen2`, `qwen3`) holds one family's mapping table and
-config translation:
+An architecture module (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma3`) holds one family's
+mapping table and config translation:
   ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
   param_table(model)                 [(euro_lm path, HF name template, per layer)]
   to_hf(path, x, model), from_hf     one tensor converted, either way
   expected_hf_shapes(model)          {HF name: shape}, in writing order
   unused_hf_tensors(names, model, where)   the tensors import skips; refuses foreign ones
+  text_tensor_names(names, hf, where, log) {table name: stored name}: a multimodal folder's
+                                     language model under its text model's names
   hf_config(model, ...)              config.json for export
   model_config_from_hf(hf, where)    euro_lm `model` fields for import
 The export and import drivers go through these names only.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import llama, mistral, qwen2, qwen3
+from euro_lm.hf import gemma3, llama, mistral, qwen2, qwen3
 
-_MODULES = (llama, mistral, qwen2, qwen3)
+_MODULES = (llama, mistral, qwen2, qwen3, gemma3)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
 # model_type -> HF class, of every checkpoint euro_lm imports.
 ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
@@ -40,9 +42,12 @@ def for_hf_config(hf, where='config.json'):
 
 
 def for_model(model):
-  """The module that exports euro_lm's `model` config section: Qwen3 with QK-norm, Qwen2
-  with projection biases, Mistral with a sliding window, else Llama. Refuses a model that
-  no one architecture expresses."""
+  """The module that exports euro_lm's `model` config section: Gemma 3 with any of its
+  fields (`gemma3.FIELDS`), Qwen3 with QK-norm, Qwen2 with projection biases, Mistral with
+  a sliding window, else Llama. Refuses a model that no one architecture expresses."""
+  if gemma3.is_gemma(model):
+    gemma3.check_exportable(model)
+    return gemma3
   features = {
       qwen3: 'model.qk_norm',
       qwen2: 'model.qkv_bias',

@@ -69,6 +69,7 @@ def import_hf(hf_dir, workdir, log=print):
   arch = architectures.for_hf_config(hf, config_path)
   model = arch.model_config_from_hf(hf, config_path)
   folder = SafetensorsFolder(hf_dir)
+  folder.select(arch.text_tensor_names(folder.names(), hf, config_path, log))
   tokenizer = load_tokenizer(hf_dir) if tokenizer_in(hf_dir) else None
   if tokenizer is not None and tokenizer.vocab_size > model['vocab_size']:
     raise HFError(

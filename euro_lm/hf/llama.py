@@ -66,9 +66,9 @@ def from_hf(path, x, model):
   return x
 
 
-def expected_hf_shapes(model):
-  """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict), in
-  `param_table` order, layer by layer."""
+def expected_hf_shapes(model, table=None):
+  """{HF name: shape} of every tensor of `model` (a `model` config section, as a dict) in
+  `table` (default `param_table(model)`), in its order, layer by layer."""
   D, F, V = model['embed_dim'], model['mlp_dim'], model['vocab_size']
   H, K, d = model['num_heads'], model['num_kv_heads'], head_dim(model)
   shapes = {
@@ -84,10 +84,18 @@ def expected_hf_shapes(model):
       'output': (V, D),
   }
   out = {}
-  for path, template, per_layer in param_table(model):
+  for path, template, per_layer in param_table(model) if table is None else table:
+    shape = (d,) if path[-2:-1] in (('q_norm',), ('k_norm',)) else shapes[path[-1]]
     for i in range(model['num_layers'] if per_layer else 1):
-      out[template.format(i=i)] = shapes[path[-1]]
+      out[template.format(i=i)] = shape
   return out
+
+
+def text_tensor_names(names, hf, where, log):
+  """{tensor name as `param_table` spells it: name in the folder} for the folder's tensor
+  `names`; a text-only checkpoint stores them as they are."""
+  del hf, where, log
+  return {n: n for n in names}
 
 
 def unused_hf_tensors(names, model, where):
@@ -118,7 +126,7 @@ def hf_config(
 ):
   """HF LlamaConfig fields (config.json) for euro_lm's `model` section; the fields the
   Llama-like families (Qwen3) share, which they amend."""
-  rope = _hf_rope(model)
+  rope = hf_rope(model)
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -163,7 +171,7 @@ _ROPE_KEYS = {
 }
 
 
-def _rope_fields(hf, where):
+def rope_fields(hf, where):
   """euro_lm's rope_* model fields from an HF config: transformers >= 5 writes
   `rope_parameters` (theta included), older versions `rope_theta` and `rope_scaling`."""
   params = hf.get('rope_parameters') or {}
@@ -194,7 +202,7 @@ def _rope_fields(hf, where):
   return fields
 
 
-def _hf_rope(model):
+def hf_rope(model):
   """HF's rope_parameters (transformers >= 5) for euro_lm's rope_* model fields."""
   scaling = model.get('rope_scaling', 'none')
   rope_type = {v: k for k, v in _ROPE_TYPES.items()}[scaling]
@@ -224,7 +232,7 @@ def model_config_from_hf(hf, where='config.json'):
         'num_kv_heads': int(hf.get('num_key_value_heads') or H),
         'head_dim': int(hf.get('head_dim') or D // H),
         'mlp_dim': int(hf['intermediate_size']),
-        **_rope_fields(hf, where),
+        **rope_fields(hf, where),
         'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
         'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
         'qk_norm': False,

@@ -14,6 +14,7 @@ to_hf = llama.to_hf
 from_hf = llama.from_hf
 expected_hf_shapes = llama.expected_hf_shapes
 unused_hf_tensors = llama.unused_hf_tensors
+text_tensor_names = llama.text_tensor_names
 
 
 def hf_config(model, **kwargs):

@@ -8,6 +8,8 @@ from euro_lm.hf import llama
 
 ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM'}
 
+text_tensor_names = llama.text_tensor_names
+
 _BIASES = tuple(
     (('layers', 'attention', f'b{x}'), f'model.layers.{{i}}.self_attn.{x}_proj.bias', True)
     for x in 'qkv'

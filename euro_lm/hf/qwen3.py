@@ -16,6 +16,7 @@ _QK_NORMS = (
 to_hf = llama.to_hf
 from_hf = llama.from_hf
 unused_hf_tensors = llama.unused_hf_tensors
+text_tensor_names = llama.text_tensor_names
 
 
 def param_table(model):

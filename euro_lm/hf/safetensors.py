@@ -107,6 +107,11 @@ class SafetensorsFolder:
   def names(self):
     return sorted(self._where)
 
+  def select(self, names):
+    """Keeps only the tensors that `names` ({new name: stored name}) maps, under their new
+    names (a multimodal folder's language model read as a text model)."""
+    self._where = {new: self._where[stored] for new, stored in names.items()}
+
   def get(self, name):
     if name not in self._where:
       raise HFError(f'tensor {name} is missing from {self.directory}')

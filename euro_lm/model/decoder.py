@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from euro_lm.model.layers import Block, RMSNorm, head_dim
+from euro_lm.model.layers import Block, head_dim, norm
 
 # Named rematerialisation policies (`model.remat_policy`): what the backward pass keeps.
 REMAT_POLICIES = {
@@ -45,6 +45,8 @@ class Decoder(nn.Module):
         jnp.float32,
     )
     x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(dtype)
+    if cfg.get('scale_embeddings', False):  # in the compute dtype, as Gemma does
+      x_BLD = x_BLD * jnp.asarray(cfg.embed_dim**0.5, dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
 
     if cache is None:
@@ -55,14 +57,16 @@ class Decoder(nn.Module):
           block,
           variable_axes={'params': 0},
           split_rngs={'params': True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, 0),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x_BLD, _ = stack(cfg, name='layers')(x_BLD, segment_ids_BL, positions_BL)
+      x_BLD, _ = stack(cfg, name='layers')(
+          x_BLD, segment_ids_BL, positions_BL, jnp.arange(cfg.num_layers)
+      )
     else:
       x_BLD, cache = self._decode_layers(x_BLD, segment_ids_BL, positions_BL, cache)
-    x_BLD = RMSNorm(cfg.norm_eps, name='final_norm')(x_BLD)
+    x_BLD = norm(cfg, 'final_norm')(x_BLD)
     if return_hidden:
       if cache is not None:
         raise ValueError('return_hidden is for training and evaluation, not with a KV cache')
@@ -101,12 +105,17 @@ class Decoder(nn.Module):
         Block,
         variable_axes={'params': 0},
         split_rngs={'params': True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
     )
     x_BTD, (k_NBSKd, v_NBSKd) = stack(cfg, name='layers')(
-        x_BTD, segment_ids_BT, positions_BT, (cache['k'], cache['v']), (index, kv_valid_BS)
+        x_BTD,
+        segment_ids_BT,
+        positions_BT,
+        jnp.arange(cfg.num_layers),
+        (cache['k'], cache['v']),
+        (index, kv_valid_BS),
     )
     return x_BTD, {
         'k': k_NBSKd,

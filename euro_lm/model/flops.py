@@ -1,6 +1,6 @@
 """Analytic FLOP and parameter counts for MFU (model FLOPs: remat recompute not counted)."""
 
-from euro_lm.model.layers import head_dim
+from euro_lm.model.layers import head_dim, local_layers
 
 
 def param_count(model_config):
@@ -9,7 +9,7 @@ def param_count(model_config):
   hd = head_dim(c)
   attention = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
-  norms = 2 * c.embed_dim + (2 * hd if c.qk_norm else 0)
+  norms = (4 if c.get('post_norms', False) else 2) * c.embed_dim + (2 * hd if c.qk_norm else 0)
   biases = hd * (c.num_heads + 2 * c.num_kv_heads) if c.get('qkv_bias', False) else 0
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
   return c.num_layers * (attention + mlp + norms + biases) + embeddings + c.embed_dim
@@ -21,16 +21,23 @@ def forward_flops_per_token(model_config, seq_len):
   Counts every projection (q, k, v, o, gate, up, down, output logits) and the two
   attention matmuls (QK^T and PV), halved for the causal mask (the FlashAttention and
   MaxText convention; PaLM and TorchTitan count attention in full, which gives a higher
-  MFU for the same run). Embedding lookups, norms, RoPE and softmax are not matmuls and
-  are left out.
+  MFU for the same run). A layer with a sliding window W < L counts the keys its queries
+  see on average, W - W^2 / (2L) (which is L / 2 at W = L). Embedding lookups, norms,
+  RoPE and softmax are not matmuls and are left out.
   """
   c = model_config
   hd = head_dim(c)
   projections = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
-  attention = 2 * c.num_heads * hd * seq_len  # 4*H*hd*L, halved by the causal mask
-  per_layer = 2 * (projections + mlp) + attention
-  return c.num_layers * per_layer + 2 * c.embed_dim * c.vocab_size
+  window = c.get('sliding_window', 0)
+  attention = 0
+  for local in local_layers(c):
+    keys = seq_len / 2  # the causal half
+    if local and 0 < window < seq_len:
+      keys = window - window**2 / (2 * seq_len)
+    attention += 4 * c.num_heads * hd * keys  # QK^T and PV
+  per_layer = 2 * (projections + mlp)
+  return c.num_layers * per_layer + round(attention) + 2 * c.embed_dim * c.vocab_size
 
 
 def train_flops_per_token(model_config, seq_len):

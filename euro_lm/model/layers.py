@@ -90,18 +90,63 @@ def _swiglu_bwd(residuals, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+@jax.custom_vjp
+def geglu(gate, up):
+  """`gelu_tanh(gate) * up` (GeGLU; torch's gelu with approximate='tanh', as Gemma's
+  gelu_pytorch_tanh), whose backward, like `swiglu`'s, keeps only its two inputs."""
+  return jax.nn.gelu(gate, approximate=True) * up
+
+
+def _geglu_fwd(gate, up):
+  return geglu(gate, up), (gate, up)
+
+
+def _geglu_bwd(residuals, g):
+  gate, up = residuals
+  gate32 = gate.astype(jnp.float32)
+  # The activation and its derivative in one elementwise pass.
+  gelu, d_gelu = jax.jvp(
+      functools.partial(jax.nn.gelu, approximate=True), (gate32,), (jnp.ones_like(gate32),)
+  )
+  g32 = g.astype(jnp.float32)
+  return (g32 * up.astype(jnp.float32) * d_gelu).astype(gate.dtype), (g32 * gelu).astype(up.dtype)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+# model.mlp_activation -> the gated MLP's activation times the up projection.
+MLP_ACTIVATIONS = {'silu': swiglu, 'gelu_tanh': geglu}
+
+
 class RMSNorm(nn.Module):
-  """Root-mean-square norm, computed in float32, over the last axis."""
+  """Root-mean-square norm, computed in float32, over the last axis. With `plus_one` (Gemma)
+  it scales by `1 + scale` (in float32, before the cast back) and `scale` starts at 0."""
 
   eps: float
   logical_axis: str = 'embed'
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = _param(self, 'scale', (x.shape[-1],), (self.logical_axis,), nn.initializers.ones)
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = _param(self, 'scale', (x.shape[-1],), (self.logical_axis,), init)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(x.dtype)
+    return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+def norm(cfg, name, logical_axis='embed'):
+  """The model's RMSNorm (`model.norm_eps`, `model.norm_plus_one`) named `name`."""
+  return RMSNorm(cfg.norm_eps, logical_axis, cfg.get('norm_plus_one', False), name=name)
+
+
+def local_layers(cfg):
+  """Per layer, whether it is local: attends within `model.sliding_window` (if set) with
+  RoPE base `model.rope_local_theta` (if set). With `model.sliding_window_pattern` N every
+  Nth layer is global instead (full attention, `rope_theta` and its scaling); without, all
+  layers are local, so `sliding_window` alone windows every layer (Mistral)."""
+  pattern = cfg.get('sliding_window_pattern', 0)  # cfg: a ConfigDict or a dict
+  return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg['num_layers']))
 
 
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
@@ -128,6 +173,16 @@ def rope_frequencies(cfg):
   return inv_freq
 
 
+def local_rope_frequencies(cfg):
+  """The local layers' RoPE inverse frequencies: unscaled, base `model.rope_local_theta`;
+  the global ones (`rope_frequencies`) where that is 0."""
+  theta = cfg.get('rope_local_theta', 0.0)
+  if not theta:
+    return rope_frequencies(cfg)
+  hd = head_dim(cfg)
+  return theta ** -(jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+
+
 def rope(x_BLHd, positions_BL, inv_freq):
   """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32, with the
   inverse frequencies of `rope_frequencies`."""
@@ -141,17 +196,29 @@ def rope(x_BLHd, positions_BL, inv_freq):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE and optional QK-norm."""
+  """Grouped-query self-attention with RoPE and optional QK-norm.
+
+  Layers differ only where `local_layers` says some are local and some global: then the
+  layer's index (a traced scalar inside the layer scan) picks the RoPE frequencies, and a
+  `lax.cond` between two attention calls, each with its static window, picks the
+  attention, so every implementation gets the window it already takes.
+  """
 
   config: ml_collections.ConfigDict  # the `model` section
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
+  def __call__(
+      self, x_BLD, segment_ids_BL, positions_BL, layer_index=None, layer_cache=None, decode=None
+  ):
     """Returns the output `[B, L, D]`, and with a `layer_cache` also the updated cache."""
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
     d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     window = cfg.get('sliding_window', 0) or None
+    scale = (cfg.get('query_pre_attn_scalar', 0) or hd) ** -0.5
+    local = local_layers(cfg)
+    mixed = len(set(local)) > 1
+    is_local = jnp.asarray(local)[layer_index] if mixed else local[0]
     init = nn.initializers.normal(cfg.init_std)
     wq_DHd = _param(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'), init)
     wk_DKd = _param(self, 'wk', (d, k, hd), ('embed', 'kv_heads', 'head_dim'), init)
@@ -167,9 +234,9 @@ class Attention(nn.Module):
       k_BLKd += _param(self, 'bk', (k, hd), ('kv_heads', 'head_dim'), zeros).astype(dtype)
       v_BLKd += _param(self, 'bv', (k, hd), ('kv_heads', 'head_dim'), zeros).astype(dtype)
     if cfg.qk_norm:
-      q_BLHd = RMSNorm(cfg.norm_eps, 'head_dim', name='q_norm')(q_BLHd)
-      k_BLKd = RMSNorm(cfg.norm_eps, 'head_dim', name='k_norm')(k_BLKd)
-    inv_freq = rope_frequencies(cfg)
+      q_BLHd = norm(cfg, 'q_norm', 'head_dim')(q_BLHd)
+      k_BLKd = norm(cfg, 'k_norm', 'head_dim')(k_BLKd)
+    inv_freq = jnp.where(is_local, local_rope_frequencies(cfg), rope_frequencies(cfg))
     q_BLHd = _constrain(
         rope(q_BLHd, positions_BL, inv_freq), ('batch', 'length', 'heads', 'head_dim')
     )
@@ -185,26 +252,40 @@ class Attention(nn.Module):
           jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
           for c, new in zip(layer_cache, (k_BLKd, v_BLKd))
       )
-      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window)
+      if window and mixed:  # a plain mask here: the window may be traced
+        window = jnp.where(is_local, window, k_BSKd.shape[1] + 1)
+      elif not local[0]:
+        window = None
+      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window, scale)
       out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
       return out_BLD, (k_BSKd, v_BSKd)
 
-    out_BLHd = attention(
-        q_BLHd,
-        k_BLKd,
-        v_BLKd,
-        segment_ids_BL=segment_ids_BL,
-        causal=True,
-        impl=cfg.attention_impl,
-        pallas_backend=cfg.get('pallas_backend', 'auto'),
-        window=window,
-    )
+    def attend(window, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL):
+      return attention(
+          q_BLHd,
+          k_BLKd,
+          v_BLKd,
+          segment_ids_BL=segment_ids_BL,
+          causal=True,
+          scale=scale,
+          impl=cfg.attention_impl,
+          pallas_backend=cfg.get('pallas_backend', 'auto'),
+          window=window,
+      )
+
+    args = (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
+    if window and mixed:
+      out_BLHd = jax.lax.cond(
+          is_local, functools.partial(attend, window), functools.partial(attend, None), *args
+      )
+    else:
+      out_BLHd = attend(window if local[0] else None, *args)
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
 
 
 class Mlp(nn.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu_tanh (GeGLU)."""
 
   config: ml_collections.ConfigDict
 
@@ -219,49 +300,60 @@ class Mlp(nn.Module):
     w_down_FD = _param(self, 'w_down', (f, d), ('mlp', 'embed'), init)
     gate_BLF = dense(x_BLD, w_gate_DF.astype(dtype))
     up_BLF = dense(x_BLD, w_up_DF.astype(dtype))
-    hidden_BLF = _constrain(swiglu(gate_BLF, up_BLF), ('batch', 'length', 'mlp'))
+    gated = MLP_ACTIVATIONS[cfg.get('mlp_activation', 'silu')]
+    hidden_BLF = _constrain(gated(gate_BLF, up_BLF), ('batch', 'length', 'mlp'))
     return dense(hidden_BLF, w_down_FD.astype(dtype))
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block. Returns `(x, None)` so it can be the body of `nn.scan`."""
+  """Pre-norm decoder block, with `model.post_norms` also a norm on the attention and MLP
+  outputs before each residual add (Gemma 2/3). Returns `(x, None)` so it can be the body
+  of `nn.scan`; `layer_index` is the layer's place in the stack."""
 
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_cache=None, decode=None):
+  def __call__(
+      self, x_BLD, segment_ids_BL, positions_BL, layer_index=None, layer_cache=None, decode=None
+  ):
     """The scan carry `x` and, when decoding, this layer's updated KV cache."""
     cfg = self.config
+    post_norms = cfg.get('post_norms', False)
     x_BLD = _constrain(x_BLD, ('batch', 'length', 'embed'))
-    h_BLD = RMSNorm(cfg.norm_eps, name='attention_norm')(x_BLD)
+    h_BLD = norm(cfg, 'attention_norm')(x_BLD)
     attention_out = Attention(cfg, name='attention')(
-        h_BLD, segment_ids_BL, positions_BL, layer_cache, decode
+        h_BLD, segment_ids_BL, positions_BL, layer_index, layer_cache, decode
     )
     if layer_cache is not None:
       attention_out, layer_cache = attention_out
+    if post_norms:
+      attention_out = norm(cfg, 'attention_out_norm')(attention_out)
     x_BLD = x_BLD + attention_out
-    h_BLD = RMSNorm(cfg.norm_eps, name='mlp_norm')(x_BLD)
-    x_BLD = x_BLD + Mlp(cfg, name='mlp')(h_BLD)
+    h_BLD = norm(cfg, 'mlp_norm')(x_BLD)
+    mlp_out = Mlp(cfg, name='mlp')(h_BLD)
+    if post_norms:
+      mlp_out = norm(cfg, 'mlp_out_norm')(mlp_out)
+    x_BLD = x_BLD + mlp_out
     return _constrain(x_BLD, ('batch', 'length', 'embed')), layer_cache
 
 
-def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None):
+def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None, scale=None):
   """Attention of L new queries, at cache slots `index ...`, over all S cache slots.
 
-  A query at slot i sees slot j if j <= i (and i - j < `window`) and `kv_valid_BS[:, j]`
-  (slots and positions differ by a row's left padding alone). Plain einsums: at
-  decode time L is 1 (or the prompt, once), so a flash kernel would gain little here.
+  A query at slot i sees slot j if j <= i (and i - j < `window`, which may be traced) and
+  `kv_valid_BS[:, j]` (slots and positions differ by a row's left padding alone). Logits
+  are scaled by `scale`, default head_dim ** -0.5. Plain einsums: at decode time L is 1
+  (or the prompt, once), so a flash kernel would gain little here.
   """
   batch, length, num_heads, hd = q_BLHd.shape
   num_slots, num_kv_heads = k_BSKd.shape[1], k_BSKd.shape[2]
   q_BLKGd = q_BLHd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, hd)
-  logits_BKGLS = (
-      jnp.einsum('blkgd,bskd->bkgls', q_BLKGd, k_BSKd, preferred_element_type=jnp.float32)
-      * hd**-0.5
-  )
+  logits_BKGLS = jnp.einsum(
+      'blkgd,bskd->bkgls', q_BLKGd, k_BSKd, preferred_element_type=jnp.float32
+  ) * (hd**-0.5 if scale is None else scale)
   query_slot_L1 = (index + jnp.arange(length))[:, None]
   offset_LS = query_slot_L1 - jnp.arange(num_slots)[None, :]
-  visible_LS = (offset_LS >= 0) & (offset_LS < window) if window else offset_LS >= 0
+  visible_LS = (offset_LS >= 0) & (offset_LS < window) if window is not None else offset_LS >= 0
   mask_BLS = visible_LS[None] & kv_valid_BS[:, None, :]
   mask_B11LS = mask_BLS[:, None, None]
   logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)

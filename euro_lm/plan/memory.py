@@ -220,6 +220,8 @@ def _layer_terms(m, b, seq_len, policy, cs):
     return terms + [(*BL, 4)]  # the reciprocal rms
 
   layer_input = [(*BLD, cs)]
+  # model.post_norms: the attention and MLP outputs normed before each residual add.
+  post_norm = norm(BLD) + [(*BLD, cs)] if m.get('post_norms', False) else []
   everything = (
       layer_input
       + norm(BLD)
@@ -228,10 +230,12 @@ def _layer_terms(m, b, seq_len, policy, cs):
       + (norm(BLHd) + norm(BLKd) if m.qk_norm else [])
       + [(*BHL, 4)]  # log-sum-exp
       + [(*BLHd, cs), (*BLD, cs)]  # attention out, residual
+      + post_norm
       + norm(BLD)
       + [(*BLD, cs)]  # mlp norm -> h
-      + [(*BLF, cs)] * 3
-  )  # gate, up, hidden
+      + [(*BLF, cs)] * 3  # gate, up, hidden
+      + post_norm
+  )
   if policy == 'none':
     return everything, []
   if policy == 'full':

@@ -1,0 +1,323 @@
+"""Gemma 3 (text): Llama's projections with QK-norm, RMSNorms that scale by (1 + weight)
+before and after attention and the MLP, embeddings times sqrt(hidden_size), GeGLU, attention
+scaled by query_pre_attn_scalar, and local layers (a sliding window, their own RoPE base)
+between global ones (every `sliding_window_pattern`th layer; full attention, `rope_theta`
+with its scaling).
+
+It reads Gemma3ForCausalLM folders (model_type 'gemma3_text') and the language model of
+Gemma3ForConditionalGeneration ones (model_type 'gemma3'; its vision tower is skipped), and
+exports Gemma3ForCausalLM. A config.json may leave out fields at their transformers
+defaults (the released multimodal ones do), so those defaults are read here too.
+"""
+
+from euro_lm.errors import HFError
+from euro_lm.hf import llama
+from euro_lm.model.layers import local_layers
+
+ARCHITECTURES = {
+    'gemma3_text': 'Gemma3ForCausalLM',
+    'gemma3': 'Gemma3ForConditionalGeneration',
+}
+
+# euro_lm model fields that make a model Gemma 3 rather than Llama-like, with the values
+# Gemma 3 needs (None: any value).
+FIELDS = {
+    'norm_plus_one': True,
+    'post_norms': True,
+    'scale_embeddings': True,
+    'mlp_activation': 'gelu_tanh',
+    'qk_norm': True,
+    'qkv_bias': False,
+    'query_pre_attn_scalar': None,
+    'sliding_window_pattern': None,
+    'rope_local_theta': None,
+}
+
+# Gemma3TextConfig's defaults (transformers 5), for fields a config.json leaves out.
+_DEFAULTS = {
+    'vocab_size': 262_208,
+    'hidden_size': 2304,
+    'intermediate_size': 9216,
+    'num_hidden_layers': 26,
+    'num_attention_heads': 8,
+    'num_key_value_heads': 4,
+    'head_dim': 256,
+    'hidden_activation': 'gelu_pytorch_tanh',
+    'rms_norm_eps': 1e-6,
+    'tie_word_embeddings': True,
+    'query_pre_attn_scalar': 256,
+    'sliding_window': 4096,
+    'sliding_window_pattern': 6,
+    'rope_theta': 1_000_000.0,
+    'rope_local_base_freq': 10_000.0,
+}
+
+_LAYER = 'model.layers.{i}.'
+_PARAMS = (
+    (('embedding',), 'model.embed_tokens.weight', False),
+    (('layers', 'attention', 'wq'), _LAYER + 'self_attn.q_proj.weight', True),
+    (('layers', 'attention', 'wk'), _LAYER + 'self_attn.k_proj.weight', True),
+    (('layers', 'attention', 'wv'), _LAYER + 'self_attn.v_proj.weight', True),
+    (('layers', 'attention', 'wo'), _LAYER + 'self_attn.o_proj.weight', True),
+    (('layers', 'attention', 'q_norm', 'scale'), _LAYER + 'self_attn.q_norm.weight', True),
+    (('layers', 'attention', 'k_norm', 'scale'), _LAYER + 'self_attn.k_norm.weight', True),
+    (('layers', 'mlp', 'w_gate'), _LAYER + 'mlp.gate_proj.weight', True),
+    (('layers', 'mlp', 'w_up'), _LAYER + 'mlp.up_proj.weight', True),
+    (('layers', 'mlp', 'w_down'), _LAYER + 'mlp.down_proj.weight', True),
+    (('layers', 'attention_norm', 'scale'), _LAYER + 'input_layernorm.weight', True),
+    (('layers', 'attention_out_norm', 'scale'), _LAYER + 'post_attention_layernorm.weight', True),
+    (('layers', 'mlp_norm', 'scale'), _LAYER + 'pre_feedforward_layernorm.weight', True),
+    (('layers', 'mlp_out_norm', 'scale'), _LAYER + 'post_feedforward_layernorm.weight', True),
+    (('final_norm', 'scale'), 'model.norm.weight', False),
+    (('output',), 'lm_head.weight', False),
+)
+
+to_hf = llama.to_hf
+from_hf = llama.from_hf
+unused_hf_tensors = llama.unused_hf_tensors
+
+# Where Gemma3ForConditionalGeneration keeps its language model: transformers 5 saves
+# `model.language_model.*`, the released checkpoints (transformers 4) `language_model.model.*`
+# and `language_model.lm_head.*`.
+_TEXT_PREFIXES = {
+    'model.language_model.': 'model.',
+    'language_model.model.': 'model.',
+    'language_model.lm_head.': 'lm_head.',
+    'lm_head.': 'lm_head.',
+}
+_VISION_PREFIXES = (
+    'vision_tower.',
+    'multi_modal_projector.',
+    'model.vision_tower.',
+    'model.multi_modal_projector.',
+)
+
+
+def is_gemma(model):
+  """Whether a `model` config section uses any field that only Gemma 3 has."""
+  return bool(
+      model.get('norm_plus_one')
+      or model.get('post_norms')
+      or model.get('scale_embeddings')
+      or model.get('mlp_activation', 'silu') != 'silu'
+      or model.get('query_pre_attn_scalar')
+      or model.get('sliding_window_pattern')
+      or model.get('rope_local_theta')
+  )
+
+
+def check_exportable(model):
+  """Refuses a model with some of Gemma 3's features but not all that Gemma 3 has."""
+  wrong = [
+      f'model.{f}={model.get(f)!r}'
+      for f, want in FIELDS.items()
+      if want is not None and model.get(f) != want
+  ]
+  if wrong:
+    need = ', '.join(f'model.{f}={w!r}' for f, w in FIELDS.items() if w is not None)
+    raise HFError(
+        f'{", ".join(wrong)} with the other Gemma fields is no Hugging Face architecture that '
+        f'euro_lm exports: Gemma 3 needs {need}'
+    )
+
+
+def param_table(model):
+  """[(euro_lm path, HF name template, per layer)] of a Gemma 3 `model` section."""
+  return [p for p in _PARAMS if p[0] != ('output',) or not model['tie_embeddings']]
+
+
+def expected_hf_shapes(model):
+  return llama.expected_hf_shapes(model, param_table(model))
+
+
+def text_tensor_names(names, hf, where, log):
+  """{Gemma3ForCausalLM name: name in the folder}. Of a multimodal folder, the language
+  model's tensors, renamed; its vision tower and projector are skipped, and logged."""
+  if hf.get('model_type') != 'gemma3':
+    return llama.text_tensor_names(names, hf, where, log)
+  out, vision = {}, []
+  for name in names:
+    if name.startswith(_VISION_PREFIXES):
+      vision.append(name)
+      continue
+    prefix = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
+    new = _TEXT_PREFIXES[prefix] + name[len(prefix) :] if prefix else name
+    if new in out:
+      raise HFError(f'{where}: the folder holds {new} twice ({out[new]} and {name})')
+    out[new] = name
+  log(
+      f'{where}: Gemma3ForConditionalGeneration: importing its language model; skipping '
+      f'{len(vision)} vision tower and projector tensors (exported as Gemma3ForCausalLM)'
+  )
+  return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _layer_types(model):
+  """HF's layer_types of a `model` section (a dict)."""
+  return ['sliding_attention' if local else 'full_attention' for local in local_layers(model)]
+
+
+def hf_config(
+    model,
+    *,
+    bos_token_id,
+    eos_token_id,
+    pad_token_id=None,
+    max_position_embeddings=4096,
+    dtype='bfloat16',
+):
+  """Gemma3TextConfig fields (config.json) for a Gemma 3 `model` section."""
+  check_exportable(model)
+  config = llama.hf_config(
+      model,
+      bos_token_id=bos_token_id,
+      eos_token_id=eos_token_id,
+      pad_token_id=pad_token_id,
+      max_position_embeddings=max_position_embeddings,
+      dtype=dtype,
+  )
+  del config['hidden_act'], config['mlp_bias']
+  full = llama.hf_rope(model)
+  local_theta = model.get('rope_local_theta') or model['rope_theta']
+  local = {'rope_type': 'default', 'rope_theta': float(local_theta)}
+  if not model.get('rope_local_theta'):
+    local = full  # local layers rotate as the global ones
+  config.update(
+      {
+          'architectures': ['Gemma3ForCausalLM'],
+          'model_type': 'gemma3_text',
+          'hidden_activation': 'gelu_pytorch_tanh',
+          'query_pre_attn_scalar': model.get('query_pre_attn_scalar') or llama.head_dim(model),
+          'sliding_window': model.get('sliding_window') or None,
+          'layer_types': _layer_types(model),
+          # transformers >= 5 reads rope_parameters per layer type; older versions
+          # rope_theta, rope_scaling (global layers) and rope_local_base_freq.
+          'rope_parameters': {'full_attention': full, 'sliding_attention': local},
+          'rope_local_base_freq': float(local_theta),
+          'final_logit_softcapping': None,
+          'attn_logit_softcapping': None,
+          'use_bidirectional_attention': False,
+      }
+  )
+  if model.get('sliding_window_pattern'):
+    config['sliding_window_pattern'] = model['sliding_window_pattern']  # transformers < 5
+  return config
+
+
+def _text_config(hf, where):
+  """(the text model's config dict, how errors name it) of a gemma3 or gemma3_text config."""
+  if hf.get('model_type') != 'gemma3':
+    return hf, where
+  text = hf.get('text_config')
+  if not isinstance(text, dict):
+    raise HFError(f'{where}: text_config={text!r} must be an object')
+  text = dict(text)
+  if 'tie_word_embeddings' not in text and 'tie_word_embeddings' in hf:
+    text['tie_word_embeddings'] = hf['tie_word_embeddings']
+  return text, f'{where}: text_config'
+
+
+def _rope(text, where):
+  """euro_lm's rope_* fields: the global layers' from rope_parameters.full_attention (or
+  rope_theta and rope_scaling), the local layers' base from .sliding_attention (or
+  rope_local_base_freq), as Gemma3TextConfig reads them."""
+  params = text.get('rope_parameters') or {}
+  if not isinstance(params, dict):
+    raise HFError(f'{where}: rope_parameters={params!r} must be an object or null')
+  full = dict(params.get('full_attention') or {})
+  sliding = dict(params.get('sliding_attention') or {})
+  scaling = text.get('rope_scaling')
+  if scaling is not None and not isinstance(scaling, dict):
+    raise HFError(f'{where}: rope_scaling={scaling!r} must be an object or null')
+  full.update(scaling or {})
+  full.setdefault('rope_theta', text.get('rope_theta', _DEFAULTS['rope_theta']))
+  sliding.setdefault(
+      'rope_theta', text.get('rope_local_base_freq', _DEFAULTS['rope_local_base_freq'])
+  )
+  local_type = sliding.get('rope_type', sliding.get('type', 'default'))
+  if local_type != 'default':
+    raise HFError(
+        f'{where}: rope_parameters.sliding_attention.rope_type={local_type!r} is not '
+        "supported; euro_lm's local layers use plain RoPE"
+    )
+  fields = llama.rope_fields({'rope_parameters': full}, f'{where} (full_attention)')
+  return fields | {'rope_local_theta': float(sliding['rope_theta'])}
+
+
+def _pattern(text, num_layers, where):
+  """model.sliding_window_pattern from layer_types (or sliding_window_pattern); refuses
+  layer types that are not every Nth layer global."""
+  types = text.get('layer_types')
+  declared = text.get('sliding_window_pattern', _DEFAULTS['sliding_window_pattern'])
+  if types is None:
+    pattern = declared
+  else:
+    if not isinstance(types, list) or len(types) != num_layers:
+      raise HFError(f'{where}: layer_types must list {num_layers} layer types, not {types!r}')
+    full = [i for i, t in enumerate(types) if t == 'full_attention']
+    # All local: any pattern longer than the stack says so; keep the declared one if it does.
+    longer = isinstance(declared, int) and declared > num_layers
+    pattern = full[0] + 1 if full else (declared if longer else num_layers + 1)
+    want = _layer_types({'num_layers': num_layers, 'sliding_window_pattern': pattern})
+    if types != want:
+      raise HFError(
+          f'{where}: layer_types={types!r} is not supported; euro_lm supports every Nth '
+          "layer 'full_attention' and the others 'sliding_attention' (sliding_window_pattern)"
+      )
+  if not isinstance(pattern, int) or pattern <= 0:
+    raise HFError(f'{where}: sliding_window_pattern={pattern!r} must be a positive integer')
+  return pattern
+
+
+def model_config_from_hf(hf, where='config.json'):
+  """euro_lm `model` fields of a Gemma 3 config (text, or a multimodal one's text_config);
+  refuses what euro_lm does not compute (soft-capping, bidirectional attention, biases,
+  another activation), naming the field."""
+  text, where = _text_config(hf, where)
+  text = _DEFAULTS | text
+  for field in ('final_logit_softcapping', 'attn_logit_softcapping'):
+    if text.get(field) is not None:
+      raise HFError(
+          f'{where}: {field}={text[field]!r} is not supported; euro_lm imports Gemma 3 '
+          'without logit soft-capping (null)'
+      )
+  for field in ('use_bidirectional_attention', 'attention_bias'):
+    if text.get(field):
+      raise HFError(f'{where}: {field}=true is not supported')
+  act = text['hidden_activation']
+  if act != 'gelu_pytorch_tanh':
+    raise HFError(
+        f"{where}: hidden_activation={act!r} is not supported; Gemma 3's is 'gelu_pytorch_tanh'"
+    )
+  window = text.get('sliding_window')
+  if window is not None and (not isinstance(window, int) or window <= 0):
+    raise HFError(f'{where}: sliding_window={window!r} must be a positive integer or null')
+  rope = _rope(text, where)
+  try:
+    heads, kv_heads = int(text['num_attention_heads']), int(text['num_key_value_heads'])
+    model = {
+        'vocab_size': int(text['vocab_size']),
+        'num_layers': int(text['num_hidden_layers']),
+        'embed_dim': int(text['hidden_size']),
+        'num_heads': heads,
+        'num_kv_heads': kv_heads,
+        'head_dim': int(text['head_dim']),
+        'mlp_dim': int(text['intermediate_size']),
+        **rope,
+        'norm_eps': float(text['rms_norm_eps']),
+        'tie_embeddings': bool(text['tie_word_embeddings']),
+        'sliding_window': window or 0,
+        'query_pre_attn_scalar': int(text['query_pre_attn_scalar']),
+    }
+  except (TypeError, ValueError) as e:
+    raise HFError(f'{where}: a model size field is not a number ({e})') from None
+  if heads % kv_heads:
+    raise HFError(
+        f'{where}: num_attention_heads={heads} is not a multiple of '
+        f'num_key_value_heads={kv_heads}'
+    )
+  model['sliding_window_pattern'] = _pattern(text, model['num_layers'], where)
+  return model | {f: v for f, v in FIELDS.items() if v is not None}
