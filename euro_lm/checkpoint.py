@@ -89,8 +89,9 @@ _QUIETED = []
 
 def _quiet_duplicate_orbax_reports():
   """The Checkpointer reports a failed save or restore itself, as one line. Orbax also logs
-  it at ERROR with tracebacks from its threads, and the TensorStore reads a failed restore
-  leaves behind raise 'Event loop is closed' as they finish: both are dropped."""
+  it at ERROR with tracebacks from its threads, asyncio logs its other failed writes, and
+  the TensorStore reads a failed restore leaves behind raise 'Event loop is closed' as they
+  finish: all of these are dropped."""
   if _QUIETED:
     return
   _QUIETED.append(True)
@@ -98,6 +99,8 @@ def _quiet_duplicate_orbax_reports():
   logging.getLogger('absl').addFilter(
       lambda r: r.levelno < logging.ERROR or not r.pathname.startswith(orbax_root)
   )
+  # Its write tasks that failed after the first failure: "Task exception was never retrieved".
+  logging.getLogger('asyncio').addFilter(lambda r: orbax_root not in r.getMessage())
   previous = sys.unraisablehook
 
   def hook(unraisable):

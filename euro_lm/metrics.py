@@ -79,7 +79,7 @@ class MetricWriter:
         raise _write_error(self._tensorboard_dir, e) from None
 
   def write(self, step, scalars):
-    if not self.enabled:
+    if self._jsonl is None:  # disabled, or abandoned after a reported failure
       return
     record = {'step': int(step)}
     record.update({k: _jsonable(v) for k, v in scalars.items()})
@@ -87,6 +87,7 @@ class MetricWriter:
       self._jsonl.write(json.dumps(record) + '\n')
       self._jsonl.flush()
     except OSError as e:
+      self._abandon()
       raise _write_error(self.path, e) from None
     if self._tensorboard is not None:
       try:
@@ -99,7 +100,18 @@ class MetricWriter:
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
       except OSError as e:
+        self._abandon()
         raise _write_error(self._tensorboard_dir, e) from None
+
+  def _abandon(self):
+    """After a failed write: closes both files without raising the same error again."""
+    for file in (self._jsonl, self._tensorboard):
+      try:
+        if file is not None:
+          file.close()
+      except OSError:
+        pass  # the write that failed was reported
+    self._jsonl = self._tensorboard = None
 
   def close(self):
     """Closes both files; a failure to flush one is a MetricsWriteError."""
