@@ -5,7 +5,7 @@ A step's checkpoint is `<workdir>/checkpoints/<step>/` with items
   data       each process's data iterator position (restorable onto another process count)
   config     the resolved config (JSON, human-readable)
   tokenizer  the files of the tokenizer the run trains with (the checkpoint stands alone)
-  checksums.json  CRC-32 of every file of those items (euro_lm.checksums), checked on restore
+  checksums.json  a digest of every file of those items (euro_lm.checksums), checked on restore
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it only when every item
 of every process is written, so a save cut short (SIGKILL, a node failure, a full disk)
 leaves no step directory; it is ignored, and deleted when the next run opens the directory.
@@ -13,6 +13,7 @@ An old step is deleted by renaming it into `deleted/` (atomic) and emptying that
 a deletion cut short leaves no half-deleted step behind.
 """
 
+import concurrent.futures
 import dataclasses
 import glob
 import logging
@@ -413,13 +414,22 @@ class Checkpointer:
     ShapeDtypeStructs, so the mesh may differ from the saving run's) and moves
     `data_iterator` to the saved position.
 
-    First checks the step's files against its checksums (CorruptCheckpointError, naming
-    the newest intact step), then that the checkpoint fits this run: the same
-    shape-fixing model fields, the same parameter and optimizer-state shapes, the same
-    tokenizer (when `tokenizer` is given).
+    Checks the step's files against its checksums while Orbax reads them (a mismatch is a
+    CorruptCheckpointError naming the newest intact step, whatever else failed), and that
+    the checkpoint fits this run: the same shape-fixing model fields, the same parameter
+    and optimizer-state shapes, the same tokenizer (when `tokenizer` is given).
     """
-    where = f'checkpoint step {step} in {self.step_directory(step)}'
-    problem = self.verify(step)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      verification = pool.submit(self.verify, step)
+      try:
+        state = self._restore(step, abstract_state, data_iterator, config, tokenizer)
+      except BaseException:
+        self._raise_if_corrupt(step, verification.result())
+        raise
+      self._raise_if_corrupt(step, verification.result())
+    return state
+
+  def _raise_if_corrupt(self, step, problem):
     if problem:
       intact = self._newest_intact(step)
       newest = (
@@ -427,11 +437,20 @@ class Checkpointer:
           if intact is not None
           else 'no older checkpoint is intact'
       )
-      raise CorruptCheckpointError(f'{where} is corrupt: {problem}; {newest}', step, intact)
+      raise CorruptCheckpointError(
+          f'checkpoint step {step} in {self.step_directory(step)} is corrupt: {problem}; '
+          f'{newest}',
+          step,
+          intact,
+      ) from None
+
+  def _restore(self, step, abstract_state, data_iterator, config, tokenizer):
+    where_dir = self.step_directory(step)
+    where = f'checkpoint step {step} in {where_dir}'
     has_tokenizer = tokenizer is not None and os.path.isdir(
         os.path.join(self.step_directory(step), 'tokenizer')
     )
-    if tokenizer is not None and not has_tokenizer:
+    if tokenizer is not None and not has_tokenizer and not checksums.recorded(where_dir):
       self._log(
           f'{where} carries no tokenizer/ copy (saved by an older euro_lm): the tokenizer '
           f'{tokenizer.path} is used without checking that the checkpoint was trained with it'
