@@ -214,9 +214,14 @@ def _state_metadata(step_dir):
 
 def _free_space(path):
   try:
-    return f'; {shutil.disk_usage(path).free / 2**30:.1f} GiB free there'
+    free = shutil.disk_usage(path).free
   except OSError:
     return ''
+  return (
+      f'; {free / 2**30:.1f} GiB free there'
+      if free >= 2**30
+      else f'; {free / 2**20:.0f} MiB free there'
+  )
 
 
 class Checkpointer:
