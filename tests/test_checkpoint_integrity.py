@@ -20,7 +20,7 @@ import xxhash
 from run_records import step_records
 
 from euro_lm import checksums
-from euro_lm.checkpoint import Checkpointer
+from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params
 from euro_lm.metrics import MetricWriter
 from euro_lm.results import read_metrics
 
@@ -301,3 +301,27 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoint(reference, small_
   # The save of step 15 or a metrics write finds the disk full first: either is one line.
   assert line.startswith('error: ') and 'No space left on device' in line, line
   assert checksums.verify(str(workdir / 'checkpoints' / '10')) is None
+
+
+def test_a_damaged_step_without_digests_is_one_line_too(reference, tmp_path):
+  """A checkpoint saved before digests existed: Orbax's own read error, in one line, with no
+  TensorStore spec and no 'Event loop is closed' from the reads it leaves behind."""
+  workdir = copy_run(reference[0], tmp_path)
+  os.remove(workdir / 'checkpoints' / '10' / checksums.FILE)
+  damaged = largest_array_file(workdir / 'checkpoints' / '10')
+  with open(damaged, 'r+b') as f:
+    f.truncate(os.path.getsize(damaged) // 2)
+  result = train(workdir, steps=12)
+  assert result.returncode == 1
+  assert 'Event loop is closed' not in result.stderr
+  (line,) = error_lines(result)
+  assert line.startswith(f'error: checkpoint step 10 in {workdir}/checkpoints/10 cannot be read (')
+  assert line.endswith('; if it is damaged, move it away to resume from step 5')
+  assert 'checkpoint step 10 has no checksums.json' in result.stdout
+
+
+def test_init_from_refuses_a_corrupt_checkpoint(reference, tmp_path):
+  workdir = copy_run(reference[0], tmp_path, steps=(10,))
+  flip_16_bytes(largest_array_file(workdir / 'checkpoints' / '10'))
+  with pytest.raises(CheckpointError, match=r'checkpoint \S+/10 is corrupt: state/\S+: content'):
+    load_params(str(workdir), abstract_params=None)  # refused before the parameters matter
