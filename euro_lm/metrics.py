@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import time
 
 import tqdm
 
@@ -49,8 +50,9 @@ def peak_flops_per_device(config, device):
 
 
 class MetricWriter:
-  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to
-  TensorBoard. Only the writing process (process 0) should pass `enabled=True`.
+  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to a
+  TensorBoard events file, both written and flushed before `write` returns. Only the
+  writing process (process 0) should pass `enabled=True`.
 
   A torn last line (a killed run's) is dropped first, with a note to `log`. A failed write
   raises MetricsWriteError naming the file.
@@ -71,10 +73,11 @@ class MetricWriter:
     except OSError as e:
       raise _write_error(self.path, e) from None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 needs it
+      from tensorboardX.event_file_writer import EventsWriter  # heavy; only process 0 needs it
 
       try:
-        self._tensorboard = SummaryWriter(self._tensorboard_dir)
+        os.makedirs(self._tensorboard_dir, exist_ok=True)
+        self._tensorboard = EventsWriter(os.path.join(self._tensorboard_dir, 'events'))
       except OSError as e:
         raise _write_error(self._tensorboard_dir, e) from None
 
@@ -90,14 +93,16 @@ class MetricWriter:
       self._abandon()
       raise _write_error(self.path, e) from None
     if self._tensorboard is not None:
+      from tensorboardX.proto import event_pb2
+      from tensorboardX.summary import scalar
+
+      # Written here, not by SummaryWriter's thread: a failure is then ours to report.
+      event = event_pb2.Event(wall_time=time.time(), step=int(step))
+      for name, value in record.items():
+        if name != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+          event.summary.value.extend(scalar(name, value).value)
       try:
-        # tensorboardX writes from a thread; one that died on an error would block us later.
-        worker = getattr(self._tensorboard._get_file_writer().event_writer, '_worker', None)
-        if worker is not None and not worker.is_alive():
-          raise OSError('its writer thread stopped on an error')
-        for name, value in record.items():
-          if name != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
-            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.write_event(event)
         self._tensorboard.flush()
       except OSError as e:
         self._abandon()

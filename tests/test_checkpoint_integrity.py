@@ -6,12 +6,14 @@ note) naming what happened, with no traceback, and lose nothing that was saved.
 The reference is one uninterrupted 10-step run (checkpoints at steps 5 and 10).
 """
 
+import contextlib
 import glob
 import json
 import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -21,7 +23,7 @@ from run_records import step_records
 
 from euro_lm import checksums
 from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params
-from euro_lm.metrics import MetricWriter
+from euro_lm.metrics import MetricsWriteError, MetricWriter
 from euro_lm.results import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,22 +277,28 @@ def test_sigterm_during_start_up_exits_143_with_a_message(reference, tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['10']
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-  """A 48 MB tmpfs: room for the tokenizer and one checkpoint of the 2-layer model, not two."""
-  mount = tmp_path / 'small'
-  mount.mkdir()
+@contextlib.contextmanager
+def tmpfs(path, size):
+  """A tmpfs of `size` mounted at `path` (made), or the test skipped where mounting is refused."""
+  path.mkdir()
   result = subprocess.run(
-      ['mount', '-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', str(mount)],
+      ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
       capture_output=True,
       text=True,
   )
   if result.returncode:
     pytest.skip(f'cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}')
   try:
-    yield mount
+    yield path
   finally:
-    subprocess.run(['umount', '-l', str(mount)], check=False)
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """48 MB: room for the tokenizer and one checkpoint of the 2-layer model, not two."""
+  with tmpfs(tmp_path / 'small', '48m') as path:
+    yield path
 
 
 def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoint(reference, small_filesystem):
@@ -325,3 +333,37 @@ def test_init_from_refuses_a_corrupt_checkpoint(reference, tmp_path):
   flip_16_bytes(largest_array_file(workdir / 'checkpoints' / '10'))
   with pytest.raises(CheckpointError, match=r'checkpoint \S+/10 is corrupt: state/\S+: content'):
     load_params(str(workdir), abstract_params=None)  # refused before the parameters matter
+
+
+def read_events(path):
+  """(step, {tag: value}) of each whole record of a TensorBoard events file (TFRecord
+  framing); a record the full disk cut short is left out, as TensorBoard does."""
+  from tensorboardX.proto import event_pb2
+
+  with open(path, 'rb') as f:
+    data = f.read()
+  events, offset = [], 0
+  while offset + 8 <= len(data):
+    (length,) = struct.unpack('<Q', data[offset : offset + 8])
+    if offset + 12 + length + 4 > len(data):
+      break
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+    events.append((event.step, {v.tag: v.simple_value for v in event.summary.value}))
+    offset += 12 + length + 4
+  return events
+
+
+def test_a_full_tensorboard_disk_is_one_error_naming_it(tmp_path):
+  with tmpfs(tmp_path / 'tensorboard', '8k'):
+    writer = MetricWriter(str(tmp_path))
+    with pytest.raises(MetricsWriteError) as error:
+      for step in range(1, 1000):
+        writer.write(step, {f'tokens/lang{i}': float(i) for i in range(50)})
+    assert str(error.value) == f'cannot write {tmp_path}/tensorboard: No space left on device'
+    writer.close()  # the failure was reported once; closing does not raise it again
+    (events,) = glob.glob(str(tmp_path / 'tensorboard' / 'events.out.tfevents.*'))
+    written = read_events(events)[1:]  # after the file's header event
+    assert written and [s for s, _ in written] == list(range(1, len(written) + 1))
+    assert written[0][1] == {f'tokens/lang{i}': float(i) for i in range(50)}
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert len(f.readlines()) >= len(written)
