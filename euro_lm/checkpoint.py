@@ -212,6 +212,18 @@ def _state_metadata(step_dir):
   return ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
 
 
+def _half_deleted(step_dir):
+  """A step that an older euro_lm stopped deleting: it lost Orbax's step metadata (which a
+  committed step always has) and still holds another item of a training checkpoint, or
+  has no state metadata left. An imported step (`state/` alone, complete) is not one."""
+  if os.path.exists(os.path.join(step_dir, _STEP_METADATA)):
+    return False
+  others = ('config', 'data', 'tokenizer', checksums.FILE, 'commit_success.txt')
+  return any(os.path.exists(os.path.join(step_dir, name)) for name in others) or not (
+      os.path.exists(os.path.join(step_dir, 'state', '_METADATA'))
+  )
+
+
 def _free_space(path):
   try:
     free = shutil.disk_usage(path).free
@@ -261,12 +273,12 @@ class Checkpointer:
       raise CheckpointError(f'cannot open the checkpoint directory {self.directory}: {e}') from e
 
   def _finish_deletions(self):
-    """Empties `deleted/`, and deletes steps that a run stopped while deleting them (they
-    have lost Orbax's step metadata, which a committed step always has)."""
+    """Empties `deleted/`, and deletes steps that a run stopped while deleting them (see
+    `_half_deleted`)."""
     deleted = os.path.join(self.directory, _DELETED)
     for name in sorted(os.listdir(self.directory)):
       step_dir = os.path.join(self.directory, name)
-      if name.isdigit() and not os.path.exists(os.path.join(step_dir, _STEP_METADATA)):
+      if name.isdigit() and _half_deleted(step_dir):
         os.makedirs(deleted, exist_ok=True)
         os.replace(step_dir, os.path.join(deleted, f'{name}.{os.getpid()}'))
         self._log(

@@ -241,16 +241,18 @@ def test_a_half_deleted_step_is_cleaned_up_once(reference, tmp_path):
   for name in ('_CHECKPOINT_METADATA', 'state'):  # as a deletion killed midway leaves it
     path = step_dir / name
     shutil.rmtree(path) if path.is_dir() else path.unlink()
+  imported = workdir / 'checkpoints' / '0'  # as import_hf writes one: state/ alone, kept
+  shutil.copytree(workdir / 'checkpoints' / '10' / 'state', imported / 'state')
   notes = []
   Checkpointer(workdir / 'checkpoints', log=notes.append).close()
   assert notes == [
       f'checkpoint step 5 in {workdir}/checkpoints was being deleted when a run stopped '
       '(no _CHECKPOINT_METADATA): finished deleting it'
   ]
-  assert os.listdir(workdir / 'checkpoints') == ['10']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['0', '10']
   notes.clear()
   checkpointer = Checkpointer(workdir / 'checkpoints', log=notes.append)
-  assert checkpointer.all_steps() == [10] and notes == []
+  assert checkpointer.all_steps() == [0, 10] and notes == []
   checkpointer.close()
 
 
