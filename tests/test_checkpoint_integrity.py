@@ -151,7 +151,6 @@ def test_flipped_bytes_are_refused_naming_the_newest_intact_step(reference, tmp_
   assert os.path.isdir(workdir / 'checkpoints' / '10')  # nothing moved without the flag
 
 
-@pytest.mark.slow  # ~25 s: resumes and trains 5 steps to compare them with the reference
 def test_the_fallback_resumes_exactly_from_the_newest_intact_step(reference, tmp_path):
   workdir = copy_run(reference[0], tmp_path)
   flip_16_bytes(largest_array_file(workdir / 'checkpoints' / '10'))
@@ -177,8 +176,7 @@ def limit_file_size():
   resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))  # Python ignores SIGXFSZ
 
 
-# ~25 s for 'stop' (slow; test_checkpoint's full-disk test covers stopping too), ~12 s for retry.
-@pytest.mark.parametrize('policy', [pytest.param('stop', marks=pytest.mark.slow), 'retry'])
+@pytest.mark.parametrize('policy', ['stop', 'retry'])
 def test_a_failed_save_stops_the_run_at_the_next_step(reference, tmp_path, policy):
   workdir = copy_run(reference[0], tmp_path, steps=(10,))
   result = train(
