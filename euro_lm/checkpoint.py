@@ -5,14 +5,21 @@ A step's checkpoint is `<workdir>/checkpoints/<step>/` with items
   data       each process's data iterator position (restorable onto another process count)
   config     the resolved config (JSON, human-readable)
   tokenizer  the files of the tokenizer the run trains with (the checkpoint stands alone)
+  checksums.json  a digest of every file of those items (euro_lm.checksums), checked on restore
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it only when every item
 of every process is written, so a save cut short (SIGKILL, a node failure, a full disk)
 leaves no step directory; it is ignored, and deleted when the next run opens the directory.
+An old step is deleted by renaming it into `deleted/` (atomic) and emptying that folder, so
+a deletion cut short leaves no half-deleted step behind.
 """
 
+import concurrent.futures
 import dataclasses
+import glob
+import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -24,6 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from euro_lm import checksums
 from euro_lm.config import base_config
 from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, run_tokenizer, tokenizer_in
 from euro_lm.errors import UserError
@@ -46,10 +54,71 @@ SHAPE_FIELDS = (
 # With several processes a time-based save needs one agreed decision; asking every step
 # would stall the host on the device each step, so they agree every this many steps.
 _AGREE_EVERY_STEPS = 10
+_DELETED = 'deleted'  # Orbax renames a step to delete into this folder; we empty it
+CORRUPT_DIRECTORY = 'corrupt_checkpoints'  # in the workdir: corrupt steps set aside, kept
+_STEP_METADATA = '_CHECKPOINT_METADATA'  # Orbax writes it before committing a step
 
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be written or read; the message says which and why."""
+
+
+class SaveFailedError(CheckpointError):
+  """An asynchronous save that failed; `step` is the step it was saving."""
+
+  def __init__(self, message, step):
+    super().__init__(message)
+    self.step = step
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step whose files differ from its checksums; `intact_step` is the newest older step
+  that is intact (or saved without checksums), None if there is none."""
+
+  def __init__(self, message, step, intact_step):
+    super().__init__(message)
+    self.step, self.intact_step = step, intact_step
+
+
+def first_line(error):
+  """An Orbax or TensorStore error in one line, without the TensorStore spec it may dump."""
+  text = str(error).strip().split('\n')[0]
+  return text.split(' See full TensorStore details')[0].rstrip(' .:') or type(error).__name__
+
+
+_QUIETED = []
+
+
+def _quiet_duplicate_orbax_reports():
+  """The Checkpointer reports a failed save or restore itself, as one line. Orbax also logs
+  it at ERROR with tracebacks from its threads, asyncio logs its other failed writes, and
+  the TensorStore reads a failed restore leaves behind raise 'Event loop is closed' as they
+  finish: all of these are dropped."""
+  if _QUIETED:
+    return
+  _QUIETED.append(True)
+  orbax_root = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep
+  logging.getLogger('absl').addFilter(
+      lambda r: r.levelno < logging.ERROR or not r.pathname.startswith(orbax_root)
+  )
+
+  # Its write tasks that failed after the first failure, and the reads a failed restore
+  # leaves behind: "Task exception was never retrieved", with a TensorStore spec.
+  def storage_task_noise(record):
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return orbax_root in text or 'tensorstore' in text.lower()
+
+  logging.getLogger('asyncio').addFilter(lambda r: not storage_task_noise(r))
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
@@ -152,19 +221,41 @@ def _state_metadata(step_dir):
   return ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
 
 
+def _half_deleted(step_dir):
+  """A step that an older euro_lm stopped deleting: it lost Orbax's step metadata (which a
+  committed step always has) and still holds another item of a training checkpoint, or
+  has no state metadata left. An imported step (`state/` alone, complete) is not one."""
+  if os.path.exists(os.path.join(step_dir, _STEP_METADATA)):
+    return False
+  others = ('config', 'data', 'tokenizer', checksums.FILE, 'commit_success.txt')
+  return any(os.path.exists(os.path.join(step_dir, name)) for name in others) or not (
+      os.path.exists(os.path.join(step_dir, 'state', '_METADATA'))
+  )
+
+
 def _free_space(path):
   try:
-    return f'; {shutil.disk_usage(path).free / 2**30:.1f} GiB free there'
+    free = shutil.disk_usage(path).free
   except OSError:
     return ''
+  return (
+      f'; {free / 2**30:.1f} GiB free there'
+      if free >= 2**30
+      else f'; {free / 2**20:.0f} MiB free there'
+  )
 
 
 class Checkpointer:
   """Asynchronous saves every `save_every` steps and/or `save_every_minutes`; keeps the
-  newest `keep` checkpoints plus every `keep_every`-th step."""
+  newest `keep` checkpoints plus every `keep_every`-th step. `log` prints notes (a step
+  restored unverified, a deletion finished); nothing by default."""
 
-  def __init__(self, directory, *, save_every=0, save_every_minutes=0.0, keep=3, keep_every=0):
+  def __init__(
+      self, directory, *, save_every=0, save_every_minutes=0.0, keep=3, keep_every=0, log=None
+  ):
     self.directory = os.path.abspath(directory)
+    self._log = log or (lambda *a, **k: None)
+    _quiet_duplicate_orbax_reports()
     policies = [preservation.LatestN(n=keep)]
     if keep_every:
       policies.append(preservation.EveryNSteps(interval_steps=keep_every))
@@ -172,16 +263,51 @@ class Checkpointer:
         create=True,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
+        todelete_subdir=_DELETED,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._record_checksums),
         preservation_policy=preservation.AnyPreservationPolicy(policies),
     )
     self._save_every = save_every
     self._save_seconds = save_every_minutes * 60
     self._last_save_time = time.monotonic()
     self._saving_step = None  # the step of the save that may still be in flight
+    self._writing_step = None  # the step whose files the finalization callback digests
     try:
+      if jax.process_index() == 0 and os.path.isdir(self.directory):
+        self._finish_deletions()
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('euro_lm_checkpoint_open')
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
       raise CheckpointError(f'cannot open the checkpoint directory {self.directory}: {e}') from e
+
+  def _finish_deletions(self):
+    """Empties `deleted/`, and deletes steps that a run stopped while deleting them (see
+    `_half_deleted`)."""
+    deleted = os.path.join(self.directory, _DELETED)
+    for name in sorted(os.listdir(self.directory)):
+      step_dir = os.path.join(self.directory, name)
+      if name.isdigit() and _half_deleted(step_dir):
+        os.makedirs(deleted, exist_ok=True)
+        os.replace(step_dir, os.path.join(deleted, f'{name}.{os.getpid()}'))
+        self._log(
+            f'checkpoint step {name} in {self.directory} was being deleted when a run '
+            f'stopped (no {_STEP_METADATA}): finished deleting it'
+        )
+    shutil.rmtree(deleted, ignore_errors=True)
+
+  def _record_checksums(self):
+    """Orbax calls this on every process once a step's items are written, before it renames
+    the step into place: process 0 records the step's checksums (a failure here fails the
+    save), then empties the steps retention deleted after the previous save."""
+    if jax.process_index() != 0:
+      return
+    step = self._writing_step
+    pending = glob.glob(os.path.join(self.directory, f'{step}.orbax-checkpoint-tmp*'))
+    if not pending:  # an atomicity mode without a temporary directory
+      pending = [self.step_directory(step)]
+    checksums.record(max(pending, key=os.path.getmtime))
+    shutil.rmtree(os.path.join(self.directory, _DELETED), ignore_errors=True)
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -226,25 +352,44 @@ class Checkpointer:
     if tokenizer is not None:
       items['tokenizer'] = TokenizerSave(tokenizer)
     try:
+      self._manager.wait_until_finished()  # the previous save: its failure is its own
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving_step, e) from e
+    self._writing_step = step
+    try:
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
     self._saving_step = step
     self._last_save_time = time.monotonic()
 
+  def check_save(self, step):
+    """Called at each step boundary: raises SaveFailedError once the save in flight has
+    failed. With several processes they agree every few steps (one collective)."""
+    if self._saving_step is None:
+      return
+    done = not self._manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      if step % _AGREE_EVERY_STEPS:
+        return
+      done = bool(np.all(multihost_utils.process_allgather(np.asarray(done))))
+    if done:
+      self.wait()
+
   def _save_error(self, step, error):
-    """The error of a failed save: a previous async save's if one was in flight."""
-    failed = self._saving_step if self._saving_step not in (None, step) else step
+    """The error of the failed save of `step`, in one line."""
     self._saving_step = None
-    complete = [s for s in self._manager.all_steps() if s != failed]
+    self._manager.reload()
+    complete = [s for s in self._manager.all_steps() if s != step]
     newest = (
         f'step {max(complete)} in {self.directory} is the newest complete checkpoint and is intact'
         if complete
         else 'there is no complete checkpoint yet'
     )
-    return CheckpointError(
-        f'saving checkpoint step {failed} to {self.directory} failed: {error}'
-        f'{_free_space(self.directory)}. {newest}.'
+    return SaveFailedError(
+        f'saving checkpoint step {step} to {self.directory} failed: {first_line(error)}'
+        f'{_free_space(self.directory)}. {newest}.',
+        step,
     )
 
   def _read_error(self, step, error):
@@ -252,21 +397,90 @@ class Checkpointer:
     hint = f'; if it is damaged, move it away to resume from step {max(older)}' if older else ''
     return CheckpointError(
         f'checkpoint step {step} in {self.step_directory(step)} cannot be '
-        f'read ({type(error).__name__}: {error}){hint}'
+        f'read ({type(error).__name__}: {first_line(error)}){hint}'
     )
+
+  def verify(self, step):
+    """What is damaged in `step` (see euro_lm.checksums.verify), or None. A step saved
+    without checksums passes, with a note."""
+    step_dir = self.step_directory(step)
+    if not checksums.recorded(step_dir):
+      self._log(
+          f'checkpoint step {step} has no {checksums.FILE} (saved by an older euro_lm): '
+          'restored without verifying its files'
+      )
+      return None
+    return checksums.verify(step_dir)
+
+  def _newest_intact(self, below):
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      step_dir = self.step_directory(step)
+      if step < below and not (checksums.recorded(step_dir) and checksums.verify(step_dir)):
+        return step
+    return None
+
+  def set_aside(self, steps):
+    """Moves `steps` (corrupt) into `<workdir>/corrupt_checkpoints/`, kept for inspection;
+    returns that folder."""
+    aside = os.path.join(os.path.dirname(self.directory), CORRUPT_DIRECTORY)
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        while os.path.exists(target):
+          target += '.again'
+        os.replace(self.step_directory(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('euro_lm_checkpoint_set_aside')
+    self._manager.reload()
+    return aside
 
   def restore(self, step, abstract_state, data_iterator, config, tokenizer):
     """Restores the state onto the shapes and shardings of `abstract_state` (a pytree of
     ShapeDtypeStructs, so the mesh may differ from the saving run's) and moves
     `data_iterator` to the saved position.
 
-    First checks that the checkpoint fits this run: the same shape-fixing model fields,
-    the same parameter and optimizer-state shapes, the same tokenizer (when `tokenizer`
-    is given).
+    Checks the step's files against its checksums while Orbax reads them (a mismatch is a
+    CorruptCheckpointError naming the newest intact step, whatever else failed), and that
+    the checkpoint fits this run: the same shape-fixing model fields, the same parameter
+    and optimizer-state shapes, the same tokenizer (when `tokenizer` is given).
     """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      verification = pool.submit(self.verify, step)
+      try:
+        state = self._restore(step, abstract_state, data_iterator, config, tokenizer)
+      except BaseException:
+        self._raise_if_corrupt(step, verification.result())
+        raise
+      self._raise_if_corrupt(step, verification.result())
+    return state
+
+  def _raise_if_corrupt(self, step, problem):
+    if problem:
+      intact = self._newest_intact(step)
+      newest = (
+          f'the newest intact checkpoint is step {intact}'
+          if intact is not None
+          else 'no older checkpoint is intact'
+      )
+      raise CorruptCheckpointError(
+          f'checkpoint step {step} in {self.step_directory(step)} is corrupt: {problem}; '
+          f'{newest}',
+          step,
+          intact,
+      ) from None
+
+  def _restore(self, step, abstract_state, data_iterator, config, tokenizer):
+    where_dir = self.step_directory(step)
+    where = f'checkpoint step {step} in {where_dir}'
     has_tokenizer = tokenizer is not None and os.path.isdir(
         os.path.join(self.step_directory(step), 'tokenizer')
     )
+    if tokenizer is not None and not has_tokenizer and not checksums.recorded(where_dir):
+      self._log(
+          f'{where} carries no tokenizer/ copy (saved by an older euro_lm): the tokenizer '
+          f'{tokenizer.path} is used without checking that the checkpoint was trained with it'
+      )
     items = dict(config=ocp.args.JsonRestore())
     if has_tokenizer:
       items['tokenizer'] = TokenizerRestore()
@@ -275,7 +489,6 @@ class Checkpointer:
       metadata = _state_metadata(epath.Path(self.step_directory(step)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
-    where = f'checkpoint step {step} in {self.step_directory(step)}'
     differences = config_differences(saved['config'], config)
     differences += shape_differences(metadata, abstract_state)
     if differences:
@@ -304,7 +517,7 @@ class Checkpointer:
     return self._manager.is_saving_in_progress()
 
   def wait(self):
-    """Blocks until the save in flight is on disk; raises CheckpointError if it failed."""
+    """Blocks until the save in flight is on disk; raises SaveFailedError if it failed."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -316,6 +529,8 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+      if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(self.directory, _DELETED), ignore_errors=True)
 
 
 def resolve_checkpoint(path, step=None):
@@ -385,12 +600,18 @@ def tokenizer_for_init(init_from, configured, workdir):
 def load_params(path, abstract_params):
   """The parameters alone from checkpoint `path` (see resolve_checkpoint), placed with the
   shardings of `abstract_params`: the start of continued pretraining or annealing."""
+  _quiet_duplicate_orbax_reports()
   step_dir = resolve_checkpoint(path)
+  problem = checksums.recorded(step_dir) and checksums.verify(step_dir)
+  if problem:
+    raise CheckpointError(f'checkpoint {step_dir} is corrupt: {problem}')
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     metadata = _state_metadata(step_dir)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {e})') from e
+    raise CheckpointError(
+        f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {first_line(e)})'
+    ) from e
   differences = shape_differences(metadata.get('params', {}), abstract_params)
   if differences:
     raise CheckpointError(
@@ -408,5 +629,7 @@ def load_params(path, abstract_params):
         ),
     )
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {e})') from e
+    raise CheckpointError(
+        f'checkpoint {step_dir} cannot be read ({type(e).__name__}: {first_line(e)})'
+    ) from e
   return restored['params'], step_dir

@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_minutes = 0.0  # also save once this many minutes passed since the last; 0 off
   t.keep_checkpoints = 3  # newest checkpoints kept on disk
   t.keep_checkpoints_every = 0  # also keep every step that is a multiple of this; 0 off
+  t.save_failure = 'stop'  # failed checkpoint save: stop (at the next step) | retry (once)
+  t.resume_fallback = False  # newest checkpoint corrupt: resume from the newest intact one
   t.init_from = ''  # new run: parameters from this checkpoint (workdir or step dir)
   t.nonfinite_policy = 'stop'  # non-finite loss/gradient: stop | skip (the update)
   t.max_skipped_in_a_row = 10  # skip: stop after more consecutive skipped updates than this
@@ -184,7 +186,7 @@ _RANGES = (
     ('model.rope_theta', 0, None, True, False),
     ('model.norm_eps', 0, None, True, False),
     ('model.init_std', 0, None, True, False),
-    ('optimizer.learning_rate', 0, None, True, False),
+    ('optimizer.learning_rate', 0, None, False, False),  # 0: frozen weights, on purpose
     ('optimizer.min_lr_ratio', 0, 1, False, False),
     ('optimizer.b1', 0, 1, False, True),
     ('optimizer.b2', 0, 1, False, True),
@@ -243,6 +245,7 @@ def validate(config, num_devices, process_count=1, device=None):
   _one_of(config, 'data.mixture', ('natural', 'temperature', 'unimax', 'explicit', 'groups'))
   _one_of(config, 'distributed.initialize', ('auto', 'always', 'never'))
   _one_of(config, 'train.nonfinite_policy', ('stop', 'skip'))
+  _one_of(config, 'train.save_failure', ('stop', 'retry'))
   for path in (
       'model.vocab_size',
       'model.num_layers',

@@ -315,7 +315,8 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_still_resumes(
       f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(
       CheckpointError,
-      match=r'checkpoint step 15 in \S+ cannot be read .*' r'move it away to resume from step 10',
+      match=r'checkpoint step 15 in \S+ is corrupt: state/\S+ has \d+ bytes, \d+ when saved; '
+      r'the newest intact checkpoint is step 10: set train.resume_fallback=True',
   ):
     train(config_with(overrides), str(tmp_path))
   shutil.move(str(tmp_path / 'checkpoints' / '15'), str(tmp_path / 'damaged-15'))

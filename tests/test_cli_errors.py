@@ -68,11 +68,11 @@ def test_train(files, tmp_path):
       ([workdir, tiny, 'extra'], 'unexpected arguments: extra'),
       (
           [workdir, tiny, '--config.optimizer.learning_rate=-1'],
-          'optimizer.learning_rate=-1.0 must be > 0',
+          'optimizer.learning_rate=-1.0 must be >= 0',
       ),
       (
           [workdir, tiny, '--config.optimizer.learning_rate=inf'],
-          'optimizer.learning_rate=inf must be > 0',
+          'optimizer.learning_rate=inf must be >= 0',
       ),
       ([workdir, tiny, '--config.optimizer.b2=1.0'], 'optimizer.b2=1.0 must be in [0, 1)'),
       ([workdir, tiny, '--config.model.norm_eps=0'], 'model.norm_eps=0.0 must be > 0'),

@@ -77,11 +77,12 @@ def test_loss_falls_on_the_embedded_corpus(tiny_run):
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):
   c = fast_tiny(steps=5, eval_every=0, checkpoint_every=0)
   c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
-  c.optimizer.learning_rate = float('nan')  # step 1's update would make every parameter NaN
+  # Finite to validate, infinite in float32: step 1's update makes every parameter infinite.
+  c.optimizer.learning_rate = 1e39
   c.optimizer.warmup_steps = 0
   with pytest.raises(
       TrainingError,
-      match=r'step 1: learning_rate is nan; non-finite '
+      match=r'step 1: learning_rate is inf; non-finite '
       r'parameters after the update: embedding, final_norm/scale, '
       r'layers/attention/wk \(layers 0, 1\), .*; stopping. There is no '
       r'checkpoint yet',

@@ -10,7 +10,10 @@ What checkpointing costs a run, measured on the real sharded train step and the 
   step and the writer share the host);
 - restore: seconds and MB/s onto the abstract state, as a resumed run does;
 - resume to first step: restore + compile + one step, the part of a resumed run's start-up
-  that grows with the model (process start and the data pipeline come on top).
+  that grows with the model (process start and the data pipeline come on top);
+- checksums: recording (CRC-32 of every file, part of each save) and verifying them (part
+  of each restore), each timed alone on the last saved step and as a share of the save
+  until on disk and of the restore.
 """
 
 import os
@@ -23,7 +26,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from euro_lm import cli
+from euro_lm import checksums, cli
 from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.checkpoint import Checkpointer
 from euro_lm.data.streams import PackedStreams
@@ -96,10 +99,20 @@ def run(config, directory):
   restore_seconds = time.perf_counter() - start
   restorer.close()
   first_step = timed_steps(restored, 1)[1]
+  step_dir = restorer.step_directory(restorer.latest_step())
+  start = time.perf_counter()
+  checksums.digest(step_dir, checksums.item_files(step_dir))
+  record_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  assert checksums.verify(step_dir) is None
+  verify_seconds = time.perf_counter() - start
 
   block = statistics.median(blocking)
   write = statistics.median(writing)
   mb = state_bytes / 1e6
+  checksum_mb = (
+      sum(os.path.getsize(os.path.join(step_dir, f)) for f in checksums.item_files(step_dir)) / 1e6
+  )
   rows = [
       ('state size', f'{mb:,.0f} MB'),
       ('step (no save)', f'{step_seconds:.3f} s'),
@@ -112,6 +125,15 @@ def run(config, directory):
           f'{restore_seconds + compile_seconds + first_step:.1f} s '
           f'(restore {restore_seconds:.1f} + compile {compile_seconds:.1f} + step '
           f'{first_step:.1f})',
+      ),
+      (
+          'checksums: record (in each save)',
+          f'{record_seconds:.3f} s for {checksum_mb:,.0f} MB = '
+          f'{100 * record_seconds / write:.1f}% of the save until on disk',
+      ),
+      (
+          'checksums: verify (in each restore)',
+          f'{verify_seconds:.3f} s = {100 * verify_seconds / restore_seconds:.1f}% of the restore',
       ),
   ]
   print(

@@ -10,13 +10,27 @@ import tqdm
 from flax import linen as nn
 
 from euro_lm import devices, host_memory
-from euro_lm.checkpoint import Checkpointer, CheckpointError, load_params, tokenizer_for_init
+from euro_lm.checkpoint import (
+    CORRUPT_DIRECTORY,
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpointError,
+    SaveFailedError,
+    load_params,
+    tokenizer_for_init,
+)
 from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.errors import UserError
 from euro_lm.evaluation.held_out import language_scores
 from euro_lm.finite import describe_nonfinite
-from euro_lm.metrics import MetricWriter, format_scalars, peak_flops_per_device, progress_bar
+from euro_lm.metrics import (
+    MetricsWriteError,
+    MetricWriter,
+    format_scalars,
+    peak_flops_per_device,
+    progress_bar,
+)
 from euro_lm.model import Decoder, train_flops_per_token
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
@@ -47,9 +61,12 @@ def prepare_workdir(workdir):
 def _write_config(workdir, config):
   path = os.path.join(workdir, 'config.json')
   tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise TrainingError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def _nonfinite_report(step, metrics, flags):
@@ -78,7 +95,25 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
   if start_step:
     started = time.perf_counter()
     abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
-    state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer)
+    try:
+      state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer)
+    except CorruptCheckpointError as e:
+      if e.intact_step is None:
+        raise
+      if not t.resume_fallback:
+        aside = os.path.join(os.path.dirname(checkpointer.directory), CORRUPT_DIRECTORY)
+        raise CheckpointError(
+            f'{e}: set train.resume_fallback=True to resume from it (the corrupt steps are '
+            f'then moved to {aside})'
+        ) from None
+      corrupt = [s for s in checkpointer.all_steps() if s > e.intact_step]
+      aside = checkpointer.set_aside(corrupt)
+      log(
+          f'{e}. Resuming from step {e.intact_step} instead (train.resume_fallback=True); '
+          f'moved step(s) {", ".join(map(str, corrupt))} to {aside}'
+      )
+      start_step = e.intact_step
+      state = checkpointer.restore(start_step, abstract_state, train_iterator, config, tokenizer)
     log(
         f'resumed from step {start_step} in {checkpointer.directory} '
         f'({time.perf_counter() - started:.1f}s)'
@@ -93,11 +128,12 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
   return state, shardings, 0
 
 
-def _close(checkpointer, failing):
-  """Waits for the save in flight; while another error propagates, does not mask it."""
+def _close(closable, failing):
+  """Closes the checkpointer (waiting for the save in flight) or the metric writer; while
+  another error propagates, does not mask it."""
   try:
-    checkpointer.close()
-  except CheckpointError as e:
+    closable.close()
+  except (CheckpointError, MetricsWriteError) as e:
     if not failing:
       raise
     tqdm.tqdm.write(f'also: {e}')
@@ -106,10 +142,16 @@ def _close(checkpointer, failing):
 def train(config, workdir):
   """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
-  SIGTERM or SIGINT ends the run after the current step with a checkpoint. Returns the
-  last logged training metrics and the last validation results.
+  SIGTERM or SIGINT ends the run after the current step with a checkpoint (before the
+  first step: see euro_lm.train.preemption). Returns the last logged training metrics and
+  the last validation results.
   """
   host_memory.configure_before_backend(config.hardware.keep_freed_host_memory)
+  with PreemptionWatch() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config, workdir, preemption):
   started = time.perf_counter()
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -131,6 +173,7 @@ def train(config, workdir):
       save_every_minutes=t.checkpoint_every_minutes,
       keep=t.keep_checkpoints,
       keep_every=t.keep_checkpoints_every,
+      log=log,
   )
   try:
     if t.init_from and not checkpointer.latest_step():
@@ -139,22 +182,20 @@ def train(config, workdir):
     data = dataset.make_data(
         config, workdir, process_index=process_index, process_count=process_count
     )
-  except BaseException:
-    _close(checkpointer, failing=True)
-    raise
-  model = Decoder(config.model)
-  tx, schedule = make_optimizer(config.optimizer, t.steps)
-  train_iterator = iter(data.train)
-  try:
+    preemption.stop_if_signalled_before_training(log, _newest(checkpointer))
+    model = Decoder(config.model)
+    tx, schedule = make_optimizer(config.optimizer, t.steps)
+    train_iterator = iter(data.train)
     state, shardings, start_step = _start(
         config, model, tx, mesh, rules, checkpointer, train_iterator, data.tokenizer, log
     )
+    preemption.stop_if_signalled_before_training(log, _newest(checkpointer))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    if is_chief:
+      _write_config(workdir, config)
   except BaseException:
     _close(checkpointer, failing=True)
     raise
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  if is_chief:
-    _write_config(workdir, config)
   log(
       f'model: {num_params / 1e6:.1f}M parameters; {len(data.languages)} languages; '
       f'{t.global_batch_size} x {t.seq_len} tokens per step'
@@ -166,12 +207,16 @@ def train(config, workdir):
     )
     checkpointer.close()
     return {}, {}
+  try:
+    writer = MetricWriter(workdir, enabled=is_chief, log=log)
+  except BaseException:
+    _close(checkpointer, failing=True)
+    raise
 
   train_step = make_train_step(model, tx, schedule, t, config.optimizer.z_loss, mesh, shardings)
   eval_step = make_eval_step(model, mesh, shardings.params)
   flops_per_token = train_flops_per_token(config.model, t.seq_len)
   peak = peak_flops_per_device(config, jax.devices()[0])
-  writer = MetricWriter(workdir, enabled=is_chief)
   profiler = StepProfiler(
       trace_directory(workdir, process_index),
       t.profile_start_step,
@@ -248,64 +293,104 @@ def train(config, workdir):
     )
     return results
 
+  retried_step = None  # the step whose save retries a failed one (train.save_failure)
+
+  def on_save_failure(error, step):
+    """Stops the run, or with train.save_failure='retry' lets it save `step` instead (once
+    per failure: a failed retry stops it)."""
+    nonlocal retried_step
+    if t.save_failure != 'retry' or error.step == retried_step:
+      raise SaveFailedError(f'{error} Stopped at step {step}.', error.step) from None
+    log(f'{error} Retrying once, with step {step} (train.save_failure=retry).')
+    retried_step = step
+
+  def save(step, state):
+    save_start = time.perf_counter()
+    try:
+      checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+    except SaveFailedError as e:  # the previous save's failure, or this one's start
+      on_save_failure(e, step)
+      checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+    pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
+
+  def final_save(step, state):
+    """After metrics could not be written: saves `step` if it is new; says what is saved."""
+    try:
+      checkpointer.wait()
+      if step > start_step and checkpointer.latest_step() != step:
+        checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+        checkpointer.wait()
+      return f'{_newest(checkpointer)}; run the same command to resume once the disk has space'
+    except CheckpointError as e:
+      return f'The final save failed too: {e}'
+
   failing = True
+  step = start_step
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), PreemptionWatch() as preemption:
-      if t.eval_every and start_step == 0:
-        run_eval(0, state)  # the untrained baseline: about log(vocab_size) per language
-      batch = global_batch(next(train_iterator), mesh, rules)
-      compile_start = time.perf_counter()
-      train_step = train_step.lower(state, batch).compile()
-      log(f'compiled the train step in {time.perf_counter() - compile_start:.1f}s')
-      fragmentation_guard = host_memory.FragmentationGuard(train_step)
-      window_start, window_step = time.perf_counter(), start_step
-      pending = None
-      for step in range(start_step + 1, t.steps + 1):
-        if step > start_step + 1:
-          batch = global_batch(next(train_iterator), mesh, rules)
-        with profiler.step(step):
-          state, metrics_future = train_step(state, batch)
-        fragmentation_guard.after_step()
-        profiled = profiler.after(step, metrics_future)
-        if pending:
-          report(*pending)
-        pending = (step, metrics_future)
-        is_last = step == t.steps
-        preempted = preemption.requested(step)
-        do_eval = is_last or (t.eval_every and step % t.eval_every == 0)
-        do_save = is_last or preempted or checkpointer.should_save(step)
-        if do_eval or do_save:  # never evaluate or save a step whose loss is unchecked
-          report(*pending)
-          pending = None
-        if do_eval:
-          last_eval = run_eval(step, state)
-        if do_save:
-          save_start = time.perf_counter()
-          checkpointer.save(step, state, train_iterator, config, data.tokenizer)
-          pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
-        if preempted:
-          checkpointer.wait()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      try:
+        if t.eval_every and start_step == 0:
+          run_eval(0, state)  # the untrained baseline: about log(vocab_size) per language
+        batch = global_batch(next(train_iterator), mesh, rules)
+        compile_start = time.perf_counter()
+        train_step = train_step.lower(state, batch).compile()
+        log(f'compiled the train step in {time.perf_counter() - compile_start:.1f}s')
+        preemption.stop_if_signalled_before_training(log, _newest(checkpointer))
+        fragmentation_guard = host_memory.FragmentationGuard(train_step)
+        window_start, window_step = time.perf_counter(), start_step
+        pending = None
+        for step in range(start_step + 1, t.steps + 1):
+          if step > start_step + 1:
+            batch = global_batch(next(train_iterator), mesh, rules)
+          with profiler.step(step):
+            state, metrics_future = train_step(state, batch)
+          fragmentation_guard.after_step()
+          profiled = profiler.after(step, metrics_future)
+          save_now = False
+          try:  # a failed asynchronous save surfaces here, at the first step after it
+            checkpointer.check_save(step)
+          except SaveFailedError as e:
+            on_save_failure(e, step)
+            save_now = True
+          if pending:
+            report(*pending)
+          pending = (step, metrics_future)
+          is_last = step == t.steps
+          preempted = preemption.requested(step)
+          do_eval = is_last or (t.eval_every and step % t.eval_every == 0)
+          do_save = is_last or preempted or save_now or checkpointer.should_save(step)
+          if do_eval or do_save:  # never evaluate or save a step whose loss is unchecked
+            report(*pending)
+            pending = None
+          if do_eval:
+            last_eval = run_eval(step, state)
+          if do_save:
+            save(step, state)
+          if preempted:
+            checkpointer.wait()
+            log(
+                f'stopped by {preemption.signal_name} after step {step}: saved '
+                f'{checkpointer.step_directory(step)}. Run the same command to resume.'
+            )
+            break
+          if do_eval or do_save or profiled:  # keep evaluation, saving and tracing out of
+            window_start, window_step = time.perf_counter(), step  # the throughput window
+        else:
+          checkpointer.wait()  # "done" only once the last save is on disk
+          if pending_timings:  # the last save's blocking time
+            writer.write(step, pending_timings)
           log(
-              f'stopped by {preemption.signal_name} after step {step}: saved '
-              f'{checkpointer.step_directory(step)}. Run the same command to resume.'
+              f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
+              f'{writer.path}, TensorBoard logs in {os.path.join(workdir, "tensorboard")}'
           )
-          break
-        if do_eval or do_save or profiled:  # keep evaluation, saving and tracing out of
-          window_start, window_step = time.perf_counter(), step  # the throughput window
-      else:
-        log(
-            f'done: step {t.steps}, checkpoints in {checkpointer.directory}, metrics in '
-            f'{os.path.join(workdir, "metrics.jsonl")}, TensorBoard logs in '
-            f'{os.path.join(workdir, "tensorboard")}'
-        )
-      if pending_timings:  # the last save's blocking time
-        writer.write(step, pending_timings)
+      except MetricsWriteError as e:
+        raise TrainingError(f'{e}; stopping at step {step}. {final_save(step, state)}') from None
     failing = False
   finally:
     profiler.close()
     bar.close()
     _close(checkpointer, failing)
-    writer.close()
+    _close(writer, failing)
   return last_metrics, last_eval
 
 

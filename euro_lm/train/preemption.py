@@ -9,6 +9,12 @@ SIGINT into SIGTERM for it. A second SIGINT interrupts at once, as usual. The sy
 needs only the coordination service, so it works on CPU too: one process's SIGTERM stops
 all of them after the same step (tests/test_multiprocess.py).
 
+The watch starts before the run sets anything up. With one process, a signal that comes
+during start-up (data, restore, compilation) stops the run at the next phase boundary with a
+message and exit code 128 + the signal number (143 for SIGTERM, 130 for SIGINT): there is no
+new step to save, and the same command resumes. With several processes JAX holds SIGTERM
+until the first step, which then saves and stops as above.
+
 Only process 0 prints the run's messages, so with several processes each one also logs (a
 warning, on stderr) the step it stops after: every task's own log shows that it stopped.
 """
@@ -18,6 +24,10 @@ import signal
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+
+
+class StoppedBySignal(SystemExit):
+  """A signal before the first step: exits with 128 + its number, the shell's convention."""
 
 
 class PreemptionWatch:
@@ -50,6 +60,17 @@ class PreemptionWatch:
   @property
   def signal_name(self):
     return self._signal.name if self._signal else 'SIGTERM'
+
+  def stop_if_signalled_before_training(self, log, newest):
+    """During start-up, with one process: after a signal, logs that the run stopped and
+    raises StoppedBySignal. `newest` says what the newest checkpoint is."""
+    if self._synced or self._signal is None:
+      return
+    log(
+        f'stopped by {self.signal_name} during start-up, before the first step: nothing new '
+        f'to save. {newest}. Run the same command to resume.'
+    )
+    raise StoppedBySignal(128 + int(self._signal))
 
   def requested(self, step):
     if not self._synced:
