@@ -14,6 +14,7 @@ from configs import tiny
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
 from euro_lm.model import Decoder, lora, param_count, train_flops_per_token
+from euro_lm.plan import estimate_memory
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.state import create_train_state, train_state_from_params, with_fresh_adapters
@@ -150,6 +151,23 @@ def test_the_optimizer_state_holds_moments_of_the_adapters_only(lora_run):
   assert sum(x.nbytes for x in full_moments) == 2 * param_count(full.model) * 4
 
 
+def test_the_plan_counts_the_real_state_of_lora_and_of_full_fine_tuning(lora_run):
+  _, initial, _, _ = lora_run
+  estimate = estimate_memory(small_config(), 1)
+  _, adapters = lora.split(initial.params)
+  adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapters))
+  assert estimate.state == sum(x.nbytes for x in jax.tree.leaves(initial))  # every leaf
+  assert estimate.params == sum(x.nbytes for x in jax.tree.leaves(initial.params))
+  assert estimate.params - estimate.frozen_params == adapter_bytes
+  assert estimate.gradients == adapter_bytes
+  # m and v of the adapters (the other test counts them), and the optimizer's counters.
+  assert estimate.optimizer == sum(x.nbytes for x in jax.tree.leaves(initial.opt_state))
+  assert estimate.optimizer < 2 * adapter_bytes + 64
+  full = estimate_memory(small_config(rank=0), 1)
+  assert full.gradients == full.params == 4 * param_count(small_config(rank=0).model)
+  assert 2 * full.params < full.optimizer < 2 * full.params + 64 and full.frozen_params == 0
+
+
 def test_sharded_with_accumulation_equals_one_device_and_adapters_shard_like_weights(lora_run):
   losses, _, _, _ = lora_run
   c = small_config(data=2, fsdp=2, tensor=2, grad_accum_steps=2)
@@ -196,6 +214,10 @@ def test_merged_weights_give_the_lora_models_logits():
   a, b = (np.float64(attention['wo_lora'][k][1]) for k in 'ab')
   expected = np.float64(attention['wo'][1]) + 8.0 / 4 * np.einsum('hdr,re->hde', a, b)
   np.testing.assert_allclose(merged['layers']['attention']['wo'][1], expected, rtol=1e-6, atol=1e-7)
+  one_layer = lora.merge_weight(
+      attention['wo'][1], attention['wo_lora']['a'][1], attention['wo_lora']['b'][1], 2.0
+  )  # a per-layer tensor, as a streaming export reads it
+  np.testing.assert_array_equal(one_layer, merged['layers']['attention']['wo'][1])
   lora_logits = logits(c.model, params, tokens)
   merged_logits = logits(lora.without_lora(c.model), merged, tokens)
   base_logits = logits(lora.without_lora(c.model), lora.split(params)[0], tokens)
@@ -223,9 +245,8 @@ def test_adapters_alone_are_a_checkpoint_and_start_from_a_base(tmp_path):
   tx, _ = make_optimizer(c.optimizer, 1)
   mesh, rules = make_mesh(c.mesh, jax.devices()[:1]), logical_rules(c.mesh)
   _, shardings = create_train_state(model, tx, 16, jax.random.key(0), mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    joined = with_fresh_adapters(base, model, 16, jax.random.key(0), shardings.params)
-    state = train_state_from_params(joined, tx, shardings)
+  joined = with_fresh_adapters(base, model, 16, jax.random.key(0), mesh, rules, shardings.params)
+  state = train_state_from_params(joined, tx, shardings)
   assert tree_equal(lora.split(jax.device_get(joined))[0], base)
   assert not np.any(jax.device_get(joined)['layers']['mlp']['w_up_lora']['b'])
   assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(adapters)

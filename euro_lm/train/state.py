@@ -88,17 +88,17 @@ def train_state_from_params(params, tx, shardings):
   return jax.jit(build, out_shardings=shardings)(params)
 
 
-def with_fresh_adapters(base_params, model, seq_len, rng, param_shardings):
-  """`base_params` joined with newly initialised LoRA adapters (sharded as
-  `param_shardings`, the params' part of the state shardings) when the model has LoRA; else
-  `base_params` as they are. For starting LoRA from a checkpoint of the base model."""
+def with_fresh_adapters(base_params, model, seq_len, rng, mesh, rules, param_shardings):
+  """`base_params` joined with newly initialised LoRA adapters, born sharded as
+  `param_shardings` (the params' part of the state shardings), when the model has LoRA;
+  else `base_params` as they are. For starting LoRA from a checkpoint of the base model."""
   if not lora.targets(model.config):
     return base_params
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
-  adapter_shardings = lora.split(param_shardings)[1]
   # The base weights this init makes are unused outputs: XLA drops their computation.
   init = jax.jit(
       lambda r: lora.split(nn.unbox(model.init(r, tokens_BL)['params']))[1],
-      out_shardings=adapter_shardings,
+      out_shardings=lora.split(param_shardings)[1],
   )
-  return lora.join(base_params, init(rng))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return lora.join(base_params, init(rng))
