@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from euro_lm.errors import ConfigError
+from euro_lm.model import lora
 from euro_lm.model.attention import AttentionError, head_dim, resolve_for_model
 from euro_lm.model.decoder import REMAT_POLICIES
 from euro_lm.model.layers import MLP_ACTIVATIONS, ROPE_SCALINGS
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = 'none'  # none | full | dots | dots_no_batch | save_attention_out
   m.loss_chunk_length = 0  # >0: output projection + loss fused, this many positions
   # at a time (no [B, L, V] logits); 0: all logits at once
+  m.lora_rank = 0  # >0: LoRA adapters of this rank; only they train (0: full fine-tuning)
+  m.lora_alpha = 16.0  # LoRA: the adapters' product is scaled by lora_alpha / lora_rank
+  m.lora_targets = 'q,k,v,o,gate,up,down'  # LoRA: the projections that get adapters
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # optimizer steps
@@ -226,6 +230,38 @@ def _one_of(config, path, allowed):
   _check(value in allowed, f'{path}={value!r} is not one of {", ".join(map(repr, allowed))}')
 
 
+def _check_lora(config):
+  """With `model.lora_rank` > 0: known targets, each once; alpha > 0; a rank no wider than
+  the narrowest targeted projection; and nothing asked of the frozen weights."""
+  m = config.model
+  _check(m.lora_rank >= 0, f'model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA)')
+  if not m.lora_rank:
+    return
+  names = lora.targets(m)
+  unknown = sorted(set(names) - set(lora.TARGETS))
+  _check(
+      names and not unknown and len(set(names)) == len(names),
+      f'model.lora_targets={m.lora_targets!r} must name each projection once, from '
+      f'{",".join(lora.TARGETS)}' + (f' (unknown: {", ".join(unknown)})' if unknown else ''),
+  )
+  _check(
+      math.isfinite(m.lora_alpha) and m.lora_alpha > 0,
+      f'model.lora_alpha={m.lora_alpha} must be > 0',
+  )
+  widths = {t: min(lora.widths(m)[t]) for t in names}
+  narrowest = min(names, key=widths.get)
+  width = widths[narrowest]
+  _check(
+      m.lora_rank <= width,
+      f'model.lora_rank={m.lora_rank} is wider than the {narrowest} projection ({width})',
+  )
+  _check(
+      not config.optimizer.decay_embeddings,
+      f'optimizer.decay_embeddings=True has no effect with model.lora_rank={m.lora_rank}: '
+      'only the adapters train',
+  )
+
+
 def validate(config, num_devices, process_count=1, device=None):
   """Raises ConfigError for a config that cannot run on `num_devices` devices like `device`
   (a `euro_lm.devices.Device`; None skips the platform checks) in `process_count`
@@ -288,6 +324,7 @@ def validate(config, num_devices, process_count=1, device=None):
   )
   for path_and_range in _RANGES:
     _in_range(config, *path_and_range)
+  _check_lora(config)
   for path in (
       'model.head_dim',
       'model.sliding_window',

@@ -6,7 +6,8 @@ the compiled step's peak memory; then the host's peak resident memory. On a CPU,
 against the measured rate of a large float32 XLA matmul on the same machine; on GPUs/TPUs
 against the 16-bit datasheet peak (`hardware.peak_flops_per_device` overrides).
 `--compile_layers=4,32` adds a compile-time sweep over depth (scan over layers keeps it
-flat).
+flat). `--config.model.lora_rank=16` times a LoRA step (the model FLOPs then leave out the
+frozen weights' gradients, which the step does not compute).
 """
 
 import resource
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 from euro_lm import cli, devices, host_memory
 from euro_lm.bench.synthetic import compile_train_step
 from euro_lm.metrics import peak_flops_per_device
-from euro_lm.model import param_count, train_flops_per_token
+from euro_lm.model import lora, param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -78,10 +79,13 @@ def benchmark(config, steps):
     peak, peak_source = peak_flops_per_device(config, device), 'datasheet'
   per_device = flops_per_second / jax.device_count()
   attention = resolve_for_model(config.model, config.train.seq_len, devices.describe(device))
+  trainable, _ = lora.count(state.params)
   return {
       'device': f'{jax.device_count()}x {device.device_kind}',
       'attention': attention.impl + (f' ({attention.backend})' if attention.backend else ''),
       'params': param_count(config.model),
+      'trainable_params': trainable,
+      'optimizer_state_gib': sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) / 2**30,
       'tokens_per_step': config.train.global_batch_size * config.train.seq_len,
       'compile_s': compile_seconds,
       'step_s': step_time,
@@ -123,6 +127,11 @@ def main(argv):
       f'\nattention: {result["attention"]}; host: peak resident memory '
       f'{result["host_peak_gib"]:.2f} GiB; freed memory kept: '
       f'{"yes" if kept else "no"}' + (f', {result["host_memory_trims"]} trims' if kept else '')
+  )
+  print(
+      f'trainable: {result["trainable_params"] / 1e6:.1f}M params'
+      + (' (LoRA adapters)' if lora.targets(config.model) else '')
+      + f'; optimizer state {result["optimizer_state_gib"]:.3f} GiB'
   )
   if _COMPILE_LAYERS.value:
     print('\n| layers | compile s |\n|---|---|')

@@ -20,6 +20,7 @@ import ml_collections
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from euro_lm.model import lora
 from euro_lm.model.attention import attention, head_dim
 
 
@@ -113,6 +114,54 @@ def _geglu_bwd(residuals, g):
 
 
 geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
+class Adapter(nn.Module):
+  """A LoRA adapter of one weight (`euro_lm.model.lora`): `scale * (x A) B`, A `[in..., r]`
+  (uniform in +-1/sqrt(fan_in), as PEFT) and B `[r, out...]` (zeros), float32 params cast
+  to the compute dtype; `in_axes`/`out_axes` are the weight's logical axes."""
+
+  rank: int
+  scale: float
+  in_axes: tuple
+  out_axes: tuple
+  out_shape: tuple
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    n_in = len(self.in_axes)
+    in_shape = x.shape[-n_in:]
+    bound = math.prod(in_shape) ** -0.5
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    a = _param(self, 'a', (*in_shape, self.rank), (*self.in_axes, None), uniform)
+    b = _param(
+        self, 'b', (self.rank, *self.out_shape), (None, *self.out_axes), nn.initializers.zeros
+    )
+    dtype = jnp.dtype(self.dtype)
+    h = dense(x, a.astype(dtype), in_axes=n_in)
+    return dense(h, b.astype(dtype)) * jnp.asarray(self.scale, dtype)
+
+
+def project(module, target, x, w, in_axes, out_axes):
+  """`x W` in the compute dtype, contracting x's last `len(in_axes)` axes; plus the LoRA
+  adapter of `target` (a `lora.TARGETS` key) when the config targets it. `in_axes` and
+  `out_axes` are W's logical axes."""
+  cfg = module.config
+  y = dense(x, w.astype(cfg.compute_dtype), in_axes=len(in_axes))
+  if target not in lora.targets(cfg):
+    return y
+  adapter = Adapter(
+      cfg.lora_rank,
+      lora.scale(cfg),
+      in_axes,
+      out_axes,
+      w.shape[len(in_axes) :],
+      cfg.compute_dtype,
+      name=lora.TARGETS[target][1] + lora.SUFFIX,
+  )
+  return y + adapter(x)
+
 
 # model.mlp_activation -> the gated MLP's activation times the up projection.
 MLP_ACTIVATIONS = {'silu': swiglu, 'gelu_tanh': geglu}
@@ -225,9 +274,9 @@ class Attention(nn.Module):
     wv_DKd = _param(self, 'wv', (d, k, hd), ('embed', 'kv_heads', 'head_dim'), init)
     wo_HdD = _param(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'), init)
 
-    q_BLHd = dense(x_BLD, wq_DHd.astype(dtype))
-    k_BLKd = dense(x_BLD, wk_DKd.astype(dtype))
-    v_BLKd = dense(x_BLD, wv_DKd.astype(dtype))
+    q_BLHd = project(self, 'q', x_BLD, wq_DHd, ('embed',), ('heads', 'head_dim'))
+    k_BLKd = project(self, 'k', x_BLD, wk_DKd, ('embed',), ('kv_heads', 'head_dim'))
+    v_BLKd = project(self, 'v', x_BLD, wv_DKd, ('embed',), ('kv_heads', 'head_dim'))
     if cfg.get('qkv_bias', False):
       zeros = nn.initializers.zeros
       q_BLHd += _param(self, 'bq', (h, hd), ('heads', 'head_dim'), zeros).astype(dtype)
@@ -257,7 +306,7 @@ class Attention(nn.Module):
       elif not local[0]:
         window = None
       out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window, scale)
-      out_BLD = dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
+      out_BLD = project(self, 'o', out_BLHd, wo_HdD, ('heads', 'head_dim'), ('embed',))
       return out_BLD, (k_BSKd, v_BSKd)
 
     def attend(window, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL):
@@ -281,7 +330,7 @@ class Attention(nn.Module):
     else:
       out_BLHd = attend(window if local[0] else None, *args)
     out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
-    return dense(out_BLHd, wo_HdD.astype(dtype), in_axes=2)
+    return project(self, 'o', out_BLHd, wo_HdD, ('heads', 'head_dim'), ('embed',))
 
 
 class Mlp(nn.Module):
@@ -292,17 +341,16 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     cfg = self.config
-    dtype = jnp.dtype(cfg.compute_dtype)
     d, f = x_BLD.shape[-1], cfg.mlp_dim
     init = nn.initializers.normal(cfg.init_std)
     w_gate_DF = _param(self, 'w_gate', (d, f), ('embed', 'mlp'), init)
     w_up_DF = _param(self, 'w_up', (d, f), ('embed', 'mlp'), init)
     w_down_FD = _param(self, 'w_down', (f, d), ('mlp', 'embed'), init)
-    gate_BLF = dense(x_BLD, w_gate_DF.astype(dtype))
-    up_BLF = dense(x_BLD, w_up_DF.astype(dtype))
+    gate_BLF = project(self, 'gate', x_BLD, w_gate_DF, ('embed',), ('mlp',))
+    up_BLF = project(self, 'up', x_BLD, w_up_DF, ('embed',), ('mlp',))
     gated = MLP_ACTIVATIONS[cfg.get('mlp_activation', 'silu')]
     hidden_BLF = _constrain(gated(gate_BLF, up_BLF), ('batch', 'length', 'mlp'))
-    return dense(hidden_BLF, w_down_FD.astype(dtype))
+    return project(self, 'down', hidden_BLF, w_down_FD, ('mlp',), ('embed',))
 
 
 class Block(nn.Module):

@@ -11,6 +11,9 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   product of the mesh axes its logical axis maps to (rounded up, as a sharded array pads).
 - **Gradients**: float32, sharded like the params. With `train.grad_accum_steps > 1` the
   accumulation carry is a second params-sized float32 buffer.
+- **LoRA** (`model.lora_rank` > 0): the state's optimizer leaves are the adapters' (the
+  frozen base has no moments), and gradients and the accumulation buffer cover the adapters
+  alone; each targeted projection adds its `[B, L, r]` adapter input to the activations.
 - **Activations saved for the backward pass**, for one micro-batch of
   `global_batch_size / grad_accum_steps` sequences split over the batch mesh axes
   (data x fsdp, ICI and DCN). Per layer, what is kept depends on `model.remat_policy`:
@@ -54,7 +57,7 @@ from jax.sharding import AbstractMesh
 from euro_lm import devices
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
-from euro_lm.model import Decoder, train_flops_per_token
+from euro_lm.model import Decoder, lora, train_flops_per_token
 from euro_lm.model.attention import head_dim, resolve_for_model, xla_query_chunks
 from euro_lm.sharding import (
     MESH_AXES,
@@ -160,6 +163,7 @@ class StateLeaf:
   shape: tuple
   itemsize: int
   logical_axes: tuple  # one name or None per dim
+  frozen: bool = False  # a param that LoRA leaves untrained
 
 
 def state_leaves(config):
@@ -175,6 +179,7 @@ def state_leaves(config):
   specs = nn.get_partition_spec(boxed)
   shapes = nn.unbox(boxed)
   leaves = []
+  has_adapters = bool(lora.targets(config.model))
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
   for (path, shape), spec in zip(flat_shapes, flat_specs):
@@ -187,7 +192,8 @@ def state_leaves(config):
         else 'other'
     )
     axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
-    leaves.append(StateLeaf(name, part, tuple(shape.shape), shape.dtype.itemsize, axes))
+    frozen = has_adapters and part == 'params' and lora.SUFFIX + "'" not in name
+    leaves.append(StateLeaf(name, part, tuple(shape.shape), shape.dtype.itemsize, axes, frozen))
   return leaves
 
 
@@ -219,6 +225,8 @@ def _layer_terms(m, b, seq_len, policy, cs):
       terms.append((*axes_shape, 4))  # float32 upcast of the input
     return terms + [(*BL, 4)]  # the reciprocal rms
 
+  # LoRA: each adapter's x A, the input of its B matmul (a dot output, kept by 'dots').
+  adapters = [(('batch', 'length', None), (b, L, m.lora_rank), cs)] * len(lora.targets(m))
   layer_input = [(*BLD, cs)]
   # model.post_norms: the attention and MLP outputs normed before each residual add.
   post_norm = norm(BLD) + [(*BLD, cs)] if m.get('post_norms', False) else []
@@ -235,6 +243,7 @@ def _layer_terms(m, b, seq_len, policy, cs):
       + [(*BLD, cs)]  # mlp norm -> h
       + [(*BLF, cs)] * 3  # gate, up, hidden
       + post_norm
+      + adapters
   )
   if policy == 'none':
     return everything, []
@@ -247,6 +256,7 @@ def _layer_terms(m, b, seq_len, policy, cs):
         layer_input
         + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
         + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)]
+        + adapters
     )  # o, gate, up, down
   else:
     raise ConfigError(f'model.remat_policy={policy!r} is unknown')
@@ -282,13 +292,14 @@ class MemoryEstimate:
   num_nodes: int
   micro_batch_per_device: float  # sequences per device per micro-batch
   params: int
-  gradients: int
+  gradients: int  # of the trainable params
   optimizer: int
   grad_accumulation: int
   other_state: int  # counters: step, skip counts, optimizer counts
   activations: int  # saved for the backward pass, all layers
   logits: int  # logits and loss
   working: int  # transient working set
+  frozen_params: int = 0  # the part of `params` that LoRA leaves untrained
 
   @property
   def state(self):
@@ -307,10 +318,17 @@ class MemoryEstimate:
     )
 
   def rows(self):
-    return [
-        ('params (float32)', self.params),
-        ('gradients (float32)', self.gradients),
-        ('optimizer state (AdamW m, v float32)', self.optimizer + self.other_state),
+    if self.frozen_params:
+      params = [
+          ('params, frozen base (float32)', self.frozen_params),
+          ('params, LoRA adapters (float32)', self.params - self.frozen_params),
+      ]
+      trained = ', adapters only'
+    else:
+      params, trained = [('params (float32)', self.params)], ''
+    return params + [
+        (f'gradients (float32{trained})', self.gradients),
+        (f'optimizer state (AdamW m, v float32{trained})', self.optimizer + self.other_state),
         ('gradient accumulation buffer', self.grad_accumulation),
         ('activations saved for backward', self.activations),
         ('logits and loss (float32)', self.logits),
@@ -328,9 +346,12 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
   rules = logical_rules(config.mesh)
   leaves = state_leaves(config) if leaves is None else leaves
   parts = {'params': 0, 'optimizer': 0, 'other': 0}
+  frozen = 0
   for leaf in leaves:
     parts[leaf.part] += leaf_bytes(leaf, rules, degrees)
+    frozen += leaf_bytes(leaf, rules, degrees) if leaf.frozen else 0
   params = parts['params']
+  trainable = params - frozen
 
   m, t = config.model, config.train
   cs = jax.numpy.dtype(m.compute_dtype).itemsize
@@ -351,15 +372,20 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
     logits += _bytes([(*BLD, cs), (*BLD, cs), partial_dW], rules, degrees)
 
   # One layer's weights, gathered over fsdp (tensor-sharded only), in the compute dtype,
-  # and their float32 gradients before the reduce-scatter.
+  # and the float32 gradients of the trainable ones before the reduce-scatter.
   gathered = dict(degrees, fsdp=1, data=1)
   layer_params = [
       leaf for leaf in leaves if leaf.part == 'params' and leaf.path.startswith(".params['layers']")
   ]
-  per_layer_elements = sum(
-      per_device_elements(leaf.shape, leaf.logical_axes, rules, gathered) for leaf in layer_params
-  ) / max(m.num_layers, 1)
-  working = int(per_layer_elements * (cs + 4))
+
+  def per_layer_elements(leaves):
+    elements = sum(per_device_elements(x.shape, x.logical_axes, rules, gathered) for x in leaves)
+    return elements / max(m.num_layers, 1)
+
+  working = int(
+      per_layer_elements(layer_params) * cs
+      + per_layer_elements([x for x in layer_params if not x.frozen]) * 4
+  )
   if _runs_xla_attention(config, device):
     recompute = recompute + _attention_transient(m, micro, t.seq_len, cs)
   working += _bytes(recompute, rules, degrees)
@@ -370,13 +396,14 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
       num_nodes=num_nodes,
       micro_batch_per_device=micro / batch_ways,
       params=params,
-      gradients=params,
+      gradients=trainable,
       optimizer=parts['optimizer'],
-      grad_accumulation=params if t.grad_accum_steps > 1 else 0,
+      grad_accumulation=trainable if t.grad_accum_steps > 1 else 0,
       other_state=parts['other'],
       activations=activations,
       logits=logits,
       working=working,
+      frozen_params=frozen,
   )
 
 

@@ -3,7 +3,7 @@ of notebooks/scaling.ipynb (matplotlib, imported only by `plot_scaling`)."""
 
 from euro_lm.devices import accelerator_device
 from euro_lm.errors import ConfigError
-from euro_lm.model import param_count, train_flops_per_token
+from euro_lm.model import lora, param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
 from euro_lm.plan.memory import (
     GIB,
@@ -111,6 +111,15 @@ def format_plan(
       f'model: {_count(param_count(m))} params, {m.num_layers} layers, D={m.embed_dim}, '
       f'H={m.num_heads}/K={m.num_kv_heads}, F={m.mlp_dim}, V={m.vocab_size}; compute '
       f'{m.compute_dtype}, attention {attention}, remat {m.remat_policy}',
+      *(
+          [
+              f'LoRA: rank {m.lora_rank} on {",".join(lora.targets(m))}, alpha '
+              f'{m.lora_alpha:g}: {_count(lora.adapter_count(m))} trainable params '
+              f'({lora.adapter_count(m) / param_count(m):.2%}); the base is frozen'
+          ]
+          if lora.targets(m)
+          else []
+      ),
       f'mesh: {num_devices} device{"s" if num_devices > 1 else ""} on {num_nodes} '
       f'node{"s" if num_nodes > 1 else ""}: '
       f'data={d["data"]} fsdp={d["fsdp"]} tensor={d["tensor"]} '

@@ -1,4 +1,8 @@
-"""Train state, created directly sharded: eval_shape -> logical specs -> jit(init)."""
+"""Train state, created directly sharded: eval_shape -> logical specs -> jit(init).
+
+The optimizer state covers the trainable params only (`euro_lm.model.lora.trainable`):
+all of them, or with LoRA the adapters, so frozen weights get no AdamW moments.
+"""
 
 from typing import Any
 
@@ -7,12 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from euro_lm.model import lora
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any  # float32 parameter pytree
-  opt_state: Any  # optax state, sharded like the params
+  opt_state: Any  # optax state of the trainable params, sharded like them
   # nonfinite_policy='skip': updates skipped since the last applied one, and in all.
   skipped_in_a_row: jax.Array
   skipped_total: jax.Array
@@ -24,7 +30,11 @@ def init_boxed(model, tx, seq_len, rng):
   params = model.init(rng, tokens_BL)['params']
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
-      step=zero, params=params, opt_state=tx.init(params), skipped_in_a_row=zero, skipped_total=zero
+      step=zero,
+      params=params,
+      opt_state=tx.init(lora.trainable(params)[0]),
+      skipped_in_a_row=zero,
+      skipped_total=zero,
   )
 
 
@@ -70,9 +80,25 @@ def train_state_from_params(params, tx, shardings):
     return TrainState(
         step=zero,
         params=params,
-        opt_state=tx.init(params),
+        opt_state=tx.init(lora.trainable(params)[0]),
         skipped_in_a_row=zero,
         skipped_total=zero,
     )
 
   return jax.jit(build, out_shardings=shardings)(params)
+
+
+def with_fresh_adapters(base_params, model, seq_len, rng, mesh, rules, param_shardings):
+  """`base_params` joined with newly initialised LoRA adapters, born sharded as
+  `param_shardings` (the params' part of the state shardings), when the model has LoRA;
+  else `base_params` as they are. For starting LoRA from a checkpoint of the base model."""
+  if not lora.targets(model.config):
+    return base_params
+  tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
+  # The base weights this init makes are unused outputs: XLA drops their computation.
+  init = jax.jit(
+      lambda r: lora.split(nn.unbox(model.init(r, tokens_BL)['params']))[1],
+      out_shardings=lora.split(param_shardings)[1],
+  )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return lora.join(base_params, init(rng))

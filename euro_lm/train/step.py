@@ -8,7 +8,7 @@ import optax
 from flax import linen as nn
 
 from euro_lm.finite import finite_flags
-from euro_lm.model import loss
+from euro_lm.model import lora, loss
 from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
@@ -99,26 +99,32 @@ def train_step(
   `skip_grad_norm_above`, if set) and counts the skip in the state; the step counter
   advances either way. Metrics carry
   per-weight finiteness flags of the gradients and of the new params for error reports.
+
+  Only the trainable params (`lora.trainable`: all, or the LoRA adapters) are
+  differentiated and updated, so no weight gradient of a frozen weight is computed.
   """
-  grad_fn = jax.grad(_loss_sums, has_aux=True)
+  trainable, frozen = lora.trainable(state.params)
+  grad_fn = jax.grad(
+      lambda trained, *args: _loss_sums(lora.join(frozen, trained), *args), has_aux=True
+  )
   batch = {k: batch[k] for k in BATCH_KEYS}
   if grad_accum_steps == 1:
-    grads, (loss_sum, weight_sum) = grad_fn(state.params, batch, model, z_loss)
+    grads, (loss_sum, weight_sum) = grad_fn(trainable, batch, model, z_loss)
   else:
 
     def accumulate(carry, micro):
-      grads, (loss_sum, weight_sum) = grad_fn(state.params, micro, model, z_loss)
+      grads, (loss_sum, weight_sum) = grad_fn(trainable, micro, model, z_loss)
       return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), 0.0, 0.0)
+    zeros = (jax.tree.map(jnp.zeros_like, trainable), 0.0, 0.0)
     (grads, loss_sum, weight_sum), _ = jax.lax.scan(
         accumulate, zeros, _micro_batches(batch, grad_accum_steps)
     )
   weight_sum = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / weight_sum, grads)
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  params = lora.join(frozen, optax.apply_updates(trainable, updates))
   params_finite = finite_flags(params)
   skipped_in_a_row, skipped_total = state.skipped_in_a_row, state.skipped_total
   if nonfinite_policy == 'skip':
