@@ -296,3 +296,79 @@ def test_validate_refuses_bad_lora_settings(overrides, message):
     c[section][field] = value
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
     validate(c, 1)
+
+
+def test_lora_from_an_imported_model_trains_and_exports_merged(tmp_path):
+  """Import a Llama, fine-tune LoRA adapters from it (train.init_from), export: the base
+  weights stay the imported ones, and transformers on the export (adapters merged into
+  plain LlamaForCausalLM weights) gives the adapted checkpoint's logits."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  from euro_lm import hf  # pylint: disable=g-import-not-at-top
+  from euro_lm.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+  from euro_lm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from euro_lm.hf.check import compare_with_transformers  # pylint: disable=g-import-not-at-top
+  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+  from tests.hf_tokenizers import make_tokenizer_folder  # pylint: disable=g-import-not-at-top
+  from tests.test_hf import HF_SHAPES, random_hf_model  # pylint: disable=g-import-not-at-top
+
+  quiet = lambda *_: None  # noqa: E731
+  tokenizer = make_tokenizer_folder('llama3', tmp_path / 'tokenizer')
+  hf_dir = tmp_path / 'hf'
+  vocab_size = load_tokenizer(tokenizer).vocab_size
+  random_hf_model({**HF_SHAPES['gqa_untied'], 'vocab_size': vocab_size}).save_pretrained(hf_dir)
+  for file in (tmp_path / 'tokenizer').iterdir():
+    shutil.copy(file, hf_dir)
+  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=quiet)
+  config.update_from_flattened_dict(
+      {
+          'model.lora_rank': 4,
+          'model.lora_targets': 'q,v,down',
+          'train.steps': 2,
+          'train.global_batch_size': 8,
+          'train.seq_len': 32,
+          'train.eval_every': 0,
+          'train.checkpoint_every': 2,
+          'data.languages': 'deu_Latn,fra_Latn',
+          'optimizer.learning_rate': 3e-2,
+          'optimizer.warmup_steps': 0,
+      }
+  )
+  workdir = tmp_path / 'lora'
+  train(config, str(workdir))
+
+  base_config = config.model.copy_and_resolve_references()
+  base_config.lora_rank = 0
+  shapes = jax.eval_shape(
+      lambda r: nn.unbox(Decoder(base_config).init(r, jnp.zeros((1, 1), jnp.int32))['params']),
+      jax.random.key(0),
+  )
+  imported, _ = load_params(str(tmp_path / 'imported'), shapes)
+  shapes = jax.eval_shape(
+      lambda r: nn.unbox(Decoder(config.model).init(r, jnp.zeros((1, 1), jnp.int32))['params']),
+      jax.random.key(0),
+  )
+  tuned, _ = load_params(str(workdir), shapes)
+  base, adapters = lora.split(tuned)
+  assert tree_equal(base, imported)  # frozen
+  assert sorted(adapters['layers']['attention']) == ['wq_lora', 'wv_lora']
+  assert np.abs(np.asarray(adapters['layers']['attention']['wq_lora']['b'])).max() > 0
+
+  export = tmp_path / 'export'
+  hf.export_hf(str(workdir), str(export), dtype='float32', log=quiet)
+  check = compare_with_transformers(str(export), str(workdir), log=quiet)
+  assert check['max_abs_diff'] < 1e-4 and check['argmax_agreement'] == 1
+  original = safetensors.numpy.load_file(str(hf_dir / 'model.safetensors'))
+  exported = {}
+  for shard in export.glob('*.safetensors'):
+    exported.update(safetensors.numpy.load_file(str(shard)))
+  assert not np.array_equal(
+      exported['model.layers.0.self_attn.q_proj.weight'],
+      original['model.layers.0.self_attn.q_proj.weight'],
+  )  # the adapters are in
+  np.testing.assert_array_equal(
+      exported['model.layers.0.self_attn.k_proj.weight'],
+      original['model.layers.0.self_attn.k_proj.weight'],
+  )  # untargeted weights are the base's

@@ -19,6 +19,7 @@ from euro_lm.hf.folder import CONFIG_FILE, GENERATION_CONFIG_FILE, write_json
 from euro_lm.hf.orbax_io import CheckpointLeaves
 from euro_lm.hf.safetensors import ShardWriter
 from euro_lm.hf.tokenizer import special_ids, write_tokenizer
+from euro_lm.model import lora
 
 # --dtype -> the dtype of the exported weights.
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
@@ -37,6 +38,22 @@ def _load_run_config(step_dir, workdir):
         raise HFError(f'{path} has no "model" section')
       return config, path
   raise HFError(f'no euro_lm config for {step_dir}: looked for {" and ".join(candidates)}')
+
+
+def _merged_layers(leaves, path, model):
+  """(layer, weight) of a per-layer leaf, its LoRA adapters (if any) merged in: the
+  export is the plain architecture, whose weights give the adapted model's logits."""
+  layers = leaves.read_layers(path)
+  if tuple(path[-2:]) not in {lora.TARGETS[t] for t in lora.targets(model)}:
+    return layers
+  adapter = (*path[:-1], path[-1] + lora.SUFFIX)
+  scale = lora.scale(model)
+  return (
+      (i, np.asarray(lora.merge_weight(x, a, b, scale)))
+      for (i, x), (_, a), (_, b) in zip(
+          layers, leaves.read_layers((*adapter, 'a')), leaves.read_layers((*adapter, 'b'))
+      )
+  )
 
 
 def export_hf(
@@ -83,7 +100,7 @@ def export_hf(
   leaves = CheckpointLeaves(os.path.join(str(step_dir), 'state'))
   try:
     for path, template, per_layer in arch.param_table(model):
-      for i, x in leaves.read_layers(path) if per_layer else [(None, leaves.read(path))]:
+      for i, x in _merged_layers(leaves, path, model) if per_layer else [(None, leaves.read(path))]:
         name = template.format(i=i)
         x = arch.to_hf(path, x, model)
         if x.shape != shapes[name]:

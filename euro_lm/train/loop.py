@@ -31,12 +31,17 @@ from euro_lm.metrics import (
     peak_flops_per_device,
     progress_bar,
 )
-from euro_lm.model import Decoder, train_flops_per_token
+from euro_lm.model import Decoder, lora, train_flops_per_token
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.preemption import PreemptionWatch
 from euro_lm.train.profiling import StepProfiler, trace_directory
-from euro_lm.train.state import abstract_train_state, create_train_state, train_state_from_params
+from euro_lm.train.state import (
+    abstract_train_state,
+    create_train_state,
+    train_state_from_params,
+    with_fresh_adapters,
+)
 from euro_lm.train.step import make_eval_step, make_train_step
 
 
@@ -121,8 +126,13 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
     return state, shardings, start_step
   if t.init_from:
     abstract_state, shardings = abstract_train_state(model, tx, t.seq_len, mesh, rules)
-    params, source = load_params(t.init_from, abstract_state.params)
-    log(f'parameters from {source}; the optimizer state, step and data start fresh')
+    base, adapters = lora.split(abstract_state.params)  # a base checkpoint has none
+    params, source = load_params(t.init_from, base)
+    params = with_fresh_adapters(
+        params, model, t.seq_len, jax.random.key(t.seed), mesh, rules, shardings.params
+    )
+    new = f'; new LoRA adapters: {lora.count(params)[0]:,} parameters to train' if adapters else ''
+    log(f'parameters from {source}; the optimizer state, step and data start fresh{new}')
     return train_state_from_params(params, tx, shardings), shardings, 0
   state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh, rules)
   return state, shardings, 0
