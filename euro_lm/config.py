@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.profile_start_step = 0  # >0: trace steps [this, this + profile_steps) with the JAX
   # profiler into workdir/tensorboard; 0 off
   t.profile_steps = 3  # steps in that trace
+  t.harness_tasks = ''  # lm-eval tasks run on the training params, comma-separated; '' off
+  t.harness_every = 0  # steps between those runs; 0: at the last step only
+  t.harness_include_path = ''  # a folder of your own lm-eval task YAMLs (local data)
+  t.harness_limit = 0  # at most this many documents per task; 0: all
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4  # peak learning rate
@@ -338,6 +342,8 @@ def validate(config, num_devices, process_count=1, device=None):
       'train.checkpoint_every',
       'train.keep_checkpoints_every',
       'train.profile_start_step',
+      'train.harness_every',
+      'train.harness_limit',
       'distributed.num_processes',
   ):
     section, field = path.split('.')
@@ -353,6 +359,15 @@ def validate(config, num_devices, process_count=1, device=None):
   )
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
   _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')
+  if t.harness_tasks:
+    _check(
+        importlib.util.find_spec('lm_eval') is not None,
+        f"train.harness_tasks={t.harness_tasks!r} needs lm-eval: pip install 'euro_lm[eval]'",
+    )
+  _check(
+      not t.harness_include_path or os.path.isdir(t.harness_include_path),
+      f'train.harness_include_path={t.harness_include_path!r} is not a directory',
+  )
   _check(
       t.max_skipped_in_a_row >= 1,
       f'train.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 1',

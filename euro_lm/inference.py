@@ -18,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
+from euro_lm.config import base_config
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
 from euro_lm.errors import ConfigError, UserError
 from euro_lm.model.decoder import Decoder
@@ -44,6 +45,14 @@ def load_config(workdir, overrides=()):
       config = ml_collections.ConfigDict(json.load(f))
     except json.JSONDecodeError as e:
       raise UserError(f'{path} is not valid JSON: {e}') from e
+  # A run from an older euro_lm lacks the fields added since: they take their defaults.
+  for section, fields in base_config().items():
+    if section not in config:
+      config[section] = fields
+    elif isinstance(fields, ml_collections.ConfigDict):
+      for field, default in fields.items():
+        if field not in config[section]:
+          config[section][field] = default
   for override in overrides:
     name, sep, text = override.partition('=')
     section, _, field = name.partition('.')

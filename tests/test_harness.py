@@ -210,3 +210,45 @@ def test_cli_runs_local_tasks_and_writes_results(models, tmp_path):
   assert set(written['results']) == {'euro_choice', 'euro_generate'}
   assert 'acc,none' in written['results']['euro_choice']
   assert 'euro_choice' in result.stdout
+
+
+def test_tasks_inside_training_equal_the_saved_checkpoints(tmp_path):
+  """train.harness_tasks: lm-eval on the training params at steps 1 and 2, into
+  metrics.jsonl; step 2's numbers equal EuroLM on the step-2 checkpoint."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from euro_lm.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+
+  tasks_dir = tmp_path / 'tasks'
+  tasks_dir.mkdir()
+  write_tasks(tasks_dir)
+  config = tiny.get_config()
+  config.update_from_flattened_dict(
+      {
+          'model.num_layers': 1,
+          'model.vocab_size': 1024,
+          'model.embed_dim': 64,
+          'model.mlp_dim': 128,
+          'data.languages': 'en,de',
+          'train.steps': 2,
+          'train.global_batch_size': 8,
+          'train.seq_len': 32,
+          'train.eval_every': 0,
+          'train.checkpoint_every': 2,
+          'train.harness_tasks': 'euro_choice',
+          'train.harness_every': 1,
+          'train.harness_include_path': str(tasks_dir),
+          'optimizer.warmup_steps': 1,
+      }
+  )
+  workdir = tmp_path / 'run'
+  train(config, str(workdir))
+  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  harness = {r['step']: r for r in records if 'harness/euro_choice/acc' in r}
+  assert sorted(harness) == [1, 2]
+  saved = evaluate(EuroLM(str(workdir), batch_size=8), str(tasks_dir))
+  assert harness[2]['harness/euro_choice/acc'] == saved['results']['euro_choice']['acc,none']
+  config.train.harness_tasks = 'no_such_task'
+  with pytest.raises(ConfigError, match='train.harness_tasks: unknown lm-eval task'):
+    train(config, str(tmp_path / 'other'))

@@ -65,23 +65,32 @@ class EuroLM(TemplateLM):
     max_gen_toks: default most new tokens for generation tasks.
     add_bos_token: None (the tokenizer's default), True or False; see the module doc.
     overrides: 'section.field=value' changes to the run's config (inference.load_config).
+    run, mesh, rules: instead of `workdir`, a loaded run (`inference.Run`: config, model,
+      params sharded over `mesh` by `rules`, tokenizer), such as the training state's.
   """
 
   def __init__(
       self,
-      workdir,
+      workdir=None,
       step=None,
       batch_size=8,
       max_length=0,
       max_gen_toks=256,
       add_bos_token=None,
       overrides=(),
+      *,
+      run=None,
+      mesh=None,
+      rules=None,
   ):
     super().__init__()
-    config = load_config(workdir, overrides)
-    validate(config, jax.device_count(), jax.process_count(), devices.describe())
-    self.mesh, self.rules = make_mesh(config.mesh), logical_rules(config.mesh)
-    self.run = load_run(workdir, step, config=config, mesh=self.mesh, rules=self.rules)
+    if run is None:  # from a workdir's checkpoint; else a loaded `inference.Run` on `mesh`
+      config = load_config(workdir, overrides)
+      validate(config, jax.device_count(), jax.process_count(), devices.describe())
+      mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
+      run = load_run(workdir, step, config=config, mesh=mesh, rules=rules)
+    config = run.config
+    self.mesh, self.rules, self.run = mesh, rules, run
     self.tokenizer = None  # lm-eval reads chat templates from an HF tokenizer; none here
     self._tok = self.run.tokenizer
     ways = mesh_axes_size(self.mesh, batch_mesh_axes(self.rules))
@@ -329,3 +338,51 @@ def run_tasks(
       os.replace(tmp, output)
       log(f'wrote {output}')
   return results
+
+
+def result_scalars(results, prefix='harness'):
+  """`{prefix/<task>/<metric>: value}` of lm-eval's results, standard errors left out (a
+  metric under a filter other than lm-eval's default is `<metric>_<filter>`)."""
+  scalars = {}
+  for task, metrics in results['results'].items():
+    for key, value in metrics.items():
+      metric, _, kind = key.partition(',')
+      if not kind or metric.endswith('_stderr') or isinstance(value, (str, bool)):
+        continue
+      try:
+        value = float(value)
+      except (TypeError, ValueError):
+        continue
+      name = metric if kind == 'none' else f'{metric}_{kind}'
+      scalars[f'{prefix}/{task}/{name}'] = value
+  return scalars
+
+
+class TrainingHarness:
+  """lm-eval tasks on the training state's parameters (`train.harness_tasks`, every
+  `train.harness_every` steps): one `EuroLM` for the run, its parameters swapped in."""
+
+  def __init__(self, config, run, mesh, rules):
+    from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+
+    t = config.train
+    self.tasks = [name.strip() for name in t.harness_tasks.split(',') if name.strip()]
+    self.task_manager = TaskManager(include_path=t.harness_include_path or None)
+    unknown = [name for name in self.tasks if name not in self.task_manager.all_tasks]
+    if unknown:
+      raise ConfigError(
+          f'train.harness_tasks: unknown lm-eval task(s) {", ".join(unknown)}'
+          + (f' (not in lm-eval or {t.harness_include_path})' if t.harness_include_path else '')
+      )
+    self.limit = t.harness_limit or None
+    self.model = EuroLM(batch_size=t.global_batch_size, run=run, mesh=mesh, rules=rules)
+
+  def __call__(self, params):
+    """The tasks' scalars on `params` (sharded as the run's)."""
+    from lm_eval import simple_evaluate  # pylint: disable=import-outside-toplevel
+
+    self.model.run = self.model.run._replace(params=params)
+    results = simple_evaluate(
+        model=self.model, tasks=self.tasks, limit=self.limit, task_manager=self.task_manager
+    )
+    return result_scalars(results)

@@ -24,6 +24,7 @@ from euro_lm.data import dataset
 from euro_lm.errors import UserError
 from euro_lm.evaluation.held_out import language_scores
 from euro_lm.finite import describe_nonfinite
+from euro_lm.inference import Run
 from euro_lm.metrics import (
     MetricsWriteError,
     MetricWriter,
@@ -289,6 +290,22 @@ def _train(config, workdir, preemption):
     bar.set_postfix_str(format_scalars(metrics, ('loss', 'grad_norm', 'tokens_per_second')))
     last_metrics = metrics
 
+  harness = None
+  if t.harness_tasks:  # lm-eval is an optional extra, imported only for this
+    from euro_lm.evaluation.harness import TrainingHarness  # pylint: disable=import-outside-toplevel
+
+    run = Run(config, model, None, data.tokenizer, '', shardings.params)
+    harness = TrainingHarness(config, run, mesh, rules)
+
+  def run_harness(step, state):
+    started = time.perf_counter()
+    results = harness(state.params)
+    writer.write(step, results)
+    log(
+        f'step {step} lm-eval ({time.perf_counter() - started:.0f}s): '
+        + ' '.join(f'{k.removeprefix("harness/")}={v:.4f}' for k, v in results.items())
+    )
+
   def run_eval(step, state):
     results = language_scores(eval_step, state.params, data.valid, mesh, rules)
     writer.write(step, results)
@@ -368,12 +385,15 @@ def _train(config, workdir, preemption):
           is_last = step == t.steps
           preempted = preemption.requested(step)
           do_eval = is_last or (t.eval_every and step % t.eval_every == 0)
+          do_harness = harness and (is_last or (t.harness_every and step % t.harness_every == 0))
           do_save = is_last or preempted or save_now or checkpointer.should_save(step)
-          if do_eval or do_save:  # never evaluate or save a step whose loss is unchecked
+          if do_eval or do_harness or do_save:  # never evaluate or save an unchecked step
             report(*pending)
             pending = None
           if do_eval:
             last_eval = run_eval(step, state)
+          if do_harness:
+            run_harness(step, state)
           if do_save:
             save(step, state)
           if preempted:
