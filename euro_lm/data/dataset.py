@@ -1,12 +1,13 @@
 """The data the trainer needs: tokenizer, training batches, validation sets."""
 
 import dataclasses
+import glob
 import os
 
 import ml_collections
 import numpy as np
 
-from euro_lm.data import corpus, mixture, pipeline, prepared
+from euro_lm.data import chat, conversations, corpus, mixture, pipeline, prepared
 from euro_lm.data.streams import PackedStreams, process_streams
 from euro_lm.data.tokenizer import (
     MODEL_TYPES,
@@ -19,6 +20,10 @@ from euro_lm.data.tokenizer import (
 )
 from euro_lm.errors import ConfigError
 
+# The chat template a fine-tuning run trains with, in its workdir.
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'
+# The language of conversations without a language field.
+UNDETERMINED = 'und'
 # Bounds the text a tokenizer trains on, shared equally by the languages.
 _TOKENIZER_TRAINING_CHARS = 20_000_000
 
@@ -57,7 +62,12 @@ def make_data(
         f'train.global_batch_size={global_batch_size} is not divisible by'
         f' the {process_count} processes.'
     )
-  if config.data.corpus == 'embedded':
+  chat_files = bool(config.data.chat_files)
+  if chat_files:
+    tokenizer, train_tokens, valid, token_counts = _conversations(
+        config, workdir, write=process_index == 0
+    )
+  elif config.data.corpus == 'embedded':
     tokenizer, train_tokens, valid, token_counts = _embedded(config, workdir)
   elif config.data.corpus == 'prepared':
     tokenizer, train_tokens, valid, token_counts = _prepared(config)
@@ -76,8 +86,10 @@ def make_data(
       num_streams=global_batch_size,
       streams=process_streams(global_batch_size, process_index, process_count),
       seed=config.data.seed,
-      bos_id=tokenizer.bos_id if config.data.add_bos else None,
-      eos_id=tokenizer.eos_id if config.data.add_eos else None,
+      # A conversation's markers are its template's.
+      bos_id=tokenizer.bos_id if config.data.add_bos and not chat_files else None,
+      eos_id=tokenizer.eos_id if config.data.add_eos and not chat_files else None,
+      masked=chat_files,
   )
   valid_batches = {
       tag: pipeline.make_eval_batches(
@@ -88,8 +100,8 @@ def make_data(
           max_batches=config.train.eval_batches,
           process_index=process_index,
           process_count=process_count,
-          add_bos=config.data.add_bos,
-          add_eos=config.data.add_eos,
+          add_bos=config.data.add_bos and not chat_files,
+          add_eos=config.data.add_eos and not chat_files,
       )
       for tag in sorted(valid)
   }
@@ -107,6 +119,79 @@ def _embedded(config, workdir):
   }
   token_counts = {tag: sum(map(len, d)) for tag, d in train_tokens.items()}
   return tokenizer, train_tokens, valid, token_counts
+
+
+def chat_template_of_run(workdir: str) -> str | None:
+  """The chat template a fine-tuning run in `workdir` trained with (written by
+  `make_data`), or None: what export puts in tokenizer_config.json."""
+  path = os.path.join(workdir, CHAT_TEMPLATE_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return f.read()
+
+
+def _chat_template(config, tokenizer):
+  """The Jinja template `data.chat_template` names (see config.py)."""
+  name = config.data.chat_template
+  if name == 'default':
+    return chat.DEFAULT_TEMPLATE
+  if not name:
+    return chat.chat_template_for(tokenizer)
+  try:
+    with open(name, encoding='utf-8') as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f'data.chat_template={name!r}: cannot read it: {e}') from None
+
+
+def _conversations(config, workdir, write):
+  """Like `_embedded`, from `data.chat_files`: (ids, loss_mask) pairs per language, every
+  k-th conversation of each held out. The template used is saved in the workdir."""
+  d = config.data
+  paths = []
+  for pattern in filter(None, (p.strip() for p in d.chat_files.split(','))):
+    found = sorted(glob.glob(pattern))
+    if not found:
+      raise ConfigError(f'data.chat_files: {pattern!r} matches no file')
+    paths.extend(found)
+  path = d.tokenizer_path or run_tokenizer(workdir)
+  if not path:
+    raise ConfigError(
+        'data.chat_files needs a tokenizer: set train.init_from (its tokenizer) or'
+        ' data.tokenizer_path'
+    )
+  tokenizer = load_tokenizer(path)
+  _check_tokenizer(tokenizer, config, path)
+  template = _chat_template(config, tokenizer)
+  source = conversations.ConversationSource(
+      messages_field=d.chat_messages_field, language_field=d.chat_language_field
+  )
+  examples, reports = conversations.read_examples(
+      source, paths, tokenizer, template, prompt_loss=d.prompt_loss
+  )
+  for report in reports:
+    for kind, bad in sorted(report.kinds.items()):
+      print(
+          f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
+          f'left out; the first: {bad.reason}'
+      )
+  by_language = {}
+  for example in examples:
+    by_language.setdefault(example.language or UNDETERMINED, []).append(
+        (example.ids, example.loss_mask)
+    )
+  by_language = corpus.select_languages(by_language, d.languages)
+  if not by_language:
+    raise ConfigError(f'data.chat_files={d.chat_files!r}: no usable conversation')
+  train, valid = corpus.split_train_valid(by_language, d.valid_fraction)
+  token_counts = {tag: sum(len(ids) for ids, _ in docs) for tag, docs in train.items()}
+  if write:
+    target = os.path.join(workdir, CHAT_TEMPLATE_FILE)
+    with open(target + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(template)
+    os.replace(target + '.tmp', target)
+  return tokenizer, train, valid, token_counts
 
 
 class _AllBut:

@@ -12,6 +12,9 @@ every step comes from stream b, an independent packer with its own document sequ
   and together walk each language's epochs in order;
 - documents are `[bos] + tokens + [eos]`, concatenated and split into `seq_len` rows with
   segment ids (1, 2, ... per piece; 0 is padding) and positions restarting per piece.
+- with `masked=True` a document is a pair (ids, loss_mask) (a conversation, see
+  euro_lm.data.chat) and rows also carry `loss_mask`: at input position k, the mask of the
+  target token k + 1, so the loss counts exactly the tokens the mask marks.
 
 A process owns a contiguous block of streams and reads only their documents. The state is
 a few integers per stream, so a checkpoint taken with P processes restores with any P'
@@ -104,6 +107,7 @@ class PackedStreams:
     streams: the stream ids this process produces (see `process_streams`).
     seed: the data seed.
     bos_id, eos_id: added around every document (None leaves that end bare).
+    masked: documents are (ids, loss_mask) pairs; rows get `loss_mask` (see above).
 
   Rows are always full (sources repeat endlessly), so training rows hold no padding.
   """
@@ -120,6 +124,7 @@ class PackedStreams:
       seed: int,
       bos_id: int | None,
       eos_id: int | None,
+      masked: bool = False,
   ):
     self._languages = sorted(sources)
     for language in self._languages:
@@ -135,6 +140,7 @@ class PackedStreams:
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
     self._bos, self._eos = bos_id, eos_id
+    self._masked = masked
     # A language's key seeds its document order; a fresh run numbers them in sorted order.
     self._keys = {language: key for key, language in enumerate(self._languages)}
     self._dropped = {}  # languages a resumed run left out: their saved keys and sizes
@@ -300,13 +306,15 @@ class PackedStreams:
     return source[shuffled_index(key, len(source), position)]
 
   def _document(self, language, index):
-    tokens = np.asarray(self.document_at(language, index), np.int32)
-    parts = (
-        ([[self._bos]] if self._bos is not None else [])
-        + [tokens]
-        + ([[self._eos]] if self._eos is not None else [])
-    )
-    return np.concatenate(parts).astype(np.int32)
+    """(token ids, loss mask) with BOS/EOS; the markers count in the loss."""
+    document = self.document_at(language, index)
+    tokens, mask = document if self._masked else (document, None)
+    tokens = np.asarray(tokens, np.int32)
+    mask = np.ones(len(tokens), np.int32) if mask is None else np.asarray(mask, np.int32)
+    bos = [1] if self._bos is not None else []
+    eos = [1] if self._eos is not None else []
+    ids = np.concatenate([[self._bos] if bos else [], tokens, [self._eos] if eos else []])
+    return ids.astype(np.int32), np.concatenate([bos, mask, eos]).astype(np.int32)
 
   def _next_document(self, b, stream):
     languages, cumulative = self._cumulative_weights()
@@ -324,12 +332,13 @@ class PackedStreams:
     targets = np.zeros(length, np.int32)
     segment_ids = np.zeros(length, np.int32)
     positions = np.zeros(length, np.int32)
+    loss_mask = np.zeros(length, np.int32)
     filled, segment = 0, 0
     while filled < length:
       if stream['carry'] is None:
         stream['carry'] = self._next_document(b, stream)
       language, index, offset = stream['carry']
-      document = self._document(language, index)
+      document, mask = self._document(language, index)
       usable = len(document) - 1  # inputs are document[:-1], targets document[1:]
       take = min(usable - offset, length - filled)
       if take <= 0:  # a document too short to have a target (no BOS/EOS, <2 tokens)
@@ -343,13 +352,17 @@ class PackedStreams:
       targets[filled:end] = document[offset + 1 : offset + take + 1]
       segment_ids[filled:end] = segment
       positions[filled:end] = np.arange(take)
+      loss_mask[filled:end] = mask[offset + 1 : offset + take + 1]
       stream['tokens'][language] = stream['tokens'].get(language, 0) + take
       filled = end
       offset += take
       stream['carry'] = None if offset == usable else [language, index, offset]
-    return {
+    row = {
         'inputs': inputs,
         'targets': targets,
         'segment_ids': segment_ids,
         'positions': positions,
     }
+    if self._masked:
+      row['loss_mask'] = loss_mask
+    return row

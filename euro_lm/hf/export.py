@@ -18,7 +18,7 @@ from euro_lm.hf import architectures
 from euro_lm.hf.folder import CONFIG_FILE, GENERATION_CONFIG_FILE, write_json
 from euro_lm.hf.orbax_io import CheckpointLeaves
 from euro_lm.hf.safetensors import ShardWriter
-from euro_lm.hf.tokenizer import special_ids, write_tokenizer
+from euro_lm.hf.tokenizer import special_ids, write_chat_template, write_tokenizer
 from euro_lm.model import lora
 
 # --dtype -> the dtype of the exported weights.
@@ -74,6 +74,7 @@ def export_hf(
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
   from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+  from euro_lm.data.dataset import chat_template_of_run
 
   step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
@@ -121,6 +122,9 @@ def export_hf(
   )
   if tokenizer_path:
     write_tokenizer(tokenizer_path, output, log=log)
+    template = chat_template_of_run(workdir)
+    if template is not None:
+      write_chat_template(output, template)
   else:
     log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')

@@ -1,0 +1,155 @@
+"""Supervised fine-tuning end to end: an imported Llama fine-tuned on conversations with
+configs/sft.py learns a fixed per-language answer, the prompt carries no loss, and
+transformers, through the chat template of the export, answers as trained."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import sft
+from euro_lm import hf
+from euro_lm.config import validate
+from euro_lm.data import dataset
+from euro_lm.data.tokenizer import load_tokenizer
+from euro_lm.errors import ConfigError
+from euro_lm.train.loop import train
+from tests.chat_templates import LLAMA3, assistant_turn
+from tests.hf_tokenizers import make_tokenizer_folder
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+# The assistant's behaviour to learn: one answer per language of the question. No token
+# repeats within an answer: the 2-layer, 64-wide model would need more steps to count.
+ANSWERS = {'de': 'Ja, gerne.', 'fr': 'Avec plaisir.'}
+QUESTIONS = {
+    'de': 'Kannst du mir bei Aufgabe {} helfen?',
+    'fr': "Peux-tu m'aider pour la tâche {} ?",
+}
+
+
+def _conversations(path, count):
+  with open(path, 'w', encoding='utf-8') as f:
+    for i in range(count):
+      lang = 'de' if i % 2 else 'fr'
+      messages = [
+          {'role': 'user', 'content': QUESTIONS[lang].format(i)},
+          {'role': 'assistant', 'content': ANSWERS[lang]},
+      ]
+      f.write(json.dumps({'messages': messages, 'lang': lang}) + '\n')
+
+
+def _sft_config(tmp_path, **overrides):
+  config = sft.get_config()
+  config.update_from_flattened_dict(
+      {
+          'train.init_from': str(tmp_path / 'imported'),
+          'data.chat_files': str(tmp_path / 'chats' / '*.jsonl'),
+          'data.chat_language_field': 'lang',
+          'data.valid_fraction': 0.1,
+          'train.steps': 80,
+          'train.global_batch_size': 8,
+          'train.seq_len': 128,
+          'train.eval_every': 80,
+          'train.eval_batches': 1,
+          'train.checkpoint_every': 80,
+          'train.log_every': 10,
+          'optimizer.learning_rate': 1e-2,
+          'optimizer.warmup_steps': 5,
+          **overrides,
+      }
+  )
+  return config
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """A random HF Llama with a Llama 3-shaped tokenizer and Llama 3's chat template,
+  imported; and the conversations."""
+  from tests.test_hf import HF_SHAPES, random_hf_model  # pylint: disable=g-import-not-at-top
+
+  tmp_path = tmp_path_factory.mktemp('sft')
+  tokenizer_dir = tmp_path / 'tokenizer'
+  make_tokenizer_folder('llama3', tokenizer_dir)
+  (tokenizer_dir / 'chat_template.jinja').write_text(LLAMA3)
+  vocab_size = load_tokenizer(str(tokenizer_dir)).vocab_size
+  hf_dir = tmp_path / 'hf'
+  shape = {**HF_SHAPES['gqa_untied'], 'vocab_size': vocab_size, 'max_position_embeddings': 256}
+  random_hf_model(shape).save_pretrained(hf_dir)
+  for file in tokenizer_dir.iterdir():
+    shutil.copy(file, hf_dir)
+  hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=lambda *_: None)
+  (tmp_path / 'chats').mkdir()
+  _conversations(tmp_path / 'chats' / 'train.jsonl', 120)
+  return tmp_path
+
+
+def test_the_prompt_carries_no_loss_and_packing_keeps_each_turns_mask(imported, tmp_path):
+  """Every conversation that a training row holds whole counts exactly its assistant turn
+  (the answer and <|eot_id|>, as the template writes it) in the loss, nothing else."""
+  from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
+  from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
+
+  config = _sft_config(
+      imported, **{'data.tokenizer_path': str(imported / 'imported' / 'tokenizer')}
+  )
+  config = model_from(config, init_model_config(config.train.init_from))
+  data = dataset.make_data(config, str(tmp_path))
+  decode = transformers.AutoTokenizer.from_pretrained(imported / 'tokenizer').decode
+  batch = next(data.train)
+  assert set(data.valid) == {'deu_Latn', 'fra_Latn'}
+  checked = 0
+  for row in range(batch['inputs'].shape[0]):
+    segments = batch['segment_ids'][row]
+    for segment in np.unique(segments[segments > 0]):
+      where = np.flatnonzero(segments == segment)
+      whole = batch['positions'][row][where[0]] == 0 and where[-1] < len(segments) - 1
+      if not whole:
+        continue
+      prompt = decode(batch['inputs'][row][where].tolist())
+      lang = 'de' if 'Kannst' in prompt else 'fr'
+      counted = where[batch['loss_mask'][row][where] == 1]
+      assert decode(batch['targets'][row][counted].tolist()) == assistant_turn(
+          'llama3', ANSWERS[lang]
+      )
+      checked += 1
+  assert checked >= 8
+  assert 'loss_mask' in data.valid['deu_Latn'][0]
+
+
+def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_path):
+  config = _sft_config(imported)
+  workdir = tmp_path / 'run'
+  train(config, str(workdir))
+  metrics = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  losses = [m['loss'] for m in metrics if 'loss' in m]
+  assert losses[-1] < 0.1 * losses[0]
+
+  export = tmp_path / 'export'
+  hf.export_hf(str(workdir), str(export), dtype='float32', log=lambda *_: None)
+  tokenizer_config = json.loads((export / 'tokenizer_config.json').read_text())
+  assert tokenizer_config['chat_template'] == LLAMA3
+  tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+  model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+  for lang, question in QUESTIONS.items():
+    messages = [{'role': 'user', 'content': question.format(1000)}]  # unseen
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors='pt', return_dict=True
+    )
+    with torch.no_grad():
+      out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids['input_ids'].shape[1] :])
+    assert answer.startswith(ANSWERS[lang] + '<|eot_id|>'), answer
+
+
+def test_sft_config_is_validated_with_the_field_named():
+  config = sft.get_config()
+  with pytest.raises(ConfigError, match='train.model_from_init=True needs train.init_from'):
+    validate(config, 1)
+  config = sft.get_config()
+  config.train.model_from_init = False
+  config.data.chat_template = 'default'
+  with pytest.raises(ConfigError, match=r"data.chat_template='default' needs data.chat_files"):
+    validate(config, 1)
