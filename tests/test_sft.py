@@ -194,3 +194,23 @@ def test_masked_streams_resume_exactly_and_shift_the_mask_to_targets():
     got = next(resumed)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_conversations_without_languages_train_as_one_pool(imported, tmp_path):
+  from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
+  from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
+
+  config = _sft_config(
+      imported,
+      **{
+          'data.tokenizer_path': str(imported / 'imported' / 'tokenizer'),
+          'data.chat_language_field': '',
+          'data.prompt_loss': True,
+      },
+  )
+  config = model_from(config, init_model_config(config.train.init_from))
+  data = dataset.make_data(config, str(tmp_path))
+  assert data.languages == [dataset.UNDETERMINED] and list(data.valid) == ['und']
+  batch = next(data.train)
+  np.testing.assert_array_equal(batch['loss_mask'], 1)  # prompt_loss: every token counts
+  assert (tmp_path / dataset.CHAT_TEMPLATE_FILE).read_text() == LLAMA3

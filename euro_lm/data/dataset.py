@@ -75,10 +75,13 @@ def make_data(
     raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.')
   batch_size = global_batch_size // process_count
   seq_len = config.train.seq_len
-  schedule = mixture_schedule(config, token_counts)
+  if set(token_counts) == {UNDETERMINED}:  # conversations without languages: one pool
+    weights_at = lambda step: {UNDETERMINED: 1.0}  # noqa: E731
+  else:
+    weights_at = mixture_schedule(config, token_counts).weights_at
   train_streams = PackedStreams(
       train_tokens,
-      schedule.weights_at,
+      weights_at,
       mean_document_tokens={
           tag: token_counts[tag] / max(len(docs), 1) for tag, docs in train_tokens.items()
       },
