@@ -74,7 +74,9 @@ def export_hf(
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
   from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+  from euro_lm.data import chat
   from euro_lm.data.dataset import chat_template_of_run
+  from euro_lm.data.tokenizer import load_tokenizer
 
   step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
@@ -116,13 +118,16 @@ def export_hf(
     raise
 
   write_json(os.path.join(output, CONFIG_FILE), hf)
+  # A fine-tuned chat model also stops where its template ends an assistant turn.
+  template = chat_template_of_run(workdir) if tokenizer_path else None
+  turn_end = template and chat.end_of_turn_id(load_tokenizer(tokenizer_path), template)
+  stop = eos if turn_end in (None, eos) else sorted({eos, turn_end} - {None})
   write_json(
       os.path.join(output, GENERATION_CONFIG_FILE),
-      {'bos_token_id': bos, 'eos_token_id': eos, 'pad_token_id': pad, 'do_sample': False},
+      {'bos_token_id': bos, 'eos_token_id': stop, 'pad_token_id': pad, 'do_sample': False},
   )
   if tokenizer_path:
     write_tokenizer(tokenizer_path, output, log=log)
-    template = chat_template_of_run(workdir)
     if template is not None:
       write_chat_template(output, template)
   else:
