@@ -14,6 +14,7 @@ from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.errors import ConfigError
+from euro_lm.inference import complete, load_run
 from euro_lm.train.loop import train
 from tests.chat_templates import LLAMA3, assistant_turn
 from tests.hf_tokenizers import make_tokenizer_folder
@@ -142,6 +143,10 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
       out = model.generate(**ids, max_new_tokens=20)  # the export's defaults: greedy
     # It stops at the end of the turn: <|eot_id|> is a stop token of the export.
     assert tokenizer.decode(out[0, ids['input_ids'].shape[1] :]) == ANSWERS[lang] + '<|eot_id|>'
+  # euro_lm's own generation from the workdir, as `python -m euro_lm.generate --chat`.
+  run = load_run(str(workdir))
+  questions = [QUESTIONS[lang].format(1000) for lang in QUESTIONS]
+  assert complete(run, questions, temperature=0.0, chat_messages=True) == list(ANSWERS.values())
   eot = tokenizer.convert_tokens_to_ids('<|eot_id|>')
   assert eot in json.loads((export / 'generation_config.json').read_text())['eos_token_id']
 
