@@ -306,15 +306,20 @@ class PackedStreams:
     return source[shuffled_index(key, len(source), position)]
 
   def _document(self, language, index):
-    """(token ids, loss mask) with BOS/EOS; the markers count in the loss."""
+    """(token ids with BOS/EOS, loss mask or None when unmasked); markers count."""
     document = self.document_at(language, index)
     tokens, mask = document if self._masked else (document, None)
-    tokens = np.asarray(tokens, np.int32)
-    mask = np.ones(len(tokens), np.int32) if mask is None else np.asarray(mask, np.int32)
-    bos = [1] if self._bos is not None else []
-    eos = [1] if self._eos is not None else []
-    ids = np.concatenate([[self._bos] if bos else [], tokens, [self._eos] if eos else []])
-    return ids.astype(np.int32), np.concatenate([bos, mask, eos]).astype(np.int32)
+    parts = (
+        ([[self._bos]] if self._bos is not None else [])
+        + [np.asarray(tokens, np.int32)]
+        + ([[self._eos]] if self._eos is not None else [])
+    )
+    ids = np.concatenate(parts).astype(np.int32)
+    if mask is not None:
+      ones = [[1]] if self._bos is not None else []
+      tail = [[1]] if self._eos is not None else []
+      mask = np.concatenate([*ones, np.asarray(mask, np.int32), *tail]).astype(np.int32)
+    return ids, mask
 
   def _next_document(self, b, stream):
     languages, cumulative = self._cumulative_weights()
@@ -352,7 +357,8 @@ class PackedStreams:
       targets[filled:end] = document[offset + 1 : offset + take + 1]
       segment_ids[filled:end] = segment
       positions[filled:end] = np.arange(take)
-      loss_mask[filled:end] = mask[offset + 1 : offset + take + 1]
+      if mask is not None:
+        loss_mask[filled:end] = mask[offset + 1 : offset + take + 1]
       stream['tokens'][language] = stream['tokens'].get(language, 0) + take
       filled = end
       offset += take
