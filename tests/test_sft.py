@@ -88,8 +88,8 @@ def imported(tmp_path_factory):
 
 
 def test_the_prompt_carries_no_loss_and_packing_keeps_each_turns_mask(imported, tmp_path):
-  """Every conversation that a training row holds whole counts exactly its assistant turn
-  (the answer and <|eot_id|>, as the template writes it) in the loss, nothing else."""
+  """Rows hold whole conversations only (the rest is padding), and each counts exactly its
+  assistant turn (the answer and <|eot_id|>, as the template writes it) in the loss."""
   from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
   from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
 
@@ -106,9 +106,7 @@ def test_the_prompt_carries_no_loss_and_packing_keeps_each_turns_mask(imported, 
     segments = batch['segment_ids'][row]
     for segment in np.unique(segments[segments > 0]):
       where = np.flatnonzero(segments == segment)
-      whole = batch['positions'][row][where[0]] == 0 and where[-1] < len(segments) - 1
-      if not whole:
-        continue
+      assert batch['positions'][row][where[0]] == 0  # conversations are never cut
       prompt = decode(batch['inputs'][row][where].tolist())
       lang = 'de' if 'Kannst' in prompt else 'fr'
       counted = where[batch['loss_mask'][row][where] == 1]
@@ -117,6 +115,7 @@ def test_the_prompt_carries_no_loss_and_packing_keeps_each_turns_mask(imported, 
       )
       checked += 1
   assert checked >= 8
+  assert 0 < data.train.packing_stats()['padding_fraction'] < 0.5
   assert 'loss_mask' in data.valid['deu_Latn'][0]
 
 
@@ -163,8 +162,8 @@ def test_sft_config_is_validated_with_the_field_named():
 
 
 def test_masked_streams_resume_exactly_and_shift_the_mask_to_targets():
-  """Rows of (ids, mask) documents: at input k the mask of token k + 1, and a stream
-  restored from a saved state gives the same rows, masks included."""
+  """Rows of (ids, mask) documents: at input k the mask of token k + 1, no document cut
+  across rows, and a stream restored from a saved state gives the same rows."""
   from euro_lm.data.streams import PackedStreams  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -178,7 +177,7 @@ def test_masked_streams_resume_exactly_and_shift_the_mask_to_targets():
         {'und': documents},
         lambda step: {'und': 1.0},
         mean_document_tokens={'und': 11.0},
-        seq_len=16,
+        seq_len=32,
         num_streams=4,
         streams=range(4),
         seed=1,
@@ -193,6 +192,8 @@ def test_masked_streams_resume_exactly_and_shift_the_mask_to_targets():
     counted = batch['segment_ids'] != 0
     # The independent rule: this toy mask marks exactly the ids divisible by 3.
     np.testing.assert_array_equal(batch['loss_mask'], counted & (batch['targets'] % 3 == 0))
+    starts = np.diff(batch['segment_ids'], axis=1, prepend=0) > 0
+    np.testing.assert_array_equal(batch['positions'][starts], 0)
   state = first.get_state()
   expected = [next(first) for _ in range(3)]
   resumed = streams()
@@ -219,5 +220,6 @@ def test_conversations_without_languages_train_as_one_pool(imported, tmp_path):
   data = dataset.make_data(config, str(tmp_path))
   assert data.languages == [dataset.UNDETERMINED] and list(data.valid) == ['und']
   batch = next(data.train)
-  np.testing.assert_array_equal(batch['loss_mask'], 1)  # prompt_loss: every token counts
+  # prompt_loss: every token of a conversation counts, padding none.
+  np.testing.assert_array_equal(batch['loss_mask'], batch['segment_ids'] != 0)
   assert (tmp_path / dataset.CHAT_TEMPLATE_FILE).read_text() == LLAMA3

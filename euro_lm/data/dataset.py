@@ -170,8 +170,14 @@ def _conversations(config, workdir, write):
   source = conversations.ConversationSource(
       messages_field=d.chat_messages_field, language_field=d.chat_language_field
   )
+  # Longer than a row (its seq_len inputs and the last target): a too_long bad record.
   examples, reports = conversations.read_examples(
-      source, paths, tokenizer, template, prompt_loss=d.prompt_loss
+      source,
+      paths,
+      tokenizer,
+      template,
+      prompt_loss=d.prompt_loss,
+      max_length=config.train.seq_len + 1,
   )
   for report in reports:
     for kind, bad in sorted(report.kinds.items()):

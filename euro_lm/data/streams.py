@@ -14,7 +14,9 @@ every step comes from stream b, an independent packer with its own document sequ
   segment ids (1, 2, ... per piece; 0 is padding) and positions restarting per piece.
 - with `masked=True` a document is a pair (ids, loss_mask) (a conversation, see
   euro_lm.data.chat) and rows also carry `loss_mask`: at input position k, the mask of the
-  target token k + 1, so the loss counts exactly the tokens the mask marks.
+  target token k + 1, so the loss counts exactly the tokens the mask marks. A conversation
+  that does not fit the rest of a row starts the next one (the rest is padding, segment 0),
+  so only one longer than a whole row is ever cut (make_data refuses those).
 
 A process owns a contiguous block of streams and reads only their documents. The state is
 a few integers per stream, so a checkpoint taken with P processes restores with any P'
@@ -109,7 +111,8 @@ class PackedStreams:
     bos_id, eos_id: added around every document (None leaves that end bare).
     masked: documents are (ids, loss_mask) pairs; rows get `loss_mask` (see above).
 
-  Rows are always full (sources repeat endlessly), so training rows hold no padding.
+  Rows are always full (sources repeat endlessly), so training rows of documents hold no
+  padding; rows of conversations end in padding where the next one does not fit.
   """
 
   def __init__(
@@ -269,12 +272,18 @@ class PackedStreams:
     return totals
 
   def packing_stats(self):
-    """Rows hold no padding (concatenate-then-split), so the cost of packing is documents
-    cut at row ends: `continued_fraction` is the share of row pieces that continue a
-    document begun in the previous row."""
+    """Document rows hold no padding (concatenate-then-split), so the cost of packing is
+    documents cut at row ends: `continued_fraction` is the share of row pieces that continue
+    a document begun in the previous row. Conversations (masked) are never cut, so their
+    cost is `padding_fraction`, the share of row tokens left as padding."""
     pieces = sum(s['pieces'] for s in self._state.values())
     continued = sum(s['continued'] for s in self._state.values())
-    return {'padding_fraction': 0.0, 'continued_fraction': continued / max(pieces, 1)}
+    padded = sum(s.get('padded', 0) for s in self._state.values())
+    rows = self._step * len(self._streams) * self._seq_len
+    return {
+        'padding_fraction': padded / max(rows, 1),
+        'continued_fraction': continued / max(pieces, 1),
+    }
 
   # --- packing ---------------------------------------------------------------------
 
@@ -349,6 +358,11 @@ class PackedStreams:
       if take <= 0:  # a document too short to have a target (no BOS/EOS, <2 tokens)
         stream['carry'] = None
         continue
+      if self._masked and filled and take < usable - offset:
+        # A conversation is never cut: its answer would lose its prompt. The row ends in
+        # padding and the conversation opens the next one.
+        stream['padded'] = stream.get('padded', 0) + length - filled
+        break
       segment += 1
       stream['pieces'] += 1
       stream['continued'] += offset > 0
