@@ -386,11 +386,16 @@ def validate(config, num_devices, process_count=1, device=None):
       not t.model_from_init or t.init_from,
       'train.model_from_init=True needs train.init_from (the checkpoint whose model to tune)',
   )
-  for field in ('chat_template', 'chat_language_field'):
+  for field in ('chat_template', 'chat_language_field', 'prompt_loss'):
     _check(
         not config.data[field] or config.data.chat_files,
         f'data.{field}={config.data[field]!r} needs data.chat_files (the conversations)',
     )
+  _check(
+      not config.data.chat_files or config.data.corpus == 'embedded',
+      f'data.corpus={config.data.corpus!r} with data.chat_files: mixing pretraining data '
+      'into fine-tuning (replay) is not supported yet; leave data.corpus at its default',
+  )
   _check(
       not config.data.chat_files or config.data.chat_messages_field,
       'data.chat_messages_field must name the field holding the messages',

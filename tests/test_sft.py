@@ -150,14 +150,23 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
   assert eot in json.loads((export / 'generation_config.json').read_text())['eos_token_id']
 
 
-def test_sft_config_is_validated_with_the_field_named():
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({}, 'train.model_from_init=True needs train.init_from'),
+        ({'data.chat_template': 'default'}, "data.chat_template='default' needs data.chat_files"),
+        ({'data.prompt_loss': True}, 'data.prompt_loss=True needs data.chat_files'),
+        (
+            {'data.chat_files': 'c.jsonl', 'data.corpus': 'prepared'},
+            "data.corpus='prepared' with data.chat_files",
+        ),
+    ],
+)
+def test_sft_config_is_validated_with_the_field_named(overrides, message):
   config = sft.get_config()
-  with pytest.raises(ConfigError, match='train.model_from_init=True needs train.init_from'):
-    validate(config, 1)
-  config = sft.get_config()
-  config.train.model_from_init = False
-  config.data.chat_template = 'default'
-  with pytest.raises(ConfigError, match=r"data.chat_template='default' needs data.chat_files"):
+  config.train.model_from_init = not overrides
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ConfigError, match=message):
     validate(config, 1)
 
 
