@@ -232,3 +232,27 @@ def test_conversations_without_languages_train_as_one_pool(imported, tmp_path):
   # prompt_loss: every token of a conversation counts, padding none.
   np.testing.assert_array_equal(batch['loss_mask'], batch['segment_ids'] != 0)
   assert (tmp_path / dataset.CHAT_TEMPLATE_FILE).read_text() == LLAMA3
+
+
+def test_a_restored_data_state_continues_with_the_same_batches(imported, tmp_path):
+  """make_data reads the conversation files again on resume; the saved positions then
+  give the batches an uninterrupted run sees."""
+  from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
+  from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
+
+  config = _sft_config(
+      imported, **{'data.tokenizer_path': str(imported / 'imported' / 'tokenizer')}
+  )
+  config = model_from(config, init_model_config(config.train.init_from))
+  first = dataset.make_data(config, str(tmp_path)).train
+  for _ in range(3):
+    next(first)
+  state = first.get_state()
+  expected = [next(first) for _ in range(2)]
+  resumed = dataset.make_data(config, str(tmp_path)).train
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
