@@ -256,3 +256,35 @@ def test_a_restored_data_state_continues_with_the_same_batches(imported, tmp_pat
     assert set(got) == set(want)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_template_file_and_a_tokenizer_without_bos(imported, tmp_path):
+  """data.chat_template as a .jinja file; Qwen's tokenizer has no BOS, which the default
+  data.add_bos=True does not ask of conversations (their template writes the markers)."""
+  from tests.chat_templates import QWEN25  # pylint: disable=g-import-not-at-top
+
+  tokenizer_dir = tmp_path / 'qwen'
+  make_tokenizer_folder('qwen2', tokenizer_dir)
+  template = tmp_path / 'qwen.jinja'
+  template.write_text(QWEN25)
+  tokenizer = load_tokenizer(str(tokenizer_dir))
+  assert tokenizer.bos_id is None
+  config = _sft_config(
+      imported,
+      **{
+          'train.model_from_init': False,
+          'train.init_from': '',
+          'data.tokenizer_path': str(tokenizer_dir),
+          'data.chat_template': str(template),
+          'model.vocab_size': tokenizer.vocab_size,
+      },
+  )
+  validate(config, 1)
+  data = dataset.make_data(config, str(tmp_path / 'run'))
+  batch = next(data.train)
+  decode = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).decode
+  counted = decode(batch['targets'][0][batch['loss_mask'][0] == 1].tolist())
+  assert counted.startswith(assistant_turn('qwen2', ANSWERS['de'])) or counted.startswith(
+      assistant_turn('qwen2', ANSWERS['fr'])
+  )
+  assert (tmp_path / 'run' / dataset.CHAT_TEMPLATE_FILE).read_text() == QWEN25

@@ -165,7 +165,7 @@ def _conversations(config, workdir, write):
         ' data.tokenizer_path'
     )
   tokenizer = load_tokenizer(path)
-  _check_tokenizer(tokenizer, config, path)
+  _check_tokenizer(tokenizer, config, path, markers=False)
   template = _chat_template(config, tokenizer)
   source = conversations.ConversationSource(
       messages_field=d.chat_messages_field, language_field=d.chat_language_field
@@ -196,6 +196,7 @@ def _conversations(config, workdir, write):
   train, valid = corpus.split_train_valid(by_language, d.valid_fraction)
   token_counts = {tag: sum(len(ids) for ids, _ in docs) for tag, docs in train.items()}
   if write:
+    os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, CHAT_TEMPLATE_FILE)
     with open(target + '.tmp', 'w', encoding='utf-8') as f:
       f.write(template)
@@ -252,10 +253,11 @@ def _prepared(config):
   return tokenizer, train_tokens, valid, token_counts
 
 
-def _check_tokenizer(tokenizer, config, path):
+def _check_tokenizer(tokenizer, config, path, markers=True):
   """The embedding needs a row per piece. More rows than pieces (a padded vocabulary, as
   many released models have) is valid: those ids never occur in the data, and generation
-  never samples them. The document markers data.add_bos/add_eos ask for must exist."""
+  never samples them. The document markers data.add_bos/add_eos ask for must exist
+  (`markers`; conversations have their template's)."""
   vocab_size = config.model.vocab_size
   if tokenizer.vocab_size > vocab_size:
     raise ConfigError(
@@ -265,7 +267,7 @@ def _check_tokenizer(tokenizer, config, path):
   for field, token_id, name in (
       ('add_bos', tokenizer.bos_id, 'BOS'),
       ('add_eos', tokenizer.eos_id, 'EOS'),
-  ):
+  )[: 2 if markers else 0]:
     if config.data[field] and token_id is None:
       raise ConfigError(
           f'data.{field}=True, but the tokenizer {path} has no {name} token; set'
