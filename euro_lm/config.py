@@ -161,6 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.prompt_loss = False  # also train on the prompt (system/user turns, headers)
   d.chat_messages_field = 'messages'  # the field/column holding each conversation's messages
   d.chat_language_field = ''  # the field with each conversation's language; '' all are 'und'
+  d.replay_fraction = 0.0  # fine-tuning: share of tokens replayed from data.corpus (its
+  # languages at their natural shares), against forgetting; 0 off
 
   c.distributed = x = ml_collections.ConfigDict()
   x.initialize = 'auto'  # auto (if a cluster env is detected) | always | never
@@ -391,10 +393,11 @@ def validate(config, num_devices, process_count=1, device=None):
         not config.data[field] or config.data.chat_files,
         f'data.{field}={config.data[field]!r} needs data.chat_files (the conversations)',
     )
+  r = config.data.replay_fraction
+  _check(math.isfinite(r) and 0 <= r < 1, f'data.replay_fraction={r} must be in [0, 1)')
   _check(
-      not config.data.chat_files or config.data.corpus == 'embedded',
-      f'data.corpus={config.data.corpus!r} with data.chat_files: mixing pretraining data '
-      'into fine-tuning (replay) is not supported yet; leave data.corpus at its default',
+      not r or config.data.chat_files,
+      f'data.replay_fraction={r} needs data.chat_files (replay is for fine-tuning)',
   )
   _check(
       not config.data.chat_files or config.data.chat_messages_field,

@@ -156,9 +156,10 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
         ({}, 'train.model_from_init=True needs train.init_from'),
         ({'data.chat_template': 'default'}, "data.chat_template='default' needs data.chat_files"),
         ({'data.prompt_loss': True}, 'data.prompt_loss=True needs data.chat_files'),
+        ({'data.replay_fraction': 0.1}, 'data.replay_fraction=0.1 needs data.chat_files'),
         (
-            {'data.chat_files': 'c.jsonl', 'data.corpus': 'prepared'},
-            "data.corpus='prepared' with data.chat_files",
+            {'data.chat_files': 'c.jsonl', 'data.replay_fraction': 1.0},
+            r'data.replay_fraction=1.0 must be in \[0, 1\)',
         ),
     ],
 )
@@ -288,3 +289,29 @@ def test_a_template_file_and_a_tokenizer_without_bos(imported, tmp_path):
       assistant_turn('qwen2', ANSWERS['fr'])
   )
   assert (tmp_path / 'run' / dataset.CHAT_TEMPLATE_FILE).read_text() == QWEN25
+
+
+def test_replay_mixes_pretraining_text_at_its_share_all_in_the_loss(imported, tmp_path):
+  """data.replay_fraction: the embedded corpus' text (tokenized with the model's tokenizer)
+  gets that share of the tokens, counted whole in the loss; conversations keep their masks."""
+  from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
+  from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
+
+  config = _sft_config(
+      imported,
+      **{
+          'data.tokenizer_path': str(imported / 'imported' / 'tokenizer'),
+          'data.replay_fraction': 0.3,
+          'data.languages': 'deu_Latn,fra_Latn',
+      },
+  )
+  config = model_from(config, init_model_config(config.train.init_from))
+  validate(config, 1)
+  data = dataset.make_data(config, str(tmp_path))
+  assert sorted(data.valid) == ['deu_Latn', 'fra_Latn', 'replay-deu_Latn', 'replay-fra_Latn']
+  assert 'loss_mask' not in data.valid['replay-deu_Latn'][0]
+  for _ in range(20):
+    next(data.train)
+  tokens = data.train.tokens_by_language()
+  replayed = sum(n for tag, n in tokens.items() if tag.startswith('replay-'))
+  assert abs(replayed / sum(tokens.values()) - 0.3) < 0.06

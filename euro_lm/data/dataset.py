@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from euro_lm.data import chat, conversations, corpus, mixture, pipeline, prepared
-from euro_lm.data.streams import PackedStreams, process_streams
+from euro_lm.data.streams import REPLAY_PREFIX, PackedStreams, process_streams
 from euro_lm.data.tokenizer import (
     MODEL_TYPES,
     SENTENCEPIECE_MODEL,
@@ -79,6 +79,10 @@ def make_data(
     weights_at = lambda step: {UNDETERMINED: 1.0}  # noqa: E731
   else:
     weights_at = mixture_schedule(config, token_counts).weights_at
+  if chat_files and config.data.replay_fraction:
+    weights_at = _with_replay(
+        config, workdir, tokenizer, weights_at, train_tokens, valid, token_counts
+    )
   train_streams = PackedStreams(
       train_tokens,
       weights_at,
@@ -103,8 +107,9 @@ def make_data(
           max_batches=config.train.eval_batches,
           process_index=process_index,
           process_count=process_count,
-          add_bos=config.data.add_bos and not chat_files,
-          add_eos=config.data.add_eos and not chat_files,
+          # Text (not conversations) has the document markers.
+          add_bos=config.data.add_bos and not isinstance(valid[tag][0], tuple),
+          add_eos=config.data.add_eos and not isinstance(valid[tag][0], tuple),
       )
       for tag in sorted(valid)
   }
@@ -132,6 +137,53 @@ def chat_template_of_run(workdir: str) -> str | None:
     return None
   with open(path, encoding='utf-8') as f:
     return f.read()
+
+
+class _Replayed:
+  """Pretraining documents as a masked stream's (ids with BOS/EOS, None: all in the loss)."""
+
+  def __init__(self, documents, bos, eos):
+    self._documents, self._bos, self._eos = documents, bos, eos
+
+  def __len__(self):
+    return len(self._documents)
+
+  def __getitem__(self, index):
+    ids = np.asarray(self._documents[index], np.int32)
+    return np.concatenate([self._bos, ids, self._eos]).astype(np.int32), None
+
+
+def _with_replay(config, workdir, tokenizer, weights_at, train_tokens, valid, token_counts):
+  """Adds `data.corpus`'s languages as `replay-<tag>` sources (in place) and returns the
+  weights: the conversations' scaled to 1 - data.replay_fraction, the replayed languages'
+  natural shares to the rest. Replay validation sets are scored as text."""
+  d = config.data
+  if d.corpus == 'embedded':
+    replay_tokenizer, replay_tokens, replay_valid, replay_counts = _embedded(config, workdir)
+  else:
+    replay_tokenizer, replay_tokens, replay_valid, replay_counts = _prepared(config)
+  if replay_tokenizer.fingerprint != tokenizer.fingerprint:
+    raise ConfigError(
+        f'data.replay_fraction: data.corpus={d.corpus!r} is tokenized with another tokenizer'
+        f' ({replay_tokenizer.path}) than the conversations ({tokenizer.path})'
+    )
+  bos = [tokenizer.bos_id] if d.add_bos and tokenizer.bos_id is not None else []
+  eos = [tokenizer.eos_id] if d.add_eos and tokenizer.eos_id is not None else []
+  total = sum(replay_counts.values())
+  replay_shares = {}
+  for tag in replay_tokens:
+    name = REPLAY_PREFIX + tag
+    train_tokens[name] = _Replayed(replay_tokens[tag], bos, eos)
+    valid[name] = replay_valid[tag]
+    token_counts[name] = replay_counts[tag]
+    replay_shares[name] = d.replay_fraction * replay_counts[tag] / total
+
+  def with_replay(step):
+    weights = weights_at(step)
+    scale = (1 - d.replay_fraction) / sum(weights.values())
+    return {**{tag: w * scale for tag, w in weights.items()}, **replay_shares}
+
+  return with_replay
 
 
 def _chat_template(config, tokenizer):

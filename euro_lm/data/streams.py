@@ -16,7 +16,9 @@ every step comes from stream b, an independent packer with its own document sequ
   euro_lm.data.chat) and rows also carry `loss_mask`: at input position k, the mask of the
   target token k + 1, so the loss counts exactly the tokens the mask marks. A conversation
   that does not fit the rest of a row starts the next one (the rest is padding, segment 0),
-  so only one longer than a whole row is ever cut (make_data refuses those).
+  so only one longer than a whole row is ever cut (make_data refuses those). Sources named
+  `replay-<tag>` hold (ids, None): pretraining text replayed during fine-tuning, all in the
+  loss and packed as documents are.
 
 A process owns a contiguous block of streams and reads only their documents. The state is
 a few integers per stream, so a checkpoint taken with P processes restores with any P'
@@ -38,6 +40,9 @@ import numpy as np
 from euro_lm.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
+# Sources of a masked stream named with this prefix are replayed pretraining text: whole
+# documents in the loss, cut at row ends like any document.
+REPLAY_PREFIX = 'replay-'
 
 
 def _hash(a, b, c):
@@ -315,9 +320,12 @@ class PackedStreams:
     return source[shuffled_index(key, len(source), position)]
 
   def _document(self, language, index):
-    """(token ids with BOS/EOS, loss mask or None when unmasked); markers count."""
+    """(token ids with BOS/EOS, loss mask or None when unmasked); markers count. A masked
+    stream's document with mask None (replayed text) counts whole and may be cut."""
     document = self.document_at(language, index)
     tokens, mask = document if self._masked else (document, None)
+    if self._masked and mask is None:
+      mask = np.ones(len(tokens), np.int32)
     parts = (
         ([[self._bos]] if self._bos is not None else [])
         + [np.asarray(tokens, np.int32)]
@@ -353,12 +361,13 @@ class PackedStreams:
         stream['carry'] = self._next_document(b, stream)
       language, index, offset = stream['carry']
       document, mask = self._document(language, index)
+      whole = self._masked and not language.startswith(REPLAY_PREFIX)
       usable = len(document) - 1  # inputs are document[:-1], targets document[1:]
       take = min(usable - offset, length - filled)
       if take <= 0:  # a document too short to have a target (no BOS/EOS, <2 tokens)
         stream['carry'] = None
         continue
-      if self._masked and filled and take < usable - offset:
+      if whole and filled and take < usable - offset:
         # A conversation is never cut: its answer would lose its prompt. The row ends in
         # padding and the conversation opens the next one.
         stream['padded'] = stream.get('padded', 0) + length - filled
