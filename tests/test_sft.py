@@ -315,3 +315,34 @@ def test_replay_mixes_pretraining_text_at_its_share_all_in_the_loss(imported, tm
   tokens = data.train.tokens_by_language()
   replayed = sum(n for tag, n in tokens.items() if tag.startswith('replay-'))
   assert abs(replayed / sum(tokens.values()) - 0.3) < 0.06
+
+
+@pytest.mark.parametrize('loss_chunk_length', [0, 8])
+def test_the_step_loss_is_the_mean_over_masked_targets(loss_chunk_length):
+  """The train step's loss with a batch loss_mask equals the mean negative log-likelihood
+  over exactly the masked targets, computed in numpy from the model's logits (both loss
+  paths: all logits at once, and fused in chunks)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from tests.test_lora import fixed_batch, init, logits, small_config  # pylint: disable=g-import-not-at-top
+
+  config = small_config(rank=0)
+  config.model.loss_chunk_length = loss_chunk_length
+  batch = fixed_batch(config)
+  batch['loss_mask'] = (
+      np.random.default_rng(1).integers(0, 2, batch['inputs'].shape).astype(np.int32)
+  )
+  params = init(config.model, batch['inputs'])
+  logits_BLV = np.asarray(logits(config.model, params, batch['inputs']), np.float64)
+  log_probs = logits_BLV - np.log(np.exp(logits_BLV).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
+  expected = (nll * batch['loss_mask']).sum() / batch['loss_mask'].sum()
+
+  from euro_lm.model import Decoder  # pylint: disable=g-import-not-at-top
+  from euro_lm.train.step import _loss_sums  # pylint: disable=g-import-not-at-top
+
+  _, (loss_sum, weight_sum) = jax.jit(lambda p, b: _loss_sums(p, b, Decoder(config.model), 0.0))(
+      params, batch
+  )
+  assert float(weight_sum) == batch['loss_mask'].sum()
+  np.testing.assert_allclose(float(loss_sum) / float(weight_sum), expected, rtol=1e-5)
