@@ -346,3 +346,30 @@ def test_the_step_loss_is_the_mean_over_masked_targets(loss_chunk_length):
   )
   assert float(weight_sum) == batch['loss_mask'].sum()
   np.testing.assert_allclose(float(loss_sum) / float(weight_sum), expected, rtol=1e-5)
+
+
+def test_bad_conversations_are_reported_with_file_and_line(imported, tmp_path, capsys):
+  from euro_lm.checkpoint import init_model_config  # pylint: disable=g-import-not-at-top
+  from euro_lm.config import model_from  # pylint: disable=g-import-not-at-top
+
+  chats = tmp_path / 'chats.jsonl'
+  _conversations(chats, 10)
+  with open(chats, 'a', encoding='utf-8') as f:
+    f.write('{"messages": [\n')  # line 11
+    f.write(json.dumps({'messages': [{'role': 'tool', 'content': 'x'}]}) + '\n')
+    long = [{'role': 'user', 'content': 'Wort ' * 200}, {'role': 'assistant', 'content': 'Ja.'}]
+    f.write(json.dumps({'messages': long, 'lang': 'de'}) + '\n')  # line 13
+  config = _sft_config(
+      imported,
+      **{
+          'data.chat_files': str(chats),
+          'data.tokenizer_path': str(imported / 'imported' / 'tokenizer'),
+          'data.chat_language_field': '',
+      },
+  )
+  config = model_from(config, init_model_config(config.train.init_from))
+  dataset.make_data(config, str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  assert f'{chats}:11: 1 bad record(s) of kind invalid_json' in out
+  assert f'{chats}:12: 1 bad record(s) of kind unsupported_role' in out
+  assert f'{chats}:13: 1 bad record(s) of kind too_long' in out

@@ -231,7 +231,7 @@ def _conversations(config, workdir, write):
       prompt_loss=d.prompt_loss,
       max_length=config.train.seq_len + 1,
   )
-  for report in reports:
+  for report in reports if write else ():  # one process says it
     for kind, bad in sorted(report.kinds.items()):
       print(
           f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
