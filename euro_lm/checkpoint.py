@@ -16,6 +16,7 @@ a deletion cut short leaves no half-deleted step behind.
 import concurrent.futures
 import dataclasses
 import glob
+import json
 import logging
 import os
 import shutil
@@ -562,6 +563,24 @@ def find_tokenizer(step_dir, workdir, configured=''):
     return saved
   return run_tokenizer(str(workdir)) or (
       configured if configured and os.path.exists(configured) else None
+  )
+
+
+def init_model_config(init_from) -> dict:
+  """The model section of the config `train.init_from`'s parameters were saved with: the
+  checkpoint's own copy, else its workdir's config.json (an imported model's)."""
+  step_dir = resolve_checkpoint(init_from)
+  for path in (step_dir / 'config' / 'metadata', step_dir.parent.parent / 'config.json'):
+    if path.is_file():
+      try:
+        model = json.loads(path.read_text()).get('model')
+      except (OSError, ValueError) as e:
+        raise CheckpointError(f'train.init_from: {path} is unreadable: {e}') from None
+      if isinstance(model, dict):
+        return model
+  raise CheckpointError(
+      f'train.model_from_init=True, but {step_dir} has no config with a model section (in '
+      'config/metadata or its workdir config.json); set the model fields instead'
   )
 
 

@@ -21,6 +21,18 @@ from euro_lm.sharding import MESH_AXES, MeshError, batch_mesh_axes, logical_rule
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 CORPORA = ('embedded', 'prepared')
+# Model fields that say how a run computes, not what the model is: `train.model_from_init`
+# keeps this config's.
+MODEL_RUN_FIELDS = (
+    'compute_dtype',
+    'attention_impl',
+    'pallas_backend',
+    'remat_policy',
+    'loss_chunk_length',
+    'lora_rank',
+    'lora_alpha',
+    'lora_targets',
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -82,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.save_failure = 'stop'  # failed checkpoint save: stop (at the next step) | retry (once)
   t.resume_fallback = False  # newest checkpoint corrupt: resume from the newest intact one
   t.init_from = ''  # new run: parameters from this checkpoint (workdir or step dir)
+  t.model_from_init = False  # the model's architecture fields from init_from's config (not
+  # MODEL_RUN_FIELDS: dtype, attention, remat, loss chunking, LoRA stay this config's)
   t.nonfinite_policy = 'stop'  # non-finite loss/gradient: stop | skip (the update)
   t.max_skipped_in_a_row = 10  # skip: stop after more consecutive skipped updates than this
   t.skip_grad_norm_above = 0.0  # skip: also skip updates whose gradient norm exceeds this; 0 off
@@ -145,6 +159,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.unimax_max_epochs = 4.0  # unimax: most passes over any language in train.steps
   d.mixture_groups = ''  # groups: 'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5' (natural within)
   d.mixture_min_share = 0.0  # groups: floor for every language's share
+  d.chat_files = ''  # fine-tuning: conversation files (JSONL/Parquet globs, comma-separated);
+  # non-empty replaces the corpus with them (add_bos/add_eos: the template decides)
+  d.chat_template = ''  # '' the tokenizer folder's (else the default) | default | a .jinja file
+  d.prompt_loss = False  # also train on the prompt (system/user turns, headers)
+  d.chat_messages_field = 'messages'  # the field/column holding each conversation's messages
+  d.chat_language_field = ''  # the field with each conversation's language; '' all are 'und'
+  d.replay_fraction = 0.0  # fine-tuning: share of tokens replayed from data.corpus (its
+  # languages at their natural shares), against forgetting; 0 off
 
   c.distributed = x = ml_collections.ConfigDict()
   x.initialize = 'auto'  # auto (if a cluster env is detected) | always | never
@@ -181,6 +203,17 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def model_from(config, source: dict) -> ml_collections.ConfigDict:
+  """`config` with the model fields of `source` (a run's config as a dict) except
+  MODEL_RUN_FIELDS: what `train.model_from_init` does."""
+  config = config.copy_and_resolve_references()
+  unknown = sorted(set(source) - set(config.model))
+  if unknown:
+    raise ConfigError(f'train.init_from: its model has fields this euro_lm lacks: {unknown}')
+  config.model.update({k: v for k, v in source.items() if k not in MODEL_RUN_FIELDS})
+  return config
 
 
 def _check(ok, message):
@@ -356,6 +389,25 @@ def validate(config, num_devices, process_count=1, device=None):
       not m.rope_local_theta or m.sliding_window_pattern,
       f'model.rope_local_theta={m.rope_local_theta} needs model.sliding_window_pattern > 0 '
       '(which layers are local)',
+  )
+  _check(
+      not t.model_from_init or t.init_from,
+      'train.model_from_init=True needs train.init_from (the checkpoint whose model to tune)',
+  )
+  for field in ('chat_template', 'chat_language_field', 'prompt_loss'):
+    _check(
+        not config.data[field] or config.data.chat_files,
+        f'data.{field}={config.data[field]!r} needs data.chat_files (the conversations)',
+    )
+  r = config.data.replay_fraction
+  _check(math.isfinite(r) and 0 <= r < 1, f'data.replay_fraction={r} must be in [0, 1)')
+  _check(
+      not r or config.data.chat_files,
+      f'data.replay_fraction={r} needs data.chat_files (replay is for fine-tuning)',
+  )
+  _check(
+      not config.data.chat_files or config.data.chat_messages_field,
+      'data.chat_messages_field must name the field holding the messages',
   )
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
   _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')

@@ -1,7 +1,8 @@
 """Text generation from a training run's checkpoint, with a KV cache.
 
 `python -m euro_lm.generate --workdir=DIR --prompt "Once" [--prompt "Il était"]
-[--max_new_tokens=64] [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--seed=0] [--step=N]`
+[--max_new_tokens=64] [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--seed=0] [--step=N]
+[--chat]`
 
 All prompts run as one left-padded batch; `--temperature=0` is greedy. Library use:
 `euro_lm.inference.load_run(workdir)` then `complete(run, prompts, ...)`.
@@ -21,6 +22,11 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling mass; 1 is off.')
 _SEED = flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the newest.')
+_CHAT = flags.DEFINE_bool(
+    'chat',
+    False,
+    "Each prompt is a user message in the run's chat template; answers end at its turn end.",
+)
 
 
 def main(argv):
@@ -38,10 +44,11 @@ def main(argv):
       top_k=_TOP_K.value,
       top_p=_TOP_P.value,
       seed=_SEED.value,
+      chat_messages=_CHAT.value,
   )
   print(f'# {run.step_dir}')
   for prompt, text in zip(_PROMPT.value, texts):
-    print(f'--- {prompt!r}\n{prompt}{text}')
+    print(f'--- {prompt!r}\n{text}' if _CHAT.value else f'--- {prompt!r}\n{prompt}{text}')
 
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ from flax import linen as nn
 
 from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
 from euro_lm.config import base_config
+from euro_lm.data import chat
+from euro_lm.data.dataset import chat_template_of_run
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
 from euro_lm.errors import ConfigError, UserError
 from euro_lm.model.decoder import Decoder
@@ -100,11 +102,36 @@ def load_run(workdir, step=None, *, config=None, mesh=None, rules=None):
   return Run(config, model, params, tokenizer, str(step_dir), shardings)
 
 
-def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0):
-  """The completion text of each prompt (without the prompt and the EOS)."""
+def chat_template(run) -> str:
+  """The template a fine-tuning run trained with, else its tokenizer folder's (or the
+  default, see euro_lm.data.chat.chat_template_for)."""
+  workdir = os.path.dirname(os.path.dirname(run.step_dir))
+  return chat_template_of_run(workdir) or chat.chat_template_for(run.tokenizer)
+
+
+def complete(
+    run,
+    prompts,
+    *,
+    max_new_tokens=64,
+    temperature=0.8,
+    top_k=0,
+    top_p=0.95,
+    seed=0,
+    chat_messages=False,
+):
+  """The completion text of each prompt (without the prompt and the EOS). With
+  `chat_messages` each prompt is a user message, rendered with `chat_template(run)` and
+  its generation prompt; the answer ends at the template's end of turn."""
   tok = run.tokenizer
-  bos = [tok.bos_id] if run.config.data.add_bos else []
-  ids = [bos + tok.encode(p) for p in prompts]
+  stop = tok.eos_id
+  if chat_messages:
+    template = chat_template(run)
+    ids = [chat.encode_chat(tok, template, [{'role': 'user', 'content': p}], True) for p in prompts]
+    stop = chat.end_of_turn_id(tok, template) or stop
+  else:
+    bos = [tok.bos_id] if run.config.data.add_bos else []
+    ids = [bos + tok.encode(p) for p in prompts]
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)
   out = generate(
@@ -114,7 +141,7 @@ def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p
       lengths_B,
       jax.random.key(seed),
       max_new_tokens=max_new_tokens,
-      eos_id=-1 if tok.eos_id is None else tok.eos_id,  # -1: no id stops a row
+      eos_id=-1 if stop is None else stop,  # -1: no id stops a row
       num_tokens=tok.vocab_size,
       pad_id=pad_id,
       temperature=temperature,
@@ -124,6 +151,6 @@ def complete(run, prompts, *, max_new_tokens=64, temperature=0.8, top_k=0, top_p
   tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
   texts = []
   for row, length in zip(tokens_BN, lengths_B):
-    row = [int(t) for t in row[:length] if t != tok.eos_id]
+    row = [int(t) for t in row[:length] if t not in (tok.eos_id, stop)]
     texts.append(tok.decode(row))
   return texts

@@ -358,6 +358,21 @@ def chat_example(
   return np.asarray(ids, np.int32), mask
 
 
+def end_of_turn_id(tokenizer: Tokenizer, template: str) -> int | None:
+  """The id of the marker that ends an assistant turn (`<|eot_id|>`, `<|im_end|>`, ...):
+  the last masked token of a probe conversation, if two probes with different answers
+  share it (a turn that ends in its text has no marker: None). Generation stops there."""
+  last = set()
+  for answer in ('Hallo', 'Tschüss!'):
+    messages = [{'role': 'user', 'content': 'Wie?'}, {'role': 'assistant', 'content': answer}]
+    try:
+      ids, mask = chat_example(tokenizer, template, messages)
+    except ConversationError:
+      return None
+    last.add(int(ids[np.flatnonzero(mask)[-1]]))
+  return last.pop() if len(last) == 1 else None
+
+
 def add_chat_tokens(
     tokenizer: Tokenizer, output: str, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS
 ) -> list[str]:

@@ -1,13 +1,14 @@
 """The data the trainer needs: tokenizer, training batches, validation sets."""
 
 import dataclasses
+import glob
 import os
 
 import ml_collections
 import numpy as np
 
-from euro_lm.data import corpus, mixture, pipeline, prepared
-from euro_lm.data.streams import PackedStreams, process_streams
+from euro_lm.data import chat, conversations, corpus, mixture, pipeline, prepared
+from euro_lm.data.streams import REPLAY_PREFIX, PackedStreams, process_streams
 from euro_lm.data.tokenizer import (
     MODEL_TYPES,
     SENTENCEPIECE_MODEL,
@@ -19,6 +20,10 @@ from euro_lm.data.tokenizer import (
 )
 from euro_lm.errors import ConfigError
 
+# The chat template a fine-tuning run trains with, in its workdir.
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'
+# The language of conversations without a language field.
+UNDETERMINED = 'und'
 # Bounds the text a tokenizer trains on, shared equally by the languages.
 _TOKENIZER_TRAINING_CHARS = 20_000_000
 
@@ -57,7 +62,12 @@ def make_data(
         f'train.global_batch_size={global_batch_size} is not divisible by'
         f' the {process_count} processes.'
     )
-  if config.data.corpus == 'embedded':
+  chat_files = bool(config.data.chat_files)
+  if chat_files:
+    tokenizer, train_tokens, valid, token_counts = _conversations(
+        config, workdir, write=process_index == 0
+    )
+  elif config.data.corpus == 'embedded':
     tokenizer, train_tokens, valid, token_counts = _embedded(config, workdir)
   elif config.data.corpus == 'prepared':
     tokenizer, train_tokens, valid, token_counts = _prepared(config)
@@ -65,10 +75,17 @@ def make_data(
     raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.')
   batch_size = global_batch_size // process_count
   seq_len = config.train.seq_len
-  schedule = mixture_schedule(config, token_counts)
+  if set(token_counts) == {UNDETERMINED}:  # conversations without languages: one pool
+    weights_at = lambda step: {UNDETERMINED: 1.0}  # noqa: E731
+  else:
+    weights_at = mixture_schedule(config, token_counts).weights_at
+  if chat_files and config.data.replay_fraction:
+    weights_at = _with_replay(
+        config, workdir, tokenizer, weights_at, train_tokens, valid, token_counts
+    )
   train_streams = PackedStreams(
       train_tokens,
-      schedule.weights_at,
+      weights_at,
       mean_document_tokens={
           tag: token_counts[tag] / max(len(docs), 1) for tag, docs in train_tokens.items()
       },
@@ -76,8 +93,10 @@ def make_data(
       num_streams=global_batch_size,
       streams=process_streams(global_batch_size, process_index, process_count),
       seed=config.data.seed,
-      bos_id=tokenizer.bos_id if config.data.add_bos else None,
-      eos_id=tokenizer.eos_id if config.data.add_eos else None,
+      # A conversation's markers are its template's.
+      bos_id=tokenizer.bos_id if config.data.add_bos and not chat_files else None,
+      eos_id=tokenizer.eos_id if config.data.add_eos and not chat_files else None,
+      masked=chat_files,
   )
   valid_batches = {
       tag: pipeline.make_eval_batches(
@@ -88,8 +107,9 @@ def make_data(
           max_batches=config.train.eval_batches,
           process_index=process_index,
           process_count=process_count,
-          add_bos=config.data.add_bos,
-          add_eos=config.data.add_eos,
+          # Text (not conversations) has the document markers.
+          add_bos=config.data.add_bos and not isinstance(valid[tag][0], tuple),
+          add_eos=config.data.add_eos and not isinstance(valid[tag][0], tuple),
       )
       for tag in sorted(valid)
   }
@@ -107,6 +127,133 @@ def _embedded(config, workdir):
   }
   token_counts = {tag: sum(map(len, d)) for tag, d in train_tokens.items()}
   return tokenizer, train_tokens, valid, token_counts
+
+
+def chat_template_of_run(workdir: str) -> str | None:
+  """The chat template a fine-tuning run in `workdir` trained with (written by
+  `make_data`), or None: what export puts in tokenizer_config.json."""
+  path = os.path.join(workdir, CHAT_TEMPLATE_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return f.read()
+
+
+class _Replayed:
+  """Pretraining documents as a masked stream's (ids with BOS/EOS, None: all in the loss)."""
+
+  def __init__(self, documents, bos, eos):
+    self._documents, self._bos, self._eos = documents, bos, eos
+
+  def __len__(self):
+    return len(self._documents)
+
+  def __getitem__(self, index):
+    ids = np.asarray(self._documents[index], np.int32)
+    return np.concatenate([self._bos, ids, self._eos]).astype(np.int32), None
+
+
+def _with_replay(config, workdir, tokenizer, weights_at, train_tokens, valid, token_counts):
+  """Adds `data.corpus`'s languages as `replay-<tag>` sources (in place) and returns the
+  weights: the conversations' scaled to 1 - data.replay_fraction, the replayed languages'
+  natural shares to the rest. Replay validation sets are scored as text."""
+  d = config.data
+  if d.corpus == 'embedded':
+    replay_tokenizer, replay_tokens, replay_valid, replay_counts = _embedded(config, workdir)
+  else:
+    replay_tokenizer, replay_tokens, replay_valid, replay_counts = _prepared(config)
+  if replay_tokenizer.fingerprint != tokenizer.fingerprint:
+    raise ConfigError(
+        f'data.replay_fraction: data.corpus={d.corpus!r} is tokenized with another tokenizer'
+        f' ({replay_tokenizer.path}) than the conversations ({tokenizer.path})'
+    )
+  bos = [tokenizer.bos_id] if d.add_bos and tokenizer.bos_id is not None else []
+  eos = [tokenizer.eos_id] if d.add_eos and tokenizer.eos_id is not None else []
+  total = sum(replay_counts.values())
+  replay_shares = {}
+  for tag in replay_tokens:
+    name = REPLAY_PREFIX + tag
+    train_tokens[name] = _Replayed(replay_tokens[tag], bos, eos)
+    valid[name] = replay_valid[tag]
+    token_counts[name] = replay_counts[tag]
+    replay_shares[name] = d.replay_fraction * replay_counts[tag] / total
+
+  def with_replay(step):
+    weights = weights_at(step)
+    scale = (1 - d.replay_fraction) / sum(weights.values())
+    return {**{tag: w * scale for tag, w in weights.items()}, **replay_shares}
+
+  return with_replay
+
+
+def _chat_template(config, tokenizer):
+  """The Jinja template `data.chat_template` names (see config.py)."""
+  name = config.data.chat_template
+  if name == 'default':
+    return chat.DEFAULT_TEMPLATE
+  if not name:
+    return chat.chat_template_for(tokenizer)
+  try:
+    with open(name, encoding='utf-8') as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f'data.chat_template={name!r}: cannot read it: {e}') from None
+
+
+def _conversations(config, workdir, write):
+  """Like `_embedded`, from `data.chat_files`: (ids, loss_mask) pairs per language, every
+  k-th conversation of each held out. The template used is saved in the workdir."""
+  d = config.data
+  paths = []
+  for pattern in filter(None, (p.strip() for p in d.chat_files.split(','))):
+    found = sorted(glob.glob(pattern))
+    if not found:
+      raise ConfigError(f'data.chat_files: {pattern!r} matches no file')
+    paths.extend(found)
+  path = d.tokenizer_path or run_tokenizer(workdir)
+  if not path:
+    raise ConfigError(
+        'data.chat_files needs a tokenizer: set train.init_from (its tokenizer) or'
+        ' data.tokenizer_path'
+    )
+  tokenizer = load_tokenizer(path)
+  _check_tokenizer(tokenizer, config, path, markers=False)
+  template = _chat_template(config, tokenizer)
+  source = conversations.ConversationSource(
+      messages_field=d.chat_messages_field, language_field=d.chat_language_field
+  )
+  # Longer than a row (its seq_len inputs and the last target): a too_long bad record.
+  examples, reports = conversations.read_examples(
+      source,
+      paths,
+      tokenizer,
+      template,
+      prompt_loss=d.prompt_loss,
+      max_length=config.train.seq_len + 1,
+  )
+  for report in reports if write else ():  # one process says it
+    for kind, bad in sorted(report.kinds.items()):
+      print(
+          f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
+          f'left out; the first: {bad.reason}'
+      )
+  by_language = {}
+  for example in examples:
+    by_language.setdefault(example.language or UNDETERMINED, []).append(
+        (example.ids, example.loss_mask)
+    )
+  by_language = corpus.select_languages(by_language, d.languages)
+  if not by_language:
+    raise ConfigError(f'data.chat_files={d.chat_files!r}: no usable conversation')
+  train, valid = corpus.split_train_valid(by_language, d.valid_fraction)
+  token_counts = {tag: sum(len(ids) for ids, _ in docs) for tag, docs in train.items()}
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    target = os.path.join(workdir, CHAT_TEMPLATE_FILE)
+    with open(target + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(template)
+    os.replace(target + '.tmp', target)
+  return tokenizer, train, valid, token_counts
 
 
 class _AllBut:
@@ -158,10 +305,11 @@ def _prepared(config):
   return tokenizer, train_tokens, valid, token_counts
 
 
-def _check_tokenizer(tokenizer, config, path):
+def _check_tokenizer(tokenizer, config, path, markers=True):
   """The embedding needs a row per piece. More rows than pieces (a padded vocabulary, as
   many released models have) is valid: those ids never occur in the data, and generation
-  never samples them. The document markers data.add_bos/add_eos ask for must exist."""
+  never samples them. The document markers data.add_bos/add_eos ask for must exist
+  (`markers`; conversations have their template's)."""
   vocab_size = config.model.vocab_size
   if tokenizer.vocab_size > vocab_size:
     raise ConfigError(
@@ -171,7 +319,7 @@ def _check_tokenizer(tokenizer, config, path):
   for field, token_id, name in (
       ('add_bos', tokenizer.bos_id, 'BOS'),
       ('add_eos', tokenizer.eos_id, 'EOS'),
-  ):
+  )[: 2 if markers else 0]:
     if config.data[field] and token_id is None:
       raise ConfigError(
           f'data.{field}=True, but the tokenizer {path} has no {name} token; set'

@@ -13,7 +13,8 @@ packed back to back
 (concatenate-then-split): a document that does not fit a row continues in the
 next one, where its segment starts again at position 0. Attention must not
 cross segments, and the loss weights are `segment_ids != 0`: the train loop
-computes them, the pipeline does not ship them.
+computes them, the pipeline does not ship them. Conversations, (ids, loss_mask) pairs,
+also give `loss_mask` (the mask of each target), which the weights multiply.
 """
 
 import itertools
@@ -25,6 +26,7 @@ import numpy as np
 from euro_lm.data.tokenizer import Tokenizer
 
 FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
+LOSS_MASK = 'loss_mask'  # the train step's name for it too (euro_lm.train.step)
 
 
 def _check_process(process_index: int, process_count: int):
@@ -37,6 +39,9 @@ def _tokenize_fn(tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
   eos = [tokenizer.eos_id] if add_eos else []
 
   def tokenize(doc) -> dict[str, np.ndarray]:
+    if isinstance(doc, tuple):  # a conversation: its template wrote any markers
+      ids, mask = (np.asarray(x, np.int32) for x in doc)
+      return {'inputs': ids[:-1], 'targets': ids[1:], LOSS_MASK: mask[1:]}
     ids = tokenizer.encode(doc) if isinstance(doc, str) else doc  # text or token ids
     tokens = np.asarray([*bos, *ids, *eos], np.int32)
     return {'inputs': tokens[:-1], 'targets': tokens[1:]}
@@ -44,22 +49,28 @@ def _tokenize_fn(tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
   return tokenize
 
 
-def _pack(examples: grain.IterDataset, seq_len: int, pad_id: int) -> grain.IterDataset:
+def _pack(
+    examples: grain.IterDataset, seq_len: int, pad_id: int, masked: bool
+) -> grain.IterDataset:
   """Concatenates examples and splits them into rows of `seq_len` tokens."""
-  # inputs and targets of an example have equal lengths, so both features
-  # split at the same points and share segment ids and positions.
+  # inputs and targets (and loss_mask) of an example have equal lengths, so all
+  # features split at the same points and share segment ids and positions.
+  features = ('inputs', 'targets', LOSS_MASK) if masked else ('inputs', 'targets')
   packed = grain.experimental.ConcatThenSplitIterDataset(
-      examples, length_struct={'inputs': seq_len, 'targets': seq_len}
+      examples, length_struct={name: seq_len for name in features}
   )
 
   def to_row(packed_row):
     padding = packed_row['inputs_segment_ids'] == 0
-    return {
+    row = {
         'inputs': np.where(padding, pad_id, packed_row['inputs']),
         'targets': np.where(padding, pad_id, packed_row['targets']),
         'segment_ids': packed_row['inputs_segment_ids'],
         'positions': packed_row['inputs_positions'],
     }
+    if masked:
+      row[LOSS_MASK] = np.where(padding, 0, packed_row[LOSS_MASK]).astype(np.int32)
+    return row
 
   return packed.map(to_row)
 
@@ -97,9 +108,13 @@ def make_eval_batches(
   pad_id = _padding_id(tokenizer)
   tokenize = _tokenize_fn(tokenizer, add_bos, add_eos)
   examples = grain.MapDataset.source(docs).map(tokenize).to_iter_dataset()
+  masked = bool(len(docs)) and isinstance(docs[0], tuple)
+  features = (*FEATURES, LOSS_MASK) if masked else FEATURES
   rows_per_step = batch_size * process_count
   rows = list(
-      itertools.islice(_pack(examples, seq_len, pad_id), max_batches * rows_per_step or None)
+      itertools.islice(
+          _pack(examples, seq_len, pad_id, masked), max_batches * rows_per_step or None
+      )
   )
   num_batches = -(-len(rows) // rows_per_step)
   padding_row = {
@@ -108,6 +123,8 @@ def make_eval_batches(
       'segment_ids': np.zeros(seq_len, np.int32),
       'positions': np.zeros(seq_len, np.int32),
   }
+  if masked:
+    padding_row[LOSS_MASK] = np.zeros(seq_len, np.int32)
   rows += [padding_row] * (num_batches * rows_per_step - len(rows))
   own_rows = rows[process_index::process_count]
   token_bytes = tokenizer.token_bytes()
@@ -115,10 +132,11 @@ def make_eval_batches(
   for start in range(0, len(own_rows), batch_size):
     batch = {
         name: np.stack([row[name] for row in own_rows[start : start + batch_size]])
-        for name in FEATURES
+        for name in features
     }
-    batch['target_bytes'] = np.where(
-        batch['segment_ids'] != 0, token_bytes[batch['targets']], 0
-    ).astype(np.int32)
+    counted = batch['segment_ids'] != 0
+    if masked:
+      counted &= batch[LOSS_MASK] != 0
+    batch['target_bytes'] = np.where(counted, token_bytes[batch['targets']], 0).astype(np.int32)
     batches.append(batch)
   return batches

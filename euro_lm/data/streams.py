@@ -12,6 +12,13 @@ every step comes from stream b, an independent packer with its own document sequ
   and together walk each language's epochs in order;
 - documents are `[bos] + tokens + [eos]`, concatenated and split into `seq_len` rows with
   segment ids (1, 2, ... per piece; 0 is padding) and positions restarting per piece.
+- with `masked=True` a document is a pair (ids, loss_mask) (a conversation, see
+  euro_lm.data.chat) and rows also carry `loss_mask`: at input position k, the mask of the
+  target token k + 1, so the loss counts exactly the tokens the mask marks. A conversation
+  that does not fit the rest of a row starts the next one (the rest is padding, segment 0),
+  so only one longer than a whole row is ever cut (make_data refuses those). Sources named
+  `replay-<tag>` hold (ids, None): pretraining text replayed during fine-tuning, all in the
+  loss and packed as documents are.
 
 A process owns a contiguous block of streams and reads only their documents. The state is
 a few integers per stream, so a checkpoint taken with P processes restores with any P'
@@ -33,6 +40,9 @@ import numpy as np
 from euro_lm.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
+# Sources of a masked stream named with this prefix are replayed pretraining text: whole
+# documents in the loss, cut at row ends like any document.
+REPLAY_PREFIX = 'replay-'
 
 
 def _hash(a, b, c):
@@ -104,8 +114,10 @@ class PackedStreams:
     streams: the stream ids this process produces (see `process_streams`).
     seed: the data seed.
     bos_id, eos_id: added around every document (None leaves that end bare).
+    masked: documents are (ids, loss_mask) pairs; rows get `loss_mask` (see above).
 
-  Rows are always full (sources repeat endlessly), so training rows hold no padding.
+  Rows are always full (sources repeat endlessly), so training rows of documents hold no
+  padding; rows of conversations end in padding where the next one does not fit.
   """
 
   def __init__(
@@ -120,6 +132,7 @@ class PackedStreams:
       seed: int,
       bos_id: int | None,
       eos_id: int | None,
+      masked: bool = False,
   ):
     self._languages = sorted(sources)
     for language in self._languages:
@@ -135,6 +148,7 @@ class PackedStreams:
     self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
     self._streams = list(streams)
     self._bos, self._eos = bos_id, eos_id
+    self._masked = masked
     # A language's key seeds its document order; a fresh run numbers them in sorted order.
     self._keys = {language: key for key, language in enumerate(self._languages)}
     self._dropped = {}  # languages a resumed run left out: their saved keys and sizes
@@ -263,12 +277,18 @@ class PackedStreams:
     return totals
 
   def packing_stats(self):
-    """Rows hold no padding (concatenate-then-split), so the cost of packing is documents
-    cut at row ends: `continued_fraction` is the share of row pieces that continue a
-    document begun in the previous row."""
+    """Document rows hold no padding (concatenate-then-split), so the cost of packing is
+    documents cut at row ends: `continued_fraction` is the share of row pieces that continue
+    a document begun in the previous row. Conversations (masked) are never cut, so their
+    cost is `padding_fraction`, the share of row tokens left as padding."""
     pieces = sum(s['pieces'] for s in self._state.values())
     continued = sum(s['continued'] for s in self._state.values())
-    return {'padding_fraction': 0.0, 'continued_fraction': continued / max(pieces, 1)}
+    padded = sum(s.get('padded', 0) for s in self._state.values())
+    rows = self._step * len(self._streams) * self._seq_len
+    return {
+        'padding_fraction': padded / max(rows, 1),
+        'continued_fraction': continued / max(pieces, 1),
+    }
 
   # --- packing ---------------------------------------------------------------------
 
@@ -300,13 +320,23 @@ class PackedStreams:
     return source[shuffled_index(key, len(source), position)]
 
   def _document(self, language, index):
-    tokens = np.asarray(self.document_at(language, index), np.int32)
+    """(token ids with BOS/EOS, loss mask or None when unmasked); markers count. A masked
+    stream's document with mask None (replayed text) counts whole and may be cut."""
+    document = self.document_at(language, index)
+    tokens, mask = document if self._masked else (document, None)
+    if self._masked and mask is None:
+      mask = np.ones(len(tokens), np.int32)
     parts = (
         ([[self._bos]] if self._bos is not None else [])
-        + [tokens]
+        + [np.asarray(tokens, np.int32)]
         + ([[self._eos]] if self._eos is not None else [])
     )
-    return np.concatenate(parts).astype(np.int32)
+    ids = np.concatenate(parts).astype(np.int32)
+    if mask is not None:
+      ones = [[1]] if self._bos is not None else []
+      tail = [[1]] if self._eos is not None else []
+      mask = np.concatenate([*ones, np.asarray(mask, np.int32), *tail]).astype(np.int32)
+    return ids, mask
 
   def _next_document(self, b, stream):
     languages, cumulative = self._cumulative_weights()
@@ -324,17 +354,24 @@ class PackedStreams:
     targets = np.zeros(length, np.int32)
     segment_ids = np.zeros(length, np.int32)
     positions = np.zeros(length, np.int32)
+    loss_mask = np.zeros(length, np.int32)
     filled, segment = 0, 0
     while filled < length:
       if stream['carry'] is None:
         stream['carry'] = self._next_document(b, stream)
       language, index, offset = stream['carry']
-      document = self._document(language, index)
+      document, mask = self._document(language, index)
+      whole = self._masked and not language.startswith(REPLAY_PREFIX)
       usable = len(document) - 1  # inputs are document[:-1], targets document[1:]
       take = min(usable - offset, length - filled)
       if take <= 0:  # a document too short to have a target (no BOS/EOS, <2 tokens)
         stream['carry'] = None
         continue
+      if whole and filled and take < usable - offset:
+        # A conversation is never cut: its answer would lose its prompt. The row ends in
+        # padding and the conversation opens the next one.
+        stream['padded'] = stream.get('padded', 0) + length - filled
+        break
       segment += 1
       stream['pieces'] += 1
       stream['continued'] += offset > 0
@@ -343,13 +380,18 @@ class PackedStreams:
       targets[filled:end] = document[offset + 1 : offset + take + 1]
       segment_ids[filled:end] = segment
       positions[filled:end] = np.arange(take)
+      if mask is not None:
+        loss_mask[filled:end] = mask[offset + 1 : offset + take + 1]
       stream['tokens'][language] = stream['tokens'].get(language, 0) + take
       filled = end
       offset += take
       stream['carry'] = None if offset == usable else [language, index, offset]
-    return {
+    row = {
         'inputs': inputs,
         'targets': targets,
         'segment_ids': segment_ids,
         'positions': positions,
     }
+    if self._masked:
+      row['loss_mask'] = loss_mask
+    return row

@@ -18,7 +18,7 @@ from euro_lm.hf import architectures
 from euro_lm.hf.folder import CONFIG_FILE, GENERATION_CONFIG_FILE, write_json
 from euro_lm.hf.orbax_io import CheckpointLeaves
 from euro_lm.hf.safetensors import ShardWriter
-from euro_lm.hf.tokenizer import special_ids, write_tokenizer
+from euro_lm.hf.tokenizer import special_ids, write_chat_template, write_tokenizer
 from euro_lm.model import lora
 
 # --dtype -> the dtype of the exported weights.
@@ -74,6 +74,9 @@ def export_hf(
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
   from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
+  from euro_lm.data import chat
+  from euro_lm.data.dataset import chat_template_of_run
+  from euro_lm.data.tokenizer import load_tokenizer
 
   step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
@@ -115,12 +118,18 @@ def export_hf(
     raise
 
   write_json(os.path.join(output, CONFIG_FILE), hf)
+  # A fine-tuned chat model also stops where its template ends an assistant turn.
+  template = chat_template_of_run(workdir) if tokenizer_path else None
+  turn_end = template and chat.end_of_turn_id(load_tokenizer(tokenizer_path), template)
+  stop = eos if turn_end in (None, eos) else sorted({eos, turn_end} - {None})
   write_json(
       os.path.join(output, GENERATION_CONFIG_FILE),
-      {'bos_token_id': bos, 'eos_token_id': eos, 'pad_token_id': pad, 'do_sample': False},
+      {'bos_token_id': bos, 'eos_token_id': stop, 'pad_token_id': pad, 'do_sample': False},
   )
   if tokenizer_path:
     write_tokenizer(tokenizer_path, output, log=log)
+    if template is not None:
+      write_chat_template(output, template)
   else:
     log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')

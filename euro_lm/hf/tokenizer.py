@@ -5,6 +5,7 @@ carries exactly the tokenizer, special tokens and chat template it came with. A 
 model (one euro_lm trained) gets the files transformers' LlamaTokenizer reads.
 """
 
+import json
 import os
 import shutil
 
@@ -37,6 +38,18 @@ def write_tokenizer(tokenizer_path, output, log=print):
       )
   else:
     _write_sentencepiece(tokenizer.path, output, log)
+
+
+def write_chat_template(output, template):
+  """The template a run fine-tuned with, in `tokenizer_config.json` (where serving stacks
+  read it) and `chat_template.jinja` (which transformers 5 prefers when present)."""
+  path = os.path.join(output, 'tokenizer_config.json')
+  with open(path, encoding='utf-8') as f:
+    config = json.load(f)
+  config['chat_template'] = template
+  write_json(path, config)
+  with open(os.path.join(output, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
+    f.write(template)
 
 
 def _write_sentencepiece(model_path, output, log):

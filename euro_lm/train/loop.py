@@ -16,10 +16,11 @@ from euro_lm.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
     SaveFailedError,
+    init_model_config,
     load_params,
     tokenizer_for_init,
 )
-from euro_lm.config import validate
+from euro_lm.config import model_from, validate
 from euro_lm.data import dataset
 from euro_lm.errors import UserError
 from euro_lm.evaluation.held_out import language_scores
@@ -167,6 +168,8 @@ def _train(config, workdir, preemption):
   t = config.train
   process_index, process_count = jax.process_index(), jax.process_count()
   is_chief = process_index == 0
+  if t.model_from_init and t.init_from:
+    config = model_from(config, init_model_config(t.init_from))
   degrees = validate(config, jax.device_count(), process_count, devices.describe())
   workdir = prepare_workdir(workdir)
   log = tqdm.tqdm.write if is_chief else (lambda *a, **k: None)  # prints around the bar

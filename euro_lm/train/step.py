@@ -7,15 +7,21 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from euro_lm.data import pipeline
 from euro_lm.finite import finite_flags
 from euro_lm.model import lora, loss
 from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
+# Optional: 1 where the target counts in the loss (fine-tuning on conversations).
+LOSS_MASK = pipeline.LOSS_MASK
 
 
 def _weights(batch):
-  return (batch['segment_ids'] != 0).astype(jnp.float32)  # segment 0 is padding
+  weights = (batch['segment_ids'] != 0).astype(jnp.float32)  # segment 0 is padding
+  if LOSS_MASK in batch:
+    weights *= batch[LOSS_MASK].astype(jnp.float32)
+  return weights
 
 
 def _hidden(model, params, batch):
@@ -107,7 +113,7 @@ def train_step(
   grad_fn = jax.grad(
       lambda trained, *args: _loss_sums(lora.join(frozen, trained), *args), has_aux=True
   )
-  batch = {k: batch[k] for k in BATCH_KEYS}
+  batch = {k: batch[k] for k in (*BATCH_KEYS, LOSS_MASK) if k in batch}
   if grad_accum_steps == 1:
     grads, (loss_sum, weight_sum) = grad_fn(trainable, batch, model, z_loss)
   else:
