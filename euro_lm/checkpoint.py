@@ -93,8 +93,8 @@ _QUIETED = []
 def _quiet_duplicate_orbax_reports():
   """The Checkpointer reports a failed save or restore itself, as one line. Orbax also logs
   it at ERROR with tracebacks from its threads, asyncio logs its other failed writes, and
-  the TensorStore reads a failed restore leaves behind raise 'Event loop is closed' as they
-  finish: all of these are dropped."""
+  the TensorStore reads a failed restore leaves behind raise 'Event loop is closed' or their
+  own read error as they are collected: all of these are dropped."""
   if _QUIETED:
     return
   _QUIETED.append(True)
@@ -114,9 +114,14 @@ def _quiet_duplicate_orbax_reports():
   logging.getLogger('asyncio').addFilter(lambda r: not storage_task_noise(r))
   previous = sys.unraisablehook
 
+  def from_orbax(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)  # a read coroutine left unfinished
+    return code is not None and code.co_filename.startswith(orbax_root)
+
   def hook(unraisable):
     value = unraisable.exc_value
-    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+    closed_loop = isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+    if not (closed_loop or from_orbax(unraisable)):
       previous(unraisable)
 
   sys.unraisablehook = hook
