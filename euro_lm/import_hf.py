@@ -1,4 +1,4 @@
-"""`python -m euro_lm.import_hf --hf=HFDIR --workdir=DIR [--check]`
+"""`python -m euro_lm.import_hf --hf=HFDIR --workdir=DIR [--chat_template=default|FILE] [--check]`
 
 Reads a local Hugging Face Llama-family folder (safetensors) into a params-only euro_lm
 checkpoint that `--config.train.init_from=DIR` starts from (see euro_lm.hf).
@@ -16,6 +16,13 @@ _CHECK = flags.DEFINE_bool(
     'Then run transformers on the HF folder and euro_lm on the checkpoint (float32, CPU) and'
     ' print how far their logits differ (needs the hf extra and memory for both models).',
 )
+_CHAT_TEMPLATE = flags.DEFINE_string(
+    'chat_template',
+    '',
+    "The imported tokenizer's chat template, replacing the folder's: 'default' (euro_lm's"
+    ' ChatML template; its <|im_start|>/<|im_end|> are added as single ids with new'
+    ' embedding rows if the tokenizer lacks them) or a .jinja file.',
+)
 flags.mark_flags_as_required(['hf', 'workdir'])
 
 
@@ -26,7 +33,7 @@ def main(argv):
   from euro_lm.hf import import_hf
   from euro_lm.hf.check import compare_with_transformers
 
-  import_hf(_HF.value, _WORKDIR.value)
+  import_hf(_HF.value, _WORKDIR.value, chat_template=_CHAT_TEMPLATE.value)
   if _CHECK.value:
     compare_with_transformers(_HF.value, _WORKDIR.value)
 

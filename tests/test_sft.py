@@ -133,6 +133,7 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
   assert tokenizer_config['chat_template'] == LLAMA3
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+  chat_pipeline = transformers.pipeline('text-generation', model=str(export))
   for lang, question in QUESTIONS.items():
     messages = [{'role': 'user', 'content': question.format(1000)}]  # unseen
     ids = tokenizer.apply_chat_template(
@@ -142,6 +143,9 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
       out = model.generate(**ids, max_new_tokens=20)  # the export's defaults: greedy
     # It stops at the end of the turn: <|eot_id|> is a stop token of the export.
     assert tokenizer.decode(out[0, ids['input_ids'].shape[1] :]) == ANSWERS[lang] + '<|eot_id|>'
+    # What serving code does: a chat pipeline on the folder, with its defaults.
+    (answered,) = chat_pipeline(messages, max_new_tokens=20)
+    assert answered['generated_text'][-1] == {'role': 'assistant', 'content': ANSWERS[lang]}
   # euro_lm's own generation from the workdir, as `python -m euro_lm.generate --chat`.
   run = load_run(str(workdir))
   questions = [QUESTIONS[lang].format(1000) for lang in QUESTIONS]
@@ -373,3 +377,67 @@ def test_bad_conversations_are_reported_with_file_and_line(imported, tmp_path, c
   assert f'{chats}:11: 1 bad record(s) of kind invalid_json' in out
   assert f'{chats}:12: 1 bad record(s) of kind unsupported_role' in out
   assert f'{chats}:13: 1 bad record(s) of kind too_long' in out
+
+
+def test_import_with_the_default_template_adds_its_tokens_and_embedding_rows(tmp_path):
+  """A base model whose tokenizer lacks ChatML's markers, imported with
+  chat_template='default': the markers become single ids after the last piece, the
+  embedding and output grow (to a multiple of 128 rows) with the mean row for them, every
+  other logit stays transformers', the export's template gives euro_lm's ids, and the run
+  fine-tunes from it."""
+  from euro_lm.data import chat  # pylint: disable=g-import-not-at-top
+  from tests.test_hf import HF_SHAPES, random_hf_model  # pylint: disable=g-import-not-at-top
+
+  hf_dir = tmp_path / 'hf'
+  make_tokenizer_folder('llama3', hf_dir)
+  original = load_tokenizer(str(hf_dir))
+  pieces = original.vocab_size
+  assert len(original.encode('<|im_start|>')) > 1
+  shape = {**HF_SHAPES['gqa_untied'], 'vocab_size': pieces, 'max_position_embeddings': 256}
+  base = random_hf_model(shape)
+  base.save_pretrained(hf_dir)
+  logs = []
+  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), logs.append, 'default')
+  rows = -(-(pieces + 2) // 128) * 128
+  assert config.model.vocab_size == rows
+  assert any('<|im_start|>, <|im_end|>' in line for line in logs)
+  tokenizer = load_tokenizer(config.data.tokenizer_path)
+  assert [tokenizer.encode(t) for t in chat.DEFAULT_TEMPLATE_TOKENS] == [[pieces], [pieces + 1]]
+  text = 'Grüß Gott, wie geht es dir? 123'
+  assert tokenizer.encode(text) == original.encode(text)
+
+  export = tmp_path / 'export'
+  hf.export_hf(str(tmp_path / 'imported'), str(export), dtype='float32', log=lambda *_: None)
+  grown = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+  for new, old in (
+      (grown.get_input_embeddings().weight, base.get_input_embeddings().weight),
+      (grown.get_output_embeddings().weight, base.get_output_embeddings().weight),
+  ):
+    np.testing.assert_array_equal(new[:pieces].detach(), old.detach())
+    mean = old.detach().numpy().mean(axis=0)
+    np.testing.assert_allclose(new[pieces:].detach(), np.tile(mean, (rows - pieces, 1)), atol=1e-6)
+  ids = torch.tensor([original.encode(text)])
+  with torch.no_grad():
+    np.testing.assert_allclose(grown(ids).logits[..., :pieces], base(ids).logits, atol=1e-4, rtol=0)
+  messages = [
+      {'role': 'system', 'content': 'Sei kurz.'},
+      {'role': 'user', 'content': QUESTIONS['de'].format(1)},
+      {'role': 'assistant', 'content': ANSWERS['de']},
+  ]
+  theirs = transformers.AutoTokenizer.from_pretrained(export)
+  ours, _ = chat.chat_example(tokenizer, chat.chat_template_for(tokenizer), messages)
+  assert theirs.apply_chat_template(messages)['input_ids'] == ours.tolist()
+
+  (tmp_path / 'chats').mkdir()
+  _conversations(tmp_path / 'chats' / 'train.jsonl', 20)
+  sft_config = _sft_config(
+      tmp_path,
+      **{
+          'train.steps': 2,
+          'train.eval_every': 2,
+          'train.checkpoint_every': 2,
+          'train.log_every': 1,
+      },
+  )
+  train(sft_config, str(tmp_path / 'run'))
+  assert (tmp_path / 'run' / dataset.CHAT_TEMPLATE_FILE).read_text() == chat.DEFAULT_TEMPLATE

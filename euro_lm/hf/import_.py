@@ -6,12 +6,17 @@ import shutil
 
 import numpy as np
 
+from euro_lm.data import chat
 from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_in
-from euro_lm.errors import HFError
+from euro_lm.errors import ConfigError, HFError
 from euro_lm.hf import architectures
 from euro_lm.hf.folder import CONFIG_FILE, read_config, write_json
 from euro_lm.hf.orbax_io import save_params
 from euro_lm.hf.safetensors import SafetensorsFolder
+from euro_lm.hf.tokenizer import write_chat_template
+
+# Embedding rows grown for new tokens are rounded up to this (any tensor degree divides it).
+VOCAB_MULTIPLE = 128
 
 
 def params_from_hf(folder, model, arch):
@@ -53,12 +58,17 @@ def params_from_hf(folder, model, arch):
     del leaf, first  # before the next leaf is allocated
 
 
-def import_hf(hf_dir, workdir, log=print):
+def import_hf(hf_dir, workdir, log=print, chat_template=''):
   """Writes `workdir/checkpoints/0/state` (a params-only Orbax checkpoint that
   `--config.train.init_from=workdir` reads), `workdir/config.json`,
   `workdir/hf_config.py` and, if the folder has one, the tokenizer's files in
   `workdir/tokenizer/` (tokenizer.json and its companions, else tokenizer.model; the
   config's data.add_bos follows what the tokenizer does by default).
+
+  `chat_template` gives the imported tokenizer a chat template (replacing the folder's):
+  'default' is euro_lm's (chat.DEFAULT_TEMPLATE), whose markers are added as single ids
+  when the tokenizer lacks them, with embedding rows for them (see `_with_new_rows`); a
+  path is a Jinja file, used as is.
 
   The checkpoint is written one leaf at a time, so host memory holds one leaf, not the
   model. Returns the euro_lm config (a ConfigDict).
@@ -76,17 +86,38 @@ def import_hf(hf_dir, workdir, log=print):
         f'{tokenizer.files[0]} has ids up to {tokenizer.vocab_size - 1}, but {config_path} has '
         f'vocab_size={model["vocab_size"]} embedding rows'
     )
+  template = _read_template(chat_template, tokenizer, hf_dir)
 
   workdir = os.path.abspath(workdir)
   step_dir = os.path.join(workdir, 'checkpoints', '0')
   if os.path.exists(step_dir):
     raise HFError(f'{step_dir} already exists; import into an empty workdir')
   os.makedirs(os.path.dirname(step_dir), exist_ok=True)
+  leaves = params_from_hf(folder, model, arch)
+  if template is not None:
+    tokenizer_dir = os.path.join(workdir, 'tokenizer')
+    added = []
+    if template == chat.DEFAULT_TEMPLATE:
+      added = chat.add_chat_tokens(tokenizer, tokenizer_dir)
+    if added:
+      pieces = tokenizer.vocab_size
+      tokenizer = load_tokenizer(tokenizer_dir)
+      rows = max(model['vocab_size'], -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+      leaves = _with_new_rows(leaves, pieces, tokenizer.vocab_size, rows)
+      log(
+          f'added {", ".join(added)} to the tokenizer as ids {pieces}-'
+          f'{tokenizer.vocab_size - 1}; embedding rows {model["vocab_size"]} -> {rows}, the '
+          "new ones the mean of the existing pieces' rows"
+      )
+      model = dict(model, vocab_size=rows)
+    else:
+      tokenizer = load_tokenizer(copy_tokenizer(tokenizer, tokenizer_dir))
+    write_chat_template(tokenizer_dir, template)
   # Written aside and renamed when complete: a failed import leaves nothing in the way of a
   # retry (nor anything that looks like a checkpoint).
   partial = f'{step_dir}.importing-{os.getpid()}'
   try:
-    save_params(partial, params_from_hf(folder, model, arch))
+    save_params(partial, leaves)
     os.rename(partial, step_dir)
   finally:
     for leftover in (partial, f'{partial}.partial_save'):  # Orbax stages partial saves there
@@ -97,7 +128,10 @@ def import_hf(hf_dir, workdir, log=print):
   config.model.update(model)
   config.train.init_from = workdir
   if tokenizer is not None:
-    config.data.tokenizer_path = copy_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'))
+    tokenizer_dir = os.path.join(workdir, 'tokenizer')
+    if template is None:
+      copy_tokenizer(tokenizer, tokenizer_dir)
+    config.data.tokenizer_path = tokenizer_dir
     config.data.add_bos = tokenizer.adds_bos
     config.data.add_eos = tokenizer.eos_id is not None
   else:
@@ -124,6 +158,42 @@ def import_hf(hf_dir, workdir, log=print):
       + ' '.join(f'--config.{k}={v}' for k, v in overrides.items())
   )
   return config
+
+
+def _read_template(name, tokenizer, hf_dir):
+  """The template `import_hf(chat_template=name)` gives the tokenizer, or None ('')."""
+  if not name:
+    return None
+  if tokenizer is None:
+    raise HFError(f'--chat_template={name}: {hf_dir} has no tokenizer to give it to')
+  if name == 'default':
+    return chat.DEFAULT_TEMPLATE
+  try:
+    with open(name, encoding='utf-8') as f:
+      template = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise HFError(f'--chat_template={name}: cannot read it: {e}') from None
+  try:
+    chat.compile_template(template)
+  except ConfigError as e:
+    raise HFError(f'--chat_template={name}: {e}') from None
+  return template
+
+
+def _with_new_rows(leaves, pieces, vocab_size, rows):
+  """`leaves` with the embedding and output projection grown to `rows` token rows; ids
+  `pieces` to `vocab_size` - 1 (tokens just added) and the padding after them get the mean
+  of the first `pieces` rows, as transformers' resize_token_embeddings does: their logits
+  start near the average instead of dominating or vanishing."""
+  for path, leaf in leaves:
+    if path in (('embedding',), ('output',)):
+      axis = 0 if path == ('embedding',) else 1  # [V, D] and [D, V]
+      leaf = np.moveaxis(leaf, axis, 0)
+      grown = np.empty((rows,) + leaf.shape[1:], np.float32)
+      grown[: leaf.shape[0]] = leaf
+      grown[pieces:] = leaf[:pieces].mean(axis=0)
+      leaf = np.moveaxis(grown, 0, axis)
+    yield path, leaf
 
 
 def training_overrides(config, model_fields):

@@ -44,8 +44,10 @@ def write_chat_template(output, template):
   """The template a run fine-tuned with, in `tokenizer_config.json` (where serving stacks
   read it) and `chat_template.jinja` (which transformers 5 prefers when present)."""
   path = os.path.join(output, 'tokenizer_config.json')
-  with open(path, encoding='utf-8') as f:
-    config = json.load(f)
+  config = {}
+  if os.path.isfile(path):  # a SentencePiece tokenizer's folder may have none
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
   config['chat_template'] = template
   write_json(path, config)
   with open(os.path.join(output, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
