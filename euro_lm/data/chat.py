@@ -142,6 +142,30 @@ def _json(path):
   return value
 
 
+def template_named(name: str, tokenizer: Tokenizer, field: str) -> str:
+  """The template a setting `field` (data.chat_template, --chat_template) names: '' the
+  tokenizer folder's (else the default, see `chat_template_for`), 'default', or a Jinja
+  file's text.
+
+  Raises:
+    ConfigError: the file cannot be read (naming `field`).
+  """
+  if name == 'default':
+    return DEFAULT_TEMPLATE
+  if not name:
+    return chat_template_for(tokenizer)
+  try:
+    with open(name, encoding='utf-8') as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{field}={name!r}: cannot read it: {e}') from None
+
+
+def missing_tokens(tokenizer: Tokenizer, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS):
+  """Those of `tokens` the tokenizer does not encode as one id."""
+  return [t for t in tokens if len(tokenizer.encode_offsets(t)[0]) != 1]
+
+
 def chat_template_for(tokenizer: Tokenizer, template: str = '') -> str:
   """The template to render with: `template` if given (a Jinja string), else the one in the
   tokenizer's folder, else DEFAULT_TEMPLATE.
@@ -155,7 +179,7 @@ def chat_template_for(tokenizer: Tokenizer, template: str = '') -> str:
   found = load_chat_template(os.path.dirname(os.path.abspath(tokenizer.files[0])))
   if found is not None:
     return found
-  missing = [t for t in DEFAULT_TEMPLATE_TOKENS if len(tokenizer.encode_offsets(t)[0]) != 1]
+  missing = missing_tokens(tokenizer)
   if missing:
     raise ConfigError(
         f'The tokenizer {tokenizer.path} has no chat template, and the default template needs'
@@ -385,7 +409,7 @@ def add_chat_tokens(
   user-defined pieces appended to the model (matched in any text, as its chat markers are).
   Returns the tokens added.
   """
-  added = [t for t in tokens if len(tokenizer.encode_offsets(t)[0]) != 1]
+  added = missing_tokens(tokenizer, tokens)
   os.makedirs(output)
   if tokenizer.backend == 'tokenizers':
     import shutil  # pylint: disable=import-outside-toplevel

@@ -186,20 +186,6 @@ def _with_replay(config, workdir, tokenizer, weights_at, train_tokens, valid, to
   return with_replay
 
 
-def _chat_template(config, tokenizer):
-  """The Jinja template `data.chat_template` names (see config.py)."""
-  name = config.data.chat_template
-  if name == 'default':
-    return chat.DEFAULT_TEMPLATE
-  if not name:
-    return chat.chat_template_for(tokenizer)
-  try:
-    with open(name, encoding='utf-8') as f:
-      return f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f'data.chat_template={name!r}: cannot read it: {e}') from None
-
-
 def _conversations(config, workdir, write):
   """Like `_embedded`, from `data.chat_files`: (ids, loss_mask) pairs per language, every
   k-th conversation of each held out. The template used is saved in the workdir."""
@@ -218,7 +204,7 @@ def _conversations(config, workdir, write):
     )
   tokenizer = load_tokenizer(path)
   _check_tokenizer(tokenizer, config, path, markers=False)
-  template = _chat_template(config, tokenizer)
+  template = chat.template_named(d.chat_template, tokenizer, 'data.chat_template')
   source = conversations.ConversationSource(
       messages_field=d.chat_messages_field, language_field=d.chat_language_field
   )

@@ -87,6 +87,7 @@ def import_hf(hf_dir, workdir, log=print, chat_template=''):
         f'vocab_size={model["vocab_size"]} embedding rows'
     )
   template = _read_template(chat_template, tokenizer, hf_dir)
+  added = chat.missing_tokens(tokenizer) if template == chat.DEFAULT_TEMPLATE else []
 
   workdir = os.path.abspath(workdir)
   step_dir = os.path.join(workdir, 'checkpoints', '0')
@@ -94,25 +95,17 @@ def import_hf(hf_dir, workdir, log=print, chat_template=''):
     raise HFError(f'{step_dir} already exists; import into an empty workdir')
   os.makedirs(os.path.dirname(step_dir), exist_ok=True)
   leaves = params_from_hf(folder, model, arch)
-  if template is not None:
-    tokenizer_dir = os.path.join(workdir, 'tokenizer')
-    added = []
-    if template == chat.DEFAULT_TEMPLATE:
-      added = chat.add_chat_tokens(tokenizer, tokenizer_dir)
-    if added:
-      pieces = tokenizer.vocab_size
-      tokenizer = load_tokenizer(tokenizer_dir)
-      rows = max(model['vocab_size'], -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
-      leaves = _with_new_rows(leaves, pieces, tokenizer.vocab_size, rows)
-      log(
-          f'added {", ".join(added)} to the tokenizer as ids {pieces}-'
-          f'{tokenizer.vocab_size - 1}; embedding rows {model["vocab_size"]} -> {rows}, the '
-          "new ones the mean of the existing pieces' rows"
-      )
-      model = dict(model, vocab_size=rows)
-    else:
-      tokenizer = load_tokenizer(copy_tokenizer(tokenizer, tokenizer_dir))
-    write_chat_template(tokenizer_dir, template)
+  if added:  # add_chat_tokens gives them the ids after the last piece
+    pieces = tokenizer.vocab_size
+    rows = -(-(pieces + len(added)) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    rows = max(model['vocab_size'], rows)
+    leaves = _with_new_rows(leaves, pieces, rows)
+    log(
+        f'adding {", ".join(added)} to the tokenizer as ids {pieces}-'
+        f'{pieces + len(added) - 1}; embedding rows {model["vocab_size"]} -> {rows}, the '
+        "new ones the mean of the existing pieces' rows"
+    )
+    model = dict(model, vocab_size=rows)
   # Written aside and renamed when complete: a failed import leaves nothing in the way of a
   # retry (nor anything that looks like a checkpoint).
   partial = f'{step_dir}.importing-{os.getpid()}'
@@ -129,8 +122,12 @@ def import_hf(hf_dir, workdir, log=print, chat_template=''):
   config.train.init_from = workdir
   if tokenizer is not None:
     tokenizer_dir = os.path.join(workdir, 'tokenizer')
-    if template is None:
+    if added:
+      chat.add_chat_tokens(tokenizer, tokenizer_dir, added)
+    else:
       copy_tokenizer(tokenizer, tokenizer_dir)
+    if template is not None:
+      write_chat_template(tokenizer_dir, template)
     config.data.tokenizer_path = tokenizer_dir
     config.data.add_bos = tokenizer.adds_bos
     config.data.add_eos = tokenizer.eos_id is not None
@@ -166,13 +163,7 @@ def _read_template(name, tokenizer, hf_dir):
     return None
   if tokenizer is None:
     raise HFError(f'--chat_template={name}: {hf_dir} has no tokenizer to give it to')
-  if name == 'default':
-    return chat.DEFAULT_TEMPLATE
-  try:
-    with open(name, encoding='utf-8') as f:
-      template = f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise HFError(f'--chat_template={name}: cannot read it: {e}') from None
+  template = chat.template_named(name, tokenizer, '--chat_template')
   try:
     chat.compile_template(template)
   except ConfigError as e:
@@ -180,10 +171,10 @@ def _read_template(name, tokenizer, hf_dir):
   return template
 
 
-def _with_new_rows(leaves, pieces, vocab_size, rows):
-  """`leaves` with the embedding and output projection grown to `rows` token rows; ids
-  `pieces` to `vocab_size` - 1 (tokens just added) and the padding after them get the mean
-  of the first `pieces` rows, as transformers' resize_token_embeddings does: their logits
+def _with_new_rows(leaves, pieces, rows):
+  """`leaves` with the embedding and output projection grown to `rows` token rows; the ids
+  from `pieces` on (tokens just added, and the padding after them) get the mean of the
+  first `pieces` rows, as transformers' resize_token_embeddings does: their logits
   start near the average instead of dominating or vanishing."""
   for path, leaf in leaves:
     if path in (('embedding',), ('output',)):
