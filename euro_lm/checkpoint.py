@@ -34,7 +34,13 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 
 from euro_lm import checksums
 from euro_lm.config import base_config
-from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, run_tokenizer, tokenizer_in
+from euro_lm.data.tokenizer import (
+    copy_files,
+    copy_tokenizer,
+    load_tokenizer,
+    run_tokenizer,
+    tokenizer_in,
+)
 from euro_lm.errors import UserError
 from euro_lm.finite import leaf_name, nonfinite_leaves
 
@@ -162,8 +168,7 @@ class TokenizerHandler(ocp.CheckpointHandler):
 
   def save(self, directory, args):
     if jax.process_index() == 0:
-      for file in args.tokenizer.files:
-        shutil.copyfile(file, epath.Path(directory) / os.path.basename(file))
+      copy_files(args.tokenizer, str(directory))
 
   def restore(self, directory, args=None):
     return load_tokenizer(str(directory))

@@ -86,7 +86,10 @@ def copy_checkpoints(source, workdir, steps):
 def tokenizer(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tokenizer')
   dataset.make_data(config_with(BASE), str(workdir))
-  return str(workdir / 'tokenizer.model')
+  # Named as a user may name it: copies into checkpoints and workdirs still load.
+  renamed = workdir / 'euro_lm_32k.model'
+  shutil.copyfile(workdir / 'tokenizer.model', renamed)
+  return str(renamed)
 
 
 @pytest.fixture(scope='module')

@@ -93,6 +93,19 @@ def test_the_fingerprint_follows_the_ids_not_the_location(folders, tmp_path):
   assert load_tokenizer(folders['qwen2']).fingerprint != source.fingerprint
 
 
+def test_a_tokenizer_file_under_another_name_is_copied_under_its_own(folders, tmp_path):
+  """`data.tokenizer_path=.../llama3.json`: its copies (checkpoints, workdirs, imports) are
+  named tokenizer.json, the name a directory is read by."""
+  (tmp_path / 'mine').mkdir()
+  for name in os.listdir(folders['llama3']):
+    renamed = 'llama3.json' if name == 'tokenizer.json' else name
+    shutil.copyfile(os.path.join(folders['llama3'], name), tmp_path / 'mine' / renamed)
+  source = load_tokenizer(str(tmp_path / 'mine' / 'llama3.json'))
+  copy = load_tokenizer(copy_tokenizer(source, str(tmp_path / 'copy')))
+  assert sorted(os.listdir(tmp_path / 'copy')) == ['tokenizer.json', 'tokenizer_config.json']
+  assert copy.fingerprint == load_tokenizer(folders['llama3']).fingerprint
+
+
 def test_bad_tokenizer_files_are_named(folders, tmp_path):
   broken = tmp_path / 'broken'
   shutil.copytree(folders['llama3'], broken)

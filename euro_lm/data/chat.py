@@ -31,7 +31,7 @@ import jinja2.sandbox
 import jinja2.utils
 import numpy as np
 
-from euro_lm.data.tokenizer import Tokenizer
+from euro_lm.data.tokenizer import Tokenizer, copy_files, file_names
 from euro_lm.errors import ConfigError, DataError
 
 ROLES = ('system', 'user', 'assistant')
@@ -412,13 +412,9 @@ def add_chat_tokens(
   added = missing_tokens(tokenizer, tokens)
   os.makedirs(output)
   if tokenizer.backend == 'tokenizers':
-    import shutil  # pylint: disable=import-outside-toplevel
-
     import tokenizers  # pylint: disable=import-outside-toplevel
 
-    for file in tokenizer.files:
-      shutil.copyfile(file, os.path.join(output, os.path.basename(file)))
-    path = os.path.join(output, os.path.basename(tokenizer.files[0]))
+    path = copy_files(tokenizer, output)
     extended = tokenizers.Tokenizer.from_file(path)
     extended.add_special_tokens(
         [tokenizers.AddedToken(t, special=True, normalized=False) for t in added]
@@ -435,6 +431,6 @@ def add_chat_tokens(
       piece.piece = token
       piece.score = 0.0
       piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-    with open(os.path.join(output, os.path.basename(tokenizer.files[0])), 'wb') as f:
+    with open(os.path.join(output, file_names(tokenizer)[tokenizer.files[0]]), 'wb') as f:
       f.write(proto.SerializeToString())
   return added

@@ -88,6 +88,23 @@ def run_tokenizer(workdir: str) -> str | None:
   return model if os.path.isfile(model) else None
 
 
+def file_names(tokenizer: Tokenizer) -> dict[str, str]:
+  """Each of the tokenizer's files and the name its copy takes: the main file (the first)
+  the name `tokenizer_in` looks for, whatever it was called (`tok.model`, `my.json`), its
+  companions (tokenizer_config.json, ...) their own."""
+  main = TOKENIZER_JSON if tokenizer.backend == HFTokenizer.backend else SENTENCEPIECE_MODEL
+  first, *companions = tokenizer.files
+  return {first: main, **{file: os.path.basename(file) for file in companions}}
+
+
+def copy_files(tokenizer: Tokenizer, directory: str) -> str:
+  """Copies the tokenizer's files into the existing `directory` under `file_names`; returns
+  the copy of the main file."""
+  for file, name in file_names(tokenizer).items():
+    shutil.copyfile(file, os.path.join(directory, name))
+  return os.path.join(directory, file_names(tokenizer)[tokenizer.files[0]])
+
+
 def copy_tokenizer(tokenizer: Tokenizer, directory: str) -> str:
   """Copies the tokenizer's files into a new `directory`, atomically (a directory of
   another process's identical copy is kept); returns `directory`."""
@@ -95,8 +112,7 @@ def copy_tokenizer(tokenizer: Tokenizer, directory: str) -> str:
   os.makedirs(parent, exist_ok=True)
   temporary = tempfile.mkdtemp(dir=parent, prefix='.tokenizer-')
   try:
-    for file in tokenizer.files:
-      shutil.copyfile(file, os.path.join(temporary, os.path.basename(file)))
+    copy_files(tokenizer, temporary)
     os.chmod(temporary, 0o755)
     os.rename(temporary, directory)
   except OSError:

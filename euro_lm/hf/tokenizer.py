@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from euro_lm.data.tokenizer import SENTENCEPIECE_MODEL, load_tokenizer
+from euro_lm.data.tokenizer import SENTENCEPIECE_MODEL, copy_files, load_tokenizer
 from euro_lm.hf.folder import write_json
 
 # euro_lm.data.tokenizer.train_sentencepiece's ids, for a checkpoint without a tokenizer.
@@ -29,8 +29,7 @@ def write_tokenizer(tokenizer_path, output, log=print):
   """The tokenizer's files in the HF folder `output`."""
   tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.backend == 'tokenizers':
-    for file in tokenizer.files:
-      shutil.copyfile(file, os.path.join(output, os.path.basename(file)))
+    copy_files(tokenizer, output)
     if not os.path.isfile(os.path.join(output, 'tokenizer_config.json')):
       write_json(
           os.path.join(output, 'tokenizer_config.json'),
