@@ -5,6 +5,7 @@ A step's checkpoint is `<workdir>/checkpoints/<step>/` with items
   data       each process's data iterator position (restorable onto another process count)
   config     the resolved config (JSON, human-readable)
   tokenizer  the files of the tokenizer the run trains with (the checkpoint stands alone)
+  records    what the run trained on and with, up to this step (JSON; euro_lm.records)
   checksums.json  a digest of every file of those items (euro_lm.checksums), checked on restore
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it only when every item
 of every process is written, so a save cut short (SIGKILL, a node failure, a full disk)
@@ -343,9 +344,10 @@ class Checkpointer:
     due = time.monotonic() - self._last_save_time >= self._save_seconds
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
 
-  def save(self, step, state, data_iterator, config, tokenizer=None):
+  def save(self, step, state, data_iterator, config, tokenizer=None, records=None):
     """Starts an asynchronous save; returns once device arrays are copied to the host.
-    `tokenizer`'s files, if given, are copied into the checkpoint.
+    `tokenizer`'s files, if given, are copied into the checkpoint; `records` (a JSON-able
+    dict), if given, is saved as the `records` item.
 
     Refuses (CheckpointError) to write parameters that hold NaN or infinity.
     """
@@ -362,6 +364,8 @@ class Checkpointer:
     )
     if tokenizer is not None:
       items['tokenizer'] = TokenizerSave(tokenizer)
+    if records is not None:
+      items['records'] = ocp.args.JsonSave(records)
     try:
       self._manager.wait_until_finished()  # the previous save: its failure is its own
     except Exception as e:  # pylint: disable=broad-except

@@ -167,6 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.chat_language_field = ''  # the field with each conversation's language; '' all are 'und'
   d.replay_fraction = 0.0  # fine-tuning: share of tokens replayed from data.corpus (its
   # languages at their natural shares), against forgetting; 0 off
+  d.chat_source = ''  # fine-tuning: a JSON file describing where the conversations came from
+  # (euro_lm.provenance.FIELDS); '' leaves them undescribed in model cards
 
   c.distributed = x = ml_collections.ConfigDict()
   x.initialize = 'auto'  # auto (if a cluster env is detected) | always | never
@@ -394,7 +396,7 @@ def validate(config, num_devices, process_count=1, device=None):
       not t.model_from_init or t.init_from,
       'train.model_from_init=True needs train.init_from (the checkpoint whose model to tune)',
   )
-  for field in ('chat_template', 'chat_language_field', 'prompt_loss'):
+  for field in ('chat_template', 'chat_language_field', 'prompt_loss', 'chat_source'):
     _check(
         not config.data[field] or config.data.chat_files,
         f'data.{field}={config.data[field]!r} needs data.chat_files (the conversations)',

@@ -1,7 +1,10 @@
 """Writes a euro_lm checkpoint as a Hugging Face model folder (see euro_lm.hf).
 
   python -m euro_lm.export_hf --workdir=DIR --output=HFDIR [--step=N] [--dtype=bfloat16] \
-      [--check]
+      [--check] [--card_extra=FILE]
+
+Also writes README.md (the model card) and the training-content summary from the run's
+records (see euro_lm.card).
 """
 
 from absl import app, flags, logging
@@ -22,6 +25,12 @@ _CHECK = flags.DEFINE_bool(
     'Then run transformers on the HF folder and euro_lm on the checkpoint (float32, CPU) and'
     ' print how far their logits differ (needs the hf extra and memory for both models).',
 )
+_CARD_EXTRA = flags.DEFINE_string(
+    'card_extra',
+    None,
+    "The provider's Markdown for the model card: its YAML metadata (license, ...; summary:"
+    ' for the training-content summary) and ## sections merge into the generated ones.',
+)
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -39,6 +48,7 @@ def main(argv):
       dtype=_DTYPE.value,
       shard_bytes=int(_SHARD_GB.value * 2**30),
       max_position_embeddings=_MAX_POSITIONS.value,
+      card_extra=_CARD_EXTRA.value,
   )
   if _CHECK.value:
     compare_with_transformers(_OUTPUT.value, _WORKDIR.value, step=_STEP.value)

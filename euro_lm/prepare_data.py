@@ -4,7 +4,8 @@
       --tokenizer=TOKENIZER (--language_field=lang | --language=deu_Latn)
 
 Tokenizes raw JSONL (plain, .gz, .zst) or Parquet files into ArrayRecord
-shards per language and a manifest (see euro_lm.data.prepared). Re-running the
+shards per language and a manifest (see euro_lm.data.prepared). --source_name,
+--url, --license, ... (or --source_file) describe where the inputs came from. Re-running the
 same command resumes: finished input files are skipped. A truncated input, or
 one without documents, is a `warning:` line (with --strict, an error).
 """
@@ -13,8 +14,9 @@ import sys
 
 from absl import app, flags
 
-from euro_lm import cli
+from euro_lm import cli, provenance
 from euro_lm.data.prepare import source_flags
+from euro_lm.errors import ConfigError
 
 _INPUT = flags.DEFINE_list('input', None, 'Input file globs, comma-separated.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
@@ -28,7 +30,26 @@ _DOCS_PER_SHARD = flags.DEFINE_integer('docs_per_shard', 50_000, 'Documents per 
 _WORKERS = flags.DEFINE_integer(
     'workers', None, 'Processes; default: the CPUs this process may use.'
 )
+# Where the inputs came from (kept in the manifest; model cards and summaries report it).
+_PROVENANCE = {
+    field: flags.DEFINE_string(field, None, f'Source description: {meaning}.')
+    for field, meaning in provenance.FIELDS.items()
+}
+_SOURCE_FILE = flags.DEFINE_string(
+    'source_file',
+    None,
+    'A JSON file of the source fields instead of the flags (' + ', '.join(provenance.FIELDS) + ').',
+)
 flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
+
+
+def _source_record():
+  given = {field: flag.value for field, flag in _PROVENANCE.items() if flag.present}
+  if _SOURCE_FILE.value:
+    if given:
+      raise ConfigError(f'--source_file and --{next(iter(given))}: give one or the other')
+    return provenance.read_source_file(_SOURCE_FILE.value)
+  return provenance.source_record(given) if given else None
 
 
 def main(argv):
@@ -37,6 +58,7 @@ def main(argv):
   from euro_lm.data import prepared
   from euro_lm.data.prepare import shards
 
+  source_record = _source_record()
   manifest = shards.prepare(
       _INPUT.value,
       _OUTPUT.value,
@@ -45,6 +67,7 @@ def main(argv):
       docs_per_shard=_DOCS_PER_SHARD.value,
       workers=_WORKERS.value,
       progress=True,
+      source_record=source_record,
   )
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')

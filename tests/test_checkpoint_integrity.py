@@ -125,7 +125,13 @@ def test_every_file_of_a_step_has_its_digests(reference):
   with open(os.path.join(step_dir, checksums.FILE)) as f:
     recorded = json.load(f)['files']
   assert set(recorded) == set(checksums.item_files(step_dir))
-  assert {name.split(os.sep)[0] for name in recorded} == {'state', 'data', 'config', 'tokenizer'}
+  assert {name.split(os.sep)[0] for name in recorded} == {
+      'state',
+      'data',
+      'config',
+      'tokenizer',
+      'records',
+  }
   for name, entry in recorded.items():  # xxh3 of each 64 MiB block, computed here apart
     with open(os.path.join(step_dir, name), 'rb') as f:
       data = f.read()

@@ -10,6 +10,7 @@ import glob
 import os
 import struct
 
+from euro_lm import provenance
 from euro_lm.data import languages
 from euro_lm.errors import ConfigError, DataError, UserError
 
@@ -161,6 +162,30 @@ def load_embedded_corpus(doc_chars: int = 2000) -> dict[str, list[str]]:
   english_texts = (t for p in sorted(catalogs) for t in _message_texts(catalogs[p], source=True))
   texts_by_tag[english] = list(dict.fromkeys(english_texts))
   return {tag: _group(texts_by_tag[tag], doc_chars) for tag in sorted(texts_by_tag)}
+
+
+def embedded_source() -> dict:
+  """The provenance record of the embedded corpus (see euro_lm.provenance)."""
+  import django  # pylint: disable=g-import-not-at-top
+
+  return provenance.source_record(
+      {
+          'source_name': f'django-{django.__version__}-catalogs',
+          'description': (
+              f"The translation catalogs (.mo) shipped in Django {django.__version__}'s "
+              "package: its user-interface messages as Django's translators wrote them"
+          ),
+          'url': 'https://github.com/django/django',
+          'license': 'BSD-3-Clause',
+          'content_type': 'curated',
+          'category': 'other',
+          'filtering': (
+              'base locales only (regional variants left out); the translations (English: '
+              'the source strings, each once) joined with newlines into documents of about '
+              '2,000 characters'
+          ),
+      }
+  )
 
 
 def holdout_every(valid_fraction: float) -> int:

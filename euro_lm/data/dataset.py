@@ -38,6 +38,9 @@ class Data:
   # Language tag -> eval batches, the same count and shape on every process.
   valid: dict[str, list[dict[str, np.ndarray]]]
   languages: list[str]
+  # Language tag -> its training documents and their tokens (None where not counted: the
+  # documents of prepared data stay on disk; its manifest has the whole source's counts).
+  sizes: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def make_data(
@@ -113,7 +116,17 @@ def make_data(
       )
       for tag in sorted(valid)
   }
-  return Data(tokenizer, train_streams, valid_batches, sorted(train_tokens))
+  counted = chat_files or config.data.corpus == 'embedded'  # tokenized here, in memory
+  sizes = {
+      tag: {
+          'documents': len(docs),
+          'tokens': int(token_counts[tag])
+          if counted and not (tag.startswith(REPLAY_PREFIX) and config.data.corpus == 'prepared')
+          else None,
+      }
+      for tag, docs in sorted(train_tokens.items())
+  }
+  return Data(tokenizer, train_streams, valid_batches, sorted(train_tokens), sizes)
 
 
 def _embedded(config, workdir):

@@ -100,6 +100,25 @@ def process_streams(num_streams, process_index, process_count):
   return range(process_index * per_process, (process_index + 1) * per_process)
 
 
+def consumption(states: Sequence[bytes]) -> dict[str, dict]:
+  """What a run drew up to a saved step, from the data states of all its processes (a
+  checkpoint's `data` item): language -> `tokens` put in rows, `documents` begun (a
+  document cut at a row end counts once) and `training_documents` (None where the state
+  predates recording them). Exact whatever the process count and resumes before."""
+  loaded = [json.loads(s) for s in states]
+  streams = {b: v for s in loaded for b, v in s['streams'].items()}
+  saved = {**(loaded[0].get('languages') or {})} if loaded else {}
+  result = {}
+  for stream in streams.values():
+    for language in set(stream['tokens']) | set(stream['taken']):
+      entry = result.setdefault(language, {'tokens': 0, 'documents': 0})
+      entry['tokens'] += stream['tokens'].get(language, 0)
+      entry['documents'] += stream['taken'].get(language, 0)
+  for language, entry in result.items():
+    entry['training_documents'] = saved.get(language, {}).get('documents')
+  return dict(sorted(result.items()))
+
+
 class PackedStreams:
   """Iterator over this process's rows of each global batch.
 

@@ -65,19 +65,26 @@ def export_hf(
     shard_bytes=2 * 2**30,
     max_position_embeddings=None,
     log=print,
+    card_extra=None,
 ):
   """Writes the checkpoint of `workdir` (newest, or `step`) as an HF model folder of the
   architecture that `architectures.for_model` picks (Llama).
+
+  It also writes the model card and the training-content summary from the checkpoint's
+  records (euro_lm.card), merged with the provider's Markdown file `card_extra`.
 
   Returns the output directory.
   """
   if dtype not in DTYPES:
     raise HFError(f'--dtype={dtype!r} is not supported; use one of {", ".join(DTYPES)}')
+  from euro_lm import card, records
   from euro_lm.checkpoint import find_tokenizer, resolve_checkpoint
   from euro_lm.data import chat
   from euro_lm.data.dataset import chat_template_of_run
   from euro_lm.data.tokenizer import load_tokenizer
 
+  if card_extra:
+    card.read_extra(card_extra)  # a bad file stops the export before it writes
   step_dir = resolve_checkpoint(workdir, step)
   config, config_path = _load_run_config(step_dir, workdir)
   model = config['model']
@@ -132,5 +139,6 @@ def export_hf(
       write_chat_template(output, template)
   else:
     log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
+  card.write_card(output, records.report(str(step_dir)), card_extra)
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')
   return output

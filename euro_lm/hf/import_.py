@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 
+from euro_lm import provenance
 from euro_lm.data import chat
 from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_in
 from euro_lm.errors import ConfigError, HFError
@@ -61,9 +62,10 @@ def params_from_hf(folder, model, arch):
 def import_hf(hf_dir, workdir, log=print, chat_template=''):
   """Writes `workdir/checkpoints/0/state` (a params-only Orbax checkpoint that
   `--config.train.init_from=workdir` reads), `workdir/config.json`,
-  `workdir/hf_config.py` and, if the folder has one, the tokenizer's files in
-  `workdir/tokenizer/` (tokenizer.json and its companions, else tokenizer.model; the
-  config's data.add_bos follows what the tokenizer does by default).
+  `workdir/hf_config.py`, `workdir/base_model.json` (the folder's name and licence, where
+  it says them; see euro_lm.provenance.base_model_record) and, if the folder has one, the
+  tokenizer's files in `workdir/tokenizer/` (tokenizer.json and its companions, else
+  tokenizer.model; the config's data.add_bos follows what the tokenizer does by default).
 
   `chat_template` gives the imported tokenizer a chat template (replacing the folder's):
   'default' is euro_lm's (chat.DEFAULT_TEMPLATE), whose markers are added as single ids
@@ -138,6 +140,9 @@ def import_hf(hf_dir, workdir, log=print, chat_template=''):
         'refuses to train a new one)'
     )
   write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  write_json(
+      os.path.join(workdir, provenance.BASE_MODEL_FILE), provenance.base_model_record(hf_dir, hf)
+  )
   overrides = training_overrides(config, model)
   with open(os.path.join(workdir, 'hf_config.py'), 'w', encoding='utf-8') as f:
     f.write(

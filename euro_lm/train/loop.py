@@ -34,6 +34,7 @@ from euro_lm.metrics import (
     progress_bar,
 )
 from euro_lm.model import Decoder, lora, train_flops_per_token
+from euro_lm.records import RunRecords, read_records
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
 from euro_lm.train.preemption import PreemptionWatch
@@ -204,6 +205,15 @@ def _train(config, workdir, preemption):
         config, model, tx, mesh, rules, checkpointer, train_iterator, data.tokenizer, log
     )
     preemption.stop_if_signalled_before_training(log, _newest(checkpointer))
+    records = RunRecords(
+        read_records(checkpointer.step_directory(start_step)) if start_step else None,
+        config,
+        data.sizes,
+        start_step=start_step,
+        devices=jax.devices(),
+        processes=process_count,
+        started=started,
+    )
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     if is_chief:
       _write_config(workdir, config)
@@ -337,10 +347,10 @@ def _train(config, workdir, preemption):
   def save(step, state):
     save_start = time.perf_counter()
     try:
-      checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+      checkpointer.save(step, state, train_iterator, config, data.tokenizer, records.at(step))
     except SaveFailedError as e:  # the previous save's failure, or this one's start
       on_save_failure(e, step)
-      checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+      checkpointer.save(step, state, train_iterator, config, data.tokenizer, records.at(step))
     pending_timings['checkpoint/blocking_seconds'] = time.perf_counter() - save_start
 
   def final_save(step, state):
@@ -348,7 +358,7 @@ def _train(config, workdir, preemption):
     try:
       checkpointer.wait()
       if step > start_step and checkpointer.latest_step() != step:
-        checkpointer.save(step, state, train_iterator, config, data.tokenizer)
+        checkpointer.save(step, state, train_iterator, config, data.tokenizer, records.at(step))
         checkpointer.wait()
       return f'{_newest(checkpointer)}; run the same command to resume once the disk has space'
     except CheckpointError as e:

@@ -79,14 +79,17 @@ def prepare(
     docs_per_shard: int = 50_000,
     workers: int | None = None,
     progress: bool = False,
+    source_record: dict | None = None,
 ) -> dict:
   """Tokenizes the files the globs match into `output_dir`.
 
   Returns the manifest, which is also written to `output_dir/manifest.json`.
   Input files are prepared in parallel by `workers` processes (default: the
   CPUs this process may use). Files finished by an earlier run into the same
-  directory are skipped. The manifest lists this run's input files only, in
-  sorted order, so it does not depend on which worker did what.
+  directory are skipped. `source_record` (euro_lm.provenance.source_record) says where
+  the inputs came from; the manifest keeps it as `source` (None: undescribed). The
+  manifest lists this run's input files only, in sorted order, so it does not depend on
+  which worker did what.
 
   An input cut short or corrupt is prepared up to there and marked
   `truncated` in the manifest; `input_warnings` says which inputs were
@@ -138,6 +141,7 @@ def prepare(
     if receipt is None:
       raise DataError(f'{unit.input_path} changed while it was prepared; run again.')
   manifest = _build_manifest(receipts, tokenizer_info, settings)
+  manifest['source'] = source_record
   _write_json_atomically(manifest_path, manifest)
   return manifest
 
