@@ -92,8 +92,8 @@ def summary(report: dict) -> dict:
           },
           'modalities': ['text'],
           'training_data_size': {
-              'tokens_trained': tr['tokens'] if tr['tokens'] is not None else U,
-              'band': _size_band(tr['tokens']),
+              'tokens_trained': tr['content_tokens'] if tr['content_tokens'] is not None else U,
+              'band': _size_band(tr['content_tokens']),
           },
           'types_of_content': content,
           'latest_collection_date': _latest_collection(sources) if sources else U,
@@ -139,13 +139,13 @@ def _metadata(report, name):
       {records.language_code(t) for t in report['languages']} - {None},
   )
   meta = {
-      'language': languages,
+      **({'language': languages} if languages else {}),
       'library_name': 'transformers',
       'pipeline_tag': 'text-generation',
       'tags': ['euro_lm'],
   }
   base = report['base_model']
-  if base and base.get('name') and not os.path.isabs(base['name']):
+  if base and re.match(r'[\w.-]+/[\w.-]+$', base.get('name') or ''):  # a hub id, not a folder
     meta['base_model'] = base['name']
   datasets = sorted(
       {_hub_dataset(s.get('url')) for s in report['sources'].values()} - {None},
@@ -211,10 +211,15 @@ def _sections(report, summary_):
   tr = report['training']
   m = report['model']
   base = report['base_model']
+  trained = (
+      f'trained with euro_lm to step {report["step"]}'
+      if report['step']
+      else 'imported into euro_lm and not trained further'
+  )
   overview = [
       f'A decoder-only language model of {m["parameters"]:,} parameters ({m["layers"]} layers, '
       f'width {m["embed_dim"]}, vocabulary {m["vocab_size"]:,}, context {m["seq_len"]} '
-      f'tokens) trained with euro_lm to step {report["step"]}.',
+      f'tokens), {trained}.',
       '',
       f'- Provider: {g["provider"]["name"]}',
       f'- Licence: {U}',
@@ -224,9 +229,12 @@ def _sections(report, summary_):
     overview.append(
         f'- Base model: {base.get("name") or U} (its licence: {base.get("license") or U})'
     )
+  tokens = f'- Tokens: {_number(tr["tokens"])}'
+  if tr['content_tokens'] != tr['tokens']:
+    tokens += f' in training rows, {_number(tr["content_tokens"])} of them from documents'
   training = [
       f'- Steps: {tr["steps"]:,}',
-      f'- Tokens: {_number(tr["tokens"])}',
+      tokens,
       f'- Training compute: {_number(tr["flops"], "{:.3e}")} FLOPs (the model\'s count: '
       'forward and backward matmuls and attention, recomputation not counted)',
       f'- Device-hours: {_number(tr["device_hours"], "{:.4g}")} (wall-clock, counted up to '

@@ -75,31 +75,39 @@ def _imported(workdir):
     return json.load(f)
 
 
+def _corpus_source(d) -> dict:
+  """The provenance record of data.corpus, with the manifest's `size` for prepared data."""
+  if d.corpus != 'prepared':
+    return dict(corpus.embedded_source(), size=None)
+  manifest = prepared.read_manifest(d.prepared_dir)
+  name = f'prepared:{os.path.basename(os.path.normpath(d.prepared_dir))}'
+  record = manifest.get('source') or provenance.undescribed(name)
+  size = {
+      tag: {k: entry[k] for k in ('documents', 'tokens', 'bytes')}
+      for tag, entry in manifest['languages'].items()
+  }
+  return dict(record, size=size)
+
+
 def run_sources(config) -> tuple[dict, dict]:
   """({source name: provenance record, with `size` where a manifest gives it},
-  {language or replay tag: source name}) of the data a config trains on. The tags' sources
-  are decided by the config alone: the conversations (data.chat_files), else data.corpus."""
+  {'*' or the replay prefix: source name}) of the data a config trains on: the
+  conversations (data.chat_files, described by data.chat_source) and what they replay, else
+  data.corpus."""
   d = config.data
-  if d.corpus == 'prepared':
-    manifest = prepared.read_manifest(d.prepared_dir)
-    name = f'prepared:{os.path.basename(os.path.normpath(d.prepared_dir))}'
-    text = manifest.get('source') or provenance.undescribed(name)
-    text = dict(text, size={tag: {k: e[k] for k in ('documents', 'tokens', 'bytes')}
-                            for tag, e in manifest['languages'].items()})  # fmt: skip
+  if not d.chat_files:
+    text = _corpus_source(d)
+    return {text['source_name']: text}, {'*': text['source_name']}
+  if d.chat_source:
+    chat = provenance.read_source_file(d.chat_source)
   else:
-    text = dict(corpus.embedded_source(), size=None)
-  sources = {text['source_name']: text}
-  by_tag = {'*': text['source_name']}
-  if d.chat_files:
-    if d.chat_source:
-      chat = provenance.read_source_file(d.chat_source)
-    else:
-      chat = provenance.undescribed(f'conversations:{d.chat_files}', 'conversations')
-    sources = {chat['source_name']: dict(chat, size=None)}
-    by_tag = {'*': chat['source_name']}
-    if d.replay_fraction:
-      sources[text['source_name']] = text
-      by_tag[REPLAY_PREFIX] = text['source_name']
+    chat = provenance.undescribed(f'conversations:{d.chat_files}', 'conversations')
+  sources = {chat['source_name']: dict(chat, size=None)}
+  by_tag = {'*': chat['source_name']}
+  if d.replay_fraction:
+    text = _corpus_source(d)
+    sources[text['source_name']] = text
+    by_tag[REPLAY_PREFIX] = text['source_name']
   return sources, by_tag
 
 
@@ -234,6 +242,8 @@ def report(workdir: str, step: int | None = None) -> dict:
     entry['steps'] += segment['to_step'] - segment['from_step']
     entry['device_hours'] += segment['seconds'] * segment['devices'] / 3600
   t = config.get('train', {})
+  # Totals over the segments hold only where the records go back to step 0.
+  complete = bool(records) and not records.get('recorded_from_step')
   return {
       'checkpoint': str(step_dir),
       'step': step,
@@ -247,9 +257,12 @@ def report(workdir: str, step: int | None = None) -> dict:
       'training': {
           'steps': step,
           'recorded_from_step': records.get('recorded_from_step') if records else None,
-          'tokens': sum(s['tokens'] for s in segments) if records else None,
-          'flops': sum(s['flops'] for s in segments) if records else None,
-          'device_hours': sum(h['device_hours'] for h in hardware.values()) if records else None,
+          # Tokens of the documents drawn (exact, from the data state); `tokens` also counts
+          # the padding of conversation rows: it is what the FLOPs are computed over.
+          'content_tokens': sum(e['tokens'] for e in drawn.values()) if drawn else None,
+          'tokens': sum(s['tokens'] for s in segments) if complete else None,
+          'flops': sum(s['flops'] for s in segments) if complete else None,
+          'device_hours': (sum(h['device_hours'] for h in hardware.values()) if complete else None),
           'hardware': list(hardware.values()),
           'segments': segments,
           'global_batch_size': t.get('global_batch_size'),
@@ -286,7 +299,8 @@ def format_report(result: dict) -> str:
   lines = [
       f'checkpoint {result["checkpoint"]} (step {result["step"]})',
       f'model: {result["model"]["parameters"]:,} parameters',
-      f'trained: {result["step"]} steps, {known(tr["tokens"])} tokens, '
+      f'trained: {result["step"]} steps, {known(tr["tokens"])} tokens in rows '
+      f'({known(tr["content_tokens"])} of documents), '
       f'{known(tr["flops"], "{:.4g}")} FLOPs, {known(tr["device_hours"], "{:.4g}")} device-hours'
       + (f' (recorded from step {tr["recorded_from_step"]})' if tr['recorded_from_step'] else ''),
   ]

@@ -2,14 +2,15 @@
 checkpoint, and the model card and training-content summary an export writes.
 
 One real run: data prepared by `python -m euro_lm.prepare_data` with provenance flags,
-trained 2 steps in this process (8 devices), resumed to step 4 by two processes (2 devices
-each), exported at both steps. The numbers are checked against the manifest, metrics.jsonl
-and an uninterrupted one-process iterator; the card's metadata is parsed by
-huggingface_hub.
+trained 2 steps in this process (8 devices), resumed to step 4, exported at both steps;
+a slow test resumes it with two processes (2 devices each) instead. The numbers are checked
+against the manifest, metrics.jsonl and an uninterrupted one-process iterator; the card's
+metadata is parsed by huggingface_hub.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ from configs import tiny
 from euro_lm import card, provenance, records
 from euro_lm.data import corpus, dataset
 from euro_lm.data.tokenizer import train_sentencepiece
-from euro_lm.hf import export_hf
+from euro_lm.hf import export_hf, import_hf
 from euro_lm.model import train_flops_per_token
 from euro_lm.results import read_metrics
 from euro_lm.train.loop import train
@@ -51,9 +52,9 @@ OVERRIDES = {
     'train.global_batch_size': BATCH,
     'train.seq_len': SEQ,
     'train.log_every': 1,
-    'train.eval_every': 2,
+    'train.eval_every': 0,
     'train.eval_batches': 1,
-    'train.checkpoint_every': 1,
+    'train.checkpoint_every': 2,
     'train.keep_checkpoints': 4,
     'data.corpus': 'prepared',
 }
@@ -102,14 +103,23 @@ def prepared(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def run(prepared, tmp_path_factory):
-  """The workdir: steps 1-2 in this process, 3-4 in two processes."""
-  workdir = str(tmp_path_factory.mktemp('run') / 'run')
+def first_steps(prepared, tmp_path_factory):
+  """A workdir trained to step 2 in this process (8 devices); copies of it resume."""
+  workdir = str(tmp_path_factory.mktemp('first') / 'run')
   train(config_for(prepared[0], 2), workdir)
-  flags = {**OVERRIDES, 'data.prepared_dir': prepared[0], 'train.steps': 4, 'mesh.dcn_data': 2}
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  with TwoProcesses(workdir, flags, env) as processes:
-    assert_exited_0(processes.finish())
+  return workdir
+
+
+def resumed_copy(first_steps, workdir):
+  shutil.copytree(first_steps, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def run(prepared, first_steps, tmp_path_factory):
+  """The workdir: steps 1-2, then resumed for steps 3-4."""
+  workdir = resumed_copy(first_steps, str(tmp_path_factory.mktemp('run') / 'run'))
+  train(config_for(prepared[0], 4), workdir)
   return workdir
 
 
@@ -140,18 +150,22 @@ def test_bad_provenance_is_one_error_line_naming_the_flag_or_file(prepared):
   assert_one_error_line('euro_lm.prepare_data', cases, [result for _, result in prepared[1]])
 
 
-def test_tokens_per_language_are_exact_across_a_resume_and_two_processes(prepared, run):
+def reference_tokens(prepared, steps):
+  """Tokens per language that one uninterrupted process draws in `steps` steps."""
+  iterator = dataset.make_data(config_for(prepared, steps), '/nonexistent-unused').train
+  for _ in range(steps):
+    next(iterator)
+  return iterator.tokens_by_language()
+
+
+def test_tokens_flops_and_time_are_exact_across_a_resume(prepared, run):
   at_2, at_4 = records.report(run, 2), records.report(run, 4)
   metrics = {r['step']: r for r in read_metrics(run) if 'loss' in r}
-  # Step 2 was trained by one process, whose metrics count every row.
-  assert {t: e['tokens'] for t, e in at_2['languages'].items()} == {
-      t: metrics[2][f'tokens/{t}'] for t in LANGUAGES
-  }
-  # Step 4: what one uninterrupted process draws.
-  reference = dataset.make_data(config_for(prepared[0], 4), run).train
-  for _ in range(4):
-    next(reference)
-  assert {t: e['tokens'] for t, e in at_4['languages'].items()} == reference.tokens_by_language()
+  for at, step in ((at_2, 2), (at_4, 4)):  # one process: its metrics count every row
+    assert {t: e['tokens'] for t, e in at['languages'].items()} == {
+        t: metrics[step][f'tokens/{t}'] for t in LANGUAGES
+    }
+  assert {t: e['tokens'] for t, e in at_4['languages'].items()} == reference_tokens(prepared[0], 4)
   assert sum(e['tokens'] for e in at_4['languages'].values()) == 4 * BATCH * SEQ
   with open(os.path.join(prepared[0], 'manifest.json')) as f:
     manifest = json.load(f)
@@ -165,11 +179,29 @@ def test_tokens_per_language_are_exact_across_a_resume_and_two_processes(prepare
   config = config_for(prepared[0], 4)
   assert tr['flops'] == train_flops_per_token(config.model, SEQ) * 4 * BATCH * SEQ
   segments = [(s['from_step'], s['to_step'], s['devices'], s['processes']) for s in tr['segments']]
-  assert segments == [(0, 2, 8, 1), (2, 4, 4, 2)]
+  assert segments == [(0, 2, 8, 1), (2, 4, 8, 1)]
   assert tr['device_hours'] == pytest.approx(
       sum(s['seconds'] * s['devices'] for s in tr['segments']) / 3600
   )
+  assert at_2['training']['segments'] == tr['segments'][:1]  # step 2 reports step 2
   assert at_4['sources']['catalogs-test']['tokens_trained'] == 4 * BATCH * SEQ
+
+
+@pytest.mark.slow  # two more processes (~30 s on 2 cores); the one-process resume is above
+def test_two_processes_resuming_a_run_add_their_tokens_and_devices(prepared, first_steps, tmp_path):
+  workdir = resumed_copy(first_steps, str(tmp_path / 'run'))
+  flags = {**OVERRIDES, 'data.prepared_dir': prepared[0], 'train.steps': 4, 'mesh.dcn_data': 2}
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  with TwoProcesses(workdir, flags, env) as processes:
+    assert_exited_0(processes.finish())
+  at_4 = records.report(workdir, 4)
+  assert {t: e['tokens'] for t, e in at_4['languages'].items()} == reference_tokens(prepared[0], 4)
+  segments = at_4['training']['segments']
+  assert [(s['from_step'], s['to_step'], s['devices'], s['processes']) for s in segments] == [
+      (0, 2, 8, 1),
+      (2, 4, 4, 2),
+  ]
+  assert at_4['training']['tokens'] == 4 * BATCH * SEQ
 
 
 def _card(folder):
@@ -259,30 +291,45 @@ def test_report_command_prints_the_records_of_a_step(run):
   assert f'trained: 2 steps, {2 * BATCH * SEQ:,} tokens' in text
 
 
-def test_an_imported_model_keeps_its_name_and_licence(run, exported, tmp_path):
+def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
+  # step4's export has a card whose metadata says apache-2.0 (from --card_extra).
+  workdir = str(tmp_path / 'imported')
+  import_hf(exported[4], workdir, log=lambda *a: None)
+  base = records.base_model_of(workdir)  # what a run with train.init_from=workdir keeps
+  assert base == {'name': 'step4', 'license': 'apache-2.0', 'path': exported[4]}
+  assert records.base_model_of(os.path.join(workdir, 'checkpoints', '0')) == base
+  export_hf(workdir, str(tmp_path / 'again'), log=lambda *a: None)
+  again = _card(str(tmp_path / 'again'))
+  assert 'imported into euro_lm and not trained further' in again.text
+  assert 'Base model: step4 (its licence: apache-2.0)' in again.text
+  assert again.data.base_model is None  # a folder's name is not a hub id
+  assert again.data.license is None  # the base model's licence is not the provider's choice
+  # A hub id in the config's _name_or_path goes into the metadata; no README: no licence.
   hf_dir = tmp_path / 'Llama-Base'
   hf_dir.mkdir()
-  (hf_dir / 'config.json').write_text(json.dumps({'_name_or_path': 'example/llama-base'}))
-  (hf_dir / 'README.md').write_text('---\nlicense: llama3.2\n---\n# Llama\n')
-  record = provenance.base_model_record(str(hf_dir), {'_name_or_path': 'example/llama-base'})
-  assert record == {'name': 'example/llama-base', 'license': 'llama3.2', 'path': str(hf_dir)}
-  (hf_dir / 'README.md').unlink()
-  assert provenance.base_model_record(str(hf_dir), {}) == {
-      'name': 'Llama-Base',
+  hf = {'_name_or_path': 'example/llama-base'}
+  assert provenance.base_model_record(str(hf_dir), hf) == {
+      'name': 'example/llama-base',
       'license': None,
       'path': str(hf_dir),
   }
-  # A workdir import_hf wrote is the base model of runs that start from it.
-  workdir = tmp_path / 'imported'
-  (workdir / 'checkpoints' / '0' / 'state').mkdir(parents=True)
-  (workdir / provenance.BASE_MODEL_FILE).write_text(json.dumps(record | {'license': 'llama3.2'}))
-  base = records.base_model_of(str(workdir))
-  assert base['name'] == 'example/llama-base' and base['license'] == 'llama3.2'
-  report = records.report(run, 4) | {'base_model': base}
+  report = records.report(workdir) | {'base_model': provenance.base_model_record(str(hf_dir), hf)}
   card.write_card(str(tmp_path), report)
-  data = _card(str(tmp_path)).data
-  assert data.base_model == 'example/llama-base' and data.license is None
-  assert 'Base model: example/llama-base (its licence: llama3.2)' in _card(str(tmp_path)).text
+  assert _card(str(tmp_path)).data.base_model == 'example/llama-base'
+
+
+def test_conversations_and_replay_are_sources_of_their_own(prepared, tmp_path):
+  described = tmp_path / 'chats.source.json'
+  described.write_text(json.dumps({'source_name': 'clinic-chats', 'content_type': 'conversations'}))
+  c = config_for(prepared[0], 4)
+  c.data.update(chat_files=str(tmp_path / '*.jsonl'), replay_fraction=0.1)
+  sources, by_tag = records.run_sources(c)
+  assert set(sources) == {'conversations:' + c.data.chat_files, 'catalogs-test'}
+  assert sources['catalogs-test']['size'] is not None  # the manifest's counts
+  c.data.chat_source = str(described)
+  sources, by_tag = records.run_sources(c)
+  assert sources['clinic-chats']['license'] is None  # not said, not guessed
+  assert by_tag == {'*': 'clinic-chats', 'replay-': 'catalogs-test'}
 
 
 def test_the_embedded_corpus_describes_itself():
