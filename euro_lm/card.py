@@ -212,14 +212,13 @@ def _sections(report, summary_):
   m = report['model']
   base = report['base_model']
   trained = (
-      f'trained with euro_lm to step {report["step"]}'
+      f'trained with euro_lm to step {report["step"]} on rows of {m["seq_len"]} tokens'
       if report['step']
       else 'imported into euro_lm and not trained further'
   )
   overview = [
       f'A decoder-only language model of {m["parameters"]:,} parameters ({m["layers"]} layers, '
-      f'width {m["embed_dim"]}, vocabulary {m["vocab_size"]:,}, context {m["seq_len"]} '
-      f'tokens), {trained}.',
+      f'width {m["embed_dim"]}, vocabulary {m["vocab_size"]:,}), {trained}.',
       '',
       f'- Provider: {g["provider"]["name"]}',
       f'- Licence: {U}',

@@ -75,10 +75,7 @@ def prepared(tmp_path_factory):
     for tag in LANGUAGES:
       for doc in docs[tag]:
         f.write(json.dumps({'text': doc, 'lang': tag}, ensure_ascii=False) + '\n')
-  # Named tokenizer.model: a checkpoint's tokenizer/ copy keeps the file name, and a resume
-  # finds no other (a pre-existing limit, not this test's subject).
-  (root / 'tok').mkdir()
-  tokenizer = str(root / 'tok' / 'tokenizer.model')
+  tokenizer = str(root / 'tok.model')
   train_sentencepiece([d for t in LANGUAGES for d in docs[t]], tokenizer, vocab_size=512)
   (root / 'source.json').write_text(json.dumps({'source_name': 'x', 'licence': 'MIT'}))
   common = [f'--input={root / "raw.jsonl"}', f'--tokenizer={tokenizer}']
