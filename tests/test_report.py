@@ -23,6 +23,7 @@ from test_multiprocess import TwoProcesses, assert_exited_0
 from configs import tiny
 from euro_lm import card, provenance, records
 from euro_lm.data import corpus, dataset
+from euro_lm.data.prepare import shards, sources
 from euro_lm.data.tokenizer import train_sentencepiece
 from euro_lm.hf import export_hf, import_hf
 from euro_lm.model import train_flops_per_token
@@ -139,6 +140,15 @@ def exported(run, tmp_path_factory):
 def test_prepare_data_keeps_the_source_in_the_manifest(prepared):
   with open(os.path.join(prepared[0], 'manifest.json')) as f:
     manifest = json.load(f)
+  assert manifest['source'] == {**dict.fromkeys(provenance.FIELDS), **SOURCE}
+
+
+def test_a_rerun_without_the_flags_keeps_the_source(prepared):
+  tokenizer = os.path.join(os.path.dirname(prepared[0]), 'tok.model')
+  raw = os.path.join(os.path.dirname(prepared[0]), 'raw.jsonl')
+  manifest = shards.prepare(
+      [raw], prepared[0], tokenizer, sources.TextSource(language_field='lang'), workers=1
+  )
   assert manifest['source'] == {**dict.fromkeys(provenance.FIELDS), **SOURCE}
 
 
@@ -272,6 +282,11 @@ def test_card_extra_merges_the_providers_text(exported):
     summary = json.load(f)
   assert summary['general_information']['provider'] == {'name': 'Example Lab', 'contact': U}
   assert summary['general_information']['training_data_size']['tokens_trained'] == 4 * BATCH * SEQ
+
+
+def test_report_command_names_a_missing_checkpoint_in_one_line(tmp_path):
+  cases = [([f'--workdir={tmp_path}'], f'no checkpoint in {tmp_path}')]
+  assert_one_error_line('euro_lm.report', cases, run_cases('euro_lm.report', cases))
 
 
 def test_report_command_prints_the_records_of_a_step(run):

@@ -54,6 +54,7 @@ class _Unit:
   tokenizer_path: str
   docs_per_shard: int
   settings: dict
+  source_record: dict | None = None
 
   @property
   def receipt_path(self) -> str:
@@ -87,7 +88,8 @@ def prepare(
   Input files are prepared in parallel by `workers` processes (default: the
   CPUs this process may use). Files finished by an earlier run into the same
   directory are skipped. `source_record` (euro_lm.provenance.source_record) says where
-  the inputs came from; the manifest keeps it as `source` (None: undescribed). The
+  the inputs came from; the manifest keeps it as `source` (None: undescribed; a re-run
+  without it keeps the one its input files were prepared under, if they agree). The
   manifest lists this run's input files only, in sorted order, so it does not depend on
   which worker did what.
 
@@ -126,7 +128,16 @@ def prepare(
       'docs_per_shard': docs_per_shard,
   }
   units = [
-      _Unit(path, _unit_id(path), output_dir, source, tokenizer_path, docs_per_shard, settings)
+      _Unit(
+          path,
+          _unit_id(path),
+          output_dir,
+          source,
+          tokenizer_path,
+          docs_per_shard,
+          settings,
+          source_record,
+      )
       for path in inputs
   ]
   os.makedirs(os.path.join(output_dir, _RECEIPTS), exist_ok=True)
@@ -141,6 +152,9 @@ def prepare(
     if receipt is None:
       raise DataError(f'{unit.input_path} changed while it was prepared; run again.')
   manifest = _build_manifest(receipts, tokenizer_info, settings)
+  if source_record is None:  # a re-run without the source flags keeps what the units say
+    said = {json.dumps(r.get('source'), sort_keys=True) for r in receipts}
+    source_record = receipts[0].get('source') if len(said) == 1 and receipts else None
   manifest['source'] = source_record
   _write_json_atomically(manifest_path, manifest)
   return manifest
@@ -306,6 +320,7 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
       'languages': shards,
       'bad_records': bad_records.to_json(),
       'truncated': bad_records.truncation_json(),
+      'source': unit.source_record,
   }
   _write_json_atomically(unit.receipt_path, receipt)
 
