@@ -194,7 +194,7 @@ def test_tokens_flops_and_time_are_exact_across_a_resume(prepared, run):
   assert at_4['sources']['catalogs-test']['tokens_trained'] == 4 * BATCH * SEQ
 
 
-@pytest.mark.slow  # two more processes (~30 s on 2 cores); the one-process resume is above
+@pytest.mark.slow  # two more processes; the one-process resume above covers the same code
 def test_two_processes_resuming_a_run_add_their_tokens_and_devices(prepared, first_steps, tmp_path):
   workdir = resumed_copy(first_steps, str(tmp_path / 'run'))
   flags = {**OVERRIDES, 'data.prepared_dir': prepared[0], 'train.steps': 4, 'mesh.dcn_data': 2}
