@@ -14,11 +14,12 @@ import pytest
 from configs import sft
 from euro_lm.config import validate
 from euro_lm.data import chat, conversations, dataset, prepared
-from euro_lm.data.prepare import shards
+from euro_lm.data.prepare import shards, sources
 from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.errors import ConfigError
 from tests.chat_templates import LLAMA3
 from tests.hf_tokenizers import make_tokenizer_folder
+from tests.test_cli_errors import assert_one_error_line, run_cases
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 160
@@ -259,12 +260,52 @@ def test_a_prepared_directory_of_another_tokenizer_or_template_is_refused(data, 
   message = str(refused.value)
   assert str(root / 'tokenizer') in message and qwen.path in message
   assert qwen.fingerprint[:12] in message and '\n' not in message
+  # The command line says each in one error: line.
+  common = [
+      f'--workdir={tmp_path / "cli"}',
+      f'--config={_REPO}/configs/sft.py',
+      '--config.train.model_from_init=False',
+      f'--config.data.chat_files={root / "prepared_faq"}',
+      f'--config.train.seq_len={SEQ_LEN}',
+      '--config.train.global_batch_size=8',
+  ]
+  run_tokenizer = [
+      f'--config.data.tokenizer_path={root / "tokenizer"}',
+      f'--config.model.vocab_size={load_tokenizer(str(root / "tokenizer")).vocab_size}',
+  ]
+  cases = [
+      (
+          [*common, *run_tokenizer, '--config.data.chat_template=default'],
+          f'{root / "prepared_faq"} was rendered with another chat template (sha256 {theirs}',
+      ),
+      (
+          [
+              *common,
+              f'--config.data.tokenizer_path={tmp_path / "qwen"}',
+              f'--config.model.vocab_size={qwen.vocab_size}',
+          ],
+          f'was prepared with the tokenizer {root / "tokenizer"}',
+      ),
+  ]
+  results = run_cases('euro_lm.train', cases, preload=['euro_lm.train.loop'])
+  assert_one_error_line('euro_lm.train', cases, results)
+  assert f'sha256 {ours})' in results[0]['stderr'] and qwen.path in results[1]['stderr']
   # A directory of text is not conversations, and conversations are not a pretraining corpus.
   config = _config(root, str(root / 'prepared_faq'))
   config.data.corpus, config.data.prepared_dir = 'prepared', str(root / 'prepared_faq')
   config.data.chat_files, config.data.chat_language_field = '', ''
   with pytest.raises(ConfigError, match='holds conversations .* data.chat_files'):
     dataset.make_data(config, str(tmp_path / 'run'))
+  (tmp_path / 'text.jsonl').write_text('{"text": "Hallo Welt", "lang": "de"}\n')
+  shards.prepare(
+      [str(tmp_path / 'text.jsonl')],
+      str(tmp_path / 'text'),
+      str(root / 'tokenizer'),
+      sources.TextSource(language_field='lang'),
+      workers=1,
+  )
+  with pytest.raises(ConfigError, match=r'text documents, not conversations: .* --chat'):
+    dataset.make_data(_config(root, f'faq={tmp_path / "text"}'), str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('weights', ['clinic=3,faq=1', ''])
