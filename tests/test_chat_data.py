@@ -16,7 +16,7 @@ from euro_lm.config import validate
 from euro_lm.data import chat, conversations, dataset, prepared
 from euro_lm.data.prepare import shards, sources
 from euro_lm.data.tokenizer import load_tokenizer
-from euro_lm.errors import ConfigError
+from euro_lm.errors import ConfigError, DataError
 from tests.chat_templates import LLAMA3
 from tests.hf_tokenizers import make_tokenizer_folder
 from tests.test_cli_errors import assert_one_error_line, run_cases
@@ -131,6 +131,8 @@ def test_prepared_shards_hold_the_streaming_examples(data):
       np.testing.assert_array_equal(ids, example.ids)
       np.testing.assert_array_equal(mask, example.loss_mask)
       assert ids.dtype == mask.dtype == np.int32
+    with pytest.raises(DataError, match='holds conversations, not text documents'):
+      next(prepared.iter_tokens(str(root / 'prepared_clinic'), tag))
     entry = manifest['languages'][tag]
     assert entry['documents'] == len(examples)
     assert entry['tokens'] == sum(len(e.ids) for e in examples)
@@ -343,6 +345,19 @@ def test_named_sources_are_drawn_at_their_weights(data, tmp_path, weights):
   share = faq['deu_Latn']['tokens'] / (faq['deu_Latn']['tokens'] + faq['fra_Latn']['tokens'])
   got = tokens['faq/deu_Latn'] / (tokens['faq/deu_Latn'] + tokens['faq/fra_Latn'])
   assert abs(got - share) < 0.05
+
+
+def test_one_source_with_and_without_languages_is_refused(data, tmp_path):
+  """Files read without data.chat_language_field (und) and a directory prepared with
+  languages are one pool only if named apart."""
+  root, _ = data
+  files, directory = root / 'clinic' / '*.jsonl', root / 'prepared_faq'
+  config = _config(root, f'{files},{directory}', **{'data.chat_language_field': ''})
+  with pytest.raises(ConfigError, match=r'data.chat_files: conversations with a language and'):
+    dataset.make_data(config, str(tmp_path))
+  config.data.chat_files = f'clinic={files},faq={directory}'
+  run = dataset.make_data(config, str(tmp_path))
+  assert run.languages == ['clinic/und', 'faq/deu_Latn', 'faq/fra_Latn']
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from euro_lm.errors import ConfigError
 # The chat template a fine-tuning run trains with, in its workdir.
 CHAT_TEMPLATE_FILE = 'chat_template.jinja'
 # The language of conversations without a language field.
-UNDETERMINED = 'und'
+UNDETERMINED = conversations.UNDETERMINED
 # Bounds the text a tokenizer trains on, shared equally by the languages.
 _TOKENIZER_TRAINING_CHARS = 20_000_000
 

@@ -87,9 +87,12 @@ def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
 
   Raises:
     DataError: the language is not in the manifest, or a shard is missing,
-      corrupt or holds other than the manifest's record count.
+      corrupt or holds other than the manifest's record count, or the directory holds
+      conversations (read them with `document_source`).
   """
   manifest = read_manifest(directory)
+  if manifest.get('kind') == CONVERSATIONS:
+    raise DataError(f'{directory} holds conversations, not text documents.')
   try:
     tag = languages.resolve_language(language)
   except ValueError as e:

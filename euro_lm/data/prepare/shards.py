@@ -42,8 +42,6 @@ _COUNTS = ('documents', 'tokens', 'bytes', 'characters')
 _CONVERSATION_COUNTS = ('documents', 'tokens', 'assistant_tokens', 'longest')
 # Counts that are maxima, not sums: the longest conversation, in tokens.
 _MAXIMA = ('longest',)
-# The language of conversations whose source names none.
-UNDETERMINED = 'und'
 # Documents between progress reports from a worker.
 _PROGRESS_EVERY = 256
 # prctl's option that signals this process when its parent dies (linux/prctl.h).
@@ -385,7 +383,7 @@ def _records(unit: _Unit, tokenizer: Tokenizer):
           'longest': len(example.ids),
       }
       record = prepared.conversation_record(example.ids, example.loss_mask)
-      yield example.language or UNDETERMINED, record, counts
+      yield example.language or conversations.UNDETERMINED, record, counts
 
   return conversations_(), bad_records
 
