@@ -582,4 +582,6 @@ def _load_or_train_tokenizer(
       path,
       vocab_size=vocab_size,
       model_type=config.data.tokenizer_type,
+      # Single ids from the start, so the model can be fine-tuned with the default template.
+      user_defined_symbols=chat.DEFAULT_TEMPLATE_TOKENS,
   )
