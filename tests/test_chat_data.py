@@ -347,6 +347,34 @@ def test_named_sources_are_drawn_at_their_weights(data, tmp_path, weights):
   assert abs(got - share) < 0.05
 
 
+def test_a_training_run_logs_each_sources_tokens_and_checkpoints_its_data_state(data, tmp_path):
+  """python -m euro_lm.train's loop on named sources: `tokens/<source>/<lang>` and
+  `valid/<source>/<lang>/loss` in metrics.jsonl, and the checkpoint's data state is the
+  library's after as many steps (restoring it continues exactly: see above)."""
+  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+
+  root, _ = data
+  chat_files = f'clinic={root / "clinic" / "*.jsonl"},faq={root / "prepared_faq"}'
+  config = _config(root, chat_files, **{'data.chat_source_weights': 'clinic=3,faq=1'})
+  config.model.update(num_layers=1, embed_dim=64, num_heads=2, num_kv_heads=1, mlp_dim=128)
+  config.model.head_dim = 32
+  config.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  workdir = str(tmp_path / 'run')
+  train(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  last = [r for r in records if 'tokens/clinic/deu_Latn' in r][-1]
+  library = dataset.make_data(config, str(tmp_path / 'library')).train
+  for _ in range(2):
+    next(library)
+  assert {k: v for k, v in last.items() if k.startswith('tokens/')} == {
+      f'tokens/{stream}': n for stream, n in library.tokens_by_language().items()
+  }
+  assert any('valid/faq/fra_Latn/loss' in r for r in records)
+  with open(os.path.join(workdir, 'checkpoints', '2', 'data', 'process_0-of-1.json')) as f:
+    assert json.load(f) == json.loads(library.get_state())
+
+
 def test_one_source_with_and_without_languages_is_refused(data, tmp_path):
   """Files read without data.chat_language_field (und) and a directory prepared with
   languages are one pool only if named apart."""

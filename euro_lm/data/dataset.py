@@ -57,6 +57,8 @@ def make_data(
   Training is deterministic, so processes that each train it get the same
   model. `data.corpus='prepared'`: the ArrayRecord shards that
   `python -m euro_lm.prepare_data` wrote to `data.prepared_dir`, read lazily.
+  `data.chat_files` (fine-tuning) replaces both with conversations: files read here, or
+  directories of `prepare_data --chat` read lazily, optionally from named sources.
   """
   global_batch_size = config.train.global_batch_size
   if global_batch_size % process_count:
