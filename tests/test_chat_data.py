@@ -76,7 +76,7 @@ def data(tmp_path_factory):
         str(root / 'tokenizer'),
         source,
         docs_per_shard=7,
-        workers=1,
+        workers=2,  # clinic's two files in two processes
     )
   return root, manifests
 
