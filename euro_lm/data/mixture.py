@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from euro_lm.data.languages import LANGUAGES, canonical_language
+from euro_lm.data.streams import REPLAY_PREFIX
 from euro_lm.errors import ConfigError
 
 # Group shares are typed as decimals; this absorbs their rounding and still
@@ -42,8 +43,6 @@ _SPELLINGS = {
 _SUGGESTION_CUTOFF = 0.6
 # A source's name: a letter, then letters, digits, _ or -.
 _SOURCE_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_-]*')
-# Names the streams give replayed pretraining text (euro_lm.data.streams.REPLAY_PREFIX).
-_RESERVED_PREFIX = 'replay-'
 
 
 # --- validation helpers --------------------------------------------------------
@@ -74,10 +73,10 @@ def _canonical(code: str, field: str) -> str:
 def source_name(name: str, field: str) -> str:
   """`name` if it can name a source (a letter, then letters, digits, _ or -), else
   ConfigError naming `field`: the `names` argument that makes weights weigh sources."""
-  if not _SOURCE_NAME.fullmatch(name) or name.startswith(_RESERVED_PREFIX):
+  if not _SOURCE_NAME.fullmatch(name) or name.startswith(REPLAY_PREFIX):
     raise ConfigError(
         f'{field}: {name!r} is not a source name (a letter, then letters, digits, _ or -;'
-        f' not starting with {_RESERVED_PREFIX!r})'
+        f' not starting with {REPLAY_PREFIX!r}, which names replayed text)'
     )
   return name
 

@@ -13,9 +13,10 @@ training with `data.corpus='prepared'` reads, a directory that holds:
 `prepare_data --chat` writes conversations the same way (manifest `kind`
 'conversations', CONVERSATIONS): a record is one conversation, its token ids as
 above followed by its loss mask, one uint8 per token (1: a target that counts,
-see euro_lm.data.chat); the counts are documents (conversations), tokens and
-assistant_tokens (the mask's ones); the manifest also holds the chat template
-the ids were rendered with and its fingerprint. Languages are tags, `und` for
+see euro_lm.data.chat); the counts are documents (conversations), tokens,
+assistant_tokens (the mask's ones) and longest (the most tokens of one); the
+manifest also holds the chat template the ids were rendered with and its
+fingerprint. Languages are tags, `und` for
 conversations without one.
 
 Where the manifest exists, the directory is complete. Read sequentially, a
