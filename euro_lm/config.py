@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from euro_lm.data import mixture
 from euro_lm.errors import ConfigError
 from euro_lm.model import lora
 from euro_lm.model.attention import AttentionError, head_dim, resolve_for_model
@@ -159,8 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.unimax_max_epochs = 4.0  # unimax: most passes over any language in train.steps
   d.mixture_groups = ''  # groups: 'eng_Latn=0.3;fra_Latn,spa_Latn=0.2;*=0.5' (natural within)
   d.mixture_min_share = 0.0  # groups: floor for every language's share
-  d.chat_files = ''  # fine-tuning: conversation files (JSONL/Parquet globs, comma-separated);
-  # non-empty replaces the corpus with them (add_bos/add_eos: the template decides)
+  d.chat_files = ''  # fine-tuning: conversation files (JSONL/Parquet globs) and directories
+  # of `prepare_data --chat`, comma-separated, optionally named 'clinic=GLOB,faq=DIR'; non-empty
+  # replaces the corpus with them (add_bos/add_eos: the template decides)
+  d.chat_source_weights = ''  # named chat_files: 'clinic=3,faq=1' or staged '0:...;500:...';
+  # '' their token shares (languages within a source: data.mixture)
   d.chat_template = ''  # '' the tokenizer folder's (else the default) | default | a .jinja file
   d.prompt_loss = False  # also train on the prompt (system/user turns, headers)
   d.chat_messages_field = 'messages'  # the field/column holding each conversation's messages
@@ -411,6 +415,18 @@ def validate(config, num_devices, process_count=1, device=None):
       not config.data.chat_files or config.data.chat_messages_field,
       'data.chat_messages_field must name the field holding the messages',
   )
+  sources = {}
+  if config.data.chat_files:
+    sources = mixture.parse_sources(config.data.chat_files, field='data.chat_files')
+  if config.data.chat_source_weights:
+    _check(
+        sources and '' not in sources,
+        f'data.chat_source_weights={config.data.chat_source_weights!r} needs named sources in'
+        " data.chat_files ('clinic=GLOB_OR_DIR,faq=...')",
+    )
+    mixture.source_schedule(
+        config.data.chat_source_weights, sources, field='data.chat_source_weights'
+    )
   _check(t.keep_checkpoints >= 1, f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1')
   _check(t.profile_steps >= 1, f'train.profile_steps={t.profile_steps} must be >= 1')
   if t.harness_tasks:

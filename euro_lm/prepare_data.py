@@ -2,6 +2,12 @@
 
   python -m euro_lm.prepare_data --input=GLOB[,GLOB...] --output=DIR \
       --tokenizer=TOKENIZER (--language_field=lang | --language=deu_Latn)
+  python -m euro_lm.prepare_data --chat --input=GLOB --output=DIR --tokenizer=TOKENIZER \
+      [--chat_template=default|FILE.jinja] [--language_field=lang] [--max_length=N]
+
+With --chat the inputs are conversations (`{"messages": [...]}` records) and each record
+of the shards is a conversation's ids and loss mask, rendered with the chat template;
+`data.chat_files` takes the output directory.
 
 Tokenizes raw JSONL (plain, .gz, .zst) or Parquet files into ArrayRecord
 shards per language and a manifest (see euro_lm.data.prepared). --source_name,
@@ -40,6 +46,24 @@ _SOURCE_FILE = flags.DEFINE_string(
     None,
     'A JSON file of the source fields instead of the flags (' + ', '.join(provenance.FIELDS) + ').',
 )
+_CHAT = flags.DEFINE_bool(
+    'chat', False, 'The inputs are conversations, for fine-tuning (data.chat_files).'
+)
+_MESSAGES_FIELD = flags.DEFINE_string(
+    'messages_field', 'messages', "--chat: the field or column of each record's messages."
+)
+_CHAT_TEMPLATE = flags.DEFINE_string(
+    'chat_template',
+    '',
+    "--chat: '' the tokenizer folder's template (else the default), default (ChatML), or a"
+    ' .jinja file.',
+)
+_MAX_LENGTH = flags.DEFINE_integer(
+    'max_length',
+    0,
+    '--chat: longer conversations (in tokens) are too_long bad records; 0: no limit (a run'
+    ' leaves out those longer than train.seq_len + 1).',
+)
 flags.mark_flags_as_required(['input', 'output', 'tokenizer'])
 
 
@@ -59,15 +83,24 @@ def main(argv):
   from euro_lm.data.prepare import shards
 
   source_record = _source_record()
+  chat_flags = [f for f in (_MESSAGES_FIELD, _CHAT_TEMPLATE, _MAX_LENGTH) if f.present]
+  if not _CHAT.value and chat_flags:
+    raise ConfigError(f'--{chat_flags[0].name} is for conversations: add --chat.')
+  if _CHAT.value and source_flags.TEXT_FIELD.present:
+    raise ConfigError('--text_field is for text: conversations have --messages_field.')
   manifest = shards.prepare(
       _INPUT.value,
       _OUTPUT.value,
       _TOKENIZER.value,
-      source_flags.text_source(),
+      source_flags.conversation_source(_MESSAGES_FIELD.value)
+      if _CHAT.value
+      else source_flags.text_source(),
       docs_per_shard=_DOCS_PER_SHARD.value,
       workers=_WORKERS.value,
       progress=True,
       source_record=source_record,
+      chat_template=_CHAT_TEMPLATE.value,
+      max_length=_MAX_LENGTH.value,
   )
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from euro_lm.data import corpus, dataset, languages, pipeline
+from euro_lm.data import chat, corpus, dataset, languages, pipeline
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.errors import DataError
 
@@ -528,6 +528,10 @@ def test_make_data_trains_then_reuses_tokenizer(tmp_path, capsys):
     assert all(b['inputs'].shape == (2, 64) for b in batches)
   batch = next(iter(result.train))
   assert all(batch[k].shape == (2, 64) for k in pipeline.FEATURES)
+  # The default chat template's markers are single ids, so the model fine-tunes with it.
+  assert chat.missing_tokens(result.tokenizer) == []
+  assert chat.chat_template_for(result.tokenizer) == chat.DEFAULT_TEMPLATE
+  assert [result.tokenizer.encode(t) for t in chat.DEFAULT_TEMPLATE_TOKENS] == [[4], [5]]
 
   model_bytes = model_path.read_bytes()
   again = dataset.make_data(config, str(tmp_path))

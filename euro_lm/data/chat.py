@@ -19,6 +19,7 @@ a turn's edge, is refused with the reason, never masked by a guess.
 """
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -159,6 +160,11 @@ def template_named(name: str, tokenizer: Tokenizer, field: str) -> str:
       return f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f'{field}={name!r}: cannot read it: {e}') from None
+
+
+def template_fingerprint(template: str) -> str:
+  """The sha256 of a template's text: what a prepared directory and a run compare."""
+  return hashlib.sha256(template.encode('utf-8')).hexdigest()
 
 
 def missing_tokens(tokenizer: Tokenizer, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS):

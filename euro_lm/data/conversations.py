@@ -34,6 +34,8 @@ from euro_lm.data.prepare.sources import (
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.errors import ConfigError, DataError
 
+# The language of conversations whose source names none.
+UNDETERMINED = 'und'
 # Kinds of bad records besides sources.py's (invalid_json, invalid_utf8, missing_field,
 # unknown_language) and chat.py's (template_error, unmaskable, too_long).
 BAD_MESSAGES = 'bad_messages'  # not a list of {role, content} objects with string content

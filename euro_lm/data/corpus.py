@@ -207,19 +207,29 @@ def split_train_valid(
     ValueError: valid_fraction outside (0, 0.5], or a language with fewer
       than two documents.
   """
-  every = holdout_every(valid_fraction)
+  holdout_every(valid_fraction)
   train, valid = {}, {}
   for tag, docs in docs_by_lang.items():
-    if len(docs) < 2:
-      raise ConfigError(
-          f'Language {tag} has {len(docs)} document(s); a train/validation split needs at least 2.'
-      )
-    # Offsetting by k-1 holds out documents k-1, 2k-1, ...; a language shorter
-    # than k still gets its last document held out.
-    held_out = set(range(every - 1, len(docs), every)) or {len(docs) - 1}
+    held_out = set(held_out_indices(len(docs), valid_fraction, tag))
     train[tag] = [d for i, d in enumerate(docs) if i not in held_out]
     valid[tag] = [d for i, d in enumerate(docs) if i in held_out]
   return train, valid
+
+
+def held_out_indices(count: int, valid_fraction: float, name: str) -> range:
+  """The documents `split_train_valid` holds out of `count` (those of `name`).
+
+  Raises:
+    ConfigError: valid_fraction outside (0, 0.5], or fewer than two documents.
+  """
+  every = holdout_every(valid_fraction)
+  if count < 2:
+    raise ConfigError(
+        f'Language {name} has {count} document(s); a train/validation split needs at least 2.'
+    )
+  # Offsetting by k-1 holds out documents k-1, 2k-1, ...; a language shorter
+  # than k still gets its last document held out.
+  return range(every - 1, count, every) or range(count - 1, count)
 
 
 def select_languages(docs_by_lang: dict[str, list[str]], spec: str) -> dict[str, list[str]]:

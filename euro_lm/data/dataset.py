@@ -1,5 +1,7 @@
 """The data the trainer needs: tokenizer, training batches, validation sets."""
 
+import bisect
+import collections.abc
 import dataclasses
 import glob
 import os
@@ -23,7 +25,7 @@ from euro_lm.errors import ConfigError
 # The chat template a fine-tuning run trains with, in its workdir.
 CHAT_TEMPLATE_FILE = 'chat_template.jinja'
 # The language of conversations without a language field.
-UNDETERMINED = 'und'
+UNDETERMINED = conversations.UNDETERMINED
 # Bounds the text a tokenizer trains on, shared equally by the languages.
 _TOKENIZER_TRAINING_CHARS = 20_000_000
 
@@ -58,6 +60,8 @@ def make_data(
   Training is deterministic, so processes that each train it get the same
   model. `data.corpus='prepared'`: the ArrayRecord shards that
   `python -m euro_lm.prepare_data` wrote to `data.prepared_dir`, read lazily.
+  `data.chat_files` (fine-tuning) replaces both with conversations: files read here, or
+  directories of `prepare_data --chat` read lazily, optionally from named sources.
   """
   global_batch_size = config.train.global_batch_size
   if global_batch_size % process_count:
@@ -78,8 +82,8 @@ def make_data(
     raise ConfigError(f'data.corpus={config.data.corpus!r} is not one of embedded, prepared.')
   batch_size = global_batch_size // process_count
   seq_len = config.train.seq_len
-  if set(token_counts) == {UNDETERMINED}:  # conversations without languages: one pool
-    weights_at = lambda step: {UNDETERMINED: 1.0}  # noqa: E731
+  if chat_files:
+    weights_at = _chat_weights(config, token_counts)
   else:
     weights_at = mixture_schedule(config, token_counts).weights_at
   if chat_files and config.data.replay_fraction:
@@ -200,16 +204,22 @@ def _with_replay(config, workdir, tokenizer, weights_at, train_tokens, valid, to
 
 
 def _conversations(config, workdir, write):
-  """Like `_embedded`, from `data.chat_files`: (ids, loss_mask) pairs per language, every
-  k-th conversation of each held out. The template used is saved in the workdir."""
+  """Like `_embedded`, from `data.chat_files`: (ids, loss_mask) pairs per stream (the
+  language, or `<source>/<language>` for named sources), every k-th conversation of each
+  held out as `corpus.split_train_valid` does. Raw files are read into memory, prepared
+  directories (`prepare_data --chat`) stay on disk; both give the same conversations in
+  the same order. Token counts are the training share of each stream's tokens (its mean
+  conversation length times its training conversations). The template used is saved in
+  the workdir."""
   d = config.data
-  paths = []
-  for pattern in filter(None, (p.strip() for p in d.chat_files.split(','))):
-    found = sorted(glob.glob(pattern))
-    if not found:
-      raise ConfigError(f'data.chat_files: {pattern!r} matches no file')
-    paths.extend(found)
+  sources = {
+      name: [_chat_entry(entry) for entry in entries]
+      for name, entries in mixture.parse_sources(d.chat_files, field='data.chat_files').items()
+  }
+  directories = [e for entries in sources.values() for e in entries if isinstance(e, dict)]
   path = d.tokenizer_path or run_tokenizer(workdir)
+  if not path and directories:  # as data.corpus='prepared' does
+    path = directories[0]['tokenizer']['path']
   if not path:
     raise ConfigError(
         'data.chat_files needs a tokenizer: set train.init_from (its tokenizer) or'
@@ -218,34 +228,58 @@ def _conversations(config, workdir, write):
   tokenizer = load_tokenizer(path)
   _check_tokenizer(tokenizer, config, path, markers=False)
   template = chat.template_named(d.chat_template, tokenizer, 'data.chat_template')
+  for manifest in directories:
+    _check_prepared_conversations(manifest, tokenizer, template, d.chat_template)
   source = conversations.ConversationSource(
       messages_field=d.chat_messages_field, language_field=d.chat_language_field
   )
   # Longer than a row (its seq_len inputs and the last target): a too_long bad record.
-  examples, reports = conversations.read_examples(
-      source,
-      paths,
-      tokenizer,
-      template,
-      prompt_loss=d.prompt_loss,
-      max_length=config.train.seq_len + 1,
-  )
-  for report in reports if write else ():  # one process says it
-    for kind, bad in sorted(report.kinds.items()):
-      print(
-          f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
-          f'left out; the first: {bad.reason}'
+  max_length = config.train.seq_len + 1
+  parts = {}  # stream -> [(conversations, their tokens)]
+  for name, entries in sources.items():
+    for entry in entries:
+      if isinstance(entry, dict):
+        for tag, info in entry['languages'].items():
+          documents = prepared.document_source(entry['directory'], tag)
+          if d.prompt_loss:  # the shards mask assistant turns
+            documents = documents.map(lambda pair: (pair[0], np.ones_like(pair[1])))
+          documents, tokens, left_out = _fitting(documents, info, max_length)
+          if left_out and write:
+            print(
+                f'{entry["directory"]}: {left_out} {tag} conversation(s) longer than'
+                f' train.seq_len + 1 = {max_length} tokens, left out (too_long)'
+            )
+          parts.setdefault(_stream(name, tag), []).append((documents, tokens))
+        continue
+      examples, reports = conversations.read_examples(
+          source, entry, tokenizer, template, prompt_loss=d.prompt_loss, max_length=max_length
       )
-  by_language = {}
-  for example in examples:
-    by_language.setdefault(example.language or UNDETERMINED, []).append(
-        (example.ids, example.loss_mask)
-    )
-  by_language = corpus.select_languages(by_language, d.languages)
-  if not by_language:
+      for report in reports if write else ():  # one process says it
+        for kind, bad in sorted(report.kinds.items()):
+          print(
+              f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
+              f'left out; the first: {bad.reason}'
+          )
+      by_language = {}
+      for example in examples:
+        by_language.setdefault(example.language or UNDETERMINED, []).append(
+            (example.ids, example.loss_mask)
+        )
+      for tag, pairs in by_language.items():
+        tokens = sum(len(ids) for ids, _ in pairs)
+        parts.setdefault(_stream(name, tag), []).append((pairs, tokens))
+  parts = _select_chat_languages(parts, d.languages)
+  if not parts:
     raise ConfigError(f'data.chat_files={d.chat_files!r}: no usable conversation')
-  train, valid = corpus.split_train_valid(by_language, d.valid_fraction)
-  token_counts = {tag: sum(len(ids) for ids, _ in docs) for tag, docs in train.items()}
+  train, valid, token_counts = {}, {}, {}
+  for stream in sorted(parts):
+    documents = _Chained([documents for documents, _ in parts[stream]])
+    tokens = sum(tokens for _, tokens in parts[stream])
+    held_out = corpus.held_out_indices(len(documents), d.valid_fraction, stream)
+    kept = sorted(set(range(len(documents))) - set(held_out))
+    train[stream] = _Subset(documents, kept)
+    valid[stream] = _Subset(documents, held_out)
+    token_counts[stream] = tokens * len(kept) / len(documents)
   if write:
     os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, CHAT_TEMPLATE_FILE)
@@ -253,6 +287,145 @@ def _conversations(config, workdir, write):
       f.write(template)
     os.replace(target + '.tmp', target)
   return tokenizer, train, valid, token_counts
+
+
+def _stream(source, language):
+  """The stream of a source's language: the language, or `<source>/<language>`."""
+  return f'{source}/{language}' if source else language
+
+
+def _chat_entry(entry):
+  """A data.chat_files entry: a prepared directory's manifest (with its `directory`), or
+  the files a glob matches."""
+  if os.path.isdir(entry):
+    manifest = prepared.read_manifest(entry)
+    if manifest.get('kind') != prepared.CONVERSATIONS:
+      raise ConfigError(
+          f'data.chat_files: {entry} holds text documents, not conversations: prepare the'
+          ' conversation files with `python -m euro_lm.prepare_data --chat`'
+      )
+    return {**manifest, 'directory': entry}
+  paths = sorted(glob.glob(entry))
+  if not paths:
+    raise ConfigError(f'data.chat_files: {entry!r} matches no file')
+  return paths
+
+
+def _check_prepared_conversations(manifest, tokenizer, template, template_name):
+  """A prepared directory's ids are the run's only with its tokenizer and template."""
+  directory = manifest['directory']
+  if manifest['tokenizer']['sha256'] != tokenizer.fingerprint:
+    raise ConfigError(
+        f'data.chat_files: {directory} was prepared with the tokenizer'
+        f' {manifest["tokenizer"]["path"]} (sha256 {manifest["tokenizer"]["sha256"][:12]}),'
+        f' this run has {tokenizer.path} (sha256 {tokenizer.fingerprint[:12]}): prepare it'
+        " again with the run's tokenizer"
+    )
+  theirs, ours = manifest['settings']['template_sha256'], chat.template_fingerprint(template)
+  if theirs != ours:
+    raise ConfigError(
+        f'data.chat_files: {directory} was rendered with another chat template (sha256'
+        f" {theirs[:12]}, in its {prepared.MANIFEST}) than this run's"
+        f' (data.chat_template={template_name!r}: sha256 {ours[:12]}): prepare it again with'
+        ' that template (--chat_template) or set data.chat_template to its template'
+    )
+
+
+def _fitting(documents, info, max_length):
+  """(the conversations of at most `max_length` tokens, their tokens, how many are left
+  out); the manifest's `longest` spares reading them when all fit."""
+  if info['longest'] <= max_length:
+    return documents, info['tokens'], 0
+  lengths = np.asarray([len(documents[i][0]) for i in range(len(documents))], np.int64)
+  kept = np.flatnonzero(lengths <= max_length)
+  return _Subset(documents, kept.tolist()), int(lengths[kept].sum()), len(documents) - len(kept)
+
+
+def _select_chat_languages(parts, spec):
+  """The streams of the languages data.languages names ('' all): each must be in a source."""
+  languages = {stream.rpartition('/')[2]: [] for stream in parts}
+  wanted = corpus.select_languages(languages, spec)
+  return {stream: p for stream, p in parts.items() if stream.rpartition('/')[2] in wanted}
+
+
+class _Subset(collections.abc.Sequence):
+  """The documents of a sequence at the given indices, in their order."""
+
+  def __init__(self, documents, indices):
+    self._documents, self._indices = documents, list(indices)
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._documents[self._indices[index]]
+
+
+class _Chained(collections.abc.Sequence):
+  """Sequences one after the other."""
+
+  def __init__(self, parts):
+    self._parts = [p for p in parts if len(p)]
+    self._ends = np.cumsum([len(p) for p in self._parts]).tolist()
+
+  def __len__(self):
+    return self._ends[-1] if self._ends else 0
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    part = bisect.bisect_right(self._ends, index)
+    return self._parts[part][index - (self._ends[part - 1] if part else 0)]
+
+
+def _chat_weights(config, token_counts):
+  """Step -> weight per stream: within each source its languages by data.mixture (one
+  language-less pool: `und` alone), sources by data.chat_source_weights (default: their
+  tokens)."""
+  by_source = {}
+  for stream, n in token_counts.items():
+    source, _, language = stream.rpartition('/')
+    by_source.setdefault(source, {})[language] = n
+  within = {
+      source: _language_weights(config, counts, source) for source, counts in by_source.items()
+  }
+  if list(by_source) == ['']:
+    return within['']
+  if config.data.chat_source_weights:
+    shares_at = mixture.source_schedule(
+        config.data.chat_source_weights, by_source, field='data.chat_source_weights'
+    ).weights_at
+  else:
+    totals = {source: sum(counts.values()) for source, counts in by_source.items()}
+    shares_at = lambda step: totals  # noqa: E731
+
+  def weights_at(step):
+    shares = shares_at(step)
+    total = sum(shares.values())
+    return {
+        _stream(source, language): shares[source] / total * weight
+        for source in sorted(by_source)
+        for language, weight in within[source](step).items()
+    }
+
+  return weights_at
+
+
+def _language_weights(config, counts, source):
+  if set(counts) == {UNDETERMINED}:  # conversations without languages: one pool
+    return lambda step: {UNDETERMINED: 1.0}
+  where = f' (source {source!r})' if source else ''
+  if UNDETERMINED in counts:
+    raise ConfigError(
+        f'data.chat_files{where}: conversations with a language and without one'
+        f' ({UNDETERMINED}) in one source: give them their own source, or all a language'
+    )
+  try:
+    return mixture_schedule(config, counts).weights_at
+  except ConfigError as e:
+    if not source:
+      raise
+    raise ConfigError(f'{e}{where}') from None
 
 
 class _AllBut:
@@ -280,6 +453,11 @@ def _prepared(config):
         ' `python -m euro_lm.prepare_data`.'
     )
   manifest = prepared.read_manifest(d.prepared_dir)
+  if manifest.get('kind') == prepared.CONVERSATIONS:
+    raise ConfigError(
+        f'data.prepared_dir={d.prepared_dir!r} holds conversations (prepare_data --chat):'
+        ' fine-tune on them with data.chat_files'
+    )
   path = d.tokenizer_path or manifest['tokenizer']['path']
   tokenizer = load_tokenizer(path)
   if tokenizer.fingerprint != manifest['tokenizer']['sha256']:
@@ -338,13 +516,7 @@ def mixture_schedule(
           "data.mixture='explicit' needs data.mixture_weights, e.g."
           " 'deu_Latn=2,fra_Latn=1' or '0:deu_Latn=2,fra_Latn=1;9000:...'"
       )
-    if ':' in text:
-      stages = mixture.parse_stages(text, field='data.mixture_weights')
-    else:
-      stages = [(0, mixture.parse_weights(text, field='data.mixture_weights'))]
-    for _, weights in stages:
-      mixture.explicit_weights(weights, token_counts, field='data.mixture_weights')
-    return mixture.MixtureSchedule(stages, field='data.mixture_weights')
+    return mixture.weight_schedule(text, token_counts, field='data.mixture_weights')
   if d.mixture == 'natural':
     weights = mixture.temperature_weights(token_counts, 1.0, field='data.mixture')
   elif d.mixture == 'temperature':
@@ -425,4 +597,6 @@ def _load_or_train_tokenizer(
       path,
       vocab_size=vocab_size,
       model_type=config.data.tokenizer_type,
+      # Single ids from the start, so the model can be fine-tuned with the default template.
+      user_defined_symbols=chat.DEFAULT_TEMPLATE_TOKENS,
   )

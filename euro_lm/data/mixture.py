@@ -10,16 +10,21 @@ and `parse_stages` read the string forms a command-line override uses:
 
   deu_Latn=0.3,fra_Latn=0.2
   0:deu_Latn=1,gle_Latn=0;90000:deu_Latn=1,gle_Latn=3
+
+Fine-tuning data can come from named sources (`parse_sources`); explicit weights and
+schedules then weigh sources instead of languages (`names=source_name`), in the same forms.
 """
 
 import bisect
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from euro_lm.data.languages import LANGUAGES, canonical_language
+from euro_lm.data.streams import REPLAY_PREFIX
 from euro_lm.errors import ConfigError
 
 # Group shares are typed as decimals; this absorbs their rounding and still
@@ -36,6 +41,8 @@ _SPELLINGS = {
 }
 # difflib's default: below it a "closest" spelling is mostly noise.
 _SUGGESTION_CUTOFF = 0.6
+# A source's name: a letter, then letters, digits, _ or -.
+_SOURCE_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_-]*')
 
 
 # --- validation helpers --------------------------------------------------------
@@ -63,6 +70,42 @@ def _canonical(code: str, field: str) -> str:
     raise ConfigError(message) from None
 
 
+def source_name(name: str, field: str) -> str:
+  """`name` if it can name a source (a letter, then letters, digits, _ or -), else
+  ConfigError naming `field`: the `names` argument that makes weights weigh sources."""
+  if not _SOURCE_NAME.fullmatch(name) or name.startswith(REPLAY_PREFIX):
+    raise ConfigError(
+        f'{field}: {name!r} is not a source name (a letter, then letters, digits, _ or -;'
+        f' not starting with {REPLAY_PREFIX!r}, which names replayed text)'
+    )
+  return name
+
+
+def parse_sources(text: str, *, field: str) -> dict[str, list[str]]:
+  """Reads 'clinic=/d/a/*.jsonl,faq=/d/prepared' into {name: [entries]}; an entry's name
+  is what precedes its first '=' when that is a source name (a repeated name adds entries
+  to the source). Unnamed entries, 'a/*.jsonl,b/*.jsonl', are one source named ''.
+
+  Raises:
+    ConfigError: named and unnamed entries mixed, or an empty entry.
+  """
+  sources = {}
+  for entry in (e.strip() for e in text.split(',')):
+    name, equals, path = entry.partition('=')
+    if not equals or not _SOURCE_NAME.fullmatch(name.strip()):
+      name, path = '', entry
+    else:
+      name, path = source_name(name.strip(), field), path.strip()
+    if not path:
+      raise ConfigError(f'{field}: an empty entry in {text!r}')
+    if sources and ('' in sources) != (name == ''):
+      raise ConfigError(
+          f'{field}: {entry!r}: name every entry (NAME=GLOB_OR_DIR) or none, in {text!r}'
+      )
+    sources.setdefault(name, []).append(path)
+  return sources
+
+
 def _number(value, name: str, field: str) -> float:
   try:
     return float(value)
@@ -70,11 +113,17 @@ def _number(value, name: str, field: str) -> float:
     raise ConfigError(f'{field}: {name}={value!r} is not a number') from None
 
 
-def _fold(values: Mapping[str, float], field: str, where: str = '') -> dict[str, float]:
-  """Canonical tags -> finite non-negative floats, sorted by tag."""
+# Folds a weight's key: a language code to its tag (the default), or a source's name.
+Names = Callable[[str, str], str]
+
+
+def _fold(
+    values: Mapping[str, float], field: str, where: str = '', names: Names = _canonical
+) -> dict[str, float]:
+  """Canonical tags (or `names`) -> finite non-negative floats, sorted by tag."""
   folded, spelled = {}, {}
   for code, value in values.items():
-    tag = _canonical(code, field)
+    tag = names(code, field)
     if tag in folded:
       raise ConfigError(f'{field}: {spelled[tag]!r} and {code!r}{where} both name {tag}')
     number = _number(value, code, field)
@@ -116,16 +165,20 @@ def _tempered(counts: dict[str, float], temperature: float):
 
 
 def explicit_weights(
-    weights: Mapping[str, float], available: Iterable[str], *, field: str
+    weights: Mapping[str, float],
+    available: Iterable[str],
+    *,
+    field: str,
+    names: Names = _canonical,
 ) -> dict[str, float]:
-  """Normalises weights given per language.
+  """Normalises weights given per language (or per source, with `names=source_name`).
 
   Only the languages named come back; an explicit 0 stays (a schedule stage
   that leaves a language out). Every language named must be in `available`,
   the languages that have data.
   """
-  folded = _fold(weights, field)
-  available = {canonical_language(tag) for tag in available}
+  folded = _fold(weights, field, names=names)
+  available = {names(tag, field) for tag in available}
   missing = sorted(set(folded) - available)
   if missing:
     raise ConfigError(
@@ -348,7 +401,13 @@ class MixtureSchedule:
   never dropped by a forgotten entry. Each stage's weights are normalised.
   """
 
-  def __init__(self, stages: Sequence[tuple[int, Mapping[str, float]]], *, field: str):
+  def __init__(
+      self,
+      stages: Sequence[tuple[int, Mapping[str, float]]],
+      *,
+      field: str,
+      names: Names = _canonical,
+  ):
     if not stages:
       raise ConfigError(f'{field}: a mixture schedule needs at least one stage')
     starts = []
@@ -366,7 +425,7 @@ class MixtureSchedule:
     weights = []
     for start, (_, stage) in zip(starts, stages):
       where = f' in the stage at step {start}'
-      weights.append(_normalise(_fold(stage, field, where), field, where))
+      weights.append(_normalise(_fold(stage, field, where, names), field, where))
     languages = set(weights[0])
     for start, stage in zip(starts[1:], weights[1:]):
       if set(stage) != languages:
@@ -391,18 +450,18 @@ class MixtureSchedule:
     return dict(self.stages[bisect.bisect_right(self._starts, step) - 1][1])
 
 
-def parse_weights(text: str, *, field: str) -> dict[str, float]:
+def parse_weights(text: str, *, field: str, names: Names = _canonical) -> dict[str, float]:
   """Reads 'deu_Latn=0.3,fra_Latn=0.2' (raw weights; tags folded)."""
-  return _parse_weights(text, field, '')
+  return _parse_weights(text, field, '', names)
 
 
-def _parse_weights(text: str, field: str, where: str) -> dict[str, float]:
+def _parse_weights(text: str, field: str, where: str, names: Names) -> dict[str, float]:
   weights = {}
   for entry in text.split(','):
     code, equals, value = entry.partition('=')
     if not equals or not code.strip():
       raise ConfigError(f'{field}: expected TAG=WEIGHT, got {entry!r}{where}')
-    tag = _canonical(code, field)
+    tag = names(code.strip(), field)
     if tag in weights:
       raise ConfigError(f'{field}: {tag} is given twice{where}: {entry!r}')
     try:
@@ -414,7 +473,9 @@ def _parse_weights(text: str, field: str, where: str) -> dict[str, float]:
   return weights
 
 
-def parse_stages(text: str, *, field: str) -> list[tuple[int, dict[str, float]]]:
+def parse_stages(
+    text: str, *, field: str, names: Names = _canonical
+) -> list[tuple[int, dict[str, float]]]:
   """Reads 'STEP:TAG=W,...;STEP:TAG=W,...' into stages for MixtureSchedule."""
   stages = []
   for stage in text.split(';'):
@@ -427,8 +488,36 @@ def parse_stages(text: str, *, field: str) -> list[tuple[int, dict[str, float]]]
       raise ConfigError(
           f'{field}: step {start.strip()!r} of stage {stage!r} is not an integer'
       ) from None
-    stages.append((step, _parse_weights(weights, field, f' in stage {stage!r}')))
+    stages.append((step, _parse_weights(weights, field, f' in stage {stage!r}', names)))
   return stages
+
+
+def weight_schedule(
+    text: str, available: Iterable[str], *, field: str, names: Names = _canonical
+) -> MixtureSchedule:
+  """The schedule of explicit weights 'A=2,B=1', or staged 'STEP:A=2,B=1;STEP:...', each
+  name in `available`."""
+  if ':' in text:
+    stages = parse_stages(text, field=field, names=names)
+  else:
+    stages = [(0, parse_weights(text, field=field, names=names))]
+  available = list(available)
+  for _, weights in stages:
+    explicit_weights(weights, available, field=field, names=names)
+  return MixtureSchedule(stages, field=field, names=names)
+
+
+def source_schedule(text: str, sources: Iterable[str], *, field: str) -> MixtureSchedule:
+  """`weight_schedule` over named sources (`source_name`), every source weighed."""
+  sources = list(sources)
+  schedule = weight_schedule(text, sources, field=field, names=source_name)
+  missing = sorted(set(sources) - set(schedule.languages))
+  if missing:
+    raise ConfigError(
+        f'{field}: no weight for source(s) {", ".join(missing)}; weigh every source'
+        ' (0 leaves one out)'
+    )
+  return schedule
 
 
 def format_weights(weights: Mapping[str, float]) -> str:

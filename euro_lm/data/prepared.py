@@ -7,8 +7,17 @@ training with `data.corpus='prepared'` reads, a directory that holds:
       ids as little-endian int32 bytes, without bos/eos (the packer adds them)
   receipts/<unit>.json  one per finished input file
   manifest.json  per language: documents, tokens, UTF-8 bytes, characters and
-      shards; the tokenizer's fingerprint; each input's documents, bad records
-      and truncation (null, or where reading stopped)
+      shards; the tokenizer's fingerprint; each input's documents, counts, bad
+      records and truncation (null, or where reading stopped)
+
+`prepare_data --chat` writes conversations the same way (manifest `kind`
+'conversations', CONVERSATIONS): a record is one conversation, its token ids as
+above followed by its loss mask, one uint8 per token (1: a target that counts,
+see euro_lm.data.chat); the counts are documents (conversations), tokens,
+assistant_tokens (the mask's ones) and longest (the most tokens of one); the
+manifest also holds the chat template the ids were rendered with and its
+fingerprint. Languages are tags, `und` for
+conversations without one.
 
 Where the manifest exists, the directory is complete. Read sequentially, a
 shard yields `TokenizedDocument(tokens, language, location)`, the location
@@ -36,6 +45,10 @@ VERSION = 1
 WRITER_OPTIONS = 'group_size:1'
 # A record's token ids: little-endian int32.
 TOKEN_DTYPE = '<i4'
+# A conversation record's loss mask after its ids: one byte per token.
+MASK_DTYPE = 'u1'
+# The manifest `kind` of a directory of conversations; text directories have none.
+CONVERSATIONS = 'conversations'
 # Records per ArrayRecord read: bounds memory whatever the shard size.
 _ARRAY_RECORD_BATCH = 1024
 
@@ -75,9 +88,12 @@ def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
 
   Raises:
     DataError: the language is not in the manifest, or a shard is missing,
-      corrupt or holds other than the manifest's record count.
+      corrupt or holds other than the manifest's record count, or the directory holds
+      conversations (read them with `document_source`).
   """
   manifest = read_manifest(directory)
+  if manifest.get('kind') == CONVERSATIONS:
+    raise DataError(f'{directory} holds conversations, not text documents.')
   try:
     tag = languages.resolve_language(language)
   except ValueError as e:
@@ -94,8 +110,23 @@ def iter_tokens(directory: str, language: str) -> Iterator[np.ndarray]:
       yield document.tokens
 
 
+def conversation_record(ids: np.ndarray, loss_mask: np.ndarray) -> bytes:
+  """A conversation as one record: int32 ids, then one uint8 mask value per token."""
+  return np.asarray(ids, TOKEN_DTYPE).tobytes() + np.asarray(loss_mask, MASK_DTYPE).tobytes()
+
+
+def read_conversation(record: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, loss_mask), both int32, of a `conversation_record`."""
+  length, remainder = divmod(len(record), 5)
+  if remainder:
+    raise DataError(f'a record of {len(record)} bytes is not a conversation (5 bytes a token)')
+  ids = np.frombuffer(record, TOKEN_DTYPE, length).astype(np.int32)
+  return ids, np.frombuffer(record, MASK_DTYPE, length, 4 * length).astype(np.int32)
+
+
 def document_source(directory: str, language: str) -> 'grain.MapDataset':
-  """Random access to one language's documents (int32 token ids), for training.
+  """Random access to one language's documents (int32 token ids), or of a conversations
+  directory (manifest kind CONVERSATIONS) its conversations as (ids, loss_mask) int32 pairs.
 
   Raises:
     DataError: the language is not in the manifest, or its shards hold other
@@ -121,6 +152,8 @@ def document_source(directory: str, language: str) -> 'grain.MapDataset':
         f'the {language} shards of {directory} hold {len(records)} documents'
         f' but {MANIFEST} lists {entry["documents"]}: prepare the data again.'
     )
+  if manifest.get('kind') == CONVERSATIONS:
+    return grain.MapDataset.source(records).map(read_conversation)
   return grain.MapDataset.source(records).map(lambda record: np.frombuffer(record, TOKEN_DTYPE))
 
 

@@ -1,4 +1,6 @@
-"""Raw text files -> tokenized ArrayRecord shards per language, and a manifest.
+"""Raw text files -> tokenized ArrayRecord shards per language, and a manifest;
+conversation files (a ConversationSource) likewise, each record a conversation's ids
+and loss mask rendered with a chat template.
 
 The output directory's layout, and what reads it, are in euro_lm.data.prepared.
 
@@ -30,13 +32,16 @@ import numpy as np
 import tqdm
 from array_record.python import array_record_module
 
-from euro_lm.data import prepared
+from euro_lm.data import chat, conversations, prepared
 from euro_lm.data.prepare import sources
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
 from euro_lm.errors import ConfigError, DataError
 
 _RECEIPTS = 'receipts'
 _COUNTS = ('documents', 'tokens', 'bytes', 'characters')
+_CONVERSATION_COUNTS = ('documents', 'tokens', 'assistant_tokens', 'longest')
+# Counts that are maxima, not sums: the longest conversation, in tokens.
+_MAXIMA = ('longest',)
 # Documents between progress reports from a worker.
 _PROGRESS_EVERY = 256
 # prctl's option that signals this process when its parent dies (linux/prctl.h).
@@ -50,11 +55,17 @@ class _Unit:
   input_path: str
   unit_id: str
   output_dir: str
-  source: sources.TextSource
+  source: sources.TextSource | conversations.ConversationSource
   tokenizer_path: str
   docs_per_shard: int
   settings: dict
   source_record: dict | None = None
+  chat_template: str = ''  # conversations: the template's text
+  max_length: int = 0  # conversations: longer ones are too_long bad records (0: no limit)
+
+  @property
+  def counts(self) -> tuple[str, ...]:
+    return _CONVERSATION_COUNTS if self.chat_template else _COUNTS
 
   @property
   def receipt_path(self) -> str:
@@ -75,14 +86,22 @@ def prepare(
     input_globs: Sequence[str],
     output_dir: str,
     tokenizer_path: str,
-    source: sources.TextSource,
+    source: sources.TextSource | conversations.ConversationSource,
     *,
     docs_per_shard: int = 50_000,
     workers: int | None = None,
     progress: bool = False,
     source_record: dict | None = None,
+    chat_template: str = '',
+    max_length: int = 0,
 ) -> dict:
   """Tokenizes the files the globs match into `output_dir`.
+
+  With a ConversationSource each record is a conversation rendered with `chat_template`
+  as `data.chat_template` names it ('' the tokenizer folder's, else the default;
+  'default'; a .jinja file), its ids and loss mask (`chat.chat_example`, assistant turns
+  only; a run's data.prompt_loss widens it); conversations longer than `max_length`
+  tokens (if > 0) are too_long bad records. The manifest holds the template.
 
   Returns the manifest, which is also written to `output_dir/manifest.json`.
   Input files are prepared in parallel by `workers` processes (default: the
@@ -102,7 +121,7 @@ def prepare(
       unreadable, or (with `source.strict`) an input holds a bad record, is
       truncated or holds no record.
     ConfigError: `docs_per_shard` or `workers` < 1, or `output_dir` holds
-      units prepared with other settings (tokenizer, fields or shard size).
+      units prepared with other settings (tokenizer, fields, template or shard size).
   """
   if docs_per_shard < 1:
     raise ConfigError(f'docs_per_shard={docs_per_shard} must be at least 1.')
@@ -118,15 +137,27 @@ def prepare(
       'bos_id': tokenizer.bos_id,
       'eos_id': tokenizer.eos_id,
   }
+  is_chat = isinstance(source, conversations.ConversationSource)
+  template = chat.template_named(chat_template, tokenizer, '--chat_template') if is_chat else ''
+  if max_length < 0:
+    raise ConfigError(f'max_length={max_length} must be >= 0 (0: no limit).')
   settings = {
       'version': prepared.VERSION,
       'tokenizer_sha256': tokenizer_info['sha256'],
       'format': source.format,
-      'text_field': source.text_field,
       'language_field': source.language_field,
       'language': source.language,
       'docs_per_shard': docs_per_shard,
   }
+  if is_chat:
+    settings.update(
+        kind=prepared.CONVERSATIONS,
+        messages_field=source.messages_field,
+        template_sha256=chat.template_fingerprint(template),
+        max_length=max_length,
+    )
+  else:
+    settings['text_field'] = source.text_field
   units = [
       _Unit(
           path,
@@ -137,6 +168,8 @@ def prepare(
           docs_per_shard,
           settings,
           source_record,
+          template,
+          max_length,
       )
       for path in inputs
   ]
@@ -151,11 +184,18 @@ def prepare(
   for unit, receipt in zip(units, receipts):
     if receipt is None:
       raise DataError(f'{unit.input_path} changed while it was prepared; run again.')
-  manifest = _build_manifest(receipts, tokenizer_info, settings)
+  manifest = _build_manifest(receipts, tokenizer_info, settings, units[0].counts)
   if source_record is None:  # a re-run without the source flags keeps what the units say
     said = {json.dumps(r.get('source'), sort_keys=True) for r in receipts}
     source_record = receipts[0].get('source') if len(said) == 1 and receipts else None
   manifest['source'] = source_record
+  if is_chat:
+    manifest['kind'] = prepared.CONVERSATIONS
+    manifest['record'] = (
+        'token ids as little-endian int32, then the loss mask as one uint8 per token;'
+        ' one conversation per record'
+    )
+    manifest['chat_template'] = template
   _write_json_atomically(manifest_path, manifest)
   return manifest
 
@@ -293,16 +333,15 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
   # Whatever an interrupted run left of this unit is replaced, not trusted.
   _remove_unit_files(unit)
   stat = os.stat(unit.input_path)
-  documents, bad_records = unit.source.read(unit.input_path)
+  records, bad_records = _records(unit, tokenizer)
   writers = {}
   try:
     unreported_tokens = 0
-    for count, document in enumerate(documents, 1):
-      tokens = tokenizer.encode(document.text)
-      if document.language not in writers:
-        writers[document.language] = _ShardWriter(unit, document.language)
-      writers[document.language].write(tokens, document.text)
-      unreported_tokens += len(tokens)
+    for count, (language, record, counts) in enumerate(records, 1):
+      if language not in writers:
+        writers[language] = _ShardWriter(unit, language)
+      writers[language].write(record, counts)
+      unreported_tokens += counts['tokens']
       if count % _PROGRESS_EVERY == 0:
         report_tokens(unreported_tokens)
         unreported_tokens = 0
@@ -325,6 +364,41 @@ def _prepare_unit(unit: _Unit, report_tokens: Callable[[int], object]):
   _write_json_atomically(unit.receipt_path, receipt)
 
 
+def _records(unit: _Unit, tokenizer: Tokenizer):
+  """The unit's records as (language, record bytes, counts), and its bad-record report."""
+  if not unit.chat_template:
+    documents, bad_records = unit.source.read(unit.input_path)
+
+    def texts():
+      for document in documents:
+        tokens = tokenizer.encode(document.text)
+        counts = {
+            'documents': 1,
+            'tokens': len(tokens),
+            'bytes': len(document.text.encode('utf-8')),
+            'characters': len(document.text),
+        }
+        yield document.language, np.asarray(tokens, prepared.TOKEN_DTYPE).tobytes(), counts
+
+    return texts(), bad_records
+  examples, bad_records = unit.source.examples(
+      unit.input_path, tokenizer, unit.chat_template, max_length=unit.max_length
+  )
+
+  def conversations_():
+    for example in examples:
+      counts = {
+          'documents': 1,
+          'tokens': len(example.ids),
+          'assistant_tokens': int(example.loss_mask.sum()),
+          'longest': len(example.ids),
+      }
+      record = prepared.conversation_record(example.ids, example.loss_mask)
+      yield example.language or conversations.UNDETERMINED, record, counts
+
+  return conversations_(), bad_records
+
+
 def _remove_unit_files(unit: _Unit):
   for path in [
       unit.receipt_path,
@@ -345,18 +419,16 @@ class _ShardWriter:
     self._temp_path = ''
     os.makedirs(os.path.join(unit.output_dir, language), exist_ok=True)
 
-  def write(self, tokens: list[int], text: str):
+  def write(self, record: bytes, counts: dict[str, int]):
     if self._writer is None:
       name = self._unit.shard_name(self._language, len(self._shards))
-      self._shards.append({'path': name, **{count: 0 for count in _COUNTS}})
+      self._shards.append({'path': name, **{count: 0 for count in self._unit.counts}})
       self._temp_path = os.path.join(self._unit.output_dir, name) + '.tmp'
       self._writer = array_record_module.ArrayRecordWriter(self._temp_path, prepared.WRITER_OPTIONS)
-    self._writer.write(np.asarray(tokens, prepared.TOKEN_DTYPE).tobytes())
+    self._writer.write(record)
     shard = self._shards[-1]
-    shard['documents'] += 1
-    shard['tokens'] += len(tokens)
-    shard['bytes'] += len(text.encode('utf-8'))
-    shard['characters'] += len(text)
+    for count, n in counts.items():
+      shard[count] = _combine(count, shard[count], n)
     if shard['documents'] == self._unit.docs_per_shard:
       self._close_shard()
 
@@ -407,15 +479,17 @@ def _write_json_atomically(path: str, value: dict):
   _sync(directory)
 
 
-def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) -> dict:
+def _build_manifest(
+    receipts: list[dict], tokenizer_info: dict, settings: dict, counts: Sequence[str]
+) -> dict:
   """The manifest of the receipts, which come in sorted input order."""
   languages = {}
   for receipt in receipts:
     for tag, shards in receipt['languages'].items():
-      entry = languages.setdefault(tag, {**{count: 0 for count in _COUNTS}, 'shards': []})
+      entry = languages.setdefault(tag, {**{count: 0 for count in counts}, 'shards': []})
       for shard in shards:
-        for count in _COUNTS:
-          entry[count] += shard[count]
+        for count in counts:
+          entry[count] = _combine(count, entry[count], shard[count])
         entry['shards'].append(shard)
   return {
       'version': prepared.VERSION,
@@ -428,15 +502,28 @@ def _build_manifest(receipts: list[dict], tokenizer_info: dict, settings: dict) 
           receipt['input']['path']: {
               'size': receipt['input']['size'],
               'unit': receipt['unit'],
-              'documents': sum(
-                  shard['documents'] for shards in receipt['languages'].values() for shard in shards
-              ),
+              **{
+                  count: functools.reduce(
+                      functools.partial(_combine, count),
+                      (
+                          shard[count]
+                          for shards in receipt['languages'].values()
+                          for shard in shards
+                      ),
+                      0,
+                  )
+                  for count in counts
+              },
               'bad_records': receipt['bad_records'],
               'truncated': receipt['truncated'],
           }
           for receipt in receipts
       },
   }
+
+
+def _combine(count: str, a: int, b: int) -> int:
+  return max(a, b) if count in _MAXIMA else a + b
 
 
 def input_warnings(manifest: dict) -> list[str]:
@@ -451,12 +538,20 @@ def input_warnings(manifest: dict) -> list[str]:
 
 def format_summary(manifest: dict) -> str:
   """A table of the manifest's languages, and its inputs' bad records."""
-  lines = [f'{"language":<10} {"documents":>12} {"tokens":>15} {"bytes":>15} {"bytes/token":>11}']
-  for tag, entry in manifest['languages'].items():
-    lines.append(
-        f'{tag:<10} {entry["documents"]:>12,} {entry["tokens"]:>15,}'
-        f' {entry["bytes"]:>15,} {entry["bytes"] / entry["tokens"]:>11.2f}'
-    )
+  if manifest.get('kind') == prepared.CONVERSATIONS:
+    lines = [f'{"language":<10} {"conversations":>13} {"tokens":>15} {"assistant tokens":>16}']
+    for tag, entry in manifest['languages'].items():
+      lines.append(
+          f'{tag:<10} {entry["documents"]:>13,} {entry["tokens"]:>15,}'
+          f' {entry["assistant_tokens"]:>16,}'
+      )
+  else:
+    lines = [f'{"language":<10} {"documents":>12} {"tokens":>15} {"bytes":>15} {"bytes/token":>11}']
+    for tag, entry in manifest['languages'].items():
+      lines.append(
+          f'{tag:<10} {entry["documents"]:>12,} {entry["tokens"]:>15,}'
+          f' {entry["bytes"]:>15,} {entry["bytes"] / entry["tokens"]:>11.2f}'
+      )
   bad = [
       sources.BadRecords.from_json(path, entry['bad_records'])
       for path, entry in manifest['inputs'].items()

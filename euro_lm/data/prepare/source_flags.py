@@ -2,6 +2,7 @@
 
 from absl import flags
 
+from euro_lm.data import conversations
 from euro_lm.data.prepare import sources
 from euro_lm.errors import ConfigError
 
@@ -29,6 +30,17 @@ def text_source() -> sources.TextSource:
   return sources.TextSource(
       format=FORMAT.value,
       text_field=TEXT_FIELD.value,
+      language_field=LANGUAGE_FIELD.value,
+      language=LANGUAGE.value,
+      strict=STRICT.value,
+  )
+
+
+def conversation_source(messages_field: str) -> conversations.ConversationSource:
+  """The ConversationSource the flags describe (the language optional)."""
+  return conversations.ConversationSource(
+      format=FORMAT.value,
+      messages_field=messages_field,
       language_field=LANGUAGE_FIELD.value,
       language=LANGUAGE.value,
       strict=STRICT.value,
