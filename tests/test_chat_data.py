@@ -5,6 +5,7 @@ another tokenizer or template is refused, and named sources are drawn at their w
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def _config(root, chat_files, **overrides):
 def _examples(root, name):
   """The streaming path's examples of a source's files, by language, in file order."""
   tokenizer = load_tokenizer(str(root / 'tokenizer'))
-  examples, _ = conversations.read_examples(
+  examples, _, _ = conversations.read_examples(
       conversations.ConversationSource(language_field='lang'),
       sorted(str(p) for p in (root / name).glob('*.jsonl')),
       tokenizer,
@@ -411,3 +412,42 @@ def test_sources_and_their_weights_are_validated_with_the_field_named(chat_files
   config.data.chat_files, config.data.chat_source_weights = chat_files, weights
   with pytest.raises(ConfigError, match=message):
     validate(config, 1)
+
+
+def test_a_cut_compressed_file_and_hostile_records_are_reported_not_lost(data, tmp_path):
+  """Conversations are read with the text path's integrity checks: a .jsonl.zst cut short
+  keeps every whole conversation before the cut and says where it stopped (a warning when
+  training streams it, in the manifest when prepared, an error when strict); a number of
+  5,000 digits and arrays nested 100k deep are invalid_json records, not a crash."""
+  import zstandard  # pylint: disable=import-outside-toplevel
+
+  root, _ = data
+  lines = (root / 'faq' / 'faq.jsonl').read_text(encoding='utf-8').splitlines()
+  lines[3] = '{"messages": ' + '9' * 5000 + '}'
+  lines[5] = '[' * 100_000 + ']' * 100_000
+  compress = zstandard.ZstdCompressor().compress
+  head = compress(('\n'.join(lines[:10]) + '\n').encode())  # two frames, as pzstd writes
+  tail = compress(('\n'.join(lines[10:]) + '\n').encode())
+  cut = tmp_path / 'faq.jsonl.zst'
+  cut.write_bytes(head + tail[: len(tail) // 2])
+  complete_lines = 10 + zstandard.ZstdDecompressor().decompressobj().decompress(
+      tail[: len(tail) // 2]
+  ).count(b'\n')
+
+  tokenizer = load_tokenizer(str(root / 'tokenizer'))
+  source = conversations.ConversationSource(language_field='lang')
+  examples, reports, warnings = conversations.read_examples(source, [str(cut)], tokenizer, LLAMA3)
+  (report,) = reports
+  assert {k: (b.count, b.first) for k, b in report.kinds.items()} == {'invalid_json': (2, 4)}
+  assert len(examples) == complete_lines - 2
+  assert report.truncated.position == complete_lines + 1
+  assert report.truncated.reason == 'the file ends inside a zstd frame (cut short)'
+  assert warnings == [report.truncation_message()]
+  assert warnings[0].startswith(f'{cut}: truncated at byte ')
+
+  manifest = shards.prepare([str(cut)], str(tmp_path / 'out'), str(root / 'tokenizer'), source)
+  assert manifest['inputs'][str(cut)]['truncated']['line'] == complete_lines + 1
+  assert manifest['inputs'][str(cut)]['documents'] == complete_lines - 2
+  strict = conversations.ConversationSource(language_field='lang', strict=True)
+  with pytest.raises(DataError, match=re.escape(f'{cut}:4: invalid JSON: Exceeds the limit')):
+    conversations.read_examples(strict, [str(cut)], tokenizer, LLAMA3)

@@ -10,8 +10,6 @@ silently, or raises at the first one when the source is strict.
 """
 
 import dataclasses
-import gzip
-import io
 import json
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -19,7 +17,6 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
 
 from euro_lm.data import chat, languages
 from euro_lm.data.prepare.sources import (
@@ -29,7 +26,9 @@ from euro_lm.data.prepare.sources import (
     MISSING_FIELD,
     UNKNOWN_LANGUAGE,
     BadRecords,
+    Incomplete,
     file_format,
+    open_binary,
 )
 from euro_lm.data.tokenizer import Tokenizer
 from euro_lm.errors import ConfigError, DataError
@@ -209,14 +208,15 @@ class ConversationSource:
     resolve = _memoized(languages.resolve_language)
     line_number = 0
     try:
-      with _open_binary(path) as lines:
+      with open_binary(path) as lines:
         for line_number, line in enumerate(lines, 1):
           try:
             record = json.loads(line.decode('utf-8'))
           except UnicodeDecodeError as e:
             bad_records.add(INVALID_UTF8, line_number, f'invalid UTF-8: {e}')
             continue
-          except json.JSONDecodeError as e:
+          # ValueError: also an integer past int's digit limit; RecursionError: deep nesting.
+          except (ValueError, RecursionError) as e:
             bad_records.add(INVALID_JSON, line_number, f'invalid JSON: {e}')
             continue
           if not isinstance(record, dict):
@@ -235,7 +235,9 @@ class ConversationSource:
           )
           if conversation is not None:
             yield conversation
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+    except Incomplete as e:  # a compressed file cut short: what came before it is kept
+      bad_records.truncate(e.byte, line_number + 1, e.reason)
+    except OSError as e:
       raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
 
   def _parquet(self, path, bad_records):
@@ -286,21 +288,6 @@ def _memoized(function):
   return cached
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-  """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd): sources.py's private
-  opener, to be replaced by it once it is public there."""
-  name = path.lower()
-  if name.endswith('.gz'):
-    return gzip.open(path, 'rb')
-  if name.endswith(('.zst', '.zstd')):
-    # Parallel compressors (pzstd, zstdmt) write several frames.
-    stream = zstandard.ZstdDecompressor().stream_reader(
-        open(path, 'rb'), read_across_frames=True, closefd=True
-    )
-    return io.BufferedReader(stream, buffer_size=1 << 20)
-  return open(path, 'rb')
-
-
 def read_examples(
     source: ConversationSource,
     paths: Sequence[str],
@@ -309,13 +296,18 @@ def read_examples(
     *,
     max_length: int = 0,
     prompt_loss: bool = False,
-) -> tuple[list[Example], list[BadRecords]]:
-  """All examples of `paths` in order, and each file's bad-record report (small sets)."""
-  examples, reports = [], []
+) -> tuple[list[Example], list[BadRecords], list[str]]:
+  """All examples of `paths` in order, each file's bad-record report, and the warnings a
+  user must hear (a file cut short, one without conversations); small sets."""
+  examples, reports, warnings = [], [], []
   for path in paths:
     file_examples, bad_records = source.examples(
         path, tokenizer, template, max_length=max_length, prompt_loss=prompt_loss
     )
+    file_examples = list(file_examples)  # the report is complete once they are read
     examples.extend(file_examples)
     reports.append(bad_records)
-  return examples, reports
+    warning = bad_records.warning(len(file_examples))
+    if warning:
+      warnings.append(warning)
+  return examples, reports, warnings

@@ -5,6 +5,7 @@ import collections.abc
 import dataclasses
 import glob
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -251,7 +252,7 @@ def _conversations(config, workdir, write):
             )
           parts.setdefault(_stream(name, tag), []).append((documents, tokens))
         continue
-      examples, reports = conversations.read_examples(
+      examples, reports, warnings = conversations.read_examples(
           source, entry, tokenizer, template, prompt_loss=d.prompt_loss, max_length=max_length
       )
       for report in reports if write else ():  # one process says it
@@ -260,6 +261,8 @@ def _conversations(config, workdir, write):
               f'{report.location(bad.first)}: {bad.count} bad record(s) of kind {kind}, '
               f'left out; the first: {bad.reason}'
           )
+      for warning in warnings if write else ():
+        print(f'warning: {warning}', file=sys.stderr)
       by_language = {}
       for example in examples:
         by_language.setdefault(example.language or UNDETERMINED, []).append(

@@ -274,7 +274,7 @@ class TextSource:
     language_of = _LanguageCache(self.language)
     line_number = 0
     try:
-      with _open_binary(path) as lines:
+      with open_binary(path) as lines:
         for line_number, line in enumerate(lines, 1):
           try:
             record = json.loads(line.decode('utf-8'))
@@ -301,7 +301,7 @@ class TextSource:
           )
           if document is not None:
             yield document
-    except _Incomplete as e:
+    except Incomplete as e:
       bad_records.truncate(e.byte, line_number + 1, e.reason)
     except OSError as e:
       raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
@@ -431,10 +431,10 @@ class _LanguageCache:
     return self._tags[code]
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
+def open_binary(path: str) -> io.BufferedIOBase:
   """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd).
 
-  Reading a compressed file raises `_Incomplete` where its stream stops
+  Reading a compressed file raises `Incomplete` where its stream stops
   before the proper end, after every complete line before that.
   """
   name = path.lower()
@@ -445,7 +445,7 @@ def _open_binary(path: str) -> io.BufferedIOBase:
   return open(path, 'rb')
 
 
-class _Incomplete(Exception):
+class Incomplete(Exception):
   """A compressed stream stops before its proper end, at compressed `byte`."""
 
   def __init__(self, byte: int, reason: str):
@@ -459,7 +459,7 @@ class _Decompressed(io.RawIOBase):
 
   Parallel compressors (pigz, pzstd, zstdmt) write several. A decompressor
   object per member says whether the member ended (`eof`): the file must end
-  with one that did, or `readinto` raises `_Incomplete`, as for corrupt data.
+  with one that did, or `readinto` raises `Incomplete`, as for corrupt data.
   """
 
   def __init__(self, path: str, codec: str):
@@ -468,7 +468,7 @@ class _Decompressed(io.RawIOBase):
     self._member = None  # The current member's decompressor.
     self._offset = 0  # Compressed bytes read.
     self._pending = memoryview(b'')
-    self._error = None  # An _Incomplete to raise once the data before it is read.
+    self._error = None  # An Incomplete to raise once the data before it is read.
 
   def readable(self) -> bool:
     return True
@@ -505,7 +505,7 @@ class _Decompressed(io.RawIOBase):
     self._offset += len(chunk)
     if not chunk:
       if self._member is not None and not self._member.eof:
-        raise _Incomplete(chunk_start, f'the file ends inside a {self._codec} frame (cut short)')
+        raise Incomplete(chunk_start, f'the file ends inside a {self._codec} frame (cut short)')
       return None
     pieces = []
     while chunk:
@@ -519,7 +519,7 @@ class _Decompressed(io.RawIOBase):
       except (zlib.error, zstandard.ZstdError) as e:
         # Where in the chunk is unknown, but not before the data left in it.
         byte = self._offset - len(chunk)
-        self._error = _Incomplete(byte, f'corrupt {self._codec} data ({e})')
+        self._error = Incomplete(byte, f'corrupt {self._codec} data ({e})')
         break
       chunk = self._member.unused_data if self._member.eof else b''
     return b''.join(pieces)
