@@ -37,6 +37,8 @@ def _relative_error(ours, theirs):
 )
 def test_forward_matches_float64(causal, window, block_q, block_k):
   q, k, v, seg = inputs(2, 1, 64, jnp.bfloat16, length=256, segment_ids=DOCUMENTS)
+  if block_q == 128:  # the slower two-group kernel takes one row (its documents and padding)
+    q, k, v, seg = q[:1], k[:1], v[:1], seg[:1]
   out = flash_attention(
       q,
       k,

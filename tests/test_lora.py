@@ -190,6 +190,7 @@ def adapter_grads(config, params, batch):
   )
 
 
+@pytest.mark.slow  # three compiles of the step; the base model's policies: test_model
 def test_remat_policies_give_the_same_adapter_gradients():
   c = small_config()
   batch = {k: jnp.asarray(v) for k, v in fixed_batch(c).items()}
