@@ -19,6 +19,7 @@ import os
 import re
 
 from euro_lm import provenance, records
+from euro_lm.data.streams import stream_language
 
 README = 'README.md'
 SUMMARY_JSON = 'training_content_summary.json'
@@ -56,7 +57,7 @@ def summary(report: dict) -> dict:
   """The training-content summary (JSON-able) of a records report (euro_lm.records)."""
   tr = report['training']
   sources = report['sources']
-  languages = sorted({t.removeprefix('replay-') for t in report['languages']})
+  languages = sorted({stream_language(t) for t in report['languages']})
   content = sorted({s.get('content_type') or U for s in sources.values()})
   by_category = {key: [] for key in provenance.CATEGORIES}
   by_category['not_categorised'] = []
@@ -67,7 +68,7 @@ def summary(report: dict) -> dict:
         'languages': s['languages'],
         'size': s.get('size')
         or {
-            t.removeprefix('replay-'): {
+            stream_language(t): {
                 'training_documents': report['languages'][t]['training_documents'],
                 'training_tokens': report['languages'][t]['training_tokens'],
             }

@@ -20,8 +20,8 @@ import time
 from euro_lm import provenance
 from euro_lm.checkpoint import resolve_checkpoint
 from euro_lm.config import base_config
-from euro_lm.data import corpus, languages, prepared
-from euro_lm.data.streams import REPLAY_PREFIX, consumption
+from euro_lm.data import corpus, languages, mixture, prepared
+from euro_lm.data.streams import REPLAY_PREFIX, consumption, stream_language, stream_source
 from euro_lm.model import param_count, train_flops_per_token
 from euro_lm.results import metrics_path, read_metrics, record_kind
 
@@ -89,30 +89,51 @@ def _corpus_source(d) -> dict:
   return dict(record, size=size)
 
 
+def _conversation_source(name, entries, d) -> dict:
+  """The provenance record of one conversation source of data.chat_files: what prepare_data
+  --chat recorded in its prepared directories, else data.chat_source, else undescribed."""
+  recorded = [
+      prepared.read_manifest(e).get('source')
+      for e in entries
+      if os.path.isfile(os.path.join(e, prepared.MANIFEST))
+  ]
+  if recorded and len(recorded) == len(entries) and all(recorded):
+    if len({json.dumps(r, sort_keys=True) for r in recorded}) == 1:
+      return dict(recorded[0], size=None)
+  if d.chat_source:
+    record = provenance.read_source_file(d.chat_source)
+    if name:  # one description for several named sources: each keeps its own name
+      record = dict(record, source_name=f'{record["source_name"]}: {name}')
+    return dict(record, size=None)
+  label = name or d.chat_files
+  return dict(provenance.undescribed(f'conversations:{label}', 'conversations'), size=None)
+
+
 def run_sources(config) -> tuple[dict, dict]:
   """({source name: provenance record, with `size` where a manifest gives it},
-  {'*' or the replay prefix: source name}) of the data a config trains on: the
-  conversations (data.chat_files, described by data.chat_source) and what they replay, else
-  data.corpus."""
+  {conversation source ('' unnamed), or the replay prefix: source name}) of the data a
+  config trains on: the conversations (data.chat_files, each named source described by its
+  prepared manifest or data.chat_source) and what they replay, else data.corpus."""
   d = config.data
   if not d.chat_files:
     text = _corpus_source(d)
-    return {text['source_name']: text}, {'*': text['source_name']}
-  if d.chat_source:
-    chat = provenance.read_source_file(d.chat_source)
-  else:
-    chat = provenance.undescribed(f'conversations:{d.chat_files}', 'conversations')
-  sources = {chat['source_name']: dict(chat, size=None)}
-  by_tag = {'*': chat['source_name']}
+    return {text['source_name']: text}, {'': text['source_name']}
+  sources, by_source = {}, {}
+  for name, entries in mixture.parse_sources(d.chat_files, field='data.chat_files').items():
+    record = _conversation_source(name, entries, d)
+    sources[record['source_name']] = record
+    by_source[name] = record['source_name']
   if d.replay_fraction:
     text = _corpus_source(d)
     sources[text['source_name']] = text
-    by_tag[REPLAY_PREFIX] = text['source_name']
-  return sources, by_tag
+    by_source[REPLAY_PREFIX] = text['source_name']
+  return sources, by_source
 
 
-def _source_of(tag, by_tag):
-  return by_tag.get(REPLAY_PREFIX, by_tag['*']) if tag.startswith(REPLAY_PREFIX) else by_tag['*']
+def _source_of(stream, by_source):
+  if stream.startswith(REPLAY_PREFIX):
+    return by_source[REPLAY_PREFIX]
+  return by_source[stream_source(stream)]
 
 
 class RunRecords:
@@ -123,7 +144,7 @@ class RunRecords:
     import jax  # pylint: disable=import-outside-toplevel
 
     t = config.train
-    sources, by_tag = run_sources(config)
+    sources, by_source = run_sources(config)
     previous = previous or {
         'version': VERSION,
         'recorded_from_step': start_step,  # > 0: resumed from a checkpoint without records
@@ -136,7 +157,7 @@ class RunRecords:
     }
     self._records = json.loads(json.dumps(previous))
     self._records['sources'].update(sources)
-    self._records['language_sources'].update({tag: _source_of(tag, by_tag) for tag in sizes})
+    self._records['language_sources'].update({tag: _source_of(tag, by_source) for tag in sizes})
     self._records['sizes'].update(sizes)
     device = devices[0]
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -222,7 +243,7 @@ def report(workdir: str, step: int | None = None) -> dict:
     tags = sorted(t for t, s in by_source.items() if s == name)
     sources[name] = {
         **record,
-        'languages': sorted({t.removeprefix(REPLAY_PREFIX) for t in tags}),
+        'languages': sorted({stream_language(t) for t in tags}),
         'tokens_trained': sum(by_language.get(t, {}).get('tokens', 0) for t in tags),
         'epochs': {t: by_language[t]['epochs'] for t in tags if t in by_language},
     }
@@ -279,7 +300,7 @@ def report(workdir: str, step: int | None = None) -> dict:
 def language_code(tag: str) -> str | None:
   """The code a Hugging Face card lists for a language tag: ISO 639-1 where the language
   has one, else ISO 639-3; None for domains (code, math) and undetermined text."""
-  tag = tag.removeprefix(REPLAY_PREFIX)
+  tag = stream_language(tag)
   if tag in languages.DOMAINS or tag == 'und':
     return None
   for language in languages.LANGUAGES:

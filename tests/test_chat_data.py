@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import sft
+from euro_lm import card, provenance, records
 from euro_lm.config import validate
 from euro_lm.data import chat, conversations, dataset, prepared
 from euro_lm.data.prepare import shards, sources
@@ -29,6 +30,9 @@ QUESTIONS = {
     'fr': 'Le cabinet est-il ouvert le jour {} ?',
 }
 ANSWERS = {'de': 'Von acht bis zwölf.', 'fr': 'De huit heures à midi.'}
+FAQ_SOURCE = provenance.source_record(
+    {'source_name': 'clinic-faq', 'content_type': 'conversations', 'license': 'CC-BY-4.0'}
+)
 
 
 def _write_conversations(path, count, seed, bad=False):
@@ -78,6 +82,7 @@ def data(tmp_path_factory):
         source,
         docs_per_shard=7,
         workers=2,  # clinic's two files in two processes
+        source_record=FAQ_SOURCE if name == 'faq' else None,
     )
   return root, manifests
 
@@ -363,17 +368,35 @@ def test_a_training_run_logs_each_sources_tokens_and_checkpoints_its_data_state(
   workdir = str(tmp_path / 'run')
   train(config, workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  last = [r for r in records if 'tokens/clinic/deu_Latn' in r][-1]
+    logged = [json.loads(line) for line in f]
+  last = [r for r in logged if 'tokens/clinic/deu_Latn' in r][-1]
   library = dataset.make_data(config, str(tmp_path / 'library')).train
   for _ in range(2):
     next(library)
   assert {k: v for k, v in last.items() if k.startswith('tokens/')} == {
       f'tokens/{stream}': n for stream, n in library.tokens_by_language().items()
   }
-  assert any('valid/faq/fra_Latn/loss' in r for r in records)
+  assert any('valid/faq/fra_Latn/loss' in r for r in logged)
   with open(os.path.join(workdir, 'checkpoints', '2', 'data', 'process_0-of-1.json')) as f:
     assert json.load(f) == json.loads(library.get_state())
+
+  # The records name each source by what described it (faq's prepare_data flags; clinic
+  # nothing), count its tokens from the data state, and list languages, not streams.
+  report = records.report(workdir)
+  assert sorted(report['sources']) == ['clinic-faq', 'conversations:clinic']
+  faq = report['sources']['clinic-faq']
+  assert (faq['license'], faq['languages']) == ('CC-BY-4.0', ['deu_Latn', 'fra_Latn'])
+  for name, prefix in (('clinic-faq', 'faq/'), ('conversations:clinic', 'clinic/')):
+    assert report['sources'][name]['tokens_trained'] == sum(
+        n for stream, n in library.tokens_by_language().items() if stream.startswith(prefix)
+    )
+  summary = card.write_card(str(tmp_path), report)
+  assert sorted(e['name'] for e in summary['data_sources']['not_categorised']) == [
+      'clinic-faq',
+      'conversations:clinic',
+  ]
+  metadata = provenance.card_metadata(str(tmp_path / card.README))
+  assert metadata['language'] == ['de', 'fr']
 
 
 def test_one_source_with_and_without_languages_is_refused(data, tmp_path):

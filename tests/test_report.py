@@ -341,7 +341,7 @@ def test_conversations_and_replay_are_sources_of_their_own(prepared, tmp_path):
   c.data.chat_source = str(described)
   sources, by_tag = records.run_sources(c)
   assert sources['clinic-chats']['license'] is None  # not said, not guessed
-  assert by_tag == {'*': 'clinic-chats', 'replay-': 'catalogs-test'}
+  assert by_tag == {'': 'clinic-chats', 'replay-': 'catalogs-test'}
 
 
 def test_the_embedded_corpus_describes_itself():

@@ -11,7 +11,14 @@ import ml_collections
 import numpy as np
 
 from euro_lm.data import chat, conversations, corpus, mixture, pipeline, prepared
-from euro_lm.data.streams import REPLAY_PREFIX, PackedStreams, process_streams
+from euro_lm.data.streams import (
+    REPLAY_PREFIX,
+    PackedStreams,
+    process_streams,
+    stream_language,
+    stream_name,
+    stream_source,
+)
 from euro_lm.data.tokenizer import (
     MODEL_TYPES,
     SENTENCEPIECE_MODEL,
@@ -250,7 +257,7 @@ def _conversations(config, workdir, write):
                 f'{entry["directory"]}: {left_out} {tag} conversation(s) longer than'
                 f' train.seq_len + 1 = {max_length} tokens, left out (too_long)'
             )
-          parts.setdefault(_stream(name, tag), []).append((documents, tokens))
+          parts.setdefault(stream_name(name, tag), []).append((documents, tokens))
         continue
       examples, reports, warnings = conversations.read_examples(
           source, entry, tokenizer, template, prompt_loss=d.prompt_loss, max_length=max_length
@@ -270,7 +277,7 @@ def _conversations(config, workdir, write):
         )
       for tag, pairs in by_language.items():
         tokens = sum(len(ids) for ids, _ in pairs)
-        parts.setdefault(_stream(name, tag), []).append((pairs, tokens))
+        parts.setdefault(stream_name(name, tag), []).append((pairs, tokens))
   parts = _select_chat_languages(parts, d.languages)
   if not parts:
     raise ConfigError(f'data.chat_files={d.chat_files!r}: no usable conversation')
@@ -290,11 +297,6 @@ def _conversations(config, workdir, write):
       f.write(template)
     os.replace(target + '.tmp', target)
   return tokenizer, train, valid, token_counts
-
-
-def _stream(source, language):
-  """The stream of a source's language: the language, or `<source>/<language>`."""
-  return f'{source}/{language}' if source else language
 
 
 def _chat_entry(entry):
@@ -346,9 +348,9 @@ def _fitting(documents, info, max_length):
 
 def _select_chat_languages(parts, spec):
   """The streams of the languages data.languages names ('' all): each must be in a source."""
-  languages = {stream.rpartition('/')[2]: [] for stream in parts}
+  languages = {stream_language(stream): [] for stream in parts}
   wanted = corpus.select_languages(languages, spec)
-  return {stream: p for stream, p in parts.items() if stream.rpartition('/')[2] in wanted}
+  return {stream: p for stream, p in parts.items() if stream_language(stream) in wanted}
 
 
 class _Subset(collections.abc.Sequence):
@@ -387,7 +389,7 @@ def _chat_weights(config, token_counts):
   tokens)."""
   by_source = {}
   for stream, n in token_counts.items():
-    source, _, language = stream.rpartition('/')
+    source, language = stream_source(stream), stream_language(stream)
     by_source.setdefault(source, {})[language] = n
   within = {
       source: _language_weights(config, counts, source) for source, counts in by_source.items()
@@ -406,7 +408,7 @@ def _chat_weights(config, token_counts):
     shares = shares_at(step)
     total = sum(shares.values())
     return {
-        _stream(source, language): shares[source] / total * weight
+        stream_name(source, language): shares[source] / total * weight
         for source in sorted(by_source)
         for language, weight in within[source](step).items()
     }

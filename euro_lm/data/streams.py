@@ -45,6 +45,22 @@ _MASK64 = (1 << 64) - 1
 REPLAY_PREFIX = 'replay-'
 
 
+def stream_name(source: str, language: str) -> str:
+  """The stream of a named conversation source's language, `<source>/<language>`; the
+  language alone for the one unnamed source (and for pretraining text)."""
+  return f'{source}/{language}' if source else language
+
+
+def stream_source(stream: str) -> str:
+  """The conversation source a stream belongs to ('' unnamed, or replayed text)."""
+  return stream.rpartition('/')[0]
+
+
+def stream_language(stream: str) -> str:
+  """The language tag of a stream, without its source and replay prefix."""
+  return stream.rpartition('/')[2].removeprefix(REPLAY_PREFIX)
+
+
 def _hash(a, b, c):
   """64 well-mixed bits from three integers (splitmix64 over the packed key)."""
   z = (

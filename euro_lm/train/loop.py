@@ -325,7 +325,7 @@ def _train(config, workdir, preemption):
     log(
         f'step {step} validation loss: '
         + ' '.join(
-            f'{k.split("/")[1]}={v:.3f}'
+            f'{k.removeprefix("valid/").removesuffix("/loss")}={v:.3f}'
             for k, v in results.items()
             if k.endswith('/loss') and k != 'valid/loss'
         )
