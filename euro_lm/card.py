@@ -53,11 +53,28 @@ def _latest_collection(sources):
   return max(ends) if ends and all(ends) else U
 
 
+def _trained(report):
+  """The languages the model was trained on up to the report's step (tokens drawn)."""
+  return [t for t, e in report['languages'].items() if e['tokens']]
+
+
+def _sizes(size):
+  """A source's size per language, one line: `deu_Latn 1,204 documents, 31,507 tokens; ...`."""
+  parts = []
+  for tag, s in sorted(size.items()):
+    documents = s.get('documents', s.get('training_documents'))
+    tokens = s.get('tokens', s.get('training_tokens'))
+    counts = [f'{documents:,} documents'] if documents is not None else []
+    counts += [f'{tokens:,} tokens'] if tokens is not None else []
+    parts.append(f'{tag} {", ".join(counts) or U}')
+  return '; '.join(parts) or U
+
+
 def summary(report: dict) -> dict:
   """The training-content summary (JSON-able) of a records report (euro_lm.records)."""
   tr = report['training']
   sources = report['sources']
-  languages = sorted({stream_language(t) for t in report['languages']})
+  languages = sorted({stream_language(t) for t in _trained(report)})
   content = sorted({s.get('content_type') or U for s in sources.values()})
   by_category = {key: [] for key in provenance.CATEGORIES}
   by_category['not_categorised'] = []
@@ -137,7 +154,7 @@ def _merge(base, extra):
 
 def _metadata(report, name):
   languages = sorted(
-      {records.language_code(t) for t in report['languages']} - {None},
+      {records.language_code(t) for t in _trained(report)} - {None},
   )
   meta = {
       **({'language': languages} if languages else {}),
@@ -325,7 +342,7 @@ def _summary_markdown(s):
       lines.append(f'- **{e["name"]}**: {e["description"]} ({e["url"]})')
       lines.append(f'  - licence: {e["license"]}; collected: {e["collected"]}')
       lines.append(f'  - content: {e["content_type"]}; languages: {", ".join(e["languages"])}')
-      lines.append(f'  - tokens trained: {e["tokens_trained"]:,}; size: {json.dumps(e["size"])}')
+      lines.append(f'  - tokens trained: {e["tokens_trained"]:,}; size: {_sizes(e["size"])}')
   p = s['data_processing']
   lines += [
       '',

@@ -227,7 +227,10 @@ def report(workdir: str, step: int | None = None) -> dict:
   sizes = records.get('sizes', {})
   segments = records.get('segments', [])
   by_language = {}
-  for tag, entry in drawn.items():
+  nothing = {'tokens': 0, 'documents': 0, 'training_documents': None}
+  # Every language the run trains on, drawn from yet or not (tokens 0).
+  for tag in sorted(set(drawn) | set(sizes)):
+    entry = drawn.get(tag, nothing)
     size = sizes.get(tag, {})
     documents = size.get('documents') or entry['training_documents']
     by_language[tag] = {

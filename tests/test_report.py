@@ -272,6 +272,20 @@ def test_the_summary_follows_the_template_with_the_records_numbers(prepared, exp
     assert heading in markdown
 
 
+def test_languages_not_drawn_from_yet_are_sized_but_not_listed_as_trained(run, tmp_path):
+  """A language of the mixture no row has drawn from by the exported step (early in a run,
+  or at a small weight) is in the source's size with 0 tokens trained, and not among the
+  languages the card and the summary say the model was trained on."""
+  report = records.report(run, 4)
+  report['languages'][LANGUAGES[0]].update(tokens=0, documents=0, epochs=0.0)
+  summary = card.write_card(str(tmp_path), report)
+  assert summary['general_information']['languages'] == list(LANGUAGES[1:])
+  metadata = provenance.card_metadata(str(tmp_path / card.README))
+  assert metadata['language'] == sorted(records.language_code(t) for t in LANGUAGES[1:])
+  text = (tmp_path / card.README).read_text(encoding='utf-8')
+  assert f'| {LANGUAGES[0]} | 0 | 0 | 0.000 | catalogs-test |' in text
+
+
 def test_card_extra_merges_the_providers_text(exported):
   model_card = _card(exported[4])
   assert model_card.data.license == 'apache-2.0'
