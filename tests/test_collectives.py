@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from euro_lm import devices
+from euro_lm import devices, plan
 from euro_lm.plan import collectives, hlo, memory
 from euro_lm.sharding import MESH_AXES
 
@@ -215,3 +215,14 @@ def test_links_are_named_and_the_mesh_options_are_ranked():
       assert o.seconds_per_axis[axis] == pytest.approx(
           o.bytes_per_axis[axis] / devices.link(link).bytes_per_s
       )
+
+
+def test_the_plan_reports_communication_and_the_mesh_with_the_least():
+  config = small_config((1, 8, 1), **{'train.global_batch_size': 64, 'mesh.dcn_fsdp': 2})
+  text = plan.format_plan(config, 16, 2, accelerator_name='h100', network_link='slingshot11')
+  sent = collectives.predicted_bytes(config, dict(data=1, fsdp=16, tensor=1))
+  assert f'fsdp {sent["fsdp"] / 1e9:.2f}' in text
+  assert 'on nvlink4 in a node, slingshot11 across nodes' in text
+  best = collectives.mesh_options(config, 2, 8, 'h100', network_link='slingshot11')[0]
+  assert f'least communication on 2 nodes: {best.describe()}' in text
+  assert '--config.mesh.dcn_data=2' in text  # gradients once across nodes, not weights
