@@ -10,19 +10,20 @@ compile contains, per mesh axis and per device, under the ring cost model of `hl
   2(n-1)/n x G/fsdp; a tied embedding's gradient is reduced twice (once per use).
 - `fsdp` (n = fsdp): the float32 weights of each layer (tensor-sharded) all-gathered in the
   forward and the backward (`LAYER_GATHERS`: with `full` remat the attention's a third
-  time), and the gradients all-reduced: XLA:CPU
-  leaves the all-reduce + slice that XLA:GPU turns into a reduce-scatter ((n-1)/n, half
-  the bytes); the prediction follows the CPU compile it is checked against.
+  time), and the gradients all-reduced: XLA:CPU leaves the all-reduce + slice that XLA:GPU
+  turns into a reduce-scatter ((n-1)/n, half the bytes); the prediction follows the CPU
+  compile it is checked against.
 - `tensor` (n = tensor): the [b, L, D] activations of one micro-batch per device in the
   compute dtype, all-reduced `TENSOR_ALL_REDUCES[remat]` times per layer and twice
   outside the layers (embedding lookup, output head's gradient).
 
 Every term is per micro-batch: XLA reduces the gradients inside the accumulation loop, so
-`train.grad_accum_steps` multiplies them all. Non-layer weights (embedding, head, final
-norm) are counted as gathered twice over fsdp; the compile gathers the head once or twice
-and moves the embedding lookup's rows with an all-to-all instead, so totals agree to a few
-percent, the layers exactly (tests/test_collectives.py). The weights move in float32 even
-when computing in bfloat16: XLA:CPU gathers, then converts.
+`train.grad_accum_steps` multiplies them all. Outside the layers: the untied head is
+counted as gathered twice (XLA gathered it once or twice, by batch and group size); the
+embedding lookup moves its rows by all-to-all when they are smaller than two tables, else
+gathers the table (what XLA chose in every compile checked). The layers' collectives agree
+exactly, the totals to a few percent (tests/test_collectives.py, BENCHMARKS.md). The weights
+move in float32 even when computing in bfloat16: XLA:CPU gathers, then converts.
 
 `step_seconds` prices bytes per axis on the links of `euro_lm.devices.LINKS`: an axis whose
 devices stay within a node runs over the node's link, one that crosses nodes at the network's
@@ -31,7 +32,6 @@ the communication that would be exposed if nothing overlapped.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -330,12 +330,3 @@ def format_options(options, title=''):
         f'{o.comm_seconds / o.compute_seconds:>12.2f}'
     )
   return '\n'.join(lines)
-
-
-def ring_bytes(found):
-  """Measured bytes per axis of `hlo.collectives` output (`hlo.bytes_per_axis`)."""
-  return hlo.bytes_per_axis(found)
-
-
-def num_devices_of(degrees):
-  return math.prod(degrees[a] for a in MESH_AXES)
