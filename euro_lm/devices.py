@@ -54,7 +54,8 @@ class Link:
 
 
 # Per device and direction. Network figures are a node's injection bandwidth (NICs x line
-# rate, as the centres' hardware pages give them) over its devices.
+# rate, as the centres' hardware pages give them) over its devices. MareNostrum 5's is not
+# here: its figure was not found in a source this project could check.
 LINKS = (
     # NVIDIA H100 SXM datasheet: NVLink 4, 900 GB/s per GPU, both directions together.
     Link('nvlink4', 450e9, 'NVLink 4 (H100/H200 SXM), 900 GB/s per GPU bidirectional'),
@@ -64,15 +65,17 @@ LINKS = (
     Link('ndr', 50e9, 'InfiniBand NDR, 400 Gb/s per GPU (one NIC per GPU, DGX H100)'),
     # HPE Slingshot-11: 200 Gb/s per NIC.
     Link('slingshot11', 25e9, 'Slingshot-11, one 200 Gb/s NIC per device'),
-    # LUMI-G (docs.lumi-supercomputer.eu, LUMI-G hardware): 4 x 200 Gb/s Slingshot-11
-    # NICs per node of 4 MI250X, i.e. 8 GCDs.
+    # LUMI-G: "four 200 Gb/s interfaces to the Slingshot-11 interconnect", one per MI250X,
+    # for 8 GCDs (docs.lumi-supercomputer.eu, hardware/compute/lumig).
     Link('lumi', 12.5e9, 'LUMI-G: 4 x 200 Gb/s Slingshot-11 per node / 8 GCDs'),
-    # Leonardo Booster (CINECA user guide): 2 x dual-port HDR100 per node of 4 A100.
-    Link('leonardo', 12.5e9, 'Leonardo Booster: 4 x 100 Gb/s HDR per node / 4 A100'),
-    # MareNostrum 5 ACC (BSC): 4 x NDR200 per node of 4 H100.
-    Link('mn5', 25e9, 'MareNostrum 5 ACC: 4 x 200 Gb/s NDR200 per node / 4 H100'),
-    # JUPITER Booster (JSC): 4 x NDR200 per node of 4 GH200.
+    # Leonardo Booster: "2x dual-port HDR network interface (400 Gbps aggregated)" per node
+    # of 4 A100 (leonardo-supercomputer.cineca.eu/hpc-system).
+    Link('leonardo', 12.5e9, 'Leonardo Booster: 400 Gb/s HDR per node / 4 A100'),
+    # JUPITER Booster: "4x InfiniBand NDR200" per node of 4 GH200; in the node "NVLink 4
+    # GPU-to-GPU links, 300 GB/s between pairs of GPUs (150 GB/s per direction)"
+    # (apps.fz-juelich.de/jsc/hps/jupiter/configuration.html).
     Link('jupiter', 25e9, 'JUPITER Booster: 4 x 200 Gb/s NDR200 per node / 4 GH200'),
+    Link('jupiter_nvlink', 150e9, 'JUPITER Booster in a node: NVLink 4, 150 GB/s per pair'),
 )
 
 

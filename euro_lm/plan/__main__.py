@@ -31,7 +31,7 @@ _NODE_LINK = flags.DEFINE_string(
     'node_link', 'nvlink4', 'Link within a node for the communication estimate (devices.LINKS).'
 )
 _NETWORK_LINK = flags.DEFINE_string(
-    'network_link', 'ndr', 'Link across nodes: ndr, slingshot11, lumi, leonardo, mn5, jupiter...'
+    'network_link', 'ndr', 'Link across nodes: ndr, slingshot11, lumi, leonardo, jupiter...'
 )
 _TOKENS = flags.DEFINE_float(
     'tokens',
