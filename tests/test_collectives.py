@@ -17,7 +17,10 @@ def small_config(mesh, **overrides):
   """Tiny with 2 layers (compiles in seconds): mesh (data, fsdp, tensor)."""
   c = tiny.get_config()
   c.model.num_layers = 2
+  c.model.mlp_dim = 256
+  c.model.vocab_size = 1024
   c.train.global_batch_size = 8
+  c.train.seq_len = 64
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
   for path, value in overrides.items():
     section, field = path.split('.')

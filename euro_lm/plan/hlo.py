@@ -162,14 +162,12 @@ def _computations(hlo_text):
 
 
 def _counts(computations, entry):
-  """`{computation: (runs per step, inside a loop)}` from the entry through the call graph:
-  a while body runs its loop's known trip count times per run of its caller."""
-  runs = {entry: (1, False)}
-  stack = [entry]
-  while stack:
-    name = stack.pop()
-    count, in_loop = runs[name]
-    for line in computations.get(name, ()):
+  """`{computation: (runs per step, inside a loop)}` over the call graph from the entry: the
+  sum over its call sites of the caller's runs, times the loop's known trip count for a
+  while body."""
+  sites = {}  # callee -> [(caller, factor, is a loop body)]
+  for caller, lines in computations.items():
+    for line in lines:
       callees = _CALLS.findall(line)
       for branches in _BRANCHES.findall(line):
         callees += re.findall(r'%([\w.\-]+)', branches)
@@ -181,13 +179,24 @@ def _counts(computations, entry):
         loop = body is not None and callee == body.group(1)
         if loop and not trip:
           raise ValueError(f'a while loop without a known trip count: {line[:200]}')
-        callee_runs = (count * (int(trip.group(1)) if loop else 1), in_loop or loop)
-        if callee not in runs:
-          runs[callee] = callee_runs
-          stack.append(callee)
-        elif runs[callee] != callee_runs:
-          runs[callee] = (runs[callee][0] + callee_runs[0], runs[callee][1] or in_loop)
-  return runs
+        sites.setdefault(callee, []).append((caller, int(trip.group(1)) if loop else 1, loop))
+  runs = {entry: (1, False)}
+
+  def count(name):
+    if name not in runs:
+      runs[name] = (0, False)  # not reachable through itself: HLO has no recursion
+      total, in_loop = 0, False
+      for caller, factor, loop in sites.get(name, ()):
+        caller_runs, caller_in_loop = count(caller)
+        if caller_runs:
+          total += caller_runs * factor
+          in_loop |= caller_in_loop or loop
+      runs[name] = (total, in_loop)
+    return runs[name]
+
+  for name in computations:
+    count(name)
+  return {name: value for name, value in runs.items() if value[0]}
 
 
 def trip_counts(hlo_text):
