@@ -23,7 +23,9 @@ counted as gathered twice (XLA gathered it once or twice, by batch and group siz
 embedding lookup moves its rows by all-to-all when they are smaller than two tables, else
 gathers the table (what XLA chose in every compile checked). The layers' collectives agree
 exactly, the totals to a few percent (tests/test_collectives.py, BENCHMARKS.md). The weights
-move in float32 even when computing in bfloat16: XLA:CPU gathers, then converts.
+move in float32 even when computing in bfloat16: XLA:CPU gathers, then converts. With LoRA,
+only the adapters' gradients are reduced while every weight is still gathered (assumed:
+no LoRA step was compiled for this).
 
 `step_seconds` prices bytes per axis on the links of `euro_lm.devices.LINKS`: an axis whose
 devices stay within a node runs over the node's link, one that crosses nodes at the network's
@@ -107,14 +109,14 @@ def measure(config, num_devices=None):
 # --------------------------------------------------------------------------- prediction
 
 
-def _param_bytes(config, degrees, leaves, which):
-  """Float32 bytes per device of the trainable params for which `which(path)` holds,
-  sharded as under `degrees`."""
+def _param_bytes(config, degrees, leaves, which, trainable=True):
+  """Float32 bytes per device of the params (only the trainable ones: those with gradients)
+  for which `which(path)` holds, sharded as under `degrees`."""
   rules = logical_rules(config.mesh)
   return sum(
       per_device_elements(x.shape, x.logical_axes, rules, degrees) * x.itemsize
       for x in leaves
-      if x.part == 'params' and not x.frozen and which(x.path)
+      if x.part == 'params' and not (trainable and x.frozen) and which(x.path)
   )
 
 
@@ -155,16 +157,24 @@ def predicted(config, degrees, leaves=None):
   m, t = config.model, config.train
   micro = t.grad_accum_steps
   gathered = dict(degrees, data=1, fsdp=1)
-  layers = _param_bytes(config, gathered, leaves, _is_layer)
-  mlp = _param_bytes(config, gathered, leaves, lambda p: _is_layer(p) and "['mlp']" in p)
+
+  def weights(which, trainable=False):  # gathered whole, frozen (LoRA's base) included
+    return _param_bytes(config, gathered, leaves, which, trainable)
+
+  layers = weights(_is_layer)
+  mlp = weights(lambda p: _is_layer(p) and "['mlp']" in p)
   mlp_gathers, other_gathers = LAYER_GATHERS.get(m.remat_policy, LAYER_GATHERS['full'])
   layer_gathers = mlp_gathers * mlp + other_gathers * (layers - mlp)
-  embedding = _param_bytes(config, gathered, leaves, _is_embedding)
-  rest = _param_bytes(config, gathered, leaves, lambda p: not _is_layer(p))
+  embedding = weights(_is_embedding)
+  rest = weights(lambda p: not _is_layer(p))
   # Untied, the head is gathered in the forward and the backward and the embedding's rows
   # move by all-to-all; tied, the one table is gathered once, for the head.
   gather = 2 * (rest - embedding) + embedding if m.tie_embeddings else 2 * (rest - embedding)
-  reduce_fsdp = rest if m.tie_embeddings else rest - embedding
+  # Gradients: of the trainable params only.
+  layer_grads = weights(_is_layer, trainable=True)
+  embedding_grads = weights(_is_embedding, trainable=True)
+  rest_grads = weights(lambda p: not _is_layer(p), trainable=True)
+  reduce_fsdp = rest_grads if m.tie_embeddings else rest_grads - embedding_grads
   grads_data = dict(degrees, data=1)
   data = _param_bytes(config, grads_data, leaves, lambda p: True)
   if m.tie_embeddings:  # its gradient is reduced once per use
@@ -183,11 +193,11 @@ def predicted(config, degrees, leaves=None):
   lookup = 2 * rows_bytes if rows_bytes < 2 * embedding else 0
   if not lookup:
     gather += 2 * embedding
-    reduce_fsdp += embedding
+    reduce_fsdp += embedding_grads
   return Traffic(
       data_all_reduce=micro * data,
       fsdp_all_gather=micro * (layer_gathers + gather),
-      fsdp_all_reduce=micro * (layers + reduce_fsdp),
+      fsdp_all_reduce=micro * (layer_grads + reduce_fsdp),
       fsdp_all_to_all=micro * lookup,
       tensor_all_reduce=micro * tensor,
       degrees=dict(degrees),
