@@ -45,6 +45,54 @@ ACCELERATORS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Link:
+  """A link collectives run over, as one device sees it."""
+
+  name: str
+  bytes_per_s: float  # per device, per direction
+  where: str  # what it is and where the figure comes from
+
+
+# Per device and direction. Network figures are a node's injection bandwidth (NICs x line
+# rate, as the centres' hardware pages give them) over its devices. MareNostrum 5's is not
+# here: its figure was not found in a source this project could check.
+LINKS = (
+    # NVIDIA H100 SXM datasheet: NVLink 4, 900 GB/s per GPU, both directions together.
+    Link('nvlink4', 450e9, 'NVLink 4 (H100/H200 SXM), 900 GB/s per GPU bidirectional'),
+    # NVIDIA A100 datasheet: NVLink 3, 600 GB/s per GPU bidirectional.
+    Link('nvlink3', 300e9, 'NVLink 3 (A100 SXM), 600 GB/s per GPU bidirectional'),
+    # InfiniBand NDR: 400 Gb/s per port; DGX H100 has one ConnectX-7 port per GPU.
+    Link('ndr', 50e9, 'InfiniBand NDR, 400 Gb/s per GPU (one NIC per GPU, DGX H100)'),
+    # HPE Slingshot-11: 200 Gb/s per NIC.
+    Link('slingshot11', 25e9, 'Slingshot-11, one 200 Gb/s NIC per device'),
+    # LUMI-G: "four 200 Gb/s interfaces to the Slingshot-11 interconnect", one per MI250X,
+    # for 8 GCDs (docs.lumi-supercomputer.eu, hardware/compute/lumig).
+    Link('lumi', 12.5e9, 'LUMI-G: 4 x 200 Gb/s Slingshot-11 per node / 8 GCDs'),
+    # Leonardo Booster: "2x dual-port HDR network interface (400 Gbps aggregated)" per node
+    # of 4 A100 (leonardo-supercomputer.cineca.eu/hpc-system).
+    Link('leonardo', 12.5e9, 'Leonardo Booster: 400 Gb/s HDR per node / 4 A100'),
+    # JUPITER Booster: "4x InfiniBand NDR200" per node of 4 GH200; in the node "NVLink 4
+    # GPU-to-GPU links, 300 GB/s between pairs of GPUs (150 GB/s per direction)"
+    # (apps.fz-juelich.de/jsc/hps/jupiter/configuration.html).
+    Link('jupiter', 25e9, 'JUPITER Booster: 4 x 200 Gb/s NDR200 per node / 4 GH200'),
+    Link('jupiter_nvlink', 150e9, 'JUPITER Booster in a node: NVLink 4, 150 GB/s per pair'),
+)
+
+
+def link_names() -> tuple[str, ...]:
+  return tuple(x.name for x in LINKS)
+
+
+def link(name: str) -> Link:
+  """A known link by name ('nvlink4', 'ndr', 'slingshot11', 'lumi', ...), ignoring case,
+  spaces, '-' and '_'. Raises ConfigError listing the known names."""
+  for known in LINKS:
+    if _normalise(known.name) == _normalise(name):
+      return known
+  raise ConfigError(f'unknown link {name!r}; known: {", ".join(link_names())}')
+
+
+@dataclasses.dataclass(frozen=True)
 class Device:
   """What a run computes on, as far as choosing kernels and checking a config needs."""
 

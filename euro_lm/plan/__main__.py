@@ -27,6 +27,12 @@ _ACCELERATOR = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(['config'])
 _MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the time estimate.')
+_NODE_LINK = flags.DEFINE_string(
+    'node_link', 'nvlink4', 'Link within a node for the communication estimate (devices.LINKS).'
+)
+_NETWORK_LINK = flags.DEFINE_string(
+    'network_link', 'ndr', 'Link across nodes: ndr, slingshot11, lumi, leonardo, jupiter...'
+)
 _TOKENS = flags.DEFINE_float(
     'tokens',
     0.0,
@@ -49,6 +55,8 @@ def main(argv):
           _MFU.value,
           _TOKENS.value or None,
           config_name=_config_path(),
+          node_link=_NODE_LINK.value,
+          network_link=_NETWORK_LINK.value,
       )
   )
 

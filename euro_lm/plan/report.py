@@ -1,10 +1,11 @@
 """The planner's report: the text `python -m euro_lm.plan` prints, and the tables and plots
 of notebooks/scaling.ipynb (matplotlib, imported only by `plot_scaling`)."""
 
-from euro_lm.devices import accelerator_device
+from euro_lm.devices import accelerator_device, link
 from euro_lm.errors import ConfigError
 from euro_lm.model import lora, param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
+from euro_lm.plan import collectives
 from euro_lm.plan.memory import (
     GIB,
     USABLE_FRACTION,
@@ -16,7 +17,7 @@ from euro_lm.plan.memory import (
     training_seconds,
     with_overrides,
 )
-from euro_lm.sharding import MeshError, mesh_shape
+from euro_lm.sharding import MESH_AXES, MeshError, mesh_shape
 
 
 def describe_change(change):
@@ -79,12 +80,14 @@ def format_plan(
     tokens=None,
     usable_fraction=USABLE_FRACTION,
     config_name='',
+    node_link='nvlink4',
+    network_link='ndr',
 ):
   """The planner's report as text: mesh, per-device memory, fit verdict with WARNING lines
-  naming what to change, and (with a known accelerator) the time for `tokens` (default
-  the run's train.steps x global batch x seq_len) at `mfu`. The attention planned is the
-  one that runs on `accelerator_name`; without an accelerator the device is not known, and
-  'auto' is planned as xla."""
+  naming what to change, the communication per step (`communication_lines`), and (with a
+  known accelerator) the time for `tokens` (default the run's train.steps x global batch x
+  seq_len) at `mfu`. The attention planned is the one that runs on `accelerator_name`;
+  without an accelerator the device is not known, and 'auto' is planned as xla."""
   peak = device = None
   if accelerator_name:
     accelerator_name, peak, memory = accelerator(accelerator_name)
@@ -164,6 +167,19 @@ def format_plan(
     lines.append(
         'device memory: unknown (give --accelerator or --device_memory_gb to check the fit)'
     )
+  lines += communication_lines(
+      config,
+      num_devices,
+      num_nodes,
+      est.degrees,
+      dcn,
+      leaves,
+      accelerator_name,
+      mfu,
+      node_link,
+      network_link,
+      budget=device_memory_gib * GIB * usable_fraction if device_memory_gib else None,
+  )
   if peak:
     tokens = run_tokens(config, tokens)
     seconds = training_seconds(m, t.seq_len, tokens, num_devices, peak, mfu)
@@ -173,6 +189,82 @@ def format_plan(
         f'({peak / 1e12:.0f} TFLOP/s peak) at {mfu:.0%} MFU: {_duration(seconds)}'
     )
   return '\n'.join(lines)
+
+
+def communication_lines(
+    config,
+    num_devices,
+    num_nodes,
+    degrees,
+    dcn,
+    leaves,
+    accelerator_name=None,
+    mfu=0.4,
+    node_link='nvlink4',
+    network_link='ndr',
+    budget=None,
+):
+  """The report's communication lines: bytes each device sends per step per mesh axis
+  (`collectives.predicted_bytes`); with an accelerator, their seconds on `node_link` within
+  a node and `network_link` across nodes against the step's compute at `mfu`, and the mesh
+  of the same devices with the least communication (if none of it overlaps) among those
+  that fit `budget` bytes (None: not checked)."""
+  sent = collectives.predicted_bytes(config, degrees, leaves)
+  lines = [
+      'communication per step (closed form of the compiled step, ring model, GB each device '
+      'sends): ' + ', '.join(f'{a} {sent[a] / 1e9:.2f}' for a in MESH_AXES)
+  ]
+  if not accelerator_name or num_devices % num_nodes:
+    return lines
+  node, network = link(node_link), link(network_link)
+  dcn = dict(zip(MESH_AXES, dcn))
+  seconds = collectives.step_seconds(sent, dcn, node, network)
+  peak = accelerator(accelerator_name)[1]
+  compute = collectives.compute_seconds(config, num_devices, peak, mfu)
+  lines.append(
+      f'communication on {node.name} in a node, {network.name} across nodes: '
+      f'{sum(seconds.values()):.3f} s per step if nothing overlaps ('
+      + ', '.join(f'{a} {seconds[a]:.3f}' for a in MESH_AXES)
+      + f'), compute {compute:.3f} s at {mfu:.0%} MFU'
+  )
+  options = collectives.mesh_options(
+      config,
+      num_nodes,
+      num_devices // num_nodes,
+      accelerator_name,
+      node_link,
+      network_link,
+      mfu,
+      leaves,
+  )
+  device = accelerator_device(accelerator_name)
+  fitting = False
+  for option in options:
+    change = {f'mesh.{a}': option.ici[a] for a in MESH_AXES}
+    change |= {f'mesh.dcn_{a}': option.dcn[a] for a in MESH_AXES}
+    if budget is not None:
+      try:
+        total = estimate_memory(
+            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
+        ).total
+      except (ConfigError, MeshError):
+        continue
+      if total > budget:
+        continue
+    fitting = True
+    lines.append(
+        f'least communication on {num_nodes} node{"s" if num_nodes > 1 else ""}: '
+        f'{option.describe()} (in-node x across), {option.comm_seconds:.3f} s per step: '
+        + describe_change(change)
+    )
+    break
+  if options and not fitting:
+    lines.append(
+        f'least communication on {num_nodes} node{"s" if num_nodes > 1 else ""}: '
+        f'{options[0].describe()} (in-node x across), {options[0].comm_seconds:.3f} s per '
+        'step, but no candidate mesh fits the memory as configured'
+    )
+  return lines
 
 
 # --------------------------------------------------------------------------- presets
