@@ -267,16 +267,18 @@ def compute_seconds(config, num_devices, peak_flops, mfu):
 
 
 def candidate_meshes(nodes, devices_per_node):
-  """In-node tensor (1, 2, 4, ... devices_per_node) with fsdp over the rest of the node;
-  across nodes all data or all fsdp. `(ici, dcn)` dicts."""
+  """In-node tensor (1, 2, 4, ... devices_per_node) with fsdp or data over the rest of the
+  node; across nodes all data or all fsdp. `(ici, dcn)` dicts."""
   found = []
   tensor = 1
   while tensor <= devices_per_node:
-    ici = {'data': 1, 'fsdp': devices_per_node // tensor, 'tensor': tensor}
-    for across in ('data', 'fsdp') if nodes > 1 else ('fsdp',):
-      dcn = {'data': 1, 'fsdp': 1, 'tensor': 1}
-      dcn[across] = nodes
-      found.append((ici, dcn))
+    for inside in ('fsdp', 'data') if tensor < devices_per_node else ('fsdp',):
+      ici = {'data': 1, 'fsdp': 1, 'tensor': tensor}
+      ici[inside] = devices_per_node // tensor
+      for across in ('data', 'fsdp') if nodes > 1 else ('fsdp',):
+        dcn = {'data': 1, 'fsdp': 1, 'tensor': 1}
+        dcn[across] = nodes
+        found.append((ici, dcn))
     tensor *= 2
   return found
 
