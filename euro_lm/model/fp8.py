@@ -25,11 +25,10 @@ def enabled(model_config) -> bool:
   return bool(model_config.get('fp8', False))
 
 
-def dot(module, name, x, w, in_axes):
-  """`x W` with fp8 operands, contracting x's last `in_axes` axes with W's first; the state
-  is the submodule `name`."""
+def dot(name, x, w, in_axes):
+  """`x W` with fp8 operands, contracting x's last `in_axes` axes with W's first. Called in
+  a module's compact method: its state is the submodule `name` there."""
   contract = tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes))
-  del module  # the op is a submodule of the module being called
   op = fp8_ops.Fp8DirectDotGeneralOp(amax_history_length=AMAX_HISTORY, name=name)
   return op(x, w, (contract, ((), ())))
 

@@ -150,7 +150,7 @@ def project(module, target, x, w, in_axes, out_axes):
   cfg = module.config
   name = lora.TARGETS[target][1]
   if fp8.active(module):
-    y = fp8.dot(module, name + fp8.SUFFIX, x, w.astype(cfg.compute_dtype), len(in_axes))
+    y = fp8.dot(name + fp8.SUFFIX, x, w.astype(cfg.compute_dtype), len(in_axes))
   else:
     y = dense(x, w.astype(cfg.compute_dtype), in_axes=len(in_axes))
   if target not in lora.targets(cfg):
