@@ -62,11 +62,11 @@ def fixed_batch(config, seed=0):
 class Run:
   """A state and its jitted step on one device."""
 
-  def __init__(self, config):
+  def __init__(self, config, devices=None):
     self.config = config
     self.model = Decoder(config.model)
     self.tx, schedule = make_optimizer(config.optimizer, total_steps=10)
-    self.mesh = make_mesh(config.mesh, jax.devices()[:1])
+    self.mesh = make_mesh(config.mesh, devices or jax.devices()[:1])
     self.rules = logical_rules(config.mesh)
     self.state, self.shardings = create_train_state(
         self.model, self.tx, config.train.seq_len, jax.random.key(0), self.mesh, self.rules
@@ -79,9 +79,11 @@ class Run:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return global_batch(fixed_batch(self.config, seed), self.mesh, self.rules)
 
-  def lowered_text(self):
+  def lowered_text(self, platform=None):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self.step.lower(self.state, self.batch()).as_text()
+      traced = self.step.trace(self.state, self.batch())
+      lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+      return lowered.as_text()
 
   def train(self, steps, seed=0):
     losses = []
@@ -127,14 +129,30 @@ def test_off_is_bit_identical_to_a_config_without_the_field():
   jax.tree.map(np.testing.assert_array_equal, *[jax.device_get(run.state.params) for run in runs])
 
 
-def test_projections_lower_to_e4m3_forward_and_e5m2_gradient_dots(fp8_run):
+@pytest.mark.parametrize('platform', [None, 'cuda'])
+def test_projections_lower_to_e4m3_forward_and_e5m2_gradient_dots(fp8_run, platform):
+  """On this CPU, and for an NVIDIA GPU (lowered here, not compiled)."""
   run, _, _ = fp8_run
-  types = dot_operand_types(run.lowered_text())
+  types = dot_operand_types(run.lowered_text(platform))
   forward = [t for t in types if t == ('f8E4M3FN', 'f8E4M3FN')]
   gradient = [t for t in types if 'f8E5M2' in t]
   # Once each in the scanned layer body: 7 projections forward, 2 gradient dots each.
   assert len(forward) >= len(PROJECTIONS) and len(gradient) >= 2 * len(PROJECTIONS)
   assert all(set(t) == {'f8E5M2', 'f8E4M3FN'} for t in gradient)
+
+
+@pytest.mark.slow
+def test_a_2x2x2_mesh_trains_like_one_device(fp8_run):
+  """Sharded weights (fsdp, tensor), the replicated fp8 state: the same losses as one
+  device, up to the reduction order."""
+  config = small_config(grad_accum_steps=MICRO)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  config.train.global_batch_size = 8
+  sharded = Run(config, devices=jax.devices())
+  single = Run(small_config(grad_accum_steps=MICRO))
+  single.config.train.global_batch_size = 8
+  np.testing.assert_allclose(sharded.train(3), single.train(3), rtol=1e-4)
+  assert jax.tree.leaves(sharded.state.fp8)[0].sharding.spec == jax.sharding.PartitionSpec()
 
 
 def test_the_fp8_loss_is_close_to_bfloat16s(fp8_run):
