@@ -44,6 +44,7 @@ from euro_lm.data.tokenizer import (
 )
 from euro_lm.errors import UserError
 from euro_lm.finite import leaf_name, nonfinite_leaves
+from euro_lm.model import fp8
 
 # Model fields that fix parameter shapes: a checkpoint resumes only under the same values.
 SHAPE_FIELDS = (
@@ -504,8 +505,26 @@ class Checkpointer:
       metadata = _state_metadata(epath.Path(self.step_directory(step)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
+    # The fp8 state (`model.fp8`) starts fresh where the checkpoint's is not this run's: fp8
+    # switched on or off, or a checkpoint saved before the field existed.
+    keep_fp8 = 'fp8' in metadata and _shapes(metadata['fp8']) == _shapes(abstract_state.fp8)
+    target = abstract_state
+    if not keep_fp8 and 'fp8' in metadata:  # read what is there, then replace it
+      replicated = abstract_state.step.sharding
+      target = abstract_state.replace(
+          fp8=jax.tree.map(
+              lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+              metadata['fp8'],
+          )
+      )
+    elif not keep_fp8:  # saved before TrainState.fp8 existed
+      target = {
+          f.name: getattr(abstract_state, f.name)
+          for f in dataclasses.fields(abstract_state)
+          if f.name != 'fp8'
+      }
     differences = config_differences(saved['config'], config)
-    differences += shape_differences(metadata, abstract_state)
+    differences += shape_differences(metadata, target)
     if differences:
       raise CheckpointError(
           f"{where} does not fit this run's config:\n  " + '\n  '.join(differences[:20])
@@ -519,14 +538,23 @@ class Checkpointer:
       restored = self._manager.restore(
           step,
           args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=DataRestore(data_iterator)
+              state=ocp.args.StandardRestore(target), data=DataRestore(data_iterator)
           ),
       )
     except UserError:  # the data iterator refused the saved position (a changed mixture)
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise self._read_error(step, e) from e
-    return restored['state']
+    if keep_fp8:
+      return restored['state']
+    if abstract_state.fp8:
+      self._log(f'{where} holds no fp8 state of this model: model.fp8 starts with fresh scales')
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state.fp8)
+    fresh = jax.jit(lambda: fp8.fresh(abstract_state.fp8), out_shardings=shardings)()
+    state = restored['state']
+    if isinstance(state, dict):
+      return abstract_state.replace(**state, fp8=fresh)
+    return state.replace(fp8=fresh)
 
   def is_saving(self):
     return self._manager.is_saving_in_progress()

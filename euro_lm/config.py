@@ -30,6 +30,7 @@ MODEL_RUN_FIELDS = (
     'pallas_backend',
     'remat_policy',
     'loss_chunk_length',
+    'fp8',
     'lora_rank',
     'lora_alpha',
     'lora_targets',
@@ -75,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = 'none'  # none | full | dots | dots_no_batch | save_attention_out
   m.loss_chunk_length = 0  # >0: output projection + loss fused, this many positions
   # at a time (no [B, L, V] logits); 0: all logits at once
+  m.fp8 = False  # q/k/v/o and MLP matmuls in fp8 (delayed scaling; euro_lm.model.fp8):
+  # bfloat16 compute on Hopper or newer NVIDIA GPUs (and CPU, emulated); attention stays bf16
   m.lora_rank = 0  # >0: LoRA adapters of this rank; only they train (0: full fine-tuning)
   m.lora_alpha = 16.0  # LoRA: the adapters' product is scaled by lora_alpha / lora_rank
   m.lora_targets = 'q,k,v,o,gate,up,down'  # LoRA: the projections that get adapters
@@ -305,6 +308,24 @@ def _check_lora(config):
   )
 
 
+def _check_fp8(m, device):
+  """fp8 matmuls only where they are fast: bfloat16 compute, on a GPU with fp8 tensor cores
+  (Hopper or newer); the CPU emulates them (tests)."""
+  if not m.fp8:
+    return
+  _check(
+      m.compute_dtype == 'bfloat16',
+      f'model.fp8=True needs model.compute_dtype=bfloat16, not {m.compute_dtype!r}',
+  )
+  if device is None or device.platform == 'cpu':
+    return
+  _check(
+      device.fp8_matmuls,
+      f'model.fp8=True needs an NVIDIA Hopper or newer GPU (fp8 tensor cores); this run has '
+      f'{device.kind or device.platform} ({device.platform}): set model.fp8=False',
+  )
+
+
 def validate(config, num_devices, process_count=1, device=None):
   """Raises ConfigError for a config that cannot run on `num_devices` devices like `device`
   (a `euro_lm.devices.Device`; None skips the platform checks) in `process_count`
@@ -368,6 +389,7 @@ def validate(config, num_devices, process_count=1, device=None):
   for path_and_range in _RANGES:
     _in_range(config, *path_and_range)
   _check_lora(config)
+  _check_fp8(m, device)
   for path in (
       'model.head_dim',
       'model.sliding_window',

@@ -99,10 +99,17 @@ class Device:
   platform: str  # one of PLATFORMS
   hopper: bool = False  # an NVIDIA sm90 GPU
   kind: str = ''  # `jax.Device.device_kind`, or an accelerator's name
+  capability: str = ''  # a CUDA GPU's compute capability ('9.0'), else ''
 
   @property
   def gpu(self) -> bool:
     return self.platform in ('cuda', 'rocm')
+
+  @property
+  def fp8_matmuls(self) -> bool:
+    """An NVIDIA GPU with fp8 tensor cores that XLA uses: Hopper (sm90) or newer."""
+    major = self.capability.split('.')[0]
+    return self.platform == 'cuda' and (self.hopper or (major.isdigit() and int(major) >= 9))
 
 
 def platform(device: jax.Device) -> str:
@@ -118,7 +125,10 @@ def describe(device: jax.Device | None = None) -> Device:
   name = platform(device)
   capability = str(getattr(device, 'compute_capability', ''))
   return Device(
-      platform=name, hopper=name == 'cuda' and capability.startswith('9.'), kind=device.device_kind
+      platform=name,
+      hopper=name == 'cuda' and capability.startswith('9.'),
+      kind=device.device_kind,
+      capability=capability if name == 'cuda' else '',
   )
 
 

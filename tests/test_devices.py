@@ -23,16 +23,16 @@ def _jax_device(platform, version='', capability=None, kind=''):
     [
         (
             _jax_device('gpu', 'CUDA 12.8', '9.0', 'NVIDIA H100 80GB HBM3'),
-            devices.Device('cuda', hopper=True, kind='NVIDIA H100 80GB HBM3'),
+            devices.Device('cuda', hopper=True, kind='NVIDIA H100 80GB HBM3', capability='9.0'),
         ),
         (
             _jax_device('gpu', 'CUDA 12.8', '8.0', 'NVIDIA A100-SXM4-64GB'),
-            devices.Device('cuda', kind='NVIDIA A100-SXM4-64GB'),
+            devices.Device('cuda', kind='NVIDIA A100-SXM4-64GB', capability='8.0'),
         ),
         # Blackwell (sm100) has no wgmma: not Hopper.
         (
             _jax_device('gpu', 'CUDA 12.8', '10.0', 'NVIDIA B200'),
-            devices.Device('cuda', kind='NVIDIA B200'),
+            devices.Device('cuda', kind='NVIDIA B200', capability='10.0'),
         ),
         # JAX calls AMD GPUs 'gpu' too; the runtime's version names ROCm.
         (
@@ -62,3 +62,12 @@ def test_accelerators_by_name_and_by_device_kind():
   assert devices.accelerator_device('mi250x') == devices.Device('rocm', kind='MI250X')
   with pytest.raises(ConfigError, match="unknown accelerator 'b300'; known: H100 PCIe"):
     devices.accelerator('b300')
+
+
+def test_fp8_matmuls_from_hopper_on():
+  """What `model.fp8` needs (euro_lm.config.validate): NVIDIA sm90 or newer."""
+  assert devices.Device('cuda', hopper=True).fp8_matmuls
+  assert devices.Device('cuda', capability='10.0').fp8_matmuls
+  assert not devices.Device('cuda', capability='8.0').fp8_matmuls
+  assert not devices.Device('rocm', kind='AMD Instinct MI300X').fp8_matmuls
+  assert not devices.Device('tpu', kind='TPU v6').fp8_matmuls

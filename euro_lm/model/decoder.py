@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from euro_lm.model import fp8
 from euro_lm.model.layers import Block, head_dim, norm
 
 # Named rematerialisation policies (`model.remat_policy`): what the backward pass keeps.
@@ -55,7 +56,7 @@ class Decoder(nn.Module):
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
       stack = nn.scan(
           block,
-          variable_axes={'params': 0},
+          variable_axes={'params': 0, fp8.COLLECTION: 0},
           split_rngs={'params': True},
           in_axes=(nn.broadcast, nn.broadcast, 0),
           length=cfg.num_layers,

@@ -20,7 +20,7 @@ import ml_collections
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from euro_lm.model import lora
+from euro_lm.model import fp8, lora
 from euro_lm.model.attention import attention, head_dim
 
 
@@ -144,11 +144,15 @@ class Adapter(nn.Module):
 
 
 def project(module, target, x, w, in_axes, out_axes):
-  """`x W` in the compute dtype, contracting x's last `len(in_axes)` axes; plus the LoRA
-  adapter of `target` (a `lora.TARGETS` key) when the config targets it. `in_axes` and
-  `out_axes` are W's logical axes."""
+  """`x W` in the compute dtype (in fp8 where `euro_lm.model.fp8.active`), contracting x's
+  last `len(in_axes)` axes; plus the LoRA adapter of `target` (a `lora.TARGETS` key) when
+  the config targets it. `in_axes` and `out_axes` are W's logical axes."""
   cfg = module.config
-  y = dense(x, w.astype(cfg.compute_dtype), in_axes=len(in_axes))
+  name = lora.TARGETS[target][1]
+  if fp8.active(module):
+    y = fp8.dot(name + fp8.SUFFIX, x, w.astype(cfg.compute_dtype), len(in_axes))
+  else:
+    y = dense(x, w.astype(cfg.compute_dtype), in_axes=len(in_axes))
   if target not in lora.targets(cfg):
     return y
   adapter = Adapter(
@@ -158,7 +162,7 @@ def project(module, target, x, w, in_axes, out_axes):
       out_axes,
       w.shape[len(in_axes) :],
       cfg.compute_dtype,
-      name=lora.TARGETS[target][1] + lora.SUFFIX,
+      name=name + lora.SUFFIX,
   )
   return y + adapter(x)
 

@@ -136,7 +136,7 @@ def _start(config, model, tx, mesh, rules, checkpointer, train_iterator, tokeniz
     )
     new = f'; new LoRA adapters: {lora.count(params)[0]:,} parameters to train' if adapters else ''
     log(f'parameters from {source}; the optimizer state, step and data start fresh{new}')
-    return train_state_from_params(params, tx, shardings), shardings, 0
+    return train_state_from_params(params, tx, shardings, abstract_state.fp8), shardings, 0
   state, shardings = create_train_state(model, tx, t.seq_len, jax.random.key(t.seed), mesh, rules)
   return state, shardings, 0
 

@@ -1,7 +1,9 @@
 """Train state, created directly sharded: eval_shape -> logical specs -> jit(init).
 
 The optimizer state covers the trainable params only (`euro_lm.model.lora.trainable`):
-all of them, or with LoRA the adapters, so frozen weights get no AdamW moments.
+all of them, or with LoRA the adapters, so frozen weights get no AdamW moments. With
+`model.fp8` the fp8 scales and amax histories (`euro_lm.model.fp8`) are a field of their
+own, replicated, which the step overwrites and the optimizer never sees.
 """
 
 from typing import Any
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from euro_lm.model import lora
+from euro_lm.model import fp8, lora
 
 
 @flax.struct.dataclass
@@ -22,12 +24,14 @@ class TrainState:
   # nonfinite_policy='skip': updates skipped since the last applied one, and in all.
   skipped_in_a_row: jax.Array
   skipped_total: jax.Array
+  fp8: Any = flax.struct.field(default_factory=dict)  # model.fp8's scales/histories, else {}
 
 
 def init_boxed(model, tx, seq_len, rng):
   """Params and optimizer state still wrapped in their logical-axis metadata."""
   tokens_BL = jnp.zeros((1, seq_len), jnp.int32)
-  params = model.init(rng, tokens_BL)['params']
+  variables = model.init(rng, tokens_BL)
+  params = variables['params']
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
       step=zero,
@@ -35,6 +39,7 @@ def init_boxed(model, tx, seq_len, rng):
       opt_state=tx.init(lora.trainable(params)[0]),
       skipped_in_a_row=zero,
       skipped_total=zero,
+      fp8=variables.get(fp8.COLLECTION, {}),
   )
 
 
@@ -72,8 +77,9 @@ def create_train_state(model, tx, seq_len, rng, mesh, rules):
     return init(rng), shardings
 
 
-def train_state_from_params(params, tx, shardings):
-  """A fresh state (step 0, new optimizer state) around existing sharded `params`."""
+def train_state_from_params(params, tx, shardings, abstract_fp8=None):
+  """A fresh state (step 0, new optimizer state, and a new fp8 state shaped like
+  `abstract_fp8` if given) around existing sharded `params`."""
 
   def build(params):
     zero = jnp.zeros((), jnp.int32)
@@ -83,6 +89,7 @@ def train_state_from_params(params, tx, shardings):
         opt_state=tx.init(lora.trainable(params)[0]),
         skipped_in_a_row=zero,
         skipped_total=zero,
+        fp8=fp8.fresh(abstract_fp8 or {}),
     )
 
   return jax.jit(build, out_shardings=shardings)(params)

@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from euro_lm.data import pipeline
 from euro_lm.finite import finite_flags
-from euro_lm.model import lora, loss
+from euro_lm.model import fp8, lora, loss
 from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
@@ -24,9 +24,9 @@ def _weights(batch):
   return weights
 
 
-def _hidden(model, params, batch):
+def _hidden(model, params, batch, fp8_state=None):
   return model.apply(
-      {'params': params},
+      fp8.variables(params, fp8_state),
       batch['inputs'],
       batch['segment_ids'],
       batch['positions'],
@@ -34,12 +34,13 @@ def _hidden(model, params, batch):
   )
 
 
-def token_losses(model, params, batch):
-  """Per-token float32 negative log-likelihood, log-partition and loss weights."""
+def token_losses(model, params, batch, fp8_state=None):
+  """Per-token float32 negative log-likelihood, log-partition and loss weights; the
+  projections in fp8 when `fp8_state` is given (`euro_lm.model.fp8`)."""
   cfg = model.config
   if cfg.loss_chunk_length:
     nll_BL, logz_BL = loss.token_losses(
-        _hidden(model, params, batch),
+        _hidden(model, params, batch, fp8_state),
         loss.output_head(params, cfg),
         batch['targets'],
         chunk=cfg.loss_chunk_length,
@@ -47,21 +48,21 @@ def token_losses(model, params, batch):
     )
     return nll_BL, logz_BL, _weights(batch)
   logits_BLV = model.apply(
-      {'params': params}, batch['inputs'], batch['segment_ids'], batch['positions']
+      fp8.variables(params, fp8_state), batch['inputs'], batch['segment_ids'], batch['positions']
   )
   logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
   return logz_BL - target_logit_BL, logz_BL, _weights(batch)
 
 
-def _loss_sums(params, batch, model, z_loss):
+def _loss_sums(params, batch, model, z_loss, fp8_state=None):
   """`(objective, (loss_sum, weight_sum))`; with `model.loss_chunk_length` the output
   projection and loss run fused, a chunk of positions at a time (`euro_lm.model.loss`)."""
   cfg = model.config
   if cfg.loss_chunk_length:
     weights_BL = _weights(batch)
     objective, loss_sum = loss.loss_sums(
-        _hidden(model, params, batch),
+        _hidden(model, params, batch, fp8_state),
         loss.output_head(params, cfg),
         batch['targets'],
         weights_BL,
@@ -70,7 +71,7 @@ def _loss_sums(params, batch, model, z_loss):
         dtype=cfg.compute_dtype,
     )
     return objective, (loss_sum, jnp.sum(weights_BL))
-  nll_BL, logz_BL, weights_BL = token_losses(model, params, batch)
+  nll_BL, logz_BL, weights_BL = token_losses(model, params, batch, fp8_state)
   objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   return objective, (loss_sum, jnp.sum(weights_BL))
 
@@ -108,23 +109,34 @@ def train_step(
 
   Only the trainable params (`lora.trainable`: all, or the LoRA adapters) are
   differentiated and updated, so no weight gradient of a frozen weight is computed.
+
+  The fp8 state (`state.fp8`, `{}` without `model.fp8`) is not trained: its "gradient" is
+  its next value (Flax's delayed scaling), which replaces it, micro-batch after
+  micro-batch; it takes no part in clipping, the gradient norm or AdamW.
   """
   trainable, frozen = lora.trainable(state.params)
   grad_fn = jax.grad(
-      lambda trained, *args: _loss_sums(lora.join(frozen, trained), *args), has_aux=True
+      lambda trained, fp8_state, batch, model, z_loss: _loss_sums(
+          lora.join(frozen, trained), batch, model, z_loss, fp8_state
+      ),
+      argnums=(0, 1),
+      has_aux=True,
   )
   batch = {k: batch[k] for k in (*BATCH_KEYS, LOSS_MASK) if k in batch}
   if grad_accum_steps == 1:
-    grads, (loss_sum, weight_sum) = grad_fn(trainable, batch, model, z_loss)
+    (grads, fp8_state), (loss_sum, weight_sum) = grad_fn(trainable, state.fp8, batch, model, z_loss)
   else:
 
     def accumulate(carry, micro):
-      grads, (loss_sum, weight_sum) = grad_fn(trainable, micro, model, z_loss)
-      return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight_sum)), None
+      sums, fp8_state = carry
+      (grads, fp8_state), (loss_sum, weight_sum) = grad_fn(
+          trainable, fp8_state, micro, model, z_loss
+      )
+      return (jax.tree.map(jnp.add, sums, (grads, loss_sum, weight_sum)), fp8_state), None
 
     zeros = (jax.tree.map(jnp.zeros_like, trainable), 0.0, 0.0)
-    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-        accumulate, zeros, _micro_batches(batch, grad_accum_steps)
+    ((grads, loss_sum, weight_sum), fp8_state), _ = jax.lax.scan(
+        accumulate, (zeros, state.fp8), _micro_batches(batch, grad_accum_steps)
     )
   weight_sum = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / weight_sum, grads)
@@ -141,6 +153,7 @@ def train_step(
     keep_old = lambda new, old: jnp.where(apply, new, old)
     params = jax.tree.map(keep_old, params, state.params)
     opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    fp8_state = jax.tree.map(keep_old, fp8_state, state.fp8)
     skipped_in_a_row = jnp.where(apply, 0, skipped_in_a_row + 1)
     skipped_total += jnp.where(apply, 0, 1)
   metrics = {
@@ -160,6 +173,7 @@ def train_step(
           opt_state=opt_state,
           skipped_in_a_row=skipped_in_a_row,
           skipped_total=skipped_total,
+          fp8=fp8_state,
       ),
       metrics,
   )
