@@ -115,9 +115,16 @@ def _quiet_duplicate_orbax_reports():
   # leaves behind: "Task exception was never retrieved", with a TensorStore spec.
   def storage_task_noise(record):
     text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-      text += str(record.exc_info[1])
-    return orbax_root in text or 'tensorstore' in text.lower()
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None:
+      text += str(error)
+      frame = error.__traceback__
+      while frame is not None:  # raised in Orbax's code, whatever the message says
+        if frame.tb_frame.f_code.co_filename.startswith(orbax_root):
+          return True
+        frame = frame.tb_next
+    # A gathered write's error names only the OCDBT database it failed to write.
+    return orbax_root in text or any(s in text.lower() for s in ('tensorstore', 'ocdbt'))
 
   logging.getLogger('asyncio').addFilter(lambda r: not storage_task_noise(r))
   previous = sys.unraisablehook
