@@ -108,6 +108,36 @@ def batch_mesh_axes(rules):
   return ()
 
 
+def spec_mesh_axes(spec):
+  """Every mesh axis a PartitionSpec names."""
+  found = []
+  for entry in spec:
+    found.extend(() if entry is None else (entry,) if isinstance(entry, str) else entry)
+  return tuple(found)
+
+
+def replica_axes(rules, param_shardings, mesh):
+  """The mesh axes of more than one device that split the batch but no weight: across each,
+  devices hold the same weight shards, so a weight's gradient is the sum of theirs."""
+  if mesh.empty:  # traced outside `jax.set_mesh`: nothing to split over
+    return ()
+  weight_axes = {a for s in jax.tree.leaves(param_shardings) for a in spec_mesh_axes(s.spec)}
+  return tuple(a for a in batch_mesh_axes(rules) if a not in weight_axes and mesh.shape[a] > 1)
+
+
+def without_mesh_axes(rules, axes):
+  """`rules` with the mesh `axes` taken out of every mapping: the rules inside code whose
+  batch is already split over `axes` (a vmap with `spmd_axis_name`, a `shard_map`)."""
+
+  def keep(target):
+    named = (target,) if isinstance(target, str) else target or ()
+    if not set(named) & set(axes):
+      return target
+    return tuple(a for a in named if a not in axes) or None
+
+  return tuple((name, keep(target)) for name, target in rules)
+
+
 def replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 

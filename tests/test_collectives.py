@@ -81,6 +81,37 @@ def test_a_tied_embedding_gradient_is_reduced_once_per_use():
   assert arrays_bytes(found) == param_bytes(config) + m.vocab_size * m.embed_dim * 4
 
 
+@pytest.mark.parametrize('mesh, tied', [((8, 1, 1), False), ((8, 1, 1), True), ((2, 2, 2), False)])
+def test_micro_batches_reduce_the_gradients_over_data_once_per_step(mesh, tied):
+  """Four micro-batches: the step sums each replica's gradients and all-reduces the sums
+  once, outside every loop (a tied embedding's too, once); before, XLA all-reduced them
+  after each micro-batch. Data traffic equals the closed form's, which no longer grows
+  with the micro-batches."""
+  micro = 4
+  overrides = {
+      'model.tie_embeddings': tied,
+      'train.grad_accum_steps': micro,
+      'train.global_batch_size': 8 * micro,
+  }
+  config, found, _ = measured(mesh, **overrides)
+  grads = [c for c in found if c.axes == ('data',) and c.kind == 'all-reduce']
+  assert grads and {(c.count, c.in_loop) for c in grads} == {(1, False)}
+  tensor = mesh[2]
+  fsdp_split = mesh[1]  # every weight here has one dim over fsdp
+  assert arrays_bytes(grads) == param_bytes(config, tensor=tensor) // fsdp_split
+  # The closed form counts the gradients once per step; at fsdp > 1 XLA also gathers each
+  # micro-batch's looked-up rows over data (float32 [B/A, L, D/fsdp] per micro-batch).
+  degrees = dict(zip(MESH_AXES, mesh))
+  rows = 0
+  if mesh[1] > 1:
+    rows = micro * hlo.nbytes([('f32', (8, 64, config.model.embed_dim // mesh[1]))]) / 2
+  sent = hlo.bytes_per_axis(found)['data']
+  predicted = collectives.predicted_bytes(config, degrees)['data']
+  assert sent == pytest.approx(predicted + rows, abs=64)
+  one = small_config(mesh, **dict(overrides, **{'train.grad_accum_steps': 1}))
+  assert predicted <= collectives.predicted_bytes(one, degrees)['data']
+
+
 def test_fsdp_gathers_each_layer_twice_and_reduces_its_gradient_in_the_scan():
   config, found, _ = measured((1, 8, 1), **UNTIED)
   assert {c.axes for c in found if c.group_size > 1} == {('fsdp',)}

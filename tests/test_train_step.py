@@ -10,6 +10,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
+from euro_lm import sharding
 from euro_lm.model import Decoder
 from euro_lm.sharding import global_batch, logical_rules, make_mesh
 from euro_lm.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
@@ -241,3 +242,26 @@ def test_skip_policy_keeps_the_state_when_a_step_is_not_finite(cause):
   jax.tree.map(
       np.testing.assert_array_equal, jax.device_get((state.params, state.opt_state)), initial
   )
+
+
+def test_replica_axes_are_the_batch_axes_that_split_no_weight():
+  """The axes the step sums micro-batch gradients over before reducing them once."""
+  config = small_config(data=2, fsdp=2, tensor=2)
+  rules = logical_rules(config.mesh)
+  mesh = make_mesh(config.mesh, jax.devices())
+  _, shardings = create_train_state(
+      Decoder(config.model),
+      make_optimizer(config.optimizer, 10)[0],
+      config.train.seq_len,
+      jax.random.key(0),
+      mesh,
+      rules,
+  )
+  # The default rules: batch over (data, fsdp); the weights over fsdp and tensor.
+  assert sharding.batch_mesh_axes(rules) == ('data', 'fsdp')
+  assert sharding.replica_axes(rules, shardings.params, mesh.abstract_mesh) == ('data',)
+  one = make_mesh(small_config(data=1, fsdp=4, tensor=2).mesh, jax.devices())
+  assert sharding.replica_axes(rules, shardings.params, one.abstract_mesh) == ()
+  inner = dict(sharding.without_mesh_axes(rules, ('data',)))
+  assert inner['batch'] == ('fsdp',) and inner['mlp'] == dict(rules)['mlp']
+  assert sharding.without_mesh_axes((('batch', 'data'),), ('data',)) == (('batch', None),)

@@ -6,8 +6,12 @@ the devices present, e.g. 8 simulated CPU devices, and reads its collectives
 (`euro_lm.plan.hlo`). `predicted_bytes(config, degrees)` is the closed form of what that
 compile contains, per mesh axis and per device, under the ring cost model of `hlo`:
 
-- `data` (n = data): the float32 gradients, as sharded over fsdp x tensor, all-reduced:
-  2(n-1)/n x G/fsdp; a tied embedding's gradient is reduced twice (once per use).
+- `data` (n = data): the float32 gradients, as sharded over fsdp x tensor, all-reduced
+  once per step: 2(n-1)/n x G/fsdp; without micro-batches a tied embedding's gradient is
+  reduced twice (once per use); with micro-batches, the step sums each replica's gradients
+  and reduces the sums once, the tied table's once too. Not counted: at small shapes XLA
+  also gathers each micro-batch's looked-up rows over data (tiny: 9% of the data bytes;
+  llama_1b: none, the rows move over fsdp).
 - `fsdp` (n = fsdp): the float32 weights of each layer (tensor-sharded) all-gathered in the
   forward and the backward (`LAYER_GATHERS`: with `full` remat the attention's a third
   time), and the gradients all-reduced: XLA:CPU leaves the all-reduce + slice that XLA:GPU
@@ -17,8 +21,9 @@ compile contains, per mesh axis and per device, under the ring cost model of `hl
   compute dtype, all-reduced `TENSOR_ALL_REDUCES[remat]` times per layer and twice
   outside the layers (embedding lookup, output head's gradient).
 
-Every term is per micro-batch: XLA reduces the gradients inside the accumulation loop, so
-`train.grad_accum_steps` multiplies them all. Outside the layers: the untied head is
+Every other term is per micro-batch, so `train.grad_accum_steps` multiplies them (fsdp
+gathers the weights for each micro-batch and reduces their gradients: what FSDP trades
+for its memory). Outside the layers: the untied head is
 counted as gathered twice (XLA gathered it once or twice, by batch and group size); the
 embedding lookup moves its rows by all-to-all when they are smaller than two tables, else
 gathers the table (what XLA chose in every compile checked). The layers' collectives agree
@@ -177,7 +182,7 @@ def predicted(config, degrees, leaves=None):
   reduce_fsdp = rest_grads if m.tie_embeddings else rest_grads - embedding_grads
   grads_data = dict(degrees, data=1)
   data = _param_bytes(config, grads_data, leaves, lambda p: True)
-  if m.tie_embeddings:  # its gradient is reduced once per use
+  if m.tie_embeddings and micro == 1:  # its gradient is reduced once per use
     data += _param_bytes(config, grads_data, leaves, _is_embedding)
   rules = logical_rules(config.mesh)
   batch_axes = next((axes for name, axes in rules if name == 'batch'), ())
@@ -195,7 +200,7 @@ def predicted(config, degrees, leaves=None):
     gather += 2 * embedding
     reduce_fsdp += embedding_grads
   return Traffic(
-      data_all_reduce=micro * data,
+      data_all_reduce=data,  # once per step, micro-batches or not (`train.step`)
       fsdp_all_gather=micro * (layer_gathers + gather),
       fsdp_all_reduce=micro * (layer_grads + reduce_fsdp),
       fsdp_all_to_all=micro * lookup,

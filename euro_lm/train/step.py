@@ -6,15 +6,17 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
+from euro_lm import sharding
 from euro_lm.data import pipeline
 from euro_lm.finite import finite_flags
 from euro_lm.model import fp8, lora, loss
-from euro_lm.sharding import replicated
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions')
 # Optional: 1 where the target counts in the loss (fine-tuning on conversations).
 LOSS_MASK = pipeline.LOSS_MASK
+REPLICAS = 'replicas'  # the vmapped axis of `_gradient_sums`
 
 
 def _weights(batch):
@@ -87,6 +89,71 @@ def _micro_batches(batch, num_micro):
   return jax.tree.map(split, batch)
 
 
+def _grad_fn(trainable, frozen, fp8_state, batch, model, z_loss):
+  """`((grads, next fp8 state), (loss_sum, weight_sum))` of one (micro-)batch."""
+  return jax.grad(
+      lambda trained, fp8_state: _loss_sums(
+          lora.join(frozen, trained), batch, model, z_loss, fp8_state
+      ),
+      argnums=(0, 1),
+      has_aux=True,
+  )(trainable, fp8_state)
+
+
+def _accumulated(trainable, frozen, fp8_state, batch, model, z_loss, num_micro, replicas=()):
+  """`(grads, loss_sum, weight_sum, fp8_state)` summed over `num_micro` micro-batches, the
+  fp8 state threaded through them. Under a vmap named `replicas`, each replica sums its
+  own micro-batches and the replicas add their sums once, after the loop; the fp8 state
+  takes the largest magnitudes any replica saw, as it would on one device."""
+
+  def accumulate(carry, micro):
+    sums, fp8_state = carry
+    (grads, fp8_state), (loss_sum, weight_sum) = _grad_fn(
+        trainable, frozen, fp8_state, micro, model, z_loss
+    )
+    fp8_state = jax.lax.pmax(fp8_state, replicas)
+    return (jax.tree.map(jnp.add, sums, (grads, loss_sum, weight_sum)), fp8_state), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), jnp.zeros(()))
+  (sums, fp8_state), _ = jax.lax.scan(
+      accumulate, (zeros, fp8_state), _micro_batches(batch, num_micro)
+  )
+  return (*jax.lax.psum(sums, replicas), fp8_state)
+
+
+def _gradient_sums(trainable, frozen, fp8_state, batch, model, z_loss, num_micro, replicas):
+  """`(grads, loss_sum, weight_sum, fp8_state)` of the batch.
+
+  With micro-batches and `replicas` (`sharding.replica_axes`, e.g. ('data',)), the
+  gradients cross those mesh axes once per step: a vmap over the replicas, sharded over
+  those axes (`spmd_axis_name`), gives each device its own rows to sum; left to XLA, they
+  were all-reduced after every micro-batch. (A `shard_map` manual over them crashes XLA's
+  partitioner when the weights are split over fsdp and tensor, in jax 0.10.)
+  """
+  if num_micro == 1:
+    (grads, fp8_state), (loss_sum, weight_sum) = _grad_fn(
+        trainable, frozen, fp8_state, batch, model, z_loss
+    )
+    return grads, loss_sum, weight_sum, fp8_state
+  if not replicas:
+    return _accumulated(trainable, frozen, fp8_state, batch, model, z_loss, num_micro)
+  inner_rules = sharding.without_mesh_axes(nn.get_logical_axis_rules(), replicas)
+  num_replicas = sharding.mesh_axes_size(jax.sharding.get_abstract_mesh(), replicas)
+  rows_spec = P(replicas, sharding.batch_mesh_axes(inner_rules) or None)
+
+  def by_replica(x_BL):  # [B, ...] -> [replicas, B / replicas, ...]: no data moves
+    x = x_BL.reshape(num_replicas, x_BL.shape[0] // num_replicas, *x_BL.shape[1:])
+    return jax.lax.with_sharding_constraint(x, rows_spec)
+
+  def replica_sums(batch):
+    with nn.logical_axis_rules(inner_rules):
+      return _accumulated(trainable, frozen, fp8_state, batch, model, z_loss, num_micro, REPLICAS)
+
+  return jax.vmap(replica_sums, axis_name=REPLICAS, spmd_axis_name=replicas, out_axes=None)(
+      jax.tree.map(by_replica, batch)
+  )
+
+
 def train_step(
     state,
     batch,
@@ -98,6 +165,7 @@ def train_step(
     z_loss,
     nonfinite_policy='stop',
     skip_grad_norm_above=0.0,
+    param_shardings=None,
 ):
   """One optimizer step on a global batch; the loss is the token-weighted mean.
 
@@ -115,29 +183,14 @@ def train_step(
   micro-batch; it takes no part in clipping, the gradient norm or AdamW.
   """
   trainable, frozen = lora.trainable(state.params)
-  grad_fn = jax.grad(
-      lambda trained, fp8_state, batch, model, z_loss: _loss_sums(
-          lora.join(frozen, trained), batch, model, z_loss, fp8_state
-      ),
-      argnums=(0, 1),
-      has_aux=True,
-  )
   batch = {k: batch[k] for k in (*BATCH_KEYS, LOSS_MASK) if k in batch}
-  if grad_accum_steps == 1:
-    (grads, fp8_state), (loss_sum, weight_sum) = grad_fn(trainable, state.fp8, batch, model, z_loss)
-  else:
-
-    def accumulate(carry, micro):
-      sums, fp8_state = carry
-      (grads, fp8_state), (loss_sum, weight_sum) = grad_fn(
-          trainable, fp8_state, micro, model, z_loss
-      )
-      return (jax.tree.map(jnp.add, sums, (grads, loss_sum, weight_sum)), fp8_state), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, trainable), 0.0, 0.0)
-    ((grads, loss_sum, weight_sum), fp8_state), _ = jax.lax.scan(
-        accumulate, (zeros, state.fp8), _micro_batches(batch, grad_accum_steps)
-    )
+  replicas = ()
+  if param_shardings is not None:
+    mesh = jax.sharding.get_abstract_mesh()
+    replicas = sharding.replica_axes(nn.get_logical_axis_rules(), param_shardings, mesh)
+  grads, loss_sum, weight_sum, fp8_state = _gradient_sums(
+      trainable, frozen, state.fp8, batch, model, z_loss, grad_accum_steps, replicas
+  )
   weight_sum = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / weight_sum, grads)
   grad_norm = optax.tree.norm(grads)
@@ -198,11 +251,12 @@ def make_train_step(model, tx, schedule, train_config, z_loss, mesh, shardings):
       z_loss=z_loss,
       nonfinite_policy=train_config.nonfinite_policy,
       skip_grad_norm_above=train_config.skip_grad_norm_above,
+      param_shardings=shardings.params,
   )
   return jax.jit(
       step,
       in_shardings=(shardings, None),
-      out_shardings=(shardings, replicated(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0,
   )
 
@@ -211,5 +265,5 @@ def make_eval_step(model, mesh, param_shardings):
   return jax.jit(
       functools.partial(eval_step, model=model),
       in_shardings=(param_shardings, None),
-      out_shardings=replicated(mesh),
+      out_shardings=sharding.replicated(mesh),
   )
