@@ -240,8 +240,7 @@ def communication_lines(
   device = accelerator_device(accelerator_name)
   fitting = False
   for option in options:
-    change = {f'mesh.{a}': option.ici[a] for a in MESH_AXES}
-    change |= {f'mesh.dcn_{a}': option.dcn[a] for a in MESH_AXES}
+    change = option.overrides
     if budget is not None:
       try:
         total = estimate_memory(
