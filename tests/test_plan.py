@@ -234,6 +234,15 @@ def test_suggested_change_fits():
   assert plan.estimate_memory(plan.with_overrides(c, change), 8, device=h100).total == total
 
 
+def test_estimate_with_overrides_skips_what_a_run_rejects():
+  c = small_config()
+  change = {'model.remat_policy': 'full', **MESHES['fsdp8']}
+  est = plan.estimate_with_overrides(c, change, 8)
+  assert est == plan.estimate_memory(plan.with_overrides(c, change), 8)
+  assert c.model.remat_policy != 'full'  # the config itself is left as it was
+  assert plan.estimate_with_overrides(c, {'mesh.data': 3}, 8) is None  # 3 does not divide 8
+
+
 def test_accelerators_come_from_the_devices_table():
   for known in devices.ACCELERATORS:
     assert plan.peak_flops(known.name) == known.peak_flops_16bit

@@ -416,6 +416,19 @@ def with_overrides(config, overrides):
   return config
 
 
+def estimate_with_overrides(
+    config, overrides, num_devices, num_nodes=1, leaves=None, *, device=None
+):
+  """`estimate_memory` of `config` with the dotted-path `overrides`, or None where a run
+  would reject the changed config or its mesh (what the planner's candidates skip)."""
+  try:
+    return estimate_memory(
+        with_overrides(config, overrides), num_devices, num_nodes, leaves, device=device
+    )
+  except (ConfigError, MeshError):
+    return None
+
+
 # What the planner suggests for `model.loss_chunk_length`: [B, 512, V] blocks keep the
 # output matmuls large (B x 512 rows per device) while holding a fraction of the logits.
 LOSS_CHUNK_LENGTH = 512
@@ -458,12 +471,10 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
   for change in candidates:
     if 'train.grad_accum_steps' not in change:
       combined.update(change)
-    try:
-      total = estimate_memory(
-          with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-      ).total
-    except (ConfigError, MeshError):
+    est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+    if est is None:
       continue
+    total = est.total
     if 'train.grad_accum_steps' in change:
       if total <= budget_bytes:  # only the smallest accumulation that fits
         results.append((change, total))
@@ -478,12 +489,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
       change = dict(combined, **{'train.grad_accum_steps': accum})
       if accum < t.grad_accum_steps:
         continue
-      try:
-        total = estimate_memory(
-            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-        ).total
-      except (ConfigError, MeshError):
-        continue
-      if total <= budget_bytes:
-        return [(change, total)]
+      est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+      if est is not None and est.total <= budget_bytes:
+        return [(change, est.total)]
   return []

@@ -11,6 +11,7 @@ from euro_lm.plan.memory import (
     USABLE_FRACTION,
     accelerator,
     estimate_memory,
+    estimate_with_overrides,
     run_tokens,
     state_leaves,
     suggestions,
@@ -242,13 +243,8 @@ def communication_lines(
   for option in options:
     change = option.overrides
     if budget is not None:
-      try:
-        total = estimate_memory(
-            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-        ).total
-      except (ConfigError, MeshError):
-        continue
-      if total > budget:
+      est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+      if est is None or est.total > budget:
         continue
     fitting = True
     lines.append(
@@ -426,21 +422,16 @@ def scaling_points(
     config_tokens = run_tokens(config, tokens)
     for devices in device_counts:
       nodes = -(-devices // devices_per_node)
-      fsdp = with_overrides(
-          config,
-          {
-              'mesh.data': 1,
-              'mesh.fsdp': -1,
-              'mesh.tensor': 1,
-              'mesh.dcn_data': 1,
-              'mesh.dcn_fsdp': nodes,
-              'mesh.dcn_tensor': 1,
-          },
-      )
-      try:
-        total = estimate_memory(fsdp, devices, nodes, leaves, device=device).total
-      except (ConfigError, MeshError):
-        total = None
+      fsdp = {
+          'mesh.data': 1,
+          'mesh.fsdp': -1,
+          'mesh.tensor': 1,
+          'mesh.dcn_data': 1,
+          'mesh.dcn_fsdp': nodes,
+          'mesh.dcn_tensor': 1,
+      }
+      est = estimate_with_overrides(config, fsdp, devices, nodes, leaves, device=device)
+      total = None if est is None else est.total
       points.append(
           {
               'preset': preset,
