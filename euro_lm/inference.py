@@ -7,7 +7,6 @@ else the workdir's, else the config's `data.tokenizer_path`.
 """
 
 import ast
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -22,7 +21,7 @@ from euro_lm.config import base_config
 from euro_lm.data import chat
 from euro_lm.data.dataset import chat_template_of_run
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
-from euro_lm.errors import ConfigError, UserError
+from euro_lm.errors import ConfigError, UserError, read_json_object
 from euro_lm.model.decoder import Decoder
 from euro_lm.sampling import generate, left_pad
 
@@ -42,11 +41,7 @@ def load_config(workdir, overrides=()):
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise UserError(f'no config.json in {workdir}: is it a euro_lm training workdir?')
-  with open(path, encoding='utf-8') as f:
-    try:
-      config = ml_collections.ConfigDict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise UserError(f'{path} is not valid JSON: {e}') from e
+  config = ml_collections.ConfigDict(read_json_object(path, UserError))
   # A run from an older euro_lm lacks the fields added since: they take their defaults.
   for section, fields in base_config().items():
     if section not in config:

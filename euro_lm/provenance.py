@@ -7,11 +7,10 @@ stores the record of its inputs in the manifest, the embedded corpus has its own
 """
 
 import datetime
-import json
 import os
 import re
 
-from euro_lm.errors import ConfigError
+from euro_lm.errors import ConfigError, read_json_object
 
 # What a reader of a card or summary sees where the run cannot know the answer.
 UNKNOWN = '[provider to complete]'
@@ -116,13 +115,7 @@ def read_source_file(path: str) -> dict:
   Raises:
     ConfigError: the file is unreadable, not a JSON object, or holds a bad field.
   """
-  try:
-    with open(path, encoding='utf-8') as f:
-      values = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'{path}: not a readable JSON source description: {e}') from None
-  if not isinstance(values, dict):
-    raise ConfigError(f'{path}: a JSON object of source fields is expected')
+  values = read_json_object(path, ConfigError, 'a JSON object of source fields')
   return source_record(values, where=f'{path}: ')
 
 

@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+from euro_lm import provenance
+from euro_lm.errors import ConfigError, DataError, read_json_object
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, 'tests', 'cli_driver.py')
 
@@ -207,3 +210,20 @@ def test_verbose_adds_the_traceback_and_a_bug_keeps_it(tmp_path):
   assert result['status'] == 1
   assert 'Traceback' in result['stderr'] and 'ZeroDivisionError' in result['stderr']
   assert result['stderr'].splitlines()[-1].startswith('error: reading the command line failed')
+
+
+def test_a_json_file_that_is_not_an_object_is_the_callers_error_naming_it(tmp_path):
+  good, broken, listed = tmp_path / 'good.json', tmp_path / 'broken.json', tmp_path / 'list.json'
+  good.write_text('{"a": 1}')
+  broken.write_text('{"a": ')
+  listed.write_text('[1]')
+  assert read_json_object(good, DataError) == {'a': 1}
+  for path, expected in (
+      (tmp_path / 'missing.json', 'missing.json is not valid JSON: '),
+      (broken, 'broken.json is not valid JSON: '),
+      (listed, 'list.json is not a JSON object'),
+  ):
+    with pytest.raises(DataError, match=expected):
+      read_json_object(path, DataError)
+  with pytest.raises(ConfigError, match='list.json is not a JSON object of source fields'):
+    provenance.read_source_file(str(listed))

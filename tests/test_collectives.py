@@ -249,6 +249,8 @@ def test_links_are_named_and_the_mesh_options_are_ranked():
       assert o.seconds_per_axis[axis] == pytest.approx(
           o.bytes_per_axis[axis] / devices.link(link).bytes_per_s
       )
+    # Its overrides make that mesh.
+    assert memory.mesh_degrees(plan.with_overrides(config, o.overrides), 32, 4) == o.degrees
 
 
 def test_the_plan_reports_communication_and_the_mesh_with_the_least():

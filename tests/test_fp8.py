@@ -202,7 +202,7 @@ def test_the_state_is_replicated_and_the_planner_counts_it(fp8_run):
     assert sharding.spec == jax.sharding.PartitionSpec()
   leaves = [leaf for leaf in state_leaves(run.config) if leaf.path.startswith('.fp8')]
   assert len(leaves) == 6 * len(PROJECTIONS)
-  assert all(leaf.part == 'other' and set(leaf.logical_axes) == {None} for leaf in leaves)
+  assert all(leaf.part == 'fp8' and set(leaf.logical_axes) == {None} for leaf in leaves)
   history = sum(np.prod(leaf.shape) for leaf in leaves if 'history' in leaf.path)
   assert history == 3 * len(PROJECTIONS) * run.config.model.num_layers * fp8.AMAX_HISTORY
 

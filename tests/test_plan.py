@@ -2,24 +2,31 @@
 estimate against XLA's memory analysis of the real compiled train step, the fit warning,
 and the command line."""
 
+import contextlib
+import io
 import math
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import linen as nn
 
 from configs import base, llama_1b, tiny
 from euro_lm import devices, plan
-from euro_lm.bench.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step, synthetic_batch
 from euro_lm.errors import ConfigError
-from euro_lm.model import Decoder, param_count, train_flops_per_token
+from euro_lm.model import Decoder, fp8, lora, param_count, train_flops_per_token
 from euro_lm.model.attention import head_dim
 from euro_lm.sharding import MeshError, logical_rules, make_mesh
 from euro_lm.train.optimizer import make_optimizer
-from euro_lm.train.state import abstract_train_state
+from euro_lm.train.state import abstract_train_state, init_boxed
+from euro_lm.train.step import token_losses
 
+PROJECTIONS = tuple(lora.TARGETS)  # what model.fp8 runs in fp8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -161,6 +168,93 @@ def test_the_attention_planned_is_what_resolve_runs():
   assert 'attention auto (runs xla: no accelerator named)' in plan.format_plan(c, 8)
 
 
+# ------------------------------------------------------------------ fp8
+
+
+RESIDUAL_ITEMSIZE = {'f32': 4, 'i32': 4, 'bf16': 2, 'f8_e4m3fn': 1, 'f8_e5m2': 1, 'bool': 1}
+
+
+def saved_bytes(config, fp8_on):
+  """Bytes of the residuals JAX's autodiff keeps for the backward of the loss (one device),
+  as `jax.ad_checkpoint.print_saved_residuals` lists them ('bf16[4,256,64] output of ...')."""
+  model = Decoder(config.model)
+  tx, _ = make_optimizer(config.optimizer, config.train.steps)
+  state = jax.eval_shape(lambda r: nn.unbox(init_boxed(model, tx, 8, r)), jax.random.key(0))
+  params, fp8_state = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), (state.params, state.fp8))
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config).items()}
+
+  def loss(params, fp8_state):
+    return token_losses(model, params, batch, fp8_state if fp8_on else None)[0].sum()
+
+  listing = io.StringIO()
+  with contextlib.redirect_stdout(listing):
+    jax.ad_checkpoint.print_saved_residuals(loss, params, fp8_state)
+  total = 0
+  for line in listing.getvalue().splitlines():
+    dtype, dims = re.match(r'(\w+)\[([\d,]*)\]', line).groups()
+    total += math.prod(int(d) for d in dims.split(',') if d) * RESIDUAL_ITEMSIZE[dtype]
+  return total
+
+
+@pytest.mark.parametrize('policy', ['none', 'full'])
+def test_fp8_adds_its_quantized_copies_and_state(policy):
+  """model.fp8 keeps, per layer, each projection's input and weight in float8_e4m3fn (one
+  byte an element): saved under no remat, one layer's recomputed under remat. Against the
+  byte count from shapes and the residuals JAX's autodiff keeps."""
+  overrides = {'model.compute_dtype': 'bfloat16', 'model.remat_policy': policy, 'mesh.data': 1}
+  off, on = small_config(**overrides), small_config(**overrides, **{'model.fp8': True})
+  est_off, est_on = plan.estimate_memory(off, 1), plan.estimate_memory(on, 1)
+  m, t = on.model, on.train
+  b, L, D, F, hd = t.global_batch_size, t.seq_len, m.embed_dim, m.mlp_dim, head_dim(m)
+  H, K = m.num_heads, m.num_kv_heads
+  inputs = b * L * (3 * D + H * hd + 2 * D + F)  # q, k, v, o, gate, up, down
+  weights = D * (H + 2 * K) * hd + H * hd * D + 3 * D * F
+  state = len(PROJECTIONS) * m.num_layers * 3 * (fp8.AMAX_HISTORY + 1) * 4  # histories, scales
+  assert est_on.fp8_state == state and est_off.fp8_state == 0
+  assert est_on.state - est_off.state == state
+  saved, transient = m.num_layers * (inputs + weights), 0
+  if policy != 'none':
+    saved, transient = 0, inputs + weights
+  # The backward also keeps the new scales and histories.
+  assert est_on.activations - est_off.activations == saved + state
+  assert est_on.working - est_off.working == transient
+  assert 'compute bfloat16 (projections fp8)' in plan.format_plan(on, 1)
+  assert est_on.activations - est_off.activations == saved_bytes(on, True) - saved_bytes(off, False)
+
+
+# `estimate_memory(small_config(...), 8).total` at 63d5b88, before the planner knew model.fp8.
+BEFORE_FP8 = {
+    ('none', 'float32'): 109535252,
+    ('none', 'bfloat16'): 97704980,
+    ('full', 'float32'): 84463636,
+    ('full', 'bfloat16'): 80432148,
+    ('dots_no_batch', 'float32'): 104386580,
+    ('dots_no_batch', 'bfloat16'): 90393620,
+}
+
+
+@pytest.mark.parametrize('policy, dtype', sorted(BEFORE_FP8))
+def test_fp8_off_plans_as_before(policy, dtype):
+  c = small_config(**{'model.remat_policy': policy, 'model.compute_dtype': dtype})
+  assert not c.model.fp8
+  assert plan.estimate_memory(c, 8).total == BEFORE_FP8[policy, dtype]
+
+
+def test_the_fp8_state_is_replicated_in_the_state_bytes():
+  c = small_config(**{'model.compute_dtype': 'bfloat16', 'model.fp8': True}, **MESHES['fsdp8'])
+  jax_mesh, rules = make_mesh(c.mesh), logical_rules(c.mesh)
+  tx, _ = make_optimizer(c.optimizer, c.train.steps)
+  abstract, _ = abstract_train_state(Decoder(c.model), tx, c.train.seq_len, jax_mesh, rules)
+  replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.fp8))
+  est = plan.estimate_memory(c, 8)
+  assert est.fp8_state == replicated > 0
+  assert est.state == sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(abstract)
+  )
+  assert ('fp8 scales and amax histories', replicated) in est.rows()
+
+
 # ------------------------------------------------------------------ against XLA
 
 
@@ -232,6 +326,15 @@ def test_suggested_change_fits():
   change, total = found[0]
   assert total <= budget
   assert plan.estimate_memory(plan.with_overrides(c, change), 8, device=h100).total == total
+
+
+def test_estimate_with_overrides_skips_what_a_run_rejects():
+  c = small_config()
+  change = {'model.remat_policy': 'full', **MESHES['fsdp8']}
+  est = plan.estimate_with_overrides(c, change, 8)
+  assert est == plan.estimate_memory(plan.with_overrides(c, change), 8)
+  assert c.model.remat_policy != 'full'  # the config itself is left as it was
+  assert plan.estimate_with_overrides(c, {'mesh.data': 3}, 8) is None  # 3 does not divide 8
 
 
 def test_accelerators_come_from_the_devices_table():

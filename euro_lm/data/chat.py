@@ -33,7 +33,7 @@ import jinja2.utils
 import numpy as np
 
 from euro_lm.data.tokenizer import Tokenizer, copy_files, file_names
-from euro_lm.errors import ConfigError, DataError
+from euro_lm.errors import ConfigError, DataError, read_json_object
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -94,7 +94,9 @@ def load_chat_template(directory: str, name: str = '') -> str | None:
   if not templates:
     for file in (TOKENIZER_CONFIG, PROCESSOR_TEMPLATE_FILE):
       path = os.path.join(directory, file)
-      value = _json(path).get('chat_template') if os.path.isfile(path) else None
+      value = (
+          read_json_object(path, DataError).get('chat_template') if os.path.isfile(path) else None
+      )
       if value is None:
         continue
       source = path
@@ -130,17 +132,6 @@ def _read(path):
       return f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise DataError(f'{path}: unreadable chat template: {e}') from e
-
-
-def _json(path):
-  try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DataError(f'{path} is not valid JSON: {e}') from e
-  if not isinstance(value, dict):
-    raise DataError(f'{path} is not a JSON object')
-  return value
 
 
 def template_named(name: str, tokenizer: Tokenizer, field: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from euro_lm.errors import DataError
+from euro_lm.errors import DataError, read_json_object
 
 TOKENIZER_JSON = 'tokenizer.json'
 # Files of an HF tokenizer besides tokenizer.json: its special tokens and chat template.
@@ -212,13 +212,7 @@ def _special_tokens(directory):
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
       continue
-    try:
-      with open(path, encoding='utf-8') as f:
-        values = json.load(f)
-    except (OSError, ValueError) as e:
-      raise DataError(f'{path} is not valid JSON: {e}') from e
-    if not isinstance(values, dict):
-      raise DataError(f'{path} is not a JSON object')
+    values = read_json_object(path, DataError)
     for key in (*SPECIAL_TOKEN_NAMES, 'add_bos_token'):
       if key in values:
         settings[key] = _token_content(values[key], key, path)

@@ -9,11 +9,12 @@ accelerator: shapes come from `jax.eval_shape` of the real model init and shardi
 the config's logical-axis rules, divided out arithmetically, so a 7B config on 512
 devices plans on a laptop.
 
-`memory` is the model (`estimate_memory`, `suggestions`, `training_seconds`, ...; what it
-counts is in its docstring), `report` the text and the notebook's tables and plots
-(`format_plan`, `summary`, `presets_table` / `format_presets_table` for several configs on
-one mesh, `scaling_points` / `plot_scaling` for days and memory against the number of
-devices; matplotlib, imported lazily), `__main__` the command line. All of them are
+`memory` is the model (`estimate_memory`, `estimate_with_overrides`, `suggestions`,
+`training_seconds`, ...; what it counts is in its docstring), `report` the text and the
+notebook's tables and plots (`format_plan`, `summary`, `presets_table` /
+`format_presets_table` for several configs on one mesh, `scaling_points` / `plot_scaling`
+for days and memory against the number of devices; matplotlib, imported lazily),
+`__main__` the command line. All of them are
 importable from here, as notebooks/scaling.ipynb does.
 """
 
@@ -26,6 +27,7 @@ from euro_lm.plan.memory import (
     accelerator,
     accelerator_names,
     estimate_memory,
+    estimate_with_overrides,
     leaf_bytes,
     mesh_degrees,
     peak_flops,

@@ -243,6 +243,11 @@ class MeshOption:
     """Communication still exposed if all of it overlapped compute (a lower bound)."""
     return max(0.0, self.comm_seconds - self.compute_seconds)
 
+  @property
+  def overrides(self):
+    """The config changes (dotted path -> degree) that make this mesh."""
+    return mesh_overrides(self.ici, self.dcn)
+
   def describe(self):
     i, d = self.ici, self.dcn
     return (
@@ -250,11 +255,11 @@ class MeshOption:
         f'tensor={i["tensor"]}x{d["tensor"]}'
     )
 
-  def flags(self):
-    return ' '.join(
-        [f'--config.mesh.{a}={self.ici[a]}' for a in MESH_AXES]
-        + [f'--config.mesh.dcn_{a}={self.dcn[a]}' for a in MESH_AXES]
-    )
+
+def mesh_overrides(ici, dcn):
+  """`{'mesh.data': .., ..., 'mesh.dcn_tensor': ..}`: the config changes that make the mesh of
+  in-node degrees `ici` and across-node degrees `dcn`."""
+  return {f'mesh.{a}': ici[a] for a in MESH_AXES} | {f'mesh.dcn_{a}': dcn[a] for a in MESH_AXES}
 
 
 def step_seconds(bytes_per_axis, dcn, node_link, network_link):
@@ -306,10 +311,7 @@ def mesh_options(
   num_devices = nodes * devices_per_node
   found = []
   for ici, dcn in candidate_meshes(nodes, devices_per_node):
-    candidate = with_overrides(
-        config,
-        {f'mesh.{a}': ici[a] for a in MESH_AXES} | {f'mesh.dcn_{a}': dcn[a] for a in MESH_AXES},
-    )
+    candidate = with_overrides(config, mesh_overrides(ici, dcn))
     degrees = {a: ici[a] * dcn[a] for a in MESH_AXES}
     try:
       validate(candidate, num_devices, nodes, devices.accelerator_device(accelerator_name))

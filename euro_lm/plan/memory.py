@@ -9,6 +9,12 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   `jax.eval_shape` of the init (params float32; AdamW's m and v float32 sharded like the
   params; the optimizer's and the state's int32 counters), each dimension divided by the
   product of the mesh axes its logical axis maps to (rounded up, as a sharded array pads).
+- **FP8** (`model.fp8`): the scales and amax histories (`TrainState.fp8`, replicated) in the
+  state, and a copy of them kept for the backward. Flax's fp8 dot keeps, per layer, each
+  projection's input and weight quantized to float8_e4m3fn (one byte an element; q, k, v
+  and gate, up each quantize their shared input on their own): saved with remat `none`,
+  else recomputed one layer at a time (in the working set). They are not dots, so `dots`
+  policies save only the dots' bfloat16 outputs, which the activations already count.
 - **Gradients**: float32, sharded like the params. With `train.grad_accum_steps > 1` the
   accumulation carry is a second params-sized float32 buffer.
 - **LoRA** (`model.lora_rank` > 0): the state's optimizer leaves are the adapters' (the
@@ -57,7 +63,7 @@ from jax.sharding import AbstractMesh
 from euro_lm import devices
 from euro_lm.config import validate
 from euro_lm.errors import ConfigError
-from euro_lm.model import Decoder, lora, train_flops_per_token
+from euro_lm.model import Decoder, fp8, lora, train_flops_per_token
 from euro_lm.model.attention import head_dim, resolve_for_model, xla_query_chunks
 from euro_lm.sharding import (
     MESH_AXES,
@@ -159,7 +165,7 @@ def per_device_elements(shape, logical_axes, rules, degrees):
 @dataclasses.dataclass(frozen=True)
 class StateLeaf:
   path: str
-  part: str  # 'params' | 'optimizer' | 'other'
+  part: str  # 'params' | 'optimizer' | 'fp8' (model.fp8's scales, histories) | 'other'
   shape: tuple
   itemsize: int
   logical_axes: tuple  # one name or None per dim
@@ -167,8 +173,8 @@ class StateLeaf:
 
 
 def state_leaves(config):
-  """Every leaf of the real train state (params, optimizer state, counters) with its shape,
-  dtype size and logical axes, from `jax.eval_shape` of the init: no memory used."""
+  """Every leaf of the real train state (params, optimizer state, fp8 state, counters) with
+  its shape, dtype size and logical axes, from `jax.eval_shape` of the init: no memory used."""
   # Param shapes do not depend on the attention kernel, remat or sequence length: trace
   # the init with the reference attention on 8 tokens (cudnn cannot trace without a GPU).
   model_config = copy.deepcopy(config.model)
@@ -189,6 +195,8 @@ def state_leaves(config):
         if name.startswith('.params')
         else 'optimizer'
         if name.startswith('.opt_state')
+        else 'fp8'
+        if name.startswith('.fp8')
         else 'other'
     )
     axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
@@ -204,11 +212,12 @@ def leaf_bytes(leaf, rules, degrees):
 # --------------------------------------------------------------------------- activations
 
 
-def _layer_terms(m, b, seq_len, policy, cs):
+def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
   """Per-layer activation terms `(logical axes, global shape, bytes per element)`.
 
   Returns `(saved, recompute)`: what the backward keeps for every layer under `policy`,
   and the full residual set of one layer (recomputed, transiently, under any remat).
+  `fp8_weights`: with `model.fp8`, one layer's projection weights as terms (`_fp8_weights`).
   """
   L, D, H, K, hd, F = seq_len, m.embed_dim, m.num_heads, m.num_kv_heads, head_dim(m), m.mlp_dim
   BLD = (('batch', 'length', 'embed'), (b, L, D))
@@ -245,6 +254,12 @@ def _layer_terms(m, b, seq_len, policy, cs):
       + post_norm
       + adapters
   )
+  if fp8.enabled(m):
+    # Flax's fp8 dot keeps each projection's input and weight quantized to float8_e4m3fn
+    # for its backward; q, k, v (and gate, up) quantize the same input each with its own
+    # scale. Not dots: remat recomputes them (the dot outputs stay what `dots` saves).
+    fp8_inputs = [BLD] * 3 + [BLHd] + [BLD] * 2 + [BLF]  # q, k, v, o, gate, up, down
+    everything += [(*axes_shape, 1) for axes_shape in fp8_inputs] + list(fp8_weights)
   if policy == 'none':
     return everything, []
   if policy == 'full':
@@ -261,6 +276,14 @@ def _layer_terms(m, b, seq_len, policy, cs):
   else:
     raise ConfigError(f'model.remat_policy={policy!r} is unknown')
   return saved, everything
+
+
+def _fp8_weights(leaves):
+  """One layer's projection weights (`lora.TARGETS`), one byte each: the float8_e4m3fn
+  copies `model.fp8` quantizes, sharded like the params (quantized before XLA gathers)."""
+  names = {f".params['layers']['{module}']['{name}']" for module, name in lora.TARGETS.values()}
+  # The stacked 'layers' axis dropped.
+  return [(x.logical_axes[1:], x.shape[1:], 1) for x in leaves if x.path in names]
 
 
 def _attention_transient(m, b, seq_len, cs):
@@ -300,11 +323,12 @@ class MemoryEstimate:
   logits: int  # logits and loss
   working: int  # transient working set
   frozen_params: int = 0  # the part of `params` that LoRA leaves untrained
+  fp8_state: int = 0  # model.fp8's scales and amax histories (replicated)
 
   @property
   def state(self):
-    """Params + optimizer state + counters: the train step's donated arguments."""
-    return self.params + self.optimizer + self.other_state
+    """Params + optimizer state + fp8 state + counters: the train step's donated arguments."""
+    return self.params + self.optimizer + self.fp8_state + self.other_state
 
   @property
   def total(self):
@@ -329,6 +353,7 @@ class MemoryEstimate:
     return params + [
         (f'gradients (float32{trained})', self.gradients),
         (f'optimizer state (AdamW m, v float32{trained})', self.optimizer + self.other_state),
+        *([('fp8 scales and amax histories', self.fp8_state)] if self.fp8_state else []),
         ('gradient accumulation buffer', self.grad_accumulation),
         ('activations saved for backward', self.activations),
         ('logits and loss (float32)', self.logits),
@@ -345,7 +370,7 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
   degrees = mesh_degrees(config, num_devices, num_nodes, device=device)
   rules = logical_rules(config.mesh)
   leaves = state_leaves(config) if leaves is None else leaves
-  parts = {'params': 0, 'optimizer': 0, 'other': 0}
+  parts = {'params': 0, 'optimizer': 0, 'fp8': 0, 'other': 0}
   frozen = 0
   for leaf in leaves:
     parts[leaf.part] += leaf_bytes(leaf, rules, degrees)
@@ -357,8 +382,10 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
   cs = jax.numpy.dtype(m.compute_dtype).itemsize
   micro = t.global_batch_size // t.grad_accum_steps  # global sequences per micro-batch
   batch_ways = mesh_axes_size(_abstract_mesh(degrees), batch_mesh_axes(rules))
-  saved, recompute = _layer_terms(m, micro, t.seq_len, m.remat_policy, cs)
+  fp8_weights = _fp8_weights(leaves) if fp8.enabled(m) else ()
+  saved, recompute = _layer_terms(m, micro, t.seq_len, m.remat_policy, cs, fp8_weights)
   activations = m.num_layers * _bytes(saved, rules, degrees)
+  activations += parts['fp8']  # model.fp8: the backward keeps the new scales and histories
   BLD = (('batch', 'length', 'embed'), (micro, t.seq_len, m.embed_dim))
   # Embedding output, final norm (as in a layer), final hidden state.
   activations += _bytes([(*BLD, cs), (*BLD, 4), (*BLD, cs)], rules, degrees)
@@ -404,6 +431,7 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
       logits=logits,
       working=working,
       frozen_params=frozen,
+      fp8_state=parts['fp8'],
   )
 
 
@@ -414,6 +442,19 @@ def with_overrides(config, overrides):
     section, field = path.split('.')
     config[section][field] = value
   return config
+
+
+def estimate_with_overrides(
+    config, overrides, num_devices, num_nodes=1, leaves=None, *, device=None
+):
+  """`estimate_memory` of `config` with the dotted-path `overrides`, or None where a run
+  would reject the changed config or its mesh (what the planner's candidates skip)."""
+  try:
+    return estimate_memory(
+        with_overrides(config, overrides), num_devices, num_nodes, leaves, device=device
+    )
+  except (ConfigError, MeshError):
+    return None
 
 
 # What the planner suggests for `model.loss_chunk_length`: [B, 512, V] blocks keep the
@@ -458,12 +499,10 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
   for change in candidates:
     if 'train.grad_accum_steps' not in change:
       combined.update(change)
-    try:
-      total = estimate_memory(
-          with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-      ).total
-    except (ConfigError, MeshError):
+    est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+    if est is None:
       continue
+    total = est.total
     if 'train.grad_accum_steps' in change:
       if total <= budget_bytes:  # only the smallest accumulation that fits
         results.append((change, total))
@@ -478,12 +517,7 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
       change = dict(combined, **{'train.grad_accum_steps': accum})
       if accum < t.grad_accum_steps:
         continue
-      try:
-        total = estimate_memory(
-            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-        ).total
-      except (ConfigError, MeshError):
-        continue
-      if total <= budget_bytes:
-        return [(change, total)]
+      est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+      if est is not None and est.total <= budget_bytes:
+        return [(change, est.total)]
   return []

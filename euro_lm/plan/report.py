@@ -3,7 +3,7 @@ of notebooks/scaling.ipynb (matplotlib, imported only by `plot_scaling`)."""
 
 from euro_lm.devices import accelerator_device, link
 from euro_lm.errors import ConfigError
-from euro_lm.model import lora, param_count, train_flops_per_token
+from euro_lm.model import fp8, lora, param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
 from euro_lm.plan import collectives
 from euro_lm.plan.memory import (
@@ -11,6 +11,7 @@ from euro_lm.plan.memory import (
     USABLE_FRACTION,
     accelerator,
     estimate_memory,
+    estimate_with_overrides,
     run_tokens,
     state_leaves,
     suggestions,
@@ -113,7 +114,8 @@ def format_plan(
       '(an estimate from shapes and shardings, not a measurement)',
       f'model: {_count(param_count(m))} params, {m.num_layers} layers, D={m.embed_dim}, '
       f'H={m.num_heads}/K={m.num_kv_heads}, F={m.mlp_dim}, V={m.vocab_size}; compute '
-      f'{m.compute_dtype}, attention {attention}, remat {m.remat_policy}',
+      f'{m.compute_dtype}{" (projections fp8)" if fp8.enabled(m) else ""}, attention '
+      f'{attention}, remat {m.remat_policy}',
       *(
           [
               f'LoRA: rank {m.lora_rank} on {",".join(lora.targets(m))}, alpha '
@@ -240,16 +242,10 @@ def communication_lines(
   device = accelerator_device(accelerator_name)
   fitting = False
   for option in options:
-    change = {f'mesh.{a}': option.ici[a] for a in MESH_AXES}
-    change |= {f'mesh.dcn_{a}': option.dcn[a] for a in MESH_AXES}
+    change = option.overrides
     if budget is not None:
-      try:
-        total = estimate_memory(
-            with_overrides(config, change), num_devices, num_nodes, leaves, device=device
-        ).total
-      except (ConfigError, MeshError):
-        continue
-      if total > budget:
+      est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+      if est is None or est.total > budget:
         continue
     fitting = True
     lines.append(
@@ -273,11 +269,12 @@ def communication_lines(
 def _preset_parts(est):
   """An estimate's per-device GiB in the four groups a presets table shows (they add up to
   the total): params; gradients (with the accumulation buffer); optimizer state (with the
-  counters); activations (saved for backward, logits and loss, transient working set)."""
+  counters and model.fp8's state); activations (saved for backward, logits and loss,
+  transient working set)."""
   return {
       'params_gib': est.params / GIB,
       'gradients_gib': (est.gradients + est.grad_accumulation) / GIB,
-      'optimizer_gib': (est.optimizer + est.other_state) / GIB,
+      'optimizer_gib': (est.optimizer + est.other_state + est.fp8_state) / GIB,
       'activations_gib': (est.activations + est.logits + est.working) / GIB,
       'total_gib': est.total / GIB,
   }
@@ -299,12 +296,12 @@ def presets_table(
   `num_devices` devices over `num_nodes` nodes of `accelerator_name`. A row is a dict:
   `preset`, `params`, `train_flops_per_token`, `mesh` ('data=1 fsdp=8 tensor=1'),
   `micro_batch_per_device`, the per-device GiB `params_gib`, `gradients_gib` (with the
-  accumulation buffer), `optimizer_gib` (AdamW m and v, counters), `activations_gib`
-  (saved activations, logits and loss, transient working set) and `total_gib` (their sum,
-  `estimate_memory(...).total`), `usable_gib`, `fits`, `to_fit` (the first of
-  `suggestions`, as --config flags, when it does not fit; '' when it does), `tokens`
-  (`tokens`, default each config's steps x global batch x seq_len) and `days` at `mfu`,
-  as `summary` computes them; and `error`: None, or why a run would reject the mesh (the
+  accumulation buffer), `optimizer_gib` (AdamW m and v, counters, model.fp8's state),
+  `activations_gib` (saved activations, logits and loss, transient working set) and
+  `total_gib` (their sum, `estimate_memory(...).total`), `usable_gib`, `fits`, `to_fit`
+  (the first of `suggestions`, as --config flags, when it does not fit; '' when it does),
+  `tokens` (`tokens`, default each config's steps x global batch x seq_len) and `days` at
+  `mfu`, as `summary` computes them; and `error`: None, or why a run would reject the mesh (the
   memory fields are then None).
   """
   name, peak, memory_gib = accelerator(accelerator_name)
@@ -427,21 +424,16 @@ def scaling_points(
     config_tokens = run_tokens(config, tokens)
     for devices in device_counts:
       nodes = -(-devices // devices_per_node)
-      fsdp = with_overrides(
-          config,
-          {
-              'mesh.data': 1,
-              'mesh.fsdp': -1,
-              'mesh.tensor': 1,
-              'mesh.dcn_data': 1,
-              'mesh.dcn_fsdp': nodes,
-              'mesh.dcn_tensor': 1,
-          },
-      )
-      try:
-        total = estimate_memory(fsdp, devices, nodes, leaves, device=device).total
-      except (ConfigError, MeshError):
-        total = None
+      fsdp = {
+          'mesh.data': 1,
+          'mesh.fsdp': -1,
+          'mesh.tensor': 1,
+          'mesh.dcn_data': 1,
+          'mesh.dcn_fsdp': nodes,
+          'mesh.dcn_tensor': 1,
+      }
+      est = estimate_with_overrides(config, fsdp, devices, nodes, leaves, device=device)
+      total = None if est is None else est.total
       points.append(
           {
               'preset': preset,
