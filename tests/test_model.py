@@ -197,3 +197,33 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
   reference = init(small_model_config())[0].apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
   np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+def layer_residuals(policy, capsys):
+  """Shapes the backward keeps per layer (the layer scan's stacked outputs) under a remat
+  policy, from `jax.ad_checkpoint.print_saved_residuals`."""
+  m = small_model_config(remat_policy=policy)
+  model = Decoder(m)
+  tokens = jnp.zeros((3, 16), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: jnp.sum(model.apply({'params': p}, tokens)), params
+  )
+  lines = capsys.readouterr().out.splitlines()
+  stacked = f'[{m.num_layers},3,16,'  # [layers, batch, length, ...]
+  return [line.split()[0].split('[')[1][:-1] for line in lines if stacked in line]
+
+
+def test_dots_policies_save_every_projection_output_and_full_saves_only_the_input(capsys):
+  """The projections' custom backward must leave their dots visible to the policy: before,
+  `dots` and `dots_no_batch` kept none of them and recomputed every projection in the
+  backward, as `full` does."""
+  m = small_model_config()
+  L, D, F, hd = m.num_layers, m.embed_dim, m.mlp_dim, m.head_dim
+  assert layer_residuals('full', capsys) == [f'{L},3,16,{D}']  # the layer input
+  projections = [f'{L},3,16,{m.num_heads},{hd}'] + [f'{L},3,16,{m.num_kv_heads},{hd}'] * 2
+  projections += [f'{L},3,16,{D}'] * 2 + [f'{L},3,16,{F}'] * 2  # o, down; gate, up
+  for policy in ('dots', 'dots_no_batch'):
+    saved = layer_residuals(policy, capsys)
+    for shape in set(projections):
+      assert saved.count(shape) >= projections.count(shape), (policy, shape, saved)

@@ -42,12 +42,19 @@ def dense(x, w, in_axes=1):
   Here it is one 2-D dot over the flattened tokens, `x^T g`, which GEMMs take without a
   copy.
   """
+  return _dot(x, w, in_axes)
+
+
+def _dot(x, w, in_axes):
   contract = tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes))
   return jax.lax.dot_general(x, w, (contract, ((), ())))
 
 
 def _dense_fwd(x, w, in_axes):
-  return dense(x, w, in_axes), (x, w)
+  # The dot itself, not `dense`: a remat policy sees a dot_general here and may save its
+  # output; a nested `dense` call would hide it (`dots` policies then recomputed every
+  # projection, as `full` does).
+  return _dot(x, w, in_axes), (x, w)
 
 
 def _dense_bwd(in_axes, residuals, g):
