@@ -73,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
   m.pallas_backend = 'auto'  # pallas kernels: auto (by device) | gpu (Triton) |
   # mosaic_gpu (Hopper) | tpu
-  m.remat_policy = 'none'  # none | full | dots | dots_no_batch | save_attention_out
+  m.remat_policy = (
+      'none'  # none | full | dots | dots_no_batch | save_attention_out | dots_and_attention
+  )
   m.loss_chunk_length = 0  # >0: output projection + loss fused, this many positions
   # at a time (no [B, L, V] logits); 0: all logits at once
   m.fp8 = False  # q/k/v/o and MLP matmuls in fp8 (delayed scaling; euro_lm.model.fp8):

@@ -156,6 +156,8 @@ def test_flop_count_matches_hand_count():
   logits = 2 * 256 * 4096
   assert forward_flops_per_token(config, 128) == 4 * per_layer + logits == 8_257_536
   assert train_flops_per_token(config, 128) == 3 * 8_257_536
+  # PaLM's and TorchTitan's convention: every query against every key.
+  assert train_flops_per_token(config, 128, causal_half=False) == 3 * (8_257_536 + 4 * attention)
 
 
 REMAT_TOKENS = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
@@ -170,7 +172,9 @@ def remat_gradients(policy):
   )
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_attention_out'])
+@pytest.mark.parametrize(
+    'policy', ['full', 'dots', 'dots_no_batch', 'save_attention_out', 'dots_and_attention']
+)
 def test_remat_policies_give_the_same_gradients(policy):
   tokens = REMAT_TOKENS
   reference = remat_gradients('none')  # computed once for all policies
@@ -199,18 +203,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   np.testing.assert_allclose(logits, reference, atol=0.05)
 
 
-def layer_residuals(policy, capsys):
+def layer_residuals(policy, capsys, length=16, **overrides):
   """Shapes the backward keeps per layer (the layer scan's stacked outputs) under a remat
   policy, from `jax.ad_checkpoint.print_saved_residuals`."""
-  m = small_model_config(remat_policy=policy)
+  m = small_model_config(remat_policy=policy, **overrides)
   model = Decoder(m)
-  tokens = jnp.zeros((3, 16), jnp.int32)
+  tokens = jnp.zeros((3, length), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
   jax.ad_checkpoint.print_saved_residuals(
       lambda p: jnp.sum(model.apply({'params': p}, tokens)), params
   )
   lines = capsys.readouterr().out.splitlines()
-  stacked = f'[{m.num_layers},3,16,'  # [layers, batch, length, ...]
+  stacked = f'[{m.num_layers},3,'  # [layers, batch, ...]
   return [line.split()[0].split('[')[1][:-1] for line in lines if stacked in line]
 
 
@@ -227,3 +231,15 @@ def test_dots_policies_save_every_projection_output_and_full_saves_only_the_inpu
     saved = layer_residuals(policy, capsys)
     for shape in set(projections):
       assert saved.count(shape) >= projections.count(shape), (policy, shape, saved)
+  # The attention's output and float32 log-sum-exp ([layers, B, K, G, L, 1] in the xla
+  # attention's one query chunk here): its backward reruns no forward.
+  attention = [f'{L},3,16,{m.num_heads},{hd}', f'{L},3,{m.num_kv_heads},2,16,1']
+  assert sorted(layer_residuals('save_attention_out', capsys)) == sorted(
+      [f'{L},3,16,{D}'] + attention
+  )
+  assert sorted(layer_residuals('dots_and_attention', capsys)) == sorted(
+      layer_residuals('dots_no_batch', capsys) + attention
+  )
+  # euro_lm's kernels (the Triton set, interpreted here): log-sum-exp [layers, B, H, L].
+  pallas = layer_residuals('save_attention_out', capsys, 128, attention_impl='pallas', head_dim=16)
+  assert sorted(pallas) == sorted([f'{L},3,128,{D}', f'{L},3,128,4,16', f'{L},3,4,128'])

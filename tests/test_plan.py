@@ -124,10 +124,12 @@ def test_remat_and_attention_impl_order_the_activations():
   act = {
       policy: plan.estimate_memory(small_config(**{'model.remat_policy': policy}), 8).activations
       for policy in ('none', 'dots', 'dots_no_batch', 'save_attention_out', 'full')
+      + ('dots_and_attention',)
   }
   # dots and dots_no_batch differ only in the attention's batched matmuls, which no attention
   # impl keeps for its backward.
-  assert act['none'] > act['dots'] == act['dots_no_batch'] > act['save_attention_out'] > act['full']
+  assert act['none'] > act['dots_and_attention'] > act['dots'] == act['dots_no_batch']
+  assert act['dots_no_batch'] > act['save_attention_out'] > act['full']
   flash = plan.estimate_memory(
       plan.with_overrides(c, {'model.attention_impl': 'pallas'}), 8, leaves=leaves
   )

@@ -71,13 +71,18 @@ def benchmark(config, steps):
         times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   tokens_per_second = config.train.global_batch_size * config.train.seq_len / step_time
-  flops_per_second = train_flops_per_token(config.model, config.train.seq_len) * tokens_per_second
+  model_flops = train_flops_per_token(config.model, config.train.seq_len)
+  flops_per_second = model_flops * tokens_per_second
   device = jax.devices()[0]
   if device.platform == 'cpu' and not config.hardware.peak_flops_per_device:
     peak, peak_source = measured_matmul_flops() / jax.device_count(), 'measured f32 matmul'
   else:
     peak, peak_source = peak_flops_per_device(config, device), 'datasheet'
   per_device = flops_per_second / jax.device_count()
+  # The same run in PaLM's and TorchTitan's count: causal attention in full.
+  per_device_full = per_device * (
+      train_flops_per_token(config.model, config.train.seq_len, causal_half=False) / model_flops
+  )
   attention = resolve_for_model(config.model, config.train.seq_len, devices.describe(device))
   trainable, _ = lora.count(state.params)
   return {
@@ -92,6 +97,7 @@ def benchmark(config, steps):
       'tokens_per_s': tokens_per_second,
       'tflops_per_device': per_device / 1e12,
       'mfu': per_device / peak if peak else None,
+      'mfu_attention_in_full': per_device_full / peak if peak else None,
       'peak': f'{peak / 1e12:.3g} TFLOP/s ({peak_source})' if peak else 'unknown',
       'peak_memory_gib': (peak_memory_bytes(compiled) or 0) / 2**30,
       'loss': float(metrics['loss']),
@@ -101,17 +107,20 @@ def benchmark(config, steps):
 
 
 def format_row(r):
-  mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+  mfu, full = (f'{100 * r[k]:.1f}%' if r[k] is not None else 'n/a' for k in MFU_KEYS)
   return (
       f'| {r["device"]} | {r["params"] / 1e6:.0f}M | {r["tokens_per_step"]} | '
       f'{r["compile_s"]:.1f} | {1e3 * r["step_s"]:.1f} | {r["tokens_per_s"]:,.0f} | '
-      f'{r["tflops_per_device"]:.3g} | {mfu} | {r["peak"]} | {r["peak_memory_gib"]:.2f} |'
+      f'{r["tflops_per_device"]:.3g} | {mfu} | {full} | {r["peak"]} | '
+      f'{r["peak_memory_gib"]:.2f} |'
   )
 
 
+MFU_KEYS = ('mfu', 'mfu_attention_in_full')
 HEADER = (
     '| device | params | tokens/step | compile s | step ms | tokens/s | TFLOP/s/device '
-    '| MFU | peak | peak mem GiB |\n|---|---|---|---|---|---|---|---|---|---|'
+    '| MFU | MFU, attention in full | peak | peak mem GiB |\n'
+    '|---|---|---|---|---|---|---|---|---|---|---|'
 )
 
 

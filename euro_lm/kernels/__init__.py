@@ -4,6 +4,8 @@ from euro_lm.kernels.flash import (
     BACKENDS,
     GPU_BLOCK_SIZES,
     HOPPER_MIN_LENGTH,
+    LSE_NAME,
+    OUT_NAME,
     TPU_BLOCK_MULTIPLE,
     TPU_BLOCK_SIZES,
     BlockSizes,
@@ -11,5 +13,6 @@ from euro_lm.kernels.flash import (
     flash_attention,
     gpu_block_sizes,
     length_multiple,
+    named_residuals,
     tpu_block_sizes,
 )

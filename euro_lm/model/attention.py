@@ -17,6 +17,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from euro_lm import devices, kernels
@@ -193,8 +194,9 @@ def attention(
         kernels.flash_attention, causal=causal, scale=scale, backend=choice.backend, window=window
     )
     return per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
-  if choice.impl == 'cudnn':
-    return _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
+  if choice.impl == 'cudnn':  # its log-sum-exp stays inside cuDNN's call: the output only
+    out_BLHd = _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
+    return checkpoint_name(out_BLHd, kernels.OUT_NAME)
   return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
 
 
@@ -363,6 +365,7 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, 
         jnp.where(seen, top_BKGQ1 + jnp.log(jnp.where(seen, total_BKGQ1, 1)), jnp.inf)
     )
   out_BLHd = _sequence_first(jnp.concatenate(outs, axis=3)).astype(q_BLHd.dtype)
+  out_BLHd, logsumexps = kernels.named_residuals(out_BLHd, logsumexps)
   return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
 
 

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from euro_lm import kernels
 from euro_lm.model import fp8
 from euro_lm.model.layers import Block, head_dim, norm
+
+_ATTENTION = jax.checkpoint_policies.save_only_these_names(kernels.OUT_NAME, kernels.LSE_NAME)
 
 # Named rematerialisation policies (`model.remat_policy`): what the backward pass keeps.
 REMAT_POLICIES = {
@@ -19,7 +22,12 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
+    # The attention's output and log-sum-exp: its backward reruns no forward.
+    'save_attention_out': _ATTENTION,
+    # dots_no_batch and the attention's: the backward recomputes only the elementwise ops.
+    'dots_and_attention': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _ATTENTION
+    ),
 }
 
 

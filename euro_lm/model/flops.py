@@ -17,17 +17,18 @@ def param_count(model_config):
   return layers + embeddings + c.embed_dim + lora.adapter_count(c)
 
 
-def _forward_parts(c, seq_len):
-  """Forward FLOPs per token: (weight matmuls incl. the output logits, attention, adapters)."""
+def _forward_parts(c, seq_len, causal_half=True):
+  """Forward FLOPs per token: (weight matmuls incl. the output logits, attention, adapters).
+  `causal_half=False`: every query against every key (of its window), PaLM's convention."""
   hd = head_dim(c)
   projections = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
   window = c.get('sliding_window', 0)
   attention = 0
   for local in local_layers(c):
-    keys = seq_len / 2  # the causal half
+    keys = seq_len / 2 if causal_half else seq_len
     if local and 0 < window < seq_len:
-      keys = window - window**2 / (2 * seq_len)
+      keys = window - window**2 / (2 * seq_len) if causal_half else window
     attention += 4 * c.num_heads * hd * keys  # QK^T and PV
   weights = c.num_layers * 2 * (projections + mlp) + 2 * c.embed_dim * c.vocab_size
   return weights, round(attention), 2 * lora.adapter_count(c)
@@ -46,8 +47,9 @@ def forward_flops_per_token(model_config, seq_len):
   return sum(_forward_parts(model_config, seq_len))
 
 
-def train_flops_per_token(model_config, seq_len):
+def train_flops_per_token(model_config, seq_len, causal_half=True):
   """Forward plus backward: twice the forward; with LoRA, the frozen weights' gradients
-  are not computed, so their matmuls count twice (forward, input gradient), not three times."""
-  weights, attention, adapters = _forward_parts(model_config, seq_len)
+  are not computed, so their matmuls count twice (forward, input gradient), not three times.
+  `causal_half=False` counts attention in full (PaLM, TorchTitan), for comparison only."""
+  weights, attention, adapters = _forward_parts(model_config, seq_len, causal_half)
   return (2 if lora.targets(model_config) else 3) * weights + 3 * (attention + adapters)

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
 from euro_lm.model import fp8, lora
 from euro_lm.model.attention import attention, head_dim
@@ -340,7 +339,6 @@ class Attention(nn.Module):
       )
     else:
       out_BLHd = attend(window if local[0] else None, *args)
-    out_BLHd = checkpoint_name(out_BLHd, 'attention_out')
     return project(self, 'o', out_BLHd, wo_HdD, ('heads', 'head_dim'), ('embed',))
 
 

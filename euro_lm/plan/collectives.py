@@ -64,15 +64,18 @@ from euro_lm.train.step import BATCH_KEYS, make_train_step
 
 # [b, L, D] all-reduces over `tensor` per layer in a compiled step, by remat policy (read
 # from the CPU compile: 2 forward, 5 backward, one per matmul whose input dim is split;
-# `full` and `dots_no_batch` recompute the attention output's). `dots` and
-# `save_attention_out` were not compiled: assumed like `full`.
-TENSOR_ALL_REDUCES = {'none': 7, 'dots_no_batch': 8, 'full': 8}
+# `full` and `save_attention_out` recompute the attention output's projection input).
+_KEEP_PROJECTIONS = ('none', 'dots', 'dots_no_batch', 'dots_and_attention')
+TENSOR_ALL_REDUCES = {p: 7 for p in _KEEP_PROJECTIONS} | {'full': 8, 'save_attention_out': 8}
 TENSOR_ALL_REDUCES_OUTSIDE_LAYERS = 2
 # How many times a layer's weights are all-gathered over fsdp per micro-batch, by remat
 # policy: (MLP weights, the rest: attention and norms). Read from the CPU compile: the
-# forward and the backward gather each; `full` gathers the attention's and the norms' a
-# third time (`dots_no_batch` too). Policies not listed are assumed like `full`.
-LAYER_GATHERS = {'none': (2, 2), 'dots_no_batch': (2, 3), 'full': (2, 3)}
+# forward and the backward gather each; `full` and `save_attention_out` gather the
+# attention's and the norms' a third time (the policies that keep the projections do not).
+LAYER_GATHERS = {p: (2, 2) for p in _KEEP_PROJECTIONS} | {
+    'full': (2, 3),
+    'save_attention_out': (2, 3),
+}
 
 
 def ring_factor(kind, n):

@@ -27,7 +27,8 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   the attention output and its per-head float32 log-sum-exp (no attention impl keeps the
   L x L probabilities), the MLP's gate/up/hidden); `full` keeps only each layer's input;
   `dots` the matmul outputs; `dots_no_batch` the weight-matmul outputs;
-  `save_attention_out` the layer input and the attention output.
+  `save_attention_out` the layer input and the attention output and log-sum-exp;
+  `dots_and_attention` what `dots_no_batch` and `save_attention_out` keep.
   Activations are in `model.compute_dtype`, norms and softmax in float32. Each activation
   is divided by the mesh axes of its logical axes (batch, heads, mlp, vocab), like the
   params.
@@ -260,19 +261,22 @@ def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
     # scale. Not dots: remat recomputes them (the dot outputs stay what `dots` saves).
     fp8_inputs = [BLD] * 3 + [BLHd] + [BLD] * 2 + [BLF]  # q, k, v, o, gate, up, down
     everything += [(*axes_shape, 1) for axes_shape in fp8_inputs] + list(fp8_weights)
+  attention = [(*BLHd, cs), (*BHL, 4)]  # output and log-sum-exp (`kernels.OUT_NAME`, ...)
   if policy == 'none':
     return everything, []
   if policy == 'full':
     saved = layer_input
   elif policy == 'save_attention_out':
-    saved = layer_input + [(*BLHd, cs)]
-  elif policy in ('dots', 'dots_no_batch'):
+    saved = layer_input + attention
+  elif policy in ('dots', 'dots_no_batch', 'dots_and_attention'):
     saved = (
         layer_input
         + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
         + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)]
         + adapters
     )  # o, gate, up, down
+    if policy == 'dots_and_attention':
+      saved += attention
   else:
     raise ConfigError(f'model.remat_policy={policy!r} is unknown')
   return saved, everything

@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from euro_lm import devices
 from euro_lm.kernels.flash import triton
@@ -231,13 +232,27 @@ def _kernel_set(backend):
   return triton
 
 
+# What a remat policy may keep of any attention implementation (`jax.checkpoint_policies.
+# save_only_these_names`): its output and each row's log-sum-exp, so that the backward
+# needs no second forward.
+OUT_NAME = 'attention_out'
+LSE_NAME = 'attention_lse'
+
+
+def named_residuals(out, lse):
+  """`out` and `lse` tagged with `OUT_NAME` and `LSE_NAME` (a pytree of them for `lse`)."""
+  return checkpoint_name(out, OUT_NAME), jax.tree.map(lambda x: checkpoint_name(x, LSE_NAME), lse)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(static, q, k, v, segment_ids):
   return _kernel_set(static.backend).forward(static, q, k, v, segment_ids)[0]
 
 
 def _attention_fwd(static, q, k, v, segment_ids):
-  return _kernel_set(static.backend).forward(static, q, k, v, segment_ids)
+  out, (*inputs, _, lse) = _kernel_set(static.backend).forward(static, q, k, v, segment_ids)
+  out, lse = named_residuals(out, lse)  # every kernel set's residuals end in (out, lse)
+  return out, (*inputs, out, lse)
 
 
 def _attention_bwd(static, residuals, d_out):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 27 on one H100/H200, one call (~8 min): the 1B step with the remat fixes of
+# 2026-12-06 (dots_no_batch saving its projections again; dots_and_attention also keeping the
+# attention's output and log-sum-exp), the fused loss on top, FP8 against bf16 at the 1B and
+# 7B shapes, and on an H200 the 7B preset's real step at micro-batch 2.
+# Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout)
+set -uo pipefail
+out=${1:-bench_mfu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+run() {  # name, timeout in s, then bench arguments
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" python3 -m euro_lm.bench "$@" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$name.txt" | tail -3
+}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "$gpu"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" ||
+  { echo "euro_lm's dependencies are missing: pip install -e . (from the repository root)"; exit 1; }
+one_b="--config=configs/llama_1b.py:gpu --config.train.global_batch_size=8 --steps=6"
+run 1b_dots_no_batch 150 $one_b
+run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
+run 1b_dots_and_attention_chunked 150 $one_b --config.model.remat_policy=dots_and_attention \
+  --config.model.loss_chunk_length=512
+echo "== fp8: the step against bf16 at the 1B and 7B shapes (no parity run)"
+timeout 200 python3 launch/bench_fp8.py --out="$out/fp8" --skip=parity 2>&1 | grep -v "^W\|^I[0-9]" |
+  tee "$out/fp8.txt" | tail -8
+if [[ "$gpu" == *H200* ]]; then  # 92.5 GiB of float32 state: an H100 cannot hold it
+  run 7b_one_h200 200 --config=configs/llama_7b.py:gpu --config.mesh.data=1 --config.mesh.fsdp=1 \
+    --config.train.global_batch_size=2 --steps=4
+fi
