@@ -22,3 +22,36 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update('jax_threefry_partitionable', True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def small_run(tmp_path_factory):
+  """A two-step run of a 1-layer, 64-wide model on en, fr and de (sequences of 32 tokens),
+  checkpointed at step 2, whose final validation covers every held-out document
+  (eval_batches=0): tests/test_evaluate.py scores it, tests/test_generate.py samples it."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp('small_run'))
+  config = tiny.get_config()
+  config.update_from_flattened_dict(
+      {
+          'model.num_layers': 1,
+          'model.vocab_size': 1024,
+          'model.embed_dim': 64,
+          'model.mlp_dim': 128,
+          'data.languages': 'en,fr,de',
+          'train.steps': 2,
+          'train.global_batch_size': 8,
+          'train.seq_len': 32,
+          'train.log_every': 1,
+          'train.eval_every': 2,
+          'train.eval_batches': 0,
+          'train.checkpoint_every': 2,
+          'optimizer.warmup_steps': 1,
+      }
+  )
+  train(config, workdir)
+  return workdir
