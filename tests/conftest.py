@@ -12,12 +12,14 @@ os.environ['XLA_FLAGS'] = (
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests, and the training processes they start (which inherit the environment),
 # compile the same tiny model's steps: from the second time on, they load the executable.
+# Every executable, however quick to compile: a training process also compiles ~80 small
+# ones (initialisation, checkpoint saves), ~3 s of each process's start on 2 cores.
 # A cold cache each session, so nothing carries over between runs.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='euro_lm_tests_jax_cache_')
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
