@@ -20,7 +20,7 @@ from euro_lm.evaluation import held_out
 from euro_lm.inference import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LANGUAGES = 'en,fr,de'
+LANGUAGES = 'en,fr,de'  # those of conftest.py's small_run
 SEQ_LEN = 32
 # The same sentence in three languages: short enough that each is one segment of a row.
 PARALLEL = {
@@ -30,32 +30,10 @@ PARALLEL = {
 }
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """A two-step run whose final validation covers every held-out document (eval_batches=0)."""
-  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
-
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny.get_config()
-  config.update_from_flattened_dict(
-      {
-          'model.num_layers': 1,
-          'model.vocab_size': 1024,
-          'model.embed_dim': 64,
-          'model.mlp_dim': 128,
-          'data.languages': LANGUAGES,
-          'train.steps': 2,
-          'train.global_batch_size': 8,
-          'train.seq_len': SEQ_LEN,
-          'train.log_every': 1,
-          'train.eval_every': 2,
-          'train.eval_batches': 0,
-          'train.checkpoint_every': 2,
-          'optimizer.warmup_steps': 1,
-      }
-  )
-  train(config, workdir)
-  return workdir
+@pytest.fixture
+def run_dir(small_run):
+  """conftest.py's two-step run (LANGUAGES, SEQ_LEN), validated on every held-out document."""
+  return small_run
 
 
 def write_jsonl(path, documents):

@@ -188,9 +188,9 @@ def test_model_trains_the_same_with_pallas_and_xla():
   def loss_and_grads(impl):
     config.attention_impl = impl
     model = Decoder(config)
-    params = model.init(jax.random.key(1), tokens)['params']
+    params = jax.jit(model.init)(jax.random.key(1), tokens)['params']
     loss = lambda p: jnp.mean(model.apply({'params': p}, tokens, segment_ids, positions) ** 2)
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)  # op by op, the kernels take a minute
 
   (xla_loss, xla_grads), (pallas_loss, pallas_grads) = loss_and_grads('xla'), loss_and_grads(
       'pallas'

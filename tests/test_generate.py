@@ -225,30 +225,10 @@ def test_bad_sampling_settings_are_rejected():
     sampling.left_pad([[2], []], 0)
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
-
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny.get_config()
-  config.update_from_flattened_dict(
-      {
-          'model.num_layers': 1,
-          'model.vocab_size': 1024,
-          'model.embed_dim': 64,
-          'model.mlp_dim': 128,
-          'data.languages': 'en,fr,de',
-          'train.steps': 2,
-          'train.global_batch_size': 8,
-          'train.seq_len': 32,
-          'train.log_every': 1,
-          'train.eval_every': 0,
-          'train.checkpoint_every': 2,
-          'optimizer.warmup_steps': 1,
-      }
-  )
-  train(config, workdir)
-  return workdir
+@pytest.fixture
+def trained_workdir(small_run):
+  """conftest.py's two-step run (checkpoint step 2), shared with tests/test_evaluate.py."""
+  return small_run
 
 
 def test_cli_prints_completions(trained_workdir):

@@ -126,11 +126,18 @@ def models(tmp_path_factory):
   return workdir, export, write_tasks(root / 'tasks')
 
 
-def evaluate(model, tasks_dir, **kwargs):
+@pytest.fixture(scope='module')
+def task_manager(models):
+  """One lm-eval TaskManager of the tasks for every evaluation here: building one indexes
+  all of lm-eval's own tasks (seconds each time)."""
+  return TaskManager(include_path=models[2])
+
+
+def evaluate(model, task_manager, **kwargs):
   return lm_eval.simple_evaluate(
       model=model,
       tasks=list(TASKS),
-      task_manager=TaskManager(include_path=tasks_dir),
+      task_manager=task_manager,
       log_samples=True,
       **kwargs,
   )
@@ -143,16 +150,18 @@ def sample_responses(result, task):
 
 
 @pytest.mark.parametrize('add_bos_token', [None, False])
-def test_every_output_type_equals_lm_evals_hf_model_on_the_export(models, add_bos_token):
-  workdir, export, tasks_dir = models
+def test_every_output_type_equals_lm_evals_hf_model_on_the_export(
+    models, task_manager, add_bos_token
+):
+  workdir, export, _ = models
   ours = evaluate(
       EuroLM(workdir, batch_size=4, max_length=MAX_LENGTH, add_bos_token=add_bos_token),
-      tasks_dir,
+      task_manager,
   )
   model_args = f'pretrained={export},dtype=float32,max_length={MAX_LENGTH}'
   if add_bos_token is not None:
     model_args += f',add_bos_token={add_bos_token}'
-  theirs = evaluate('hf', tasks_dir, model_args=model_args, batch_size=4, device='cpu')
+  theirs = evaluate('hf', task_manager, model_args=model_args, batch_size=4, device='cpu')
   for task in TASKS:
     mine, reference = sample_responses(ours, task), sample_responses(theirs, task)
     assert len(mine) == len(reference) == len(TASKS[task][0]) * (3 if task == 'euro_choice' else 1)
@@ -212,16 +221,14 @@ def test_cli_runs_local_tasks_and_writes_results(models, tmp_path):
   assert 'euro_choice' in result.stdout
 
 
-def test_tasks_inside_training_equal_the_saved_checkpoints(tmp_path):
+def test_tasks_inside_training_equal_the_saved_checkpoints(models, task_manager, tmp_path):
   """train.harness_tasks: lm-eval on the training params at steps 1 and 2, into
   metrics.jsonl; step 2's numbers equal EuroLM on the step-2 checkpoint."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from euro_lm.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from euro_lm.train.loop import train  # pylint: disable=g-import-not-at-top
 
-  tasks_dir = tmp_path / 'tasks'
-  tasks_dir.mkdir()
-  write_tasks(tasks_dir)
+  tasks_dir = models[2]  # the task files of task_manager
   config = tiny.get_config()
   config.update_from_flattened_dict(
       {
@@ -247,7 +254,7 @@ def test_tasks_inside_training_equal_the_saved_checkpoints(tmp_path):
     records = [json.loads(line) for line in f]
   harness = {r['step']: r for r in records if 'harness/euro_choice/acc' in r}
   assert sorted(harness) == [1, 2]
-  saved = evaluate(EuroLM(str(workdir), batch_size=8), str(tasks_dir))
+  saved = evaluate(EuroLM(str(workdir), batch_size=8), task_manager)
   assert harness[2]['harness/euro_choice/acc'] == saved['results']['euro_choice']['acc,none']
   config.train.harness_tasks = 'no_such_task'
   with pytest.raises(ConfigError, match='train.harness_tasks: unknown lm-eval task'):

@@ -31,16 +31,44 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+# fast_tiny()'s settings as command-line overrides of configs/tiny.py.
+FAST_TINY_FLAGS = [
+    '--config.model.num_layers=2',
+    '--config.train.steps=40',
+    '--config.train.log_every=10',
+    '--config.train.eval_every=20',
+    '--config.train.eval_batches=1',
+    '--config.train.checkpoint_every=20',
+    '--config.optimizer.warmup_steps=5',
+]
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
+  """fast_tiny() trained as the README says, `python -m euro_lm.train --config=configs/tiny.py
+  --workdir=DIR --config.a.b=v ...`: (config, workdir, the finished process)."""
   workdir = str(tmp_path_factory.mktemp('tiny'))
-  config = fast_tiny()
-  train(config, workdir)
-  return config, workdir
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.train',
+          '--config=configs/tiny.py',
+          f'--workdir={workdir}',
+          *FAST_TINY_FLAGS,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
+  return fast_tiny(), workdir, result
 
 
 def test_run_writes_metrics_checkpoints_tensorboard_and_config(tiny_run):
-  config, workdir = tiny_run
+  config, workdir, result = tiny_run
+  assert result.returncode == 0, result.stderr[-3000:]
   records = read_metrics(workdir)
   train_records = [r for r in records if 'loss' in r]
   assert [r['step'] for r in train_records] == [10, 20, 30, 40]
@@ -55,7 +83,7 @@ def test_run_writes_metrics_checkpoints_tensorboard_and_config(tiny_run):
 
 
 def test_loss_falls_on_the_embedded_corpus(tiny_run):
-  config, workdir = tiny_run
+  config, workdir, _ = tiny_run
   records = read_metrics(workdir)
   uniform = math.log(config.model.vocab_size)  # loss of a model that knows nothing
   train_losses = [r['loss'] for r in records if 'loss' in r]
@@ -91,31 +119,13 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_run, tmp_path):
   assert not os.listdir(tmp_path / 'checkpoints')
 
 
-def test_readme_command_line(tiny_run, tmp_path):
-  """The command-line contract: --config, --workdir and --config.a.b=v overrides."""
-  tokenizer = os.path.join(tiny_run[1], 'tokenizer.model')
-  result = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'euro_lm.train',
-          '--config=configs/tiny.py',
-          f'--workdir={tmp_path}',
-          '--config.train.steps=4',
-          '--config.train.log_every=2',
-          '--config.model.num_layers=1',
-          '--config.train.eval_every=0',
-          f'--config.data.tokenizer_path={tokenizer}',
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
-  )
+def test_readme_command_line(tiny_run):
+  """The command-line contract: --config, --workdir and --config.a.b=v overrides (the
+  fixture's run: its config.json is fast_tiny()'s, test_run_writes_metrics_... checks)."""
+  _, workdir, result = tiny_run
   assert result.returncode == 0, result.stderr[-3000:]
-  assert [r['step'] for r in read_metrics(tmp_path) if 'loss' in r] == [2, 4]
-  assert 'done: step 4' in result.stdout
+  assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [10, 20, 30, 40]
+  assert 'done: step 40' in result.stdout
 
 
 def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
@@ -127,6 +137,7 @@ def test_profile_traces_the_chosen_steps(tiny_run, tmp_path):
   )
   c.model.num_layers = 1
   c.data.tokenizer_path = os.path.join(tiny_run[1], 'tokenizer.model')
+  c.data.languages = 'deu_Latn,ell_Grek,bul_Cyrl'  # a short final validation
   train(c, str(tmp_path))
   runs = glob.glob(str(tmp_path / 'tensorboard' / 'plugins' / 'profile' / '*'))
   assert len(runs) == 1
