@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 27 on one H100/H200, one call (~8 min): the 1B step with the remat fixes of
+# Issue 27 on one H100/H200, one call (~9 min): the 1B step with the remat fixes of
 # 2026-12-06 (dots_no_batch saving its projections again; dots_and_attention also keeping the
-# attention's output and log-sum-exp), the fused loss on top, FP8 against bf16 at the 1B and
-# 7B shapes, and on an H200 the 7B preset's real step at micro-batch 2.
+# attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
+# FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
+# micro-batch 2.
 # Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout)
 set -uo pipefail
 out=${1:-bench_mfu_out}
@@ -22,6 +23,11 @@ run 1b_dots_no_batch 150 $one_b
 run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
 run 1b_dots_and_attention_chunked 150 $one_b --config.model.remat_policy=dots_and_attention \
   --config.model.loss_chunk_length=512
+echo "== profile: where the step's time goes, op by op (dots_and_attention, fused loss)"
+timeout 150 python3 -m euro_lm.bench.profile --config=configs/llama_1b.py:gpu \
+  --config.train.global_batch_size=8 --config.model.remat_policy=dots_and_attention \
+  --config.model.loss_chunk_length=512 --steps=3 --top=25 --trace_dir=/tmp/euro_lm_profile 2>&1 |
+  grep -v "^W\|^I[0-9]" | tee "$out/profile.txt" | head -12
 echo "== fp8: the step against bf16 at the 1B and 7B shapes (no parity run)"
 timeout 200 python3 launch/bench_fp8.py --out="$out/fp8" --skip=parity 2>&1 | grep -v "^W\|^I[0-9]" |
   tee "$out/fp8.txt" | tail -8

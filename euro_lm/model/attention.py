@@ -161,6 +161,7 @@ def _pallas_problem(backend, dtype, length, head_dim, platform):
   return ''
 
 
+@jax.named_scope('attention_core')  # the part of the step it is in a profile
 def attention(
     q_BLHd,
     k_BLKd,

@@ -53,9 +53,10 @@ class Decoder(nn.Module):
         (cfg.vocab_size, cfg.embed_dim),
         jnp.float32,
     )
-    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(dtype)
-    if cfg.get('scale_embeddings', False):  # in the compute dtype, as Gemma does
-      x_BLD = x_BLD * jnp.asarray(cfg.embed_dim**0.5, dtype)
+    with jax.named_scope('embed'):  # named scopes: the parts of the step in a profile
+      x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(dtype)
+      if cfg.get('scale_embeddings', False):  # in the compute dtype, as Gemma does
+        x_BLD = x_BLD * jnp.asarray(cfg.embed_dim**0.5, dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
 
     if cache is None:
@@ -82,9 +83,10 @@ class Decoder(nn.Module):
       return x_BLD
 
     if cfg.tie_embeddings:
-      logits_BLV = jnp.einsum(
-          'bld,vd->blv', x_BLD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
-      )
+      with jax.named_scope('logits'):
+        logits_BLV = jnp.einsum(
+            'bld,vd->blv', x_BLD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
+        )
     else:
       output_DV = self.param(
           'output',
@@ -92,9 +94,10 @@ class Decoder(nn.Module):
           (cfg.embed_dim, cfg.vocab_size),
           jnp.float32,
       )
-      logits_BLV = jnp.einsum(
-          'bld,dv->blv', x_BLD, output_DV.astype(dtype), preferred_element_type=jnp.float32
-      )
+      with jax.named_scope('logits'):
+        logits_BLV = jnp.einsum(
+            'bld,dv->blv', x_BLD, output_DV.astype(dtype), preferred_element_type=jnp.float32
+        )
     logits_BLV = nn.with_logical_constraint(logits_BLV, ('batch', 'length', 'vocab'))
     return logits_BLV if cache is None else (logits_BLV, cache)
 

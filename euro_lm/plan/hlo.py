@@ -1,4 +1,6 @@
-"""The collectives of a compiled step, read from its optimized HLO text.
+"""A compiled step's optimized HLO text, read: its instructions by computation
+(`computations`), how many times one step runs each computation (`runs_per_step`), and its
+collectives.
 
 `collectives(hlo_text, mesh_shape)` lists every all-reduce, all-gather, reduce-scatter,
 all-to-all and collective-permute (and their async `-start` forms; `-done` carries no
@@ -144,41 +146,69 @@ def spanned_axes(groups, mesh_shape):
   return tuple(a for a in MESH_AXES if a in axes)
 
 
-def _computations(hlo_text):
-  """`{name: [instruction lines]}` and the entry computation's name."""
-  computations, entry, current = {}, None, None
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  """One HLO instruction: `%name = shape opcode(rest`, rest holding operands and attributes."""
+
+  name: str
+  shape: str
+  opcode: str
+  rest: str
+
+  @property
+  def callees(self):
+    """The computations it calls: fusion bodies, reducers, loop bodies and conditions,
+    branches."""
+    names = _CALLS.findall(self.rest)
+    for branches in _BRANCHES.findall(self.rest):
+      names += re.findall(r'%([\w.\-]+)', branches)
+    return names
+
+  @property
+  def op_name(self):
+    """The JAX name stack it came from (metadata); '' where XLA kept none."""
+    match = re.search(r'op_name="([^"]*)"', self.rest)
+    return match.group(1) if match else ''
+
+
+def computations(hlo_text):
+  """`({computation: [Instruction]}, the entry computation's name)` of HLO text."""
+  found, entry, current = {}, None, None
   for line in hlo_text.splitlines():
     match = _COMPUTATION.match(line)
     if match and not line.startswith(' '):
       current = match.group(2)
-      computations[current] = []
+      found[current] = []
       if match.group(1):
         entry = current
     elif line.startswith('}'):
       current = None
-    elif current is not None and line.strip():
-      computations[current].append(line)
-  return computations, entry
+    elif current is not None and (instruction := _INSTRUCTION.match(line)):
+      found[current].append(Instruction(*instruction.groups()))
+  return found, entry
 
 
-def _counts(computations, entry):
+def runs_per_step(hlo_text):
+  """`{computation: (runs per step, inside a loop)}` of the computations one step runs."""
+  return _counts(*computations(hlo_text))
+
+
+def _counts(computations_by_name, entry):
   """`{computation: (runs per step, inside a loop)}` over the call graph from the entry: the
   sum over its call sites of the caller's runs, times the loop's known trip count for a
   while body."""
   sites = {}  # callee -> [(caller, factor, is a loop body)]
-  for caller, lines in computations.items():
-    for line in lines:
-      callees = _CALLS.findall(line)
-      for branches in _BRANCHES.findall(line):
-        callees += re.findall(r'%([\w.\-]+)', branches)
+  for caller, instructions in computations_by_name.items():
+    for instruction in instructions:
+      callees = instruction.callees
       if not callees:
         continue
-      trip = _TRIP.search(line)
-      body = re.search(r'\bbody=%([\w.\-]+)', line)
+      trip = _TRIP.search(instruction.rest)
+      body = re.search(r'\bbody=%([\w.\-]+)', instruction.rest)
       for callee in callees:
         loop = body is not None and callee == body.group(1)
         if loop and not trip:
-          raise ValueError(f'a while loop without a known trip count: {line[:200]}')
+          raise ValueError(f'a while loop without a known trip count: {instruction.rest[:200]}')
         sites.setdefault(callee, []).append((caller, int(trip.group(1)) if loop else 1, loop))
   runs = {entry: (1, False)}
 
@@ -194,7 +224,7 @@ def _counts(computations, entry):
       runs[name] = (total, in_loop)
     return runs[name]
 
-  for name in computations:
+  for name in computations_by_name:
     count(name)
   return {name: value for name, value in runs.items() if value[0]}
 
@@ -211,18 +241,15 @@ def collectives(hlo_text, mesh_shape):
   compiled for."""
   mesh_shape = tuple(mesh_shape)
   num_devices = math.prod(mesh_shape)
-  computations, entry = _computations(hlo_text)
-  runs = _counts(computations, entry)
+  by_name, entry = computations(hlo_text)
+  runs = _counts(by_name, entry)
   found = []
-  for computation, lines in computations.items():
+  for computation, instructions in by_name.items():
     if computation not in runs:
       continue
     count, in_loop = runs[computation]
-    for line in lines:
-      match = _INSTRUCTION.match(line)
-      if not match:
-        continue
-      name, shape, opcode, rest = match.groups()
+    for instruction in instructions:
+      name, shape, opcode, rest = dataclasses.astuple(instruction)
       kind = opcode.removesuffix('-start')
       if kind not in KINDS or opcode.endswith('-done'):
         continue
@@ -238,7 +265,6 @@ def collectives(hlo_text, mesh_shape):
       else:
         size = len(groups[0])
       full = nbytes(moved) * (size if kind == 'reduce-scatter' else 1)
-      op_name = re.search(r'op_name="([^"]*)"', rest)
       found.append(
           Collective(
               name=name,
@@ -250,7 +276,7 @@ def collectives(hlo_text, mesh_shape):
               full_bytes=full,
               count=count,
               in_loop=in_loop,
-              op_name=op_name.group(1) if op_name else '',
+              op_name=instruction.op_name,
           )
       )
   return found
@@ -275,13 +301,10 @@ def async_pairs(hlo_text):
   instructions the schedule puts between each start and its done (0: nothing overlaps).
   CPU XLA schedules every collective synchronously, so on a CPU this is empty."""
   result = {}
-  for lines in _computations(hlo_text)[0].values():
+  for instructions in computations(hlo_text)[0].values():
     position = {}
-    for i, line in enumerate(lines):
-      match = _INSTRUCTION.match(line)
-      if not match:
-        continue
-      name, _, opcode, rest = match.groups()
+    for i, instruction in enumerate(instructions):
+      name, _, opcode, rest = dataclasses.astuple(instruction)
       if opcode.endswith('-start'):
         position[name] = (i, opcode.removesuffix('-start'))
       elif opcode.endswith('-done'):

@@ -41,20 +41,23 @@ def token_losses(model, params, batch, fp8_state=None):
   projections in fp8 when `fp8_state` is given (`euro_lm.model.fp8`)."""
   cfg = model.config
   if cfg.loss_chunk_length:
-    nll_BL, logz_BL = loss.token_losses(
-        _hidden(model, params, batch, fp8_state),
-        loss.output_head(params, cfg),
-        batch['targets'],
-        chunk=cfg.loss_chunk_length,
-        dtype=cfg.compute_dtype,
-    )
+    hidden_BLD = _hidden(model, params, batch, fp8_state)
+    with jax.named_scope('loss'):  # named scopes: the parts of the step in a profile
+      nll_BL, logz_BL = loss.token_losses(
+          hidden_BLD,
+          loss.output_head(params, cfg),
+          batch['targets'],
+          chunk=cfg.loss_chunk_length,
+          dtype=cfg.compute_dtype,
+      )
     return nll_BL, logz_BL, _weights(batch)
   logits_BLV = model.apply(
       fp8.variables(params, fp8_state), batch['inputs'], batch['segment_ids'], batch['positions']
   )
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
-  return logz_BL - target_logit_BL, logz_BL, _weights(batch)
+  with jax.named_scope('loss'):
+    logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
+  return logz_BL - target_BL, logz_BL, _weights(batch)
 
 
 def _loss_sums(params, batch, model, z_loss, fp8_state=None):
@@ -63,18 +66,21 @@ def _loss_sums(params, batch, model, z_loss, fp8_state=None):
   cfg = model.config
   if cfg.loss_chunk_length:
     weights_BL = _weights(batch)
-    objective, loss_sum = loss.loss_sums(
-        _hidden(model, params, batch, fp8_state),
-        loss.output_head(params, cfg),
-        batch['targets'],
-        weights_BL,
-        z_loss=z_loss,
-        chunk=cfg.loss_chunk_length,
-        dtype=cfg.compute_dtype,
-    )
+    hidden_BLD = _hidden(model, params, batch, fp8_state)
+    with jax.named_scope('loss'):
+      objective, loss_sum = loss.loss_sums(
+          hidden_BLD,
+          loss.output_head(params, cfg),
+          batch['targets'],
+          weights_BL,
+          z_loss=z_loss,
+          chunk=cfg.loss_chunk_length,
+          dtype=cfg.compute_dtype,
+      )
     return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch, fp8_state)
-  objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
+  with jax.named_scope('loss'):
+    objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   return objective, (loss_sum, jnp.sum(weights_BL))
 
 
@@ -191,24 +197,25 @@ def train_step(
   grads, loss_sum, weight_sum, fp8_state = _gradient_sums(
       trainable, frozen, state.fp8, batch, model, z_loss, grad_accum_steps, replicas
   )
-  weight_sum = jnp.maximum(weight_sum, 1.0)
-  grads = jax.tree.map(lambda g: g / weight_sum, grads)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, trainable)
-  params = lora.join(frozen, optax.apply_updates(trainable, updates))
-  params_finite = finite_flags(params)
-  skipped_in_a_row, skipped_total = state.skipped_in_a_row, state.skipped_total
-  if nonfinite_policy == 'skip':
-    apply = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    apply &= jnp.all(jnp.stack([jnp.all(f) for f in jax.tree.leaves(params_finite)]))
-    if skip_grad_norm_above:
-      apply &= grad_norm <= skip_grad_norm_above
-    keep_old = lambda new, old: jnp.where(apply, new, old)
-    params = jax.tree.map(keep_old, params, state.params)
-    opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
-    fp8_state = jax.tree.map(keep_old, fp8_state, state.fp8)
-    skipped_in_a_row = jnp.where(apply, 0, skipped_in_a_row + 1)
-    skipped_total += jnp.where(apply, 0, 1)
+  with jax.named_scope('optimizer'):  # clipping, AdamW, the skip rule
+    weight_sum = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / weight_sum, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = lora.join(frozen, optax.apply_updates(trainable, updates))
+    params_finite = finite_flags(params)
+    skipped_in_a_row, skipped_total = state.skipped_in_a_row, state.skipped_total
+    if nonfinite_policy == 'skip':
+      apply = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+      apply &= jnp.all(jnp.stack([jnp.all(f) for f in jax.tree.leaves(params_finite)]))
+      if skip_grad_norm_above:
+        apply &= grad_norm <= skip_grad_norm_above
+      keep_old = lambda new, old: jnp.where(apply, new, old)
+      params = jax.tree.map(keep_old, params, state.params)
+      opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+      fp8_state = jax.tree.map(keep_old, fp8_state, state.fp8)
+      skipped_in_a_row = jnp.where(apply, 0, skipped_in_a_row + 1)
+      skipped_total += jnp.where(apply, 0, 1)
   metrics = {
       'loss': loss_sum / weight_sum,
       'grad_norm': grad_norm,
