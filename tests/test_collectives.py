@@ -124,6 +124,28 @@ def test_fsdp_gathers_each_layer_twice_and_reduces_its_gradient_in_the_scan():
   assert reduced == layers  # XLA:CPU all-reduces (GPU: a reduce-scatter)
 
 
+def test_a_bf16_step_gathers_bf16_weights_and_reduces_float32_gradients():
+  """What a GPU moves: XLA:CPU computes bf16 in float32, so its HLO gathers float32 arrays
+  converted from bf16 values; `hlo` reads them as bf16. The gradients are reduced in
+  float32 (`layers.dense` makes them float32 sums: tests/test_layers.py; XLA:CPU's HLO
+  would show float32 either way). The closed form agrees."""
+  bf16 = {'model.compute_dtype': 'bfloat16'}
+  config, found, _ = measured((1, 8, 1), **UNTIED, **bf16)
+  in_layers = [c for c in found if c.in_loop]
+  norms = 2 * config.model.embed_dim * 4 * config.model.num_layers
+  gathered = sum(c.full_bytes * c.count for c in in_layers if c.kind == 'all-gather')
+  reduced = sum(c.full_bytes * c.count for c in in_layers if c.kind == 'all-reduce')
+  layers = param_bytes(config, layers_only=True)
+  assert gathered == 2 * ((layers - norms) // 2 + norms)
+  assert reduced == layers
+  assert {s[0] for c in in_layers if c.kind == 'all-gather' for s in c.shapes} == {'bf16', 'f32'}
+  predicted = collectives.predicted_bytes(config, {'data': 1, 'fsdp': 8, 'tensor': 1})['fsdp']
+  assert hlo.bytes_per_axis(found)['fsdp'] == pytest.approx(predicted, rel=0.15)
+  f32, *_ = measured((1, 8, 1), **UNTIED)
+  f32_predicted = collectives.predicted_bytes(f32, {'data': 1, 'fsdp': 8, 'tensor': 1})['fsdp']
+  assert predicted < 0.8 * f32_predicted
+
+
 def test_full_remat_gathers_attention_and_norms_a_third_time():
   config, found, _ = measured((1, 4, 1), **UNTIED, **{'model.remat_policy': 'full'})
   m = config.model

@@ -31,17 +31,20 @@ def _constrain(x, logical_axes):
   return nn.with_logical_constraint(x, logical_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x, w, in_axes=1):
-  """A projection: contracts x's last `in_axes` axes with w's first `in_axes` axes.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x, w, in_axes=1, dtype=None):
+  """A projection: contracts x's last `in_axes` axes with w's first `in_axes` axes, with w
+  cast to `dtype` (default: x's) for the matmul.
 
   The forward is the einsum's. The backward is written out: autodiff's weight gradient,
   `transpose(dot(g, x))`, became on XLA:CPU a dot over a transposed copy of the activation
   gradient, fused into (and slowing) the elementwise op that produces it (BENCHMARKS.md).
   Here it is one 2-D dot over the flattened tokens, `x^T g`, which GEMMs take without a
-  copy.
+  copy. That dot accumulates and outputs float32, cast only to w's own dtype: XLA sums a
+  sharded dot's partial results across devices in its output dtype, so a float32 weight's
+  gradient is reduced over data and fsdp in float32, not in the compute dtype.
   """
-  return _dot(x, w, in_axes)
+  return _dot(x, w.astype(dtype or x.dtype), in_axes)
 
 
 def _dot(x, w, in_axes):
@@ -49,22 +52,27 @@ def _dot(x, w, in_axes):
   return jax.lax.dot_general(x, w, (contract, ((), ())))
 
 
-def _dense_fwd(x, w, in_axes):
+def _dense_fwd(x, w, in_axes, dtype):
   # The dot itself, not `dense`: a remat policy sees a dot_general here and may save its
   # output; a nested `dense` call would hide it (`dots` policies then recomputed every
-  # projection, as `full` does).
-  return _dot(x, w, in_axes), (x, w)
+  # projection, as `full` does). The cast weight is kept, as small as it is, and an empty
+  # array of w's own dtype, the type of its gradient.
+  w_cast = w.astype(dtype or x.dtype)
+  return _dot(x, w_cast, in_axes), (x, w_cast, jnp.zeros((0,), w.dtype))
 
 
-def _dense_bwd(in_axes, residuals, g):
-  x, w = residuals
+def _dense_bwd(in_axes, dtype, residuals, g):
+  del dtype
+  x, w, w_type = residuals
   fan_in = math.prod(w.shape[:in_axes])
   x_NI = x.reshape(-1, fan_in)
   g_NO = g.reshape(x_NI.shape[0], -1)
   w_IO = w.reshape(fan_in, g_NO.shape[1])
   dx_NI = jax.lax.dot_general(g_NO, w_IO, (((1,), (1,)), ((), ())))
-  dw_IO = jax.lax.dot_general(x_NI, g_NO, (((0,), (0,)), ((), ())))
-  return dx_NI.reshape(x.shape), dw_IO.reshape(w.shape)
+  dw_IO = jax.lax.dot_general(
+      x_NI, g_NO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
+  return dx_NI.reshape(x.shape), dw_IO.reshape(w.shape).astype(w_type.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
@@ -145,8 +153,8 @@ class Adapter(nn.Module):
         self, 'b', (self.rank, *self.out_shape), (None, *self.out_axes), nn.initializers.zeros
     )
     dtype = jnp.dtype(self.dtype)
-    h = dense(x, a.astype(dtype), in_axes=n_in)
-    return dense(h, b.astype(dtype)) * jnp.asarray(self.scale, dtype)
+    h = dense(x, a, in_axes=n_in, dtype=dtype)
+    return dense(h, b, dtype=dtype) * jnp.asarray(self.scale, dtype)
 
 
 def project(module, target, x, w, in_axes, out_axes):
@@ -158,7 +166,7 @@ def project(module, target, x, w, in_axes, out_axes):
   if fp8.active(module):
     y = fp8.dot(name + fp8.SUFFIX, x, w.astype(cfg.compute_dtype), len(in_axes))
   else:
-    y = dense(x, w.astype(cfg.compute_dtype), in_axes=len(in_axes))
+    y = dense(x, w, in_axes=len(in_axes), dtype=cfg.compute_dtype)
   if target not in lora.targets(cfg):
     return y
   adapter = Adapter(

@@ -12,11 +12,11 @@ compile contains, per mesh axis and per device, under the ring cost model of `hl
   and reduces the sums once, the tied table's once too. Not counted: at small shapes XLA
   also gathers each micro-batch's looked-up rows over data (tiny: 9% of the data bytes;
   llama_1b: none, the rows move over fsdp).
-- `fsdp` (n = fsdp): the float32 weights of each layer (tensor-sharded) all-gathered in the
-  forward and the backward (`LAYER_GATHERS`: with `full` remat the attention's a third
-  time), and the gradients all-reduced: XLA:CPU leaves the all-reduce + slice that XLA:GPU
-  turns into a reduce-scatter ((n-1)/n, half the bytes); the prediction follows the CPU
-  compile it is checked against.
+- `fsdp` (n = fsdp): the weights of each layer (tensor-sharded), cast to the compute dtype
+  (norm scales in float32), all-gathered in the forward and the backward (`LAYER_GATHERS`:
+  with `full` remat the attention's a third time), and the gradients all-reduced: XLA:CPU
+  leaves the all-reduce + slice that XLA:GPU turns into a reduce-scatter ((n-1)/n, half the
+  bytes); the prediction follows the CPU compile it is checked against.
 - `tensor` (n = tensor): the [b, L, D] activations of one micro-batch per device in the
   compute dtype, all-reduced `TENSOR_ALL_REDUCES[remat]` times per layer and twice
   outside the layers (embedding lookup, output head's gradient).
@@ -27,8 +27,9 @@ for its memory). Outside the layers: the untied head is
 counted as gathered twice (XLA gathered it once or twice, by batch and group size); the
 embedding lookup moves its rows by all-to-all when they are smaller than two tables, else
 gathers the table (what XLA chose in every compile checked). The layers' collectives agree
-exactly, the totals to a few percent (tests/test_collectives.py, BENCHMARKS.md). The weights
-move in float32 even when computing in bfloat16: XLA:CPU gathers, then converts. With LoRA,
+exactly, the totals to a few percent (tests/test_collectives.py, BENCHMARKS.md). Gradients
+are reduced in float32 (`euro_lm.model.layers.dense`). The looked-up embedding rows and a
+gathered lookup table are float32 (the lookup reads the float32 table). With LoRA,
 only the adapters' gradients are reduced while every weight is still gathered (assumed:
 no LoRA step was compiled for this).
 
@@ -117,12 +118,18 @@ def measure(config, num_devices=None):
 # --------------------------------------------------------------------------- prediction
 
 
-def _param_bytes(config, degrees, leaves, which, trainable=True):
-  """Float32 bytes per device of the params (only the trainable ones: those with gradients)
-  for which `which(path)` holds, sharded as under `degrees`."""
+def _param_bytes(config, degrees, leaves, which, trainable=True, cast=False):
+  """Bytes per device of the params (only the trainable ones: those with gradients) for
+  which `which(path)` holds, sharded as under `degrees`: float32, or with `cast` as the
+  step gathers them, in the compute dtype but for the norms' scales (used in float32)."""
   rules = logical_rules(config.mesh)
+  compute = jnp.dtype(config.model.compute_dtype).itemsize
+
+  def itemsize(x):
+    return x.itemsize if not cast or x.path.endswith("['scale']") else compute
+
   return sum(
-      per_device_elements(x.shape, x.logical_axes, rules, degrees) * x.itemsize
+      per_device_elements(x.shape, x.logical_axes, rules, degrees) * itemsize(x)
       for x in leaves
       if x.part == 'params' and not (trainable and x.frozen) and which(x.path)
   )
@@ -166,18 +173,19 @@ def predicted(config, degrees, leaves=None):
   micro = t.grad_accum_steps
   gathered = dict(degrees, data=1, fsdp=1)
 
-  def weights(which, trainable=False):  # gathered whole, frozen (LoRA's base) included
-    return _param_bytes(config, gathered, leaves, which, trainable)
+  def weights(which, trainable=False, cast=False):  # whole, frozen (LoRA's base) included
+    return _param_bytes(config, gathered, leaves, which, trainable, cast)
 
-  layers = weights(_is_layer)
-  mlp = weights(lambda p: _is_layer(p) and "['mlp']" in p)
+  layers = weights(_is_layer, cast=True)
+  mlp = weights(lambda p: _is_layer(p) and "['mlp']" in p, cast=True)
   mlp_gathers, other_gathers = LAYER_GATHERS.get(m.remat_policy, LAYER_GATHERS['full'])
   layer_gathers = mlp_gathers * mlp + other_gathers * (layers - mlp)
   embedding = weights(_is_embedding)
-  rest = weights(lambda p: not _is_layer(p))
+  head = weights(_is_embedding, cast=True)
+  rest = weights(lambda p: not _is_layer(p), cast=True)
   # Untied, the head is gathered in the forward and the backward and the embedding's rows
   # move by all-to-all; tied, the one table is gathered once, for the head.
-  gather = 2 * (rest - embedding) + embedding if m.tie_embeddings else 2 * (rest - embedding)
+  gather = 2 * (rest - head) + head if m.tie_embeddings else 2 * (rest - head)
   # Gradients: of the trainable params only.
   layer_grads = weights(_is_layer, trainable=True)
   embedding_grads = weights(_is_embedding, trainable=True)

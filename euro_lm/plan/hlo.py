@@ -28,7 +28,7 @@ KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective
 
 _ITEMSIZE = {'pred': 1, 'token': 0, 'c64': 8, 'c128': 16}
 _COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$')
+_INSTRUCTION = re.compile(r'^\s*(ROOT\s+)?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]+[0-9a-z]*)\[([\d,]*)\]')
 _CALLS = re.compile(
     r'\b(?:to_apply|calls|body|condition|true_computation|false_computation)=%([\w.\-]+)'
@@ -150,10 +150,16 @@ def spanned_axes(groups, mesh_shape):
 class Instruction:
   """One HLO instruction: `%name = shape opcode(rest`, rest holding operands and attributes."""
 
+  root: bool  # its computation's result
   name: str
   shape: str
   opcode: str
   rest: str
+
+  @property
+  def operands(self):
+    """Names of the instructions it reads, in order."""
+    return re.findall(r'%([\w.\-]+)', self.rest.split(')', 1)[0])
 
   @property
   def callees(self):
@@ -184,8 +190,36 @@ def computations(hlo_text):
     elif line.startswith('}'):
       current = None
     elif current is not None and (instruction := _INSTRUCTION.match(line)):
-      found[current].append(Instruction(*instruction.groups()))
+      root, *fields = instruction.groups()
+      found[current].append(Instruction(bool(root), *fields))
   return found, entry
+
+
+_PASS_THROUGH = ('bitcast', 'copy', 'reshape', 'transpose')
+
+
+def carried_dtype(instructions, computations_by_name, name):
+  """The element type of the values an instruction's result holds. XLA:CPU computes 16-bit
+  floats in float32: a bfloat16 weight gathered for a bf16 matmul is gathered there as
+  float32, fed by `convert(convert(w, bf16), f32)`. Its values are bfloat16, and a GPU moves
+  them as bfloat16; this returns 'bf16' for it, else the result's own element type (None
+  for a name the module lacks)."""
+  if name not in instructions:
+    return None
+  instruction, inner = instructions[name], instructions
+  own = arrays(instruction.shape)[0][0]
+  while True:
+    if instruction.opcode == 'fusion':
+      (body,) = instruction.callees
+      instruction = next(i for i in computations_by_name[body] if i.root)
+      inner = {i.name: i for i in computations_by_name[body]}
+    elif instruction.opcode in _PASS_THROUGH and instruction.operands[0] in inner:
+      instruction = inner[instruction.operands[0]]
+    elif instruction.opcode == 'convert' and instruction.operands[0] in inner:
+      source = arrays(inner[instruction.operands[0]].shape)[0][0]
+      return source if itemsize(source) < itemsize(own) and source[0] in 'bf' else own
+    else:
+      return own
 
 
 def runs_per_step(hlo_text):
@@ -242,6 +276,7 @@ def collectives(hlo_text, mesh_shape):
   mesh_shape = tuple(mesh_shape)
   num_devices = math.prod(mesh_shape)
   by_name, entry = computations(hlo_text)
+  by_instruction = {i.name: i for instructions in by_name.values() for i in instructions}
   runs = _counts(by_name, entry)
   found = []
   for computation, instructions in by_name.items():
@@ -249,7 +284,12 @@ def collectives(hlo_text, mesh_shape):
       continue
     count, in_loop = runs[computation]
     for instruction in instructions:
-      name, shape, opcode, rest = dataclasses.astuple(instruction)
+      name, shape, opcode, rest = (
+          instruction.name,
+          instruction.shape,
+          instruction.opcode,
+          instruction.rest,
+      )
       kind = opcode.removesuffix('-start')
       if kind not in KINDS or opcode.endswith('-done'):
         continue
@@ -257,6 +297,9 @@ def collectives(hlo_text, mesh_shape):
       if opcode.endswith('-start') and kind in ('all-gather', 'collective-permute'):
         moved = [a for a in moved if a[1]]  # (operands, outputs, [u32 contexts])
         moved = moved[len(moved) // 2 :]
+      if kind == 'all-gather':  # gathered values keep their type; XLA:CPU's may be promoted
+        carried = [carried_dtype(by_instruction, by_name, o) for o in instruction.operands]
+        moved = [(c or dtype, dims) for c, (dtype, dims) in zip(carried, moved)]
       groups = replica_groups(rest, num_devices)
       if groups is None:  # a permute: the axes its moving pairs cross
         pairs = [p for p in re.findall(r'\{(\d+),(\d+)\}', rest) if p[0] != p[1]]
@@ -304,7 +347,7 @@ def async_pairs(hlo_text):
   for instructions in computations(hlo_text)[0].values():
     position = {}
     for i, instruction in enumerate(instructions):
-      name, _, opcode, rest = dataclasses.astuple(instruction)
+      name, opcode, rest = instruction.name, instruction.opcode, instruction.rest
       if opcode.endswith('-start'):
         position[name] = (i, opcode.removesuffix('-start'))
       elif opcode.endswith('-done'):
