@@ -4,7 +4,8 @@
 # attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
 # FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
 # micro-batch 2.
-# Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout)
+# Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout;
+# on the device machine carry .whl: launch/carried_wheels.sh)
 set -uo pipefail
 out=${1:-bench_mfu_out}
 mkdir -p "$out"
@@ -14,10 +15,11 @@ run() {  # name, timeout in s, then bench arguments
   echo "== $name: $*"
   timeout "$limit" python3 -m euro_lm.bench "$@" 2>&1 | grep -v "^W\|^I[0-9]" | tee "$out/$name.txt" | tail -3
 }
+source "$(dirname "$0")/carried_wheels.sh"  # euro_lm's ml_collections and grain, if carried
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "$gpu"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" ||
-  { echo "euro_lm's dependencies are missing: pip install -e . (from the repository root)"; exit 1; }
+  { echo "euro_lm's dependencies are missing: pip install -e ., or carry .whl"; exit 1; }
 one_b="--config=configs/llama_1b.py:gpu --config.train.global_batch_size=8 --steps=6"
 run 1b_dots_no_batch 150 $one_b
 run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
