@@ -23,10 +23,10 @@ compile contains, per mesh axis and per device, under the ring cost model of `hl
 
 Every other term is per micro-batch, so `train.grad_accum_steps` multiplies them (fsdp
 gathers the weights for each micro-batch and reduces their gradients: what FSDP trades
-for its memory). Outside the layers: the untied head is
-counted as gathered twice (XLA gathered it once or twice, by batch and group size); the
-embedding lookup moves its rows by all-to-all when they are smaller than two tables, else
-gathers the table (what XLA chose in every compile checked). The layers' collectives agree
+for its memory). Outside the layers: the head (tied or not) is gathered in the forward and
+the backward, cast (at small shapes XLA gathered a tied one once); the embedding lookup
+moves its rows by all-to-all when they are smaller than two tables, else gathers the
+float32 table once (what XLA chose in every compile checked). The layers' collectives agree
 exactly, the totals to a few percent (tests/test_collectives.py, BENCHMARKS.md). Gradients
 are reduced in float32 (`euro_lm.model.layers.dense`). The looked-up embedding rows and a
 gathered lookup table are float32 (the lookup reads the float32 table). With LoRA,
@@ -204,11 +204,11 @@ def predicted(config, degrees, leaves=None):
   tensor = (per_layer * m.num_layers + TENSOR_ALL_REDUCES_OUTSIDE_LAYERS) * activation
   # The embedding lookup over fsdp: XLA moved the looked-up rows by all-to-all (float32,
   # forward and backward) where they were smaller than two tables, else gathered the table
-  # in both passes and all-reduced its whole gradient (tiny: rows; llama_1b: table).
+  # once and all-reduced its whole gradient (tiny: rows; llama_1b, llama_7b: table).
   rows_bytes = rows * t.seq_len * m.embed_dim * 4
   lookup = 2 * rows_bytes if rows_bytes < 2 * embedding else 0
-  if not lookup:
-    gather += 2 * embedding
+  if not lookup:  # once, float32, for the lookup; a tied head is then gathered again, cast
+    gather += embedding + (head if m.tie_embeddings else 0)
     reduce_fsdp += embedding_grads
   return Traffic(
       data_all_reduce=data,  # once per step, micro-batches or not (`train.step`)
