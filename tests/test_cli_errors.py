@@ -120,6 +120,13 @@ def test_plan_and_benchmarks():
           [(['--config=configs/llama_125m.py:bf61'], "no variant 'bf61' (its variants: bf16)")],
       ),
       ('euro_lm.bench.checkpoint', [(['--config=nope.py'], "config file 'nope.py' does not")]),
+      (
+          'euro_lm.bench.profile',
+          [
+              (['--config=nope.py'], "config file 'nope.py' does not"),
+              (['--config=configs/tiny.py', '--steps=0'], '--steps must be at least 1'),
+          ],
+      ),
   ):
     assert_one_error_line(module, cases, run_cases(module, cases))
 

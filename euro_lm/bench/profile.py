@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from euro_lm import cli
 from euro_lm.bench.synthetic import compile_train_step
+from euro_lm.errors import ArgumentError
 from euro_lm.plan import hlo
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -48,7 +49,6 @@ MATMUL, ATTENTION, COLLECTIVE, FUSION, COPY, OTHER = (
     'other',
 )
 _CONTAINERS = {'while', 'conditional', 'call'}  # their ops are traced on their own
-_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _LAYOUT = {
     'copy',
     'transpose',
@@ -76,7 +76,6 @@ _KERNEL_KINDS = (
     (MATMUL, ('gemm', 'xmma', 'cutlass', 'nvjet', 'cublas', 'sm90_', 'wgmma')),
 )
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
-_OPERAND = re.compile(r'%([\w.\-]+)')
 _DEVICE_PLANE = re.compile(r'^/device:(?:GPU|TPU):(\d+)$')
 _SCAN_SLICES = {'dynamic_index_in_dim', 'dynamic_update_index_in_dim'}
 _SCOPE = re.compile(r'^(?:\w+\()+|\)+$')  # 'transpose(jvp(Decoder))' -> 'Decoder'
@@ -89,6 +88,15 @@ class Classifier:
     by_computation, _ = hlo.computations(hlo_text)
     self.instructions = {i.name: i for c in by_computation.values() for i in c}
     self.computations = {c: [i.name for i in ops] for c, ops in by_computation.items()}
+    self._described = {}
+
+  def describe(self, name):
+    """`(kind, part)` of an instruction, worked out once: a trace runs each op many times.
+    The kind is None for a name the module lacks."""
+    if name not in self._described:
+      kind = self.kind(name)
+      self._described[name] = (kind, part(self.op_name(name)) if kind else None)
+    return self._described[name]
 
   def _inside(self, name, seen=None):
     """The instructions a fusion or async op runs, transitively."""
@@ -110,7 +118,7 @@ class Classifier:
       return None
     ops = [self.instructions[name], *self._inside(name)]
     targets = [t.lower() for op in ops for t in _TARGET.findall(op.rest)]
-    if any(op.opcode.startswith(_COLLECTIVES) for op in ops):
+    if any(op.opcode.startswith(hlo.KINDS) for op in ops):
       return COLLECTIVE
     if any(key in t for t in targets for key in _ATTENTION_CALLS):
       return ATTENTION
@@ -133,7 +141,7 @@ class Classifier:
     both, that of an instruction it reads."""
     if name not in self.instructions:
       return ''
-    operands = _OPERAND.findall(self.instructions[name].rest)
+    operands = self.instructions[name].operands
     candidates = (name, *(o for o in operands if o in self.instructions))
     return next(filter(None, map(self._own_op_name, candidates)), '')
 
@@ -212,7 +220,7 @@ def traced_ops(profile, module, classifier):
         continue
       if classifier.is_container(hlo_op):
         continue
-      kind = classifier.kind(hlo_op)
+      kind, where = classifier.describe(hlo_op)
       if kind is None:  # a kernel the trace does not tie to the module's HLO
         ops.append(
             Op(
@@ -224,7 +232,6 @@ def traced_ops(profile, module, classifier):
             )
         )
       else:
-        where = part(classifier.op_name(hlo_op))
         ops.append(Op(hlo_op, event.start_ns, event.duration_ns, kind, where))
   return ops
 
@@ -351,6 +358,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if _STEPS.value < 1 or _TOP.value < 0:
+    raise ArgumentError(
+        f'--steps must be at least 1 and --top at least 0, got {_STEPS.value} and {_TOP.value}'
+    )
   directory = _TRACE_DIR.value or tempfile.mkdtemp(prefix='euro_lm_profile_')
   compiled = trace_steps(config, _STEPS.value, directory)
   hlo_text = compiled.as_text()

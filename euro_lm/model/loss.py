@@ -78,6 +78,7 @@ def batch_shards():
   return mesh_axes_size(mesh, nn.logical_to_mesh_axes(('batch',))[0])
 
 
+@jax.named_scope('loss')  # the part of the step it is in a profile
 def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
   """Per-token float32 `(nll_BL, logz_BL)` from final hidden states, `chunk` positions at a
   time (forward only: evaluation)."""
@@ -93,6 +94,7 @@ def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
   return _merge(length, nll), _merge(length, logz)
 
 
+@jax.named_scope('loss')  # the part of the step it is in a profile
 def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
   """`(objective, loss_sum)` of the train step: `loss_sum = sum(w * nll)` and
   `objective = loss_sum + z_loss * sum(w * logz^2)`, differentiable in `x_BLD` and
@@ -110,6 +112,7 @@ def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
   return objective, jax.lax.stop_gradient(loss_sum)
 
 
+@jax.named_scope('loss')  # the part of the step it is in a profile
 def objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss):
   """The train step's `(sum(w * nll) + z_loss * sum(w * logz^2), sum(w * nll))`."""
   loss_sum = jnp.sum(nll_BL * weights_BL)

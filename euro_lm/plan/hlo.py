@@ -284,12 +284,7 @@ def collectives(hlo_text, mesh_shape):
       continue
     count, in_loop = runs[computation]
     for instruction in instructions:
-      name, shape, opcode, rest = (
-          instruction.name,
-          instruction.shape,
-          instruction.opcode,
-          instruction.rest,
-      )
+      name, shape, opcode, rest = dataclasses.astuple(instruction)[1:]
       kind = opcode.removesuffix('-start')
       if kind not in KINDS or opcode.endswith('-done'):
         continue

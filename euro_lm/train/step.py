@@ -41,20 +41,18 @@ def token_losses(model, params, batch, fp8_state=None):
   projections in fp8 when `fp8_state` is given (`euro_lm.model.fp8`)."""
   cfg = model.config
   if cfg.loss_chunk_length:
-    hidden_BLD = _hidden(model, params, batch, fp8_state)
-    with jax.named_scope('loss'):  # named scopes: the parts of the step in a profile
-      nll_BL, logz_BL = loss.token_losses(
-          hidden_BLD,
-          loss.output_head(params, cfg),
-          batch['targets'],
-          chunk=cfg.loss_chunk_length,
-          dtype=cfg.compute_dtype,
-      )
+    nll_BL, logz_BL = loss.token_losses(
+        _hidden(model, params, batch, fp8_state),
+        loss.output_head(params, cfg),
+        batch['targets'],
+        chunk=cfg.loss_chunk_length,
+        dtype=cfg.compute_dtype,
+    )
     return nll_BL, logz_BL, _weights(batch)
   logits_BLV = model.apply(
       fp8.variables(params, fp8_state), batch['inputs'], batch['segment_ids'], batch['positions']
   )
-  with jax.named_scope('loss'):
+  with jax.named_scope('loss'):  # as euro_lm.model.loss's functions: a part in a profile
     logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
     target_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
   return logz_BL - target_BL, logz_BL, _weights(batch)
@@ -66,21 +64,18 @@ def _loss_sums(params, batch, model, z_loss, fp8_state=None):
   cfg = model.config
   if cfg.loss_chunk_length:
     weights_BL = _weights(batch)
-    hidden_BLD = _hidden(model, params, batch, fp8_state)
-    with jax.named_scope('loss'):
-      objective, loss_sum = loss.loss_sums(
-          hidden_BLD,
-          loss.output_head(params, cfg),
-          batch['targets'],
-          weights_BL,
-          z_loss=z_loss,
-          chunk=cfg.loss_chunk_length,
-          dtype=cfg.compute_dtype,
-      )
+    objective, loss_sum = loss.loss_sums(
+        _hidden(model, params, batch, fp8_state),
+        loss.output_head(params, cfg),
+        batch['targets'],
+        weights_BL,
+        z_loss=z_loss,
+        chunk=cfg.loss_chunk_length,
+        dtype=cfg.compute_dtype,
+    )
     return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch, fp8_state)
-  with jax.named_scope('loss'):
-    objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
+  objective, loss_sum = loss.objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
   return objective, (loss_sum, jnp.sum(weights_BL))
 
 
