@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import grain
@@ -140,6 +141,11 @@ def _quiet_duplicate_orbax_reports():
       previous(unraisable)
 
   sys.unraisablehook = hook
+  # The fragment writes a failed save never started are collected unawaited, often at exit,
+  # where Python can only name the coroutine.
+  warnings.filterwarnings(
+      'ignore', r"coroutine '[\w.<>]*\.write_fragment' was never awaited", RuntimeWarning
+  )
 
 
 class DataStateHandler(grain.checkpoint.CheckpointHandler):
