@@ -342,29 +342,27 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, 
   q_BKGLd = _query_heads_first(q_BLHd, num_kv_heads)
   k_BKLd, v_BKLd = _kv_heads_first(k_BLKd), _kv_heads_first(v_BLKd)
   outs, logsumexps = [], []
+  lowest = jnp.finfo(jnp.float32).min
   for start, end, num_keys in _chunks(q_BLHd.shape[1], causal, chunks):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, visibility)
     scores_BKGQM = jnp.where(
-        mask,
-        _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale),
-        jnp.finfo(jnp.float32).min,
+        mask, _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale), lowest
     )
     top_BKGQ1 = jnp.max(scores_BKGQM, axis=-1, keepdims=True)
-    weights_BKGQM = jnp.where(mask, jnp.exp(scores_BKGQM - top_BKGQ1), 0.0)
+    # A row that sees a key has a finite top, so its hidden keys' weights underflow to 0;
+    # a row that sees none (padding) gives zeros and an infinite log-sum-exp.
+    seen = top_BKGQ1 > lowest
+    weights_BKGQM = jnp.exp(scores_BKGQM - top_BKGQ1)
     total_BKGQ1 = jnp.sum(weights_BKGQM, axis=-1, keepdims=True)
-    seen = total_BKGQ1 > 0  # a row that sees no key (padding) gives zeros
-    probs_BKGQM = weights_BKGQM * jnp.where(seen, 1 / jnp.where(seen, total_BKGQ1, 1), 0.0)
-    outs.append(
-        jnp.einsum(
-            'bkgqm,bkmd->bkgqd',
-            probs_BKGQM.astype(v_BLKd.dtype),
-            v_BKLd[:, :, :num_keys],
-            preferred_element_type=jnp.float32,
-        )
+    out_BKGQd = jnp.einsum(
+        'bkgqm,bkmd->bkgqd',
+        weights_BKGQM.astype(v_BLKd.dtype),
+        v_BKLd[:, :, :num_keys],
+        preferred_element_type=jnp.float32,
     )
-    logsumexps.append(
-        jnp.where(seen, top_BKGQ1 + jnp.log(jnp.where(seen, total_BKGQ1, 1)), jnp.inf)
-    )
+    # Normalised after the product, as flash attention does: one pass over Q x d, not Q x M.
+    outs.append(out_BKGQd * jnp.where(seen, 1 / total_BKGQ1, 0.0))
+    logsumexps.append(jnp.where(seen, top_BKGQ1 + jnp.log(total_BKGQ1), jnp.inf))
   out_BLHd = _sequence_first(jnp.concatenate(outs, axis=3)).astype(q_BLHd.dtype)
   out_BLHd, logsumexps = kernels.named_residuals(out_BLHd, logsumexps)
   return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
