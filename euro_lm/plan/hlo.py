@@ -284,20 +284,20 @@ def collectives(hlo_text, mesh_shape):
       continue
     count, in_loop = runs[computation]
     for instruction in instructions:
-      name, shape, opcode, rest = dataclasses.astuple(instruction)[1:]
+      opcode = instruction.opcode
       kind = opcode.removesuffix('-start')
       if kind not in KINDS or opcode.endswith('-done'):
         continue
-      moved = [a for a in arrays(shape) if a[1] or kind != 'collective-permute']
+      moved = [a for a in arrays(instruction.shape) if a[1] or kind != 'collective-permute']
       if opcode.endswith('-start') and kind in ('all-gather', 'collective-permute'):
         moved = [a for a in moved if a[1]]  # (operands, outputs, [u32 contexts])
         moved = moved[len(moved) // 2 :]
       if kind == 'all-gather':  # gathered values keep their type; XLA:CPU's may be promoted
         carried = [carried_dtype(by_instruction, by_name, o) for o in instruction.operands]
         moved = [(c or dtype, dims) for c, (dtype, dims) in zip(carried, moved)]
-      groups = replica_groups(rest, num_devices)
+      groups = replica_groups(instruction.rest, num_devices)
       if groups is None:  # a permute: the axes its moving pairs cross
-        pairs = [p for p in re.findall(r'\{(\d+),(\d+)\}', rest) if p[0] != p[1]]
+        pairs = [p for p in re.findall(r'\{(\d+),(\d+)\}', instruction.rest) if p[0] != p[1]]
         groups = [[int(a), int(b)] for a, b in pairs]
         size = 2 if groups else 1
       else:
@@ -305,7 +305,7 @@ def collectives(hlo_text, mesh_shape):
       full = nbytes(moved) * (size if kind == 'reduce-scatter' else 1)
       found.append(
           Collective(
-              name=name,
+              name=instruction.name,
               kind=kind,
               opcode=opcode,
               shapes=tuple(moved),
