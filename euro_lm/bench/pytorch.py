@@ -6,8 +6,10 @@ CPU: transformers' `LlamaForCausalLM` (the reference Llama; SDPA attention) with
 weights (exported through euro_lm.hf's mapping), the same batch, cross-entropy over every
 token, global-norm clipping and `torch.optim.AdamW(foreach=True)`. The losses of the first
 step must agree before anything is timed. Prints one table: median step time and tokens/s
-after warm-up steps, and the ratio to euro_lm. `--torch_compile` adds a `torch.compile`d
-PyTorch row (its compile time shown apart).
+after warm-up steps, the ratio to euro_lm, and each step's model FLOPs
+(`train_flops_per_token`) as a share of this machine's measured float32 XLA matmul rate,
+which bounds how fast any implementation of the same FLOPs can be. `--torch_compile` adds
+a `torch.compile`d PyTorch row (its compile time shown apart).
 
 PyTorch runs in child processes: once with the C library's default malloc settings, as a
 user would run it, and once keeping freed memory like euro_lm's own CPU runs
@@ -31,8 +33,8 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 from euro_lm import cli, hf, host_memory
-from euro_lm.bench.synthetic import compile_train_step
-from euro_lm.model import param_count
+from euro_lm.bench.synthetic import compile_train_step, measured_matmul_flops
+from euro_lm.model import param_count, train_flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per implementation (after 2 warm-up).')
@@ -195,17 +197,25 @@ def main(argv):
   for name, loss, _, _ in rows[1:]:
     if not np.isclose(loss, ours_loss, rtol=1e-4):
       raise SystemExit(f'{name}: first loss {loss:.6f} differs from euro_lm {ours_loss:.6f}')
+  matmul_flops = measured_matmul_flops()
+  step_flops = train_flops_per_token(config.model, t.seq_len) * tokens
   print(
       f'\n{param_count(config.model) / 1e6:.1f}M parameters, batch {t.global_batch_size} x '
       f'{t.seq_len}, float32, {os.cpu_count()} CPU threads; first-step losses agree '
-      f'({ours_loss:.6f})\n'
+      f'({ours_loss:.6f}); {step_flops / 1e12:.4g} model TFLOP a step, at the measured '
+      f'{matmul_flops / 1e12:.4g} TFLOP/s of a float32 matmul at least '
+      f'{step_flops / matmul_flops:.2f} s\n'
   )
-  print('| implementation | step s | tokens/s | euro_lm speed-up | first call s |')
-  print('|---|---|---|---|---|')
+  print('| implementation | step s | tokens/s | euro_lm speed-up | of matmul rate | first call s |')
+  print('|---|---|---|---|---|---|')
   base = rows[0][2]
   for name, _, seconds, first_call in rows:
     first = '' if first_call is None else f'{first_call:.1f}'
-    print(f'| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {seconds / base:.2f}× | {first} |')
+    share = step_flops / seconds / matmul_flops
+    print(
+        f'| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {seconds / base:.2f}× '
+        f'| {share:.1%} | {first} |'
+    )
 
 
 if __name__ == '__main__':

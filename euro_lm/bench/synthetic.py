@@ -1,9 +1,11 @@
 """The real sharded train step, compiled ahead of time, on synthetic tokens: what the
-benchmarks time without a data pipeline in the way."""
+benchmarks time without a data pipeline in the way; and the measured matmul rate that CPU
+figures are a share of."""
 
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -48,3 +50,16 @@ def compile_train_step(config):
     compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - start
   return compiled, state, batch, mesh, rules, seconds
+
+
+def measured_matmul_flops(n=2048, repeats=10):
+  """FLOP/s of an n x n float32 matmul through XLA on the default device (best of N)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best

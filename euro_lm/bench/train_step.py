@@ -15,13 +15,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
 from euro_lm import cli, devices, host_memory
-from euro_lm.bench.synthetic import compile_train_step
+from euro_lm.bench.synthetic import compile_train_step, measured_matmul_flops
 from euro_lm.metrics import peak_flops_per_device
 from euro_lm.model import lora, param_count, train_flops_per_token
 from euro_lm.model.attention import resolve_for_model
@@ -29,19 +28,6 @@ from euro_lm.model.attention import resolve_for_model
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
 _COMPILE_LAYERS = flags.DEFINE_list('compile_layers', [], 'Also time compilation at these depths.')
-
-
-def measured_matmul_flops(n=2048, repeats=10):
-  """FLOP/s of an n x n float32 matmul through XLA on the default device (best of N)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
 
 
 def peak_memory_bytes(compiled):
