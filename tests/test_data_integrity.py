@@ -1,6 +1,6 @@
 """Fault injection for the data tools (issue 24): compressed and Parquet inputs cut short
 or corrupt, hostile records, empty files, a missing tokenizer, and prepare_data's workers
-when their parent is killed.
+when their parent is killed; text and conversation files alike.
 
 Expected counts come from the construction of each file or from another reader of the
 same bytes (the gzip module, zstandard's stream reader), never from euro_lm's readers.
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from euro_lm.data import conversations
 from euro_lm.data import prepared as prepared_lib
 from euro_lm.data import tokenizer as tokenizer_lib
 from euro_lm.data.prepare import shards, sources
@@ -510,3 +511,82 @@ def test_input_warnings_come_from_the_manifest_alone(faulty, tokenizer, tmp_path
   assert [w for w in warnings if 'parquet' not in w] == [
       expected[name][2] for name in sorted(expected) if expected[name][2] and 'parquet' not in name
   ]
+
+
+# Conversation files go through the same readers: the faults above, as conversations.
+def _conversation(i: int) -> list[dict]:
+  return [
+      {'role': 'user', 'content': f'Frage {i}?'},
+      {'role': 'assistant', 'content': f'Antwort {i}.'},
+  ]
+
+
+def _read_conversations(source, path):
+  read, report = source.read(str(path))
+  return [c.messages for c in read], report
+
+
+def test_conversation_parquet_cut_short_or_corrupt(tmp_path):
+  source = conversations.ConversationSource(language='de')
+  strict = conversations.ConversationSource(language='de', strict=True)
+  path = tmp_path / 'chats.parquet'
+  table = pa.table({'messages': [_conversation(i) for i in range(3000)]})
+  pq.write_table(table, path, row_group_size=1000, write_page_checksum=True)
+  data = path.read_bytes()
+  cut = _write(tmp_path / 'cut.parquet', data[: len(data) // 2])
+  read, report = _read_conversations(source, cut)
+  assert read == [] and (report.truncated.byte, report.truncated.position) == (len(data) // 2, 0)
+  assert report.warning(0).startswith(f'{cut}: truncated at byte {len(data) // 2}: no readable')
+  with pytest.raises(DataError, match=f'^{cut}: truncated at byte '):
+    _read_conversations(strict, cut)
+  # Flipped bytes in row group 1: the 1000 conversations of group 0 are kept.
+  column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+  start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+  corrupt = bytearray(data)
+  corrupt[start + 200 : start + 216] = bytes(16)
+  read, report = _read_conversations(source, _write(path, bytes(corrupt)))
+  assert read == [_conversation(i) for i in range(1000)]
+  assert (report.truncated.byte, report.truncated.position) == (start, 1000)
+  assert report.warning(1000).endswith('; rows from 1000 on are lost.')
+
+
+def test_empty_conversation_files_warn_and_are_errors_if_strict(tmp_path):
+  source = conversations.ConversationSource()
+  strict = conversations.ConversationSource(strict=True)
+  empty_parquet = tmp_path / 'no-rows.parquet'
+  pq.write_table(pa.table({'messages': pa.array([], pa.string())}), empty_parquet)
+  for path in [
+      _write(tmp_path / 'empty.jsonl', b''),
+      _write(tmp_path / 'empty.jsonl.gz', gzip.compress(b'')),
+      _write(tmp_path / 'empty.parquet', b''),
+      empty_parquet,
+  ]:
+    read, report = _read_conversations(source, path)
+    assert (read, report.total, report.truncated) == ([], 0, None)
+    assert report.warning(0) == f'{path}: holds no records (an empty file).'
+    with pytest.raises(DataError, match=f'^{path}: holds no records'):
+      _read_conversations(strict, path)
+
+
+def test_hostile_conversation_cells_are_counted_not_fatal(tmp_path):
+  """A Parquet column of JSON text with arrays nested 100k deep, invalid UTF-8 (a binary
+  column) or a language code of 100k characters: each is one bad row."""
+  good = json.dumps(_conversation(0)).encode()
+  cells = [good, b'[' * 100_000 + b']' * 100_000, b'\xff' + good, good, good]
+  codes = ['de', 'de', 'de', 'x' * 100_000, 'fr']
+  path = tmp_path / 'hostile.parquet'
+  pq.write_table(pa.table({'messages': pa.array(cells, pa.binary()), 'lang': codes}), path)
+  read, report = _read_conversations(conversations.ConversationSource(language_field='lang'), path)
+  assert read == [_conversation(0), _conversation(0)]
+  assert {k: (v.count, v.first) for k, v in report.kinds.items()} == {
+      'invalid_json': (1, 1),
+      'invalid_utf8': (1, 2),
+      'unknown_language': (1, 3),
+  }
+  assert max(len(v.reason) for v in report.kinds.values()) <= 303  # One line of a report.
+  # A language column that cannot hold codes is one error naming file and column.
+  pq.write_table(pa.table({'messages': cells[:1], 'lang': [[1, 2]]}), path)
+  with pytest.raises(
+      DataError, match=f"^{path}: column 'lang' holds list<.+>, not language codes.$"
+  ):
+    _read_conversations(conversations.ConversationSource(language_field='lang'), path)

@@ -117,6 +117,21 @@ def test_parquet_without_the_text_column_names_file_and_column(tmp_path):
     list(documents)
 
 
+@pytest.mark.parametrize(
+    'column, values, message',
+    [
+        ('text', [1], "column 'text' holds int64, not text."),
+        ('lang', [[1]], "column 'lang' holds list<element: int64>, not language codes."),
+    ],
+)
+def test_parquet_columns_of_the_wrong_type_name_file_and_column(tmp_path, column, values, message):
+  path = tmp_path / 'x.parquet'
+  pq.write_table(pa.table({'text': ['a'], 'lang': ['de'], column: values}), path)
+  documents, _ = sources.TextSource(language_field='lang').read(str(path))
+  with pytest.raises(DataError, match=re.escape(f'{path}: {message}')):
+    list(documents)
+
+
 BAD_LINES = (
     b'{"text": "Hallo", "lang": "de"}',  # 1 good
     b'{"text": "Hallo", "lang": "de"',  # 2 invalid_json

@@ -2,36 +2,39 @@
 examples from them.
 
 One conversation per record: `{"messages": [{"role": ..., "content": ...}, ...]}` with roles
-system, user and assistant, and optionally a language field. Positions and bad-record
-reports are those of euro_lm.data.prepare.sources: `path:line` for JSONL (from 1), `path row
-N` for Parquet (from 0); a record that cannot be a conversation, or a conversation that
-cannot be a training example (see euro_lm.data.chat), is counted by kind, never dropped
-silently, or raises at the first one when the source is strict.
+system, user and assistant, and optionally a language field. Files are read by
+euro_lm.data.prepare.sources' readers, with their positions, bad-record reports and
+integrity checks: `path:line` for JSONL (from 1), `path row N` for Parquet (from 0); a
+record that cannot be a conversation, or a conversation that cannot be a training example
+(see euro_lm.data.chat), is counted by kind, never dropped silently, or raises at the first
+one when the source is strict; a file cut short or corrupt keeps what comes before the
+fault and is reported truncated there.
 """
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from euro_lm.data import chat, languages
 from euro_lm.data.prepare.sources import (
     FORMATS,
-    INVALID_JSON,
     INVALID_UTF8,
     MISSING_FIELD,
     UNKNOWN_LANGUAGE,
+    BadRecord,
     BadRecords,
-    Incomplete,
+    LanguageCache,
     file_format,
-    open_binary,
+    jsonl_records,
+    language_column_problem,
+    parquet_batches,
+    parse_json,
 )
 from euro_lm.data.tokenizer import Tokenizer
-from euro_lm.errors import ConfigError, DataError
+from euro_lm.errors import ConfigError
 
 # The language of conversations whose source names none.
 UNDETERMINED = 'und'
@@ -139,8 +142,8 @@ class ConversationSource:
     is consumed).
 
     Raises (while iterating):
-      DataError: the file is unreadable, lacks the messages column (Parquet), or holds a
-        bad record and the source is strict.
+      DataError: the file is unreadable or lacks the messages column (Parquet); or, when
+        the source is strict, holds a bad record, is truncated or holds no records.
     """
     file_type = file_format(path) if self.format == 'auto' else self.format
     if file_type == 'jsonl':
@@ -179,7 +182,7 @@ class ConversationSource:
 
     return examples(), bad_records
 
-  def _conversation(self, messages, code, bad_records, position, resolve):
+  def _conversation(self, messages, code, language_of, bad_records, position):
     """The record as a Conversation, or None after reporting why it is bad."""
     if messages is None:
       bad_records.add(MISSING_FIELD, position, f'no {self.messages_field!r} (missing or null)')
@@ -197,7 +200,7 @@ class ConversationSource:
         )
         return None
       try:
-        language = resolve(code)
+        language = language_of(code)
       except ValueError as e:
         bad_records.add(UNKNOWN_LANGUAGE, position, str(e))
         return None
@@ -205,87 +208,44 @@ class ConversationSource:
     return Conversation(kept, language, position)
 
   def _jsonl(self, path, bad_records):
-    resolve = _memoized(languages.resolve_language)
-    line_number = 0
-    try:
-      with open_binary(path) as lines:
-        for line_number, line in enumerate(lines, 1):
-          try:
-            record = json.loads(line.decode('utf-8'))
-          except UnicodeDecodeError as e:
-            bad_records.add(INVALID_UTF8, line_number, f'invalid UTF-8: {e}')
-            continue
-          # ValueError: also an integer past int's digit limit; RecursionError: deep nesting.
-          except (ValueError, RecursionError) as e:
-            bad_records.add(INVALID_JSON, line_number, f'invalid JSON: {e}')
-            continue
-          if not isinstance(record, dict):
-            bad_records.add(
-                MISSING_FIELD,
-                line_number,
-                f'a JSON {type(record).__name__}, not an object with field {self.messages_field!r}',
-            )
-            continue
-          conversation = self._conversation(
-              record.get(self.messages_field),
-              record.get(self.language_field) if self.language_field else None,
-              bad_records,
-              line_number,
-              resolve,
-          )
-          if conversation is not None:
-            yield conversation
-    except Incomplete as e:  # a compressed file cut short: what came before it is kept
-      bad_records.truncate(e.byte, line_number + 1, e.reason)
-    except OSError as e:
-      raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
+    language_of = LanguageCache(self.language)
+    for line_number, record in jsonl_records(path, bad_records, self.messages_field):
+      conversation = self._conversation(
+          record.get(self.messages_field),
+          record.get(self.language_field) if self.language_field else None,
+          language_of,
+          bad_records,
+          line_number,
+      )
+      if conversation is not None:
+        yield conversation
 
   def _parquet(self, path, bad_records):
-    resolve = _memoized(languages.resolve_language)
+    language_of = LanguageCache(self.language)
     columns = [self.messages_field] + ([self.language_field] if self.language_field else [])
-    try:
-      parquet = pq.ParquetFile(path)
-      names = parquet.schema_arrow.names
-      for column in columns:
-        if column not in names:
-          raise DataError(f'{path} has no column {column!r}; its columns are {names}.')
-      row = 0
-      for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, columns=columns):
-        records = batch.column(0).to_pylist()
-        codes = batch.column(1).to_pylist() if self.language_field else [None] * len(records)
-        for messages, code in zip(records, codes):
-          if isinstance(messages, str):  # a column of JSON text
-            try:
-              messages = json.loads(messages)
-            except json.JSONDecodeError as e:
-              bad_records.add(INVALID_JSON, row, f'{self.messages_field!r}: invalid JSON: {e}')
-              row += 1
-              continue
-          conversation = self._conversation(messages, code, bad_records, row, resolve)
-          if conversation is not None:
-            yield conversation
-          row += 1
-    except (OSError, pa.ArrowException) as e:
-      raise DataError(f'{path}: unreadable Parquet file: {e}') from e
-
-
-def _memoized(function):
-  """`function` remembering its results and errors per argument (a file repeats a handful
-  of language codes)."""
-  results = {}
-
-  def cached(argument):
-    if argument not in results:
-      try:
-        results[argument] = (function(argument), None)
-      except ValueError as e:
-        results[argument] = (None, e)
-    value, error = results[argument]
-    if error is not None:
-      raise error
-    return value
-
-  return cached
+    schema_problem = (
+        (lambda schema: language_column_problem(schema, self.language_field))
+        if self.language_field
+        else (lambda schema: None)
+    )
+    batches = parquet_batches(path, bad_records, columns, schema_problem, _PARQUET_BATCH_ROWS)
+    for first_row, batch in batches:
+      records = batch.column(0).to_pylist()
+      codes = (
+          batch.column(1).cast(pa.large_string()).to_pylist()
+          if self.language_field
+          else [None] * len(records)
+      )
+      for row, (messages, code) in enumerate(zip(records, codes), first_row):
+        if isinstance(messages, (str, bytes)):  # a column of JSON text
+          try:
+            messages = parse_json(messages)
+          except BadRecord as e:
+            bad_records.add(e.kind, row, f'{self.messages_field!r}: {e.reason}')
+            continue
+        conversation = self._conversation(messages, code, language_of, bad_records, row)
+        if conversation is not None:
+          yield conversation
 
 
 def read_examples(

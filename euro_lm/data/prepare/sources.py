@@ -1,4 +1,5 @@
-"""Documents from raw files (JSONL, Parquet).
+"""Documents from raw files (JSONL, Parquet), and the record readers that
+euro_lm.data.conversations shares.
 
 A raw file yields `Document(text, language, location)`. A location is
 `path:line` (JSONL, lines from 1) or `path row N` (Parquet, rows from 0).
@@ -19,7 +20,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -271,110 +272,57 @@ class TextSource:
     return self._parquet_documents(path, bad_records), bad_records
 
   def _jsonl_documents(self, path: str, bad_records: BadRecords) -> Iterator[Document]:
-    language_of = _LanguageCache(self.language)
-    line_number = 0
-    try:
-      with open_binary(path) as lines:
-        for line_number, line in enumerate(lines, 1):
-          try:
-            record = json.loads(line.decode('utf-8'))
-          except UnicodeDecodeError as e:
-            bad_records.add(INVALID_UTF8, line_number, f'invalid UTF-8: {e}')
-            continue
-          # ValueError: also an integer past int's digit limit; RecursionError: deep nesting.
-          except (ValueError, RecursionError) as e:
-            bad_records.add(INVALID_JSON, line_number, f'invalid JSON: {e}')
-            continue
-          if not isinstance(record, dict):
-            bad_records.add(
-                MISSING_FIELD,
-                line_number,
-                f'a JSON {type(record).__name__}, not an object with field {self.text_field!r}',
-            )
-            continue
-          document = self._document(
-              record.get(self.text_field),
-              record.get(self.language_field) if self.language_field else None,
-              language_of,
-              bad_records,
-              line_number,
-          )
-          if document is not None:
-            yield document
-    except Incomplete as e:
-      bad_records.truncate(e.byte, line_number + 1, e.reason)
-    except OSError as e:
-      raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
-    if not line_number and not bad_records.truncated:
-      bad_records.no_records()
+    language_of = LanguageCache(self.language)
+    for line_number, record in jsonl_records(path, bad_records, self.text_field):
+      document = self._document(
+          record.get(self.text_field),
+          record.get(self.language_field) if self.language_field else None,
+          language_of,
+          bad_records,
+          line_number,
+      )
+      if document is not None:
+        yield document
 
   def _parquet_documents(self, path: str, bad_records: BadRecords) -> Iterator[Document]:
-    language_of = _LanguageCache(self.language)
+    language_of = LanguageCache(self.language)
     columns = [self.text_field] + ([self.language_field] if self.language_field else [])
-    try:
-      size = os.path.getsize(path)
-    except OSError as e:
-      raise DataError(f'{path}: unreadable Parquet file: {e}') from e
-    if not size:
-      bad_records.no_records()
-      return
-    try:
-      # Verifies page checksums where the writer stored them.
-      parquet = pq.ParquetFile(path, page_checksum_verification=True)
-    except (OSError, pa.ArrowException) as e:
-      # The footer, at the end, is the first thing read: a file cut short fails here.
-      bad_records.truncate(size, 0, f'no readable Parquet footer (cut short?): {e}')
-      return
-    if not parquet.metadata.num_rows:
-      bad_records.no_records()
-    row_start, group = 0, 0  # Of the row group being read.
-    try:
-      schema = parquet.schema_arrow
-      for column in columns:
-        if column not in schema.names:
-          raise DataError(f'{path} has no column {column!r}; its columns are {schema.names}.')
-      text_type = schema.field(self.text_field).type
-      if not (
-          pa.types.is_string(text_type)
-          or pa.types.is_large_string(text_type)
-          or pa.types.is_binary(text_type)
-          or pa.types.is_large_binary(text_type)
-      ):
-        raise DataError(f'{path}: column {self.text_field!r} holds {text_type}, not text.')
-      # Group by group, so that a corrupt one loses the rows from its first on.
-      for group in range(parquet.metadata.num_row_groups):
-        batch_start = row_start
-        for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS, [group], columns):
-          # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
-          texts = batch.column(0).cast(pa.large_binary()).to_pylist()
-          codes = (
-              batch.column(1).cast(pa.large_string()).to_pylist()
-              if self.language_field
-              else [None] * len(texts)
-          )
-          for row, (raw_text, code) in enumerate(zip(texts, codes), batch_start):
-            try:
-              text = None if raw_text is None else raw_text.decode('utf-8')
-            except UnicodeDecodeError as e:
-              bad_records.add(INVALID_UTF8, row, f'invalid UTF-8: {e}')
-              continue
-            document = self._document(text, code, language_of, bad_records, row)
-            if document is not None:
-              yield document
-          batch_start += batch.num_rows
-        row_start += parquet.metadata.row_group(group).num_rows
-    except (OSError, pa.ArrowException) as e:
-      bad_records.truncate(
-          _row_group_offset(parquet.metadata.row_group(group)),
-          row_start,
-          f'unreadable Parquet data in row group {group} ({e})',
+    for first_row, batch in parquet_batches(path, bad_records, columns, self._schema_problem):
+      # As bytes, so that invalid UTF-8 is one bad row, not a failed batch.
+      texts = batch.column(0).cast(pa.large_binary()).to_pylist()
+      codes = (
+          batch.column(1).cast(pa.large_string()).to_pylist()
+          if self.language_field
+          else [None] * len(texts)
       )
+      for row, (raw_text, code) in enumerate(zip(texts, codes), first_row):
+        try:
+          text = None if raw_text is None else raw_text.decode('utf-8')
+        except UnicodeDecodeError as e:
+          bad_records.add(INVALID_UTF8, row, f'invalid UTF-8: {e}')
+          continue
+        document = self._document(text, code, language_of, bad_records, row)
+        if document is not None:
+          yield document
+
+  def _schema_problem(self, schema: pa.Schema) -> str | None:
+    text_type = schema.field(self.text_field).type
+    if not (
+        pa.types.is_string(text_type)
+        or pa.types.is_large_string(text_type)
+        or pa.types.is_binary(text_type)
+        or pa.types.is_large_binary(text_type)
+    ):
+      return f'column {self.text_field!r} holds {text_type}, not text'
+    if self.language_field:
+      return language_column_problem(schema, self.language_field)
+    return None
 
   def _document(
       self,
       text,
       code,
-      language_of: '_LanguageCache',
+      language_of: 'LanguageCache',
       bad_records: BadRecords,
       position: int,
   ) -> Document | None:
@@ -400,6 +348,130 @@ class TextSource:
     return Document(text, language, bad_records.location(position))
 
 
+class BadRecord(Exception):
+  """A record that cannot be read, with its kind of bad record."""
+
+  def __init__(self, kind: str, reason: str):
+    super().__init__(reason)
+    self.kind = kind
+    self.reason = reason
+
+
+def parse_json(raw: bytes | str):
+  """`raw` as JSON. Raises `BadRecord`: invalid UTF-8 or JSON (an integer past Python's
+  digit limit and nesting past its recursion limit included)."""
+  try:
+    text = raw.decode('utf-8') if isinstance(raw, bytes) else raw
+  except UnicodeDecodeError as e:
+    raise BadRecord(INVALID_UTF8, f'invalid UTF-8: {e}') from None
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError) as e:
+    raise BadRecord(INVALID_JSON, f'invalid JSON: {e}') from None
+
+
+def jsonl_records(path: str, bad_records: BadRecords, field: str) -> Iterator[tuple[int, dict]]:
+  """The JSON objects of a JSONL file (plain, .gz or .zst), each with its line number.
+
+  A line that is not a JSON object is a bad record (`field`, what an object should hold,
+  names it); a compressed stream cut short or corrupt keeps every line before the cut and
+  marks the report truncated; a file without a line is reported to hold no records.
+
+  Raises:
+    DataError: the file is unreadable, or (strict) holds a bad record.
+  """
+  line_number = 0
+  try:
+    with open_binary(path) as lines:
+      for line_number, line in enumerate(lines, 1):
+        try:
+          record = parse_json(line)
+        except BadRecord as e:
+          bad_records.add(e.kind, line_number, e.reason)
+          continue
+        if not isinstance(record, dict):
+          bad_records.add(
+              MISSING_FIELD,
+              line_number,
+              f'a JSON {type(record).__name__}, not an object with field {field!r}',
+          )
+          continue
+        yield line_number, record
+  except Incomplete as e:
+    bad_records.truncate(e.byte, line_number + 1, e.reason)
+  except OSError as e:
+    raise DataError(f'{path}: unreadable after line {line_number}: {e}') from e
+  if not line_number and not bad_records.truncated:
+    bad_records.no_records()
+
+
+def parquet_batches(
+    path: str,
+    bad_records: BadRecords,
+    columns: Sequence[str],
+    schema_problem: Callable[[pa.Schema], str | None] = lambda schema: None,
+    batch_rows: int = _PARQUET_BATCH_ROWS,
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+  """`columns` of a Parquet file in batches, each with the index of its first row.
+
+  Read row group by row group, page checksums verified where the writer stored them: a
+  corrupt group keeps the rows before it and marks the report truncated; a file cut short,
+  without a readable footer, is truncated at row 0; a file without rows is reported to hold
+  no records.
+
+  Raises:
+    DataError: the file is unreadable, lacks one of `columns`, has a schema that
+      `schema_problem` describes a problem with, or (strict) is truncated or empty.
+  """
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    raise DataError(f'{path}: unreadable Parquet file: {e}') from e
+  if not size:
+    bad_records.no_records()
+    return
+  try:
+    parquet = pq.ParquetFile(path, page_checksum_verification=True)
+  except (OSError, pa.ArrowException) as e:
+    # The footer, at the end, is the first thing read: a file cut short fails here.
+    bad_records.truncate(size, 0, f'no readable Parquet footer (cut short?): {e}')
+    return
+  schema = parquet.schema_arrow
+  for column in columns:
+    if column not in schema.names:
+      raise DataError(f'{path} has no column {column!r}; its columns are {schema.names}.')
+  problem = schema_problem(schema)
+  if problem:
+    raise DataError(f'{path}: {problem}.')
+  if not parquet.metadata.num_rows:
+    bad_records.no_records()
+  row_start, group = 0, 0  # Of the row group being read.
+  try:
+    for group in range(parquet.metadata.num_row_groups):
+      batch_start = row_start
+      for batch in parquet.iter_batches(batch_rows, [group], columns):
+        yield batch_start, batch
+        batch_start += batch.num_rows
+      row_start += parquet.metadata.row_group(group).num_rows
+  except (OSError, pa.ArrowException) as e:
+    bad_records.truncate(
+        _row_group_offset(parquet.metadata.row_group(group)),
+        row_start,
+        f'unreadable Parquet data in row group {group} ({e})',
+    )
+
+
+def language_column_problem(schema: pa.Schema, column: str) -> str | None:
+  """What is wrong with a Parquet column of language codes, if anything: its values must
+  be readable as strings."""
+  column_type = schema.field(column).type
+  try:
+    pa.array([], column_type).cast(pa.large_string())
+  except pa.ArrowException:
+    return f'column {column!r} holds {column_type}, not language codes'
+  return None
+
+
 def _row_group_offset(group: pq.RowGroupMetaData) -> int:
   """Where a Parquet row group's data starts in its file."""
   return min(
@@ -408,7 +480,7 @@ def _row_group_offset(group: pq.RowGroupMetaData) -> int:
   )
 
 
-class _LanguageCache:
+class LanguageCache:
   """Resolves language codes once each: a file repeats a handful of them."""
 
   def __init__(self, fixed_tag: str):
