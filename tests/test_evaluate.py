@@ -2,6 +2,7 @@
 against the run's own in-training validation on the same text, an independent per-token
 computation with `model.apply`, and the command line end to end."""
 
+import gzip
 import json
 import math
 import os
@@ -120,6 +121,53 @@ def test_a_pivot_needs_a_parallel_set(run_dir, tmp_path):
     held_out.evaluate_workdir(run_dir, [path], source, pivot='eng_Latn', log=lambda *_: None)
   with pytest.raises(UserError, match='--pivot=pol_Latn: not among the languages read'):
     held_out.evaluate_workdir(run_dir, [path], source, pivot='pl', log=lambda *_: None)
+
+
+def test_cut_empty_and_bad_inputs_are_warned_and_recorded(run_dir, tmp_path):
+  """A score is never of less text than given, unsaid: a .jsonl.gz whose second member is
+  cut short keeps its first member's documents, and it, an empty file and a bad record are
+  `warning:` lines and in the result; strict, the cut file is an error."""
+  whole = write_jsonl(tmp_path / 'parallel.jsonl', PARALLEL)
+  with open(whole, 'rb') as f:
+    lines = f.readlines()
+  cut = tmp_path / 'cut.jsonl.gz'
+  second = gzip.compress(b''.join(lines[3:]))
+  cut.write_bytes(gzip.compress(b''.join(lines[:3])) + second[:12])
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_bytes(b'')
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_bytes(lines[0] + b'{"text": 5, "lang": "en"}\n')
+  logged = []
+  result = held_out.evaluate_workdir(
+      run_dir,
+      [str(cut), str(empty), str(bad)],
+      TextSource(language_field='lang'),
+      log=logged.append,
+  )
+  documents = [json.loads(line) for line in lines[:3] + lines[:1]]
+  for language in PARALLEL:
+    expected = sum(d['lang'] == language for d in documents)
+    assert result['languages'].get(language, {}).get('documents', 0) == expected
+  warnings = [line for line in logged if line.startswith('warning: ')]
+  assert warnings == [  # in the order of the files' names
+      f"warning: skipped bad records: {bad}: 1 not_a_string (first at line 2: 'text' is a"
+      ' int, not a string)',
+      f'warning: {cut}: truncated at byte {len(cut.read_bytes())}: the file ends inside a gzip'
+      ' frame (cut short); lines from 4 on are lost.',
+      f'warning: {empty}: holds no records (an empty file).',
+  ]
+  assert result['truncated'] == {
+      str(cut): {
+          'byte': len(cut.read_bytes()),
+          'line': 4,
+          'reason': 'the file ends inside a gzip frame (cut short)',
+      }
+  }
+  assert result['bad_records'][str(bad)]['kinds']['not_a_string']['first'] == 2
+  with pytest.raises(UserError, match=f'^{cut}: truncated at byte '):
+    held_out.evaluate_workdir(
+        run_dir, [str(cut)], TextSource(language_field='lang', strict=True), log=logged.append
+    )
 
 
 def _evaluate_cli(*args):

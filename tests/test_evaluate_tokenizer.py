@@ -3,6 +3,7 @@ train_tokenizer: every number against the tokenizer libraries' own encodings."""
 
 import base64
 import collections
+import gzip
 import json
 import os
 import subprocess
@@ -132,6 +133,30 @@ def test_counts_and_parities_equal_the_libraries_encodings(files):
         result['tokenizers']['tiktoken']['languages'][tag]['tokens']
         == result['tokenizers']['llama3']['languages'][tag]['tokens']
     )
+
+
+def test_an_empty_or_cut_input_is_warned_and_recorded(files, tmp_path):
+  with open(files['jsonl'], 'rb') as f:
+    whole = f.read()
+  lines = whole.count(b'\n')
+  cut = tmp_path / 'cut.jsonl.gz'
+  cut.write_bytes(gzip.compress(whole)[:-8])  # without the trailer: every line, no end
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_bytes(b'')
+  logged = []
+  result = evaluation.evaluate_tokenizers(
+      [files['sp']],
+      [str(cut), str(empty)],
+      sources.TextSource(language_field='lang'),
+      log=logged.append,
+  )
+  assert result['documents'] == {tag: len(texts) for tag, texts in PARALLEL.items()}
+  assert [line for line in logged if line.startswith('warning: ')] == [
+      f'warning: {cut}: truncated at byte {cut.stat().st_size}: the file ends'
+      f' inside a gzip frame (cut short); lines from {lines + 1} on are lost.',
+      f'warning: {empty}: holds no records (an empty file).',
+  ]
+  assert result['truncated'][str(cut)]['line'] == lines + 1
 
 
 def test_byte_fallback_unknown_and_rare_pieces(files):

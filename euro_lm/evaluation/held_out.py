@@ -143,7 +143,7 @@ def evaluate(
           for metric in ('loss', 'bpb')
           if all(metric in s for s in per_language.values())
       },
-      'bad_records': {r.path: r.to_json() for r in held_out.bad_records if r.total},
+      **held_out.report_json(),
       'seconds': {'packing': packing, 'scoring': scoring},
       'tokens_per_second': tokens / (packing + scoring),
   }
@@ -192,9 +192,8 @@ def evaluate_workdir(
   )
   log(f'# {run.step_dir}')
   log(format_table(result))
-  for report in data.bad_records:
-    if report.total:
-      log(f'warning: {report}')
+  for warning in data.warnings:
+    log(f'warning: {warning}')
   if output and jax.process_index() == 0:
     tmp = output + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:

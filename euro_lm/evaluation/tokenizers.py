@@ -103,9 +103,8 @@ def evaluate_tokenizers(
     counters[name] = token_counter.load_counter(path, tiktoken_pattern)
   held_out = read_held_out(inputs, source)
   documents = held_out.documents
-  for report in held_out.bad_records:
-    if report.total:
-      log(f'warning: skipped bad records: {report}')
+  for warning in held_out.warnings:
+    log(f'warning: {warning}')
   if pivot and reference not in documents:
     raise DataError(
         f'--pivot={pivot}: no {reference} documents in the input ({", ".join(documents)})'
@@ -136,7 +135,7 @@ def evaluate_tokenizers(
       'rare_max_count': rare_max_count,
       'documents': {tag: len(d) for tag, d in documents.items()},
       'tokenizers': reports,
-      'bad_records': {r.path: r.to_json() for r in held_out.bad_records if r.total},
+      **held_out.report_json(),
   }
   log(format_summary(result))
   if result['pivot'] is None:
