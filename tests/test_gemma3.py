@@ -374,7 +374,11 @@ def test_flops_count_the_local_layers_window():
         ('attn_logit_softcapping', 50.0, r'attn_logit_softcapping=50\.0 is not supported'),
         ('hidden_activation', 'gelu', r"hidden_activation='gelu' is not supported"),
         ('use_bidirectional_attention', True, r'use_bidirectional_attention=true'),
-        ('sliding_window', 0, r'sliding_window=0 must be a positive integer or null'),
+        ('sliding_window', 0, r'sliding_window=0 must be a positive integer'),
+        ('sliding_window', None, r'sliding_window=null with sliding_attention layers'),
+        ('num_key_value_heads', 0, r'num_key_value_heads=0 must be a positive integer'),
+        ('head_dim', 'x', r"head_dim='x' must be a positive integer"),
+        ('tie_word_embeddings', 1, r'tie_word_embeddings=1 must be true or false'),
         (
             'layer_types',
             ['full_attention', 'sliding_attention', 'sliding_attention', 'full_attention'],
@@ -428,3 +432,6 @@ def test_export_refuses_half_a_gemma():
   plain = tiny.get_config().model.to_dict()
   with pytest.raises(hf.HFError, match=r'model\.norm_plus_one=False, .*Gemma 3 needs'):
     hf.architectures.for_model(plain | {'mlp_activation': 'gelu_tanh'})
+  # Local layers without a window: transformers' Gemma 3 cannot run the folder.
+  with pytest.raises(hf.HFError, match=r'model\.sliding_window=0 with sliding_attention layers'):
+    hf.architectures.for_model(model | {'sliding_window': 0})

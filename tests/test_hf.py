@@ -480,6 +480,27 @@ def test_pickled_weights_are_refused(tmp_path):
         ('model_type', 'gpt2', r"model_type='gpt2' is not supported"),
         ('architectures', ['LlamaForSequenceClassification'], r'architectures=.* not supported'),
         ('hidden_act', 'gelu', r"hidden_act='gelu' is not supported"),
+        # Values of the wrong type or range: one error naming the field, never a traceback.
+        ('hidden_size', None, r'hidden_size=None must be a positive integer'),
+        ('num_attention_heads', 0, r'num_attention_heads=0 must be a positive integer'),
+        ('vocab_size', '300x', r"vocab_size='300x' must be a positive integer"),
+        ('rms_norm_eps', None, r'rms_norm_eps=None must be a positive number'),
+        (
+            'rope_parameters',
+            {'rope_type': 'default', 'rope_theta': None},
+            r'rope_theta=None must be a positive number',
+        ),
+        ('tie_word_embeddings', 'false', r"tie_word_embeddings='false' must be true or false"),
+        (
+            'rope_scaling',
+            {'rope_type': 'linear', 'factor': 'eight'},
+            r"rope_scaling: factor='eight' must be a positive number",
+        ),
+        (
+            'rope_scaling',
+            {'rope_type': ['linear'], 'factor': 2.0},
+            r"rope_scaling\.rope_type=\['linear'\] is not supported",
+        ),
     ],
 )
 def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
@@ -493,27 +514,74 @@ def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
 
 
-def test_mistral_sliding_window_becomes_the_models_window():
-  base = {
-      'model_type': 'mistral',
-      'hidden_size': 32,
-      'num_attention_heads': 2,
-      'num_hidden_layers': 1,
+@pytest.mark.parametrize(
+    'model_type, config_class, extra',
+    [
+        ('llama', transformers.LlamaConfig, {}),
+        ('mistral', transformers.MistralConfig, {}),
+        ('mistral', transformers.MistralConfig, {'sliding_window': None}),
+        ('qwen2', transformers.Qwen2Config, {}),
+        ('qwen2', transformers.Qwen2Config, {'use_sliding_window': True, 'max_window_layers': 2}),
+        ('qwen3', transformers.Qwen3Config, {}),
+    ],
+)
+def test_left_out_fields_take_transformers_defaults(model_type, config_class, extra):
+  """A config.json of sizes alone: the heads, head width, window, norm epsilon, RoPE base
+  and tying that transformers' config class gives it (Mistral's window is 4096, its
+  key/value heads 8; Qwen3's head width 128)."""
+  sizes = {  # 32 heads: Qwen's default key/value heads
+      'hidden_size': 128,
+      'num_attention_heads': 32,
+      'num_hidden_layers': 2,
       'intermediate_size': 40,
       'vocab_size': 10,
   }
-  assert hf.model_config_from_hf({**base, 'sliding_window': 4096})['sliding_window'] == 4096
-  model = hf.model_config_from_hf({**base, 'sliding_window': None})
-  assert (model['head_dim'], model['num_kv_heads'], model['sliding_window']) == (16, 2, 0)
-  with pytest.raises(hf.HFError, match=r'sliding_window=-1 must be a positive integer or null'):
-    hf.model_config_from_hf({**base, 'sliding_window': -1})
+  model = hf.model_config_from_hf({'model_type': model_type, **sizes, **extra})
+  reference = config_class(**sizes, **extra)
+  head_dim = getattr(reference, 'head_dim', None) or 128 // 32
+  assert (model['num_kv_heads'], model['head_dim']) == (reference.num_key_value_heads, head_dim)
+  windows = {t for t in getattr(reference, 'layer_types', None) or [] if t != 'full_attention'}
+  window = getattr(reference, 'sliding_window', None) if model_type == 'mistral' else None
+  assert model.get('sliding_window', 0) == (window or 0) and not windows
+  assert model['norm_eps'] == reference.rms_norm_eps
+  assert model['rope_theta'] == reference.rope_parameters['rope_theta']
+  assert model['tie_embeddings'] == reference.tie_word_embeddings
+
+
+def test_windows_are_refused_where_transformers_would_slide():
+  """Qwen2 slides from layer max_window_layers on when use_sliding_window is true (as
+  transformers derives its layer_types); euro_lm refuses exactly those configs."""
+  sizes = {
+      'model_type': 'qwen2',
+      'hidden_size': 64,
+      'num_attention_heads': 8,
+      'num_key_value_heads': 8,
+      'num_hidden_layers': 4,
+      'intermediate_size': 40,
+      'vocab_size': 10,
+      'use_sliding_window': True,
+      'sliding_window': 16,
+  }
+  for first in (0, 2, 4, 8):
+    config = dict(sizes, max_window_layers=first)
+    slides = 'sliding_attention' in transformers.Qwen2Config(**config).layer_types
+    if slides:
+      with pytest.raises(hf.HFError, match=f'max_window_layers={first} .of 4 layers'):
+        hf.model_config_from_hf(config)
+    else:
+      assert hf.model_config_from_hf(config)['num_layers'] == 4
+    assert slides == (first < 4)
+  with pytest.raises(hf.HFError, match=r'sliding_window=-1 must be a positive integer'):
+    hf.model_config_from_hf({**sizes, 'model_type': 'mistral', 'sliding_window': -1})
 
 
 def test_bias_tensors_are_refused(tmp_path):
-  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  model = random_hf_model(HF_SHAPES['gqa_untied'])
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
   save_file(
-      {'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
-      str(tmp_path / 'extra.safetensors'),
+      state | {'model.layers.0.self_attn.q_proj.bias': np.zeros(64, np.float32)},
+      str(tmp_path / 'model.safetensors'),
   )
   with pytest.raises(hf.HFError, match=r'bias tensors \(model\.layers\.0\.self_attn\.q_proj'):
     hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
@@ -636,13 +704,14 @@ def test_import_follows_the_index_file(tmp_path):
         ('{"weight_map": [1]}', r'weight_map must map tensor names to file names'),
         ('{"weight_map": {"lm_head.weight": "gone.safetensors"}}', r'names gone\.safetensors'),
         (
-            '{"weight_map": {"lm_head.weight": "model.safetensors", "x": "model.safetensors"}}',
-            r'maps x to model\.safetensors, which does not hold it',
+            '{"weight_map": {"lm_head.weight": "model-1.safetensors", "x": "model-1.safetensors"}}',
+            r'maps x to model-1\.safetensors, which does not hold it',
         ),
     ],
 )
 def test_a_bad_index_file_is_named(tmp_path, index, message):
   random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  os.rename(tmp_path / 'model.safetensors', tmp_path / 'model-1.safetensors')  # one shard
   (tmp_path / hf.INDEX_FILE).write_text(index)
   with pytest.raises(hf.HFError, match=message):
     hf.SafetensorsFolder(tmp_path)
@@ -652,6 +721,64 @@ def test_a_header_longer_than_the_file_is_named(tmp_path):
   (tmp_path / 'model.safetensors').write_bytes((10**9).to_bytes(8, 'little') + b'{}')
   with pytest.raises(hf.HFError, match=r'not a safetensors file: its header length 1000000000'):
     hf.SafetensorsFolder(tmp_path)
+
+
+def test_a_weights_file_cut_short_is_named(tmp_path):
+  """An interrupted download: the header is whole, the data is not."""
+  random_hf_model(HF_SHAPES['gqa_untied']).save_pretrained(tmp_path, safe_serialization=True)
+  path = tmp_path / 'model.safetensors'
+  size = path.stat().st_size
+  os.truncate(path, size - 5000)
+  with pytest.raises(hf.HFError, match=r'not a safetensors file: tensor \S+ ends at byte \d+, pas'):
+    hf.SafetensorsFolder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    'text, message',
+    [('{"model_type": "llama",', 'is not readable JSON'), ('[1, 2]', 'holds a JSON list')],
+)
+def test_a_config_that_is_no_json_object_is_named(tmp_path, text, message):
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(hf.HFError, match=f'config\\.json {message}'):
+    hf.import_hf(str(tmp_path), str(tmp_path / 'run'))
+
+
+def test_model_safetensors_is_read_as_transformers_reads_it(tmp_path):
+  """model.safetensors beside a `consolidated.safetensors` holding the same names (Mistral's
+  folders): transformers reads model.safetensors alone, and so does import."""
+  model = random_hf_model(HF_SHAPES['gqa_untied'])
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  decoy = random_hf_model(HF_SHAPES['gqa_untied'], seed=9).state_dict()
+  save_file({k: v.numpy() for k, v in decoy.items()}, str(tmp_path / 'consolidated.safetensors'))
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  config = hf.import_hf(str(tmp_path), str(tmp_path / 'run'), log=lambda *a: None)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  tokens_BL = random_tokens(101)
+  assert np.abs(hf_logits(loaded, tokens_BL) - hf_logits(model, tokens_BL)).max() <= TOLERANCE
+  assert np.abs(
+      euro_logits(config.model, params, tokens_BL) - hf_logits(model, tokens_BL)
+  ).max() <= (TOLERANCE)
+
+
+def test_a_tied_config_with_a_distinct_lm_head_is_refused(tmp_path):
+  """transformers 5 runs such a folder untied and 4 tied: import refuses to guess, unless
+  the stored copy equals the embedding (a harmless duplicate)."""
+  model = random_hf_model(HF_SHAPES['mha_tied'])
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  model.save_pretrained(tmp_path / 'same', safe_serialization=True)
+  save_file(
+      state | {'lm_head.weight': state['model.embed_tokens.weight']},
+      str(tmp_path / 'same' / 'model.safetensors'),
+  )
+  config = hf.import_hf(str(tmp_path / 'same'), str(tmp_path / 'run'), log=lambda *a: None)
+  assert config.model.tie_embeddings
+  model.save_pretrained(tmp_path / 'other', safe_serialization=True)
+  save_file(
+      state | {'lm_head.weight': state['model.embed_tokens.weight'] + 1},
+      str(tmp_path / 'other' / 'model.safetensors'),
+  )
+  with pytest.raises(hf.HFError, match=r'tie_word_embeddings=true, but the folder stores an lm_'):
+    hf.import_hf(str(tmp_path / 'other'), str(tmp_path / 'run2'))
 
 
 def test_a_model_imported_without_a_tokenizer_does_not_train_with_a_new_one(tmp_path):

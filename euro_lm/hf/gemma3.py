@@ -12,6 +12,7 @@ defaults (the released multimodal ones do), so those defaults are read here too.
 
 from euro_lm.errors import HFError
 from euro_lm.hf import llama
+from euro_lm.hf.folder import boolean, positive_float, positive_int
 from euro_lm.model.layers import local_layers
 
 ARCHITECTURES = {
@@ -119,6 +120,7 @@ def check_exportable(model):
         f'{", ".join(wrong)} with the other Gemma fields is no Hugging Face architecture that '
         f'euro_lm exports: Gemma 3 needs {need}'
     )
+  _check_windows(model, 'model.sliding_window=0')
 
 
 def param_table(model):
@@ -292,32 +294,34 @@ def model_config_from_hf(hf, where='config.json'):
     raise HFError(
         f"{where}: hidden_activation={act!r} is not supported; Gemma 3's is 'gelu_pytorch_tanh'"
     )
-  window = text.get('sliding_window')
-  if window is not None and (not isinstance(window, int) or window <= 0):
-    raise HFError(f'{where}: sliding_window={window!r} must be a positive integer or null')
-  rope = _rope(text, where)
-  try:
-    heads, kv_heads = int(text['num_attention_heads']), int(text['num_key_value_heads'])
-    model = {
-        'vocab_size': int(text['vocab_size']),
-        'num_layers': int(text['num_hidden_layers']),
-        'embed_dim': int(text['hidden_size']),
-        'num_heads': heads,
-        'num_kv_heads': kv_heads,
-        'head_dim': int(text['head_dim']),
-        'mlp_dim': int(text['intermediate_size']),
-        **rope,
-        'norm_eps': float(text['rms_norm_eps']),
-        'tie_embeddings': bool(text['tie_word_embeddings']),
-        'sliding_window': window or 0,
-        'query_pre_attn_scalar': int(text['query_pre_attn_scalar']),
-    }
-  except (TypeError, ValueError) as e:
-    raise HFError(f'{where}: a model size field is not a number ({e})') from None
-  if heads % kv_heads:
-    raise HFError(
-        f'{where}: num_attention_heads={heads} is not a multiple of '
-        f'num_key_value_heads={kv_heads}'
-    )
+  heads = positive_int(text, 'num_attention_heads', where)
+  kv_heads = positive_int(text, 'num_key_value_heads', where)
+  llama.check_heads(heads, kv_heads, where)
+  model = {
+      'vocab_size': positive_int(text, 'vocab_size', where),
+      'num_layers': positive_int(text, 'num_hidden_layers', where),
+      'embed_dim': positive_int(text, 'hidden_size', where),
+      'num_heads': heads,
+      'num_kv_heads': kv_heads,
+      'head_dim': positive_int(text, 'head_dim', where),
+      'mlp_dim': positive_int(text, 'intermediate_size', where),
+      **_rope(text, where),
+      'norm_eps': positive_float(text, 'rms_norm_eps', where),
+      'tie_embeddings': boolean(text, 'tie_word_embeddings', where),
+      'sliding_window': positive_int(text, 'sliding_window', where, nullable=True) or 0,
+      'query_pre_attn_scalar': positive_int(text, 'query_pre_attn_scalar', where),
+  }
   model['sliding_window_pattern'] = _pattern(text, model['num_layers'], where)
-  return model | {f: v for f, v in FIELDS.items() if v is not None}
+  model |= {f: v for f, v in FIELDS.items() if v is not None}
+  _check_windows(model, f'{where}: sliding_window=null')
+  return model
+
+
+def _check_windows(model, what):
+  """Refuses local layers without a window: transformers' Gemma 3 cannot run them."""
+  if not model['sliding_window'] and any(local_layers(model)):
+    raise HFError(
+        f'{what} with sliding_attention layers (every layer but each '
+        f"{model['sliding_window_pattern']}th) is no Gemma 3 that transformers runs; Gemma 3's "
+        'local layers attend within a window'
+    )

@@ -26,7 +26,10 @@ def params_from_hf(folder, model, arch):
   the architecture module (see euro_lm.hf.architectures)."""
   shapes = arch.expected_hf_shapes(model)
   names = set(folder.names())
-  names -= arch.unused_hf_tensors(names, model, folder.directory)
+  unused = arch.unused_hf_tensors(names, model, folder.directory)
+  if 'lm_head.weight' in unused:
+    _check_tied_copy(folder)
+  names -= unused
   unknown = sorted(names - set(shapes))
   if unknown:
     raise HFError(
@@ -57,6 +60,19 @@ def params_from_hf(folder, model, arch):
       leaf[i] = read(template.format(i=i), path)
     yield path, leaf
     del leaf, first  # before the next leaf is allocated
+
+
+def _check_tied_copy(folder):
+  """Refuses a tied model's stored lm_head.weight unless it equals the embedding: which one
+  runs depends on the transformers version (5 uses a distinct stored one, 4 ties)."""
+  embedding = 'model.embed_tokens.weight'
+  if not np.array_equal(folder.get('lm_head.weight'), folder.get(embedding)):
+    raise HFError(
+        f'{folder.directory}: {CONFIG_FILE} says tie_word_embeddings=true, but the folder '
+        f'stores an lm_head.weight that differs from {embedding}; transformers 5 runs the '
+        f'stored one, 4 ties them. Set tie_word_embeddings to false in its {CONFIG_FILE} to '
+        'import the stored one'
+    )
 
 
 def import_hf(hf_dir, workdir, log=print, chat_template=''):

@@ -9,10 +9,23 @@ Export writes model_type llama; the Mistral and Qwen modules build on this one.
 """
 
 from euro_lm.errors import HFError
+from euro_lm.hf.folder import boolean, positive_float, positive_int
 
 # model_type -> the HF class of the checkpoints this module reads.
 ARCHITECTURES = {
     'llama': 'LlamaForCausalLM',
+}
+
+# LlamaConfig's defaults (transformers 5) for the fields a config.json may leave out and
+# import reads; null num_key_value_heads and head_dim are derived, as transformers does.
+# Size fields are required: transformers' defaults (a 7B) never fit a real folder's tensors.
+DEFAULTS = {
+    'num_key_value_heads': None,
+    'head_dim': None,
+    'hidden_act': 'silu',
+    'rms_norm_eps': 1e-6,
+    'rope_theta': 10_000.0,
+    'tie_word_embeddings': False,
 }
 
 # (euro_lm param path, HF name, per layer). Per-layer HF names take the layer index `i`.
@@ -184,21 +197,21 @@ def rope_fields(hf, where):
   where_params = 'rope_scaling' if has_type(scaling) else 'rope_parameters'
   params = {**params, **scaling}
   rope_type = params.get('rope_type', params.get('type', 'default'))
-  if rope_type not in _ROPE_TYPES:
+  if not isinstance(rope_type, str) or rope_type not in _ROPE_TYPES:
     raise HFError(
         f'{where}: {where_params}.rope_type={rope_type!r} is not supported; euro_lm '
         f'supports {", ".join(map(repr, _ROPE_TYPES))}'
     )
+  theta = {'rope_theta': params.get('rope_theta', hf.get('rope_theta', DEFAULTS['rope_theta']))}
   fields = {
-      'rope_theta': float(params.get('rope_theta', hf.get('rope_theta', 10_000.0))),
+      'rope_theta': positive_float(theta, 'rope_theta', where),
       'rope_scaling': _ROPE_TYPES[rope_type],
   }
   for key, field in _ROPE_KEYS.get(rope_type, {}).items():
     if key not in params:
       raise HFError(f'{where}: {where_params}.{key} is missing for rope_type={rope_type!r}')
-    fields[field] = (
-        float(params[key]) if field != 'rope_original_max_positions' else int(params[key])
-    )
+    read = positive_int if field == 'rope_original_max_positions' else positive_float
+    fields[field] = read(params, key, f'{where}: {where_params}')
   return fields
 
 
@@ -214,51 +227,66 @@ def hf_rope(model):
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields from an HF config dict of one of `ARCHITECTURES` (which
-  `euro_lm.hf.architectures` checks); refuses what euro_lm cannot represent, naming the HF
-  field."""
-  act = hf.get('hidden_act', 'silu')
+  `euro_lm.hf.architectures` checks), its left-out fields at `DEFAULTS` (the Llama-like
+  families pass their own); refuses what euro_lm cannot represent, naming the HF field."""
+  hf = DEFAULTS | hf
+  act = hf['hidden_act']
   if act != 'silu':
     raise HFError(f'{where}: hidden_act={act!r} is not supported; euro_lm uses SwiGLU (silu)')
   for field in ('attention_bias', 'mlp_bias'):
     if hf.get(field):
       raise HFError(f'{where}: {field}=true is not supported; euro_lm layers have no biases')
-  try:
-    D, H = int(hf['hidden_size']), int(hf['num_attention_heads'])
-    model = {
-        'vocab_size': int(hf['vocab_size']),
-        'num_layers': int(hf['num_hidden_layers']),
-        'embed_dim': D,
-        'num_heads': H,
-        'num_kv_heads': int(hf.get('num_key_value_heads') or H),
-        'head_dim': int(hf.get('head_dim') or D // H),
-        'mlp_dim': int(hf['intermediate_size']),
-        **rope_fields(hf, where),
-        'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-        'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
-        'qk_norm': False,
-    }
-  except KeyError as e:
-    raise HFError(f'{where}: required field {e.args[0]} is missing') from None
-  if model['num_heads'] % model['num_kv_heads']:
-    raise HFError(
-        f'{where}: num_attention_heads={H} is not a multiple of '
-        f'num_key_value_heads={model["num_kv_heads"]}'
-    )
+  D, H = positive_int(hf, 'hidden_size', where), positive_int(hf, 'num_attention_heads', where)
+  model = {
+      'vocab_size': positive_int(hf, 'vocab_size', where),
+      'num_layers': positive_int(hf, 'num_hidden_layers', where),
+      'embed_dim': D,
+      'num_heads': H,
+      'num_kv_heads': positive_int(hf, 'num_key_value_heads', where, nullable=True) or H,
+      'head_dim': positive_int(hf, 'head_dim', where, nullable=True) or D // H,
+      'mlp_dim': positive_int(hf, 'intermediate_size', where),
+      **rope_fields(hf, where),
+      'norm_eps': positive_float(hf, 'rms_norm_eps', where),
+      'tie_embeddings': boolean(hf, 'tie_word_embeddings', where),
+      'qk_norm': False,
+  }
+  if not model['head_dim']:
+    raise HFError(f'{where}: hidden_size={D} is less than num_attention_heads={H}')
+  check_heads(H, model['num_kv_heads'], where)
   return model
 
 
-def refuse_sliding_windows(hf, where):
-  """Refuses a Qwen-style config whose layers attend within a window (`use_sliding_window`,
-  or `layer_types` other than full attention)."""
-  if hf.get('use_sliding_window'):
+def check_heads(heads, kv_heads, where):
+  """Refuses query heads that the key/value heads do not divide evenly."""
+  if heads % kv_heads:
     raise HFError(
-        f'{where}: use_sliding_window=true is not supported; euro_lm attends to the full '
-        'causal context'
+        f'{where}: num_attention_heads={heads} is not a multiple of '
+        f'num_key_value_heads={kv_heads}'
     )
-  types = set(hf.get('layer_types') or ['full_attention'])
-  if types != {'full_attention'}:
+
+
+def refuse_sliding_windows(hf, where):
+  """Refuses a Qwen-style config (its left-out fields at the family's defaults) where some
+  layer attends within a window: `layer_types`, or as transformers derives them without,
+  the layers from `max_window_layers` on when `use_sliding_window` is true and
+  `sliding_window` set."""
+  types = hf.get('layer_types')
+  if types is None:
+    layers = positive_int(hf, 'num_hidden_layers', where)
+    first = hf.get('max_window_layers')
+    if hf.get('use_sliding_window') and hf.get('sliding_window') is not None:
+      if not isinstance(first, int) or isinstance(first, bool):
+        raise HFError(f'{where}: max_window_layers={first!r} must be an integer')
+      if first < layers:
+        raise HFError(
+            f'{where}: use_sliding_window=true with max_window_layers={first} (of '
+            f'{layers} layers) is not supported; euro_lm attends to the full causal context '
+            'in every layer of this family'
+        )
+    return
+  if not isinstance(types, list) or any(t != 'full_attention' for t in types):
     raise HFError(
-        f'{where}: layer_types={sorted(types)!r} is not supported; euro_lm attends to the '
+        f'{where}: layer_types={types!r} is not supported; euro_lm attends to the '
         'full causal context in every layer'
     )
 

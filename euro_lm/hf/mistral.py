@@ -4,10 +4,14 @@
 A euro_lm model with a sliding window exports as MistralForCausalLM.
 """
 
-from euro_lm.errors import HFError
 from euro_lm.hf import llama
+from euro_lm.hf.folder import positive_int
 
 ARCHITECTURES = {'mistral': 'MistralForCausalLM'}
+
+# MistralConfig's defaults (transformers 5) where they are not Llama's: a config.json
+# without sliding_window has a window of 4096 (null is full attention).
+DEFAULTS = llama.DEFAULTS | {'num_key_value_heads': 8, 'sliding_window': 4096}
 
 param_table = llama.param_table
 to_hf = llama.to_hf
@@ -34,7 +38,6 @@ def hf_config(model, **kwargs):
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields of a Mistral config: Llama's, with its sliding window."""
-  window = hf.get('sliding_window')
-  if window is not None and (not isinstance(window, int) or window <= 0):
-    raise HFError(f'{where}: sliding_window={window!r} must be a positive integer or null')
+  hf = DEFAULTS | hf
+  window = positive_int(hf, 'sliding_window', where, nullable=True)
   return llama.model_config_from_hf(hf, where) | {'sliding_window': window or 0}

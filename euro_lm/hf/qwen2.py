@@ -8,6 +8,14 @@ from euro_lm.hf import llama
 
 ARCHITECTURES = {'qwen2': 'Qwen2ForCausalLM'}
 
+# Qwen2Config's defaults (transformers 5) where they are not Llama's.
+DEFAULTS = llama.DEFAULTS | {
+    'num_key_value_heads': 32,
+    'use_sliding_window': False,
+    'sliding_window': 4096,
+    'max_window_layers': 28,
+}
+
 text_tensor_names = llama.text_tensor_names
 
 _BIASES = tuple(
@@ -57,5 +65,6 @@ def hf_config(model, **kwargs):
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields of a Qwen2 config: Llama's, with qkv_bias."""
+  hf = DEFAULTS | hf
   llama.refuse_sliding_windows(hf, where)
   return llama.model_config_from_hf(hf, where) | {'qkv_bias': True}

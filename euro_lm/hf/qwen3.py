@@ -8,6 +8,15 @@ from euro_lm.hf import llama
 
 ARCHITECTURES = {'qwen3': 'Qwen3ForCausalLM'}
 
+# Qwen3Config's defaults (transformers 5) where they are not Llama's.
+DEFAULTS = llama.DEFAULTS | {
+    'num_key_value_heads': 32,
+    'head_dim': 128,
+    'use_sliding_window': False,
+    'sliding_window': 4096,
+    'max_window_layers': 28,
+}
+
 _QK_NORMS = (
     (('layers', 'attention', 'q_norm', 'scale'), 'model.layers.{i}.self_attn.q_norm.weight', True),
     (('layers', 'attention', 'k_norm', 'scale'), 'model.layers.{i}.self_attn.k_norm.weight', True),
@@ -41,5 +50,6 @@ def hf_config(model, **kwargs):
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields of a Qwen3 config: Llama's, with qk_norm."""
+  hf = DEFAULTS | hf
   llama.refuse_sliding_windows(hf, where)
   return llama.model_config_from_hf(hf, where) | {'qk_norm': True}

@@ -10,6 +10,7 @@ import numpy as np
 
 from euro_lm.errors import HFError
 
+SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 SAFETENSORS_DTYPES = {
     'F32': np.float32,
@@ -21,14 +22,35 @@ _SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def _read_header(path):
+  """{tensor name: info} of a safetensors file, and where its data starts; each tensor's
+  bytes checked to lie in the file (a file cut short fails here, not at a later read)."""
   with open(path, 'rb') as f:
+    file_size = os.fstat(f.fileno()).st_size
     size = int.from_bytes(f.read(8), 'little')
-    if size > os.fstat(f.fileno()).st_size - 8:
+    if size > file_size - 8:
       raise ValueError(f'its header length {size} runs past the end of the file')
     header = json.loads(f.read(size))
   if not isinstance(header, dict):
     raise ValueError('its header is not a JSON object')
   header.pop('__metadata__', None)
+  data_size = file_size - 8 - size
+  for name, info in header.items():
+    try:
+      start, end = info['data_offsets']
+      shape, dtype = [int(n) for n in info['shape']], info['dtype']
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f'tensor {name} has no valid dtype, shape and data_offsets') from None
+    if not 0 <= start <= end:
+      raise ValueError(f'tensor {name} has data_offsets {info["data_offsets"]}')
+    if end > data_size:
+      raise ValueError(
+          f'tensor {name} ends at byte {8 + size + end}, past the end of the file at '
+          f'{file_size} (cut short?)'
+      )
+    if dtype in SAFETENSORS_DTYPES:
+      nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+      if end - start != nbytes:
+        raise ValueError(f'tensor {name} of shape {shape} has {end - start} bytes, not {nbytes}')
   return header, 8 + size
 
 
@@ -53,15 +75,19 @@ class SafetensorsFolder:
   """Reads tensors by name from a folder of .safetensors files, memory-mapped, one at a
   time (bfloat16 through ml_dtypes, so neither torch nor safetensors' numpy API).
 
-  With a `model.safetensors.index.json`, the files and tensors it maps, as transformers
-  reads them (other files in the folder, such as Mistral's `consolidated.safetensors`, are
-  not read); without one, every .safetensors file, and a tensor in two of them is refused.
+  The files transformers reads: `model.safetensors`, else those a
+  `model.safetensors.index.json` maps, with the tensors it maps to them (other files in
+  the folder, such as Mistral's `consolidated.safetensors`, are not read). Without
+  either, every .safetensors file, and a tensor in two of them is refused.
   """
 
   def __init__(self, directory):
     self.directory = directory
-    weight_map = _weight_map(directory)
-    if weight_map is not None:
+    single = os.path.isfile(os.path.join(directory, SINGLE_FILE))
+    weight_map = None if single else _weight_map(directory)
+    if single:
+      files = [SINGLE_FILE]
+    elif weight_map is not None:
       files = sorted(set(weight_map.values()))
       for name in files:
         if not os.path.isfile(os.path.join(directory, name)):
