@@ -99,8 +99,9 @@ def generate(
     num_tokens=None,
 ):
   """Continues left-padded prompts (`tokens_BP`, real lengths `lengths_B`) with
-  `model = Decoder(config)` and its `params`. Returns a Generation. `num_tokens`: draw
-  only ids below it (the tokenizer's size, when the model's vocabulary is padded)."""
+  `model = Decoder(config)` and its `params`. Returns a Generation. `eos_id`: the id, or
+  a sequence of ids, that ends a row (-1 or []: none). `num_tokens`: draw only ids below
+  it (the tokenizer's size, when the model's vocabulary is padded)."""
   run = make_generate(
       model,
       max_new_tokens=max_new_tokens,
@@ -133,6 +134,7 @@ def make_generate(
     raise ArgumentError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   check_settings(temperature, top_k, top_p)
   settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  stop_ids = np.atleast_1d(np.asarray(eos_id, np.int32))
   sample = lambda logits_BV, key: sample_logits(logits_BV[:, :num_tokens], key, **settings)
 
   def run(params, tokens_BP, lengths_B, key):
@@ -187,7 +189,7 @@ def make_generate(
       slot = prompt_len + step
       tokens_BS = jax.lax.dynamic_update_slice_in_dim(tokens_BS, next_B[:, None], slot, axis=1)
       lengths_B = lengths_B + (~done_B).astype(jnp.int32)
-      done_B = done_B | (next_B == eos_id)
+      done_B = done_B | jnp.isin(next_B, stop_ids)
       logits_BV, state = next_logits(tokens_BS, slot, state)
       return step + 1, tokens_BS, state, logits_BV, done_B, lengths_B, key
 

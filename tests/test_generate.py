@@ -215,6 +215,26 @@ def test_eos_stops_a_row_and_pads_after_it():
   assert int(out.lengths_B[0]) <= 3
 
 
+def test_any_of_several_stop_ids_ends_a_row():
+  """EOS and a chat template's end of turn: a row ends at the first of either."""
+  model, params, _ = make_model()
+  free = np.asarray(
+      run_generate(
+          model, params, jax.random.key(0), max_new_tokens=6, eos_id=-1, temperature=0.0
+      ).tokens_BN
+  )
+  stops = sorted({int(free[0, 3]), int(free[1, 1])})
+  out = run_generate(
+      model, params, jax.random.key(0), max_new_tokens=6, eos_id=tuple(stops), temperature=0.0
+  )
+  for b in range(len(PROMPTS)):
+    hits = np.flatnonzero(np.isin(free[b], stops))
+    length = hits[0] + 1 if hits.size else 6
+    assert int(out.lengths_B[b]) == length
+    np.testing.assert_array_equal(out.tokens_BN[b, :length], free[b, :length])
+  assert int(out.lengths_B[1]) <= 2
+
+
 def test_bad_sampling_settings_are_rejected():
   model = make_model()[0]
   with pytest.raises(ValueError, match='top_p'):

@@ -17,11 +17,16 @@ os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='euro_lm_data
 import lm_eval  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from euro_lm import hf  # noqa: E402
 from euro_lm.data.tokenizer import load_tokenizer  # noqa: E402
+from euro_lm.errors import ConfigError  # noqa: E402
 from euro_lm.evaluation.harness import EuroLM  # noqa: E402
+from euro_lm.inference import load_config  # noqa: E402
+from tests.chat_templates import LLAMA3  # noqa: E402
 from tests.hf_tokenizers import make_tokenizer_folder  # noqa: E402
 from tests.test_hf import HF_SHAPES, random_hf_model  # noqa: E402
 
@@ -190,6 +195,86 @@ def test_bos_before_a_rolling_text_counts_twice_with_the_tokenizers_default(mode
   assert ids[0] == bos and model.tok_encode(text, add_special_tokens=False) == ids[1:]
   model.add_bos_token = False
   assert model.tok_encode(text) == ids[1:]
+
+
+def _instance(kind, args):
+  return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=('t', 0, 1))
+
+
+def test_edge_requests_equal_lm_evals_hf_model(models):
+  """Request by request against lm-eval's hf model on the export: a context, a rolling text
+  and a prompt that start with the BOS text get no second BOS; a continuation longer than
+  max_length is refused by both, not scored in part."""
+  workdir, export, _ = models
+  ours = EuroLM(workdir, batch_size=2, max_length=MAX_LENGTH)
+  theirs = HFLM(
+      pretrained=export, dtype='float32', max_length=MAX_LENGTH, batch_size=2, device='cpu'
+  )
+  bos = load_tokenizer(os.path.join(workdir, 'tokenizer')).special_tokens['bos_token']
+  assert bos == '<|begin_of_text|>'
+  requests = {
+      'loglikelihood': [_instance('loglikelihood', (bos + CHOICES[0]['question'], ' Paris'))],
+      'loglikelihood_rolling': [_instance('loglikelihood_rolling', (bos + TEXTS[0]['text'],))],
+      'generate_until': [
+          _instance(
+              'generate_until',
+              (
+                  bos + PROMPTS[0]['prompt'],
+                  {'until': ['\n'], 'max_gen_toks': 6, 'do_sample': False},
+              ),
+          )
+      ],
+  }
+  for kind, batch in requests.items():
+    mine, reference = getattr(ours, kind)(batch), getattr(theirs, kind)(batch)
+    if kind == 'loglikelihood':
+      np.testing.assert_allclose(mine[0][0], reference[0][0], atol=1e-4)
+      assert mine[0][1] == reference[0][1]
+    elif kind == 'loglikelihood_rolling':
+      np.testing.assert_allclose(mine, reference, atol=1e-4)
+    else:
+      assert mine == reference
+  long = [_instance('loglikelihood', ('x', ' Straße' * 40))]
+  with pytest.raises(ConfigError, match='tokens is longer than max_length=32'):
+    ours.loglikelihood(long)
+  with pytest.raises(AssertionError):
+    theirs.loglikelihood(long)
+
+
+def test_lm_evals_model_arguments(models):
+  """What `simple_evaluate(model='euro_lm', batch_size=..., device=...)` passes: 'auto' is
+  the run's training batch, capped by max_batch_size; a device JAX does not run on is one
+  error."""
+  workdir, _, _ = models
+  batch = load_config(workdir).train.global_batch_size
+  model = EuroLM.create_from_arg_string(
+      f'workdir={workdir}', {'batch_size': 'auto', 'max_batch_size': None, 'device': 'cpu'}
+  )
+  assert model.batch_size == batch
+  capped = EuroLM.create_from_arg_string(
+      f'workdir={workdir}', {'batch_size': 'auto:4', 'max_batch_size': batch // 2}
+  )
+  assert capped.batch_size == batch // 2
+  with pytest.raises(ConfigError, match=r'device=cuda:0: JAX runs on cpu here'):
+    EuroLM(workdir, device='cuda:0')
+
+
+def test_a_chat_run_stops_where_its_export_does(models, tmp_path):
+  """A run fine-tuned with a chat template (its workdir holds it) ends generations at the
+  template's end of turn as well as EOS: the ids its export's generation_config lists."""
+  workdir, export, _ = models
+  with open(os.path.join(export, 'generation_config.json'), encoding='utf-8') as f:
+    assert [json.load(f)['eos_token_id']] == EuroLM(workdir, batch_size=2).stop_ids
+  chat_run = str(tmp_path / 'chat_run')
+  shutil.copytree(workdir, chat_run)
+  with open(os.path.join(chat_run, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
+    f.write(LLAMA3)
+  hf.export_hf(chat_run, str(tmp_path / 'chat_export'), dtype='float32', log=lambda *_: None)
+  with open(tmp_path / 'chat_export' / 'generation_config.json', encoding='utf-8') as f:
+    stops = json.load(f)['eos_token_id']
+  tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  assert stops == sorted([tokenizer.eos_id, tokenizer.encode('<|eot_id|>')[0]])
+  assert EuroLM(chat_run, batch_size=2).stop_ids == stops
 
 
 def test_cli_runs_local_tasks_and_writes_results(models, tmp_path):

@@ -394,6 +394,13 @@ def end_of_turn_id(tokenizer: Tokenizer, template: str) -> int | None:
   return last.pop() if len(last) == 1 else None
 
 
+def stop_ids(eos_id: int | None, tokenizer: Tokenizer | None, template: str | None) -> list[int]:
+  """The ids that end a generation: EOS and, for a run fine-tuned with `template`, the
+  marker that ends an assistant turn (an export's generation_config.json lists them)."""
+  turn_end = end_of_turn_id(tokenizer, template) if tokenizer is not None and template else None
+  return sorted({eos_id, turn_end} - {None})
+
+
 def add_chat_tokens(
     tokenizer: Tokenizer, output: str, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS
 ) -> list[str]:

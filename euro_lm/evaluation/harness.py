@@ -8,7 +8,10 @@ generation uses euro_lm's KV-cache sampler.
 Tokenization follows lm-eval's own Hugging Face model (`lm_eval --model hf`) exactly, so
 that a checkpoint and its float32 export give the same numbers: `add_bos_token` None uses
 the tokenizer's default (BOS for the tokenizers euro_lm trains, Llama 3 and Gemma), True
-or False forces it, and a text that already starts with the BOS text gets none added. An
+or False forces it, and a text that already starts with the prefix token's text
+(`<|begin_of_text|>`, `<s>`; EOS's for a tokenizer without BOS) gets none added.
+Generation stops where the export's does: at EOS and, for a run fine-tuned on
+conversations, at its template's end of turn. An
 empty context is the BOS token (lm-eval's `prefix_token_id`), and rolling windows start
 with it too: a rolling task with BOS added by the tokenizer counts BOS twice, in lm-eval's
 hf model as here, which costs a model trained with one BOS per document several nats per
@@ -32,6 +35,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from euro_lm import devices
 from euro_lm.config import validate
+from euro_lm.data import chat
+from euro_lm.data.dataset import chat_template_of_run
 from euro_lm.errors import ConfigError
 from euro_lm.inference import load_config, load_run
 from euro_lm.sampling import generate
@@ -52,6 +57,19 @@ def _bucket(length, limit):
   return min(max(_MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
 
 
+def _check_device(device):
+  """Refuses an lm-eval device of another platform than the one JAX runs on."""
+  if device is None:
+    return
+  platform = str(device).split(':')[0].lower()
+  platform = {'cuda': 'gpu', 'rocm': 'gpu'}.get(platform, platform)
+  if platform != jax.default_backend():
+    raise ConfigError(
+        f'device={device}: JAX runs on {jax.default_backend()} here and places the model on '
+        "the run's mesh; choose the platform with JAX_PLATFORMS"
+    )
+
+
 @register_model('euro_lm')
 class EuroLM(TemplateLM):
   """A euro_lm run's checkpoint as an lm-eval model.
@@ -59,14 +77,19 @@ class EuroLM(TemplateLM):
   Args:
     workdir: a training or import workdir.
     step: the checkpoint step; None: the newest.
-    batch_size: rows per scoring step over all devices (rounded up to the batch mesh).
+    batch_size: rows per scoring step over all devices (rounded up to the batch mesh);
+      'auto' (lm-eval's, also 'auto:N'): the run's train.global_batch_size, which its rows
+      of train.seq_len fit in training; `max_batch_size` caps it.
     max_length: the longest row; 0: the run's train.seq_len (what an export declares as
       max_position_embeddings, which lm-eval's hf model reads).
     max_gen_toks: default most new tokens for generation tasks.
     add_bos_token: None (the tokenizer's default), True or False; see the module doc.
     overrides: 'section.field=value' changes to the run's config (inference.load_config).
     run, mesh, rules: instead of `workdir`, a loaded run (`inference.Run`: config, model,
-      params sharded over `mesh` by `rules`, tokenizer), such as the training state's.
+      params sharded over `mesh` by `rules`, tokenizer), such as the training state's;
+      `workdir` then only names its directory (for the chat template it fine-tunes with).
+    device: lm-eval's device argument. JAX places the model on the run's mesh; a device
+      of another platform than JAX's is refused (JAX_PLATFORMS chooses it).
   """
 
   def __init__(
@@ -82,8 +105,11 @@ class EuroLM(TemplateLM):
       run=None,
       mesh=None,
       rules=None,
+      device=None,
+      max_batch_size=None,
   ):
     super().__init__()
+    _check_device(device)
     if run is None:  # from a workdir's checkpoint; else a loaded `inference.Run` on `mesh`
       config = load_config(workdir, overrides)
       validate(config, jax.device_count(), jax.process_count(), devices.describe())
@@ -93,6 +119,10 @@ class EuroLM(TemplateLM):
     self.mesh, self.rules, self.run = mesh, rules, run
     self.tokenizer = None  # lm-eval reads chat templates from an HF tokenizer; none here
     self._tok = self.run.tokenizer
+    if str(batch_size).startswith('auto'):
+      batch_size = config.train.global_batch_size
+    if max_batch_size:
+      batch_size = min(int(batch_size), int(max_batch_size))
     ways = mesh_axes_size(self.mesh, batch_mesh_axes(self.rules))
     self._batch_size = -(-int(batch_size) // ways) * ways
     self._max_length = int(max_length) or config.train.seq_len
@@ -102,7 +132,12 @@ class EuroLM(TemplateLM):
     self.add_bos_token = add_bos_token
     if self._tok.bos_id is None and self._tok.eos_id is None:
       raise ConfigError(f'the tokenizer {self._tok.path} has neither BOS nor EOS to start with')
-    self._bos_text = self._tok.decode([self._tok.bos_id]) if self._tok.bos_id is not None else ''
+    # The prefix token as text, special tokens kept (lm-eval decodes it so).
+    prefix = 'bos_token' if self._tok.bos_id is not None else 'eos_token'
+    self._prefix_text = self._tok.special_tokens.get(prefix, '')
+    run_dir = workdir or (os.path.dirname(os.path.dirname(run.step_dir)) if run.step_dir else '')
+    template = chat_template_of_run(run_dir) if run_dir else None
+    self._stop_ids = chat.stop_ids(self._tok.eos_id, self._tok, template)
     self.score_rows = self._make_score()
 
   def _make_score(self):
@@ -126,6 +161,11 @@ class EuroLM(TemplateLM):
     return self._tok.eos_id if self._tok.eos_id is not None else self._tok.bos_id
 
   @property
+  def stop_ids(self):
+    """The ids that end a generation (EOS, and a chat fine-tuned run's end of turn)."""
+    return self._stop_ids
+
+  @property
   def prefix_token_id(self):
     return self._tok.bos_id if self._tok.bos_id is not None else self._tok.eos_id
 
@@ -143,15 +183,18 @@ class EuroLM(TemplateLM):
 
   def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
     """lm-eval's hf model's encoding: BOS as `add_special_tokens`, else `add_bos_token`,
-    else the tokenizer's default, and never before a text that starts with BOS's text."""
+    else the tokenizer's default, and never before a text that starts with the prefix
+    token's text."""
     del kwargs
     add = add_special_tokens
     if add is None:
       add = self.add_bos_token if self.add_bos_token is not None else self._tok.adds_bos
-      if self._bos_text and string.startswith(self._bos_text):
+      if self._prefix_text and string.startswith(self._prefix_text):
         add = False
+    # encode_offsets: control pieces' text (`<s>`) as their ids, as the export's tokenizer
+    # has them; the same ids as encode() for a tokenizer.json.
     ids = ([self._tok.bos_id] if add and self._tok.bos_id is not None else []) + list(
-        self._tok.encode(string)
+        self._tok.encode_offsets(string)[0]
     )
     return ids[-left_truncate_len:] if left_truncate_len else ids
 
@@ -172,6 +215,11 @@ class EuroLM(TemplateLM):
     for index, (_, context, continuation) in enumerate(requests):
       if not context or not continuation:
         raise ValueError('lm-eval sent an empty context or continuation')
+      if len(continuation) > self._max_length:  # lm-eval's hf model refuses it too
+        raise ConfigError(
+            f'a continuation of {len(continuation)} tokens is longer than '
+            f'max_length={self._max_length}: it cannot be scored whole; raise max_length'
+        )
       tokens = (list(context) + list(continuation))[-(self._max_length + 1) :]
       rows.append((index, tokens, len(continuation)))
     rows.sort(key=lambda r: -len(r[1]))  # similar lengths share a bucket
@@ -268,7 +316,7 @@ class EuroLM(TemplateLM):
             lengths_B,
             jax.random.key(int(kwargs.get('seed', 0) or 0)),
             max_new_tokens=max_new,
-            eos_id=-1 if self._tok.eos_id is None else self._tok.eos_id,
+            eos_id=self._stop_ids,
             pad_id=pad,
             temperature=temperature,
             top_k=int(kwargs.get('top_k', 0) or 0),
@@ -277,7 +325,7 @@ class EuroLM(TemplateLM):
         )
         new_BN, new_lengths_B = jax.device_get((out.tokens_BN, out.lengths_B))
         for b, (index, _) in enumerate(chunk):
-          ids = [int(t) for t in new_BN[b, : new_lengths_B[b]] if t != self._tok.eos_id]
+          ids = [int(t) for t in new_BN[b, : new_lengths_B[b]] if t not in self._stop_ids]
           text = postprocess_generated_text(self.tok_decode(ids), until, None)
           results[index] = text
           self.cache_hook.add_partial('generate_until', requests[index].args, text)
@@ -362,7 +410,7 @@ class TrainingHarness:
   """lm-eval tasks on the training state's parameters (`train.harness_tasks`, every
   `train.harness_every` steps): one `EuroLM` for the run, its parameters swapped in."""
 
-  def __init__(self, config, run, mesh, rules):
+  def __init__(self, config, run, mesh, rules, workdir):
     from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
 
     t = config.train
@@ -375,7 +423,7 @@ class TrainingHarness:
           + (f' (not in lm-eval or {t.harness_include_path})' if t.harness_include_path else '')
       )
     self.limit = t.harness_limit or None
-    self.model = EuroLM(batch_size=t.global_batch_size, run=run, mesh=mesh, rules=rules)
+    self.model = EuroLM(workdir, batch_size=t.global_batch_size, run=run, mesh=mesh, rules=rules)
 
   def __call__(self, params):
     """The tasks' scalars on `params` (sharded as the run's)."""

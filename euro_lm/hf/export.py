@@ -127,8 +127,8 @@ def export_hf(
   write_json(os.path.join(output, CONFIG_FILE), hf)
   # A fine-tuned chat model also stops where its template ends an assistant turn.
   template = chat_template_of_run(workdir) if tokenizer_path else None
-  turn_end = template and chat.end_of_turn_id(load_tokenizer(tokenizer_path), template)
-  stop = eos if turn_end in (None, eos) else sorted({eos, turn_end} - {None})
+  ids = chat.stop_ids(eos, tokenizer_path and load_tokenizer(tokenizer_path), template)
+  stop = ids[0] if len(ids) == 1 else ids or None
   write_json(
       os.path.join(output, GENERATION_CONFIG_FILE),
       {'bos_token_id': bos, 'eos_token_id': stop, 'pad_token_id': pad, 'do_sample': False},

@@ -308,7 +308,7 @@ def _train(config, workdir, preemption):
     from euro_lm.evaluation.harness import TrainingHarness  # pylint: disable=import-outside-toplevel
 
     run = Run(config, model, None, data.tokenizer, '', shardings.params)
-    harness = TrainingHarness(config, run, mesh, rules)
+    harness = TrainingHarness(config, run, mesh, rules, workdir)
 
   def run_harness(step, state):
     started = time.perf_counter()
