@@ -17,7 +17,10 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default the newest.
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weight dtype.')
 _SHARD_GB = flags.DEFINE_float('shard_gb', 2.0, 'Largest safetensors shard, in GiB.')
 _MAX_POSITIONS = flags.DEFINE_integer(
-    'max_position_embeddings', None, 'config.json max_position_embeddings; default seq_len.'
+    'max_position_embeddings',
+    None,
+    'config.json max_position_embeddings; default train.seq_len, or an imported base'
+    " model's if longer.",
 )
 _CHECK = flags.DEFINE_bool(
     'check',

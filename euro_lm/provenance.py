@@ -133,15 +133,21 @@ def undescribed(name: str, content_type: str | None = None) -> dict:
 
 def base_model_record(hf_dir: str, hf_config: dict) -> dict:
   """What an HF folder says about itself: its name (the config's `_name_or_path`, else the
-  folder's name) and licence (the README's metadata, else the config's `license`), None
-  where it says nothing."""
+  folder's name), licence (the README's metadata, else the config's `license`) and the
+  context it declares (`max_position_embeddings`, an export's default too), None where it
+  says nothing."""
   name = hf_config.get('_name_or_path') or os.path.basename(os.path.normpath(hf_dir))
   license_ = card_metadata(os.path.join(hf_dir, 'README.md')).get('license')
   license_ = license_ or hf_config.get('license')
+  text = hf_config.get('text_config')  # a multimodal model's language model
+  positions = (text if isinstance(text, dict) else hf_config).get('max_position_embeddings')
   return {
       'name': str(name),
       'license': str(license_) if license_ else None,
       'path': os.path.abspath(hf_dir),
+      'max_position_embeddings': (
+          positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+      ),
   }
 
 

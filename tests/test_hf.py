@@ -781,6 +781,22 @@ def test_a_tied_config_with_a_distinct_lm_head_is_refused(tmp_path):
     hf.import_hf(str(tmp_path / 'other'), str(tmp_path / 'run2'))
 
 
+def test_export_declares_the_imported_models_context(tmp_path):
+  """Llama 3.1's 131072 positions survive an import and export (the run's seq_len is
+  shorter); --max_position_embeddings still decides when given."""
+  model = random_hf_model({**HF_SHAPES['gqa_untied'], 'max_position_embeddings': 131072})
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  assert config.train.seq_len < 131072
+  for given, declared in ((None, 131072), (2048, 2048)):
+    out = tmp_path / f'export-{given}'
+    hf.export_hf(
+        str(tmp_path / 'run'), str(out), max_position_embeddings=given, log=lambda *a: None
+    )
+    exported = json.loads((out / 'config.json').read_text())
+    assert exported['max_position_embeddings'] == declared
+
+
 def test_a_model_imported_without_a_tokenizer_does_not_train_with_a_new_one(tmp_path):
   """Its HF folder had no tokenizer.model: training from it refuses to start rather than
   train a fresh tokenizer whose ids mean nothing to the imported parameters."""

@@ -317,12 +317,22 @@ def test_report_command_prints_the_records_of_a_step(run):
   assert f'trained: 2 steps, {2 * BATCH * SEQ:,} tokens' in text
 
 
+def _declared_positions(hf_dir):
+  with open(os.path.join(hf_dir, 'config.json'), encoding='utf-8') as f:
+    return json.load(f)['max_position_embeddings']
+
+
 def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
   # step4's export has a card whose metadata says apache-2.0 (from --card_extra).
   workdir = str(tmp_path / 'imported')
   import_hf(exported[4], workdir, log=lambda *a: None)
   base = records.base_model_of(workdir)  # what a run with train.init_from=workdir keeps
-  assert base == {'name': 'step4', 'license': 'apache-2.0', 'path': exported[4]}
+  assert base == {
+      'name': 'step4',
+      'license': 'apache-2.0',
+      'path': exported[4],
+      'max_position_embeddings': _declared_positions(exported[4]),
+  }
   assert records.base_model_of(os.path.join(workdir, 'checkpoints', '0')) == base
   export_hf(workdir, str(tmp_path / 'again'), log=lambda *a: None)
   again = _card(str(tmp_path / 'again'))
@@ -338,6 +348,7 @@ def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
       'name': 'example/llama-base',
       'license': None,
       'path': str(hf_dir),
+      'max_position_embeddings': None,
   }
   report = records.report(workdir) | {'base_model': provenance.base_model_record(str(hf_dir), hf)}
   card.write_card(str(tmp_path), report)

@@ -91,13 +91,17 @@ def export_hf(
   arch = architectures.for_model(model)
   tokenizer_path = find_tokenizer(step_dir, workdir)
   bos, eos, pad = special_ids(tokenizer_path)
+  report = records.report(str(step_dir))
+  # The context trained on, or the imported base model's if longer: fine-tuning at a short
+  # seq_len does not shorten what the model's RoPE serves.
   seq_len = (config.get('train') or {}).get('seq_len', 4096)
+  base_positions = (report['base_model'] or {}).get('max_position_embeddings') or 0
   hf = arch.hf_config(
       model,
       bos_token_id=bos,
       eos_token_id=eos,
       pad_token_id=pad,
-      max_position_embeddings=max_position_embeddings or seq_len,
+      max_position_embeddings=max_position_embeddings or max(seq_len, base_positions),
       dtype=dtype,
   )
 
@@ -139,6 +143,6 @@ def export_hf(
       write_chat_template(output, template)
   else:
     log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
-  card.write_card(output, records.report(str(step_dir)), card_extra)
+  card.write_card(output, report, card_extra)
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')
   return output
