@@ -184,6 +184,48 @@ def test_conversations_a_template_cannot_take_are_refused_with_the_reason(folder
     chat.compile_template('{% for m in messages %}')
 
 
+# Template features beyond the four families' templates: transformers' `dict` (with
+# fromkeys), reasoning under any of its names (Qwen3 reads reasoning_content), tools and
+# documents passed as variables.
+FEATURES = (
+    "{% set d = dict.fromkeys(['a', 'b'], 1) %}{{ d | tojson }}{{ dict(x=2) | tojson }}"
+    '{% for m in messages %}<|im_start|>{{ m.role }}\n'
+    '{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}'
+    '{% if m.thinking is defined %}[{{ m.thinking }}]{% endif %}'
+    '{{ m.content }}<|im_end|>\n{% endfor %}'
+    '{% if tools %}{{ tools | tojson }}{% endif %}'
+    '{% for d in documents or [] %}{{ d.title }}: {{ d.text }}{% endfor %}'
+)
+
+
+def test_template_features_equal_transformers(folders):
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  messages = [
+      {'role': 'user', 'content': 'Zwei plus zwei?'},
+      {'role': 'assistant', 'content': 'Vier.', 'thinking': 'Zwei und zwei.'},
+      {'role': 'user', 'content': 'Und drei?'},
+      {'role': 'assistant', 'content': 'Fünf.', 'reasoning': 'Drei und zwei.'},
+  ]
+  tools = [{'type': 'function', 'function': {'name': 'rechnen', 'parameters': {}}}]
+  documents = [{'title': 'Regel', 'text': 'Addition'}]
+  for variables in ({}, {'tools': tools, 'documents': documents}):
+    expected = theirs.apply_chat_template(
+        messages, chat_template=FEATURES, tokenize=False, **variables
+    )
+    assert '<think>Zwei und zwei.</think>[Zwei und zwei.]' in expected
+    assert chat.render_chat(tokenizer, FEATURES, messages, **variables) == expected
+
+
+def test_a_template_that_is_not_jinja_is_one_error(folders, tmp_path):
+  """Named before any conversation is read, not a template_error for each."""
+  tokenizer = load_tokenizer(folders['qwen2'])
+  path = tmp_path / 'broken.jinja'
+  path.write_text('{% for m in messages %}{{ m.content }')
+  with pytest.raises(ConfigError, match=f"data.chat_template='{path}': The chat template is not"):
+    chat.template_named(str(path), tokenizer, 'data.chat_template')
+
+
 def test_templates_are_found_where_transformers_looks(folders, tmp_path):
   folder = str(tmp_path / 'folder')
   shutil.copytree(folders['qwen2'], folder)

@@ -140,17 +140,25 @@ def template_named(name: str, tokenizer: Tokenizer, field: str) -> str:
   file's text.
 
   Raises:
-    ConfigError: the file cannot be read (naming `field`).
+    ConfigError: the file cannot be read, or the template is not valid Jinja (naming
+      `field`): one error before any conversation, not a bad record for each.
   """
   if name == 'default':
     return DEFAULT_TEMPLATE
   if not name:
-    return chat_template_for(tokenizer)
+    template = chat_template_for(tokenizer)
+  else:
+    try:
+      with open(name, encoding='utf-8') as f:
+        template = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f'{field}={name!r}: cannot read it: {e}') from None
   try:
-    with open(name, encoding='utf-8') as f:
-      return f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f'{field}={name!r}: cannot read it: {e}') from None
+    compile_template(template)
+  except ConfigError as e:
+    where = f'{field}={name!r}' if name else f"{field}='' (the tokenizer folder's template)"
+    raise ConfigError(f'{where}: {e}') from None
+  return template
 
 
 def template_fingerprint(template: str) -> str:
@@ -236,8 +244,26 @@ def _strftime_now(format_):
   return datetime.now().strftime(format_)
 
 
-def _make_dict(*args, **kwargs):
-  return dict(*args, **kwargs)
+class _TemplateDict:
+  """transformers' `dict` for templates: dict(...) and dict.fromkeys(...), no more of the
+  type (attribute access on it is a sandbox escape)."""
+
+  def __call__(self, *args, **kwargs):
+    return dict(*args, **kwargs)
+
+  def fromkeys(self, *args, **kwargs):
+    return dict.fromkeys(*args, **kwargs)
+
+
+# A message's reasoning, under the names templates read: transformers fills each from any.
+_REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')
+
+
+def _with_reasoning_aliases(message: dict) -> dict:
+  reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+  if reasoning is None:
+    return message
+  return {'thinking': reasoning, **message, 'reasoning_content': reasoning}
 
 
 @functools.lru_cache(maxsize=32)
@@ -254,7 +280,7 @@ def compile_template(template: str) -> jinja2.Template:
   environment.globals.update(
       raise_exception=_raise_exception,
       strftime_now=_strftime_now,
-      dict=_make_dict,
+      dict=_TemplateDict(),
       namespace=_Namespace,
   )
   try:
@@ -276,14 +302,13 @@ def render_chat(
     ConversationError (kind 'template_error'): the template refused the messages.
   """
   # transformers drops None values: templates test for a key, not for None.
-  messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+  messages = [
+      _with_reasoning_aliases({k: v for k, v in m.items() if v is not None}) for m in messages
+  ]
+  variables = {'tools': None, 'documents': None, **tokenizer.special_tokens, **variables}
   try:
     return compile_template(template).render(
-        messages=messages,
-        tools=None,
-        documents=None,
-        add_generation_prompt=add_generation_prompt,
-        **{**tokenizer.special_tokens, **variables},
+        messages=messages, add_generation_prompt=add_generation_prompt, **variables
     )
   except Exception as e:  # the template is the folder's code: any failure is this conversation's
     raise ConversationError(TEMPLATE_ERROR, f'the chat template refused it: {e}') from e

@@ -184,12 +184,10 @@ def _read_template(name, tokenizer, hf_dir):
     return None
   if tokenizer is None:
     raise HFError(f'--chat_template={name}: {hf_dir} has no tokenizer to give it to')
-  template = chat.template_named(name, tokenizer, '--chat_template')
   try:
-    chat.compile_template(template)
+    return chat.template_named(name, tokenizer, '--chat_template')
   except ConfigError as e:
-    raise HFError(f'--chat_template={name}: {e}') from None
-  return template
+    raise HFError(str(e)) from None
 
 
 def _with_new_rows(leaves, pieces, rows):
