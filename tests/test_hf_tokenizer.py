@@ -63,6 +63,34 @@ def test_ids_equal_transformers(folders, family):
   assert ours.adds_bos == (family != 'qwen2')
 
 
+@pytest.mark.parametrize('complete_config', [True, False])
+def test_special_tokens_map_counts_only_in_a_legacy_folder(folders, tmp_path, complete_config):
+  """A special_tokens_map.json whose EOS differs from tokenizer_config.json's: transformers 5
+  reads it only when the config lacks added_tokens_decoder (as a legacy folder does)."""
+  folder = str(tmp_path / 'qwen2')
+  shutil.copytree(folders['qwen2'], folder)
+  with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
+    added = json.load(f)['added_tokens']
+  with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  config['eos_token'] = '<|im_end|>'
+  if complete_config:
+    config['added_tokens_decoder'] = {
+        str(t['id']): {k: v for k, v in t.items() if k != 'id'} for t in added
+    }
+  else:
+    config.pop('added_tokens_decoder', None)
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config, f)
+  with open(os.path.join(folder, 'special_tokens_map.json'), 'w', encoding='utf-8') as f:
+    json.dump({'eos_token': '<|endoftext|>'}, f)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = load_tokenizer(folder)
+  assert ours.special_tokens['eos_token'] == theirs.eos_token
+  assert ours.eos_id == theirs.eos_token_id
+  assert theirs.eos_token == ('<|im_end|>' if complete_config else '<|endoftext|>')
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_token_bytes_count_the_decoded_bytes(folders, family):
   tokenizer = load_tokenizer(folders[family])

@@ -205,8 +205,9 @@ def _byte_of_char():
 
 
 def _special_tokens(directory):
-  """The named special tokens and add_bos_token of tokenizer_config.json, with
-  special_tokens_map.json's tokens over them, as transformers reads them."""
+  """The named special tokens and add_bos_token of tokenizer_config.json, as transformers 5
+  reads them: special_tokens_map.json's tokens over them only in a legacy folder, whose
+  config has no added_tokens_decoder."""
   settings = {}
   for name in ('tokenizer_config.json', 'special_tokens_map.json'):
     path = os.path.join(directory, name)
@@ -216,6 +217,8 @@ def _special_tokens(directory):
     for key in (*SPECIAL_TOKEN_NAMES, 'add_bos_token'):
       if key in values:
         settings[key] = _token_content(values[key], key, path)
+    if 'added_tokens_decoder' in values:
+      break  # the config is complete: transformers 5 does not read the map
   return settings
 
 
