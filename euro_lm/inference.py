@@ -115,18 +115,19 @@ def complete(
     seed=0,
     chat_messages=False,
 ):
-  """The completion text of each prompt (without the prompt and the EOS). With
+  """The completion text of each prompt (without the prompt and the stop id). With
   `chat_messages` each prompt is a user message, rendered with `chat_template(run)` and
-  its generation prompt; the answer ends at the template's end of turn."""
+  its generation prompt. A row ends at EOS or the template's end of turn (without
+  `chat_messages`, the template a run fine-tuned with, if any: where its export stops)."""
   tok = run.tokenizer
-  stop = tok.eos_id
   if chat_messages:
     template = chat_template(run)
     ids = [chat.encode_chat(tok, template, [{'role': 'user', 'content': p}], True) for p in prompts]
-    stop = chat.end_of_turn_id(tok, template) or stop
   else:
+    template = chat_template_of_run(os.path.dirname(os.path.dirname(run.step_dir)))
     bos = [tok.bos_id] if run.config.data.add_bos else []
     ids = [bos + tok.encode(p) for p in prompts]
+  stops = chat.stop_ids(tok.eos_id, tok, template)
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)
   out = generate(
@@ -136,7 +137,7 @@ def complete(
       lengths_B,
       jax.random.key(seed),
       max_new_tokens=max_new_tokens,
-      eos_id=-1 if stop is None else stop,  # -1: no id stops a row
+      eos_id=stops,
       num_tokens=tok.vocab_size,
       pad_id=pad_id,
       temperature=temperature,
@@ -146,6 +147,6 @@ def complete(
   tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
   texts = []
   for row, length in zip(tokens_BN, lengths_B):
-    row = [int(t) for t in row[:length] if t not in (tok.eos_id, stop)]
+    row = [int(t) for t in row[:length] if t not in stops]
     texts.append(tok.decode(row))
   return texts
