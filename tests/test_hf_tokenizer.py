@@ -14,7 +14,7 @@ import transformers
 from configs import tiny
 from euro_lm import hf
 from euro_lm.checkpoint import CheckpointError
-from euro_lm.data import dataset, pipeline
+from euro_lm.data import chat, dataset, pipeline
 from euro_lm.data.prepare.shards import prepare
 from euro_lm.data.prepare.sources import TextSource
 from euro_lm.data.tokenizer import copy_tokenizer, load_tokenizer
@@ -89,6 +89,27 @@ def test_special_tokens_map_counts_only_in_a_legacy_folder(folders, tmp_path, co
   assert ours.special_tokens['eos_token'] == theirs.eos_token
   assert ours.eos_id == theirs.eos_token_id
   assert theirs.eos_token == ('<|im_end|>' if complete_config else '<|endoftext|>')
+
+
+def test_a_models_own_named_tokens_reach_the_template(folders, tmp_path):
+  """Gemma 3's config names boi_token and, under extra_special_tokens, image_token:
+  transformers 5 counts them among the special tokens that templates see."""
+  folder = str(tmp_path / 'gemma')
+  shutil.copytree(folders['gemma'], folder)
+  with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  config['boi_token'] = '<start_of_image>'
+  config['extra_special_tokens'] = {'image_token': '<image_soft_token>'}
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config, f)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = load_tokenizer(folder)
+  assert ours.special_tokens == theirs.special_tokens_map
+  assert ours.special_tokens['image_token'] == '<image_soft_token>'
+  template = '{{ bos_token }}{{ boi_token }}{{ image_token }}{{ messages[0].content }}'
+  messages = [{'role': 'user', 'content': 'Bild'}]
+  expected = theirs.apply_chat_template(messages, chat_template=template, tokenize=False)
+  assert chat.render_chat(ours, template, messages) == expected
 
 
 @pytest.mark.parametrize('family', FAMILIES)

@@ -63,9 +63,7 @@ class HFTokenizer:
     self._eos_id = self._token_id(special.get('eos_token'), 'eos_token', directory)
     self._pad_id = self._token_id(special.get('pad_token'), 'pad_token', directory)
     self._adds_bos = self._default_adds_bos(special.get('add_bos_token'))
-    self._special_tokens = {
-        name: special[name] for name in SPECIAL_TOKEN_NAMES if special.get(name) is not None
-    }
+    self._special_tokens = {k: v for k, v in special.items() if k != 'add_bos_token' and v}
     self._files = [json_path] + [
         p for p in (os.path.join(directory, n) for n in COMPANION_FILES) if os.path.isfile(p)
     ]
@@ -207,7 +205,9 @@ def _byte_of_char():
 def _special_tokens(directory):
   """The named special tokens and add_bos_token of tokenizer_config.json, as transformers 5
   reads them: special_tokens_map.json's tokens over them only in a legacy folder, whose
-  config has no added_tokens_decoder."""
+  config has no added_tokens_decoder. Named tokens are the standard ones
+  (SPECIAL_TOKEN_NAMES), a model's own (`extra_special_tokens` given as a dict, such as
+  Gemma 3's image_token) and any other `*_token` string field."""
   settings = {}
   for name in ('tokenizer_config.json', 'special_tokens_map.json'):
     path = os.path.join(directory, name)
@@ -217,6 +217,11 @@ def _special_tokens(directory):
     for key in (*SPECIAL_TOKEN_NAMES, 'add_bos_token'):
       if key in values:
         settings[key] = _token_content(values[key], key, path)
+    named = values.get('extra_special_tokens')
+    own = {k: v for k, v in values.items() if k.endswith('_token') and k not in settings}
+    for key, value in (own | (named if isinstance(named, dict) else {})).items():
+      if isinstance(value, str) or (isinstance(value, dict) and 'content' in value):
+        settings[key] = _token_content(value, key, path)
     if 'added_tokens_decoder' in values:
       break  # the config is complete: transformers 5 does not read the map
   return settings
