@@ -241,6 +241,20 @@ def test_edge_requests_equal_lm_evals_hf_model(models):
     theirs.loglikelihood(long)
 
 
+@pytest.mark.parametrize('add_bos_token', [None, True, False])
+def test_tok_encode_equals_lm_evals_hf_model(models, add_bos_token):
+  """Every add_special_tokens lm-eval may pass, under each add_bos_token setting."""
+  workdir, export, _ = models
+  ours = EuroLM(workdir, batch_size=2, max_length=MAX_LENGTH, add_bos_token=add_bos_token)
+  kwargs = {} if add_bos_token is None else {'add_bos_token': add_bos_token}
+  theirs = HFLM(pretrained=export, dtype='float32', max_length=MAX_LENGTH, device='cpu', **kwargs)
+  for text in (CHOICES[1]['question'], '<|begin_of_text|>' + TEXTS[0]['text'], ' Paris'):
+    for add_special_tokens in (None, True, False):
+      assert ours.tok_encode(text, add_special_tokens) == theirs.tok_encode(
+          text, add_special_tokens
+      ), (text, add_special_tokens)
+
+
 def test_lm_evals_model_arguments(models):
   """What `simple_evaluate(model='euro_lm', batch_size=..., device=...)` passes: 'auto' is
   the run's training batch, capped by max_batch_size; a device JAX does not run on is one

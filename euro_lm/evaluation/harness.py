@@ -182,15 +182,15 @@ class EuroLM(TemplateLM):
     return self._batch_size
 
   def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
-    """lm-eval's hf model's encoding: BOS as `add_special_tokens`, else `add_bos_token`,
-    else the tokenizer's default, and never before a text that starts with the prefix
-    token's text."""
+    """lm-eval's hf model's encoding. Its tokenizer adds BOS as `add_bos_token` says, else
+    by its default; `add_special_tokens=False` adds none, and so does None before a text
+    that starts with the prefix token's text."""
     del kwargs
-    add = add_special_tokens
-    if add is None:
-      add = self.add_bos_token if self.add_bos_token is not None else self._tok.adds_bos
-      if self._prefix_text and string.startswith(self._prefix_text):
-        add = False
+    add = self.add_bos_token if self.add_bos_token is not None else self._tok.adds_bos
+    if add_special_tokens is False:
+      add = False
+    elif add_special_tokens is None and self._prefix_text and string.startswith(self._prefix_text):
+      add = False
     # encode_offsets: control pieces' text (`<s>`) as their ids, as the export's tokenizer
     # has them; the same ids as encode() for a tokenizer.json.
     ids = ([self._tok.bos_id] if add and self._tok.bos_id is not None else []) + list(
