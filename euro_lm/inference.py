@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from euro_lm import records
 from euro_lm.checkpoint import find_tokenizer, load_params, resolve_checkpoint
 from euro_lm.config import base_config
 from euro_lm.data import chat
@@ -127,7 +128,7 @@ def complete(
     template = chat_template_of_run(os.path.dirname(os.path.dirname(run.step_dir)))
     bos = [tok.bos_id] if run.config.data.add_bos else []
     ids = [bos + tok.encode(p) for p in prompts]
-  stops = chat.stop_ids(tok.eos_id, tok, template)
+  stops = chat.stop_ids(tok.eos_id, tok, template, records.base_model_at(run.step_dir))
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)
   out = generate(

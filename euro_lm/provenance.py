@@ -7,6 +7,7 @@ stores the record of its inputs in the manifest, the embedded corpus has its own
 """
 
 import datetime
+import json
 import os
 import re
 
@@ -145,10 +146,29 @@ def base_model_record(hf_dir: str, hf_config: dict) -> dict:
       'name': str(name),
       'license': str(license_) if license_ else None,
       'path': os.path.abspath(hf_dir),
-      'max_position_embeddings': (
-          positions if isinstance(positions, int) and not isinstance(positions, bool) else None
-      ),
+      'max_position_embeddings': positions if _is_int(positions) else None,
+      'eos_token_id': _stop_ids(hf_dir, hf_config),
   }
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stop_ids(hf_dir: str, hf_config: dict) -> list[int]:
+  """The ids that end the folder's generations: generation_config.json's eos_token_id (an
+  instruct model lists its end of turn there, Gemma 3's <end_of_turn>), else config.json's."""
+  ids = None
+  try:
+    with open(os.path.join(hf_dir, 'generation_config.json'), encoding='utf-8') as f:
+      generation = json.load(f)
+    ids = generation.get('eos_token_id') if isinstance(generation, dict) else None
+  except (OSError, ValueError):
+    pass  # no generation config: the model config's says it
+  if ids is None:
+    ids = hf_config.get('eos_token_id')
+  ids = ids if isinstance(ids, list) else [ids]
+  return sorted({i for i in ids if _is_int(i)})
 
 
 def card_metadata(path: str) -> dict:

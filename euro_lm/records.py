@@ -66,6 +66,15 @@ def base_model_of(init_from: str) -> dict | None:
   return {'name': None, 'license': None, 'path': workdir}
 
 
+def base_model_at(step_dir) -> dict | None:
+  """The base model of a checkpoint: its records', else (an imported model's step 0) its
+  workdir's own record; None for a model trained from scratch."""
+  records = read_records(step_dir)
+  if records:
+    return records.get('base_model')
+  return _imported(os.path.dirname(os.path.dirname(str(step_dir))))
+
+
 def _imported(workdir):
   """An imported model's own record (its workdir's BASE_MODEL_FILE), else None."""
   path = os.path.join(workdir, provenance.BASE_MODEL_FILE)
@@ -294,7 +303,7 @@ def report(workdir: str, step: int | None = None) -> dict:
       },
       'languages': by_language,
       'sources': sources,
-      'base_model': records.get('base_model') if records else _imported(workdir),
+      'base_model': base_model_at(step_dir),
       'init_from': records.get('init_from'),
       'evaluation': _evaluation(workdir, step),
   }

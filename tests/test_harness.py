@@ -17,6 +17,7 @@ os.environ.setdefault('HF_DATASETS_CACHE', tempfile.mkdtemp(prefix='euro_lm_data
 import lm_eval  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import transformers  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -273,21 +274,29 @@ def test_lm_evals_model_arguments(models):
     EuroLM(workdir, device='cuda:0')
 
 
+def _stop_ids(export):
+  with open(os.path.join(export, 'generation_config.json'), encoding='utf-8') as f:
+    ids = json.load(f)['eos_token_id']
+  return ids if isinstance(ids, list) else [ids]
+
+
 def test_a_chat_run_stops_where_its_export_does(models, tmp_path):
   """A run fine-tuned with a chat template (its workdir holds it) ends generations at the
-  template's end of turn as well as EOS: the ids its export's generation_config lists."""
+  template's end of turn as well as EOS, and an imported model at its folder's stop ids
+  (generation_config.json): the ids its export's generation_config lists."""
   workdir, export, _ = models
-  with open(os.path.join(export, 'generation_config.json'), encoding='utf-8') as f:
-    assert [json.load(f)['eos_token_id']] == EuroLM(workdir, batch_size=2).stop_ids
+  tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  imported = transformers.GenerationConfig.from_pretrained(os.path.join(workdir, '..', 'hf'))
+  assert _stop_ids(export) == sorted({tokenizer.eos_id, imported.eos_token_id})
+  assert EuroLM(workdir, batch_size=2).stop_ids == _stop_ids(export)
   chat_run = str(tmp_path / 'chat_run')
   shutil.copytree(workdir, chat_run)
   with open(os.path.join(chat_run, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
     f.write(LLAMA3)
   hf.export_hf(chat_run, str(tmp_path / 'chat_export'), dtype='float32', log=lambda *_: None)
-  with open(tmp_path / 'chat_export' / 'generation_config.json', encoding='utf-8') as f:
-    stops = json.load(f)['eos_token_id']
-  tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  assert stops == sorted([tokenizer.eos_id, tokenizer.encode('<|eot_id|>')[0]])
+  stops = _stop_ids(tmp_path / 'chat_export')
+  eot = tokenizer.encode('<|eot_id|>')[0]
+  assert stops == sorted({tokenizer.eos_id, eot, imported.eos_token_id})
   assert EuroLM(chat_run, batch_size=2).stop_ids == stops
 
 

@@ -322,6 +322,12 @@ def _declared_positions(hf_dir):
     return json.load(f)['max_position_embeddings']
 
 
+def _stop_ids(hf_dir):
+  with open(os.path.join(hf_dir, 'generation_config.json'), encoding='utf-8') as f:
+    ids = json.load(f)['eos_token_id']
+  return ids if isinstance(ids, list) else [ids]
+
+
 def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
   # step4's export has a card whose metadata says apache-2.0 (from --card_extra).
   workdir = str(tmp_path / 'imported')
@@ -332,6 +338,7 @@ def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
       'license': 'apache-2.0',
       'path': exported[4],
       'max_position_embeddings': _declared_positions(exported[4]),
+      'eos_token_id': _stop_ids(exported[4]),
   }
   assert records.base_model_of(os.path.join(workdir, 'checkpoints', '0')) == base
   export_hf(workdir, str(tmp_path / 'again'), log=lambda *a: None)
@@ -349,6 +356,7 @@ def test_an_imported_model_keeps_its_name_and_licence(exported, tmp_path):
       'license': None,
       'path': str(hf_dir),
       'max_position_embeddings': None,
+      'eos_token_id': [],
   }
   report = records.report(workdir) | {'base_model': provenance.base_model_record(str(hf_dir), hf)}
   card.write_card(str(tmp_path), report)

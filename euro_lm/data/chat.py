@@ -419,11 +419,19 @@ def end_of_turn_id(tokenizer: Tokenizer, template: str) -> int | None:
   return last.pop() if len(last) == 1 else None
 
 
-def stop_ids(eos_id: int | None, tokenizer: Tokenizer | None, template: str | None) -> list[int]:
-  """The ids that end a generation: EOS and, for a run fine-tuned with `template`, the
-  marker that ends an assistant turn (an export's generation_config.json lists them)."""
+def stop_ids(
+    eos_id: int | None,
+    tokenizer: Tokenizer | None,
+    template: str | None,
+    base_model: dict | None = None,
+) -> list[int]:
+  """The ids that end a generation: EOS; for a run fine-tuned with `template`, the marker
+  that ends an assistant turn; and those of the imported model it descends from
+  (`base_model`, see euro_lm.records.base_model_at). An export's generation_config.json
+  lists them."""
   turn_end = end_of_turn_id(tokenizer, template) if tokenizer is not None and template else None
-  return sorted({eos_id, turn_end} - {None})
+  inherited = (base_model or {}).get('eos_token_id') or []
+  return sorted({eos_id, turn_end, *inherited} - {None})
 
 
 def add_chat_tokens(

@@ -10,8 +10,9 @@ that a checkpoint and its float32 export give the same numbers: `add_bos_token` 
 the tokenizer's default (BOS for the tokenizers euro_lm trains, Llama 3 and Gemma), True
 or False forces it, and a text that already starts with the prefix token's text
 (`<|begin_of_text|>`, `<s>`; EOS's for a tokenizer without BOS) gets none added.
-Generation stops where the export's does: at EOS and, for a run fine-tuned on
-conversations, at its template's end of turn. An
+Generation stops where the export's does (euro_lm.data.chat.stop_ids): at EOS, at an
+imported base model's stop ids and, for a run fine-tuned on conversations, at its
+template's end of turn. An
 empty context is the BOS token (lm-eval's `prefix_token_id`), and rolling windows start
 with it too: a rolling task with BOS added by the tokenizer counts BOS twice, in lm-eval's
 hf model as here, which costs a model trained with one BOS per document several nats per
@@ -33,7 +34,7 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from euro_lm import devices
+from euro_lm import devices, records
 from euro_lm.config import validate
 from euro_lm.data import chat
 from euro_lm.data.dataset import chat_template_of_run
@@ -137,7 +138,11 @@ class EuroLM(TemplateLM):
     self._prefix_text = self._tok.special_tokens.get(prefix, '')
     run_dir = workdir or (os.path.dirname(os.path.dirname(run.step_dir)) if run.step_dir else '')
     template = chat_template_of_run(run_dir) if run_dir else None
-    self._stop_ids = chat.stop_ids(self._tok.eos_id, self._tok, template)
+    if run.step_dir:
+      base = records.base_model_at(run.step_dir)
+    else:  # the training state's: what it started from
+      base = records.base_model_of(config.train.init_from)
+    self._stop_ids = chat.stop_ids(self._tok.eos_id, self._tok, template, base)
     self.score_rows = self._make_score()
 
   def _make_score(self):

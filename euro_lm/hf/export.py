@@ -131,7 +131,8 @@ def export_hf(
   write_json(os.path.join(output, CONFIG_FILE), hf)
   # A fine-tuned chat model also stops where its template ends an assistant turn.
   template = chat_template_of_run(workdir) if tokenizer_path else None
-  ids = chat.stop_ids(eos, tokenizer_path and load_tokenizer(tokenizer_path), template)
+  tokenizer = tokenizer_path and load_tokenizer(tokenizer_path)
+  ids = chat.stop_ids(eos, tokenizer, template, report['base_model'])
   stop = ids[0] if len(ids) == 1 else ids or None
   write_json(
       os.path.join(output, GENERATION_CONFIG_FILE),
