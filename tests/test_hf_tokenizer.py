@@ -91,6 +91,56 @@ def test_special_tokens_map_counts_only_in_a_legacy_folder(folders, tmp_path, co
   assert theirs.eos_token == ('<|im_end|>' if complete_config else '<|endoftext|>')
 
 
+@pytest.mark.parametrize('legacy', [None, False, True])
+def test_an_older_llama_tokenizer_file_is_read_as_transformers_5_builds_it(
+    folders, tmp_path, legacy
+):
+  """A LlamaTokenizer folder whose tokenizer.json is an older conversion (a normalizer that
+  prepends '▁', as Llama 2's and Mistral v0.1's): transformers 5 rebuilds its pipeline,
+  so '▁' is prepended after special tokens only with legacy: true. Ids of text, of text
+  around special tokens and of a chat template equal AutoTokenizer's, as does decoding."""
+  folder = str(tmp_path / 'older')
+  shutil.copytree(folders['mistral'], folder)
+  with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
+    description = json.load(f)
+  description['pre_tokenizer'] = None
+  description['normalizer'] = {
+      'type': 'Sequence',
+      'normalizers': [
+          {'type': 'Prepend', 'prepend': '\u2581'},
+          {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '\u2581'},
+      ],
+  }
+  with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+    json.dump(description, f, ensure_ascii=False)
+  with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  assert config['tokenizer_class'] == 'LlamaTokenizer'
+  config.pop('legacy', None)
+  if legacy is not None:
+    config['legacy'] = legacy
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config, f)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = load_tokenizer(folder)
+  for text in [*TEXTS, ' leading space', '</s>[INST] Hallo</s> Welt<s>x']:
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)['input_ids'], text
+    ids = theirs(text, add_special_tokens=False)['input_ids']
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+  template = '{{ bos_token }}{% for m in messages %}[INST] {{ m.content }}</s>{% endfor %}'
+  messages = [{'role': 'user', 'content': 'Grüß Gott'}, {'role': 'user', 'content': 'Servus'}]
+  expected = theirs.apply_chat_template(messages, chat_template=template)['input_ids']
+  assert chat.encode_chat(ours, template, messages) == expected
+  # The same file under the other legacy setting gives other ids: so does the fingerprint.
+  flipped = str(tmp_path / 'flipped')
+  shutil.copytree(folder, flipped)
+  with open(os.path.join(flipped, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config | {'legacy': not legacy}, f)
+  other = load_tokenizer(flipped)
+  assert other.encode('</s>Hallo') != ours.encode('</s>Hallo')
+  assert other.fingerprint != ours.fingerprint
+
+
 def test_a_models_own_named_tokens_reach_the_template(folders, tmp_path):
   """Gemma 3's config names boi_token and, under extra_special_tokens, image_token:
   transformers 5 counts them among the special tokens that templates see."""

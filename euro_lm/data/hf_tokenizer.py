@@ -58,6 +58,7 @@ class HFTokenizer:
     self._path = path
     self._json_path = json_path
     directory = os.path.dirname(json_path)
+    self._rebuilt = _as_transformers_builds(self._tokenizer, directory)
     special = _special_tokens(directory)
     self._bos_id = self._token_id(special.get('bos_token'), 'bos_token', directory)
     self._eos_id = self._token_id(special.get('eos_token'), 'eos_token', directory)
@@ -105,7 +106,8 @@ class HFTokenizer:
     """sha256 over what fixes the ids: tokenizer.json and the special token ids (the chat
     template and other settings may change without changing what a model was trained on)."""
     special = json.dumps([self._bos_id, self._eos_id, self._pad_id, self._adds_bos])
-    return hashlib.sha256(self._json_bytes + b'\0' + special.encode()).hexdigest()
+    rebuilt = f'\0{self._rebuilt}'.encode() if self._rebuilt else b''  # other ids than the file's
+    return hashlib.sha256(self._json_bytes + rebuilt + b'\0' + special.encode()).hexdigest()
 
   @functools.cached_property
   def vocab_size(self) -> int:
@@ -200,6 +202,43 @@ def piece_bytes(piece: str, byte_level: bool) -> bytes:
 @functools.cache
 def _byte_of_char():
   return {c: b for b, c in _bytes_to_unicode().items()}
+
+
+# Classes whose tokenizer transformers 5 rebuilds from tokenizer.json's vocabulary and merges
+# with a pipeline of its own; of those, LlamaTokenizer's differs from released files: older
+# conversions (Llama 2, Mistral v0.1) prepend '▁' in a normalizer, after every special token.
+_LLAMA_CLASSES = ('LlamaTokenizer', 'LlamaTokenizerFast')
+
+
+def _as_transformers_builds(tokenizer, directory) -> str:
+  """Gives a LlamaTokenizer-class tokenizer (tokenizer_config.json's `tokenizer_class`) the
+  normalizer, pre-tokenizer and decoder transformers 5 builds for it: Metaspace, prepending
+  '▁' to the first piece of text only ('first'; 'always' with `legacy: true`; 'never'
+  with `add_prefix_space: false`). Returns that scheme where it changed the file's
+  pipeline, else ''."""
+  path = os.path.join(directory, 'tokenizer_config.json')
+  config = read_json_object(path, DataError) if os.path.isfile(path) else {}
+  if config.get('tokenizer_class') not in _LLAMA_CLASSES:
+    return ''
+  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(tokenizer.model, models.BPE):
+    return ''
+  before = tokenizer.to_str()
+  add_prefix_space = config.get('add_prefix_space')
+  add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+  scheme = ('always' if config.get('legacy') else 'first') if add_prefix_space else 'never'
+  tokenizer.model.fuse_unk = True
+  tokenizer.model.byte_fallback = True
+  tokenizer.normalizer = None
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+      replacement='\u2581', prepend_scheme=scheme, split=False
+  )
+  steps = [decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse()]
+  tokenizer.decoder = decoders.Sequence(
+      steps + ([decoders.Strip(content=' ', left=1)] if add_prefix_space else [])
+  )
+  return scheme if tokenizer.to_str() != before else ''
 
 
 def _special_tokens(directory):
