@@ -256,6 +256,25 @@ def test_tok_encode_equals_lm_evals_hf_model(models, add_bos_token):
       ), (text, add_special_tokens)
 
 
+def test_the_default_max_length_is_what_the_export_declares(models, tmp_path):
+  """lm-eval's hf model reads max_position_embeddings: the run's seq_len, or an imported
+  base model's longer context (8192 here), which a fine-tuned export keeps declaring."""
+  workdir, export, _ = models
+  hf_dir = tmp_path / 'hf'
+  shutil.copytree(os.path.join(workdir, '..', 'hf'), hf_dir)
+  with open(hf_dir / 'config.json', encoding='utf-8') as f:
+    config = json.load(f)
+  with open(hf_dir / 'config.json', 'w', encoding='utf-8') as f:
+    json.dump(config | {'max_position_embeddings': 8192}, f)
+  long_workdir, long_export = str(tmp_path / 'imported'), str(tmp_path / 'export')
+  hf.import_hf(str(hf_dir), long_workdir, log=lambda *_: None)
+  hf.export_hf(long_workdir, long_export, dtype='float32', log=lambda *_: None)
+  for run, folder, declared in ((workdir, export, None), (long_workdir, long_export, 8192)):
+    theirs = HFLM(pretrained=folder, dtype='float32', device='cpu').max_length
+    assert EuroLM(run, batch_size=2).max_length == theirs
+    assert declared is None or theirs == declared
+
+
 def test_lm_evals_model_arguments(models):
   """What `simple_evaluate(model='euro_lm', batch_size=..., device=...)` passes: 'auto' is
   the run's training batch, capped by max_batch_size; a device JAX does not run on is one

@@ -39,6 +39,7 @@ from euro_lm.config import validate
 from euro_lm.data import chat
 from euro_lm.data.dataset import chat_template_of_run
 from euro_lm.errors import ConfigError
+from euro_lm.hf.export import declared_positions
 from euro_lm.inference import load_config, load_run
 from euro_lm.sampling import generate
 from euro_lm.sharding import (
@@ -81,8 +82,9 @@ class EuroLM(TemplateLM):
     batch_size: rows per scoring step over all devices (rounded up to the batch mesh);
       'auto' (lm-eval's, also 'auto:N'): the run's train.global_batch_size, which its rows
       of train.seq_len fit in training; `max_batch_size` caps it.
-    max_length: the longest row; 0: the run's train.seq_len (what an export declares as
-      max_position_embeddings, which lm-eval's hf model reads).
+    max_length: the longest row; 0: what an export declares as max_position_embeddings,
+      which lm-eval's hf model reads (the run's train.seq_len, or an imported base
+      model's context if longer; euro_lm.hf.export.declared_positions).
     max_gen_toks: default most new tokens for generation tasks.
     add_bos_token: None (the tokenizer's default), True or False; see the module doc.
     overrides: 'section.field=value' changes to the run's config (inference.load_config).
@@ -126,7 +128,11 @@ class EuroLM(TemplateLM):
       batch_size = min(int(batch_size), int(max_batch_size))
     ways = mesh_axes_size(self.mesh, batch_mesh_axes(self.rules))
     self._batch_size = -(-int(batch_size) // ways) * ways
-    self._max_length = int(max_length) or config.train.seq_len
+    if run.step_dir:
+      base = records.base_model_at(run.step_dir)
+    else:  # the training state's: what it started from
+      base = records.base_model_of(config.train.init_from)
+    self._max_length = int(max_length) or declared_positions(config.train.seq_len, base)
     self._max_gen_toks = int(max_gen_toks)
     if isinstance(add_bos_token, str):  # from lm-eval's --model_args
       add_bos_token = {'true': True, 'false': False, 'none': None}[add_bos_token.lower()]
@@ -138,10 +144,6 @@ class EuroLM(TemplateLM):
     self._prefix_text = self._tok.special_tokens.get(prefix, '')
     run_dir = workdir or (os.path.dirname(os.path.dirname(run.step_dir)) if run.step_dir else '')
     template = chat_template_of_run(run_dir) if run_dir else None
-    if run.step_dir:
-      base = records.base_model_at(run.step_dir)
-    else:  # the training state's: what it started from
-      base = records.base_model_of(config.train.init_from)
     self._stop_ids = chat.stop_ids(self._tok.eos_id, self._tok, template, base)
     self.score_rows = self._make_score()
 

@@ -56,6 +56,13 @@ def _merged_layers(leaves, path, model):
   )
 
 
+def declared_positions(seq_len, base_model):
+  """The max_position_embeddings an export declares by default: the context trained on, or
+  the imported base model's if longer (fine-tuning at a short seq_len does not shorten
+  what the model's RoPE serves). lm-eval's hf model reads it as its max_length."""
+  return max(seq_len, (base_model or {}).get('max_position_embeddings') or 0)
+
+
 def export_hf(
     workdir,
     output,
@@ -92,16 +99,14 @@ def export_hf(
   tokenizer_path = find_tokenizer(step_dir, workdir)
   bos, eos, pad = special_ids(tokenizer_path)
   report = records.report(str(step_dir))
-  # The context trained on, or the imported base model's if longer: fine-tuning at a short
-  # seq_len does not shorten what the model's RoPE serves.
   seq_len = (config.get('train') or {}).get('seq_len', 4096)
-  base_positions = (report['base_model'] or {}).get('max_position_embeddings') or 0
   hf = arch.hf_config(
       model,
       bos_token_id=bos,
       eos_token_id=eos,
       pad_token_id=pad,
-      max_position_embeddings=max_position_embeddings or max(seq_len, base_positions),
+      max_position_embeddings=max_position_embeddings
+      or declared_positions(seq_len, report['base_model']),
       dtype=dtype,
   )
 
