@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
   m.mlp_activation = 'silu'  # gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
   m.query_pre_attn_scalar = 0  # attention logits times this ** -0.5; 0 means head_dim
+  m.attn_logit_softcap = 0.0  # >0: attention scores become cap * tanh(scores / cap) (Gemma 2)
+  m.final_logit_softcap = 0.0  # >0: output logits become cap * tanh(logits / cap) (Gemma 2)
   m.init_std = 0.02  # normal init std for weights
   m.compute_dtype = 'float32'  # activations/matmuls: float32 | bfloat16 | float16
   m.attention_impl = 'xla'  # xla (reference) | cudnn | pallas (euro_lm.kernels) | auto
@@ -398,6 +400,8 @@ def validate(config, num_devices, process_count=1, device=None):
       'model.sliding_window_pattern',
       'model.rope_local_theta',
       'model.query_pre_attn_scalar',
+      'model.attn_logit_softcap',
+      'model.final_logit_softcap',
       'model.loss_chunk_length',
       'optimizer.warmup_steps',
       'train.eval_every',

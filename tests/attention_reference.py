@@ -47,8 +47,9 @@ def inputs(heads, kv_heads, dim, dtype, length=64, seed=0, segment_ids=None):
   return cast(q), cast(k), cast(v), segment_ids
 
 
-def jnp_reference(q, k, v, seg, causal, window):
-  """Dense masked softmax attention in plain jnp (float64 under enable_x64)."""
+def jnp_reference(q, k, v, seg, causal, window, softcap=0.0):
+  """Dense masked softmax attention in plain jnp (float64 under enable_x64); scores
+  soft-capped as `softcap * tanh(scores / softcap)` where `softcap` > 0 (Gemma 2)."""
   heads, kv_heads = q.shape[2], k.shape[2]
   k, v = jnp.repeat(k, heads // kv_heads, 2), jnp.repeat(v, heads // kv_heads, 2)
   index = jnp.arange(q.shape[1])
@@ -60,5 +61,7 @@ def jnp_reference(q, k, v, seg, causal, window):
     if not causal:
       visible &= index[None, :] - index[:, None] < window
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
   p = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, -1e30), -1), 0)
   return jnp.einsum('bhqk,bkhd->bqhd', p, v)

@@ -141,6 +141,58 @@ def test_xla_attention_gradients_match_float64(length, causal, window, num_heads
   assert xla_query_chunks(length, causal) == (8 if causal and length == 256 else 1)
 
 
+@pytest.mark.parametrize('length,window', [(12, None), (256, 40)])
+def test_soft_capped_scores_and_gradients_match_float64(length, window):
+  """model.attn_logit_softcap (Gemma 2): the xla attention, its own backward and the KV-cache
+  path cap the scaled scores as `cap * tanh(s / cap)`, against a float64 reference; a cap
+  below the scores' size changes the output."""
+  cap = 0.5
+  q, k, v, segment_ids = inputs(4, 2, 8, jnp.float32, length=length, seed=6)
+  w = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
+  run = lambda *a: attention(
+      *a, segment_ids_BL=jnp.asarray(segment_ids), impl='xla', window=window, softcap=cap
+  )
+  out = jax.jit(run)(q, k, v)
+  ours = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  with jax.enable_x64(True):
+    q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+    ref = lambda *a, c=cap: jnp_reference(*a, segment_ids, True, window, c)
+    want = ref(q64, k64, v64)
+    theirs = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q64, k64, v64)
+    uncapped = ref(q64, k64, v64, c=0.0)
+  assert np.abs(np.asarray(want - uncapped)).max() > 0.1
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+  ones = jnp.ones((1, length), bool)
+  cached = cached_attention(q[:1], k[:1], v[:1], 0, ones, window, 8**-0.5, cap)
+  with jax.enable_x64(True):
+    full = jnp_reference(
+        q64[:1], k64[:1], v64[:1], np.ones((1, length), np.int32), True, window, cap
+    )
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('impl', ['cudnn', 'pallas'])
+def test_only_xla_soft_caps_and_auto_picks_it(impl):
+  """The kernels do not soft-cap: naming one with a cap is one error naming both fields, and
+  'auto' runs xla even on a GPU."""
+  with pytest.raises(attention_lib.AttentionError, match=r"attention_impl='.*attn_logit_softcap"):
+    attention_lib.resolve(
+        impl, dtype='bfloat16', length=256, head_dim=64, device=None, softcap=50.0
+    )
+  for platform in ('cuda', 'tpu', 'cpu'):
+    choice = attention_lib.resolve(
+        'auto',
+        dtype='bfloat16',
+        length=4096,
+        head_dim=128,
+        device=devices.Device(platform),
+        softcap=50.0,
+    )
+    assert choice == attention_lib.AttentionChoice('xla')
+
+
 def test_xla_attention_bfloat16_gradients():
   """bf16 inputs: the backward accumulates in float32 and returns the inputs' dtype."""
   rng = np.random.default_rng(4)

@@ -54,7 +54,8 @@ LOCAL_GLOBAL = dict(
     },
 )
 # Two layers, both local (transformers' default pattern of 6), untied, GQA 4:1, the default
-# query_pre_attn_scalar (256, not head_dim 16) and RoPE bases.
+# query_pre_attn_scalar (256, not head_dim 16) and RoPE bases, and soft-capped logits
+# (Gemma3TextConfig's final_logit_softcapping, null by default).
 ALL_LOCAL = dict(
     family='gemma3_text',
     hidden_size=48,
@@ -65,6 +66,7 @@ ALL_LOCAL = dict(
     head_dim=16,
     sliding_window=4,
     tie_word_embeddings=False,
+    final_logit_softcapping=4.0,
 )
 SHAPES = {'local_global': LOCAL_GLOBAL, 'all_local': ALL_LOCAL}
 
@@ -370,8 +372,12 @@ def test_flops_count_the_local_layers_window():
 @pytest.mark.parametrize(
     'field, value, message',
     [
-        ('final_logit_softcapping', 30.0, r'final_logit_softcapping=30\.0 is not supported'),
-        ('attn_logit_softcapping', 50.0, r'attn_logit_softcapping=50\.0 is not supported'),
+        ('final_logit_softcapping', -1.0, r'final_logit_softcapping=-1\.0 must be a positive'),
+        (
+            'attn_logit_softcapping',
+            50.0,
+            r"attn_logit_softcapping=50\.0 is not supported: transformers' Gemma 3 does not",
+        ),
         ('hidden_activation', 'gelu', r"hidden_activation='gelu' is not supported"),
         ('use_bidirectional_attention', True, r'use_bidirectional_attention=true'),
         ('sliding_window', 0, r'sliding_window=0 must be a positive integer'),
@@ -431,7 +437,7 @@ def test_export_refuses_half_a_gemma():
     hf.architectures.for_model(model | {'qkv_bias': True})
   plain = tiny.get_config().model.to_dict()
   with pytest.raises(hf.HFError, match=r'model\.norm_plus_one=False, .*Gemma 3 needs'):
-    hf.architectures.for_model(plain | {'mlp_activation': 'gelu_tanh'})
+    hf.architectures.for_model(plain | {'mlp_activation': 'gelu_tanh', 'qk_norm': True})
   # Local layers without a window: transformers' Gemma 3 cannot run the folder.
   with pytest.raises(hf.HFError, match=r'model\.sliding_window=0 with sliding_attention layers'):
     hf.architectures.for_model(model | {'sliding_window': 0})

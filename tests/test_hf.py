@@ -136,6 +136,7 @@ FAMILIES = {
     'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 

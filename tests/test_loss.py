@@ -33,11 +33,13 @@ def inputs(dtype, seed=0):
   return x, head, targets, weights
 
 
-def plain_objective(x, head, targets, weights, z_loss, dtype):
+def plain_objective(x, head, targets, weights, z_loss, dtype, softcap=0.0):
   """The unfused loss, as autodiff sees it: all `[B, L, V]` logits at once."""
   logits = jnp.einsum(
       'bld,vd->blv', x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32
   )
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
   logz = jax.nn.logsumexp(logits, axis=-1)
   nll = logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(nll * weights) + z_loss * jnp.sum(logz**2 * weights)
@@ -67,6 +69,32 @@ def test_fused_loss_and_gradients_match_autodiff_of_the_plain_loss(chunk, z_loss
   )
   np.testing.assert_allclose(loss_sum, (nll * w).sum(), rtol=1e-6)
   np.testing.assert_allclose(objective, (nll * w).sum() + z_loss * (logz**2 * w).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize('chunk', [5, 12])
+def test_soft_capped_logits_loss_and_gradients_match_autodiff(chunk):
+  """model.final_logit_softcap (Gemma 2): the fused loss caps the logits and its
+  hand-derived gradient goes back through the cap; a cap below the logits' size matters."""
+  x, head, targets, weights = inputs(jnp.float32)
+  cap = 1.5
+  fused = lambda x, head, weights: loss.loss_sums(
+      x, head, targets, weights, z_loss=1e-2, chunk=chunk, dtype='float32', softcap=cap
+  )[0]
+  value, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, head, weights)
+  plain = lambda c: jax.value_and_grad(plain_objective, argnums=(0, 1, 3))(
+      x, head, targets, weights, 1e-2, jnp.float32, c
+  )
+  ref_value, ref_grads = plain(cap)
+  assert abs(float(plain(0.0)[0] - ref_value)) > 1.0
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  nll, _ = loss.token_losses(x, head, targets, chunk=chunk, dtype='float32', softcap=cap)
+  np.testing.assert_allclose(
+      jnp.sum(nll * weights),
+      plain_objective(x, head, targets, weights, 0.0, jnp.float32, cap),
+      rtol=1e-6,
+  )
 
 
 def test_bfloat16_compute_matches_autodiff_in_bfloat16():

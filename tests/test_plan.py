@@ -198,6 +198,18 @@ def saved_bytes(config, fp8_on):
   return total
 
 
+def test_capped_logits_keep_two_more_logit_arrays_only_without_the_fused_loss():
+  """model.final_logit_softcap (Gemma 2): autodiff through the plain loss's tanh keeps the
+  uncapped logits and the tanh, `[B, L, V]` float32 each (BENCHMARKS.md measured 0.96 GiB
+  more at 2 x 0.49); the fused loss keeps nothing more."""
+  logits = lambda **o: plan.estimate_memory(small_config(**o), 8).logits  # noqa: E731
+  per_device = 16 * 256 * 2048 * 4 // 8  # [B, L, V] float32 over 8 data devices
+  capped = {'model.final_logit_softcap': 30.0}
+  assert logits(**capped) - logits() == 2 * per_device
+  fused = {'model.loss_chunk_length': 64}
+  assert logits(**capped, **fused) == logits(**fused)
+
+
 @pytest.mark.parametrize('policy', ['none', 'full'])
 def test_fp8_adds_its_quantized_copies_and_state(policy):
   """model.fp8 keeps, per layer, each projection's input and weight in float8_e4m3fn (one

@@ -1,7 +1,7 @@
 """Which architecture module reads an HF config, and which one writes a euro_lm model.
 
-An architecture module (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma3`) holds one family's
-mapping table and config translation:
+An architecture module (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`) holds one
+family's mapping table and config translation:
   ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
   param_table(model)                 [(euro_lm path, HF name template, per layer)]
   to_hf(path, x, model), from_hf     one tensor converted, either way
@@ -15,9 +15,9 @@ The export and import drivers go through these names only.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import gemma3, llama, mistral, qwen2, qwen3
+from euro_lm.hf import gemma2, gemma3, llama, mistral, qwen2, qwen3
 
-_MODULES = (llama, mistral, qwen2, qwen3, gemma3)
+_MODULES = (llama, mistral, qwen2, qwen3, gemma2, gemma3)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
 # model_type -> HF class, of every checkpoint euro_lm imports.
 ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
@@ -42,12 +42,14 @@ def for_hf_config(hf, where='config.json'):
 
 
 def for_model(model):
-  """The module that exports euro_lm's `model` config section: Gemma 3 with any of its
-  fields (`gemma3.FIELDS`), Qwen3 with QK-norm, Qwen2 with projection biases, Mistral with
-  a sliding window, else Llama. Refuses a model that no one architecture expresses."""
+  """The module that exports euro_lm's `model` config section: with any Gemma field
+  (`gemma3.FIELDS`) Gemma 3 with QK-norm and Gemma 2 without, else Qwen3 with QK-norm,
+  Qwen2 with projection biases, Mistral with a sliding window, else Llama. Refuses a model
+  that no one architecture expresses."""
   if gemma3.is_gemma(model):
-    gemma3.check_exportable(model)
-    return gemma3
+    gemma = gemma3 if model.get('qk_norm') else gemma2
+    gemma.check_exportable(model)
+    return gemma
   features = {
       qwen3: 'model.qk_norm',
       qwen2: 'model.qkv_bias',

@@ -46,11 +46,15 @@ def positive_int(config, field, where, *, nullable=False):
   return value
 
 
-def positive_float(config, field, where):
-  """`config[field]` (an integer or a float) as a positive, finite float."""
+def positive_float(config, field, where, *, nullable=False):
+  """`config[field]` (an integer or a float) as a positive, finite float; with `nullable`,
+  None where it is null or absent."""
   value = config.get(field)
-  if value is None and field not in config:
-    raise HFError(f'{where}: required field {field!r} is missing')
+  if value is None:
+    if nullable:
+      return None
+    if field not in config:
+      raise HFError(f'{where}: required field {field!r} is missing')
   if (
       isinstance(value, bool)
       or not isinstance(value, (int, float))

@@ -2,7 +2,9 @@
 before and after attention and the MLP, embeddings times sqrt(hidden_size), GeGLU, attention
 scaled by query_pre_attn_scalar, and local layers (a sliding window, their own RoPE base)
 between global ones (every `sliding_window_pattern`th layer; full attention, `rope_theta`
-with its scaling).
+with its scaling). The logits may be soft-capped as Gemma 2's (transformers' Gemma 3 caps
+them where final_logit_softcapping is set, and never the attention scores). The `gemma2`
+module builds on this one.
 
 It reads Gemma3ForCausalLM folders (model_type 'gemma3_text') and the language model of
 Gemma3ForConditionalGeneration ones (model_type 'gemma3'; its vision tower is skipped), and
@@ -32,6 +34,8 @@ FIELDS = {
     'query_pre_attn_scalar': None,
     'sliding_window_pattern': None,
     'rope_local_theta': None,
+    'attn_logit_softcap': 0.0,
+    'final_logit_softcap': None,
 }
 
 # Gemma3TextConfig's defaults (transformers 5), for fields a config.json leaves out.
@@ -95,7 +99,7 @@ _VISION_PREFIXES = (
 
 
 def is_gemma(model):
-  """Whether a `model` config section uses any field that only Gemma 3 has."""
+  """Whether a `model` config section uses any field that only Gemma 2 and 3 have."""
   return bool(
       model.get('norm_plus_one')
       or model.get('post_norms')
@@ -104,23 +108,32 @@ def is_gemma(model):
       or model.get('query_pre_attn_scalar')
       or model.get('sliding_window_pattern')
       or model.get('rope_local_theta')
+      or model.get('attn_logit_softcap')
+      or model.get('final_logit_softcap')
   )
 
 
 def check_exportable(model):
   """Refuses a model with some of Gemma 3's features but not all that Gemma 3 has."""
+  check_fields(model, FIELDS, 'Gemma 3')
+
+
+def check_fields(model, fields, family):
+  """Refuses a `model` section unlike `family` in the `fields` it fixes (`FIELDS`), or
+  with local layers but no window."""
+  # A field a run's config leaves out (older runs) is off: None, False and 0 are alike.
   wrong = [
       f'model.{f}={model.get(f)!r}'
-      for f, want in FIELDS.items()
-      if want is not None and model.get(f) != want
+      for f, want in fields.items()
+      if want is not None and model.get(f) != want and (model.get(f) or want)
   ]
   if wrong:
-    need = ', '.join(f'model.{f}={w!r}' for f, w in FIELDS.items() if w is not None)
+    need = ', '.join(f'model.{f}={w!r}' for f, w in fields.items() if w is not None)
     raise HFError(
         f'{", ".join(wrong)} with the other Gemma fields is no Hugging Face architecture that '
-        f'euro_lm exports: Gemma 3 needs {need}'
+        f'euro_lm exports: {family} needs {need} (Gemma 3 has model.qk_norm, Gemma 2 not)'
     )
-  _check_windows(model, 'model.sliding_window=0')
+  check_windows(model, 'model.sliding_window=0', family)
 
 
 def param_table(model):
@@ -157,7 +170,7 @@ def text_tensor_names(names, hf, where, log):
 # ----------------------------------------------------------------------------- configs
 
 
-def _layer_types(model):
+def layer_types(model):
   """HF's layer_types of a `model` section (a dict)."""
   return ['sliding_attention' if local else 'full_attention' for local in local_layers(model)]
 
@@ -173,7 +186,7 @@ def hf_config(
 ):
   """Gemma3TextConfig fields (config.json) for a Gemma 3 `model` section."""
   check_exportable(model)
-  config = llama.hf_config(
+  config = shared_hf_config(
       model,
       bos_token_id=bos_token_id,
       eos_token_id=eos_token_id,
@@ -181,7 +194,6 @@ def hf_config(
       max_position_embeddings=max_position_embeddings,
       dtype=dtype,
   )
-  del config['hidden_act'], config['mlp_bias']
   full = llama.hf_rope(model)
   local_theta = model.get('rope_local_theta') or model['rope_theta']
   local = {'rope_type': 'default', 'rope_theta': float(local_theta)}
@@ -191,21 +203,32 @@ def hf_config(
       {
           'architectures': ['Gemma3ForCausalLM'],
           'model_type': 'gemma3_text',
-          'hidden_activation': 'gelu_pytorch_tanh',
-          'query_pre_attn_scalar': model.get('query_pre_attn_scalar') or llama.head_dim(model),
-          'sliding_window': model.get('sliding_window') or None,
-          'layer_types': _layer_types(model),
           # transformers >= 5 reads rope_parameters per layer type; older versions
           # rope_theta, rope_scaling (global layers) and rope_local_base_freq.
           'rope_parameters': {'full_attention': full, 'sliding_attention': local},
           'rope_local_base_freq': float(local_theta),
-          'final_logit_softcapping': None,
-          'attn_logit_softcapping': None,
-          'use_bidirectional_attention': False,
       }
   )
   if model.get('sliding_window_pattern'):
     config['sliding_window_pattern'] = model['sliding_window_pattern']  # transformers < 5
+  return config
+
+
+def shared_hf_config(model, **kwargs):
+  """The config.json fields Gemma 2 and 3 share, from llama's (`llama.hf_config` kwargs)."""
+  config = llama.hf_config(model, **kwargs)
+  del config['hidden_act'], config['mlp_bias']
+  config.update(
+      {
+          'hidden_activation': 'gelu_pytorch_tanh',
+          'query_pre_attn_scalar': model.get('query_pre_attn_scalar') or llama.head_dim(model),
+          'sliding_window': model.get('sliding_window') or None,
+          'layer_types': layer_types(model),
+          'final_logit_softcapping': model.get('final_logit_softcap') or None,
+          'attn_logit_softcapping': model.get('attn_logit_softcap') or None,
+          'use_bidirectional_attention': False,
+      }
+  )
   return config
 
 
@@ -249,11 +272,11 @@ def _rope(text, where):
   return fields | {'rope_local_theta': float(sliding['rope_theta'])}
 
 
-def _pattern(text, num_layers, where):
-  """model.sliding_window_pattern from layer_types (or sliding_window_pattern); refuses
-  layer types that are not every Nth layer global."""
+def pattern_from_hf(text, num_layers, where, declared):
+  """model.sliding_window_pattern from layer_types (else `declared`, the config's
+  sliding_window_pattern or the family's); refuses layer types that are not every Nth
+  layer global."""
   types = text.get('layer_types')
-  declared = text.get('sliding_window_pattern', _DEFAULTS['sliding_window_pattern'])
   if types is None:
     pattern = declared
   else:
@@ -263,7 +286,7 @@ def _pattern(text, num_layers, where):
     # All local: any pattern longer than the stack says so; keep the declared one if it does.
     longer = isinstance(declared, int) and declared > num_layers
     pattern = full[0] + 1 if full else (declared if longer else num_layers + 1)
-    want = _layer_types({'num_layers': num_layers, 'sliding_window_pattern': pattern})
+    want = layer_types({'num_layers': num_layers, 'sliding_window_pattern': pattern})
     if types != want:
       raise HFError(
           f'{where}: layer_types={types!r} is not supported; euro_lm supports every Nth '
@@ -276,28 +299,38 @@ def _pattern(text, num_layers, where):
 
 def model_config_from_hf(hf, where='config.json'):
   """euro_lm `model` fields of a Gemma 3 config (text, or a multimodal one's text_config);
-  refuses what euro_lm does not compute (soft-capping, bidirectional attention, biases,
-  another activation), naming the field."""
+  refuses what euro_lm does not compute, naming the field."""
   text, where = _text_config(hf, where)
   text = _DEFAULTS | text
-  for field in ('final_logit_softcapping', 'attn_logit_softcapping'):
-    if text.get(field) is not None:
-      raise HFError(
-          f'{where}: {field}={text[field]!r} is not supported; euro_lm imports Gemma 3 '
-          'without logit soft-capping (null)'
-      )
+  if text.get('attn_logit_softcapping') is not None:
+    raise HFError(
+        f"{where}: attn_logit_softcapping={text['attn_logit_softcapping']!r} is not "
+        "supported: transformers' Gemma 3 does not apply it (null)"
+    )
+  model = shared_fields(text, where, 'Gemma 3') | _rope(text, where)
+  declared = text.get('sliding_window_pattern', _DEFAULTS['sliding_window_pattern'])
+  model['sliding_window_pattern'] = pattern_from_hf(text, model['num_layers'], where, declared)
+  model |= {f: v for f, v in FIELDS.items() if v is not None}
+  check_windows(model, f'{where}: sliding_window=null', 'Gemma 3')
+  return model
+
+
+def shared_fields(text, where, family):
+  """The `model` fields Gemma 2 and 3 configs give alike (all but RoPE and the layer
+  pattern); refuses bidirectional attention, biases and another activation."""
   for field in ('use_bidirectional_attention', 'attention_bias'):
     if text.get(field):
       raise HFError(f'{where}: {field}=true is not supported')
   act = text['hidden_activation']
   if act != 'gelu_pytorch_tanh':
     raise HFError(
-        f"{where}: hidden_activation={act!r} is not supported; Gemma 3's is 'gelu_pytorch_tanh'"
+        f"{where}: hidden_activation={act!r} is not supported; {family}'s is " "'gelu_pytorch_tanh'"
     )
   heads = positive_int(text, 'num_attention_heads', where)
   kv_heads = positive_int(text, 'num_key_value_heads', where)
   llama.check_heads(heads, kv_heads, where)
-  model = {
+  cap = lambda field: positive_float(text, field, where, nullable=True) or 0.0  # noqa: E731
+  return {
       'vocab_size': positive_int(text, 'vocab_size', where),
       'num_layers': positive_int(text, 'num_hidden_layers', where),
       'embed_dim': positive_int(text, 'hidden_size', where),
@@ -305,23 +338,20 @@ def model_config_from_hf(hf, where='config.json'):
       'num_kv_heads': kv_heads,
       'head_dim': positive_int(text, 'head_dim', where),
       'mlp_dim': positive_int(text, 'intermediate_size', where),
-      **_rope(text, where),
       'norm_eps': positive_float(text, 'rms_norm_eps', where),
       'tie_embeddings': boolean(text, 'tie_word_embeddings', where),
       'sliding_window': positive_int(text, 'sliding_window', where, nullable=True) or 0,
       'query_pre_attn_scalar': positive_int(text, 'query_pre_attn_scalar', where),
+      'attn_logit_softcap': cap('attn_logit_softcapping'),
+      'final_logit_softcap': cap('final_logit_softcapping'),
   }
-  model['sliding_window_pattern'] = _pattern(text, model['num_layers'], where)
-  model |= {f: v for f, v in FIELDS.items() if v is not None}
-  _check_windows(model, f'{where}: sliding_window=null')
-  return model
 
 
-def _check_windows(model, what):
-  """Refuses local layers without a window: transformers' Gemma 3 cannot run them."""
+def check_windows(model, what, family):
+  """Refuses local layers without a window: transformers' Gemma 2 and 3 cannot run them."""
   if not model['sliding_window'] and any(local_layers(model)):
     raise HFError(
         f'{what} with sliding_attention layers (every layer but each '
-        f"{model['sliding_window_pattern']}th) is no Gemma 3 that transformers runs; Gemma 3's "
+        f"{model['sliding_window_pattern']}th) is no {family} that transformers runs; its "
         'local layers attend within a window'
     )

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from euro_lm import devices, kernels
 from euro_lm.errors import UserError
+from euro_lm.model import softcap as softcap_lib
 from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
@@ -42,13 +43,14 @@ class AttentionChoice:
   backend: str | None = None
 
 
-def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device):
+def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, softcap=0.0):
   """The attention implementation and kernel set that run for these shapes on `device`.
 
   `impl` and `pallas_backend` are the config's `model.attention_impl` and
   `model.pallas_backend`; `device` is a `euro_lm.devices.Device`, or None when it is not
-  known (then no platform is checked, and 'auto' resolves as on a CPU). An explicit choice
-  that cannot run raises AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
+  known (then no platform is checked, and 'auto' resolves as on a CPU). `softcap` is
+  `model.attn_logit_softcap`: only xla soft-caps scores. An explicit choice that cannot run
+  raises AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
   pallas on TPUs, on AMD GPUs and where the Hopper kernels take the call; on other NVIDIA
   GPUs cuDNN for 16-bit compute, as it outran the Triton kernels there; xla on CPUs and
   wherever no kernel takes the shapes or dtype.
@@ -71,8 +73,12 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device):
       else pallas_backend
   )
   dtype_name = jnp.dtype(dtype).name
-  cudnn_problem = _cudnn_problem(dtype_name, head_dim, platform)
-  pallas_problem = _pallas_problem(backend, dtype_name, length, head_dim, platform)
+  cudnn_problem = _softcap_problem('cudnn', softcap) or _cudnn_problem(
+      dtype_name, head_dim, platform
+  )
+  pallas_problem = _softcap_problem('pallas', softcap) or _pallas_problem(
+      backend, dtype_name, length, head_dim, platform
+  )
   if impl == 'xla':
     return AttentionChoice('xla')
   if impl == 'cudnn':
@@ -107,6 +113,7 @@ def resolve_for_model(model_config, seq_len, device):
       length=seq_len,
       head_dim=head_dim(model_config),
       device=device,
+      softcap=model_config.get('attn_logit_softcap', 0.0),
   )
 
 
@@ -115,6 +122,16 @@ _ANY_DEVICE = devices.Device('cpu')
 
 
 _SIXTEEN_BIT = ('bfloat16', 'float16')
+
+
+def _softcap_problem(impl, softcap):
+  """Why `impl` cannot run soft-capped scores, or ''."""
+  if not softcap:
+    return ''
+  return (
+      f'model.attention_impl={impl!r} does not soft-cap attention scores '
+      f"(model.attn_logit_softcap={softcap}); use 'xla' or 'auto'"
+  )
 
 
 def _cudnn_problem(dtype, head_dim, platform):
@@ -174,10 +191,12 @@ def attention(
     pallas_backend='auto',
     device=None,
     window=None,
+    softcap=0.0,
 ):
   """Returns the attention output `[B, L, H, d]` in q's dtype. `impl` and `pallas_backend`
   are resolved by `resolve` on `device` (default: the current one). `window` W (sliding
-  window attention, as Mistral's): a query at i sees keys in (i - W, i] when causal."""
+  window attention, as Mistral's): a query at i sees keys in (i - W, i] when causal.
+  `softcap` > 0 soft-caps the scaled scores (`euro_lm.model.softcap`, Gemma 2)."""
   num_heads, num_kv_heads = q_BLHd.shape[2], k_BLKd.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
@@ -189,6 +208,7 @@ def attention(
       length=q_BLHd.shape[1],
       head_dim=q_BLHd.shape[-1],
       device=device or devices.describe(),
+      softcap=softcap,
   )
   if choice.impl == 'pallas':
     kernel = functools.partial(
@@ -198,7 +218,7 @@ def attention(
   if choice.impl == 'cudnn':  # its log-sum-exp stays inside cuDNN's call: the output only
     out_BLHd = _cudnn_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
     return checkpoint_name(out_BLHd, kernels.OUT_NAME)
-  return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window)
+  return _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, (scale, softcap), window)
 
 
 def per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL=None):
@@ -277,19 +297,22 @@ def xla_query_chunks(length, causal):
   return 1
 
 
-def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scale, window):
+def _xla_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, causal, scoring, window):
   chunks = xla_query_chunks(q_BLHd.shape[1], causal)
-  return _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, (causal, window), scale, chunks)
+  return _chunked_attention(
+      q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, (causal, window), scoring, chunks
+  )
 
 
 # Like flash attention, but in plain XLA ops and whole query chunks: the forward keeps each
 # row's float32 log-sum-exp instead of the probabilities, and the backward recomputes the
 # scores of one chunk at a time. Against autodiff's saved L x L probabilities this trades
 # one more q.k matmul for far less memory, and ran faster on the CPU (BENCHMARKS.md).
-# `visibility` is (causal, window), as `attention_mask` takes them.
+# `visibility` is (causal, window), as `attention_mask` takes them; `scoring` is (scale,
+# softcap), as `_scores` takes them.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks):
-  return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks)[0]
+def _chunked_attention(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scoring, chunks):
+  return _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scoring, chunks)[0]
 
 
 def _chunks(length, causal, chunks):
@@ -328,15 +351,18 @@ def _sequence_first(x_BKGLd):
   )
 
 
-def _scores(q_BKGQd, k_BKMd, scale):
-  return (
+def _scores(q_BKGQd, k_BKMd, scoring):
+  """float32 scores `q.k * scale`, soft-capped where `softcap` > 0."""
+  scale, softcap = scoring
+  scores = (
       jnp.einsum('bkgqd,bkmd->bkgqm', q_BKGQd, k_BKMd, preferred_element_type=jnp.float32) * scale
   )
+  return softcap_lib.apply(scores, softcap)
 
 
 # Both passes work heads-first: one transpose of q, k, v (and dout) up front instead of a
 # strided operand in every chunk's matmuls, which ran faster on the CPU (BENCHMARKS.md).
-def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, chunks):
+def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scoring, chunks):
   causal = visibility[0]
   num_kv_heads = k_BLKd.shape[2]
   q_BKGLd = _query_heads_first(q_BLHd, num_kv_heads)
@@ -346,7 +372,7 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, 
   for start, end, num_keys in _chunks(q_BLHd.shape[1], causal, chunks):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, visibility)
     scores_BKGQM = jnp.where(
-        mask, _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scale), lowest
+        mask, _scores(q_BKGLd[:, :, :, start:end], k_BKLd[:, :, :num_keys], scoring), lowest
     )
     top_BKGQ1 = jnp.max(scores_BKGQM, axis=-1, keepdims=True)
     # A row that sees a key has a finite top, so its hidden keys' weights underflow to 0;
@@ -368,8 +394,9 @@ def _chunked_forward(q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, visibility, scale, 
   return out_BLHd, (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps)
 
 
-def _chunked_backward(visibility, scale, chunks, residuals, dout_BLHd):
+def _chunked_backward(visibility, scoring, chunks, residuals, dout_BLHd):
   causal = visibility[0]
+  scale, softcap = scoring
   q_BLHd, k_BLKd, v_BLKd, segment_ids_BL, out_BLHd, logsumexps = residuals
   batch, length, num_heads, _ = q_BLHd.shape
   num_kv_heads = k_BLKd.shape[2]
@@ -387,7 +414,8 @@ def _chunked_backward(visibility, scale, chunks, residuals, dout_BLHd):
     mask = _chunk_mask(segment_ids_BL, start, end, num_keys, visibility)
     q_BKGQd, dout_BKGQd = q_BKGLd[:, :, :, start:end], dout_BKGLd[:, :, :, start:end]
     k_BKMd, v_BKMd = k_BKLd[:, :, :num_keys], v_BKLd[:, :, :num_keys]
-    probs_BKGQM = jnp.where(mask, jnp.exp(_scores(q_BKGQd, k_BKMd, scale) - logsumexp_BKGQ1), 0.0)
+    scores_BKGQM = _scores(q_BKGQd, k_BKMd, scoring)
+    probs_BKGQM = jnp.where(mask, jnp.exp(scores_BKGQM - logsumexp_BKGQ1), 0.0)
     dv_BKLd = dv_BKLd.at[:, :, :num_keys].add(
         jnp.einsum(
             'bkgqm,bkgqd->bkmd',
@@ -399,9 +427,10 @@ def _chunked_backward(visibility, scale, chunks, residuals, dout_BLHd):
     dprobs_BKGQM = jnp.einsum(
         'bkgqd,bkmd->bkgqm', dout_BKGQd, v_BKMd, preferred_element_type=jnp.float32
     )
-    dscores_BKGQM = (
-        probs_BKGQM * (dprobs_BKGQM - delta_BKGL[..., start:end, None]) * scale
-    ).astype(q_BLHd.dtype)
+    dscores_BKGQM = softcap_lib.backward(
+        probs_BKGQM * (dprobs_BKGQM - delta_BKGL[..., start:end, None]), scores_BKGQM, softcap
+    )
+    dscores_BKGQM = (dscores_BKGQM * scale).astype(q_BLHd.dtype)
     dqs.append(
         jnp.einsum('bkgqm,bkmd->bkgqd', dscores_BKGQM, k_BKMd, preferred_element_type=jnp.float32)
     )

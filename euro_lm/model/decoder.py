@@ -12,6 +12,7 @@ from flax import linen as nn
 
 from euro_lm import kernels
 from euro_lm.model import fp8
+from euro_lm.model import softcap as softcap_lib
 from euro_lm.model.layers import Block, head_dim, norm
 
 _ATTENTION = jax.checkpoint_policies.save_only_these_names(kernels.OUT_NAME, kernels.LSE_NAME)
@@ -33,8 +34,9 @@ REMAT_POLICIES = {
 
 class Decoder(nn.Module):
   """Llama-family decoder. `apply(params, tokens_BL, segment_ids_BL, positions_BL)`
-  returns float32 logits `[B, L, V]`; with `return_hidden=True`, the final-normed hidden
-  states `[B, L, D]` the logits are made from (for `euro_lm.model.loss`)."""
+  returns float32 logits `[B, L, V]` (soft-capped by `model.final_logit_softcap`); with
+  `return_hidden=True`, the final-normed hidden states `[B, L, D]` the logits are made
+  from (for `euro_lm.model.loss`)."""
 
   config: ml_collections.ConfigDict  # the `model` section
 
@@ -98,6 +100,7 @@ class Decoder(nn.Module):
         logits_BLV = jnp.einsum(
             'bld,dv->blv', x_BLD, output_DV.astype(dtype), preferred_element_type=jnp.float32
         )
+    logits_BLV = softcap_lib.apply(logits_BLV, cfg.get('final_logit_softcap', 0.0))
     logits_BLV = nn.with_logical_constraint(logits_BLV, ('batch', 'length', 'vocab'))
     return logits_BLV if cache is None else (logits_BLV, cache)
 

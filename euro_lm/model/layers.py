@@ -20,6 +20,7 @@ import ml_collections
 from flax import linen as nn
 
 from euro_lm.model import fp8, lora
+from euro_lm.model import softcap as softcap_lib
 from euro_lm.model.attention import attention, head_dim
 
 
@@ -283,6 +284,7 @@ class Attention(nn.Module):
     d, h, k, hd = x_BLD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     window = cfg.get('sliding_window', 0) or None
     scale = (cfg.get('query_pre_attn_scalar', 0) or hd) ** -0.5
+    softcap = cfg.get('attn_logit_softcap', 0.0)
     local = local_layers(cfg)
     mixed = len(set(local)) > 1
     is_local = jnp.asarray(local)[layer_index] if mixed else local[0]
@@ -323,7 +325,9 @@ class Attention(nn.Module):
         window = jnp.where(is_local, window, k_BSKd.shape[1] + 1)
       elif not local[0]:
         window = None
-      out_BLHd = cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window, scale)
+      out_BLHd = cached_attention(
+          q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window, scale, softcap
+      )
       out_BLD = project(self, 'o', out_BLHd, wo_HdD, ('heads', 'head_dim'), ('embed',))
       return out_BLD, (k_BSKd, v_BSKd)
 
@@ -338,6 +342,7 @@ class Attention(nn.Module):
           impl=cfg.attention_impl,
           pallas_backend=cfg.get('pallas_backend', 'auto'),
           window=window,
+          softcap=softcap,
       )
 
     args = (q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
@@ -402,12 +407,15 @@ class Block(nn.Module):
     return _constrain(x_BLD, ('batch', 'length', 'embed')), layer_cache
 
 
-def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None, scale=None):
+def cached_attention(
+    q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None, scale=None, softcap=0.0
+):
   """Attention of L new queries, at cache slots `index ...`, over all S cache slots.
 
   A query at slot i sees slot j if j <= i (and i - j < `window`, which may be traced) and
   `kv_valid_BS[:, j]` (slots and positions differ by a row's left padding alone). Logits
-  are scaled by `scale`, default head_dim ** -0.5. Plain einsums: at decode time L is 1
+  are scaled by `scale`, default head_dim ** -0.5, and soft-capped by `softcap` > 0
+  (`euro_lm.model.softcap`). Plain einsums: at decode time L is 1
   (or the prompt, once), so a flash kernel would gain little here.
   """
   batch, length, num_heads, hd = q_BLHd.shape
@@ -416,6 +424,7 @@ def cached_attention(q_BLHd, k_BSKd, v_BSKd, index, kv_valid_BS, window=None, sc
   logits_BKGLS = jnp.einsum(
       'blkgd,bskd->bkgls', q_BLKGd, k_BSKd, preferred_element_type=jnp.float32
   ) * (hd**-0.5 if scale is None else scale)
+  logits_BKGLS = softcap_lib.apply(logits_BKGLS, softcap)
   query_slot_L1 = (index + jnp.arange(length))[:, None]
   offset_LS = query_slot_L1 - jnp.arange(num_slots)[None, :]
   visible_LS = (offset_LS >= 0) & (offset_LS < window) if window is not None else offset_LS >= 0

@@ -19,6 +19,9 @@ partial (`[V / tensor, D]` per device, unsplit over fsdp), and the devices reduc
 partials once, after the last chunk, as the plain loss does. Summing across devices in
 every chunk would move the head gradient once per chunk.
 
+With `model.final_logit_softcap` (Gemma 2) the logits are soft-capped before the loss
+(`euro_lm.model.softcap`), and their gradient goes back through the cap in the same pass.
+
 Reverse mode only (`jax.custom_vjp`): `jax.jvp` through the fused loss is not defined.
 """
 
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from euro_lm.model import softcap as softcap_lib
 from euro_lm.sharding import mesh_axes_size
 
 
@@ -57,9 +61,10 @@ def _merge(length, x_NBC):
   return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
-def _chunk_losses(x_BCD, head_VD, targets_BC):
-  """float32 logits of one chunk, their log-partition and each token's nll."""
+def _chunk_losses(x_BCD, head_VD, targets_BC, softcap):
+  """float32 (soft-capped) logits of one chunk, their log-partition and each token's nll."""
   logits_BCV = jnp.einsum('bcd,vd->bcv', x_BCD, head_VD, preferred_element_type=jnp.float32)
+  logits_BCV = softcap_lib.apply(logits_BCV, softcap)
   logits_BCV = nn.with_logical_constraint(logits_BCV, ('batch', 'length', 'vocab'))
   logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
   target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
@@ -79,15 +84,15 @@ def batch_shards():
 
 
 @jax.named_scope('loss')  # the part of the step it is in a profile
-def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
+def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype, softcap=0.0):
   """Per-token float32 `(nll_BL, logz_BL)` from final hidden states, `chunk` positions at a
-  time (forward only: evaluation)."""
+  time (forward only: evaluation); `softcap` is `model.final_logit_softcap`."""
   length = x_BLD.shape[1]
   head_VD = head_VD.astype(dtype)
 
   def body(_, xs):
     x_BCD, targets_BC = xs
-    _, logz_BC, nll_BC = _chunk_losses(x_BCD.astype(dtype), head_VD, targets_BC)
+    _, logz_BC, nll_BC = _chunk_losses(x_BCD.astype(dtype), head_VD, targets_BC, softcap)
     return None, (nll_BC, logz_BC)
 
   _, (nll, logz) = jax.lax.scan(body, None, _split(_chunk_length(chunk, length), x_BLD, targets_BL))
@@ -95,7 +100,7 @@ def token_losses(x_BLD, head_VD, targets_BL, *, chunk, dtype):
 
 
 @jax.named_scope('loss')  # the part of the step it is in a profile
-def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
+def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype, softcap=0.0):
   """`(objective, loss_sum)` of the train step: `loss_sum = sum(w * nll)` and
   `objective = loss_sum + z_loss * sum(w * logz^2)`, differentiable in `x_BLD` and
   `head_VD` through the objective (the loss_sum is a report and is not differentiated)."""
@@ -103,6 +108,7 @@ def loss_sums(x_BLD, head_VD, targets_BL, weights_BL, *, z_loss, chunk, dtype):
       chunk,
       jnp.dtype(dtype).name,
       float(z_loss),
+      float(softcap),
       batch_shards(),
       x_BLD,
       head_VD,
@@ -119,14 +125,16 @@ def objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss):
   return loss_sum + z_loss * jnp.sum(jnp.square(logz_BL) * weights_BL), loss_sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _fused_loss(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _fused_loss(chunk, dtype, z_loss, softcap, shards, x_BLD, head_VD, targets_BL, weights_BL):
   del shards
-  nll_BL, logz_BL = token_losses(x_BLD, head_VD, targets_BL, chunk=chunk, dtype=dtype)
+  nll_BL, logz_BL = token_losses(
+      x_BLD, head_VD, targets_BL, chunk=chunk, dtype=dtype, softcap=softcap
+  )
   return objective_and_loss_sum(nll_BL, logz_BL, weights_BL, z_loss)
 
 
-def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, weights_BL):
+def _fused_loss_fwd(chunk, dtype, z_loss, softcap, shards, x_BLD, head_VD, targets_BL, weights_BL):
   length = x_BLD.shape[1]
   head_c_VD = head_VD.astype(dtype)
   by_shard = lambda a: a.reshape(shards, a.shape[0] // shards, *a.shape[1:])
@@ -134,13 +142,15 @@ def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, we
   def body(d_head_SVD, xs):
     x_BCD, targets_BC, weights_BC = xs
     x_BCD = x_BCD.astype(dtype)
-    logits_BCV, logz_BC, nll_BC = _chunk_losses(x_BCD, head_c_VD, targets_BC)
+    logits_BCV, logz_BC, nll_BC = _chunk_losses(x_BCD, head_c_VD, targets_BC, softcap)
     # d objective / d logits, in float32; the matmuls take it in the compute dtype.
     probs_BCV = jnp.exp(logits_BCV - logz_BC[..., None])
     scale_BC = weights_BC * (1.0 + 2.0 * z_loss * logz_BC)
     is_target_BCV = jnp.arange(logits_BCV.shape[-1]) == targets_BC[..., None]
-    d_logits_BCV = (
-        scale_BC[..., None] * probs_BCV - jnp.where(is_target_BCV, weights_BC[..., None], 0.0)
+    d_logits_BCV = softcap_lib.backward(
+        scale_BC[..., None] * probs_BCV - jnp.where(is_target_BCV, weights_BC[..., None], 0.0),
+        logits_BCV,
+        softcap,
     ).astype(dtype)
     d_logits_BCV = nn.with_logical_constraint(d_logits_BCV, ('batch', 'length', 'vocab'))
     d_x_BCD = jnp.einsum(
@@ -177,8 +187,8 @@ def _fused_loss_fwd(chunk, dtype, z_loss, shards, x_BLD, head_VD, targets_BL, we
   )
 
 
-def _fused_loss_bwd(chunk, dtype, z_loss, shards, residuals, cotangents):
-  del chunk, dtype, z_loss, shards
+def _fused_loss_bwd(chunk, dtype, z_loss, softcap, shards, residuals, cotangents):
+  del chunk, dtype, z_loss, softcap, shards
   d_x_BLD, d_head_VD, targets_BL, d_weights_BL = residuals
   d_objective, _ = cotangents  # the loss_sum output is under stop_gradient
   return (

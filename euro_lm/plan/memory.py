@@ -36,7 +36,9 @@ What the estimate models (all per device; it is an estimate, not a measurement):
   compute-dtype copy of the gradient for the output matmul when computing in 16 bits).
   With `model.loss_chunk_length = C`, the same for `[B, C, V]`, plus what the fused loss
   keeps from its forward: the hidden-state gradient and a float32 head-gradient partial
-  per device (split over tensor, not fsdp).
+  per device (split over tensor, not fsdp). Soft-capped logits (`model.final_logit_softcap`)
+  without the fused loss keep two more `[B, L, V]` float32 arrays for autodiff's tanh
+  (measured, BENCHMARKS.md); the fused loss takes the cap in its pass.
 - **Working set**: transients not in the above: with any remat policy the recomputed
   residuals of the one layer being differentiated; where the xla attention runs, the
   float32 scores of its largest query chunk, recomputed in the backward; one layer's weights
@@ -396,6 +398,8 @@ def estimate_memory(config, num_devices, num_nodes=1, leaves=None, *, device=Non
   chunk = min(m.loss_chunk_length, t.seq_len) or t.seq_len
   BCV = (('batch', 'length', 'vocab'), (micro, chunk, m.vocab_size))
   logits = _bytes([(*BCV, 4), (*BCV, 4)] + ([(*BCV, cs)] if cs != 4 else []), rules, degrees)
+  if m.get('final_logit_softcap', 0.0) and not m.loss_chunk_length:
+    logits += _bytes([(*BCV, 4), (*BCV, 4)], rules, degrees)  # the uncapped logits and tanh
   if m.loss_chunk_length:
     # The fused loss: the hidden states regrouped by chunk, dX kept from its forward, and
     # each device's float32 dW partial (split over tensor only; reduced after the chunks).

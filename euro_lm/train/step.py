@@ -47,6 +47,7 @@ def token_losses(model, params, batch, fp8_state=None):
         batch['targets'],
         chunk=cfg.loss_chunk_length,
         dtype=cfg.compute_dtype,
+        softcap=cfg.get('final_logit_softcap', 0.0),
     )
     return nll_BL, logz_BL, _weights(batch)
   logits_BLV = model.apply(
@@ -72,6 +73,7 @@ def _loss_sums(params, batch, model, z_loss, fp8_state=None):
         z_loss=z_loss,
         chunk=cfg.loss_chunk_length,
         dtype=cfg.compute_dtype,
+        softcap=cfg.get('final_logit_softcap', 0.0),
     )
     return objective, (loss_sum, jnp.sum(weights_BL))
   nll_BL, logz_BL, weights_BL = token_losses(model, params, batch, fp8_state)
