@@ -21,8 +21,18 @@ from euro_lm.kernels.flash.blocks import Static, key_ranges, query_ranges, visib
 SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
 
-@pytest.mark.parametrize('causal,window', [(True, None), (False, None), (True, 8), (False, 8)])
-@pytest.mark.parametrize('heads,kv_heads', [(2, 2), (4, 2), (8, 2), (8, 1)])
+def _visibility_and_heads():
+  """Every (causal, window) with every head grouping; each visibility meets two groupings
+  and each grouping two visibilities here, the rest of the grid with `-m slow`."""
+  visibilities = [(True, None), (False, None), (True, 8), (False, 8)]
+  groupings = [(2, 2), (4, 2), (8, 2), (8, 1)]
+  for i, visibility in enumerate(visibilities):
+    for j, grouping in enumerate(groupings):
+      fast = (j - i) % 4 in (0, 1)
+      yield pytest.param(*visibility, *grouping, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize('causal,window,heads,kv_heads', list(_visibility_and_heads()))
 def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads):
   q, k, v, seg = inputs(heads, kv_heads, 16, jnp.float32)
   out = flash_attention(
