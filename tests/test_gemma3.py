@@ -372,11 +372,10 @@ def test_flops_count_the_local_layers_window():
 @pytest.mark.parametrize(
     'field, value, message',
     [
-        ('final_logit_softcapping', -1.0, r'final_logit_softcapping=-1\.0 must be a positive'),
         (
             'attn_logit_softcapping',
             50.0,
-            r"attn_logit_softcapping=50\.0 is not supported: transformers' Gemma 3 does not",
+            r"attn_logit_softcapping=50\.0 is not supported: transformers' .* does not apply",
         ),
         ('hidden_activation', 'gelu', r"hidden_activation='gelu' is not supported"),
         ('use_bidirectional_attention', True, r'use_bidirectional_attention=true'),
@@ -404,6 +403,27 @@ def test_unsupported_config_fields_are_refused(field, value, message):
     hf.model_config_from_hf(config)
   multimodal = {'model_type': 'gemma3', 'text_config': config}
   with pytest.raises(hf.HFError, match=r'config\.json: text_config: ' + message):
+    hf.model_config_from_hf(multimodal)
+
+
+def test_caps_transformers_would_not_apply_are_refused():
+  """transformers' Gemma 3 never caps the attention scores, and its multimodal class never
+  caps the logits (Gemma3ForCausalLM does): importing either would change the logits."""
+  text = {k: v for k, v in LOCAL_GLOBAL.items() if k != 'family'}
+  capped = transformers.Gemma3TextConfig(**text, final_logit_softcapping=30.0).to_dict()
+  assert hf.model_config_from_hf(capped)['final_logit_softcap'] == 30.0
+  with pytest.raises(hf.HFError, match=r'final_logit_softcapping=-1\.0 must be a positive'):
+    hf.model_config_from_hf(capped | {'final_logit_softcapping': -1.0})
+  multimodal = {
+      'model_type': 'gemma3',
+      'architectures': ['Gemma3ForConditionalGeneration'],
+      'text_config': capped,
+  }
+  with pytest.raises(
+      hf.HFError,
+      match=r'text_config: final_logit_softcapping=30\.0 is not supported: transformers\' '
+      r'Gemma3ForConditionalGeneration does not apply it',
+  ):
     hf.model_config_from_hf(multimodal)
 
 

@@ -342,6 +342,34 @@ def test_suggested_change_fits():
   assert plan.estimate_memory(plan.with_overrides(c, change), 8, device=h100).total == total
 
 
+def test_the_combination_leaves_out_what_a_run_rejects():
+  """Soft-capped attention scores (Gemma 2) run on xla only: the pallas candidate is
+  rejected, and the combination of the other changes is still found."""
+  c = small_config(
+      **{
+          'model.attn_logit_softcap': 50.0,
+          'model.compute_dtype': 'bfloat16',
+          'model.vocab_size': 32_000,
+          'train.seq_len': 2048,
+      }
+  )
+  h100 = devices.accelerator_device('h100')
+  assert plan.estimate_with_overrides(c, {'model.attention_impl': 'pallas'}, 1, device=h100) is None
+  combination = {
+      'model.remat_policy': 'full',
+      'model.loss_chunk_length': plan.LOSS_CHUNK_LENGTH,
+      'train.grad_accum_steps': 16,
+  }
+  total = plan.estimate_with_overrides(c, combination, 1, device=h100).total
+  singles = [
+      plan.estimate_with_overrides(c, {k: v}, 1, device=h100).total for k, v in combination.items()
+  ]
+  assert total < min(singles)  # so only the combination fits this budget
+  found = plan.suggestions(c, 1, 1, total, device=h100)
+  assert found and found[0][1] <= total
+  assert 'model.attention_impl' not in found[0][0]
+
+
 def test_estimate_with_overrides_skips_what_a_run_rejects():
   c = small_config()
   change = {'model.remat_policy': 'full', **MESHES['fsdp8']}

@@ -2,9 +2,9 @@
 before and after attention and the MLP, embeddings times sqrt(hidden_size), GeGLU, attention
 scaled by query_pre_attn_scalar, and local layers (a sliding window, their own RoPE base)
 between global ones (every `sliding_window_pattern`th layer; full attention, `rope_theta`
-with its scaling). The logits may be soft-capped as Gemma 2's (transformers' Gemma 3 caps
-them where final_logit_softcapping is set, and never the attention scores). The `gemma2`
-module builds on this one.
+with its scaling). The logits may be soft-capped as Gemma 2's: transformers'
+Gemma3ForCausalLM caps them where final_logit_softcapping is set; its multimodal class and
+the attention scores are never capped. The `gemma2` module builds on this one.
 
 It reads Gemma3ForCausalLM folders (model_type 'gemma3_text') and the language model of
 Gemma3ForConditionalGeneration ones (model_type 'gemma3'; its vision tower is skipped), and
@@ -302,11 +302,15 @@ def model_config_from_hf(hf, where='config.json'):
   refuses what euro_lm does not compute, naming the field."""
   text, where = _text_config(hf, where)
   text = _DEFAULTS | text
-  if text.get('attn_logit_softcapping') is not None:
-    raise HFError(
-        f"{where}: attn_logit_softcapping={text['attn_logit_softcapping']!r} is not "
-        "supported: transformers' Gemma 3 does not apply it (null)"
-    )
+  ignored = ['attn_logit_softcapping']  # fields transformers keeps but does not apply
+  if hf.get('model_type') == 'gemma3':
+    ignored.append('final_logit_softcapping')  # Gemma3ForConditionalGeneration's
+  for field in ignored:
+    if text.get(field) is not None:
+      raise HFError(
+          f"{where}: {field}={text[field]!r} is not supported: transformers' "
+          f'{(hf.get("architectures") or ["Gemma 3"])[0]} does not apply it (null)'
+      )
   model = shared_fields(text, where, 'Gemma 3') | _rope(text, where)
   declared = text.get('sliding_window_pattern', _DEFAULTS['sliding_window_pattern'])
   model['sliding_window_pattern'] = pattern_from_hf(text, model['num_layers'], where, declared)

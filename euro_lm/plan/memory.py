@@ -505,11 +505,11 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
       if config[section][field] == change[path] and len(change) > 1:
         del change[path]
   for change in candidates:
+    est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
+    if est is None:  # a run would reject it (pallas with soft-capped scores): not combined
+      continue
     if 'train.grad_accum_steps' not in change:
       combined.update(change)
-    est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
-    if est is None:
-      continue
     total = est.total
     if 'train.grad_accum_steps' in change:
       if total <= budget_bytes:  # only the smallest accumulation that fits
