@@ -27,6 +27,7 @@ from tests.hf_tokenizers import make_tokenizer_folder
 from tests.test_hf import (
     TOLERANCE,
     abstract_params,
+    assert_greedy_equals_transformers,
     euro_logits,
     hf_logits,
     random_hf_model,
@@ -142,34 +143,8 @@ def test_import_matches_transformers(tmp_path, shape):
 @pytest.mark.parametrize('shape', sorted(SHAPES))
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """18 positions, past the window: the KV cache applies each layer's window and RoPE."""
-  from euro_lm.sampling import generate
-
   model, config, params = imported(tmp_path, shape, seed=3)
-  prompts, new_tokens = [[5, 17, 42, 8, 99, 3], [7, 7, 61]], 12
-  expected = []
-  for prompt in prompts:
-    with torch.no_grad():
-      out = model.generate(
-          torch.tensor([prompt]),
-          max_new_tokens=new_tokens,
-          do_sample=False,
-          eos_token_id=None,
-          pad_token_id=0,
-      )
-    expected.append(out[0, len(prompt) :].tolist())
-  tokens_BP = np.zeros((2, 6), np.int32)
-  for row, prompt in enumerate(prompts):  # left padding, as euro_lm.sampling expects
-    tokens_BP[row, 6 - len(prompt) :] = prompt
-  got = generate(
-      Decoder(config.model),
-      params,
-      tokens_BP,
-      np.array([6, 3], np.int32),
-      jax.random.key(0),
-      max_new_tokens=new_tokens,
-      eos_id=-1,
-  )
-  assert np.asarray(got.tokens_BN).tolist() == expected
+  assert_greedy_equals_transformers(model, config.model, params)
 
 
 def test_multimodal_folder_imports_its_language_model(tmp_path):

@@ -644,14 +644,19 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both
   produce every requested token."""
-  from euro_lm.sampling import generate
-
   model = random_hf_model(HF_SHAPES[shape], seed=3)
   model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
   config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
   params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  assert_greedy_equals_transformers(model, config.model, params)
+
+
+def assert_greedy_equals_transformers(model, model_config, params, new_tokens=12):
+  """euro_lm's cached greedy decoding of two left-padded prompts (18 positions in all)
+  gives the tokens of transformers' greedy `generate` of `model`, EOS disabled on both."""
+  from euro_lm.sampling import generate
+
   prompts = [[5, 17, 42, 8, 99, 3], [7, 7, 61]]
-  new_tokens = 12
   expected = []
   for prompt in prompts:  # one at a time: no padding conventions to match
     with torch.no_grad():
@@ -667,7 +672,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   for row, prompt in enumerate(prompts):  # left padding, as euro_lm.sampling expects
     tokens_BP[row, 6 - len(prompt) :] = prompt
   got = generate(
-      Decoder(config.model),
+      Decoder(model_config),
       params,
       tokens_BP,
       np.array([6, 3], np.int32),
