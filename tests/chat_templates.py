@@ -1,6 +1,7 @@
 """The chat templates of open model families, written after the published ones' logic (tool
 branches left out): Llama 3.2's date header, Mistral v0.3's [INST] with the system message
-in the last user turn, Qwen2.5's default system prompt, Gemma 3's 'model' role."""
+in the last user turn, Qwen2.5's default system prompt, Gemma 3's 'model' role; and Gemma
+2's, which refuses a system message."""
 
 LLAMA3 = """{{- bos_token }}
 {%- if not date_string is defined %}
@@ -155,6 +156,19 @@ GEMMA3 = """{{ bos_token }}
     {{'<start_of_turn>model\\n'}}
 {%- endif -%}
 """
+
+# Gemma 2's (as gemma-2-*-it publish it, one line): no system role, turns that alternate.
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    '{% for message in messages %}'
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
 
 # The template of each family of tests/hf_tokenizers.py.
 TEMPLATES = {'llama3': LLAMA3, 'mistral': MISTRAL, 'qwen2': QWEN25, 'gemma': GEMMA3}

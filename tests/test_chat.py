@@ -22,7 +22,7 @@ from euro_lm.data.languages import resolve_language
 from euro_lm.data.tokenizer import load_tokenizer, train_sentencepiece
 from euro_lm.errors import ConfigError, DataError
 from euro_lm.hf.tokenizer import write_tokenizer
-from tests.chat_templates import TEMPLATES, assistant_turn
+from tests.chat_templates import GEMMA2, TEMPLATES, assistant_turn
 from tests.hf_tokenizers import FAMILIES, make_tokenizer_folder
 
 SYSTEM = {'role': 'system', 'content': 'Du bist ein hilfreicher Assistent.'}
@@ -182,6 +182,30 @@ def test_conversations_a_template_cannot_take_are_refused_with_the_reason(folder
   assert e.value.kind == chat.UNMASKABLE and repr('\n%(') in str(e.value)
   with pytest.raises(ConfigError, match='line 1'):
     chat.compile_template('{% for m in messages %}')
+
+
+def test_gemma_2_template_ids_masks_and_refusal_equal_transformers(folders):
+  """Gemma 2's template on the Gemma tokenizer: ids and text as `apply_chat_template`, the
+  mask on the model turns, and a system message refused in the template's own words, as
+  transformers refuses it."""
+  theirs = _theirs(folders['gemma'])
+  tokenizer = load_tokenizer(folders['gemma'])
+  messages = CONVERSATIONS[1]
+  for prompt in (False, True):
+    expected = theirs.apply_chat_template(
+        messages, chat_template=GEMMA2, add_generation_prompt=prompt
+    )
+    assert chat.encode_chat(tokenizer, GEMMA2, messages, prompt) == expected['input_ids']
+  ids, mask = chat.chat_example(tokenizer, GEMMA2, messages)
+  masked = [theirs.decode([i for i, m in zip(ids.tolist(), mask.tolist()) if m])]
+  assert masked == [
+      ''.join(assistant_turn('gemma', m['content']) for m in messages if m['role'] == 'assistant')
+  ]
+  with pytest.raises(Exception, match='System role not supported'):
+    theirs.apply_chat_template(CONVERSATIONS[0], chat_template=GEMMA2)
+  with pytest.raises(chat.ConversationError, match='System role not supported') as e:
+    chat.chat_example(tokenizer, GEMMA2, CONVERSATIONS[0])
+  assert e.value.kind == chat.TEMPLATE_ERROR
 
 
 # Template features beyond the four families' templates: transformers' `dict` (with
