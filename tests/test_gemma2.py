@@ -4,7 +4,6 @@ layer_types) give transformers' logits and greedy tokens after import, train wit
 fused loss, export as Gemma2ForCausalLM and import again."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -15,11 +14,9 @@ import transformers
 from euro_lm import hf
 from euro_lm.checkpoint import load_params
 from euro_lm.config import validate
-from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.errors import ConfigError
 from euro_lm.hf.check import compare_with_transformers
-from euro_lm.train.loop import train
-from tests.hf_tokenizers import make_tokenizer_folder
+from tests.test_gemma3 import import_train_and_export
 from tests.test_hf import (
     TOLERANCE,
     abstract_params,
@@ -147,30 +144,9 @@ def test_import_train_export_and_import_again(tmp_path):
   """With a Gemma-shaped tokenizer: import, 2 training steps with the fused loss (which caps
   the logits), export (transformers loads Gemma2ForCausalLM with the trained logits), and
   the export imported again gives the trained parameters exactly."""
-  tokenizer_dir = make_tokenizer_folder('gemma', tmp_path / 'tokenizer')
-  source = load_tokenizer(tokenizer_dir)
-  hf_dir = tmp_path / 'hf'
-  random_hf_model({**ALTERNATING, 'vocab_size': source.vocab_size}).save_pretrained(hf_dir)
-  for file in source.files:
-    shutil.copy(file, hf_dir)
-  config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=quiet)
-  config.update_from_flattened_dict(
-      {
-          'model.loss_chunk_length': 8,
-          'train.steps': 2,
-          'train.global_batch_size': 8,
-          'train.eval_batches': 1,
-          'train.seq_len': 32,
-          'train.log_every': 1,
-          'train.eval_every': 0,
-          'train.checkpoint_every': 2,
-          'data.languages': 'deu_Latn,fra_Latn',
-      }
+  config, workdir, output = import_train_and_export(
+      tmp_path, ALTERNATING, **{'model.loss_chunk_length': 8}
   )
-  workdir = tmp_path / 'run'
-  train(config, str(workdir))
-  output = tmp_path / 'export'
-  hf.export_hf(str(workdir), str(output), dtype='float32', log=quiet)
   written = json.loads((output / 'config.json').read_text())
   assert (written['architectures'], written['model_type']) == (['Gemma2ForCausalLM'], 'gemma2')
   assert (written['attn_logit_softcapping'], written['final_logit_softcapping']) == (1.0, 3.0)

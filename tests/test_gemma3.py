@@ -233,18 +233,18 @@ def test_a_released_multimodal_config_leaves_fields_at_transformers_defaults():
 # ------------------------------------------------------------------ train and export
 
 
-def test_import_train_export_and_import_again(tmp_path):
-  """With a Gemma-shaped tokenizer and a padded vocabulary: import, 2 training steps,
-  export (transformers loads Gemma3ForCausalLM with the trained logits), and the export
-  imported again gives the trained parameters exactly."""
+def import_train_and_export(tmp_path, hf_shape, vocab_padding=0, **overrides):
+  """A random HF folder of `hf_shape` with a Gemma-shaped tokenizer (and `vocab_padding`
+  embedding rows more) imported, trained 2 steps with the `overrides` ('model.x': value)
+  and exported in float32: (the import's config, the run's workdir, the export folder)."""
   tokenizer_dir = make_tokenizer_folder('gemma', tmp_path / 'tokenizer')
   source = load_tokenizer(tokenizer_dir)
   hf_dir = tmp_path / 'hf'
-  random_hf_model({**LOCAL_GLOBAL, 'vocab_size': source.vocab_size + 5}).save_pretrained(hf_dir)
+  vocab_size = source.vocab_size + vocab_padding
+  random_hf_model({**hf_shape, 'vocab_size': vocab_size}).save_pretrained(hf_dir)
   for file in source.files:
     shutil.copy(file, hf_dir)
   config = hf.import_hf(str(hf_dir), str(tmp_path / 'imported'), log=quiet)
-  assert config.data.add_bos and config.data.tokenizer_path
   config.update_from_flattened_dict(
       {
           'train.steps': 2,
@@ -255,12 +255,22 @@ def test_import_train_export_and_import_again(tmp_path):
           'train.eval_every': 0,
           'train.checkpoint_every': 2,
           'data.languages': 'deu_Latn,fra_Latn',
+          **overrides,
       }
   )
   workdir = tmp_path / 'run'
   train(config, str(workdir))
   output = tmp_path / 'export'
   hf.export_hf(str(workdir), str(output), dtype='float32', log=quiet)
+  return config, workdir, output
+
+
+def test_import_train_export_and_import_again(tmp_path):
+  """With a Gemma-shaped tokenizer and a padded vocabulary: import, 2 training steps,
+  export (transformers loads Gemma3ForCausalLM with the trained logits), and the export
+  imported again gives the trained parameters exactly."""
+  config, workdir, output = import_train_and_export(tmp_path, LOCAL_GLOBAL, vocab_padding=5)
+  assert config.data.add_bos and config.data.tokenizer_path
   written = json.loads((output / 'config.json').read_text())
   assert (written['architectures'], written['model_type']) == (['Gemma3ForCausalLM'], 'gemma3_text')
   theirs = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
