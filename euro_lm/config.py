@@ -50,11 +50,20 @@ def base_config() -> ml_collections.ConfigDict:
   m.head_dim = 64  # per-head width; 0 means embed_dim // num_heads
   m.mlp_dim = 2048  # SwiGLU hidden width F
   m.rope_theta = 10_000.0  # RoPE base frequency
-  m.rope_scaling = 'none'  # RoPE frequency scaling, as HF's rope_type: none | linear | llama3
-  m.rope_scaling_factor = 1.0  # linear, llama3: how many times the original context
+  m.rope_scaling = (
+      'none'  # RoPE frequency scaling, as HF's rope_type: none | linear | llama3 | yarn
+  )
+  m.rope_scaling_factor = 1.0  # linear, llama3, yarn: how many times the original context
   m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original / this are scaled fully
   m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original / this are kept
-  m.rope_original_max_positions = 8192  # llama3: the context the model was first trained on
+  m.rope_original_max_positions = 8192  # llama3, yarn: the context the model was first trained on
+  m.rope_yarn_beta_fast = 32.0  # yarn: dimensions turning more often than this are kept
+  m.rope_yarn_beta_slow = 1.0  # yarn: dimensions turning less often than this are scaled fully
+  m.rope_yarn_truncate = True  # yarn: round the blended range of dimensions outwards
+  m.rope_attention_factor = 0.0  # yarn: cos and sin times this; 0: 0.1 * ln(factor) + 1
+  # >0: queries times 1 + this * ln(1 + floor(position / rope_original_max_positions)), after
+  # RoPE (Llama 4's long-context scaling, Ministral 3's llama_4_scaling_beta); 0: off
+  m.query_scale_beta = 0.0
   m.norm_eps = 1e-5  # RMSNorm epsilon
   m.tie_embeddings = True  # share input embedding and output projection
   m.qk_norm = False  # RMSNorm on queries and keys per head
@@ -375,15 +384,27 @@ def validate(config, num_devices, process_count=1, device=None):
         m.rope_scaling_factor > 0,
         f'model.rope_scaling_factor={m.rope_scaling_factor} must be positive',
     )
+  if m.rope_scaling == 'yarn':
+    _check(
+        m.rope_yarn_beta_fast > 0 and m.rope_yarn_beta_slow > 0,
+        f'model.rope_yarn_beta_fast={m.rope_yarn_beta_fast} and model.rope_yarn_beta_slow='
+        f'{m.rope_yarn_beta_slow} must be positive',
+    )
+    _check(
+        m.rope_attention_factor >= 0,
+        f'model.rope_attention_factor={m.rope_attention_factor} must be 0 (derived) or positive',
+    )
+  _check(m.query_scale_beta >= 0, f'model.query_scale_beta={m.query_scale_beta} must be >= 0')
+  if m.rope_scaling in ('llama3', 'yarn') or m.query_scale_beta:
+    _check(
+        m.rope_original_max_positions > 0,
+        f'model.rope_original_max_positions={m.rope_original_max_positions} must be positive',
+    )
   if m.rope_scaling == 'llama3':
     _check(
         0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
         f'model.rope_low_freq_factor={m.rope_low_freq_factor} must be positive and below '
         f'model.rope_high_freq_factor={m.rope_high_freq_factor}',
-    )
-    _check(
-        m.rope_original_max_positions > 0,
-        f'model.rope_original_max_positions={m.rope_original_max_positions} must be positive',
     )
   _check(
       m.head_dim or m.embed_dim % m.num_heads == 0,

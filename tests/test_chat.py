@@ -22,7 +22,7 @@ from euro_lm.data.languages import resolve_language
 from euro_lm.data.tokenizer import load_tokenizer, train_sentencepiece
 from euro_lm.errors import ConfigError, DataError
 from euro_lm.hf.tokenizer import write_tokenizer
-from tests.chat_templates import GEMMA2, TEMPLATES, assistant_turn
+from tests.chat_templates import GEMMA2, MISTRAL_SMALL_31, TEMPLATES, assistant_turn
 from tests.hf_tokenizers import FAMILIES, make_tokenizer_folder
 
 SYSTEM = {'role': 'system', 'content': 'Du bist ein hilfreicher Assistent.'}
@@ -206,6 +206,67 @@ def test_gemma_2_template_ids_masks_and_refusal_equal_transformers(folders):
   with pytest.raises(chat.ConversationError, match='System role not supported') as e:
     chat.chat_example(tokenizer, GEMMA2, CONVERSATIONS[0])
   assert e.value.kind == chat.TEMPLATE_ERROR
+
+
+def test_mistral_small_template_takes_content_as_text_parts(folders):
+  """Mistral Small 3.1's template on the Mistral tokenizer, with content given as lists of
+  text parts (its only way to take a system prompt) and as strings: ids equal
+  `apply_chat_template`'s, the mask covers each assistant turn through its `</s>`, and a
+  string system prompt is refused in the template's failure, as transformers refuses it."""
+  theirs = _theirs(folders['mistral'])
+  tokenizer = load_tokenizer(folders['mistral'])
+  parts = lambda *texts: [{'type': 'text', 'text': t} for t in texts]  # noqa: E731
+  system = {'role': 'system', 'content': parts(SYSTEM['content'])}
+  split_question = {'role': 'user', 'content': parts('Wie heißt die Hauptstadt ', 'Tirols?')}
+  answer = {'role': 'assistant', 'content': parts('Innsbruck.')}
+  for messages in (
+      [system, *CONVERSATIONS[1]],
+      CONVERSATIONS[1],  # no system prompt: the template writes its dated default
+      [system, split_question, answer],
+  ):
+    assert conversations.check_messages(messages) is None
+    for prompt in (False, True):
+      expected = theirs.apply_chat_template(
+          messages, chat_template=MISTRAL_SMALL_31, add_generation_prompt=prompt
+      )['input_ids']
+      assert chat.encode_chat(tokenizer, MISTRAL_SMALL_31, messages, prompt) == expected
+    ids, mask = chat.chat_example(tokenizer, MISTRAL_SMALL_31, messages)
+    said = [m['content'] for m in messages if m['role'] == 'assistant']
+    said = [s if isinstance(s, str) else s[0]['text'] for s in said]
+    masked = theirs.decode([i for i, m in zip(ids.tolist(), mask.tolist()) if m])
+    assert masked == ''.join(s + '</s>' for s in said)
+  with pytest.raises(Exception, match="has no attribute 'text'"):
+    theirs.apply_chat_template(CONVERSATIONS[0], chat_template=MISTRAL_SMALL_31)
+  with pytest.raises(chat.ConversationError, match="has no attribute 'text'") as e:
+    chat.chat_example(tokenizer, MISTRAL_SMALL_31, CONVERSATIONS[0])
+  assert e.value.kind == chat.TEMPLATE_ERROR
+
+
+def test_content_parts_a_template_would_write_as_python_text_are_refused(folders):
+  """Llama 3's template takes content as a string: transformers renders a list of parts as
+  Python's text of it, which euro_lm refuses rather than trains on. Parts that are not
+  text are refused by the conversation check."""
+  messages = [
+      {'role': 'user', 'content': [{'type': 'text', 'text': 'Hallo?'}]},
+      {'role': 'assistant', 'content': 'Hallo.'},
+  ]
+  rendered = _theirs(folders['llama3']).apply_chat_template(
+      messages, chat_template=TEMPLATES['llama3'], tokenize=False
+  )
+  assert "{'type': 'text', 'text': 'Hallo?'}" in rendered
+  tokenizer = load_tokenizer(folders['llama3'])
+  with pytest.raises(chat.ConversationError, match='message 0: .* as Python text') as e:
+    chat.chat_example(tokenizer, TEMPLATES['llama3'], messages)
+  assert e.value.kind == chat.TEMPLATE_ERROR
+  image = [{'role': 'user', 'content': [{'type': 'image', 'url': 'x.png'}]}, messages[1]]
+  assert conversations.check_messages(image) == (
+      conversations.BAD_MESSAGES,
+      "message 0: content part 0 has type 'image'; euro_lm trains on text parts",
+  )
+  assert conversations.check_messages([messages[0], {'role': 'assistant', 'content': []}]) == (
+      conversations.BAD_MESSAGES,
+      'message 1: content is an empty list',
+  )
 
 
 # Template features beyond the four families' templates: transformers' `dict` (with

@@ -55,10 +55,22 @@ def test_a_valid_config_resolves_the_mesh():
         ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
         ({'model.compute_dtype': 'fp8'}, "model.compute_dtype='fp8'"),
         ({'model.remat_policy': 'some'}, "model.remat_policy='some'"),
-        ({'model.rope_scaling': 'yarn'}, "model.rope_scaling='yarn' is not one of"),
+        ({'model.rope_scaling': 'dynamic'}, "model.rope_scaling='dynamic' is not one of"),
         (
             {'model.rope_scaling': 'linear', 'model.rope_scaling_factor': 0.0},
             'model.rope_scaling_factor=0.0 must be positive',
+        ),
+        (
+            {'model.rope_scaling': 'yarn', 'model.rope_yarn_beta_slow': 0.0},
+            'model.rope_yarn_beta_fast=32.0 and model.rope_yarn_beta_slow=0.0 must be positive',
+        ),
+        (
+            {'model.rope_scaling': 'yarn', 'model.rope_attention_factor': -1.0},
+            'model.rope_attention_factor=-1.0 must be 0 .derived. or positive',
+        ),
+        (
+            {'model.rope_scaling': 'yarn', 'model.rope_original_max_positions': 0},
+            'model.rope_original_max_positions=0 must be positive',
         ),
         (
             {'model.rope_scaling': 'llama3', 'model.rope_low_freq_factor': 4.0},

@@ -2,6 +2,7 @@
 Gemma3ForConditionalGeneration: random models saved with save_pretrained give transformers'
 logits and greedy tokens after import, train, export as Gemma3ForCausalLM and import again."""
 
+import copy
 import json
 import shutil
 
@@ -21,7 +22,7 @@ from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.errors import ConfigError
 from euro_lm.hf.check import compare_with_transformers
 from euro_lm.model import Decoder, forward_flops_per_token
-from euro_lm.model.layers import RMSNorm, geglu
+from euro_lm.model.layers import RMSNorm, geglu, rope_attention_factor, rope_frequencies
 from euro_lm.train.loop import train
 from tests.hf_tokenizers import make_tokenizer_folder
 from tests.test_hf import (
@@ -429,6 +430,26 @@ def test_validate_names_the_field(overrides, message):
   config.update_from_flattened_dict(overrides)
   with pytest.raises(ConfigError, match=message):
     validate(config, 1)
+
+
+def test_yarn_on_the_global_layers_truncates_as_transformers_does():
+  """transformers reads YaRN's truncate beside the layer types, never in full_attention's
+  parameters, so a Gemma 3 always truncates: import reads it so, export refuses less, and
+  the original context is max_position_embeddings where full_attention's leaves it out."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  text = {k: v for k, v in LOCAL_GLOBAL.items() if k != 'family'}
+  yarn = {'rope_type': 'yarn', 'rope_theta': 100.0, 'factor': 4.0, 'truncate': False}
+  text['rope_parameters'] = dict(text['rope_parameters'], full_attention=yarn)
+  config = {'model_type': 'gemma3_text', 'vocab_size': 101, 'max_position_embeddings': 32} | text
+  model = hf.model_config_from_hf(config)
+  assert model['rope_yarn_truncate'] and model['rope_original_max_positions'] == 32
+  theirs = transformers.Gemma3TextConfig(**copy.deepcopy(config))
+  inv_freq, factor = ROPE_INIT_FUNCTIONS['yarn'](theirs, 'cpu', layer_type='full_attention')
+  np.testing.assert_allclose(rope_frequencies(gemma_model(**model)), inv_freq.numpy(), rtol=1e-6)
+  assert rope_attention_factor(model) == factor
+  with pytest.raises(hf.HFError, match=r'model\.rope_yarn_truncate=False is no Gemma 3'):
+    hf.architectures.for_model(model | {'rope_yarn_truncate': False})
 
 
 def test_export_refuses_half_a_gemma():

@@ -5,7 +5,9 @@ checkpoints from real tiny training runs are exported, loaded with AutoModelForC
 AutoTokenizer, and must give euro_lm's logits and token ids.
 """
 
+import copy
 import json
+import math
 import os
 import pickle
 
@@ -26,6 +28,7 @@ from euro_lm.checkpoint import CheckpointError, load_params, resolve_checkpoint
 from euro_lm.data import dataset
 from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.model import Decoder
+from euro_lm.model.layers import rope_attention_factor, rope_frequencies
 from euro_lm.train.loop import train
 
 TOLERANCE = 1e-4
@@ -82,6 +85,44 @@ HF_SHAPES = {
         tie_word_embeddings=False,
         rope_parameters={'rope_type': 'linear', 'rope_theta': 10_000.0, 'factor': 4.0},
     ),
+    # YaRN as Qwen2.5's model cards add it for long contexts, its original context short
+    # enough that the blend of dimensions shows within the test's positions.
+    'yarn_rope': dict(
+        family='qwen2',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            'rope_type': 'yarn',
+            'rope_theta': 1_000_000.0,
+            'factor': 4.0,
+            'original_max_position_embeddings': 8,
+        },
+    ),
+    # YaRN with every parameter set: other betas, no truncation, and the attention factor
+    # from mscale and mscale_all_dim (DeepSeek's way).
+    'yarn_mscale': dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        rope_parameters={
+            'rope_type': 'yarn',
+            'rope_theta': 10_000.0,
+            'factor': 8.0,
+            'original_max_position_embeddings': 4,
+            'beta_fast': 8,
+            'beta_slow': 2,
+            'truncate': False,
+            'mscale': 1.0,
+            'mscale_all_dim': 0.5,
+        },
+    ),
     # Mistral with a sliding window shorter than the test's 17 tokens.
     'mistral': dict(
         family='mistral',
@@ -134,8 +175,10 @@ HF_SHAPES = {
 FAMILIES = {
     'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM),
+    'ministral3': (transformers.Ministral3Config, transformers.Ministral3ForCausalLM),
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    'gemma': (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
@@ -235,8 +278,79 @@ def test_import_matches_transformers(tmp_path, shape):
   assert np.abs(got - want).max() <= TOLERANCE
 
 
+def test_yarn_blends_the_dimensions_and_scales_cos_and_sin(tmp_path):
+  """Each of YaRN's parts matters on the test's positions: without the scaling, or with the
+  attention factor at 1, the imported model's logits are not transformers'."""
+  model = random_hf_model(HF_SHAPES['yarn_mscale'])
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  m = config.model
+  assert (m.rope_yarn_beta_fast, m.rope_yarn_beta_slow, m.rope_yarn_truncate) == (8, 2, False)
+  assert m.rope_attention_factor == (0.1 * math.log(8) + 1) / (0.05 * math.log(8) + 1)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(m))
+  tokens_BL = random_tokens(101)
+  want = hf_logits(model, tokens_BL)
+  assert np.abs(euro_logits(m, params, tokens_BL) - want).max() <= TOLERANCE
+  for field, value in (('rope_scaling', 'none'), ('rope_attention_factor', 1.0)):
+    changed = m.copy_and_resolve_references()
+    changed[field] = value
+    assert np.abs(euro_logits(changed, params, tokens_BL) - want).max() > 1e-2, field
+
+
+_YARN = {'rope_type': 'yarn', 'rope_theta': 100.0, 'factor': 4.0}
+
+
 @pytest.mark.parametrize(
-    'shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'mistral', 'qwen2', 'qwen3']
+    'config',
+    [
+        # The original context beside the rope parameters wins (as Phi-3 keeps it).
+        {
+            'rope_parameters': _YARN | {'original_max_position_embeddings': 16},
+            'original_max_position_embeddings': 32,
+        },
+        # rope_scaling (the older key) replaces rope_parameters, beta_fast included.
+        {
+            'rope_parameters': _YARN | {'beta_fast': 2},
+            'rope_scaling': _YARN | {'original_max_position_embeddings': 8},
+        },
+        # Left out: the original context is max_position_embeddings; a null factor their ratio.
+        {'rope_parameters': _YARN},
+        {'rope_parameters': _YARN | {'factor': None, 'original_max_position_embeddings': 16.0}},
+        # truncate null truncates nothing; mscale alone leaves the factor's attention factor.
+        {
+            'rope_parameters': _YARN
+            | {'truncate': None, 'original_max_position_embeddings': 16, 'mscale': 2.0}
+        },
+        {
+            'rope_parameters': _YARN
+            | {'original_max_position_embeddings': 16, 'attention_factor': 1.5}
+        },
+    ],
+)
+def test_yarn_parameters_read_as_transformers_reads_them(config):
+  """Frequencies and the cos/sin factor of import's fields equal transformers' own YaRN
+  computation on the same config.json."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  sizes = dict(
+      vocab_size=101,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+  )
+  raw = copy.deepcopy(sizes | config)  # transformers standardizes the dicts it is given
+  inv_freq, attention_factor = ROPE_INIT_FUNCTIONS['yarn'](transformers.Qwen2Config(**raw), 'cpu')
+  model = tiny.get_config().model
+  model.update(hf.model_config_from_hf({'model_type': 'qwen2'} | sizes | config))
+  np.testing.assert_allclose(rope_frequencies(model), inv_freq.numpy(), rtol=1e-6)
+  assert rope_attention_factor(model) == attention_factor
+
+
+@pytest.mark.parametrize(
+    'shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'yarn_mscale', 'mistral', 'qwen2', 'qwen3']
 )
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
@@ -473,8 +587,23 @@ def test_pickled_weights_are_refused(tmp_path):
         ('rope_parameters', [1e4], r'rope_parameters=\[10000\.0\] must be an object'),
         (
             'rope_parameters',
-            {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0},
-            r"rope_parameters\.rope_type='yarn' is not supported",
+            {'rope_type': 'dynamic', 'rope_theta': 1e4, 'factor': 4.0},
+            r"rope_parameters\.rope_type='dynamic' is not supported",
+        ),
+        (
+            'rope_parameters',
+            {'rope_type': 'yarn', 'rope_theta': 1e4, 'original_max_position_embeddings': 8},
+            r"rope_parameters\.factor is missing for rope_type='yarn'",
+        ),
+        (
+            'rope_parameters',
+            {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 2.0, 'truncate': 'no'},
+            r"rope_parameters: truncate='no' must be true or false",
+        ),
+        (
+            'rope_parameters',
+            {'rope_type': 'linear', 'factor': 2.0, 'partial_rotary_factor': 0.5},
+            r"partial_rotary_factor=0\.5 with rope_type='linear' is not supported",
         ),
         ('attention_bias', True, r'attention_bias=true is not supported'),
         ('mlp_bias', True, r'mlp_bias=true is not supported'),
@@ -639,7 +768,9 @@ def test_command_lines(tmp_path):
   )
 
 
-@pytest.mark.parametrize('shape', ['gqa_untied', 'llama3_rope', 'mistral', 'qwen2', 'qwen3'])
+@pytest.mark.parametrize(
+    'shape', ['gqa_untied', 'llama3_rope', 'yarn_rope', 'mistral', 'qwen2', 'qwen3']
+)
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly
   the tokens of transformers' greedy `generate`. EOS is disabled on both sides, so both

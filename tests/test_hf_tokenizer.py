@@ -91,6 +91,38 @@ def test_special_tokens_map_counts_only_in_a_legacy_folder(folders, tmp_path, co
   assert theirs.eos_token == ('<|im_end|>' if complete_config else '<|endoftext|>')
 
 
+def rewrite_json(path, **fields):
+  with open(path, encoding='utf-8') as f:
+    content = json.load(f)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(content | fields, f, ensure_ascii=False)
+
+
+def older_conversion(folders, folder):
+  """The Mistral-shaped folder with its tokenizer.json as an older conversion wrote it (a
+  normalizer that prepends '▁', no pre-tokenizer: Llama 2's, Mistral v0.1's)."""
+  shutil.copytree(folders['mistral'], folder)
+  normalizer = {
+      'type': 'Sequence',
+      'normalizers': [
+          {'type': 'Prepend', 'prepend': '\u2581'},
+          {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '\u2581'},
+      ],
+  }
+  rewrite_json(os.path.join(folder, 'tokenizer.json'), pre_tokenizer=None, normalizer=normalizer)
+  return folder
+
+
+def assert_reads_as_transformers(folder):
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  ours = load_tokenizer(folder)
+  for text in [*TEXTS, 'hello world how are you', '</s>[INST] Hallo</s> Welt<s>x']:
+    ids = theirs(text, add_special_tokens=False)['input_ids']
+    assert ours.encode(text) == ids, (folder, text)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), (folder, text)
+  return ours
+
+
 @pytest.mark.parametrize('legacy', [None, False, True])
 def test_an_older_llama_tokenizer_file_is_read_as_transformers_5_builds_it(
     folders, tmp_path, legacy
@@ -99,20 +131,7 @@ def test_an_older_llama_tokenizer_file_is_read_as_transformers_5_builds_it(
   prepends '▁', as Llama 2's and Mistral v0.1's): transformers 5 rebuilds its pipeline,
   so '▁' is prepended after special tokens only with legacy: true. Ids of text, of text
   around special tokens and of a chat template equal AutoTokenizer's, as does decoding."""
-  folder = str(tmp_path / 'older')
-  shutil.copytree(folders['mistral'], folder)
-  with open(os.path.join(folder, 'tokenizer.json'), encoding='utf-8') as f:
-    description = json.load(f)
-  description['pre_tokenizer'] = None
-  description['normalizer'] = {
-      'type': 'Sequence',
-      'normalizers': [
-          {'type': 'Prepend', 'prepend': '\u2581'},
-          {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '\u2581'},
-      ],
-  }
-  with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
-    json.dump(description, f, ensure_ascii=False)
+  folder = older_conversion(folders, str(tmp_path / 'older'))
   with open(os.path.join(folder, 'tokenizer_config.json'), encoding='utf-8') as f:
     config = json.load(f)
   assert config['tokenizer_class'] == 'LlamaTokenizer'
@@ -139,6 +158,83 @@ def test_an_older_llama_tokenizer_file_is_read_as_transformers_5_builds_it(
   other = load_tokenizer(flipped)
   assert other.encode('</s>Hallo') != ours.encode('</s>Hallo')
   assert other.fingerprint != ours.fingerprint
+
+
+@pytest.mark.parametrize('model_type', [None, 'mistral3', 'llama'])
+def test_a_byte_level_file_under_the_llama_class_keeps_its_pipeline(folders, tmp_path, model_type):
+  """Mistral Small 3.x ships a byte-level tokenizer.json and names LlamaTokenizerFast:
+  transformers 5 never gives a byte-level file LlamaTokenizer's pipeline, with or without
+  the model's config.json beside it, so spaces stay spaces."""
+  folder = str(tmp_path / 'byte_level')
+  shutil.copytree(folders['llama3'], folder)
+  rewrite_json(os.path.join(folder, 'tokenizer_config.json'), tokenizer_class='LlamaTokenizerFast')
+  if model_type:
+    model = {'model_type': model_type, 'architectures': ['X']}
+    with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+      json.dump(model, f)
+  ours = assert_reads_as_transformers(folder)
+  assert ours.decode(ours.encode('hello world how are you')) == 'hello world how are you'
+
+
+def test_an_older_mistral_file_beside_its_model_config_keeps_its_pipeline(folders, tmp_path):
+  """Beside a Mistral model's config.json, transformers 5 reads an older conversion under
+  the LlamaTokenizer class with the file's own pipeline (alone, it rebuilds it): so does
+  euro_lm, and a copy of the tokenizer (import, checkpoints, export), which leaves the
+  model's config.json behind, names the class that keeps transformers reading it so."""
+  folder = older_conversion(folders, str(tmp_path / 'mistral_v01'))
+  alone = assert_reads_as_transformers(folder)
+  with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'model_type': 'mistral', 'architectures': ['MistralForCausalLM']}, f)
+  beside = assert_reads_as_transformers(folder)
+  assert beside.encode(' leading space') != alone.encode(' leading space')
+  copy = copy_tokenizer(beside, str(tmp_path / 'copy'))
+  copied = assert_reads_as_transformers(copy)
+  with open(os.path.join(copy, 'tokenizer_config.json'), encoding='utf-8') as f:
+    assert json.load(f)['tokenizer_class'] == 'PreTrainedTokenizerFast'
+  assert copied.encode(' leading space') == beside.encode(' leading space')
+  assert copied.fingerprint == beside.fingerprint != alone.fingerprint
+  assert beside.class_for_copies and not alone.class_for_copies
+
+
+@pytest.mark.parametrize(
+    'model_type, tokenizer_class',
+    [('qwen2', 'LlamaTokenizerFast'), ('qwen2', 'PreTrainedTokenizerFast'), ('qwen3', None)],
+)
+def test_a_qwen2_models_tokenizer_is_qwen2s_whatever_it_names(
+    folders, tmp_path, model_type, tokenizer_class
+):
+  """DeepSeek-R1-Distill-Qwen ships a Qwen2 model with another byte-level tokenizer.json
+  (digits merged, no NFC) under LlamaTokenizerFast: transformers 5 builds Qwen2Tokenizer's
+  pipeline for a Qwen2 model (and a Qwen3 one naming no class) whatever the folder names,
+  and so does euro_lm; a copy names Qwen2Tokenizer, which transformers reads the same
+  alone."""
+  folder = str(tmp_path / 'distill')
+  shutil.copytree(folders['llama3'], folder)
+  path = os.path.join(folder, 'tokenizer.json')
+  with open(path, encoding='utf-8') as f:
+    description = json.load(f)
+  vocab = description['model']['vocab']
+  top = max([*vocab.values(), *(t['id'] for t in description['added_tokens'])])
+  vocab.update({'12': top + 1, '123': top + 2})
+  description['model']['merges'] += [['1', '2'], ['12', '3']]
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(description, f, ensure_ascii=False)
+  config_path = os.path.join(folder, 'tokenizer_config.json')
+  with open(config_path, encoding='utf-8') as f:
+    config = json.load(f)
+  config.pop('tokenizer_class', None)
+  with open(config_path, 'w', encoding='utf-8') as f:
+    json.dump(config | ({'tokenizer_class': tokenizer_class} if tokenizer_class else {}), f)
+  alone = load_tokenizer(folder)
+  with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'model_type': model_type, 'architectures': ['X']}, f)
+  ours = assert_reads_as_transformers(folder)
+  text = 'cafe\u0301 123123'  # NFC, and Qwen's single digits
+  assert ours.encode(text) != alone.encode(text)
+  copy = copy_tokenizer(ours, str(tmp_path / 'copy'))
+  with open(os.path.join(copy, 'tokenizer_config.json'), encoding='utf-8') as f:
+    assert json.load(f)['tokenizer_class'] == 'Qwen2Tokenizer'
+  assert assert_reads_as_transformers(copy).encode(text) == ours.encode(text)
 
 
 def test_a_models_own_named_tokens_reach_the_template(folders, tmp_path):

@@ -210,6 +210,30 @@ def test_capped_logits_keep_two_more_logit_arrays_only_without_the_fused_loss():
   assert logits(**capped, **fused) == logits(**fused)
 
 
+def test_capped_scores_keep_one_more_score_chunk_in_the_xla_backward():
+  """model.attn_logit_softcap: the xla attention's backward keeps the capped scores of its
+  largest query chunk beside the probabilities (one `[B, H, L / chunks, L]` float32 more in
+  the plan); XLA's own count of the attention gradient's temporaries grows by at least
+  that."""
+  from euro_lm.model.attention import _xla_attention, xla_query_chunks
+
+  working = lambda **o: plan.estimate_memory(small_config(**o), 8).working  # noqa: E731
+  capped = {'model.attn_logit_softcap': 50.0}
+  B, L, H, d = 16 // 8, 256, 4, 64  # small_config's per-device batch, heads and head_dim
+  chunk = B * H * (L // xla_query_chunks(L, causal=True)) * L * 4
+  assert working(**capped) - working() == chunk
+
+  def temporaries(cap):
+    q = jnp.ones((B, L, H, d), jnp.float32)
+    loss = lambda q, k, v: _xla_attention(  # noqa: E731
+        q, k, v, jnp.ones((B, L), jnp.int32), True, (d**-0.5, cap), 0
+    ).sum()
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
+    return step.memory_analysis().temp_size_in_bytes
+
+  assert temporaries(50.0) - temporaries(0.0) >= chunk
+
+
 @pytest.mark.parametrize('policy', ['none', 'full'])
 def test_fp8_adds_its_quantized_copies_and_state(policy):
   """model.fp8 keeps, per layer, each projection's input and weight in float8_e4m3fn (one

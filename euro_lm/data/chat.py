@@ -307,11 +307,22 @@ def render_chat(
   ]
   variables = {'tools': None, 'documents': None, **tokenizer.special_tokens, **variables}
   try:
-    return compile_template(template).render(
+    text = compile_template(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **variables
     )
   except Exception as e:  # the template is the folder's code: any failure is this conversation's
     raise ConversationError(TEMPLATE_ERROR, f'the chat template refused it: {e}') from e
+  for i, message in enumerate(messages):
+    # A template written for string content turns a list of parts into Python's text of it
+    # (transformers too); refused rather than trained on.
+    content = message.get('content')
+    if isinstance(content, list) and content and str(content[0]) in text:
+      raise ConversationError(
+          TEMPLATE_ERROR,
+          f'message {i}: the chat template writes its content list out as Python text '
+          f'({str(content[0])[:40]}...); it takes the content as a string',
+      )
+  return text
 
 
 def encode_chat(

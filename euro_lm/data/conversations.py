@@ -40,7 +40,7 @@ from euro_lm.errors import ConfigError
 UNDETERMINED = 'und'
 # Kinds of bad records besides sources.py's (invalid_json, invalid_utf8, missing_field,
 # unknown_language) and chat.py's (template_error, unmaskable, too_long).
-BAD_MESSAGES = 'bad_messages'  # not a list of {role, content} objects with string content
+BAD_MESSAGES = 'bad_messages'  # not a list of {role, content} objects with text content
 UNSUPPORTED_ROLE = 'unsupported_role'  # a role other than system/user/assistant
 BAD_ORDER = 'bad_order'  # a system message after the first, or an assistant before any user
 NO_ASSISTANT = 'no_assistant'  # nothing to learn from
@@ -68,9 +68,11 @@ class Example(NamedTuple):
 def check_messages(messages) -> tuple[str, str] | None:
   """(kind, reason) if `messages` is not a conversation euro_lm trains on, else None.
 
-  A conversation is a non-empty list of {role, content} objects with string content; roles
-  system (only as the first message), user and assistant; the first other message a user's;
-  at least one assistant message, none blank. Whether turns must alternate is the
+  A conversation is a non-empty list of {role, content} objects, content a string or a
+  list of text parts ({"type": "text", "text": ...}, which the template gets as they are:
+  Mistral Small 3.1's takes its system prompt only so); roles system (only as the first
+  message), user and assistant; the first other message a user's; at least one assistant
+  message, none blank. Whether turns must alternate is the
   template's to say (Mistral's and Gemma's do; their refusal is a template_error).
   """
   if not isinstance(messages, list) or not messages:
@@ -84,8 +86,16 @@ def check_messages(messages) -> tuple[str, str] | None:
       return UNSUPPORTED_ROLE, f'message {i}: role {role!r} (tool use) is not supported yet'
     if role not in chat.ROLES:
       return UNSUPPORTED_ROLE, f'message {i}: role {role!r} is not one of {chat.ROLES}'
-    if not isinstance(content, str):
-      return BAD_MESSAGES, f'message {i}: content is a {type(content).__name__}, not a string'
+    if isinstance(content, list):
+      problem = _text_parts_problem(content)
+      if problem:
+        return BAD_MESSAGES, f'message {i}: {problem}'
+      content = ''.join(part['text'] for part in content)
+    elif not isinstance(content, str):
+      return BAD_MESSAGES, (
+          f'message {i}: content is a {type(content).__name__}, not a string or a list of '
+          'text parts'
+      )
     try:
       content.encode('utf-8')  # JSON escapes can spell lone surrogates
     except UnicodeEncodeError as e:
@@ -101,6 +111,20 @@ def check_messages(messages) -> tuple[str, str] | None:
       assistants += 1
   if not assistants:
     return NO_ASSISTANT, 'no assistant message: nothing to learn from'
+  return None
+
+
+def _text_parts_problem(parts) -> str | None:
+  """Why a content list is not a list of text parts, or None."""
+  if not parts:
+    return 'content is an empty list'
+  for j, part in enumerate(parts):
+    if not isinstance(part, dict):
+      return f'content part {j} is a {type(part).__name__}, not an object'
+    if part.get('type') != 'text':
+      return f'content part {j} has type {part.get("type")!r}; euro_lm trains on text parts'
+    if not isinstance(part.get('text'), str):
+      return f'content part {j} has no string "text"'
   return None
 
 

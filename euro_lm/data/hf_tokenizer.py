@@ -58,7 +58,16 @@ class HFTokenizer:
     self._path = path
     self._json_path = json_path
     directory = os.path.dirname(json_path)
-    self._rebuilt = _as_transformers_builds(self._tokenizer, directory)
+    built, alone = _transformers_builds(self._json_bytes, directory)
+    self._rebuilt = _rebuild(self._tokenizer, built, directory)
+    # A copy leaves the model's config.json behind: where that chose another pipeline than
+    # the tokenizer files alone give, the copy names the class that builds this one.
+    self._class_for_copies = None
+    if built != alone:
+      other = self._tokenizer_from_file()
+      _rebuild(other, alone, directory)
+      if _ids_pipeline(_described(other)) != _ids_pipeline(_described(self._tokenizer)):
+        self._class_for_copies = _CLASS_NAMES[built]
     special = _special_tokens(directory)
     self._bos_id = self._token_id(special.get('bos_token'), 'bos_token', directory)
     self._eos_id = self._token_id(special.get('eos_token'), 'eos_token', directory)
@@ -100,6 +109,20 @@ class HFTokenizer:
   def files(self) -> list[str]:
     """The files that make this tokenizer, tokenizer.json first."""
     return list(self._files)
+
+  @property
+  def class_for_copies(self) -> str | None:
+    """The tokenizer_class a copy's tokenizer_config.json must name for transformers to read
+    the copy as it reads this folder, where the class named here would not do: a folder
+    whose model config.json (which copies leave behind) chose the pipeline (an older
+    Mistral conversion under LlamaTokenizer keeps its own; a Qwen2 model's tokenizer is
+    Qwen2Tokenizer's whatever it names). None: copies are as the files are."""
+    return self._class_for_copies
+
+  def _tokenizer_from_file(self):
+    import tokenizers  # pylint: disable=import-outside-toplevel
+
+    return tokenizers.Tokenizer.from_str(self._json_bytes.decode('utf-8'))
 
   @functools.cached_property
   def fingerprint(self) -> str:
@@ -208,18 +231,116 @@ def _byte_of_char():
 # with a pipeline of its own; of those, LlamaTokenizer's differs from released files: older
 # conversions (Llama 2, Mistral v0.1) prepend '▁' in a normalizer, after every special token.
 _LLAMA_CLASSES = ('LlamaTokenizer', 'LlamaTokenizerFast')
+_QWEN2_CLASSES = ('Qwen2Tokenizer', 'Qwen2TokenizerFast')
+# Model types (config.json beside the tokenizer) whose AutoTokenizer is the file's own
+# pipeline whatever class tokenizer_config.json names (transformers 5's TOKENIZER_MAPPING:
+# TokenizersBackend for the Mistral family).
+_OWN_PIPELINE_MODEL_TYPES = frozenset(
+    {'mistral', 'mistral3', 'mixtral', 'ministral', 'ministral3', 'pixtral'}
+)
+# Pipelines transformers 5 builds in place of the file's ('': the file's own), and the
+# tokenizer_class that names each in transformers 4 and 5.
+_LLAMA, _QWEN2 = 'llama', 'qwen2'
+_CLASS_NAMES = {'': 'PreTrainedTokenizerFast', _LLAMA: 'LlamaTokenizer', _QWEN2: 'Qwen2Tokenizer'}
 
 
-def _as_transformers_builds(tokenizer, directory) -> str:
-  """Gives a LlamaTokenizer-class tokenizer (tokenizer_config.json's `tokenizer_class`) the
+def _transformers_builds(json_bytes, directory) -> tuple[str, str]:
+  """(the pipeline transformers 5's AutoTokenizer builds for the folder, the one it builds
+  for the tokenizer files alone): `_LLAMA` (LlamaTokenizer's), `_QWEN2` (Qwen2Tokenizer's)
+  or '' (tokenizer.json's own). The model's config.json beside them decides too: Mistral
+  models keep the file's pipeline under any class; Qwen2 models (and Qwen3 ones naming no
+  class) get Qwen2Tokenizer's under any class (DeepSeek-R1-Distill-Qwen names Llama's)."""
+  path = os.path.join(directory, 'tokenizer_config.json')
+  declared = (read_json_object(path, DataError) if os.path.isfile(path) else {}).get(
+      'tokenizer_class'
+  )
+  alone = ''
+  if declared in _QWEN2_CLASSES:
+    alone = _QWEN2
+  elif declared in _LLAMA_CLASSES and b'"ByteLevel"' not in json_bytes:
+    alone = _LLAMA  # transformers never gives a byte-level file LlamaTokenizer's pipeline
+  path = os.path.join(directory, 'config.json')
+  model_type = (read_json_object(path, DataError) if os.path.isfile(path) else {}).get('model_type')
+  if model_type == 'qwen2' or (model_type == 'qwen3' and declared is None):
+    return _QWEN2, alone
+  if model_type in _OWN_PIPELINE_MODEL_TYPES and alone == _LLAMA:
+    return '', alone
+  return alone, alone
+
+
+def _rebuild(tokenizer, pipeline, directory) -> str:
+  """Gives `tokenizer` the `pipeline` transformers builds (`_transformers_builds`); returns
+  what changed the file's ids ('' if nothing did)."""
+  if pipeline == _LLAMA:
+    return _as_llama_tokenizer_builds(tokenizer, directory)
+  if pipeline == _QWEN2:
+    return _as_qwen2_tokenizer_builds(tokenizer, directory)
+  return ''
+
+
+# Qwen2Tokenizer's pre-tokenizer split (transformers 5): single digits, unlike Llama 3's.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r'|\s*[\r\n]+|\s+(?!\S)|\s+'
+)
+
+
+def _as_qwen2_tokenizer_builds(tokenizer, directory) -> str:
+  """Gives a tokenizer that transformers reads as Qwen2Tokenizer the pipeline transformers 5
+  builds for it from the file's vocabulary and merges: NFC, Qwen's split, byte-level
+  (`add_prefix_space` as tokenizer_config.json says, else off), keeping the file's offset
+  trimming and byte-level decoder (neither changes an id). Returns 'qwen2' where that
+  changed the ids' pipeline (a Qwen folder's own is this one), else ''."""
+  from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(tokenizer.model, models.BPE):
+    return ''
+  path = os.path.join(directory, 'tokenizer_config.json')
+  config = read_json_object(path, DataError) if os.path.isfile(path) else {}
+  described = _described(tokenizer)
+  before = _ids_pipeline(described)
+  trim = '"trim_offsets": false' not in json.dumps(described.get('pre_tokenizer'))
+  model = tokenizer.model
+  model.dropout, model.unk_token = None, None
+  model.continuing_subword_prefix, model.end_of_word_suffix = '', ''
+  model.fuse_unk = model.byte_fallback = model.ignore_merges = False
+  tokenizer.normalizer = normalizers.NFC()
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+      [
+          pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior='isolated', invert=False),
+          pre_tokenizers.ByteLevel(
+              add_prefix_space=bool(config.get('add_prefix_space')),
+              trim_offsets=trim,
+              use_regex=False,
+          ),
+      ]
+  )
+  if (described.get('decoder') or {}).get('type') != 'ByteLevel':
+    tokenizer.decoder = decoders.ByteLevel()
+    return _QWEN2
+  return _QWEN2 if _ids_pipeline(_described(tokenizer)) != before else ''
+
+
+def _described(tokenizer) -> dict:
+  return json.loads(tokenizer.to_str())
+
+
+def _ids_pipeline(described) -> str:
+  """What of a tokenizer's pipeline (`_described`) decides its ids: the normalizer, the
+  pre-tokenizer (offset trimming aside) and the model's settings (its vocabulary aside)."""
+  model = {k: v for k, v in described['model'].items() if k not in ('vocab', 'merges')}
+  pre = re.sub(r'"trim_offsets": (true|false), ', '', json.dumps(described.get('pre_tokenizer')))
+  return json.dumps([described.get('normalizer'), pre, model])
+
+
+def _as_llama_tokenizer_builds(tokenizer, directory) -> str:
+  """Gives a tokenizer that transformers reads as LlamaTokenizer (`_LLAMA`) the
   normalizer, pre-tokenizer and decoder transformers 5 builds for it: Metaspace, prepending
   '▁' to the first piece of text only ('first'; 'always' with `legacy: true`; 'never'
   with `add_prefix_space: false`). Returns that scheme where it changed the file's
   pipeline, else ''."""
   path = os.path.join(directory, 'tokenizer_config.json')
   config = read_json_object(path, DataError) if os.path.isfile(path) else {}
-  if config.get('tokenizer_class') not in _LLAMA_CLASSES:
-    return ''
   from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
 
   if not isinstance(tokenizer.model, models.BPE):

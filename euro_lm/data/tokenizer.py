@@ -8,6 +8,7 @@ either file, or a directory holding one.
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from euro_lm.data.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
-from euro_lm.errors import ConfigError, DataError, UserError
+from euro_lm.errors import ConfigError, DataError, UserError, read_json_object
 
 _SPACE_PIECE = '\u2581'  # SentencePiece's '▁', which decodes to a space.
 
@@ -99,9 +100,15 @@ def file_names(tokenizer: Tokenizer) -> dict[str, str]:
 
 def copy_files(tokenizer: Tokenizer, directory: str) -> str:
   """Copies the tokenizer's files into the existing `directory` under `file_names`; returns
-  the copy of the main file."""
+  the copy of the main file. A copy's tokenizer_config.json names the class that keeps
+  transformers reading it as it reads the original (`HFTokenizer.class_for_copies`)."""
   for file, name in file_names(tokenizer).items():
     shutil.copyfile(file, os.path.join(directory, name))
+  if tokenizer.backend == HFTokenizer.backend and tokenizer.class_for_copies:
+    path = os.path.join(directory, 'tokenizer_config.json')
+    config = read_json_object(path, DataError)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(config | {'tokenizer_class': tokenizer.class_for_copies}, f, indent=2)
   return os.path.join(directory, file_names(tokenizer)[tokenizer.files[0]])
 
 

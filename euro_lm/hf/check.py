@@ -44,7 +44,7 @@ def compare_with_transformers(hf_dir, workdir, step=None, log=print):
   model_config.compute_dtype = 'float32'
   model_config.attention_impl = 'xla'  # the reference implementation, on any device
   decoder = Decoder(model_config)
-  theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  theirs = _model_class(transformers, hf_dir).from_pretrained(hf_dir, dtype=torch.float32).eval()
   bos = [run.tokenizer.bos_id] if run.config.data.add_bos else []
   rows = [bos + run.tokenizer.encode(text) for _, text in TEXTS]
   lengths = [len(r) for r in rows]
@@ -84,3 +84,11 @@ def compare_with_transformers(hf_dir, workdir, step=None, log=print):
       f'{result["max_abs_logit"]:.1f}; the same next token at {agree} of {total} positions'
   )
   return result
+
+
+def _model_class(transformers, hf_dir):
+  """The class the folder's config.json names (a multimodal one, Mistral 3's, is no
+  AutoModelForCausalLM; its logits on text are the language model's), else
+  AutoModelForCausalLM."""
+  names = transformers.AutoConfig.from_pretrained(hf_dir).architectures or [None]
+  return getattr(transformers, names[0] or '', None) or transformers.AutoModelForCausalLM

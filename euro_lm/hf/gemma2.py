@@ -47,6 +47,7 @@ text_tensor_names = llama.text_tensor_names
 def check_exportable(model):
   """Refuses a model with some of Gemma 2's features but not all that Gemma 2 has."""
   gemma3.check_fields(model, FIELDS, 'Gemma 2')
+  gemma3.check_windows(model, 'model.sliding_window=0', 'Gemma 2')
 
 
 def param_table(model):

@@ -4,7 +4,7 @@ scaled by query_pre_attn_scalar, and local layers (a sliding window, their own R
 between global ones (every `sliding_window_pattern`th layer; full attention, `rope_theta`
 with its scaling). The logits may be soft-capped as Gemma 2's: transformers'
 Gemma3ForCausalLM caps them where final_logit_softcapping is set; its multimodal class and
-the attention scores are never capped. The `gemma2` module builds on this one.
+the attention scores are never capped. The `gemma` and `gemma2` modules build on this one.
 
 It reads Gemma3ForCausalLM folders (model_type 'gemma3_text') and the language model of
 Gemma3ForConditionalGeneration ones (model_type 'gemma3'; its vision tower is skipped), and
@@ -13,7 +13,7 @@ defaults (the released multimodal ones do), so those defaults are read here too.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import llama
+from euro_lm.hf import llama, multimodal
 from euro_lm.hf.folder import boolean, positive_float, positive_int
 from euro_lm.model.layers import local_layers
 
@@ -36,6 +36,7 @@ FIELDS = {
     'rope_local_theta': None,
     'attn_logit_softcap': 0.0,
     'final_logit_softcap': None,
+    'query_scale_beta': 0.0,
 }
 
 # Gemma3TextConfig's defaults (transformers 5), for fields a config.json leaves out.
@@ -55,6 +56,7 @@ _DEFAULTS = {
     'sliding_window_pattern': 6,
     'rope_theta': 1_000_000.0,
     'rope_local_base_freq': 10_000.0,
+    'max_position_embeddings': 131_072,
 }
 
 _LAYER = 'model.layers.{i}.'
@@ -81,25 +83,9 @@ to_hf = llama.to_hf
 from_hf = llama.from_hf
 unused_hf_tensors = llama.unused_hf_tensors
 
-# Where Gemma3ForConditionalGeneration keeps its language model: transformers 5 saves
-# `model.language_model.*`, the released checkpoints (transformers 4) `language_model.model.*`
-# and `language_model.lm_head.*`.
-_TEXT_PREFIXES = {
-    'model.language_model.': 'model.',
-    'language_model.model.': 'model.',
-    'language_model.lm_head.': 'lm_head.',
-    'lm_head.': 'lm_head.',
-}
-_VISION_PREFIXES = (
-    'vision_tower.',
-    'multi_modal_projector.',
-    'model.vision_tower.',
-    'model.multi_modal_projector.',
-)
-
 
 def is_gemma(model):
-  """Whether a `model` config section uses any field that only Gemma 2 and 3 have."""
+  """Whether a `model` config section uses any field that only the Gemma families have."""
   return bool(
       model.get('norm_plus_one')
       or model.get('post_norms')
@@ -114,13 +100,19 @@ def is_gemma(model):
 
 
 def check_exportable(model):
-  """Refuses a model with some of Gemma 3's features but not all that Gemma 3 has."""
+  """Refuses a model with some of Gemma 3's features but not all that Gemma 3 has, or with
+  YaRN untruncated (transformers' Gemma 3 always truncates its range)."""
   check_fields(model, FIELDS, 'Gemma 3')
+  if model.get('rope_scaling') == 'yarn' and not model.get('rope_yarn_truncate', True):
+    raise HFError(
+        'model.rope_yarn_truncate=False is no Gemma 3 that transformers runs: it truncates '
+        "YaRN's range of dimensions for Gemma 3 always"
+    )
+  check_windows(model, 'model.sliding_window=0', 'Gemma 3')
 
 
 def check_fields(model, fields, family):
-  """Refuses a `model` section unlike `family` in the `fields` it fixes (`FIELDS`), or
-  with local layers but no window."""
+  """Refuses a `model` section unlike `family` in the `fields` it fixes (`FIELDS`)."""
   # A field a run's config leaves out (older runs) is off: None, False and 0 are alike.
   wrong = [
       f'model.{f}={model.get(f)!r}'
@@ -131,9 +123,9 @@ def check_fields(model, fields, family):
     need = ', '.join(f'model.{f}={w!r}' for f, w in fields.items() if w is not None)
     raise HFError(
         f'{", ".join(wrong)} with the other Gemma fields is no Hugging Face architecture that '
-        f'euro_lm exports: {family} needs {need} (Gemma 3 has model.qk_norm, Gemma 2 not)'
+        f'euro_lm exports: {family} needs {need} (euro_lm writes Gemma 3 for model.qk_norm, '
+        'Gemma 2 for model.post_norms without it, else Gemma)'
     )
-  check_windows(model, 'model.sliding_window=0', family)
 
 
 def param_table(model):
@@ -146,25 +138,11 @@ def expected_hf_shapes(model):
 
 
 def text_tensor_names(names, hf, where, log):
-  """{Gemma3ForCausalLM name: name in the folder}. Of a multimodal folder, the language
-  model's tensors, renamed; its vision tower and projector are skipped, and logged."""
+  """{Gemma3ForCausalLM name: name in the folder}; of a multimodal folder, the language
+  model's tensors, renamed (`multimodal.text_tensor_names`)."""
   if hf.get('model_type') != 'gemma3':
     return llama.text_tensor_names(names, hf, where, log)
-  out, vision = {}, []
-  for name in names:
-    if name.startswith(_VISION_PREFIXES):
-      vision.append(name)
-      continue
-    prefix = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
-    new = _TEXT_PREFIXES[prefix] + name[len(prefix) :] if prefix else name
-    if new in out:
-      raise HFError(f'{where}: the folder holds {new} twice ({out[new]} and {name})')
-    out[new] = name
-  log(
-      f'{where}: Gemma3ForConditionalGeneration: importing its language model; skipping '
-      f'{len(vision)} vision tower and projector tensors (exported as Gemma3ForCausalLM)'
-  )
-  return out
+  return multimodal.text_tensor_names(names, hf, where, log, 'Gemma3ForCausalLM')
 
 
 # ----------------------------------------------------------------------------- configs
@@ -233,16 +211,15 @@ def shared_hf_config(model, **kwargs):
 
 
 def _text_config(hf, where):
-  """(the text model's config dict, how errors name it) of a gemma3 or gemma3_text config."""
+  """(the text model's config dict, how errors name it) of a gemma3 or gemma3_text config;
+  a multimodal one's text_config ties its embeddings as the outer config says where it
+  says nothing itself."""
   if hf.get('model_type') != 'gemma3':
     return hf, where
-  text = hf.get('text_config')
-  if not isinstance(text, dict):
-    raise HFError(f'{where}: text_config={text!r} must be an object')
-  text = dict(text)
+  text, text_where = multimodal.text_config(hf, where)
   if 'tie_word_embeddings' not in text and 'tie_word_embeddings' in hf:
     text['tie_word_embeddings'] = hf['tie_word_embeddings']
-  return text, f'{where}: text_config'
+  return text, text_where
 
 
 def _rope(text, where):
@@ -268,7 +245,12 @@ def _rope(text, where):
         f'{where}: rope_parameters.sliding_attention.rope_type={local_type!r} is not '
         "supported; euro_lm's local layers use plain RoPE"
     )
-  fields = llama.rope_fields({'rope_parameters': full}, f'{where} (full_attention)')
+  positions = text.get('max_position_embeddings', _DEFAULTS['max_position_embeddings'])
+  fields = llama.rope_fields(
+      {'rope_parameters': full, 'max_position_embeddings': positions}, f'{where} (full_attention)'
+  )
+  if fields['rope_scaling'] == 'yarn':  # transformers reads truncate beside the layer types
+    fields['rope_yarn_truncate'] = bool(params.get('truncate', True))
   return fields | {'rope_local_theta': float(sliding['rope_theta'])}
 
 
@@ -354,8 +336,9 @@ def shared_fields(text, where, family):
 def check_windows(model, what, family):
   """Refuses local layers without a window: transformers' Gemma 2 and 3 cannot run them."""
   if not model['sliding_window'] and any(local_layers(model)):
+    pattern = model['sliding_window_pattern']
+    which = f'every layer but each {pattern}th' if pattern else 'every layer'
     raise HFError(
-        f'{what} with sliding_attention layers (every layer but each '
-        f"{model['sliding_window_pattern']}th) is no {family} that transformers runs; its "
-        'local layers attend within a window'
+        f'{what} with sliding_attention layers ({which}) is no {family} that transformers '
+        'runs; its local layers attend within a window'
     )

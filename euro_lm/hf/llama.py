@@ -10,6 +10,7 @@ Export writes model_type llama; the Mistral and Qwen modules build on this one.
 
 from euro_lm.errors import HFError
 from euro_lm.hf.folder import boolean, positive_float, positive_int
+from euro_lm.model.layers import rope_attention_factor, yarn_mscale
 
 # model_type -> the HF class of the checkpoints this module reads.
 ARCHITECTURES = {
@@ -171,8 +172,9 @@ def hf_config(
   }
 
 
-# HF rope_type -> euro_lm model.rope_scaling, and the HF keys of each one's parameters.
-_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}
+# HF rope_type -> euro_lm model.rope_scaling, and the HF keys of each one's parameters
+# (required; yarn's are read by `_yarn_fields`).
+_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3', 'yarn': 'yarn'}
 _ROPE_KEYS = {
     'linear': {'factor': 'rope_scaling_factor'},
     'llama3': {
@@ -192,27 +194,88 @@ def rope_fields(hf, where):
   for name, value in (('rope_parameters', params), ('rope_scaling', scaling)):
     if not isinstance(value, dict):
       raise HFError(f'{where}: {name}={value!r} must be an object or null')
-  # As transformers 5 reads them: rope_scaling (the older name) wins over rope_parameters.
-  has_type = lambda d: 'rope_type' in d or 'type' in d  # noqa: E731
-  where_params = 'rope_scaling' if has_type(scaling) else 'rope_parameters'
-  params = {**params, **scaling}
+  # As transformers 5 reads them: a rope_scaling (the older name) replaces rope_parameters.
+  where_params = 'rope_scaling' if scaling else 'rope_parameters'
+  params = dict(scaling or params)
   rope_type = params.get('rope_type', params.get('type', 'default'))
   if not isinstance(rope_type, str) or rope_type not in _ROPE_TYPES:
     raise HFError(
         f'{where}: {where_params}.rope_type={rope_type!r} is not supported; euro_lm '
         f'supports {", ".join(map(repr, _ROPE_TYPES))}'
     )
+  partial = params.get('partial_rotary_factor', hf.get('partial_rotary_factor'))
+  if partial not in (None, 1, 1.0) and rope_type != 'default':
+    # transformers 5 rotates every dimension with unscaled RoPE, and fails with scaling.
+    raise HFError(
+        f'{where}: partial_rotary_factor={partial!r} with rope_type={rope_type!r} is not '
+        'supported; transformers cannot run it either'
+    )
+  if rope_type in ('llama3', 'yarn'):
+    # transformers 5: a config's own original_max_position_embeddings wins (Phi-3 keeps it
+    # there), else the rope parameters', else max_position_embeddings.
+    original = hf.get(
+        'original_max_position_embeddings', params.get('original_max_position_embeddings')
+    )
+    if original is None:
+      original = hf.get('max_position_embeddings')
+    if isinstance(original, float) and original.is_integer():
+      original = int(original)
+    if original is not None:
+      params['original_max_position_embeddings'] = original
   theta = {'rope_theta': params.get('rope_theta', hf.get('rope_theta', DEFAULTS['rope_theta']))}
   fields = {
       'rope_theta': positive_float(theta, 'rope_theta', where),
       'rope_scaling': _ROPE_TYPES[rope_type],
   }
+  if rope_type == 'yarn':
+    return fields | _yarn_fields(params, hf, f'{where}: {where_params}')
   for key, field in _ROPE_KEYS.get(rope_type, {}).items():
     if key not in params:
       raise HFError(f'{where}: {where_params}.{key} is missing for rope_type={rope_type!r}')
     read = positive_int if field == 'rope_original_max_positions' else positive_float
     fields[field] = read(params, key, f'{where}: {where_params}')
   return fields
+
+
+def _yarn_fields(params, hf, where):
+  """euro_lm's rope_* fields of a yarn rope_parameters (its factor key required; null is
+  the ratio of max_position_embeddings to the original context, which `rope_fields` has
+  settled), its left-out keys as transformers 5 fills them: beta_fast 32 and beta_slow 1
+  (for any false value), truncate true (null is false), and the attention factor from
+  mscale and mscale_all_dim where both are set, else from the factor (stored, so that
+  export writes what import read)."""
+  if 'original_max_position_embeddings' not in params:
+    raise HFError(f"{where}.original_max_position_embeddings is missing for rope_type='yarn'")
+  original = positive_int(params, 'original_max_position_embeddings', where)
+  if 'factor' not in params:  # as transformers 5 refuses it
+    raise HFError(f"{where}.factor is missing for rope_type='yarn'")
+  factor = params['factor']
+  if factor is None:  # transformers 5: the ratio of the two contexts
+    factor = positive_int(hf, 'max_position_embeddings', where) / original
+  factor = positive_float({'factor': factor}, 'factor', where)
+  betas = {k: params.get(k) or default for k, default in (('beta_fast', 32.0), ('beta_slow', 1.0))}
+  fast, slow = (positive_float(betas, k, where) for k in betas)
+  truncate = params.get('truncate', True)
+  truncate = False if truncate is None else truncate  # transformers tests it for truth
+  if not isinstance(truncate, bool):
+    raise HFError(f'{where}: truncate={truncate!r} must be true or false')
+  attention = params.get('attention_factor')
+  if attention is None:
+    mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+    if mscale and mscale_all_dim:
+      attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+      attention = yarn_mscale(factor)
+  return {
+      'rope_scaling_factor': factor,
+      'rope_original_max_positions': original,
+      'rope_yarn_beta_fast': fast,
+      'rope_yarn_beta_slow': slow,
+      'rope_yarn_truncate': truncate,
+      'rope_attention_factor': positive_float(
+          {'attention_factor': attention}, 'attention_factor', where
+      ),
+  }
 
 
 def hf_rope(model):
@@ -222,17 +285,30 @@ def hf_rope(model):
   params = {'rope_type': rope_type, 'rope_theta': float(model['rope_theta'])}
   for key, field in _ROPE_KEYS.get(rope_type, {}).items():
     params[key] = model[field]
+  if rope_type == 'yarn':
+    params.update(
+        {
+            'factor': float(model['rope_scaling_factor']),
+            'original_max_position_embeddings': model['rope_original_max_positions'],
+            'beta_fast': float(model['rope_yarn_beta_fast']),
+            'beta_slow': float(model['rope_yarn_beta_slow']),
+            'truncate': bool(model['rope_yarn_truncate']),
+            'attention_factor': float(rope_attention_factor(model)),
+        }
+    )
   return params
 
 
-def model_config_from_hf(hf, where='config.json'):
+def model_config_from_hf(hf, where='config.json', activation='silu'):
   """euro_lm `model` fields from an HF config dict of one of `ARCHITECTURES` (which
   `euro_lm.hf.architectures` checks), its left-out fields at `DEFAULTS` (the Llama-like
-  families pass their own); refuses what euro_lm cannot represent, naming the HF field."""
+  families pass their own); refuses what euro_lm cannot represent, naming the HF field.
+  `activation`: the hidden_act the family computes (Gemma's is not silu); a family other
+  than Llama's sets its `mlp_activation` to match."""
   hf = DEFAULTS | hf
   act = hf['hidden_act']
-  if act != 'silu':
-    raise HFError(f'{where}: hidden_act={act!r} is not supported; euro_lm uses SwiGLU (silu)')
+  if act != activation:
+    raise HFError(f'{where}: hidden_act={act!r} is not supported; this family uses {activation!r}')
   for field in ('attention_bias', 'mlp_bias'):
     if hf.get(field):
       raise HFError(f'{where}: {field}=true is not supported; euro_lm layers have no biases')

@@ -217,18 +217,23 @@ def local_layers(cfg):
   return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg['num_layers']))
 
 
-ROPE_SCALINGS = ('none', 'linear', 'llama3')
+ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')
 
 
 def rope_frequencies(cfg):
   """RoPE's `head_dim / 2` inverse frequencies, float32, with the config's scaling: 'linear'
   divides them all by the factor; 'llama3' (Llama 3.1+) divides the low frequencies, keeps
-  the high ones, and blends in between, as Hugging Face's 'llama3' rope_type does."""
+  the high ones, and blends in between, as Hugging Face's 'llama3' rope_type does; 'yarn'
+  blends the same way over a range of dimensions set by how often each turns within the
+  original context (`rope_yarn_beta_*`), as its 'yarn' rope_type does (and scales cos and
+  sin: `rope_attention_factor`)."""
   hd = head_dim(cfg)
   inv_freq = cfg.rope_theta ** -(jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
   scaling = cfg.get('rope_scaling', 'none')
   if scaling == 'linear':
     return inv_freq / cfg.rope_scaling_factor
+  if scaling == 'yarn':
+    return _yarn_frequencies(cfg, inv_freq, hd)
   if scaling == 'llama3':
     factor, original = cfg.rope_scaling_factor, cfg.rope_original_max_positions
     low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
@@ -241,6 +246,52 @@ def rope_frequencies(cfg):
   return inv_freq
 
 
+def _yarn_frequencies(cfg, inv_freq, hd):
+  """YaRN: dimensions that turn more than `rope_yarn_beta_fast` times within the original
+  context keep their frequency, those under `rope_yarn_beta_slow` times are divided by the
+  factor, and a linear ramp over the dimensions blends the two in between."""
+
+  def dimension(turns):  # the dimension that turns `turns` times within the original context
+    original = cfg.rope_original_max_positions
+    return hd * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  low = dimension(cfg.get('rope_yarn_beta_fast', 32.0))
+  high = dimension(cfg.get('rope_yarn_beta_slow', 1.0))
+  if cfg.get('rope_yarn_truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, hd - 1)
+  high = high + 0.001 if low == high else high
+  scaled = jnp.clip((jnp.arange(hd // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  return inv_freq / cfg.rope_scaling_factor * scaled + inv_freq * (1 - scaled)
+
+
+def rope_attention_factor(cfg):
+  """What RoPE multiplies cos and sin by: YaRN's `model.rope_attention_factor`, where 0 is
+  its paper's `0.1 * ln(factor) + 1`; 1 for every other scaling. `cfg`: the model section
+  (a ConfigDict or a dict)."""
+  if cfg.get('rope_scaling', 'none') != 'yarn':
+    return 1.0
+  return cfg.get('rope_attention_factor', 0.0) or yarn_mscale(cfg['rope_scaling_factor'])
+
+
+def yarn_mscale(factor, mscale=1.0):
+  """YaRN's `0.1 * mscale * ln(factor) + 1` (1 where the factor does not extend the context)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def scale_queries(cfg, q_BLHd, positions_BL):
+  """Queries times `1 + beta * ln(1 + floor(position / original context))` with beta
+  `model.query_scale_beta` (Llama 4's and Ministral 3's scaling for long contexts: the
+  softmax sharpens as positions pass each multiple of the original context); as they are
+  where beta is 0."""
+  beta = cfg.get('query_scale_beta', 0.0)
+  if not beta:
+    return q_BLHd
+  periods_BL = jnp.floor(positions_BL.astype(jnp.float32) / cfg.rope_original_max_positions)
+  scale_BL = (1 + beta * jnp.log1p(periods_BL)).astype(q_BLHd.dtype)
+  return q_BLHd * scale_BL[:, :, None, None]
+
+
 def local_rope_frequencies(cfg):
   """The local layers' RoPE inverse frequencies: unscaled, base `model.rope_local_theta`;
   the global ones (`rope_frequencies`) where that is 0."""
@@ -251,15 +302,17 @@ def local_rope_frequencies(cfg):
   return theta ** -(jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
 
 
-def rope(x_BLHd, positions_BL, inv_freq):
+def rope(x_BLHd, positions_BL, inv_freq, attention_factor=1.0):
   """Rotary embedding, rotate-half form (as in Hugging Face Llama), in float32, with the
-  inverse frequencies of `rope_frequencies`."""
+  inverse frequencies of `rope_frequencies` and cos and sin times `attention_factor`
+  (`rope_attention_factor`)."""
   angles_BLd = positions_BL[..., None].astype(jnp.float32) * inv_freq
   angles_BL1D = jnp.concatenate([angles_BLd, angles_BLd], axis=-1)[:, :, None, :]
   x32 = x_BLHd.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x32 * jnp.cos(angles_BL1D) + rotated * jnp.sin(angles_BL1D)
+  cos, sin = (f(angles_BL1D) * attention_factor for f in (jnp.cos, jnp.sin))
+  out = x32 * cos + rotated * sin
   return out.astype(x_BLHd.dtype)
 
 
@@ -306,11 +359,19 @@ class Attention(nn.Module):
       q_BLHd = norm(cfg, 'q_norm', 'head_dim')(q_BLHd)
       k_BLKd = norm(cfg, 'k_norm', 'head_dim')(k_BLKd)
     inv_freq = jnp.where(is_local, local_rope_frequencies(cfg), rope_frequencies(cfg))
+    # Local layers with their own base are unscaled; else they rotate as the global ones.
+    factor = global_factor = rope_attention_factor(cfg)
+    local_factor = 1.0 if cfg.get('rope_local_theta', 0.0) else global_factor
+    if mixed:
+      factor = jnp.where(is_local, local_factor, global_factor)
+    elif is_local:
+      factor = local_factor
     q_BLHd = _constrain(
-        rope(q_BLHd, positions_BL, inv_freq), ('batch', 'length', 'heads', 'head_dim')
+        scale_queries(cfg, rope(q_BLHd, positions_BL, inv_freq, factor), positions_BL),
+        ('batch', 'length', 'heads', 'head_dim'),
     )
     k_BLKd = _constrain(
-        rope(k_BLKd, positions_BL, inv_freq),
+        rope(k_BLKd, positions_BL, inv_freq, factor),
         ('batch', 'length', 'kv_heads', 'head_dim'),
     )
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))

@@ -294,10 +294,13 @@ def _fp8_weights(leaves):
 
 def _attention_transient(m, b, seq_len, cs):
   """The xla attention's largest query chunk, in its backward: float32 scores, probabilities
-  and their gradient (and a compute-dtype copy in 16 bits). cudnn/pallas work in blocks."""
+  and their gradient (and a compute-dtype copy in 16 bits); soft-capped scores
+  (`model.attn_logit_softcap`) stay beside them for the cap's gradient. cudnn/pallas work
+  in blocks."""
   chunks = xla_query_chunks(seq_len, causal=True)
   BHQL = (('batch', 'heads', 'length', None), (b, m.num_heads, seq_len // chunks, seq_len))
-  return [(*BHQL, 4)] * 3 + ([(*BHQL, cs)] if cs != 4 else [])
+  float32 = 4 if m.get('attn_logit_softcap', 0.0) else 3
+  return [(*BHQL, 4)] * float32 + ([(*BHQL, cs)] if cs != 4 else [])
 
 
 def _runs_xla_attention(config, device):
