@@ -173,24 +173,29 @@ def test_soft_capped_scores_and_gradients_match_float64(length, window):
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('impl', ['cudnn', 'pallas'])
-def test_only_xla_soft_caps_and_auto_picks_it(impl):
-  """The kernels do not soft-cap: naming one with a cap is one error naming both fields, and
-  'auto' runs xla even on a GPU."""
+@pytest.mark.parametrize('impl,backend', [('cudnn', 'auto'), ('pallas', 'mosaic_gpu')])
+def test_soft_caps_go_to_the_attentions_that_take_them(impl, backend):
+  """cuDNN and the Hopper kernels do not soft-cap: naming one with a cap is one error naming
+  the fields; 'auto' takes the Triton kernels on NVIDIA GPUs (Hopper too), the TPU kernels
+  on TPUs and xla on CPUs."""
   with pytest.raises(attention_lib.AttentionError, match=r"attention_impl='.*attn_logit_softcap"):
     attention_lib.resolve(
-        impl, dtype='bfloat16', length=256, head_dim=64, device=None, softcap=50.0
+        impl, backend, dtype='bfloat16', length=4096, head_dim=128, device=None, softcap=50.0
     )
-  for platform in ('cuda', 'tpu', 'cpu'):
+  for device, want in (
+      (devices.Device('cuda'), attention_lib.AttentionChoice('pallas', 'gpu')),
+      (devices.Device('cuda', hopper=True), attention_lib.AttentionChoice('pallas', 'gpu')),
+      (devices.Device('tpu'), attention_lib.AttentionChoice('pallas', 'tpu')),
+      (devices.Device('cpu'), attention_lib.AttentionChoice('xla')),
+  ):
     choice = attention_lib.resolve(
-        'auto',
-        dtype='bfloat16',
-        length=4096,
-        head_dim=128,
-        device=devices.Device(platform),
-        softcap=50.0,
+        'auto', dtype='bfloat16', length=4096, head_dim=128, device=device, softcap=50.0
     )
-    assert choice == attention_lib.AttentionChoice('xla')
+    assert choice == want, device
+  uncapped = attention_lib.resolve(
+      'auto', dtype='bfloat16', length=4096, head_dim=128, device=devices.Device('cuda')
+  )
+  assert uncapped == attention_lib.AttentionChoice('cudnn')  # cuDNN wins where it can run
 
 
 def test_xla_attention_bfloat16_gradients():

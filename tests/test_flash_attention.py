@@ -1,6 +1,7 @@
 """The Pallas flash attention kernel, in interpret mode, against a float64 reference; and its
 lowering for NVIDIA GPUs (Triton)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +155,47 @@ def test_block_ranges_cover_every_visible_pair_and_only_mask_partial_blocks(
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize(
+    'causal,window,heads,kv_heads,layout',
+    [(True, None, 4, 2, 'padded'), (False, 24, 2, 1, 'long'), (True, None, 2, 2, 'long')],
+)
+def test_soft_capped_scores_and_gradients_match_float64(causal, window, heads, kv_heads, layout):
+  """Gemma 2's cap on the scaled scores, `cap * tanh(s / cap)`, in the Triton kernels' masked
+  and whole blocks and their backward, against the float64 reference; a cap below the
+  scores' size changes the output."""
+  cap = 0.5
+  seg = np.array([[1] * 64, [1] * 40 + [2] * 24], np.int32) if layout == 'long' else None
+  q, k, v, seg = inputs(heads, kv_heads, 16, jnp.float32, segment_ids=seg)
+  run = lambda *a: flash_attention(
+      *a,
+      segment_ids=jnp.asarray(seg),
+      causal=causal,
+      window=window,
+      softcap=cap,
+      block_sizes=SMALL_BLOCKS,
+  )
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  out = run(q, k, v)
+  ours = jax.grad(lambda *a: jnp.sum(run(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  with jax.enable_x64(True):
+    ref = lambda *a, c=cap: jnp_reference(*a, seg, causal, window, c)
+    q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+    want = ref(q64, k64, v64)
+    theirs = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q64, k64, v64)
+    assert np.abs(np.asarray(want - ref(q64, k64, v64, c=0.0))).max() > 0.1
+  np.testing.assert_allclose(out, want, atol=2e-5)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_soft_caps_the_hopper_kernels_do_not_take_and_bad_caps_are_refused():
+  q, k, v, _ = inputs(2, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match="'mosaic_gpu' flash attention kernels do not soft-cap"):
+    flash_attention(q, k, v, softcap=50.0, backend='mosaic_gpu')
+  with pytest.raises(ValueError, match='soft cap >= 0 .*, not -1.0'):
+    flash_attention(q, k, v, softcap=-1.0, block_sizes=SMALL_BLOCKS)
+
+
 def test_a_scale_that_is_not_positive_is_refused():
   q, k, v, _ = inputs(2, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match='positive logit scale, not -0.5'):
@@ -177,7 +219,8 @@ def test_lengths_that_do_not_fit_the_blocks_are_refused():
     flash_attention(q, k, v, block_sizes=SMALL_BLOCKS)
 
 
-def test_model_trains_the_same_with_pallas_and_xla():
+@pytest.mark.parametrize('softcap', [0.0, 0.5])  # 0.5: Gemma 2's score cap, made to bite
+def test_model_trains_the_same_with_pallas_and_xla(softcap):
   from configs import tiny
   from euro_lm.model import Decoder
 
@@ -190,6 +233,7 @@ def test_model_trains_the_same_with_pallas_and_xla():
       num_kv_heads=2,
       head_dim=16,
       mlp_dim=48,
+      attn_logit_softcap=softcap,
   )
   tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 64)
   segment_ids = jnp.asarray(np.repeat([[1, 2, 3, 4]], 16, axis=1).repeat(2, 0))
@@ -198,7 +242,10 @@ def test_model_trains_the_same_with_pallas_and_xla():
   def loss_and_grads(impl):
     config.attention_impl = impl
     model = Decoder(config)
-    params = jax.jit(model.init)(jax.random.key(1), tokens)['params']
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens)['params'])
+    # Scores 64x their initial size, so that the cap changes the loss (by 1%).
+    attention = params['layers']['attention']
+    attention.update(wq=attention['wq'] * 8, wk=attention['wk'] * 8)
     loss = lambda p: jnp.mean(model.apply({'params': p}, tokens, segment_ids, positions) ** 2)
     return jax.jit(jax.value_and_grad(loss))(params)  # op by op, the kernels take a minute
 
@@ -218,15 +265,15 @@ def test_model_trains_the_same_with_pallas_and_xla():
 
 
 @pytest.mark.parametrize('platform', ['cuda', 'rocm'])  # rocm: LUMI's MI250X, not yet run
-@pytest.mark.parametrize('dim', [64, 128])
-def test_forward_and_backward_lower_for_nvidia_and_amd_gpus(dim, platform):
+@pytest.mark.parametrize('dim,softcap', [(64, 0.0), (128, 0.0), (128, 50.0)])
+def test_forward_and_backward_lower_for_nvidia_and_amd_gpus(dim, softcap, platform):
   q = jax.ShapeDtypeStruct((2, 512, 8, dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 512, 2, dim), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
 
   def loss(q, k, v, s):
     return (
-        flash_attention(q, k, v, segment_ids=s, window=256, interpret=False)
+        flash_attention(q, k, v, segment_ids=s, window=256, softcap=softcap, interpret=False)
         .astype(jnp.float32)
         .sum()
     )
@@ -393,6 +440,9 @@ def test_default_backend_takes_the_hopper_kernels_only_where_they_fit_and_win(
     dtype, length, dim, blocks, device, expected
 ):
   assert default_backend(dtype, length, dim, blocks, device) == expected
+  # A soft cap (Gemma 2) only the Triton and TPU kernels take.
+  capped = default_backend(dtype, length, dim, blocks, device, softcap=50.0)
+  assert capped == ('gpu' if expected == 'mosaic_gpu' else expected)
 
 
 def test_length_multiples_follow_the_default_blocks():

@@ -25,7 +25,7 @@ def many_documents(length):
   return np.stack([row, np.full(length, 7)]).astype(np.int32)
 
 
-def tpu_attention(seg, causal, window):
+def tpu_attention(seg, causal, window, softcap=0.0):
   return lambda q, k, v: flash_attention(
       q,
       k,
@@ -33,6 +33,7 @@ def tpu_attention(seg, causal, window):
       segment_ids=jnp.asarray(seg),
       causal=causal,
       window=window,
+      softcap=softcap,
       block_sizes=BLOCKS,
       backend='tpu',
       interpret=True,
@@ -45,10 +46,10 @@ def gradients(fn, q, k, v):
   return jax.grad(lambda *a: jnp.sum(fn(*a).astype(w.dtype) * w), argnums=(0, 1, 2))(q, k, v)
 
 
-def reference_gradients(q, k, v, seg, causal, window):
+def reference_gradients(q, k, v, seg, causal, window, softcap=0.0):
   with jax.enable_x64(True):
     return gradients(
-        lambda *a: jnp_reference(*a, seg, causal, window),
+        lambda *a: jnp_reference(*a, seg, causal, window, softcap),
         *(jnp.asarray(x, jnp.float64) for x in (q, k, v)),
     )
 
@@ -79,6 +80,19 @@ def test_forward_and_gradients_match_float64(causal, window, heads, kv_heads, le
     assert np.all(np.asarray(out)[1] == 0)  # the fully padded row: zeros, not NaN
   ours = gradients(fn, q, k, v)
   for a, b in zip(ours, reference_gradients(q, k, v, seg, causal, window)):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_soft_capped_scores_and_gradients_match_float64():
+  """Gemma 2's score cap in the masked and whole blocks of all three kernels."""
+  cap = 0.5
+  q, k, v, seg = inputs(2, 1, 128, jnp.float32, length=256, segment_ids=many_documents(256))
+  fn = tpu_attention(seg, True, None, cap)
+  with jax.enable_x64(True):
+    want = jnp_reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), seg, True, None, cap)
+  np.testing.assert_allclose(fn(q, k, v), want, atol=2e-5)
+  assert np.abs(np.asarray(want) - reference(q, k, v, seg, True, None)).max() > 0.1
+  for a, b in zip(gradients(fn, q, k, v), reference_gradients(q, k, v, seg, True, None, cap)):
     np.testing.assert_allclose(a, b, atol=5e-5)
 
 
@@ -134,11 +148,13 @@ def _lower(fn, length, dim, heads=8, kv_heads=2):
   return jax.jit(fn).trace(q, kv, kv, seg).lower(lowering_platforms=('tpu',)).as_text()
 
 
-@pytest.mark.parametrize('dim', [64, 128])
+@pytest.mark.parametrize('dim,softcap', [(64, 0.0), (128, 0.0), (128, 50.0)])
 @pytest.mark.parametrize('grad', [False, True])
-def test_forward_and_backward_lower_for_tpus(dim, grad):
+def test_forward_and_backward_lower_for_tpus(dim, softcap, grad):
   def forward(q, k, v, s):
-    return flash_attention(q, k, v, segment_ids=s, window=256, interpret=False, backend='tpu')
+    return flash_attention(
+        q, k, v, segment_ids=s, window=256, softcap=softcap, interpret=False, backend='tpu'
+    )
 
   loss = lambda *a: forward(*a).astype(jnp.float32).sum()
   text = _lower(jax.grad(loss, argnums=(0, 1, 2)) if grad else forward, 1024, dim)

@@ -192,15 +192,22 @@ def test_unsupported_config_fields_are_refused(field, value, message):
     hf.model_config_from_hf(config)
 
 
-def test_soft_capping_runs_only_on_xla_attention():
-  """An imported Gemma 2 with the kernels named is one error naming the fields."""
+def test_soft_capping_runs_on_the_attentions_that_cap():
+  """An imported Gemma 2 validates with xla and the pallas kernels that cap; naming cuDNN or
+  the Hopper kernels is one error naming the fields."""
   from configs import tiny
 
   c = tiny.get_config()
   c.model.update(hf.model_config_from_hf(transformers.Gemma2Config(num_hidden_layers=2).to_dict()))
   c.model.compute_dtype = 'bfloat16'
-  c.model.attention_impl = 'pallas'
-  with pytest.raises(ConfigError, match=r"attention_impl='pallas' does not soft-cap .*50\.0"):
+  for impl in ('xla', 'pallas', 'auto'):
+    c.model.attention_impl = impl
+    validate(c, 1)
+  c.model.attention_impl = 'cudnn'
+  with pytest.raises(ConfigError, match=r"attention_impl='cudnn' does not soft-cap .*50\.0"):
+    validate(c, 1)
+  c.model.attention_impl, c.model.pallas_backend = 'pallas', 'mosaic_gpu'
+  with pytest.raises(ConfigError, match=r"pallas_backend='mosaic_gpu' does not soft-cap .*50\.0"):
     validate(c, 1)
 
 

@@ -367,8 +367,10 @@ def test_suggested_change_fits():
 
 
 def test_the_combination_leaves_out_what_a_run_rejects():
-  """Soft-capped attention scores (Gemma 2) run on xla only: the pallas candidate is
-  rejected, and the combination of the other changes is still found."""
+  """Soft-capped attention scores (Gemma 2) with the Hopper kernels named: neither they nor
+  cuDNN cap, so xla runs and the pallas candidate is rejected, and the combination of the
+  other changes is still found. With the kernel set left to `auto`, the Triton kernels
+  take the cap and the candidate stands."""
   c = small_config(
       **{
           'model.attn_logit_softcap': 50.0,
@@ -378,7 +380,10 @@ def test_the_combination_leaves_out_what_a_run_rejects():
       }
   )
   h100 = devices.accelerator_device('h100')
-  assert plan.estimate_with_overrides(c, {'model.attention_impl': 'pallas'}, 1, device=h100) is None
+  pallas = {'model.attention_impl': 'pallas'}
+  assert plan.estimate_with_overrides(c, pallas, 1, device=h100) is not None
+  c.model.pallas_backend = 'mosaic_gpu'
+  assert plan.estimate_with_overrides(c, pallas, 1, device=h100) is None
   combination = {
       'model.remat_policy': 'full',
       'model.loss_chunk_length': plan.LOSS_CHUNK_LENGTH,

@@ -49,8 +49,9 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, sof
   `impl` and `pallas_backend` are the config's `model.attention_impl` and
   `model.pallas_backend`; `device` is a `euro_lm.devices.Device`, or None when it is not
   known (then no platform is checked, and 'auto' resolves as on a CPU). `softcap` is
-  `model.attn_logit_softcap`: only xla soft-caps scores. An explicit choice that cannot run
-  raises AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
+  `model.attn_logit_softcap`: xla and the Triton and TPU pallas kernels soft-cap scores,
+  cuDNN and the Hopper kernels do not. An explicit choice that cannot run raises
+  AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
   pallas on TPUs, on AMD GPUs and where the Hopper kernels take the call; on other NVIDIA
   GPUs cuDNN for 16-bit compute, as it outran the Triton kernels there; xla on CPUs and
   wherever no kernel takes the shapes or dtype.
@@ -68,15 +69,17 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, sof
     )
   platform = device.platform if device else None
   backend = (
-      kernels.default_backend(dtype, length, head_dim, device=device or _ANY_DEVICE)
+      kernels.default_backend(
+          dtype, length, head_dim, device=device or _ANY_DEVICE, softcap=softcap
+      )
       if pallas_backend == 'auto'
       else pallas_backend
   )
   dtype_name = jnp.dtype(dtype).name
-  cudnn_problem = _softcap_problem('cudnn', softcap) or _cudnn_problem(
+  cudnn_problem = _softcap_problem(softcap, 'cudnn') or _cudnn_problem(
       dtype_name, head_dim, platform
   )
-  pallas_problem = _softcap_problem('pallas', softcap) or _pallas_problem(
+  pallas_problem = _softcap_problem(softcap, 'pallas', backend) or _pallas_problem(
       backend, dtype_name, length, head_dim, platform
   )
   if impl == 'xla':
@@ -124,13 +127,16 @@ _ANY_DEVICE = devices.Device('cpu')
 _SIXTEEN_BIT = ('bfloat16', 'float16')
 
 
-def _softcap_problem(impl, softcap):
-  """Why `impl` cannot run soft-capped scores, or ''."""
-  if not softcap:
+def _softcap_problem(softcap, impl, backend=None):
+  """Why `impl` (with pallas kernel set `backend`) cannot soft-cap scores, or ''."""
+  if not softcap or (impl == 'pallas' and backend in kernels.SOFTCAP_BACKENDS):
     return ''
+  what = f'model.attention_impl={impl!r}'
+  if impl == 'pallas':
+    what += f' with model.pallas_backend={backend!r}'
   return (
-      f'model.attention_impl={impl!r} does not soft-cap attention scores '
-      f"(model.attn_logit_softcap={softcap}); use 'xla' or 'auto'"
+      f'{what} does not soft-cap attention scores (model.attn_logit_softcap={softcap}); '
+      f"use 'xla', 'auto', or 'pallas' with pallas_backend 'gpu' or 'tpu'"
   )
 
 
@@ -212,7 +218,12 @@ def attention(
   )
   if choice.impl == 'pallas':
     kernel = functools.partial(
-        kernels.flash_attention, causal=causal, scale=scale, backend=choice.backend, window=window
+        kernels.flash_attention,
+        causal=causal,
+        scale=scale,
+        backend=choice.backend,
+        window=window,
+        softcap=softcap,
     )
     return per_device(kernel, q_BLHd, k_BLKd, v_BLKd, segment_ids_BL)
   if choice.impl == 'cudnn':  # its log-sum-exp stays inside cuDNN's call: the output only

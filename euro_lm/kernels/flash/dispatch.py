@@ -62,6 +62,7 @@ TPU_BLOCK_SIZES = {
 _TPU_DEFAULT = TPU_BLOCK_SIZES[128]
 _BLOCK_FIELDS = ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd')
 BACKENDS = ('gpu', 'tpu', 'mosaic_gpu')
+SOFTCAP_BACKENDS = ('gpu', 'tpu')  # the kernel sets that soft-cap scores (Gemma 2)
 
 
 def flash_attention(
@@ -73,6 +74,7 @@ def flash_attention(
     causal=True,
     scale=None,
     window=None,
+    softcap=0.0,
     block_sizes=None,
     interpret=None,
     backend=None,
@@ -86,6 +88,8 @@ def flash_attention(
     scale: logit scale, positive; default 1/sqrt(d).
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
+    softcap: > 0 soft-caps the scaled scores to `softcap * tanh(s / softcap)` (Gemma 2's
+      attention logit cap); the Triton and TPU kernels take it, the Hopper ones do not.
     block_sizes: `BlockSizes`; default from `gpu_block_sizes` or `tpu_block_sizes` by head
       dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' takes block_q 64 (one
       compute warpgroup per CTA) or 128 (two, and a producer), by default 128, with
@@ -93,7 +97,7 @@ def flash_attention(
     interpret: run the kernels in the Pallas interpreter (default: on CPU).
     backend: 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) or 'mosaic_gpu' (the Hopper
       kernels, bf16/f16 only); None takes `default_backend(...)`: 'tpu' on a TPU,
-      'mosaic_gpu' on an NVIDIA Hopper GPU when the shapes fit those kernels, else 'gpu',
+      'mosaic_gpu' on an NVIDIA Hopper GPU when the call fits those kernels, else 'gpu',
       so a CPU runs the Triton kernels in the interpreter. The choice is made when tracing,
       not by `lax.platform_dependent`: that would trace both kernel sets, and both would
       have to accept the shapes (TPU tiles are multiples of 128). Lowering on one machine
@@ -105,9 +109,17 @@ def flash_attention(
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
   if backend is None:
-    backend = default_backend(q.dtype, length, head_dim, block_sizes)
+    backend = default_backend(q.dtype, length, head_dim, block_sizes, softcap=softcap)
   if backend not in BACKENDS:
     raise ValueError(f'unknown flash attention backend {backend!r}; expected one of {BACKENDS}')
+  softcap = float(softcap)
+  if not softcap >= 0:
+    raise ValueError(f'flash attention needs a soft cap >= 0 (0: none), not {softcap}')
+  if softcap and backend not in SOFTCAP_BACKENDS:
+    raise ValueError(
+        f'the {backend!r} flash attention kernels do not soft-cap scores; '
+        f'{" and ".join(map(repr, SOFTCAP_BACKENDS))} do'
+    )
   if backend == 'tpu':
     blocks = block_sizes or tpu_block_sizes(head_dim, length)
   else:
@@ -142,7 +154,13 @@ def flash_attention(
   if not scale > 0:
     raise ValueError(f'flash attention needs a positive logit scale, not {scale}')
   static = Static(
-      causal=causal, scale=scale, window=window, blocks=blocks, interpret=interpret, backend=backend
+      causal=causal,
+      scale=scale,
+      window=window,
+      blocks=blocks,
+      interpret=interpret,
+      backend=backend,
+      softcap=softcap,
   )
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
@@ -160,12 +178,12 @@ def gpu_block_sizes(head_dim, device=None):
   return GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
 
 
-def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
+def default_backend(dtype, length, head_dim, block_sizes=None, device=None, softcap=0.0):
   """The kernels `flash_attention` runs on `device` (a `euro_lm.devices.Device`; default the
   current one) when no backend is named: 'tpu' on TPUs; on an NVIDIA Hopper GPU (sm90),
   'mosaic_gpu' where its kernels take the call (bf16/f16, head_dim 64 or 128, default
-  blocks, a length that is a multiple of 128) and win (from `HOPPER_MIN_LENGTH` tokens on,
-  BENCHMARKS.md); else 'gpu' (Triton; interpreted on CPU)."""
+  blocks, a length that is a multiple of 128, no soft cap) and win (from
+  `HOPPER_MIN_LENGTH` tokens on, BENCHMARKS.md); else 'gpu' (Triton; interpreted on CPU)."""
   device = device or devices.describe()
   if device.platform == 'tpu':
     return 'tpu'
@@ -180,6 +198,7 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
       and length % mosaic_gpu.BLOCK_K == 0
       and length >= HOPPER_MIN_LENGTH
       and block_sizes is None
+      and not softcap
   )
   return 'mosaic_gpu' if fits else 'gpu'
 

@@ -2,9 +2,9 @@
 
 Same contract as the GPU kernels, and the same block ranges and masks (from `blocks`):
 GQA without repeating K/V, packed segments (0 is padding and gives zeros), causal, sliding
-window; a float32 logsumexp residual; a deterministic backward in two kernels (dK/dV per
-key block summing its group's query heads, dQ per query block) with float32 accumulation
-and no atomics.
+window, soft-capped scores; a float32 logsumexp residual; a deterministic backward in two
+kernels (dK/dV per key block summing its group's query heads, dQ per query block) with
+float32 accumulation and no atomics.
 
 Mosaic blocks need their last two dims divisible by (8, 128) or equal to the array's, so:
 - q, k, v and the output are transposed by XLA to heads-major `[B, H, L, d]` /
@@ -171,8 +171,8 @@ def _forward_kernel(
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(key_block, masked):
-    s = blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale  # [bq, bk]
-    if masked:
+    s = blocks.soft_cap(static, blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale)
+    if masked:  # s: [bq, bk]
       visible = _score_mask(
           static, s.shape, True, i * block_q, key_block * block_k, seg_q_ref[...], seg_k_ref[:1, :]
       )
@@ -294,7 +294,7 @@ def _dkv_kernel(
   def body(query_block, masked):
     q, do = q_ref[...], do_ref[...]
     # Transposed scores [bk, bq]: the [1, bq] rows of lse and delta broadcast down them.
-    s = blocks.dot(k_ref[...], q, trans_b=True) * static.scale
+    s = blocks.soft_cap(static, blocks.dot(k_ref[...], q, trans_b=True) * static.scale)
     p = jnp.exp(s - lse_ref[...])
     if masked:
       p = jnp.where(
@@ -312,7 +312,7 @@ def _dkv_kernel(
       )
     dv_acc_ref[...] += blocks.dot(p.astype(do.dtype), do)
     dp = blocks.dot(v_ref[...], do, trans_b=True)
-    ds = p * (dp - delta_ref[...]) * static.scale
+    ds = blocks.soft_cap_backward(static, p * (dp - delta_ref[...]), s) * static.scale
     dk_acc_ref[...] += blocks.dot(ds.astype(q.dtype), q)
 
   _step(ranges_refs, b * num_k_blocks + j, i, body)
@@ -353,7 +353,7 @@ def _dq_kernel(
 
   def body(key_block, masked):
     k = k_ref[...]
-    s = blocks.dot(q_ref[...], k, trans_b=True) * static.scale  # [bq, bk]
+    s = blocks.soft_cap(static, blocks.dot(q_ref[...], k, trans_b=True) * static.scale)
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
     p = jnp.exp(s - lse)
@@ -372,7 +372,7 @@ def _dq_kernel(
           0.0,
       )
     dp = blocks.dot(do_ref[...], v_ref[...], trans_b=True)
-    ds = p * (dp - delta) * static.scale
+    ds = blocks.soft_cap_backward(static, p * (dp - delta), s) * static.scale
     dq_acc_ref[...] += blocks.dot(ds.astype(k.dtype), k)
 
   _step(ranges_refs, b * num_q_blocks + i, j, body)

@@ -5,7 +5,7 @@ Each query block loops over the key blocks of its `BlockRanges`, masking only th
 that straddle an edge. The forward saves a float32 logsumexp; the backward recomputes
 probabilities blockwise in two deterministic kernels (dK/dV per key block, summing its
 query heads; dQ per query block), with float32 accumulation and no atomics. Softmax runs in
-base 2 (exp2).
+base 2 (exp2). Scores may be soft-capped (`Static.softcap`, Gemma 2).
 """
 
 import functools
@@ -65,11 +65,15 @@ def _forward_kernel(
   q_segments = seg_q_ref[...]
   head_dim = q.shape[-1]
   scale = static.scale * blocks.LOG2_E  # scores in base 2: exp2 is one instruction, exp is not
+  if static.softcap:  # the cap takes natural-unit scores, so scale first; then base 2 alone
+    scale = 1.0
 
   def body(j, carry, masked):
     acc, m, l = carry
     keys = pl.ds(j * block_k, block_k)
     s = blocks.dot(q, k_ref[keys, :], trans_b=True)
+    if static.softcap:
+      s = blocks.soft_cap(static, s * static.scale) * blocks.LOG2_E
     if masked:
       visible = _mask(
           static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
@@ -153,8 +157,17 @@ def _forward(static, q, k, v, segment_ids):
 
 
 def _probabilities(static, q, k, lse2, visible):
-  p = jnp.exp2(blocks.dot(q, k, trans_b=True) * (static.scale * blocks.LOG2_E) - lse2[:, None])
-  return p if visible is None else jnp.where(visible, p, 0.0)
+  """(p, capped): the probabilities, and the soft-capped scaled scores that the cap's
+  gradient needs (None without a cap)."""
+  s = blocks.dot(q, k, trans_b=True)
+  capped = None
+  if static.softcap:
+    capped = blocks.soft_cap(static, s * static.scale)
+    s2 = capped * blocks.LOG2_E
+  else:
+    s2 = s * (static.scale * blocks.LOG2_E)
+  p = jnp.exp2(s2 - lse2[:, None])
+  return (p if visible is None else jnp.where(visible, p, 0.0)), capped
 
 
 def _dkv_kernel(
@@ -192,10 +205,10 @@ def _dkv_kernel(
         visible = _mask(
             static, i * block_q + jnp.arange(block_q), k_index, seg_q_ref[queries], k_segments
         )
-      p = _probabilities(static, q, k, lse2_ref[g, queries], visible)
+      p, capped = _probabilities(static, q, k, lse2_ref[g, queries], visible)
       dv = dv + blocks.dot(p.astype(do.dtype), do, trans_a=True)
       dp = blocks.dot(do, v, trans_b=True)
-      ds = p * (dp - delta_ref[g, queries][:, None])
+      ds = blocks.soft_cap_backward(static, p * (dp - delta_ref[g, queries][:, None]), capped)
       dk = dk + blocks.dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
@@ -239,9 +252,9 @@ def _dq_kernel(
       visible = _mask(
           static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
       )
-    p = _probabilities(static, q, k, lse2, visible)
+    p, capped = _probabilities(static, q, k, lse2, visible)
     dp = blocks.dot(do, v_ref[keys, :], trans_b=True)
-    ds = p * (dp - delta[:, None])
+    ds = blocks.soft_cap_backward(static, p * (dp - delta[:, None]), capped)
     return dq + blocks.dot(ds.astype(k.dtype), k)
 
   dq = _masked_and_full_loops(ranges_ref, i, body, jnp.zeros(q.shape, jnp.float32))
