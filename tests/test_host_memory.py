@@ -18,8 +18,9 @@ glibc_only = pytest.mark.skipif(
 )
 
 # A jitted computation with 256 MiB of temporaries (a dot's result and its reversed copy,
-# which the last dot reads), run like training steps: compile, a warm-up, then steps, each
-# followed by the FragmentationGuard as in the train loop. Prints each step's page faults.
+# which the last dot reads), run like training steps: compile, a warm-up, then steps.
+# Prints the temporaries' size, the process's growth over the steps and each step's page
+# faults. No FragmentationGuard: a trim would hand pages back on purpose.
 _XLA_STEPS = r"""
 import resource, sys
 from euro_lm import host_memory
@@ -31,15 +32,13 @@ x, w = jnp.ones((4096, 64)), jnp.ones((64, 8192))
 step = jax.jit(lambda x, w: (x @ w)[::-1].T @ x).lower(x, w).compile()
 temp = step.memory_analysis().temp_size_in_bytes
 assert temp >= 2 * 4096 * 8192 * 4, temp
-guard = host_memory.FragmentationGuard(step)
 step(x, w).block_until_ready()
-faults = []
+start, faults = host_memory.resident_bytes(), []
 for _ in range(8):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x, w).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-  guard.after_step()
-print(temp, *faults)
+print(temp, host_memory.resident_bytes() - start, *faults)
 """
 
 
@@ -53,14 +52,15 @@ def _run(script, *args):
 
 @glibc_only
 def test_step_temporaries_are_reused_without_page_faults():
-  temp, *kept = _run(_XLA_STEPS, 'keep')
-  _, *default = _run(_XLA_STEPS, 'default')
+  temp, _, *default = _run(_XLA_STEPS, 'default')
+  temp, growth, *kept = _run(_XLA_STEPS, 'keep')
   pages = temp / 4096
   # glibc's default maps the temporaries afresh and faults them in on every step...
   assert min(default) > 0.9 * pages
-  # ...kept, steps reuse their pages. (A step may still find the freed blocks split by a
-  # small allocation and extend the heap: the minimum, not every step.)
-  assert min(kept) < 0.05 * pages
+  # ...kept, a page faults in only when the heap grows: glibc 2.36's aligned allocations
+  # cannot always reuse a freed block (a small allocation after it, more likely on a busy
+  # machine), and then the heap takes a new one, but no page goes back to the kernel.
+  assert sum(kept) < growth / 4096 + 0.05 * pages, (growth / temp, [f / pages for f in kept])
 
 
 # Steps of plain mallocs shaped like XLA's: a 2 MiB output, then two 128 MiB temporaries
