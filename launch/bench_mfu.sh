@@ -3,7 +3,7 @@
 # 2026-12-06 (dots_no_batch saving its projections again; dots_and_attention also keeping the
 # attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
 # FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
-# micro-batch 2.
+# micro-batch 2; last, Gemma 2's soft-capped scores on the Triton kernels against xla.
 # Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout;
 # on the device machine carry .whl: launch/carried_wheels.sh)
 set -uo pipefail
@@ -37,3 +37,10 @@ if [[ "$gpu" == *H200* ]]; then  # 92.5 GiB of float32 state: an H100 cannot hol
   run 7b_one_h200 200 --config=configs/llama_7b.py:gpu --config.mesh.data=1 --config.mesh.fsdp=1 \
     --config.train.global_batch_size=2 --steps=4
 fi
+# Last, so a call that runs out of time loses nothing above: Gemma 2's soft-capped scores
+# at the 1B shape, on the Triton kernels (auto's choice since 2026-12-07) and on the xla
+# attention (the choice before).
+run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \
+  --config.model.attention_impl=pallas
+run 1b_softcap_xla 120 $one_b --config.model.attn_logit_softcap=50 \
+  --config.model.attention_impl=xla

@@ -57,10 +57,12 @@ def test_step_temporaries_are_reused_without_page_faults():
   pages = temp / 4096
   # glibc's default maps the temporaries afresh and faults them in on every step...
   assert min(default) > 0.9 * pages
-  # ...kept, a page faults in only when the heap grows: glibc 2.36's aligned allocations
-  # cannot always reuse a freed block (a small allocation after it, more likely on a busy
-  # machine), and then the heap takes a new one, but no page goes back to the kernel.
-  assert sum(kept) < growth / 4096 + 0.05 * pages, (growth / temp, [f / pages for f in kept])
+  # ...kept, pages fault in only as the heap grows: glibc 2.36's aligned allocations cannot
+  # always reuse a freed block (a small allocation after it, more likely on a busy machine),
+  # and then the heap takes a new one. A step that grows it faults in up to a few per cent
+  # more pages than it keeps (seen: up to 2.4 %); a step that does not, none.
+  grown = growth / 4096
+  assert sum(kept) < 1.1 * grown + 0.05 * pages, (growth / temp, [f / pages for f in kept])
 
 
 # Steps of plain mallocs shaped like XLA's: a 2 MiB output, then two 128 MiB temporaries
