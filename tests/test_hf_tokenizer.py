@@ -196,6 +196,39 @@ def test_an_older_mistral_file_beside_its_model_config_keeps_its_pipeline(folder
   assert beside.class_for_copies and not alone.class_for_copies
 
 
+@pytest.mark.parametrize('in_tokenizer_config', [None, 'PreTrainedTokenizerFast'])
+def test_a_class_named_only_in_the_model_config_builds_the_tokenizer(
+    folders, tmp_path, in_tokenizer_config
+):
+  """transformers 5 takes the model config.json's tokenizer_class where
+  tokenizer_config.json names none: an older conversion then reads as LlamaTokenizer
+  builds it, and a copy (which leaves config.json behind) names that class. A class in
+  tokenizer_config.json comes first."""
+  folder = older_conversion(folders, str(tmp_path / 'older'))
+  config_path = os.path.join(folder, 'tokenizer_config.json')
+  with open(config_path, encoding='utf-8') as f:
+    config = json.load(f)
+  config.pop('tokenizer_class')
+  if in_tokenizer_config:
+    config['tokenizer_class'] = in_tokenizer_config
+  with open(config_path, 'w', encoding='utf-8') as f:
+    json.dump(config, f)
+  alone = assert_reads_as_transformers(folder)
+  model = {'model_type': 'llama', 'architectures': ['X'], 'tokenizer_class': 'LlamaTokenizer'}
+  with open(os.path.join(folder, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(model, f)
+  beside = assert_reads_as_transformers(folder)
+  if in_tokenizer_config:
+    assert beside.encode(' leading space') == alone.encode(' leading space')
+    assert beside.class_for_copies is None
+    return
+  assert beside.encode(' leading space') != alone.encode(' leading space')
+  copy = copy_tokenizer(beside, str(tmp_path / 'copy'))
+  with open(os.path.join(copy, 'tokenizer_config.json'), encoding='utf-8') as f:
+    assert json.load(f)['tokenizer_class'] == beside.class_for_copies
+  assert assert_reads_as_transformers(copy).fingerprint == beside.fingerprint
+
+
 @pytest.mark.parametrize(
     'model_type, tokenizer_class',
     [('qwen2', 'LlamaTokenizerFast'), ('qwen2', 'PreTrainedTokenizerFast'), ('qwen3', None)],

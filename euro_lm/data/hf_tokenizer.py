@@ -116,7 +116,8 @@ class HFTokenizer:
     the copy as it reads this folder, where the class named here would not do: a folder
     whose model config.json (which copies leave behind) chose the pipeline (an older
     Mistral conversion under LlamaTokenizer keeps its own; a Qwen2 model's tokenizer is
-    Qwen2Tokenizer's whatever it names). None: copies are as the files are."""
+    Qwen2Tokenizer's whatever it names; a class named there alone). None: copies are as
+    the files are."""
     return self._class_for_copies
 
   def _tokenizer_from_file(self):
@@ -247,25 +248,31 @@ _CLASS_NAMES = {'': 'PreTrainedTokenizerFast', _LLAMA: 'LlamaTokenizer', _QWEN2:
 def _transformers_builds(json_bytes, directory) -> tuple[str, str]:
   """(the pipeline transformers 5's AutoTokenizer builds for the folder, the one it builds
   for the tokenizer files alone): `_LLAMA` (LlamaTokenizer's), `_QWEN2` (Qwen2Tokenizer's)
-  or '' (tokenizer.json's own). The model's config.json beside them decides too: Mistral
-  models keep the file's pipeline under any class; Qwen2 models (and Qwen3 ones naming no
-  class) get Qwen2Tokenizer's under any class (DeepSeek-R1-Distill-Qwen names Llama's)."""
+  or '' (tokenizer.json's own). The model's config.json beside them decides too: its
+  `tokenizer_class` where tokenizer_config.json names none; Mistral models keep the file's
+  pipeline under any class; Qwen2 models (and Qwen3 ones naming no class) get
+  Qwen2Tokenizer's under any class (DeepSeek-R1-Distill-Qwen names Llama's)."""
   path = os.path.join(directory, 'tokenizer_config.json')
-  declared = (read_json_object(path, DataError) if os.path.isfile(path) else {}).get(
-      'tokenizer_class'
-  )
-  alone = ''
-  if declared in _QWEN2_CLASSES:
-    alone = _QWEN2
-  elif declared in _LLAMA_CLASSES and b'"ByteLevel"' not in json_bytes:
-    alone = _LLAMA  # transformers never gives a byte-level file LlamaTokenizer's pipeline
+  named = (read_json_object(path, DataError) if os.path.isfile(path) else {}).get('tokenizer_class')
   path = os.path.join(directory, 'config.json')
-  model_type = (read_json_object(path, DataError) if os.path.isfile(path) else {}).get('model_type')
+  model = read_json_object(path, DataError) if os.path.isfile(path) else {}
+  declared = named if named is not None else model.get('tokenizer_class')
+  alone, by_class = (_pipeline_of_class(c, json_bytes) for c in (named, declared))
+  model_type = model.get('model_type')
   if model_type == 'qwen2' or (model_type == 'qwen3' and declared is None):
     return _QWEN2, alone
-  if model_type in _OWN_PIPELINE_MODEL_TYPES and alone == _LLAMA:
+  if model_type in _OWN_PIPELINE_MODEL_TYPES and by_class == _LLAMA:
     return '', alone
-  return alone, alone
+  return by_class, alone
+
+
+def _pipeline_of_class(tokenizer_class, json_bytes) -> str:
+  """The pipeline transformers 5 builds under `tokenizer_class` alone."""
+  if tokenizer_class in _QWEN2_CLASSES:
+    return _QWEN2
+  if tokenizer_class in _LLAMA_CLASSES and b'"ByteLevel"' not in json_bytes:
+    return _LLAMA  # transformers never gives a byte-level file LlamaTokenizer's pipeline
+  return ''
 
 
 def _rebuild(tokenizer, pipeline, directory) -> str:
