@@ -21,8 +21,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from euro_lm import devices, kernels
+from euro_lm import softcap as softcap_lib
 from euro_lm.errors import UserError
-from euro_lm.model import softcap as softcap_lib
 from euro_lm.sharding import mesh_axes_size
 
 IMPLS = ('xla', 'cudnn', 'pallas', 'auto')
@@ -136,7 +136,8 @@ def _softcap_problem(softcap, impl, backend=None):
     what += f' with model.pallas_backend={backend!r}'
   return (
       f'{what} does not soft-cap attention scores (model.attn_logit_softcap={softcap}); '
-      f"use 'xla', 'auto', or 'pallas' with pallas_backend 'gpu' or 'tpu'"
+      f"use 'xla', 'auto', or 'pallas' with pallas_backend "
+      + ' or '.join(map(repr, kernels.SOFTCAP_BACKENDS))
   )
 
 
@@ -202,7 +203,7 @@ def attention(
   """Returns the attention output `[B, L, H, d]` in q's dtype. `impl` and `pallas_backend`
   are resolved by `resolve` on `device` (default: the current one). `window` W (sliding
   window attention, as Mistral's): a query at i sees keys in (i - W, i] when causal.
-  `softcap` > 0 soft-caps the scaled scores (`euro_lm.model.softcap`, Gemma 2)."""
+  `softcap` > 0 soft-caps the scaled scores (`euro_lm.softcap`, Gemma 2)."""
   num_heads, num_kv_heads = q_BLHd.shape[2], k_BLKd.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')

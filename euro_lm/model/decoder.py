@@ -11,8 +11,8 @@ import ml_collections
 from flax import linen as nn
 
 from euro_lm import kernels
+from euro_lm import softcap as softcap_lib
 from euro_lm.model import fp8
-from euro_lm.model import softcap as softcap_lib
 from euro_lm.model.layers import Block, head_dim, norm
 
 _ATTENTION = jax.checkpoint_policies.save_only_these_names(kernels.OUT_NAME, kernels.LSE_NAME)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from euro_lm import softcap as softcap_lib
 from euro_lm.model import fp8, lora
-from euro_lm.model import softcap as softcap_lib
 from euro_lm.model.attention import attention, head_dim
 
 
@@ -476,7 +476,7 @@ def cached_attention(
   A query at slot i sees slot j if j <= i (and i - j < `window`, which may be traced) and
   `kv_valid_BS[:, j]` (slots and positions differ by a row's left padding alone). Logits
   are scaled by `scale`, default head_dim ** -0.5, and soft-capped by `softcap` > 0
-  (`euro_lm.model.softcap`). Plain einsums: at decode time L is 1
+  (`euro_lm.softcap`). Plain einsums: at decode time L is 1
   (or the prompt, once), so a flash kernel would gain little here.
   """
   batch, length, num_heads, hd = q_BLHd.shape

@@ -20,7 +20,7 @@ partials once, after the last chunk, as the plain loss does. Summing across devi
 every chunk would move the head gradient once per chunk.
 
 With `model.final_logit_softcap` (Gemma 2) the logits are soft-capped before the loss
-(`euro_lm.model.softcap`), and their gradient goes back through the cap in the same pass.
+(`euro_lm.softcap`), and their gradient goes back through the cap in the same pass.
 
 Reverse mode only (`jax.custom_vjp`): `jax.jvp` through the fused loss is not defined.
 """
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from euro_lm.model import softcap as softcap_lib
+from euro_lm import softcap as softcap_lib
 from euro_lm.sharding import mesh_axes_size
 
 

@@ -206,20 +206,6 @@ def visibility(static, q_index, k_index, q_segments, k_segments):
   return visible
 
 
-def soft_cap(static, s):
-  """Scaled scores `s` soft-capped as `static.softcap * tanh(s / static.softcap)` (Gemma 2,
-  the map `euro_lm.model.softcap` applies outside the kernels); unchanged without a cap."""
-  return static.softcap * jnp.tanh(s / static.softcap) if static.softcap else s
-
-
-def soft_cap_backward(static, d_capped, capped):
-  """The gradient with respect to the scaled scores from that with respect to the capped
-  ones: d tanh(u) = 1 - tanh(u)^2, with tanh(u) = capped / softcap."""
-  if not static.softcap:
-    return d_capped
-  return d_capped * (1.0 - jnp.square(capped / static.softcap))
-
-
 def softmax_delta(out, d_out):
   """delta_i = sum_d dO_id * O_id, float32 `[B, H, L]`: the softmax gradient's row term.
 

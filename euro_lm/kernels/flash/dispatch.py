@@ -108,13 +108,13 @@ def flash_attention(
   num_kv_heads = k.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'{num_heads} query heads are not a multiple of {num_kv_heads} kv heads')
+  softcap = float(softcap)
+  if not softcap >= 0:
+    raise ValueError(f'flash attention needs a soft cap >= 0 (0: none), not {softcap}')
   if backend is None:
     backend = default_backend(q.dtype, length, head_dim, block_sizes, softcap=softcap)
   if backend not in BACKENDS:
     raise ValueError(f'unknown flash attention backend {backend!r}; expected one of {BACKENDS}')
-  softcap = float(softcap)
-  if not softcap >= 0:
-    raise ValueError(f'flash attention needs a soft cap >= 0 (0: none), not {softcap}')
   if softcap and backend not in SOFTCAP_BACKENDS:
     raise ValueError(
         f'the {backend!r} flash attention kernels do not soft-cap scores; '

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from euro_lm import softcap as softcap_lib
 from euro_lm.kernels.flash import blocks
 
 _LANES = 128
@@ -171,7 +172,9 @@ def _forward_kernel(
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(key_block, masked):
-    s = blocks.soft_cap(static, blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale)
+    s = softcap_lib.apply(
+        blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale, static.softcap
+    )
     if masked:  # s: [bq, bk]
       visible = _score_mask(
           static, s.shape, True, i * block_q, key_block * block_k, seg_q_ref[...], seg_k_ref[:1, :]
@@ -294,7 +297,7 @@ def _dkv_kernel(
   def body(query_block, masked):
     q, do = q_ref[...], do_ref[...]
     # Transposed scores [bk, bq]: the [1, bq] rows of lse and delta broadcast down them.
-    s = blocks.soft_cap(static, blocks.dot(k_ref[...], q, trans_b=True) * static.scale)
+    s = softcap_lib.apply(blocks.dot(k_ref[...], q, trans_b=True) * static.scale, static.softcap)
     p = jnp.exp(s - lse_ref[...])
     if masked:
       p = jnp.where(
@@ -312,7 +315,7 @@ def _dkv_kernel(
       )
     dv_acc_ref[...] += blocks.dot(p.astype(do.dtype), do)
     dp = blocks.dot(v_ref[...], do, trans_b=True)
-    ds = blocks.soft_cap_backward(static, p * (dp - delta_ref[...]), s) * static.scale
+    ds = softcap_lib.backward(p * (dp - delta_ref[...]), s, static.softcap) * static.scale
     dk_acc_ref[...] += blocks.dot(ds.astype(q.dtype), q)
 
   _step(ranges_refs, b * num_k_blocks + j, i, body)
@@ -353,7 +356,7 @@ def _dq_kernel(
 
   def body(key_block, masked):
     k = k_ref[...]
-    s = blocks.soft_cap(static, blocks.dot(q_ref[...], k, trans_b=True) * static.scale)
+    s = softcap_lib.apply(blocks.dot(q_ref[...], k, trans_b=True) * static.scale, static.softcap)
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
     p = jnp.exp(s - lse)
@@ -372,7 +375,7 @@ def _dq_kernel(
           0.0,
       )
     dp = blocks.dot(do_ref[...], v_ref[...], trans_b=True)
-    ds = blocks.soft_cap_backward(static, p * (dp - delta), s) * static.scale
+    ds = softcap_lib.backward(p * (dp - delta), s, static.softcap) * static.scale
     dq_acc_ref[...] += blocks.dot(ds.astype(k.dtype), k)
 
   _step(ranges_refs, b * num_q_blocks + i, j, body)

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from euro_lm import softcap as softcap_lib
 from euro_lm.kernels.flash import blocks
 
 
@@ -73,7 +74,7 @@ def _forward_kernel(
     keys = pl.ds(j * block_k, block_k)
     s = blocks.dot(q, k_ref[keys, :], trans_b=True)
     if static.softcap:
-      s = blocks.soft_cap(static, s * static.scale) * blocks.LOG2_E
+      s = softcap_lib.apply(s * static.scale, static.softcap) * blocks.LOG2_E
     if masked:
       visible = _mask(
           static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
@@ -162,7 +163,7 @@ def _probabilities(static, q, k, lse2, visible):
   s = blocks.dot(q, k, trans_b=True)
   capped = None
   if static.softcap:
-    capped = blocks.soft_cap(static, s * static.scale)
+    capped = softcap_lib.apply(s * static.scale, static.softcap)
     s2 = capped * blocks.LOG2_E
   else:
     s2 = s * (static.scale * blocks.LOG2_E)
@@ -208,7 +209,7 @@ def _dkv_kernel(
       p, capped = _probabilities(static, q, k, lse2_ref[g, queries], visible)
       dv = dv + blocks.dot(p.astype(do.dtype), do, trans_a=True)
       dp = blocks.dot(do, v, trans_b=True)
-      ds = blocks.soft_cap_backward(static, p * (dp - delta_ref[g, queries][:, None]), capped)
+      ds = softcap_lib.backward(p * (dp - delta_ref[g, queries][:, None]), capped, static.softcap)
       dk = dk + blocks.dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
@@ -254,7 +255,7 @@ def _dq_kernel(
       )
     p, capped = _probabilities(static, q, k, lse2, visible)
     dp = blocks.dot(do, v_ref[keys, :], trans_b=True)
-    ds = blocks.soft_cap_backward(static, p * (dp - delta[:, None]), capped)
+    ds = softcap_lib.backward(p * (dp - delta[:, None]), capped, static.softcap)
     return dq + blocks.dot(ds.astype(k.dtype), k)
 
   dq = _masked_and_full_loops(ranges_ref, i, body, jnp.zeros(q.shape, jnp.float32))
