@@ -12,7 +12,13 @@ def apply(logits, cap):
   return cap * jnp.tanh(logits / cap) if cap else logits
 
 
+def scaled(scores, scale, cap):
+  """`apply(scores * scale, cap)` with one multiply per score and no division: what the
+  attention kernels take of raw q.k scores, in their inner loops."""
+  return cap * jnp.tanh(scores * (scale / cap)) if cap else scores * scale
+
+
 def backward(d_capped, capped, cap):
   """The gradient with respect to the logits, from the gradient with respect to the capped
   logits and the capped logits themselves: d tanh(u) = 1 - tanh(u)^2."""
-  return d_capped * (1.0 - jnp.square(capped / cap)) if cap else d_capped
+  return d_capped * (1.0 - jnp.square(capped * (1.0 / cap))) if cap else d_capped

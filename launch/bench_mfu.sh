@@ -3,11 +3,14 @@
 # 2026-12-06 (dots_no_batch saving its projections again; dots_and_attention also keeping the
 # attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
 # FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
-# micro-batch 2; last, Gemma 2's soft-capped scores on the Triton kernels against xla.
-# Usage: bash launch/bench_mfu.sh [OUTDIR]   (markdown rows; each part under its own timeout;
-# on the device machine carry .whl: launch/carried_wheels.sh)
+# micro-batch 2; last, Gemma 2's soft-capped scores on the Hopper and Triton kernels and xla.
+# Usage: bash launch/bench_mfu.sh [OUTDIR [PARTS]]   (PARTS: all (default), main = all but
+# the soft-cap runs (~9 min), or softcap = those alone (~5 min); each run under its own
+# timeout; on the device machine carry .whl: launch/carried_wheels.sh)
 set -uo pipefail
 out=${1:-bench_mfu_out}
+parts=${2:-all}
+case "$parts" in all | main | softcap) ;; *) echo "error: PARTS=$parts: all, main or softcap" >&2; exit 2 ;; esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 run() {  # name, timeout in s, then bench arguments
@@ -21,26 +24,31 @@ echo "$gpu"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" ||
   { echo "euro_lm's dependencies are missing: pip install -e ., or carry .whl"; exit 1; }
 one_b="--config=configs/llama_1b.py:gpu --config.train.global_batch_size=8 --steps=6"
-run 1b_dots_no_batch 150 $one_b
-run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
-run 1b_dots_and_attention_chunked 150 $one_b --config.model.remat_policy=dots_and_attention \
-  --config.model.loss_chunk_length=512
-echo "== profile: where the step's time goes, op by op (dots_and_attention, fused loss)"
-timeout 150 python3 -m euro_lm.bench.profile --config=configs/llama_1b.py:gpu \
-  --config.train.global_batch_size=8 --config.model.remat_policy=dots_and_attention \
-  --config.model.loss_chunk_length=512 --steps=3 --top=25 --trace_dir=/tmp/euro_lm_profile 2>&1 |
-  grep -v "^W\|^I[0-9]" | tee "$out/profile.txt" | head -12
-echo "== fp8: the step against bf16 at the 1B and 7B shapes (no parity run)"
-timeout 200 python3 launch/bench_fp8.py --out="$out/fp8" --skip=parity 2>&1 | grep -v "^W\|^I[0-9]" |
-  tee "$out/fp8.txt" | tail -8
-if [[ "$gpu" == *H200* ]]; then  # 92.5 GiB of float32 state: an H100 cannot hold it
-  run 7b_one_h200 200 --config=configs/llama_7b.py:gpu --config.mesh.data=1 --config.mesh.fsdp=1 \
-    --config.train.global_batch_size=2 --steps=4
+if [[ "$parts" != softcap ]]; then
+  run 1b_dots_no_batch 150 $one_b
+  run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
+  run 1b_dots_and_attention_chunked 150 $one_b --config.model.remat_policy=dots_and_attention \
+    --config.model.loss_chunk_length=512
+  echo "== profile: where the step's time goes, op by op (dots_and_attention, fused loss)"
+  timeout 150 python3 -m euro_lm.bench.profile --config=configs/llama_1b.py:gpu \
+    --config.train.global_batch_size=8 --config.model.remat_policy=dots_and_attention \
+    --config.model.loss_chunk_length=512 --steps=3 --top=25 --trace_dir=/tmp/euro_lm_profile 2>&1 |
+    grep -v "^W\|^I[0-9]" | tee "$out/profile.txt" | head -12
+  echo "== fp8: the step against bf16 at the 1B and 7B shapes (no parity run)"
+  timeout 200 python3 launch/bench_fp8.py --out="$out/fp8" --skip=parity 2>&1 | grep -v "^W\|^I[0-9]" |
+    tee "$out/fp8.txt" | tail -8
+  if [[ "$gpu" == *H200* ]]; then  # 92.5 GiB of float32 state: an H100 cannot hold it
+    run 7b_one_h200 200 --config=configs/llama_7b.py:gpu --config.mesh.data=1 --config.mesh.fsdp=1 \
+      --config.train.global_batch_size=2 --steps=4
+  fi
 fi
+[[ "$parts" == main ]] && exit 0
 # Last, so a call that runs out of time loses nothing above: Gemma 2's soft-capped scores
-# at the 1B shape, on the Triton kernels (auto's choice since 2026-12-07) and on the xla
-# attention (the choice before).
-run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \
+# at the 1B shape, on the Hopper kernels (auto's choice since 2026-12-07, second session),
+# the Triton kernels and the xla attention (the choice before the kernels capped).
+run 1b_softcap_hopper 120 $one_b --config.model.attn_logit_softcap=50 \
   --config.model.attention_impl=pallas
+run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \
+  --config.model.attention_impl=pallas --config.model.pallas_backend=gpu
 run 1b_softcap_xla 120 $one_b --config.model.attn_logit_softcap=50 \
   --config.model.attention_impl=xla

@@ -173,18 +173,21 @@ def test_soft_capped_scores_and_gradients_match_float64(length, window):
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('impl,backend', [('cudnn', 'auto'), ('pallas', 'mosaic_gpu')])
-def test_soft_caps_go_to_the_attentions_that_take_them(impl, backend):
-  """cuDNN and the Hopper kernels do not soft-cap: naming one with a cap is one error naming
-  the fields; 'auto' takes the Triton kernels on NVIDIA GPUs (Hopper too), the TPU kernels
-  on TPUs and xla on CPUs."""
-  with pytest.raises(attention_lib.AttentionError, match=r"attention_impl='.*attn_logit_softcap"):
+def test_soft_caps_go_to_the_attentions_that_take_them():
+  """cuDNN does not soft-cap: naming it with a cap is one error naming the fields; every
+  kernel set does. 'auto' takes the Triton kernels on NVIDIA GPUs before Hopper (where
+  cuDNN would win without a cap), the Hopper kernels on Hopper, the TPU kernels on TPUs and
+  xla on CPUs."""
+  with pytest.raises(attention_lib.AttentionError, match=r"impl='cudnn' .*attn_logit_softcap"):
     attention_lib.resolve(
-        impl, backend, dtype='bfloat16', length=4096, head_dim=128, device=None, softcap=50.0
+        'cudnn', dtype='bfloat16', length=4096, head_dim=128, device=None, softcap=50.0
     )
   for device, want in (
       (devices.Device('cuda'), attention_lib.AttentionChoice('pallas', 'gpu')),
-      (devices.Device('cuda', hopper=True), attention_lib.AttentionChoice('pallas', 'gpu')),
+      (
+          devices.Device('cuda', hopper=True),
+          attention_lib.AttentionChoice('pallas', 'mosaic_gpu'),
+      ),
       (devices.Device('tpu'), attention_lib.AttentionChoice('pallas', 'tpu')),
       (devices.Device('cpu'), attention_lib.AttentionChoice('xla')),
   ):

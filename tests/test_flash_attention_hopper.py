@@ -126,6 +126,40 @@ def test_gradients_match_float64(causal, window, bwd):
     assert _relative_error(a, b) < 2e-2
 
 
+# One compute warpgroup everywhere (the default suite); two, and producers (`-m slow`).
+@pytest.mark.parametrize('block_q,bwd', [(64, 64), pytest.param(128, 128, marks=pytest.mark.slow)])
+def test_soft_capped_scores_and_gradients_match_float64(block_q, bwd):
+  """Gemma 2's cap on the scaled scores, `cap * tanh(s / cap)`, in the forward's masked and
+  whole blocks and in both backward kernels, against the float64 reference; the cap is
+  below the scores' size, so it changes the output."""
+  cap = 0.5
+  q, k, v, seg = inputs(4, 2, 64, jnp.bfloat16, length=256, segment_ids=DOCUMENTS)
+  if block_q == 128:
+    q, k, v, seg = q[:1], k[:1], v[:1], seg[:1]
+  w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.bfloat16)
+  blocks = BlockSizes(block_q=block_q, block_k=128, block_q_bwd=bwd, block_k_bwd=bwd)
+  attend = lambda *a: flash_attention(
+      *a,
+      segment_ids=jnp.asarray(seg),
+      softcap=cap,
+      backend='mosaic_gpu',
+      block_sizes=blocks,
+  )
+  out = attend(q, k, v)
+  ours = jax.grad(lambda *a: jnp.sum((attend(*a) * w).astype(jnp.float32)), argnums=(0, 1, 2))(
+      q, k, v
+  )
+  with jax.enable_x64(True):
+    ref = lambda *a, c=cap: jnp_reference(*a, seg, True, None, c)
+    q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+    want = ref(q64, k64, v64)
+    theirs = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q64, k64, v64)
+    assert _relative_error(ref(q64, k64, v64, c=0.0), want) > 0.1
+  assert _relative_error(out, want) < 1e-2
+  for a, b in zip(ours, theirs):
+    assert _relative_error(a, b) < 2e-2
+
+
 def test_what_the_hopper_kernels_cannot_take_is_refused():
   q, k, v, _ = inputs(2, 2, 64, jnp.float32, length=128)
   with pytest.raises(ValueError, match='bfloat16 or float16'):
@@ -145,8 +179,12 @@ def test_what_the_hopper_kernels_cannot_take_is_refused():
     )(q)
 
 
-@pytest.mark.parametrize('dim,block_q,bwd', [(64, 64, 64), (128, 128, 64), (128, 128, 128)])
-def test_forward_and_backward_lower_for_hopper(dim, block_q, bwd):
+@pytest.mark.parametrize(
+    'dim,block_q,bwd,softcap',
+    [(64, 64, 64, 0.0), (128, 128, 64, 0.0), (128, 128, 128, 0.0), (64, 64, 64, 30.0)]
+    + [(128, 128, 128, 30.0)],
+)
+def test_forward_and_backward_lower_for_hopper(dim, block_q, bwd, softcap):
   q = jax.ShapeDtypeStruct((2, 512, 8, dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 512, 2, dim), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 512), jnp.int32)
@@ -159,6 +197,7 @@ def test_forward_and_backward_lower_for_hopper(dim, block_q, bwd):
             v,
             segment_ids=s,
             window=256,
+            softcap=softcap,
             interpret=False,
             backend='mosaic_gpu',
             block_sizes=BlockSizes(block_q=block_q, block_k=128, block_q_bwd=bwd, block_k_bwd=bwd),

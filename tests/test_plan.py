@@ -367,13 +367,13 @@ def test_suggested_change_fits():
 
 
 def test_the_combination_leaves_out_what_a_run_rejects():
-  """Soft-capped attention scores (Gemma 2) with the Hopper kernels named: neither they nor
-  cuDNN cap, so xla runs and the pallas candidate is rejected, and the combination of the
-  other changes is still found. With the kernel set left to `auto`, the Triton kernels
-  take the cap and the candidate stands."""
+  """Heads of 256 (Gemma 2 2B's and 9B's) with the Hopper kernels named: neither they nor
+  cuDNN take them, so xla runs and the pallas candidate is rejected, and the combination
+  of the other changes is still found. With the kernel set left to `auto`, the Triton
+  kernels take them and the candidate stands."""
   c = small_config(
       **{
-          'model.attn_logit_softcap': 50.0,
+          'model.head_dim': 256,
           'model.compute_dtype': 'bfloat16',
           'model.vocab_size': 32_000,
           'train.seq_len': 2048,

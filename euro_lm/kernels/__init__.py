@@ -6,7 +6,6 @@ from euro_lm.kernels.flash import (
     HOPPER_MIN_LENGTH,
     LSE_NAME,
     OUT_NAME,
-    SOFTCAP_BACKENDS,
     TPU_BLOCK_MULTIPLE,
     TPU_BLOCK_SIZES,
     BlockSizes,

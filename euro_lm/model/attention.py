@@ -49,12 +49,12 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, sof
   `impl` and `pallas_backend` are the config's `model.attention_impl` and
   `model.pallas_backend`; `device` is a `euro_lm.devices.Device`, or None when it is not
   known (then no platform is checked, and 'auto' resolves as on a CPU). `softcap` is
-  `model.attn_logit_softcap`: xla and the Triton and TPU pallas kernels soft-cap scores,
-  cuDNN and the Hopper kernels do not. An explicit choice that cannot run raises
-  AttentionError. 'auto' takes what ran fastest (BENCHMARKS.md):
-  pallas on TPUs, on AMD GPUs and where the Hopper kernels take the call; on other NVIDIA
-  GPUs cuDNN for 16-bit compute, as it outran the Triton kernels there; xla on CPUs and
-  wherever no kernel takes the shapes or dtype.
+  `model.attn_logit_softcap`: xla and every pallas kernel set soft-cap scores, cuDNN does
+  not. An explicit choice that cannot run raises AttentionError. 'auto' takes what ran
+  fastest (BENCHMARKS.md): pallas on TPUs, on AMD GPUs and where the Hopper kernels take
+  the call; on other NVIDIA GPUs cuDNN for 16-bit compute, as it outran the Triton kernels
+  there (the Triton kernels with a soft cap); xla on CPUs and wherever no kernel takes the
+  shapes or dtype.
   """
   if impl not in IMPLS:
     raise AttentionError(
@@ -69,19 +69,13 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, sof
     )
   platform = device.platform if device else None
   backend = (
-      kernels.default_backend(
-          dtype, length, head_dim, device=device or _ANY_DEVICE, softcap=softcap
-      )
+      kernels.default_backend(dtype, length, head_dim, device=device or _ANY_DEVICE)
       if pallas_backend == 'auto'
       else pallas_backend
   )
   dtype_name = jnp.dtype(dtype).name
-  cudnn_problem = _softcap_problem(softcap, 'cudnn') or _cudnn_problem(
-      dtype_name, head_dim, platform
-  )
-  pallas_problem = _softcap_problem(softcap, 'pallas', backend) or _pallas_problem(
-      backend, dtype_name, length, head_dim, platform
-  )
+  cudnn_problem = _cudnn_softcap_problem(softcap) or _cudnn_problem(dtype_name, head_dim, platform)
+  pallas_problem = _pallas_problem(backend, dtype_name, length, head_dim, platform)
   if impl == 'xla':
     return AttentionChoice('xla')
   if impl == 'cudnn':
@@ -127,17 +121,13 @@ _ANY_DEVICE = devices.Device('cpu')
 _SIXTEEN_BIT = ('bfloat16', 'float16')
 
 
-def _softcap_problem(softcap, impl, backend=None):
-  """Why `impl` (with pallas kernel set `backend`) cannot soft-cap scores, or ''."""
-  if not softcap or (impl == 'pallas' and backend in kernels.SOFTCAP_BACKENDS):
+def _cudnn_softcap_problem(softcap):
+  """Why cuDNN cannot run with this attention soft cap, or ''."""
+  if not softcap:
     return ''
-  what = f'model.attention_impl={impl!r}'
-  if impl == 'pallas':
-    what += f' with model.pallas_backend={backend!r}'
   return (
-      f'{what} does not soft-cap attention scores (model.attn_logit_softcap={softcap}); '
-      f"use 'xla', 'auto', or 'pallas' with pallas_backend "
-      + ' or '.join(map(repr, kernels.SOFTCAP_BACKENDS))
+      f"model.attention_impl='cudnn' does not soft-cap attention scores "
+      f"(model.attn_logit_softcap={softcap}); use 'xla', 'pallas' or 'auto'"
   )
 
 

@@ -509,7 +509,9 @@ def suggestions(config, num_devices, num_nodes, budget_bytes, leaves=None, *, de
         del change[path]
   for change in candidates:
     est = estimate_with_overrides(config, change, num_devices, num_nodes, leaves, device=device)
-    if est is None:  # a run would reject it (e.g. the Hopper kernels and a soft cap): not combined
+    if (
+        est is None
+    ):  # a run would reject it (e.g. the Hopper kernels named for heads of 256): not combined
       continue
     if 'train.grad_accum_steps' not in change:
       combined.update(change)

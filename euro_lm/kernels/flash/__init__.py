@@ -10,7 +10,6 @@ from euro_lm.kernels.flash.dispatch import (
     HOPPER_MIN_LENGTH,
     LSE_NAME,
     OUT_NAME,
-    SOFTCAP_BACKENDS,
     TPU_BLOCK_MULTIPLE,
     TPU_BLOCK_SIZES,
     default_backend,

@@ -62,7 +62,6 @@ TPU_BLOCK_SIZES = {
 _TPU_DEFAULT = TPU_BLOCK_SIZES[128]
 _BLOCK_FIELDS = ('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd')
 BACKENDS = ('gpu', 'tpu', 'mosaic_gpu')
-SOFTCAP_BACKENDS = ('gpu', 'tpu')  # the kernel sets that soft-cap scores (Gemma 2)
 
 
 def flash_attention(
@@ -89,7 +88,7 @@ def flash_attention(
     window: optional int W: a query at i sees keys in (i - W, i] (with causal) or
       [i - W + 1, i + W - 1] (without).
     softcap: > 0 soft-caps the scaled scores to `softcap * tanh(s / softcap)` (Gemma 2's
-      attention logit cap); the Triton and TPU kernels take it, the Hopper ones do not.
+      attention logit cap); every kernel set takes it.
     block_sizes: `BlockSizes`; default from `gpu_block_sizes` or `tpu_block_sizes` by head
       dim (the TPU defaults shrunk to fit the length). 'mosaic_gpu' takes block_q 64 (one
       compute warpgroup per CTA) or 128 (two, and a producer), by default 128, with
@@ -112,14 +111,9 @@ def flash_attention(
   if not softcap >= 0:
     raise ValueError(f'flash attention needs a soft cap >= 0 (0: none), not {softcap}')
   if backend is None:
-    backend = default_backend(q.dtype, length, head_dim, block_sizes, softcap=softcap)
+    backend = default_backend(q.dtype, length, head_dim, block_sizes)
   if backend not in BACKENDS:
     raise ValueError(f'unknown flash attention backend {backend!r}; expected one of {BACKENDS}')
-  if softcap and backend not in SOFTCAP_BACKENDS:
-    raise ValueError(
-        f'the {backend!r} flash attention kernels do not soft-cap scores; '
-        f'{" and ".join(map(repr, SOFTCAP_BACKENDS))} do'
-    )
   if backend == 'tpu':
     blocks = block_sizes or tpu_block_sizes(head_dim, length)
   else:
@@ -178,11 +172,11 @@ def gpu_block_sizes(head_dim, device=None):
   return GPU_BLOCK_SIZES.get(head_dim, BlockSizes())
 
 
-def default_backend(dtype, length, head_dim, block_sizes=None, device=None, softcap=0.0):
+def default_backend(dtype, length, head_dim, block_sizes=None, device=None):
   """The kernels `flash_attention` runs on `device` (a `euro_lm.devices.Device`; default the
   current one) when no backend is named: 'tpu' on TPUs; on an NVIDIA Hopper GPU (sm90),
   'mosaic_gpu' where its kernels take the call (bf16/f16, head_dim 64 or 128, default
-  blocks, a length that is a multiple of 128, no soft cap) and win (from
+  blocks, a length that is a multiple of 128) and win (from
   `HOPPER_MIN_LENGTH` tokens on, BENCHMARKS.md); else 'gpu' (Triton; interpreted on CPU)."""
   device = device or devices.describe()
   if device.platform == 'tpu':
@@ -198,7 +192,6 @@ def default_backend(dtype, length, head_dim, block_sizes=None, device=None, soft
       and length % mosaic_gpu.BLOCK_K == 0
       and length >= HOPPER_MIN_LENGTH
       and block_sizes is None
-      and not softcap
   )
   return 'mosaic_gpu' if fits else 'gpu'
 

@@ -21,6 +21,9 @@ K/V arrive by TMA into a ring of `STAGES` shared-memory slots. `block_q` picks t
 p·v (and every backward product that sums over blocks) accumulates in place in its wgmma
 accumulator.
 
+Soft-capped scores (Gemma 2, `Static.softcap`) pass through `cap * tanh(s / cap)` in
+registers, before masking; the backward recomputes them and multiplies dS by 1 - tanh².
+
 Visibility needs no segment ids inside the kernel: documents are contiguous runs, so
 query i sees exactly the keys in [lo_i, hi_i] (`blocks.visible_key_spans`, computed once
 in XLA); the masked blocks compare key positions against those two per-row bounds.
@@ -42,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from euro_lm import softcap as softcap_lib
 from euro_lm.kernels.flash import blocks
 
 ROWS = 64  # queries per compute warpgroup: wgmma's M
@@ -379,7 +383,10 @@ class _BlockOps:
 
   def __init__(self, static, block_k, head_dim, dtype):
     self.interpret = static.interpret
-    self.scale = static.scale * blocks.LOG2_E  # base-2 scores: exp2 is one instruction
+    self.static_scale, self.softcap = static.scale, static.softcap
+    # Base-2 scores (exp2 is one instruction): the raw ones times `scale`; or, soft-capped,
+    # the capped natural-unit ones times log2(e).
+    self.scale = blocks.LOG2_E if static.softcap else static.scale * blocks.LOG2_E
     self.block_k, self.head_dim, self.dtype = block_k, head_dim, dtype
 
   def init(self):
@@ -400,10 +407,13 @@ class _BlockOps:
     """Online-softmax update with key block j; masked by the rows' `bounds` unless None.
     Returns (the block's probabilities in the input dtype, (rescaled acc, m, l)).
 
-    m is the running maximum of the scaled base-2 scores. It is taken from the raw scores
-    (the scale is positive), so each probability costs one fused multiply-add and an exp2.
+    m is the running maximum of the scaled base-2 scores. It is taken from the raw (or
+    capped) scores, as the scale is positive, so each probability costs one fused
+    multiply-add and an exp2.
     """
     acc, m, l = carry
+    if self.softcap:  # before masking: a masked score stays -inf, not -cap
+      scores = softcap_lib.scaled(scores, self.static_scale, self.softcap)
     if bounds is not None:
       shape = (ROWS, self.block_k)
       key = _iota(shape, 1, self.interpret) + j * self.block_k
@@ -490,17 +500,24 @@ class _BackwardSetup:
     return _tile(jnp.zeros(shape, jnp.float32), self.interpret)
 
   def probabilities(self, scores, lse2, bounds, first_key, as_rows):
-    """exp2(scores * scale - lse2), masked by the query spans `bounds` unless None (keys
-    from `first_key` on); the queries are rows (dQ) or columns (dK/dV)."""
+    """(p, capped): p = exp2(base-2 scores - lse2), masked by the query spans `bounds`
+    unless None (keys from `first_key` on), the queries as rows (dQ) or columns (dK/dV);
+    capped: the soft-capped scaled scores that the cap's gradient takes (None without a
+    cap)."""
     shape = scores.shape
     per_query = lambda x: lax.broadcast_in_dim(x, shape, [0] if as_rows else [1])
-    p = jnp.exp2(scores * self.scale2 - per_query(lse2))
+    capped = None
+    if self.static.softcap:
+      capped = softcap_lib.scaled(scores, self.static.scale, self.static.softcap)
+      p = jnp.exp2(capped * blocks.LOG2_E - per_query(lse2))
+    else:
+      p = jnp.exp2(scores * self.scale2 - per_query(lse2))
     if bounds is None:
-      return p
+      return p, capped
     # Built here, in masked steps only: kept across the loops, it would hold 32 registers.
     key = _iota(shape, 1 if as_rows else 0, self.interpret) + first_key
     visible = (key >= per_query(bounds[0])) & (key <= per_query(bounds[1]))
-    return jnp.where(visible, p, 0.0)
+    return jnp.where(visible, p, 0.0), capped
 
 
 def _query_stats(lse, delta, spans):
@@ -539,8 +556,9 @@ def _dkv_backward(setup, query_ranges, stats, q, k, v, d_out):
         interpret,
         between=wait_do,
     )
-    p = probabilities(scores, column(0), bounds, first_key, as_rows=False)
+    p, capped = probabilities(scores, column(0), bounds, first_key, as_rows=False)
     ds = p * (dp - lax.broadcast_in_dim(column(1), dp.shape, [1]))
+    ds = softcap_lib.backward(ds, capped, static.softcap)
     dv, dk = _wgmmas(
         [(p.astype(dtype), do_tile, False, dv), (ds.astype(dtype), q_tile, False, dk)], interpret
     )
@@ -805,8 +823,9 @@ def _dq_backward(setup, key_ranges, stats, q, k, v, d_out):
         between=wait_v,
     )
     v_done()
-    p = probabilities(scores, lse2, spans, j * ROWS, as_rows=True)
+    p, capped = probabilities(scores, lse2, spans, j * ROWS, as_rows=True)
     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+    ds = softcap_lib.backward(ds, capped, static.softcap)
     return _wgmmas([(ds.astype(dtype), k_tile, False, dq)], interpret)[0]
 
   def load_query_rows(refs, tiles, barriers, b, h, queries):

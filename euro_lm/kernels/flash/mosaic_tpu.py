@@ -172,8 +172,8 @@ def _forward_kernel(
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(key_block, masked):
-    s = softcap_lib.apply(
-        blocks.dot(q_ref[...], k_ref[...], trans_b=True) * static.scale, static.softcap
+    s = softcap_lib.scaled(
+        blocks.dot(q_ref[...], k_ref[...], trans_b=True), static.scale, static.softcap
     )
     if masked:  # s: [bq, bk]
       visible = _score_mask(
@@ -297,7 +297,7 @@ def _dkv_kernel(
   def body(query_block, masked):
     q, do = q_ref[...], do_ref[...]
     # Transposed scores [bk, bq]: the [1, bq] rows of lse and delta broadcast down them.
-    s = softcap_lib.apply(blocks.dot(k_ref[...], q, trans_b=True) * static.scale, static.softcap)
+    s = softcap_lib.scaled(blocks.dot(k_ref[...], q, trans_b=True), static.scale, static.softcap)
     p = jnp.exp(s - lse_ref[...])
     if masked:
       p = jnp.where(
@@ -356,7 +356,7 @@ def _dq_kernel(
 
   def body(key_block, masked):
     k = k_ref[...]
-    s = softcap_lib.apply(blocks.dot(q_ref[...], k, trans_b=True) * static.scale, static.softcap)
+    s = softcap_lib.scaled(blocks.dot(q_ref[...], k, trans_b=True), static.scale, static.softcap)
     # The [1, bq] rows as [bq, 1] columns (a relayout Mosaic does, as splash attention's).
     lse, delta = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1)
     p = jnp.exp(s - lse)

@@ -74,7 +74,7 @@ def _forward_kernel(
     keys = pl.ds(j * block_k, block_k)
     s = blocks.dot(q, k_ref[keys, :], trans_b=True)
     if static.softcap:
-      s = softcap_lib.apply(s * static.scale, static.softcap) * blocks.LOG2_E
+      s = softcap_lib.scaled(s, static.scale, static.softcap) * blocks.LOG2_E
     if masked:
       visible = _mask(
           static, q_index, j * block_k + jnp.arange(block_k), q_segments, seg_k_ref[keys]
@@ -163,7 +163,7 @@ def _probabilities(static, q, k, lse2, visible):
   s = blocks.dot(q, k, trans_b=True)
   capped = None
   if static.softcap:
-    capped = softcap_lib.apply(s * static.scale, static.softcap)
+    capped = softcap_lib.scaled(s, static.scale, static.softcap)
     s2 = capped * blocks.LOG2_E
   else:
     s2 = s * (static.scale * blocks.LOG2_E)
