@@ -74,7 +74,7 @@ def resolve(impl, pallas_backend='auto', *, dtype, length, head_dim, device, sof
       else pallas_backend
   )
   dtype_name = jnp.dtype(dtype).name
-  cudnn_problem = _cudnn_softcap_problem(softcap) or _cudnn_problem(dtype_name, head_dim, platform)
+  cudnn_problem = _cudnn_problem(dtype_name, head_dim, platform, softcap)
   pallas_problem = _pallas_problem(backend, dtype_name, length, head_dim, platform)
   if impl == 'xla':
     return AttentionChoice('xla')
@@ -121,18 +121,13 @@ _ANY_DEVICE = devices.Device('cpu')
 _SIXTEEN_BIT = ('bfloat16', 'float16')
 
 
-def _cudnn_softcap_problem(softcap):
-  """Why cuDNN cannot run with this attention soft cap, or ''."""
-  if not softcap:
-    return ''
-  return (
-      f"model.attention_impl='cudnn' does not soft-cap attention scores "
-      f"(model.attn_logit_softcap={softcap}); use 'xla', 'pallas' or 'auto'"
-  )
-
-
-def _cudnn_problem(dtype, head_dim, platform):
+def _cudnn_problem(dtype, head_dim, platform, softcap):
   """Why cuDNN's flash attention cannot run, or ''."""
+  if softcap:
+    return (
+        "model.attention_impl='cudnn' does not soft-cap attention scores "
+        f"(model.attn_logit_softcap={softcap}); use 'xla', 'pallas' or 'auto'"
+    )
   if dtype not in _SIXTEEN_BIT:
     return (
         "model.attention_impl='cudnn' needs model.compute_dtype bfloat16 or float16, "
