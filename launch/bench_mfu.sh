@@ -3,14 +3,17 @@
 # 2026-12-06 (dots_no_batch saving its projections again; dots_and_attention also keeping the
 # attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
 # FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
-# micro-batch 2; last, Gemma 2's soft-capped scores on the Hopper and Triton kernels and xla.
-# Usage: bash launch/bench_mfu.sh [OUTDIR [PARTS]]   (PARTS: all (default), main = all but
-# the soft-cap runs (~9 min), or softcap = those alone (~5 min); each run under its own
-# timeout; on the device machine carry .whl: launch/carried_wheels.sh)
+# micro-batch 2 (part `main`, ~9 min); then Gemma 2's soft-capped scores on the Hopper and
+# Triton kernels and xla (`softcap`, ~5 min); then XLA GPU flags against the defaults
+# (`flags`, ~3 min).
+# Usage: bash launch/bench_mfu.sh [OUTDIR [PART]]   (PART: main, softcap, flags or all, the
+# default; each run under its own timeout; on the device machine carry .whl:
+# launch/carried_wheels.sh)
 set -uo pipefail
 out=${1:-bench_mfu_out}
-parts=${2:-all}
-case "$parts" in all | main | softcap) ;; *) echo "error: PARTS=$parts: all, main or softcap" >&2; exit 2 ;; esac
+part=${2:-all}
+case "$part" in all | main | softcap | flags) ;; *) echo "error: PART=$part: main, softcap, flags or all" >&2; exit 2 ;; esac
+want() { [[ "$part" == all || "$part" == "$1" ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 run() {  # name, timeout in s, then bench arguments
@@ -24,7 +27,7 @@ echo "$gpu"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" ||
   { echo "euro_lm's dependencies are missing: pip install -e ., or carry .whl"; exit 1; }
 one_b="--config=configs/llama_1b.py:gpu --config.train.global_batch_size=8 --steps=6"
-if [[ "$parts" != softcap ]]; then
+if want main; then
   run 1b_dots_no_batch 150 $one_b
   run 1b_dots_and_attention 150 $one_b --config.model.remat_policy=dots_and_attention
   run 1b_dots_and_attention_chunked 150 $one_b --config.model.remat_policy=dots_and_attention \
@@ -42,13 +45,23 @@ if [[ "$parts" != softcap ]]; then
       --config.train.global_batch_size=2 --steps=4
   fi
 fi
-[[ "$parts" == main ]] && exit 0
-# Last, so a call that runs out of time loses nothing above: Gemma 2's soft-capped scores
-# at the 1B shape, on the Hopper kernels (auto's choice since 2026-12-07, second session),
-# the Triton kernels and the xla attention (the choice before the kernels capped).
-run 1b_softcap_hopper 120 $one_b --config.model.attn_logit_softcap=50 \
-  --config.model.attention_impl=pallas
-run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \
-  --config.model.attention_impl=pallas --config.model.pallas_backend=gpu
-run 1b_softcap_xla 120 $one_b --config.model.attn_logit_softcap=50 \
-  --config.model.attention_impl=xla
+# Gemma 2's soft-capped scores at the 1B shape, on the Hopper kernels (auto's choice since
+# 2026-12-07, second session), the Triton kernels and the xla attention (the choice before
+# the kernels capped).
+if want softcap; then
+  run 1b_softcap_hopper 120 $one_b --config.model.attn_logit_softcap=50 \
+    --config.model.attention_impl=pallas
+  run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \
+    --config.model.attention_impl=pallas --config.model.pallas_backend=gpu
+  run 1b_softcap_xla 120 $one_b --config.model.attn_logit_softcap=50 \
+    --config.model.attention_impl=xla
+fi
+# XLA GPU flags that recipes for H100s set (NVIDIA's JAX-Toolbox, MaxText), on the 1B step
+# as the first run above: cuBLAS for every matmul instead of autotuned Triton GEMMs, and
+# no CUDA-graph command buffers. A flag this XLA does not know fails its run alone.
+if want flags; then
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" \
+    run 1b_no_triton_gemm 150 $one_b
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" \
+    run 1b_no_command_buffer 150 $one_b
+fi
