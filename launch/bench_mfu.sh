@@ -4,7 +4,7 @@
 # attention's output and log-sum-exp), the fused loss on top, a per-op profile of that step,
 # FP8 against bf16 at the 1B and 7B shapes, and on an H200 the 7B preset's real step at
 # micro-batch 2 (part `main`, ~9 min); then Gemma 2's soft-capped scores on the Hopper and
-# Triton kernels and xla (`softcap`, ~5 min); then XLA GPU flags against the defaults
+# Triton kernels and xla (`softcap`, ~6 min); then XLA GPU flags against the defaults
 # (`flags`, ~3 min).
 # Usage: bash launch/bench_mfu.sh [OUTDIR [PART]]   (PART: main, softcap, flags or all, the
 # default; each run under its own timeout; on the device machine carry .whl:
@@ -45,10 +45,14 @@ if want main; then
       --config.train.global_batch_size=2 --steps=4
   fi
 fi
-# Gemma 2's soft-capped scores at the 1B shape, on the Hopper kernels (auto's choice since
-# 2026-12-07, second session), the Triton kernels and the xla attention (the choice before
-# the kernels capped).
+# Gemma 2's soft-capped scores: the kernels alone against xla (errors and speed), then the
+# 1B step on the Hopper kernels (auto's choice since 2026-12-07, second session), the
+# Triton kernels and the xla attention (the choice before the kernels capped).
 if want softcap; then
+  echo "== attention with scores capped at 50: the kernels' errors against xla, and their speed"
+  timeout 150 python3 -m euro_lm.bench.attention --lengths=4096 --softcap=50 \
+    --impls=xla,pallas,mosaic_gpu --packed_length=0 2>&1 | grep -v "^W\|^I[0-9]" |
+    tee "$out/attention_softcap.txt" | tail -5
   run 1b_softcap_hopper 120 $one_b --config.model.attn_logit_softcap=50 \
     --config.model.attention_impl=pallas
   run 1b_softcap_triton 120 $one_b --config.model.attn_logit_softcap=50 \

@@ -379,6 +379,27 @@ def test_without_segment_ids_no_block_ranges_are_computed_per_call(backend):
   assert 'cummax' not in program(q, q, q) and 'cummin' not in program(q, q, q)
 
 
+def test_the_benchmarks_capped_table_runs_capped_implementations_only():
+  """`python -m euro_lm.bench.attention --softcap=...`: its reference and euro_lm's kernels
+  cap (against the float64 reference); cuDNN and JAX's Hopper kernel, which cannot, are
+  left out."""
+  from euro_lm.bench import attention as bench
+
+  assert set(bench.implementations()) - set(bench.implementations(0.5)) == {
+      'cudnn',
+      'jax_mosaic_gpu',
+  }
+  q, k, v, _ = inputs(2, 2, 16, jnp.float32)
+  seg = np.ones(q.shape[:2], np.int32)
+  with jax.enable_x64(True):
+    want = jnp_reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), seg, True, None, 0.5)
+    uncapped = jnp_reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), seg, True, None)
+  assert np.abs(np.asarray(want - uncapped)).max() > 0.1
+  capped = bench.implementations(0.5)
+  for name in ('xla', 'pallas'):
+    np.testing.assert_allclose(capped[name](q, k, v), want, atol=2e-5, err_msg=name)
+
+
 def test_packed_benchmark_counts_the_blocks_documents_skip():
   from euro_lm.bench import attention as bench
   # n equal documents of m blocks: causal visits N(N+1)/2 block pairs (N = n m), documents

@@ -12,11 +12,15 @@ about `--doc_length` tokens, our kernel timed with and without the segment ids, 
 fraction of (query block, key block) pairs the segment ids leave to visit. Block skipping
 works if the time ratio follows that fraction.
 
+`--softcap=50` runs the table with Gemma 2's capped scores (euro_lm's kernels against its
+own xla attention; cuDNN and JAX's Hopper kernel do not cap).
+
 `--sweep` times our Triton kernels over SWEEP_FORWARD and SWEEP_BACKWARD instead, and on a
 Hopper GPU the Hopper kernels over SWEEP_HOPPER_FORWARD and SWEEP_HOPPER_BACKWARD.
 """
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -37,6 +41,7 @@ from euro_lm.kernels import (
 )
 from euro_lm.kernels.flash import mosaic_gpu as hopper
 from euro_lm.kernels.flash.blocks import Static, key_ranges
+from euro_lm.model.attention import attention as euro_lm_attention
 
 _LENGTHS = flags.DEFINE_list('lengths', ['2048', '4096', '8192'], 'Sequence lengths.')
 _HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
@@ -53,6 +58,13 @@ _PACKED_LENGTH = flags.DEFINE_integer(
     'packed_length', 8192, 'Row length of the packed case; 0 skips it.'
 )
 _DOC_LENGTH = flags.DEFINE_integer('doc_length', 1024, 'Mean document length of the packed case.')
+_SOFTCAP = flags.DEFINE_float(
+    'softcap',
+    0.0,
+    "> 0: scores soft-capped as Gemma 2's (cap * tanh(s / cap); 50 in its releases), in "
+    "euro_lm's kernels and the xla reference (euro_lm's, jax.nn's takes no cap); cuDNN and "
+    "JAX's Hopper kernel, which do not cap, are left out.",
+)
 _IMPLS = flags.DEFINE_list(
     'impls',
     ['xla', 'cudnn', 'mosaic_gpu', 'pallas'],
@@ -95,24 +107,30 @@ SWEEP_BACKWARD = [
 ]
 
 
-def implementations():
+def implementations(softcap=0.0):
+  """The table's implementations by name; with a soft cap, those that take it."""
+
   def cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
 
   def xla(q, k, v):
+    if softcap:  # jax.nn's attention takes no cap: euro_lm's own xla attention
+      return euro_lm_attention(q, k, v, impl='xla', softcap=softcap)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
 
+  ours_with = functools.partial(flash_attention, causal=True, softcap=softcap)
+
   def ours(q, k, v):  # the Triton kernels, also on a Hopper GPU
-    return flash_attention(q, k, v, causal=True, backend='gpu')
+    return ours_with(q, k, v, backend='gpu')
 
   def ours_hopper(q, k, v):  # two compute warpgroups and a producer
-    return flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
+    return ours_with(q, k, v, backend='mosaic_gpu')
 
   def ours_hopper_one_group(q, k, v):
     blocks = dataclasses.replace(
         gpu_block_sizes(q.shape[-1]), block_q=hopper.ROWS, block_k=hopper.BLOCK_K
     )
-    return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
+    return ours_with(q, k, v, backend='mosaic_gpu', block_sizes=blocks)
 
   def ours_hopper_two_group_backward(q, k, v):  # both backward kernels in FA3's layout
     blocks = BlockSizes(
@@ -121,17 +139,16 @@ def implementations():
         block_q_bwd=2 * hopper.ROWS,
         block_k_bwd=2 * hopper.ROWS,
     )
-    return flash_attention(q, k, v, causal=True, backend='mosaic_gpu', block_sizes=blocks)
+    return ours_with(q, k, v, backend='mosaic_gpu', block_sizes=blocks)
 
-  return {
+  capping = {
       'pallas': ours,
       'mosaic_gpu': ours_hopper,
       'mosaic_gpu_one_group': ours_hopper_one_group,
       'mosaic_gpu_bwd2': ours_hopper_two_group_backward,
-      'jax_mosaic_gpu': jax_hopper_forward,
-      'cudnn': cudnn,
       'xla': xla,
   }
+  return capping if softcap else capping | {'jax_mosaic_gpu': jax_hopper_forward, 'cudnn': cudnn}
 
 
 def jax_hopper_forward(q, k, v):
@@ -412,11 +429,18 @@ def main(argv):
     for length in map(int, _LENGTHS.value):
       sweep(length)
     return
-  available = implementations()
-  unknown = set(_IMPLS.value) - set(available)
+  if not _SOFTCAP.value >= 0:
+    raise app.UsageError(f'--softcap={_SOFTCAP.value}: must be >= 0 (0: none)')
+  available = implementations(_SOFTCAP.value)
+  unknown = set(_IMPLS.value) - set(implementations())
   if unknown:
-    raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(available)}')
+    raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(implementations())}')
   impls = _IMPLS.value
+  if _SOFTCAP.value:
+    uncapped = [n for n in impls if n not in available]
+    if uncapped:
+      print(f'(soft cap {_SOFTCAP.value:g}: leaving out {", ".join(uncapped)}, which do not cap)')
+    impls = [n for n in impls if n in available]
   if not devices.describe().hopper:
     hopper_only = [n for n in impls if 'mosaic_gpu' in n]
     if hopper_only:
@@ -425,6 +449,7 @@ def main(argv):
   print(
       f'device: {jax.devices()[0].device_kind}; H={_HEADS.value} K={_KV_HEADS.value} '
       f'D={_HEAD_DIM.value}, bf16, causal'
+      + (f', scores soft-capped at {_SOFTCAP.value:g}' if _SOFTCAP.value else '')
   )
   print(
       '| L | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out | '
