@@ -431,10 +431,10 @@ def main(argv):
     return
   if not _SOFTCAP.value >= 0:
     raise app.UsageError(f'--softcap={_SOFTCAP.value}: must be >= 0 (0: none)')
-  available = implementations(_SOFTCAP.value)
-  unknown = set(_IMPLS.value) - set(implementations())
+  known, available = implementations(), implementations(_SOFTCAP.value)
+  unknown = set(_IMPLS.value) - set(known)
   if unknown:
-    raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(implementations())}')
+    raise app.UsageError(f'--impls: unknown {sorted(unknown)}; known: {sorted(known)}')
   impls = _IMPLS.value
   if _SOFTCAP.value:
     uncapped = [n for n in impls if n not in available]

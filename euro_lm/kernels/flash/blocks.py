@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from euro_lm import softcap as softcap_lib
+
 MASKED = -1e30  # finite: exp(MASKED - m) underflows to 0 without inf - inf = NaN
 LOG2_E = math.log2(math.e)
 
@@ -204,6 +206,16 @@ def visibility(static, q_index, k_index, q_segments, k_segments):
     if not static.causal:
       visible &= k_index - q_index < static.window
   return visible
+
+
+def base2_scores(static, s):
+  """(base-2 scores, capped) of raw q.k scores `s`, as the backward kernels recompute them:
+  scaled, soft-capped first where `static.softcap` (the cap takes natural units), times
+  log2(e) for exp2; `capped` is what the cap's gradient takes (None without a cap)."""
+  if not static.softcap:
+    return s * (static.scale * LOG2_E), None
+  capped = softcap_lib.scaled(s, static.scale, static.softcap)
+  return capped * LOG2_E, capped
 
 
 def softmax_delta(out, d_out):

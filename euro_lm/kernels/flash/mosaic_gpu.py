@@ -382,8 +382,7 @@ class _BlockOps:
   """
 
   def __init__(self, static, block_k, head_dim, dtype):
-    self.interpret = static.interpret
-    self.static_scale, self.softcap = static.scale, static.softcap
+    self.interpret, self.static = static.interpret, static
     # Base-2 scores (exp2 is one instruction): the raw ones times `scale`; or, soft-capped,
     # the capped natural-unit ones times log2(e).
     self.scale = blocks.LOG2_E if static.softcap else static.scale * blocks.LOG2_E
@@ -412,8 +411,8 @@ class _BlockOps:
     multiply-add and an exp2.
     """
     acc, m, l = carry
-    if self.softcap:  # before masking: a masked score stays -inf, not -cap
-      scores = softcap_lib.scaled(scores, self.static_scale, self.softcap)
+    if self.static.softcap:  # before masking: a masked score stays -inf, not -cap
+      scores = softcap_lib.scaled(scores, self.static.scale, self.static.softcap)
     if bounds is not None:
       shape = (ROWS, self.block_k)
       key = _iota(shape, 1, self.interpret) + j * self.block_k
@@ -483,7 +482,6 @@ class _BackwardSetup:
     self.batch, self.length, self.num_heads, self.head_dim = q.shape
     self.num_kv_heads = k.shape[2]
     self.group = self.num_heads // self.num_kv_heads
-    self.scale2 = static.scale * blocks.LOG2_E
     self.transforms = (
         () if self.interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     )
@@ -506,12 +504,8 @@ class _BackwardSetup:
     cap)."""
     shape = scores.shape
     per_query = lambda x: lax.broadcast_in_dim(x, shape, [0] if as_rows else [1])
-    capped = None
-    if self.static.softcap:
-      capped = softcap_lib.scaled(scores, self.static.scale, self.static.softcap)
-      p = jnp.exp2(capped * blocks.LOG2_E - per_query(lse2))
-    else:
-      p = jnp.exp2(scores * self.scale2 - per_query(lse2))
+    scores2, capped = blocks.base2_scores(self.static, scores)
+    p = jnp.exp2(scores2 - per_query(lse2))
     if bounds is None:
       return p, capped
     # Built here, in masked steps only: kept across the loops, it would hold 32 registers.

@@ -160,13 +160,7 @@ def _forward(static, q, k, v, segment_ids):
 def _probabilities(static, q, k, lse2, visible):
   """(p, capped): the probabilities, and the soft-capped scaled scores that the cap's
   gradient needs (None without a cap)."""
-  s = blocks.dot(q, k, trans_b=True)
-  capped = None
-  if static.softcap:
-    capped = softcap_lib.scaled(s, static.scale, static.softcap)
-    s2 = capped * blocks.LOG2_E
-  else:
-    s2 = s * (static.scale * blocks.LOG2_E)
+  s2, capped = blocks.base2_scores(static, blocks.dot(q, k, trans_b=True))
   p = jnp.exp2(s2 - lse2[:, None])
   return (p if visible is None else jnp.where(visible, p, 0.0)), capped
 
