@@ -1,7 +1,8 @@
 """The chat templates of open model families, written after the published ones' logic (tool
-branches left out): Llama 3.2's date header, Mistral v0.3's [INST] with the system message
-in the last user turn, Qwen2.5's default system prompt, Gemma 3's 'model' role; and Gemma
-2's, which refuses a system message."""
+branches left out but Qwen2.5's): Llama 3.2's date header, Mistral v0.3's [INST] with the
+system message in the last user turn, Qwen2.5's default system prompt, tool calls and
+grouped tool results, Gemma 3's 'model' role; and Gemma 2's, which refuses a system
+message."""
 
 LLAMA3 = """{{- bos_token }}
 {%- if not date_string is defined %}
@@ -110,6 +111,25 @@ QWEN25 = """{%- if tools %}
 {%- for message in messages %}
     {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for call in message.tool_calls %}
+            {%- set call = call.function if call.function is defined else call %}
+            {{- '\\n<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- (call.arguments if call.arguments is string else call.arguments | tojson) + '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or messages[loop.index0 - 1].role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}

@@ -152,13 +152,264 @@ def test_the_mask_equals_transformers_generation_mask(folders, messages):
   assert mask.sum() > 0
 
 
+# Templates whose rendering up to a turn is not a prefix of the whole, with their assistant
+# turns as `{% generation %}` blocks so that transformers computes the mask to compare with.
+# Qwen3's way: reasoning (and an empty think block) only in turns after the last user turn.
+_REASONING_AFTER_LAST_USER = (
+    '{% set ns = namespace(last_user=-1) %}'
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}"
+    '{% endif %}{% endfor %}'
+    '{% for m in messages %}'
+    "{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}"
+    '{% if loop.index0 > ns.last_user %}'
+    "{{ '<think>\\n' + (m.reasoning_content or '') + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ m.content + '<|im_end|>\\n' }}{% endif %}"
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Phi-3.5's way: EOS after the last message unless a generation prompt follows.
+_EOS_WHEN_NOT_PROMPTED = (
+    '{% for m in messages %}'
+    "{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content + '<|im_end|>' }}"
+    "{% if loop.last %}{{ '\\n' + eos_token }}{% endif %}{% endgeneration %}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% else %}{{ m.content + '<|im_end|>\\n' }}"
+    '{% if loop.last and not add_generation_prompt %}{{ eos_token }}{% endif %}{% endif %}'
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_REASONING_CONVERSATION = [
+    SYSTEM,
+    {'role': 'user', 'content': 'Wie viel ist 2 + 2?'},
+    {'role': 'assistant', 'content': 'Vier.', 'reasoning_content': 'Zwei und zwei.'},
+    {'role': 'user', 'content': 'Und 3 + 3?'},
+    {'role': 'assistant', 'content': 'Sechs.', 'reasoning_content': 'Drei und drei.'},
+]
+
+
+@pytest.mark.parametrize(
+    'template, messages',
+    [
+        (_REASONING_AFTER_LAST_USER, _REASONING_CONVERSATION),
+        (_REASONING_AFTER_LAST_USER, CONVERSATIONS[1]),
+        (_EOS_WHEN_NOT_PROMPTED, [SYSTEM, *CONVERSATIONS[1]]),
+        (_EOS_WHEN_NOT_PROMPTED, CONVERSATIONS[1]),
+    ],
+)
+def test_turns_of_templates_without_prefix_renderings_equal_transformers_mask(
+    folders, template, messages
+):
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  first = next(i for i, m in enumerate(messages) if m['role'] == 'assistant')
+  through_first = chat.render_chat(tokenizer, template, messages[: first + 1])
+  assert not chat.render_chat(tokenizer, template, messages).startswith(through_first)
+  expected = theirs.apply_chat_template(
+      messages, chat_template=template, return_assistant_tokens_mask=True
+  )
+  ids, mask = chat.chat_example(tokenizer, template, messages)
+  assert ids.tolist() == expected['input_ids']
+  assert mask.tolist() == expected['assistant_masks']
+  assert mask.sum() > 0
+
+
+def test_a_turn_a_template_changes_and_does_not_prefix_is_refused(folders):
+  tokenizer = load_tokenizer(folders['qwen2'])
+  # Earlier answers written twice: neither a prefix nor the content once.
+  template = _REASONING_AFTER_LAST_USER.replace(
+      "m.content + '<|im_end|>' }}{% endgeneration",
+      "(m.content if loop.index0 > ns.last_user else m.content + ' ' + m.content)"
+      " + '<|im_end|>' }}{% endgeneration",
+  )
+  with pytest.raises(chat.ConversationError, match='message 2 .*content once') as e:
+    chat.chat_example(tokenizer, template, _REASONING_CONVERSATION)
+  assert e.value.kind == chat.UNMASKABLE
+
+
+TOOLS = [
+    {
+        'type': 'function',
+        'function': {
+            'name': 'wetter',
+            'description': 'Das Wetter einer Stadt',
+            'parameters': {'type': 'object', 'properties': {'stadt': {'type': 'string'}}},
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {'role': 'user', 'content': 'Wie ist das Wetter in Wien?'},
+    {
+        'role': 'assistant',
+        'content': '',
+        'tool_calls': [
+            {'type': 'function', 'function': {'name': 'wetter', 'arguments': {'stadt': 'Wien'}}}
+        ],
+    },
+    {'role': 'tool', 'name': 'wetter', 'content': '{"temperatur": 3, "himmel": "grau"}'},
+    {'role': 'assistant', 'content': 'In Wien sind es 3 °C, der Himmel ist grau.'},
+]
+
+
+def test_tool_use_ids_and_mask(folders, tmp_path):
+  """Tool calls and results as Qwen2.5's template writes them: ids equal transformers'
+  with the same tools; the mask covers the call (as the model writes it) and the answer,
+  not the tool's result; from a JSONL file (tools in the record) and a Parquet file (tools
+  and messages as JSON text) the same."""
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  template = TEMPLATES['qwen2']
+  expected = theirs.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS)['input_ids']
+  assert chat.encode_chat(tokenizer, template, TOOL_CONVERSATION, tools=TOOLS) == expected
+  ids, mask = chat.chat_example(tokenizer, template, TOOL_CONVERSATION, tools=TOOLS)
+  assert ids.tolist() == expected
+  text = theirs.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=False)
+  offsets = theirs(text, add_special_tokens=False, return_offsets_mapping=True)['offset_mapping']
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+  masked = [text[offsets[a][0] : offsets[b - 1][1]] for a, b in zip(edges[::2], edges[1::2])]
+  call = '{"name": "wetter", "arguments": ' + json.dumps({'stadt': 'Wien'}) + '}'
+  assert masked == [
+      f'<tool_call>\n{call}\n</tool_call><|im_end|>',
+      TOOL_CONVERSATION[3]['content'] + '<|im_end|>',
+  ]
+  assert '{"temperatur": 3' in text and '{"temperatur": 3' not in ''.join(masked)
+  jsonl = tmp_path / 'tools.jsonl'
+  jsonl.write_text(json.dumps({'messages': TOOL_CONVERSATION, 'tools': TOOLS}) + '\n')
+  parquet = str(tmp_path / 'tools.parquet')
+  pq.write_table(
+      pa.table({'messages': [json.dumps(TOOL_CONVERSATION)], 'tools': [json.dumps(TOOLS)]}),
+      parquet,
+  )
+  for path in (str(jsonl), parquet):
+    examples, bad = conversations.ConversationSource().examples(path, tokenizer, template)
+    examples = list(examples)
+    assert bad.total == 0 and len(examples) == 1
+    assert examples[0].ids.tolist() == ids.tolist()
+    assert examples[0].loss_mask.tolist() == mask.tolist()
+
+
+# Qwen3's way with tool calls: an empty think block in the last turn only, so a turn of
+# tool calls alone is not a prefix of the whole, and has no text to probe.
+_THINK_IN_LAST_TURN_WITH_TOOLS = (
+    '{% for m in messages %}'
+    "{% if m.role == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}"
+    "{% if loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{{ m.content or '' }}"
+    '{% for c in m.tool_calls or [] %}'
+    "{{ '<tool_call>\\n' + c.function.name + ' ' + c.function.arguments | tojson }}"
+    "{{ '\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ m.content + '<|im_end|>\\n' }}{% endif %}{% endif %}"
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_turn_of_tool_calls_alone_equals_transformers_mask(folders):
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  template = _THINK_IN_LAST_TURN_WITH_TOOLS
+  two_calls = {
+      **TOOL_CONVERSATION[1],
+      'tool_calls': TOOL_CONVERSATION[1]['tool_calls'] * 2,
+  }
+  for messages in (TOOL_CONVERSATION, [TOOL_CONVERSATION[0], two_calls, *TOOL_CONVERSATION[2:]]):
+    through_call = chat.render_chat(tokenizer, template, messages[:2])
+    assert not chat.render_chat(tokenizer, template, messages).startswith(through_call)
+    expected = theirs.apply_chat_template(
+        messages, chat_template=template, return_assistant_tokens_mask=True
+    )
+    ids, mask = chat.chat_example(tokenizer, template, messages)
+    assert ids.tolist() == expected['input_ids']
+    assert mask.tolist() == expected['assistant_masks']
+  # A template that writes the call's name twice there cannot place it.
+  twice = template.replace("c.function.name + ' '", "c.function.name + ' ' + c.function.name")
+  with pytest.raises(chat.ConversationError, match="first tool call's name once") as e:
+    chat.chat_example(tokenizer, twice, TOOL_CONVERSATION)
+  assert e.value.kind == chat.UNMASKABLE
+
+
+@pytest.mark.parametrize(
+    'messages, tools, kind, reason',
+    [
+        (
+            [{'role': 'user', 'content': 'a'}, {'role': 'tool', 'content': '1'}],
+            None,
+            'bad_order',
+            'no tool call before it',
+        ),
+        (
+            [TOOL_CONVERSATION[0], {'role': 'assistant', 'content': '', 'tool_calls': 'wetter'}],
+            None,
+            'bad_messages',
+            'tool_calls is a str',
+        ),
+        (
+            [TOOL_CONVERSATION[0], {'role': 'assistant', 'tool_calls': [{'function': {}}]}],
+            None,
+            'bad_messages',
+            'tool call 0 is not an object with a function',
+        ),
+        (
+            [
+                {'role': 'user', 'content': 'a', 'tool_calls': []},
+                {'role': 'assistant', 'content': 'b'},
+            ],
+            None,
+            'bad_messages',
+            "tool_calls in a 'user' message",
+        ),
+        (
+            [
+                {'role': 'user', 'content': 'a'},
+                {'role': 'assistant', 'content': 'b', 'thinking': 1},
+            ],
+            None,
+            'bad_messages',
+            'thinking is a int',
+        ),
+        (TOOL_CONVERSATION, {'wetter': {}}, 'bad_messages', "'tools' is not a list of objects"),
+    ],
+)
+def test_tool_use_and_reasoning_records_are_checked(tmp_path, messages, tools, kind, reason):
+  path = tmp_path / 'chats.jsonl'
+  path.write_text(json.dumps({'messages': messages, 'tools': tools}) + '\n')
+  read, bad = conversations.ConversationSource().read(str(path))
+  assert list(read) == []
+  assert list(bad.kinds) == [kind] and reason in bad.kinds[kind].reason
+
+
+def test_what_the_template_leaves_out_is_refused(folders):
+  """Never trained on without it: a reasoning the template does not write (Qwen2.5's
+  writes none), a tool call whose message text it drops (as Llama 3.1's does)."""
+  tokenizer = load_tokenizer(folders['qwen2'])
+  reasoning = [*CONVERSATIONS[1][:3], {**CONVERSATIONS[1][3], 'reasoning_content': 'Hm.'}]
+  with pytest.raises(chat.ConversationError, match='message 3 .* leaves its reasoning out'):
+    chat.chat_example(tokenizer, TEMPLATES['qwen2'], reasoning)
+  # Earlier turns' reasoning a template may leave out by design (Qwen3 keeps the last's).
+  earlier = [{**reasoning[1], 'reasoning_content': 'Hm.'}, *reasoning[2:3], CONVERSATIONS[1][3]]
+  ids, _ = chat.chat_example(tokenizer, TEMPLATES['qwen2'], [reasoning[0], *earlier])
+  assert 'Hm.' not in tokenizer.decode(ids.tolist())
+  drops_text = TEMPLATES['qwen2'].replace("{{- '\\n' + message.content }}", '')
+  with_text = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], 'content': 'Ich sehe nach.'}]
+  with pytest.raises(chat.ConversationError, match='message 1 .* leaves its text out') as e:
+    chat.chat_example(tokenizer, drops_text, [*with_text, *TOOL_CONVERSATION[2:]], tools=TOOLS)
+  assert e.value.kind == chat.TEMPLATE_ERROR
+
+
 def test_conversations_a_template_cannot_take_are_refused_with_the_reason(folders):
   mistral = load_tokenizer(folders['mistral'])
-  # Mistral v0.3 moves the system message into the last user turn: earlier turns are not
-  # prefixes of the whole, so their masks cannot be located.
-  with pytest.raises(chat.ConversationError, match='message 2 .*prefix') as e:
-    chat.chat_example(mistral, TEMPLATES['mistral'], [SYSTEM, *CONVERSATIONS[1]])
-  assert e.value.kind == chat.UNMASKABLE
+  # Mistral v0.3 writes the system message into the last user turn, and leaves it out when
+  # the conversation ends with the assistant: never trained on without it.
+  for messages in ([SYSTEM, *CONVERSATIONS[1]], CONVERSATIONS[0]):
+    assert SYSTEM['content'] not in chat.render_chat(mistral, TEMPLATES['mistral'], messages)
+    with pytest.raises(chat.ConversationError, match='message 0 .system.: .* leaves its text') as e:
+      chat.chat_example(mistral, TEMPLATES['mistral'], messages)
+    assert e.value.kind == chat.TEMPLATE_ERROR
   # Gemma's and Mistral's templates refuse turns that do not alternate, in their words.
   gemma = load_tokenizer(folders['gemma'])
   two_users = [{'role': 'user', 'content': 'a'}, *CONVERSATIONS[1]]
@@ -408,15 +659,15 @@ BAD = [  # (record, kind, what its reason says)
     ({'messages': []}, 'bad_messages', 'not a non-empty list'),
     ({'messages': [{'role': 'user', 'content': 3}]}, 'bad_messages', 'content is a int'),
     (
-        {'messages': [{'role': 'user', 'content': 'a'}, {'role': 'tool', 'content': '{}'}]},
+        {'messages': [{'role': 'user', 'content': 'a'}, {'role': 'ipython', 'content': '{}'}]},
         'unsupported_role',
-        'tool use',
+        "tool results take role 'tool'",
     ),
     ({'messages': [{'role': 'user', 'content': 'a'}]}, 'no_assistant', 'nothing to learn'),
     (
         {'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': ' '}]},
         'empty_assistant',
-        'no text',
+        'no text or tool call',
     ),
     ({'messages': [SYSTEM, {'role': 'assistant', 'content': 'a'}]}, 'bad_order', 'before any user'),
     ({'messages': CONVERSATIONS[0], 'lang': 'xx-nonsense'}, 'unknown_language', ''),
@@ -488,3 +739,20 @@ def test_parquet_conversations(tmp_path):
   assert (bad.kinds['no_assistant'].first, bad.kinds['invalid_json'].first) == (1, 2)
   with pytest.raises(DataError, match="no column 'conversation'"):
     list(conversations.ConversationSource(messages_field='conversation').read(path)[0])
+
+
+def test_the_template_bench_table(folders, tmp_path):
+  """`python -m euro_lm.bench.chat_templates`' table: Qwen2.5's template renders all four
+  conversations as transformers does and masks all but the one with reasoning, which it
+  does not write; Gemma 2's refuses the system message and the tool result's turn in its
+  own words, in euro_lm as in transformers, and writes no reasoning either."""
+  from euro_lm.bench import chat_templates  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / 'qwen25.jinja').write_text(TEMPLATES['qwen2'])
+  (tmp_path / 'gemma2.jinja').write_text(GEMMA2)
+  lines, renders, masks = chat_templates.table(str(tmp_path), folders['qwen2'])
+  assert lines[2:] == [
+      '| gemma2 | =. | ee | ee | =e | .eee |',
+      '| qwen25 | =. | =. | =. | =e | ...e |',
+  ]
+  assert renders == {'=': 6, 'e': 2} and masks == {'.': 4, 'e': 4}

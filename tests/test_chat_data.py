@@ -53,7 +53,7 @@ def _write_conversations(path, count, seed, bad=False):
     lines.append(json.dumps({'messages': messages, 'lang': lang}, ensure_ascii=False))
   if bad:
     lines[2] = '{"messages": ['
-    lines[4] = json.dumps({'messages': [{'role': 'tool', 'content': 'x'}], 'lang': 'de'})
+    lines[4] = json.dumps({'messages': [{'role': 'function', 'content': 'x'}], 'lang': 'de'})
     lines[6] = json.dumps({'messages': [{'role': 'user', 'content': 'Hallo'}], 'lang': 'de'})
     long = [{'role': 'user', 'content': 'Wort ' * 150}, {'role': 'assistant', 'content': 'Ja.'}]
     lines[8] = json.dumps({'messages': long, 'lang': 'de'})

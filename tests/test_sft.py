@@ -360,7 +360,7 @@ def test_bad_conversations_are_reported_with_file_and_line(imported, tmp_path, c
   _conversations(chats, 10)
   with open(chats, 'a', encoding='utf-8') as f:
     f.write('{"messages": [\n')  # line 11
-    f.write(json.dumps({'messages': [{'role': 'tool', 'content': 'x'}]}) + '\n')
+    f.write(json.dumps({'messages': [{'role': 'function', 'content': 'x'}]}) + '\n')
     long = [{'role': 'user', 'content': 'Wort ' * 200}, {'role': 'assistant', 'content': 'Ja.'}]
     f.write(json.dumps({'messages': long, 'lang': 'de'}) + '\n')  # line 13
   config = _sft_config(

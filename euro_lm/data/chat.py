@@ -14,8 +14,11 @@ whitespace. That is what a template's `{% generation %}` block marks in common S
 (TRL's assistant_only_loss), found for any template: the turn of message i is the text
 between `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`,
 which must both be prefixes of the whole rendering; characters map to tokens by the
-tokenizer's offsets. A conversation for which this does not hold, or a token that straddles
-a turn's edge, is refused with the reason, never masked by a guess.
+tokenizer's offsets. Where a template's renderings are not prefixes of the whole (Qwen3's,
+Phi-3.5's, DeepSeek-R1's), the turn is located in the whole rendering by probes instead (see
+`assistant_spans`). A turn found neither way, a token that straddles a turn's edge, or a
+rendering that leaves out what a message says, is refused with the reason, never masked by
+a guess.
 """
 
 import functools
@@ -256,11 +259,11 @@ class _TemplateDict:
 
 
 # A message's reasoning, under the names templates read: transformers fills each from any.
-_REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')
+REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')
 
 
 def _with_reasoning_aliases(message: dict) -> dict:
-  reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+  reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
   if reasoning is None:
     return message
   return {'thinking': reasoning, **message, 'reasoning_content': reasoning}
@@ -347,29 +350,219 @@ def assistant_spans(
   """The whole rendering and the (start, end) character span of each assistant turn in it:
   after its generation prompt, up to the end of the turn less trailing whitespace.
 
+  A turn is found from prefixes (see the module docstring) where the template renders the
+  conversation up to it as a prefix of the whole. Where it does not (a template that moves
+  the system message into the last user turn, ends a rendering with EOS, or drops earlier
+  turns' reasoning), the turn is found in the whole rendering by probes: its content is
+  where a marker put inside it appears, its start after the generation prompt that precedes
+  it, its end after the closing text the template writes after it as a last turn (as far
+  as the whole rendering has it, on token edges).
+
   Raises:
     ConversationError: the template refused the messages, or a turn cannot be located.
   """
   text = render_chat(tokenizer, template, messages, **variables)
+  _check_texts_rendered(messages, text)
   spans = []
   for i, message in enumerate(messages):
     if message.get('role') != 'assistant':
       continue
-    before = render_chat(tokenizer, template, messages[:i], True, **variables)
-    through = render_chat(tokenizer, template, messages[: i + 1], **variables)
-    if not (through.startswith(before) and text.startswith(through)):
-      raise ConversationError(
-          UNMASKABLE,
-          f'message {i} (assistant): the template does not render the conversation up to it'
-          ' as a prefix of the whole, so its turn cannot be located for the loss mask',
-      )
-    end = len(through.rstrip())
-    if end <= len(before):
+    previous_end = spans[-1][1] if spans else 0
+    span = _turn_by_prefixes(tokenizer, template, messages, i, text, variables)
+    if span is None:
+      span = _turn_by_probes(tokenizer, template, messages, i, text, previous_end, variables)
+    start, end = span
+    if end <= start:
       raise ConversationError(
           UNMASKABLE, f'message {i} (assistant): the template renders no text for it'
       )
-    spans.append((len(before), end))
+    if start < previous_end:
+      raise ConversationError(
+          UNMASKABLE, f'message {i} (assistant): its turn overlaps the one before it'
+      )
+    spans.append(span)
   return text, spans
+
+
+def _check_texts_rendered(messages, text):
+  """Refuses a conversation whose rendering leaves out what one of its messages says: its
+  text, the functions its tool calls name, or the last assistant message's reasoning
+  (Mistral v0.3's template writes the system message only when a user message is last;
+  Llama 3.1's drops the text of a message with tool calls). It would be trained on without
+  it. Text counts as written in JSON too (Llama 3.1 writes tool results so). Reasoning of
+  earlier turns a template may leave out by design (Qwen3 keeps only the last turns').
+
+  Raises:
+    ConversationError (template_error): the first such message.
+  """
+  last_assistant = max(
+      (i for i, m in enumerate(messages) if m.get('role') == 'assistant'), default=-1
+  )
+
+  def written(part):
+    part = part.strip()
+    return part in text or json.dumps(part, ensure_ascii=False)[1:-1] in text
+
+  for i, message in enumerate(messages):
+    content = message.get('content')
+    said = {'text': [content] if isinstance(content, str) else []}
+    if isinstance(content, list):
+      said['text'] = [
+          p['text'] for p in content if isinstance(p, dict) and isinstance(p.get('text'), str)
+      ]
+    said['tool call'] = [
+        c['function']['name']
+        for c in message.get('tool_calls') or []
+        if isinstance(c, dict) and isinstance(c.get('function'), dict)
+    ]
+    if i == last_assistant:
+      said['reasoning'] = [message[k] for k in REASONING_FIELDS if isinstance(message.get(k), str)]
+    for what, parts in said.items():
+      if not all(written(part) for part in parts if isinstance(part, str)):
+        raise ConversationError(
+            TEMPLATE_ERROR,
+            f'message {i} ({message.get("role")}): the chat template leaves its {what} out of'
+            ' the rendering, so it would be trained on without it; give a template that'
+            ' writes it',
+        )
+
+
+def _turn_by_prefixes(tokenizer, template, messages, i, text, variables):
+  """Message i's turn as the rendering up to it with a generation prompt and the rendering
+  through it differ, when both are prefixes of `text`; else None."""
+  before = render_chat(tokenizer, template, messages[:i], True, **variables)
+  through = render_chat(tokenizer, template, messages[: i + 1], **variables)
+  if not (through.startswith(before) and text.startswith(through)):
+    return None
+  return len(before), len(through.rstrip())
+
+
+# Put inside a message's text to find where a template writes it: a private-use character,
+# which no template tests for or changes.
+_PROBE = '\ue000'
+
+
+def _turn_by_probes(tokenizer, template, messages, i, text, previous_end, variables):
+  """Message i's turn located in `text` by probes (see assistant_spans).
+
+  Raises:
+    ConversationError (unmaskable): the template does not write the message's content
+      (or, for a turn of tool calls alone, its first call's name) once and as it is.
+  """
+
+  def render(messages, prompt=False):
+    return render_chat(tokenizer, template, messages, prompt, **variables)
+
+  def unlocated(what):
+    return ConversationError(
+        UNMASKABLE,
+        f'message {i} (assistant): the template does not render the conversation up to it'
+        f' as a prefix of the whole, nor its {what} once as it is, so its turn cannot be'
+        ' located for the loss mask',
+    )
+
+  content = messages[i].get('content')
+  if not (isinstance(content, str) and content.strip() or isinstance(content, list) and content):
+    return _tool_call_turn(render, messages, i, text, previous_end, unlocated)
+
+  def content_edge(messages, rendered, edge):
+    return _insertion_point(rendered, render(_with_probe(messages, i, edge)))
+
+  content_start = content_edge(messages, text, 'start')
+  content_end = content_edge(messages, text, 'end')
+  if (
+      content_start is None
+      or content_end is None
+      or not (previous_end <= content_start <= content_end)
+  ):
+    raise unlocated('content')
+  # The start: after the generation prompt that precedes the content, if the template
+  # writes one there (Mistral's writes none: the turn starts at its content).
+  start = _after_prompt(render, messages, i, text, previous_end, content_start)
+  start = content_start if start is None else start
+  # The end: after the text the template closes the turn with when it is the last one,
+  # as far as the whole rendering has it, cut at the end of one of its tokens (so not
+  # inside '<|im_start|>' where the closing is '<|im_end|>\n<|endoftext|>').
+  through = render(messages[: i + 1])
+  closing_start = content_edge(messages[: i + 1], through, 'end')
+  closing = through[closing_start:] if closing_start is not None else ''
+  shared = len(os.path.commonprefix([closing, text[content_end : content_end + len(closing)]]))
+  _, offsets = tokenizer.encode_offsets(text)
+  token_ends = [b for _, b in offsets if content_end < b <= content_end + shared]
+  end = max(token_ends, default=content_end)
+  return start, max(len(text[:end].rstrip()), content_start)
+
+
+def _after_prompt(render, messages, i, text, lo, hi):
+  """Where the generation prompt for message i ends in text[lo:hi], or None. The prompt is
+  what one after messages[:i] adds to their rendering; a rendering that has only its start
+  there (QwQ's and DeepSeek-R1's prompts open a <think> their turns lack) counts up to a
+  line or marker end ('<|im_start|>assistant\n' of '<|im_start|>assistant\n<think>\n')."""
+  history = render(messages[:i])
+  prompted = render(messages[:i], True)
+  prompt = prompted[len(os.path.commonprefix([history, prompted])) :]
+  for cut in range(len(prompt), 0, -1):
+    if cut == len(prompt) or prompt[cut - 1] in '\n>':
+      found = text.rfind(prompt[:cut], lo, hi)
+      if found >= 0:
+        return found + cut
+  return None
+
+
+def _tool_call_turn(render, messages, i, text, previous_end, unlocated):
+  """A turn of tool calls without text: from the generation prompt before its first call's
+  name to the end of the longest tail of the conversation rendered through it that `text`
+  has there (so without what a template writes in a last turn only, Qwen3's empty
+  <think>)."""
+  calls = messages[i].get('tool_calls')
+  if not calls:
+    raise ConversationError(UNMASKABLE, f'message {i} (assistant): no text to locate its turn by')
+  message = dict(messages[i])
+  first = dict(calls[0])
+  first['function'] = {**first['function'], 'name': _PROBE + first['function']['name']}
+  message['tool_calls'] = [first, *calls[1:]]
+  name_at = _insertion_point(text, render([*messages[:i], message, *messages[i + 1 :]]))
+  if name_at is None or name_at < previous_end:
+    raise unlocated("first tool call's name")
+  start = _after_prompt(render, messages, i, text, previous_end, name_at)
+  if start is None:
+    raise unlocated("first tool call's name")
+  through = render(messages[: i + 1]).rstrip()
+  tail = next((k for k in range(len(through)) if text.startswith(through[k:], start)), None)
+  end = start + len(through) - tail if tail is not None else start
+  if end <= name_at:
+    raise unlocated("first tool call's name")
+  return start, end
+
+
+def _with_probe(messages, i, edge):
+  """`messages` with _PROBE inside message i's text at its start or end, within any
+  whitespace around it (which templates often trim)."""
+  message = dict(messages[i])
+  content = message['content']
+  if isinstance(content, list):  # text parts: the first's start, or the last's end
+    j = 0 if edge == 'start' else len(content) - 1
+    part = dict(content[j])
+    part['text'] = _probed(part['text'], edge)
+    message['content'] = [*content[:j], part, *content[j + 1 :]]
+  else:
+    message['content'] = _probed(content, edge)
+  return [*messages[:i], message, *messages[i + 1 :]]
+
+
+def _probed(text, edge):
+  core = text.strip()
+  lead = text[: len(text) - len(text.lstrip())]
+  trail = text[len(text.rstrip()) :]
+  return lead + (_PROBE + core if edge == 'start' else core + _PROBE) + trail
+
+
+def _insertion_point(text, probed):
+  """Where `probed` is `text` with _PROBE inserted once, or None."""
+  at = len(os.path.commonprefix([text, probed]))
+  if probed[at : at + len(_PROBE)] == _PROBE and probed[at + len(_PROBE) :] == text[at:]:
+    return at
+  return None
 
 
 def chat_example(

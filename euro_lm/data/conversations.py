@@ -2,7 +2,8 @@
 examples from them.
 
 One conversation per record: `{"messages": [{"role": ..., "content": ...}, ...]}` with roles
-system, user and assistant, and optionally a language field. Files are read by
+system, user, assistant and tool (results of an assistant's `tool_calls`), optionally the
+tools' schemas (`tools`) and a language field. Files are read by
 euro_lm.data.prepare.sources' readers, with their positions, bad-record reports and
 integrity checks: `path:line` for JSONL (from 1), `path row N` for Parquet (from 0); a
 record that cannot be a conversation, or a conversation that cannot be a training example
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from euro_lm.data import chat, languages
 from euro_lm.data.prepare.sources import (
@@ -41,21 +43,27 @@ UNDETERMINED = 'und'
 # Kinds of bad records besides sources.py's (invalid_json, invalid_utf8, missing_field,
 # unknown_language) and chat.py's (template_error, unmaskable, too_long).
 BAD_MESSAGES = 'bad_messages'  # not a list of {role, content} objects with text content
-UNSUPPORTED_ROLE = 'unsupported_role'  # a role other than system/user/assistant
-BAD_ORDER = 'bad_order'  # a system message after the first, or an assistant before any user
+UNSUPPORTED_ROLE = 'unsupported_role'  # a role other than system/user/assistant/tool
+BAD_ORDER = 'bad_order'  # a system message after the first, an assistant before any user,
+# or a tool result with no tool call before it
 NO_ASSISTANT = 'no_assistant'  # nothing to learn from
-EMPTY_ASSISTANT = 'empty_assistant'  # an assistant turn with blank content
+EMPTY_ASSISTANT = 'empty_assistant'  # an assistant turn with neither text nor tool calls
 
-# Roles of tool use, refused with their own reason until euro_lm renders tool calls.
-_TOOL_ROLES = ('tool', 'tool_results', 'ipython', 'function')
+# Tool results: the role transformers' templates and OpenAI's format use.
+TOOL = 'tool'
+# Other names for tool results, refused with the name to use.
+_OTHER_TOOL_ROLES = ('tool_results', 'ipython', 'function')
+# The record's field with the tools' JSON schemas, passed to the template as `tools`.
+TOOLS_FIELD = 'tools'
 # Rows per Parquet batch: bounds memory whatever the row-group size.
 _PARQUET_BATCH_ROWS = 256
 
 
 class Conversation(NamedTuple):
-  messages: list[dict]  # [{'role': ..., 'content': ...}], checked by check_messages
+  messages: list[dict]  # as the record has them (every field), checked by check_messages
   language: str  # canonical tag, or '' when the source names none
   position: int  # line (JSONL, from 1) or row (Parquet, from 0) in its file
+  tools: list[dict] | None = None  # the record's tool schemas, for the template
 
 
 class Example(NamedTuple):
@@ -68,24 +76,38 @@ class Example(NamedTuple):
 def check_messages(messages) -> tuple[str, str] | None:
   """(kind, reason) if `messages` is not a conversation euro_lm trains on, else None.
 
-  A conversation is a non-empty list of {role, content} objects, content a string or a
-  list of text parts ({"type": "text", "text": ...}, which the template gets as they are:
-  Mistral Small 3.1's takes its system prompt only so); roles system (only as the first
-  message), user and assistant; the first other message a user's; at least one assistant
-  message, none blank. Whether turns must alternate is the
-  template's to say (Mistral's and Gemma's do; their refusal is a template_error).
+  A conversation is a non-empty list of message objects, passed to the template with every
+  field they have, as transformers passes them. Each has a role: system (only as the first
+  message), user, assistant or tool (a tool's result, after an assistant message with
+  `tool_calls`). The first message after a system one is a user's, and there is at least
+  one assistant message. A content is a string or a list of text parts ({"type": "text",
+  "text": ...}, which the template gets as they are: Mistral Small 3.1's takes its system
+  prompt only so). An assistant message has text or `tool_calls` (a list of objects naming
+  a function, {"type": "function", "function": {"name": ..., "arguments": ...}}), and its
+  reasoning, if given (`reasoning_content`, `thinking` or `reasoning`), is a string.
+  Whether turns must alternate is the template's to say (Mistral's and Gemma's do; their
+  refusal is a template_error).
   """
   if not isinstance(messages, list) or not messages:
     return BAD_MESSAGES, f'messages is a {type(messages).__name__}, not a non-empty list'
-  assistants, users = 0, 0
+  assistants, users, calls = 0, 0, 0
   for i, message in enumerate(messages):
     if not isinstance(message, dict):
       return BAD_MESSAGES, f'message {i} is a {type(message).__name__}, not an object'
-    role, content = message.get('role'), message.get('content')
-    if role in _TOOL_ROLES:
-      return UNSUPPORTED_ROLE, f'message {i}: role {role!r} (tool use) is not supported yet'
-    if role not in chat.ROLES:
-      return UNSUPPORTED_ROLE, f'message {i}: role {role!r} is not one of {chat.ROLES}'
+    role = message.get('role')
+    if role in _OTHER_TOOL_ROLES:
+      return UNSUPPORTED_ROLE, f'message {i}: role {role!r}; tool results take role {TOOL!r}'
+    if role not in (*chat.ROLES, TOOL):
+      return UNSUPPORTED_ROLE, f'message {i}: role {role!r} is not one of {(*chat.ROLES, TOOL)}'
+    tool_calls = message.get('tool_calls')
+    problem = (
+        _tool_calls_problem(tool_calls, role) if tool_calls is not None else None
+    ) or _reasoning_problem(message, role)
+    if problem:
+      return BAD_MESSAGES, f'message {i}: {problem}'
+    content = message.get('content')
+    if content is None and tool_calls:
+      content = ''
     if isinstance(content, list):
       problem = _text_parts_problem(content)
       if problem:
@@ -102,15 +124,50 @@ def check_messages(messages) -> tuple[str, str] | None:
       return INVALID_UTF8, f'message {i}: content is not valid Unicode: {e}'
     if role == 'system' and i > 0:
       return BAD_ORDER, f'message {i}: a system message can only be the first'
+    if role == TOOL and not calls:
+      return BAD_ORDER, f'message {i}: a tool result with no tool call before it'
     users += role == 'user'
     if role == 'assistant':
       if not users:
         return BAD_ORDER, f'message {i}: an assistant message before any user message'
-      if not content.strip():
-        return EMPTY_ASSISTANT, f'message {i}: an assistant message with no text'
+      if not content.strip() and not tool_calls:
+        return EMPTY_ASSISTANT, f'message {i}: an assistant message with no text or tool call'
       assistants += 1
+      calls += bool(tool_calls)
   if not assistants:
     return NO_ASSISTANT, 'no assistant message: nothing to learn from'
+  return None
+
+
+def _tool_calls_problem(tool_calls, role) -> str | None:
+  """Why a message's tool_calls are not a list of calls naming a function, or None."""
+  if role != 'assistant':
+    return f'tool_calls in a {role!r} message; only an assistant calls tools'
+  if not isinstance(tool_calls, list):
+    return f'tool_calls is a {type(tool_calls).__name__}, not a list'
+  for j, call in enumerate(tool_calls):
+    function = call.get('function') if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get('name'), str):
+      return f'tool call {j} is not an object with a function and its name'
+  return None
+
+
+def _reasoning_problem(message, role) -> str | None:
+  for field in chat.REASONING_FIELDS:
+    value = message.get(field)
+    if value is None:
+      continue
+    if role != 'assistant':
+      return f'{field} in a {role!r} message; only an assistant reasons'
+    if not isinstance(value, str):
+      return f'{field} is a {type(value).__name__}, not a string'
+  return None
+
+
+def tools_problem(tools) -> str | None:
+  """Why a record's tools are not a list of objects (the tools' JSON schemas), or None."""
+  if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+    return f"{TOOLS_FIELD!r} is not a list of objects (the tools' JSON schemas)"
   return None
 
 
@@ -198,6 +255,7 @@ class ConversationSource:
               conversation.messages,
               prompt_loss=prompt_loss,
               max_length=max_length,
+              tools=conversation.tools,
           )
         except chat.ConversationError as e:
           bad_records.add(e.kind, conversation.position, str(e))
@@ -206,12 +264,15 @@ class ConversationSource:
 
     return examples(), bad_records
 
-  def _conversation(self, messages, code, language_of, bad_records, position):
+  def _conversation(self, messages, code, tools, language_of, bad_records, position):
     """The record as a Conversation, or None after reporting why it is bad."""
     if messages is None:
       bad_records.add(MISSING_FIELD, position, f'no {self.messages_field!r} (missing or null)')
       return None
     problem = check_messages(messages)
+    if problem is None and tools is not None:
+      problem = tools_problem(tools)
+      problem = problem and (BAD_MESSAGES, problem)
     if problem:
       kind, reason = problem
       bad_records.add(kind, position, reason)
@@ -228,8 +289,7 @@ class ConversationSource:
       except ValueError as e:
         bad_records.add(UNKNOWN_LANGUAGE, position, str(e))
         return None
-    kept = [{'role': m['role'], 'content': m['content']} for m in messages]
-    return Conversation(kept, language, position)
+    return Conversation(messages, language, position, tools)
 
   def _jsonl(self, path, bad_records):
     language_of = LanguageCache(self.language)
@@ -237,6 +297,7 @@ class ConversationSource:
       conversation = self._conversation(
           record.get(self.messages_field),
           record.get(self.language_field) if self.language_field else None,
+          record.get(TOOLS_FIELD),
           language_of,
           bad_records,
           line_number,
@@ -247,6 +308,9 @@ class ConversationSource:
   def _parquet(self, path, bad_records):
     language_of = LanguageCache(self.language)
     columns = [self.messages_field] + ([self.language_field] if self.language_field else [])
+    with_tools = TOOLS_FIELD in _parquet_columns(path) and TOOLS_FIELD not in columns
+    if with_tools:
+      columns.append(TOOLS_FIELD)
     schema_problem = (
         (lambda schema: language_column_problem(schema, self.language_field))
         if self.language_field
@@ -260,16 +324,40 @@ class ConversationSource:
           if self.language_field
           else [None] * len(records)
       )
-      for row, (messages, code) in enumerate(zip(records, codes), first_row):
-        if isinstance(messages, (str, bytes)):  # a column of JSON text
-          try:
-            messages = parse_json(messages)
-          except BadRecord as e:
-            bad_records.add(e.kind, row, f'{self.messages_field!r}: {e.reason}')
-            continue
-        conversation = self._conversation(messages, code, language_of, bad_records, row)
+      tools = batch.column(columns.index(TOOLS_FIELD)).to_pylist() if with_tools else None
+      for k, (messages, code) in enumerate(zip(records, codes)):
+        row = first_row + k
+        try:
+          messages = _json_text(messages, self.messages_field)
+          row_tools = _json_text(tools[k], TOOLS_FIELD) if tools else None
+        except BadRecord as e:
+          bad_records.add(e.kind, row, e.reason)
+          continue
+        conversation = self._conversation(messages, code, row_tools, language_of, bad_records, row)
         if conversation is not None:
           yield conversation
+
+
+def _parquet_columns(path) -> list[str]:
+  """The columns of a Parquet file; none where it cannot be read (its reader says why)."""
+  try:
+    return pq.read_schema(path).names
+  except (OSError, pa.ArrowException):
+    return []
+
+
+def _json_text(value, column):
+  """A Parquet cell as it is, or parsed where the column holds JSON text.
+
+  Raises:
+    BadRecord: invalid JSON text, its reason naming `column`.
+  """
+  if not isinstance(value, (str, bytes)):
+    return value
+  try:
+    return parse_json(value)
+  except BadRecord as e:
+    raise BadRecord(e.kind, f'{column!r}: {e.reason}') from None
 
 
 def read_examples(
