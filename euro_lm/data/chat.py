@@ -16,9 +16,9 @@ between `render(messages[:i], add_generation_prompt=True)` and `render(messages[
 which must both be prefixes of the whole rendering; characters map to tokens by the
 tokenizer's offsets. Where a template's renderings are not prefixes of the whole (Qwen3's,
 Phi-3.5's, DeepSeek-R1's), the turn is located in the whole rendering by probes instead (see
-`assistant_spans`). A turn found neither way, a token that straddles a turn's edge, or a
-rendering that leaves out what a message says, is refused with the reason, never masked by
-a guess.
+`assistant_spans`). A token across a turn's edge is the turn's, as transformers' assistant
+masks count it. A turn found neither way, or a rendering that leaves out what a message
+says, is refused with the reason, never masked by a guess.
 """
 
 import functools
@@ -580,8 +580,7 @@ def chat_example(
   `max_length` > 0 refuses longer conversations: they are never cut.
 
   Raises:
-    ConversationError: template_error, unmaskable (a turn cannot be located, or a token
-      straddles its edge) or too_long.
+    ConversationError: template_error, unmaskable (a turn cannot be located) or too_long.
   """
   text, spans = assistant_spans(tokenizer, template, messages, **variables)
   ids, offsets = tokenizer.encode_offsets(text)
@@ -592,17 +591,13 @@ def chat_example(
   ends = np.maximum(np.asarray([b for _, b in offsets], np.int64), starts + 1)
   mask = np.zeros(len(ids), np.int32)
   for turn, (start, end) in enumerate(spans, 1):
-    inside = (starts >= start) & (ends <= end)
-    straddling = (starts < end) & (ends > start) & ~inside
-    if straddling.any():
-      k = int(np.argmax(straddling))
-      raise ConversationError(
-          UNMASKABLE,
-          f'assistant turn {turn}: token {k} ({text[starts[k] : ends[k]]!r}) straddles its edge',
-      )
-    if not inside.any():
+    # Every token that overlaps the turn, as transformers' assistant mask counts it: one
+    # across its edge is the turn's (Qwen3.5's '<think>\n' prompt and '\n</think>' turn
+    # meet in one '\n\n').
+    overlapping = (starts < end) & (ends > start)
+    if not overlapping.any():
       raise ConversationError(UNMASKABLE, f'assistant turn {turn} has no token')
-    mask[inside] = 1
+    mask[overlapping] = 1
   if prompt_loss:
     mask[:] = 1
   return np.asarray(ids, np.int32), mask
