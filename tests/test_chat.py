@@ -236,7 +236,7 @@ def test_a_turn_a_template_changes_and_does_not_prefix_is_refused(folders):
       "(m.content if loop.index0 > ns.last_user else m.content + ' ' + m.content)"
       " + '<|im_end|>' }}{% endgeneration",
   )
-  with pytest.raises(chat.ConversationError, match='message 2 .*content once') as e:
+  with pytest.raises(chat.ConversationError, match='message 2 .*content is not written once') as e:
     chat.chat_example(tokenizer, template, _REASONING_CONVERSATION)
   assert e.value.kind == chat.UNMASKABLE
 
@@ -338,9 +338,36 @@ def test_a_turn_of_tool_calls_alone_equals_transformers_mask(folders):
     ids, mask = chat.chat_example(tokenizer, template, messages)
     assert ids.tolist() == expected['input_ids']
     assert mask.tolist() == expected['assistant_masks']
+  # Phi-3.5's way (EOS when not prompted) with a turn of tool calls alone.
+  eos = template.replace(
+      '{% endfor %}{% if add_generation_prompt %}',
+      '{% endfor %}{% if not add_generation_prompt %}{{ eos_token }}{% endif %}'
+      '{% if add_generation_prompt %}',
+  ).replace("{% if loop.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}", '')
+  assert eos != template
+  expected = theirs.apply_chat_template(
+      TOOL_CONVERSATION, chat_template=eos, return_assistant_tokens_mask=True
+  )
+  ids, mask = chat.chat_example(tokenizer, eos, TOOL_CONVERSATION)
+  assert ids.tolist() == expected['input_ids'] and mask.sum() > 0
+  # transformers' block ends before the '\n' and EOS the template writes after the last
+  # turn, which euro_lm's last turn takes (the rendering through it ends so).
+  assert ids[-1] == tokenizer.eos_id and tokenizer.decode(ids[-2:-1].tolist()) == '\n'
+  assert mask.tolist() == expected['assistant_masks'][:-2] + [1, 1]
+  # A call written otherwise when a result follows (Apriel's gains an id) is refused, not
+  # cut where the two renderings part.
+  with_id = template.replace(
+      '{% for c in m.tool_calls or [] %}',
+      '{% set last_turn = loop.last %}{% for c in m.tool_calls or [] %}',
+  ).replace("{{ '\\n</tool_call>' }}", "{{ ('' if last_turn else ' #1') + '\\n</tool_call>' }}")
+  assert ' #1' in chat.render_chat(tokenizer, with_id, TOOL_CONVERSATION)
+  with pytest.raises(chat.ConversationError, match='ends otherwise than in the whole'):
+    chat.chat_example(tokenizer, with_id, TOOL_CONVERSATION)
   # A template that writes the call's name twice there cannot place it.
   twice = template.replace("c.function.name + ' '", "c.function.name + ' ' + c.function.name")
-  with pytest.raises(chat.ConversationError, match="first tool call's name once") as e:
+  with pytest.raises(
+      chat.ConversationError, match="first tool call's name is not written once"
+  ) as e:
     chat.chat_example(tokenizer, twice, TOOL_CONVERSATION)
   assert e.value.kind == chat.UNMASKABLE
 
@@ -385,6 +412,22 @@ def test_a_turn_of_tool_calls_alone_equals_transformers_mask(folders):
             'thinking is a int',
         ),
         (TOOL_CONVERSATION, {'wetter': {}}, 'bad_messages', "'tools' is not a list of objects"),
+        (TOOL_CONVERSATION, [{'function': {'name': '\ud800'}}], 'invalid_utf8', 'name is not'),
+        (
+            [
+                TOOL_CONVERSATION[0],
+                {**TOOL_CONVERSATION[1], 'tool_calls': [{'function': {'name': '\ud800'}}]},
+            ],
+            None,
+            'invalid_utf8',
+            'message 1: name is not valid Unicode',
+        ),
+        (
+            [*TOOL_CONVERSATION[:2], {'role': 'user', 'content': 'Und?'}, *TOOL_CONVERSATION[2:]],
+            None,
+            'bad_order',
+            'message 3: a tool result with no tool call before it',
+        ),
     ],
 )
 def test_tool_use_and_reasoning_records_are_checked(tmp_path, messages, tools, kind, reason):
@@ -411,6 +454,9 @@ def test_what_the_template_leaves_out_is_refused(folders):
   with pytest.raises(chat.ConversationError, match='message 1 .* leaves its text out') as e:
     chat.chat_example(tokenizer, drops_text, [*with_text, *TOOL_CONVERSATION[2:]], tools=TOOLS)
   assert e.value.kind == chat.TEMPLATE_ERROR
+  # The default template writes no tools: their schemas would be lost.
+  with pytest.raises(chat.ConversationError, match=r'tool 0 \(wetter\): .* leaves it out'):
+    chat.chat_example(tokenizer, chat.DEFAULT_TEMPLATE, CONVERSATIONS[0], tools=TOOLS)
 
 
 def test_conversations_a_template_cannot_take_are_refused_with_the_reason(folders):

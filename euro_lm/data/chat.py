@@ -21,6 +21,7 @@ masks count it. A turn found neither way, or a rendering that leaves out what a 
 says, is refused with the reason, never masked by a guess.
 """
 
+import bisect
 import functools
 import hashlib
 import json
@@ -199,7 +200,7 @@ def chat_template_for(tokenizer: Tokenizer, template: str = '') -> str:
 
 class _GenerationBlock(jinja2.ext.Extension):
   """`{% generation %}...{% endgeneration %}`: parsed and rendered as its body, as
-  transformers does when it is not asked for masks (ours come from prefixes)."""
+  transformers does when it is not asked for masks (ours come from `assistant_spans`)."""
 
   tags = {'generation'}
 
@@ -315,6 +316,10 @@ def render_chat(
     )
   except Exception as e:  # the template is the folder's code: any failure is this conversation's
     raise ConversationError(TEMPLATE_ERROR, f'the chat template refused it: {e}') from e
+  try:
+    text.encode('utf-8')  # JSON escapes can spell lone surrogates, in any field it writes
+  except UnicodeEncodeError as e:
+    raise ConversationError(TEMPLATE_ERROR, f'the rendering is not valid Unicode: {e}') from None
   for i, message in enumerate(messages):
     # A template written for string content turns a list of parts into Python's text of it
     # (transformers too); refused rather than trained on.
@@ -353,16 +358,18 @@ def assistant_spans(
   A turn is found from prefixes (see the module docstring) where the template renders the
   conversation up to it as a prefix of the whole. Where it does not (a template that moves
   the system message into the last user turn, ends a rendering with EOS, or drops earlier
-  turns' reasoning), the turn is found in the whole rendering by probes: its content is
-  where a marker put inside it appears, its start after the generation prompt that precedes
-  it, its end after the closing text the template writes after it as a last turn (as far
-  as the whole rendering has it, on token edges).
+  turns' reasoning), the turn is found in the whole rendering by probes: its content (or,
+  for tool calls alone, its first call's name) is where a marker put inside it appears, its
+  start after the generation prompt that precedes it, its end after the closing text the
+  template writes after it as a last turn (as far as the whole rendering has it, on token
+  edges).
 
   Raises:
     ConversationError: the template refused the messages, or a turn cannot be located.
   """
   text = render_chat(tokenizer, template, messages, **variables)
-  _check_texts_rendered(messages, text)
+  _check_texts_rendered(messages, text, variables.get('tools'))
+  token_ends = functools.cache(lambda: [b for _, b in tokenizer.encode_offsets(text)[1]])
   spans = []
   for i, message in enumerate(messages):
     if message.get('role') != 'assistant':
@@ -370,7 +377,9 @@ def assistant_spans(
     previous_end = spans[-1][1] if spans else 0
     span = _turn_by_prefixes(tokenizer, template, messages, i, text, variables)
     if span is None:
-      span = _turn_by_probes(tokenizer, template, messages, i, text, previous_end, variables)
+      render = functools.partial(_render_for, tokenizer, template, variables)
+      markers = tuple(tokenizer.special_tokens.values())
+      span = _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers)
     start, end = span
     if end <= start:
       raise ConversationError(
@@ -384,13 +393,15 @@ def assistant_spans(
   return text, spans
 
 
-def _check_texts_rendered(messages, text):
-  """Refuses a conversation whose rendering leaves out what one of its messages says: its
-  text, the functions its tool calls name, or the last assistant message's reasoning
-  (Mistral v0.3's template writes the system message only when a user message is last;
-  Llama 3.1's drops the text of a message with tool calls). It would be trained on without
-  it. Text counts as written in JSON too (Llama 3.1 writes tool results so). Reasoning of
-  earlier turns a template may leave out by design (Qwen3 keeps only the last turns').
+def _check_texts_rendered(messages, text, tools=None):
+  """Refuses a conversation whose rendering lacks what one of its messages says: its text,
+  the functions its tool calls name and the strings of their arguments, or the last
+  assistant message's reasoning; or the names of the tools given (Mistral v0.3's template
+  writes the system message only when a user message is last; Llama 3.1's drops the text of
+  a message with tool calls; a template without tools drops their schemas). It would be
+  trained on without it. Text counts as written where it appears anywhere in the rendering,
+  also in JSON (Llama 3.1 writes tool results so). Reasoning of earlier turns a template may
+  leave out by design (Qwen3 keeps only the last turns').
 
   Raises:
     ConversationError (template_error): the first such message.
@@ -403,28 +414,51 @@ def _check_texts_rendered(messages, text):
     part = part.strip()
     return part in text or json.dumps(part, ensure_ascii=False)[1:-1] in text
 
+  def refuse(where, what):
+    raise ConversationError(
+        TEMPLATE_ERROR,
+        f'{where}: the chat template leaves {what} out of the rendering, so it would be'
+        ' trained on without it; give a template that writes it',
+    )
+
   for i, message in enumerate(messages):
     content = message.get('content')
-    said = {'text': [content] if isinstance(content, str) else []}
+    said = {'its text': [content] if isinstance(content, str) else []}
     if isinstance(content, list):
-      said['text'] = [
+      said['its text'] = [
           p['text'] for p in content if isinstance(p, dict) and isinstance(p.get('text'), str)
       ]
-    said['tool call'] = [
-        c['function']['name']
-        for c in message.get('tool_calls') or []
-        if isinstance(c, dict) and isinstance(c.get('function'), dict)
-    ]
+    functions = [c.get('function') for c in message.get('tool_calls') or [] if isinstance(c, dict)]
+    functions = [f for f in functions if isinstance(f, dict)]
+    said['its tool call'] = [f.get('name') for f in functions]
+    said["its tool call's arguments"] = [s for f in functions for s in _strings(f.get('arguments'))]
     if i == last_assistant:
-      said['reasoning'] = [message[k] for k in REASONING_FIELDS if isinstance(message.get(k), str)]
+      said['its reasoning'] = [
+          message[k] for k in REASONING_FIELDS if isinstance(message.get(k), str)
+      ]
     for what, parts in said.items():
       if not all(written(part) for part in parts if isinstance(part, str)):
-        raise ConversationError(
-            TEMPLATE_ERROR,
-            f'message {i} ({message.get("role")}): the chat template leaves its {what} out of'
-            ' the rendering, so it would be trained on without it; give a template that'
-            ' writes it',
-        )
+        refuse(f'message {i} ({message.get("role")})', what)
+  for j, tool in enumerate(tools or []):
+    function = tool.get('function', tool) if isinstance(tool, dict) else None
+    name = function.get('name') if isinstance(function, dict) else None
+    if isinstance(name, str) and not written(name):
+      refuse(f'tool {j} ({name})', 'it')
+
+
+def _strings(value):
+  """The strings in a JSON value (a tool call's arguments: an object, or its JSON text);
+  iterative, for values nested as deep as JSON allows."""
+  strings, stack = [], [value]
+  while stack:
+    value = stack.pop()
+    if isinstance(value, str):
+      strings.append(value)
+    elif isinstance(value, dict):
+      stack.extend(value.values())
+    elif isinstance(value, list):
+      stack.extend(value)
+  return strings
 
 
 def _turn_by_prefixes(tokenizer, template, messages, i, text, variables):
@@ -442,65 +476,87 @@ def _turn_by_prefixes(tokenizer, template, messages, i, text, variables):
 _PROBE = '\ue000'
 
 
-def _turn_by_probes(tokenizer, template, messages, i, text, previous_end, variables):
-  """Message i's turn located in `text` by probes (see assistant_spans).
+def _render_for(tokenizer, template, variables, messages, prompt=False):
+  return render_chat(tokenizer, template, messages, prompt, **variables)
+
+
+def _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers):
+  """Message i's turn located in `text` by probes (see assistant_spans); `render(messages,
+  prompt)` renders, `token_ends()` the end offsets of `text`'s tokens, `markers` are the
+  tokenizer's named special tokens (EOS, ...): all a last turn may close with beyond what
+  the whole rendering has.
 
   Raises:
     ConversationError (unmaskable): the template does not write the message's content
-      (or, for a turn of tool calls alone, its first call's name) once and as it is.
+      (or, for a turn of tool calls alone, its first call's name) once and as it is, or
+      writes no generation prompt or closing for it that the whole rendering has.
   """
-
-  def render(messages, prompt=False):
-    return render_chat(tokenizer, template, messages, prompt, **variables)
 
   def unlocated(what):
     return ConversationError(
         UNMASKABLE,
         f'message {i} (assistant): the template does not render the conversation up to it'
-        f' as a prefix of the whole, nor its {what} once as it is, so its turn cannot be'
-        ' located for the loss mask',
+        f' as a prefix of the whole, and {what}, so its turn cannot be located for the loss'
+        ' mask',
     )
 
   content = messages[i].get('content')
-  if not (isinstance(content, str) and content.strip() or isinstance(content, list) and content):
-    return _tool_call_turn(render, messages, i, text, previous_end, unlocated)
-
-  def content_edge(messages, rendered, edge):
-    return _insertion_point(rendered, render(_with_probe(messages, i, edge)))
-
-  content_start = content_edge(messages, text, 'start')
-  content_end = content_edge(messages, text, 'end')
-  if (
-      content_start is None
-      or content_end is None
-      or not (previous_end <= content_start <= content_end)
-  ):
-    raise unlocated('content')
-  # The start: after the generation prompt that precedes the content, if the template
-  # writes one there (Mistral's writes none: the turn starts at its content).
-  start = _after_prompt(render, messages, i, text, previous_end, content_start)
-  start = content_start if start is None else start
-  # The end: after the text the template closes the turn with when it is the last one,
-  # as far as the whole rendering has it, cut at the end of one of its tokens (so not
+  if isinstance(content, str) and content.strip() or isinstance(content, list) and content:
+    probe_start = _with_probe(messages, i, 'start')
+    probe_end = _with_probe(messages, i, 'end')
+    what = 'its content is not written once as it is'
+  else:  # tool calls alone: what precedes the name is the template's, so a prompt is needed
+    probe_start = probe_end = _with_probed_call(messages, i)
+    what = "its first tool call's name is not written once as it is"
+  if probe_start is None:
+    raise unlocated(what)
+  inner_start = _insertion_point(text, render(probe_start))
+  inner_end = (
+      _insertion_point(text, render(probe_end)) if probe_end is not probe_start else inner_start
+  )
+  if inner_start is None or inner_end is None or not previous_end <= inner_start <= inner_end:
+    raise unlocated(what)
+  # The start: after the generation prompt before the content; at the content where there
+  # is none (Mistral's is empty; Apertus continues a turn after a tool's result), as the
+  # least that is surely the turn's. A call's name is never a turn's start.
+  start = _after_prompt(render, messages, i, text, previous_end, inner_start)
+  if start is None and probe_start is not probe_end:
+    start = inner_start
+  if start is None:
+    raise unlocated('its generation prompt is not written before it')
+  # The end: after the text the template writes after the probe when the turn is the last
+  # one, as far as the whole rendering has it, cut at the end of one of its tokens (so not
   # inside '<|im_start|>' where the closing is '<|im_end|>\n<|endoftext|>').
   through = render(messages[: i + 1])
-  closing_start = content_edge(messages[: i + 1], through, 'end')
-  closing = through[closing_start:] if closing_start is not None else ''
-  shared = len(os.path.commonprefix([closing, text[content_end : content_end + len(closing)]]))
-  _, offsets = tokenizer.encode_offsets(text)
-  token_ends = [b for _, b in offsets if content_end < b <= content_end + shared]
-  end = max(token_ends, default=content_end)
-  return start, max(len(text[:end].rstrip()), content_start)
+  closing_start = _insertion_point(through, render(probe_end[: i + 1]))
+  if closing_start is None:
+    raise unlocated('it is not written once as it is as the last turn')
+  closing = through[closing_start:]
+  shared = _common_prefix_length(closing, text[inner_end : inner_end + len(closing)])
+  ends = token_ends()
+  last = bisect.bisect_right(ends, inner_end + shared) - 1
+  end = ends[last] if last >= 0 and ends[last] > inner_end else inner_end
+  # What the last turn writes beyond that must be markers (Phi-3.5's EOS), not its own
+  # text written otherwise (Apriel's calls gain an id when a result follows).
+  beyond = closing[end - inner_end :]
+  for marker in markers:
+    beyond = beyond.replace(marker, '')
+  if beyond.strip():
+    raise unlocated('as the last turn it ends otherwise than in the whole')
+  return start, max(len(text[:end].rstrip()), inner_start)
 
 
 def _after_prompt(render, messages, i, text, lo, hi):
-  """Where the generation prompt for message i ends in text[lo:hi], or None. The prompt is
-  what one after messages[:i] adds to their rendering; a rendering that has only its start
-  there (QwQ's and DeepSeek-R1's prompts open a <think> their turns lack) counts up to a
-  line or marker end ('<|im_start|>assistant\n' of '<|im_start|>assistant\n<think>\n')."""
+  """Where the generation prompt for message i ends in text[lo:hi], or None if it is empty
+  or not there. The prompt is what one after messages[:i] adds to their
+  rendering; a rendering that has only its start there (QwQ's and DeepSeek-R1's prompts
+  open a <think> their turns lack) counts up to a line or marker end ('<|im_start|>assistant\n'
+  of '<|im_start|>assistant\n<think>\n')."""
   history = render(messages[:i])
   prompted = render(messages[:i], True)
-  prompt = prompted[len(os.path.commonprefix([history, prompted])) :]
+  prompt = prompted[_common_prefix_length(history, prompted) :]
+  if not prompt:
+    return None
   for cut in range(len(prompt), 0, -1):
     if cut == len(prompt) or prompt[cut - 1] in '\n>':
       found = text.rfind(prompt[:cut], lo, hi)
@@ -509,41 +565,28 @@ def _after_prompt(render, messages, i, text, lo, hi):
   return None
 
 
-def _tool_call_turn(render, messages, i, text, previous_end, unlocated):
-  """A turn of tool calls without text: from the generation prompt before its first call's
-  name to the end of the longest tail of the conversation rendered through it that `text`
-  has there (so without what a template writes in a last turn only, Qwen3's empty
-  <think>)."""
+def _with_probed_call(messages, i):
+  """`messages` with _PROBE before the name of message i's first tool call, or None."""
   calls = messages[i].get('tool_calls')
-  if not calls:
-    raise ConversationError(UNMASKABLE, f'message {i} (assistant): no text to locate its turn by')
-  message = dict(messages[i])
-  first = dict(calls[0])
-  first['function'] = {**first['function'], 'name': _PROBE + first['function']['name']}
-  message['tool_calls'] = [first, *calls[1:]]
-  name_at = _insertion_point(text, render([*messages[:i], message, *messages[i + 1 :]]))
-  if name_at is None or name_at < previous_end:
-    raise unlocated("first tool call's name")
-  start = _after_prompt(render, messages, i, text, previous_end, name_at)
-  if start is None:
-    raise unlocated("first tool call's name")
-  through = render(messages[: i + 1]).rstrip()
-  tail = next((k for k in range(len(through)) if text.startswith(through[k:], start)), None)
-  end = start + len(through) - tail if tail is not None else start
-  if end <= name_at:
-    raise unlocated("first tool call's name")
-  return start, end
+  first = calls[0] if isinstance(calls, list) and calls else None
+  function = first.get('function') if isinstance(first, dict) else None
+  if not (isinstance(function, dict) and isinstance(function.get('name'), str)):
+    return None
+  probed = {**first, 'function': {**function, 'name': _PROBE + function['name']}}
+  message = {**messages[i], 'tool_calls': [probed, *calls[1:]]}
+  return [*messages[:i], message, *messages[i + 1 :]]
 
 
 def _with_probe(messages, i, edge):
   """`messages` with _PROBE inside message i's text at its start or end, within any
-  whitespace around it (which templates often trim)."""
+  whitespace around it (which templates often trim); None if that part has no text."""
   message = dict(messages[i])
   content = message['content']
   if isinstance(content, list):  # text parts: the first's start, or the last's end
     j = 0 if edge == 'start' else len(content) - 1
-    part = dict(content[j])
-    part['text'] = _probed(part['text'], edge)
+    if not (isinstance(content[j], dict) and isinstance(content[j].get('text'), str)):
+      return None
+    part = {**content[j], 'text': _probed(content[j]['text'], edge)}
     message['content'] = [*content[:j], part, *content[j + 1 :]]
   else:
     message['content'] = _probed(content, edge)
@@ -559,10 +602,23 @@ def _probed(text, edge):
 
 def _insertion_point(text, probed):
   """Where `probed` is `text` with _PROBE inserted once, or None."""
-  at = len(os.path.commonprefix([text, probed]))
+  at = _common_prefix_length(text, probed)
   if probed[at : at + len(_PROBE)] == _PROBE and probed[at + len(_PROBE) :] == text[at:]:
     return at
   return None
+
+
+def _common_prefix_length(a, b):
+  """The length of the longest common prefix of two strings, by slice comparisons (C speed;
+  os.path.commonprefix compares character by character in Python)."""
+  lo, hi = 0, min(len(a), len(b))
+  while lo < hi:  # invariant: a[:lo] == b[:lo]; the answer is in [lo, hi]
+    mid = (lo + hi + 1) // 2
+    if a[lo:mid] == b[lo:mid]:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
 
 
 def chat_example(

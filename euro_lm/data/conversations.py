@@ -90,7 +90,7 @@ def check_messages(messages) -> tuple[str, str] | None:
   """
   if not isinstance(messages, list) or not messages:
     return BAD_MESSAGES, f'messages is a {type(messages).__name__}, not a non-empty list'
-  assistants, users, calls = 0, 0, 0
+  assistants, users, calls_open = 0, 0, False
   for i, message in enumerate(messages):
     if not isinstance(message, dict):
       return BAD_MESSAGES, f'message {i} is a {type(message).__name__}, not an object'
@@ -118,14 +118,15 @@ def check_messages(messages) -> tuple[str, str] | None:
           f'message {i}: content is a {type(content).__name__}, not a string or a list of '
           'text parts'
       )
-    try:
-      content.encode('utf-8')  # JSON escapes can spell lone surrogates
-    except UnicodeEncodeError as e:
-      return INVALID_UTF8, f'message {i}: content is not valid Unicode: {e}'
+    problem = _unicode_problem(message)
+    if problem:
+      return INVALID_UTF8, f'message {i}: {problem}'
     if role == 'system' and i > 0:
       return BAD_ORDER, f'message {i}: a system message can only be the first'
-    if role == TOOL and not calls:
+    if role == TOOL and not calls_open:
       return BAD_ORDER, f'message {i}: a tool result with no tool call before it'
+    if role != TOOL:
+      calls_open = bool(tool_calls)
     users += role == 'user'
     if role == 'assistant':
       if not users:
@@ -133,7 +134,6 @@ def check_messages(messages) -> tuple[str, str] | None:
       if not content.strip() and not tool_calls:
         return EMPTY_ASSISTANT, f'message {i}: an assistant message with no text or tool call'
       assistants += 1
-      calls += bool(tool_calls)
   if not assistants:
     return NO_ASSISTANT, 'no assistant message: nothing to learn from'
   return None
@@ -164,10 +164,31 @@ def _reasoning_problem(message, role) -> str | None:
   return None
 
 
-def tools_problem(tools) -> str | None:
-  """Why a record's tools are not a list of objects (the tools' JSON schemas), or None."""
+def tools_problem(tools) -> tuple[str, str] | None:
+  """(kind, reason) if a record's tools are not a list of objects (the tools' JSON
+  schemas) in valid Unicode, else None."""
   if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-    return f"{TOOLS_FIELD!r} is not a list of objects (the tools' JSON schemas)"
+    return BAD_MESSAGES, f"{TOOLS_FIELD!r} is not a list of objects (the tools' JSON schemas)"
+  problem = _unicode_problem(tools)
+  return (INVALID_UTF8, f'{TOOLS_FIELD!r}: {problem}') if problem else None
+
+
+def _unicode_problem(value) -> str | None:
+  """Where a JSON value holds a string that is not valid Unicode (JSON escapes can spell
+  lone surrogates), or None. Iterative: a record may nest as deep as JSON allows."""
+  stack = [('', value)]
+  while stack:
+    where, value = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode('utf-8')
+      except UnicodeEncodeError as e:
+        return f'{where or "a string"} is not valid Unicode: {e}'
+    elif isinstance(value, dict):
+      stack.extend(('a key', k) for k in value)
+      stack.extend((str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+      stack.extend((where, v) for v in value)
   return None
 
 
@@ -272,7 +293,6 @@ class ConversationSource:
     problem = check_messages(messages)
     if problem is None and tools is not None:
       problem = tools_problem(tools)
-      problem = problem and (BAD_MESSAGES, problem)
     if problem:
       kind, reason = problem
       bad_records.add(kind, position, reason)
