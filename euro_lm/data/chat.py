@@ -26,8 +26,9 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -370,17 +371,23 @@ def assistant_spans(
   text = render_chat(tokenizer, template, messages, **variables)
   _check_texts_rendered(messages, text, variables.get('tools'))
   token_ends = functools.cache(lambda: [b for _, b in tokenizer.encode_offsets(text)[1]])
+  markers = tuple(tokenizer.special_tokens.values())
+
+  def render(messages, prompt=False):
+    return render_chat(tokenizer, template, messages, prompt, **variables)
+
   spans = []
   for i, message in enumerate(messages):
     if message.get('role') != 'assistant':
       continue
     previous_end = spans[-1][1] if spans else 0
-    span = _turn_by_prefixes(tokenizer, template, messages, i, text, variables)
-    if span is None:
-      render = functools.partial(_render_for, tokenizer, template, variables)
-      markers = tuple(tokenizer.special_tokens.values())
-      span = _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers)
-    start, end = span
+    before = render(messages[:i], True)
+    through = render(messages[: i + 1])
+    if through.startswith(before) and text.startswith(through):
+      start, end = len(before), len(through.rstrip())
+    else:
+      turn = _Turn(render, messages, i, before, through)
+      start, end = _turn_by_probes(turn, text, previous_end, token_ends, markers)
     if end <= start:
       raise ConversationError(
           UNMASKABLE, f'message {i} (assistant): the template renders no text for it'
@@ -389,7 +396,7 @@ def assistant_spans(
       raise ConversationError(
           UNMASKABLE, f'message {i} (assistant): its turn overlaps the one before it'
       )
-    spans.append(span)
+    spans.append((start, end))
   return text, spans
 
 
@@ -461,36 +468,35 @@ def _strings(value):
   return strings
 
 
-def _turn_by_prefixes(tokenizer, template, messages, i, text, variables):
-  """Message i's turn as the rendering up to it with a generation prompt and the rendering
-  through it differ, when both are prefixes of `text`; else None."""
-  before = render_chat(tokenizer, template, messages[:i], True, **variables)
-  through = render_chat(tokenizer, template, messages[: i + 1], **variables)
-  if not (through.startswith(before) and text.startswith(through)):
-    return None
-  return len(before), len(through.rstrip())
-
-
 # Put inside a message's text to find where a template writes it: a private-use character,
 # which no template tests for or changes.
 _PROBE = '\ue000'
 
 
-def _render_for(tokenizer, template, variables, messages, prompt=False):
-  return render_chat(tokenizer, template, messages, prompt, **variables)
+class _Turn(NamedTuple):
+  """An assistant turn whose renderings are not prefixes of the whole: `render(messages,
+  prompt)` renders, `before` is messages[:i] with a generation prompt, `through`
+  messages[:i+1]."""
+
+  render: Callable[..., str]
+  messages: Sequence[dict]
+  i: int
+  before: str
+  through: str
 
 
-def _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers):
-  """Message i's turn located in `text` by probes (see assistant_spans); `render(messages,
-  prompt)` renders, `token_ends()` the end offsets of `text`'s tokens, `markers` are the
-  tokenizer's named special tokens (EOS, ...): all a last turn may close with beyond what
-  the whole rendering has.
+def _turn_by_probes(turn, text, previous_end, token_ends, markers):
+  """The turn located in `text` by probes (see assistant_spans); `token_ends()` the end
+  offsets of `text`'s tokens, `markers` are the tokenizer's named special tokens (EOS, ...):
+  all a last turn may close with beyond what the whole rendering has.
 
   Raises:
     ConversationError (unmaskable): the template does not write the message's content
       (or, for a turn of tool calls alone, its first call's name) once and as it is, or
       writes no generation prompt or closing for it that the whole rendering has.
   """
+
+  render, messages, i = turn.render, turn.messages, turn.i
 
   def unlocated(what):
     return ConversationError(
@@ -501,37 +507,35 @@ def _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers
     )
 
   content = messages[i].get('content')
-  if isinstance(content, str) and content.strip() or isinstance(content, list) and content:
+  has_text = isinstance(content, str) and content.strip() or isinstance(content, list) and content
+  if has_text:
     probe_start = _with_probe(messages, i, 'start')
     probe_end = _with_probe(messages, i, 'end')
     what = 'its content is not written once as it is'
   else:  # tool calls alone: what precedes the name is the template's, so a prompt is needed
     probe_start = probe_end = _with_probed_call(messages, i)
     what = "its first tool call's name is not written once as it is"
-  if probe_start is None:
+  if probe_start is None or probe_end is None:
     raise unlocated(what)
   inner_start = _insertion_point(text, render(probe_start))
-  inner_end = (
-      _insertion_point(text, render(probe_end)) if probe_end is not probe_start else inner_start
-  )
+  inner_end = _insertion_point(text, render(probe_end)) if has_text else inner_start
   if inner_start is None or inner_end is None or not previous_end <= inner_start <= inner_end:
     raise unlocated(what)
   # The start: after the generation prompt before the content; at the content where there
   # is none (Mistral's is empty; Apertus continues a turn after a tool's result), as the
   # least that is surely the turn's. A call's name is never a turn's start.
-  start = _after_prompt(render, messages, i, text, previous_end, inner_start)
-  if start is None and probe_start is not probe_end:
+  start = _after_prompt(turn, text, previous_end, inner_start)
+  if start is None and has_text:
     start = inner_start
   if start is None:
     raise unlocated('its generation prompt is not written before it')
   # The end: after the text the template writes after the probe when the turn is the last
   # one, as far as the whole rendering has it, cut at the end of one of its tokens (so not
   # inside '<|im_start|>' where the closing is '<|im_end|>\n<|endoftext|>').
-  through = render(messages[: i + 1])
-  closing_start = _insertion_point(through, render(probe_end[: i + 1]))
+  closing_start = _insertion_point(turn.through, render(probe_end[: i + 1]))
   if closing_start is None:
     raise unlocated('it is not written once as it is as the last turn')
-  closing = through[closing_start:]
+  closing = turn.through[closing_start:]
   shared = _common_prefix_length(closing, text[inner_end : inner_end + len(closing)])
   ends = token_ends()
   last = bisect.bisect_right(ends, inner_end + shared) - 1
@@ -546,15 +550,14 @@ def _turn_by_probes(render, messages, i, text, previous_end, token_ends, markers
   return start, max(len(text[:end].rstrip()), inner_start)
 
 
-def _after_prompt(render, messages, i, text, lo, hi):
-  """Where the generation prompt for message i ends in text[lo:hi], or None if it is empty
+def _after_prompt(turn, text, lo, hi):
+  """Where the generation prompt for the turn ends in text[lo:hi], or None if it is empty
   or not there. The prompt is what one after messages[:i] adds to their
   rendering; a rendering that has only its start there (QwQ's and DeepSeek-R1's prompts
   open a <think> their turns lack) counts up to a line or marker end ('<|im_start|>assistant\n'
   of '<|im_start|>assistant\n<think>\n')."""
-  history = render(messages[:i])
-  prompted = render(messages[:i], True)
-  prompt = prompted[_common_prefix_length(history, prompted) :]
+  history = turn.render(turn.messages[: turn.i])
+  prompt = turn.before[_common_prefix_length(history, turn.before) :]
   if not prompt:
     return None
   for cut in range(len(prompt), 0, -1):
