@@ -25,6 +25,7 @@ from collections import Counter
 
 from absl import app, flags
 
+from euro_lm import cli
 from euro_lm.data import chat
 from euro_lm.data.tokenizer import load_tokenizer
 
@@ -144,6 +145,8 @@ def table(templates_dir: str, tokenizer_dir: str) -> tuple[list[str], Counter, C
   paths = sorted(glob.glob(os.path.join(templates_dir, '*.jinja')))
   if not paths:
     raise app.UsageError(f'--templates={templates_dir!r} holds no *.jinja file')
+  if not os.path.isfile(os.path.join(tokenizer_dir, 'tokenizer.json')):
+    raise app.UsageError(f'--tokenizer={tokenizer_dir!r} holds no tokenizer.json')
   lines = [
       '| template | ' + ' | '.join(CONVERSATIONS) + ' | masks |',
       '|---|' + '---|' * (len(CONVERSATIONS) + 1),
@@ -184,4 +187,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
