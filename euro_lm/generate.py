@@ -2,17 +2,25 @@
 
 `python -m euro_lm.generate --workdir=DIR --prompt "Once" [--prompt "Il était"]
 [--max_new_tokens=64] [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--seed=0] [--step=N]
-[--chat]`
+[--chat [--system=TEXT] [--tools=FILE]]`
+`python -m euro_lm.generate --workdir=DIR --conversations=FILE [sampling flags]`
 
-All prompts run as one left-padded batch; `--temperature=0` is greedy. Library use:
-`euro_lm.inference.load_run(workdir)` then `complete(run, prompts, ...)`.
+All prompts run as one left-padded batch; `--temperature=0` is greedy. With `--chat` each
+prompt is a user message in the run's chat template; `--conversations` answers each record
+of a JSONL or Parquet file in the training data's format (`messages`, optionally `tools`)
+that ends with a user message or a tool result. Library use:
+`euro_lm.inference.load_run(workdir)` then `complete(run, prompts, ...)` or
+`answer(run, conversations, ...)`.
 """
+
+import json
 
 from absl import app, flags, logging
 
 from euro_lm import cli
+from euro_lm.data.conversations import ConversationSource, tools_problem
 from euro_lm.errors import UserError
-from euro_lm.inference import complete, load_run
+from euro_lm.inference import answer, complete, load_run
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat for a batch.')
@@ -27,24 +35,82 @@ _CHAT = flags.DEFINE_bool(
     False,
     "Each prompt is a user message in the run's chat template; answers end at its turn end.",
 )
+_SYSTEM = flags.DEFINE_string('system', '', 'With --chat: a system message before each prompt.')
+_TOOLS = flags.DEFINE_string(
+    'tools', None, "With --chat: a JSON file with a list of tool schemas for the template's tools."
+)
+_CONVERSATIONS = flags.DEFINE_string(
+    'conversations',
+    None,
+    'A JSONL or Parquet file of conversations to answer (as chat training data: messages, '
+    'optionally tools), each ending with a user message or a tool result.',
+)
+
+
+def _read_tools(path):
+  """The list of tool schemas in the JSON file `path`.
+
+  Raises:
+    UserError: the file is not JSON, or not a list of objects.
+  """
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  try:
+    tools = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path}: line {e.lineno}: not JSON: {e.msg}') from None
+  problem = tools_problem(tools)
+  if problem:
+    raise UserError(f'{path}: {problem[1]}')
+  return tools
+
+
+def _check_flags():
+  if not _WORKDIR.value:
+    raise UserError('give --workdir')
+  if _CONVERSATIONS.value:
+    given = [f'--{n}' for n, v in (('prompt', _PROMPT.value), ('system', _SYSTEM.value)) if v]
+    given += ['--tools'] if _TOOLS.value else []
+    if given:
+      raise UserError(
+          f'--conversations takes no {" or ".join(given)}: each record has its own messages '
+          'and tools'
+      )
+    return
+  if not _PROMPT.value:
+    raise UserError('give at least one --prompt, or --conversations')
+  if (_SYSTEM.value or _TOOLS.value) and not _CHAT.value:
+    raise UserError('--system and --tools need --chat')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  if not _WORKDIR.value or not _PROMPT.value:
-    raise UserError('give --workdir and at least one --prompt')
-  run = load_run(_WORKDIR.value, _STEP.value)
-  texts = complete(
-      run,
-      _PROMPT.value,
+  _check_flags()
+  sampling = dict(
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value,
       top_p=_TOP_P.value,
       seed=_SEED.value,
-      chat_messages=_CHAT.value,
+  )
+  if _CONVERSATIONS.value:
+    # Strict: the first bad record stops the command, named by file and line (or row).
+    records, bad_records = ConversationSource(prompts=True, strict=True).read(_CONVERSATIONS.value)
+    records = list(records)
+    run = load_run(_WORKDIR.value, _STEP.value)
+    names = [bad_records.location(c.position) for c in records]
+    messages, tools = [c.messages for c in records], [c.tools for c in records]
+    texts = answer(run, messages, tools=tools, names=names, **sampling)
+    print(f'# {run.step_dir}')
+    for name, text in zip(names, texts):
+      print(f'--- {name}\n{text}')
+    return
+  tools = _read_tools(_TOOLS.value) if _TOOLS.value else None
+  run = load_run(_WORKDIR.value, _STEP.value)
+  texts = complete(
+      run, _PROMPT.value, chat_messages=_CHAT.value, system=_SYSTEM.value, tools=tools, **sampling
   )
   print(f'# {run.step_dir}')
   for prompt, text in zip(_PROMPT.value, texts):

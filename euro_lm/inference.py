@@ -1,6 +1,7 @@
 """A training run's checkpoint, loaded for generation: `load_run(workdir)` then
-`complete(run, prompts, ...)` (what `python -m euro_lm.generate` calls; usable from
-notebooks).
+`complete(run, prompts, ...)` for texts or user messages, or `answer(run, conversations,
+...)` for conversations in the run's chat template (what `python -m euro_lm.generate`
+calls; usable from notebooks).
 
 The config is the run's `<workdir>/config.json`; the tokenizer the checkpoint's own copy,
 else the workdir's, else the config's `data.tokenizer_path`.
@@ -115,19 +116,58 @@ def complete(
     top_p=0.95,
     seed=0,
     chat_messages=False,
+    system='',
+    tools=None,
 ):
   """The completion text of each prompt (without the prompt and the stop id). With
-  `chat_messages` each prompt is a user message, rendered with `chat_template(run)` and
-  its generation prompt. A row ends at EOS or the template's end of turn (without
-  `chat_messages`, the template a run fine-tuned with, if any: where its export stops)."""
-  tok = run.tokenizer
+  `chat_messages` each prompt is a user message, after a `system` message if one is given,
+  answered as by `answer` with `tools` (a list of tool schemas) for every prompt. A row
+  ends at EOS or the template's end of turn (without `chat_messages`, the template a run
+  fine-tuned with, if any: where its export stops)."""
+  sampling = dict(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+  )
   if chat_messages:
-    template = chat_template(run)
-    ids = [chat.encode_chat(tok, template, [{'role': 'user', 'content': p}], True) for p in prompts]
-  else:
-    template = chat_template_of_run(os.path.dirname(os.path.dirname(run.step_dir)))
-    bos = [tok.bos_id] if run.config.data.add_bos else []
-    ids = [bos + tok.encode(p) for p in prompts]
+    before = [{'role': 'system', 'content': system}] if system else []
+    conversations = [[*before, {'role': 'user', 'content': p}] for p in prompts]
+    return answer(run, conversations, tools=[tools] * len(prompts), **sampling)
+  if system or tools:
+    raise UserError('a system message and tools need chat_messages (generate --chat)')
+  tok = run.tokenizer
+  template = chat_template_of_run(os.path.dirname(os.path.dirname(run.step_dir)))
+  bos = [tok.bos_id] if run.config.data.add_bos else []
+  return _sample(run, [bos + tok.encode(p) for p in prompts], template, **sampling)
+
+
+def answer(run, conversations, *, tools=None, names=None, **sampling):
+  """The assistant's answer to each conversation: a list of messages (as
+  euro_lm.data.conversations checks them with `prompt=True`) that ends with a user message
+  or a tool result, rendered with `chat_template(run)`, its generation prompt and the
+  conversation's `tools` (one list of schemas, or None, per conversation). Sampling as
+  `complete`'s. The text ends before EOS or the template's end of turn; a tool call is
+  the text the model writes for it.
+
+  Raises:
+    ConversationError: a conversation the template refuses or renders without what one of
+      its messages says, named by `names` (e.g. file:line), else by its index.
+  """
+  template = chat_template(run)
+  tools = tools or [None] * len(conversations)
+  ids = []
+  for k, (messages, conversation_tools) in enumerate(zip(conversations, tools, strict=True)):
+    try:
+      ids.append(chat.encode_prompt(run.tokenizer, template, messages, conversation_tools))
+    except chat.ConversationError as e:
+      raise chat.ConversationError(
+          e.kind, f'{names[k] if names else f"conversation {k}"}: {e}'
+      ) from None
+  return _sample(run, ids, template, **sampling)
+
+
+def _sample(run, ids, template, *, max_new_tokens, temperature, top_k, top_p, seed):
+  """The decoded continuation of each row of `ids`, sampled as one left-padded batch,
+  without the stop ids."""
+  tok = run.tokenizer
   stops = chat.stop_ids(tok.eos_id, tok, template, records.base_model_at(run.step_dir))
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)

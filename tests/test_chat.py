@@ -459,6 +459,54 @@ def test_what_the_template_leaves_out_is_refused(folders):
     chat.chat_example(tokenizer, chat.DEFAULT_TEMPLATE, CONVERSATIONS[0], tools=TOOLS)
 
 
+def test_a_prompt_encodes_as_transformers_with_the_generation_prompt(folders):
+  """What a model answers from: ids equal transformers' with the generation prompt, for a
+  system prompt and for a tool result with its tools; refused where the template drops
+  tools or the history's text."""
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  template = TEMPLATES['qwen2']
+  for messages, tools in ((CONVERSATIONS[0][:2], None), (TOOL_CONVERSATION[:3], TOOLS)):
+    expected = theirs.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    assert chat.encode_prompt(tokenizer, template, messages, tools) == expected['input_ids']
+  # The history's reasoning may be dropped by design, as in training.
+  history = [{**CONVERSATIONS[1][1], 'reasoning_content': 'Hm.'}, CONVERSATIONS[1][2]]
+  chat.encode_prompt(tokenizer, template, [CONVERSATIONS[1][0], *history])
+  with pytest.raises(chat.ConversationError, match=r'tool 0 \(wetter\): .* leaves it out'):
+    chat.encode_prompt(tokenizer, chat.DEFAULT_TEMPLATE, CONVERSATIONS[0][:2], TOOLS)
+  drops_text = TEMPLATES['qwen2'].replace("{{- '\\n' + message.content }}", '')
+  with_text = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], 'content': 'Ich sehe nach.'}]
+  with pytest.raises(chat.ConversationError, match='message 1 .* leaves its text out'):
+    chat.encode_prompt(tokenizer, drops_text, [*with_text, TOOL_CONVERSATION[2]], TOOLS)
+
+
+@pytest.mark.parametrize(
+    'messages, reason',
+    [
+        (
+            TOOL_CONVERSATION,
+            "message 3 has role 'assistant'; a prompt ends with a user message or a tool result",
+        ),
+        (
+            [SYSTEM],
+            "message 0 has role 'system'; a prompt ends with a user message or a tool result",
+        ),
+        (
+            [{'role': 'assistant', 'content': 'Hallo'}],
+            'message 0: an assistant message before any user message',
+        ),
+    ],
+)
+def test_prompts_end_with_a_user_message_or_a_tool_result(tmp_path, messages, reason):
+  path = tmp_path / 'prompts.jsonl'
+  lines = [{'messages': TOOL_CONVERSATION[:1]}, {'messages': TOOL_CONVERSATION[:3], 'tools': TOOLS}]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in [*lines, {'messages': messages}]))
+  read, bad = conversations.ConversationSource(prompts=True).read(str(path))
+  assert [c.messages for c in read] == [TOOL_CONVERSATION[:1], TOOL_CONVERSATION[:3]]
+  assert [(k.count, k.first, k.reason) for k in bad.kinds.values()] == [(1, 3, reason)]
+  assert list(bad.kinds) == [conversations.BAD_ORDER]
+
+
 def test_conversations_a_template_cannot_take_are_refused_with_the_reason(folders):
   mistral = load_tokenizer(folders['mistral'])
   # Mistral v0.3 writes the system message into the last user turn, and leaves it out when

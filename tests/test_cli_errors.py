@@ -47,6 +47,8 @@ def files(tmp_path_factory):
   (d / 'docs.jsonl').write_text('{"text": "Hallo Welt", "lang": "deu_Latn"}\n')
   (d / 'garbage.model').write_bytes(b'\x00\x01 not a tokenizer \xff' * 10)
   (d / 'a_file').write_text('x')
+  answered = [{'role': 'user', 'content': 'Hallo'}, {'role': 'assistant', 'content': 'Hallo!'}]
+  (d / 'answered.jsonl').write_text(json.dumps({'messages': answered}) + '\n')
   (d / 'hf_without_config').mkdir()
   (d / 'bad_run').mkdir()
   (d / 'bad_run' / 'config.json').write_text('{"model": ')
@@ -191,6 +193,32 @@ def test_import_export_generate(files, tmp_path):
               ([f'--workdir={files / "bad_run"}', '--prompt=Hallo'], 'is not valid JSON'),
               ([f'--workdir={missing}'], 'at least one --prompt'),
               ([f'--workdir={missing}', '--prompt=x', '--top_k=-1x'], 'flag --top_k=-1x'),
+              (
+                  [f'--workdir={missing}', '--conversations=c.jsonl', '--prompt=x', '--tools=t'],
+                  '--conversations takes no --prompt or --tools',
+              ),
+              ([f'--workdir={missing}', '--prompt=x', '--system=Be brief.'], 'need --chat'),
+              (
+                  [f'--workdir={missing}', '--prompt=x', '--chat', f'--tools={files / "a_file"}'],
+                  f'{files / "a_file"}: line 1: not JSON',
+              ),
+              (
+                  [
+                      f'--workdir={missing}',
+                      '--prompt=x',
+                      '--chat',
+                      f'--tools={files / "docs.jsonl"}',
+                  ],
+                  "docs.jsonl: 'tools' is not a list of objects",
+              ),
+              (
+                  [f'--workdir={missing}', f'--conversations={files / "docs.jsonl"}'],
+                  f"{files / 'docs.jsonl'}:1: no 'messages'",
+              ),
+              (
+                  [f'--workdir={missing}', f'--conversations={files / "answered.jsonl"}'],
+                  f"{files / 'answered.jsonl'}:1: message 1 has role 'assistant'; a prompt ends",
+              ),
           ],
       ),
   ):

@@ -3,7 +3,10 @@ configs/sft.py learns a fixed per-language answer, the prompt carries no loss, a
 transformers, through the chat template of the export, answers as trained."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -146,12 +149,49 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
     # What serving code does: a chat pipeline on the folder, with its defaults.
     (answered,) = chat_pipeline(messages, max_new_tokens=20)
     assert answered['generated_text'][-1] == {'role': 'assistant', 'content': ANSWERS[lang]}
-  # euro_lm's own generation from the workdir, as `python -m euro_lm.generate --chat`.
+  eot = tokenizer.convert_tokens_to_ids('<|eot_id|>')
+  stops = json.loads((export / 'generation_config.json').read_text())['eos_token_id']
+  assert eot in stops
+  # euro_lm's own generation from the workdir: each question as a user message, and a
+  # conversation with a system message and history from a file (what transformers
+  # answers greedily on the export).
   run = load_run(str(workdir))
   questions = [QUESTIONS[lang].format(1000) for lang in QUESTIONS]
   assert complete(run, questions, temperature=0.0, chat_messages=True) == list(ANSWERS.values())
-  eot = tokenizer.convert_tokens_to_ids('<|eot_id|>')
-  assert eot in json.loads((export / 'generation_config.json').read_text())['eos_token_id']
+  conversation = [
+      {'role': 'system', 'content': 'Antworte kurz.'},
+      {'role': 'user', 'content': QUESTIONS['fr'].format(7)},
+      {'role': 'assistant', 'content': ANSWERS['fr']},
+      {'role': 'user', 'content': QUESTIONS['de'].format(1001)},
+  ]
+  ids = tokenizer.apply_chat_template(
+      conversation, add_generation_prompt=True, return_tensors='pt', return_dict=True
+  )
+  with torch.no_grad():
+    out = model.generate(**ids, max_new_tokens=12)
+  answer = [t for t in out[0, ids['input_ids'].shape[1] :].tolist() if t not in stops]
+  expected = tokenizer.decode(answer)
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text(json.dumps({'messages': conversation}) + '\n')
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.generate',
+          f'--workdir={workdir}',
+          f'--conversations={prompts}',
+          '--temperature=0',
+          '--max_new_tokens=12',
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+  )
+  assert result.returncode == 0, result.stderr
+  assert expected == ANSWERS['de']  # as trained, after a system message and history
+  assert result.stdout.endswith(f'--- {prompts}:1\n{expected}\n')
 
 
 @pytest.mark.parametrize(

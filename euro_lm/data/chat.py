@@ -350,6 +350,21 @@ def encode_chat(
   return tokenizer.encode_offsets(text)[0]
 
 
+def encode_prompt(
+    tokenizer: Tokenizer, template: str, messages: Sequence[dict], tools=None
+) -> list[int]:
+  """The ids a model answers `messages` from: `encode_chat` with the generation prompt and
+  `tools`, refused where the rendering leaves out what a message says (as for training;
+  earlier turns' reasoning the template may drop by design).
+
+  Raises:
+    ConversationError (template_error): the template refused the messages or left some out.
+  """
+  text = render_chat(tokenizer, template, messages, True, tools=tools)
+  _check_texts_rendered(messages, text, tools, reasoning=False)
+  return tokenizer.encode_offsets(text)[0]
+
+
 def assistant_spans(
     tokenizer: Tokenizer, template: str, messages: Sequence[dict], **variables
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -400,7 +415,7 @@ def assistant_spans(
   return text, spans
 
 
-def _check_texts_rendered(messages, text, tools=None):
+def _check_texts_rendered(messages, text, tools=None, reasoning=True):
   """Refuses a conversation whose rendering lacks what one of its messages says: its text,
   the functions its tool calls name and the strings of their arguments, or the last
   assistant message's reasoning; or the names of the tools given (Mistral v0.3's template
@@ -408,13 +423,15 @@ def _check_texts_rendered(messages, text, tools=None):
   a message with tool calls; a template without tools drops their schemas). It would be
   trained on without it. Text counts as written where it appears anywhere in the rendering,
   also in JSON (Llama 3.1 writes tool results so). Reasoning of earlier turns a template may
-  leave out by design (Qwen3 keeps only the last turns').
+  leave out by design (Qwen3 keeps only the last turns'), and without `reasoning` the last
+  assistant's too (a prompt's history).
 
   Raises:
     ConversationError (template_error): the first such message.
   """
   last_assistant = max(
-      (i for i, m in enumerate(messages) if m.get('role') == 'assistant'), default=-1
+      (i for i, m in enumerate(messages) if reasoning and m.get('role') == 'assistant'),
+      default=-1,
   )
 
   def written(part):

@@ -73,8 +73,9 @@ class Example(NamedTuple):
   location: str  # path:line or path row N
 
 
-def check_messages(messages) -> tuple[str, str] | None:
-  """(kind, reason) if `messages` is not a conversation euro_lm trains on, else None.
+def check_messages(messages, prompt=False) -> tuple[str, str] | None:
+  """(kind, reason) if `messages` is not a conversation euro_lm trains on (or, with
+  `prompt`, one for a model to answer), else None.
 
   A conversation is a non-empty list of message objects, passed to the template with every
   field they have, as transformers passes them. Each has a role: system (only as the first
@@ -86,7 +87,8 @@ def check_messages(messages) -> tuple[str, str] | None:
   a function, {"type": "function", "function": {"name": ..., "arguments": ...}}), and its
   reasoning, if given (`reasoning_content`, `thinking` or `reasoning`), is a string.
   Whether turns must alternate is the template's to say (Mistral's and Gemma's do; their
-  refusal is a template_error).
+  refusal is a template_error). A prompt needs no assistant message but ends with a user
+  message or a tool result: what the answer follows.
   """
   if not isinstance(messages, list) or not messages:
     return BAD_MESSAGES, f'messages is a {type(messages).__name__}, not a non-empty list'
@@ -134,6 +136,14 @@ def check_messages(messages) -> tuple[str, str] | None:
       if not content.strip() and not tool_calls:
         return EMPTY_ASSISTANT, f'message {i}: an assistant message with no text or tool call'
       assistants += 1
+  if prompt:
+    last = messages[-1].get('role')
+    if last not in ('user', TOOL):
+      return BAD_ORDER, (
+          f'message {len(messages) - 1} has role {last!r}; a prompt ends with a user message '
+          'or a tool result'
+      )
+    return None
   if not assistants:
     return NO_ASSISTANT, 'no assistant message: nothing to learn from'
   return None
@@ -217,6 +227,8 @@ class ConversationSource:
     language_field: the field or column with each record's language code, optional.
     language: the language of every record, optional; not with `language_field`.
     strict: raise `DataError` at the first bad record instead of counting it.
+    prompts: the records are prompts for a model to answer (`check_messages`' `prompt`),
+      not conversations to train on.
   """
 
   format: str = 'auto'
@@ -224,6 +236,7 @@ class ConversationSource:
   language_field: str = ''
   language: str = ''
   strict: bool = False
+  prompts: bool = False
 
   def __post_init__(self):
     if self.format not in FORMATS:
@@ -290,7 +303,7 @@ class ConversationSource:
     if messages is None:
       bad_records.add(MISSING_FIELD, position, f'no {self.messages_field!r} (missing or null)')
       return None
-    problem = check_messages(messages)
+    problem = check_messages(messages, self.prompts)
     if problem is None and tools is not None:
       problem = tools_problem(tools)
     if problem:
