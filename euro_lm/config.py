@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from euro_lm.data import mixture
+from euro_lm.data import chat, mixture
 from euro_lm.errors import ConfigError
 from euro_lm.model import lora
 from euro_lm.model.attention import AttentionError, head_dim, resolve_for_model
@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.chat_source_weights = ''  # named chat_files: 'clinic=3,faq=1' or staged '0:...;500:...';
   # '' their token shares (languages within a source: data.mixture)
   d.chat_template = ''  # '' the tokenizer folder's (else the default) | default | a .jinja file
+  # The template's other variables for every conversation, a JSON object, as transformers'
+  # apply_chat_template(**kwargs): '{"enable_thinking": false}' (Qwen3's switch).
+  d.chat_template_kwargs = ''
   d.prompt_loss = False  # also train on the prompt (system/user turns, headers)
   d.chat_messages_field = 'messages'  # the field/column holding each conversation's messages
   d.chat_language_field = ''  # the field with each conversation's language; '' all are 'und'
@@ -449,7 +452,13 @@ def validate(config, num_devices, process_count=1, device=None):
       not t.model_from_init or t.init_from,
       'train.model_from_init=True needs train.init_from (the checkpoint whose model to tune)',
   )
-  for field in ('chat_template', 'chat_language_field', 'prompt_loss', 'chat_source'):
+  for field in (
+      'chat_template',
+      'chat_template_kwargs',
+      'chat_language_field',
+      'prompt_loss',
+      'chat_source',
+  ):
     _check(
         not config.data[field] or config.data.chat_files,
         f'data.{field}={config.data[field]!r} needs data.chat_files (the conversations)',
@@ -464,6 +473,7 @@ def validate(config, num_devices, process_count=1, device=None):
       not config.data.chat_files or config.data.chat_messages_field,
       'data.chat_messages_field must name the field holding the messages',
   )
+  chat.template_variables(config.data.chat_template_kwargs, 'data.chat_template_kwargs')
   sources = {}
   if config.data.chat_files:
     sources = mixture.parse_sources(config.data.chat_files, field='data.chat_files')

@@ -106,6 +106,13 @@ def chat_template(run) -> str:
   return chat_template_of_run(workdir) or chat.chat_template_for(run.tokenizer)
 
 
+def chat_variables(run) -> dict:
+  """The template variables the run fine-tuned with (data.chat_template_kwargs)."""
+  return chat.template_variables(
+      run.config.data.get('chat_template_kwargs', ''), 'data.chat_template_kwargs'
+  )
+
+
 def complete(
     run,
     prompts,
@@ -142,21 +149,24 @@ def complete(
 def answer(run, conversations, *, tools=None, names=None, **sampling):
   """The assistant's answer to each conversation: a list of messages (as
   euro_lm.data.conversations checks them with `prompt=True`) that ends with a user message
-  or a tool result, rendered with `chat_template(run)`, its generation prompt and the
-  conversation's `tools` (one list of schemas, or None, per conversation). Sampling as
-  `complete`'s. The text ends before EOS or the template's end of turn; a tool call is
-  the text the model writes for it.
+  or a tool result, rendered with `chat_template(run)`, its generation prompt, the run's
+  template variables (`chat_variables`) and the conversation's `tools` (one list of
+  schemas, or None, per conversation). Sampling as `complete`'s. The text ends before EOS
+  or the template's end of turn; a tool call is the text the model writes for it.
 
   Raises:
     ConversationError: a conversation the template refuses or renders without what one of
       its messages says, named by `names` (e.g. file:line), else by its index.
   """
   template = chat_template(run)
+  variables = chat_variables(run)
   tools = tools or [None] * len(conversations)
   ids = []
   for k, (messages, conversation_tools) in enumerate(zip(conversations, tools, strict=True)):
     try:
-      ids.append(chat.encode_prompt(run.tokenizer, template, messages, conversation_tools))
+      ids.append(
+          chat.encode_prompt(run.tokenizer, template, messages, conversation_tools, **variables)
+      )
     except chat.ConversationError as e:
       raise chat.ConversationError(
           e.kind, f'{names[k] if names else f"conversation {k}"}: {e}'

@@ -3,7 +3,8 @@
   python -m euro_lm.prepare_data --input=GLOB[,GLOB...] --output=DIR \
       --tokenizer=TOKENIZER (--language_field=lang | --language=deu_Latn)
   python -m euro_lm.prepare_data --chat --input=GLOB --output=DIR --tokenizer=TOKENIZER \
-      [--chat_template=default|FILE.jinja] [--language_field=lang] [--max_length=N]
+      [--chat_template=default|FILE.jinja] [--chat_template_kwargs=JSON] [--language_field=lang]
+      [--max_length=N]
 
 With --chat the inputs are conversations (`{"messages": [...]}` records) and each record
 of the shards is a conversation's ids and loss mask, rendered with the chat template;
@@ -58,6 +59,12 @@ _CHAT_TEMPLATE = flags.DEFINE_string(
     "--chat: '' the tokenizer folder's template (else the default), default (ChatML), or a"
     ' .jinja file.',
 )
+_CHAT_TEMPLATE_KWARGS = flags.DEFINE_string(
+    'chat_template_kwargs',
+    '',
+    "--chat: the template's other variables, a JSON object such as '{\"enable_thinking\": false}'"
+    ' (as data.chat_template_kwargs).',
+)
 _MAX_LENGTH = flags.DEFINE_integer(
     'max_length',
     0,
@@ -79,11 +86,13 @@ def _source_record():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from euro_lm.data import prepared
+  from euro_lm.data import chat, prepared
   from euro_lm.data.prepare import shards
 
   source_record = _source_record()
-  chat_flags = [f for f in (_MESSAGES_FIELD, _CHAT_TEMPLATE, _MAX_LENGTH) if f.present]
+  chat_flags = [
+      f for f in (_MESSAGES_FIELD, _CHAT_TEMPLATE, _CHAT_TEMPLATE_KWARGS, _MAX_LENGTH) if f.present
+  ]
   if not _CHAT.value and chat_flags:
     raise ConfigError(f'--{chat_flags[0].name} is for conversations: add --chat.')
   if _CHAT.value and source_flags.TEXT_FIELD.present:
@@ -101,6 +110,9 @@ def main(argv):
       source_record=source_record,
       chat_template=_CHAT_TEMPLATE.value,
       max_length=_MAX_LENGTH.value,
+      template_variables=chat.template_variables(
+          _CHAT_TEMPLATE_KWARGS.value, '--chat_template_kwargs'
+      ),
   )
   print(shards.format_summary(manifest))
   print(f'Manifest: {_OUTPUT.value}/{prepared.MANIFEST}')

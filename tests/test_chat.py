@@ -480,6 +480,61 @@ def test_a_prompt_encodes_as_transformers_with_the_generation_prompt(folders):
     chat.encode_prompt(tokenizer, drops_text, [*with_text, TOOL_CONVERSATION[2]], TOOLS)
 
 
+# SmolLM3's and Qwen3's way with a template variable: `enable_thinking` (default on) sets a
+# system header flag in every rendering, and off it closes an empty think block in the
+# generation prompt.
+_THINKING_SWITCH = (
+    '{% set thinking = enable_thinking if enable_thinking is defined else true %}'
+    "{{ '<|im_start|>system\\n' + ('/think' if thinking else '/no_think') + '<|im_end|>\\n' }}"
+    '{% for m in messages %}'
+    "{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ m.content + '<|im_end|>\\n' }}{% endif %}"
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if not thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+)
+
+
+def test_template_variables_render_as_transformers_keyword_arguments(folders):
+  """data.chat_template_kwargs: ids and masks as `apply_chat_template(**kwargs)` gives them,
+  in training and in the prompt a model answers from; bad settings are one error."""
+  theirs = _theirs(folders['qwen2'])
+  tokenizer = load_tokenizer(folders['qwen2'])
+  messages = CONVERSATIONS[1]
+  variables = chat.template_variables('{"enable_thinking": false}', 'data.chat_template_kwargs')
+  assert variables == {'enable_thinking': False}
+  expected = theirs.apply_chat_template(
+      messages,
+      chat_template=_THINKING_SWITCH,
+      return_assistant_tokens_mask=True,
+      return_dict=True,
+      **variables,
+  )
+  ids, mask = chat.chat_example(tokenizer, _THINKING_SWITCH, messages, **variables)
+  assert ids.tolist() == expected['input_ids'] and mask.tolist() == expected['assistant_masks']
+  default, _ = chat.chat_example(tokenizer, _THINKING_SWITCH, messages)
+  assert default.tolist() != ids.tolist()
+  prompt = messages[:1]
+  expected = theirs.apply_chat_template(
+      prompt, chat_template=_THINKING_SWITCH, add_generation_prompt=True, **variables
+  )
+  ours = chat.encode_prompt(tokenizer, _THINKING_SWITCH, prompt, **variables)
+  assert ours == expected['input_ids'] and '</think>' in tokenizer.decode(ours)
+  assert chat.template_fingerprint(_THINKING_SWITCH, variables) != chat.template_fingerprint(
+      _THINKING_SWITCH
+  )
+  assert chat.template_fingerprint('t', {}) == chat.template_fingerprint('t')
+  for text, message in (
+      ('{"enable_thinking": fals}', 'is not JSON'),
+      ('[1]', 'is not a JSON object'),
+      ('{"tools": []}', "sets 'tools', which each conversation gives the template"),
+      ('{"add_generation_prompt": true}', "sets 'add_generation_prompt'"),
+  ):
+    with pytest.raises(ConfigError, match=f'data.chat_template_kwargs.*{message}'):
+      chat.template_variables(text, 'data.chat_template_kwargs')
+
+
 @pytest.mark.parametrize(
     'messages, reason',
     [

@@ -249,12 +249,50 @@ def test_prompt_loss_widens_the_prepared_masks(data, tmp_path):
   assert batch['loss_mask'].sum() > len(batch['loss_mask']) * SEQ_LEN // 2
 
 
+def test_template_variables_reach_every_rendering_and_prepared_directories_keep_them(
+    data, tmp_path
+):
+  """data.chat_template_kwargs, here Llama 3's `date_string` (fixed, so that the ids do not
+  depend on the day they are rendered): raw files and a directory prepared with the same
+  variables give the same batches, which carry the date; one prepared with other
+  variables is refused, naming them."""
+  root, _ = data
+  kwargs = '{"date_string": "26 Jul 2024"}'
+  variables = chat.template_variables(kwargs, '--chat_template_kwargs')
+  manifest = shards.prepare(
+      [str(root / 'faq' / '*.jsonl')],
+      str(tmp_path / 'dated'),
+      str(root / 'tokenizer'),
+      conversations.ConversationSource(language_field='lang'),
+      docs_per_shard=7,
+      workers=1,
+      template_variables=variables,
+  )
+  assert manifest['settings']['template_kwargs'] == variables
+  dated = {'data.chat_template_kwargs': kwargs}
+  raw = dataset.make_data(
+      _config(root, str(root / 'faq' / '*.jsonl'), **dated), str(tmp_path / 'r')
+  )
+  run = dataset.make_data(_config(root, str(tmp_path / 'dated'), **dated), str(tmp_path / 'p'))
+  batches = _batches(raw.train, 2)
+  _assert_same_batches(_batches(run.train, 2), batches)
+  decode = load_tokenizer(str(root / 'tokenizer')).decode
+  assert 'Today Date: 26 Jul 2024' in decode(batches[0]['inputs'][0].tolist())
+  with pytest.raises(
+      ConfigError, match="variables {'date_string': '26 Jul 2024'}.* data.chat_template_kwargs {}:"
+  ):
+    dataset.make_data(_config(root, str(tmp_path / 'dated')), str(tmp_path / 'other'))
+
+
 def test_a_prepared_directory_of_another_tokenizer_or_template_is_refused(data, tmp_path):
   root, _ = data
   config = _config(root, str(root / 'prepared_faq'), **{'data.chat_template': 'default'})
   theirs = chat.template_fingerprint(LLAMA3)[:12]
   ours = chat.template_fingerprint(chat.DEFAULT_TEMPLATE)[:12]
-  with pytest.raises(ConfigError, match=rf'another chat template \(sha256 {theirs}.*sha256 {ours}'):
+  with pytest.raises(
+      ConfigError,
+      match=rf'another chat template or template variables \(sha256 {theirs}.*sha256 {ours}',
+  ):
     dataset.make_data(config, str(tmp_path / 'run'))
   make_tokenizer_folder('qwen2', tmp_path / 'qwen')
   qwen = load_tokenizer(str(tmp_path / 'qwen'))
@@ -284,7 +322,8 @@ def test_a_prepared_directory_of_another_tokenizer_or_template_is_refused(data, 
   cases = [
       (
           [*common, *run_tokenizer, '--config.data.chat_template=default'],
-          f'{root / "prepared_faq"} was rendered with another chat template (sha256 {theirs}',
+          f'{root / "prepared_faq"} was rendered with another chat template or template'
+          f' variables (sha256 {theirs}',
       ),
       (
           [

@@ -149,6 +149,14 @@ def test_prepare_data_and_train_tokenizer(files, tmp_path):
           [f'--input={docs}', out, f'--tokenizer={files / "garbage.model"}'],
           'Set exactly one of language',
       ),
+      (
+          [f'--input={docs}', out, lang, '--tokenizer=t', '--chat_template_kwargs={}'],
+          '--chat_template_kwargs is for conversations: add --chat',
+      ),
+      (
+          [f'--input={docs}', out, lang, '--tokenizer=t', '--chat', '--chat_template_kwargs=[1]'],
+          "--chat_template_kwargs='[1]' is not a JSON object",
+      ),
   ]
   assert_one_error_line('euro_lm.prepare_data', cases, run_cases('euro_lm.prepare_data', cases))
   cases = [

@@ -205,6 +205,14 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
             {'data.chat_files': 'c.jsonl', 'data.replay_fraction': 1.0},
             r'data.replay_fraction=1.0 must be in \[0, 1\)',
         ),
+        (
+            {'data.chat_template_kwargs': '{"enable_thinking": false}'},
+            'data.chat_template_kwargs=.* needs data.chat_files',
+        ),
+        (
+            {'data.chat_files': 'c.jsonl', 'data.chat_template_kwargs': 'enable_thinking=0'},
+            "data.chat_template_kwargs='enable_thinking=0' is not JSON",
+        ),
     ],
 )
 def test_sft_config_is_validated_with_the_field_named(overrides, message):

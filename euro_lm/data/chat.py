@@ -166,9 +166,41 @@ def template_named(name: str, tokenizer: Tokenizer, field: str) -> str:
   return template
 
 
-def template_fingerprint(template: str) -> str:
-  """The sha256 of a template's text: what a prepared directory and a run compare."""
-  return hashlib.sha256(template.encode('utf-8')).hexdigest()
+def template_fingerprint(template: str, variables: dict | None = None) -> str:
+  """The sha256 of a template's text and the variables it is rendered with (none: of the
+  text alone): what a prepared directory and a run compare."""
+  text = template + (f'\0{json.dumps(variables, sort_keys=True)}' if variables else '')
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+# What a conversation gives the template: not for template variables to set.
+_RESERVED_VARIABLES = ('messages', 'add_generation_prompt', 'tools')
+
+
+def template_variables(text: str, field: str) -> dict:
+  """The variables a setting `field` (data.chat_template_kwargs, --chat_template_kwargs)
+  gives every rendering, as transformers' `apply_chat_template(**kwargs)` and serving
+  stacks' `chat_template_kwargs` do: a JSON object such as '{"enable_thinking": false}'
+  (Qwen3's switch); '' none.
+
+  Raises:
+    ConfigError: not a JSON object, or one that sets what each conversation gives.
+  """
+  if not text:
+    return {}
+  try:
+    variables = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{field}={text!r} is not JSON: {e.msg}') from None
+  if not isinstance(variables, dict):
+    raise ConfigError(f'{field}={text!r} is not a JSON object of template variables')
+  reserved = [k for k in _RESERVED_VARIABLES if k in variables]
+  if reserved:
+    raise ConfigError(
+        f'{field} sets {reserved[0]!r}, which each conversation gives the template'
+        + (" (its record's tools field)" if reserved[0] == 'tools' else '')
+    )
+  return variables
 
 
 def missing_tokens(tokenizer: Tokenizer, tokens: Sequence[str] = DEFAULT_TEMPLATE_TOKENS):
@@ -351,16 +383,16 @@ def encode_chat(
 
 
 def encode_prompt(
-    tokenizer: Tokenizer, template: str, messages: Sequence[dict], tools=None
+    tokenizer: Tokenizer, template: str, messages: Sequence[dict], tools=None, **variables
 ) -> list[int]:
-  """The ids a model answers `messages` from: `encode_chat` with the generation prompt and
-  `tools`, refused where the rendering leaves out what a message says (as for training;
-  earlier turns' reasoning the template may drop by design).
+  """The ids a model answers `messages` from: `encode_chat` with the generation prompt,
+  `tools` and the template `variables`, refused where the rendering leaves out what a
+  message says (as for training; earlier turns' reasoning the template may drop by design).
 
   Raises:
     ConversationError (template_error): the template refused the messages or left some out.
   """
-  text = render_chat(tokenizer, template, messages, True, tools=tools)
+  text = render_chat(tokenizer, template, messages, True, tools=tools, **variables)
   _check_texts_rendered(messages, text, tools, reasoning=False)
   return tokenizer.encode_offsets(text)[0]
 

@@ -275,9 +275,11 @@ class ConversationSource:
       *,
       max_length: int = 0,
       prompt_loss: bool = False,
+      variables: dict | None = None,
   ) -> tuple[Iterator[Example], BadRecords]:
-    """The training examples of one file (see `chat.chat_example`): conversations the
-    template refuses, cannot mask or that are longer than `max_length` are bad records."""
+    """The training examples of one file (see `chat.chat_example`), rendered with the
+    template `variables` too: conversations the template refuses, cannot mask or that are
+    longer than `max_length` are bad records."""
     conversations, bad_records = self.read(path)
 
     def examples():
@@ -290,6 +292,7 @@ class ConversationSource:
               prompt_loss=prompt_loss,
               max_length=max_length,
               tools=conversation.tools,
+              **(variables or {}),
           )
         except chat.ConversationError as e:
           bad_records.add(e.kind, conversation.position, str(e))
@@ -401,13 +404,19 @@ def read_examples(
     *,
     max_length: int = 0,
     prompt_loss: bool = False,
+    variables: dict | None = None,
 ) -> tuple[list[Example], list[BadRecords], list[str]]:
   """All examples of `paths` in order, each file's bad-record report, and the warnings a
   user must hear (a file cut short, one without conversations); small sets."""
   examples, reports, warnings = [], [], []
   for path in paths:
     file_examples, bad_records = source.examples(
-        path, tokenizer, template, max_length=max_length, prompt_loss=prompt_loss
+        path,
+        tokenizer,
+        template,
+        max_length=max_length,
+        prompt_loss=prompt_loss,
+        variables=variables,
     )
     file_examples = list(file_examples)  # the report is complete once they are read
     examples.extend(file_examples)

@@ -236,8 +236,9 @@ def _conversations(config, workdir, write):
   tokenizer = load_tokenizer(path)
   _check_tokenizer(tokenizer, config, path, markers=False)
   template = chat.template_named(d.chat_template, tokenizer, 'data.chat_template')
+  variables = chat.template_variables(d.chat_template_kwargs, 'data.chat_template_kwargs')
   for manifest in directories:
-    _check_prepared_conversations(manifest, tokenizer, template, d.chat_template)
+    _check_prepared_conversations(manifest, tokenizer, template, variables, d.chat_template)
   source = conversations.ConversationSource(
       messages_field=d.chat_messages_field, language_field=d.chat_language_field
   )
@@ -260,7 +261,13 @@ def _conversations(config, workdir, write):
           parts.setdefault(stream_name(name, tag), []).append((documents, tokens))
         continue
       examples, reports, warnings = conversations.read_examples(
-          source, entry, tokenizer, template, prompt_loss=d.prompt_loss, max_length=max_length
+          source,
+          entry,
+          tokenizer,
+          template,
+          prompt_loss=d.prompt_loss,
+          max_length=max_length,
+          variables=variables,
       )
       for report in reports if write else ():  # one process says it
         for kind, bad in sorted(report.kinds.items()):
@@ -316,8 +323,9 @@ def _chat_entry(entry):
   return paths
 
 
-def _check_prepared_conversations(manifest, tokenizer, template, template_name):
-  """A prepared directory's ids are the run's only with its tokenizer and template."""
+def _check_prepared_conversations(manifest, tokenizer, template, variables, template_name):
+  """A prepared directory's ids are the run's only with its tokenizer, template and
+  template variables."""
   directory = manifest['directory']
   if manifest['tokenizer']['sha256'] != tokenizer.fingerprint:
     raise ConfigError(
@@ -326,13 +334,16 @@ def _check_prepared_conversations(manifest, tokenizer, template, template_name):
         f' this run has {tokenizer.path} (sha256 {tokenizer.fingerprint[:12]}): prepare it'
         " again with the run's tokenizer"
     )
-  theirs, ours = manifest['settings']['template_sha256'], chat.template_fingerprint(template)
+  theirs = manifest['settings']['template_sha256']
+  ours = chat.template_fingerprint(template, variables)
   if theirs != ours:
     raise ConfigError(
-        f'data.chat_files: {directory} was rendered with another chat template (sha256'
-        f" {theirs[:12]}, in its {prepared.MANIFEST}) than this run's"
-        f' (data.chat_template={template_name!r}: sha256 {ours[:12]}): prepare it again with'
-        ' that template (--chat_template) or set data.chat_template to its template'
+        f'data.chat_files: {directory} was rendered with another chat template or template'
+        f' variables (sha256 {theirs[:12]}, in its {prepared.MANIFEST}: variables'
+        f" {manifest['settings'].get('template_kwargs') or {}}) than this run's"
+        f' (data.chat_template={template_name!r}, data.chat_template_kwargs {variables}: sha256'
+        f' {ours[:12]}): prepare it again with them (--chat_template, --chat_template_kwargs)'
+        " or set the run's to the directory's"
     )
 
 

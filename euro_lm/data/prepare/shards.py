@@ -61,6 +61,7 @@ class _Unit:
   settings: dict
   source_record: dict | None = None
   chat_template: str = ''  # conversations: the template's text
+  template_variables: dict | None = None  # conversations: the template's other variables
   max_length: int = 0  # conversations: longer ones are too_long bad records (0: no limit)
 
   @property
@@ -94,14 +95,16 @@ def prepare(
     source_record: dict | None = None,
     chat_template: str = '',
     max_length: int = 0,
+    template_variables: dict | None = None,
 ) -> dict:
   """Tokenizes the files the globs match into `output_dir`.
 
   With a ConversationSource each record is a conversation rendered with `chat_template`
   as `data.chat_template` names it ('' the tokenizer folder's, else the default;
   'default'; a .jinja file), its ids and loss mask (`chat.chat_example`, assistant turns
-  only; a run's data.prompt_loss widens it); conversations longer than `max_length`
-  tokens (if > 0) are too_long bad records. The manifest holds the template.
+  only; a run's data.prompt_loss widens it), with `template_variables` (as
+  data.chat_template_kwargs gives them); conversations longer than `max_length` tokens (if
+  > 0) are too_long bad records. The manifest holds the template and its variables.
 
   Returns the manifest, which is also written to `output_dir/manifest.json`.
   Input files are prepared in parallel by `workers` processes (default: the
@@ -153,9 +156,11 @@ def prepare(
     settings.update(
         kind=prepared.CONVERSATIONS,
         messages_field=source.messages_field,
-        template_sha256=chat.template_fingerprint(template),
+        template_sha256=chat.template_fingerprint(template, template_variables),
         max_length=max_length,
     )
+    if template_variables:  # settings as before where there are none
+      settings['template_kwargs'] = template_variables
   else:
     settings['text_field'] = source.text_field
   units = [
@@ -169,6 +174,7 @@ def prepare(
           settings,
           source_record,
           template,
+          template_variables,
           max_length,
       )
       for path in inputs
@@ -382,7 +388,11 @@ def _records(unit: _Unit, tokenizer: Tokenizer):
 
     return texts(), bad_records
   examples, bad_records = unit.source.examples(
-      unit.input_path, tokenizer, unit.chat_template, max_length=unit.max_length
+      unit.input_path,
+      tokenizer,
+      unit.chat_template,
+      max_length=unit.max_length,
+      variables=unit.template_variables,
   )
 
   def conversations_():
