@@ -2,13 +2,15 @@
 
 `python -m euro_lm.generate --workdir=DIR --prompt "Once" [--prompt "Il était"]
 [--max_new_tokens=64] [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--seed=0] [--step=N]
-[--chat [--system=TEXT] [--tools=FILE]]`
-`python -m euro_lm.generate --workdir=DIR --conversations=FILE [sampling flags]`
+[--chat [--system=TEXT] [--tools=FILE] [--chat_template_kwargs=JSON]]`
+`python -m euro_lm.generate --workdir=DIR --conversations=FILE [--chat_template_kwargs=JSON]
+[sampling flags]`
 
 All prompts run as one left-padded batch; `--temperature=0` is greedy. With `--chat` each
 prompt is a user message in the run's chat template; `--conversations` answers each record
 of a JSONL or Parquet file in the training data's format (`messages`, optionally `tools`)
-that ends with a user message or a tool result. Library use:
+that ends with a user message or a tool result (it implies `--chat`). The template gets
+the run's data.chat_template_kwargs, updated with `--chat_template_kwargs`. Library use:
 `euro_lm.inference.load_run(workdir)` then `complete(run, prompts, ...)` or
 `answer(run, conversations, ...)`.
 """
@@ -18,6 +20,7 @@ import json
 from absl import app, flags, logging
 
 from euro_lm import cli
+from euro_lm.data import chat
 from euro_lm.data.conversations import ConversationSource, tools_problem
 from euro_lm.errors import UserError
 from euro_lm.inference import answer, complete, load_run
@@ -39,6 +42,12 @@ _SYSTEM = flags.DEFINE_string('system', '', 'With --chat: a system message befor
 _TOOLS = flags.DEFINE_string(
     'tools', None, "With --chat: a JSON file with a list of tool schemas for the template's tools."
 )
+_TEMPLATE_KWARGS = flags.DEFINE_string(
+    'chat_template_kwargs',
+    '',
+    "Template variables, a JSON object such as '{\"enable_thinking\": false}', over the run's"
+    ' data.chat_template_kwargs.',
+)
 _CONVERSATIONS = flags.DEFINE_string(
     'conversations',
     None,
@@ -53,10 +62,12 @@ def _read_tools(path):
   Raises:
     UserError: the file is not JSON, or not a list of objects.
   """
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
+  with open(path, 'rb') as f:
+    data = f.read()
   try:
-    tools = json.loads(text)
+    tools = json.loads(data.decode('utf-8'))
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path}: not UTF-8 text (byte {e.start})') from None
   except json.JSONDecodeError as e:
     raise UserError(f'{path}: line {e.lineno}: not JSON: {e.msg}') from None
   problem = tools_problem(tools)
@@ -79,8 +90,8 @@ def _check_flags():
     return
   if not _PROMPT.value:
     raise UserError('give at least one --prompt, or --conversations')
-  if (_SYSTEM.value or _TOOLS.value) and not _CHAT.value:
-    raise UserError('--system and --tools need --chat')
+  if (_SYSTEM.value or _TOOLS.value or _TEMPLATE_KWARGS.value) and not _CHAT.value:
+    raise UserError('--system, --tools and --chat_template_kwargs need --chat')
 
 
 def main(argv):
@@ -88,6 +99,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   _check_flags()
+  variables = chat.template_variables(_TEMPLATE_KWARGS.value, '--chat_template_kwargs')
   sampling = dict(
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,
@@ -102,7 +114,9 @@ def main(argv):
     run = load_run(_WORKDIR.value, _STEP.value)
     names = [bad_records.location(c.position) for c in records]
     messages, tools = [c.messages for c in records], [c.tools for c in records]
-    texts = answer(run, messages, tools=tools, names=names, **sampling)
+    texts = answer(
+        run, messages, tools=tools, names=names, template_variables=variables, **sampling
+    )
     print(f'# {run.step_dir}')
     for name, text in zip(names, texts):
       print(f'--- {name}\n{text}')
@@ -110,7 +124,13 @@ def main(argv):
   tools = _read_tools(_TOOLS.value) if _TOOLS.value else None
   run = load_run(_WORKDIR.value, _STEP.value)
   texts = complete(
-      run, _PROMPT.value, chat_messages=_CHAT.value, system=_SYSTEM.value, tools=tools, **sampling
+      run,
+      _PROMPT.value,
+      chat_messages=_CHAT.value,
+      system=_SYSTEM.value,
+      tools=tools,
+      template_variables=variables if _CHAT.value else None,
+      **sampling,
   )
   print(f'# {run.step_dir}')
   for prompt, text in zip(_PROMPT.value, texts):

@@ -125,60 +125,83 @@ def complete(
     chat_messages=False,
     system='',
     tools=None,
+    template_variables=None,
 ):
   """The completion text of each prompt (without the prompt and the stop id). With
   `chat_messages` each prompt is a user message, after a `system` message if one is given,
-  answered as by `answer` with `tools` (a list of tool schemas) for every prompt. A row
-  ends at EOS or the template's end of turn (without `chat_messages`, the template a run
-  fine-tuned with, if any: where its export stops)."""
+  answered as by `answer` with `tools` (a list of tool schemas) for every prompt and
+  `template_variables`. A row ends at EOS or the template's end of turn (without
+  `chat_messages`, the template a run fine-tuned with, if any: where its export stops)."""
   sampling = dict(
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
   )
   if chat_messages:
     before = [{'role': 'system', 'content': system}] if system else []
-    conversations = [[*before, {'role': 'user', 'content': p}] for p in prompts]
-    return answer(run, conversations, tools=[tools] * len(prompts), **sampling)
-  if system or tools:
-    raise UserError('a system message and tools need chat_messages (generate --chat)')
+    return answer(
+        run,
+        [[*before, {'role': 'user', 'content': p}] for p in prompts],
+        tools=[tools] * len(prompts),
+        names=[f'prompt {p!r}' for p in prompts],
+        template_variables=template_variables,
+        **sampling,
+    )
+  if system or tools is not None or template_variables is not None:
+    raise UserError('a system message, tools and template variables need chat_messages')
   tok = run.tokenizer
   template = chat_template_of_run(os.path.dirname(os.path.dirname(run.step_dir)))
   bos = [tok.bos_id] if run.config.data.add_bos else []
-  return _sample(run, [bos + tok.encode(p) for p in prompts], template, **sampling)
+  ids = [bos + tok.encode(p) for p in prompts]
+  return _sample(run, ids, template, chat_variables(run) if template else {}, **sampling)
 
 
-def answer(run, conversations, *, tools=None, names=None, **sampling):
-  """The assistant's answer to each conversation: a list of messages (as
-  euro_lm.data.conversations checks them with `prompt=True`) that ends with a user message
-  or a tool result, rendered with `chat_template(run)`, its generation prompt, the run's
-  template variables (`chat_variables`) and the conversation's `tools` (one list of
-  schemas, or None, per conversation). Sampling as `complete`'s. The text ends before EOS
-  or the template's end of turn; a tool call is the text the model writes for it.
+def prompt_ids(run, conversations, *, tools=None, names=None, template_variables=None):
+  """(the ids each conversation is answered from, the template, its variables): each
+  conversation a list of messages (as euro_lm.data.conversations checks them with
+  `prompt=True`) that ends with a user message or a tool result, rendered with
+  `chat_template(run)`, its generation prompt, the run's template variables
+  (`chat_variables`) updated with `template_variables`, and the conversation's `tools`
+  (one list of schemas, or None, per conversation).
 
   Raises:
     ConversationError: a conversation the template refuses or renders without what one of
       its messages says, named by `names` (e.g. file:line), else by its index.
   """
+  tools = [None] * len(conversations) if tools is None else tools
+  names = names or [f'conversation {k}' for k in range(len(conversations))]
+  if not len(conversations) == len(tools) == len(names):
+    raise ValueError(
+        f'{len(conversations)} conversations, {len(tools)} tool lists, {len(names)} names'
+    )
   template = chat_template(run)
-  variables = chat_variables(run)
-  tools = tools or [None] * len(conversations)
+  variables = {**chat_variables(run), **(template_variables or {})}
   ids = []
-  for k, (messages, conversation_tools) in enumerate(zip(conversations, tools, strict=True)):
+  for messages, conversation_tools, name in zip(conversations, tools, names):
     try:
       ids.append(
           chat.encode_prompt(run.tokenizer, template, messages, conversation_tools, **variables)
       )
     except chat.ConversationError as e:
-      raise chat.ConversationError(
-          e.kind, f'{names[k] if names else f"conversation {k}"}: {e}'
-      ) from None
-  return _sample(run, ids, template, **sampling)
+      raise chat.ConversationError(e.kind, f'{name}: {e}') from None
+  return ids, template, variables
 
 
-def _sample(run, ids, template, *, max_new_tokens, temperature, top_k, top_p, seed):
+def answer(run, conversations, *, tools=None, names=None, template_variables=None, **sampling):
+  """The assistant's answer to each conversation, from `prompt_ids` (which says what the
+  arguments are and what it raises); sampling as `complete`'s. The text ends before EOS
+  or the template's end of turn; a tool call is the text the model writes for it."""
+  if not conversations:
+    return []
+  ids, template, variables = prompt_ids(
+      run, conversations, tools=tools, names=names, template_variables=template_variables
+  )
+  return _sample(run, ids, template, variables, **sampling)
+
+
+def _sample(run, ids, template, variables, *, max_new_tokens, temperature, top_k, top_p, seed):
   """The decoded continuation of each row of `ids`, sampled as one left-padded batch,
-  without the stop ids."""
+  without the stop ids (those of the template with its `variables` among them)."""
   tok = run.tokenizer
-  stops = chat.stop_ids(tok.eos_id, tok, template, records.base_model_at(run.step_dir))
+  stops = chat.stop_ids(tok.eos_id, tok, template, records.base_model_at(run.step_dir), variables)
   pad_id = max(tok.pad_id, 0)
   tokens_BP, lengths_B = left_pad(ids, pad_id)
   out = generate(

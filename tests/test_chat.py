@@ -528,7 +528,7 @@ def test_template_variables_render_as_transformers_keyword_arguments(folders):
   for text, message in (
       ('{"enable_thinking": fals}', 'is not JSON'),
       ('[1]', 'is not a JSON object'),
-      ('{"tools": []}', "sets 'tools', which each conversation gives the template"),
+      ('{"tools": []}', "sets 'tools', which is not a template variable of its own"),
       ('{"add_generation_prompt": true}', "sets 'add_generation_prompt'"),
   ):
     with pytest.raises(ConfigError, match=f'data.chat_template_kwargs.*{message}'):

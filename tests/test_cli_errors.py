@@ -47,6 +47,7 @@ def files(tmp_path_factory):
   (d / 'docs.jsonl').write_text('{"text": "Hallo Welt", "lang": "deu_Latn"}\n')
   (d / 'garbage.model').write_bytes(b'\x00\x01 not a tokenizer \xff' * 10)
   (d / 'a_file').write_text('x')
+  (d / 'binary').write_bytes(b'\xff\xfe[]')
   answered = [{'role': 'user', 'content': 'Hallo'}, {'role': 'assistant', 'content': 'Hallo!'}]
   (d / 'answered.jsonl').write_text(json.dumps({'messages': answered}) + '\n')
   (d / 'hf_without_config').mkdir()
@@ -206,6 +207,14 @@ def test_import_export_generate(files, tmp_path):
                   '--conversations takes no --prompt or --tools',
               ),
               ([f'--workdir={missing}', '--prompt=x', '--system=Be brief.'], 'need --chat'),
+              (
+                  [f'--workdir={missing}', '--chat', '--prompt=x', '--chat_template_kwargs=[]'],
+                  "--chat_template_kwargs='[]' is not a JSON object",
+              ),
+              (
+                  [f'--workdir={missing}', '--prompt=x', '--chat', f'--tools={files / "binary"}'],
+                  f'{files / "binary"}: not UTF-8 text (byte 0)',
+              ),
               (
                   [f'--workdir={missing}', '--prompt=x', '--chat', f'--tools={files / "a_file"}'],
                   f'{files / "a_file"}: line 1: not JSON',

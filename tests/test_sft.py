@@ -17,7 +17,7 @@ from euro_lm.config import validate
 from euro_lm.data import dataset
 from euro_lm.data.tokenizer import load_tokenizer
 from euro_lm.errors import ConfigError
-from euro_lm.inference import complete, load_run
+from euro_lm.inference import complete, load_run, prompt_ids
 from euro_lm.train.loop import train
 from tests.chat_templates import LLAMA3, assistant_turn
 from tests.hf_tokenizers import make_tokenizer_folder
@@ -171,6 +171,14 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
     out = model.generate(**ids, max_new_tokens=12)
   answer = [t for t in out[0, ids['input_ids'].shape[1] :].tolist() if t not in stops]
   expected = tokenizer.decode(answer)
+  # The template variables: the run's data.chat_template_kwargs, updated by the caller's.
+  run.config.data.chat_template_kwargs = '{"date_string": "02 Feb 2001"}'
+  for given, date in ((None, '02 Feb 2001'), ({'date_string': '01 Jan 2000'}, '01 Jan 2000')):
+    (ours,), _, _ = prompt_ids(run, [conversation], template_variables=given)
+    theirs = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, date_string=date
+    )['input_ids']
+    assert ours == theirs and f'Today Date: {date}' in tokenizer.decode(ours)
   prompts = tmp_path / 'prompts.jsonl'
   prompts.write_text(json.dumps({'messages': conversation}) + '\n')
   result = subprocess.run(

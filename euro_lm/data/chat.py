@@ -173,8 +173,24 @@ def template_fingerprint(template: str, variables: dict | None = None) -> str:
   return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
-# What a conversation gives the template: not for template variables to set.
-_RESERVED_VARIABLES = ('messages', 'add_generation_prompt', 'tools')
+# What a conversation gives the template, and apply_chat_template's own parameters: not
+# template variables (transformers would not pass them to the template either).
+_RESERVED_VARIABLES = (
+    'messages',
+    'add_generation_prompt',
+    'tools',
+    'documents',
+    'continue_final_message',
+    'chat_template',
+    'tokenize',
+    'padding',
+    'truncation',
+    'max_length',
+    'return_tensors',
+    'return_dict',
+    'return_assistant_tokens_mask',
+    'tokenizer_kwargs',
+)
 
 
 def template_variables(text: str, field: str) -> dict:
@@ -197,8 +213,8 @@ def template_variables(text: str, field: str) -> dict:
   reserved = [k for k in _RESERVED_VARIABLES if k in variables]
   if reserved:
     raise ConfigError(
-        f'{field} sets {reserved[0]!r}, which each conversation gives the template'
-        + (" (its record's tools field)" if reserved[0] == 'tools' else '')
+        f'{field} sets {reserved[0]!r}, which is not a template variable of its own'
+        + (" (tools are each record's tools field)" if reserved[0] == 'tools' else '')
     )
   return variables
 
@@ -393,7 +409,7 @@ def encode_prompt(
     ConversationError (template_error): the template refused the messages or left some out.
   """
   text = render_chat(tokenizer, template, messages, True, tools=tools, **variables)
-  _check_texts_rendered(messages, text, tools, reasoning=False)
+  _check_texts_rendered(messages, text, tools, prompt=True)
   return tokenizer.encode_offsets(text)[0]
 
 
@@ -447,7 +463,7 @@ def assistant_spans(
   return text, spans
 
 
-def _check_texts_rendered(messages, text, tools=None, reasoning=True):
+def _check_texts_rendered(messages, text, tools=None, prompt=False):
   """Refuses a conversation whose rendering lacks what one of its messages says: its text,
   the functions its tool calls name and the strings of their arguments, or the last
   assistant message's reasoning; or the names of the tools given (Mistral v0.3's template
@@ -455,16 +471,18 @@ def _check_texts_rendered(messages, text, tools=None, reasoning=True):
   a message with tool calls; a template without tools drops their schemas). It would be
   trained on without it. Text counts as written where it appears anywhere in the rendering,
   also in JSON (Llama 3.1 writes tool results so). Reasoning of earlier turns a template may
-  leave out by design (Qwen3 keeps only the last turns'), and without `reasoning` the last
-  assistant's too (a prompt's history).
+  leave out by design (Qwen3 keeps only the last turns'), and in a `prompt` (a history to
+  answer) the last assistant's too.
 
   Raises:
     ConversationError (template_error): the first such message.
   """
-  last_assistant = max(
-      (i for i, m in enumerate(messages) if reasoning and m.get('role') == 'assistant'),
-      default=-1,
-  )
+  assistants = [i for i, m in enumerate(messages) if m.get('role') == 'assistant']
+  last_assistant = -1 if prompt or not assistants else assistants[-1]
+  if prompt:
+    consequence = 'the model would answer without it'
+  else:
+    consequence = 'it would be trained on without it'
 
   def written(part):
     part = part.strip()
@@ -473,8 +491,8 @@ def _check_texts_rendered(messages, text, tools=None, reasoning=True):
   def refuse(where, what):
     raise ConversationError(
         TEMPLATE_ERROR,
-        f'{where}: the chat template leaves {what} out of the rendering, so it would be'
-        ' trained on without it; give a template that writes it',
+        f'{where}: the chat template leaves {what} out of the rendering, so {consequence};'
+        ' give a template that writes it',
     )
 
   for i, message in enumerate(messages):
@@ -711,15 +729,16 @@ def chat_example(
   return np.asarray(ids, np.int32), mask
 
 
-def end_of_turn_id(tokenizer: Tokenizer, template: str) -> int | None:
+def end_of_turn_id(tokenizer: Tokenizer, template: str, **variables) -> int | None:
   """The id of the marker that ends an assistant turn (`<|eot_id|>`, `<|im_end|>`, ...):
-  the last masked token of a probe conversation, if two probes with different answers
-  share it (a turn that ends in its text has no marker: None). Generation stops there."""
+  the last masked token of a probe conversation rendered with the template `variables`,
+  if two probes with different answers share it (a turn that ends in its text has no
+  marker: None). Generation stops there."""
   last = set()
   for answer in ('Hallo', 'Tschüss!'):
     messages = [{'role': 'user', 'content': 'Wie?'}, {'role': 'assistant', 'content': answer}]
     try:
-      ids, mask = chat_example(tokenizer, template, messages)
+      ids, mask = chat_example(tokenizer, template, messages, **variables)
     except ConversationError:
       return None
     last.add(int(ids[np.flatnonzero(mask)[-1]]))
@@ -731,12 +750,15 @@ def stop_ids(
     tokenizer: Tokenizer | None,
     template: str | None,
     base_model: dict | None = None,
+    variables: dict | None = None,
 ) -> list[int]:
-  """The ids that end a generation: EOS; for a run fine-tuned with `template`, the marker
-  that ends an assistant turn; and those of the imported model it descends from
-  (`base_model`, see euro_lm.records.base_model_at). An export's generation_config.json
-  lists them."""
-  turn_end = end_of_turn_id(tokenizer, template) if tokenizer is not None and template else None
+  """The ids that end a generation: EOS; for a run fine-tuned with `template` (and its
+  `variables`), the marker that ends an assistant turn; and those of the imported model it
+  descends from (`base_model`, see euro_lm.records.base_model_at). An export's
+  generation_config.json lists them."""
+  turn_end = None
+  if tokenizer is not None and template:
+    turn_end = end_of_turn_id(tokenizer, template, **(variables or {}))
   inherited = (base_model or {}).get('eos_token_id') or []
   return sorted({eos_id, turn_end, *inherited} - {None})
 

@@ -4,6 +4,7 @@ import bisect
 import collections.abc
 import dataclasses
 import glob
+import json
 import os
 import sys
 
@@ -334,16 +335,23 @@ def _check_prepared_conversations(manifest, tokenizer, template, variables, temp
         f' this run has {tokenizer.path} (sha256 {tokenizer.fingerprint[:12]}): prepare it'
         " again with the run's tokenizer"
     )
-  theirs = manifest['settings']['template_sha256']
-  ours = chat.template_fingerprint(template, variables)
-  if theirs != ours:
+  settings = manifest['settings']
+  theirs_variables = settings.get('template_kwargs') or {}
+  if settings['template_sha256'] != chat.template_fingerprint(template, theirs_variables):
+    theirs = settings['template_sha256']
+    ours = chat.template_fingerprint(template, theirs_variables)
     raise ConfigError(
-        f'data.chat_files: {directory} was rendered with another chat template or template'
-        f' variables (sha256 {theirs[:12]}, in its {prepared.MANIFEST}: variables'
-        f" {manifest['settings'].get('template_kwargs') or {}}) than this run's"
-        f' (data.chat_template={template_name!r}, data.chat_template_kwargs {variables}: sha256'
-        f' {ours[:12]}): prepare it again with them (--chat_template, --chat_template_kwargs)'
-        " or set the run's to the directory's"
+        f'data.chat_files: {directory} was rendered with another chat template (sha256'
+        f" {theirs[:12]}, in its {prepared.MANIFEST}) than this run's"
+        f' (data.chat_template={template_name!r}: sha256 {ours[:12]}): prepare it again with'
+        ' that template (--chat_template) or set data.chat_template to its template'
+    )
+  if theirs_variables != variables:
+    theirs, ours = (json.dumps(v, sort_keys=True) for v in (theirs_variables, variables))
+    raise ConfigError(
+        f'data.chat_files: {directory} was rendered with the template variables {theirs} (in'
+        f' its {prepared.MANIFEST}), this run has data.chat_template_kwargs={ours}: prepare'
+        ' it again with --chat_template_kwargs, or set the same variables'
     )
 
 

@@ -137,7 +137,10 @@ def export_hf(
   # A fine-tuned chat model also stops where its template ends an assistant turn.
   template = chat_template_of_run(workdir) if tokenizer_path else None
   tokenizer = tokenizer_path and load_tokenizer(tokenizer_path)
-  ids = chat.stop_ids(eos, tokenizer, template, report['base_model'])
+  variables = chat.template_variables(
+      (config.get('data') or {}).get('chat_template_kwargs', ''), 'data.chat_template_kwargs'
+  )
+  ids = chat.stop_ids(eos, tokenizer, template, report['base_model'], variables)
   stop = ids[0] if len(ids) == 1 else ids or None
   write_json(
       os.path.join(output, GENERATION_CONFIG_FILE),

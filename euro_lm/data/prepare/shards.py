@@ -235,7 +235,8 @@ def _finished_receipt(unit: _Unit) -> dict | None:
   except json.JSONDecodeError:
     return None  # Written atomically, so only a hand-edited one is invalid.
   if receipt['settings'] != unit.settings:
-    changed = sorted(k for k in unit.settings if receipt['settings'].get(k) != unit.settings[k])
+    keys = set(unit.settings) | set(receipt['settings'])
+    changed = sorted(k for k in keys if receipt['settings'].get(k) != unit.settings.get(k))
     raise ConfigError(
         f'{unit.output_dir} holds {unit.input_path} prepared with other'
         f' settings (changed: {", ".join(changed)}; see {unit.receipt_path}).'
