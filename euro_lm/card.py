@@ -223,8 +223,25 @@ def _number(value, fmt='{:,}'):
   return U if value is None or value == U else fmt.format(value)
 
 
-def _sections(report, summary_):
-  """[(title, Markdown)] of the card's prose."""
+def _chat_line(chat):
+  """The card's line on how to talk to a model fine-tuned on conversations: its template,
+  and the template variables it was trained with, which no HF file carries."""
+  line = (
+      '- Chat: fine-tuned on conversations in the chat template of `chat_template.jinja` (also '
+      "`tokenizer_config.json`'s `chat_template`)"
+  )
+  variables = chat.get('template_kwargs')
+  if not variables:
+    return line
+  return (
+      f'{line}, rendered with the template variables `{json.dumps(variables, sort_keys=True)}`:'
+      " pass the same to `apply_chat_template(messages, **variables)` and as a server's"
+      ' `chat_template_kwargs`'
+  )
+
+
+def _sections(report, summary_, chat=None):
+  """[(title, Markdown)] of the card's prose; `chat` as `write_card`'s."""
   g = summary_['general_information']
   tr = report['training']
   m = report['model']
@@ -246,6 +263,8 @@ def _sections(report, summary_):
     overview.append(
         f'- Base model: {base.get("name") or U} (its licence: {base.get("license") or U})'
     )
+  if chat is not None:
+    overview.append(_chat_line(chat))
   tokens = f'- Tokens: {_number(tr["tokens"])}'
   if tr['content_tokens'] != tr['tokens']:
     tokens += f' in training rows, {_number(tr["content_tokens"])} of them from documents'
@@ -384,16 +403,17 @@ def read_extra(path: str) -> tuple[dict, list[tuple[str, str]]]:
   return meta, sections
 
 
-def write_card(output: str, report: dict, extra: str | None = None) -> dict:
+def write_card(output: str, report: dict, extra: str | None = None, chat=None) -> dict:
   """Writes README.md and the summary (JSON and Markdown) into `output`; returns the
-  summary."""
+  summary. `chat` ({'template_kwargs': {...}}) is for a model fine-tuned on conversations:
+  the card says how to prompt it."""
   extra_meta, extra_sections = read_extra(extra) if extra else ({}, [])
   summary_ = _merge(summary(report), extra_meta.pop('summary', None) or {})
   name = summary_['general_information']['model']['name']
   if name == U:
     name = os.path.basename(os.path.normpath(output))
   meta = _merge(_metadata(report, name), extra_meta)
-  sections = _sections(report, summary_)
+  sections = _sections(report, summary_, chat)
   if extra:
     titles = [title for title, _ in sections]
     for title, text in extra_sections:

@@ -286,6 +286,25 @@ def test_languages_not_drawn_from_yet_are_sized_but_not_listed_as_trained(run, t
   assert f'| {LANGUAGES[0]} | 0 | 0 | 0.000 | catalogs-test |' in text
 
 
+def test_the_card_of_a_chat_model_names_its_template_and_variables(run, tmp_path):
+  """A model fine-tuned on conversations: the card says where its template is and the
+  template variables it was trained with (which no HF file carries); other cards do not."""
+  report = records.report(run, 4)
+  texts = {}
+  for name, chat in (('plain', None), ('chat', {}), ('thinking', {'enable_thinking': False})):
+    (tmp_path / name).mkdir()
+    card.write_card(
+        str(tmp_path / name), report, chat=None if chat is None else {'template_kwargs': chat}
+    )
+    texts[name] = (tmp_path / name / card.README).read_text(encoding='utf-8')
+  assert '- Chat:' not in texts['plain']
+  assert '- Chat: fine-tuned on conversations in the chat template of `chat_template.jinja`' in (
+      texts['chat']
+  )
+  assert 'template variables' not in texts['chat']
+  assert 'template variables `{"enable_thinking": false}`' in texts['thinking']
+
+
 def test_card_extra_merges_the_providers_text(exported):
   model_card = _card(exported[4])
   assert model_card.data.license == 'apache-2.0'

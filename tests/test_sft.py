@@ -134,6 +134,7 @@ def test_fine_tuned_model_answers_as_trained_through_transformers(imported, tmp_
   hf.export_hf(str(workdir), str(export), dtype='float32', log=lambda *_: None)
   tokenizer_config = json.loads((export / 'tokenizer_config.json').read_text())
   assert tokenizer_config['chat_template'] == LLAMA3
+  assert '- Chat: fine-tuned on conversations' in (export / 'README.md').read_text()
   tokenizer = transformers.AutoTokenizer.from_pretrained(export)
   model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
   chat_pipeline = transformers.pipeline('text-generation', model=str(export))
