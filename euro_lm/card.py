@@ -223,14 +223,13 @@ def _number(value, fmt='{:,}'):
   return U if value is None or value == U else fmt.format(value)
 
 
-def _chat_line(chat):
+def _chat_line(variables):
   """The card's line on how to talk to a model fine-tuned on conversations: its template,
-  and the template variables it was trained with, which no HF file carries."""
+  and the template `variables` it was trained with, which no HF file carries."""
   line = (
       '- Chat: fine-tuned on conversations in the chat template of `chat_template.jinja` (also '
       "`tokenizer_config.json`'s `chat_template`)"
   )
-  variables = chat.get('template_kwargs')
   if not variables:
     return line
   return (
@@ -240,8 +239,8 @@ def _chat_line(chat):
   )
 
 
-def _sections(report, summary_, chat=None):
-  """[(title, Markdown)] of the card's prose; `chat` as `write_card`'s."""
+def _sections(report, summary_, chat_variables=None):
+  """[(title, Markdown)] of the card's prose; `chat_variables` as `write_card`'s."""
   g = summary_['general_information']
   tr = report['training']
   m = report['model']
@@ -263,8 +262,8 @@ def _sections(report, summary_, chat=None):
     overview.append(
         f'- Base model: {base.get("name") or U} (its licence: {base.get("license") or U})'
     )
-  if chat is not None:
-    overview.append(_chat_line(chat))
+  if chat_variables is not None:
+    overview.append(_chat_line(chat_variables))
   tokens = f'- Tokens: {_number(tr["tokens"])}'
   if tr['content_tokens'] != tr['tokens']:
     tokens += f' in training rows, {_number(tr["content_tokens"])} of them from documents'
@@ -403,17 +402,19 @@ def read_extra(path: str) -> tuple[dict, list[tuple[str, str]]]:
   return meta, sections
 
 
-def write_card(output: str, report: dict, extra: str | None = None, chat=None) -> dict:
+def write_card(
+    output: str, report: dict, extra: str | None = None, chat_variables: dict | None = None
+) -> dict:
   """Writes README.md and the summary (JSON and Markdown) into `output`; returns the
-  summary. `chat` ({'template_kwargs': {...}}) is for a model fine-tuned on conversations:
-  the card says how to prompt it."""
+  summary. `chat_variables` (the template variables, {} for none) is for a model
+  fine-tuned on conversations: the card says how to prompt it."""
   extra_meta, extra_sections = read_extra(extra) if extra else ({}, [])
   summary_ = _merge(summary(report), extra_meta.pop('summary', None) or {})
   name = summary_['general_information']['model']['name']
   if name == U:
     name = os.path.basename(os.path.normpath(output))
   meta = _merge(_metadata(report, name), extra_meta)
-  sections = _sections(report, summary_, chat)
+  sections = _sections(report, summary_, chat_variables)
   if extra:
     titles = [title for title, _ in sections]
     for title, text in extra_sections:

@@ -293,9 +293,7 @@ def test_the_card_of_a_chat_model_names_its_template_and_variables(run, tmp_path
   texts = {}
   for name, chat in (('plain', None), ('chat', {}), ('thinking', {'enable_thinking': False})):
     (tmp_path / name).mkdir()
-    card.write_card(
-        str(tmp_path / name), report, chat=None if chat is None else {'template_kwargs': chat}
-    )
+    card.write_card(str(tmp_path / name), report, chat_variables=chat)
     texts[name] = (tmp_path / name / card.README).read_text(encoding='utf-8')
   assert '- Chat:' not in texts['plain']
   assert '- Chat: fine-tuned on conversations in the chat template of `chat_template.jinja`' in (

@@ -337,9 +337,9 @@ def _check_prepared_conversations(manifest, tokenizer, template, variables, temp
     )
   settings = manifest['settings']
   theirs_variables = settings.get('template_kwargs') or {}
-  if settings['template_sha256'] != chat.template_fingerprint(template, theirs_variables):
-    theirs = settings['template_sha256']
-    ours = chat.template_fingerprint(template, theirs_variables)
+  theirs = settings['template_sha256']
+  ours = chat.template_fingerprint(template, theirs_variables)
+  if theirs != ours:
     raise ConfigError(
         f'data.chat_files: {directory} was rendered with another chat template (sha256'
         f" {theirs[:12]}, in its {prepared.MANIFEST}) than this run's"

@@ -152,8 +152,6 @@ def export_hf(
       write_chat_template(output, template)
   else:
     log(f'warning: no tokenizer in {step_dir} or {workdir}; exported no tokenizer')
-  card.write_card(
-      output, report, card_extra, chat=None if template is None else {'template_kwargs': variables}
-  )
+  card.write_card(output, report, card_extra, None if template is None else variables)
   log(f'exported {step_dir} to {output}: {num_shards} shard(s), {dtype}')
   return output
