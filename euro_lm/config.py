@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.sliding_window_pattern = 0  # >0: every Nth layer is global (full attention, rope_theta);
   # the others are local (sliding_window, rope_local_theta), as Gemma 3; 0: all layers alike
   m.rope_local_theta = 0.0  # RoPE base of the local layers, unscaled; 0: as the global ones
+  m.nope_interval = 0  # >0: every Nth layer has no position embedding (NoPE, SmolLM3); 0: none
   m.norm_plus_one = False  # RMSNorms scale by (1 + scale), scale stored from 0 (Gemma)
   m.post_norms = False  # also RMSNorm the attention and MLP outputs before each residual add
   m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
@@ -423,6 +424,7 @@ def validate(config, num_devices, process_count=1, device=None):
       'model.sliding_window',
       'model.sliding_window_pattern',
       'model.rope_local_theta',
+      'model.nope_interval',
       'model.query_pre_attn_scalar',
       'model.attn_logit_softcap',
       'model.final_logit_softcap',
@@ -442,6 +444,11 @@ def validate(config, num_devices, process_count=1, device=None):
   _check(
       config.distributed.process_id >= -1,
       f'distributed.process_id={config.distributed.process_id} must be >= 0 (or -1: detect)',
+  )
+  _check(
+      m.nope_interval <= m.num_layers,
+      f'model.nope_interval={m.nope_interval} is more than model.num_layers={m.num_layers}: '
+      'no layer would be without RoPE',
   )
   _check(
       not m.rope_local_theta or m.sliding_window_pattern,

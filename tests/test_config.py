@@ -102,6 +102,8 @@ def test_a_valid_config_resolves_the_mesh():
         ({'train.keep_checkpoints': 0}, 'train.keep_checkpoints=0 must be >= 1'),
         ({'train.profile_steps': 0}, 'train.profile_steps=0 must be >= 1'),
         ({'train.profile_start_step': -1}, 'train.profile_start_step=-1 must be >= 0'),
+        ({'model.nope_interval': -1}, 'model.nope_interval=-1 must be >= 0'),
+        ({'model.nope_interval': 99}, 'model.nope_interval=99 is more than model.num_layers'),
         (
             {'model.attention_impl': 'cudnn'},
             "model.attention_impl='cudnn' needs model.compute_dtype",

@@ -157,6 +157,24 @@ HF_SHAPES = {
         tie_word_embeddings=False,
         rope_parameters={'rope_type': 'default', 'rope_theta': 1_000_000.0},
     ),
+    # SmolLM3: no RoPE in every 2nd layer (NoPE), YaRN in the others.
+    'smollm3': dict(
+        family='smollm3',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        no_rope_layer_interval=2,
+        tie_word_embeddings=True,
+        pad_token_id=0,  # SmolLM3Config's is beyond the test vocabulary
+        rope_parameters={
+            'rope_type': 'yarn',
+            'rope_theta': 5_000_000.0,
+            'factor': 2.0,
+            'original_max_position_embeddings': 8,
+        },
+    ),
     'odd_dims': dict(
         hidden_size=48,
         num_attention_heads=3,
@@ -178,6 +196,7 @@ FAMILIES = {
     'ministral3': (transformers.Ministral3Config, transformers.Ministral3ForCausalLM),
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    'smollm3': (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
     'gemma': (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
@@ -260,6 +279,7 @@ def test_import_matches_transformers(tmp_path, shape):
   assert m.qk_norm == (expected.get('family') == 'qwen3')
   assert m.qkv_bias == (expected.get('family') == 'qwen2')
   assert m.sliding_window == expected.get('sliding_window', 0)
+  assert m.nope_interval == expected.get('no_rope_layer_interval', 0)
   with open(tmp_path / 'run' / 'config.json') as f:
     assert json.load(f)['model'] == m.to_dict()
   assert config.train.init_from == str(tmp_path / 'run')
@@ -350,7 +370,8 @@ def test_yarn_parameters_read_as_transformers_reads_them(config):
 
 
 @pytest.mark.parametrize(
-    'shape', ['mha_tied', 'odd_dims', 'llama3_rope', 'yarn_mscale', 'mistral', 'qwen2', 'qwen3']
+    'shape',
+    ['mha_tied', 'odd_dims', 'llama3_rope', 'yarn_mscale', 'mistral', 'qwen2', 'qwen3', 'smollm3'],
 )
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
@@ -653,6 +674,7 @@ def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
         ('qwen2', transformers.Qwen2Config, {}),
         ('qwen2', transformers.Qwen2Config, {'use_sliding_window': True, 'max_window_layers': 2}),
         ('qwen3', transformers.Qwen3Config, {}),
+        ('smollm3', transformers.SmolLM3Config, {}),
     ],
 )
 def test_left_out_fields_take_transformers_defaults(model_type, config_class, extra):
@@ -731,6 +753,44 @@ def test_qk_norm_exports_as_qwen3():
     hf.architectures.for_model(model)
 
 
+def test_nope_layers_follow_smollm3s_flags(tmp_path):
+  """SmolLM3's layers without RoPE matter (rotating them too gives other logits), come
+  from `no_rope_layers` where given, and a pattern of no one interval, a sliding window or
+  NoPE beside another family's feature is refused."""
+  model = random_hf_model(HF_SHAPES['smollm3'])
+  model.save_pretrained(tmp_path / 'hf')
+  config = hf.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run'), log=lambda *a: None)
+  params, _ = load_params(str(tmp_path / 'run'), abstract_params(config.model))
+  tokens_BL = random_tokens(101)
+  rotating = config.model.copy_and_resolve_references()
+  rotating.nope_interval = 0
+  assert np.abs(euro_logits(rotating, params, tokens_BL) - hf_logits(model, tokens_BL)).max() > 1e-2
+
+  sizes = dict(
+      model_type='smollm3',
+      hidden_size=64,
+      num_attention_heads=4,
+      num_hidden_layers=6,
+      intermediate_size=40,
+      vocab_size=10,
+  )
+  assert hf.model_config_from_hf(sizes)['nope_interval'] == 4  # transformers' default
+  flags = {'no_rope_layers': [1, 1, 0, 1, 1, 0, 1, 0]}  # longer than the layers: read 6
+  assert hf.model_config_from_hf(sizes | flags)['nope_interval'] == 3
+  assert hf.model_config_from_hf(sizes | {'no_rope_layers': [1] * 6})['nope_interval'] == 0
+  with pytest.raises(hf.HFError, match=r'no_rope_layers=\[1, 0, 1, 1, 0, 1\] is not supported'):
+    hf.model_config_from_hf(sizes | {'no_rope_layers': [1, 0, 1, 1, 0, 1]})
+  with pytest.raises(hf.HFError, match=r'no_rope_layers must be a list of at least 6 flags'):
+    hf.model_config_from_hf(sizes | {'no_rope_layers': [1, 0]})
+  with pytest.raises(hf.HFError, match=r'sliding windows .* are not supported for SmolLM3'):
+    hf.model_config_from_hf(sizes | {'use_sliding_window': True, 'sliding_window': 4})
+  exported = tiny.get_config().model.to_dict() | {'nope_interval': 2}
+  written = hf.architectures.for_model(exported).hf_config(exported, bos_token_id=2, eos_token_id=3)
+  assert transformers.SmolLM3Config(**written).no_rope_layers == [1, 0, 1, 0]
+  with pytest.raises(hf.HFError, match='model.qk_norm and model.nope_interval together are no'):
+    hf.architectures.for_model(exported | {'qk_norm': True})
+
+
 def test_command_lines(tmp_path):
   """The entry points: import a random HF model, export it again, and refuse bad input
   with one 'error:' line rather than a traceback."""
@@ -769,7 +829,7 @@ def test_command_lines(tmp_path):
 
 
 @pytest.mark.parametrize(
-    'shape', ['gqa_untied', 'llama3_rope', 'yarn_rope', 'mistral', 'qwen2', 'qwen3']
+    'shape', ['gqa_untied', 'llama3_rope', 'yarn_rope', 'mistral', 'qwen2', 'qwen3', 'smollm3']
 )
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly

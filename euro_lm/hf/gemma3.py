@@ -37,6 +37,7 @@ FIELDS = {
     'attn_logit_softcap': 0.0,
     'final_logit_softcap': None,
     'query_scale_beta': 0.0,
+    'nope_interval': 0,
 }
 
 # Gemma3TextConfig's defaults (transformers 5), for fields a config.json leaves out.

@@ -217,6 +217,13 @@ def local_layers(cfg):
   return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg['num_layers']))
 
 
+def rope_layers(cfg):
+  """Per layer, whether it rotates queries and keys: with `model.nope_interval` N every
+  Nth layer has no position embedding (NoPE: causal masking alone orders the tokens)."""
+  interval = cfg.get('nope_interval', 0)  # cfg: a ConfigDict or a dict
+  return tuple(not interval or (i + 1) % interval != 0 for i in range(cfg['num_layers']))
+
+
 ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')
 
 
@@ -322,7 +329,9 @@ class Attention(nn.Module):
   Layers differ only where `local_layers` says some are local and some global: then the
   layer's index (a traced scalar inside the layer scan) picks the RoPE frequencies, and a
   `lax.cond` between two attention calls, each with its static window, picks the
-  attention, so every implementation gets the window it already takes.
+  attention, so every implementation gets the window it already takes. Where `rope_layers`
+  says some layers have no position embedding, the index picks the queries and keys as
+  they are there.
   """
 
   config: ml_collections.ConfigDict  # the `model` section
@@ -366,14 +375,18 @@ class Attention(nn.Module):
       factor = jnp.where(is_local, local_factor, global_factor)
     elif is_local:
       factor = local_factor
+    rotated = rope_layers(cfg)
+    if all(rotated):
+      q_BLHd, k_BLKd = (rope(x, positions_BL, inv_freq, factor) for x in (q_BLHd, k_BLKd))
+    else:
+      rotates = jnp.asarray(rotated)[layer_index]
+      q_BLHd, k_BLKd = (
+          jnp.where(rotates, rope(x, positions_BL, inv_freq, factor), x) for x in (q_BLHd, k_BLKd)
+      )
     q_BLHd = _constrain(
-        scale_queries(cfg, rope(q_BLHd, positions_BL, inv_freq, factor), positions_BL),
-        ('batch', 'length', 'heads', 'head_dim'),
+        scale_queries(cfg, q_BLHd, positions_BL), ('batch', 'length', 'heads', 'head_dim')
     )
-    k_BLKd = _constrain(
-        rope(k_BLKd, positions_BL, inv_freq, factor),
-        ('batch', 'length', 'kv_heads', 'head_dim'),
-    )
+    k_BLKd = _constrain(k_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
     v_BLKd = _constrain(v_BLKd, ('batch', 'length', 'kv_heads', 'head_dim'))
 
     if layer_cache is not None:
