@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_plus_one = False  # RMSNorms scale by (1 + scale), scale stored from 0 (Gemma)
   m.post_norms = False  # also RMSNorm the attention and MLP outputs before each residual add
   m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
-  m.mlp_activation = 'silu'  # gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  m.mlp_activation = (
+      'silu'  # gated: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma); xielu: down(xIELU(up))
+  )
   m.query_pre_attn_scalar = 0  # attention logits times this ** -0.5; 0 means head_dim
   m.attn_logit_softcap = 0.0  # >0: attention scores become cap * tanh(scores / cap) (Gemma 2)
   m.final_logit_softcap = 0.0  # >0: output logits become cap * tanh(logits / cap) (Gemma 2)

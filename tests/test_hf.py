@@ -175,6 +175,25 @@ HF_SHAPES = {
             'original_max_position_embeddings': 8,
         },
     ),
+    # Apertus: QK-norm, Llama 3 RoPE, and an MLP of xIELU without a gate.
+    'apertus': dict(
+        family='apertus',
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        rope_parameters={
+            'rope_type': 'llama3',
+            'rope_theta': 12_000_000.0,
+            'factor': 8.0,
+            'original_max_position_embeddings': 8,
+            'low_freq_factor': 1.0,
+            'high_freq_factor': 4.0,
+        },
+    ),
     'odd_dims': dict(
         hidden_size=48,
         num_attention_heads=3,
@@ -197,6 +216,7 @@ FAMILIES = {
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     'smollm3': (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
+    'apertus': (transformers.ApertusConfig, transformers.ApertusForCausalLM),
     'gemma': (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     'gemma2': (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     'gemma3_text': (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
@@ -276,7 +296,8 @@ def test_import_matches_transformers(tmp_path, shape):
   assert m.rope_theta == rope.get('rope_theta', expected.get('rope_theta', 10_000.0))
   rope_type = rope.get('rope_type', 'default')
   assert m.rope_scaling == ('none' if rope_type == 'default' else rope_type)
-  assert m.qk_norm == (expected.get('family') == 'qwen3')
+  assert m.qk_norm == (expected.get('family') in ('qwen3', 'apertus'))
+  assert (m.mlp_activation == 'xielu') == (expected.get('family') == 'apertus')
   assert m.qkv_bias == (expected.get('family') == 'qwen2')
   assert m.sliding_window == expected.get('sliding_window', 0)
   assert m.nope_interval == expected.get('no_rope_layer_interval', 0)
@@ -371,7 +392,17 @@ def test_yarn_parameters_read_as_transformers_reads_them(config):
 
 @pytest.mark.parametrize(
     'shape',
-    ['mha_tied', 'odd_dims', 'llama3_rope', 'yarn_mscale', 'mistral', 'qwen2', 'qwen3', 'smollm3'],
+    [
+        'mha_tied',
+        'odd_dims',
+        'llama3_rope',
+        'yarn_mscale',
+        'mistral',
+        'qwen2',
+        'qwen3',
+        'smollm3',
+        'apertus',
+    ],
 )
 def test_import_then_export_gives_the_same_model(tmp_path, shape):
   model = random_hf_model(HF_SHAPES[shape], seed=3)
@@ -675,6 +706,7 @@ def test_unsupported_config_fields_are_refused(tmp_path, field, value, message):
         ('qwen2', transformers.Qwen2Config, {'use_sliding_window': True, 'max_window_layers': 2}),
         ('qwen3', transformers.Qwen3Config, {}),
         ('smollm3', transformers.SmolLM3Config, {}),
+        ('apertus', transformers.ApertusConfig, {}),
     ],
 )
 def test_left_out_fields_take_transformers_defaults(model_type, config_class, extra):
@@ -791,6 +823,28 @@ def test_nope_layers_follow_smollm3s_flags(tmp_path):
     hf.architectures.for_model(exported | {'qk_norm': True})
 
 
+def test_xielu_exports_as_apertus():
+  """An xIELU model with QK-norm is Apertus (its config runs in transformers with the same
+  layers); without QK-norm, or with another family's feature, it is no HF architecture."""
+  model = tiny.get_config().model.to_dict() | {'mlp_activation': 'xielu', 'qk_norm': True}
+  arch = hf.architectures.for_model(model)
+  config = arch.hf_config(model, bos_token_id=2, eos_token_id=3)
+  assert (config['model_type'], config['hidden_act']) == ('apertus', 'xielu')
+  assert transformers.ApertusConfig(**config).num_hidden_layers == model['num_layers']
+  shapes = arch.expected_hf_shapes(model)
+  assert 'model.layers.0.mlp.gate_proj.weight' not in shapes
+  assert shapes['model.layers.3.mlp.act_fn.eps'] == ()
+  assert shapes['model.layers.3.feedforward_layernorm.weight'] == (model['embed_dim'],)
+  with pytest.raises(hf.HFError, match=r"model.qk_norm=False with model.mlp_activation='xielu'"):
+    hf.architectures.for_model(model | {'qk_norm': False})
+  with pytest.raises(hf.HFError, match=r'model.sliding_window=8 with .* Apertus needs'):
+    hf.architectures.for_model(model | {'sliding_window': 8})
+  with pytest.raises(
+      hf.HFError, match=r"hidden_act='gelu' is not supported; this family uses 'xielu'"
+  ):
+    hf.model_config_from_hf({'model_type': 'apertus', 'hidden_act': 'gelu'})
+
+
 def test_command_lines(tmp_path):
   """The entry points: import a random HF model, export it again, and refuse bad input
   with one 'error:' line rather than a traceback."""
@@ -829,7 +883,8 @@ def test_command_lines(tmp_path):
 
 
 @pytest.mark.parametrize(
-    'shape', ['gqa_untied', 'llama3_rope', 'yarn_rope', 'mistral', 'qwen2', 'qwen3', 'smollm3']
+    'shape',
+    ['gqa_untied', 'llama3_rope', 'yarn_rope', 'mistral', 'qwen2', 'qwen3', 'smollm3', 'apertus'],
 )
 def test_greedy_generation_equals_transformers_generate(tmp_path, shape):
   """The same imported model and prompts: euro_lm's cached greedy decoding gives exactly

@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax import linen as nn
 
 from configs import tiny
-from euro_lm.model import Decoder, forward_flops_per_token, param_count, train_flops_per_token
+from euro_lm.config import base_config
+from euro_lm.model import Decoder, forward_flops_per_token, lora, param_count, train_flops_per_token
 from euro_lm.model.layers import rope, rope_frequencies
+from euro_lm.train.optimizer import make_optimizer
 
 
 def small_model_config(**overrides):
@@ -243,3 +247,32 @@ def test_dots_policies_save_every_projection_output_and_full_saves_only_the_inpu
   # euro_lm's kernels (the Triton set, interpreted here): log-sum-exp [layers, B, H, L].
   pallas = layer_residuals('save_attention_out', capsys, 128, attention_impl='pallas', head_dim=16)
   assert sorted(pallas) == sorted([f'{L},3,128,{D}', f'{L},3,128,4,16', f'{L},3,4,128'])
+
+
+def test_an_xielu_mlp_has_no_gate_and_adamw_keeps_its_constants():
+  """Apertus' MLP: parameters and FLOPs without the gate projection; a real AdamW step
+  (weight decay on) moves xIELU's alphas and leaves beta and eps exactly as they were; the
+  default LoRA targets skip the missing gate."""
+  config = small_model_config(mlp_activation='xielu')
+  model, params = init(config)
+  params = nn.unbox(params)
+  assert 'w_gate' not in params['layers']['mlp']
+  assert sum(x.size for x in jax.tree.leaves(params)) == param_count(config)
+  gated = small_model_config()
+  D, F = config.embed_dim, config.mlp_dim
+  assert forward_flops_per_token(gated, 16) - forward_flops_per_token(config, 16) == 2 * 2 * D * F
+
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+  grads = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2))(params)
+  optimizer_config = base_config().optimizer
+  optimizer_config.weight_decay = 0.1
+  tx, _ = make_optimizer(optimizer_config, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  stepped = optax.apply_updates(params, updates)
+  mlp, before = stepped['layers']['mlp'], params['layers']['mlp']
+  for name in ('xielu_beta', 'xielu_eps'):
+    np.testing.assert_array_equal(mlp[name], before[name])
+  for name in ('xielu_alpha_p', 'xielu_alpha_n'):
+    assert np.all(mlp[name] != before[name])
+  config.lora_rank = 2
+  assert lora.targets(config) == ('q', 'k', 'v', 'o', 'up', 'down')

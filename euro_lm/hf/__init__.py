@@ -2,11 +2,12 @@
 
 One module per architecture holds its mapping table and config translation (llama.py:
 Llama; mistral.py, qwen2.py, qwen3.py, smollm3.py, gemma3.py build on it, ministral3.py on
-mistral.py, gemma.py and gemma2.py on gemma3.py); architectures.py says which one reads an HF config
-or writes a euro_lm model; multimodal.py finds a multimodal folder's language model
-(Gemma 3, Mistral 3). The rest knows no architecture: safetensors.py (reading a folder,
-streaming shards), orbax_io.py (a checkpoint leaf by leaf), tokenizer.py, folder.py
-(config.json and friends), and the drivers export.py and import_.py.
+mistral.py, apertus.py on qwen3.py, gemma.py and gemma2.py on gemma3.py); architectures.py
+says which one reads an HF config or writes a euro_lm model; multimodal.py finds a
+multimodal folder's language model (Gemma 3, Mistral 3). The rest knows no architecture:
+safetensors.py (reading a folder, streaming shards), orbax_io.py (a checkpoint leaf by
+leaf), tokenizer.py, folder.py (config.json and friends), and the drivers export.py and
+import_.py.
 """
 
 from euro_lm.errors import HFError

@@ -1,7 +1,7 @@
 """Which architecture module reads an HF config, and which one writes a euro_lm model.
 
-An architecture module (`llama`, `mistral`, `ministral3`, `qwen2`, `qwen3`, `smollm3`, `gemma`,
-`gemma2`, `gemma3`) holds one family's mapping table and config translation:
+An architecture module (`llama`, `mistral`, `ministral3`, `qwen2`, `qwen3`, `smollm3`,
+`apertus`, `gemma`, `gemma2`, `gemma3`) holds one family's mapping table and config translation:
   ARCHITECTURES                      {model_type: HF class} of the checkpoints it reads
   param_table(model)                 [(euro_lm path, HF name template, per layer)]
   to_hf(path, x, model), from_hf     one tensor converted, either way
@@ -15,9 +15,20 @@ The export and import drivers go through these names only.
 """
 
 from euro_lm.errors import HFError
-from euro_lm.hf import gemma, gemma2, gemma3, llama, ministral3, mistral, qwen2, qwen3, smollm3
+from euro_lm.hf import (
+    apertus,
+    gemma,
+    gemma2,
+    gemma3,
+    llama,
+    ministral3,
+    mistral,
+    qwen2,
+    qwen3,
+    smollm3,
+)
 
-_MODULES = (llama, mistral, ministral3, qwen2, qwen3, smollm3, gemma, gemma2, gemma3)
+_MODULES = (llama, mistral, ministral3, qwen2, qwen3, smollm3, apertus, gemma, gemma2, gemma3)
 _BY_MODEL_TYPE = {t: m for m in _MODULES for t in m.ARCHITECTURES}
 # model_type -> HF class, of every checkpoint euro_lm imports.
 ARCHITECTURES = {t: c for m in _MODULES for t, c in m.ARCHITECTURES.items()}
@@ -47,13 +58,16 @@ def for_hf_config(hf, where='config.json'):
 def for_model(model):
   """The module that exports euro_lm's `model` config section: with any Gemma field
   (`gemma3.FIELDS`) Gemma 3 with QK-norm, Gemma 2 with norms after attention and the MLP,
-  else Gemma; else Qwen3 with QK-norm, Qwen2 with projection biases, Ministral 3 with query
-  scaling, Mistral with a sliding window, SmolLM3 with NoPE layers, else Llama. Refuses a
-  model that no one architecture expresses."""
+  else Gemma; else Apertus with xIELU; else Qwen3 with QK-norm, Qwen2 with projection
+  biases, Ministral 3 with query scaling, Mistral with a sliding window, SmolLM3 with NoPE
+  layers, else Llama. Refuses a model that no one architecture expresses."""
   if gemma3.is_gemma(model):
     family = gemma3 if model.get('qk_norm') else gemma2 if model.get('post_norms') else gemma
     family.check_exportable(model)
     return family
+  if model.get('mlp_activation') == 'xielu':
+    apertus.check_exportable(model)
+    return apertus
   features = {
       qwen3: 'model.qk_norm',
       qwen2: 'model.qkv_bias',

@@ -91,7 +91,7 @@ def is_gemma(model):
       model.get('norm_plus_one')
       or model.get('post_norms')
       or model.get('scale_embeddings')
-      or model.get('mlp_activation', 'silu') != 'silu'
+      or model.get('mlp_activation') == 'gelu_tanh'
       or model.get('query_pre_attn_scalar')
       or model.get('sliding_window_pattern')
       or model.get('rope_local_theta')

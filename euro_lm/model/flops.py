@@ -1,7 +1,7 @@
 """Analytic FLOP and parameter counts for MFU (model FLOPs: remat recompute not counted)."""
 
 from euro_lm.model import lora
-from euro_lm.model.layers import head_dim, local_layers
+from euro_lm.model.layers import XIELU_INIT, head_dim, local_layers
 
 
 def param_count(model_config):
@@ -9,7 +9,8 @@ def param_count(model_config):
   c = model_config
   hd = head_dim(c)
   attention = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.embed_dim * c.mlp_dim
+  mlp = (3 if lora.has_gate(c) else 2) * c.embed_dim * c.mlp_dim
+  mlp += 0 if lora.has_gate(c) else len(XIELU_INIT)
   norms = (4 if c.get('post_norms', False) else 2) * c.embed_dim + (2 * hd if c.qk_norm else 0)
   biases = hd * (c.num_heads + 2 * c.num_kv_heads) if c.get('qkv_bias', False) else 0
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
@@ -22,7 +23,7 @@ def _forward_parts(c, seq_len, causal_half=True):
   `causal_half=False`: every query against every key (of its window), PaLM's convention."""
   hd = head_dim(c)
   projections = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.embed_dim * c.mlp_dim
+  mlp = (3 if lora.has_gate(c) else 2) * c.embed_dim * c.mlp_dim
   window = c.get('sliding_window', 0)
   attention = 0
   for local in local_layers(c):
@@ -37,12 +38,12 @@ def _forward_parts(c, seq_len, causal_half=True):
 def forward_flops_per_token(model_config, seq_len):
   """Forward matmul + attention FLOPs per token (2 per multiply-add).
 
-  Counts every projection (q, k, v, o, gate, up, down, output logits, LoRA adapters) and the two
-  attention matmuls (QK^T and PV), halved for the causal mask (the FlashAttention and
-  MaxText convention; PaLM and TorchTitan count attention in full, which gives a higher
-  MFU for the same run). A layer with a sliding window W < L counts the keys its queries
-  see on average, W - W^2 / (2L) (which is L / 2 at W = L). Embedding lookups, norms,
-  RoPE and softmax are not matmuls and are left out.
+  Counts every projection (q, k, v, o, gate where there is one, up, down, output logits,
+  LoRA adapters) and the two attention matmuls (QK^T and PV), halved for the causal mask
+  (the FlashAttention and MaxText convention; PaLM and TorchTitan count attention in full,
+  which gives a higher MFU for the same run). A layer with a sliding window W < L counts
+  the keys its queries see on average, W - W^2 / (2L) (which is L / 2 at W = L).
+  Embedding lookups, norms, RoPE and softmax are not matmuls and are left out.
   """
   return sum(_forward_parts(model_config, seq_len))
 

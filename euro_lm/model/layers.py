@@ -182,8 +182,31 @@ def project(module, target, x, w, in_axes, out_axes):
   return y + adapter(x)
 
 
-# model.mlp_activation -> the gated MLP's activation times the up projection.
-MLP_ACTIVATIONS = {'silu': swiglu, 'gelu_tanh': geglu}
+# model.mlp_activation of a gated MLP -> its activation times the up projection.
+GATED_ACTIVATIONS = {'silu': swiglu, 'gelu_tanh': geglu}
+# Every model.mlp_activation: the gated ones, and xIELU on the up projection alone (Apertus;
+# `lora.has_gate` says which).
+MLP_ACTIVATIONS = (*GATED_ACTIVATIONS, 'xielu')
+
+
+# xIELU's per-layer scalars as Apertus initialises them: alpha_p and alpha_n are stored
+# before softplus (alpha_n less beta) and train; beta and eps are constants.
+XIELU_INIT = {
+    'xielu_alpha_p': math.log(math.expm1(0.8)),
+    'xielu_alpha_n': math.log(math.expm1(0.8 - 0.5)),
+    'xielu_beta': 0.5,
+    'xielu_eps': -1e-6,
+}
+
+
+def xielu(x, alpha_p, alpha_n, beta, eps):
+  """xIELU (arXiv:2411.13010, Apertus' MLP activation), in float32: `a_p x^2 + beta x` for
+  x > 0, else `a_n (expm1(min(x, eps)) - x) + beta x`, where a_p = softplus(alpha_p) and
+  a_n = beta + softplus(alpha_n)."""
+  x32 = x.astype(jnp.float32)
+  a_p, a_n = jax.nn.softplus(alpha_p), beta + jax.nn.softplus(alpha_n)
+  negative = (jnp.expm1(jnp.minimum(x32, eps)) - x32) * a_n
+  return (jnp.where(x32 > 0, a_p * x32 * x32, negative) + beta * x32).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -430,7 +453,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu_tanh (GeGLU)."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu_tanh (GeGLU);
+  or with xIELU, down(xielu(up(x))) and the activation's four per-layer scalars."""
 
   config: ml_collections.ConfigDict
 
@@ -439,13 +463,27 @@ class Mlp(nn.Module):
     cfg = self.config
     d, f = x_BLD.shape[-1], cfg.mlp_dim
     init = nn.initializers.normal(cfg.init_std)
-    w_gate_DF = _param(self, 'w_gate', (d, f), ('embed', 'mlp'), init)
+    gated = lora.has_gate(cfg)
+    w_gate_DF = _param(self, 'w_gate', (d, f), ('embed', 'mlp'), init) if gated else None
     w_up_DF = _param(self, 'w_up', (d, f), ('embed', 'mlp'), init)
     w_down_FD = _param(self, 'w_down', (f, d), ('mlp', 'embed'), init)
-    gate_BLF = project(self, 'gate', x_BLD, w_gate_DF, ('embed',), ('mlp',))
     up_BLF = project(self, 'up', x_BLD, w_up_DF, ('embed',), ('mlp',))
-    gated = MLP_ACTIVATIONS[cfg.get('mlp_activation', 'silu')]
-    hidden_BLF = _constrain(gated(gate_BLF, up_BLF), ('batch', 'length', 'mlp'))
+    if gated:
+      gate_BLF = project(self, 'gate', x_BLD, w_gate_DF, ('embed',), ('mlp',))
+      hidden_BLF = GATED_ACTIVATIONS[cfg.get('mlp_activation', 'silu')](gate_BLF, up_BLF)
+    else:
+
+      def scalar(name):  # the alphas `[1]` and beta, eps `[]`, as Apertus stores them
+        shape = (1,) if 'alpha' in name else ()
+        init = nn.initializers.constant(XIELU_INIT[name])
+        return _param(self, name, shape, (None,) * len(shape), init)
+
+      alpha_p, alpha_n, beta, eps = map(scalar, XIELU_INIT)
+      # beta and eps are constants: no gradient and no weight decay (train.optimizer), so
+      # AdamW never moves them.
+      beta, eps = jax.lax.stop_gradient(beta), jax.lax.stop_gradient(eps)
+      hidden_BLF = xielu(up_BLF, alpha_p, alpha_n, beta, eps)
+    hidden_BLF = _constrain(hidden_BLF, ('batch', 'length', 'mlp'))
     return project(self, 'down', hidden_BLF, w_down_FD, ('mlp',), ('embed',))
 
 

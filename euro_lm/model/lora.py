@@ -31,10 +31,18 @@ SUFFIX = '_lora'  # an adapter's submodule: the weight's name plus this
 
 
 def targets(model_config):
-  """The targeted projections (`TARGETS` keys), empty when LoRA is off."""
+  """The targeted projections (`TARGETS` keys), empty when LoRA is off; `gate` only where
+  the MLP has one (not with xIELU), so the default targets suit every model."""
   if not model_config.get('lora_rank', 0):
     return ()
-  return tuple(t.strip() for t in model_config['lora_targets'].split(',') if t.strip())
+  named = (t.strip() for t in model_config['lora_targets'].split(','))
+  return tuple(t for t in named if t and (t != 'gate' or has_gate(model_config)))
+
+
+def has_gate(model_config):
+  """Whether the block's MLP has a gate projection: with every activation but xIELU
+  (Apertus, whose MLP is down(xielu(up(x))))."""
+  return model_config.get('mlp_activation', 'silu') != 'xielu'
 
 
 def widths(model_config):

@@ -230,6 +230,7 @@ def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
   BLF = (('batch', 'length', 'mlp'), (b, L, F))
   BHL = (('batch', 'heads', 'length'), (b, H, L))
   f32_copy = cs != 4  # a float32 upcast that is a separate buffer only in 16-bit compute
+  gated = lora.has_gate(m)  # else no gate projection (xIELU)
 
   def norm(axes_shape, width=1):
     terms = [(*axes_shape, 4)] * width  # normalised float32 output
@@ -253,7 +254,7 @@ def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
       + post_norm
       + norm(BLD)
       + [(*BLD, cs)]  # mlp norm -> h
-      + [(*BLF, cs)] * 3  # gate, up, hidden
+      + [(*BLF, cs)] * (3 if gated else 2)  # gate, up, hidden
       + post_norm
       + adapters
   )
@@ -261,7 +262,9 @@ def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
     # Flax's fp8 dot keeps each projection's input and weight quantized to float8_e4m3fn
     # for its backward; q, k, v (and gate, up) quantize the same input each with its own
     # scale. Not dots: remat recomputes them (the dot outputs stay what `dots` saves).
-    fp8_inputs = [BLD] * 3 + [BLHd] + [BLD] * 2 + [BLF]  # q, k, v, o, gate, up, down
+    fp8_inputs = (
+        [BLD] * 3 + [BLHd] + [BLD] * (2 if gated else 1) + [BLF]
+    )  # q, k, v, o, gate, up, down
     everything += [(*axes_shape, 1) for axes_shape in fp8_inputs] + list(fp8_weights)
   attention = [(*BLHd, cs), (*BHL, 4)]  # output and log-sum-exp (`kernels.OUT_NAME`, ...)
   if policy == 'none':
@@ -274,7 +277,9 @@ def _layer_terms(m, b, seq_len, policy, cs, fp8_weights=()):
     saved = (
         layer_input
         + [(*BLHd, cs), (*BLKd, cs), (*BLKd, cs)]  # q, k, v projections
-        + [(*BLD, cs), (*BLF, cs), (*BLF, cs), (*BLD, cs)]
+        + [(*BLD, cs)]
+        + [(*BLF, cs)] * (2 if gated else 1)
+        + [(*BLD, cs)]
         + adapters
     )  # o, gate, up, down
     if policy == 'dots_and_attention':

@@ -31,12 +31,12 @@ def learning_rate_schedule(optimizer_config, total_steps):
 
 
 def decay_mask(params, decay_embeddings):
-  """True for weights that get weight decay: matrices, not norms (nor, by default, the
-  embedding and untied output matrices)."""
+  """True for weights that get weight decay: matrices, not norms nor xIELU's scalars (nor,
+  by default, the embedding and untied output matrices)."""
 
   def decays(path, _):
     names = [getattr(k, 'key', getattr(k, 'name', '')) for k in path]
-    if any(str(n).endswith('norm') for n in names):
+    if any(str(n).endswith('norm') or str(n).startswith('xielu') for n in names):
       return False
     if 'embedding' in names or 'output' in names:
       return decay_embeddings
