@@ -9,6 +9,7 @@ else the workdir's, else the config's `data.tokenizer_path`.
 
 import ast
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,9 +24,9 @@ from euro_lm.config import base_config
 from euro_lm.data import chat
 from euro_lm.data.dataset import chat_template_of_run
 from euro_lm.data.tokenizer import Tokenizer, load_tokenizer
-from euro_lm.errors import ConfigError, UserError, read_json_object
+from euro_lm.errors import ArgumentError, ConfigError, UserError, read_json_object
 from euro_lm.model.decoder import Decoder
-from euro_lm.sampling import generate, left_pad
+from euro_lm.sampling import left_pad, make_generate
 
 
 class Run(NamedTuple):
@@ -113,28 +114,37 @@ def chat_variables(run) -> dict:
   )
 
 
+# Sampling settings `complete` and `answer` take, and their defaults.
+SAMPLING = dict(max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0, batch_size=None)
+# Several batches: prompt widths are rounded up to a multiple of this, so that batches share
+# compiled shapes (left padding is masked: answers do not change).
+_PROMPT_WIDTH_MULTIPLE = 64
+
+
 def complete(
     run,
     prompts,
     *,
-    max_new_tokens=64,
-    temperature=0.8,
-    top_k=0,
-    top_p=0.95,
-    seed=0,
     chat_messages=False,
     system='',
     tools=None,
     template_variables=None,
+    on_batch=None,
+    **sampling,
 ):
   """The completion text of each prompt (without the prompt and the stop id). With
   `chat_messages` each prompt is a user message, after a `system` message if one is given,
   answered as by `answer` with `tools` (a list of tool schemas) for every prompt and
   `template_variables`. A row ends at EOS or the template's end of turn (without
-  `chat_messages`, the template a run fine-tuned with, if any: where its export stops)."""
-  sampling = dict(
-      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-  )
+  `chat_messages`, the template a run fine-tuned with, if any: where its export stops).
+
+  `sampling`: `SAMPLING`'s settings (`temperature=0` is greedy; `top_k` 0 and `top_p` 1 are
+  off). The prompts run `batch_size` at a time, in order (None: all in one batch); batch k
+  samples with the key `jax.random.fold_in(jax.random.key(seed), k)`, so a prompt's sample
+  depends on the seed, the batch size and the prompts of its own batch only. Greedy
+  answers are the same whatever the batch size. `on_batch(k, batches, texts)`, if given,
+  gets each batch's texts as they come (to write or report them)."""
+  sampling['on_batch'] = on_batch
   if chat_messages:
     before = [{'role': 'system', 'content': system}] if system else []
     return answer(
@@ -187,8 +197,9 @@ def prompt_ids(run, conversations, *, tools=None, names=None, template_variables
 
 def answer(run, conversations, *, tools=None, names=None, template_variables=None, **sampling):
   """The assistant's answer to each conversation, from `prompt_ids` (which says what the
-  arguments are and what it raises); sampling as `complete`'s. The text ends before EOS
-  or the template's end of turn; a tool call is the text the model writes for it."""
+  arguments are and what it raises); sampling, `batch_size` and `on_batch` as
+  `complete`'s. The text ends before EOS or the template's end of turn; a tool call is the
+  text the model writes for it."""
   if not conversations:
     return []
   ids, template, variables = prompt_ids(
@@ -197,30 +208,46 @@ def answer(run, conversations, *, tools=None, names=None, template_variables=Non
   return _sample(run, ids, template, variables, **sampling)
 
 
-def _sample(run, ids, template, variables, *, max_new_tokens, temperature, top_k, top_p, seed):
-  """The decoded continuation of each row of `ids`, sampled as one left-padded batch,
-  without the stop ids (those of the template with its `variables` among them)."""
+def _sample(
+    run,
+    ids,
+    template,
+    variables,
+    *,
+    on_batch: Callable[[int, int, list[str]], None] | None = None,
+    **sampling,
+):
+  """The decoded continuation of each row of `ids`, without the stop ids (those of the
+  template with its `variables` among them): `batch_size` rows at a time as left-padded
+  batches (None: one), batch k sampled with `fold_in(key(seed), k)`; see `complete`."""
+  unknown = sorted(set(sampling) - set(SAMPLING))
+  if unknown:
+    raise ArgumentError(f'unknown sampling settings {unknown}; known: {sorted(SAMPLING)}')
+  settings = SAMPLING | sampling
+  batch_size, seed = settings.pop('batch_size'), settings.pop('seed')
+  if batch_size is not None and batch_size < 1:
+    raise ArgumentError(f'batch_size must be >= 1 (None: one batch), got {batch_size}')
   tok = run.tokenizer
   stops = chat.stop_ids(tok.eos_id, tok, template, records.base_model_at(run.step_dir), variables)
   pad_id = max(tok.pad_id, 0)
-  tokens_BP, lengths_B = left_pad(ids, pad_id)
-  out = generate(
-      run.model,
-      run.params,
-      tokens_BP,
-      lengths_B,
-      jax.random.key(seed),
-      max_new_tokens=max_new_tokens,
-      eos_id=stops,
-      num_tokens=tok.vocab_size,
-      pad_id=pad_id,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
+  # One jitted function for every batch: it compiles once per batch shape.
+  sample = make_generate(
+      run.model, eos_id=stops, num_tokens=tok.vocab_size, pad_id=pad_id, **settings
   )
-  tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+  size = batch_size or max(len(ids), 1)
+  starts = range(0, len(ids), size)
+  multiple = _PROMPT_WIDTH_MULTIPLE if len(starts) > 1 else 1
   texts = []
-  for row, length in zip(tokens_BN, lengths_B):
-    row = [int(t) for t in row[:length] if t not in stops]
-    texts.append(tok.decode(row))
+  for k, start in enumerate(starts):
+    tokens_BP, lengths_B = left_pad(ids[start : start + size], pad_id, multiple)
+    key = jax.random.fold_in(jax.random.key(seed), k)
+    out = sample(run.params, tokens_BP, lengths_B, key)
+    tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+    batch = [
+        tok.decode([int(t) for t in row[:length] if t not in stops])
+        for row, length in zip(tokens_BN, lengths_B)
+    ]
+    if on_batch:
+      on_batch(k, len(starts), batch)
+    texts.extend(batch)
   return texts

@@ -71,11 +71,12 @@ def sample_logits(logits_BV, key, *, temperature=1.0, top_k=0, top_p=1.0):
   return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts, pad_id):
-  """`(tokens_BP, lengths_B)` numpy int32 arrays of token-id lists, padded on the left."""
+def left_pad(prompts, pad_id, multiple=1):
+  """`(tokens_BP, lengths_B)` numpy int32 arrays of token-id lists, padded on the left to
+  the longest prompt's length rounded up to a multiple of `multiple`."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ArgumentError('every prompt needs at least one token (e.g. BOS)')
-  length = max(len(p) for p in prompts)
+  length = -(-max(len(p) for p in prompts) // multiple) * multiple
   tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
   for row, prompt in enumerate(prompts):
     tokens_BP[row, length - len(prompt) :] = prompt

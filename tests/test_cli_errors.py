@@ -173,6 +173,8 @@ def test_prepare_data_and_train_tokenizer(files, tmp_path):
 
 def test_import_export_generate(files, tmp_path):
   missing = tmp_path / 'missing'
+  existing = files / 'answered.jsonl'  # an earlier run's answers, not to be overwritten
+  existing_bytes = existing.read_bytes()
   for module, preload, cases in (
       (
           'euro_lm.import_hf',
@@ -236,10 +238,21 @@ def test_import_export_generate(files, tmp_path):
                   [f'--workdir={missing}', f'--conversations={files / "answered.jsonl"}'],
                   f"{files / 'answered.jsonl'}:1: message 1 has role 'assistant'; a prompt ends",
               ),
+              ([f'--workdir={missing}', '--prompt=x', '--batch_size=0'], '--batch_size=0 must'),
+              (
+                  [f'--workdir={missing}', '--prompt=x', f'--output={existing}'],
+                  f'--output={existing} exists',
+              ),
+              (
+                  [f'--workdir={missing}', '--prompt=x', f'--output={missing / "a.jsonl"}'],
+                  f'--output={missing / "a.jsonl"}: no directory {missing}',
+              ),
           ],
       ),
   ):
     assert_one_error_line(module, cases, run_cases(module, cases, preload))
+  assert existing.read_bytes() == existing_bytes
+  assert not os.path.exists(f'{existing}.tmp')
 
 
 def test_verbose_adds_the_traceback_and_a_bug_keeps_it(tmp_path):

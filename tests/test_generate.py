@@ -2,19 +2,25 @@
 `model.apply` on the unpadded sequence, hand-made distributions, and the CLI end to end."""
 
 import functools
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from flax import linen as nn
 
 from configs import tiny
 from euro_lm import sampling
 from euro_lm.checkpoint import CheckpointError
+from euro_lm.data.conversations import ConversationSource
+from euro_lm.inference import answer, complete, load_run
 from euro_lm.model.decoder import Decoder, init_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,11 +283,143 @@ def test_cli_prints_completions(trained_workdir):
 
 
 def test_workdir_without_checkpoints_is_a_clear_error(trained_workdir, tmp_path):
-  from euro_lm.inference import load_run  # pylint: disable=g-import-not-at-top
-
   with open(os.path.join(trained_workdir, 'config.json'), encoding='utf-8') as f:
     (tmp_path / 'config.json').write_text(f.read())
   with pytest.raises(CheckpointError, match='no checkpoint in'):
     load_run(str(tmp_path))
   with pytest.raises(CheckpointError, match='no checkpoint for step 7'):
     load_run(trained_workdir, step=7)
+
+
+# Prompts of different lengths (so each batch pads them differently), in file order.
+TEXTS = ['Hello', 'Bonjour le monde, comment', 'Guten']
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_size(trained_workdir):
+  """Padding is masked out exactly: a prompt's greedy completion is the same alone, in
+  pairs or in one batch of all; `on_batch` gets the batches in order as they come."""
+  greedy = functools.partial(complete, load_run(trained_workdir), TEXTS, temperature=0.0)
+  texts, batches = greedy(max_new_tokens=8), []
+  assert len(set(texts)) == len(TEXTS)  # a mix-up of rows would show
+  assert greedy(max_new_tokens=8, batch_size=1) == texts
+  assert greedy(max_new_tokens=8, batch_size=2, on_batch=lambda *b: batches.append(b)) == texts
+  assert batches == [(0, 2, texts[:2]), (1, 2, texts[2:])]
+
+
+def test_a_sample_does_not_depend_on_later_prompts(trained_workdir):
+  """Batch k samples with fold_in(key(seed), k): the first batches of a longer file are
+  answered as the shorter file's."""
+  run = load_run(trained_workdir)
+  sample = functools.partial(complete, run, max_new_tokens=8, temperature=1.0, seed=3)
+  assert sample(TEXTS, batch_size=2)[:2] == sample(TEXTS[:2], batch_size=2)
+  assert sample(TEXTS, batch_size=2) != sample(TEXTS, batch_size=2, seed=4)
+
+
+# The default template with the tools in a turn of their own, and a generation prompt that
+# ends with the last message's text: the 2-step model's greedy answer depends on little but
+# the last token, so each record gets its own answer (and their order shows).
+ECHO_TEMPLATE = (
+    '{{ bos_token }}'
+    "{% if tools %}{{ '<|im_start|>tools\\n' + (tools | tojson) + '<|im_end|>\\n' }}{% endif %}"
+    '{% for message in messages %}'
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    '{% endfor %}'
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' + messages[-1]['content'] }}"
+    '{% endif %}'
+)
+WEATHER = {'type': 'function', 'function': {'name': 'get_weather', 'parameters': {}}}
+
+
+def test_cli_writes_answered_conversations_to_a_jsonl_file(trained_workdir, tmp_path):
+  """`--conversations --output --batch_size=2`: the output holds each record, its other
+  fields kept, with the greedy answer appended as an assistant message, in file order, and
+  reads back as chat data; stdout has one summary line, stderr the batches."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_workdir, workdir)
+  with open(os.path.join(workdir, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
+    f.write(ECHO_TEMPLATE)
+  user = lambda text: {'role': 'user', 'content': text}
+  records = [
+      {'messages': [user('Hallo')], 'language': 'de'},
+      {
+          'messages': [
+              {'role': 'system', 'content': 'Be brief.'},
+              user('Hi'),
+              {'role': 'assistant', 'content': 'Hello!'},
+              user('How are you?'),
+          ],
+          'id': 'q2',
+      },
+      {'messages': [user('Bonjour, le monde')], 'language': 'fr', 'tools': [WEATHER]},
+      {'messages': [user('the cat')]},
+      {'messages': [user('Guten Tag')], 'language': 'de'},
+  ]
+  prompts, out = tmp_path / 'prompts.jsonl', tmp_path / 'answers.jsonl'
+  prompts.write_text(''.join(json.dumps(r) + '\n' for r in records), encoding='utf-8')
+  result = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'euro_lm.generate',
+          f'--workdir={workdir}',
+          f'--conversations={prompts}',
+          f'--output={out}',
+          '--batch_size=2',
+          '--max_new_tokens=8',
+          '--temperature=0',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+  )
+  assert result.returncode == 0, result.stderr
+  run = load_run(workdir)
+  assert result.stdout == f'wrote 5 answers of {run.step_dir} to {out}\n'
+  progress = [l for l in result.stderr.splitlines() if l.startswith('batch ')]
+  assert progress == ['batch 1/3: 2 answers', 'batch 2/3: 2 answers', 'batch 3/3: 1 answer']
+  assert sorted(os.listdir(tmp_path)) == ['answers.jsonl', 'prompts.jsonl', 'run']  # no .tmp
+
+  texts = answer(
+      run,
+      [r['messages'] for r in records],
+      tools=[r.get('tools') for r in records],
+      max_new_tokens=8,
+      temperature=0.0,
+  )
+  assert len(set(texts)) == len(records) and all(t.strip() for t in texts)
+  expected = [
+      {**r, 'messages': [*r['messages'], {'role': 'assistant', 'content': t}]}
+      for r, t in zip(records, texts)
+  ]
+  with open(out, encoding='utf-8') as f:
+    assert [json.loads(line) for line in f] == expected
+  # Chat data again: strict reading stops at a bad record.
+  read = list(ConversationSource(strict=True).read(str(out))[0])
+  assert [c.messages for c in read] == [e['messages'] for e in expected]
+  assert [c.tools for c in read] == [None, None, [WEATHER], None, None]
+
+
+def test_parquet_prompts_keep_their_other_columns(tmp_path):
+  """What `--output` writes a Parquet record back with: its other columns as they are (null
+  where a row has none), its tools column parsed from JSON text into `tools`."""
+  user = lambda text: json.dumps([{'role': 'user', 'content': text}])
+  path = str(tmp_path / 'prompts.parquet')
+  pq.write_table(
+      pa.table(
+          {
+              'id': ['a', 'b'],
+              'messages': [user('Hallo'), user('Salut')],
+              'tools': [json.dumps([WEATHER]), None],
+              'language': ['de', None],
+          }
+      ),
+      path,
+  )
+  read = list(ConversationSource(prompts=True, strict=True, keep_fields=True).read(path)[0])
+  assert [(c.tools, c.fields) for c in read] == [
+      ([WEATHER], {'id': 'a', 'tools': json.dumps([WEATHER]), 'language': 'de'}),
+      (None, {'id': 'b', 'tools': None, 'language': None}),
+  ]
+  assert list(ConversationSource(prompts=True).read(path)[0])[0].fields is None

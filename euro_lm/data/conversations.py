@@ -64,6 +64,7 @@ class Conversation(NamedTuple):
   language: str  # canonical tag, or '' when the source names none
   position: int  # line (JSONL, from 1) or row (Parquet, from 0) in its file
   tools: list[dict] | None = None  # the record's tool schemas, for the template
+  fields: dict | None = None  # the record's other fields, as read (with `keep_fields`)
 
 
 class Example(NamedTuple):
@@ -229,6 +230,8 @@ class ConversationSource:
     strict: raise `DataError` at the first bad record instead of counting it.
     prompts: the records are prompts for a model to answer (`check_messages`' `prompt`),
       not conversations to train on.
+    keep_fields: each Conversation carries its record's other fields (Parquet: columns)
+      in `fields`, so that a record can be written back with new messages.
   """
 
   format: str = 'auto'
@@ -237,6 +240,7 @@ class ConversationSource:
   language: str = ''
   strict: bool = False
   prompts: bool = False
+  keep_fields: bool = False
 
   def __post_init__(self):
     if self.format not in FORMATS:
@@ -301,7 +305,7 @@ class ConversationSource:
 
     return examples(), bad_records
 
-  def _conversation(self, messages, code, tools, language_of, bad_records, position):
+  def _conversation(self, messages, code, tools, language_of, bad_records, position, fields):
     """The record as a Conversation, or None after reporting why it is bad."""
     if messages is None:
       bad_records.add(MISSING_FIELD, position, f'no {self.messages_field!r} (missing or null)')
@@ -325,7 +329,7 @@ class ConversationSource:
       except ValueError as e:
         bad_records.add(UNKNOWN_LANGUAGE, position, str(e))
         return None
-    return Conversation(messages, language, position, tools)
+    return Conversation(messages, language, position, tools, fields)
 
   def _jsonl(self, path, bad_records):
     language_of = LanguageCache(self.language)
@@ -337,6 +341,9 @@ class ConversationSource:
           language_of,
           bad_records,
           line_number,
+          {k: v for k, v in record.items() if k != self.messages_field}
+          if self.keep_fields
+          else None,
       )
       if conversation is not None:
         yield conversation
@@ -344,9 +351,12 @@ class ConversationSource:
   def _parquet(self, path, bad_records):
     language_of = LanguageCache(self.language)
     columns = [self.messages_field] + ([self.language_field] if self.language_field else [])
-    with_tools = TOOLS_FIELD in _parquet_columns(path) and TOOLS_FIELD not in columns
+    names = _parquet_columns(path)
+    with_tools = TOOLS_FIELD in names and TOOLS_FIELD not in columns
     if with_tools:
       columns.append(TOOLS_FIELD)
+    others = [n for n in names if n != self.messages_field] if self.keep_fields else []
+    columns += [n for n in others if n not in columns]
     schema_problem = (
         (lambda schema: language_column_problem(schema, self.language_field))
         if self.language_field
@@ -361,6 +371,7 @@ class ConversationSource:
           else [None] * len(records)
       )
       tools = batch.column(columns.index(TOOLS_FIELD)).to_pylist() if with_tools else None
+      values = {n: batch.column(columns.index(n)).to_pylist() for n in others}
       for k, (messages, code) in enumerate(zip(records, codes)):
         row = first_row + k
         try:
@@ -369,7 +380,10 @@ class ConversationSource:
         except BadRecord as e:
           bad_records.add(e.kind, row, e.reason)
           continue
-        conversation = self._conversation(messages, code, row_tools, language_of, bad_records, row)
+        fields = {n: column[k] for n, column in values.items()} if self.keep_fields else None
+        conversation = self._conversation(
+            messages, code, row_tools, language_of, bad_records, row, fields
+        )
         if conversation is not None:
           yield conversation
 
