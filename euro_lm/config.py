@@ -76,9 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_plus_one = False  # RMSNorms scale by (1 + scale), scale stored from 0 (Gemma)
   m.post_norms = False  # also RMSNorm the attention and MLP outputs before each residual add
   m.scale_embeddings = False  # multiply the input embeddings by sqrt(embed_dim) (Gemma)
-  m.mlp_activation = (
-      'silu'  # gated: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma); xielu: down(xIELU(up))
-  )
+  # the MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma) gate the up projection; xielu has
+  # no gate, down(xIELU(up(x))) (Apertus)
+  m.mlp_activation = 'silu'
   m.query_pre_attn_scalar = 0  # attention logits times this ** -0.5; 0 means head_dim
   m.attn_logit_softcap = 0.0  # >0: attention scores become cap * tanh(scores / cap) (Gemma 2)
   m.final_logit_softcap = 0.0  # >0: output logits become cap * tanh(logits / cap) (Gemma 2)
@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   # bfloat16 compute on Hopper or newer NVIDIA GPUs (and CPU, emulated); attention stays bf16
   m.lora_rank = 0  # >0: LoRA adapters of this rank; only they train (0: full fine-tuning)
   m.lora_alpha = 16.0  # LoRA: the adapters' product is scaled by lora_alpha / lora_rank
-  m.lora_targets = 'q,k,v,o,gate,up,down'  # LoRA: the projections that get adapters
+  # LoRA: the projections that get adapters (gate only where the MLP has one: not xielu)
+  m.lora_targets = 'q,k,v,o,gate,up,down'
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # optimizer steps

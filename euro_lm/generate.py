@@ -19,12 +19,14 @@ implies `--chat`). The template gets the run's data.chat_template_kwargs, update
 Answers go to stdout, or with `--output` to a new JSONL file in input order: a record's
 own fields with the answer appended to its messages as an assistant message (chat data
 again), `{"prompt", "completion"}` for a `--prompt`, the messages for a `--chat` prompt.
-The file is written as `FILE.tmp` (flushed after each batch; a leftover one is
-overwritten) and renamed to FILE at the end; an existing FILE is refused. Progress goes
-to stderr. Library use: `euro_lm.inference.load_run(workdir)` then
+The file is written as `FILE.tmp` (flushed after each batch; kept, and named, when the
+run fails) and renamed to FILE at the end; an existing FILE or FILE.tmp is refused.
+Progress goes to stderr. Library use: `euro_lm.inference.load_run(workdir)` then
 `complete(run, prompts, ...)` or `answer(run, conversations, ...)`.
 """
 
+import datetime
+import decimal
 import json
 import os
 import sys
@@ -79,8 +81,8 @@ _OUTPUT = flags.DEFINE_string(
     'output',
     None,
     'Write the answers to this new JSONL file (refused if it exists), in input order, '
-    'instead of stdout; written as FILE.tmp (a leftover one is overwritten), renamed at the '
-    'end.',
+    'instead of stdout; written as FILE.tmp (refused if it exists: the answers of a run '
+    'that stopped), renamed at the end.',
 )
 
 
@@ -129,23 +131,35 @@ class _AnswerFile:
   `<path>.tmp`, flushed after each batch, and `close` renames it to `path`."""
 
   def __init__(self, path):
-    """Refuses an existing `path` or a missing folder before any work is done."""
+    """Refuses an existing `path` or `.tmp` file, or a missing folder, before any work."""
     self.path, self.tmp = path, path + '.tmp'
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.lexists(path):
       raise UserError(f'--output={path} exists: remove it or choose another name')
+    if os.path.lexists(self.tmp):
+      raise UserError(
+          f'--output={path}: {self.tmp} exists, the answers of a run that stopped: move '
+          'it away or remove it'
+      )
     if not os.path.isdir(folder):
       raise UserError(f'--output={path}: no directory {folder}')
     self.file = open(self.tmp, 'w', encoding='utf-8')  # an unwritable folder fails here
     self.count = 0
 
   def write(self, records):
-    """Appends one JSON line per record (a value JSON has no type for, such as a Parquet
-    timestamp, as its text) and flushes them."""
+    """Appends one JSON line per record (a Parquet date, time or decimal as its text) and
+    flushes them; refuses a value JSON cannot hold (NaN, bytes)."""
     for record in records:
-      self.file.write(json.dumps(record, ensure_ascii=False, default=str) + '\n')
+      try:
+        line = json.dumps(record, ensure_ascii=False, allow_nan=False, default=_as_text)
+      except (TypeError, ValueError) as e:
+        what = e if isinstance(e, TypeError) else 'NaN or infinity'  # json's ValueError
+        raise UserError(
+            f'--output={self.path}: answer {self.count + 1} has a field JSON cannot hold: {what}'
+        ) from None
+      self.file.write(line + '\n')
+      self.count += 1
     self.file.flush()
-    self.count += len(records)
 
   def close(self):
     """Moves the finished file to its name; raises, keeping it, if that name appeared."""
@@ -157,10 +171,22 @@ class _AnswerFile:
     os.replace(self.tmp, self.path)
 
   def abandon(self):
-    """After a failure: keeps the answers written so far in the .tmp file, else removes it."""
+    """After a failure: keeps the answers written so far in the .tmp file, and says so;
+    else removes it."""
     self.file.close()
-    if not self.count:
+    if os.path.getsize(self.tmp):
+      print(f'warning: the answers written so far are kept in {self.tmp}', file=sys.stderr)
+    else:
       os.remove(self.tmp)
+
+
+def _as_text(value):
+  """A date, time or decimal (Parquet columns) as JSON text; refuses anything else."""
+  if isinstance(value, (datetime.date, datetime.time)):
+    return value.isoformat()
+  if isinstance(value, decimal.Decimal):
+    return str(value)
+  raise TypeError(f'a {type(value).__name__} value')
 
 
 def _answers(count):

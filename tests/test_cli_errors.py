@@ -175,6 +175,8 @@ def test_import_export_generate(files, tmp_path):
   missing = tmp_path / 'missing'
   existing = files / 'answered.jsonl'  # an earlier run's answers, not to be overwritten
   existing_bytes = existing.read_bytes()
+  stopped = tmp_path / 'stopped.jsonl'  # a run that stopped left stopped.jsonl.tmp
+  (tmp_path / 'stopped.jsonl.tmp').write_bytes(existing_bytes)
   for module, preload, cases in (
       (
           'euro_lm.import_hf',
@@ -244,6 +246,10 @@ def test_import_export_generate(files, tmp_path):
                   f'--output={existing} exists',
               ),
               (
+                  [f'--workdir={missing}', '--prompt=x', f'--output={stopped}'],
+                  f'--output={stopped}: {stopped}.tmp exists, the answers of a run that stopped',
+              ),
+              (
                   [f'--workdir={missing}', '--prompt=x', f'--output={missing / "a.jsonl"}'],
                   f'--output={missing / "a.jsonl"}: no directory {missing}',
               ),
@@ -253,6 +259,7 @@ def test_import_export_generate(files, tmp_path):
     assert_one_error_line(module, cases, run_cases(module, cases, preload))
   assert existing.read_bytes() == existing_bytes
   assert not os.path.exists(f'{existing}.tmp')
+  assert (tmp_path / 'stopped.jsonl.tmp').read_bytes() == existing_bytes
 
 
 def test_verbose_adds_the_traceback_and_a_bug_keeps_it(tmp_path):

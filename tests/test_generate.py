@@ -401,6 +401,45 @@ def test_cli_writes_answered_conversations_to_a_jsonl_file(trained_workdir, tmp_
   assert [c.tools for c in read] == [None, None, [WEATHER], None, None]
 
 
+def test_a_failed_output_run_keeps_and_names_its_answers(trained_workdir, tmp_path):
+  """A record whose field JSON cannot hold (NaN) stops the run with one error line after
+  the batch before it was written: those answers stay in FILE.tmp, named on stderr, and a
+  second run refuses to start over them."""
+  user = {'role': 'user', 'content': 'Hallo'}
+  prompts, out = tmp_path / 'prompts.jsonl', tmp_path / 'answers.jsonl'
+  prompts.write_text(
+      json.dumps({'messages': [user], 'score': 1.5})
+      + '\n'
+      + json.dumps({'messages': [user], 'score': float('nan')})
+      + '\n',
+      encoding='utf-8',
+  )
+  command = [
+      sys.executable,
+      '-m',
+      'euro_lm.generate',
+      f'--workdir={trained_workdir}',
+      f'--conversations={prompts}',
+      f'--output={out}',
+      '--batch_size=1',
+      '--max_new_tokens=2',
+      '--temperature=0',
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-2:] == [
+      f'warning: the answers written so far are kept in {out}.tmp',
+      f'error: --output={out}: answer 2 has a field JSON cannot hold: NaN or infinity',
+  ]
+  assert not out.exists()
+  kept = [json.loads(line) for line in open(f'{out}.tmp', encoding='utf-8')]
+  assert [(r['score'], r['messages'][:1]) for r in kept] == [(1.5, [user])]
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+  assert again.stderr.splitlines()[-1].startswith(f'error: --output={out}: {out}.tmp exists')
+  assert [json.loads(line) for line in open(f'{out}.tmp', encoding='utf-8')] == kept
+
+
 def test_parquet_prompts_keep_their_other_columns(tmp_path):
   """What `--output` writes a Parquet record back with: its other columns as they are (null
   where a row has none), its tools column parsed from JSON text into `tools`."""

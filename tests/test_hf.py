@@ -845,6 +845,40 @@ def test_xielu_exports_as_apertus():
     hf.model_config_from_hf({'model_type': 'apertus', 'hidden_act': 'gelu'})
 
 
+LLAMA3 = {
+    'rope_type': 'llama3',
+    'factor': 8.0,
+    'original_max_position_embeddings': 8192,
+    'low_freq_factor': 1.0,
+    'high_freq_factor': 4.0,
+}
+
+
+@pytest.mark.parametrize(
+    'rope',
+    [
+        {},
+        {'rope_scaling': LLAMA3},
+        {'rope_parameters': LLAMA3},
+        {'rope_parameters': {'rope_type': 'default'}},
+        {'rope_theta': 1e6},
+        {'rope_parameters': None},
+        {'rope_scaling': None, 'rope_theta': 5e5},
+        {'rope_parameters': LLAMA3 | {'rope_theta': 5e5}},
+    ],
+)
+def test_apertus_rope_reads_as_transformers_reads_it(rope):
+  """ApertusConfig's Llama 3 RoPE where a config names no RoPE dict (a bare rope_theta is
+  ignored then), and its theta of 12M where a dict leaves it out."""
+  sizes = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=40)
+  model = hf.model_config_from_hf({'model_type': 'apertus', 'vocab_size': 10, **sizes, **rope})
+  want = transformers.ApertusConfig(**sizes, **copy.deepcopy(rope)).rope_parameters
+  assert model['rope_theta'] == want['rope_theta']
+  assert model['rope_scaling'] == {'default': 'none'}.get(want['rope_type'], want['rope_type'])
+  if want['rope_type'] == 'llama3':
+    assert model['rope_scaling_factor'] == want['factor']
+
+
 def test_command_lines(tmp_path):
   """The entry points: import a random HF model, export it again, and refuse bad input
   with one 'error:' line rather than a traceback."""

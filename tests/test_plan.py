@@ -314,8 +314,9 @@ def xla_memory(config):
         },
         {'model.remat_policy': 'full', **MESHES['fsdp8']},
         {'model.remat_policy': 'dots_no_batch', 'train.grad_accum_steps': 2},
+        {'model.remat_policy': 'none', 'model.mlp_activation': 'xielu'},  # no gate (Apertus)
     ],
-    ids=['none', 'full', 'none-tensor2-L128', 'full-fsdp8', 'dots_no_batch-accum2'],
+    ids=['none', 'full', 'none-tensor2-L128', 'full-fsdp8', 'dots_no_batch-accum2', 'none-xielu'],
 )
 def test_estimate_against_xla_memory_analysis(overrides):
   c = small_config(**overrides)

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from euro_lm import cli, hf, host_memory
 from euro_lm.bench.synthetic import compile_train_step, measured_matmul_flops
+from euro_lm.errors import UserError
 from euro_lm.model import param_count, train_flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/llama_125m.py', 'Model and batch.')
@@ -185,6 +186,8 @@ def main(argv):
       params, batch = pickle.load(f)
     print(json.dumps(torch_rows(config, params, batch, _TORCH_KEEP_FREED.value)))
     return
+  if hf.architectures.for_model(config.model.to_dict()) is not hf.llama:
+    raise UserError('the PyTorch comparison runs LlamaForCausalLM-shaped models only')
   t = config.train
   tokens = t.global_batch_size * t.seq_len
 

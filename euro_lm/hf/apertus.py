@@ -9,11 +9,17 @@ A euro_lm model with `mlp_activation='xielu'` exports as ApertusForCausalLM.
 
 from euro_lm.errors import HFError
 from euro_lm.hf import llama, qwen3
+from euro_lm.model.layers import XIELU_SCALARS
 
 ARCHITECTURES = {'apertus': 'ApertusForCausalLM'}
 
 # ApertusConfig's defaults (transformers 5) where they are not Llama's.
-DEFAULTS = llama.DEFAULTS | {'hidden_act': 'xielu', 'rms_norm_eps': 1e-5}
+DEFAULTS = llama.DEFAULTS | {
+    'hidden_act': 'xielu',
+    'rms_norm_eps': 1e-5,
+    'rope_theta': 12_000_000.0,
+}
+# ApertusConfig's RoPE where a config.json gives neither rope_parameters nor rope_scaling.
 _ROPE = {
     'rope_type': 'llama3',
     'rope_theta': 12_000_000.0,
@@ -26,13 +32,6 @@ _NORMS = {
     '.input_layernorm.': '.attention_layernorm.',
     '.post_attention_layernorm.': '.feedforward_layernorm.',
 }
-# xIELU's scalars: (euro_lm name, HF name, shape).
-_XIELU = (
-    ('xielu_alpha_p', 'alpha_p', (1,)),
-    ('xielu_alpha_n', 'alpha_n', (1,)),
-    ('xielu_beta', 'beta', ()),
-    ('xielu_eps', 'eps', ()),
-)
 # euro_lm model fields an Apertus model has, with the values it needs.
 _FIELDS = {
     'qk_norm': True,
@@ -62,20 +61,22 @@ def _projections_and_norms(model):
 
 def param_table(model):
   """[(euro_lm path, HF name template, per layer)]: projections and norms, then xIELU's."""
-  xielu = [
-      (('layers', 'mlp', name), f'model.layers.{{i}}.mlp.act_fn.{hf}', True)
-      for name, hf, _ in _XIELU
-  ]
+  xielu = [(('layers', 'mlp', name), _xielu_template(name), True) for name in XIELU_SCALARS]
   return _projections_and_norms(model) + xielu
 
 
 def expected_hf_shapes(model):
   """{HF name: shape}, in `param_table` order."""
   shapes = llama.expected_hf_shapes(model, _projections_and_norms(model))
-  for _, hf, shape in _XIELU:
+  for name, (_, shape) in XIELU_SCALARS.items():
     for i in range(model['num_layers']):
-      shapes[f'model.layers.{i}.mlp.act_fn.{hf}'] = shape
+      shapes[_xielu_template(name).format(i=i)] = shape
   return shapes
+
+
+def _xielu_template(name):
+  """The HF name template of xIELU's scalar `name` (xielu_alpha_p: act_fn.alpha_p)."""
+  return f'model.layers.{{i}}.mlp.act_fn.{name.removeprefix("xielu_")}'
 
 
 def check_exportable(model):
@@ -109,10 +110,12 @@ def hf_config(model, **kwargs):
 
 
 def model_config_from_hf(hf, where='config.json'):
-  """euro_lm `model` fields of an Apertus config: Llama's, with QK-norm and xIELU; without
-  any RoPE field, ApertusConfig's Llama 3 scaling."""
-  if not any(k in hf for k in ('rope_parameters', 'rope_scaling', 'rope_theta')):
-    hf = hf | {'rope_parameters': _ROPE}
+  """euro_lm `model` fields of an Apertus config: Llama's, with QK-norm and xIELU. As
+  transformers 5 reads it: without rope_parameters or rope_scaling (null counts as
+  without), ApertusConfig's Llama 3 scaling, whatever rope_theta says; a theta left out is
+  12M."""
+  if not hf.get('rope_parameters') and not hf.get('rope_scaling'):
+    hf = hf | {'rope_parameters': _ROPE, 'rope_scaling': None}
   hf = DEFAULTS | hf
   return llama.model_config_from_hf(hf, where, activation='xielu') | {
       'qk_norm': True,

@@ -10,6 +10,7 @@ euro_lm model with `nope_interval > 0` exports as SmolLM3ForCausalLM.
 from euro_lm.errors import HFError
 from euro_lm.hf import llama
 from euro_lm.hf.folder import positive_int
+from euro_lm.model.layers import rope_layers
 
 ARCHITECTURES = {'smollm3': 'SmolLM3ForCausalLM'}
 
@@ -33,7 +34,7 @@ text_tensor_names = llama.text_tensor_names
 
 def _no_rope_layers(num_layers, interval):
   """SmolLM3's per-layer flags (1: RoPE, 0: NoPE) for a NoPE layer every `interval` layers."""
-  return [int((i + 1) % interval != 0) for i in range(num_layers)]
+  return [int(r) for r in rope_layers({'num_layers': num_layers, 'nope_interval': interval})]
 
 
 def hf_config(model, **kwargs):
@@ -59,10 +60,9 @@ def model_config_from_hf(hf, where='config.json'):
   hf = DEFAULTS | hf
   model = llama.model_config_from_hf(hf, where)
   layers = model['num_layers']
-  interval = positive_int(hf, 'no_rope_layer_interval', where)
   flags = hf.get('no_rope_layers')
   if flags is None:  # as transformers derives it
-    flags = _no_rope_layers(layers, interval)
+    flags = _no_rope_layers(layers, positive_int(hf, 'no_rope_layer_interval', where))
   if not isinstance(flags, list) or len(flags) < layers:
     raise HFError(f'{where}: no_rope_layers must be a list of at least {layers} flags (0 or 1)')
   flags = flags[:layers]  # transformers reads the first num_hidden_layers

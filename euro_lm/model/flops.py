@@ -1,7 +1,9 @@
 """Analytic FLOP and parameter counts for MFU (model FLOPs: remat recompute not counted)."""
 
+import math
+
 from euro_lm.model import lora
-from euro_lm.model.layers import XIELU_INIT, head_dim, local_layers
+from euro_lm.model.layers import XIELU_SCALARS, head_dim, local_layers
 
 
 def param_count(model_config):
@@ -9,8 +11,10 @@ def param_count(model_config):
   c = model_config
   hd = head_dim(c)
   attention = c.embed_dim * hd * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = (3 if lora.has_gate(c) else 2) * c.embed_dim * c.mlp_dim
-  mlp += 0 if lora.has_gate(c) else len(XIELU_INIT)
+  if lora.has_gate(c):
+    mlp = 3 * c.embed_dim * c.mlp_dim
+  else:  # up, down and xIELU's scalars
+    mlp = 2 * c.embed_dim * c.mlp_dim + sum(math.prod(s) for _, s in XIELU_SCALARS.values())
   norms = (4 if c.get('post_norms', False) else 2) * c.embed_dim + (2 * hd if c.qk_norm else 0)
   biases = hd * (c.num_heads + 2 * c.num_kv_heads) if c.get('qkv_bias', False) else 0
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)

@@ -189,16 +189,19 @@ GATED_ACTIVATIONS = {'silu': swiglu, 'gelu_tanh': geglu}
 MLP_ACTIVATIONS = (*GATED_ACTIVATIONS, 'xielu')
 
 
-# xIELU's per-layer scalars as Apertus initialises them: alpha_p and alpha_n are stored
-# before softplus (alpha_n less beta) and train; beta and eps are constants.
-XIELU_INIT = {
-    'xielu_alpha_p': math.log(math.expm1(0.8)),
-    'xielu_alpha_n': math.log(math.expm1(0.8 - 0.5)),
-    'xielu_beta': 0.5,
-    'xielu_eps': -1e-6,
+# xIELU's per-layer scalars: (initial value as Apertus', shape as Apertus stores it).
+# alpha_p and alpha_n are stored before softplus (alpha_n less beta) and train; beta and
+# eps are constants.
+XIELU_SCALARS = {
+    'xielu_alpha_p': (math.log(math.expm1(0.8)), (1,)),
+    'xielu_alpha_n': (math.log(math.expm1(0.8 - 0.5)), (1,)),
+    'xielu_beta': (0.5, ()),
+    'xielu_eps': (-1e-6, ()),
 }
 
 
+# Rematerialised: its backward keeps the input, not the float32 intermediates.
+@jax.checkpoint
 def xielu(x, alpha_p, alpha_n, beta, eps):
   """xIELU (arXiv:2411.13010, Apertus' MLP activation), in float32: `a_p x^2 + beta x` for
   x > 0, else `a_n (expm1(min(x, eps)) - x) + beta x`, where a_p = softplus(alpha_p) and
@@ -472,13 +475,10 @@ class Mlp(nn.Module):
       gate_BLF = project(self, 'gate', x_BLD, w_gate_DF, ('embed',), ('mlp',))
       hidden_BLF = GATED_ACTIVATIONS[cfg.get('mlp_activation', 'silu')](gate_BLF, up_BLF)
     else:
-
-      def scalar(name):  # the alphas `[1]` and beta, eps `[]`, as Apertus stores them
-        shape = (1,) if 'alpha' in name else ()
-        init = nn.initializers.constant(XIELU_INIT[name])
-        return _param(self, name, shape, (None,) * len(shape), init)
-
-      alpha_p, alpha_n, beta, eps = map(scalar, XIELU_INIT)
+      alpha_p, alpha_n, beta, eps = (
+          _param(self, name, shape, (None,) * len(shape), nn.initializers.constant(value))
+          for name, (value, shape) in XIELU_SCALARS.items()
+      )
       # beta and eps are constants: no gradient and no weight decay (train.optimizer), so
       # AdamW never moves them.
       beta, eps = jax.lax.stop_gradient(beta), jax.lax.stop_gradient(eps)
