@@ -118,7 +118,7 @@ def chat_variables(run) -> dict:
 SAMPLING = dict(max_new_tokens=64, temperature=0.8, top_k=0, top_p=0.95, seed=0, batch_size=None)
 # Several batches: prompt widths are rounded up to a multiple of this, so that batches share
 # compiled shapes (left padding is masked: answers do not change).
-_PROMPT_WIDTH_MULTIPLE = 64
+PROMPT_WIDTH_MULTIPLE = 64
 
 
 def complete(
@@ -236,7 +236,7 @@ def _sample(
   )
   size = batch_size or max(len(ids), 1)
   starts = range(0, len(ids), size)
-  multiple = _PROMPT_WIDTH_MULTIPLE if len(starts) > 1 else 1
+  multiple = PROMPT_WIDTH_MULTIPLE if len(starts) > 1 else 1
   texts = []
   for k, start in enumerate(starts):
     tokens_BP, lengths_B = left_pad(ids[start : start + size], pad_id, multiple)

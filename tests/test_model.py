@@ -263,7 +263,7 @@ def test_an_xielu_mlp_has_no_gate_and_adamw_keeps_its_constants():
   assert forward_flops_per_token(gated, 16) - forward_flops_per_token(config, 16) == 2 * 2 * D * F
 
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
-  grads = jax.grad(lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2)))(params)
   optimizer_config = base_config().optimizer
   optimizer_config.weight_decay = 0.1
   tx, _ = make_optimizer(optimizer_config, total_steps=10)

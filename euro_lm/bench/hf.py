@@ -2,7 +2,8 @@
 
 Hugging Face import and export on this machine: a random float32 folder of the architecture
 that exports the config's model (Llama; Qwen2 with `--config.model.qkv_bias=True`, Qwen3
-with `qk_norm`, Mistral with `sliding_window`), in its shape (written tensor by tensor, no
+with `qk_norm`, Mistral with `sliding_window`, SmolLM3 with `nope_interval`, Apertus with
+`mlp_activation=xielu` and `qk_norm`, ...), in its shape (written tensor by tensor, no
 torch), is imported with `python -m euro_lm.import_hf`, then exported again with
 `python -m euro_lm.export_hf --dtype=float32`, each in its own process. Prints one table:
 wall time, throughput and peak host memory (the child's maximum RSS), next to a process

@@ -238,16 +238,21 @@ def local_layers(cfg):
   """Per layer, whether it is local: attends within `model.sliding_window` (if set) with
   RoPE base `model.rope_local_theta` (if set). With `model.sliding_window_pattern` N every
   Nth layer is global instead (full attention, `rope_theta` and its scaling); without, all
-  layers are local, so `sliding_window` alone windows every layer (Mistral)."""
-  pattern = cfg.get('sliding_window_pattern', 0)  # cfg: a ConfigDict or a dict
-  return tuple(not pattern or (i + 1) % pattern != 0 for i in range(cfg['num_layers']))
+  layers are local, so `sliding_window` alone windows every layer (Mistral). `cfg`: a
+  ConfigDict or a dict."""
+  return _all_but_every_nth(cfg['num_layers'], cfg.get('sliding_window_pattern', 0))
 
 
 def rope_layers(cfg):
   """Per layer, whether it rotates queries and keys: with `model.nope_interval` N every
   Nth layer has no position embedding (NoPE: causal masking alone orders the tokens)."""
-  interval = cfg.get('nope_interval', 0)  # cfg: a ConfigDict or a dict
-  return tuple(not interval or (i + 1) % interval != 0 for i in range(cfg['num_layers']))
+  return _all_but_every_nth(cfg['num_layers'], cfg.get('nope_interval', 0))
+
+
+def _all_but_every_nth(num_layers, n):
+  """Per layer, False for layers n, 2n, ... (counted from 1), True for the others (all
+  where n is 0)."""
+  return tuple(not n or (i + 1) % n != 0 for i in range(num_layers))
 
 
 ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')
