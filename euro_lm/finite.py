@@ -18,7 +18,7 @@ def finite_flags(tree):
   """Per leaf: a bool scalar, or a `[num_layers]` bool vector for scanned leaves. Traceable."""
 
   def flags(path, x):
-    if 'layers' in leaf_name(path).split('/') and x.ndim > 1:
+    if 'layers' in leaf_name(path).split('/') and x.ndim:  # [L, ...], or [L] (xIELU's)
       return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
     return jnp.all(jnp.isfinite(x))
 

@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
+from euro_lm import finite
 from euro_lm.config import base_config
 from euro_lm.model import Decoder, forward_flops_per_token, lora, param_count, train_flops_per_token
 from euro_lm.model.layers import rope, rope_frequencies
@@ -276,3 +277,15 @@ def test_an_xielu_mlp_has_no_gate_and_adamw_keeps_its_constants():
     assert np.all(mlp[name] != before[name])
   config.lora_rank = 2
   assert lora.targets(config) == ('q', 'k', 'v', 'o', 'up', 'down')
+
+
+def test_a_nonfinite_report_names_the_layers_of_stacked_scalars():
+  """A stacked leaf of one scalar per layer (xIELU's beta, `[L]`) is reported per layer,
+  as the matrices are."""
+  tree = {
+      'layers': {
+          'mlp': {'xielu_beta': jnp.array([0.5, jnp.nan, 0.5]), 'w_up': jnp.ones((3, 2, 4))},
+      },
+      'final_norm': {'scale': jnp.array([1.0, jnp.inf])},
+  }
+  assert finite.nonfinite_leaves(tree) == ['final_norm/scale', 'layers/mlp/xielu_beta (layers 1)']
