@@ -37,7 +37,7 @@ from euro_lm import cli
 from euro_lm.data import chat
 from euro_lm.data.conversations import ConversationSource, tools_problem
 from euro_lm.errors import UserError
-from euro_lm.inference import SAMPLING, answer, complete, load_run
+from euro_lm.inference import SAMPLING, answer, complete, load_run, user_turn
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat for several.')
@@ -208,8 +208,7 @@ def _prompt_record(prompt, text, tools):
   completion."""
   if not _CHAT.value:
     return {'prompt': prompt, 'completion': text}
-  system = [{'role': 'system', 'content': _SYSTEM.value}] if _SYSTEM.value else []
-  messages = [*system, {'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': text}]
+  messages = [*user_turn(prompt, _SYSTEM.value), {'role': 'assistant', 'content': text}]
   return {'messages': messages, **({'tools': tools} if tools is not None else {})}
 
 

@@ -129,7 +129,6 @@ def complete(
     system='',
     tools=None,
     template_variables=None,
-    on_batch=None,
     **sampling,
 ):
   """The completion text of each prompt (without the prompt and the stop id). With
@@ -139,17 +138,15 @@ def complete(
   `chat_messages`, the template a run fine-tuned with, if any: where its export stops).
 
   `sampling`: `SAMPLING`'s settings (`temperature=0` is greedy; `top_k` 0 and `top_p` 1 are
-  off). The prompts run `batch_size` at a time, in order (None: all in one batch); batch k
-  samples with the key `jax.random.fold_in(jax.random.key(seed), k)`, so a prompt's sample
-  depends on the seed, the batch size and the prompts of its own batch only. Greedy
-  answers are the same whatever the batch size. `on_batch(k, batches, texts)`, if given,
-  gets each batch's texts as they come (to write or report them)."""
-  sampling['on_batch'] = on_batch
+  off), and `on_batch`. The prompts run `batch_size` at a time, in order (None: all in
+  one batch); batch k samples with the key `jax.random.fold_in(jax.random.key(seed), k)`,
+  so a prompt's sample depends on the seed, the batch size and the prompts of its own
+  batch only. Greedy answers are the same whatever the batch size. `on_batch(k, batches,
+  texts)`, if given, gets each batch's texts as they come (to write or report them)."""
   if chat_messages:
-    before = [{'role': 'system', 'content': system}] if system else []
     return answer(
         run,
-        [[*before, {'role': 'user', 'content': p}] for p in prompts],
+        [user_turn(p, system) for p in prompts],
         tools=[tools] * len(prompts),
         names=[f'prompt {p!r}' for p in prompts],
         template_variables=template_variables,
@@ -162,6 +159,12 @@ def complete(
   bos = [tok.bos_id] if run.config.data.add_bos else []
   ids = [bos + tok.encode(p) for p in prompts]
   return _sample(run, ids, template, chat_variables(run) if template else {}, **sampling)
+
+
+def user_turn(prompt, system=''):
+  """The messages of a user's `prompt`, after a `system` message if one is given."""
+  before = [{'role': 'system', 'content': system}] if system else []
+  return [*before, {'role': 'user', 'content': prompt}]
 
 
 def prompt_ids(run, conversations, *, tools=None, names=None, template_variables=None):
